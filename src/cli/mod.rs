@@ -1,0 +1,250 @@
+//! Command-line interface.
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use sipmail::config::Config;
+use sipmail::keyring::{Imported, Keyring, format_fingerprint};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// sipmail: a drop-in SMTP smarthost that carries mail between sites through signed SIP
+/// calls and ChaCha20-Poly1305 encrypted streams, with no certificate authority.
+///
+/// Start with `sipmail demo`. For a real site: `sipmail keys generate`, exchange certs with
+/// your partner (`keys export` / `keys import`), write a config (see config/site-a.toml),
+/// then `sipmail run --config FILE` and point your MTA's relayhost at it.
+#[derive(Parser, Debug)]
+#[command(name = "sipmail", version, about, long_about)]
+struct Cli {
+    /// Log filter, as RUST_LOG (e.g. "info", "sipmail=debug"). RUST_LOG wins if set.
+    /// Default: "info", or "warn" for the demo.
+    #[arg(long, global = true)]
+    log: Option<String>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run the relay daemon. SIGTERM or Ctrl-C stops it cleanly.
+    Run {
+        /// The TOML configuration file (see config/site-a.toml).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Check a configuration file and its keyring, then exit: 0 if usable.
+    CheckConfig {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run site A and site B in one process on loopback with fresh keys, send mail from A
+    /// to B through a signed call, and report what happened.
+    Demo {
+        /// How many messages to send.
+        #[arg(long, default_value_t = 10)]
+        messages: usize,
+        /// Delete the temporary folder (keys, spools, Maildir) at the end instead of
+        /// keeping it for you to look at.
+        #[arg(long)]
+        cleanup: bool,
+    },
+    /// Manage the relay's OpenPGP identity and its partners' certificates.
+    Keys {
+        #[command(subcommand)]
+        cmd: KeysCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum KeysCmd {
+    /// Create this relay's key: Ed25519, user ID mail@DOMAIN, no passphrase (file mode 0600).
+    Generate {
+        #[arg(long)]
+        keyring: PathBuf,
+        #[arg(long)]
+        domain: String,
+    },
+    /// Print this relay's public certificate, ASCII-armored, to give to partners.
+    Export {
+        #[arg(long)]
+        keyring: PathBuf,
+    },
+    /// Import a partner's certificate, or this relay's own secret key (from
+    /// `gpg --armor --export-secret-keys` or `sq key generate`).
+    Import {
+        #[arg(long)]
+        keyring: PathBuf,
+        /// File to import ("-" for standard input).
+        file: PathBuf,
+    },
+    /// List the own key and the partner certificates.
+    List {
+        #[arg(long)]
+        keyring: PathBuf,
+    },
+    /// Print the own key's fingerprint in groups, to read over the phone.
+    Fingerprint {
+        #[arg(long)]
+        keyring: PathBuf,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default = match cli.cmd {
+        Cmd::Demo { .. } => "warn",
+        _ => "info",
+    };
+    let level = cli.log.clone().unwrap_or_else(|| default.to_string());
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match dispatch(cli.cmd) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("sipmail: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn dispatch(cmd: Cmd) -> Result<ExitCode> {
+    match cmd {
+        Cmd::Run { config } => {
+            let cfg = Config::load(&config)?;
+            runtime()?.block_on(async move {
+                let shutdown = sipmail::relay::Shutdown::new();
+                let s = shutdown.clone();
+                tokio::spawn(async move {
+                    wait_for_signal().await;
+                    tracing::info!("signal received: stopping (sessions in progress finish, calls end with BYE)");
+                    s.trigger();
+                });
+                sipmail::relay::run(cfg, shutdown).await
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::CheckConfig { config } => {
+            let cfg = Config::load(&config)?;
+            let kr = sipmail::relay::check_keyring(&cfg)?;
+            println!(
+                "{}: ok. Relay for {} with key {} and {} peer(s).",
+                cfg.file,
+                cfg.domain,
+                format_fingerprint(&kr.own_fingerprint()?),
+                cfg.peers.len()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Demo { messages, cleanup } => {
+            let ok = runtime()?.block_on(sipmail::demo::run(messages, cleanup))?;
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Cmd::Keys { cmd } => keys(cmd),
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+fn keys(cmd: KeysCmd) -> Result<ExitCode> {
+    match cmd {
+        KeysCmd::Generate { keyring, domain } => {
+            let info = Keyring::generate(&keyring, &domain)?;
+            println!(
+                "Generated {} for {} in {}\nGive your partners the output of: sipmail keys export --keyring {}",
+                format_fingerprint(&info.fingerprint),
+                info.user_ids.join(", "),
+                keyring.display(),
+                keyring.display()
+            );
+        }
+        KeysCmd::Export { keyring } => {
+            print!("{}", Keyring::open(&keyring)?.export_public()?);
+        }
+        KeysCmd::Import { keyring, file } => {
+            let data = if file.as_os_str() == "-" {
+                let mut v = Vec::new();
+                std::io::Read::read_to_end(&mut std::io::stdin(), &mut v)?;
+                v
+            } else {
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?
+            };
+            match Keyring::import(&keyring, &data)? {
+                Imported::OwnSecretKey {
+                    fingerprint,
+                    user_ids,
+                } => println!(
+                    "Imported this relay's own secret key {} ({})",
+                    format_fingerprint(&fingerprint),
+                    user_ids.join(", ")
+                ),
+                Imported::PartnerCert {
+                    fingerprint,
+                    user_ids,
+                } => println!(
+                    "Imported partner certificate {} ({})",
+                    format_fingerprint(&fingerprint),
+                    user_ids.join(", ")
+                ),
+                Imported::Revocation { fingerprint } => println!(
+                    "Imported a revocation of partner certificate {}: calls with that key are now refused",
+                    format_fingerprint(&fingerprint)
+                ),
+            }
+        }
+        KeysCmd::List { keyring } => {
+            let kr = Keyring::open(&keyring)?;
+            let list = kr.list();
+            if list.is_empty() {
+                println!(
+                    "{}: empty. Create a key with: sipmail keys generate --keyring {} --domain YOUR.DOMAIN",
+                    keyring.display(),
+                    keyring.display()
+                );
+            }
+            for k in list {
+                println!(
+                    "{} {}  {}  {}",
+                    if k.own { "own    " } else { "partner" },
+                    format_fingerprint(&k.fingerprint),
+                    k.user_ids.join(", "),
+                    k.algo
+                );
+            }
+        }
+        KeysCmd::Fingerprint { keyring } => {
+            println!(
+                "{}",
+                format_fingerprint(&Keyring::open(&keyring)?.own_fingerprint()?)
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,544 @@
+//! The TOML configuration. Every error names the file, the key and what is wrong.
+//!
+//! Relative paths are taken from the working directory the daemon is started in (the
+//! shipped configs are meant to be run from the repository root).
+
+use serde::Deserialize;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: String,
+        source: std::io::Error,
+    },
+    #[error("{file}: {msg}")]
+    Syntax { file: String, msg: String },
+    #[error("{file}: {key}: {msg}")]
+    Invalid {
+        file: String,
+        key: String,
+        msg: String,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    relay: RawRelay,
+    smtp: RawSmtp,
+    sip: RawSip,
+    #[serde(default)]
+    peer: Vec<RawPeer>,
+    #[serde(default)]
+    delivery: RawDelivery,
+    #[serde(default)]
+    queue: RawQueue,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRelay {
+    domain: String,
+    keyring: PathBuf,
+    spool: PathBuf,
+    hostname: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSmtp {
+    listen: String,
+    #[serde(default = "default_allow")]
+    allow: Vec<String>,
+    max_message_size: Option<u64>,
+    max_recipients: Option<usize>,
+}
+
+fn default_allow() -> Vec<String> {
+    vec!["127.0.0.0/8".into(), "::1/128".into()]
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSip {
+    listen: String,
+    media: String,
+    call_idle: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPeer {
+    domain: String,
+    sip: String,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDelivery {
+    maildir: Option<PathBuf>,
+    smtp: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawQueue {
+    retry_initial: Option<String>,
+    retry_max: Option<String>,
+    max_age: Option<String>,
+}
+
+/// An address block such as `127.0.0.0/8`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    pub fn parse(s: &str) -> Result<Cidr, String> {
+        let (a, p) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = a
+            .trim()
+            .parse()
+            .map_err(|_| format!("\"{s}\" is not an IP address or CIDR block"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match p {
+            None => max,
+            Some(p) => p
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("\"{s}\": prefix length must be 0..={max}"))?,
+        };
+        Ok(Cidr { addr, prefix })
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let mask = if self.prefix == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - self.prefix)
+                };
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let mask = if self.prefix == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - self.prefix)
+                };
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// A partner's SIP address: `sip:mail@HOST[:PORT][;transport=udp|tcp]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SipTarget {
+    pub user: String,
+    pub host: String,
+    pub port: u16,
+    pub tcp: bool,
+}
+
+impl SipTarget {
+    pub fn parse(s: &str) -> Result<SipTarget, String> {
+        let rest = s
+            .strip_prefix("sip:")
+            .ok_or_else(|| format!("\"{s}\" must start with sip: (sips: is not supported)"))?;
+        let mut parts = rest.split(';');
+        let addr = parts.next().unwrap_or_default();
+        let mut tcp = false;
+        for p in parts {
+            match p.to_ascii_lowercase().as_str() {
+                "transport=tcp" => tcp = true,
+                "transport=udp" => tcp = false,
+                other => return Err(format!("\"{s}\": unsupported URI parameter \"{other}\"")),
+            }
+        }
+        let (user, hostport) = addr
+            .split_once('@')
+            .ok_or_else(|| format!("\"{s}\" needs a user part, e.g. sip:mail@host:5060"))?;
+        if user.is_empty() {
+            return Err(format!("\"{s}\": empty user part"));
+        }
+        let (host, port) = if let Some(h) = hostport.strip_prefix('[') {
+            let (h, r) = h
+                .split_once(']')
+                .ok_or_else(|| format!("\"{s}\": unclosed ["))?;
+            (h.to_string(), r.strip_prefix(':'))
+        } else {
+            match hostport.rsplit_once(':') {
+                Some((h, p)) => (h.to_string(), Some(p)),
+                None => (hostport.to_string(), None),
+            }
+        };
+        if host.is_empty() {
+            return Err(format!("\"{s}\": empty host"));
+        }
+        let port = match port {
+            None => 5060,
+            Some(p) => p
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| format!("\"{s}\": bad port \"{p}\""))?,
+        };
+        Ok(SipTarget {
+            user: user.to_string(),
+            host,
+            port,
+            tcp,
+        })
+    }
+}
+
+impl fmt::Display for SipTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        write!(f, "sip:{}@{}:{}", self.user, host, self.port)?;
+        if self.tcp {
+            f.write_str(";transport=tcp")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Peer {
+    pub domain: String,
+    pub sip: SipTarget,
+}
+
+#[derive(Clone, Debug)]
+pub enum Delivery {
+    Maildir(PathBuf),
+    Smtp(SocketAddr),
+}
+
+#[derive(Clone, Debug)]
+pub struct QueueTimes {
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+    pub max_age: Duration,
+}
+
+impl Default for QueueTimes {
+    /// RFC 5321 §4.5.4.1: retry interval at least 30 minutes, give-up time 4-5 days. We
+    /// start lower and back off exponentially up to the maximum.
+    fn default() -> Self {
+        QueueTimes {
+            retry_initial: Duration::from_secs(60),
+            retry_max: Duration::from_secs(30 * 60),
+            max_age: Duration::from_secs(5 * 24 * 3600),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub file: String,
+    pub domain: String,
+    pub hostname: String,
+    pub keyring: PathBuf,
+    pub spool: PathBuf,
+    pub smtp_listen: SocketAddr,
+    pub smtp_allow: Vec<Cidr>,
+    pub max_message_size: u64,
+    pub max_recipients: usize,
+    pub sip_listen: SocketAddr,
+    pub media_ip: IpAddr,
+    pub call_idle: Duration,
+    pub peers: Vec<Peer>,
+    pub delivery: Delivery,
+    pub queue: QueueTimes,
+}
+
+/// `500ms`, `10s`, `30m`, `2h`, `5d`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("\"{s}\" needs a unit: ms, s, m, h or d"))?;
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("\"{s}\" is not a duration like 30s or 5m"))?;
+    let secs = match unit {
+        "ms" => return Ok(Duration::from_millis(n)),
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86400,
+        _ => {
+            return Err(format!(
+                "\"{s}\": unknown unit \"{unit}\" (use ms, s, m, h or d)"
+            ));
+        }
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+fn valid_domain(d: &str) -> bool {
+    !d.is_empty()
+        && d.len() <= 253
+        && d.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        })
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: file.clone(),
+            source,
+        })?;
+        Self::parse(&file, &text)
+    }
+
+    pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            file: file.to_string(),
+            msg: e.to_string().trim_end().replace('\n', "\n  "),
+        })?;
+        let bad = |key: &str, msg: String| ConfigError::Invalid {
+            file: file.to_string(),
+            key: key.to_string(),
+            msg,
+        };
+        let domain = raw.relay.domain.to_ascii_lowercase();
+        if !valid_domain(&domain) {
+            return Err(bad(
+                "relay.domain",
+                format!("\"{domain}\" is not a domain name"),
+            ));
+        }
+        let sock = |key: &str, v: &str| -> Result<SocketAddr, ConfigError> {
+            v.parse::<SocketAddr>().map_err(|_| {
+                bad(
+                    key,
+                    format!("\"{v}\" is not an address:port like 127.0.0.1:2525"),
+                )
+            })
+        };
+        let smtp_listen = sock("smtp.listen", &raw.smtp.listen)?;
+        let smtp_allow = raw
+            .smtp
+            .allow
+            .iter()
+            .map(|c| Cidr::parse(c).map_err(|m| bad("smtp.allow", m)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let sip_listen = sock("sip.listen", &raw.sip.listen)?;
+        let media_ip: IpAddr = raw.sip.media.parse().map_err(|_| {
+            bad(
+                "sip.media",
+                format!("\"{}\" is not an IP address", raw.sip.media),
+            )
+        })?;
+        let call_idle = match &raw.sip.call_idle {
+            None => Duration::from_secs(10),
+            Some(s) => parse_duration(s).map_err(|m| bad("sip.call_idle", m))?,
+        };
+        let mut peers: Vec<Peer> = Vec::new();
+        for (i, p) in raw.peer.iter().enumerate() {
+            let key = format!("peer[{i}]");
+            let d = p.domain.to_ascii_lowercase();
+            if !valid_domain(&d) {
+                return Err(bad(
+                    &format!("{key}.domain"),
+                    format!("\"{d}\" is not a domain name"),
+                ));
+            }
+            if d == domain {
+                return Err(bad(
+                    &format!("{key}.domain"),
+                    format!("\"{d}\" is our own relay.domain"),
+                ));
+            }
+            if peers.iter().any(|q| q.domain == d) {
+                return Err(bad(
+                    &format!("{key}.domain"),
+                    format!("\"{d}\" is listed twice"),
+                ));
+            }
+            let sip = SipTarget::parse(&p.sip).map_err(|m| bad(&format!("{key}.sip"), m))?;
+            peers.push(Peer { domain: d, sip });
+        }
+        let delivery = match (&raw.delivery.maildir, &raw.delivery.smtp) {
+            (Some(_), Some(_)) => {
+                return Err(bad(
+                    "delivery",
+                    "set either maildir or smtp, not both".into(),
+                ));
+            }
+            (None, Some(s)) => Delivery::Smtp(sock("delivery.smtp", s)?),
+            (Some(m), None) => Delivery::Maildir(m.clone()),
+            (None, None) => Delivery::Maildir(raw.relay.spool.join("maildir")),
+        };
+        let mut queue = QueueTimes::default();
+        let dur = |key: &str, v: &Option<String>, d: Duration| -> Result<Duration, ConfigError> {
+            match v {
+                None => Ok(d),
+                Some(s) => parse_duration(s).map_err(|m| bad(key, m)),
+            }
+        };
+        queue.retry_initial = dur(
+            "queue.retry_initial",
+            &raw.queue.retry_initial,
+            queue.retry_initial,
+        )?;
+        queue.retry_max = dur("queue.retry_max", &raw.queue.retry_max, queue.retry_max)?;
+        queue.max_age = dur("queue.max_age", &raw.queue.max_age, queue.max_age)?;
+        if queue.retry_initial.is_zero() || queue.retry_max < queue.retry_initial {
+            return Err(bad(
+                "queue.retry_max",
+                "must be at least queue.retry_initial, and both above zero".into(),
+            ));
+        }
+        let max_message_size = raw.smtp.max_message_size.unwrap_or(50 * 1024 * 1024);
+        Ok(Config {
+            file: file.to_string(),
+            hostname: raw.relay.hostname.unwrap_or_else(|| domain.clone()),
+            domain,
+            keyring: raw.relay.keyring,
+            spool: raw.relay.spool,
+            smtp_listen,
+            smtp_allow,
+            max_message_size,
+            max_recipients: raw.smtp.max_recipients.unwrap_or(100),
+            sip_listen,
+            media_ip,
+            call_idle,
+            peers,
+            delivery,
+            queue,
+        })
+    }
+
+    pub fn peer(&self, domain: &str) -> Option<&Peer> {
+        self.peers
+            .iter()
+            .find(|p| p.domain.eq_ignore_ascii_case(domain))
+    }
+
+    pub fn invalid(&self, key: &str, msg: String) -> ConfigError {
+        ConfigError::Invalid {
+            file: self.file.clone(),
+            key: key.to_string(),
+            msg,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[relay]
+domain = "site-a.test"
+keyring = "keyring/site-a"
+spool = "var/site-a/spool"
+[smtp]
+listen = "127.0.0.1:2525"
+allow = ["127.0.0.0/8"]
+[sip]
+listen = "127.0.0.1:5060"
+media = "127.0.0.1"
+[[peer]]
+domain = "site-b.test"
+sip = "sip:mail@127.0.0.1:5062"
+[delivery]
+maildir = "var/site-a/maildir"
+"#;
+
+    #[test]
+    fn the_documented_example_parses() {
+        let c = Config::parse("a.toml", GOOD).unwrap();
+        assert_eq!(c.domain, "site-a.test");
+        assert_eq!(c.peers[0].sip.port, 5062);
+        assert!(matches!(c.delivery, Delivery::Maildir(_)));
+        assert!(c.smtp_allow[0].contains("127.9.9.9".parse().unwrap()));
+        assert!(!c.smtp_allow[0].contains("10.0.0.1".parse().unwrap()));
+        assert!(c.smtp_allow[0].contains("::ffff:127.0.0.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn unknown_key_names_file_and_key() {
+        let text = GOOD.replace("[smtp]\n", "[smtp]\nlistne = \"x\"\n");
+        let e = Config::parse("a.toml", &text).unwrap_err().to_string();
+        assert!(e.starts_with("a.toml:"), "{e}");
+        assert!(e.contains("listne"), "{e}");
+    }
+
+    #[test]
+    fn bad_addresses_name_the_key() {
+        for (from, to, key) in [
+            (
+                "listen = \"127.0.0.1:2525\"",
+                "listen = \"127.0.0.1\"",
+                "smtp.listen",
+            ),
+            (
+                "media = \"127.0.0.1\"",
+                "media = \"localhost:1\"",
+                "sip.media",
+            ),
+            (
+                "sip = \"sip:mail@127.0.0.1:5062\"",
+                "sip = \"http://x\"",
+                "peer[0].sip",
+            ),
+            (
+                "allow = [\"127.0.0.0/8\"]",
+                "allow = [\"127.0.0.0/33\"]",
+                "smtp.allow",
+            ),
+        ] {
+            let e = Config::parse("a.toml", &GOOD.replace(from, to))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{e}");
+            assert!(e.starts_with("a.toml: "), "{e}");
+        }
+    }
+
+    #[test]
+    fn durations_and_targets() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("5d").unwrap(), Duration::from_secs(432000));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("5y").is_err());
+        let t = SipTarget::parse("sip:mail@[::1]:5070;transport=tcp").unwrap();
+        assert_eq!((t.host.as_str(), t.port, t.tcp), ("::1", 5070, true));
+        assert_eq!(t.to_string(), "sip:mail@[::1]:5070;transport=tcp");
+        assert_eq!(SipTarget::parse("sip:mail@example.net").unwrap().port, 5060);
+    }
+}

@@ -1,0 +1,171 @@
+//! Error type of the keyring module.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in the keyring.
+///
+/// Messages name the file or fingerprint involved and say what to do
+/// next. No variant ever carries secret key material.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyringError {
+    /// The keyring directory does not exist.
+    #[error(
+        "keyring directory {} does not exist: generate a key there or import one first",
+        dir.display()
+    )]
+    DirMissing { dir: PathBuf },
+
+    /// A file system operation failed.
+    #[error("{action} {}: {source}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// Data (a file or imported bytes) is not a usable OpenPGP certificate.
+    #[error("{what} is not a usable OpenPGP certificate: {reason}; fix or remove it")]
+    InvalidCert { what: String, reason: String },
+
+    /// Imported data contains more than one certificate.
+    #[error(
+        "{what} contains {count} certificates; export and import one key at a time \
+         (e.g. `gpg --armor --export mail@DOMAIN`)"
+    )]
+    MultipleCerts { what: String, count: usize },
+
+    /// A domain name given by the caller is not acceptable.
+    #[error("invalid domain {domain:?}: {reason}")]
+    InvalidDomain {
+        domain: String,
+        reason: &'static str,
+    },
+
+    /// A fingerprint given by the caller is not a fingerprint.
+    #[error("invalid fingerprint {input:?}: expected 40 (v4) or 64 (v6) hex digits")]
+    InvalidFingerprint { input: String },
+
+    /// `generate` or `import` would replace an existing own key.
+    #[error(
+        "{} already holds the relay's own key {existing}; refusing to replace it with {new}: \
+         move that file away first if you really want to change the relay's identity",
+        path.display()
+    )]
+    OwnKeyExists {
+        path: PathBuf,
+        existing: String,
+        new: String,
+    },
+
+    /// An operation needs the own key but there is none.
+    #[error(
+        "no own key in {}: generate one or import a secret key (secret.asc is missing)",
+        dir.display()
+    )]
+    NoOwnKey { dir: PathBuf },
+
+    /// The own key does not carry `mail@<domain>`.
+    #[error(
+        "the relay's own key {fingerprint} has no valid user ID mail@{domain} (it has: {}): \
+         fix the configured domain or generate/import a key for mail@{domain}",
+        user_ids.join(", ")
+    )]
+    NotOwnDomain {
+        fingerprint: String,
+        domain: String,
+        user_ids: Vec<String>,
+    },
+
+    /// Secret key material is protected by a passphrase.
+    #[error(
+        "the secret key {fingerprint} is protected by a passphrase, but the relay runs \
+         unattended: remove the passphrase: `gpg --passwd {fingerprint}` (enter an empty \
+         passphrase) and export again, or `sq key password --clear < key.asc > clear.asc`"
+    )]
+    EncryptedSecretKey { fingerprint: String },
+
+    /// No valid signing-capable key with usable secret material.
+    #[error("key {fingerprint} cannot sign: {reason}")]
+    NoSigningKey { fingerprint: String, reason: String },
+
+    /// A public certificate with the own key's fingerprint was imported.
+    #[error(
+        "certificate {fingerprint} is the public half of this relay's own key; it is already \
+         in the keyring (import partner certificates only)"
+    )]
+    IsOwnKey { fingerprint: String },
+
+    /// A revocation targets a key that is not in the keyring (or is our own).
+    #[error("revocation for {target}: {reason}")]
+    RevocationNotApplicable { target: String, reason: String },
+
+    /// No certificate with this fingerprint.
+    #[error(
+        "no certificate with fingerprint {fingerprint} (claimed for {domain}): import the \
+         partner's certificate first"
+    )]
+    UnknownFingerprint { fingerprint: String, domain: String },
+
+    /// The certificate exists, but has no valid user ID `mail@<domain>`.
+    #[error(
+        "certificate {fingerprint} is not valid for mail@{domain} (its user IDs: {}): check \
+         the partner's domain or import the right certificate",
+        user_ids.join(", ")
+    )]
+    WrongIdentity {
+        fingerprint: String,
+        domain: String,
+        user_ids: Vec<String>,
+    },
+
+    /// The certificate (or its only signing key) has expired.
+    #[error(
+        "certificate {fingerprint} expired at {expired_at}: its owner must extend the expiry \
+         and the updated certificate must be imported again"
+    )]
+    Expired {
+        fingerprint: String,
+        expired_at: String,
+    },
+
+    /// The certificate is not valid yet (creation time in the future).
+    #[error("certificate {fingerprint} is not valid before {valid_from}: check the system clocks")]
+    NotYetValid {
+        fingerprint: String,
+        valid_from: String,
+    },
+
+    /// The certificate has been revoked.
+    #[error("certificate {fingerprint} is revoked ({reason}): ask the partner for their new key")]
+    Revoked { fingerprint: String, reason: String },
+
+    /// A signature did not verify.
+    #[error("bad signature from {fingerprint}: {reason}")]
+    BadSignature { fingerprint: String, reason: String },
+
+    /// The crypto library failed to make a signature or a key.
+    #[error("OpenPGP operation failed: {reason}")]
+    Crypto { reason: String },
+}
+
+impl KeyringError {
+    pub(crate) fn io(
+        action: &'static str,
+        path: impl Into<PathBuf>,
+        source: std::io::Error,
+    ) -> Self {
+        KeyringError::Io {
+            action,
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn crypto(e: impl std::fmt::Display) -> Self {
+        KeyringError::Crypto {
+            reason: format!("{e:#}"),
+        }
+    }
+}

@@ -1,0 +1,13 @@
+//! sipmail: a drop-in SMTP smarthost that carries mail between sites through signed SIP
+//! calls and encrypted streams. See README.md and docs/ARCHITECTURE.md.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod demo;
+pub mod handshake;
+pub mod keyring;
+pub mod queue;
+pub mod relay;
+pub mod sip;
+pub mod smtp;
+pub mod tunnel;

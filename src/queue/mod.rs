@@ -1,0 +1,304 @@
+//! The durable spool.
+//!
+//! Layout under the spool directory:
+//! - `tmp/`   bodies and envelopes being written; anything here at start-up is debris.
+//! - `queue/` committed messages: `ID.msg` (the message) and `ID.env` (JSON envelope with
+//!   per-recipient state). The `.env` appearing by rename is the commit point.
+//! - `corrupt/` envelopes that could not be read, kept for a human.
+//!
+//! Commit: fsync the body, write and fsync the envelope in tmp/, rename the body, rename
+//! the envelope, fsync `queue/`. Only then does SMTP answer 250.
+
+pub mod maildir;
+
+use serde::{Deserialize, Serialize};
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "kind", content = "domain")]
+pub enum Route {
+    Local,
+    Peer(String),
+}
+
+impl std::fmt::Display for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Route::Local => f.write_str("local"),
+            Route::Peer(d) => write!(f, "peer {d}"),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RcptState {
+    Pending,
+    Delivered,
+    Failed,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Recipient {
+    pub addr: String,
+    pub route: Route,
+    pub state: RcptState,
+    #[serde(default)]
+    pub attempts: u32,
+    /// Unix time in milliseconds of the next attempt.
+    #[serde(default)]
+    pub next_attempt_ms: u64,
+    #[serde(default)]
+    pub last_error: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    pub id: String,
+    /// Unix time in seconds when we accepted it.
+    pub received: u64,
+    pub client: String,
+    pub helo: String,
+    pub mail_from: String,
+    pub recipients: Vec<Recipient>,
+    pub size: u64,
+    pub body_8bit: bool,
+}
+
+impl Envelope {
+    pub fn pending(&self) -> impl Iterator<Item = &Recipient> {
+        self.recipients
+            .iter()
+            .filter(|r| r.state == RcptState::Pending)
+    }
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[derive(Debug, Clone)]
+pub struct Spool {
+    tmp: PathBuf,
+    queue: PathBuf,
+    corrupt: PathBuf,
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+fn fsync_dir(p: &Path) -> io::Result<()> {
+    fs::File::open(p)?.sync_all()
+}
+
+impl Spool {
+    /// Open (creating if needed) and recover: clear `tmp/`, drop bodies whose envelope
+    /// never committed, and return every committed envelope.
+    pub fn open(root: &Path) -> io::Result<(Spool, Vec<Envelope>)> {
+        let s = Spool {
+            tmp: root.join("tmp"),
+            queue: root.join("queue"),
+            corrupt: root.join("corrupt"),
+        };
+        for d in [&s.tmp, &s.queue, &s.corrupt] {
+            fs::create_dir_all(d)?;
+        }
+        for e in fs::read_dir(&s.tmp)? {
+            let e = e?;
+            tracing::info!(file = %e.path().display(), "spool recovery: removing unfinished file");
+            fs::remove_file(e.path())?;
+        }
+        let mut envs = Vec::new();
+        let mut bodies = Vec::new();
+        for e in fs::read_dir(&s.queue)? {
+            let p = e?.path();
+            match p.extension().and_then(|x| x.to_str()) {
+                Some("env") => match fs::read(&p).map(|b| serde_json::from_slice::<Envelope>(&b)) {
+                    Ok(Ok(env)) if s.body_path(&env.id).exists() => envs.push(env),
+                    Ok(Ok(env)) => {
+                        tracing::error!(queue_id = %env.id, "spool recovery: envelope without body, moved to corrupt/");
+                        let _ = fs::rename(&p, s.corrupt.join(p.file_name().unwrap_or_default()));
+                    }
+                    Ok(Err(err)) => {
+                        tracing::error!(file = %p.display(), %err, "spool recovery: unreadable envelope, moved to corrupt/");
+                        let _ = fs::rename(&p, s.corrupt.join(p.file_name().unwrap_or_default()));
+                    }
+                    Err(err) => return Err(err),
+                },
+                Some("msg") => bodies.push(p),
+                _ => {}
+            }
+        }
+        for b in bodies {
+            if !b.with_extension("env").exists() {
+                tracing::info!(file = %b.display(), "spool recovery: removing body that was never committed");
+                fs::remove_file(&b)?;
+            }
+        }
+        fsync_dir(&s.queue)?;
+        envs.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok((s, envs))
+    }
+
+    /// A new queue ID: time-ordered, unique within this process and across restarts.
+    pub fn new_id() -> String {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        let mut r = [0u8; 3];
+        let _ = getrandom::fill(&mut r);
+        format!(
+            "{:011X}{:04X}{}",
+            now.as_millis(),
+            SEQ.fetch_add(1, Ordering::Relaxed) & 0xffff,
+            hex::encode_upper(r)
+        )
+    }
+
+    pub fn body_path(&self, id: &str) -> PathBuf {
+        self.queue.join(format!("{id}.msg"))
+    }
+    fn env_path(&self, id: &str) -> PathBuf {
+        self.queue.join(format!("{id}.env"))
+    }
+
+    /// Create the file a new message body is streamed into.
+    pub async fn create_body(&self, id: &str) -> io::Result<tokio::fs::File> {
+        tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(self.tmp.join(format!("{id}.msg")))
+            .await
+    }
+
+    /// Make the message durable. Returns only after everything is fsynced.
+    pub async fn commit(&self, mut body: tokio::fs::File, env: &Envelope) -> io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        body.flush().await?;
+        body.sync_all().await?;
+        drop(body);
+        let s = self.clone();
+        let env = env.clone();
+        tokio::task::spawn_blocking(move || {
+            s.write_env_tmp(&env)?;
+            let id = &env.id;
+            fs::rename(s.tmp.join(format!("{id}.msg")), s.body_path(id))?;
+            fs::rename(s.tmp.join(format!("{id}.env")), s.env_path(id))?;
+            fsync_dir(&s.queue)
+        })
+        .await
+        .map_err(io::Error::other)?
+    }
+
+    /// Throw away a body that will not be committed.
+    pub async fn discard(&self, id: &str) {
+        let _ = tokio::fs::remove_file(self.tmp.join(format!("{id}.msg"))).await;
+    }
+
+    fn write_env_tmp(&self, env: &Envelope) -> io::Result<()> {
+        let data = serde_json::to_vec_pretty(env).map_err(io::Error::other)?;
+        let mut f = fs::File::create(self.tmp.join(format!("{}.env", env.id)))?;
+        f.write_all(&data)?;
+        f.sync_all()
+    }
+
+    /// Replace an envelope atomically (new recipient states).
+    pub async fn update(&self, env: &Envelope) -> io::Result<()> {
+        let s = self.clone();
+        let env = env.clone();
+        tokio::task::spawn_blocking(move || {
+            s.write_env_tmp(&env)?;
+            fs::rename(s.tmp.join(format!("{}.env", env.id)), s.env_path(&env.id))?;
+            fsync_dir(&s.queue)
+        })
+        .await
+        .map_err(io::Error::other)?
+    }
+
+    /// Remove a finished message: the envelope first, so a crash leaves only an orphan body
+    /// (removed at start-up), never an envelope without its body.
+    pub async fn remove(&self, id: &str) -> io::Result<()> {
+        let s = self.clone();
+        let id = id.to_string();
+        tokio::task::spawn_blocking(move || {
+            fs::remove_file(s.env_path(&id))?;
+            fs::remove_file(s.body_path(&id))?;
+            fsync_dir(&s.queue)
+        })
+        .await
+        .map_err(io::Error::other)?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    fn env(id: &str) -> Envelope {
+        Envelope {
+            id: id.into(),
+            received: 1,
+            client: "127.0.0.1".into(),
+            helo: "h".into(),
+            mail_from: "a@site-a.test".into(),
+            recipients: vec![Recipient {
+                addr: "b@site-b.test".into(),
+                route: Route::Peer("site-b.test".into()),
+                state: RcptState::Pending,
+                attempts: 0,
+                next_attempt_ms: 0,
+                last_error: None,
+            }],
+            size: 5,
+            body_8bit: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn commit_recover_update_remove() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, envs) = Spool::open(dir.path()).unwrap();
+        assert!(envs.is_empty());
+        let id = Spool::new_id();
+        let mut f = s.create_body(&id).await.unwrap();
+        f.write_all(b"hello").await.unwrap();
+        s.commit(f, &env(&id)).await.unwrap();
+        // An uncommitted body and a stray tmp file are cleaned up at the next open.
+        let id2 = Spool::new_id();
+        let mut f2 = s.create_body(&id2).await.unwrap();
+        f2.write_all(b"half").await.unwrap();
+        drop(f2);
+        std::fs::write(dir.path().join("queue").join("ORPHAN.msg"), b"x").unwrap();
+        let (s, envs) = Spool::open(dir.path()).unwrap();
+        assert_eq!(envs, vec![env(&id)]);
+        assert_eq!(std::fs::read(s.body_path(&id)).unwrap(), b"hello");
+        assert!(!dir.path().join("queue/ORPHAN.msg").exists());
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
+        let mut e = env(&id);
+        e.recipients[0].attempts = 3;
+        s.update(&e).await.unwrap();
+        let (s, envs) = Spool::open(dir.path()).unwrap();
+        assert_eq!(envs[0].recipients[0].attempts, 3);
+        s.remove(&id).await.unwrap();
+        let (_s, envs) = Spool::open(dir.path()).unwrap();
+        assert!(envs.is_empty());
+    }
+
+    #[test]
+    fn ids_are_unique_and_ordered() {
+        let a = Spool::new_id();
+        let b = Spool::new_id();
+        assert_ne!(a, b);
+        assert!(a[..11] <= b[..11]);
+    }
+}

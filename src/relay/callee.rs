@@ -1,0 +1,429 @@
+//! The answering side: check the caller, answer with our signed half of the handshake,
+//! check the ACK's confirm, accept the media connection and serve SMTP through it.
+
+use super::inbound::{Origin, SpoolBackend};
+use super::{KeyringSigner, PeerVerifier, RelayEvent, Shared};
+use crate::handshake::{CallContext, CalleeAwaitConfirm, HandshakeError, Suite};
+use crate::sip::sdp::{self, SdpError};
+use crate::sip::{Incoming, Method, Response};
+use crate::tunnel::record::Limits;
+use crate::tunnel::{Role, TunnelStream};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+/// How long we wait for the ACK after our 200 OK (64*T1, like Timer H).
+const ACK_WAIT: Duration = Duration::from_secs(32);
+/// How long the caller has to open the media connection after its ACK.
+const MEDIA_WAIT: Duration = Duration::from_secs(10);
+
+fn reject(inc: &Incoming, status: u16, reason: &str, warning: &str) -> Response {
+    let mut r = Response::for_request(&inc.request, status, reason);
+    r.headers.push(
+        "Warning",
+        format!(
+            "399 sipmail \"{}\"",
+            warning.replace(['"', '\\', '\r', '\n'], " ")
+        ),
+    );
+    r
+}
+
+/// Domain part of a SIP URI inside a header value such as `<sip:mail@site-a.test>;tag=x`.
+fn uri_identity(uri: &str) -> Option<(String, String)> {
+    let rest = uri.strip_prefix("sip:")?;
+    let rest = rest.split([';', '?', '>']).next()?;
+    let (user, host) = rest.split_once('@')?;
+    let host = host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host);
+    Some((user.to_ascii_lowercase(), host.to_ascii_lowercase()))
+}
+
+struct DialogGuard<'a> {
+    shared: &'a Shared,
+    call_id: String,
+}
+impl Drop for DialogGuard<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut d) = self.shared.dialogs.lock() {
+            d.remove(&self.call_id);
+        }
+    }
+}
+
+pub(crate) async fn handle_invite(shared: Arc<Shared>, inc: Incoming) {
+    let call_id = inc
+        .request
+        .headers
+        .call_id()
+        .unwrap_or_default()
+        .to_string();
+    let source = inc.source;
+    match answer(&shared, inc).await {
+        Ok(()) => {}
+        Err(msg) => {
+            tracing::warn!(%call_id, %source, reason = %msg, "incoming call refused or failed");
+        }
+    }
+}
+
+/// Returns Err with a reason for the log on any failure (the SIP answer has been sent).
+async fn answer(shared: &Arc<Shared>, inc: Incoming) -> Result<(), String> {
+    let req = &inc.request;
+    let call_id = req.headers.call_id().unwrap_or_default().to_string();
+    let from = req.headers.from().map_err(|e| e.to_string());
+    let to = req.headers.to().map_err(|e| e.to_string());
+    let (from, to) = match (from, to) {
+        (Ok(f), Ok(t)) => (f, t),
+        (Err(e), _) | (_, Err(e)) => {
+            let _ = inc.respond(reject(&inc, 400, "Bad Request", &e)).await;
+            return Err(format!("bad From/To: {e}"));
+        }
+    };
+    let Some(from_tag) = from.tag().map(str::to_string) else {
+        let _ = inc
+            .respond(reject(&inc, 400, "Bad Request", "From has no tag"))
+            .await;
+        return Err("From has no tag".into());
+    };
+    // To: must be us.
+    match uri_identity(&to.uri) {
+        Some((user, host)) if user == "mail" && host == shared.cfg.domain => {}
+        _ => {
+            let _ = inc
+                .respond(reject(
+                    &inc,
+                    404,
+                    "Not Found",
+                    "this relay only answers mail@its domain",
+                ))
+                .await;
+            return Err(format!("call for {} is not for us", to.uri));
+        }
+    }
+    // From: must be a configured peer.
+    let peer_domain = match uri_identity(&from.uri) {
+        Some((user, host)) if user == "mail" && shared.cfg.peer(&host).is_some() => host,
+        _ => {
+            let _ = inc
+                .respond(reject(
+                    &inc,
+                    403,
+                    "Forbidden",
+                    "not a partner of this relay",
+                ))
+                .await;
+            return Err(format!("caller {} is not a configured peer", from.uri));
+        }
+    };
+    // The body must be our offer.
+    let ctype = req
+        .headers
+        .get("Content-Type")
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    if !ctype.starts_with("application/sdp") {
+        let mut r = reject(
+            &inc,
+            415,
+            "Unsupported Media Type",
+            "sipmail needs an application/sdp offer",
+        );
+        r.headers.push("Accept", "application/sdp");
+        let _ = inc.respond(r).await;
+        return Err(format!("body type {ctype:?}"));
+    }
+    let offer = match sdp::decode_offer(&req.body) {
+        Ok(o) => o,
+        Err(e) => {
+            let _ = inc
+                .respond(reject(
+                    &inc,
+                    488,
+                    "Not Acceptable Here",
+                    &format!("not a sipmail offer: {e}"),
+                ))
+                .await;
+            return Err(format!("offer: {e}"));
+        }
+    };
+    // The caller's key must be in our keyring for that domain.
+    let peer_fpr = hex::encode_upper(&offer.fingerprint);
+    if let Err(e) = shared.keyring.peer_cert(&peer_domain, &peer_fpr) {
+        let _ = inc
+            .respond(reject(
+                &inc,
+                403,
+                "Forbidden",
+                "unknown or unusable key for this peer",
+            ))
+            .await;
+        return Err(format!("peer {peer_domain} key {peer_fpr}: {e}"));
+    }
+    let media = match TcpListener::bind(SocketAddr::new(shared.cfg.media_ip, 0)).await {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = inc
+                .respond(reject(&inc, 500, "Server Internal Error", "no media port"))
+                .await;
+            return Err(format!("cannot open a media port: {e}"));
+        }
+    };
+    let media_addr = media.local_addr().map_err(|e| e.to_string())?;
+    let to_tag = crate::sip::random_hex(8);
+    let ctx = CallContext {
+        call_id: call_id.clone(),
+        from_tag,
+        to_tag: to_tag.clone(),
+        caller: format!("mail@{peer_domain}"),
+        callee: format!("mail@{}", shared.cfg.domain),
+    };
+    let mut secret = [0u8; 32];
+    if getrandom::fill(&mut secret).is_err() {
+        let _ = inc
+            .respond(reject(&inc, 500, "Server Internal Error", "no randomness"))
+            .await;
+        return Err("the OS random number generator failed".into());
+    }
+    let responded = CalleeAwaitConfirm::respond(
+        &ctx,
+        &offer,
+        secret,
+        Suite::ALL,
+        shared.own_fpr.clone(),
+        &KeyringSigner(&shared.keyring),
+    );
+    let (awaiting, answer) = match responded {
+        Ok(x) => x,
+        Err(e @ (HandshakeError::NoCommonSuite { .. } | HandshakeError::EmptySuiteList)) => {
+            let _ = inc
+                .respond(reject(&inc, 488, "Not Acceptable Here", &e.to_string()))
+                .await;
+            return Err(e.to_string());
+        }
+        Err(e) => {
+            let _ = inc
+                .respond(reject(&inc, 500, "Server Internal Error", "signing failed"))
+                .await;
+            return Err(e.to_string());
+        }
+    };
+    // Register the dialog before answering so the ACK cannot race past us.
+    let (tx, mut rx) = mpsc::channel::<Incoming>(8);
+    let registered = match shared.dialogs.lock() {
+        Ok(mut d) if !d.contains_key(&call_id) => {
+            d.insert(call_id.clone(), tx);
+            true
+        }
+        _ => false,
+    };
+    if !registered {
+        let _ = inc
+            .respond(reject(&inc, 482, "Loop Detected", "Call-ID already in use"))
+            .await;
+        return Err("duplicate Call-ID".into());
+    }
+    let _guard = DialogGuard {
+        shared,
+        call_id: call_id.clone(),
+    };
+    let mut ok = Response::for_request(req, 200, "OK");
+    if let Some(v) = ok.headers.get("To").map(|t| format!("{t};tag={to_tag}")) {
+        ok.headers.set("To", v);
+    }
+    ok.headers
+        .push("Contact", format!("<sip:mail@{}>", shared.sip_addr));
+    ok.headers.push("Allow", super::ALLOW);
+    ok.headers.push("Content-Type", "application/sdp");
+    let mut sid = [0u8; 8];
+    let _ = getrandom::fill(&mut sid);
+    ok.body = sdp::encode_answer(&answer, u64::from_be_bytes(sid) >> 1, media_addr);
+    inc.respond(ok)
+        .await
+        .map_err(|e| format!("sending 200 OK: {e}"))?;
+
+    // Wait for the ACK and check the caller's half.
+    let ack = tokio::time::timeout(ACK_WAIT, async {
+        loop {
+            match rx.recv().await {
+                Some(i) if i.request.method == Method::Ack => return Some(i),
+                Some(i) if i.request.method == Method::Bye => {
+                    let _ = i
+                        .respond(Response::for_request(&i.request, 200, "OK"))
+                        .await;
+                    return None;
+                }
+                Some(i) => {
+                    let _ = i
+                        .respond(Response::for_request(&i.request, 491, "Request Pending"))
+                        .await;
+                }
+                None => return None,
+            }
+        }
+    })
+    .await;
+    let ack = match ack {
+        Ok(Some(a)) => a,
+        Ok(None) => return Err("caller hung up before the ACK".into()),
+        Err(_) => return Err("no ACK within 32 s".into()),
+    };
+    let verifier = PeerVerifier {
+        keyring: &shared.keyring,
+        domain: &peer_domain,
+    };
+    let done = sdp::decode_confirm(&ack.request.body)
+        .map_err(|e: SdpError| e.to_string())
+        .and_then(|c| {
+            awaiting
+                .on_confirm(&c, &verifier)
+                .map_err(|e| e.to_string())
+        });
+    let done = match done {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!(%call_id, peer = %peer_domain, error = %e, "the caller's confirm failed; hanging up");
+            shared.event(RelayEvent::CallFailed {
+                peer: peer_domain.clone(),
+                reason: e.clone(),
+            });
+            send_bye(shared, &inc, &ctx, &e).await;
+            return Err(e);
+        }
+    };
+    // Accept the media connection: the first one whose first record authenticates.
+    let stream = tokio::time::timeout(MEDIA_WAIT, async {
+        loop {
+            let (tcp, addr) = media.accept().await.ok()?;
+            let _ = tcp.set_nodelay(true);
+            let mut t = TunnelStream::new(tcp, &done.keys, Role::Callee, Limits::default());
+            match tokio::time::timeout(Duration::from_secs(5), t.read_first_record()).await {
+                Ok(Ok(())) => return Some(t),
+                Ok(Err(e)) => {
+                    tracing::warn!(%call_id, %addr, error = %e, "media connection failed authentication; dropped")
+                }
+                Err(_) => tracing::warn!(%call_id, %addr, "media connection sent nothing; dropped"),
+            }
+        }
+    })
+    .await;
+    drop(media);
+    let Ok(Some(mut stream)) = stream else {
+        send_bye(shared, &inc, &ctx, "no media connection").await;
+        return Err("the caller never opened an authenticated media connection".into());
+    };
+    tracing::info!(
+        %call_id,
+        peer = %peer_domain,
+        local_fingerprint = %shared.own_fpr_hex,
+        peer_fingerprint = %peer_fpr,
+        suite = %done.keys.suite,
+        sas = %done.keys.sas,
+        transcript_sha256 = %hex::encode(done.keys.transcript_hash),
+        "call established (incoming)"
+    );
+    shared.event(RelayEvent::CallEstablished {
+        call_id: call_id.clone(),
+        peer: peer_domain.clone(),
+        outgoing: false,
+        local_fingerprint: shared.own_fpr_hex.clone(),
+        peer_fingerprint: peer_fpr,
+        suite: done.keys.suite.to_string(),
+        sas: done.keys.sas.clone(),
+    });
+
+    let mut backend = SpoolBackend::new(
+        shared.clone(),
+        Origin::Peer {
+            domain: peer_domain.clone(),
+            call_id: call_id.clone(),
+            sas: done.keys.sas.clone(),
+        },
+    );
+    let cfg = super::inbound::server_config(shared);
+    let label = format!("{peer_domain} (call {call_id})");
+    // Serve SMTP until the caller QUITs; a BYE (or shutdown) meanwhile ends the call.
+    let mut bye_seen = false;
+    {
+        let session = crate::smtp::serve(&mut stream, label, &cfg, &mut backend);
+        tokio::pin!(session);
+        loop {
+            tokio::select! {
+                r = &mut session => {
+                    if let Err(e) = r {
+                        tracing::warn!(%call_id, peer = %peer_domain, error = %e, "SMTP through the call ended abnormally");
+                    }
+                    break;
+                }
+                m = rx.recv() => match m {
+                    Some(i) if i.request.method == Method::Bye => {
+                        let _ = i.respond(Response::for_request(&i.request, 200, "OK")).await;
+                        bye_seen = true;
+                        break;
+                    }
+                    Some(i) if i.request.method == Method::Ack => {}
+                    Some(i) => {
+                        let _ = i.respond(Response::for_request(&i.request, 488, "Not Acceptable Here")).await;
+                    }
+                    None => break,
+                },
+            }
+        }
+    }
+    use tokio::io::AsyncWriteExt;
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.shutdown()).await;
+    if !bye_seen {
+        // The caller hangs up after QUIT; give it a moment, then hang up ourselves.
+        let got = tokio::time::timeout(Duration::from_secs(5), async {
+            while let Some(i) = rx.recv().await {
+                if i.request.method == Method::Bye {
+                    let _ = i
+                        .respond(Response::for_request(&i.request, 200, "OK"))
+                        .await;
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        if !matches!(got, Ok(true)) {
+            send_bye(shared, &inc, &ctx, "").await;
+        }
+    }
+    tracing::info!(%call_id, peer = %peer_domain, "call ended");
+    shared.event(RelayEvent::CallEnded {
+        call_id,
+        peer: peer_domain,
+    });
+    Ok(())
+}
+
+/// BYE from the callee: From/To swap roles (RFC 3261 §12.2.1.1).
+async fn send_bye(shared: &Shared, inc: &Incoming, ctx: &CallContext, reason: &str) {
+    let mut r = crate::sip::Request::new(
+        Method::Bye,
+        format!("sip:mail@{}", ctx.caller.trim_start_matches("mail@")),
+    );
+    r.headers.push("Max-Forwards", "70");
+    r.headers
+        .push("From", format!("<sip:{}>;tag={}", ctx.callee, ctx.to_tag));
+    r.headers
+        .push("To", format!("<sip:{}>;tag={}", ctx.caller, ctx.from_tag));
+    r.headers.push("Call-ID", ctx.call_id.clone());
+    r.headers.push("CSeq", "1 BYE");
+    if !reason.is_empty() {
+        r.headers.push(
+            "Reason",
+            format!(
+                "SIP;cause=488;text=\"{}\"",
+                reason.replace(['"', '\\', '\r', '\n'], " ")
+            ),
+        );
+    }
+    let _ = tokio::time::timeout(
+        Duration::from_secs(35),
+        shared.endpoint.request(r, inc.source, inc.transport),
+    )
+    .await;
+}

@@ -1,0 +1,353 @@
+//! The calling side: one worker per partner domain. It places a call when there is mail,
+//! runs an SMTP client through the call's encrypted stream, reuses the call for further
+//! messages, and hangs up with BYE when idle.
+
+use super::scheduler::{Job, Outcome};
+use super::{KeyringSigner, PeerVerifier, RelayEvent, Shared};
+use crate::config::Peer;
+use crate::handshake::{CallContext, CallerAwaitAnswer, HandshakeError, Suite};
+use crate::sip::sdp::{self, SdpError};
+use crate::sip::{Method, Request, Response, Transport, TxnError};
+use crate::smtp::{ClientError, ClientTimeouts, SmtpClient};
+use crate::tunnel::record::Limits;
+use crate::tunnel::{Role, TunnelStream};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CallError {
+    #[error("cannot resolve {0}")]
+    Resolve(String),
+    #[error("SIP: {0}")]
+    Sip(#[from] TxnError),
+    #[error("the peer answered {status} {reason}{}", warning.as_deref().map(|w| format!(" ({w})")).unwrap_or_default())]
+    Rejected {
+        status: u16,
+        reason: String,
+        warning: Option<String>,
+    },
+    #[error("the 200 OK is malformed: {0}")]
+    BadAnswer(String),
+    #[error("the answer's SDP: {0}")]
+    Sdp(#[from] SdpError),
+    #[error("handshake: {0}")]
+    Handshake(#[from] HandshakeError),
+    #[error("media connection to {addr}: {source}")]
+    Media {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("SMTP greeting through the call: {0}")]
+    Smtp(#[from] ClientError),
+}
+
+/// What stays the same for every request in the dialog.
+#[derive(Clone, Debug)]
+struct Dialog {
+    call_id: String,
+    from: String,
+    to: String,
+    uri: String,
+    target: SocketAddr,
+    transport: Transport,
+}
+
+struct ActiveCall {
+    dialog: Dialog,
+    client: SmtpClient<TunnelStream<TcpStream>>,
+}
+
+fn random32() -> [u8; 32] {
+    let mut b = [0u8; 32];
+    // The OS RNG failing is not something we can recover from safely.
+    if let Err(e) = getrandom::fill(&mut b) {
+        panic!("the operating system's random number generator failed: {e}");
+    }
+    b
+}
+
+fn in_dialog_request(d: &Dialog, method: Method, cseq: u32) -> Request {
+    let mut r = Request::new(method.clone(), d.uri.clone());
+    r.headers.push("Max-Forwards", "70");
+    r.headers.push("From", d.from.clone());
+    r.headers.push("To", d.to.clone());
+    r.headers.push("Call-ID", d.call_id.clone());
+    r.headers.push("CSeq", format!("{cseq} {method}"));
+    r
+}
+
+async fn resolve(peer: &Peer) -> Result<SocketAddr, CallError> {
+    let what = format!("{}:{}", peer.sip.host, peer.sip.port);
+    tokio::net::lookup_host((peer.sip.host.as_str(), peer.sip.port))
+        .await
+        .map_err(|e| CallError::Resolve(format!("{what}: {e}")))?
+        .next()
+        .ok_or(CallError::Resolve(what))
+}
+
+async fn place_call(shared: &Shared, peer: &Peer) -> Result<ActiveCall, CallError> {
+    let target = resolve(peer).await?;
+    let transport = if peer.sip.tcp {
+        Transport::Tcp
+    } else {
+        Transport::Udp
+    };
+    let call_id = format!("{}@{}", crate::sip::random_hex(16), shared.cfg.domain);
+    let from_tag = crate::sip::random_hex(8);
+    let caller = CallerAwaitAnswer::new(
+        random32(),
+        random32(),
+        Suite::ALL.to_vec(),
+        shared.own_fpr.clone(),
+    );
+    let session_id = u64::from_be_bytes(random32()[..8].try_into().unwrap_or_default()) >> 1;
+    let uri = format!("sip:mail@{}", peer.domain);
+    let mut invite = Request::new(Method::Invite, uri.clone());
+    invite.headers.push("Max-Forwards", "70");
+    invite.headers.push(
+        "From",
+        format!("<sip:mail@{}>;tag={from_tag}", shared.cfg.domain),
+    );
+    invite
+        .headers
+        .push("To", format!("<sip:mail@{}>", peer.domain));
+    invite.headers.push("Call-ID", call_id.clone());
+    invite.headers.push("CSeq", "1 INVITE");
+    invite
+        .headers
+        .push("Contact", format!("<sip:mail@{}>", shared.sip_addr));
+    invite.headers.push("Allow", super::ALLOW);
+    invite
+        .headers
+        .push("User-Agent", concat!("sipmail/", env!("CARGO_PKG_VERSION")));
+    invite.headers.push("Content-Type", "application/sdp");
+    invite.body = sdp::encode_offer(caller.offer(), session_id, shared.cfg.media_ip);
+
+    tracing::debug!(%call_id, peer = %peer.domain, %target, "INVITE");
+    let resp = shared.endpoint.request(invite, target, transport).await?;
+    if !(200..300).contains(&resp.status) {
+        return Err(CallError::Rejected {
+            status: resp.status,
+            reason: resp.reason.clone(),
+            warning: resp.headers.get("Warning").map(str::to_string),
+        });
+    }
+    let to = resp
+        .headers
+        .get("To")
+        .ok_or_else(|| CallError::BadAnswer("no To header".into()))?
+        .to_string();
+    let to_tag = resp
+        .headers
+        .to()
+        .ok()
+        .and_then(|t| t.tag().map(str::to_string))
+        .ok_or_else(|| CallError::BadAnswer("no To tag".into()))?;
+    let dialog = Dialog {
+        call_id: call_id.clone(),
+        from: format!("<sip:mail@{}>;tag={from_tag}", shared.cfg.domain),
+        to,
+        uri,
+        target,
+        transport,
+    };
+    let ctx = CallContext {
+        call_id: call_id.clone(),
+        from_tag,
+        to_tag,
+        caller: format!("mail@{}", shared.cfg.domain),
+        callee: format!("mail@{}", peer.domain),
+    };
+    // From here on the INVITE has a 2xx, so whatever fails, we ACK and then BYE.
+    let checked = sdp::decode_answer(&resp.body)
+        .map_err(CallError::from)
+        .and_then(|(answer, media)| {
+            let verifier = PeerVerifier {
+                keyring: &shared.keyring,
+                domain: &peer.domain,
+            };
+            caller
+                .on_answer(&ctx, &answer, &verifier, &KeyringSigner(&shared.keyring))
+                .map(|done| (done, answer, media))
+                .map_err(CallError::from)
+        });
+    let (done, answer, media) = match checked {
+        Ok(x) => x,
+        Err(e) => {
+            let ack = in_dialog_request(&dialog, Method::Ack, 1);
+            let _ = shared.endpoint.send_ack(ack, target, transport).await;
+            bye(shared, &dialog, Some(&e.to_string())).await;
+            return Err(e);
+        }
+    };
+    let mut ack = in_dialog_request(&dialog, Method::Ack, 1);
+    ack.headers.push("Content-Type", sdp::CONFIRM_CONTENT_TYPE);
+    ack.body = sdp::encode_confirm(&done.confirm);
+    shared.endpoint.send_ack(ack, target, transport).await?;
+
+    let media = match &shared.hooks.media_connect {
+        Some(f) => f(media),
+        None => media,
+    };
+    let stream = async {
+        let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(media))
+            .await
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
+            })??;
+        tcp.set_nodelay(true)?;
+        let mut t = TunnelStream::new(tcp, &done.keys, Role::Caller, Limits::default());
+        t.send_hello().await?;
+        Ok::<_, std::io::Error>(t)
+    }
+    .await;
+    let stream = match stream {
+        Ok(s) => s,
+        Err(source) => {
+            bye(shared, &dialog, Some("media connection failed")).await;
+            return Err(CallError::Media {
+                addr: media,
+                source,
+            });
+        }
+    };
+    let client =
+        match SmtpClient::connect(stream, &shared.cfg.hostname, ClientTimeouts::default()).await {
+            Ok(c) => c,
+            Err(e) => {
+                bye(shared, &dialog, Some("no SMTP greeting")).await;
+                return Err(e.into());
+            }
+        };
+    let peer_fpr = hex::encode_upper(&answer.fingerprint);
+    tracing::info!(
+        call_id = %call_id,
+        peer = %peer.domain,
+        local_fingerprint = %shared.own_fpr_hex,
+        peer_fingerprint = %peer_fpr,
+        suite = %done.keys.suite,
+        sas = %done.keys.sas,
+        transcript_sha256 = %hex::encode(done.keys.transcript_hash),
+        "call established (outgoing)"
+    );
+    shared.event(RelayEvent::CallEstablished {
+        call_id,
+        peer: peer.domain.clone(),
+        outgoing: true,
+        local_fingerprint: shared.own_fpr_hex.clone(),
+        peer_fingerprint: peer_fpr,
+        suite: done.keys.suite.to_string(),
+        sas: done.keys.sas.clone(),
+    });
+    Ok(ActiveCall { dialog, client })
+}
+
+/// End the dialog. Best effort: a BYE that gets no answer is logged, nothing more.
+async fn bye(shared: &Shared, d: &Dialog, reason: Option<&str>) {
+    let mut req = in_dialog_request(d, Method::Bye, 2);
+    if let Some(r) = reason {
+        req.headers.push(
+            "Reason",
+            format!(
+                "SIP;cause=488;text=\"{}\"",
+                r.replace(['"', '\\', '\r', '\n'], " ")
+            ),
+        );
+    }
+    match tokio::time::timeout(
+        Duration::from_secs(35),
+        shared.endpoint.request(req, d.target, d.transport),
+    )
+    .await
+    {
+        Ok(Ok(Response { status, .. })) if (200..300).contains(&status) => {}
+        Ok(Ok(r)) => {
+            tracing::debug!(call_id = %d.call_id, status = r.status, "BYE answered with an error")
+        }
+        Ok(Err(e)) => tracing::debug!(call_id = %d.call_id, error = %e, "BYE failed"),
+        Err(_) => tracing::debug!(call_id = %d.call_id, "BYE timed out"),
+    }
+}
+
+async fn hang_up(shared: &Shared, peer: &str, call: ActiveCall) {
+    let _ = call.client.quit().await;
+    bye(shared, &call.dialog, None).await;
+    tracing::info!(call_id = %call.dialog.call_id, %peer, "call ended");
+    shared.event(RelayEvent::CallEnded {
+        call_id: call.dialog.call_id.clone(),
+        peer: peer.to_string(),
+    });
+}
+
+pub(crate) async fn worker(shared: Arc<Shared>, domain: String, mut rx: mpsc::Receiver<Job>) {
+    let Some(peer) = shared.cfg.peer(&domain).cloned() else {
+        tracing::error!(%domain, "no [[peer]] for this domain; its mail stays queued");
+        return;
+    };
+    let mut call: Option<ActiveCall> = None;
+    loop {
+        let job = tokio::select! {
+            j = rx.recv() => j,
+            _ = tokio::time::sleep(shared.cfg.call_idle), if call.is_some() => {
+                if let Some(c) = call.take() {
+                    hang_up(&shared, &domain, c).await;
+                }
+                continue;
+            }
+            _ = shared.shutdown.wait() => None,
+        };
+        let Some(job) = job else { break };
+        if call.is_none() {
+            match place_call(&shared, &peer).await {
+                Ok(c) => call = Some(c),
+                Err(e) => {
+                    tracing::warn!(peer = %domain, queue_id = %job.id, error = %e, "call failed; mail stays queued");
+                    shared.event(RelayEvent::CallFailed {
+                        peer: domain.clone(),
+                        reason: e.to_string(),
+                    });
+                    let why = format!("call to {domain} failed: {e}");
+                    let outcomes = job
+                        .recipients
+                        .iter()
+                        .map(|r| (r.clone(), Outcome::Transient(why.clone())))
+                        .collect();
+                    shared.queue.report(&shared, &job, outcomes).await;
+                    continue;
+                }
+            }
+        }
+        let Some(active) = call.as_mut() else {
+            continue;
+        };
+        let res = match tokio::fs::File::open(shared.spool.body_path(&job.id)).await {
+            Ok(f) => {
+                active
+                    .client
+                    .send_sized(
+                        &job.mail_from,
+                        &job.recipients,
+                        tokio::io::BufReader::new(f),
+                        Some(job.size),
+                    )
+                    .await
+            }
+            Err(e) => Err(ClientError::Io(e)),
+        };
+        let broken = res.is_err();
+        let outcomes = super::local::outcomes_from_smtp(&job, res, &format!("peer {domain}"));
+        shared.queue.report(&shared, &job, outcomes).await;
+        if broken {
+            if let Some(c) = call.take() {
+                tracing::warn!(call_id = %c.dialog.call_id, peer = %domain, "call's stream failed; hanging up");
+                bye(&shared, &c.dialog, Some("stream failed")).await;
+            }
+        }
+    }
+    if let Some(c) = call.take() {
+        hang_up(&shared, &domain, c).await;
+    }
+}

@@ -1,0 +1,289 @@
+//! Mail coming in: from the site's MTA over plain TCP, and from a peer relay through a
+//! call's encrypted stream. Both write into the spool and answer 250 only after fsync.
+
+use super::{RelayEvent, Shared};
+use crate::queue::{Envelope, RcptState, Recipient, Route, Spool};
+use crate::smtp::{Backend, MailParams, Reply, ServerConfig};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+
+/// Connections served at once from the site side.
+const MAX_CONNECTIONS: usize = 256;
+
+pub(crate) fn server_config(shared: &Shared) -> ServerConfig {
+    ServerConfig {
+        hostname: shared.cfg.hostname.clone(),
+        max_message_size: shared.cfg.max_message_size,
+        max_recipients: shared.cfg.max_recipients,
+        ..ServerConfig::default()
+    }
+}
+
+/// Who is on the other end of an SMTP session.
+#[derive(Clone, Debug)]
+pub(crate) enum Origin {
+    /// A client of our site, by IP; `relay` if it is inside `smtp.allow`.
+    Site { addr: SocketAddr, relay: bool },
+    /// A partner relay, authenticated by the call's handshake.
+    Peer {
+        domain: String,
+        call_id: String,
+        sas: String,
+    },
+}
+
+pub(crate) struct SpoolBackend {
+    shared: Arc<Shared>,
+    origin: Origin,
+    routes: Vec<(String, Route)>,
+    current: Option<String>,
+}
+
+impl SpoolBackend {
+    pub fn new(shared: Arc<Shared>, origin: Origin) -> Self {
+        SpoolBackend {
+            shared,
+            origin,
+            routes: Vec::new(),
+            current: None,
+        }
+    }
+
+    fn received_header(&self, id: &str, env: &crate::smtp::Envelope) -> String {
+        let helo = super::trace::clean(&env.helo);
+        let from = match &self.origin {
+            Origin::Site { addr, .. } => format!("{helo} ([{}])", addr.ip()),
+            Origin::Peer {
+                domain,
+                call_id,
+                sas,
+            } => format!(
+                "{helo} (mail@{} via sipmail call {}, SAS {})",
+                super::trace::clean(domain),
+                super::trace::clean(call_id),
+                sas
+            ),
+        };
+        let for_clause = match env.rcpt_to.as_slice() {
+            [one] => format!("\r\n\tfor <{}>", super::trace::clean(one)),
+            _ => String::new(),
+        };
+        format!(
+            "Received: from {from}\r\n\tby {} (sipmail) with ESMTP id {id}{for_clause};\r\n\t{}\r\n",
+            self.shared.cfg.hostname,
+            super::trace::rfc5322_date(SystemTime::now())
+        )
+    }
+}
+
+fn domain_of(addr: &str) -> Option<String> {
+    addr.rsplit_once('@')
+        .map(|(_, d)| d.trim_end_matches('.').to_ascii_lowercase())
+}
+
+impl Backend for SpoolBackend {
+    type Writer = tokio::io::BufWriter<tokio::fs::File>;
+
+    async fn mail_from(&mut self, _from: &str, _params: &MailParams) -> Result<(), Reply> {
+        self.routes.clear();
+        Ok(())
+    }
+
+    async fn rcpt_to(&mut self, to: &str) -> Result<(), Reply> {
+        let Some(domain) = domain_of(to) else {
+            return Err(Reply::new(501, (5, 1, 3), "Bad recipient address syntax"));
+        };
+        let route = if domain == self.shared.cfg.domain {
+            Route::Local
+        } else {
+            match &self.origin {
+                Origin::Site { relay: true, .. } if self.shared.cfg.peer(&domain).is_some() => {
+                    Route::Peer(domain)
+                }
+                Origin::Site { relay: true, .. } => {
+                    return Err(Reply::new(
+                        550,
+                        (5, 7, 1),
+                        format!(
+                            "Relay access denied: {domain} is not a partner domain of this relay"
+                        ),
+                    ));
+                }
+                Origin::Site { .. } => {
+                    return Err(Reply::new(
+                        550,
+                        (5, 7, 1),
+                        "Relay access denied: your address is not in smtp.allow",
+                    ));
+                }
+                Origin::Peer { domain: peer, .. } => {
+                    return Err(Reply::new(
+                        550,
+                        (5, 7, 1),
+                        format!(
+                            "Relay access denied: {peer} may only send mail for {}",
+                            self.shared.cfg.domain
+                        ),
+                    ));
+                }
+            }
+        };
+        self.routes.push((to.to_string(), route));
+        Ok(())
+    }
+
+    async fn data_start(&mut self, env: &crate::smtp::Envelope) -> Result<Self::Writer, Reply> {
+        let id = Spool::new_id();
+        let file = self.shared.spool.create_body(&id).await.map_err(|e| {
+            tracing::error!(error = %e, "cannot create a spool file");
+            Reply::new(
+                451,
+                (4, 3, 0),
+                "Local error: cannot write to the queue, try again later",
+            )
+        })?;
+        let mut w = tokio::io::BufWriter::with_capacity(64 * 1024, file);
+        let hdr = self.received_header(&id, env);
+        if let Err(e) = w.write_all(hdr.as_bytes()).await {
+            tracing::error!(error = %e, "cannot write to a spool file");
+            self.shared.spool.discard(&id).await;
+            return Err(Reply::new(
+                451,
+                (4, 3, 0),
+                "Local error: cannot write to the queue, try again later",
+            ));
+        }
+        self.current = Some(id);
+        Ok(w)
+    }
+
+    async fn data_end(&mut self, env: crate::smtp::Envelope, mut writer: Self::Writer) -> Reply {
+        let Some(id) = self.current.take() else {
+            return Reply::new(451, (4, 3, 0), "Local error: no open message");
+        };
+        let fail = |e: std::io::Error| {
+            tracing::error!(queue_id = %id, error = %e, "could not commit a message to the spool");
+            Reply::new(
+                451,
+                (4, 3, 0),
+                "Local error: cannot write to the queue, try again later",
+            )
+        };
+        if let Err(e) = writer.flush().await {
+            self.shared.spool.discard(&id).await;
+            return fail(e);
+        }
+        let file = writer.into_inner();
+        let size = match file.metadata().await {
+            Ok(m) => m.len(),
+            Err(e) => {
+                self.shared.spool.discard(&id).await;
+                return fail(e);
+            }
+        };
+        let recipients = env
+            .rcpt_to
+            .iter()
+            .filter_map(|r| {
+                let route = self.routes.iter().find(|(a, _)| a == r)?.1.clone();
+                Some(Recipient {
+                    addr: r.clone(),
+                    route,
+                    state: RcptState::Pending,
+                    attempts: 0,
+                    next_attempt_ms: 0,
+                    last_error: None,
+                })
+            })
+            .collect();
+        let client = match &self.origin {
+            Origin::Site { addr, .. } => addr.to_string(),
+            Origin::Peer {
+                domain, call_id, ..
+            } => format!("peer {domain} call {call_id}"),
+        };
+        let qenv = Envelope {
+            id: id.clone(),
+            received: crate::queue::now_ms() / 1000,
+            client,
+            helo: env.helo.clone(),
+            mail_from: env.mail_from.clone(),
+            recipients,
+            size,
+            body_8bit: env.body_8bit,
+        };
+        if let Err(e) = self.shared.spool.commit(file, &qenv).await {
+            self.shared.spool.discard(&id).await;
+            return fail(e);
+        }
+        tracing::info!(queue_id = %id, from = %qenv.mail_from, rcpts = qenv.recipients.len(), size,
+            client = %qenv.client, "queued");
+        self.shared.queue.insert(qenv);
+        self.shared.event(RelayEvent::Queued { id: id.clone() });
+        Reply::new(250, (2, 0, 0), format!("Ok: queued as {id}"))
+    }
+
+    async fn data_abort(&mut self, writer: Self::Writer) {
+        drop(writer);
+        if let Some(id) = self.current.take() {
+            self.shared.spool.discard(&id).await;
+        }
+    }
+}
+
+/// Accept connections from the site until shutdown; then let sessions finish.
+pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
+    let limit = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut sessions = tokio::task::JoinSet::new();
+    let cfg = server_config(&shared);
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let permit = tokio::select! {
+            p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            _ = shared.shutdown.wait() => break,
+        };
+        let (stream, addr) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => { backoff = Duration::from_millis(10); x }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed; backing off");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            },
+            _ = shared.shutdown.wait() => break,
+            Some(_) = sessions.join_next(), if !sessions.is_empty() => continue,
+        };
+        let _ = stream.set_nodelay(true);
+        let relay = shared.cfg.smtp_allow.iter().any(|c| c.contains(addr.ip()));
+        let mut backend = SpoolBackend::new(shared.clone(), Origin::Site { addr, relay });
+        let cfg = cfg.clone();
+        sessions.spawn(async move {
+            let _permit = permit;
+            let _ = crate::smtp::serve(stream, addr.to_string(), &cfg, &mut backend).await;
+        });
+    }
+    drop(listener);
+    if !sessions.is_empty() {
+        tracing::info!(
+            sessions = sessions.len(),
+            "waiting for SMTP sessions in progress to finish"
+        );
+    }
+    // Sessions in progress get a grace period to finish their transaction; an idle client
+    // that keeps its connection open is then cut (nothing it sent unacknowledged is lost:
+    // unfinished spool files are removed at the next start).
+    let drain = async { while sessions.join_next().await.is_some() {} };
+    if tokio::time::timeout(Duration::from_secs(30), drain)
+        .await
+        .is_err()
+    {
+        tracing::warn!("SMTP sessions still open after 30 s; closing them");
+        sessions.abort_all();
+        while sessions.join_next().await.is_some() {}
+    }
+}

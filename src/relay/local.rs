@@ -1,0 +1,118 @@
+//! Delivery of mail for our own domain: into the Maildir, or by SMTP to the site's MTA.
+
+use super::Shared;
+use super::scheduler::{Job, Outcome};
+use crate::config::Delivery;
+use crate::smtp::{ClientTimeouts, SmtpClient};
+use std::sync::Arc;
+use tokio::sync::mpsc;
+
+pub(crate) async fn worker(shared: Arc<Shared>, mut rx: mpsc::Receiver<Job>) {
+    while let Some(job) = rx.recv().await {
+        let outcomes = match &shared.cfg.delivery {
+            Delivery::Maildir(dir) => to_maildir(&shared, dir, &job).await,
+            Delivery::Smtp(addr) => to_smtp(&shared, *addr, &job).await,
+        };
+        shared.queue.report(&shared, &job, outcomes).await;
+    }
+}
+
+async fn to_maildir(shared: &Shared, dir: &std::path::Path, job: &Job) -> Vec<(String, Outcome)> {
+    let mut out = Vec::new();
+    for rcpt in &job.recipients {
+        // What a local delivery agent adds: the envelope sender and the recipient.
+        let prefix = format!(
+            "Return-Path: <{}>\r\nDelivered-To: {}\r\n",
+            super::trace::clean(&job.mail_from),
+            super::trace::clean(rcpt)
+        );
+        let dir = dir.to_path_buf();
+        let host = shared.cfg.hostname.clone();
+        let body = shared.spool.body_path(&job.id);
+        let r = tokio::task::spawn_blocking(move || {
+            crate::queue::maildir::deliver(&dir, &host, prefix.as_bytes(), &body)
+        })
+        .await;
+        let outcome = match r {
+            Ok(Ok(path)) => {
+                tracing::debug!(queue_id = %job.id, file = %path.display(), "written to Maildir");
+                Outcome::Delivered
+            }
+            Ok(Err(e)) => Outcome::Transient(format!("Maildir write failed: {e}")),
+            Err(e) => Outcome::Transient(format!("Maildir task failed: {e}")),
+        };
+        out.push((rcpt.clone(), outcome));
+    }
+    out
+}
+
+/// Map an SMTP transaction's replies to per-recipient outcomes.
+pub(crate) fn outcomes_from_smtp(
+    job: &Job,
+    res: Result<crate::smtp::SendOutcome, crate::smtp::ClientError>,
+    what: &str,
+) -> Vec<(String, Outcome)> {
+    match res {
+        Err(e) => {
+            let why = format!("{what}: {e}");
+            job.recipients
+                .iter()
+                .map(|r| (r.clone(), Outcome::Transient(why.clone())))
+                .collect()
+        }
+        Ok(o) => o
+            .per_rcpt
+            .iter()
+            .map(|(addr, reply)| {
+                let verdict = if !reply.is_positive() {
+                    reply
+                } else {
+                    match &o.data {
+                        Some(d) => d,
+                        None => reply,
+                    }
+                };
+                let oc =
+                    if verdict.is_positive() && o.data.as_ref().is_some_and(|d| d.is_positive()) {
+                        Outcome::Delivered
+                    } else if verdict.is_permanent() {
+                        Outcome::Permanent(format!("{what} said: {}", one_line(verdict)))
+                    } else {
+                        Outcome::Transient(format!("{what} said: {}", one_line(verdict)))
+                    };
+                (addr.clone(), oc)
+            })
+            .collect(),
+    }
+}
+
+fn one_line(r: &crate::smtp::Reply) -> String {
+    r.to_string().trim_end().replace("\r\n", " / ")
+}
+
+async fn to_smtp(shared: &Shared, addr: std::net::SocketAddr, job: &Job) -> Vec<(String, Outcome)> {
+    let what = format!("local MTA {addr}");
+    let res = async {
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(crate::smtp::ClientError::Io)?;
+        let _ = tcp.set_nodelay(true);
+        let mut client =
+            SmtpClient::connect(tcp, &shared.cfg.hostname, ClientTimeouts::default()).await?;
+        let body = tokio::fs::File::open(shared.spool.body_path(&job.id))
+            .await
+            .map_err(crate::smtp::ClientError::Io)?;
+        let o = client
+            .send_sized(
+                &job.mail_from,
+                &job.recipients,
+                tokio::io::BufReader::new(body),
+                Some(job.size),
+            )
+            .await?;
+        let _ = client.quit().await;
+        Ok(o)
+    }
+    .await;
+    outcomes_from_smtp(job, res, &what)
+}

@@ -1,0 +1,375 @@
+//! The relay: binds the SMTP and SIP sockets, routes mail, places and answers calls.
+//!
+//! ```text
+//! site MTA --SMTP--> inbound::serve_site --spool--> scheduler --> caller (SIP call + tunnel) --> peer
+//! peer --SIP INVITE--> callee --tunnel--> inbound::serve_peer --spool--> scheduler --> local delivery
+//! ```
+
+mod callee;
+mod caller;
+mod inbound;
+mod local;
+mod scheduler;
+mod trace;
+
+use crate::config::{Config, ConfigError};
+use crate::handshake::{Signer, Verifier};
+use crate::keyring::{Keyring, KeyringError};
+use crate::queue::Spool;
+use crate::sip::{Endpoint, EndpointConfig, Incoming, Method, Response};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use tokio::sync::{broadcast, mpsc, watch};
+
+pub use scheduler::QueueSnapshot;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Keyring(#[from] KeyringError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> RelayError {
+    let what = what.into();
+    move |source| RelayError::Io { what, source }
+}
+
+/// Tells every task to stop; cloneable.
+#[derive(Clone, Debug)]
+pub struct Shutdown(Arc<watch::Sender<bool>>);
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Shutdown {
+    pub fn new() -> Self {
+        Shutdown(Arc::new(watch::channel(false).0))
+    }
+    pub fn trigger(&self) {
+        self.0.send_replace(true);
+    }
+    pub fn is_triggered(&self) -> bool {
+        *self.0.borrow()
+    }
+    /// Resolves once `trigger` was called.
+    pub async fn wait(&self) {
+        let mut rx = self.0.subscribe();
+        let _ = rx.wait_for(|v| *v).await;
+    }
+}
+
+/// What the relay reports to whoever listens (logs carry the same facts).
+#[derive(Clone, Debug)]
+pub enum RelayEvent {
+    CallEstablished {
+        call_id: String,
+        peer: String,
+        outgoing: bool,
+        local_fingerprint: String,
+        peer_fingerprint: String,
+        suite: String,
+        sas: String,
+    },
+    CallFailed {
+        peer: String,
+        reason: String,
+    },
+    CallEnded {
+        call_id: String,
+        peer: String,
+    },
+    Queued {
+        id: String,
+    },
+    Delivered {
+        id: String,
+        recipient: String,
+    },
+}
+
+/// Test hooks. Production code never sets these.
+#[derive(Clone, Default)]
+pub struct Hooks {
+    /// Rewrites the media address the caller connects to, so a test can put a recording
+    /// or tampering TCP proxy between the relays.
+    pub media_connect: Option<Arc<dyn Fn(SocketAddr) -> SocketAddr + Send + Sync>>,
+}
+
+impl std::fmt::Debug for Hooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hooks")
+            .field("media_connect", &self.media_connect.is_some())
+            .finish()
+    }
+}
+
+pub(crate) struct Shared {
+    pub cfg: Config,
+    pub keyring: Keyring,
+    pub own_fpr: Vec<u8>,
+    pub own_fpr_hex: String,
+    pub spool: Spool,
+    pub endpoint: Endpoint,
+    pub sip_addr: SocketAddr,
+    pub queue: scheduler::Queue,
+    pub dialogs: Mutex<HashMap<String, mpsc::Sender<Incoming>>>,
+    pub shutdown: Shutdown,
+    pub events: broadcast::Sender<RelayEvent>,
+    pub hooks: Hooks,
+}
+
+impl Shared {
+    pub fn event(&self, e: RelayEvent) {
+        let _ = self.events.send(e);
+    }
+}
+
+/// Signs with the relay's own OpenPGP key.
+pub(crate) struct KeyringSigner<'a>(pub &'a Keyring);
+impl Signer for KeyringSigner<'_> {
+    fn sign(&self, data: &[u8]) -> Result<Vec<u8>, String> {
+        self.0.sign_detached(data).map_err(|e| e.to_string())
+    }
+}
+
+/// Verifies with the cert held for `mail@domain`.
+pub(crate) struct PeerVerifier<'a> {
+    pub keyring: &'a Keyring,
+    pub domain: &'a str,
+}
+impl Verifier for PeerVerifier<'_> {
+    fn verify(&self, fingerprint: &[u8], data: &[u8], signature: &[u8]) -> Result<(), String> {
+        self.keyring
+            .verify_detached(
+                self.domain,
+                &hex::encode_upper(fingerprint),
+                data,
+                signature,
+            )
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Open the keyring and check it against the config: our own key for mail@domain, and a
+/// usable cert for every peer.
+pub fn check_keyring(cfg: &Config) -> Result<Keyring, RelayError> {
+    if !cfg.keyring.is_dir() {
+        return Err(cfg
+            .invalid(
+                "relay.keyring",
+                format!(
+                    "{} does not exist: create it with `sipmail keys generate --keyring {} --domain {}`",
+                    cfg.keyring.display(),
+                    cfg.keyring.display(),
+                    cfg.domain
+                ),
+            )
+            .into());
+    }
+    let kr =
+        Keyring::open(&cfg.keyring).map_err(|e| cfg.invalid("relay.keyring", e.to_string()))?;
+    kr.own_domain_ok(&cfg.domain)
+        .map_err(|e| cfg.invalid("relay.keyring", e.to_string()))?;
+    for (i, p) in cfg.peers.iter().enumerate() {
+        if !kr.has_peer(&p.domain) {
+            return Err(cfg
+                .invalid(
+                    &format!("peer[{i}]"),
+                    format!(
+                        "no usable certificate for mail@{} in {}: import the partner's cert with `sipmail keys import --keyring {} FILE`",
+                        p.domain,
+                        cfg.keyring.display(),
+                        cfg.keyring.display()
+                    ),
+                )
+                .into());
+        }
+    }
+    Ok(kr)
+}
+
+/// A started relay.
+pub struct Running {
+    pub smtp_addr: SocketAddr,
+    pub sip_addr: SocketAddr,
+    shared: Arc<Shared>,
+    tasks: tokio::task::JoinSet<()>,
+}
+
+impl Running {
+    pub fn events(&self) -> broadcast::Receiver<RelayEvent> {
+        self.shared.events.subscribe()
+    }
+
+    pub fn queue_snapshot(&self) -> QueueSnapshot {
+        self.shared.queue.snapshot()
+    }
+
+    /// Wait until every task has finished (after shutdown was triggered).
+    pub async fn wait(mut self) {
+        while self.tasks.join_next().await.is_some() {}
+        self.shared.endpoint.shutdown().await;
+        tracing::info!(domain = %self.shared.cfg.domain, "relay stopped");
+    }
+}
+
+/// Bind everything and start the tasks.
+pub async fn start(cfg: Config, shutdown: Shutdown, hooks: Hooks) -> Result<Running, RelayError> {
+    let keyring = check_keyring(&cfg)?;
+    let own_fpr_hex = keyring.own_fingerprint()?;
+    let own_fpr =
+        hex::decode(&own_fpr_hex).map_err(|e| cfg.invalid("relay.keyring", e.to_string()))?;
+    let (spool, envelopes) = Spool::open(&cfg.spool)
+        .map_err(io_err(format!("opening spool {}", cfg.spool.display())))?;
+    if let crate::config::Delivery::Maildir(m) = &cfg.delivery {
+        crate::queue::maildir::ensure(m)
+            .map_err(io_err(format!("creating Maildir {}", m.display())))?;
+    }
+    let smtp = tokio::net::TcpListener::bind(cfg.smtp_listen)
+        .await
+        .map_err(io_err(format!(
+            "{}: smtp.listen {}",
+            cfg.file, cfg.smtp_listen
+        )))?;
+    let smtp_addr = smtp.local_addr().map_err(io_err("smtp socket"))?;
+    let (endpoint, incoming) = Endpoint::bind(cfg.sip_listen, EndpointConfig::default())
+        .await
+        .map_err(io_err(format!(
+            "{}: sip.listen {}",
+            cfg.file, cfg.sip_listen
+        )))?;
+    let sip_addr = endpoint.local_addr();
+    let recovered = envelopes.len();
+    let shared = Arc::new(Shared {
+        queue: scheduler::Queue::new(spool.clone(), envelopes, cfg.queue.clone()),
+        cfg,
+        keyring,
+        own_fpr,
+        own_fpr_hex,
+        spool,
+        endpoint,
+        sip_addr,
+        dialogs: Mutex::new(HashMap::new()),
+        shutdown,
+        events: broadcast::channel(1024).0,
+        hooks,
+    });
+    tracing::info!(
+        domain = %shared.cfg.domain,
+        smtp = %smtp_addr,
+        sip = %sip_addr,
+        fingerprint = %shared.own_fpr_hex,
+        peers = shared.cfg.peers.len(),
+        recovered,
+        "relay started"
+    );
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(inbound::accept_loop(shared.clone(), smtp));
+    tasks.spawn(sip_loop(shared.clone(), incoming));
+    tasks.spawn(scheduler::run(shared.clone()));
+    Ok(Running {
+        smtp_addr,
+        sip_addr,
+        shared,
+        tasks,
+    })
+}
+
+/// Run until shutdown.
+pub async fn run(cfg: Config, shutdown: Shutdown) -> Result<(), RelayError> {
+    start(cfg, shutdown, Hooks::default()).await?.wait().await;
+    Ok(())
+}
+
+pub(crate) const ALLOW: &str = "INVITE, ACK, BYE, CANCEL, OPTIONS";
+
+/// Dispatch incoming SIP requests: new INVITEs start a callee task; in-dialog requests go
+/// to their call's task.
+async fn sip_loop(shared: Arc<Shared>, mut incoming: mpsc::Receiver<Incoming>) {
+    let mut calls = tokio::task::JoinSet::new();
+    let mut stopping = false;
+    loop {
+        if stopping && calls.is_empty() {
+            break;
+        }
+        let inc = tokio::select! {
+            inc = incoming.recv() => match inc { Some(i) => i, None => break },
+            _ = shared.shutdown.wait(), if !stopping => { stopping = true; continue }
+            Some(_) = calls.join_next(), if !calls.is_empty() => continue,
+        };
+        let call_id = inc
+            .request
+            .headers
+            .call_id()
+            .unwrap_or_default()
+            .to_string();
+        let in_dialog = inc
+            .request
+            .headers
+            .to()
+            .ok()
+            .and_then(|t| t.tag().map(|_| ()))
+            .is_some();
+        match inc.request.method {
+            Method::Invite if !in_dialog && stopping => {
+                let mut r = Response::for_request(&inc.request, 503, "Service Unavailable");
+                r.headers.push("Retry-After", "60");
+                r.headers
+                    .push("Warning", "399 sipmail \"relay is shutting down\"");
+                let _ = inc.respond(r).await;
+            }
+            Method::Invite if !in_dialog => {
+                calls.spawn(callee::handle_invite(shared.clone(), inc));
+            }
+            Method::Options => {
+                let mut r = Response::for_request(&inc.request, 200, "OK");
+                r.headers.push("Allow", ALLOW);
+                r.headers
+                    .push("Accept", "application/sdp, application/sipmail-confirm");
+                r.headers.push("Supported", "");
+                let _ = inc.respond(r).await;
+            }
+            Method::Ack | Method::Bye | Method::Invite | Method::Cancel => {
+                let tx = shared
+                    .dialogs
+                    .lock()
+                    .ok()
+                    .and_then(|d| d.get(&call_id).cloned());
+                match tx {
+                    Some(tx) => {
+                        let _ = tx.try_send(inc);
+                    }
+                    None if inc.request.method == Method::Ack => {
+                        tracing::debug!(%call_id, "ACK for no known call, absorbed");
+                    }
+                    None => {
+                        let _ = inc
+                            .respond(Response::for_request(
+                                &inc.request,
+                                481,
+                                "Call/Transaction Does Not Exist",
+                            ))
+                            .await;
+                    }
+                }
+            }
+            _ => {
+                let mut r = Response::for_request(&inc.request, 501, "Not Implemented");
+                r.headers.push("Allow", ALLOW);
+                let _ = inc.respond(r).await;
+            }
+        }
+    }
+}

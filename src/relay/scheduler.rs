@@ -1,0 +1,240 @@
+//! The queue scheduler: keeps every queued envelope in memory, hands due work to one
+//! worker per route (each peer, and local delivery), and records outcomes durably.
+
+use super::{RelayEvent, Shared};
+use crate::config::QueueTimes;
+use crate::queue::{Envelope, RcptState, Route, Spool, now_ms};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{Notify, mpsc};
+
+/// One delivery attempt for the recipients of one message that share a route.
+#[derive(Clone, Debug)]
+pub(crate) struct Job {
+    pub id: String,
+    pub route: Route,
+    pub mail_from: String,
+    pub recipients: Vec<String>,
+    pub size: u64,
+}
+
+/// The outcome of a job for one recipient.
+#[derive(Clone, Debug)]
+pub(crate) enum Outcome {
+    Delivered,
+    /// Try again later (4xx, failed call, I/O error).
+    Transient(String),
+    /// Will never work (5xx).
+    Permanent(String),
+}
+
+#[derive(Default)]
+struct State {
+    envs: HashMap<String, Envelope>,
+    in_flight: HashSet<(String, Route)>,
+}
+
+/// Counts for operators and the demo.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct QueueSnapshot {
+    pub messages: usize,
+    pub pending_recipients: usize,
+    pub in_flight: usize,
+}
+
+pub(crate) struct Queue {
+    spool: Spool,
+    state: Mutex<State>,
+    notify: Notify,
+    times: QueueTimes,
+}
+
+impl Queue {
+    pub fn new(spool: Spool, envs: Vec<Envelope>, times: QueueTimes) -> Self {
+        let mut st = State::default();
+        for e in envs {
+            st.envs.insert(e.id.clone(), e);
+        }
+        Queue {
+            spool,
+            state: Mutex::new(st),
+            notify: Notify::new(),
+            times,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A poisoned lock means a panic elsewhere; the data is still consistent (every
+        // mutation is a single insert/remove), so keep going.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A message was committed to the spool.
+    pub fn insert(&self, env: Envelope) {
+        self.lock().envs.insert(env.id.clone(), env);
+        self.notify.notify_one();
+    }
+
+    pub fn snapshot(&self) -> QueueSnapshot {
+        let st = self.lock();
+        QueueSnapshot {
+            messages: st.envs.len(),
+            pending_recipients: st.envs.values().map(|e| e.pending().count()).sum(),
+            in_flight: st.in_flight.len(),
+        }
+    }
+
+    /// Jobs due now, marked in flight, and the time of the next due attempt.
+    fn take_due(&self, now: u64) -> (Vec<Job>, Option<u64>) {
+        let mut st = self.lock();
+        let mut jobs = Vec::new();
+        let mut next: Option<u64> = None;
+        let State { envs, in_flight } = &mut *st;
+        for env in envs.values() {
+            let mut by_route: HashMap<&Route, Vec<String>> = HashMap::new();
+            for r in env.pending() {
+                if in_flight.contains(&(env.id.clone(), r.route.clone())) {
+                    continue;
+                }
+                if r.next_attempt_ms <= now {
+                    by_route.entry(&r.route).or_default().push(r.addr.clone());
+                } else {
+                    next = Some(next.map_or(r.next_attempt_ms, |n| n.min(r.next_attempt_ms)));
+                }
+            }
+            for (route, recipients) in by_route {
+                jobs.push(Job {
+                    id: env.id.clone(),
+                    route: route.clone(),
+                    mail_from: env.mail_from.clone(),
+                    recipients,
+                    size: env.size,
+                });
+            }
+        }
+        jobs.sort_by(|a, b| a.id.cmp(&b.id));
+        for j in &jobs {
+            in_flight.insert((j.id.clone(), j.route.clone()));
+        }
+        (jobs, next)
+    }
+
+    fn release(&self, id: &str, route: &Route) {
+        self.lock()
+            .in_flight
+            .remove(&(id.to_string(), route.clone()));
+    }
+
+    fn backoff(&self, attempts: u32) -> Duration {
+        let base = self.times.retry_initial;
+        let factor = 1u32 << attempts.saturating_sub(1).min(16);
+        (base * factor).min(self.times.retry_max)
+    }
+
+    /// Record what happened to a job, durably, and drop the message when nothing is
+    /// pending any more.
+    pub async fn report(&self, shared: &Shared, job: &Job, outcomes: Vec<(String, Outcome)>) {
+        let now = now_ms();
+        let updated = {
+            let mut st = self.lock();
+            st.in_flight.remove(&(job.id.clone(), job.route.clone()));
+            let Some(env) = st.envs.get_mut(&job.id) else {
+                return;
+            };
+            let age =
+                Duration::from_secs(now / 1000).saturating_sub(Duration::from_secs(env.received));
+            for (addr, outcome) in &outcomes {
+                let Some(r) = env.recipients.iter_mut().find(|r| {
+                    &r.addr == addr && r.route == job.route && r.state == RcptState::Pending
+                }) else {
+                    continue;
+                };
+                match outcome {
+                    Outcome::Delivered => {
+                        r.state = RcptState::Delivered;
+                        r.last_error = None;
+                        tracing::info!(queue_id = %job.id, rcpt = %addr, route = %job.route, "delivered");
+                        shared.event(RelayEvent::Delivered {
+                            id: job.id.clone(),
+                            recipient: addr.clone(),
+                        });
+                    }
+                    Outcome::Transient(why) if age < self.times.max_age => {
+                        r.attempts += 1;
+                        let wait = self.backoff(r.attempts);
+                        r.next_attempt_ms = now + wait.as_millis() as u64;
+                        r.last_error = Some(why.clone());
+                        tracing::warn!(queue_id = %job.id, rcpt = %addr, route = %job.route, attempts = r.attempts,
+                            retry_in_s = wait.as_secs(), reason = %why, "deferred");
+                    }
+                    Outcome::Transient(why) | Outcome::Permanent(why) => {
+                        r.state = RcptState::Failed;
+                        r.last_error = Some(why.clone());
+                        // Bounce messages (RFC 3464 DSNs) are not generated yet: the failure
+                        // stays visible in the log and in the spool's envelope.
+                        tracing::error!(queue_id = %job.id, rcpt = %addr, route = %job.route, reason = %why,
+                            "delivery failed permanently (no bounce is sent yet)");
+                    }
+                }
+            }
+            env.clone()
+        };
+        let done = updated.pending().next().is_none();
+        let all_delivered = updated
+            .recipients
+            .iter()
+            .all(|r| r.state == RcptState::Delivered);
+        let res = if done && all_delivered {
+            self.spool.remove(&job.id).await
+        } else {
+            self.spool.update(&updated).await
+        };
+        if let Err(e) = res {
+            tracing::error!(queue_id = %job.id, error = %e, "could not update the spool; the state will be retried from memory");
+        }
+        if done {
+            self.lock().envs.remove(&job.id);
+        }
+        self.notify.notify_one();
+    }
+}
+
+/// The scheduler task.
+pub(crate) async fn run(shared: Arc<Shared>) {
+    let mut workers: HashMap<Route, mpsc::Sender<Job>> = HashMap::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        let (jobs, next) = shared.queue.take_due(now_ms());
+        for job in jobs {
+            let tx = workers.entry(job.route.clone()).or_insert_with(|| {
+                let (tx, rx) = mpsc::channel(256);
+                match &job.route {
+                    Route::Local => {
+                        tasks.spawn(super::local::worker(shared.clone(), rx));
+                    }
+                    Route::Peer(d) => {
+                        tasks.spawn(super::caller::worker(shared.clone(), d.clone(), rx));
+                    }
+                }
+                tx
+            });
+            if tx.try_send(job.clone()).is_err() {
+                // Worker busy with a full backlog: try again on the next round.
+                shared.queue.release(&job.id, &job.route);
+            }
+        }
+        let wait = next
+            .map(|n| Duration::from_millis(n.saturating_sub(now_ms())))
+            .unwrap_or(Duration::from_secs(5))
+            .clamp(Duration::from_millis(10), Duration::from_secs(5));
+        tokio::select! {
+            _ = shared.queue.notify.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+            _ = shared.shutdown.wait() => break,
+        }
+    }
+    // Closing the channels lets each worker finish its current job and hang up.
+    drop(workers);
+    while tasks.join_next().await.is_some() {}
+}

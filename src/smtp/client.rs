@@ -1,0 +1,459 @@
+//! SMTP client: greeting, EHLO (HELO fallback), pipelined or step-by-step
+//! transactions with a streamed, dot-stuffed body. Every wait is bounded.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::data::DotStuffer;
+use super::reply::{Reply, ReplyLimits, parse_reply};
+
+/// Client timeouts; defaults are the RFC 5321 §4.5.3.2 values.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientTimeouts {
+    /// Initial 220 greeting (5 min).
+    pub greeting: Duration,
+    /// EHLO/HELO, RSET, NOOP, QUIT replies (5 min).
+    pub command: Duration,
+    /// MAIL reply (5 min).
+    pub mail: Duration,
+    /// Each RCPT reply (5 min).
+    pub rcpt: Duration,
+    /// DATA initiation, the 354 (2 min).
+    pub data_init: Duration,
+    /// Each write of a data block (3 min).
+    pub data_block: Duration,
+    /// Reply after the final `.` (10 min).
+    pub data_term: Duration,
+}
+
+impl Default for ClientTimeouts {
+    fn default() -> Self {
+        let min = |m: u64| Duration::from_secs(60 * m);
+        ClientTimeouts {
+            greeting: min(5),
+            command: min(5),
+            mail: min(5),
+            rcpt: min(5),
+            data_init: min(2),
+            data_block: min(3),
+            data_term: min(10),
+        }
+    }
+}
+
+/// Client errors.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("timeout waiting for {0}")]
+    Timeout(&'static str),
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The greeting or EHLO/HELO was refused.
+    #[error("rejected: {0}")]
+    Rejected(Reply),
+}
+
+impl ClientError {
+    /// Only a 5xx rejection is permanent; I/O, timeouts and protocol errors
+    /// are worth retrying later.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, ClientError::Rejected(r) if r.is_permanent())
+    }
+}
+
+/// What the server offered in its EHLO reply.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Extensions {
+    /// EHLO succeeded (false: HELO fallback, no extensions).
+    pub esmtp: bool,
+    pub pipelining: bool,
+    /// `SIZE` was offered; `Some(0)` means no fixed limit.
+    pub size: Option<u64>,
+    pub eight_bit_mime: bool,
+    pub enhanced_status_codes: bool,
+    /// All EHLO keyword lines (after the first), as sent.
+    pub raw: Vec<String>,
+}
+
+impl Extensions {
+    fn from_ehlo(reply: &Reply) -> Self {
+        let mut ext = Extensions {
+            esmtp: true,
+            ..Default::default()
+        };
+        for line in reply.lines().skip(1) {
+            let mut words = line.split_ascii_whitespace();
+            let Some(kw) = words.next() else { continue };
+            ext.raw.push(line.to_string());
+            match kw.to_ascii_uppercase().as_str() {
+                "PIPELINING" => ext.pipelining = true,
+                "8BITMIME" => ext.eight_bit_mime = true,
+                "ENHANCEDSTATUSCODES" => ext.enhanced_status_codes = true,
+                "SIZE" => {
+                    ext.size = Some(words.next().and_then(|w| w.parse().ok()).unwrap_or(0));
+                }
+                _ => {}
+            }
+        }
+        ext
+    }
+}
+
+/// Result of one transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SendOutcome {
+    /// The reply to MAIL FROM.
+    pub mail: Reply,
+    /// One reply per recipient, in order. If MAIL was refused, every
+    /// recipient carries the MAIL reply.
+    pub per_rcpt: Vec<(String, Reply)>,
+    /// The reply that decides the message: the final reply after the body,
+    /// or a refusal of DATA. `None` when DATA was not attempted (MAIL refused
+    /// or no recipient accepted).
+    pub data: Option<Reply>,
+}
+
+impl SendOutcome {
+    /// Recipients for which the message was accepted.
+    pub fn delivered(&self) -> Vec<&str> {
+        match &self.data {
+            Some(d) if d.is_positive() => self
+                .per_rcpt
+                .iter()
+                .filter(|(_, r)| r.is_positive())
+                .map(|(a, _)| a.as_str())
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+const BODY_CHUNK: usize = 64 * 1024;
+
+/// An SMTP client connection over any async stream.
+#[derive(Debug)]
+pub struct SmtpClient<S: AsyncRead + AsyncWrite + Unpin + Send> {
+    stream: S,
+    rbuf: Vec<u8>,
+    timeouts: ClientTimeouts,
+    limits: ReplyLimits,
+    greeting: Reply,
+    ehlo: Reply,
+    ext: Extensions,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> SmtpClient<S> {
+    /// Reads the greeting and introduces itself with EHLO (HELO if EHLO is
+    /// refused with 5xx).
+    pub async fn connect(
+        stream: S,
+        helo_name: &str,
+        timeouts: ClientTimeouts,
+    ) -> Result<Self, ClientError> {
+        if helo_name.is_empty() || helo_name.bytes().any(|b| b <= b' ' || b == 0x7f) {
+            return Err(ClientError::Protocol(format!(
+                "invalid helo name {helo_name:?}"
+            )));
+        }
+        let mut c = SmtpClient {
+            stream,
+            rbuf: Vec::with_capacity(1024),
+            timeouts,
+            limits: ReplyLimits::default(),
+            greeting: Reply::plain(0, ""),
+            ehlo: Reply::plain(0, ""),
+            ext: Extensions::default(),
+        };
+        let greeting = c.read_reply(timeouts.greeting, "greeting").await?;
+        if greeting.code != 220 {
+            let _ = c.write(b"QUIT\r\n", timeouts.command, "QUIT").await;
+            return Err(ClientError::Rejected(greeting));
+        }
+        c.greeting = greeting;
+        let ehlo = c
+            .command(&format!("EHLO {helo_name}\r\n"), timeouts.command, "EHLO")
+            .await?;
+        if ehlo.code == 250 {
+            c.ext = Extensions::from_ehlo(&ehlo);
+            c.ehlo = ehlo;
+        } else if ehlo.is_permanent() {
+            let helo = c
+                .command(&format!("HELO {helo_name}\r\n"), timeouts.command, "HELO")
+                .await?;
+            if helo.code != 250 {
+                let _ = c.write(b"QUIT\r\n", timeouts.command, "QUIT").await;
+                return Err(ClientError::Rejected(helo));
+            }
+            c.ehlo = helo;
+        } else {
+            let _ = c.write(b"QUIT\r\n", timeouts.command, "QUIT").await;
+            return Err(ClientError::Rejected(ehlo));
+        }
+        Ok(c)
+    }
+
+    pub fn greeting(&self) -> &Reply {
+        &self.greeting
+    }
+
+    /// The EHLO (or HELO) reply.
+    pub fn ehlo_reply(&self) -> &Reply {
+        &self.ehlo
+    }
+
+    pub fn extensions(&self) -> &Extensions {
+        &self.ext
+    }
+
+    pub fn into_inner(self) -> S {
+        self.stream
+    }
+
+    async fn write(
+        &mut self,
+        bytes: &[u8],
+        limit: Duration,
+        what: &'static str,
+    ) -> Result<(), ClientError> {
+        match tokio::time::timeout(limit, async {
+            self.stream.write_all(bytes).await?;
+            self.stream.flush().await
+        })
+        .await
+        {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(ClientError::Timeout(what)),
+        }
+    }
+
+    /// Reads one reply; `limit` bounds the whole wait.
+    async fn read_reply(
+        &mut self,
+        limit: Duration,
+        what: &'static str,
+    ) -> Result<Reply, ClientError> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            match parse_reply(&self.rbuf, self.limits) {
+                Ok(Some((reply, n))) => {
+                    self.rbuf.drain(..n);
+                    tracing::trace!(code = reply.code, what, "reply");
+                    return Ok(reply);
+                }
+                Ok(None) => {}
+                Err(e) => return Err(ClientError::Protocol(e.0)),
+            }
+            let mut tmp = [0u8; 4096];
+            let n = match tokio::time::timeout_at(deadline, self.stream.read(&mut tmp)).await {
+                Err(_) => return Err(ClientError::Timeout(what)),
+                Ok(r) => r?,
+            };
+            if n == 0 {
+                return Err(ClientError::Io(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("connection closed while waiting for {what}"),
+                )));
+            }
+            self.rbuf.extend_from_slice(&tmp[..n]);
+        }
+    }
+
+    async fn command(
+        &mut self,
+        line: &str,
+        limit: Duration,
+        what: &'static str,
+    ) -> Result<Reply, ClientError> {
+        self.write(line.as_bytes(), limit, what).await?;
+        self.read_reply(limit, what).await
+    }
+
+    /// RSET.
+    pub async fn rset(&mut self) -> Result<Reply, ClientError> {
+        self.command("RSET\r\n", self.timeouts.command, "RSET")
+            .await
+    }
+
+    /// NOOP.
+    pub async fn noop(&mut self) -> Result<Reply, ClientError> {
+        self.command("NOOP\r\n", self.timeouts.command, "NOOP")
+            .await
+    }
+
+    /// QUIT, then wait for 221 (EOF instead is tolerated).
+    pub async fn quit(mut self) -> Result<(), ClientError> {
+        let t = self.timeouts.command;
+        self.write(b"QUIT\r\n", t, "QUIT").await?;
+        match self.read_reply(t, "QUIT").await {
+            Ok(_) => {}
+            Err(ClientError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {}
+            Err(ClientError::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+                ) => {}
+            Err(e) => return Err(e),
+        }
+        let _ = tokio::time::timeout(t, self.stream.shutdown()).await;
+        Ok(())
+    }
+
+    fn check_address(addr: &str) -> Result<(), ClientError> {
+        if addr.len() > 1000
+            || addr
+                .bytes()
+                .any(|b| b < b' ' || b == 0x7f || b == b'<' || b == b'>')
+        {
+            return Err(ClientError::Protocol(format!(
+                "invalid address {:?}",
+                super::reply::excerpt(addr.as_bytes())
+            )));
+        }
+        Ok(())
+    }
+
+    /// Sends one message. See [`send_sized`](Self::send_sized).
+    pub async fn send(
+        &mut self,
+        from: &str,
+        rcpts: &[String],
+        body: impl AsyncRead + Unpin,
+    ) -> Result<SendOutcome, ClientError> {
+        self.send_sized(from, rcpts, body, None).await
+    }
+
+    /// Sends one message; `size` (if known) is declared with `SIZE=` when the
+    /// server offers it. With PIPELINING, MAIL, all RCPTs and DATA go out in
+    /// one write. The body is streamed in chunks, normalised to CRLF and
+    /// dot-stuffed. When no recipient is accepted, RSET is sent instead of
+    /// the body. Errors are returned only for transport/protocol failures;
+    /// SMTP refusals are in the outcome.
+    pub async fn send_sized(
+        &mut self,
+        from: &str,
+        rcpts: &[String],
+        mut body: impl AsyncRead + Unpin,
+        size: Option<u64>,
+    ) -> Result<SendOutcome, ClientError> {
+        Self::check_address(from)?;
+        for r in rcpts {
+            Self::check_address(r)?;
+        }
+        let t = self.timeouts;
+        let mut mail = format!("MAIL FROM:<{from}>");
+        if self.ext.eight_bit_mime {
+            mail.push_str(" BODY=8BITMIME");
+        }
+        if let (Some(_), Some(size)) = (self.ext.size, size) {
+            mail.push_str(&format!(" SIZE={size}"));
+        }
+        mail.push_str("\r\n");
+
+        let mut per_rcpt = Vec::with_capacity(rcpts.len());
+        let mail_reply;
+        let data_reply;
+        if self.ext.pipelining {
+            let mut batch = mail;
+            for r in rcpts {
+                batch.push_str(&format!("RCPT TO:<{r}>\r\n"));
+            }
+            if !rcpts.is_empty() {
+                batch.push_str("DATA\r\n");
+            }
+            self.write(batch.as_bytes(), t.mail, "MAIL").await?;
+            mail_reply = self.read_reply(t.mail, "MAIL").await?;
+            for r in rcpts {
+                let reply = self.read_reply(t.rcpt, "RCPT").await?;
+                per_rcpt.push((r.clone(), reply));
+            }
+            data_reply = if rcpts.is_empty() {
+                None
+            } else {
+                Some(self.read_reply(t.data_init, "DATA").await?)
+            };
+        } else {
+            mail_reply = self.command(&mail, t.mail, "MAIL").await?;
+            if mail_reply.is_positive() {
+                for r in rcpts {
+                    let reply = self
+                        .command(&format!("RCPT TO:<{r}>\r\n"), t.rcpt, "RCPT")
+                        .await?;
+                    per_rcpt.push((r.clone(), reply));
+                }
+            }
+            let any = per_rcpt.iter().any(|(_, r)| r.is_positive());
+            data_reply = if mail_reply.is_positive() && any {
+                Some(self.command("DATA\r\n", t.data_init, "DATA").await?)
+            } else {
+                None
+            };
+        }
+        if !mail_reply.is_positive() {
+            per_rcpt = rcpts
+                .iter()
+                .map(|r| (r.clone(), mail_reply.clone()))
+                .collect();
+        }
+        let any_rcpt = mail_reply.is_positive() && per_rcpt.iter().any(|(_, r)| r.is_positive());
+
+        match data_reply {
+            Some(d) if d.code == 354 => {
+                if any_rcpt {
+                    let final_reply = self.send_body(&mut body).await?;
+                    Ok(SendOutcome {
+                        mail: mail_reply,
+                        per_rcpt,
+                        data: Some(final_reply),
+                    })
+                } else {
+                    // A server that says 354 with no valid recipient: end
+                    // the empty message, then reset.
+                    self.write(b".\r\n", t.data_block, "DATA").await?;
+                    let _ = self.read_reply(t.data_term, "end of data").await?;
+                    self.rset().await?;
+                    Ok(SendOutcome {
+                        mail: mail_reply,
+                        per_rcpt,
+                        data: None,
+                    })
+                }
+            }
+            other => {
+                self.rset().await?;
+                let data = if any_rcpt { other } else { None };
+                Ok(SendOutcome {
+                    mail: mail_reply,
+                    per_rcpt,
+                    data,
+                })
+            }
+        }
+    }
+
+    async fn send_body(
+        &mut self,
+        body: &mut (impl AsyncRead + Unpin),
+    ) -> Result<Reply, ClientError> {
+        let t = self.timeouts;
+        let mut stuffer = DotStuffer::new();
+        let mut inbuf = vec![0u8; BODY_CHUNK];
+        let mut out = Vec::with_capacity(BODY_CHUNK + BODY_CHUNK / 8);
+        loop {
+            let n = body.read(&mut inbuf).await?;
+            if n == 0 {
+                break;
+            }
+            stuffer.encode(&inbuf[..n], &mut out);
+            if out.len() >= BODY_CHUNK {
+                self.write(&out, t.data_block, "data block").await?;
+                out.clear();
+            }
+        }
+        stuffer.finish(&mut out);
+        self.write(&out, t.data_block, "data block").await?;
+        self.read_reply(t.data_term, "end of data").await
+    }
+}

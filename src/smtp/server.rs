@@ -1,0 +1,733 @@
+//! Sans-IO SMTP server session.
+//!
+//! The session owns an input buffer and an output buffer. The driver feeds
+//! input ([`ServerSession::feed`]), then calls [`ServerSession::next_event`]
+//! until it returns [`Event::NeedInput`], [`Event::Quit`] or [`Event::Close`].
+//! Events that need a decision (MAIL, RCPT, DATA start, DATA end) must be
+//! answered with the matching `*_result` method before asking for the next
+//! event; until then the same event is returned again. Replies accumulate in
+//! the output buffer ([`ServerSession::take_output`]); the driver writes
+//! them whenever input runs out, which gives RFC 2920 batching for free.
+
+use std::time::Duration;
+
+use smtp_proto::Request;
+
+use super::data::{DataReceiver, DataVerdict};
+use super::reply::Reply;
+
+/// Server configuration.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Our host name, used in the greeting and EHLO answer.
+    pub hostname: String,
+    /// Text after the host name in the greeting.
+    pub banner: String,
+    /// Largest accepted message (after dot-unstuffing), advertised as SIZE.
+    pub max_message_size: u64,
+    /// Recipients per transaction (452 4.5.3 beyond).
+    pub max_recipients: usize,
+    /// Errors (5xx answers to commands) before 421 and close.
+    pub max_errors: u32,
+    /// Longest accepted command line including CRLF (500 5.5.2 beyond).
+    pub max_line_len: usize,
+    /// Idle time allowed while waiting for a command (driver).
+    pub command_timeout: Duration,
+    /// Idle time allowed between reads during DATA (driver).
+    pub data_timeout: Duration,
+    /// Size of one read from the stream (driver).
+    pub read_buffer_size: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            hostname: "localhost".into(),
+            banner: "ESMTP sipmail".into(),
+            max_message_size: 50 * 1024 * 1024,
+            max_recipients: 100,
+            max_errors: 10,
+            max_line_len: 4096,
+            command_timeout: Duration::from_secs(300),
+            data_timeout: Duration::from_secs(300),
+            read_buffer_size: 64 * 1024,
+        }
+    }
+}
+
+/// The envelope of one transaction.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Envelope {
+    /// Name given with EHLO/HELO.
+    pub helo: String,
+    /// Reverse path; `""` for the null sender `<>`.
+    pub mail_from: String,
+    /// Accepted recipients.
+    pub rcpt_to: Vec<String>,
+    /// `BODY=8BITMIME` was given.
+    pub body_8bit: bool,
+    /// `SIZE=` was given.
+    pub declared_size: Option<u64>,
+}
+
+/// Parameters of MAIL FROM.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MailParams {
+    pub size: Option<u64>,
+    pub body_8bit: bool,
+}
+
+/// Why the session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The client sent QUIT.
+    Quit,
+    /// The client closed the connection.
+    ClientEof,
+    /// Idle or data timeout (421 4.4.2 sent).
+    Timeout,
+    /// Too many errors (421 4.7.0 sent).
+    TooManyErrors,
+}
+
+/// What the driver must do next.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event<'a> {
+    /// Write pending output, then read more input (or report EOF).
+    NeedInput,
+    /// Ask the backend; answer with [`ServerSession::mail_from_result`].
+    MailFrom { from: &'a str, params: MailParams },
+    /// Ask the backend; answer with [`ServerSession::rcpt_to_result`].
+    RcptTo { to: &'a str },
+    /// Open the spool; answer with [`ServerSession::data_start_result`].
+    DataStart { envelope: &'a Envelope },
+    /// Message bytes (unstuffed, CRLF line endings) for the spool. If writing
+    /// fails, call [`ServerSession::data_write_failed`].
+    DataChunk(&'a [u8]),
+    /// The message is complete and good: hand envelope and spool to the
+    /// backend, answer with [`ServerSession::data_end_result`].
+    DataEnd(Envelope),
+    /// The message was rejected (reply already queued): discard the spool.
+    DataAbort,
+    /// QUIT: 221 queued. Write output and close.
+    Quit,
+    /// 421 queued (or the peer went away). Write output and close.
+    Close(CloseReason),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Reading command lines.
+    Command,
+    /// Discarding an over-long command line up to its LF.
+    Discard,
+    WaitMail,
+    WaitRcpt,
+    WaitDataStart,
+    /// In DATA.
+    Data,
+    /// DATA finished, the event (end or abort) is to be delivered.
+    DataFinished,
+    WaitDataEnd,
+    Quit,
+    Closed(CloseReason),
+}
+
+/// Counters kept over the session.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SessionStats {
+    pub messages_accepted: u32,
+    pub messages_rejected: u32,
+    pub errors: u32,
+}
+
+/// A sans-IO SMTP server session.
+#[derive(Debug)]
+pub struct ServerSession {
+    config: ServerConfig,
+    peer: String,
+    phase: Phase,
+    input: Vec<u8>,
+    pos: usize,
+    output: Vec<u8>,
+    chunk: Vec<u8>,
+    helo: Option<String>,
+    esmtp: bool,
+    /// MAIL accepted: envelope under construction.
+    tx: Option<Envelope>,
+    pending_mail: Option<(String, MailParams)>,
+    pending_rcpt: Option<String>,
+    data: Option<DataReceiver>,
+    write_failed: bool,
+    stats: SessionStats,
+}
+
+fn r(code: u16, e: (u8, u16, u16), text: &str) -> Reply {
+    Reply::new(code, e, text)
+}
+
+impl ServerSession {
+    /// A new session; the 220 greeting is queued in the output.
+    pub fn new(config: ServerConfig, peer_ip: impl Into<String>) -> Self {
+        let mut s = ServerSession {
+            peer: peer_ip.into(),
+            phase: Phase::Command,
+            input: Vec::new(),
+            pos: 0,
+            output: Vec::new(),
+            chunk: Vec::new(),
+            helo: None,
+            esmtp: false,
+            tx: None,
+            pending_mail: None,
+            pending_rcpt: None,
+            data: None,
+            write_failed: false,
+            stats: SessionStats::default(),
+            config,
+        };
+        let greeting = Reply::plain(220, format!("{} {}", s.config.hostname, s.config.banner));
+        s.push(&greeting);
+        s
+    }
+
+    pub fn config(&self) -> &ServerConfig {
+        &self.config
+    }
+
+    pub fn peer(&self) -> &str {
+        &self.peer
+    }
+
+    /// Name given with EHLO/HELO, if any.
+    pub fn helo(&self) -> Option<&str> {
+        self.helo.as_deref()
+    }
+
+    pub fn stats(&self) -> &SessionStats {
+        &self.stats
+    }
+
+    /// True while the DATA phase is running (the driver uses the data timeout).
+    pub fn in_data(&self) -> bool {
+        matches!(self.phase, Phase::Data | Phase::DataFinished)
+    }
+
+    /// True once QUIT or a close happened.
+    pub fn is_closed(&self) -> bool {
+        matches!(self.phase, Phase::Quit | Phase::Closed(_))
+    }
+
+    /// Appends input bytes. Call only after [`Event::NeedInput`]; the buffer
+    /// holds at most one read plus one partial command line.
+    pub fn feed(&mut self, bytes: &[u8]) {
+        if self.pos > 0 {
+            self.input.drain(..self.pos);
+            self.pos = 0;
+        }
+        self.input.extend_from_slice(bytes);
+    }
+
+    /// Output written so far (replies), to be sent to the peer.
+    pub fn pending_output(&self) -> &[u8] {
+        &self.output
+    }
+
+    /// Takes the queued output.
+    pub fn take_output(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.output)
+    }
+
+    /// The peer closed its side.
+    pub fn eof(&mut self) {
+        if !self.is_closed() {
+            self.phase = Phase::Closed(CloseReason::ClientEof);
+        }
+    }
+
+    /// The driver's timer fired: queues 421 4.4.2 and closes.
+    pub fn timeout(&mut self) {
+        if !self.is_closed() {
+            let text = format!("{} error: timeout exceeded", self.config.hostname);
+            self.push(&r(421, (4, 4, 2), &text));
+            self.phase = Phase::Closed(CloseReason::Timeout);
+        }
+    }
+
+    fn push(&mut self, reply: &Reply) {
+        reply.write_to(&mut self.output);
+    }
+
+    /// Queues an error reply and counts it; closes after too many.
+    fn error(&mut self, reply: Reply) {
+        self.push(&reply);
+        self.stats.errors += 1;
+        if self.stats.errors >= self.config.max_errors {
+            let text = format!("{} error: too many errors", self.config.hostname);
+            self.push(&r(421, (4, 7, 0), &text));
+            self.phase = Phase::Closed(CloseReason::TooManyErrors);
+        }
+    }
+
+    /// Answer to [`Event::MailFrom`].
+    pub fn mail_from_result(&mut self, result: Result<(), Reply>) {
+        if self.phase != Phase::WaitMail {
+            return;
+        }
+        self.phase = Phase::Command;
+        let Some((from, params)) = self.pending_mail.take() else {
+            return;
+        };
+        match result {
+            Ok(()) => {
+                self.tx = Some(Envelope {
+                    helo: self.helo.clone().unwrap_or_default(),
+                    mail_from: from,
+                    rcpt_to: Vec::new(),
+                    body_8bit: params.body_8bit,
+                    declared_size: params.size,
+                });
+                self.push(&r(250, (2, 1, 0), "Ok"));
+            }
+            Err(reply) => self.push(&reply),
+        }
+    }
+
+    /// Answer to [`Event::RcptTo`].
+    pub fn rcpt_to_result(&mut self, result: Result<(), Reply>) {
+        if self.phase != Phase::WaitRcpt {
+            return;
+        }
+        self.phase = Phase::Command;
+        let Some(to) = self.pending_rcpt.take() else {
+            return;
+        };
+        match result {
+            Ok(()) => {
+                if let Some(tx) = self.tx.as_mut() {
+                    tx.rcpt_to.push(to);
+                }
+                self.push(&r(250, (2, 1, 5), "Ok"));
+            }
+            Err(reply) => self.push(&reply),
+        }
+    }
+
+    /// Answer to [`Event::DataStart`]: `Ok` sends 354 and enters DATA.
+    pub fn data_start_result(&mut self, result: Result<(), Reply>) {
+        if self.phase != Phase::WaitDataStart {
+            return;
+        }
+        match result {
+            Ok(()) => {
+                self.push(&Reply::plain(354, "End data with <CR><LF>.<CR><LF>"));
+                self.data = Some(DataReceiver::new(self.config.max_message_size));
+                self.write_failed = false;
+                self.phase = Phase::Data;
+            }
+            Err(reply) => {
+                self.push(&reply);
+                self.phase = Phase::Command;
+            }
+        }
+    }
+
+    /// Writing a [`Event::DataChunk`] to the spool failed: the message will be
+    /// answered 451 4.3.0 and aborted at its end.
+    pub fn data_write_failed(&mut self) {
+        self.write_failed = true;
+    }
+
+    /// Answer to [`Event::DataEnd`].
+    pub fn data_end_result(&mut self, reply: Reply) {
+        if self.phase != Phase::WaitDataEnd {
+            return;
+        }
+        if reply.is_positive() {
+            self.stats.messages_accepted += 1;
+        } else {
+            self.stats.messages_rejected += 1;
+        }
+        self.push(&reply);
+        self.phase = Phase::Command;
+    }
+
+    /// The next thing for the driver to do.
+    pub fn next_event(&mut self) -> Event<'_> {
+        self.chunk.clear();
+        loop {
+            match self.phase {
+                Phase::Closed(reason) => return Event::Close(reason),
+                Phase::Quit => return Event::Quit,
+                Phase::WaitMail => {
+                    if self.pending_mail.is_none() {
+                        self.phase = Phase::Command;
+                        continue;
+                    }
+                    return match &self.pending_mail {
+                        Some((from, params)) => Event::MailFrom {
+                            from,
+                            params: *params,
+                        },
+                        None => Event::NeedInput,
+                    };
+                }
+                Phase::WaitRcpt => {
+                    if self.pending_rcpt.is_none() {
+                        self.phase = Phase::Command;
+                        continue;
+                    }
+                    return match &self.pending_rcpt {
+                        Some(to) => Event::RcptTo { to },
+                        None => Event::NeedInput,
+                    };
+                }
+                Phase::WaitDataStart => {
+                    if self.tx.is_none() {
+                        self.phase = Phase::Command;
+                        continue;
+                    }
+                    return match &self.tx {
+                        Some(envelope) => Event::DataStart { envelope },
+                        None => Event::NeedInput,
+                    };
+                }
+                Phase::WaitDataEnd => {
+                    // The envelope was handed out with DataEnd; nothing to
+                    // repeat. Treat a missing answer as a local failure.
+                    self.data_end_result(Reply::temp_failure("local error in processing"));
+                    continue;
+                }
+                Phase::Data => {
+                    let Some(rx) = self.data.as_mut() else {
+                        self.phase = Phase::Command;
+                        continue;
+                    };
+                    let n = rx.feed(&self.input[self.pos..], &mut self.chunk);
+                    self.pos += n;
+                    if rx.is_done() {
+                        self.phase = Phase::DataFinished;
+                    }
+                    if !self.chunk.is_empty() {
+                        return Event::DataChunk(&self.chunk);
+                    }
+                    if !rx.is_done() {
+                        return Event::NeedInput;
+                    }
+                }
+                Phase::DataFinished => {
+                    let verdict = self
+                        .data
+                        .take()
+                        .map(|rx| rx.verdict())
+                        .unwrap_or(DataVerdict::Ok);
+                    let tx = self.tx.take();
+                    let reject = match (verdict, self.write_failed) {
+                        (DataVerdict::BareLineEnding, _) => {
+                            Some(r(550, (5, 6, 11), "message rejected: bare LF/CR in DATA"))
+                        }
+                        (DataVerdict::TooLarge, _) => Some(r(
+                            552,
+                            (5, 3, 4),
+                            "message size exceeds fixed maximum message size",
+                        )),
+                        (DataVerdict::Ok, true) => {
+                            Some(Reply::temp_failure("local error in processing"))
+                        }
+                        (DataVerdict::Ok, false) => None,
+                    };
+                    match (reject, tx) {
+                        (None, Some(envelope)) => {
+                            self.phase = Phase::WaitDataEnd;
+                            return Event::DataEnd(envelope);
+                        }
+                        (reject, _) => {
+                            let reply = reject.unwrap_or_else(|| {
+                                Reply::temp_failure("local error in processing")
+                            });
+                            tracing::info!(peer = %self.peer, code = reply.code, "message rejected");
+                            self.stats.messages_rejected += 1;
+                            self.push(&reply);
+                            self.phase = Phase::Command;
+                            return Event::DataAbort;
+                        }
+                    }
+                }
+                Phase::Discard => {
+                    let rest = &self.input[self.pos..];
+                    match rest.iter().position(|&b| b == b'\n') {
+                        Some(i) => {
+                            self.pos += i + 1;
+                            self.phase = Phase::Command;
+                            self.error(r(500, (5, 5, 2), "line too long"));
+                        }
+                        None => {
+                            self.pos = self.input.len();
+                            return Event::NeedInput;
+                        }
+                    }
+                }
+                Phase::Command => {
+                    let rest = &self.input[self.pos..];
+                    let max = self.config.max_line_len.max(16);
+                    match rest.iter().position(|&b| b == b'\n') {
+                        Some(i) if i < max => {
+                            let line = rest[..=i].to_vec();
+                            self.pos += i + 1;
+                            self.command(&line);
+                        }
+                        Some(i) => {
+                            self.pos += i + 1;
+                            self.error(r(500, (5, 5, 2), "line too long"));
+                        }
+                        None if rest.len() >= max => {
+                            self.pos = self.input.len();
+                            self.phase = Phase::Discard;
+                        }
+                        None => {
+                            // Keep the partial line at the start of the buffer.
+                            if self.pos > 0 {
+                                self.input.drain(..self.pos);
+                                self.pos = 0;
+                            }
+                            return Event::NeedInput;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles one complete command line (ending in LF).
+    fn command(&mut self, line: &[u8]) {
+        let mut it = line.iter();
+        let parsed = Request::parse(&mut it);
+        tracing::trace!(peer = %self.peer, line = %super::reply::excerpt(line), "command");
+        let req = match parsed {
+            Ok(req) => req,
+            Err(e) => {
+                let reply = match e {
+                    smtp_proto::Error::UnknownCommand => {
+                        r(500, (5, 5, 1), "command not recognized")
+                    }
+                    smtp_proto::Error::InvalidSenderAddress => {
+                        r(501, (5, 1, 7), "bad sender address syntax")
+                    }
+                    smtp_proto::Error::InvalidRecipientAddress => {
+                        r(501, (5, 1, 3), "bad recipient address syntax")
+                    }
+                    smtp_proto::Error::SyntaxError { syntax } => {
+                        r(501, (5, 5, 4), &format!("syntax: {syntax}"))
+                    }
+                    smtp_proto::Error::InvalidParameter { param } => {
+                        r(501, (5, 5, 4), &format!("invalid parameter {param}"))
+                    }
+                    smtp_proto::Error::UnsupportedParameter { .. } => {
+                        r(555, (5, 5, 4), "unsupported parameter")
+                    }
+                    _ => r(500, (5, 5, 2), "syntax error"),
+                };
+                self.error(reply);
+                return;
+            }
+        };
+        match req {
+            Request::Ehlo { host } => self.hello(host.into_owned(), true),
+            Request::Helo { host } => self.hello(host.into_owned(), false),
+            Request::Mail { from } => {
+                if self.helo.is_none() {
+                    self.error(r(503, (5, 5, 1), "send EHLO/HELO first"));
+                    return;
+                }
+                if self.tx.is_some() {
+                    self.error(r(503, (5, 5, 1), "nested MAIL command"));
+                    return;
+                }
+                let allowed = smtp_proto::MAIL_BODY_7BIT | smtp_proto::MAIL_BODY_8BITMIME;
+                if from.flags & !allowed != 0
+                    || from.trans_id.is_some()
+                    || from.env_id.is_some()
+                    || from.solicit.is_some()
+                    || from.mtrk.is_some()
+                    || from.auth.is_some()
+                    || from.by != 0
+                    || from.hold_for != 0
+                    || from.hold_until != 0
+                    || from.mt_priority != 0
+                {
+                    self.error(r(555, (5, 5, 4), "unsupported parameter"));
+                    return;
+                }
+                let size = match size_param(line) {
+                    Ok(size) => size,
+                    Err(()) => {
+                        self.error(r(501, (5, 5, 4), "invalid SIZE parameter"));
+                        return;
+                    }
+                };
+                if size.is_some_and(|s| s > self.config.max_message_size) {
+                    self.error(r(
+                        552,
+                        (5, 3, 4),
+                        "message size exceeds fixed maximum message size",
+                    ));
+                    return;
+                }
+                let params = MailParams {
+                    size,
+                    body_8bit: from.flags & smtp_proto::MAIL_BODY_8BITMIME != 0,
+                };
+                self.pending_mail = Some((from.address.into_owned(), params));
+                self.phase = Phase::WaitMail;
+            }
+            Request::Rcpt { to } => {
+                let Some(tx) = self.tx.as_ref() else {
+                    self.error(r(503, (5, 5, 1), "need MAIL command"));
+                    return;
+                };
+                if to.flags != 0 || to.orcpt.is_some() || to.rrvs != 0 {
+                    self.error(r(555, (5, 5, 4), "unsupported parameter"));
+                    return;
+                }
+                let mut address = to.address.into_owned();
+                if address.is_empty() {
+                    // smtp-proto yields "" for the domain-less <postmaster>.
+                    if is_postmaster(line) {
+                        address = "postmaster".into();
+                    } else {
+                        self.error(r(501, (5, 1, 3), "bad recipient address syntax"));
+                        return;
+                    }
+                }
+                if tx.rcpt_to.len() >= self.config.max_recipients {
+                    self.push(&r(452, (4, 5, 3), "too many recipients"));
+                    return;
+                }
+                self.pending_rcpt = Some(address);
+                self.phase = Phase::WaitRcpt;
+            }
+            Request::Data => match &self.tx {
+                None => self.error(r(503, (5, 5, 1), "need MAIL command")),
+                Some(tx) if tx.rcpt_to.is_empty() => {
+                    self.error(r(503, (5, 5, 1), "need RCPT command (no valid recipients)"))
+                }
+                Some(_) => self.phase = Phase::WaitDataStart,
+            },
+            Request::Rset => {
+                self.tx = None;
+                self.push(&r(250, (2, 0, 0), "Ok"));
+            }
+            Request::Noop { .. } => self.push(&r(250, (2, 0, 0), "Ok")),
+            Request::Vrfy { .. } => self.push(&r(
+                252,
+                (2, 5, 0),
+                "cannot VRFY user, but will accept message and attempt delivery",
+            )),
+            Request::Help { .. } => self.push(&r(
+                214,
+                (2, 0, 0),
+                "commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP",
+            )),
+            Request::Quit => {
+                let text = format!("{} closing connection", self.config.hostname);
+                self.push(&r(221, (2, 0, 0), &text));
+                self.phase = Phase::Quit;
+            }
+            Request::Lhlo { .. }
+            | Request::Bdat { .. }
+            | Request::Auth { .. }
+            | Request::Expn { .. }
+            | Request::Etrn { .. }
+            | Request::Atrn { .. }
+            | Request::Burl { .. }
+            | Request::StartTls => self.error(r(502, (5, 5, 1), "command not implemented")),
+        }
+    }
+
+    fn hello(&mut self, host: String, esmtp: bool) {
+        self.tx = None;
+        self.esmtp = esmtp;
+        let hn = &self.config.hostname;
+        let reply = if esmtp {
+            Reply::plain(
+                250,
+                format!(
+                    "{hn}\nPIPELINING\nSIZE {}\n8BITMIME\nENHANCEDSTATUSCODES",
+                    self.config.max_message_size
+                ),
+            )
+        } else {
+            Reply::plain(250, hn.clone())
+        };
+        tracing::debug!(peer = %self.peer, helo = %host, esmtp, "hello");
+        self.helo = Some(host);
+        self.push(&reply);
+    }
+}
+
+/// The `SIZE=` parameter of a MAIL line, parsed here (strictly) rather than
+/// trusting the upstream parser's handling of overflow.
+fn size_param(line: &[u8]) -> Result<Option<u64>, ()> {
+    let line = std::str::from_utf8(line).map_err(|_| ())?;
+    let after = match line.rfind('>') {
+        Some(i) => &line[i + 1..],
+        None => return Ok(None),
+    };
+    for word in after.split_ascii_whitespace() {
+        let bytes = word.as_bytes();
+        if bytes.len() >= 5 && bytes[..5].eq_ignore_ascii_case(b"SIZE=") {
+            let v = word.get(5..).unwrap_or("");
+            if v.is_empty() || v.len() > 20 || !v.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(());
+            }
+            return v.parse::<u64>().map(Some).map_err(|_| ());
+        }
+    }
+    Ok(None)
+}
+
+fn is_postmaster(line: &[u8]) -> bool {
+    let Ok(line) = std::str::from_utf8(line) else {
+        return false;
+    };
+    match (line.find('<'), line.find('>')) {
+        (Some(a), Some(b)) if a < b => line[a + 1..b].eq_ignore_ascii_case("postmaster"),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn size_param_parsing() {
+        assert_eq!(size_param(b"MAIL FROM:<a@b> SIZE=10\r\n"), Ok(Some(10)));
+        assert_eq!(
+            size_param(b"MAIL FROM:<a@b> size=10 BODY=8BITMIME\r\n"),
+            Ok(Some(10))
+        );
+        assert_eq!(size_param(b"MAIL FROM:<a@b>\r\n"), Ok(None));
+        assert_eq!(
+            size_param(b"MAIL FROM:<a@b> SIZE=99999999999999999999999\r\n"),
+            Err(())
+        );
+        assert_eq!(size_param(b"MAIL FROM:<a@b> SIZE=\r\n"), Err(()));
+        assert_eq!(size_param(b"MAIL FROM:<a@b> SIZE=-1\r\n"), Err(()));
+        // Multi-byte characters around the 5th byte must not panic.
+        assert_eq!(
+            size_param("MAIL FROM:<a@b> SIZE\u{e9}=1\r\n".as_bytes()),
+            Ok(None)
+        );
+        assert_eq!(
+            size_param("MAIL FROM:<a@b> SIZE=\u{e9}\r\n".as_bytes()),
+            Err(())
+        );
+    }
+
+    #[test]
+    fn postmaster() {
+        assert!(is_postmaster(b"RCPT TO:<Postmaster>\r\n"));
+        assert!(!is_postmaster(b"RCPT TO:<>\r\n"));
+    }
+}

@@ -1,0 +1,242 @@
+//! The call's "media": an encrypted, authenticated byte stream over TCP.
+//!
+//! `record` is the pure record layer; `TunnelStream` is a thin `AsyncRead + AsyncWrite`
+//! adapter so that the SMTP client and server run over it unchanged.
+
+pub mod record;
+
+use crate::handshake::SessionKeys;
+use record::{Limits, Opened, Opener, RecordError, Sealer};
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Which end of the call we are: the caller sends with the caller->callee keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Caller,
+    Callee,
+}
+
+/// Errors surfaced through `io::Error` (kind `InvalidData` or `UnexpectedEof`), with this
+/// as the inner error, so callers can tell tampering from truncation.
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error(transparent)]
+    Record(#[from] RecordError),
+    #[error("the stream ended without the authenticated close (truncated)")]
+    Truncated,
+}
+
+impl From<TunnelError> for io::Error {
+    fn from(e: TunnelError) -> Self {
+        let kind = match e {
+            TunnelError::Truncated => io::ErrorKind::UnexpectedEof,
+            TunnelError::Record(_) => io::ErrorKind::InvalidData,
+        };
+        io::Error::new(kind, e)
+    }
+}
+
+/// Largest payload we put in one record when writing.
+const WRITE_CHUNK: usize = 16 * 1024;
+/// Sealed bytes we hold before pushing back on the writer.
+const WRITE_HIGH_WATER: usize = 64 * 1024;
+
+pub struct TunnelStream<S> {
+    inner: S,
+    sealer: Sealer,
+    opener: Opener,
+    /// Raw bytes read from the socket; `rpos..rlen` not yet consumed.
+    rbuf: Vec<u8>,
+    rpos: usize,
+    rlen: usize,
+    /// Decrypted payload waiting to be read: `rbuf[plain]`.
+    plain: std::ops::Range<usize>,
+    /// Sealed bytes not yet written: `wbuf[wpos..]`.
+    wbuf: Vec<u8>,
+    wpos: usize,
+    /// Set once the peer's CLOSE was read: reads return EOF from then on.
+    peer_closed: bool,
+    close_sealed: bool,
+    /// Total bytes written to the socket (for tests and stats).
+    pub wire_bytes_written: u64,
+}
+
+impl<S> std::fmt::Debug for TunnelStream<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TunnelStream")
+            .field("sealer", &self.sealer)
+            .field("opener", &self.opener)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> TunnelStream<S> {
+    pub fn new(inner: S, keys: &SessionKeys, role: Role, limits: Limits) -> Self {
+        let (send, recv) = match role {
+            Role::Caller => (&keys.caller_to_callee, &keys.callee_to_caller),
+            Role::Callee => (&keys.callee_to_caller, &keys.caller_to_callee),
+        };
+        TunnelStream {
+            inner,
+            sealer: Sealer::new(send, limits),
+            opener: Opener::new(recv),
+            rbuf: vec![0; record::HEADER_LEN + record::MAX_CIPHERTEXT + 4096],
+            rpos: 0,
+            rlen: 0,
+            plain: 0..0,
+            wbuf: Vec::with_capacity(WRITE_HIGH_WATER + WRITE_CHUNK + 64),
+            wpos: 0,
+            peer_closed: false,
+            close_sealed: false,
+            wire_bytes_written: 0,
+        }
+    }
+
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// Read and open the next record, for the callee's check that the connection really
+    /// comes from the caller (the caller sends an empty DATA record first).
+    pub async fn read_first_record(&mut self) -> io::Result<()> {
+        std::future::poll_fn(|cx| self.poll_next_record(cx))
+            .await
+            .map(|_| ())
+    }
+
+    /// Send an empty DATA record: proves to the callee that this connection holds the keys.
+    pub async fn send_hello(&mut self) -> io::Result<()> {
+        self.sealer
+            .seal_data(&[], &mut self.wbuf)
+            .map_err(|e| io::Error::from(TunnelError::Record(e)))?;
+        tokio::io::AsyncWriteExt::flush(self).await
+    }
+
+    /// Open one record from the socket. Ready(Ok(true)) if a record was processed,
+    /// Ready(Ok(false)) at the authenticated end.
+    fn poll_next_record(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
+        loop {
+            if self.peer_closed {
+                return Poll::Ready(Ok(false));
+            }
+            let avail = &mut self.rbuf[self.rpos..self.rlen];
+            match self.opener.open(avail).map_err(TunnelError::Record)? {
+                Some((opened, used)) => {
+                    let base = self.rpos;
+                    self.rpos += used;
+                    match opened {
+                        Opened::Data(r) => {
+                            self.plain = base + r.start..base + r.end;
+                            return Poll::Ready(Ok(true));
+                        }
+                        Opened::Close => {
+                            self.peer_closed = true;
+                            return Poll::Ready(Ok(false));
+                        }
+                        Opened::KeyUpdate => continue,
+                    }
+                }
+                None => {
+                    // Compact, then read more. The buffer holds one maximal record.
+                    if self.rpos > 0 {
+                        self.rbuf.copy_within(self.rpos..self.rlen, 0);
+                        self.rlen -= self.rpos;
+                        self.rpos = 0;
+                    }
+                    let mut rb = ReadBuf::new(&mut self.rbuf[self.rlen..]);
+                    ready!(Pin::new(&mut self.inner).poll_read(cx, &mut rb))?;
+                    let n = rb.filled().len();
+                    if n == 0 {
+                        return Poll::Ready(Err(TunnelError::Truncated.into()));
+                    }
+                    self.rlen += n;
+                }
+            }
+        }
+    }
+
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.wpos < self.wbuf.len() {
+            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &self.wbuf[self.wpos..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.wpos += n;
+            self.wire_bytes_written += n as u64;
+        }
+        self.wbuf.clear();
+        self.wpos = 0;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for TunnelStream<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            if !this.plain.is_empty() {
+                let n = this.plain.len().min(buf.remaining());
+                buf.put_slice(&this.rbuf[this.plain.start..this.plain.start + n]);
+                this.plain.start += n;
+                return Poll::Ready(Ok(()));
+            }
+            if !ready!(this.poll_next_record(cx))? {
+                return Poll::Ready(Ok(())); // authenticated EOF
+            }
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TunnelStream<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.wbuf.len() - this.wpos >= WRITE_HIGH_WATER {
+            ready!(this.poll_drain(cx))?;
+        }
+        let n = data.len().min(WRITE_CHUNK);
+        this.sealer
+            .seal_data(&data[..n], &mut this.wbuf)
+            .map_err(|e| io::Error::from(TunnelError::Record(e)))?;
+        // Opportunistic: push what we can now, but the data is accepted either way.
+        if let Poll::Ready(Err(e)) = this.poll_drain(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_drain(cx))?;
+        Pin::new(&mut this.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.close_sealed {
+            this.sealer
+                .seal_close(&mut this.wbuf)
+                .map_err(|e| io::Error::from(TunnelError::Record(e)))?;
+            this.close_sealed = true;
+        }
+        ready!(this.poll_drain(cx))?;
+        Pin::new(&mut this.inner).poll_shutdown(cx)
+    }
+}
+
+/// Is this I/O error the tunnel reporting truncation?
+pub fn is_truncation(e: &io::Error) -> bool {
+    e.get_ref()
+        .and_then(|i| i.downcast_ref::<TunnelError>())
+        .is_some_and(|t| matches!(t, TunnelError::Truncated))
+}

@@ -1,0 +1,166 @@
+//! Shared pieces of the integration tests: real TCP and UDP proxies that sit between the
+//! two relays, record what crosses, and can tamper with it.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+
+/// What a tamper function may do to the bytes of one connection, direction caller->callee.
+/// Arguments: connection number (0-based), offset of `chunk` in the stream, the chunk.
+pub type Tamper = Arc<dyn Fn(usize, usize, &mut [u8]) + Send + Sync>;
+
+/// A TCP proxy: every connection to `addr()` is forwarded to the target that the relay
+/// asked for (set per connection through `set_target`). Records all bytes both ways.
+pub struct MediaProxy {
+    pub listen: SocketAddr,
+    pub target: Arc<Mutex<Option<SocketAddr>>>,
+    pub recorded: Arc<Mutex<Vec<u8>>>,
+    pub connections: Arc<AtomicUsize>,
+}
+
+impl MediaProxy {
+    pub async fn start(tamper: Option<Tamper>) -> MediaProxy {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listen = l.local_addr().unwrap();
+        let target: Arc<Mutex<Option<SocketAddr>>> = Arc::default();
+        let recorded: Arc<Mutex<Vec<u8>>> = Arc::default();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let (t, r, c) = (target.clone(), recorded.clone(), connections.clone());
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = l.accept().await {
+                let n = c.fetch_add(1, Ordering::SeqCst);
+                let Some(dest) = *t.lock().unwrap() else {
+                    continue;
+                };
+                let Ok(outbound) = TcpStream::connect(dest).await else {
+                    continue;
+                };
+                let (mut ir, mut iw) = inbound.into_split();
+                let (mut or, mut ow) = outbound.into_split();
+                let rec1 = r.clone();
+                let tamper = tamper.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 65536];
+                    let mut off = 0usize;
+                    loop {
+                        let k = match ir.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(k) => k,
+                        };
+                        if let Some(f) = &tamper {
+                            f(n, off, &mut buf[..k]);
+                        }
+                        off += k;
+                        rec1.lock().unwrap().extend_from_slice(&buf[..k]);
+                        if ow.write_all(&buf[..k]).await.is_err() {
+                            break;
+                        }
+                    }
+                    let _ = ow.shutdown().await;
+                });
+                let rec2 = r.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 65536];
+                    loop {
+                        let k = match or.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(k) => k,
+                        };
+                        rec2.lock().unwrap().extend_from_slice(&buf[..k]);
+                        if iw.write_all(&buf[..k]).await.is_err() {
+                            break;
+                        }
+                    }
+                    let _ = iw.shutdown().await;
+                });
+            }
+        });
+        MediaProxy {
+            listen,
+            target,
+            recorded,
+            connections,
+        }
+    }
+
+    /// The hook for relay A: remember the real media address, connect to the proxy.
+    pub fn hook(&self) -> sipmail::relay::Hooks {
+        let target = self.target.clone();
+        let listen = self.listen;
+        sipmail::relay::Hooks {
+            media_connect: Some(Arc::new(move |real| {
+                *target.lock().unwrap() = Some(real);
+                listen
+            })),
+        }
+    }
+}
+
+/// What a SIP tamper function may do: (datagram number in that direction, is it from A, bytes).
+pub type SipTamper = Arc<dyn Fn(usize, bool, &mut Vec<u8>) + Send + Sync>;
+
+/// A UDP proxy for SIP between A (which is configured to call the proxy) and B.
+pub struct SipProxy {
+    pub listen: SocketAddr,
+}
+
+impl SipProxy {
+    pub async fn start(b: SocketAddr, tamper: SipTamper) -> SipProxy {
+        let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let back = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let listen = front.local_addr().unwrap();
+        let a_addr: Arc<Mutex<Option<SocketAddr>>> = Arc::default();
+        let (f, bk, aa, t) = (front.clone(), back.clone(), a_addr.clone(), tamper.clone());
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 65536];
+            let mut n = 0;
+            while let Ok((k, from)) = f.recv_from(&mut buf).await {
+                *aa.lock().unwrap() = Some(from);
+                let mut d = buf[..k].to_vec();
+                t(n, true, &mut d);
+                n += 1;
+                let _ = bk.send_to(&d, b).await;
+            }
+        });
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 65536];
+            let mut n = 0;
+            while let Ok((k, _)) = back.recv_from(&mut buf).await {
+                let mut d = buf[..k].to_vec();
+                tamper(n, false, &mut d);
+                n += 1;
+                let to = *a_addr.lock().unwrap();
+                if let Some(to) = to {
+                    let _ = front.send_to(&d, to).await;
+                }
+            }
+        });
+        SipProxy { listen }
+    }
+}
+
+/// Flip one bit inside the base64 value of `attr` (e.g. "sipmail-signature:") if present.
+pub fn flip_in_attr(d: &mut [u8], attr: &str, index: usize) -> bool {
+    let Some(pos) = d.windows(attr.len()).position(|w| w == attr.as_bytes()) else {
+        return false;
+    };
+    let i = pos + attr.len() + index;
+    // Swap one base64 character for another valid one, so the SDP still parses.
+    d[i] = if d[i] == b'A' { b'B' } else { b'A' };
+    true
+}
+
+pub async fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    f()
+}
