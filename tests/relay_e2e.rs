@@ -27,6 +27,7 @@ fn big_message(n: usize) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mail_arrives_byte_for_byte_through_one_reused_call() {
+    init_logs();
     let dir = tempfile::tempdir().unwrap();
     let sites = TwoSites::start(dir.path(), Hooks::default()).await.unwrap();
     let mut events = sites.a.events();
@@ -91,6 +92,7 @@ async fn mail_arrives_byte_for_byte_through_one_reused_call() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_body_never_crosses_between_the_relays_in_clear() {
+    init_logs();
     let dir = tempfile::tempdir().unwrap();
     let proxy = MediaProxy::start(None).await;
     let sites = TwoSites::start(dir.path(), proxy.hook()).await.unwrap();
@@ -143,6 +145,7 @@ async fn a_flipped_bit_in_any_record_fails_the_transfer_and_the_mail_stays_queue
     // Offsets into the caller->callee stream: the first record (the hello), the EHLO, and
     // deep in the DATA of a 200 KB message.
     for offset in [2usize, 40, 150_000] {
+        init_logs();
         let dir = tempfile::tempdir().unwrap();
         let tamper: Tamper = Arc::new(move |conn, off, chunk: &mut [u8]| {
             if conn == 0 && off <= offset && offset < off + chunk.len() {
@@ -205,6 +208,7 @@ async fn a_flipped_bit_in_either_signature_fails_the_call_and_the_mail_stays_que
         (true, 60),
         (true, 120),
     ] {
+        init_logs();
         let dir = tempfile::tempdir().unwrap();
         let tamper: SipTamper = Arc::new(move |_, is_from_a, d: &mut Vec<u8>| {
             if is_from_a == from_a {

@@ -243,6 +243,7 @@ impl fmt::Debug for CallerAwaitAnswer {
 }
 
 /// What the caller has once the answer checked out.
+#[derive(Debug)]
 pub struct CallerDone {
     pub confirm: Confirm,
     pub keys: SessionKeys,
@@ -330,6 +331,7 @@ impl fmt::Debug for CalleeAwaitConfirm {
 }
 
 /// What the callee has once the confirm checked out.
+#[derive(Debug)]
 pub struct CalleeDone {
     pub keys: SessionKeys,
     pub transcript: Transcript,

@@ -547,7 +547,16 @@ impl Keyring {
                 continue;
             }
             match sig.verify_message(&k.key, data) {
-                Ok(()) => return Ok(()),
+                // Sequoia does not check the two-byte digest prefix (it is only a quick
+                // filter in RFC 9580). We do, so that no bit of the packet is malleable.
+                Ok(())
+                    if sig
+                        .computed_digest()
+                        .is_some_and(|d| d.get(..2) == Some(&sig.digest_prefix()[..])) =>
+                {
+                    return Ok(());
+                }
+                Ok(()) => reason = "the digest prefix does not match the signed data".into(),
                 Err(e) => reason = format!("does not verify: {e:#}"),
             }
         }

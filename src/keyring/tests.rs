@@ -217,6 +217,29 @@ fn flipped_bits_fail() {
     ));
 }
 
+/// Every single bit of the signature packet matters: a relay must not accept a signature
+/// that differs from what the peer sent in any bit, not even in the unhashed area.
+#[test]
+fn every_flipped_signature_bit_fails() {
+    let (_t, a, b) = two_sites();
+    let fa = a.own_fingerprint().unwrap();
+    let data = b"sipmail/1 answer signature\0transcript".to_vec();
+    let sig = a.sign_detached(&data).unwrap();
+    let mut accepted = Vec::new();
+    for bit in 0..sig.len() * 8 {
+        let mut s = sig.clone();
+        s[bit / 8] ^= 1 << (bit % 8);
+        if b.verify_detached("site-a.test", &fa, &data, &s).is_ok() {
+            accepted.push(bit);
+        }
+    }
+    assert!(
+        accepted.is_empty(),
+        "flipped bits {accepted:?} of {} still verified",
+        sig.len() * 8
+    );
+}
+
 #[test]
 fn signature_by_another_key_fails() {
     let (_t, a, b) = two_sites();

@@ -292,8 +292,9 @@ async fn answer(shared: &Arc<Shared>, inc: Incoming) -> Result<(), String> {
             return Err(e);
         }
     };
-    // Accept the media connection: the first one whose first record authenticates.
-    let stream = tokio::time::timeout(MEDIA_WAIT, async {
+    // Accept the media connection: the first one whose first record authenticates. A BYE
+    // meanwhile ends the call.
+    let accept = async {
         loop {
             let (tcp, addr) = media.accept().await.ok()?;
             let _ = tcp.set_nodelay(true);
@@ -306,10 +307,15 @@ async fn answer(shared: &Arc<Shared>, inc: Incoming) -> Result<(), String> {
                 Err(_) => tracing::warn!(%call_id, %addr, "media connection sent nothing; dropped"),
             }
         }
-    })
-    .await;
+    };
+    let stream = tokio::select! {
+        s = tokio::time::timeout(MEDIA_WAIT, accept) => s.ok().flatten(),
+        _ = wait_for_bye(&mut rx) => {
+            return Err("the caller hung up before the media connection authenticated".into());
+        }
+    };
     drop(media);
-    let Ok(Some(mut stream)) = stream else {
+    let Some(mut stream) = stream else {
         send_bye(shared, &inc, &ctx, "no media connection").await;
         return Err("the caller never opened an authenticated media connection".into());
     };
@@ -397,6 +403,26 @@ async fn answer(shared: &Arc<Shared>, inc: Incoming) -> Result<(), String> {
         peer: peer_domain,
     });
     Ok(())
+}
+
+/// Answer in-dialog requests until a BYE comes (answered 200) or the channel closes.
+async fn wait_for_bye(rx: &mut mpsc::Receiver<Incoming>) {
+    while let Some(i) = rx.recv().await {
+        match i.request.method {
+            Method::Bye => {
+                let _ = i
+                    .respond(Response::for_request(&i.request, 200, "OK"))
+                    .await;
+                return;
+            }
+            Method::Ack => {}
+            _ => {
+                let _ = i
+                    .respond(Response::for_request(&i.request, 491, "Request Pending"))
+                    .await;
+            }
+        }
+    }
 }
 
 /// BYE from the callee: From/To swap roles (RFC 3261 §12.2.1.1).

@@ -88,7 +88,7 @@ async fn resolve(peer: &Peer) -> Result<SocketAddr, CallError> {
         .ok_or(CallError::Resolve(what))
 }
 
-async fn place_call(shared: &Shared, peer: &Peer) -> Result<ActiveCall, CallError> {
+async fn place_call(shared: &Arc<Shared>, peer: &Peer) -> Result<ActiveCall, CallError> {
     let target = resolve(peer).await?;
     let transport = if peer.sip.tcp {
         Transport::Tcp
@@ -179,7 +179,7 @@ async fn place_call(shared: &Shared, peer: &Peer) -> Result<ActiveCall, CallErro
         Err(e) => {
             let ack = in_dialog_request(&dialog, Method::Ack, 1);
             let _ = shared.endpoint.send_ack(ack, target, transport).await;
-            bye(shared, &dialog, Some(&e.to_string())).await;
+            bye_in_background(shared, &dialog, &e.to_string());
             return Err(e);
         }
     };
@@ -207,7 +207,7 @@ async fn place_call(shared: &Shared, peer: &Peer) -> Result<ActiveCall, CallErro
     let stream = match stream {
         Ok(s) => s,
         Err(source) => {
-            bye(shared, &dialog, Some("media connection failed")).await;
+            bye_in_background(shared, &dialog, "media connection failed");
             return Err(CallError::Media {
                 addr: media,
                 source,
@@ -218,7 +218,7 @@ async fn place_call(shared: &Shared, peer: &Peer) -> Result<ActiveCall, CallErro
         match SmtpClient::connect(stream, &shared.cfg.hostname, ClientTimeouts::default()).await {
             Ok(c) => c,
             Err(e) => {
-                bye(shared, &dialog, Some("no SMTP greeting")).await;
+                bye_in_background(shared, &dialog, "no SMTP greeting through the call");
                 return Err(e.into());
             }
         };
@@ -270,6 +270,12 @@ async fn bye(shared: &Shared, d: &Dialog, reason: Option<&str>) {
         Ok(Err(e)) => tracing::debug!(call_id = %d.call_id, error = %e, "BYE failed"),
         Err(_) => tracing::debug!(call_id = %d.call_id, "BYE timed out"),
     }
+}
+
+/// A failed call is hung up without holding up the mail queue behind it.
+fn bye_in_background(shared: &Arc<Shared>, d: &Dialog, reason: &str) {
+    let (shared, d, reason) = (shared.clone(), d.clone(), reason.to_string());
+    tokio::spawn(async move { bye(&shared, &d, Some(&reason)).await });
 }
 
 async fn hang_up(shared: &Shared, peer: &str, call: ActiveCall) {
@@ -343,7 +349,7 @@ pub(crate) async fn worker(shared: Arc<Shared>, domain: String, mut rx: mpsc::Re
         if broken {
             if let Some(c) = call.take() {
                 tracing::warn!(call_id = %c.dialog.call_id, peer = %domain, "call's stream failed; hanging up");
-                bye(&shared, &c.dialog, Some("stream failed")).await;
+                bye_in_background(&shared, &c.dialog, "stream failed");
             }
         }
     }
