@@ -329,28 +329,35 @@ pub(crate) async fn worker(shared: Arc<Shared>, domain: String, mut rx: mpsc::Re
         let Some(active) = call.as_mut() else {
             continue;
         };
-        let res = match tokio::fs::File::open(shared.spool.body_path(&job.id)).await {
-            Ok(f) => {
-                active
-                    .client
-                    .send_sized(
-                        &job.mail_from,
-                        &job.recipients,
-                        tokio::io::BufReader::new(f),
-                        Some(job.size),
-                    )
-                    .await
+        let body = match tokio::fs::File::open(shared.spool.body_path(&job.id)).await {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::error!(queue_id = %job.id, error = %e, "cannot open the queued message");
+                let why = format!("cannot open the queued message: {e}");
+                let outcomes = job
+                    .recipients
+                    .iter()
+                    .map(|r| (r.clone(), Outcome::Transient(why.clone())))
+                    .collect();
+                shared.queue.report(&shared, &job, outcomes).await;
+                continue;
             }
-            Err(e) => Err(ClientError::Io(e)),
         };
+        let res = active
+            .client
+            .send_sized(
+                &job.mail_from,
+                &job.recipients,
+                tokio::io::BufReader::new(body),
+                Some(job.size),
+            )
+            .await;
         let broken = res.is_err();
         let outcomes = super::local::outcomes_from_smtp(&job, res, &format!("peer {domain}"));
         shared.queue.report(&shared, &job, outcomes).await;
-        if broken {
-            if let Some(c) = call.take() {
-                tracing::warn!(call_id = %c.dialog.call_id, peer = %domain, "call's stream failed; hanging up");
-                bye_in_background(&shared, &c.dialog, "stream failed");
-            }
+        if broken && let Some(c) = call.take() {
+            tracing::warn!(call_id = %c.dialog.call_id, peer = %domain, "call's stream failed; hanging up");
+            bye_in_background(&shared, &c.dialog, "stream failed");
         }
     }
     if let Some(c) = call.take() {
