@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 echo "== cargo test --release"
 cargo test --release
+echo "== integration/check_vectors.py (PROTOCOL.md vectors recomputed independently in Python)"
+python3 integration/check_vectors.py
 echo "== integration/two-daemons.sh (two sipmail daemons, swaks, tshark capture)"
 integration/two-daemons.sh
 echo "== all tests passed"

@@ -1,0 +1,77 @@
+#!/usr/bin/env python3
+"""Recompute the test vectors of docs/PROTOCOL.md from the specification alone, with
+Python's `cryptography` package: an implementation that shares no code with sipmail.
+Exit 0 if every value matches the document."""
+import hashlib, hmac, re, struct, sys, pathlib
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
+from cryptography.hazmat.primitives import hashes, serialization
+
+def hkdf_extract(salt, ikm):
+    return hmac.new(salt, ikm, hashlib.sha256).digest()
+
+def expand(prk, info, n):
+    return HKDFExpand(hashes.SHA256(), n, info).derive(prk)
+
+def field(tag, value):
+    return bytes([tag]) + struct.pack(">H", len(value)) + value
+
+def pub(secret):
+    k = X25519PrivateKey.from_private_bytes(secret)
+    return k.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+ea, eb = bytes([1]) * 32, bytes([2]) * 32
+ea_pub, eb_pub = pub(ea), pub(eb)
+nonce = bytes([7]) * 32
+commit = hashlib.sha256(b"sipmail/1 commitment\0" + ea_pub).digest()
+t1 = b"".join([
+    field(0x01, b"sipmail/1"),
+    field(0x02, b"c0ffee@site-a.test"),
+    field(0x03, b"a1"),
+    field(0x04, b"b2"),
+    field(0x05, b"mail@site-a.test"),
+    field(0x06, b"mail@site-b.test"),
+    field(0x07, bytes([1])),
+    field(0x08, nonce),
+    field(0x09, commit),
+    field(0x0A, bytes([0xAA]) * 20),
+    field(0x0B, bytes([1])),
+    field(0x0C, eb_pub),
+    field(0x0D, bytes([0xBB]) * 20),
+])
+t2 = t1 + field(0x0E, ea_pub)
+ss = X25519PrivateKey.from_private_bytes(ea).exchange(X25519PrivateKey.from_private_bytes(eb).public_key())
+th2 = hashlib.sha256(t2).digest()
+prk = hkdf_extract(th2, ss)
+k_ab = expand(prk, b"sipmail/1 key caller->callee", 32)
+iv_ab = expand(prk, b"sipmail/1 iv caller->callee", 12)
+k_ba = expand(prk, b"sipmail/1 key callee->caller", 32)
+iv_ba = expand(prk, b"sipmail/1 iv callee->caller", 12)
+sas_bits = int.from_bytes(expand(prk, b"sipmail/1 sas", 4), "big") >> 12
+alphabet = "ybndrfg8ejkmcpqxot1uwisza345h769"
+sas = "".join(alphabet[(sas_bits >> (15 - 5 * i)) & 31] for i in range(4))
+
+def record(seq, typ, payload):
+    header = struct.pack(">I", 1 + len(payload) + 16)
+    nonce = bytearray(iv_ab)
+    for i, b in enumerate(struct.pack(">Q", seq)):
+        nonce[4 + i] ^= b
+    return header + ChaCha20Poly1305(k_ab).encrypt(bytes(nonce), bytes([typ]) + payload, header)
+
+records = record(0, 0x17, b"") + record(1, 0x17, b"EHLO site-a.test\r\n")
+computed = {
+    "T2": t2.hex(), "TH2": th2.hex(), "k_ab": k_ab.hex(), "iv_ab": iv_ab.hex(),
+    "k_ba": k_ba.hex(), "iv_ba": iv_ba.hex(), "SAS": sas, "records": records.hex(),
+}
+doc = (pathlib.Path(__file__).resolve().parent.parent / "docs" / "PROTOCOL.md").read_text()
+bad = 0
+for name, value in computed.items():
+    m = re.search(r"^%s\s*=\s*([0-9a-z]+)\s*$" % re.escape(name), doc, re.M)
+    if not m:
+        print(f"MISSING {name} in docs/PROTOCOL.md (computed {value})"); bad += 1
+    elif m.group(1) != value:
+        print(f"MISMATCH {name}: document {m.group(1)} computed {value}"); bad += 1
+    else:
+        print(f"ok {name}")
+sys.exit(1 if bad else 0)
