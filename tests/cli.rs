@@ -15,7 +15,11 @@ fn sipmail(args: &[&str], cwd: &Path) -> Output {
 }
 
 fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 fn need(tool: &str, package: &str) {
@@ -27,27 +31,73 @@ fn need(tool: &str, package: &str) {
 #[test]
 fn keys_generate_export_import_list() {
     let d = tempfile::tempdir().unwrap();
-    let o = sipmail(&["keys", "generate", "--keyring", "kr/a", "--domain", "site-a.test"], d.path());
+    let o = sipmail(
+        &[
+            "keys",
+            "generate",
+            "--keyring",
+            "kr/a",
+            "--domain",
+            "site-a.test",
+        ],
+        d.path(),
+    );
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("mail@site-a.test"));
-    let mode = std::fs::metadata(d.path().join("kr/a/secret.asc")).unwrap().permissions().mode();
+    let mode = std::fs::metadata(d.path().join("kr/a/secret.asc"))
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600);
     let o = sipmail(&["keys", "export", "--keyring", "kr/a"], d.path());
     let armored = String::from_utf8(o.stdout).unwrap();
     assert!(armored.starts_with("-----BEGIN PGP PUBLIC KEY BLOCK-----"));
     assert!(!armored.contains("PRIVATE"));
     std::fs::write(d.path().join("a.asc"), &armored).unwrap();
-    assert!(sipmail(&["keys", "generate", "--keyring", "kr/b", "--domain", "site-b.test"], d.path()).status.success());
+    assert!(
+        sipmail(
+            &[
+                "keys",
+                "generate",
+                "--keyring",
+                "kr/b",
+                "--domain",
+                "site-b.test"
+            ],
+            d.path()
+        )
+        .status
+        .success()
+    );
     let o = sipmail(&["keys", "import", "--keyring", "kr/b", "a.asc"], d.path());
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("partner certificate"), "{}", text(&o));
     let o = sipmail(&["keys", "list", "--keyring", "kr/b"], d.path());
     let t = text(&o);
-    assert!(t.contains("own") && t.contains("mail@site-b.test") && t.contains("partner") && t.contains("mail@site-a.test"), "{t}");
+    assert!(
+        t.contains("own")
+            && t.contains("mail@site-b.test")
+            && t.contains("partner")
+            && t.contains("mail@site-a.test"),
+        "{t}"
+    );
     let o = sipmail(&["keys", "fingerprint", "--keyring", "kr/a"], d.path());
-    assert_eq!(String::from_utf8_lossy(&o.stdout).trim().split(' ').count(), 10);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim().split(' ').count(),
+        10
+    );
     // A second generate must not overwrite the identity.
-    let o = sipmail(&["keys", "generate", "--keyring", "kr/a", "--domain", "site-a.test"], d.path());
+    let o = sipmail(
+        &[
+            "keys",
+            "generate",
+            "--keyring",
+            "kr/a",
+            "--domain",
+            "site-a.test",
+        ],
+        d.path(),
+    );
     assert!(!o.status.success());
 }
 
@@ -60,27 +110,74 @@ fn keys_import_from_gpg_and_sq() {
     std::fs::create_dir(&home).unwrap();
     std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o700)).unwrap();
     let gpg = |args: &[&str]| {
-        let o = Command::new("gpg").env("GNUPGHOME", &home).args(["--batch", "--pinentry-mode", "loopback", "--passphrase="]).args(args).output().unwrap();
+        let o = Command::new("gpg")
+            .env("GNUPGHOME", &home)
+            .args(["--batch", "--pinentry-mode", "loopback", "--passphrase="])
+            .args(args)
+            .output()
+            .unwrap();
         assert!(o.status.success(), "gpg {args:?}: {}", text(&o));
         o.stdout
     };
-    gpg(&["--quick-generate-key", "mail@site-a.test", "ed25519", "cert,sign", "never"]);
-    std::fs::write(d.path().join("gpg-sec.asc"), gpg(&["--armor", "--export-secret-keys", "mail@site-a.test"])).unwrap();
-    let o = sipmail(&["keys", "import", "--keyring", "kr/a", "gpg-sec.asc"], d.path());
+    gpg(&[
+        "--quick-generate-key",
+        "mail@site-a.test",
+        "ed25519",
+        "cert,sign",
+        "never",
+    ]);
+    std::fs::write(
+        d.path().join("gpg-sec.asc"),
+        gpg(&["--armor", "--export-secret-keys", "mail@site-a.test"]),
+    )
+    .unwrap();
+    let o = sipmail(
+        &["keys", "import", "--keyring", "kr/a", "gpg-sec.asc"],
+        d.path(),
+    );
     assert!(o.status.success(), "{}", text(&o));
-    assert!(text(&o).contains("own secret key") && text(&o).contains("mail@site-a.test"), "{}", text(&o));
+    assert!(
+        text(&o).contains("own secret key") && text(&o).contains("mail@site-a.test"),
+        "{}",
+        text(&o)
+    );
     // sq: certify-only primary with a separate signing subkey.
     let o = Command::new("sq")
         .current_dir(d.path())
-        .args(["key", "generate", "--userid", "mail@site-b.test", "--cipher-suite", "cv25519", "--expires", "never", "--export", "sq-sec.asc"])
+        .args([
+            "key",
+            "generate",
+            "--userid",
+            "mail@site-b.test",
+            "--cipher-suite",
+            "cv25519",
+            "--expires",
+            "never",
+            "--export",
+            "sq-sec.asc",
+        ])
         .output()
         .unwrap();
     assert!(o.status.success(), "sq: {}", text(&o));
-    let o = Command::new("sq").current_dir(d.path()).args(["key", "extract-cert", "sq-sec.asc"]).output().unwrap();
+    let o = Command::new("sq")
+        .current_dir(d.path())
+        .args(["key", "extract-cert", "sq-sec.asc"])
+        .output()
+        .unwrap();
     std::fs::write(d.path().join("sq-pub.asc"), &o.stdout).unwrap();
-    let o = sipmail(&["keys", "import", "--keyring", "kr/a", "sq-pub.asc"], d.path());
-    assert!(text(&o).contains("partner certificate") && text(&o).contains("mail@site-b.test"), "{}", text(&o));
-    let o = sipmail(&["keys", "import", "--keyring", "kr/b", "sq-sec.asc"], d.path());
+    let o = sipmail(
+        &["keys", "import", "--keyring", "kr/a", "sq-pub.asc"],
+        d.path(),
+    );
+    assert!(
+        text(&o).contains("partner certificate") && text(&o).contains("mail@site-b.test"),
+        "{}",
+        text(&o)
+    );
+    let o = sipmail(
+        &["keys", "import", "--keyring", "kr/b", "sq-sec.asc"],
+        d.path(),
+    );
     assert!(text(&o).contains("own secret key"), "{}", text(&o));
 }
 
@@ -115,13 +212,54 @@ fn bad_configs_name_the_file_the_key_and_the_problem() {
         let o = sipmail(&["run", "--config", name], d.path());
         assert!(!o.status.success());
     };
-    check("unknown.toml", &GOOD.replace("[sip]\n", "[sip]\nlisten_udp = \"x\"\n"), &["listen_udp"]);
-    check("addr.toml", &GOOD.replace("listen = \"127.0.0.1:0\"\nallow", "listen = \"127.0.0.1:99999\"\nallow"), &["smtp.listen", "99999"]);
-    check("peer-uri.toml", &GOOD.replace("sip:mail@127.0.0.1:5062", "mail@127.0.0.1"), &["peer[0].sip"]);
-    check("no-keyring.toml", GOOD, &["relay.keyring", "kr/a", "keys generate"]);
-    assert!(sipmail(&["keys", "generate", "--keyring", "kr/a", "--domain", "site-a.test"], d.path()).status.success());
-    check("no-peer-cert.toml", GOOD, &["peer[0]", "site-b.test", "keys import"]);
-    check("wrong-domain.toml", &GOOD.replace("domain = \"site-a.test\"", "domain = \"site-x.test\""), &["relay.keyring", "site-x.test"]);
+    check(
+        "unknown.toml",
+        &GOOD.replace("[sip]\n", "[sip]\nlisten_udp = \"x\"\n"),
+        &["listen_udp"],
+    );
+    check(
+        "addr.toml",
+        &GOOD.replace(
+            "listen = \"127.0.0.1:0\"\nallow",
+            "listen = \"127.0.0.1:99999\"\nallow",
+        ),
+        &["smtp.listen", "99999"],
+    );
+    check(
+        "peer-uri.toml",
+        &GOOD.replace("sip:mail@127.0.0.1:5062", "mail@127.0.0.1"),
+        &["peer[0].sip"],
+    );
+    check(
+        "no-keyring.toml",
+        GOOD,
+        &["relay.keyring", "kr/a", "keys generate"],
+    );
+    assert!(
+        sipmail(
+            &[
+                "keys",
+                "generate",
+                "--keyring",
+                "kr/a",
+                "--domain",
+                "site-a.test"
+            ],
+            d.path()
+        )
+        .status
+        .success()
+    );
+    check(
+        "no-peer-cert.toml",
+        GOOD,
+        &["peer[0]", "site-b.test", "keys import"],
+    );
+    check(
+        "wrong-domain.toml",
+        &GOOD.replace("domain = \"site-a.test\"", "domain = \"site-x.test\""),
+        &["relay.keyring", "site-x.test"],
+    );
     let o = sipmail(&["check-config", "--config", "missing.toml"], d.path());
     assert!(!o.status.success());
     assert!(text(&o).contains("missing.toml"));

@@ -77,15 +77,11 @@ async fn mail_arrives_byte_for_byte_through_one_reused_call() {
         .await
     );
     // The idle call ends with BYE (call_idle = 2s in the test bed).
-    let mut ended = false;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while tokio::time::Instant::now() < deadline && !ended {
-        if let Ok(Ok(RelayEvent::CallEnded { .. })) =
-            tokio::time::timeout(Duration::from_millis(200), events.recv()).await
-        {
-            ended = true;
-        }
-    }
+    let ended = wait_event(&mut events, 10, |e| {
+        matches!(e, RelayEvent::CallEnded { .. })
+    })
+    .await
+    .is_some();
     assert!(ended, "the idle call was not hung up");
     sites.stop().await;
 }
@@ -225,15 +221,11 @@ async fn a_flipped_bit_in_either_signature_fails_the_call_and_the_mail_stays_que
         )
         .await
         .unwrap();
-        let mut failed = false;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        while tokio::time::Instant::now() < deadline && !failed {
-            if let Ok(Ok(RelayEvent::CallFailed { .. })) =
-                tokio::time::timeout(Duration::from_millis(200), events.recv()).await
-            {
-                failed = true;
-            }
-        }
+        let failed = wait_event(&mut events, 20, |e| {
+            matches!(e, RelayEvent::CallFailed { .. })
+        })
+        .await
+        .is_some();
         assert!(
             failed,
             "from_a={from_a} index={index}: the call did not fail"

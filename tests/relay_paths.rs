@@ -29,22 +29,6 @@ fn configs(
     )
 }
 
-async fn wait_event(
-    rx: &mut tokio::sync::broadcast::Receiver<RelayEvent>,
-    secs: u64,
-    f: impl Fn(&RelayEvent) -> bool,
-) -> Option<RelayEvent> {
-    let end = tokio::time::Instant::now() + Duration::from_secs(secs);
-    while tokio::time::Instant::now() < end {
-        if let Ok(Ok(e)) = tokio::time::timeout(Duration::from_millis(100), rx.recv()).await
-            && f(&e)
-        {
-            return Some(e);
-        }
-    }
-    None
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_over_sip_tcp() {
     init_logs();

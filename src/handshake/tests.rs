@@ -32,6 +32,19 @@ fn ctx() -> CallContext {
     }
 }
 
+fn caller() -> CallerAwaitAnswer {
+    CallerAwaitAnswer::new(
+        [1; 32],
+        [7; 32],
+        vec![Suite::ChaCha20Poly1305],
+        vec![0xaa; 20],
+    )
+}
+
+fn respond(offer: &Offer) -> (CalleeAwaitConfirm, Answer) {
+    CalleeAwaitConfirm::respond(&ctx(), offer, [2; 32], Suite::ALL, vec![0xbb; 20], &B_KEY).unwrap()
+}
+
 fn run(ea: [u8; 32], eb: [u8; 32]) -> (CallerDone, CalleeDone) {
     let caller = CallerAwaitAnswer::new(ea, [7; 32], vec![Suite::ChaCha20Poly1305], vec![0xaa; 20]);
     let offer = caller.offer().clone();
@@ -77,12 +90,7 @@ fn debug_output_redacts_keys() {
 /// refuses the answer.
 #[test]
 fn mitm_swapping_dh_values_fails_on_the_caller() {
-    let caller = CallerAwaitAnswer::new(
-        [1; 32],
-        [7; 32],
-        vec![Suite::ChaCha20Poly1305],
-        vec![0xaa; 20],
-    );
+    let caller = caller();
     let mitm = CallerAwaitAnswer::new(
         [9; 32],
         [7; 32],
@@ -91,15 +99,7 @@ fn mitm_swapping_dh_values_fails_on_the_caller() {
     );
     let mut offer_to_b = caller.offer().clone();
     offer_to_b.commitment = mitm.offer().commitment;
-    let (_callee, answer) = CalleeAwaitConfirm::respond(
-        &ctx(),
-        &offer_to_b,
-        [2; 32],
-        Suite::ALL,
-        vec![0xbb; 20],
-        &B_KEY,
-    )
-    .unwrap();
+    let (_callee, answer) = respond(&offer_to_b);
     let mut answer_to_a = answer.clone();
     answer_to_a.public = *PublicKey::from(&StaticSecret::from([8u8; 32])).as_bytes();
     let err = caller
@@ -113,21 +113,8 @@ fn mitm_swapping_dh_values_fails_on_the_caller() {
 #[test]
 fn mitm_swapping_the_confirm_key_fails_on_the_callee() {
     let (a, _) = run([1; 32], [2; 32]);
-    let caller = CallerAwaitAnswer::new(
-        [1; 32],
-        [7; 32],
-        vec![Suite::ChaCha20Poly1305],
-        vec![0xaa; 20],
-    );
-    let (callee, _answer) = CalleeAwaitConfirm::respond(
-        &ctx(),
-        caller.offer(),
-        [2; 32],
-        Suite::ALL,
-        vec![0xbb; 20],
-        &B_KEY,
-    )
-    .unwrap();
+    let caller = caller();
+    let (callee, _answer) = respond(caller.offer());
     let mut confirm = a.confirm.clone();
     confirm.public = *PublicKey::from(&StaticSecret::from([8u8; 32])).as_bytes();
     assert_eq!(
@@ -147,21 +134,8 @@ fn every_context_field_is_covered_by_the_answer_signature() {
         ("callee", |c| c.callee = "mail@evil.test".into()),
     ];
     for (name, m) in mutations {
-        let caller = CallerAwaitAnswer::new(
-            [1; 32],
-            [7; 32],
-            vec![Suite::ChaCha20Poly1305],
-            vec![0xaa; 20],
-        );
-        let (_callee, answer) = CalleeAwaitConfirm::respond(
-            &ctx(),
-            caller.offer(),
-            [2; 32],
-            Suite::ALL,
-            vec![0xbb; 20],
-            &B_KEY,
-        )
-        .unwrap();
+        let caller = caller();
+        let (_callee, answer) = respond(caller.offer());
         let mut seen_by_a = ctx();
         m(&mut seen_by_a);
         let r = caller.on_answer(&seen_by_a, &answer, &B_KEY, &A_KEY);
@@ -182,23 +156,10 @@ fn every_offer_and_answer_field_is_covered() {
         ("commitment", |o| o.commitment[0] ^= 1),
     ];
     for (name, m) in offer_mutations {
-        let caller = CallerAwaitAnswer::new(
-            [1; 32],
-            [7; 32],
-            vec![Suite::ChaCha20Poly1305],
-            vec![0xaa; 20],
-        );
+        let caller = caller();
         let mut offer = caller.offer().clone();
         m(&mut offer);
-        let (_callee, answer) = CalleeAwaitConfirm::respond(
-            &ctx(),
-            &offer,
-            [2; 32],
-            Suite::ALL,
-            vec![0xbb; 20],
-            &B_KEY,
-        )
-        .unwrap();
+        let (_callee, answer) = respond(&offer);
         let r = caller.on_answer(&ctx(), &answer, &B_KEY, &A_KEY);
         assert!(
             matches!(r, Err(HandshakeError::BadSignature(_))),
@@ -212,21 +173,8 @@ fn every_offer_and_answer_field_is_covered() {
         ("signature", |a| a.signature[3] ^= 0x10),
     ];
     for (name, m) in answer_mutations {
-        let caller = CallerAwaitAnswer::new(
-            [1; 32],
-            [7; 32],
-            vec![Suite::ChaCha20Poly1305],
-            vec![0xaa; 20],
-        );
-        let (_callee, mut answer) = CalleeAwaitConfirm::respond(
-            &ctx(),
-            caller.offer(),
-            [2; 32],
-            Suite::ALL,
-            vec![0xbb; 20],
-            &B_KEY,
-        )
-        .unwrap();
+        let caller = caller();
+        let (_callee, mut answer) = respond(caller.offer());
         m(&mut answer);
         let r = caller.on_answer(&ctx(), &answer, &B_KEY, &A_KEY);
         assert!(
@@ -238,21 +186,8 @@ fn every_offer_and_answer_field_is_covered() {
 
 #[test]
 fn flipped_bit_in_confirm_signature_fails() {
-    let caller = CallerAwaitAnswer::new(
-        [1; 32],
-        [7; 32],
-        vec![Suite::ChaCha20Poly1305],
-        vec![0xaa; 20],
-    );
-    let (callee, answer) = CalleeAwaitConfirm::respond(
-        &ctx(),
-        caller.offer(),
-        [2; 32],
-        Suite::ALL,
-        vec![0xbb; 20],
-        &B_KEY,
-    )
-    .unwrap();
+    let caller = caller();
+    let (callee, answer) = respond(caller.offer());
     let done = caller.on_answer(&ctx(), &answer, &B_KEY, &A_KEY).unwrap();
     let mut confirm = done.confirm.clone();
     confirm.signature[0] ^= 0x80;
@@ -264,12 +199,7 @@ fn flipped_bit_in_confirm_signature_fails() {
 
 #[test]
 fn low_order_public_key_is_refused() {
-    let caller = CallerAwaitAnswer::new(
-        [1; 32],
-        [7; 32],
-        vec![Suite::ChaCha20Poly1305],
-        vec![0xaa; 20],
-    );
+    let caller = caller();
     // A (signed) answer whose key is the identity point gives an all-zero shared secret.
     let mut answer = Answer {
         suite: Suite::ChaCha20Poly1305,

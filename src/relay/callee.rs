@@ -319,25 +319,7 @@ async fn answer(shared: &Arc<Shared>, inc: Incoming) -> Result<(), String> {
         send_bye(shared, &inc, &ctx, "no media connection").await;
         return Err("the caller never opened an authenticated media connection".into());
     };
-    tracing::info!(
-        %call_id,
-        peer = %peer_domain,
-        local_fingerprint = %shared.own_fpr_hex,
-        peer_fingerprint = %peer_fpr,
-        suite = %done.keys.suite,
-        sas = %done.keys.sas,
-        transcript_sha256 = %hex::encode(done.keys.transcript_hash),
-        "call established (incoming)"
-    );
-    shared.event(RelayEvent::CallEstablished {
-        call_id: call_id.clone(),
-        peer: peer_domain.clone(),
-        outgoing: false,
-        local_fingerprint: shared.own_fpr_hex.clone(),
-        peer_fingerprint: peer_fpr,
-        suite: done.keys.suite.to_string(),
-        sas: done.keys.sas.clone(),
-    });
+    shared.call_established(&call_id, &peer_domain, false, &peer_fpr, &done.keys);
 
     let mut backend = SpoolBackend::new(
         shared.clone(),
@@ -439,13 +421,7 @@ async fn send_bye(shared: &Shared, inc: &Incoming, ctx: &CallContext, reason: &s
     r.headers.push("Call-ID", ctx.call_id.clone());
     r.headers.push("CSeq", "1 BYE");
     if !reason.is_empty() {
-        r.headers.push(
-            "Reason",
-            format!(
-                "SIP;cause=488;text=\"{}\"",
-                reason.replace(['"', '\\', '\r', '\n'], " ")
-            ),
-        );
+        r.headers.push("Reason", super::reason_header(reason));
     }
     let _ = tokio::time::timeout(
         Duration::from_secs(35),

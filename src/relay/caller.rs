@@ -223,25 +223,7 @@ async fn place_call(shared: &Arc<Shared>, peer: &Peer) -> Result<ActiveCall, Cal
             }
         };
     let peer_fpr = hex::encode_upper(&answer.fingerprint);
-    tracing::info!(
-        call_id = %call_id,
-        peer = %peer.domain,
-        local_fingerprint = %shared.own_fpr_hex,
-        peer_fingerprint = %peer_fpr,
-        suite = %done.keys.suite,
-        sas = %done.keys.sas,
-        transcript_sha256 = %hex::encode(done.keys.transcript_hash),
-        "call established (outgoing)"
-    );
-    shared.event(RelayEvent::CallEstablished {
-        call_id,
-        peer: peer.domain.clone(),
-        outgoing: true,
-        local_fingerprint: shared.own_fpr_hex.clone(),
-        peer_fingerprint: peer_fpr,
-        suite: done.keys.suite.to_string(),
-        sas: done.keys.sas.clone(),
-    });
+    shared.call_established(&call_id, &peer.domain, true, &peer_fpr, &done.keys);
     Ok(ActiveCall { dialog, client })
 }
 
@@ -249,13 +231,7 @@ async fn place_call(shared: &Arc<Shared>, peer: &Peer) -> Result<ActiveCall, Cal
 async fn bye(shared: &Shared, d: &Dialog, reason: Option<&str>) {
     let mut req = in_dialog_request(d, Method::Bye, 2);
     if let Some(r) = reason {
-        req.headers.push(
-            "Reason",
-            format!(
-                "SIP;cause=488;text=\"{}\"",
-                r.replace(['"', '\\', '\r', '\n'], " ")
-            ),
-        );
+        req.headers.push("Reason", super::reason_header(r));
     }
     match tokio::time::timeout(
         Duration::from_secs(35),
@@ -315,12 +291,8 @@ pub(crate) async fn worker(shared: Arc<Shared>, domain: String, mut rx: mpsc::Re
                         peer: domain.clone(),
                         reason: e.to_string(),
                     });
-                    let why = format!("call to {domain} failed: {e}");
-                    let outcomes = job
-                        .recipients
-                        .iter()
-                        .map(|r| (r.clone(), Outcome::Transient(why.clone())))
-                        .collect();
+                    let outcomes =
+                        job.all(Outcome::Transient(format!("call to {domain} failed: {e}")));
                     shared.queue.report(&shared, &job, outcomes).await;
                     continue;
                 }
@@ -333,12 +305,9 @@ pub(crate) async fn worker(shared: Arc<Shared>, domain: String, mut rx: mpsc::Re
             Ok(f) => f,
             Err(e) => {
                 tracing::error!(queue_id = %job.id, error = %e, "cannot open the queued message");
-                let why = format!("cannot open the queued message: {e}");
-                let outcomes = job
-                    .recipients
-                    .iter()
-                    .map(|r| (r.clone(), Outcome::Transient(why.clone())))
-                    .collect();
+                let outcomes = job.all(Outcome::Transient(format!(
+                    "cannot open the queued message: {e}"
+                )));
                 shared.queue.report(&shared, &job, outcomes).await;
                 continue;
             }

@@ -53,13 +53,7 @@ pub(crate) fn outcomes_from_smtp(
     what: &str,
 ) -> Vec<(String, Outcome)> {
     match res {
-        Err(e) => {
-            let why = format!("{what}: {e}");
-            job.recipients
-                .iter()
-                .map(|r| (r.clone(), Outcome::Transient(why.clone())))
-                .collect()
-        }
+        Err(e) => job.all(Outcome::Transient(format!("{what}: {e}"))),
         Ok(o) => o
             .per_rcpt
             .iter()

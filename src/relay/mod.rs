@@ -134,6 +134,46 @@ impl Shared {
     pub fn event(&self, e: RelayEvent) {
         let _ = self.events.send(e);
     }
+
+    /// The audit record of a call: both fingerprints, the suite, the SAS and the hash of
+    /// the signed transcript, in the log and as an event.
+    pub fn call_established(
+        &self,
+        call_id: &str,
+        peer: &str,
+        outgoing: bool,
+        peer_fpr: &str,
+        keys: &crate::handshake::SessionKeys,
+    ) {
+        tracing::info!(
+            %call_id,
+            %peer,
+            direction = if outgoing { "outgoing" } else { "incoming" },
+            local_fingerprint = %self.own_fpr_hex,
+            peer_fingerprint = %peer_fpr,
+            suite = %keys.suite,
+            sas = %keys.sas,
+            transcript_sha256 = %hex::encode(keys.transcript_hash),
+            "call established"
+        );
+        self.event(RelayEvent::CallEstablished {
+            call_id: call_id.to_string(),
+            peer: peer.to_string(),
+            outgoing,
+            local_fingerprint: self.own_fpr_hex.clone(),
+            peer_fingerprint: peer_fpr.to_string(),
+            suite: keys.suite.to_string(),
+            sas: keys.sas.clone(),
+        });
+    }
+}
+
+/// A `Reason` header value (RFC 3326) explaining why we hang up.
+pub(crate) fn reason_header(text: &str) -> String {
+    format!(
+        "SIP;cause=488;text=\"{}\"",
+        text.replace(['"', '\\', '\r', '\n'], " ")
+    )
 }
 
 /// Signs with the relay's own OpenPGP key.

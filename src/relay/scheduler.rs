@@ -19,6 +19,16 @@ pub(crate) struct Job {
     pub size: u64,
 }
 
+impl Job {
+    /// The same outcome for every recipient of the job.
+    pub fn all(&self, outcome: Outcome) -> Vec<(String, Outcome)> {
+        self.recipients
+            .iter()
+            .map(|r| (r.clone(), outcome.clone()))
+            .collect()
+    }
+}
+
 /// The outcome of a job for one recipient.
 #[derive(Clone, Debug)]
 pub(crate) enum Outcome {

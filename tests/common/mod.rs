@@ -175,3 +175,20 @@ pub fn init_logs() {
         .with_ansi(false)
         .try_init();
 }
+
+/// Wait up to `secs` for an event that matches.
+pub async fn wait_event(
+    rx: &mut tokio::sync::broadcast::Receiver<sipmail::relay::RelayEvent>,
+    secs: u64,
+    f: impl Fn(&sipmail::relay::RelayEvent) -> bool,
+) -> Option<sipmail::relay::RelayEvent> {
+    let end = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while tokio::time::Instant::now() < end {
+        if let Ok(Ok(e)) = tokio::time::timeout(Duration::from_millis(100), rx.recv()).await
+            && f(&e)
+        {
+            return Some(e);
+        }
+    }
+    None
+}
