@@ -407,7 +407,8 @@ async fn wait_for_bye(rx: &mut mpsc::Receiver<Incoming>) {
     }
 }
 
-/// BYE from the callee: From/To swap roles (RFC 3261 §12.2.1.1).
+/// BYE from the callee: From/To swap roles (RFC 3261 §12.2.1.1). Sent in the background:
+/// a caller that never answers it must not hold up this call's task (or shutdown).
 async fn send_bye(shared: &Shared, inc: &Incoming, ctx: &CallContext, reason: &str) {
     let mut r = crate::sip::Request::new(
         Method::Bye,
@@ -423,9 +424,12 @@ async fn send_bye(shared: &Shared, inc: &Incoming, ctx: &CallContext, reason: &s
     if !reason.is_empty() {
         r.headers.push("Reason", super::reason_header(reason));
     }
-    let _ = tokio::time::timeout(
-        Duration::from_secs(35),
-        shared.endpoint.request(r, inc.source, inc.transport),
-    )
-    .await;
+    let (endpoint, dest, transport) = (shared.endpoint.clone(), inc.source, inc.transport);
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(
+            Duration::from_secs(35),
+            endpoint.request(r, dest, transport),
+        )
+        .await;
+    });
 }
