@@ -56,9 +56,12 @@ import sys, os, warnings
 warnings.simplefilter("ignore")
 import smtpd, asyncore
 out = sys.argv[1]
+reject = len(sys.argv) > 2
 n = [0]
 class S(smtpd.SMTPServer):
     def process_message(self, peer, mailfrom, rcpttos, data, **kw):
+        if reject:
+            return "550 5.1.1 <%s>: Recipient address rejected: User unknown" % rcpttos[0]
         n[0] += 1
         p = os.path.join(out, "%d" % n[0])
         with open(p + ".tmp", "wb") as f:
@@ -76,33 +79,8 @@ async fn delivery_by_smtp_to_the_local_mta() {
     let dir = tempfile::tempdir().unwrap();
     let sink = dir.path().join("sink");
     std::fs::create_dir_all(&sink).unwrap();
-    let mut child = tokio::process::Command::new("python3")
-        .arg("-c")
-        .arg(PY_SINK)
-        .arg(&sink)
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("python3 not found");
-    let mut line = String::new();
-    use tokio::io::AsyncBufReadExt;
-    tokio::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .await
-        .unwrap();
-    let port: u16 = line
-        .trim()
-        .parse()
-        .expect("python smtpd did not start (needs Python <= 3.11)");
-    let (a, b) = configs(
-        dir.path(),
-        |s| s,
-        |s| {
-            let start = s.find("maildir = ").unwrap();
-            let end = s[start..].find('\n').unwrap() + start;
-            format!("{}smtp = \"127.0.0.1:{port}\"{}", &s[..start], &s[end..])
-        },
-    );
+    let (port, _child) = python_sink(&sink, false).await;
+    let (a, b) = configs(dir.path(), |s| s, |s| deliver_by_smtp(s, port));
     let sites = TwoSites::start_with(dir.path(), a, b, Hooks::default())
         .await
         .unwrap();
@@ -310,4 +288,90 @@ async fn relay_policy() {
     let _ = c.quit().await;
     sd.trigger();
     a.wait().await;
+}
+
+/// Python's smtpd as the site's local MTA; it keeps each message in `dir`, or refuses
+/// every message with 550 5.1.1 when `reject` is set.
+async fn python_sink(dir: &std::path::Path, reject: bool) -> (u16, tokio::process::Child) {
+    let mut cmd = tokio::process::Command::new("python3");
+    cmd.arg("-c").arg(PY_SINK).arg(dir);
+    if reject {
+        cmd.arg("reject");
+    }
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python3 not found");
+    let mut line = String::new();
+    use tokio::io::AsyncBufReadExt;
+    tokio::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .await
+        .unwrap();
+    let port: u16 = line
+        .trim()
+        .parse()
+        .expect("python smtpd did not start (needs Python <= 3.11)");
+    (port, child)
+}
+
+fn deliver_by_smtp(s: String, port: u16) -> String {
+    let start = s.find("maildir = ").unwrap();
+    let end = s[start..].find('\n').unwrap() + start;
+    format!("{}smtp = \"127.0.0.1:{port}\"{}", &s[..start], &s[end..])
+}
+
+/// B's local MTA refuses the recipient for good: B returns an RFC 3464 report to the
+/// sender, through a call back to site A, into A's Maildir.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permanent_failure_bounces_to_the_sender() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let sink = dir.path().join("sink");
+    std::fs::create_dir_all(&sink).unwrap();
+    let (port, _child) = python_sink(&sink, true).await;
+    let (a, b) = configs(dir.path(), |s| s, |s| deliver_by_smtp(s, port));
+    let sites = TwoSites::start_with(dir.path(), a, b, Hooks::default())
+        .await
+        .unwrap();
+    let msg = sample_message(3, "bounce");
+    submit(
+        sites.a.smtp_addr,
+        std::slice::from_ref(&msg),
+        "nobody@site-b.test",
+        |_| {},
+    )
+    .await
+    .unwrap();
+    let md_a = sites.maildir(&sites.a_cfg);
+    assert!(
+        wait_until(Duration::from_secs(30), || maildir_files(&md_a).len() == 1).await,
+        "no bounce reached the sender"
+    );
+    let dsn = std::fs::read(&maildir_files(&md_a)[0]).unwrap();
+    let text = String::from_utf8_lossy(&dsn);
+    assert!(
+        text.contains("Return-Path: <>"),
+        "a bounce has the null sender:\n{text}"
+    );
+    assert!(text.contains("Delivered-To: alice@site-a.test"));
+    assert!(text.contains("Content-Type: multipart/report; report-type=delivery-status"));
+    assert!(text.contains("Final-Recipient: rfc822; nobody@site-b.test"));
+    assert!(text.contains("Status: 5.1.1"));
+    assert!(
+        text.contains("Message-ID: <demo-bounce-3@site-a.test>"),
+        "original headers are returned"
+    );
+    assert!(!text.contains("Hello Bob"), "the body is not returned");
+    assert!(
+        wait_until(Duration::from_secs(5), || sites.a.queue_snapshot().messages
+            == 0
+            && sites.b.queue_snapshot().messages == 0)
+        .await,
+        "both queues empty: A {:?}, B {:?}",
+        sites.a.queue_snapshot(),
+        sites.b.queue_snapshot()
+    );
+    sites.stop().await;
 }

@@ -96,39 +96,32 @@ impl Backend for SpoolBackend {
         let Some(domain) = domain_of(to) else {
             return Err(Reply::new(501, (5, 1, 3), "Bad recipient address syntax"));
         };
-        let route = if domain == self.shared.cfg.domain {
-            Route::Local
-        } else {
-            match &self.origin {
-                Origin::Site { relay: true, .. } if self.shared.cfg.peer(&domain).is_some() => {
-                    Route::Peer(domain)
-                }
-                Origin::Site { relay: true, .. } => {
-                    return Err(Reply::new(
-                        550,
-                        (5, 7, 1),
-                        format!(
-                            "Relay access denied: {domain} is not a partner domain of this relay"
-                        ),
-                    ));
-                }
-                Origin::Site { .. } => {
-                    return Err(Reply::new(
-                        550,
-                        (5, 7, 1),
-                        "Relay access denied: your address is not in smtp.allow",
-                    ));
-                }
-                Origin::Peer { domain: peer, .. } => {
-                    return Err(Reply::new(
-                        550,
-                        (5, 7, 1),
-                        format!(
-                            "Relay access denied: {peer} may only send mail for {}",
-                            self.shared.cfg.domain
-                        ),
-                    ));
-                }
+        let route = match (super::route_for(&self.shared.cfg, to), &self.origin) {
+            (Some(Route::Local), _) => Route::Local,
+            (Some(peer), Origin::Site { relay: true, .. }) => peer,
+            (None, Origin::Site { relay: true, .. }) => {
+                return Err(Reply::new(
+                    550,
+                    (5, 7, 1),
+                    format!("Relay access denied: {domain} is not a partner domain of this relay"),
+                ));
+            }
+            (_, Origin::Site { .. }) => {
+                return Err(Reply::new(
+                    550,
+                    (5, 7, 1),
+                    "Relay access denied: your address is not in smtp.allow",
+                ));
+            }
+            (_, Origin::Peer { domain: peer, .. }) => {
+                return Err(Reply::new(
+                    550,
+                    (5, 7, 1),
+                    format!(
+                        "Relay access denied: {peer} may only send mail for {}",
+                        self.shared.cfg.domain
+                    ),
+                ));
             }
         };
         self.routes.push((to.to_string(), route));

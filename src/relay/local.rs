@@ -70,7 +70,14 @@ pub(crate) fn outcomes_from_smtp(
                     if verdict.is_positive() && o.data.as_ref().is_some_and(|d| d.is_positive()) {
                         Outcome::Delivered
                     } else if verdict.is_permanent() {
-                        Outcome::Permanent(format!("{what} said: {}", one_line(verdict)))
+                        Outcome::Permanent {
+                            status: verdict
+                                .enhanced
+                                .map(|(a, b, c)| format!("{a}.{b}.{c}"))
+                                .unwrap_or_else(|| "5.0.0".into()),
+                            diagnostic: format!("smtp; {}", one_line(verdict)),
+                            remote: Some(what.to_string()),
+                        }
                     } else {
                         Outcome::Transient(format!("{what} said: {}", one_line(verdict)))
                     };

@@ -5,6 +5,7 @@
 //! peer --SIP INVITE--> callee --tunnel--> inbound::serve_peer --spool--> scheduler --> local delivery
 //! ```
 
+mod bounce;
 mod callee;
 mod caller;
 mod inbound;
@@ -97,6 +98,12 @@ pub enum RelayEvent {
         id: String,
         recipient: String,
     },
+    /// Given up on a recipient; a bounce goes to the sender.
+    Failed {
+        id: String,
+        recipient: String,
+        reason: String,
+    },
 }
 
 /// Test hooks. Production code never sets these.
@@ -165,6 +172,22 @@ impl Shared {
             suite: keys.suite.to_string(),
             sas: keys.sas.clone(),
         });
+    }
+}
+
+/// Where mail for `addr` goes: our domain is local, a partner's goes to that peer, anything
+/// else has no route (sipmail is not an Internet MTA).
+pub(crate) fn route_for(cfg: &Config, addr: &str) -> Option<crate::queue::Route> {
+    let domain = addr
+        .rsplit_once('@')?
+        .1
+        .trim_end_matches('.')
+        .to_ascii_lowercase();
+    if domain == cfg.domain {
+        Some(crate::queue::Route::Local)
+    } else {
+        cfg.peer(&domain)
+            .map(|p| crate::queue::Route::Peer(p.domain.clone()))
     }
 }
 

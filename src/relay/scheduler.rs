@@ -1,6 +1,7 @@
 //! The queue scheduler: keeps every queued envelope in memory, hands due work to one
 //! worker per route (each peer, and local delivery), and records outcomes durably.
 
+use super::bounce::Failure;
 use super::{RelayEvent, Shared};
 use crate::config::QueueTimes;
 use crate::queue::{Envelope, RcptState, Route, Spool, now_ms};
@@ -35,8 +36,12 @@ pub(crate) enum Outcome {
     Delivered,
     /// Try again later (4xx, failed call, I/O error).
     Transient(String),
-    /// Will never work (5xx).
-    Permanent(String),
+    /// Will never work (5xx): RFC 3463 status and the diagnostic for the bounce.
+    Permanent {
+        status: String,
+        diagnostic: String,
+        remote: Option<String>,
+    },
 }
 
 #[derive(Default)]
@@ -146,6 +151,7 @@ impl Queue {
     /// pending any more.
     pub async fn report(&self, shared: &Shared, job: &Job, outcomes: Vec<(String, Outcome)>) {
         let now = now_ms();
+        let mut failures: Vec<Failure> = Vec::new();
         let updated = {
             let mut st = self.lock();
             st.in_flight.remove(&(job.id.clone(), job.route.clone()));
@@ -160,7 +166,7 @@ impl Queue {
                 }) else {
                     continue;
                 };
-                match outcome {
+                let failure = match outcome {
                     Outcome::Delivered => {
                         r.state = RcptState::Delivered;
                         r.last_error = None;
@@ -169,6 +175,7 @@ impl Queue {
                             id: job.id.clone(),
                             recipient: addr.clone(),
                         });
+                        None
                     }
                     Outcome::Transient(why) if age < self.times.max_age => {
                         r.attempts += 1;
@@ -177,25 +184,48 @@ impl Queue {
                         r.last_error = Some(why.clone());
                         tracing::warn!(queue_id = %job.id, rcpt = %addr, route = %job.route, attempts = r.attempts,
                             retry_in_s = wait.as_secs(), reason = %why, "deferred");
+                        None
                     }
-                    Outcome::Transient(why) | Outcome::Permanent(why) => {
-                        r.state = RcptState::Failed;
-                        r.last_error = Some(why.clone());
-                        // Bounce messages (RFC 3464 DSNs) are not generated yet: the failure
-                        // stays visible in the log and in the spool's envelope.
-                        tracing::error!(queue_id = %job.id, rcpt = %addr, route = %job.route, reason = %why,
-                            "delivery failed permanently (no bounce is sent yet)");
-                    }
+                    Outcome::Transient(why) => Some(Failure {
+                        rcpt: addr.clone(),
+                        status: "4.4.7".into(),
+                        diagnostic: format!(
+                            "X-Sipmail; gave up after {} hours: {why}",
+                            age.as_secs() / 3600
+                        ),
+                        remote: None,
+                    }),
+                    Outcome::Permanent {
+                        status,
+                        diagnostic,
+                        remote,
+                    } => Some(Failure {
+                        rcpt: addr.clone(),
+                        status: status.clone(),
+                        diagnostic: diagnostic.clone(),
+                        remote: remote.clone(),
+                    }),
+                };
+                if let Some(f) = failure {
+                    r.state = RcptState::Failed;
+                    r.last_error = Some(f.diagnostic.clone());
+                    tracing::error!(queue_id = %job.id, rcpt = %addr, route = %job.route,
+                        status = %f.status, reason = %f.diagnostic, "delivery failed; returning to sender");
+                    shared.event(RelayEvent::Failed {
+                        id: job.id.clone(),
+                        recipient: addr.clone(),
+                        reason: f.diagnostic.clone(),
+                    });
+                    failures.push(f);
                 }
             }
             env.clone()
         };
+        // A bounce is queued before the original goes: a crash in between can at worst
+        // repeat the bounce, never lose it.
+        let bounced = failures.is_empty() || super::bounce::send(shared, &updated, &failures).await;
         let done = updated.pending().next().is_none();
-        let all_delivered = updated
-            .recipients
-            .iter()
-            .all(|r| r.state == RcptState::Delivered);
-        let res = if done && all_delivered {
+        let res = if done && bounced {
             self.spool.remove(&job.id).await
         } else {
             self.spool.update(&updated).await
@@ -203,7 +233,7 @@ impl Queue {
         if let Err(e) = res {
             tracing::error!(queue_id = %job.id, error = %e, "could not update the spool; the state will be retried from memory");
         }
-        if done {
+        if done && bounced {
             self.lock().envs.remove(&job.id);
         }
         self.notify.notify_one();

@@ -1,0 +1,282 @@
+//! Delivery status notifications (RFC 3464) for recipients that failed for good.
+//!
+//! Built by hand rather than with lettre: lettre 0.11's MIME builder has no
+//! `multipart/report` kind. The tests parse the result with mail-parser.
+
+use super::Shared;
+use crate::queue::{Envelope, RcptState, Recipient, Spool};
+use std::time::SystemTime;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// One recipient the DSN reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Failure {
+    pub rcpt: String,
+    /// RFC 3463 status, e.g. `5.1.1`, or `4.4.7` for expiry.
+    pub status: String,
+    /// `smtp; 550 5.1.1 ...` or a plain reason.
+    pub diagnostic: String,
+    /// The relay or server that said no, if any.
+    pub remote: Option<String>,
+}
+
+fn header_safe(s: &str) -> String {
+    super::trace::clean(s)
+}
+
+/// The DSN's bytes. `headers` are the original message's header block.
+pub(crate) fn build(
+    hostname: &str,
+    queue_id: &str,
+    original: &Envelope,
+    failures: &[Failure],
+    headers: &[u8],
+    now: SystemTime,
+) -> Vec<u8> {
+    let boundary = format!("{queue_id}.dsn/{hostname}");
+    let date = super::trace::rfc5322_date(now);
+    let arrival = super::trace::rfc5322_date(
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(original.received),
+    );
+    let mut m = String::new();
+    m.push_str(&format!(
+        "From: Mail Delivery System <MAILER-DAEMON@{hostname}>\r\n\
+         To: <{to}>\r\n\
+         Subject: Undelivered Mail Returned to Sender\r\n\
+         Date: {date}\r\n\
+         Message-ID: <{queue_id}.dsn@{hostname}>\r\n\
+         Auto-Submitted: auto-replied\r\n\
+         MIME-Version: 1.0\r\n\
+         Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary=\"{boundary}\"\r\n\
+         \r\n\
+         This is a MIME-encapsulated message.\r\n\
+         \r\n--{boundary}\r\n\
+         Content-Description: Notification\r\n\
+         Content-Type: text/plain; charset=utf-8\r\n\
+         \r\n\
+         This is the sipmail relay at {hostname}.\r\n\
+         \r\n\
+         Your message (queue ID {queue_id}) could not be delivered to one or more\r\n\
+         recipients. It has been returned below without its body.\r\n\
+         \r\n",
+        to = header_safe(&original.mail_from),
+    ));
+    for f in failures {
+        m.push_str(&format!(
+            "<{}>: {}\r\n",
+            header_safe(&f.rcpt),
+            header_safe(&f.diagnostic)
+        ));
+    }
+    m.push_str(&format!(
+        "\r\n--{boundary}\r\n\
+         Content-Description: Delivery report\r\n\
+         Content-Type: message/delivery-status\r\n\
+         \r\n\
+         Reporting-MTA: dns; {hostname}\r\n\
+         X-Sipmail-Queue-ID: {queue_id}\r\n\
+         Arrival-Date: {arrival}\r\n"
+    ));
+    for f in failures {
+        m.push_str(&format!(
+            "\r\nFinal-Recipient: rfc822; {}\r\nAction: failed\r\nStatus: {}\r\n",
+            header_safe(&f.rcpt),
+            header_safe(&f.status)
+        ));
+        if let Some(r) = &f.remote {
+            m.push_str(&format!("Remote-MTA: dns; {}\r\n", header_safe(r)));
+        }
+        m.push_str(&format!(
+            "Diagnostic-Code: {}\r\n",
+            header_safe(&f.diagnostic)
+        ));
+    }
+    m.push_str(&format!(
+        "\r\n--{boundary}\r\n\
+         Content-Description: Undelivered Message Headers\r\n\
+         Content-Type: text/rfc822-headers\r\n\
+         \r\n"
+    ));
+    let mut out = m.into_bytes();
+    out.extend_from_slice(headers);
+    if !headers.ends_with(b"\r\n") {
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    out
+}
+
+/// The header block of a queued message (up to the first empty line, at most 64 KiB).
+async fn read_headers(spool: &Spool, id: &str) -> Vec<u8> {
+    let mut buf = Vec::new();
+    if let Ok(f) = tokio::fs::File::open(spool.body_path(id)).await {
+        let _ = f.take(64 * 1024).read_to_end(&mut buf).await;
+    }
+    match buf.windows(4).position(|w| w == b"\r\n\r\n") {
+        Some(end) => buf.truncate(end + 2),
+        None => {
+            // No end of headers within the cap: cut at the last complete line.
+            let end = buf
+                .windows(2)
+                .rposition(|w| w == b"\r\n")
+                .map(|p| p + 2)
+                .unwrap_or(0);
+            buf.truncate(end);
+        }
+    }
+    buf
+}
+
+/// Queue a DSN to the original sender. Returns false if it could not be queued (the
+/// caller then keeps the original message).
+pub(crate) async fn send(shared: &Shared, original: &Envelope, failures: &[Failure]) -> bool {
+    if original.mail_from.is_empty() {
+        // RFC 5321 §4.5.5: never bounce a bounce.
+        tracing::warn!(queue_id = %original.id, "not bouncing a message from the null sender <>");
+        return true;
+    }
+    let Some(route) = super::route_for(&shared.cfg, &original.mail_from) else {
+        tracing::error!(queue_id = %original.id, sender = %original.mail_from,
+            "cannot return a bounce: the sender's domain is neither ours nor a partner's");
+        return true;
+    };
+    let headers = read_headers(&shared.spool, &original.id).await;
+    let id = Spool::new_id();
+    let dsn = build(
+        &shared.cfg.hostname,
+        &original.id,
+        original,
+        failures,
+        &headers,
+        SystemTime::now(),
+    );
+    let result = async {
+        let mut f = shared.spool.create_body(&id).await?;
+        f.write_all(&dsn).await?;
+        let env = Envelope {
+            id: id.clone(),
+            received: crate::queue::now_ms() / 1000,
+            client: format!("bounce of {}", original.id),
+            helo: shared.cfg.hostname.clone(),
+            mail_from: String::new(),
+            recipients: vec![Recipient {
+                addr: original.mail_from.clone(),
+                route,
+                state: RcptState::Pending,
+                attempts: 0,
+                next_attempt_ms: 0,
+                last_error: None,
+            }],
+            size: dsn.len() as u64,
+            body_8bit: true,
+        };
+        shared.spool.commit(f, &env).await?;
+        Ok::<_, std::io::Error>(env)
+    }
+    .await;
+    match result {
+        Ok(env) => {
+            tracing::info!(queue_id = %id, original = %original.id, to = %original.mail_from,
+                failed = failures.len(), "bounce queued");
+            shared.queue.insert(env);
+            true
+        }
+        Err(e) => {
+            shared.spool.discard(&id).await;
+            tracing::error!(queue_id = %original.id, error = %e, "could not queue the bounce; keeping the message");
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mail_parser::MimeHeaders;
+
+    #[test]
+    fn dsn_is_a_well_formed_multipart_report() {
+        let env = Envelope {
+            id: "Q1".into(),
+            received: 1_795_350_896,
+            client: "127.0.0.1".into(),
+            helo: "h".into(),
+            mail_from: "alice@site-a.test".into(),
+            recipients: vec![],
+            size: 10,
+            body_8bit: false,
+        };
+        let failures = vec![Failure {
+            rcpt: "nobody@site-b.test".into(),
+            status: "5.1.1".into(),
+            diagnostic: "smtp; 550 5.1.1 <nobody@site-b.test>: Recipient address rejected".into(),
+            remote: Some("site-b.test".into()),
+        }];
+        let headers =
+            b"From: alice@site-a.test\r\nSubject: Gr\xc3\xbc\xc3\x9fe\r\nMessage-ID: <x@y>\r\n";
+        let dsn = build(
+            "relay.site-a.test",
+            "Q1",
+            &env,
+            &failures,
+            headers,
+            SystemTime::now(),
+        );
+        let msg = mail_parser::MessageParser::default()
+            .parse(&dsn)
+            .expect("parses");
+        let ct = msg.content_type().expect("content type");
+        assert_eq!(ct.ctype(), "multipart");
+        assert_eq!(ct.subtype(), Some("report"));
+        assert_eq!(ct.attribute("report-type"), Some("delivery-status"));
+        assert_eq!(
+            msg.parts.len(),
+            4,
+            "root + text + delivery-status + headers"
+        );
+        let report = String::from_utf8_lossy(msg.parts[2].contents());
+        assert!(
+            report.contains("Final-Recipient: rfc822; nobody@site-b.test"),
+            "{report}"
+        );
+        assert!(report.contains("Action: failed"));
+        assert!(report.contains("Status: 5.1.1"));
+        assert!(report.contains("Reporting-MTA: dns; relay.site-a.test"));
+        let orig = msg.parts[3].contents();
+        assert!(
+            orig.windows(12).any(|w| w == b"Message-ID: "),
+            "original headers are included"
+        );
+        assert_eq!(msg.subject(), Some("Undelivered Mail Returned to Sender"));
+        assert_eq!(
+            msg.header("Auto-Submitted").and_then(|h| h.as_text()),
+            Some("auto-replied")
+        );
+    }
+
+    #[test]
+    fn a_hostile_recipient_cannot_inject_headers() {
+        let env = Envelope {
+            id: "Q2".into(),
+            received: 0,
+            client: String::new(),
+            helo: String::new(),
+            mail_from: "a@b\r\nBcc: victim@x".into(),
+            recipients: vec![],
+            size: 0,
+            body_8bit: false,
+        };
+        let f = Failure {
+            rcpt: "x\r\nEvil: 1".into(),
+            status: "5.0.0".into(),
+            diagnostic: "no".into(),
+            remote: None,
+        };
+        let dsn = build("h", "Q2", &env, &[f], b"", SystemTime::now());
+        let text = String::from_utf8_lossy(&dsn);
+        assert!(
+            !text.contains("\r\nBcc:") && !text.contains("\r\nEvil:"),
+            "{text}"
+        );
+    }
+}
