@@ -1,5 +1,7 @@
 //! Command-line interface.
 
+mod queue;
+
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use sipmail::config::Config;
@@ -48,11 +50,35 @@ enum Cmd {
         #[arg(long)]
         cleanup: bool,
     },
+    /// Look at and act on the queue: of the running daemon (through its control socket),
+    /// or the spool files directly when no daemon runs.
+    Queue {
+        /// The daemon's configuration file (for the spool location).
+        #[arg(long, short, global = true)]
+        config: Option<PathBuf>,
+        /// Print JSON instead of a table.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        cmd: QueueCmd,
+    },
     /// Manage the relay's OpenPGP identity and its partners' certificates.
     Keys {
         #[command(subcommand)]
         cmd: KeysCmd,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum QueueCmd {
+    /// Every queued message with its recipients' states, and totals per destination.
+    List,
+    /// One message: envelope, per-recipient state and its headers.
+    Show { id: String },
+    /// Retry now: one message, or all of them.
+    Retry { id: Option<String> },
+    /// Remove a message from the queue for good (no bounce is sent).
+    Delete { id: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -156,6 +182,12 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
             })
         }
         Cmd::Keys { cmd } => keys(cmd),
+        Cmd::Queue { config, json, cmd } => {
+            let config =
+                config.context("sipmail queue needs --config FILE (the daemon's configuration)")?;
+            let cfg = Config::load(&config)?;
+            runtime()?.block_on(queue::run(&cfg, cmd, json))
+        }
     }
 }
 

@@ -146,6 +146,36 @@ impl Spool {
         Ok((s, envs))
     }
 
+    /// The spool at `root`, without recovery: for reading while no daemon runs.
+    pub fn at(root: &Path) -> Spool {
+        Spool {
+            tmp: root.join("tmp"),
+            queue: root.join("queue"),
+            corrupt: root.join("corrupt"),
+        }
+    }
+
+    /// Read every committed envelope without changing anything.
+    pub fn scan(root: &Path) -> io::Result<Vec<Envelope>> {
+        let s = Spool::at(root);
+        let mut envs = Vec::new();
+        let rd = match fs::read_dir(&s.queue) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(envs),
+            Err(e) => return Err(e),
+        };
+        for e in rd {
+            let p = e?.path();
+            if p.extension().and_then(|x| x.to_str()) == Some("env")
+                && let Ok(env) = serde_json::from_slice::<Envelope>(&fs::read(&p)?)
+            {
+                envs.push(env);
+            }
+        }
+        envs.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(envs)
+    }
+
     /// A new queue ID: time-ordered, unique within this process and across restarts.
     pub fn new_id() -> String {
         let now = SystemTime::now()

@@ -283,7 +283,13 @@ pub(crate) async fn worker(shared: Arc<Shared>, domain: String, mut rx: mpsc::Re
         };
         let Some(job) = job else { break };
         if call.is_none() {
-            match place_call(&shared, &peer).await {
+            // Shutdown does not wait for a call attempt (an unanswered INVITE takes 32 s):
+            // the job stays in the spool for the next start.
+            let placed = tokio::select! {
+                r = place_call(&shared, &peer) => r,
+                _ = shared.shutdown.wait() => break,
+            };
+            match placed {
                 Ok(c) => call = Some(c),
                 Err(e) => {
                     tracing::warn!(peer = %domain, queue_id = %job.id, error = %e, "call failed; mail stays queued");

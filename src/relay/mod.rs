@@ -8,6 +8,7 @@
 mod bounce;
 mod callee;
 mod caller;
+pub mod control;
 mod inbound;
 mod local;
 mod scheduler;
@@ -280,6 +281,11 @@ impl Running {
         self.shared.queue.snapshot()
     }
 
+    /// The IDs of every queued message, oldest first.
+    pub fn queue_snapshot_ids(&self) -> Vec<String> {
+        self.shared.queue.list().into_iter().map(|e| e.id).collect()
+    }
+
     /// Wait until every task has finished (after shutdown was triggered).
     pub async fn wait(mut self) {
         while self.tasks.join_next().await.is_some() {}
@@ -294,6 +300,14 @@ pub async fn start(cfg: Config, shutdown: Shutdown, hooks: Hooks) -> Result<Runn
     let own_fpr_hex = keyring.own_fingerprint()?;
     let own_fpr =
         hex::decode(&own_fpr_hex).map_err(|e| cfg.invalid("relay.keyring", e.to_string()))?;
+    // Claim the spool first: recovery must never run under another daemon's feet.
+    std::fs::create_dir_all(&cfg.spool)
+        .map_err(io_err(format!("creating spool {}", cfg.spool.display())))?;
+    let control = control::bind(&cfg.spool).await.map_err(io_err(format!(
+        "{}: relay.spool {}",
+        cfg.file,
+        cfg.spool.display()
+    )))?;
     let (spool, envelopes) = Spool::open(&cfg.spool)
         .map_err(io_err(format!("opening spool {}", cfg.spool.display())))?;
     if let crate::config::Delivery::Maildir(m) = &cfg.delivery {
@@ -342,6 +356,7 @@ pub async fn start(cfg: Config, shutdown: Shutdown, hooks: Hooks) -> Result<Runn
     tasks.spawn(inbound::accept_loop(shared.clone(), smtp));
     tasks.spawn(sip_loop(shared.clone(), incoming));
     tasks.spawn(scheduler::run(shared.clone()));
+    tasks.spawn(control::serve(shared.clone(), control));
     Ok(Running {
         smtp_addr,
         sip_addr,

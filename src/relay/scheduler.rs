@@ -100,6 +100,52 @@ impl Queue {
         }
     }
 
+    /// Every queued message, oldest first.
+    pub fn list(&self) -> Vec<Envelope> {
+        let mut v: Vec<Envelope> = self.lock().envs.values().cloned().collect();
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        v
+    }
+
+    pub fn get(&self, id: &str) -> Option<Envelope> {
+        self.lock().envs.get(id).cloned()
+    }
+
+    /// Make pending recipients due now (one message, or all). Returns how many messages.
+    pub fn retry_now(&self, id: Option<&str>) -> usize {
+        let mut n = 0;
+        {
+            let mut st = self.lock();
+            for e in st
+                .envs
+                .values_mut()
+                .filter(|e| id.is_none_or(|i| e.id == i))
+            {
+                for r in e
+                    .recipients
+                    .iter_mut()
+                    .filter(|r| r.state == RcptState::Pending)
+                {
+                    r.next_attempt_ms = 0;
+                }
+                n += 1;
+            }
+        }
+        self.notify.notify_one();
+        n
+    }
+
+    /// Remove a message for good. A delivery already under way may still complete.
+    pub async fn delete(&self, id: &str) -> Result<(), String> {
+        if self.lock().envs.remove(id).is_none() {
+            return Err(format!("no message {id} in the queue"));
+        }
+        self.spool
+            .remove(id)
+            .await
+            .map_err(|e| format!("removing {id} from the spool: {e}"))
+    }
+
     /// Jobs due now, marked in flight, and the time of the next due attempt.
     fn take_due(&self, now: u64) -> (Vec<Job>, Option<u64>) {
         let mut st = self.lock();

@@ -1,0 +1,121 @@
+//! `sipmail queue`: list, show, retry and delete queued messages.
+
+use super::QueueCmd;
+use anyhow::{Result, bail};
+use sipmail::config::Config;
+use sipmail::queue::{Envelope, RcptState, now_ms};
+use sipmail::relay::control::{self, Reply, Request};
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+
+pub async fn run(cfg: &Config, cmd: QueueCmd, json: bool) -> Result<ExitCode> {
+    let req = match cmd {
+        QueueCmd::List => Request::List,
+        QueueCmd::Show { id } => Request::Show { id },
+        QueueCmd::Retry { id } => Request::Retry { id },
+        QueueCmd::Delete { id } => Request::Delete { id },
+    };
+    let (reply, live) = match control::request(&cfg.spool, &req).await? {
+        Some(r) => (r, true),
+        None => (control::offline(&cfg.spool, &req).await?, false),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&reply)?);
+        return Ok(if matches!(reply, Reply::Error { .. }) {
+            ExitCode::FAILURE
+        } else {
+            ExitCode::SUCCESS
+        });
+    }
+    let source = if live {
+        "running daemon"
+    } else {
+        "spool files (no daemon is running)"
+    };
+    match reply {
+        Reply::Messages { messages } => print_list(&messages, source),
+        Reply::Message { envelope, headers } => {
+            print_one(&envelope);
+            println!("\n{}", headers.trim_end());
+        }
+        Reply::Done { count } => println!("{count} message(s) affected ({source})"),
+        Reply::Error { message } => bail!("{message}"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn age(secs: u64) -> String {
+    let now = now_ms() / 1000;
+    let a = now.saturating_sub(secs);
+    match a {
+        0..60 => format!("{a}s"),
+        60..3600 => format!("{}m", a / 60),
+        3600..86400 => format!("{}h{:02}m", a / 3600, a % 3600 / 60),
+        _ => format!("{}d{:02}h", a / 86400, a % 86400 / 3600),
+    }
+}
+
+fn next(ms: u64) -> String {
+    let now = now_ms();
+    if ms <= now {
+        "now".into()
+    } else {
+        format!("in {}s", (ms - now).div_ceil(1000))
+    }
+}
+
+fn print_one(e: &Envelope) {
+    println!(
+        "{}  {} bytes  {} ago  from <{}>  ({})",
+        e.id,
+        e.size,
+        age(e.received),
+        e.mail_from,
+        e.client
+    );
+    for r in &e.recipients {
+        let state = match r.state {
+            RcptState::Pending => format!(
+                "pending, {} attempt(s), next {}",
+                r.attempts,
+                next(r.next_attempt_ms)
+            ),
+            RcptState::Delivered => "delivered".into(),
+            RcptState::Failed => "failed".into(),
+        };
+        println!("    <{}> via {}: {}", r.addr, r.route, state);
+        if let Some(err) = &r.last_error {
+            println!("        last error: {err}");
+        }
+    }
+}
+
+fn print_list(messages: &[Envelope], source: &str) {
+    if messages.is_empty() {
+        println!("The queue is empty ({source}).");
+        return;
+    }
+    let mut per_route: BTreeMap<String, (usize, Option<String>)> = BTreeMap::new();
+    for e in messages {
+        print_one(e);
+        for r in e.pending() {
+            let entry = per_route.entry(r.route.to_string()).or_default();
+            entry.0 += 1;
+            if r.last_error.is_some() {
+                entry.1.clone_from(&r.last_error);
+            }
+        }
+    }
+    let bytes: u64 = messages.iter().map(|e| e.size).sum();
+    println!(
+        "\n{} message(s), {} bytes ({source})",
+        messages.len(),
+        bytes
+    );
+    for (route, (n, err)) in per_route {
+        match err {
+            Some(e) => println!("  {route}: {n} recipient(s) pending; last error: {e}"),
+            None => println!("  {route}: {n} recipient(s) pending"),
+        }
+    }
+}
