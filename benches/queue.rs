@@ -1,0 +1,103 @@
+//! Queue commit: `Spool::create_body`, write a 5 KB body, `Spool::commit` (fsync body,
+//! write + fsync envelope, two renames, fsync `queue/`). Single, and N commits at once on
+//! a multi-threaded tokio runtime (what N parallel SMTP sessions do).
+//!
+//! The spool lives in a temporary folder under `SIPMAIL_BENCH_DIR` (default: the system
+//! temp dir), so the figure is that file system's fsync cost. Committed files are removed
+//! outside the timed region.
+//!
+//! Run: `cargo bench --bench queue`.
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use sipmail::queue::{Envelope, RcptState, Recipient, Route, Spool};
+use std::path::Path;
+use std::time::{Duration, Instant};
+use tokio::io::AsyncWriteExt;
+
+fn envelope(id: &str, size: u64) -> Envelope {
+    Envelope {
+        id: id.into(),
+        received: 1,
+        client: "127.0.0.1".into(),
+        helo: "client.site-a.test".into(),
+        mail_from: "alice@site-a.test".into(),
+        recipients: vec![Recipient {
+            addr: "bob@site-b.test".into(),
+            route: Route::Peer("site-b.test".into()),
+            state: RcptState::Pending,
+            attempts: 0,
+            next_attempt_ms: 0,
+            last_error: None,
+        }],
+        size,
+        body_8bit: false,
+    }
+}
+
+async fn commit_one(spool: &Spool, body: &[u8]) -> String {
+    let id = Spool::new_id();
+    let mut f = spool.create_body(&id).await.unwrap();
+    f.write_all(body).await.unwrap();
+    spool
+        .commit(f, &envelope(&id, body.len() as u64))
+        .await
+        .unwrap();
+    id
+}
+
+fn cleanup(root: &Path, ids: &[String]) {
+    for id in ids {
+        let _ = std::fs::remove_file(root.join("queue").join(format!("{id}.msg")));
+        let _ = std::fs::remove_file(root.join("queue").join(format!("{id}.env")));
+    }
+}
+
+fn bench_queue(c: &mut Criterion) {
+    let base = std::env::var_os("SIPMAIL_BENCH_DIR").map(std::path::PathBuf::from);
+    let dir = match &base {
+        Some(b) => tempfile::tempdir_in(b).unwrap(),
+        None => tempfile::tempdir().unwrap(),
+    };
+    let root = dir.path().join("spool");
+    let (spool, _) = Spool::open(&root).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let body = vec![b'x'; 5120];
+
+    let mut g = c.benchmark_group("queue/commit_5KB");
+    for n in [1usize, 10, 50] {
+        g.throughput(Throughput::Elements(n as u64));
+        g.bench_with_input(BenchmarkId::new("concurrent", n), &n, |b, &n| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let t = Instant::now();
+                    let ids = rt.block_on(async {
+                        let mut set = tokio::task::JoinSet::new();
+                        for _ in 0..n {
+                            let (s, b) = (spool.clone(), body.clone());
+                            set.spawn(async move { commit_one(&s, &b).await });
+                        }
+                        set.join_all().await
+                    });
+                    total += t.elapsed();
+                    cleanup(&root, &ids);
+                }
+                total
+            });
+        });
+    }
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .sample_size(20)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(3));
+    targets = bench_queue
+}
+criterion_main!(benches);

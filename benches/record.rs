@@ -1,0 +1,101 @@
+//! Record layer throughput on one core: `Sealer::seal_data` + `Opener::open` for record
+//! payloads from 64 B to 64 KiB, and each half on its own.
+//!
+//! Run: `cargo bench --bench record`. Throughput is in payload bytes (criterion prints
+//! GiB/s or MiB/s; docs/PERFORMANCE.md converts to GB/s).
+
+use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use sipmail::handshake::DirectionKeys;
+use sipmail::tunnel::record::{Limits, Opened, Opener, Sealer};
+use std::hint::black_box;
+use std::time::Duration;
+
+const SIZES: &[usize] = &[64, 256, 1024, 4096, 16384, 65536];
+
+fn keys() -> DirectionKeys {
+    DirectionKeys {
+        key: [0x42; 32],
+        iv: [0x24; 12],
+    }
+}
+
+/// Open every record in `wire`, returning the payload bytes seen.
+fn open_all(op: &mut Opener, wire: &mut [u8]) -> usize {
+    let mut off = 0;
+    let mut seen = 0;
+    while off < wire.len() {
+        match op.open(&mut wire[off..]) {
+            Ok(Some((Opened::Data(r), used))) => {
+                seen += r.len();
+                off += used;
+            }
+            Ok(Some((_, used))) => off += used,
+            Ok(None) => panic!("short record"),
+            Err(e) => panic!("open failed: {e}"),
+        }
+    }
+    seen
+}
+
+fn bench_record(c: &mut Criterion) {
+    let mut g = c.benchmark_group("record/seal+open");
+    for &size in SIZES {
+        let payload = vec![0xa5u8; size];
+        g.throughput(Throughput::Bytes(size as u64));
+        g.bench_with_input(BenchmarkId::from_parameter(size), &payload, |b, p| {
+            let mut sealer = Sealer::new(&keys(), Limits::default());
+            let mut opener = Opener::new(&keys());
+            let mut wire = Vec::with_capacity(size + 64);
+            b.iter(|| {
+                wire.clear();
+                sealer.seal_data(black_box(p), &mut wire).unwrap();
+                black_box(open_all(&mut opener, &mut wire));
+            });
+        });
+    }
+    g.finish();
+
+    let mut g = c.benchmark_group("record/seal");
+    for &size in SIZES {
+        let payload = vec![0xa5u8; size];
+        g.throughput(Throughput::Bytes(size as u64));
+        g.bench_with_input(BenchmarkId::from_parameter(size), &payload, |b, p| {
+            let mut sealer = Sealer::new(&keys(), Limits::default());
+            let mut wire = Vec::with_capacity(size + 64);
+            b.iter(|| {
+                wire.clear();
+                sealer.seal_data(black_box(p), &mut wire).unwrap();
+                black_box(&wire);
+            });
+        });
+    }
+    g.finish();
+
+    // Opening alone: each iteration opens the first record of a fresh Opener; making the
+    // Opener and copying the record happen in the untimed setup.
+    let mut g = c.benchmark_group("record/open");
+    for &size in SIZES {
+        let mut wire = Vec::new();
+        Sealer::new(&keys(), Limits::default())
+            .seal_data(&vec![0xa5u8; size], &mut wire)
+            .unwrap();
+        g.throughput(Throughput::Bytes(size as u64));
+        g.bench_with_input(BenchmarkId::from_parameter(size), &wire, |b, w| {
+            b.iter_batched_ref(
+                || (Opener::new(&keys()), w.clone()),
+                |(op, buf)| black_box(open_all(op, buf)),
+                BatchSize::SmallInput,
+            );
+        });
+    }
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    targets = bench_record
+}
+criterion_main!(benches);

@@ -1,0 +1,567 @@
+#!/usr/bin/env bash
+# sipmail against a Postfix relay chain, in one run, paths interleaved. See
+# docs/PERFORMANCE.md for what each figure means and how to read them.
+#
+#   integration/bench.sh                 # everything, about 10 minutes on 2 vCPU
+#   MESSAGES=500 ROUNDS=1 integration/bench.sh   # a quick look
+#
+# Paths measured (all on 127.0.0.1, smtp-source and smtp-sink from Postfix):
+#   sipmail      smtp-source -> sipmail A -> SIP call -> sipmail B -> smtp-sink
+#   postfix      smtp-source -> Postfix A -> Postfix B -> smtp-sink        (plain SMTP)
+#   postfix-tls  smtp-source -> Postfix A -> Postfix B -> smtp-sink        (TLS, A pins
+#                B's self-signed certificate: smtp_tls_security_level = fingerprint)
+# Rates are end to end: from the start of smtp-source until smtp-sink has counted every
+# message. Then: first message on a cold call, per-message latency on a warm call, one
+# big message A->B with fsync at both ends, peak RSS with it in flight, RSS with many idle
+# calls, and (CRITERION=1, the default) the criterion benches.
+#
+# Not part of CI (too long). Needs root (private Postfix instances), postfix,
+# smtp-source, smtp-sink, openssl, python3; installs postfix with apt-get and matplotlib
+# with pip only if they are missing.
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+
+MESSAGES=${MESSAGES:-2000}        # messages per throughput run
+SIZE=${SIZE:-5120}                # bytes per message (smtp-source -l)
+SESSIONS=${SESSIONS:-10}          # parallel sessions for the headline figure
+ROUNDS=${ROUNDS:-3}               # headline rounds; paths interleaved in each
+SWEEP=${SWEEP:-"1 2 5 10 20 50"}  # parallel sessions for the plot
+SWEEP_MESSAGES=${SWEEP_MESSAGES:-1000}
+COLD_CALLS=${COLD_CALLS:-5}       # cold-call first-message measurements
+WARM_MESSAGES=${WARM_MESSAGES:-20}
+BIG_MB=${BIG_MB:-200}             # the one big message, MB (10^6 bytes)
+IDLE_CALLS=${IDLE_CALLS:-100}     # caller relays holding an idle call to one callee
+RUN_TIMEOUT=${RUN_TIMEOUT:-300}   # seconds, per throughput run
+CRITERION=${CRITERION:-1}         # also run the criterion benches
+OUT=${OUT:-$ROOT/target/bench}
+
+say() { printf '%s\n' "$*" | tee -a "$OUT/results.txt"; }
+die() { echo "bench: $*" >&2; exit 1; }
+
+# ---------------------------------------------------------------- tools
+[ "$(id -u)" = 0 ] || die "run as root (private Postfix instances need it)"
+if ! command -v postfix >/dev/null || ! [ -x /usr/sbin/smtp-source ] || ! [ -x /usr/sbin/smtp-sink ]; then
+    echo "== installing postfix (smtp-source, smtp-sink)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+    for attempt in 1 2 3; do
+        apt-get install -y -qq --no-install-recommends postfix && break
+        sleep 5
+    done
+fi
+for t in openssl python3 /usr/sbin/smtp-source /usr/sbin/smtp-sink /usr/sbin/postfix; do
+    command -v "$t" >/dev/null || die "$t not found"
+done
+python3 -c "import matplotlib" 2>/dev/null || python3 -m pip install -q matplotlib \
+    || echo "bench: matplotlib not available; the plot will be skipped"
+
+mkdir -p "$OUT"
+: >"$OUT/results.txt"
+: >"$OUT/runs.tsv"
+echo "== building (release)"
+cargo build --release --quiet --manifest-path "$ROOT/Cargo.toml"
+SIPMAIL="$ROOT/target/release/sipmail"
+WORK="$(mktemp -d /tmp/sipmail-bench.XXXXXX)"
+chmod 755 "$WORK"
+
+PIDS=()
+PF_DIRS=()
+cleanup() {
+    set +e
+    for d in "${PF_DIRS[@]}"; do postfix -c "$d/etc" stop >/dev/null 2>&1; done
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
+    wait 2>/dev/null
+    [ -n "${KEEP:-}" ] || rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+now_ns() { date +%s%N; }
+# N free TCP+UDP ports on 127.0.0.1
+free_ports() {
+    python3 - "$1" <<'PY'
+import socket, sys
+out, keep = [], []
+while len(out) < int(sys.argv[1]):
+    t = socket.socket(); t.bind(("127.0.0.1", 0)); p = t.getsockname()[1]
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        u.bind(("127.0.0.1", p))
+    except OSError:
+        t.close(); continue
+    keep += [t, u]; out.append(p)
+print(" ".join(map(str, out)))
+PY
+}
+wait_port() { # port, seconds
+    local end=$((SECONDS + ${2:-10}))
+    while ((SECONDS < end)); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.05
+    done
+    return 1
+}
+sink_count() { # counter file of smtp-sink -c
+    local c
+    c=$(tail -c 200 "$1" 2>/dev/null | tr '\r' '\n' | grep -o 'mesg=[0-9]*' | tail -1)
+    echo "${c#mesg=}" | sed 's/^$/0/'
+}
+SINK_PID=
+start_sink() { # port, counter file
+    /usr/sbin/smtp-sink -u nobody -c "127.0.0.1:$1" 1000 >"$2" 2>&1 &
+    SINK_PID=$!
+    PIDS+=("$SINK_PID")
+    wait_port "$1" 10 || die "smtp-sink did not start on $1"
+}
+stop_sink() { kill "$SINK_PID" 2>/dev/null || true; wait "$SINK_PID" 2>/dev/null || true; }
+rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+hwm_kb() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; }
+
+read -r P_SRC_S P_SIP_A P_SIP_B P_SMTP_B P_PFA P_PFB P_PFTA P_PFTB \
+    SINK_S SINK_P SINK_T SINK_X <<<"$(free_ports 12)"
+
+# ---------------------------------------------------------------- Postfix instances
+MASTER_DIST=/usr/share/postfix/master.cf.dist
+[ -f "$MASTER_DIST" ] || die "$MASTER_DIST not found"
+mk_postfix() { # name listen-port relay-port extra-main.cf-lines
+    local name=$1 listen=$2 relay=$3 extra=$4 d="$WORK/pf-$1"
+    mkdir -p "$d/etc" "$d/spool" "$d/data"
+    chown root "$d/spool"
+    chown postfix:postfix "$d/data"; chmod 700 "$d/data"
+    cat >"$d/etc/main.cf" <<EOF
+compatibility_level = 3.6
+config_directory = $d/etc
+queue_directory = $d/spool
+data_directory = $d/data
+command_directory = /usr/sbin
+daemon_directory = /usr/lib/postfix/sbin
+meta_directory = /etc/postfix
+shlib_directory = /usr/lib/postfix
+mail_owner = postfix
+setgid_group = postdrop
+myhostname = $name.bench.test
+mydomain = bench.test
+myorigin = \$myhostname
+mydestination =
+local_transport = error:local delivery disabled
+local_recipient_maps =
+alias_maps =
+alias_database =
+relayhost = [127.0.0.1]:$relay
+smtp_host_lookup = native
+inet_interfaces = loopback-only
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+maillog_file = $d/maillog
+maillog_file_prefixes = $d
+queue_run_delay = 5s
+minimal_backoff_time = 5s
+maximal_backoff_time = 30s
+$extra
+EOF
+    {
+        echo "127.0.0.1:$listen inet n - n - - smtpd"
+        # The standard services, not chrooted, up to postlog (no pipe transports).
+        awk '/^#/ || /^$/ {next} /^smtp +inet/ {next} /^maildrop/ {exit}
+             /^[a-z]/ {$5="n"} {print}' "$MASTER_DIST"
+    } >"$d/etc/master.cf"
+    PF_DIRS+=("$d")
+    postfix -c "$d/etc" start >/dev/null 2>&1 || { tail -20 "$d/maillog" 2>/dev/null; die "postfix $name did not start"; }
+    wait_port "$listen" 20 || { tail -20 "$d/maillog"; die "postfix $name does not listen on $listen"; }
+}
+
+echo "== private Postfix instances"
+# TLS: a self-signed certificate for Postfix B (TLS chain); A pins its SHA-256 fingerprint.
+openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj "/CN=pftb.bench.test" \
+    -keyout "$WORK/pftb.key" -out "$WORK/pftb.crt" >/dev/null 2>&1
+chmod 600 "$WORK/pftb.key"
+FPR=$(openssl x509 -in "$WORK/pftb.crt" -noout -fingerprint -sha256 | cut -d= -f2)
+mk_postfix pfa "$P_PFA" "$P_PFB" ""
+mk_postfix pfb "$P_PFB" "$SINK_P" ""
+mk_postfix pftb "$P_PFTB" "$SINK_T" "smtpd_tls_cert_file = $WORK/pftb.crt
+smtpd_tls_key_file = $WORK/pftb.key
+smtpd_tls_security_level = may"
+mk_postfix pfta "$P_PFTA" "$P_PFTB" "smtp_tls_security_level = fingerprint
+smtp_tls_fingerprint_digest = sha256
+smtp_tls_fingerprint_cert_match = $FPR
+smtp_tls_loglevel = 1"
+
+# ---------------------------------------------------------------- sipmail pair
+echo "== sipmail pair"
+SM="$WORK/sm"
+mkdir -p "$SM"
+(
+    cd "$SM"
+    "$SIPMAIL" keys generate --keyring keyring/site-a --domain site-a.test
+    "$SIPMAIL" keys generate --keyring keyring/site-b --domain site-b.test
+    "$SIPMAIL" keys export --keyring keyring/site-a >a.asc
+    "$SIPMAIL" keys export --keyring keyring/site-b >b.asc
+    "$SIPMAIL" keys import --keyring keyring/site-b a.asc
+    "$SIPMAIL" keys import --keyring keyring/site-a b.asc
+) >"$WORK/keys.log" 2>&1 || die "key setup failed: $(tail -3 "$WORK/keys.log")"
+sm_config() { # me other smtp-port sip-port other-sip-port delivery-line
+    cat <<EOF
+[relay]
+domain = "$1.test"
+keyring = "keyring/$1"
+spool = "var/$1/spool"
+[smtp]
+listen = "127.0.0.1:$3"
+allow = ["127.0.0.0/8"]
+max_message_size = 1000000000
+[sip]
+listen = "127.0.0.1:$4"
+media = "127.0.0.1"
+call_idle = "2s"
+[[peer]]
+domain = "$2.test"
+sip = "sip:mail@127.0.0.1:$5"
+[delivery]
+$6
+[queue]
+retry_initial = "1s"
+retry_max = "5s"
+EOF
+}
+sm_config site-a site-b "$P_SRC_S" "$P_SIP_A" "$P_SIP_B" "maildir = \"var/site-a/maildir\"" >"$SM/a.toml"
+sm_config site-b site-a "$P_SMTP_B" "$P_SIP_B" "$P_SIP_A" "smtp = \"127.0.0.1:$SINK_S\"" >"$SM/b.toml"
+(cd "$SM" && exec "$SIPMAIL" run --config b.toml >b.log 2>&1) & PIDS+=($!); SM_B=$!
+(cd "$SM" && exec "$SIPMAIL" run --config a.toml >a.log 2>&1) & PIDS+=($!); SM_A=$!
+wait_port "$P_SRC_S" 20 || die "sipmail A did not start: $(tail -5 "$SM/a.log")"
+wait_port "$P_SMTP_B" 20 || die "sipmail B did not start: $(tail -5 "$SM/b.log")"
+
+# ---------------------------------------------------------------- throughput
+path_in() { case $1 in sipmail) echo "$P_SRC_S" ;; postfix) echo "$P_PFA" ;; postfix-tls) echo "$P_PFTA" ;; esac; }
+path_sink() { case $1 in sipmail) echo "$SINK_S" ;; postfix) echo "$SINK_P" ;; postfix-tls) echo "$SINK_T" ;; esac; }
+PATHS=(sipmail postfix postfix-tls)
+
+# run_path kind path messages sessions -> appends to runs.tsv, prints rate
+run_path() {
+    local kind=$1 p=$2 n=$3 s=$4 cnt="$WORK/sink-$2.cnt"
+    start_sink "$(path_sink "$p")" "$cnt"
+    local t0 t_src t1 got=0 status=ok
+    t0=$(now_ns)
+    timeout "$RUN_TIMEOUT" /usr/sbin/smtp-source -s "$s" -m "$n" -l "$SIZE" \
+        -f a@site-a.test -t b@site-b.test "127.0.0.1:$(path_in "$p")" >"$WORK/source.log" 2>&1 \
+        || status="source-failed"
+    t_src=$(now_ns)
+    local deadline=$((t0 + RUN_TIMEOUT * 1000000000))
+    while :; do
+        got=$(sink_count "$cnt")
+        ((got >= n)) && break
+        (($(now_ns) > deadline)) && { status=timeout; break; }
+        sleep 0.01
+    done
+    t1=$(now_ns)
+    stop_sink
+    local secs rate
+    secs=$(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.3f", (b-a)/1e9}')
+    rate=$(awk -v n="$got" -v t="$secs" 'BEGIN {printf "%.1f", n/t}')
+    local src_secs
+    src_secs=$(awk -v a="$t0" -v b="$t_src" 'BEGIN {printf "%.3f", (b-a)/1e9}')
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$kind" "$p" "$s" "$n" "$got" "$secs" "$src_secs" "$rate" "$status" >>"$OUT/runs.tsv"
+    printf '   %-12s %3s sessions %5s msgs  %8s s  %8s msg/s  (accepted by the first hop in %s s) %s\n' \
+        "$p" "$s" "$got" "$secs" "$rate" "$src_secs" "$status" | tee -a "$OUT/results.txt"
+}
+
+say "sipmail benchmark, $(date -u +%FT%TZ), $(nproc) vCPU, $(uname -r), git $(git -C "$ROOT" rev-parse --short HEAD)"
+say "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
+say ""
+echo "== warm-up (one small run per path, not counted)"
+for p in "${PATHS[@]}"; do run_path warmup "$p" 200 "$SESSIONS" >/dev/null; done
+
+say "== throughput: $MESSAGES messages x $SIZE B, $SESSIONS sessions, $ROUNDS rounds, paths interleaved"
+for r in $(seq "$ROUNDS"); do
+    for p in "${PATHS[@]}"; do run_path main "$p" "$MESSAGES" "$SESSIONS"; done
+done
+say ""
+say "== sweep: $SWEEP_MESSAGES messages x $SIZE B per run, paths interleaved at each session count"
+for s in $SWEEP; do
+    for p in "${PATHS[@]}"; do run_path sweep "$p" "$SWEEP_MESSAGES" "$s"; done
+done
+
+# ---------------------------------------------------------------- latency
+say ""
+say "== latency (sipmail), one message of $SIZE B submitted with Python's smtplib"
+start_sink "$SINK_S" "$WORK/sink-lat.cnt"
+python3 - "$P_SRC_S" "$WORK/sink-lat.cnt" "$SM/a.log" "$COLD_CALLS" "$WARM_MESSAGES" "$SIZE" >"$WORK/latency.txt" <<'PY'
+import re, smtplib, statistics, sys, time
+port, cnt, alog, cold, warm, size = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+def count():
+    with open(cnt, "rb") as f:
+        f.seek(0, 2); n = f.tell(); f.seek(max(0, n - 200))
+        m = re.findall(rb"mesg=(\d+)", f.read())
+    return int(m[-1]) if m else 0
+def calls_ended():
+    with open(alog, "rb") as f:
+        return f.read().count(b"call ended")
+body = ("Subject: latency\r\n\r\n" + "x" * 74 + "\r\n") * max(1, size // 96)
+def one():
+    before = count()
+    t0 = time.perf_counter()
+    with smtplib.SMTP("127.0.0.1", port) as s:
+        s.sendmail("a@site-a.test", ["b@site-b.test"], body)
+        t_acc = time.perf_counter()
+    end = t0 + 30
+    while count() <= before:
+        if time.perf_counter() > end:
+            return None, None
+        time.sleep(0.0002)
+    return (t_acc - t0) * 1000, (time.perf_counter() - t0) * 1000
+colds, warms = [], []
+for i in range(cold):
+    # wait until the previous call has been hung up (call_idle = 2s)
+    ended = calls_ended(); end = time.time() + 15
+    time.sleep(2.2)
+    while calls_ended() <= ended and time.time() < end:
+        time.sleep(0.05)
+    acc, tot = one()
+    colds.append(tot); print(f"cold {i}: accepted by A {acc:.2f} ms, at the sink {tot:.2f} ms")
+    if i == 0:
+        for j in range(warm):
+            acc, tot = one(); warms.append(tot)
+fmt = lambda v: f"median {statistics.median(v):.2f} ms, min {min(v):.2f}, max {max(v):.2f} (n={len(v)})"
+print("COLD " + fmt([c for c in colds if c is not None]))
+print("WARM " + fmt([w for w in warms if w is not None]))
+PY
+stop_sink
+sed 's/^/   /' "$WORK/latency.txt" | tee -a "$OUT/results.txt"
+say "   (smtp-source -> A -> call -> B -> sink; 'cold' includes INVITE/200/ACK, both signatures and"
+say "    both verifications, the media connection, A's and B's fsyncs and B's delivery to the sink)"
+
+# ---------------------------------------------------------------- one big message
+say ""
+say "== one message of $BIG_MB MB, A -> B (A's spool fsync, the call, B's spool fsync), B then to the sink"
+BIG=$((BIG_MB * 1000000))
+sleep 3 # let the call from the latency test go idle and end
+start_sink "$SINK_S" "$WORK/sink-big.cnt"
+echo 5 >"/proc/$SM_A/clear_refs"; echo 5 >"/proc/$SM_B/clear_refs" # reset VmHWM
+IDLE_A=$(rss_kb "$SM_A"); IDLE_B=$(rss_kb "$SM_B")
+delivered_a() { grep -c 'delivered.*route=peer' "$SM/a.log" || true; }
+D0=$(delivered_a)
+(
+    peak_a=0; peak_b=0
+    while kill -0 "$SM_A" 2>/dev/null; do
+        a=$(rss_kb "$SM_A"); b=$(rss_kb "$SM_B")
+        ((a > peak_a)) && peak_a=$a; ((b > peak_b)) && peak_b=$b
+        echo "$peak_a $peak_b" >"$WORK/rss-peak"
+        sleep 0.02
+    done
+) & SAMPLER=$!
+PIDS+=("$SAMPLER")
+# The client is Python with the whole message prepared in memory (smtp-source makes its
+# body line by line and tops out near 80 MB/s here, see the direct figure below).
+cat >"$WORK/bigsend.py" <<'PY'
+import socket, sys, time
+port, size, ready = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+line = b"x" * 98 + b"\r\n"
+body = b"Subject: big\r\n\r\n" + line * (size // len(line)) + b".\r\n"
+s = socket.create_connection(("127.0.0.1", port))
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+f = s.makefile("rb")
+def reply():
+    while True:
+        l = f.readline()
+        if l[3:4] != b"-":
+            return l
+reply()
+open(ready, "w").write(str(time.time_ns()))  # connected and greeted: the clock starts
+for cmd in (b"EHLO big.test", b"MAIL FROM:<a@site-a.test>", b"RCPT TO:<b@site-b.test>", b"DATA"):
+    s.sendall(cmd + b"\r\n"); r = reply()
+s.sendall(body)
+r = reply()
+s.sendall(b"QUIT\r\n")
+sys.exit(0 if r.startswith(b"250") else 1)
+PY
+# body preparation happens before the clock starts (t0 = greeting received)
+python3 "$WORK/bigsend.py" "$P_SRC_S" "$BIG" "$WORK/big.t0" >"$WORK/big-source.log" 2>&1 \
+    || say "   the big message was refused: $(tail -2 "$WORK/big-source.log")"
+t0=$(cat "$WORK/big.t0")
+t_acc=$(now_ns)
+end=$((t0 + 600000000000))
+while (($(delivered_a) <= D0)) && (($(now_ns) < end)); do sleep 0.01; done
+t_b=$(now_ns)
+while (($(sink_count "$WORK/sink-big.cnt") < 1)) && (($(now_ns) < end)); do sleep 0.01; done
+t_sink=$(now_ns)
+kill "$SAMPLER" 2>/dev/null || true
+stop_sink
+read -r PEAK_A PEAK_B <"$WORK/rss-peak"
+HWM_A=$(hwm_kb "$SM_A"); HWM_B=$(hwm_kb "$SM_B")
+mbps() { awk -v b="$BIG" -v a="$1" -v z="$2" 'BEGIN {printf "%.0f MB/s (%.2f s)", b/1e6/((z-a)/1e9), (z-a)/1e9}'; }
+say "   into A (smtp-source -> A, A fsyncs, 250):               $(mbps "$t0" "$t_acc")"
+say "   A -> B leg (A's spool -> call -> B, B fsyncs, 250):     $(mbps "$t_acc" "$t_b")"
+say "   end to end into A through B's fsynced 250:             $(mbps "$t0" "$t_b")"
+say "   ... and on to the sink:                                $(mbps "$t0" "$t_sink")"
+say "   RSS A: idle $((IDLE_A / 1024)) MB, peak $((HWM_A / 1024)) MB (VmHWM; sampled $((PEAK_A / 1024)) MB) -> +$(((HWM_A - IDLE_A) / 1024)) MB"
+say "   RSS B: idle $((IDLE_B / 1024)) MB, peak $((HWM_B / 1024)) MB (VmHWM; sampled $((PEAK_B / 1024)) MB) -> +$(((HWM_B - IDLE_B) / 1024)) MB"
+say "   smtp-source -> smtp-sink directly, same size, for scale:"
+start_sink "$SINK_X" "$WORK/sink-direct.cnt"
+t0=$(now_ns)
+/usr/sbin/smtp-source -s 1 -m 1 -l "$BIG" -f a@x.test -t b@y.test "127.0.0.1:$SINK_X" >/dev/null 2>&1 || true
+t1=$(now_ns)
+stop_sink
+say "   $(mbps "$t0" "$t1")"
+
+# ---------------------------------------------------------------- idle calls
+say ""
+say "== RSS with idle calls: $IDLE_CALLS caller relays each hold one idle call to one callee relay"
+IC="$WORK/idle"
+mkdir -p "$IC"
+read -r P_CB_SIP P_CB_SMTP <<<"$(free_ports 2)"
+(
+    cd "$IC"
+    "$SIPMAIL" keys generate --keyring keyring/callee --domain callee.test
+    "$SIPMAIL" keys export --keyring keyring/callee >callee.asc
+    for i in $(seq -w 1 "$IDLE_CALLS"); do
+        "$SIPMAIL" keys generate --keyring "keyring/c$i" --domain "c$i.test"
+        "$SIPMAIL" keys import --keyring "keyring/c$i" callee.asc
+        "$SIPMAIL" keys export --keyring "keyring/c$i" >"c$i.asc"
+        "$SIPMAIL" keys import --keyring keyring/callee "c$i.asc"
+    done
+) >"$WORK/idle-keys.log" 2>&1 || die "idle-call key setup failed: $(tail -3 "$WORK/idle-keys.log")"
+{
+    printf '[relay]\ndomain = "callee.test"\nkeyring = "keyring/callee"\nspool = "var/callee/spool"\n'
+    printf '[smtp]\nlisten = "127.0.0.1:%s"\n[sip]\nlisten = "127.0.0.1:%s"\nmedia = "127.0.0.1"\ncall_idle = "10m"\n' "$P_CB_SMTP" "$P_CB_SIP"
+    for i in $(seq -w 1 "$IDLE_CALLS"); do
+        printf '[[peer]]\ndomain = "c%s.test"\nsip = "sip:mail@127.0.0.1:1"\n' "$i"
+    done
+    printf '[delivery]\nmaildir = "var/callee/maildir"\n'
+} >"$IC/callee.toml"
+(cd "$IC" && exec "$SIPMAIL" run --config callee.toml >callee.log 2>&1) & PIDS+=($!); CALLEE=$!
+wait_port "$P_CB_SMTP" 30 || die "callee did not start: $(tail -5 "$IC/callee.log")"
+sleep 1
+CALLEE_IDLE=$(rss_kb "$CALLEE")
+CALLER_PIDS=()
+for i in $(seq -w 1 "$IDLE_CALLS"); do
+    read -r ps pp <<<"$(free_ports 2)"
+    cat >"$IC/c$i.toml" <<EOF
+[relay]
+domain = "c$i.test"
+keyring = "keyring/c$i"
+spool = "var/c$i/spool"
+[smtp]
+listen = "127.0.0.1:$ps"
+[sip]
+listen = "127.0.0.1:$pp"
+media = "127.0.0.1"
+call_idle = "10m"
+[[peer]]
+domain = "callee.test"
+sip = "sip:mail@127.0.0.1:$P_CB_SIP"
+[delivery]
+maildir = "var/c$i/maildir"
+EOF
+    (cd "$IC" && exec "$SIPMAIL" run --config "c$i.toml" >"c$i.log" 2>&1) & PIDS+=($!); CALLER_PIDS+=($!)
+    echo "$ps" >"$IC/c$i.port"
+done
+for i in $(seq -w 1 "$IDLE_CALLS"); do
+    ps=$(cat "$IC/c$i.port")
+    wait_port "$ps" 30 || die "caller c$i did not start"
+    /usr/sbin/smtp-source -s 1 -m 1 -l 1000 -f "x@c$i.test" -t "y@callee.test" "127.0.0.1:$ps" >/dev/null 2>&1 &
+done
+wait_calls() { grep -c "call established" "$IC/callee.log" || true; }
+end=$((SECONDS + 120))
+while (($(wait_calls) < IDLE_CALLS)) && ((SECONDS < end)); do sleep 0.2; done
+sleep 2
+ESTABLISHED=$(wait_calls)
+CALLEE_CALLS=$(rss_kb "$CALLEE")
+CALLER_SUM=0
+for p in "${CALLER_PIDS[@]}"; do CALLER_SUM=$((CALLER_SUM + $(rss_kb "$p"))); done
+CALLS_ENDED=$(grep -c "call ended" "$IC/callee.log" || true)
+PER_CALL=$(awk -v a="$CALLEE_IDLE" -v b="$CALLEE_CALLS" -v n="$ESTABLISHED" 'BEGIN {printf "%.1f", (b-a)/n}')
+say "   calls established at the callee: $ESTABLISHED of $IDLE_CALLS (ended meanwhile: $CALLS_ENDED)"
+say "   callee RSS: $((CALLEE_IDLE / 1024)) MB before, $((CALLEE_CALLS / 1024)) MB with the calls idle -> $PER_CALL kB per idle call"
+say "   extrapolated to 1,000 idle calls: $(awk -v a="$CALLEE_IDLE" -v p="$PER_CALL" 'BEGIN {printf "%.0f", (a + 1000*p)/1024}') MB"
+say "   each caller relay: $((CALLER_SUM / ${#CALLER_PIDS[@]} / 1024)) MB RSS on average with its one call"
+for p in "${CALLER_PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+kill "$CALLEE" 2>/dev/null || true
+
+# ---------------------------------------------------------------- summary
+say ""
+say "== summary (medians of the headline rounds, same run)"
+python3 - "$OUT/runs.tsv" "$OUT" <<'PY' | tee -a "$OUT/results.txt"
+import csv, statistics, sys, os
+rows = list(csv.reader(open(sys.argv[1]), delimiter="\t"))
+main = {}
+for kind, path, s, n, got, secs, src, rate, status in rows:
+    if kind == "main":
+        main.setdefault(path, []).append(float(rate))
+med = {p: statistics.median(v) for p, v in main.items()}
+for p, v in main.items():
+    print(f"   {p:12s} median {med[p]:8.1f} msg/s   rounds: {', '.join(f'{x:.1f}' for x in v)}")
+if {"sipmail", "postfix", "postfix-tls"} <= med.keys():
+    print(f"   sipmail / postfix chain plain:          {med['sipmail']/med['postfix']:.2f}x")
+    print(f"   sipmail / postfix chain TLS fingerprint: {med['sipmail']/med['postfix-tls']:.2f}x")
+    per = {}
+    for kind, path, s, n, got, secs, src, rate, status in rows:
+        if kind == "main":
+            per.setdefault(path, []).append(float(rate))
+    for i in range(min(len(v) for v in per.values())):
+        print(f"   round {i+1}: sipmail/plain {per['sipmail'][i]/per['postfix'][i]:.2f}x, sipmail/TLS {per['sipmail'][i]/per['postfix-tls'][i]:.2f}x")
+sweep = {}
+for kind, path, s, n, got, secs, src, rate, status in rows:
+    if kind == "sweep":
+        sweep.setdefault(path, []).append((int(s), float(rate)))
+try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    labels = {"sipmail": "sipmail A -> call -> sipmail B",
+              "postfix": "Postfix A -> Postfix B (plain)",
+              "postfix-tls": "Postfix A -> Postfix B (TLS, fingerprint)"}
+    for p in ("sipmail", "postfix", "postfix-tls"):
+        if p in sweep:
+            xs, ys = zip(*sorted(sweep[p]))
+            ax.plot(xs, ys, marker="o", label=labels[p])
+    ax.set_xscale("log")
+    ax.set_xticks([1, 2, 5, 10, 20, 50]); ax.set_xticklabels(["1", "2", "5", "10", "20", "50"])
+    ax.set_xlabel("parallel SMTP sessions (smtp-source -s)")
+    ax.set_ylabel("messages/s, end to end")
+    ax.set_title("smtp-source -> relay chain -> smtp-sink, 5 KB messages, 127.0.0.1")
+    ax.grid(True, which="both", alpha=0.3); ax.legend(); ax.set_ylim(bottom=0)
+    fig.tight_layout(); fig.savefig(os.path.join(sys.argv[2], "sessions.png"))
+    print(f"   plot: {os.path.join(sys.argv[2], 'sessions.png')}")
+except ImportError:
+    print("   (no matplotlib: plot skipped)")
+PY
+say "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"
+
+# ---------------------------------------------------------------- criterion
+if [ "$CRITERION" = 1 ]; then
+    say ""
+    say "== criterion benches (cargo bench), one core each"
+    (cd "$ROOT" && cargo bench --quiet --bench record --bench handshake --bench smtp_parse --bench queue \
+        >"$OUT/criterion.txt" 2>&1) || say "   cargo bench failed: see $OUT/criterion.txt"
+    python3 - "$ROOT/target/criterion" <<'PY' | tee -a "$OUT/results.txt"
+import json, os, sys
+base = sys.argv[1]
+def est(*p):
+    f = os.path.join(base, *p, "new", "estimates.json")
+    try:
+        return json.load(open(f))["mean"]["point_estimate"]  # ns
+    except OSError:
+        return None
+for size in (64, 1024, 16384, 65536):
+    for g in ("seal+open", "seal", "open"):
+        ns = est(f"record_{g}", str(size))
+        if ns: print(f"   record {g:9s} {size:6d} B: {size/ns:6.2f} GB/s")
+for side in ("caller_side", "callee_side", "both_sides"):
+    ns = est("handshake", side)
+    if ns: print(f"   handshake {side:12s}: {ns/1e3:8.1f} us -> {1e9/ns:7.0f} per second per core")
+for part in ("openpgp_sign", "openpgp_verify", "x25519_keypair_and_dh"):
+    ns = est("handshake_parts", part)
+    if ns: print(f"   {part:22s}: {ns/1e3:8.1f} us")
+for n in ("5KB_1rcpt", "5KB_10rcpt", "5KB_1rcpt_1448B_reads"):
+    ns = est("smtp_session", n)
+    if ns: print(f"   SMTP session {n:22s}: {ns/1e3:6.2f} us -> {1e9/ns:9.0f} transactions/s")
+for size in (5120, 65536, 1048576):
+    ns = est("smtp_data_receiver", str(size))
+    if ns: print(f"   DataReceiver {size:8d} B: {ns/1e3:9.1f} us")
+for n in (1, 10, 50):
+    ns = est("queue_commit_5KB", "concurrent", str(n))
+    if ns: print(f"   queue commit, {n:2d} at once: {ns/1e6:7.2f} ms per batch -> {n*1e9/ns:6.0f} commits/s")
+PY
+fi
+say ""
+say "results: $OUT/results.txt, $OUT/runs.tsv$( [ -f "$OUT/sessions.png" ] && echo ", $OUT/sessions.png")"
