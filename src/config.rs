@@ -69,6 +69,7 @@ struct RawSip {
     listen: String,
     media: String,
     call_idle: Option<String>,
+    calls_per_peer: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -83,6 +84,7 @@ struct RawPeer {
 struct RawDelivery {
     maildir: Option<PathBuf>,
     smtp: Option<String>,
+    lanes: Option<usize>,
 }
 
 #[derive(Deserialize, Default)]
@@ -271,6 +273,10 @@ pub struct Config {
     pub sip_listen: SocketAddr,
     pub media_ip: IpAddr,
     pub call_idle: Duration,
+    /// Calls placed at once to one peer when mail is waiting (each reused for many messages).
+    pub calls_per_peer: usize,
+    /// Local deliveries at once.
+    pub local_lanes: usize,
     pub peers: Vec<Peer>,
     pub delivery: Delivery,
     pub queue: QueueTimes,
@@ -423,6 +429,20 @@ impl Config {
             ));
         }
         let max_message_size = raw.smtp.max_message_size.unwrap_or(50 * 1024 * 1024);
+        let calls_per_peer = raw.sip.calls_per_peer.unwrap_or(4);
+        if !(1..=64).contains(&calls_per_peer) {
+            return Err(bad(
+                "sip.calls_per_peer",
+                format!("{calls_per_peer} is not in 1..=64"),
+            ));
+        }
+        let local_lanes = raw.delivery.lanes.unwrap_or(4);
+        if !(1..=64).contains(&local_lanes) {
+            return Err(bad(
+                "delivery.lanes",
+                format!("{local_lanes} is not in 1..=64"),
+            ));
+        }
         Ok(Config {
             file: file.to_string(),
             hostname: raw.relay.hostname.unwrap_or_else(|| domain.clone()),
@@ -436,6 +456,8 @@ impl Config {
             sip_listen,
             media_ip,
             call_idle,
+            calls_per_peer,
+            local_lanes,
             peers,
             delivery,
             queue,

@@ -29,7 +29,25 @@ fn big_message(n: usize) -> Vec<u8> {
 async fn mail_arrives_byte_for_byte_through_one_reused_call() {
     init_logs();
     let dir = tempfile::tempdir().unwrap();
-    let sites = TwoSites::start(dir.path(), Hooks::default()).await.unwrap();
+    // One call at a time to the peer, so every message must reuse it.
+    make_keys(dir.path()).unwrap();
+    let (pa, pb) = (free_port().unwrap(), free_port().unwrap());
+    let one_call = |s: String| {
+        s.replace(
+            "call_idle = \"2s\"",
+            "call_idle = \"2s\"\ncalls_per_peer = 1",
+        )
+    };
+    let a = Config::parse(
+        "a",
+        &one_call(site_config(dir.path(), "site-a", "site-b", pa, pb)),
+    )
+    .unwrap();
+    let b = Config::parse("b", &site_config(dir.path(), "site-b", "site-a", pb, pa)).unwrap();
+    assert_eq!(a.calls_per_peer, 1);
+    let sites = TwoSites::start_with(dir.path(), a, b, Hooks::default())
+        .await
+        .unwrap();
     let mut events = sites.a.events();
     let mut msgs: Vec<Vec<u8>> = (0..8).map(|i| sample_message(i, "e2e")).collect();
     msgs.push(big_message(1_500_000));

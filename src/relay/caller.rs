@@ -2,7 +2,7 @@
 //! runs an SMTP client through the call's encrypted stream, reuses the call for further
 //! messages, and hangs up with BYE when idle.
 
-use super::scheduler::{Job, Outcome};
+use super::scheduler::{Jobs, Outcome, next_job};
 use super::{KeyringSigner, PeerVerifier, RelayEvent, Shared};
 use crate::config::Peer;
 use crate::handshake::{CallContext, CallerAwaitAnswer, HandshakeError, Suite};
@@ -15,7 +15,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum CallError {
@@ -264,7 +263,7 @@ async fn hang_up(shared: &Shared, peer: &str, call: ActiveCall) {
     });
 }
 
-pub(crate) async fn worker(shared: Arc<Shared>, domain: String, mut rx: mpsc::Receiver<Job>) {
+pub(crate) async fn worker(shared: Arc<Shared>, domain: String, lane: usize, jobs: Jobs) {
     let Some(peer) = shared.cfg.peer(&domain).cloned() else {
         tracing::error!(%domain, "no [[peer]] for this domain; its mail stays queued");
         return;
@@ -272,7 +271,7 @@ pub(crate) async fn worker(shared: Arc<Shared>, domain: String, mut rx: mpsc::Re
     let mut call: Option<ActiveCall> = None;
     loop {
         let job = tokio::select! {
-            j = rx.recv() => j,
+            j = next_job(&jobs) => j,
             _ = tokio::time::sleep(shared.cfg.call_idle), if call.is_some() => {
                 if let Some(c) = call.take() {
                     hang_up(&shared, &domain, c).await;
@@ -292,7 +291,7 @@ pub(crate) async fn worker(shared: Arc<Shared>, domain: String, mut rx: mpsc::Re
             match placed {
                 Ok(c) => call = Some(c),
                 Err(e) => {
-                    tracing::warn!(peer = %domain, queue_id = %job.id, error = %e, "call failed; mail stays queued");
+                    tracing::warn!(peer = %domain, lane, queue_id = %job.id, error = %e, "call failed; mail stays queued");
                     shared.event(RelayEvent::CallFailed {
                         peer: domain.clone(),
                         reason: e.to_string(),

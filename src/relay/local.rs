@@ -1,19 +1,38 @@
 //! Delivery of mail for our own domain: into the Maildir, or by SMTP to the site's MTA.
 
 use super::Shared;
-use super::scheduler::{Job, Outcome};
+use super::scheduler::{Job, Jobs, Outcome, next_job};
 use crate::config::Delivery;
 use crate::smtp::{ClientTimeouts, SmtpClient};
 use std::sync::Arc;
-use tokio::sync::mpsc;
+use tokio::net::TcpStream;
 
-pub(crate) async fn worker(shared: Arc<Shared>, mut rx: mpsc::Receiver<Job>) {
-    while let Some(job) = rx.recv().await {
+/// How long a connection to the local MTA is kept open for the next message.
+const SMTP_IDLE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// One lane of local delivery. With `delivery.smtp` it keeps its connection to the MTA
+/// open between messages, as Postfix's smtp client does with connection caching.
+pub(crate) async fn worker(shared: Arc<Shared>, jobs: Jobs) {
+    let mut conn: Option<SmtpClient<TcpStream>> = None;
+    loop {
+        let job = tokio::select! {
+            j = next_job(&jobs) => j,
+            _ = tokio::time::sleep(SMTP_IDLE), if conn.is_some() => {
+                if let Some(c) = conn.take() {
+                    let _ = c.quit().await;
+                }
+                continue;
+            }
+        };
+        let Some(job) = job else { break };
         let outcomes = match &shared.cfg.delivery {
             Delivery::Maildir(dir) => to_maildir(&shared, dir, &job).await,
-            Delivery::Smtp(addr) => to_smtp(&shared, *addr, &job).await,
+            Delivery::Smtp(addr) => to_smtp(&shared, *addr, &job, &mut conn).await,
         };
         shared.queue.report(&shared, &job, outcomes).await;
+    }
+    if let Some(c) = conn.take() {
+        let _ = c.quit().await;
     }
 }
 
@@ -91,29 +110,74 @@ fn one_line(r: &crate::smtp::Reply) -> String {
     r.to_string().trim_end().replace("\r\n", " / ")
 }
 
-async fn to_smtp(shared: &Shared, addr: std::net::SocketAddr, job: &Job) -> Vec<(String, Outcome)> {
+async fn to_smtp(
+    shared: &Shared,
+    addr: std::net::SocketAddr,
+    job: &Job,
+    conn: &mut Option<SmtpClient<TcpStream>>,
+) -> Vec<(String, Outcome)> {
     let what = format!("local MTA {addr}");
-    let res = async {
-        let tcp = tokio::net::TcpStream::connect(addr)
-            .await
-            .map_err(crate::smtp::ClientError::Io)?;
-        let _ = tcp.set_nodelay(true);
-        let mut client =
-            SmtpClient::connect(tcp, &shared.cfg.hostname, ClientTimeouts::default()).await?;
-        let body = tokio::fs::File::open(shared.spool.body_path(&job.id))
-            .await
-            .map_err(crate::smtp::ClientError::Io)?;
-        let o = client
+    let body = match tokio::fs::File::open(shared.spool.body_path(&job.id)).await {
+        Ok(f) => f,
+        Err(e) => {
+            return job.all(Outcome::Transient(format!(
+                "cannot open the queued message: {e}"
+            )));
+        }
+    };
+    // A cached connection may have been closed by the MTA meanwhile: then one fresh try.
+    for fresh in [conn.is_none(), true] {
+        if fresh {
+            *conn = None;
+            match connect(shared, addr).await {
+                Ok(c) => *conn = Some(c),
+                Err(e) => return outcomes_from_smtp(job, Err(e), &what),
+            }
+        }
+        let Some(c) = conn.as_mut() else { break };
+        let body = match body.try_clone().await {
+            Ok(mut b) => {
+                use tokio::io::AsyncSeekExt;
+                if let Err(e) = b.seek(std::io::SeekFrom::Start(0)).await {
+                    return job.all(Outcome::Transient(format!(
+                        "cannot read the queued message: {e}"
+                    )));
+                }
+                b
+            }
+            Err(e) => {
+                return job.all(Outcome::Transient(format!(
+                    "cannot read the queued message: {e}"
+                )));
+            }
+        };
+        let res = c
             .send_sized(
                 &job.mail_from,
                 &job.recipients,
                 tokio::io::BufReader::new(body),
                 Some(job.size),
             )
-            .await?;
-        let _ = client.quit().await;
-        Ok(o)
+            .await;
+        match res {
+            Err(_) if !fresh => continue,
+            Err(e) => {
+                *conn = None;
+                return outcomes_from_smtp(job, Err(e), &what);
+            }
+            Ok(o) => return outcomes_from_smtp(job, Ok(o), &what),
+        }
     }
-    .await;
-    outcomes_from_smtp(job, res, &what)
+    job.all(Outcome::Transient(format!("{what}: no connection")))
+}
+
+async fn connect(
+    shared: &Shared,
+    addr: std::net::SocketAddr,
+) -> Result<SmtpClient<TcpStream>, crate::smtp::ClientError> {
+    let tcp = TcpStream::connect(addr)
+        .await
+        .map_err(crate::smtp::ClientError::Io)?;
+    let _ = tcp.set_nodelay(true);
+    SmtpClient::connect(tcp, &shared.cfg.hostname, ClientTimeouts::default()).await
 }

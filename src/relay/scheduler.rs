@@ -153,6 +153,11 @@ impl Queue {
         let mut next: Option<u64> = None;
         let State { envs, in_flight } = &mut *st;
         for env in envs.values() {
+            // A bounded round: the rest is picked up on the next one.
+            if jobs.len() >= ROUTE_BACKLOG {
+                next = Some(0);
+                break;
+            }
             let mut by_route: HashMap<&Route, Vec<String>> = HashMap::new();
             for r in env.pending() {
                 if in_flight.contains(&(env.id.clone(), r.route.clone())) {
@@ -286,6 +291,18 @@ impl Queue {
     }
 }
 
+/// The jobs of one route, shared by its lanes: each lane takes the next job when it is
+/// free, so a slow message holds up one lane, not the route.
+pub(crate) type Jobs = Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>;
+
+/// Wait for the next job of a route (None when the route is closed).
+pub(crate) async fn next_job(jobs: &Jobs) -> Option<Job> {
+    jobs.lock().await.recv().await
+}
+
+/// Jobs handed to a route's lanes and not yet taken, at most.
+const ROUTE_BACKLOG: usize = 1024;
+
 /// The scheduler task.
 pub(crate) async fn run(shared: Arc<Shared>) {
     let mut workers: HashMap<Route, mpsc::Sender<Job>> = HashMap::new();
@@ -294,13 +311,23 @@ pub(crate) async fn run(shared: Arc<Shared>) {
         let (jobs, next) = shared.queue.take_due(now_ms());
         for job in jobs {
             let tx = workers.entry(job.route.clone()).or_insert_with(|| {
-                let (tx, rx) = mpsc::channel(256);
+                let (tx, rx) = mpsc::channel(ROUTE_BACKLOG);
+                let rx: Jobs = Arc::new(tokio::sync::Mutex::new(rx));
                 match &job.route {
                     Route::Local => {
-                        tasks.spawn(super::local::worker(shared.clone(), rx));
+                        for _ in 0..shared.cfg.local_lanes {
+                            tasks.spawn(super::local::worker(shared.clone(), rx.clone()));
+                        }
                     }
                     Route::Peer(d) => {
-                        tasks.spawn(super::caller::worker(shared.clone(), d.clone(), rx));
+                        for lane in 0..shared.cfg.calls_per_peer {
+                            tasks.spawn(super::caller::worker(
+                                shared.clone(),
+                                d.clone(),
+                                lane,
+                                rx.clone(),
+                            ));
+                        }
                     }
                 }
                 tx
