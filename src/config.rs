@@ -70,6 +70,7 @@ struct RawSip {
     media: String,
     call_idle: Option<String>,
     calls_per_peer: Option<usize>,
+    suites: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -275,6 +276,8 @@ pub struct Config {
     pub call_idle: Duration,
     /// Calls placed at once to one peer when mail is waiting (each reused for many messages).
     pub calls_per_peer: usize,
+    /// Media cipher suites we offer and accept, in our order of preference.
+    pub suites: Vec<crate::handshake::Suite>,
     /// Local deliveries at once.
     pub local_lanes: usize,
     pub peers: Vec<Peer>,
@@ -436,6 +439,29 @@ impl Config {
                 format!("{calls_per_peer} is not in 1..=64"),
             ));
         }
+        let suites = match &raw.sip.suites {
+            None => crate::handshake::Suite::ALL.to_vec(),
+            Some(names) => {
+                let mut v = Vec::new();
+                for n in names {
+                    let s = crate::handshake::Suite::from_name(n).ok_or_else(|| {
+                        bad(
+                            "sip.suites",
+                            format!(
+                                "unknown suite \"{n}\" (known: chacha20-poly1305, aes-256-gcm)"
+                            ),
+                        )
+                    })?;
+                    if !v.contains(&s) {
+                        v.push(s);
+                    }
+                }
+                if v.is_empty() {
+                    return Err(bad("sip.suites", "lists no suite".into()));
+                }
+                v
+            }
+        };
         let local_lanes = raw.delivery.lanes.unwrap_or(4);
         if !(1..=64).contains(&local_lanes) {
             return Err(bad(
@@ -457,6 +483,7 @@ impl Config {
             media_ip,
             call_idle,
             calls_per_peer,
+            suites,
             local_lanes,
             peers,
             delivery,

@@ -297,3 +297,93 @@ async fn a_replayed_invite_and_ack_deliver_nothing() {
     );
     sites.stop().await;
 }
+
+/// Downgrade on the wire: the strong-suite preference stripped from the INVITE, or the
+/// chosen suite swapped in the 200 OK. Both are signed, so A refuses the call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suite_downgrade_or_swap_on_the_wire_fails() {
+    for strip_offer in [true, false] {
+        init_logs();
+        let dir = tempfile::tempdir().unwrap();
+        let tamper: SipTamper = Arc::new(move |_, from_a, d: &mut Vec<u8>| {
+            if strip_offer && from_a {
+                replace_attr(d, "a=sipmail-suites:", "aes-256-gcm");
+            }
+            if !strip_offer && !from_a {
+                replace_attr(d, "a=sipmail-suite:", "aes-256-gcm");
+            }
+        });
+        let (sites, _) = sites_via_proxy(dir.path(), tamper).await;
+        let mut ev_a = sites.a.events();
+        submit(
+            sites.a.smtp_addr,
+            &[sample_message(1, "downgrade")],
+            "bob@site-b.test",
+            |_| {},
+        )
+        .await
+        .unwrap();
+        let failed = wait_event(
+            &mut ev_a,
+            20,
+            |e| matches!(e, RelayEvent::CallFailed { reason, .. } if reason.contains("signature")),
+        )
+        .await;
+        assert!(
+            failed.is_some(),
+            "strip_offer={strip_offer}: the downgrade was not detected"
+        );
+        assert!(maildir_files(&sites.maildir(&sites.b_cfg)).is_empty());
+        assert_eq!(sites.a.queue_snapshot().messages, 1);
+        sites.stop().await;
+    }
+}
+
+/// Sites that prefer AES-256-GCM get it, end to end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aes_256_gcm_when_the_caller_prefers_it() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    make_keys(dir.path()).unwrap();
+    let (pa, pb) = (free_port().unwrap(), free_port().unwrap());
+    let aes = |s: String| {
+        s.replace(
+            "call_idle = \"2s\"",
+            "call_idle = \"2s\"\nsuites = [\"aes-256-gcm\", \"chacha20-poly1305\"]",
+        )
+    };
+    let a = Config::parse(
+        "a",
+        &aes(site_config(dir.path(), "site-a", "site-b", pa, pb)),
+    )
+    .unwrap();
+    let b = Config::parse("b", &site_config(dir.path(), "site-b", "site-a", pb, pa)).unwrap();
+    let sites = TwoSites::start_with(dir.path(), a, b, Hooks::default())
+        .await
+        .unwrap();
+    let mut ev = sites.a.events();
+    let msg = sample_message(4, "aes");
+    submit(
+        sites.a.smtp_addr,
+        std::slice::from_ref(&msg),
+        "bob@site-b.test",
+        |_| {},
+    )
+    .await
+    .unwrap();
+    let est = wait_event(&mut ev, 20, |e| {
+        matches!(e, RelayEvent::CallEstablished { .. })
+    })
+    .await;
+    match est {
+        Some(RelayEvent::CallEstablished { suite, .. }) => assert_eq!(suite, "aes-256-gcm"),
+        other => panic!("no call: {other:?}"),
+    }
+    let md = sites.maildir(&sites.b_cfg);
+    assert!(wait_until(Duration::from_secs(20), || maildir_files(&md).len() == 1).await);
+    assert!(sipmail::demo::delivered_intact(
+        &std::fs::read(&maildir_files(&md)[0]).unwrap(),
+        &msg
+    ));
+    sites.stop().await;
+}

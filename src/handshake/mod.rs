@@ -32,19 +32,24 @@ const COMMIT_CONTEXT: &[u8] = b"sipmail/1 commitment\0";
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Hash)]
 pub enum Suite {
     ChaCha20Poly1305,
+    Aes256Gcm,
 }
 
 impl Suite {
-    pub const ALL: &'static [Suite] = &[Suite::ChaCha20Poly1305];
+    /// Every suite we implement, in our order of preference: ChaCha20-Poly1305 is
+    /// constant-time in software everywhere; AES-256-GCM is for sites that want AES.
+    pub const ALL: &'static [Suite] = &[Suite::ChaCha20Poly1305, Suite::Aes256Gcm];
 
     pub fn id(self) -> u8 {
         match self {
             Suite::ChaCha20Poly1305 => 1,
+            Suite::Aes256Gcm => 2,
         }
     }
     pub fn name(self) -> &'static str {
         match self {
             Suite::ChaCha20Poly1305 => "chacha20-poly1305",
+            Suite::Aes256Gcm => "aes-256-gcm",
         }
     }
     pub fn from_name(s: &str) -> Option<Suite> {

@@ -283,3 +283,71 @@ pub(crate) const VECTOR_IV_BA: &str = "627066a76cb64bfe0bd964bf";
 pub(crate) const VECTOR_SAS: &str = "e1qr";
 pub(crate) const VECTOR_RECORDS: &str = "00000011729713622d018602aca2e22c0efcfc2cfe000000230e592d445dcf9ba53b449bf1b62a81992067da624a16f9d32ff2a9d0881b0cb3c74113";
 pub(crate) const VECTOR_T2: &str = "0100097369706d61696c2f3102001263306666656540736974652d612e74657374030002613104000262320500106d61696c40736974652d612e746573740600106d61696c40736974652d622e74657374070001010800200707070707070707070707070707070707070707070707070707070707070707090020d825cc0ed87be1995b399d6e75e6d26e26fe0261dd896b2e67187f79f64fa1bd0a0014aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa0b0001010c0020ce8d3ad1ccb633ec7b70c17814a5c76ecd029685050d344745ba05870e587d590d0014bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb0e0020a4e09292b651c278b9772c569f5fa9bb13d906b46ab68c9df9dc2b4409f8a209";
+
+#[test]
+fn the_callee_honours_the_callers_preference_among_common_suites() {
+    let caller = CallerAwaitAnswer::new(
+        [1; 32],
+        [7; 32],
+        vec![Suite::Aes256Gcm, Suite::ChaCha20Poly1305],
+        vec![0xaa; 20],
+    );
+    let (_c, answer) = respond(caller.offer());
+    assert_eq!(answer.suite, Suite::Aes256Gcm);
+    let r = CalleeAwaitConfirm::respond(
+        &ctx(),
+        &caller_offer_only(Suite::ChaCha20Poly1305),
+        [2; 32],
+        &[Suite::Aes256Gcm],
+        vec![0xbb; 20],
+        &B_KEY,
+    );
+    assert!(matches!(r, Err(HandshakeError::NoCommonSuite { .. })));
+}
+
+fn caller_offer_only(s: Suite) -> Offer {
+    CallerAwaitAnswer::new([1; 32], [7; 32], vec![s], vec![0xaa; 20])
+        .offer()
+        .clone()
+}
+
+/// Downgrade: a man in the middle strips the strong suite from the offer (or swaps the
+/// chosen suite in the answer). The offered list and the choice are both in T1, which B
+/// signs, so A refuses.
+#[test]
+fn suite_downgrade_and_swap_are_refused() {
+    let caller = CallerAwaitAnswer::new(
+        [1; 32],
+        [7; 32],
+        vec![Suite::ChaCha20Poly1305, Suite::Aes256Gcm],
+        vec![0xaa; 20],
+    );
+    let mut stripped = caller.offer().clone();
+    stripped.suites = vec![Suite::Aes256Gcm];
+    let (_c, answer) = respond(&stripped);
+    assert_eq!(answer.suite, Suite::Aes256Gcm);
+    let r = caller.on_answer(&ctx(), &answer, &B_KEY, &A_KEY);
+    assert!(matches!(r, Err(HandshakeError::BadSignature(_))), "{r:?}");
+
+    let caller = CallerAwaitAnswer::new(
+        [1; 32],
+        [7; 32],
+        vec![Suite::ChaCha20Poly1305, Suite::Aes256Gcm],
+        vec![0xaa; 20],
+    );
+    let (_c, mut answer) = respond(caller.offer());
+    answer.suite = Suite::Aes256Gcm;
+    let r = caller.on_answer(&ctx(), &answer, &B_KEY, &A_KEY);
+    assert!(matches!(r, Err(HandshakeError::BadSignature(_))), "{r:?}");
+
+    // A suite that was never offered is refused before any signature check.
+    let only_chacha = self::caller();
+    let (_c, mut answer) = respond(only_chacha.offer());
+    answer.suite = Suite::Aes256Gcm;
+    assert_eq!(
+        only_chacha
+            .on_answer(&ctx(), &answer, &B_KEY, &A_KEY)
+            .unwrap_err(),
+        HandshakeError::SuiteNotOffered(Suite::Aes256Gcm)
+    );
+}

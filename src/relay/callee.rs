@@ -3,7 +3,7 @@
 
 use super::inbound::{Origin, SpoolBackend};
 use super::{KeyringSigner, PeerVerifier, RelayEvent, Shared};
-use crate::handshake::{CallContext, CalleeAwaitConfirm, HandshakeError, Suite};
+use crate::handshake::{CallContext, CalleeAwaitConfirm, HandshakeError};
 use crate::sip::sdp::{self, SdpError};
 use crate::sip::{Incoming, Method, Response};
 use crate::tunnel::record::Limits;
@@ -190,7 +190,7 @@ async fn answer(shared: &Arc<Shared>, inc: Incoming) -> Result<(), String> {
         &ctx,
         &offer,
         secret,
-        Suite::ALL,
+        &shared.cfg.suites,
         shared.own_fpr.clone(),
         &KeyringSigner(&shared.keyring),
     );

@@ -5,7 +5,7 @@
 use super::scheduler::{Jobs, Outcome, next_job};
 use super::{KeyringSigner, PeerVerifier, RelayEvent, Shared};
 use crate::config::Peer;
-use crate::handshake::{CallContext, CallerAwaitAnswer, HandshakeError, Suite};
+use crate::handshake::{CallContext, CallerAwaitAnswer, HandshakeError};
 use crate::sip::sdp::{self, SdpError};
 use crate::sip::{Method, Request, Response, Transport, TxnError};
 use crate::smtp::{ClientError, ClientTimeouts, SmtpClient};
@@ -99,7 +99,7 @@ async fn place_call(shared: &Arc<Shared>, peer: &Peer) -> Result<ActiveCall, Cal
     let caller = CallerAwaitAnswer::new(
         random32(),
         random32(),
-        Suite::ALL.to_vec(),
+        shared.cfg.suites.clone(),
         shared.own_fpr.clone(),
     );
     let session_id = u64::from_be_bytes(random32()[..8].try_into().unwrap_or_default()) >> 1;

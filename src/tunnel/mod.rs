@@ -81,8 +81,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TunnelStream<S> {
         };
         TunnelStream {
             inner,
-            sealer: Sealer::new(send, limits),
-            opener: Opener::new(recv),
+            sealer: Sealer::with_suite(keys.suite, send, limits),
+            opener: Opener::with_suite(keys.suite, recv),
             rbuf: vec![0; record::HEADER_LEN + record::MAX_CIPHERTEXT + 4096],
             rpos: 0,
             rlen: 0,

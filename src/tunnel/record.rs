@@ -9,7 +9,8 @@
 //! duplicated record fails authentication. The end of the stream is a CLOSE record; EOF
 //! without it is truncation. KEY_UPDATE ratchets the sender's key (the receiver follows).
 
-use crate::handshake::DirectionKeys;
+use crate::handshake::{DirectionKeys, Suite};
+use aes_gcm::Aes256Gcm;
 use chacha20poly1305::aead::{AeadInOut, KeyInit};
 use chacha20poly1305::{ChaCha20Poly1305, Nonce, Tag};
 use hkdf::Hkdf;
@@ -88,9 +89,50 @@ impl Default for Limits {
     }
 }
 
+/// The negotiated AEAD. Both have 32-byte keys, 12-byte nonces and 16-byte tags.
+enum Cipher {
+    ChaCha(Box<ChaCha20Poly1305>),
+    Aes(Box<Aes256Gcm>),
+}
+
+impl Cipher {
+    fn new(suite: Suite, key: &[u8; 32]) -> Cipher {
+        match suite {
+            Suite::ChaCha20Poly1305 => {
+                Cipher::ChaCha(Box::new(ChaCha20Poly1305::new(&(*key).into())))
+            }
+            Suite::Aes256Gcm => Cipher::Aes(Box::new(Aes256Gcm::new(&(*key).into()))),
+        }
+    }
+
+    fn seal(&self, nonce: &Nonce, aad: &[u8], buf: &mut [u8]) -> Option<Tag> {
+        match self {
+            Cipher::ChaCha(c) => c.encrypt_inout_detached(nonce, aad, buf.into()).ok(),
+            Cipher::Aes(c) => c
+                .encrypt_inout_detached(nonce, aad, buf.into())
+                .ok()
+                .map(|t| Tag::from(<[u8; 16]>::from(t))),
+        }
+    }
+
+    fn open(&self, nonce: &Nonce, aad: &[u8], buf: &mut [u8], tag: &Tag) -> bool {
+        match self {
+            Cipher::ChaCha(c) => c
+                .decrypt_inout_detached(nonce, aad, buf.into(), tag)
+                .is_ok(),
+            Cipher::Aes(c) => {
+                let tag = aes_gcm::Tag::from(<[u8; 16]>::from(*tag));
+                c.decrypt_inout_detached(nonce, aad, buf.into(), &tag)
+                    .is_ok()
+            }
+        }
+    }
+}
+
 /// One direction's key, IV and sequence number.
 struct DirectionState {
-    aead: ChaCha20Poly1305,
+    suite: Suite,
+    aead: Cipher,
     key: [u8; 32],
     iv: [u8; 12],
     seq: u64,
@@ -106,9 +148,10 @@ impl Drop for DirectionState {
 }
 
 impl DirectionState {
-    fn new(k: &DirectionKeys) -> Self {
+    fn new(suite: Suite, k: &DirectionKeys) -> Self {
         DirectionState {
-            aead: ChaCha20Poly1305::new(&k.key.into()),
+            suite,
+            aead: Cipher::new(suite, &k.key),
             key: k.key,
             iv: k.iv,
             seq: 0,
@@ -137,7 +180,7 @@ impl DirectionState {
         self.key = key;
         self.iv = iv;
         key.zeroize();
-        self.aead = ChaCha20Poly1305::new(&self.key.into());
+        self.aead = Cipher::new(self.suite, &self.key);
         self.seq = 0;
         self.bytes = 0;
         self.epoch += 1;
@@ -162,9 +205,14 @@ impl fmt::Debug for Sealer {
 }
 
 impl Sealer {
+    /// A ChaCha20-Poly1305 sealer (the default suite).
     pub fn new(keys: &DirectionKeys, limits: Limits) -> Self {
+        Self::with_suite(Suite::ChaCha20Poly1305, keys, limits)
+    }
+
+    pub fn with_suite(suite: Suite, keys: &DirectionKeys, limits: Limits) -> Self {
         Sealer {
-            st: DirectionState::new(keys),
+            st: DirectionState::new(suite, keys),
             limits,
             closed: false,
         }
@@ -197,8 +245,8 @@ impl Sealer {
         let tag = self
             .st
             .aead
-            .encrypt_inout_detached(&nonce, &header, (&mut out[start..]).into())
-            .map_err(|_| RecordError::PayloadTooLarge(payload.len()))?;
+            .seal(&nonce, &header, &mut out[start..])
+            .ok_or(RecordError::PayloadTooLarge(payload.len()))?;
         out.extend_from_slice(&tag);
         self.st.seq += 1;
         self.st.bytes += payload.len() as u64;
@@ -257,9 +305,14 @@ impl fmt::Debug for Opener {
 }
 
 impl Opener {
+    /// A ChaCha20-Poly1305 opener (the default suite).
     pub fn new(keys: &DirectionKeys) -> Self {
+        Self::with_suite(Suite::ChaCha20Poly1305, keys)
+    }
+
+    pub fn with_suite(suite: Suite, keys: &DirectionKeys) -> Self {
         Opener {
-            st: DirectionState::new(keys),
+            st: DirectionState::new(suite, keys),
             closed: false,
         }
     }
@@ -297,10 +350,9 @@ impl Opener {
         let (body, tag_bytes) = rest[..total - HEADER_LEN].split_at_mut(body_len);
         let tag = Tag::try_from(&tag_bytes[..]).map_err(|_| RecordError::BadLength(total))?;
         let nonce = self.st.nonce();
-        self.st
-            .aead
-            .decrypt_inout_detached(&nonce, header, body.into(), &tag)
-            .map_err(|_| RecordError::BadRecord { seq: self.st.seq })?;
+        if !self.st.aead.open(&nonce, header, body, &tag) {
+            return Err(RecordError::BadRecord { seq: self.st.seq });
+        }
         self.st.seq += 1;
         let typ = RecordType::from_byte(body[0]).ok_or(RecordError::UnknownType(body[0]))?;
         let opened = match typ {
@@ -363,6 +415,25 @@ mod tests {
         assert!(closed);
         assert_eq!(&plain[..5], b"hello");
         assert_eq!(plain.len(), 5 + 35000);
+    }
+
+    #[test]
+    fn aes_256_gcm_round_trip_and_suites_do_not_mix() {
+        let mut s = Sealer::with_suite(Suite::Aes256Gcm, &keys(3), Limits::default());
+        let mut wire = Vec::new();
+        s.seal_data(b"over AES-256-GCM", &mut wire).unwrap();
+        s.seal_close(&mut wire).unwrap();
+        let (plain, closed) = open_all(
+            &mut Opener::with_suite(Suite::Aes256Gcm, &keys(3)),
+            wire.clone(),
+        )
+        .unwrap();
+        assert!(closed);
+        assert_eq!(plain, b"over AES-256-GCM");
+        assert!(
+            Opener::new(&keys(3)).open(&mut wire).is_err(),
+            "ChaCha20 must not open AES-GCM records"
+        );
     }
 
     #[test]
