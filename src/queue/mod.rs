@@ -15,7 +15,8 @@ use serde::{Deserialize, Serialize};
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -89,6 +90,7 @@ pub struct Spool {
     tmp: PathBuf,
     queue: PathBuf,
     corrupt: PathBuf,
+    dir_sync: Arc<DirSync>,
 }
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -97,15 +99,40 @@ fn fsync_dir(p: &Path) -> io::Result<()> {
     fs::File::open(p)?.sync_all()
 }
 
+/// Group commit for the `queue/` directory. Every commit renames its files into `queue/`
+/// and then needs one fsync of the directory that starts *after* its renames. Commits
+/// that arrive while an fsync runs share the next one, so N concurrent messages cost one
+/// directory fsync instead of N.
+#[derive(Debug, Default)]
+struct DirSync {
+    /// Renames done so far (a ticket per commit).
+    requested: AtomicU64,
+    /// The highest ticket known durable; the lock also serializes the fsyncs.
+    synced: tokio::sync::Mutex<u64>,
+}
+
+impl DirSync {
+    async fn sync(&self, dir: &Path) -> io::Result<()> {
+        let ticket = self.requested.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut synced = self.synced.lock().await;
+        if *synced >= ticket {
+            return Ok(()); // an fsync that started after our renames already covered us
+        }
+        let covers = self.requested.load(Ordering::SeqCst);
+        let dir = dir.to_path_buf();
+        tokio::task::spawn_blocking(move || fsync_dir(&dir))
+            .await
+            .map_err(io::Error::other)??;
+        *synced = covers;
+        Ok(())
+    }
+}
+
 impl Spool {
     /// Open (creating if needed) and recover: clear `tmp/`, drop bodies whose envelope
     /// never committed, and return every committed envelope.
     pub fn open(root: &Path) -> io::Result<(Spool, Vec<Envelope>)> {
-        let s = Spool {
-            tmp: root.join("tmp"),
-            queue: root.join("queue"),
-            corrupt: root.join("corrupt"),
-        };
+        let s = Spool::at(root);
         for d in [&s.tmp, &s.queue, &s.corrupt] {
             fs::create_dir_all(d)?;
         }
@@ -152,6 +179,7 @@ impl Spool {
             tmp: root.join("tmp"),
             queue: root.join("queue"),
             corrupt: root.join("corrupt"),
+            dir_sync: Arc::default(),
         }
     }
 
@@ -207,23 +235,29 @@ impl Spool {
             .await
     }
 
-    /// Make the message durable. Returns only after everything is fsynced.
+    /// Make the message durable. Returns only after the body, the envelope and the
+    /// directory entries are fsynced (the directory fsync shared with concurrent commits).
     pub async fn commit(&self, mut body: tokio::fs::File, env: &Envelope) -> io::Result<()> {
         use tokio::io::AsyncWriteExt;
         body.flush().await?;
-        body.sync_all().await?;
+        // The body's fsync and the envelope's write and fsync run side by side.
+        let s = self.clone();
+        let e = env.clone();
+        let env_written = tokio::task::spawn_blocking(move || s.write_env_tmp(&e));
+        let (body_synced, env_written) = tokio::join!(body.sync_all(), env_written);
+        body_synced?;
+        env_written.map_err(io::Error::other)??;
         drop(body);
         let s = self.clone();
-        let env = env.clone();
+        let id = env.id.clone();
         tokio::task::spawn_blocking(move || {
-            s.write_env_tmp(&env)?;
-            let id = &env.id;
-            fs::rename(s.tmp.join(format!("{id}.msg")), s.body_path(id))?;
-            fs::rename(s.tmp.join(format!("{id}.env")), s.env_path(id))?;
-            fsync_dir(&s.queue)
+            fs::rename(s.tmp.join(format!("{id}.msg")), s.body_path(&id))?;
+            // The envelope's rename is the commit point.
+            fs::rename(s.tmp.join(format!("{id}.env")), s.env_path(&id))
         })
         .await
-        .map_err(io::Error::other)?
+        .map_err(io::Error::other)??;
+        self.dir_sync.sync(&self.queue).await
     }
 
     /// Throw away a body that will not be committed.
@@ -244,22 +278,25 @@ impl Spool {
         let env = env.clone();
         tokio::task::spawn_blocking(move || {
             s.write_env_tmp(&env)?;
-            fs::rename(s.tmp.join(format!("{}.env", env.id)), s.env_path(&env.id))?;
-            fsync_dir(&s.queue)
+            fs::rename(s.tmp.join(format!("{}.env", env.id)), s.env_path(&env.id))
         })
         .await
-        .map_err(io::Error::other)?
+        .map_err(io::Error::other)??;
+        self.dir_sync.sync(&self.queue).await
     }
 
     /// Remove a finished message: the envelope first, so a crash leaves only an orphan body
     /// (removed at start-up), never an envelope without its body.
+    ///
+    /// No directory fsync here, as in Postfix: if the machine loses power before the kernel
+    /// writes the unlink, the message comes back and is delivered again (a duplicate, which
+    /// SMTP allows); a process crash or `kill -9` loses nothing of the kind.
     pub async fn remove(&self, id: &str) -> io::Result<()> {
         let s = self.clone();
         let id = id.to_string();
         tokio::task::spawn_blocking(move || {
             fs::remove_file(s.env_path(&id))?;
-            fs::remove_file(s.body_path(&id))?;
-            fsync_dir(&s.queue)
+            fs::remove_file(s.body_path(&id))
         })
         .await
         .map_err(io::Error::other)?
@@ -322,6 +359,36 @@ mod tests {
         s.remove(&id).await.unwrap();
         let (_s, envs) = Spool::open(dir.path()).unwrap();
         assert!(envs.is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_commits_share_directory_fsyncs_and_all_recover() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = Spool::open(dir.path()).unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..50 {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move {
+                let id = Spool::new_id();
+                let mut f = s.create_body(&id).await.unwrap();
+                f.write_all(format!("message {i}").as_bytes())
+                    .await
+                    .unwrap();
+                s.commit(f, &env(&id)).await.unwrap();
+                id
+            }));
+        }
+        let mut ids = Vec::new();
+        for t in tasks {
+            ids.push(t.await.unwrap());
+        }
+        let fsyncs = *s.dir_sync.synced.lock().await;
+        assert_eq!(fsyncs, 50, "every commit is covered");
+        let (_s, envs) = Spool::open(dir.path()).unwrap();
+        assert_eq!(envs.len(), 50);
+        for id in ids {
+            assert!(envs.iter().any(|e| e.id == id));
+        }
     }
 
     #[test]
