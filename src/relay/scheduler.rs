@@ -44,10 +44,23 @@ pub(crate) enum Outcome {
     },
 }
 
+impl State {
+    fn release(&mut self, id: &str, route: &Route) {
+        if let Some(routes) = self.in_flight.get_mut(id) {
+            routes.remove(route);
+            if routes.is_empty() {
+                self.in_flight.remove(id);
+            }
+        }
+    }
+}
+
 #[derive(Default)]
 struct State {
     envs: HashMap<String, Envelope>,
-    in_flight: HashSet<(String, Route)>,
+    /// Routes of each message that a lane is working on. Keyed by queue ID so that the
+    /// scheduler's scan looks up without allocating.
+    in_flight: HashMap<String, HashSet<Route>>,
 }
 
 /// Counts for operators and the demo.
@@ -96,7 +109,7 @@ impl Queue {
         QueueSnapshot {
             messages: st.envs.len(),
             pending_recipients: st.envs.values().map(|e| e.pending().count()).sum(),
-            in_flight: st.in_flight.len(),
+            in_flight: st.in_flight.values().map(HashSet::len).sum(),
         }
     }
 
@@ -158,9 +171,10 @@ impl Queue {
                 next = Some(0);
                 break;
             }
+            let flying = in_flight.get(&env.id);
             let mut by_route: HashMap<&Route, Vec<String>> = HashMap::new();
             for r in env.pending() {
-                if in_flight.contains(&(env.id.clone(), r.route.clone())) {
+                if flying.is_some_and(|f| f.contains(&r.route)) {
                     continue;
                 }
                 if r.next_attempt_ms <= now {
@@ -181,15 +195,16 @@ impl Queue {
         }
         jobs.sort_by(|a, b| a.id.cmp(&b.id));
         for j in &jobs {
-            in_flight.insert((j.id.clone(), j.route.clone()));
+            in_flight
+                .entry(j.id.clone())
+                .or_default()
+                .insert(j.route.clone());
         }
         (jobs, next)
     }
 
     fn release(&self, id: &str, route: &Route) {
-        self.lock()
-            .in_flight
-            .remove(&(id.to_string(), route.clone()));
+        self.lock().release(id, route);
     }
 
     fn backoff(&self, attempts: u32) -> Duration {
@@ -205,7 +220,7 @@ impl Queue {
         let mut failures: Vec<Failure> = Vec::new();
         let updated = {
             let mut st = self.lock();
-            st.in_flight.remove(&(job.id.clone(), job.route.clone()));
+            st.release(&job.id, &job.route);
             let Some(env) = st.envs.get_mut(&job.id) else {
                 return;
             };
