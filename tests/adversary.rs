@@ -387,3 +387,115 @@ async fn aes_256_gcm_when_the_caller_prefers_it() {
     ));
     sites.stop().await;
 }
+
+/// Truncation: the media connection is cut in the middle of a message, with no
+/// authenticated close. B must not commit the half message; A retries on a new call and
+/// the message arrives once, whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncated_stream_delivers_nothing_half_done() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = MediaProxy::start_with(None, Some((0, 120_000))).await;
+    let sites = TwoSites::start(dir.path(), proxy.hook()).await.unwrap();
+    let mut msg = b"Subject: long\r\nMessage-ID: <trunc@site-a.test>\r\n\r\n".to_vec();
+    while msg.len() < 300_000 {
+        msg.extend_from_slice(
+            b"0123456789 the quick brown fox jumps over the lazy dog 0123456789\r\n",
+        );
+    }
+    submit(
+        sites.a.smtp_addr,
+        std::slice::from_ref(&msg),
+        "bob@site-b.test",
+        |_| {},
+    )
+    .await
+    .unwrap();
+    let md = sites.maildir(&sites.b_cfg);
+    assert!(
+        wait_until(Duration::from_secs(30), || maildir_files(&md).len() == 1).await,
+        "not delivered after the retry"
+    );
+    assert!(
+        proxy.connections.load(std::sync::atomic::Ordering::SeqCst) >= 2,
+        "the cut call did not fail"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let files = maildir_files(&md);
+    assert_eq!(files.len(), 1, "a half message was delivered");
+    assert!(sipmail::demo::delivered_intact(
+        &std::fs::read(&files[0]).unwrap(),
+        &msg
+    ));
+    assert_eq!(sites.b.queue_snapshot().messages, 0);
+    sites.stop().await;
+}
+
+/// Mallory has B's certificate (it is public) but not B's key. He answers A's call as
+/// site-b.test, presenting B's fingerprint with a signature made by his own key for
+/// mail@site-b.test. A verifies against the cert it holds for B and refuses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stolen_cert_with_the_wrong_key_is_refused() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    make_keys(dir.path()).unwrap();
+    let b_fpr = Keyring::open(&dir.path().join("keyring/site-b"))
+        .unwrap()
+        .own_fingerprint()
+        .unwrap();
+    // Mallory's relay: domain site-b.test, his own key with B's user ID, A's cert.
+    let m_kr = dir.path().join("keyring/mallory");
+    Keyring::generate(&m_kr, "site-b.test").unwrap();
+    let a_pub = Keyring::open(&dir.path().join("keyring/site-a"))
+        .unwrap()
+        .export_public()
+        .unwrap();
+    Keyring::import(&m_kr, a_pub.as_bytes()).unwrap();
+    let (pa, pm) = (free_port().unwrap(), free_port().unwrap());
+    let fpr = b_fpr.clone();
+    let tamper: SipTamper = Arc::new(move |_, from_a, d: &mut Vec<u8>| {
+        if !from_a {
+            replace_attr(d, "a=sipmail-fingerprint:", &fpr);
+        }
+    });
+    let proxy = SipProxy::start(format!("127.0.0.1:{pm}").parse().unwrap(), tamper).await;
+    let a = Config::parse(
+        "a",
+        &site_config(dir.path(), "site-a", "site-b", pa, proxy.listen.port()),
+    )
+    .unwrap();
+    let mut m = Config::parse("m", &site_config(dir.path(), "site-b", "site-a", pm, pa)).unwrap();
+    m.keyring = m_kr;
+    m.spool = dir.path().join("var/mallory/spool");
+    m.delivery = sipmail::config::Delivery::Maildir(dir.path().join("var/mallory/maildir"));
+    let sites = TwoSites::start_with(dir.path(), a, m, Hooks::default())
+        .await
+        .unwrap();
+    let mut ev = sites.a.events();
+    submit(
+        sites.a.smtp_addr,
+        &[sample_message(1, "stolen")],
+        "bob@site-b.test",
+        |_| {},
+    )
+    .await
+    .unwrap();
+    let failed = wait_event(
+        &mut ev,
+        20,
+        |e| matches!(e, RelayEvent::CallFailed { reason, .. } if reason.contains("signature")),
+    )
+    .await;
+    assert!(failed.is_some(), "A accepted Mallory's answer");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        maildir_files(&dir.path().join("var/mallory/maildir")).is_empty(),
+        "Mallory received the mail"
+    );
+    assert_eq!(
+        sites.a.queue_snapshot().messages,
+        1,
+        "the mail must stay queued"
+    );
+    sites.stop().await;
+}

@@ -17,6 +17,8 @@ pub type Tamper = Arc<dyn Fn(usize, usize, &mut [u8]) + Send + Sync>;
 /// asked for (set per connection through `set_target`). Records all bytes both ways.
 pub struct MediaProxy {
     pub listen: SocketAddr,
+    /// Cut connection `.0` after `.1` bytes caller->callee (both directions closed).
+    pub cut: Option<(usize, usize)>,
     pub target: Arc<Mutex<Option<SocketAddr>>>,
     pub recorded: Arc<Mutex<Vec<u8>>>,
     pub connections: Arc<AtomicUsize>,
@@ -24,6 +26,12 @@ pub struct MediaProxy {
 
 impl MediaProxy {
     pub async fn start(tamper: Option<Tamper>) -> MediaProxy {
+        Self::start_with(tamper, None).await
+    }
+
+    /// Like `start`, and connection `cut.0` is cut after `cut.1` bytes from the caller,
+    /// without the authenticated close: a truncation attack.
+    pub async fn start_with(tamper: Option<Tamper>, cut: Option<(usize, usize)>) -> MediaProxy {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let listen = l.local_addr().unwrap();
         let target: Arc<Mutex<Option<SocketAddr>>> = Arc::default();
@@ -43,6 +51,8 @@ impl MediaProxy {
                 let (mut or, mut ow) = outbound.into_split();
                 let rec1 = r.clone();
                 let tamper = tamper.clone();
+                let stop = Arc::new(tokio::sync::Notify::new());
+                let stop2 = stop.clone();
                 tokio::spawn(async move {
                     let mut buf = vec![0u8; 65536];
                     let mut off = 0usize;
@@ -54,21 +64,31 @@ impl MediaProxy {
                         if let Some(f) = &tamper {
                             f(n, off, &mut buf[..k]);
                         }
+                        let mut k = k;
+                        let cutting = matches!(cut, Some((c, at)) if c == n && off + k >= at);
+                        if let Some((_, at)) = cut.filter(|_| cutting) {
+                            k = at.saturating_sub(off);
+                        }
                         off += k;
                         rec1.lock().unwrap().extend_from_slice(&buf[..k]);
-                        if ow.write_all(&buf[..k]).await.is_err() {
+                        if ow.write_all(&buf[..k]).await.is_err() || cutting {
                             break;
                         }
                     }
-                    let _ = ow.shutdown().await;
+                    // A cut closes both sides at once, as a broken connection would.
+                    drop(ow);
+                    stop.notify_one();
                 });
                 let rec2 = r.clone();
                 tokio::spawn(async move {
                     let mut buf = vec![0u8; 65536];
                     loop {
-                        let k = match or.read(&mut buf).await {
-                            Ok(0) | Err(_) => break,
-                            Ok(k) => k,
+                        let k = tokio::select! {
+                            r = or.read(&mut buf) => match r {
+                                Ok(0) | Err(_) => break,
+                                Ok(k) => k,
+                            },
+                            _ = stop2.notified() => break,
                         };
                         rec2.lock().unwrap().extend_from_slice(&buf[..k]);
                         if iw.write_all(&buf[..k]).await.is_err() {
@@ -81,6 +101,7 @@ impl MediaProxy {
         });
         MediaProxy {
             listen,
+            cut,
             target,
             recorded,
             connections,
