@@ -10,10 +10,9 @@
 //! without it is truncation. KEY_UPDATE ratchets the sender's key (the receiver follows).
 
 use crate::handshake::{DirectionKeys, Suite};
-use aes_gcm::Aes256Gcm;
-use chacha20poly1305::aead::{AeadInOut, KeyInit};
-use chacha20poly1305::{ChaCha20Poly1305, Nonce, Tag};
 use hkdf::Hkdf;
+use openssl::cipher::{Cipher as OsslCipher, CipherRef};
+use openssl::cipher_ctx::CipherCtx;
 use sha2::Sha256;
 use std::fmt;
 use zeroize::Zeroize;
@@ -50,7 +49,7 @@ impl RecordType {
     }
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum RecordError {
     #[error(
         "record authentication failed (tampered, replayed, reordered or wrong key) at sequence {seq}"
@@ -66,6 +65,8 @@ pub enum RecordError {
     SequenceExhausted,
     #[error("record after the authenticated close")]
     AfterClose,
+    #[error("the cipher library failed: {0}")]
+    Crypto(String),
 }
 
 /// When to ratchet (soft limit) and when to refuse (hard limit).
@@ -89,50 +90,68 @@ impl Default for Limits {
     }
 }
 
-/// The negotiated AEAD. Both have 32-byte keys, 12-byte nonces and 16-byte tags.
-enum Cipher {
-    ChaCha(Box<ChaCha20Poly1305>),
-    Aes(Box<Aes256Gcm>),
+/// The negotiated AEAD, run by OpenSSL (already linked, vendored, for Sequoia): on this
+/// machine its ChaCha20-Poly1305 is about twice as fast as RustCrypto's, and its
+/// AES-256-GCM uses AES-NI. The context is keyed once; each record only sets the nonce.
+struct Cipher {
+    ctx: CipherCtx,
 }
 
 impl Cipher {
-    fn new(suite: Suite, key: &[u8; 32]) -> Cipher {
-        match suite {
-            Suite::ChaCha20Poly1305 => {
-                Cipher::ChaCha(Box::new(ChaCha20Poly1305::new(&(*key).into())))
-            }
-            Suite::Aes256Gcm => Cipher::Aes(Box::new(Aes256Gcm::new(&(*key).into()))),
+    /// A context keyed for one direction: sealing (`encrypt`) or opening.
+    fn new(suite: Suite, key: &[u8; 32], encrypt: bool) -> Result<Cipher, RecordError> {
+        let kind: &'static CipherRef = match suite {
+            Suite::ChaCha20Poly1305 => OsslCipher::chacha20_poly1305(),
+            Suite::Aes256Gcm => OsslCipher::aes_256_gcm(),
+        };
+        let mut ctx = CipherCtx::new().map_err(crypto)?;
+        if encrypt {
+            ctx.encrypt_init(Some(kind), Some(key), None)
+                .map_err(crypto)?;
+        } else {
+            ctx.decrypt_init(Some(kind), Some(key), None)
+                .map_err(crypto)?;
         }
+        Ok(Cipher { ctx })
     }
 
-    fn seal(&self, nonce: &Nonce, aad: &[u8], buf: &mut [u8]) -> Option<Tag> {
-        match self {
-            Cipher::ChaCha(c) => c.encrypt_inout_detached(nonce, aad, buf.into()).ok(),
-            Cipher::Aes(c) => c
-                .encrypt_inout_detached(nonce, aad, buf.into())
-                .ok()
-                .map(|t| Tag::from(<[u8; 16]>::from(t))),
-        }
+    fn seal(
+        &mut self,
+        nonce: &[u8; 12],
+        aad: &[u8],
+        buf: &mut [u8],
+    ) -> Result<[u8; TAG_LEN], RecordError> {
+        let c = &mut self.ctx;
+        c.encrypt_init(None, None, Some(nonce)).map_err(crypto)?;
+        c.cipher_update(aad, None).map_err(crypto)?;
+        c.cipher_update_inplace(buf, buf.len()).map_err(crypto)?;
+        c.cipher_final(&mut []).map_err(crypto)?;
+        let mut tag = [0u8; TAG_LEN];
+        c.tag(&mut tag).map_err(crypto)?;
+        Ok(tag)
     }
 
-    fn open(&self, nonce: &Nonce, aad: &[u8], buf: &mut [u8], tag: &Tag) -> bool {
-        match self {
-            Cipher::ChaCha(c) => c
-                .decrypt_inout_detached(nonce, aad, buf.into(), tag)
-                .is_ok(),
-            Cipher::Aes(c) => {
-                let tag = aes_gcm::Tag::from(<[u8; 16]>::from(*tag));
-                c.decrypt_inout_detached(nonce, aad, buf.into(), &tag)
-                    .is_ok()
-            }
-        }
+    /// Decrypt in place; false if the tag does not verify.
+    fn open(&mut self, nonce: &[u8; 12], aad: &[u8], buf: &mut [u8], tag: &[u8]) -> bool {
+        let c = &mut self.ctx;
+        c.decrypt_init(None, None, Some(nonce)).is_ok()
+            && c.cipher_update(aad, None).is_ok()
+            && c.cipher_update_inplace(buf, buf.len()).is_ok()
+            && c.set_tag(tag).is_ok()
+            && c.cipher_final(&mut []).is_ok()
     }
+}
+
+fn crypto(e: openssl::error::ErrorStack) -> RecordError {
+    RecordError::Crypto(e.to_string())
 }
 
 /// One direction's key, IV and sequence number.
 struct DirectionState {
     suite: Suite,
-    aead: Cipher,
+    encrypt: bool,
+    /// An OpenSSL context that failed to initialise (out of memory) fails every record.
+    aead: Result<Cipher, RecordError>,
     key: [u8; 32],
     iv: [u8; 12],
     seq: u64,
@@ -148,10 +167,11 @@ impl Drop for DirectionState {
 }
 
 impl DirectionState {
-    fn new(suite: Suite, k: &DirectionKeys) -> Self {
+    fn new(suite: Suite, k: &DirectionKeys, encrypt: bool) -> Self {
         DirectionState {
             suite,
-            aead: Cipher::new(suite, &k.key),
+            encrypt,
+            aead: Cipher::new(suite, &k.key, encrypt),
             key: k.key,
             iv: k.iv,
             seq: 0,
@@ -160,12 +180,16 @@ impl DirectionState {
         }
     }
 
-    fn nonce(&self) -> Nonce {
+    fn nonce(&self) -> [u8; 12] {
         let mut n = self.iv;
         for (d, s) in n[4..].iter_mut().zip(self.seq.to_be_bytes()) {
             *d ^= s;
         }
-        n.into()
+        n
+    }
+
+    fn cipher(&mut self) -> Result<&mut Cipher, RecordError> {
+        self.aead.as_mut().map_err(|e| e.clone())
     }
 
     /// key' = HKDF-Expand(PRK = key, "sipmail/1 key update", 32); iv' likewise.
@@ -180,7 +204,7 @@ impl DirectionState {
         self.key = key;
         self.iv = iv;
         key.zeroize();
-        self.aead = Cipher::new(self.suite, &self.key);
+        self.aead = Cipher::new(self.suite, &self.key, self.encrypt);
         self.seq = 0;
         self.bytes = 0;
         self.epoch += 1;
@@ -212,7 +236,7 @@ impl Sealer {
 
     pub fn with_suite(suite: Suite, keys: &DirectionKeys, limits: Limits) -> Self {
         Sealer {
-            st: DirectionState::new(suite, keys),
+            st: DirectionState::new(suite, keys, true),
             limits,
             closed: false,
         }
@@ -242,11 +266,17 @@ impl Sealer {
         out.push(typ.to_byte());
         out.extend_from_slice(payload);
         let nonce = self.st.nonce();
-        let tag = self
+        let tag = match self
             .st
-            .aead
-            .seal(&nonce, &header, &mut out[start..])
-            .ok_or(RecordError::PayloadTooLarge(payload.len()))?;
+            .cipher()
+            .and_then(|c| c.seal(&nonce, &header, &mut out[start..]))
+        {
+            Ok(t) => t,
+            Err(e) => {
+                out.truncate(start - HEADER_LEN);
+                return Err(e);
+            }
+        };
         out.extend_from_slice(&tag);
         self.st.seq += 1;
         self.st.bytes += payload.len() as u64;
@@ -312,7 +342,7 @@ impl Opener {
 
     pub fn with_suite(suite: Suite, keys: &DirectionKeys) -> Self {
         Opener {
-            st: DirectionState::new(suite, keys),
+            st: DirectionState::new(suite, keys, false),
             closed: false,
         }
     }
@@ -348,9 +378,8 @@ impl Opener {
         let (header, rest) = buf.split_at_mut(HEADER_LEN);
         let body_len = total - HEADER_LEN - TAG_LEN;
         let (body, tag_bytes) = rest[..total - HEADER_LEN].split_at_mut(body_len);
-        let tag = Tag::try_from(&tag_bytes[..]).map_err(|_| RecordError::BadLength(total))?;
         let nonce = self.st.nonce();
-        if !self.st.aead.open(&nonce, header, body, &tag) {
+        if !self.st.cipher()?.open(&nonce, header, body, tag_bytes) {
             return Err(RecordError::BadRecord { seq: self.st.seq });
         }
         self.st.seq += 1;
