@@ -1041,7 +1041,10 @@ fn validate(start: &StartLine, h: &Headers) -> Result<(), ParseError> {
             h.to()?;
             if let Some(mf) = h.get("Max-Forwards") {
                 let t = mf.trim();
-                if t.is_empty() || t.len() > 3 || !t.bytes().all(|b| b.is_ascii_digit()) {
+                // 1*DIGIT (RFC 3261 §25.1; RFC 4475 §3.1.1.1 has "0068"): leading zeros
+                // are fine, the value must stay within three digits.
+                let significant = t.trim_start_matches('0');
+                if t.is_empty() || significant.len() > 3 || !t.bytes().all(|b| b.is_ascii_digit()) {
                     return Err(invalid("Max-Forwards", mf));
                 }
             }
