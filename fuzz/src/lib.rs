@@ -464,7 +464,7 @@ impl Mutator {
     pub fn new(seed: u64) -> Mutator {
         Mutator { state: seed | 1 }
     }
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         let mut x = self.state;
         x ^= x << 13;
         x ^= x >> 7;
@@ -476,7 +476,7 @@ impl Mutator {
         if n == 0 {
             0
         } else {
-            (self.next() % n as u64) as usize
+            (self.next_u64() % n as u64) as usize
         }
     }
 
@@ -535,7 +535,7 @@ impl Mutator {
                 }
                 1 if len > 0 => {
                     let i = self.below(len);
-                    input[i] = self.next() as u8;
+                    input[i] = self.next_u64() as u8;
                 }
                 2 => {
                     let i = self.below(len + 1);
@@ -615,7 +615,7 @@ impl Mutator {
                 _ => {
                     let n = self.below(16);
                     for _ in 0..n {
-                        input.push(self.next() as u8);
+                        input.push(self.next_u64() as u8);
                     }
                 }
             }

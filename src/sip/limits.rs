@@ -241,7 +241,7 @@ impl PendingCalls {
     }
 
     /// Pending calls from non-exempt sources.
-    pub fn total(&self) -> usize {
+    pub fn non_exempt_total(&self) -> usize {
         self.non_exempt
     }
 }
@@ -404,7 +404,7 @@ mod tests {
         assert!(p.try_start(peer).is_ok());
         assert!(p.try_start(peer).is_ok());
         assert_eq!(p.try_start(peer), Err(PendingRefused::PerSource(2)));
-        assert_eq!(p.total(), 3);
+        assert_eq!(p.non_exempt_total(), 3);
         p.finish(ip("10.0.0.1"));
         assert_eq!(p.pending_from(ip("10.0.0.1")), 1);
         assert!(p.try_start(ip("10.0.0.3")).is_ok());
@@ -412,7 +412,7 @@ mod tests {
         p.finish(peer);
         p.finish(peer); // more finishes than starts do no harm
         assert_eq!(p.pending_from(peer), 0);
-        assert_eq!(p.total(), 3);
+        assert_eq!(p.non_exempt_total(), 3);
     }
 
     #[test]
