@@ -7,5 +7,5 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 SECS="${1:-30}"
 # Shares the main target directory, so the sipmail dependencies are built once.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
-cargo build --release --quiet --manifest-path "$ROOT/fuzz/Cargo.toml" --no-default-features --bin smoke
+cargo build --release --quiet --manifest-path "$ROOT/fuzz/Cargo.toml" --no-default-features --features smoke --bin smoke
 "$CARGO_TARGET_DIR/release/smoke" --target all --secs "$SECS"

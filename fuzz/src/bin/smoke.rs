@@ -3,8 +3,9 @@
 //! run each target, stop at the first panic and save the input.
 //!
 //! ```text
-//! cargo run --release --manifest-path fuzz/Cargo.toml --no-default-features --bin smoke -- \
+//! cargo run --release --manifest-path fuzz/Cargo.toml --no-default-features --features smoke --bin smoke -- \
 //!     [--target sip|handshake|all] [--secs 30] [--iters N] [--seed S] [--max-len 8192]
+//!     [--dump-seeds DIR]
 //! ```
 //! Prints the number of executions per target. Exit 1 on a panic (the input
 //! is written to fuzz/crashes/).
@@ -65,6 +66,23 @@ fn main() {
     if targets.is_empty() {
         eprintln!("unknown --target {which}: use sip, handshake or all");
         std::process::exit(2);
+    }
+    // `--dump-seeds DIR`: write the seed inputs as libFuzzer corpora (DIR/sip_parse/,
+    // DIR/handshake/) and stop.
+    if let Some(dir) = args
+        .iter()
+        .position(|a| a == "--dump-seeds")
+        .and_then(|i| args.get(i + 1))
+    {
+        for t in &targets {
+            let d = std::path::Path::new(dir).join(t.name);
+            std::fs::create_dir_all(&d).expect("creating the corpus directory");
+            for (i, s) in t.corpus.iter().enumerate() {
+                std::fs::write(d.join(format!("seed-{i:03}")), s).expect("writing a seed");
+            }
+            println!("smoke: {} seeds in {}", t.corpus.len(), d.display());
+        }
+        return;
     }
     // Panics are what we look for: keep the default hook quiet, report ourselves.
     std::panic::set_hook(Box::new(|_| {}));
