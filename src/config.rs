@@ -71,6 +71,15 @@ struct RawSip {
     call_idle: Option<String>,
     calls_per_peer: Option<usize>,
     suites: Option<Vec<String>>,
+    max_message_size: Option<usize>,
+    invite_rate: Option<f64>,
+    invite_burst: Option<f64>,
+    max_pending_per_source: Option<usize>,
+    max_pending_total: Option<usize>,
+    max_tcp_connections: Option<usize>,
+    max_tcp_per_source: Option<usize>,
+    tcp_idle: Option<String>,
+    tcp_half_open: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -260,6 +269,46 @@ impl Default for QueueTimes {
     }
 }
 
+/// Limits against abuse of the SIP port (`[sip]` keys of the same names).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SipLimits {
+    /// Largest SIP message accepted, bytes (at most 65,535).
+    pub max_message_size: usize,
+    /// New INVITEs per second from one address (configured peers are exempt); 0 = no limit.
+    pub invite_rate: f64,
+    /// INVITEs one address may send at once before `invite_rate` applies.
+    pub invite_burst: f64,
+    /// Incoming calls not yet ACKed, per source address.
+    pub max_pending_per_source: usize,
+    /// Incoming calls not yet ACKed from non-peer addresses, in total.
+    pub max_pending_total: usize,
+    /// Open SIP/TCP connections in total (peers may exceed it).
+    pub max_tcp_connections: usize,
+    /// Open SIP/TCP connections from one address.
+    pub max_tcp_per_source: usize,
+    /// A SIP/TCP connection with no traffic for this long is closed.
+    pub tcp_idle: Duration,
+    /// A SIP/TCP message begun (or a new connection's first message) must be complete
+    /// within this long.
+    pub tcp_half_open: Duration,
+}
+
+impl Default for SipLimits {
+    fn default() -> Self {
+        SipLimits {
+            max_message_size: 65_535,
+            invite_rate: 20.0,
+            invite_burst: 40.0,
+            max_pending_per_source: 16,
+            max_pending_total: 256,
+            max_tcp_connections: 256,
+            max_tcp_per_source: 16,
+            tcp_idle: Duration::from_secs(120),
+            tcp_half_open: Duration::from_secs(10),
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Config {
     pub file: String,
@@ -280,6 +329,7 @@ pub struct Config {
     pub suites: Vec<crate::handshake::Suite>,
     /// Local deliveries at once.
     pub local_lanes: usize,
+    pub sip_limits: SipLimits,
     pub peers: Vec<Peer>,
     pub delivery: Delivery,
     pub queue: QueueTimes,
@@ -375,6 +425,79 @@ impl Config {
             None => Duration::from_secs(10),
             Some(s) => parse_duration(s).map_err(|m| bad("sip.call_idle", m))?,
         };
+        let mut sip_limits = SipLimits::default();
+        {
+            let l = &mut sip_limits;
+            let r = &raw.sip;
+            let count = |key: &str, v: Option<usize>, d: usize, max: usize| match v {
+                None => Ok(d),
+                Some(n) if (1..=max).contains(&n) => Ok(n),
+                Some(n) => Err(bad(key, format!("{n} is out of range 1..={max}"))),
+            };
+            l.max_message_size = count(
+                "sip.max_message_size",
+                r.max_message_size,
+                l.max_message_size,
+                65_535,
+            )?;
+            if l.max_message_size < 1024 {
+                return Err(bad(
+                    "sip.max_message_size",
+                    "must be at least 1024 bytes".into(),
+                ));
+            }
+            for (key, v, d) in [
+                ("sip.invite_rate", r.invite_rate, &mut l.invite_rate),
+                ("sip.invite_burst", r.invite_burst, &mut l.invite_burst),
+            ] {
+                if let Some(x) = v {
+                    if !x.is_finite() || !(0.0..=1_000_000.0).contains(&x) {
+                        return Err(bad(key, format!("{x} is out of range 0..=1000000")));
+                    }
+                    *d = x;
+                }
+            }
+            if l.invite_burst < 1.0 {
+                return Err(bad("sip.invite_burst", "must be at least 1".into()));
+            }
+            const BIG: usize = 1_000_000;
+            l.max_pending_per_source = count(
+                "sip.max_pending_per_source",
+                r.max_pending_per_source,
+                l.max_pending_per_source,
+                BIG,
+            )?;
+            l.max_pending_total = count(
+                "sip.max_pending_total",
+                r.max_pending_total,
+                l.max_pending_total,
+                BIG,
+            )?;
+            l.max_tcp_connections = count(
+                "sip.max_tcp_connections",
+                r.max_tcp_connections,
+                l.max_tcp_connections,
+                BIG,
+            )?;
+            l.max_tcp_per_source = count(
+                "sip.max_tcp_per_source",
+                r.max_tcp_per_source,
+                l.max_tcp_per_source,
+                BIG,
+            )?;
+            for (key, v, d) in [
+                ("sip.tcp_idle", &r.tcp_idle, &mut l.tcp_idle),
+                ("sip.tcp_half_open", &r.tcp_half_open, &mut l.tcp_half_open),
+            ] {
+                if let Some(text) = v {
+                    let x = parse_duration(text).map_err(|m| bad(key, m))?;
+                    if x.is_zero() {
+                        return Err(bad(key, "must be above zero".into()));
+                    }
+                    *d = x;
+                }
+            }
+        }
         let mut peers: Vec<Peer> = Vec::new();
         for (i, p) in raw.peer.iter().enumerate() {
             let key = format!("peer[{i}]");
@@ -485,6 +608,7 @@ impl Config {
             calls_per_peer,
             suites,
             local_lanes,
+            sip_limits,
             peers,
             delivery,
             queue,
@@ -576,6 +700,35 @@ maildir = "var/site-a/maildir"
                 .to_string();
             assert!(e.contains(key), "{e}");
             assert!(e.starts_with("a.toml: "), "{e}");
+        }
+    }
+
+    #[test]
+    fn sip_limits_default_and_override() {
+        let c = Config::parse("a.toml", GOOD).unwrap();
+        assert_eq!(c.sip_limits, SipLimits::default());
+        assert_eq!(c.sip_limits.invite_rate, 20.0);
+        let text = GOOD.replace(
+            "media = \"127.0.0.1\"\n",
+            "media = \"127.0.0.1\"\ninvite_rate = 5\nmax_pending_total = 10\ntcp_half_open = \"3s\"\n",
+        );
+        let c = Config::parse("a.toml", &text).unwrap();
+        assert_eq!(c.sip_limits.invite_rate, 5.0);
+        assert_eq!(c.sip_limits.max_pending_total, 10);
+        assert_eq!(c.sip_limits.tcp_half_open, Duration::from_secs(3));
+        for (line, key) in [
+            ("max_message_size = 100", "sip.max_message_size"),
+            ("max_message_size = 70000", "sip.max_message_size"),
+            ("invite_rate = -1", "sip.invite_rate"),
+            ("max_pending_per_source = 0", "sip.max_pending_per_source"),
+            ("tcp_idle = \"0s\"", "sip.tcp_idle"),
+        ] {
+            let text = GOOD.replace(
+                "media = \"127.0.0.1\"\n",
+                &format!("media = \"127.0.0.1\"\n{line}\n"),
+            );
+            let e = Config::parse("a.toml", &text).unwrap_err().to_string();
+            assert!(e.contains(key), "{line}: {e}");
         }
     }
 

@@ -623,3 +623,173 @@ async fn shutdown_closes_incoming_channel_and_fails_requests() {
         .await;
     assert!(matches!(r, Err(TxnError::Shutdown)), "{r:?}");
 }
+
+/// Every response datagram `peer` receives within `wait`, parsed.
+async fn responses(peer: &UdpSocket, wait: Duration) -> Vec<Response> {
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 65_536];
+    while let Ok(Ok((n, _))) = timeout(wait, peer.recv_from(&mut buf)).await {
+        if let Ok(SipMessage::Response(r)) = parse_datagram(&buf[..n]) {
+            out.push(r);
+        }
+    }
+    out
+}
+
+fn cancel_for(inv: &Request) -> Request {
+    let mut c = Request::new(Method::Cancel, inv.uri.clone());
+    for name in ["Via", "From", "To", "Call-ID", "Max-Forwards"] {
+        c.headers.push(name, inv.headers.get(name).unwrap());
+    }
+    let seq = inv.headers.cseq().unwrap().seq;
+    c.headers.push("CSeq", format!("{seq} CANCEL"));
+    c
+}
+
+#[tokio::test]
+async fn cancel_before_the_answer_gets_200_and_the_invite_487() {
+    let (b, mut brx) = endpoint(2000).await;
+    let peer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let me = peer.local_addr().unwrap();
+    let inv = raw_invite("z9hG4bKcancel1", me, b"offer");
+    peer.send_to(&inv.to_bytes(), b.local_addr()).await.unwrap();
+    let inc = timeout(Duration::from_secs(2), brx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    peer.send_to(&cancel_for(&inv).to_bytes(), b.local_addr())
+        .await
+        .unwrap();
+    let got = responses(&peer, Duration::from_millis(300)).await;
+    let by_method = |m: &str| -> Vec<u16> {
+        got.iter()
+            .filter(|r| r.headers.cseq().unwrap().method.as_str() == m)
+            .map(|r| r.status)
+            .collect()
+    };
+    assert_eq!(by_method("CANCEL"), vec![200], "{got:?}");
+    assert_eq!(by_method("INVITE"), vec![487], "{got:?}");
+    // The 487 has a To tag, and it is the same as the CANCEL's 200.
+    let tag = |m: &str| {
+        got.iter()
+            .find(|r| r.headers.cseq().unwrap().method.as_str() == m)
+            .and_then(|r| r.headers.to().ok()?.tag().map(str::to_string))
+    };
+    assert!(tag("INVITE").is_some());
+    assert_eq!(tag("INVITE"), tag("CANCEL"));
+    // The application's late answer is refused: the INVITE is over.
+    let late = inc
+        .respond(Response::for_request(&inc.request, 200, "OK").with_to_tag("late"))
+        .await;
+    assert!(matches!(late, Err(TxnError::AlreadyResponded)), "{late:?}");
+    // The CANCEL was not delivered to the application.
+    assert!(
+        timeout(Duration::from_millis(200), brx.recv())
+            .await
+            .is_err()
+    );
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn cancel_after_the_answer_or_for_nothing() {
+    let (b, mut brx) = endpoint(2000).await;
+    let peer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let me = peer.local_addr().unwrap();
+    // For an INVITE we never saw: 481.
+    let ghost = raw_invite("z9hG4bKghost", me, b"");
+    peer.send_to(&cancel_for(&ghost).to_bytes(), b.local_addr())
+        .await
+        .unwrap();
+    let got = responses(&peer, Duration::from_millis(300)).await;
+    assert_eq!(got.iter().map(|r| r.status).collect::<Vec<_>>(), vec![481]);
+    // After the final response: 200 for the CANCEL, nothing for the INVITE.
+    let inv = raw_invite("z9hG4bKcancel2", me, b"offer");
+    peer.send_to(&inv.to_bytes(), b.local_addr()).await.unwrap();
+    let inc = timeout(Duration::from_secs(2), brx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    inc.respond(Response::for_request(&inc.request, 486, "Busy Here"))
+        .await
+        .unwrap();
+    let first = responses(&peer, Duration::from_millis(200)).await;
+    assert_eq!(first[0].status, 486);
+    assert!(
+        first[0].headers.to().unwrap().tag().is_some(),
+        "a final non-2xx carries a To tag"
+    );
+    peer.send_to(&cancel_for(&inv).to_bytes(), b.local_addr())
+        .await
+        .unwrap();
+    let got = responses(&peer, Duration::from_millis(300)).await;
+    assert_eq!(got.iter().map(|r| r.status).collect::<Vec<_>>(), vec![200]);
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn invite_rate_limit_answers_503_statelessly_and_spares_trusted() {
+    let cfg = EndpointConfig {
+        invite_rate: 1.0,
+        invite_burst: 3.0,
+        trusted: vec!["127.0.0.1".parse().unwrap()],
+        ..cfg(2000)
+    };
+    let (b, mut brx) = Endpoint::bind("127.0.0.1:0".parse().unwrap(), cfg)
+        .await
+        .unwrap();
+    let flooder = UdpSocket::bind("127.0.0.6:0").await.unwrap();
+    let fme = flooder.local_addr().unwrap();
+    for i in 0..10 {
+        let inv = raw_invite(&format!("z9hG4bKflood{i}"), fme, b"");
+        flooder
+            .send_to(&inv.to_bytes(), b.local_addr())
+            .await
+            .unwrap();
+    }
+    let got = responses(&flooder, Duration::from_millis(300)).await;
+    let refused: Vec<&Response> = got.iter().filter(|r| r.status == 503).collect();
+    assert_eq!(refused.len(), 7, "{got:?}");
+    for r in &refused {
+        assert!(r.headers.get("Retry-After").is_some());
+        assert!(r.headers.to().unwrap().tag().is_some());
+    }
+    let mut delivered = 0;
+    while let Ok(Some(_)) = timeout(Duration::from_millis(100), brx.recv()).await {
+        delivered += 1;
+    }
+    assert_eq!(delivered, 3, "the burst gets through");
+    // The ACK for a stateless 503 is absorbed, not delivered.
+    let mut ack = Request::new(Method::Ack, "sip:relay@x");
+    ack.headers
+        .push("Via", format!("SIP/2.0/UDP {fme};branch=z9hG4bKflood9"));
+    for name in ["From", "Call-ID"] {
+        ack.headers
+            .push(name, refused[0].headers.get(name).unwrap());
+    }
+    ack.headers
+        .push("To", refused[0].headers.get("To").unwrap());
+    ack.headers.push("CSeq", "1 ACK");
+    flooder
+        .send_to(&ack.to_bytes(), b.local_addr())
+        .await
+        .unwrap();
+    assert!(
+        timeout(Duration::from_millis(200), brx.recv())
+            .await
+            .is_err()
+    );
+    // A trusted address is never limited.
+    let peer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let me = peer.local_addr().unwrap();
+    for i in 0..10 {
+        let inv = raw_invite(&format!("z9hG4bKtrusted{i}"), me, b"");
+        peer.send_to(&inv.to_bytes(), b.local_addr()).await.unwrap();
+    }
+    let mut delivered = 0;
+    while let Ok(Some(_)) = timeout(Duration::from_millis(200), brx.recv()).await {
+        delivered += 1;
+    }
+    assert_eq!(delivered, 10);
+    b.shutdown().await;
+}

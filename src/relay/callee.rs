@@ -2,7 +2,7 @@
 //! check the ACK's confirm, accept the media connection and serve SMTP through it.
 
 use super::inbound::{Origin, SpoolBackend};
-use super::{KeyringSigner, PeerVerifier, RelayEvent, Shared};
+use super::{KeyringSigner, PeerVerifier, PendingGuard, RelayEvent, Shared};
 use crate::handshake::{CallContext, CalleeAwaitConfirm, HandshakeError};
 use crate::sip::sdp::{self, SdpError};
 use crate::sip::{Incoming, Method, Response};
@@ -52,7 +52,7 @@ impl Drop for DialogGuard<'_> {
     }
 }
 
-pub(crate) async fn handle_invite(shared: Arc<Shared>, inc: Incoming) {
+pub(crate) async fn handle_invite(shared: Arc<Shared>, inc: Incoming, pending: PendingGuard) {
     let call_id = inc
         .request
         .headers
@@ -60,7 +60,7 @@ pub(crate) async fn handle_invite(shared: Arc<Shared>, inc: Incoming) {
         .unwrap_or_default()
         .to_string();
     let source = inc.source;
-    match answer(&shared, inc).await {
+    match answer(&shared, inc, pending).await {
         Ok(()) => {}
         Err(msg) => {
             tracing::warn!(%call_id, %source, reason = %msg, "incoming call refused or failed");
@@ -69,7 +69,7 @@ pub(crate) async fn handle_invite(shared: Arc<Shared>, inc: Incoming) {
 }
 
 /// Returns Err with a reason for the log on any failure (the SIP answer has been sent).
-async fn answer(shared: &Arc<Shared>, inc: Incoming) -> Result<(), String> {
+async fn answer(shared: &Arc<Shared>, inc: Incoming, pending: PendingGuard) -> Result<(), String> {
     let req = &inc.request;
     let call_id = req.headers.call_id().unwrap_or_default().to_string();
     let from = req.headers.from().map_err(|e| e.to_string());
@@ -86,6 +86,48 @@ async fn answer(shared: &Arc<Shared>, inc: Incoming) -> Result<(), String> {
             .respond(reject(&inc, 400, "Bad Request", "From has no tag"))
             .await;
         return Err("From has no tag".into());
+    };
+    // The body must be our offer: checked first, so that any SIP phone or tester learns
+    // what is missing (488 with a Warning) before identity checks.
+    let ctype = req
+        .headers
+        .get("Content-Type")
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    if req.body.is_empty() {
+        let r = reject(
+            &inc,
+            488,
+            "Not Acceptable Here",
+            "no offer: sipmail needs an application/sdp offer with its key exchange",
+        );
+        let _ = inc.respond(r).await;
+        return Err("INVITE without an offer".into());
+    }
+    if !ctype.starts_with("application/sdp") {
+        let mut r = reject(
+            &inc,
+            415,
+            "Unsupported Media Type",
+            "sipmail needs an application/sdp offer",
+        );
+        r.headers.push("Accept", "application/sdp");
+        let _ = inc.respond(r).await;
+        return Err(format!("body type {ctype:?}"));
+    }
+    let offer = match sdp::decode_offer(&req.body) {
+        Ok(o) => o,
+        Err(e) => {
+            let _ = inc
+                .respond(reject(
+                    &inc,
+                    488,
+                    "Not Acceptable Here",
+                    &format!("not a sipmail offer: {e}"),
+                ))
+                .await;
+            return Err(format!("offer: {e}"));
+        }
     };
     // To: must be us.
     match uri_identity(&to.uri) {
@@ -115,37 +157,6 @@ async fn answer(shared: &Arc<Shared>, inc: Incoming) -> Result<(), String> {
                 ))
                 .await;
             return Err(format!("caller {} is not a configured peer", from.uri));
-        }
-    };
-    // The body must be our offer.
-    let ctype = req
-        .headers
-        .get("Content-Type")
-        .unwrap_or("")
-        .to_ascii_lowercase();
-    if !ctype.starts_with("application/sdp") {
-        let mut r = reject(
-            &inc,
-            415,
-            "Unsupported Media Type",
-            "sipmail needs an application/sdp offer",
-        );
-        r.headers.push("Accept", "application/sdp");
-        let _ = inc.respond(r).await;
-        return Err(format!("body type {ctype:?}"));
-    }
-    let offer = match sdp::decode_offer(&req.body) {
-        Ok(o) => o,
-        Err(e) => {
-            let _ = inc
-                .respond(reject(
-                    &inc,
-                    488,
-                    "Not Acceptable Here",
-                    &format!("not a sipmail offer: {e}"),
-                ))
-                .await;
-            return Err(format!("offer: {e}"));
         }
     };
     // The caller's key must be in our keyring for that domain.
@@ -264,6 +275,8 @@ async fn answer(shared: &Arc<Shared>, inc: Incoming) -> Result<(), String> {
         }
     })
     .await;
+    // The call is no longer pending once ACKed (or given up).
+    drop(pending);
     let ack = match ack {
         Ok(Some(a)) => a,
         Ok(None) => return Err("caller hung up before the ACK".into()),

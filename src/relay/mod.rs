@@ -18,9 +18,10 @@ use crate::config::{Config, ConfigError};
 use crate::handshake::{Signer, Verifier};
 use crate::keyring::{Keyring, KeyringError};
 use crate::queue::Spool;
-use crate::sip::{Endpoint, EndpointConfig, Incoming, Method, Response};
+use crate::sip::limits::PendingCalls;
+use crate::sip::{Endpoint, EndpointConfig, Incoming, Method, Request, Response};
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{broadcast, mpsc, watch};
 
@@ -133,6 +134,8 @@ pub(crate) struct Shared {
     pub sip_addr: SocketAddr,
     pub queue: scheduler::Queue,
     pub dialogs: Mutex<HashMap<String, mpsc::Sender<Incoming>>>,
+    /// Incoming calls not yet ACKed, per source and in total.
+    pub pending: Mutex<PendingCalls>,
     pub shutdown: Shutdown,
     pub events: broadcast::Sender<RelayEvent>,
     pub hooks: Hooks,
@@ -321,7 +324,22 @@ pub async fn start(cfg: Config, shutdown: Shutdown, hooks: Hooks) -> Result<Runn
             cfg.file, cfg.smtp_listen
         )))?;
     let smtp_addr = smtp.local_addr().map_err(io_err("smtp socket"))?;
-    let (endpoint, incoming) = Endpoint::bind(cfg.sip_listen, EndpointConfig::default())
+    let trusted = peer_addresses(&cfg).await;
+    let limits = &cfg.sip_limits;
+    let ep_cfg = EndpointConfig {
+        max_message: limits.max_message_size,
+        invite_rate: limits.invite_rate,
+        invite_burst: limits.invite_burst,
+        max_tcp_connections: limits.max_tcp_connections,
+        max_tcp_per_source: limits.max_tcp_per_source,
+        tcp_idle_timeout: limits.tcp_idle,
+        tcp_message_timeout: limits.tcp_half_open,
+        trusted: trusted.clone(),
+        ..EndpointConfig::default()
+    };
+    let pending = PendingCalls::new(limits.max_pending_per_source, limits.max_pending_total)
+        .with_exempt(trusted.iter().copied());
+    let (endpoint, incoming) = Endpoint::bind(cfg.sip_listen, ep_cfg)
         .await
         .map_err(io_err(format!(
             "{}: sip.listen {}",
@@ -339,6 +357,7 @@ pub async fn start(cfg: Config, shutdown: Shutdown, hooks: Hooks) -> Result<Runn
         endpoint,
         sip_addr,
         dialogs: Mutex::new(HashMap::new()),
+        pending: Mutex::new(pending),
         shutdown,
         events: broadcast::channel(1024).0,
         hooks,
@@ -373,6 +392,79 @@ pub async fn run(cfg: Config, shutdown: Shutdown) -> Result<(), RelayError> {
 
 pub(crate) const ALLOW: &str = "INVITE, ACK, BYE, CANCEL, OPTIONS";
 
+/// Methods that exist (RFC 3261 and its extensions) but that sipmail does not allow:
+/// `405 Method Not Allowed`. Anything else is unknown: `501 Not Implemented`.
+const KNOWN_METHODS: &[&str] = &[
+    "REGISTER",
+    "PRACK",
+    "UPDATE",
+    "INFO",
+    "SUBSCRIBE",
+    "NOTIFY",
+    "REFER",
+    "MESSAGE",
+    "PUBLISH",
+];
+
+/// The IP addresses of the configured peers: they are exempt from the INVITE rate
+/// limit and the totals, so a flood from elsewhere does not lock them out. Host names are
+/// resolved once, at start.
+async fn peer_addresses(cfg: &Config) -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    for p in &cfg.peers {
+        if let Ok(ip) = p.sip.host.parse::<IpAddr>() {
+            out.push(ip);
+            continue;
+        }
+        match tokio::net::lookup_host((p.sip.host.as_str(), p.sip.port)).await {
+            Ok(addrs) => out.extend(addrs.map(|a| a.ip())),
+            Err(e) => {
+                tracing::warn!(peer = %p.domain, host = %p.sip.host, error = %e, "cannot resolve peer; it gets no exemption from the SIP limits")
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Holds one pending-call slot; frees it when dropped.
+pub(crate) struct PendingGuard {
+    shared: Arc<Shared>,
+    ip: IpAddr,
+}
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        if let Ok(mut p) = self.shared.pending.lock() {
+            p.finish(self.ip);
+        }
+    }
+}
+
+/// Option-tags in `Require` that we do not support: all of them (RFC 3261 §8.2.2.3).
+fn unsupported_requires(req: &Request) -> Vec<String> {
+    req.headers
+        .get_all("Require")
+        .into_iter()
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
+fn warn_response(req: &Request, status: u16, reason: &str, warning: &str) -> Response {
+    let mut r = Response::for_request(req, status, reason);
+    r.headers.push(
+        "Warning",
+        format!(
+            "399 sipmail \"{}\"",
+            warning.replace(['"', '\\', '\r', '\n'], " ")
+        ),
+    );
+    r
+}
+
 /// Dispatch incoming SIP requests: new INVITEs start a callee task; in-dialog requests go
 /// to their call's task.
 async fn sip_loop(shared: Arc<Shared>, mut incoming: mpsc::Receiver<Incoming>) {
@@ -400,6 +492,33 @@ async fn sip_loop(shared: Arc<Shared>, mut incoming: mpsc::Receiver<Incoming>) {
             .ok()
             .and_then(|t| t.tag().map(|_| ()))
             .is_some();
+        // A Request-URI we cannot serve: 416 (RFC 3261 §8.2.2.1).
+        let scheme = inc.request.uri.split(':').next().unwrap_or("");
+        if !scheme.eq_ignore_ascii_case("sip") && inc.request.method != Method::Ack {
+            let r = warn_response(
+                &inc.request,
+                416,
+                "Unsupported URI Scheme",
+                "sipmail answers sip: URIs only",
+            );
+            let _ = inc.respond(r).await;
+            continue;
+        }
+        // We support no extensions: any Require gets 420 (never for ACK or CANCEL).
+        if !matches!(inc.request.method, Method::Ack | Method::Cancel) {
+            let unsupported = unsupported_requires(&inc.request);
+            if !unsupported.is_empty() {
+                let mut r = warn_response(
+                    &inc.request,
+                    420,
+                    "Bad Extension",
+                    "sipmail supports no SIP extensions",
+                );
+                r.headers.push("Unsupported", unsupported.join(", "));
+                let _ = inc.respond(r).await;
+                continue;
+            }
+        }
         match inc.request.method {
             Method::Invite if !in_dialog && stopping => {
                 let mut r = Response::for_request(&inc.request, 503, "Service Unavailable");
@@ -409,7 +528,28 @@ async fn sip_loop(shared: Arc<Shared>, mut incoming: mpsc::Receiver<Incoming>) {
                 let _ = inc.respond(r).await;
             }
             Method::Invite if !in_dialog => {
-                calls.spawn(callee::handle_invite(shared.clone(), inc));
+                let ip = inc.source.ip();
+                let started = shared
+                    .pending
+                    .lock()
+                    .map_err(|_| None)
+                    .and_then(|mut p| p.try_start(ip).map_err(Some));
+                match started {
+                    Ok(()) => {
+                        let guard = PendingGuard {
+                            shared: shared.clone(),
+                            ip,
+                        };
+                        calls.spawn(callee::handle_invite(shared.clone(), inc, guard));
+                    }
+                    Err(why) => {
+                        let why = why.map_or("overloaded".to_string(), |w| w.to_string());
+                        tracing::warn!(source = %inc.source, %call_id, reason = %why, "incoming call refused: 503");
+                        let mut r = warn_response(&inc.request, 503, "Service Unavailable", &why);
+                        r.headers.push("Retry-After", "5");
+                        let _ = inc.respond(r).await;
+                    }
+                }
             }
             Method::Options => {
                 let mut r = Response::for_request(&inc.request, 200, "OK");
@@ -443,11 +583,30 @@ async fn sip_loop(shared: Arc<Shared>, mut incoming: mpsc::Receiver<Incoming>) {
                     }
                 }
             }
+            ref m if KNOWN_METHODS.contains(&m.as_str()) => {
+                let mut r = Response::for_request(&inc.request, 405, "Method Not Allowed");
+                r.headers.push("Allow", ALLOW);
+                let _ = inc.respond(r).await;
+            }
             _ => {
                 let mut r = Response::for_request(&inc.request, 501, "Not Implemented");
                 r.headers.push("Allow", ALLOW);
                 let _ = inc.respond(r).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn require_tags_are_all_unsupported() {
+        let mut r = Request::new(Method::Invite, "sip:mail@x");
+        assert!(unsupported_requires(&r).is_empty());
+        r.headers.push("Require", "100rel, timer");
+        r.headers.push("Require", "foo");
+        assert_eq!(unsupported_requires(&r), vec!["100rel", "timer", "foo"]);
     }
 }

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
@@ -18,11 +18,12 @@ use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, trace, warn};
 
+use super::limits::{LogBudget, RateLimiter, Verdict};
 use super::message::{
     Method, ParseError, Request, Response, SipMessage, Via, bad_request_for,
     parse_datagram_limited, parse_stream_limited,
 };
-use super::new_branch;
+use super::{new_branch, random_hex};
 
 // ---------------------------------------------------------------------------
 // Public types
@@ -65,6 +66,25 @@ pub struct EndpointConfig {
     /// Capacity of the incoming-request channel; when it is full new
     /// requests are answered 503.
     pub incoming_queue: usize,
+    /// Longest time a non-2xx final response to INVITE waits for more
+    /// retransmitted ACKs over UDP (T4, Timer I), 5 s.
+    pub t4: Duration,
+    /// New (out-of-dialog) INVITEs per second accepted from one source
+    /// address; more are answered `503` with Retry-After, statelessly.
+    /// Zero turns the limit off.
+    pub invite_rate: f64,
+    /// How many INVITEs one source may send at once before the rate applies.
+    pub invite_burst: f64,
+    /// Sources that are never rate-limited and not refused by the total TCP
+    /// connection cap (the configured peers).
+    pub trusted: Vec<IpAddr>,
+    /// Cap on TCP connections from one source address.
+    pub max_tcp_per_source: usize,
+    /// A TCP connection that has begun a message (or was accepted and has
+    /// not yet completed its first one) must complete it within this long.
+    pub tcp_message_timeout: Duration,
+    /// Retry-After (seconds) in 503 answers given because of overload.
+    pub retry_after: u32,
 }
 
 impl Default for EndpointConfig {
@@ -79,6 +99,13 @@ impl Default for EndpointConfig {
             max_tcp_connections: 256,
             max_transactions: 4096,
             incoming_queue: 256,
+            t4: Duration::from_secs(5),
+            invite_rate: 20.0,
+            invite_burst: 40.0,
+            trusted: Vec::new(),
+            max_tcp_per_source: 16,
+            tcp_message_timeout: Duration::from_secs(10),
+            retry_after: 5,
         }
     }
 }
@@ -235,6 +262,9 @@ enum ReplyPath {
     Tcp(Conn),
 }
 
+/// To-tag prefix of stateless responses (not hex, so never one of our dialog tags).
+const STATELESS_TAG: &str = "sl-";
+
 /// (Call-ID, CSeq number): how a 2xx and its ACK are matched.
 type DialogKey = (String, u32);
 /// (branch, method) of a client transaction.
@@ -247,6 +277,12 @@ struct ServerTxn {
     /// Woken by the ACK (non-2xx: same branch; 2xx: Call-ID + CSeq number).
     ack: Arc<Notify>,
     expires: Instant,
+    /// To tag for our responses when the request's To has none.
+    to_tag: String,
+    /// For INVITE: the request without body, and where to answer, so a
+    /// CANCEL can answer it 487.
+    invite: Option<(Request, ReplyPath, DialogKey)>,
+    transport: Transport,
 }
 
 struct SentAck {
@@ -264,6 +300,8 @@ struct State {
     acks: HashMap<DialogKey, SentAck>,
     seen_acks: HashMap<(String, u32, String), Instant>,
     conns: HashMap<SocketAddr, Conn>,
+    invite_limiter: Option<RateLimiter>,
+    limit_log: Option<LogBudget>,
 }
 
 struct Inner {
@@ -388,11 +426,19 @@ impl Endpoint {
         let local = listener.local_addr()?;
         let (tx, rx) = mpsc::channel(cfg.incoming_queue.max(1));
         let (shutdown_tx, _) = watch::channel(false);
+        let state = State {
+            invite_limiter: Some(
+                RateLimiter::new(cfg.invite_rate, cfg.invite_burst, 65_536)
+                    .with_exempt(cfg.trusted.iter().copied()),
+            ),
+            limit_log: Some(LogBudget::new(5)),
+            ..State::default()
+        };
         let inner = Arc::new(Inner {
             cfg,
             local,
             udp: Arc::new(udp),
-            state: Mutex::new(State::default()),
+            state: Mutex::new(state),
             shutdown_tx,
             incoming_tx: Mutex::new(Some(tx)),
             tasks: Mutex::new(Vec::new()),
@@ -751,7 +797,7 @@ impl Inner {
         let stream = tokio::time::timeout(self.cfg.t1 * 64, TcpStream::connect(dest))
             .await
             .map_err(|_| TxnError::Timeout)??;
-        Ok(spawn_conn(self, stream, dest))
+        Ok(spawn_conn(self, stream, dest, false))
     }
 
     fn deliver(&self, incoming: Incoming) -> Result<(), Box<Incoming>> {
@@ -813,11 +859,28 @@ impl Inner {
             let branch = via.branch.clone().unwrap_or_default();
             {
                 let mut st = lock(&self.state);
-                if let Some(txn) = st.servers.get(&key)
+                if let Some(txn) = st.servers.get_mut(&key)
                     && txn.final_status.is_some_and(|s| s >= 300)
                 {
                     txn.ack.notify_one();
+                    // Confirmed: Timer I (T4 over UDP, zero over TCP) absorbs
+                    // further retransmitted ACKs, then the transaction ends.
+                    let linger = match transport {
+                        Transport::Udp => self.cfg.t4,
+                        Transport::Tcp => Duration::ZERO,
+                    };
+                    txn.expires = txn.expires.min(Instant::now() + linger);
                     trace!(%source, "ACK for non-2xx absorbed by its transaction");
+                    return;
+                }
+                let stateless = req
+                    .headers
+                    .to()
+                    .ok()
+                    .and_then(|t| t.tag().map(|t| t.starts_with(STATELESS_TAG)))
+                    .unwrap_or(false);
+                if stateless {
+                    trace!(%source, "ACK for a stateless 503 absorbed");
                     return;
                 }
                 let seen_key = (call_id, cseq.seq, branch);
@@ -858,8 +921,12 @@ impl Inner {
             Resend(Vec<u8>, ReplyPath),
             Absorb,
             Reject,
+            RateLimited(u32, u64),
+            Quiet,
             New,
         }
+        let out_of_dialog_invite = req.method == Method::Invite
+            && req.headers.to().map(|t| t.tag().is_none()).unwrap_or(true);
         let action = {
             let mut st = lock(&self.state);
             match st.servers.get(&key) {
@@ -869,18 +936,39 @@ impl Inner {
                 },
                 None if st.servers.len() >= self.cfg.max_transactions => Action::Reject,
                 None => {
-                    st.servers.insert(
-                        key.clone(),
-                        ServerTxn {
-                            last_response: None,
-                            final_status: None,
-                            ack: Arc::new(Notify::new()),
-                            expires: Instant::now()
-                                + self.cfg.proceeding_timeout
-                                + self.cfg.t1 * 64,
-                        },
-                    );
-                    Action::New
+                    let now = Instant::now();
+                    let verdict = match (&mut st.invite_limiter, out_of_dialog_invite) {
+                        (Some(l), true) => l.check(source.ip(), now),
+                        _ => Verdict::Allow,
+                    };
+                    match verdict {
+                        Verdict::Refuse { retry_after } => {
+                            match st.limit_log.as_mut().and_then(|l| l.allow(now)) {
+                                Some(suppressed) => Action::RateLimited(retry_after, suppressed),
+                                None => Action::Quiet,
+                            }
+                        }
+                        Verdict::Allow => {
+                            let invite = (req.method == Method::Invite).then(|| {
+                                let mut head = req.clone();
+                                head.body = Vec::new();
+                                (head, path.clone(), dialog.clone())
+                            });
+                            st.servers.insert(
+                                key.clone(),
+                                ServerTxn {
+                                    last_response: None,
+                                    final_status: None,
+                                    ack: Arc::new(Notify::new()),
+                                    expires: now + self.cfg.proceeding_timeout + self.cfg.t1 * 64,
+                                    to_tag: random_hex(8),
+                                    invite,
+                                    transport,
+                                },
+                            );
+                            Action::New
+                        }
+                    }
                 }
             }
         };
@@ -896,8 +984,26 @@ impl Inner {
             }
             Action::Reject => {
                 warn!(%source, "too many server transactions: 503");
-                let r = Response::for_request(&req, 503, "Service Unavailable");
+                let r = self.overload_response(&req, "too many transactions", None);
                 let _ = self.send_path(&path, r.to_bytes()).await;
+            }
+            Action::RateLimited(retry_after, suppressed) => {
+                warn!(
+                    %source,
+                    rate = self.cfg.invite_rate,
+                    suppressed,
+                    "INVITE rate limit exceeded: 503 (at most 5 of these lines a second; \
+                     `suppressed` counts the ones not logged)"
+                );
+                let r = self.overload_response(&req, "INVITE rate limit", Some(retry_after));
+                let _ = self.send_path(&path, r.to_bytes()).await;
+            }
+            Action::Quiet => {
+                let r = self.overload_response(&req, "INVITE rate limit", None);
+                let _ = self.send_path(&path, r.to_bytes()).await;
+            }
+            Action::New if req.method == Method::Cancel => {
+                self.handle_cancel(req, source, key, path, via).await;
             }
             Action::New => {
                 let is_invite = req.method == Method::Invite;
@@ -917,11 +1023,145 @@ impl Inner {
                 if let Err(incoming) = self.deliver(incoming) {
                     warn!(%source, "incoming queue full or closed: 503");
                     lock(&self.state).servers.remove(&key);
-                    let r = Response::for_request(&incoming.request, 503, "Service Unavailable");
+                    let r = self.overload_response(&incoming.request, "overloaded", None);
                     let _ = self.send_path(&path, r.to_bytes()).await;
                 }
             }
         }
+    }
+
+    /// A stateless `503 Service Unavailable` with Retry-After and a Warning.
+    /// Its To tag starts with [`STATELESS_TAG`], so the ACK for it is absorbed
+    /// here without a transaction.
+    fn overload_response(&self, req: &Request, why: &str, retry_after: Option<u32>) -> Response {
+        let mut r = Response::for_request(req, 503, "Service Unavailable");
+        if req.method != Method::Cancel {
+            r = r.with_to_tag(&format!("{STATELESS_TAG}{}", random_hex(6)));
+        }
+        let secs = retry_after.unwrap_or(self.cfg.retry_after).max(1);
+        r.headers.push("Retry-After", secs.to_string());
+        r.headers.push("Warning", format!("399 sipmail \"{why}\""));
+        r
+    }
+
+    /// CANCEL (RFC 3261 §9.2): 200 for the CANCEL and 487 for its INVITE if
+    /// that has not been answered yet; 481 if there is no such INVITE.
+    async fn handle_cancel(
+        self: &Arc<Self>,
+        req: Request,
+        source: SocketAddr,
+        key: String,
+        path: ReplyPath,
+        via: Via,
+    ) {
+        let invite_key = server_key(&req, &via, &Method::Invite);
+        let found = {
+            let st = lock(&self.state);
+            st.servers
+                .get(&invite_key)
+                .map(|t| (t.final_status.is_some(), t.to_tag.clone(), t.invite.clone()))
+        };
+        let is_cancel_txn = |status: u16, reason: &str, tag: Option<&str>| {
+            let r = Response::for_request(&req, status, reason);
+            match tag {
+                Some(t) => r.with_to_tag(t),
+                None => r,
+            }
+        };
+        let Some((answered, tag, invite)) = found else {
+            debug!(%source, "CANCEL for no known INVITE: 481");
+            let r = is_cancel_txn(481, "Call/Transaction Does Not Exist", None);
+            let _ = self.respond_txn(&key, &path, false, None, r).await;
+            return;
+        };
+        let r = is_cancel_txn(200, "OK", Some(&tag));
+        let _ = self.respond_txn(&key, &path, false, None, r).await;
+        if answered {
+            debug!(%source, "CANCEL after the final response: no effect");
+            return;
+        }
+        let Some((inv, inv_path, dialog)) = invite else {
+            return;
+        };
+        let r = Response::for_request(&inv, 487, "Request Terminated").with_to_tag(&tag);
+        match self
+            .respond_txn(&invite_key, &inv_path, true, Some(dialog), r)
+            .await
+        {
+            Ok(()) => debug!(%source, "INVITE cancelled: 487"),
+            Err(e) => {
+                debug!(%source, error = %e, "INVITE answered meanwhile; CANCEL had no effect")
+            }
+        }
+    }
+
+    /// Sends a response in server transaction `key`, caches it for
+    /// retransmitted requests, and for a final response to INVITE over UDP
+    /// runs Timers G and H until the ACK.
+    async fn respond_txn(
+        self: &Arc<Self>,
+        key: &str,
+        path: &ReplyPath,
+        is_invite: bool,
+        dialog: Option<DialogKey>,
+        mut resp: Response,
+    ) -> Result<(), TxnError> {
+        let is_final = resp.status >= 200;
+        let (ack, bytes) = {
+            let mut st = lock(&self.state);
+            let ack = match st.servers.get_mut(key) {
+                Some(txn) => {
+                    if txn.final_status.is_some() {
+                        return Err(TxnError::AlreadyResponded);
+                    }
+                    if resp.status > 100 {
+                        resp = resp.with_to_tag(&txn.to_tag);
+                    }
+                    let bytes = resp.to_bytes();
+                    if bytes.len() > self.cfg.max_message {
+                        return Err(TxnError::TooLarge(bytes.len()));
+                    }
+                    txn.last_response = Some(bytes.clone());
+                    if is_final {
+                        txn.final_status = Some(resp.status);
+                        txn.invite = None;
+                        // Timer H (INVITE) or J (non-INVITE over UDP); a
+                        // non-INVITE transaction over TCP ends at once.
+                        let linger = if !is_invite && txn.transport == Transport::Tcp {
+                            Duration::ZERO
+                        } else {
+                            self.cfg.t1 * 64
+                        };
+                        txn.expires = Instant::now() + linger;
+                    }
+                    (Some(txn.ack.clone()), bytes)
+                }
+                None => (None, resp.to_bytes()),
+            };
+            if is_final
+                && is_invite
+                && resp.is_success()
+                && let Some(d) = dialog
+            {
+                st.ack_index.insert(d, key.to_string());
+            }
+            ack
+        };
+        if bytes.len() > self.cfg.max_message {
+            return Err(TxnError::TooLarge(bytes.len()));
+        }
+        self.send_path(path, bytes.clone()).await?;
+        if let (true, true, ReplyPath::Udp(dest), Some(ack)) = (is_final, is_invite, path, ack) {
+            let udp = self.udp.clone();
+            let dest = *dest;
+            let (t1, t2) = (self.cfg.t1, self.cfg.t2);
+            let shutdown = self.shutdown_tx.subscribe();
+            let status = resp.status;
+            tokio::spawn(retransmit_final(
+                udp, bytes, dest, status, ack, shutdown, t1, t2,
+            ));
+        }
+        Ok(())
     }
 
     async fn handle_response(self: &Arc<Self>, resp: Response, source: SocketAddr) {
@@ -972,49 +1212,12 @@ impl Incoming {
     /// caching and retransmission behaviour.
     pub async fn respond(&self, resp: Response) -> Result<(), TxnError> {
         let r = &self.reply;
-        let inner = &r.inner;
         if r.is_ack {
             return Err(TxnError::InvalidRequest("ACK cannot be answered".into()));
         }
-        let bytes = resp.to_bytes();
-        if bytes.len() > inner.cfg.max_message {
-            return Err(TxnError::TooLarge(bytes.len()));
-        }
-        let is_final = resp.status >= 200;
-        let ack = {
-            let mut st = lock(&inner.state);
-            let ack = match st.servers.get_mut(&r.key) {
-                Some(txn) => {
-                    if txn.final_status.is_some() {
-                        return Err(TxnError::AlreadyResponded);
-                    }
-                    txn.last_response = Some(bytes.clone());
-                    if is_final {
-                        txn.final_status = Some(resp.status);
-                        txn.expires = Instant::now() + inner.cfg.t1 * 64;
-                    }
-                    Some(txn.ack.clone())
-                }
-                None => None,
-            };
-            if is_final && r.is_invite && resp.is_success() {
-                st.ack_index.insert(r.dialog.clone(), r.key.clone());
-            }
-            ack
-        };
-        inner.send_path(&r.path, bytes.clone()).await?;
-        if let (true, true, ReplyPath::Udp(dest), Some(ack)) = (is_final, r.is_invite, &r.path, ack)
-        {
-            let udp = inner.udp.clone();
-            let dest = *dest;
-            let (t1, t2) = (inner.cfg.t1, inner.cfg.t2);
-            let shutdown = inner.shutdown_tx.subscribe();
-            let status = resp.status;
-            tokio::spawn(retransmit_final(
-                udp, bytes, dest, status, ack, shutdown, t1, t2,
-            ));
-        }
-        Ok(())
+        r.inner
+            .respond_txn(&r.key, &r.path, r.is_invite, Some(r.dialog.clone()), resp)
+            .await
     }
 }
 
@@ -1067,6 +1270,7 @@ async fn udp_loop(
     max_message: usize,
 ) {
     let mut buf = vec![0u8; 65_536];
+    let mut log_budget = LogBudget::new(10);
     loop {
         let (n, src) = tokio::select! {
             r = udp.recv_from(&mut buf) => match r {
@@ -1086,7 +1290,25 @@ async fn udp_loop(
                 continue;
             }
             Err(e) => {
-                warn!(%src, size = n, error = %e, "dropping unparseable UDP datagram");
+                // A request whose Via, From, To, Call-ID and CSeq can still be
+                // read gets a 400 saying why; anything else is dropped.
+                let reply = bad_request_for(&buf[..n], &e);
+                if let Some(suppressed) = log_budget.allow(Instant::now()) {
+                    warn!(
+                        %src,
+                        size = n,
+                        error = %e,
+                        answered_400 = reply.is_some(),
+                        suppressed,
+                        "unparseable UDP datagram{}",
+                        if reply.is_some() { "" } else { " dropped" }
+                    );
+                }
+                if let Some(r) = reply
+                    && let Err(e) = udp.send_to(&r.to_bytes(), src).await
+                {
+                    debug!(%src, error = %e, "sending 400 failed");
+                }
                 continue;
             }
         };
@@ -1113,13 +1335,28 @@ async fn accept_loop(
             _ = shutdown.changed() => return,
         };
         let Some(inner) = weak.upgrade() else { return };
-        let full = lock(&inner.state).conns.len() >= inner.cfg.max_tcp_connections;
-        if full {
-            warn!(%peer, "TCP connection limit reached, refusing connection");
+        let refuse = {
+            let st = lock(&inner.state);
+            let from_source = st
+                .conns
+                .iter()
+                .filter(|(a, c)| a.ip() == peer.ip() && !c.is_closed())
+                .count();
+            let trusted = inner.cfg.trusted.contains(&peer.ip());
+            if from_source >= inner.cfg.max_tcp_per_source {
+                Some("per-source TCP connection limit reached")
+            } else if !trusted && st.conns.len() >= inner.cfg.max_tcp_connections {
+                Some("TCP connection limit reached")
+            } else {
+                None
+            }
+        };
+        if let Some(why) = refuse {
+            warn!(%peer, "{why}, refusing connection");
             drop(stream);
             continue;
         }
-        spawn_conn(&inner, stream, peer);
+        spawn_conn(&inner, stream, peer, true);
     }
 }
 
@@ -1140,10 +1377,13 @@ async fn sweep_loop(weak: Weak<Inner>, mut shutdown: watch::Receiver<bool>, ever
         st.acks.retain(|_, a| a.expires > now);
         st.seen_acks.retain(|_, e| *e > now);
         st.conns.retain(|_, c| !c.is_closed());
+        if let Some(l) = st.invite_limiter.as_mut() {
+            l.sweep(now);
+        }
     }
 }
 
-fn spawn_conn(inner: &Arc<Inner>, stream: TcpStream, peer: SocketAddr) -> Conn {
+fn spawn_conn(inner: &Arc<Inner>, stream: TcpStream, peer: SocketAddr, accepted: bool) -> Conn {
     let _ = stream.set_nodelay(true);
     let id = inner.next_conn_id.fetch_add(1, Ordering::Relaxed);
     let (tx, rx) = mpsc::channel(64);
@@ -1169,10 +1409,25 @@ fn spawn_conn(inner: &Arc<Inner>, stream: TcpStream, peer: SocketAddr) -> Conn {
         peer,
         closed_tx,
         inner.shutdown_tx.subscribe(),
-        inner.cfg.tcp_idle_timeout,
+        TcpTimeouts {
+            idle: inner.cfg.tcp_idle_timeout,
+            message: inner.cfg.tcp_message_timeout,
+            accepted,
+        },
         inner.cfg.max_message,
     ));
     conn
+}
+
+#[derive(Clone, Copy)]
+struct TcpTimeouts {
+    /// No bytes at all for this long: close.
+    idle: Duration,
+    /// A message begun must be complete within this long.
+    message: Duration,
+    /// Accepted (not opened by us): the first message must also arrive
+    /// within `message` of the connection being accepted.
+    accepted: bool,
 }
 
 async fn conn_writer(
@@ -1210,17 +1465,23 @@ async fn conn_reader(
     peer: SocketAddr,
     closed_tx: Arc<watch::Sender<bool>>,
     mut shutdown: watch::Receiver<bool>,
-    idle: Duration,
+    timeouts: TcpTimeouts,
     max_message: usize,
 ) {
     let mut closed = closed_tx.subscribe();
     let mut buf: Vec<u8> = Vec::new();
     let mut chunk = vec![0u8; 16 * 1024];
+    // When the message now in `buf` (or, on an accepted connection, the
+    // first message) must be complete.
+    let mut message_deadline = timeouts
+        .accepted
+        .then(|| tokio::time::Instant::now() + timeouts.message);
     'outer: loop {
         loop {
             match parse_stream_limited(&buf, max_message) {
                 Ok(Some((msg, used))) => {
                     buf.drain(..used);
+                    message_deadline = None;
                     let Some(inner) = weak.upgrade() else {
                         break 'outer;
                     };
@@ -1239,10 +1500,20 @@ async fn conn_reader(
                 }
             }
         }
+        let started = buf.iter().any(|b| !b.is_ascii_whitespace());
+        if started && message_deadline.is_none() {
+            message_deadline = Some(tokio::time::Instant::now() + timeouts.message);
+        }
+        let idle_deadline = tokio::time::Instant::now() + timeouts.idle;
+        let deadline = message_deadline.map_or(idle_deadline, |m| m.min(idle_deadline));
         tokio::select! {
-            r = tokio::time::timeout(idle, rd.read(&mut chunk)) => match r {
+            r = tokio::time::timeout_at(deadline, rd.read(&mut chunk)) => match r {
                 Err(_) => {
-                    debug!(%peer, "TCP connection idle, closing");
+                    if message_deadline.is_some_and(|m| m <= deadline) {
+                        warn!(%peer, buffered = buf.len(), "TCP message not completed in time (half-open or slow sender), closing");
+                    } else {
+                        debug!(%peer, "TCP connection idle, closing");
+                    }
                     let _ = conn.tx.send(WriteCmd::Close).await;
                     break;
                 }

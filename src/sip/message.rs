@@ -874,7 +874,15 @@ fn starts_with_sip(s: &str) -> bool {
         .is_some_and(|p| p.eq_ignore_ascii_case(b"SIP/"))
 }
 
+/// Control characters other than HTAB (including a bare CR and DEL).
+fn has_control(s: &str) -> bool {
+    s.chars().any(|c| c.is_control() && c != '\t')
+}
+
 fn parse_start_line(line: &str) -> Result<StartLine, ParseError> {
+    if has_control(line) {
+        return Err(ParseError::BadStartLine(snippet(line)));
+    }
     if starts_with_sip(line) {
         let (version, rest) = line
             .split_once(' ')
@@ -922,6 +930,14 @@ fn parse_header_lines<'a>(
 ) -> Result<Headers, ParseError> {
     let mut headers: Vec<(String, String)> = Vec::new();
     for line in lines {
+        // A bare CR, NUL or other control character inside a header line (RFC 3261 §25.1
+        // allows only HTAB): another parser might split the line there, so refuse it.
+        if has_control(line) {
+            if lenient {
+                continue;
+            }
+            return Err(ParseError::MalformedHeader(snippet(line)));
+        }
         if line.starts_with([' ', '\t']) {
             match headers.last_mut() {
                 Some((_, v)) => {
@@ -1041,7 +1057,10 @@ fn validate(start: &StartLine, h: &Headers) -> Result<(), ParseError> {
             h.to()?;
             if let Some(mf) = h.get("Max-Forwards") {
                 let t = mf.trim();
-                if t.is_empty() || t.len() > 3 || !t.bytes().all(|b| b.is_ascii_digit()) {
+                // 1*DIGIT (RFC 3261 §25.1; RFC 4475 §3.1.1.1 has "0068"): leading zeros
+                // are fine, the value must stay within three digits.
+                let significant = t.trim_start_matches('0');
+                if t.is_empty() || significant.len() > 3 || !t.bytes().all(|b| b.is_ascii_digit()) {
                     return Err(invalid("Max-Forwards", mf));
                 }
             }

@@ -3,6 +3,7 @@
 //! thiserror, tracing, getrandom and hex.
 
 pub mod endpoint;
+pub mod limits;
 pub mod message;
 pub mod sdp;
 
