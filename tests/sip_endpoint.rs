@@ -170,14 +170,15 @@ async fn udp_invite_retransmits_at_t1_then_2t1() {
         .map(|(_, m, _)| m.headers().top_via().unwrap().branch.unwrap())
         .collect();
     assert!(branches.iter().all(|b| *b == branches[0]));
+    // Lower bounds check the RFC 3261 timers; upper bounds are loose for loaded CI machines.
     let d1 = copies[1].0 - copies[0].0;
     let d2 = copies[2].0 - copies[1].0;
     assert!(
-        d1 >= Duration::from_millis(40) && d1 <= Duration::from_millis(150),
+        d1 >= Duration::from_millis(40) && d1 <= Duration::from_millis(400),
         "first gap {d1:?}"
     );
     assert!(
-        d2 >= Duration::from_millis(85) && d2 <= Duration::from_millis(250),
+        d2 >= Duration::from_millis(85) && d2 <= Duration::from_millis(600),
         "second gap {d2:?}"
     );
     // Answer the third copy: 180 then 486; the client ACKs the 486.
@@ -331,11 +332,11 @@ async fn server_retransmits_2xx_until_ack() {
     let d1 = times[1] - times[0];
     let d2 = times[2] - times[1];
     assert!(
-        d1 >= Duration::from_millis(40) && d1 <= Duration::from_millis(150),
+        d1 >= Duration::from_millis(40) && d1 <= Duration::from_millis(400),
         "{d1:?}"
     );
     assert!(
-        d2 >= Duration::from_millis(85) && d2 <= Duration::from_millis(250),
+        d2 >= Duration::from_millis(85) && d2 <= Duration::from_millis(600),
         "{d2:?}"
     );
     // ACK the third copy (new branch, as for a 2xx).
