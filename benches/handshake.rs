@@ -11,37 +11,14 @@
 //! Run: `cargo bench --bench handshake`.
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use sipmail::handshake::{
-    CallContext, CalleeAwaitConfirm, CallerAwaitAnswer, Signer, Suite, Verifier,
-};
+use sipmail::handshake::{CallContext, CalleeAwaitConfirm, CallerAwaitAnswer, Suite};
 use sipmail::keyring::Keyring;
 use std::hint::black_box;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-struct Sign<'a>(&'a Keyring);
-impl Signer for Sign<'_> {
-    fn sign(&self, data: &[u8]) -> Result<Vec<u8>, String> {
-        self.0.sign_detached(data).map_err(|e| e.to_string())
-    }
-}
-
-struct Verify<'a> {
-    keyring: &'a Keyring,
-    domain: &'a str,
-}
-impl Verifier for Verify<'_> {
-    fn verify(&self, fingerprint: &[u8], data: &[u8], signature: &[u8]) -> Result<(), String> {
-        self.keyring
-            .verify_detached(
-                self.domain,
-                &hex::encode_upper(fingerprint),
-                data,
-                signature,
-            )
-            .map_err(|e| e.to_string())
-    }
-}
+// The relay's own OpenPGP signer and verifier, so the bench measures what calls use.
+use sipmail::relay::{KeyringSigner as Sign, PeerVerifier as Verify};
 
 struct Sites {
     _dir: tempfile::TempDir,

@@ -226,6 +226,26 @@ impl Spool {
         self.queue.join(format!("{id}.env"))
     }
 
+    /// The header block of a queued message: up to and including the CRLF before the
+    /// empty line, read from at most the first `cap` bytes. Without an end of headers
+    /// within the cap, it ends at the last complete line.
+    pub async fn read_headers(&self, id: &str, cap: u64) -> Vec<u8> {
+        use tokio::io::AsyncReadExt;
+        let mut buf = Vec::new();
+        if let Ok(f) = tokio::fs::File::open(self.body_path(id)).await {
+            let _ = f.take(cap).read_to_end(&mut buf).await;
+        }
+        let end = match buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            Some(end) => end + 2,
+            None => buf
+                .windows(2)
+                .rposition(|w| w == b"\r\n")
+                .map_or(0, |p| p + 2),
+        };
+        buf.truncate(end);
+        buf
+    }
+
     /// Create the file a new message body is streamed into.
     pub async fn create_body(&self, id: &str) -> io::Result<tokio::fs::File> {
         tokio::fs::OpenOptions::new()

@@ -6,7 +6,7 @@
 use super::Shared;
 use crate::queue::{Envelope, RcptState, Recipient, Spool};
 use std::time::SystemTime;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 /// One recipient the DSN reports.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -106,27 +106,6 @@ pub(crate) fn build(
     out
 }
 
-/// The header block of a queued message (up to the first empty line, at most 64 KiB).
-async fn read_headers(spool: &Spool, id: &str) -> Vec<u8> {
-    let mut buf = Vec::new();
-    if let Ok(f) = tokio::fs::File::open(spool.body_path(id)).await {
-        let _ = f.take(64 * 1024).read_to_end(&mut buf).await;
-    }
-    match buf.windows(4).position(|w| w == b"\r\n\r\n") {
-        Some(end) => buf.truncate(end + 2),
-        None => {
-            // No end of headers within the cap: cut at the last complete line.
-            let end = buf
-                .windows(2)
-                .rposition(|w| w == b"\r\n")
-                .map(|p| p + 2)
-                .unwrap_or(0);
-            buf.truncate(end);
-        }
-    }
-    buf
-}
-
 /// Queue a DSN to the original sender. Returns false if it could not be queued (the
 /// caller then keeps the original message).
 pub(crate) async fn send(shared: &Shared, original: &Envelope, failures: &[Failure]) -> bool {
@@ -140,7 +119,7 @@ pub(crate) async fn send(shared: &Shared, original: &Envelope, failures: &[Failu
             "cannot return a bounce: the sender's domain is neither ours nor a partner's");
         return true;
     };
-    let headers = read_headers(&shared.spool, &original.id).await;
+    let headers = shared.spool.read_headers(&original.id, 64 * 1024).await;
     let id = Spool::new_id();
     let dsn = build(
         &shared.cfg.hostname,

@@ -20,6 +20,8 @@ use tokio::net::TcpStream;
 pub(crate) enum CallError {
     #[error("cannot resolve {0}")]
     Resolve(String),
+    #[error("the operating system's random number generator failed: {0}")]
+    Random(String),
     #[error("SIP: {0}")]
     Sip(#[from] TxnError),
     #[error("the peer answered {status} {reason}{}", warning.as_deref().map(|w| format!(" ({w})")).unwrap_or_default())]
@@ -59,13 +61,10 @@ struct ActiveCall {
     client: SmtpClient<TunnelStream<TcpStream>>,
 }
 
-fn random32() -> [u8; 32] {
+fn random32() -> Result<[u8; 32], CallError> {
     let mut b = [0u8; 32];
-    // The OS RNG failing is not something we can recover from safely.
-    if let Err(e) = getrandom::fill(&mut b) {
-        panic!("the operating system's random number generator failed: {e}");
-    }
-    b
+    getrandom::fill(&mut b).map_err(|e| CallError::Random(e.to_string()))?;
+    Ok(b)
 }
 
 fn in_dialog_request(d: &Dialog, method: Method, cseq: u32) -> Request {
@@ -97,12 +96,12 @@ async fn place_call(shared: &Arc<Shared>, peer: &Peer) -> Result<ActiveCall, Cal
     let call_id = format!("{}@{}", crate::sip::random_hex(16), shared.cfg.domain);
     let from_tag = crate::sip::random_hex(8);
     let caller = CallerAwaitAnswer::new(
-        random32(),
-        random32(),
+        random32()?,
+        random32()?,
         shared.cfg.suites.clone(),
         shared.own_fpr.clone(),
     );
-    let session_id = u64::from_be_bytes(random32()[..8].try_into().unwrap_or_default()) >> 1;
+    let session_id = u64::from_be_bytes(random32()?[..8].try_into().unwrap_or_default()) >> 1;
     let uri = format!("sip:mail@{}", peer.domain);
     let mut invite = Request::new(Method::Invite, uri.clone());
     invite.headers.push("Max-Forwards", "70");

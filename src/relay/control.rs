@@ -9,7 +9,7 @@ use crate::queue::{Envelope, now_ms};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -88,7 +88,10 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: UnixListener) {
     let _ = std::fs::remove_file(socket_path(&shared.cfg.spool));
 }
 
-use tokio::io::AsyncReadExt;
+/// A message's headers for `queue show`.
+async fn headers_text(spool: &crate::queue::Spool, id: &str) -> String {
+    String::from_utf8_lossy(&spool.read_headers(id, 16 * 1024).await).into_owned()
+}
 
 async fn handle(shared: &Shared, req: Request) -> Reply {
     match req {
@@ -97,7 +100,7 @@ async fn handle(shared: &Shared, req: Request) -> Reply {
         },
         Request::Show { id } => match shared.queue.get(&id) {
             Some(envelope) => Reply::Message {
-                headers: read_headers(&shared.spool.body_path(&id)).await,
+                headers: headers_text(&shared.spool, &id).await,
                 envelope,
             },
             None => Reply::Error {
@@ -121,18 +124,6 @@ async fn handle(shared: &Shared, req: Request) -> Reply {
             Err(message) => Reply::Error { message },
         },
     }
-}
-
-/// The header block of a message file, for `queue show`.
-pub async fn read_headers(path: &Path) -> String {
-    let mut buf = Vec::new();
-    if let Ok(f) = tokio::fs::File::open(path).await {
-        let _ = f.take(16 * 1024).read_to_end(&mut buf).await;
-    }
-    if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-        buf.truncate(end + 2);
-    }
-    String::from_utf8_lossy(&buf).into_owned()
 }
 
 /// Send one request to a running daemon. `Ok(None)` if no daemon listens.
@@ -173,7 +164,7 @@ pub async fn offline(spool_dir: &Path, req: &Request) -> std::io::Result<Reply> 
         Request::List => Reply::Messages { messages: envs },
         Request::Show { id } => match envs.into_iter().find(|e| &e.id == id) {
             Some(envelope) => Reply::Message {
-                headers: read_headers(&spool.body_path(id)).await,
+                headers: headers_text(&spool, id).await,
                 envelope,
             },
             None => Reply::Error {

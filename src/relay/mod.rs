@@ -204,7 +204,7 @@ pub(crate) fn reason_header(text: &str) -> String {
 }
 
 /// Signs with the relay's own OpenPGP key.
-pub(crate) struct KeyringSigner<'a>(pub &'a Keyring);
+pub struct KeyringSigner<'a>(pub &'a Keyring);
 impl Signer for KeyringSigner<'_> {
     fn sign(&self, data: &[u8]) -> Result<Vec<u8>, String> {
         self.0.sign_detached(data).map_err(|e| e.to_string())
@@ -212,7 +212,7 @@ impl Signer for KeyringSigner<'_> {
 }
 
 /// Verifies with the cert held for `mail@domain`.
-pub(crate) struct PeerVerifier<'a> {
+pub struct PeerVerifier<'a> {
     pub keyring: &'a Keyring,
     pub domain: &'a str,
 }
