@@ -35,11 +35,18 @@ fn io(what: &str) -> impl FnOnce(std::io::Error) -> DemoError + '_ {
 }
 
 /// A port that is free for both TCP and UDP on 127.0.0.1 right now.
+///
+/// Chosen at random below the kernel's ephemeral range (32768 and up by default), so that
+/// the outgoing connections of whatever else runs meanwhile cannot take it between this
+/// check and the relay's bind.
 pub fn free_port() -> std::io::Result<u16> {
-    for _ in 0..50 {
-        let t = std::net::TcpListener::bind("127.0.0.1:0")?;
-        let port = t.local_addr()?.port();
-        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+    for _ in 0..200 {
+        let mut r = [0u8; 2];
+        getrandom::fill(&mut r).map_err(std::io::Error::other)?;
+        let port = 20000 + u16::from_be_bytes(r) % 12000;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
+        {
             return Ok(port);
         }
     }

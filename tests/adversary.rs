@@ -118,24 +118,6 @@ async fn callers_that_are_not_who_they_claim_get_403() {
     sites.stop().await;
 }
 
-async fn sites_via_proxy(dir: &std::path::Path, tamper: SipTamper) -> (TwoSites, SocketAddr) {
-    make_keys(dir).unwrap();
-    let (pa, pb) = (free_port().unwrap(), free_port().unwrap());
-    let proxy = SipProxy::start(format!("127.0.0.1:{pb}").parse().unwrap(), tamper).await;
-    let a = Config::parse(
-        "a",
-        &site_config(dir, "site-a", "site-b", pa, proxy.listen.port()),
-    )
-    .unwrap();
-    let b = Config::parse("b", &site_config(dir, "site-b", "site-a", pb, pa)).unwrap();
-    (
-        TwoSites::start_with(dir, a, b, Hooks::default())
-            .await
-            .unwrap(),
-        proxy.listen,
-    )
-}
-
 fn replace_attr(d: &mut Vec<u8>, attr: &str, value: &str) -> bool {
     let text = String::from_utf8_lossy(d).to_string();
     let Some(i) = text.find(attr) else {
@@ -184,7 +166,7 @@ async fn a_man_in_the_middle_swapping_keys_fails() {
                 );
             }
         });
-        let (sites, _) = sites_via_proxy(dir.path(), tamper).await;
+        let sites = sites_via_sip_proxy(dir.path(), tamper).await;
         let mut ev_a = sites.a.events();
         let mut ev_b = sites.b.events();
         submit(
@@ -229,7 +211,7 @@ async fn a_replayed_invite_and_ack_deliver_nothing() {
             rec.lock().unwrap().push(d.clone());
         }
     });
-    let (sites, _) = sites_via_proxy(dir.path(), tamper).await;
+    let sites = sites_via_sip_proxy(dir.path(), tamper).await;
     let md = sites.maildir(&sites.b_cfg);
     let mut ev_b = sites.b.events();
     submit(
@@ -313,7 +295,7 @@ async fn suite_downgrade_or_swap_on_the_wire_fails() {
                 replace_attr(d, "a=sipmail-suite:", "aes-256-gcm");
             }
         });
-        let (sites, _) = sites_via_proxy(dir.path(), tamper).await;
+        let sites = sites_via_sip_proxy(dir.path(), tamper).await;
         let mut ev_a = sites.a.events();
         submit(
             sites.a.smtp_addr,
@@ -344,20 +326,13 @@ async fn suite_downgrade_or_swap_on_the_wire_fails() {
 async fn aes_256_gcm_when_the_caller_prefers_it() {
     init_logs();
     let dir = tempfile::tempdir().unwrap();
-    make_keys(dir.path()).unwrap();
-    let (pa, pb) = (free_port().unwrap(), free_port().unwrap());
     let aes = |s: String| {
         s.replace(
             "call_idle = \"2s\"",
             "call_idle = \"2s\"\nsuites = [\"aes-256-gcm\", \"chacha20-poly1305\"]",
         )
     };
-    let a = Config::parse(
-        "a",
-        &aes(site_config(dir.path(), "site-a", "site-b", pa, pb)),
-    )
-    .unwrap();
-    let b = Config::parse("b", &site_config(dir.path(), "site-b", "site-a", pb, pa)).unwrap();
+    let (a, b) = edited_configs(dir.path(), aes, |s| s);
     let sites = TwoSites::start_with(dir.path(), a, b, Hooks::default())
         .await
         .unwrap();

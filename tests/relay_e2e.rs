@@ -4,11 +4,7 @@
 mod common;
 
 use common::*;
-use sipmail::config::Config;
-use sipmail::demo::{
-    TwoSites, delivered_intact, free_port, maildir_files, make_keys, sample_message, site_config,
-    submit,
-};
+use sipmail::demo::{TwoSites, delivered_intact, maildir_files, sample_message, submit};
 use sipmail::relay::{Hooks, RelayEvent};
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,20 +26,13 @@ async fn mail_arrives_byte_for_byte_through_one_reused_call() {
     init_logs();
     let dir = tempfile::tempdir().unwrap();
     // One call at a time to the peer, so every message must reuse it.
-    make_keys(dir.path()).unwrap();
-    let (pa, pb) = (free_port().unwrap(), free_port().unwrap());
     let one_call = |s: String| {
         s.replace(
             "call_idle = \"2s\"",
             "call_idle = \"2s\"\ncalls_per_peer = 1",
         )
     };
-    let a = Config::parse(
-        "a",
-        &one_call(site_config(dir.path(), "site-a", "site-b", pa, pb)),
-    )
-    .unwrap();
-    let b = Config::parse("b", &site_config(dir.path(), "site-b", "site-a", pb, pa)).unwrap();
+    let (a, b) = edited_configs(dir.path(), one_call, |s| s);
     assert_eq!(a.calls_per_peer, 1);
     let sites = TwoSites::start_with(dir.path(), a, b, Hooks::default())
         .await
@@ -195,21 +184,6 @@ async fn a_flipped_bit_in_any_record_fails_the_transfer_and_the_mail_stays_queue
     }
 }
 
-async fn sites_through_sip_proxy(dir: &std::path::Path, tamper: SipTamper) -> TwoSites {
-    make_keys(dir).unwrap();
-    let (pa, pb) = (free_port().unwrap(), free_port().unwrap());
-    let proxy = SipProxy::start(format!("127.0.0.1:{pb}").parse().unwrap(), tamper).await;
-    let a = Config::parse(
-        "a",
-        &site_config(dir, "site-a", "site-b", pa, proxy.listen.port()),
-    )
-    .unwrap();
-    let b = Config::parse("b", &site_config(dir, "site-b", "site-a", pb, pa)).unwrap();
-    TwoSites::start_with(dir, a, b, Hooks::default())
-        .await
-        .unwrap()
-}
-
 /// A flipped bit in the callee's signature (200 OK) or the caller's (ACK): no call, no
 /// delivery, and the message is still in A's queue.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -229,7 +203,7 @@ async fn a_flipped_bit_in_either_signature_fails_the_call_and_the_mail_stays_que
                 flip_in_attr(d, "sipmail-signature:", index);
             }
         });
-        let sites = sites_through_sip_proxy(dir.path(), tamper).await;
+        let sites = sites_via_sip_proxy(dir.path(), tamper).await;
         let mut events = sites.a.events();
         submit(
             sites.a.smtp_addr,

@@ -4,36 +4,17 @@
 mod common;
 
 use common::*;
-use sipmail::config::Config;
-use sipmail::demo::{
-    TwoSites, delivered_intact, free_port, maildir_files, make_keys, sample_message, site_config,
-    submit,
-};
+use sipmail::demo::{TwoSites, delivered_intact, free_port, maildir_files, sample_message, submit};
 use sipmail::keyring::Keyring;
 use sipmail::relay::{self, Hooks, RelayEvent, Shutdown};
 use sipmail::smtp::{ClientTimeouts, SmtpClient};
 use std::time::Duration;
 
-fn configs(
-    dir: &std::path::Path,
-    edit_a: impl Fn(String) -> String,
-    edit_b: impl Fn(String) -> String,
-) -> (Config, Config) {
-    make_keys(dir).unwrap();
-    let (pa, pb) = (free_port().unwrap(), free_port().unwrap());
-    let a = edit_a(site_config(dir, "site-a", "site-b", pa, pb));
-    let b = edit_b(site_config(dir, "site-b", "site-a", pb, pa));
-    (
-        Config::parse("a.toml", &a).unwrap(),
-        Config::parse("b.toml", &b).unwrap(),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_over_sip_tcp() {
     init_logs();
     let dir = tempfile::tempdir().unwrap();
-    let (a, b) = configs(
+    let (a, b) = edited_configs(
         dir.path(),
         |s| s.replace("\"\n[delivery]", ";transport=tcp\"\n[delivery]"),
         |s| s,
@@ -80,7 +61,7 @@ async fn delivery_by_smtp_to_the_local_mta() {
     let sink = dir.path().join("sink");
     std::fs::create_dir_all(&sink).unwrap();
     let (port, _child) = python_sink(&sink, false).await;
-    let (a, b) = configs(dir.path(), |s| s, |s| deliver_by_smtp(s, port));
+    let (a, b) = edited_configs(dir.path(), |s| s, |s| deliver_by_smtp(s, port));
     let sites = TwoSites::start_with(dir.path(), a, b, Hooks::default())
         .await
         .unwrap();
@@ -126,7 +107,7 @@ async fn delivery_by_smtp_to_the_local_mta() {
 async fn a_peer_that_is_down_gets_its_mail_later() {
     init_logs();
     let dir = tempfile::tempdir().unwrap();
-    let (a_cfg, b_cfg) = configs(dir.path(), |s| s, |s| s);
+    let (a_cfg, b_cfg) = edited_configs(dir.path(), |s| s, |s| s);
     let sd_a = Shutdown::new();
     let a = relay::start(a_cfg, sd_a.clone(), Hooks::default())
         .await
@@ -173,7 +154,7 @@ async fn a_peer_that_is_down_gets_its_mail_later() {
 async fn callers_not_in_the_keyring_get_403() {
     init_logs();
     let dir = tempfile::tempdir().unwrap();
-    let (a_cfg, b_cfg) = configs(dir.path(), |s| s, |s| s);
+    let (a_cfg, b_cfg) = edited_configs(dir.path(), |s| s, |s| s);
     // An impostor for site-a.test: its own fresh key, B's cert, same config otherwise.
     let evil_kr = dir.path().join("keyring/evil-a");
     Keyring::generate(&evil_kr, "site-a.test").unwrap();
@@ -232,7 +213,7 @@ async fn callers_not_in_the_keyring_get_403() {
 async fn relay_policy() {
     init_logs();
     let dir = tempfile::tempdir().unwrap();
-    let (a_cfg, _) = configs(
+    let (a_cfg, _) = edited_configs(
         dir.path(),
         |s| s.replace("allow = [\"127.0.0.0/8\"]", "allow = [\"127.0.0.2/32\"]"),
         |s| s,
@@ -331,7 +312,7 @@ async fn a_permanent_failure_bounces_to_the_sender() {
     let sink = dir.path().join("sink");
     std::fs::create_dir_all(&sink).unwrap();
     let (port, _child) = python_sink(&sink, true).await;
-    let (a, b) = configs(dir.path(), |s| s, |s| deliver_by_smtp(s, port));
+    let (a, b) = edited_configs(dir.path(), |s| s, |s| deliver_by_smtp(s, port));
     let sites = TwoSites::start_with(dir.path(), a, b, Hooks::default())
         .await
         .unwrap();

@@ -213,3 +213,47 @@ pub async fn wait_event(
     }
     None
 }
+
+/// Fresh keys and the two test-bed configs, each passed through an edit of its TOML text.
+pub fn edited_configs(
+    dir: &std::path::Path,
+    edit_a: impl Fn(String) -> String,
+    edit_b: impl Fn(String) -> String,
+) -> (sipmail::config::Config, sipmail::config::Config) {
+    configs_calling(dir, edit_a, edit_b, None)
+}
+
+/// As `edited_configs`, with A calling site-b at `a_calls_b_at` (a proxy) if given.
+fn configs_calling(
+    dir: &std::path::Path,
+    edit_a: impl Fn(String) -> String,
+    edit_b: impl Fn(String) -> String,
+    a_calls_b_at: Option<(u16, u16)>,
+) -> (sipmail::config::Config, sipmail::config::Config) {
+    use sipmail::demo::{free_port, make_keys, site_config};
+    make_keys(dir).unwrap();
+    let pa = free_port().unwrap();
+    let (pb, a_calls) = a_calls_b_at.unwrap_or_else(|| {
+        let pb = free_port().unwrap();
+        (pb, pb)
+    });
+    let a = edit_a(site_config(dir, "site-a", "site-b", pa, a_calls));
+    let b = edit_b(site_config(dir, "site-b", "site-a", pb, pa));
+    (
+        sipmail::config::Config::parse("a.toml", &a).unwrap(),
+        sipmail::config::Config::parse("b.toml", &b).unwrap(),
+    )
+}
+
+/// The two sites with a tampering SIP proxy in front of B: A calls the proxy.
+pub async fn sites_via_sip_proxy(
+    dir: &std::path::Path,
+    tamper: SipTamper,
+) -> sipmail::demo::TwoSites {
+    let pb = sipmail::demo::free_port().unwrap();
+    let proxy = SipProxy::start(format!("127.0.0.1:{pb}").parse().unwrap(), tamper).await;
+    let (a, b) = configs_calling(dir, |s| s, |s| s, Some((pb, proxy.listen.port())));
+    sipmail::demo::TwoSites::start_with(dir, a, b, sipmail::relay::Hooks::default())
+        .await
+        .unwrap()
+}
