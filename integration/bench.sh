@@ -66,10 +66,11 @@ WORK="$(mktemp -d /tmp/sipmail-bench.XXXXXX)"
 chmod 755 "$WORK"
 
 PIDS=()
-PF_DIRS=()
+# shellcheck source=lib/postfix.sh
+. "$ROOT/integration/lib/postfix.sh"
 cleanup() {
     set +e
-    for d in "${PF_DIRS[@]}"; do postfix -c "$d/etc" stop >/dev/null 2>&1; done
+    pf_stop_all
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
     wait 2>/dev/null
     [ -n "${KEEP:-}" ] || rm -rf "$WORK"
@@ -77,30 +78,6 @@ cleanup() {
 trap cleanup EXIT
 
 now_ns() { date +%s%N; }
-# N free TCP+UDP ports on 127.0.0.1
-free_ports() {
-    python3 - "$1" <<'PY'
-import socket, sys
-out, keep = [], []
-while len(out) < int(sys.argv[1]):
-    t = socket.socket(); t.bind(("127.0.0.1", 0)); p = t.getsockname()[1]
-    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        u.bind(("127.0.0.1", p))
-    except OSError:
-        t.close(); continue
-    keep += [t, u]; out.append(p)
-print(" ".join(map(str, out)))
-PY
-}
-wait_port() { # port, seconds
-    local end=$((SECONDS + ${2:-10}))
-    while ((SECONDS < end)); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.05
-    done
-    return 1
-}
 sink_count() { # counter file of smtp-sink -c
     local c
     c=$(tail -c 200 "$1" 2>/dev/null | tr '\r' '\n' | grep -o 'mesg=[0-9]*' | tail -1)
@@ -121,70 +98,21 @@ read -r P_SRC_S P_SIP_A P_SIP_B P_SMTP_B P_PFA P_PFB P_PFTA P_PFTB \
     SINK_S SINK_P SINK_T SINK_X <<<"$(free_ports 12)"
 
 # ---------------------------------------------------------------- Postfix instances
-MASTER_DIST=/usr/share/postfix/master.cf.dist
-[ -f "$MASTER_DIST" ] || die "$MASTER_DIST not found"
-mk_postfix() { # name listen-port relay-port extra-main.cf-lines
-    local name=$1 listen=$2 relay=$3 extra=$4 d="$WORK/pf-$1"
-    mkdir -p "$d/etc" "$d/spool" "$d/data"
-    chown root "$d/spool"
-    chown postfix:postfix "$d/data"; chmod 700 "$d/data"
-    cat >"$d/etc/main.cf" <<EOF
-compatibility_level = 3.6
-config_directory = $d/etc
-queue_directory = $d/spool
-data_directory = $d/data
-command_directory = /usr/sbin
-daemon_directory = /usr/lib/postfix/sbin
-meta_directory = /etc/postfix
-shlib_directory = /usr/lib/postfix
-mail_owner = postfix
-setgid_group = postdrop
-myhostname = $name.bench.test
-mydomain = bench.test
-myorigin = \$myhostname
-mydestination =
-local_transport = error:local delivery disabled
-local_recipient_maps =
-alias_maps =
-alias_database =
-relayhost = [127.0.0.1]:$relay
-smtp_host_lookup = native
-inet_interfaces = loopback-only
-inet_protocols = ipv4
-mynetworks = 127.0.0.0/8
-maillog_file = $d/maillog
-maillog_file_prefixes = $d
-queue_run_delay = 5s
-minimal_backoff_time = 5s
-maximal_backoff_time = 30s
-$extra
-EOF
-    {
-        echo "127.0.0.1:$listen inet n - n - - smtpd"
-        # The standard services, not chrooted, up to postlog (no pipe transports).
-        awk '/^#/ || /^$/ {next} /^smtp +inet/ {next} /^maildrop/ {exit}
-             /^[a-z]/ {$5="n"} {print}' "$MASTER_DIST"
-    } >"$d/etc/master.cf"
-    PF_DIRS+=("$d")
-    postfix -c "$d/etc" start >/dev/null 2>&1 || { tail -20 "$d/maillog" 2>/dev/null; die "postfix $name did not start"; }
-    wait_port "$listen" 20 || { tail -20 "$d/maillog"; die "postfix $name does not listen on $listen"; }
-}
-
 echo "== private Postfix instances"
 # TLS: a self-signed certificate for Postfix B (TLS chain); A pins its SHA-256 fingerprint.
 openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj "/CN=pftb.bench.test" \
     -keyout "$WORK/pftb.key" -out "$WORK/pftb.crt" >/dev/null 2>&1
 chmod 600 "$WORK/pftb.key"
 FPR=$(openssl x509 -in "$WORK/pftb.crt" -noout -fingerprint -sha256 | cut -d= -f2)
-mk_postfix pfa "$P_PFA" "$P_PFB" ""
-mk_postfix pfb "$P_PFB" "$SINK_P" ""
+mk_postfix pfa "$P_PFA" "$P_PFB" "" || die "Postfix did not start"
+mk_postfix pfb "$P_PFB" "$SINK_P" "" || die "Postfix did not start"
 mk_postfix pftb "$P_PFTB" "$SINK_T" "smtpd_tls_cert_file = $WORK/pftb.crt
 smtpd_tls_key_file = $WORK/pftb.key
-smtpd_tls_security_level = may"
+smtpd_tls_security_level = may" || die "Postfix did not start"
 mk_postfix pfta "$P_PFTA" "$P_PFTB" "smtp_tls_security_level = fingerprint
 smtp_tls_fingerprint_digest = sha256
 smtp_tls_fingerprint_cert_match = $FPR
-smtp_tls_loglevel = 1"
+smtp_tls_loglevel = 1" || die "Postfix did not start"
 
 # ---------------------------------------------------------------- sipmail pair
 echo "== sipmail pair"

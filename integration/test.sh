@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The project's test command: unit and in-process tests, then the real-peer suites.
-# Needs gpg, sq, sipp, swaks and tshark (.ci/run installs them on Debian).
+# Needs gpg, sq, sipp, swaks, tshark and postfix (.ci/run installs them on Debian).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 echo "== cargo test --release"
@@ -9,6 +9,8 @@ echo "== integration/check_vectors.py (PROTOCOL.md vectors recomputed independen
 python3 integration/check_vectors.py
 echo "== integration/two-daemons.sh (two sipmail daemons, swaks, tshark capture)"
 integration/two-daemons.sh
+echo "== integration/postfix-chain.sh (Postfix A -> sipmail A -> sipmail B -> Postfix B; bounces; kill -9, peer down, MTA down)"
+integration/postfix-chain.sh
 echo "== integration/sipp.sh (SIPp against two daemons over UDP and TCP: OPTIONS, a phone's INVITE, a 1,000/s INVITE flood while mail flows; tshark)"
 integration/sipp.sh
 echo "== fuzz smoke (stable Rust, 30 s; docs/FUZZING.md)"

@@ -78,6 +78,20 @@ impl Envelope {
     }
 }
 
+/// A route as a file-name part: `local` or `peer-<domain>` (domain characters only).
+fn route_key(route: &Route) -> String {
+    match route {
+        Route::Local => "local".into(),
+        Route::Peer(d) => {
+            let d: String = d
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || *c == '.' || *c == '-')
+                .collect();
+            format!("peer-{d}")
+        }
+    }
+}
+
 pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -143,6 +157,7 @@ impl Spool {
         }
         let mut envs = Vec::new();
         let mut bodies = Vec::new();
+        let mut markers = Vec::new();
         for e in fs::read_dir(&s.queue)? {
             let p = e?.path();
             match p.extension().and_then(|x| x.to_str()) {
@@ -159,8 +174,13 @@ impl Spool {
                     Err(err) => return Err(err),
                 },
                 Some("msg") => bodies.push(p),
+                Some("sending") => markers.push(p),
                 _ => {}
             }
+        }
+        for m in markers {
+            s.explain_interrupted_send(&m, &envs);
+            fs::remove_file(&m)?;
         }
         for b in bodies {
             if !b.with_extension("env").exists() {
@@ -171,6 +191,47 @@ impl Spool {
         fsync_dir(&s.queue)?;
         envs.sort_by(|a, b| a.id.cmp(&b.id));
         Ok((s, envs))
+    }
+
+    /// A `.sending` marker left by a process that stopped mid-delivery: if that route
+    /// still has pending recipients, the next attempt may repeat a delivery the other
+    /// side had already accepted. Say so, once, in the log (issue: every duplicate is
+    /// explained).
+    fn explain_interrupted_send(&self, marker: &Path, envs: &[Envelope]) {
+        let name = marker
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        let Some((id, key)) = name
+            .strip_suffix(".sending")
+            .and_then(|n| n.split_once('.'))
+        else {
+            return;
+        };
+        let Some(env) = envs.iter().find(|e| e.id == id) else {
+            return;
+        };
+        for r in env.pending().filter(|r| route_key(&r.route) == key) {
+            tracing::warn!(queue_id = %id, rcpt = %r.addr, route = %r.route,
+                "sipmail stopped while this message was being handed over; it is sent again, and may arrive twice if the other side had already accepted it");
+        }
+    }
+
+    fn sending_path(&self, id: &str, route: &Route) -> PathBuf {
+        self.queue
+            .join(format!("{id}.{}.sending", route_key(route)))
+    }
+
+    /// Note that a delivery of `id` over `route` starts. Not fsynced: it only has to
+    /// survive a crash of this process (the page cache does), and it only ever adds a
+    /// log line.
+    pub async fn begin_send(&self, id: &str, route: &Route) {
+        let _ = tokio::fs::write(self.sending_path(id, route), b"").await;
+    }
+
+    /// The outcome of that delivery is recorded.
+    pub async fn end_send(&self, id: &str, route: &Route) {
+        let _ = tokio::fs::remove_file(self.sending_path(id, route)).await;
     }
 
     /// The spool at `root`, without recovery: for reading while no daemon runs.

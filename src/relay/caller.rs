@@ -316,6 +316,7 @@ pub(crate) async fn worker(shared: Arc<Shared>, domain: String, lane: usize, job
                 continue;
             }
         };
+        shared.spool.begin_send(&job.id, &job.route).await;
         let res = active
             .client
             .send_sized(

@@ -25,6 +25,7 @@ pub(crate) async fn worker(shared: Arc<Shared>, jobs: Jobs) {
             }
         };
         let Some(job) = job else { break };
+        shared.spool.begin_send(&job.id, &job.route).await;
         let outcomes = match &shared.cfg.delivery {
             Delivery::Maildir(dir) => to_maildir(&shared, dir, &job).await,
             Delivery::Smtp(addr) => to_smtp(&shared, *addr, &job, &mut conn).await,
@@ -72,7 +73,13 @@ pub(crate) fn outcomes_from_smtp(
     what: &str,
 ) -> Vec<(String, Outcome)> {
     match res {
-        Err(e) => job.all(Outcome::Transient(format!("{what}: {e}"))),
+        Err(e) => {
+            if e.is_unconfirmed() {
+                tracing::warn!(queue_id = %job.id, route = %job.route, error = %e,
+                    "no reply after the end of the message: it is sent again, and may arrive twice if {what} had accepted it");
+            }
+            job.all(Outcome::Transient(format!("{what}: {e}")))
+        }
         Ok(o) => o
             .per_rcpt
             .iter()
@@ -160,7 +167,9 @@ async fn to_smtp(
             )
             .await;
         match res {
-            Err(_) if !fresh => continue,
+            // A cached connection that failed before the message went out: one fresh
+            // try now. Never after the end of the message, which may have been accepted.
+            Err(e) if !fresh && !e.is_unconfirmed() => continue,
             Err(e) => {
                 *conn = None;
                 return outcomes_from_smtp(job, Err(e), &what);

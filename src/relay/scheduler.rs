@@ -218,11 +218,11 @@ impl Queue {
     pub async fn report(&self, shared: &Shared, job: &Job, outcomes: Vec<(String, Outcome)>) {
         let now = now_ms();
         let mut failures: Vec<Failure> = Vec::new();
-        let updated = {
+        let updated = (|| {
             let mut st = self.lock();
             st.release(&job.id, &job.route);
             let Some(env) = st.envs.get_mut(&job.id) else {
-                return;
+                return None;
             };
             let age =
                 Duration::from_secs(now / 1000).saturating_sub(Duration::from_secs(env.received));
@@ -285,7 +285,12 @@ impl Queue {
                     failures.push(f);
                 }
             }
-            env.clone()
+            Some(env.clone())
+        })();
+        let Some(updated) = updated else {
+            // Deleted by an operator meanwhile.
+            self.spool.end_send(&job.id, &job.route).await;
+            return;
         };
         // A bounce is queued before the original goes: a crash in between can at worst
         // repeat the bounce, never lose it.
@@ -299,6 +304,7 @@ impl Queue {
         if let Err(e) = res {
             tracing::error!(queue_id = %job.id, error = %e, "could not update the spool; the state will be retried from memory");
         }
+        self.spool.end_send(&job.id, &job.route).await;
         if done && bounced {
             self.lock().envs.remove(&job.id);
         }

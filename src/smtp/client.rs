@@ -54,6 +54,10 @@ pub enum ClientError {
     /// The greeting or EHLO/HELO was refused.
     #[error("rejected: {0}")]
     Rejected(Reply),
+    /// The end of the message was sent but no reply came back: the server may have
+    /// accepted it, so sending it again may deliver it twice (RFC 5321 §6.1).
+    #[error("{0}, after the end of the message was sent (it may have been accepted)")]
+    Unconfirmed(Box<ClientError>),
 }
 
 impl ClientError {
@@ -61,6 +65,11 @@ impl ClientError {
     /// are worth retrying later.
     pub fn is_permanent(&self) -> bool {
         matches!(self, ClientError::Rejected(r) if r.is_permanent())
+    }
+
+    /// The connection failed after the whole message was sent: a retry may duplicate it.
+    pub fn is_unconfirmed(&self) -> bool {
+        matches!(self, ClientError::Unconfirmed(_))
     }
 }
 
@@ -453,7 +462,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> SmtpClient<S> {
             }
         }
         stuffer.finish(&mut out);
-        self.write(&out, t.data_block, "data block").await?;
-        self.read_reply(t.data_term, "end of data").await
+        // From here on the server may hold the whole message.
+        let unconfirmed = |e| ClientError::Unconfirmed(Box::new(e));
+        self.write(&out, t.data_block, "data block")
+            .await
+            .map_err(unconfirmed)?;
+        self.read_reply(t.data_term, "end of data")
+            .await
+            .map_err(unconfirmed)
     }
 }

@@ -1,0 +1,103 @@
+# Shared by integration scripts: free loopback ports, waiting for a port, and private
+# Postfix instances on loopback (../shared/design/PEERS.md). Source it; it expects
+# $WORK (a world-readable scratch directory) and appends started instances to PF_DIRS.
+
+# N ports free for both TCP and UDP on 127.0.0.1 (SIP uses both).
+free_ports() {
+    python3 - "$1" <<'PY'
+import socket, sys
+out, keep = [], []
+while len(out) < int(sys.argv[1]):
+    t = socket.socket(); t.bind(("127.0.0.1", 0)); p = t.getsockname()[1]
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        u.bind(("127.0.0.1", p))
+    except OSError:
+        t.close(); continue
+    keep += [t, u]; out.append(p)
+print(" ".join(map(str, out)))
+PY
+}
+
+wait_port() { # port [seconds]
+    local end=$((SECONDS + ${2:-10}))
+    while ((SECONDS < end)); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.05
+    done
+    return 1
+}
+
+PF_DIRS=()
+# mk_postfix NAME LISTEN-PORT RELAYHOST-PORT [EXTRA main.cf LINES]
+# Makes $WORK/pf-NAME and starts it: a Postfix listening on 127.0.0.1:LISTEN-PORT that
+# sends everything it does not deliver itself to [127.0.0.1]:RELAYHOST-PORT.
+mk_postfix() {
+    local name=$1 listen=$2 relay=$3 extra=${4:-} d="$WORK/pf-$1"
+    mkdir -p "$d/etc" "$d/spool" "$d/data"
+    chown root "$d/spool"
+    chown postfix:postfix "$d/data"
+    chmod 700 "$d/data"
+    cat >"$d/etc/main.cf" <<CF
+compatibility_level = 3.6
+config_directory = $d/etc
+queue_directory = $d/spool
+data_directory = $d/data
+command_directory = /usr/sbin
+daemon_directory = /usr/lib/postfix/sbin
+meta_directory = /etc/postfix
+shlib_directory = /usr/lib/postfix
+mail_owner = postfix
+setgid_group = postdrop
+myhostname = $name.test
+mydomain = $name.test
+myorigin = \$myhostname
+mydestination =
+local_transport = error:local delivery disabled
+local_recipient_maps =
+alias_maps =
+alias_database =
+relayhost = [127.0.0.1]:$relay
+smtp_host_lookup = native
+inet_interfaces = loopback-only
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+maillog_file = $d/maillog
+maillog_file_prefixes = $d
+queue_run_delay = 5s
+minimal_backoff_time = 5s
+maximal_backoff_time = 30s
+$extra
+CF
+    {
+        echo "127.0.0.1:$listen inet n - n - - smtpd"
+        # The standard services, not chrooted, up to postlog (no pipe transports).
+        awk '/^#/ || /^$/ {next} /^smtp +inet/ {next} /^maildrop/ {exit}
+             /^[a-z]/ {$5="n"} {print}' /usr/share/postfix/master.cf.dist
+    } >"$d/etc/master.cf"
+    PF_DIRS+=("$d")
+    pf_start "$name" "$listen"
+}
+
+pf_start() { # NAME LISTEN-PORT
+    local d="$WORK/pf-$1"
+    postfix -c "$d/etc" start >/dev/null 2>&1 || {
+        tail -20 "$d/maillog" 2>/dev/null
+        echo "postfix $1 did not start (its log is above)" >&2
+        return 1
+    }
+    wait_port "$2" 20 || {
+        tail -20 "$d/maillog"
+        echo "postfix $1 does not listen on $2" >&2
+        return 1
+    }
+}
+pf_stop() { postfix -c "$WORK/pf-$1/etc" stop >/dev/null 2>&1 || true; }
+pf_flush() { postqueue -c "$WORK/pf-$1/etc" -f >/dev/null 2>&1 || true; }
+pf_queue_size() { # messages in Postfix's queue (0 when empty)
+    postqueue -c "$WORK/pf-$1/etc" -j 2>/dev/null | wc -l
+}
+pf_stop_all() {
+    local d
+    for d in "${PF_DIRS[@]}"; do postfix -c "$d/etc" stop >/dev/null 2>&1; done
+}
