@@ -221,9 +221,8 @@ impl Queue {
         let updated = (|| {
             let mut st = self.lock();
             st.release(&job.id, &job.route);
-            let Some(env) = st.envs.get_mut(&job.id) else {
-                return None;
-            };
+            // None: deleted by an operator meanwhile.
+            let env = st.envs.get_mut(&job.id)?;
             let age =
                 Duration::from_secs(now / 1000).saturating_sub(Duration::from_secs(env.received));
             for (addr, outcome) in &outcomes {
