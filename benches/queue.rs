@@ -28,9 +28,13 @@ fn envelope(id: &str, size: u64) -> Envelope {
             attempts: 0,
             next_attempt_ms: 0,
             last_error: None,
+            dsn: Default::default(),
         }],
         size,
         body_8bit: false,
+        smtputf8: false,
+        ret: None,
+        envid: None,
     }
 }
 

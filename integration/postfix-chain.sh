@@ -103,7 +103,7 @@ step "Postfix A (:$P_PFA, relayhost sipmail A) and Postfix B (:$P_PFB, relayhost
 pf_site() { # name domain listen relay users...
     local name=$1 domain=$2 listen=$3 relay=$4 map=""
     shift 4
-    for u in "$@"; do map="$map {$u@$domain=$u/}"; done
+    for u in "$@"; do map="$map {${u%%:*}@$domain=${u#*:}/}"; done  # localpart:maildir
     mkdir -p "$WORK/pf-$name/mail"
     chown 65534:65534 "$WORK/pf-$name/mail"
     mk_postfix "$name" "$listen" "$relay" "virtual_mailbox_domains = $domain
@@ -113,8 +113,8 @@ virtual_uid_maps = static:65534
 virtual_gid_maps = static:65534
 smtputf8_enable = yes" || fail "Postfix $name did not start"
 }
-pf_site pfa site-a.test "$P_PFA" "$P_SMA" alice
-pf_site pfb site-b.test "$P_PFB" "$P_SMB" bob
+pf_site pfa site-a.test "$P_PFA" "$P_SMA" alice:alice
+pf_site pfb site-b.test "$P_PFB" "$P_SMB" bob:bob jörg:joerg
 BOB="$WORK/pf-pfb/mail/bob"
 ALICE="$WORK/pf-pfa/mail/alice"
 
@@ -141,12 +141,35 @@ step "1. intact: 8-bit body, leading dots, a 900-character line, through both Po
 wait_count "$BOB" intact 1 60 || fail "the message did not reach Postfix B's Maildir"
 $CHAIN intact "$BOB" intact 0 || fail "message changed on the way"
 
+step "1b. SMTPUTF8: to jörg@site-b.test, with a raw UTF-8 To: header, through both relays"
+[ "$($CHAIN send "$P_PFA" utf8 1 10 jörg@site-b.test SMTPUTF8)" = 1 ] || fail "Postfix A did not accept"
+wait_count "$WORK/pf-pfb/mail/joerg" utf8 1 60 || fail "the SMTPUTF8 message did not reach jörg's Maildir"
+$CHAIN intact "$WORK/pf-pfb/mail/joerg" utf8 0 jörg@site-b.test || fail "SMTPUTF8 message changed on the way"
+
+step "1c. DSN parameters cross the tunnel: NOTIFY=SUCCESS,FAILURE, ORCPT, ENVID, RET=HDRS; Postfix B's 'delivered' DSN comes back"
+[ "$($CHAIN send "$P_PFA" dsn 1 10 bob@site-b.test "RET=HDRS ENVID=chain-envid-1" "NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;bob@site-b.test")" = 1 ] ||
+    fail "Postfix A did not accept"
+for _ in $(seq 60); do $CHAIN dsn "$ALICE" "chain dsn 0" >/dev/null 2>&1 && break; sleep 1; done
+$CHAIN dsn "$ALICE" "chain dsn 0" | tee "$WORK/dsn1.txt" | sed 's/^/   /' || fail "no success DSN came back to alice"
+grep -q "action=delivered" "$WORK/dsn1.txt" || fail "the DSN is not a 'delivered' one"
+grep -q "envid=chain-envid-1" "$WORK/dsn1.txt" || fail "ENVID was not carried to Postfix B"
+grep -q "original-recipient=rfc822;bob@site-b.test" "$WORK/dsn1.txt" || fail "ORCPT was not carried to Postfix B"
+
 step "2. permanent 5xx: Postfix B rejects nobody@site-b.test; the bounce comes back through the chain"
-[ "$($CHAIN send "$P_PFA" bounce 1 10 nobody@site-b.test)" = 1 ] || fail "Postfix A did not accept"
+[ "$($CHAIN send "$P_PFA" bounce 1 10 nobody@site-b.test "ENVID=chain-envid-2" "NOTIFY=FAILURE")" = 1 ] ||
+    fail "Postfix A did not accept"
+[ "$($CHAIN send "$P_PFA" quiet 1 10 nobody@site-b.test "" "NOTIFY=NEVER")" = 1 ] || fail "Postfix A did not accept"
 for _ in $(seq 60); do $CHAIN dsn "$ALICE" "chain bounce 0" >/dev/null 2>&1 && break; sleep 1; done
 $CHAIN dsn "$ALICE" "chain bounce 0" || fail "no bounce reached alice"
-grep -q "status=5.1.1" <($CHAIN dsn "$ALICE" "chain bounce 0") || fail "bounce does not say 5.1.1"
-grep -E "delivery failed; returning to sender" "$SM/b.log" | tail -1 | sed 's/^/   sipmail B: /'
+$CHAIN dsn "$ALICE" "chain bounce 0" >"$WORK/dsn2.txt"
+grep -q "status=5.1.1" "$WORK/dsn2.txt" || fail "bounce does not say 5.1.1"
+grep -q "envid=chain-envid-2" "$WORK/dsn2.txt" || fail "sipmail B's bounce lacks the ENVID"
+for _ in $(seq 20); do grep -q "no bounce: the sender asked for none" "$SM/b.log" && break; sleep 0.5; done
+grep -q "no bounce: the sender asked for none" "$SM/b.log" || fail "NOTIFY=NEVER: sipmail B did not say it withheld the bounce"
+sleep 2
+if $CHAIN dsn "$ALICE" "chain quiet 0" >/dev/null 2>&1; then fail "NOTIFY=NEVER was bounced anyway"; fi
+echo "   NOTIFY=NEVER: the failure was logged and no bounce was sent"
+grep -E "delivery failed for good|bounce queued" "$SM/b.log" | head -2 | sed 's/^/   sipmail B: /'
 
 step "3. Postfix B down: sipmail B queues and retries"
 pf_stop pfb

@@ -41,7 +41,7 @@ fn pump(s: &mut ServerSession, log: &mut Log, cur: &mut Vec<u8>) -> bool {
                 };
                 s.mail_from_result(res);
             }
-            Event::RcptTo { to } => {
+            Event::RcptTo { to, .. } => {
                 log.calls.push(format!("RCPT {to}"));
                 let res = if to.ends_with("@denied.example") {
                     Err(Reply::relay_denied("relay denied"))
@@ -159,8 +159,7 @@ fn s(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-const EHLO_REPLY: &str =
-    "250-mx.test\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250-8BITMIME\r\n250 ENHANCEDSTATUSCODES\r\n";
+const EHLO_REPLY: &str = "250-mx.test\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250-DSN\r\n250 ENHANCEDSTATUSCODES\r\n";
 
 #[test]
 fn full_conversation_exact_bytes() {
@@ -192,6 +191,8 @@ QUIT\r\n";
             rcpt_to: vec!["bob@b.example".into()],
             body_8bit: true,
             declared_size: Some(100),
+            rcpt_params: vec![Default::default()],
+            ..Default::default()
         }
     );
     assert_eq!(
@@ -405,8 +406,8 @@ fn other_commands() {
     cfg.max_errors = 100;
     let input =
         b"HELO c\r\nNOOP\r\nVRFY bob\r\nHELP\r\nFOO bar\r\nSTARTTLS\r\nAUTH PLAIN\r\nEXPN x\r\n\
-noop\r\n\r\nEHLO\r\nMAIL FROM:<a@x> RET=FULL\r\nMAIL FROM:<a@x> SIZE=abc\r\nMAIL FROM:<a b@x>\r\n\
-MAIL FROM:<a@x>\r\nRCPT TO:<Postmaster>\r\nRCPT TO:<x@y> NOTIFY=NEVER\r\nQUIT\r\n";
+noop\r\n\r\nEHLO\r\nMAIL FROM:<a@x> REQUIRETLS\r\nMAIL FROM:<a@x> SIZE=abc\r\nMAIL FROM:<a b@x>\r\n\
+MAIL FROM:<a@x>\r\nRCPT TO:<Postmaster>\r\nRCPT TO:<x@y> RRVS=2030-01-01T00:00:00Z\r\nQUIT\r\n";
     let (out, log) = assert_chunking_invariant(&cfg, input);
     let expected = "220 mx.test ESMTP sipmail\r\n\
 250 mx.test\r\n\
@@ -564,4 +565,51 @@ fn random_input_never_panics() {
         let b = run_chunks(cfg, &random_chunks(&input, seed, 5));
         assert_eq!(a.0, b.0);
     }
+}
+
+/// RFC 3461 and RFC 6531 parameters are accepted and end up in the envelope, decoded,
+/// in recipient order.
+#[test]
+fn dsn_and_smtputf8_parameters_reach_the_envelope() {
+    let input = "EHLO c\r\n\
+MAIL FROM:<jörg@a.example> SMTPUTF8 BODY=8BITMIME RET=HDRS ENVID=QQ+2B314\r\n\
+RCPT TO:<bob@b.example> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;Bob+2Bx@b.example\r\n\
+RCPT TO:<ünï@b.example> NOTIFY=NEVER\r\n\
+RCPT TO:<c@b.example>\r\n\
+DATA\r\nSubject: x\r\n\r\nbody\r\n.\r\nQUIT\r\n";
+    let (out, log) = assert_chunking_invariant(&config(), input.as_bytes());
+    assert!(
+        s(&out).contains("250 2.0.0 Ok: queued as Q1"),
+        "{}",
+        s(&out)
+    );
+    let (env, _) = &log.messages[0];
+    assert!(env.smtputf8);
+    assert_eq!(env.ret, Some(sipmail::smtp::Ret::Hdrs));
+    assert_eq!(env.envid.as_deref(), Some("QQ+314"));
+    assert_eq!(
+        env.rcpt_to,
+        ["bob@b.example", "ünï@b.example", "c@b.example"]
+    );
+    let p = &env.rcpt_params;
+    assert_eq!(p.len(), 3);
+    let n = p[0].notify.expect("NOTIFY");
+    assert!(n.success && n.failure && !n.delay);
+    assert_eq!(p[0].orcpt.as_deref(), Some("Bob+x@b.example"));
+    assert_eq!(p[1].notify, Some(sipmail::smtp::Notify::NEVER));
+    assert!(!p[1].wants_failure_dsn());
+    assert_eq!(p[2], Default::default());
+    assert!(p[2].wants_failure_dsn());
+}
+
+/// Without SMTPUTF8, a non-ASCII address is refused with 553 5.6.7 (RFC 6531 §3.5).
+#[test]
+fn non_ascii_address_without_smtputf8_is_refused() {
+    let input = "EHLO c\r\nMAIL FROM:<jörg@a.example>\r\nMAIL FROM:<a@a.example>\r\n\
+RCPT TO:<ü@b.example>\r\nQUIT\r\n";
+    let (out, log) = assert_chunking_invariant(&config(), input.as_bytes());
+    let text = s(&out);
+    assert_eq!(text.matches("553 5.6.7").count(), 2, "{text}");
+    assert!(text.contains("250 2.1.0 Ok"), "{text}");
+    assert!(log.messages.is_empty());
 }

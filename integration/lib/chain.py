@@ -189,6 +189,9 @@ def find_dsn(maildir, subject):
         for block in status.get_payload():
             for k, v in block.items():
                 fields.setdefault(k.lower(), str(v))
+        for k in ("original-recipient", "final-recipient"):
+            if fields.get(k):
+                fields[k] = fields[k].replace(" ", "")
         print(f"from={msg.get('From')} action={fields.get('action')} status={fields.get('status')} "
               f"final-recipient={fields.get('final-recipient')} original-recipient={fields.get('original-recipient')} "
               f"envid={fields.get('original-envelope-id')} diagnostic={fields.get('diagnostic-code')!r}")
@@ -201,7 +204,7 @@ if __name__ == "__main__":
     if cmd == "send":
         port, tag, n, rate = int(args[0]), args[1], int(args[2]), float(args[3])
         to = args[4] if len(args) > 4 else TO
-        mopts = args[5].split() if len(args) > 5 else []
+        mopts = args[5].split() if len(args) > 5 else []  # "" for none
         ropts = args[6].split() if len(args) > 6 else []
         send(port, tag, n, rate, to, mopts, ropts)
     elif cmd == "count":

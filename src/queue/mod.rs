@@ -55,6 +55,9 @@ pub struct Recipient {
     pub next_attempt_ms: u64,
     #[serde(default)]
     pub last_error: Option<String>,
+    /// NOTIFY and ORCPT as the sender gave them, passed on to the next hop.
+    #[serde(default)]
+    pub dsn: crate::smtp::RcptParams,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -68,6 +71,14 @@ pub struct Envelope {
     pub recipients: Vec<Recipient>,
     pub size: u64,
     pub body_8bit: bool,
+    /// The sender used SMTPUTF8 (RFC 6531); the next hop must offer it too.
+    #[serde(default)]
+    pub smtputf8: bool,
+    /// RET and ENVID (RFC 3461), passed on to the next hop and used in our own DSNs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ret: Option<crate::smtp::Ret>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub envid: Option<String>,
 }
 
 impl Envelope {
@@ -403,9 +414,13 @@ mod tests {
                 attempts: 0,
                 next_attempt_ms: 0,
                 last_error: None,
+                dsn: Default::default(),
             }],
             size: 5,
             body_8bit: false,
+            smtputf8: false,
+            ret: None,
+            envid: None,
         }
     }
 

@@ -18,21 +18,30 @@ pub(crate) struct Failure {
     pub diagnostic: String,
     /// The relay or server that said no, if any.
     pub remote: Option<String>,
+    /// The sender's ORCPT for this recipient (RFC 3461), reported back as given.
+    pub orcpt: Option<String>,
 }
+
+/// With `RET=FULL`, messages up to this size come back whole; larger ones (and all
+/// others) come back as their header block.
+const FULL_RETURN_MAX: u64 = 10 * 1024 * 1024;
 
 fn header_safe(s: &str) -> String {
     super::trace::clean(s)
 }
 
-/// The DSN's bytes. `headers` are the original message's header block.
+/// The DSN's bytes. `returned` is the original message's header block, or with
+/// `full` the whole message.
 pub(crate) fn build(
     hostname: &str,
     queue_id: &str,
     original: &Envelope,
     failures: &[Failure],
-    headers: &[u8],
+    returned: &[u8],
+    full: bool,
     now: SystemTime,
 ) -> Vec<u8> {
+    let headers = returned;
     let boundary = format!("{queue_id}.dsn/{hostname}");
     let date = super::trace::rfc5322_date(now);
     let arrival = super::trace::rfc5322_date(
@@ -57,9 +66,14 @@ pub(crate) fn build(
          This is the sipmail relay at {hostname}.\r\n\
          \r\n\
          Your message (queue ID {queue_id}) could not be delivered to one or more\r\n\
-         recipients. It has been returned below without its body.\r\n\
+         recipients. {returned_what}\r\n\
          \r\n",
         to = header_safe(&original.mail_from),
+        returned_what = if full {
+            "It is attached below."
+        } else {
+            "Its headers are attached below, without the body."
+        },
     ));
     for f in failures {
         m.push_str(&format!(
@@ -77,9 +91,20 @@ pub(crate) fn build(
          X-Sipmail-Queue-ID: {queue_id}\r\n\
          Arrival-Date: {arrival}\r\n"
     ));
+    if let Some(envid) = &original.envid {
+        m.push_str(&format!("Original-Envelope-Id: {}\r\n", header_safe(envid)));
+    }
     for f in failures {
+        m.push('\r');
+        m.push('\n');
+        if let Some(o) = &f.orcpt {
+            m.push_str(&format!(
+                "Original-Recipient: rfc822; {}\r\n",
+                header_safe(o)
+            ));
+        }
         m.push_str(&format!(
-            "\r\nFinal-Recipient: rfc822; {}\r\nAction: failed\r\nStatus: {}\r\n",
+            "Final-Recipient: rfc822; {}\r\nAction: failed\r\nStatus: {}\r\n",
             header_safe(&f.rcpt),
             header_safe(&f.status)
         ));
@@ -91,10 +116,15 @@ pub(crate) fn build(
             header_safe(&f.diagnostic)
         ));
     }
+    let (what, ctype) = if full {
+        ("Undelivered Message", "message/rfc822")
+    } else {
+        ("Undelivered Message Headers", "text/rfc822-headers")
+    };
     m.push_str(&format!(
         "\r\n--{boundary}\r\n\
-         Content-Description: Undelivered Message Headers\r\n\
-         Content-Type: text/rfc822-headers\r\n\
+         Content-Description: {what}\r\n\
+         Content-Type: {ctype}\r\n\
          \r\n"
     ));
     let mut out = m.into_bytes();
@@ -119,14 +149,30 @@ pub(crate) async fn send(shared: &Shared, original: &Envelope, failures: &[Failu
             "cannot return a bounce: the sender's domain is neither ours nor a partner's");
         return true;
     };
-    let headers = shared.spool.read_headers(&original.id, 64 * 1024).await;
+    let full = original.ret == Some(crate::smtp::Ret::Full) && original.size <= FULL_RETURN_MAX;
+    let returned = match full {
+        true => match tokio::fs::read(shared.spool.body_path(&original.id)).await {
+            Ok(b) => Some(b),
+            Err(e) => {
+                tracing::warn!(queue_id = %original.id, error = %e, "RET=FULL: cannot read the message; returning its headers");
+                None
+            }
+        },
+        false => None,
+    };
+    let full = returned.is_some();
+    let returned = match returned {
+        Some(b) => b,
+        None => shared.spool.read_headers(&original.id, 64 * 1024).await,
+    };
     let id = Spool::new_id();
     let dsn = build(
         &shared.cfg.hostname,
         &original.id,
         original,
         failures,
-        &headers,
+        &returned,
+        full,
         SystemTime::now(),
     );
     let result = async {
@@ -145,9 +191,17 @@ pub(crate) async fn send(shared: &Shared, original: &Envelope, failures: &[Failu
                 attempts: 0,
                 next_attempt_ms: 0,
                 last_error: None,
+                // RFC 3461 §6.2: a DSN is sent with NOTIFY=NEVER semantics.
+                dsn: crate::smtp::RcptParams {
+                    notify: Some(crate::smtp::Notify::NEVER),
+                    orcpt: None,
+                },
             }],
             size: dsn.len() as u64,
             body_8bit: true,
+            smtputf8: !original.mail_from.is_ascii(),
+            ret: None,
+            envid: None,
         };
         shared.spool.commit(f, &env).await?;
         Ok::<_, std::io::Error>(env)
@@ -184,12 +238,16 @@ mod tests {
             recipients: vec![],
             size: 10,
             body_8bit: false,
+            smtputf8: false,
+            ret: None,
+            envid: Some("env-42".into()),
         };
         let failures = vec![Failure {
             rcpt: "nobody@site-b.test".into(),
             status: "5.1.1".into(),
             diagnostic: "smtp; 550 5.1.1 <nobody@site-b.test>: Recipient address rejected".into(),
             remote: Some("site-b.test".into()),
+            orcpt: Some("nobody@site-b.test".into()),
         }];
         let headers =
             b"From: alice@site-a.test\r\nSubject: Gr\xc3\xbc\xc3\x9fe\r\nMessage-ID: <x@y>\r\n";
@@ -199,6 +257,7 @@ mod tests {
             &env,
             &failures,
             headers,
+            false,
             SystemTime::now(),
         );
         let msg = mail_parser::MessageParser::default()
@@ -220,6 +279,11 @@ mod tests {
         );
         assert!(report.contains("Action: failed"));
         assert!(report.contains("Status: 5.1.1"));
+        assert!(report.contains("Original-Envelope-Id: env-42"), "{report}");
+        assert!(
+            report.contains("Original-Recipient: rfc822; nobody@site-b.test"),
+            "{report}"
+        );
         assert!(report.contains("Reporting-MTA: dns; relay.site-a.test"));
         let orig = msg.parts[3].contents();
         assert!(
@@ -244,14 +308,18 @@ mod tests {
             recipients: vec![],
             size: 0,
             body_8bit: false,
+            smtputf8: false,
+            ret: None,
+            envid: None,
         };
         let f = Failure {
             rcpt: "x\r\nEvil: 1".into(),
             status: "5.0.0".into(),
             diagnostic: "no".into(),
             remote: None,
+            orcpt: None,
         };
-        let dsn = build("h", "Q2", &env, &[f], b"", SystemTime::now());
+        let dsn = build("h", "Q2", &env, &[f], b"", false, SystemTime::now());
         let text = String::from_utf8_lossy(&dsn);
         assert!(
             !text.contains("\r\nBcc:") && !text.contains("\r\nEvil:"),

@@ -319,11 +319,12 @@ pub(crate) async fn worker(shared: Arc<Shared>, domain: String, lane: usize, job
         shared.spool.begin_send(&job.id, &job.route).await;
         let res = active
             .client
-            .send_sized(
+            .send_tx(
                 &job.mail_from,
                 &job.recipients,
+                &job.rcpt_params,
+                &job.opts,
                 tokio::io::BufReader::new(body),
-                Some(job.size),
             )
             .await;
         let broken = res.is_err();

@@ -180,7 +180,12 @@ impl Backend for SpoolBackend {
         let recipients = env
             .rcpt_to
             .iter()
-            .filter_map(|r| {
+            .zip(
+                env.rcpt_params
+                    .iter()
+                    .chain(std::iter::repeat(&Default::default())),
+            )
+            .filter_map(|(r, dsn)| {
                 let route = self.routes.iter().find(|(a, _)| a == r)?.1.clone();
                 Some(Recipient {
                     addr: r.clone(),
@@ -189,6 +194,7 @@ impl Backend for SpoolBackend {
                     attempts: 0,
                     next_attempt_ms: 0,
                     last_error: None,
+                    dsn: dsn.clone(),
                 })
             })
             .collect();
@@ -207,6 +213,9 @@ impl Backend for SpoolBackend {
             recipients,
             size,
             body_8bit: env.body_8bit,
+            smtputf8: env.smtputf8,
+            ret: env.ret,
+            envid: env.envid.clone(),
         };
         if let Err(e) = self.shared.spool.commit(file, &qenv).await {
             self.shared.spool.discard(&id).await;

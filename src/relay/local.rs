@@ -159,11 +159,12 @@ async fn to_smtp(
             }
         };
         let res = c
-            .send_sized(
+            .send_tx(
                 &job.mail_from,
                 &job.recipients,
+                &job.rcpt_params,
+                &job.opts,
                 tokio::io::BufReader::new(body),
-                Some(job.size),
             )
             .await;
         match res {

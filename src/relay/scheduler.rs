@@ -17,7 +17,10 @@ pub(crate) struct Job {
     pub route: Route,
     pub mail_from: String,
     pub recipients: Vec<String>,
-    pub size: u64,
+    /// NOTIFY/ORCPT of each recipient, in the same order.
+    pub rcpt_params: Vec<crate::smtp::RcptParams>,
+    /// SIZE, SMTPUTF8, RET, ENVID.
+    pub opts: crate::smtp::MailOptions,
 }
 
 impl Job {
@@ -172,13 +175,13 @@ impl Queue {
                 break;
             }
             let flying = in_flight.get(&env.id);
-            let mut by_route: HashMap<&Route, Vec<String>> = HashMap::new();
+            let mut by_route: HashMap<&Route, Vec<&crate::queue::Recipient>> = HashMap::new();
             for r in env.pending() {
                 if flying.is_some_and(|f| f.contains(&r.route)) {
                     continue;
                 }
                 if r.next_attempt_ms <= now {
-                    by_route.entry(&r.route).or_default().push(r.addr.clone());
+                    by_route.entry(&r.route).or_default().push(r);
                 } else {
                     next = Some(next.map_or(r.next_attempt_ms, |n| n.min(r.next_attempt_ms)));
                 }
@@ -188,8 +191,14 @@ impl Queue {
                     id: env.id.clone(),
                     route: route.clone(),
                     mail_from: env.mail_from.clone(),
-                    recipients,
-                    size: env.size,
+                    rcpt_params: recipients.iter().map(|r| r.dsn.clone()).collect(),
+                    recipients: recipients.iter().map(|r| r.addr.clone()).collect(),
+                    opts: crate::smtp::MailOptions {
+                        size: Some(env.size),
+                        smtputf8: env.smtputf8,
+                        ret: env.ret,
+                        envid: env.envid.clone(),
+                    },
                 });
             }
         }
@@ -259,6 +268,7 @@ impl Queue {
                             age.as_secs() / 3600
                         ),
                         remote: None,
+                        orcpt: r.dsn.orcpt.clone(),
                     }),
                     Outcome::Permanent {
                         status,
@@ -269,19 +279,24 @@ impl Queue {
                         status: status.clone(),
                         diagnostic: diagnostic.clone(),
                         remote: remote.clone(),
+                        orcpt: r.dsn.orcpt.clone(),
                     }),
                 };
                 if let Some(f) = failure {
                     r.state = RcptState::Failed;
                     r.last_error = Some(f.diagnostic.clone());
                     tracing::error!(queue_id = %job.id, rcpt = %addr, route = %job.route,
-                        status = %f.status, reason = %f.diagnostic, "delivery failed; returning to sender");
+                        status = %f.status, reason = %f.diagnostic, "delivery failed for good");
                     shared.event(RelayEvent::Failed {
                         id: job.id.clone(),
                         recipient: addr.clone(),
                         reason: f.diagnostic.clone(),
                     });
-                    failures.push(f);
+                    if r.dsn.wants_failure_dsn() {
+                        failures.push(f);
+                    } else {
+                        tracing::info!(queue_id = %job.id, rcpt = %addr, "no bounce: the sender asked for none (NOTIFY)");
+                    }
                 }
             }
             Some(env.clone())

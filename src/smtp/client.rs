@@ -83,6 +83,10 @@ pub struct Extensions {
     pub size: Option<u64>,
     pub eight_bit_mime: bool,
     pub enhanced_status_codes: bool,
+    /// RFC 3461 DSN parameters are understood.
+    pub dsn: bool,
+    /// RFC 6531 internationalized addresses are understood.
+    pub smtputf8: bool,
     /// All EHLO keyword lines (after the first), as sent.
     pub raw: Vec<String>,
 }
@@ -101,6 +105,8 @@ impl Extensions {
                 "PIPELINING" => ext.pipelining = true,
                 "8BITMIME" => ext.eight_bit_mime = true,
                 "ENHANCEDSTATUSCODES" => ext.enhanced_status_codes = true,
+                "DSN" => ext.dsn = true,
+                "SMTPUTF8" => ext.smtputf8 = true,
                 "SIZE" => {
                     ext.size = Some(words.next().and_then(|w| w.parse().ok()).unwrap_or(0));
                 }
@@ -109,6 +115,18 @@ impl Extensions {
         }
         ext
     }
+}
+
+/// The MAIL parameters of one transaction, beyond BODY (which follows 8BITMIME).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MailOptions {
+    /// Declared with `SIZE=` when the server offers SIZE.
+    pub size: Option<u64>,
+    /// The message needs SMTPUTF8 (RFC 6531).
+    pub smtputf8: bool,
+    /// Passed on with `RET=` / `ENVID=` when the server offers DSN.
+    pub ret: Option<super::Ret>,
+    pub envid: Option<String>,
 }
 
 /// Result of one transaction.
@@ -344,30 +362,88 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> SmtpClient<S> {
         &mut self,
         from: &str,
         rcpts: &[String],
-        mut body: impl AsyncRead + Unpin,
+        body: impl AsyncRead + Unpin,
         size: Option<u64>,
+    ) -> Result<SendOutcome, ClientError> {
+        let opts = MailOptions {
+            size,
+            ..MailOptions::default()
+        };
+        self.send_tx(from, rcpts, &[], &opts, body).await
+    }
+
+    /// Sends one message with its SMTPUTF8 and DSN parameters. `rcpt_params` holds
+    /// each recipient's NOTIFY/ORCPT (missing entries: none); they and RET/ENVID go out
+    /// only if the server offers DSN. A message whose envelope needs SMTPUTF8 is not
+    /// sent to a server without it: every recipient then gets 553 5.6.7 (RFC 6531
+    /// §3.2, no downgrade).
+    pub async fn send_tx(
+        &mut self,
+        from: &str,
+        rcpts: &[String],
+        rcpt_params: &[super::RcptParams],
+        opts: &MailOptions,
+        mut body: impl AsyncRead + Unpin,
     ) -> Result<SendOutcome, ClientError> {
         Self::check_address(from)?;
         for r in rcpts {
             Self::check_address(r)?;
+        }
+        let needs_utf8 = !from.is_ascii() || rcpts.iter().any(|r| !r.is_ascii());
+        if needs_utf8 && !self.ext.smtputf8 {
+            let no = Reply::new(
+                553,
+                (5, 6, 7),
+                "the next hop does not offer SMTPUTF8, which this message's addresses need",
+            );
+            return Ok(SendOutcome {
+                mail: no.clone(),
+                per_rcpt: rcpts.iter().map(|r| (r.clone(), no.clone())).collect(),
+                data: None,
+            });
         }
         let t = self.timeouts;
         let mut mail = format!("MAIL FROM:<{from}>");
         if self.ext.eight_bit_mime {
             mail.push_str(" BODY=8BITMIME");
         }
-        if let (Some(_), Some(size)) = (self.ext.size, size) {
+        if opts.smtputf8 && self.ext.smtputf8 {
+            mail.push_str(" SMTPUTF8");
+        }
+        if let (Some(_), Some(size)) = (self.ext.size, opts.size) {
             mail.push_str(&format!(" SIZE={size}"));
         }
+        if self.ext.dsn {
+            if let Some(ret) = opts.ret {
+                mail.push_str(&format!(" RET={}", ret.as_str()));
+            }
+            if let Some(envid) = &opts.envid {
+                mail.push_str(&format!(" ENVID={}", super::dsn::xtext(envid)));
+            }
+        }
         mail.push_str("\r\n");
+        let dsn = self.ext.dsn;
+        let rcpt_line = |i: usize, r: &str| {
+            let mut line = format!("RCPT TO:<{r}>");
+            if let Some(p) = rcpt_params.get(i).filter(|_| dsn) {
+                if let Some(n) = p.notify {
+                    line.push_str(&format!(" NOTIFY={}", n.value()));
+                }
+                if let Some(o) = &p.orcpt {
+                    line.push_str(&format!(" ORCPT=rfc822;{}", super::dsn::xtext(o)));
+                }
+            }
+            line.push_str("\r\n");
+            line
+        };
 
         let mut per_rcpt = Vec::with_capacity(rcpts.len());
         let mail_reply;
         let data_reply;
         if self.ext.pipelining {
             let mut batch = mail;
-            for r in rcpts {
-                batch.push_str(&format!("RCPT TO:<{r}>\r\n"));
+            for (i, r) in rcpts.iter().enumerate() {
+                batch.push_str(&rcpt_line(i, r));
             }
             if !rcpts.is_empty() {
                 batch.push_str("DATA\r\n");
@@ -386,10 +462,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> SmtpClient<S> {
         } else {
             mail_reply = self.command(&mail, t.mail, "MAIL").await?;
             if mail_reply.is_positive() {
-                for r in rcpts {
-                    let reply = self
-                        .command(&format!("RCPT TO:<{r}>\r\n"), t.rcpt, "RCPT")
-                        .await?;
+                for (i, r) in rcpts.iter().enumerate() {
+                    let reply = self.command(&rcpt_line(i, r), t.rcpt, "RCPT").await?;
                     per_rcpt.push((r.clone(), reply));
                 }
             }

@@ -162,7 +162,7 @@ where
                 let res = backend.mail_from(from, &params).await;
                 session.mail_from_result(res);
             }
-            Event::RcptTo { to } => {
+            Event::RcptTo { to, .. } => {
                 let res = backend.rcpt_to(to).await;
                 session.rcpt_to_result(res);
             }

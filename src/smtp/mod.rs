@@ -12,12 +12,14 @@
 pub mod client;
 pub mod data;
 pub mod driver;
+pub mod dsn;
 pub mod reply;
 pub mod server;
 
-pub use client::{ClientError, ClientTimeouts, Extensions, SendOutcome, SmtpClient};
+pub use client::{ClientError, ClientTimeouts, Extensions, MailOptions, SendOutcome, SmtpClient};
 pub use data::{DataReceiver, DataVerdict, DotStuffer};
 pub use driver::{Backend, SessionSummary, SmtpError, serve};
+pub use dsn::{Notify, RcptParams, Ret};
 pub use reply::{Reply, ReplyLimits, ReplyParseError, parse_reply};
 pub use server::{
     CloseReason, Envelope, Event, MailParams, ServerConfig, ServerSession, SessionStats,

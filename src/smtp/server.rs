@@ -68,13 +68,24 @@ pub struct Envelope {
     pub body_8bit: bool,
     /// `SIZE=` was given.
     pub declared_size: Option<u64>,
+    /// `SMTPUTF8` was given (RFC 6531).
+    pub smtputf8: bool,
+    /// `RET=` (RFC 3461).
+    pub ret: Option<super::Ret>,
+    /// `ENVID=`, xtext-decoded (RFC 3461).
+    pub envid: Option<String>,
+    /// DSN parameters of each accepted recipient, in the order of `rcpt_to`.
+    pub rcpt_params: Vec<super::RcptParams>,
 }
 
 /// Parameters of MAIL FROM.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MailParams {
     pub size: Option<u64>,
     pub body_8bit: bool,
+    pub smtputf8: bool,
+    pub ret: Option<super::Ret>,
+    pub envid: Option<String>,
 }
 
 /// Why the session ended.
@@ -98,7 +109,10 @@ pub enum Event<'a> {
     /// Ask the backend; answer with [`ServerSession::mail_from_result`].
     MailFrom { from: &'a str, params: MailParams },
     /// Ask the backend; answer with [`ServerSession::rcpt_to_result`].
-    RcptTo { to: &'a str },
+    RcptTo {
+        to: &'a str,
+        params: &'a super::RcptParams,
+    },
     /// Open the spool; answer with [`ServerSession::data_start_result`].
     DataStart { envelope: &'a Envelope },
     /// Message bytes (unstuffed, CRLF line endings) for the spool. If writing
@@ -156,7 +170,7 @@ pub struct ServerSession {
     /// MAIL accepted: envelope under construction.
     tx: Option<Envelope>,
     pending_mail: Option<(String, MailParams)>,
-    pending_rcpt: Option<String>,
+    pending_rcpt: Option<(String, super::RcptParams)>,
     data: Option<DataReceiver>,
     write_failed: bool,
     stats: SessionStats,
@@ -286,6 +300,10 @@ impl ServerSession {
                     rcpt_to: Vec::new(),
                     body_8bit: params.body_8bit,
                     declared_size: params.size,
+                    smtputf8: params.smtputf8,
+                    ret: params.ret,
+                    envid: params.envid,
+                    rcpt_params: Vec::new(),
                 });
                 self.push(&r(250, (2, 1, 0), "Ok"));
             }
@@ -299,13 +317,14 @@ impl ServerSession {
             return;
         }
         self.phase = Phase::Command;
-        let Some(to) = self.pending_rcpt.take() else {
+        let Some((to, params)) = self.pending_rcpt.take() else {
             return;
         };
         match result {
             Ok(()) => {
                 if let Some(tx) = self.tx.as_mut() {
                     tx.rcpt_to.push(to);
+                    tx.rcpt_params.push(params);
                 }
                 self.push(&r(250, (2, 1, 5), "Ok"));
             }
@@ -367,7 +386,7 @@ impl ServerSession {
                     return match &self.pending_mail {
                         Some((from, params)) => Event::MailFrom {
                             from,
-                            params: *params,
+                            params: params.clone(),
                         },
                         None => Event::NeedInput,
                     };
@@ -378,7 +397,7 @@ impl ServerSession {
                         continue;
                     }
                     return match &self.pending_rcpt {
-                        Some(to) => Event::RcptTo { to },
+                        Some((to, params)) => Event::RcptTo { to, params },
                         None => Event::NeedInput,
                     };
                 }
@@ -543,10 +562,13 @@ impl ServerSession {
                     self.error(r(503, (5, 5, 1), "nested MAIL command"));
                     return;
                 }
-                let allowed = smtp_proto::MAIL_BODY_7BIT | smtp_proto::MAIL_BODY_8BITMIME;
+                let allowed = smtp_proto::MAIL_BODY_7BIT
+                    | smtp_proto::MAIL_BODY_8BITMIME
+                    | smtp_proto::MAIL_SMTPUTF8
+                    | smtp_proto::MAIL_RET_FULL
+                    | smtp_proto::MAIL_RET_HDRS;
                 if from.flags & !allowed != 0
                     || from.trans_id.is_some()
-                    || from.env_id.is_some()
                     || from.solicit.is_some()
                     || from.mtrk.is_some()
                     || from.auth.is_some()
@@ -573,9 +595,28 @@ impl ServerSession {
                     ));
                     return;
                 }
+                let smtputf8 = from.flags & smtp_proto::MAIL_SMTPUTF8 != 0;
+                if !smtputf8 && !from.address.is_ascii() {
+                    self.error(r(
+                        553,
+                        (5, 6, 7),
+                        "non-ASCII sender address needs the SMTPUTF8 parameter",
+                    ));
+                    return;
+                }
+                let ret = if from.flags & smtp_proto::MAIL_RET_FULL != 0 {
+                    Some(super::Ret::Full)
+                } else if from.flags & smtp_proto::MAIL_RET_HDRS != 0 {
+                    Some(super::Ret::Hdrs)
+                } else {
+                    None
+                };
                 let params = MailParams {
                     size,
                     body_8bit: from.flags & smtp_proto::MAIL_BODY_8BITMIME != 0,
+                    smtputf8,
+                    ret,
+                    envid: from.env_id.map(|e| e.into_owned()),
                 };
                 self.pending_mail = Some((from.address.into_owned(), params));
                 self.phase = Phase::WaitMail;
@@ -585,10 +626,31 @@ impl ServerSession {
                     self.error(r(503, (5, 5, 1), "need MAIL command"));
                     return;
                 };
-                if to.flags != 0 || to.orcpt.is_some() || to.rrvs != 0 {
+                let notify_bits = smtp_proto::RCPT_NOTIFY_SUCCESS
+                    | smtp_proto::RCPT_NOTIFY_FAILURE
+                    | smtp_proto::RCPT_NOTIFY_DELAY
+                    | smtp_proto::RCPT_NOTIFY_NEVER;
+                if to.flags & !notify_bits != 0 || to.rrvs != 0 {
                     self.error(r(555, (5, 5, 4), "unsupported parameter"));
                     return;
                 }
+                if !tx.smtputf8 && !to.address.is_ascii() {
+                    self.error(r(
+                        553,
+                        (5, 6, 7),
+                        "non-ASCII recipient address needs the SMTPUTF8 parameter",
+                    ));
+                    return;
+                }
+                let notify = (to.flags & notify_bits != 0).then(|| super::Notify {
+                    success: to.flags & smtp_proto::RCPT_NOTIFY_SUCCESS != 0,
+                    failure: to.flags & smtp_proto::RCPT_NOTIFY_FAILURE != 0,
+                    delay: to.flags & smtp_proto::RCPT_NOTIFY_DELAY != 0,
+                });
+                let params = super::RcptParams {
+                    notify,
+                    orcpt: to.orcpt.map(|o| o.into_owned()),
+                };
                 let mut address = to.address.into_owned();
                 if address.is_empty() {
                     // smtp-proto yields "" for the domain-less <postmaster>.
@@ -603,7 +665,7 @@ impl ServerSession {
                     self.push(&r(452, (4, 5, 3), "too many recipients"));
                     return;
                 }
-                self.pending_rcpt = Some(address);
+                self.pending_rcpt = Some((address, params));
                 self.phase = Phase::WaitRcpt;
             }
             Request::Data => match &self.tx {
@@ -652,7 +714,7 @@ impl ServerSession {
             Reply::plain(
                 250,
                 format!(
-                    "{hn}\nPIPELINING\nSIZE {}\n8BITMIME\nENHANCEDSTATUSCODES",
+                    "{hn}\nPIPELINING\nSIZE {}\n8BITMIME\nSMTPUTF8\nDSN\nENHANCEDSTATUSCODES",
                     self.config.max_message_size
                 ),
             )

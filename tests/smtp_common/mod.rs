@@ -42,7 +42,7 @@ impl Backend for FileBackend {
     type Writer = tokio::fs::File;
 
     async fn mail_from(&mut self, from: &str, params: &MailParams) -> Result<(), Reply> {
-        self.store.lock().unwrap().mail_params.push(*params);
+        self.store.lock().unwrap().mail_params.push(params.clone());
         if from.contains("bad") {
             return Err(Reply::new(550, (5, 7, 1), "sender rejected"));
         }
