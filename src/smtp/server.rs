@@ -642,7 +642,7 @@ impl ServerSession {
                     ));
                     return;
                 }
-                let notify = (to.flags & notify_bits != 0).then(|| super::Notify {
+                let notify = (to.flags & notify_bits != 0).then_some(super::Notify {
                     success: to.flags & smtp_proto::RCPT_NOTIFY_SUCCESS != 0,
                     failure: to.flags & smtp_proto::RCPT_NOTIFY_FAILURE != 0,
                     delay: to.flags & smtp_proto::RCPT_NOTIFY_DELAY != 0,
