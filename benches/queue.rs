@@ -29,6 +29,7 @@ fn envelope(id: &str, size: u64) -> Envelope {
             next_attempt_ms: 0,
             last_error: None,
             dsn: Default::default(),
+            delay_warned: false,
         }],
         size,
         body_8bit: false,

@@ -74,10 +74,12 @@ smtp = "127.0.0.1:$6"
 [queue]
 retry_initial = "1s"
 retry_max = "5s"
+${7:-}
 CF
 }
 sm_config site-a site-b "$P_SMA" "$P_SIPA" "$P_SIPB" "$P_PFA" >"$SM/a.toml"
-sm_config site-b site-a "$P_SMB" "$P_SIPB" "$P_SIPA" "$P_PFB" >"$SM/b.toml"
+# B warns senders when mail waits (RFC 3464 "delayed"), with a short timer for the test.
+sm_config site-b site-a "$P_SMB" "$P_SIPB" "$P_SIPA" "$P_PFB" 'delay_warning = "3s"' >"$SM/b.toml"
 sm_start() { # a|b
     local port=$P_SMA
     [ "$1" = b ] && port=$P_SMB
@@ -178,9 +180,14 @@ N_PF=10
 for _ in $(seq 60); do (($(sm_queue b) >= N_PF)) && break; sleep 1; done
 (($(sm_queue b) >= N_PF)) || fail "sipmail B did not queue the messages while Postfix B was down"
 grep -c "deferred" "$SM/b.log" | sed 's/^/   sipmail B deferrals logged so far: /'
-echo "   sipmail B holds $(sm_queue b) messages; starting Postfix B again"
+echo "   sipmail B holds $(sm_queue b) messages; Postfix B stays down 6 s more (sipmail B's delay_warning is 3 s)"
+sleep 6
+echo "   starting Postfix B again"
 pf_start pfb "$P_PFB" || fail "Postfix B did not restart"
 wait_count "$BOB" pfdown $N_PF 90 || fail "mail held while Postfix B was down was not delivered"
+for _ in $(seq 30); do $CHAIN dsn "$ALICE" "chain pfdown 0" >/dev/null 2>&1 && break; sleep 1; done
+$CHAIN dsn "$ALICE" "chain pfdown 0" | tee "$WORK/dsn3.txt" | sed 's/^/   delay warning: /' || fail "no delay warning reached alice"
+grep -q "action=delayed" "$WORK/dsn3.txt" || fail "the warning is not a 'delayed' DSN"
 
 step "4. sipmail B down for $DOWN_SECS s"
 sm_term b

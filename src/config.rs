@@ -103,6 +103,7 @@ struct RawQueue {
     retry_initial: Option<String>,
     retry_max: Option<String>,
     max_age: Option<String>,
+    delay_warning: Option<String>,
 }
 
 /// An address block such as `127.0.0.0/8`.
@@ -255,6 +256,9 @@ pub struct QueueTimes {
     pub retry_initial: Duration,
     pub retry_max: Duration,
     pub max_age: Duration,
+    /// Send a "delayed" DSN once a recipient has waited this long (None: never, as
+    /// Postfix's default `delay_warning_time = 0`).
+    pub delay_warning: Option<Duration>,
 }
 
 impl Default for QueueTimes {
@@ -265,6 +269,7 @@ impl Default for QueueTimes {
             retry_initial: Duration::from_secs(60),
             retry_max: Duration::from_secs(30 * 60),
             max_age: Duration::from_secs(5 * 24 * 3600),
+            delay_warning: None,
         }
     }
 }
@@ -548,6 +553,19 @@ impl Config {
         )?;
         queue.retry_max = dur("queue.retry_max", &raw.queue.retry_max, queue.retry_max)?;
         queue.max_age = dur("queue.max_age", &raw.queue.max_age, queue.max_age)?;
+        queue.delay_warning = match &raw.queue.delay_warning {
+            None => None,
+            Some(s) => match parse_duration(s).map_err(|m| bad("queue.delay_warning", m))? {
+                d if d.is_zero() => None,
+                d if d >= queue.max_age => {
+                    return Err(bad(
+                        "queue.delay_warning",
+                        "must be shorter than queue.max_age (or 0 for none)".into(),
+                    ));
+                }
+                d => Some(d),
+            },
+        };
         if queue.retry_initial.is_zero() || queue.retry_max < queue.retry_initial {
             return Err(bad(
                 "queue.retry_max",

@@ -58,6 +58,9 @@ pub struct Recipient {
     /// NOTIFY and ORCPT as the sender gave them, passed on to the next hop.
     #[serde(default)]
     pub dsn: crate::smtp::RcptParams,
+    /// A "delayed" DSN went out for this recipient (at most one is sent).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub delay_warned: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -415,6 +418,7 @@ mod tests {
                 next_attempt_ms: 0,
                 last_error: None,
                 dsn: Default::default(),
+                delay_warned: false,
             }],
             size: 5,
             body_8bit: false,

@@ -30,18 +30,49 @@ fn header_safe(s: &str) -> String {
     super::trace::clean(s)
 }
 
-/// The DSN's bytes. `returned` is the original message's header block, or with
-/// `full` the whole message.
+/// What the DSN reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// The recipients failed for good.
+    Failed,
+    /// The recipients are still being retried, until the given time.
+    Delayed { until: SystemTime },
+}
+
+/// What the DSN returns of the original: its header block, or (`full`) all of it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Returned<'a> {
+    pub bytes: &'a [u8],
+    pub full: bool,
+}
+
+/// The DSN's bytes.
 pub(crate) fn build(
     hostname: &str,
     queue_id: &str,
     original: &Envelope,
     failures: &[Failure],
-    returned: &[u8],
-    full: bool,
+    returned: Returned<'_>,
+    kind: Kind,
     now: SystemTime,
 ) -> Vec<u8> {
-    let headers = returned;
+    let (headers, full) = (returned.bytes, returned.full);
+    let (subject, summary, action) = match kind {
+        Kind::Failed => (
+            "Undelivered Mail Returned to Sender".to_string(),
+            "could not be delivered to one or more\r\nrecipients.".to_string(),
+            "failed",
+        ),
+        Kind::Delayed { until } => (
+            "Delayed Mail (still being retried)".to_string(),
+            format!(
+                "has not been delivered yet to one or more\r\nrecipients. \
+                 No action is required: sipmail keeps trying until\r\n{}.",
+                super::trace::rfc5322_date(until)
+            ),
+            "delayed",
+        ),
+    };
     let boundary = format!("{queue_id}.dsn/{hostname}");
     let date = super::trace::rfc5322_date(now);
     let arrival = super::trace::rfc5322_date(
@@ -51,7 +82,7 @@ pub(crate) fn build(
     m.push_str(&format!(
         "From: Mail Delivery System <MAILER-DAEMON@{hostname}>\r\n\
          To: <{to}>\r\n\
-         Subject: Undelivered Mail Returned to Sender\r\n\
+         Subject: {subject}\r\n\
          Date: {date}\r\n\
          Message-ID: <{queue_id}.dsn@{hostname}>\r\n\
          Auto-Submitted: auto-replied\r\n\
@@ -65,8 +96,7 @@ pub(crate) fn build(
          \r\n\
          This is the sipmail relay at {hostname}.\r\n\
          \r\n\
-         Your message (queue ID {queue_id}) could not be delivered to one or more\r\n\
-         recipients. {returned_what}\r\n\
+         Your message (queue ID {queue_id}) {summary} {returned_what}\r\n\
          \r\n",
         to = header_safe(&original.mail_from),
         returned_what = if full {
@@ -104,10 +134,16 @@ pub(crate) fn build(
             ));
         }
         m.push_str(&format!(
-            "Final-Recipient: rfc822; {}\r\nAction: failed\r\nStatus: {}\r\n",
+            "Final-Recipient: rfc822; {}\r\nAction: {action}\r\nStatus: {}\r\n",
             header_safe(&f.rcpt),
             header_safe(&f.status)
         ));
+        if let Kind::Delayed { until } = kind {
+            m.push_str(&format!(
+                "Will-Retry-Until: {}\r\n",
+                super::trace::rfc5322_date(until)
+            ));
+        }
         if let Some(r) = &f.remote {
             m.push_str(&format!("Remote-MTA: dns; {}\r\n", header_safe(r)));
         }
@@ -138,7 +174,12 @@ pub(crate) fn build(
 
 /// Queue a DSN to the original sender. Returns false if it could not be queued (the
 /// caller then keeps the original message).
-pub(crate) async fn send(shared: &Shared, original: &Envelope, failures: &[Failure]) -> bool {
+pub(crate) async fn send(
+    shared: &Shared,
+    original: &Envelope,
+    failures: &[Failure],
+    kind: Kind,
+) -> bool {
     if original.mail_from.is_empty() {
         // RFC 5321 §4.5.5: never bounce a bounce.
         tracing::warn!(queue_id = %original.id, "not bouncing a message from the null sender <>");
@@ -149,7 +190,10 @@ pub(crate) async fn send(shared: &Shared, original: &Envelope, failures: &[Failu
             "cannot return a bounce: the sender's domain is neither ours nor a partner's");
         return true;
     };
-    let full = original.ret == Some(crate::smtp::Ret::Full) && original.size <= FULL_RETURN_MAX;
+    // A delay warning returns the headers only, whatever RET says (RFC 3461 §4.3).
+    let full = kind == Kind::Failed
+        && original.ret == Some(crate::smtp::Ret::Full)
+        && original.size <= FULL_RETURN_MAX;
     let returned = match full {
         true => match tokio::fs::read(shared.spool.body_path(&original.id)).await {
             Ok(b) => Some(b),
@@ -171,8 +215,11 @@ pub(crate) async fn send(shared: &Shared, original: &Envelope, failures: &[Failu
         &original.id,
         original,
         failures,
-        &returned,
-        full,
+        Returned {
+            bytes: &returned,
+            full,
+        },
+        kind,
         SystemTime::now(),
     );
     let result = async {
@@ -196,6 +243,7 @@ pub(crate) async fn send(shared: &Shared, original: &Envelope, failures: &[Failu
                     notify: Some(crate::smtp::Notify::NEVER),
                     orcpt: None,
                 },
+                delay_warned: false,
             }],
             size: dsn.len() as u64,
             body_8bit: true,
@@ -210,7 +258,7 @@ pub(crate) async fn send(shared: &Shared, original: &Envelope, failures: &[Failu
     match result {
         Ok(env) => {
             tracing::info!(queue_id = %id, original = %original.id, to = %original.mail_from,
-                failed = failures.len(), "bounce queued");
+                recipients = failures.len(), kind = ?kind, "bounce queued");
             shared.queue.insert(env);
             true
         }
@@ -256,8 +304,11 @@ mod tests {
             "Q1",
             &env,
             &failures,
-            headers,
-            false,
+            Returned {
+                bytes: headers,
+                full: false,
+            },
+            Kind::Failed,
             SystemTime::now(),
         );
         let msg = mail_parser::MessageParser::default()
@@ -298,6 +349,56 @@ mod tests {
     }
 
     #[test]
+    fn delay_warning_says_delayed_and_until_when() {
+        let env = Envelope {
+            id: "Q3".into(),
+            received: 0,
+            client: String::new(),
+            helo: String::new(),
+            mail_from: "alice@site-a.test".into(),
+            recipients: vec![],
+            size: 0,
+            body_8bit: false,
+            smtputf8: false,
+            ret: Some(crate::smtp::Ret::Full),
+            envid: None,
+        };
+        let f = Failure {
+            rcpt: "bob@site-b.test".into(),
+            status: "4.4.7".into(),
+            diagnostic: "X-Sipmail; call failed".into(),
+            remote: None,
+            orcpt: None,
+        };
+        let until = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_795_350_896);
+        let dsn = build(
+            "h",
+            "Q3",
+            &env,
+            &[f],
+            Returned {
+                bytes: b"Subject: s\r\n",
+                full: false,
+            },
+            Kind::Delayed { until },
+            SystemTime::now(),
+        );
+        let msg = mail_parser::MessageParser::default()
+            .parse(&dsn)
+            .expect("parses");
+        assert_eq!(msg.subject(), Some("Delayed Mail (still being retried)"));
+        let report = String::from_utf8_lossy(msg.parts[2].contents());
+        assert!(
+            report.contains("Action: delayed\r\nStatus: 4.4.7"),
+            "{report}"
+        );
+        assert!(
+            report.contains("Will-Retry-Until: Sun, 22 Nov 2026 12:34:56 +0000"),
+            "{report}"
+        );
+    }
+
+    #[test]
     fn a_hostile_recipient_cannot_inject_headers() {
         let env = Envelope {
             id: "Q2".into(),
@@ -319,7 +420,18 @@ mod tests {
             remote: None,
             orcpt: None,
         };
-        let dsn = build("h", "Q2", &env, &[f], b"", false, SystemTime::now());
+        let dsn = build(
+            "h",
+            "Q2",
+            &env,
+            &[f],
+            Returned {
+                bytes: b"",
+                full: false,
+            },
+            Kind::Failed,
+            SystemTime::now(),
+        );
         let text = String::from_utf8_lossy(&dsn);
         assert!(
             !text.contains("\r\nBcc:") && !text.contains("\r\nEvil:"),

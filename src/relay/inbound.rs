@@ -195,6 +195,7 @@ impl Backend for SpoolBackend {
                     next_attempt_ms: 0,
                     last_error: None,
                     dsn: dsn.clone(),
+                    delay_warned: false,
                 })
             })
             .collect();

@@ -1,7 +1,7 @@
 //! The queue scheduler: keeps every queued envelope in memory, hands due work to one
 //! worker per route (each peer, and local delivery), and records outcomes durably.
 
-use super::bounce::Failure;
+use super::bounce::{Failure, Kind};
 use super::{RelayEvent, Shared};
 use crate::config::QueueTimes;
 use crate::queue::{Envelope, RcptState, Route, Spool, now_ms};
@@ -227,6 +227,7 @@ impl Queue {
     pub async fn report(&self, shared: &Shared, job: &Job, outcomes: Vec<(String, Outcome)>) {
         let now = now_ms();
         let mut failures: Vec<Failure> = Vec::new();
+        let mut delays: Vec<Failure> = Vec::new();
         let updated = (|| {
             let mut st = self.lock();
             st.release(&job.id, &job.route);
@@ -256,6 +257,19 @@ impl Queue {
                         let wait = self.backoff(r.attempts);
                         r.next_attempt_ms = now + wait.as_millis() as u64;
                         r.last_error = Some(why.clone());
+                        if self.times.delay_warning.is_some_and(|d| age >= d)
+                            && !r.delay_warned
+                            && r.dsn.notify.is_none_or(|n| n.delay)
+                        {
+                            r.delay_warned = true;
+                            delays.push(Failure {
+                                rcpt: addr.clone(),
+                                status: "4.4.7".into(),
+                                diagnostic: format!("X-Sipmail; {why}"),
+                                remote: None,
+                                orcpt: r.dsn.orcpt.clone(),
+                            });
+                        }
                         tracing::warn!(queue_id = %job.id, rcpt = %addr, route = %job.route, attempts = r.attempts,
                             retry_in_s = wait.as_secs(), reason = %why, "deferred");
                         None
@@ -308,7 +322,14 @@ impl Queue {
         };
         // A bounce is queued before the original goes: a crash in between can at worst
         // repeat the bounce, never lose it.
-        let bounced = failures.is_empty() || super::bounce::send(shared, &updated, &failures).await;
+        let bounced = failures.is_empty()
+            || super::bounce::send(shared, &updated, &failures, Kind::Failed).await;
+        if !delays.is_empty() {
+            let until =
+                std::time::UNIX_EPOCH + Duration::from_secs(updated.received) + self.times.max_age;
+            // A lost warning is not worth keeping anything for: the message stays queued.
+            super::bounce::send(shared, &updated, &delays, Kind::Delayed { until }).await;
+        }
         let done = updated.pending().next().is_none();
         let res = if done && bounced {
             self.spool.remove(&job.id).await
