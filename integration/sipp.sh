@@ -11,27 +11,9 @@
 #      and B's RSS before and after.
 # Everything stays on 127.0.0.0/8; every flood is bounded in calls (-m) and time (-timeout).
 set -euo pipefail
-ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+source "$(dirname "$0")/lib/sites.sh"
+sites_init sipmail-sipp sipp:sip-tester tshark:tshark python3:python3
 SCEN="$ROOT/integration/sipp"
-for t in sipp tshark python3; do
-    command -v "$t" >/dev/null || { echo "FAIL: $t not found (apt-get install sip-tester tshark)"; exit 1; }
-done
-cargo build --release --quiet --manifest-path "$ROOT/Cargo.toml"
-SIPMAIL="$ROOT/target/release/sipmail"
-WORK="$(mktemp -d /tmp/sipmail-sipp.XXXXXX)"
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-}
-trap cleanup EXIT
-fail() {
-    echo "FAIL: $*"
-    echo "--- site A log"; tail -30 "$WORK/a.log" || true
-    echo "--- site B log"; tail -30 "$WORK/b.log" || true
-    echo "(work directory kept: $WORK)"
-    trap - EXIT; cleanup; exit 1
-}
 
 FLOOD_RATE="${SIPP_FLOOD_RATE:-1000}"   # calls per second
 FLOOD_SECS="${SIPP_FLOOD_SECS:-10}"
@@ -39,34 +21,14 @@ FLOOD_CALLS=$((FLOOD_RATE * FLOOD_SECS))
 SIPP_IP=127.0.0.2                       # the flooder: not a configured peer
 B_SIP=127.0.0.1:5062
 
-cd "$WORK"
-cp -r "$ROOT/config" .
 # Short call idle time and retry, so that each batch of mail below needs a new call.
 sed -i 's/^call_idle = .*/call_idle = "1s"/; s/^retry_initial = .*/retry_initial = "1s"/; s/^retry_max = .*/retry_max = "2s"/' \
     config/site-a.toml config/site-b.toml
-echo "== keys, as in README.md"
-"$SIPMAIL" keys generate --keyring keyring/site-a --domain site-a.test >/dev/null 2>&1
-"$SIPMAIL" keys generate --keyring keyring/site-b --domain site-b.test >/dev/null 2>&1
-"$SIPMAIL" keys export --keyring keyring/site-a > site-a.asc
-"$SIPMAIL" keys export --keyring keyring/site-b > site-b.asc
-"$SIPMAIL" keys import --keyring keyring/site-b site-a.asc >/dev/null 2>&1
-"$SIPMAIL" keys import --keyring keyring/site-a site-b.asc >/dev/null 2>&1
-"$SIPMAIL" check-config --config config/site-a.toml >/dev/null
-"$SIPMAIL" check-config --config config/site-b.toml >/dev/null
+sites_keys --quiet
 
 echo "== capture SIP between the relays (ports 5060, 5062)"
-tshark -i lo -f "port 5060 or port 5062" -w "$WORK/sip.pcapng" -q >"$WORK/tshark.log" 2>&1 &
-PIDS+=($!); TSHARK=$!
-for _ in $(seq 50); do grep -q "Capturing on" "$WORK/tshark.log" && break; sleep 0.1; done
-
-echo "== start both daemons"
-"$SIPMAIL" run --config config/site-b.toml >"$WORK/b.log" 2>&1 & PIDS+=($!); B=$!
-"$SIPMAIL" run --config config/site-a.toml >"$WORK/a.log" 2>&1 & PIDS+=($!); A=$!
-for _ in $(seq 100); do
-    grep -q "relay started" "$WORK/a.log" && grep -q "relay started" "$WORK/b.log" && break; sleep 0.1
-done
-grep -q "relay started" "$WORK/a.log" || fail "site A did not start"
-grep -q "relay started" "$WORK/b.log" || fail "site B did not start"
+sites_capture "$WORK/sip.pcapng" "port 5060 or port 5062"
+sites_start
 
 MD="$WORK/var/site-b/maildir/new"
 # submit TAG COUNT: COUNT messages into relay A by Python's smtplib, marked TAG.

@@ -4,47 +4,13 @@
 # smtplib, checked in B's Maildir; tshark records the loopback traffic between the relays
 # and we check that no plaintext of the message crossed.
 set -euo pipefail
-ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-for t in swaks tshark python3; do
-    command -v "$t" >/dev/null || { echo "FAIL: $t not found (apt-get install swaks tshark)"; exit 1; }
-done
-cargo build --release --quiet --manifest-path "$ROOT/Cargo.toml"
-SIPMAIL="$ROOT/target/release/sipmail"
-WORK="$(mktemp -d /tmp/sipmail-two-daemons.XXXXXX)"
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-}
-trap cleanup EXIT
-fail() { echo "FAIL: $*"; echo "--- site A log"; tail -30 "$WORK/a.log" || true; echo "--- site B log"; tail -30 "$WORK/b.log" || true; exit 1; }
-
-cd "$WORK"
-cp -r "$ROOT/config" .
-echo "== keys, as in README.md"
-"$SIPMAIL" keys generate --keyring keyring/site-a --domain site-a.test
-"$SIPMAIL" keys generate --keyring keyring/site-b --domain site-b.test
-"$SIPMAIL" keys export --keyring keyring/site-a > site-a.asc
-"$SIPMAIL" keys export --keyring keyring/site-b > site-b.asc
-"$SIPMAIL" keys import --keyring keyring/site-b site-a.asc
-"$SIPMAIL" keys import --keyring keyring/site-a site-b.asc
-"$SIPMAIL" keys list --keyring keyring/site-a
-"$SIPMAIL" check-config --config config/site-a.toml
-"$SIPMAIL" check-config --config config/site-b.toml
+source "$(dirname "$0")/lib/sites.sh"
+sites_init sipmail-two-daemons swaks:swaks tshark:tshark python3:python3
+sites_keys
 
 echo "== capture on lo (everything but the SMTP submission port 2525)"
-tshark -i lo -f "not tcp port 2525" -w "$WORK/relays.pcapng" -q >"$WORK/tshark.log" 2>&1 &
-PIDS+=($!); TSHARK=$!
-for _ in $(seq 50); do grep -q "Capturing on" "$WORK/tshark.log" && break; sleep 0.1; done
-
-echo "== start both daemons"
-"$SIPMAIL" run --config config/site-b.toml >"$WORK/b.log" 2>&1 & PIDS+=($!); B=$!
-"$SIPMAIL" run --config config/site-a.toml >"$WORK/a.log" 2>&1 & PIDS+=($!); A=$!
-for _ in $(seq 100); do
-    grep -q "relay started" "$WORK/a.log" && grep -q "relay started" "$WORK/b.log" && break; sleep 0.1
-done
-grep -q "relay started" "$WORK/a.log" || fail "site A did not start"
-grep -q "relay started" "$WORK/b.log" || fail "site B did not start"
+sites_capture "$WORK/relays.pcapng" "not tcp port 2525"
+sites_start
 
 MARK="sipmail-$(date +%s)-$RANDOM"
 echo "== swaks -> site A, marker $MARK"
@@ -103,5 +69,27 @@ for needle in "$MARK" "launch code" "MAIL FROM" "bob@site-b.test>" "Grüße"; do
 done
 echo "   no plaintext of either message in the capture ($(stat -c %s "$WORK/relays.pcapng") bytes)"
 grep -h "call established" "$WORK/a.log" "$WORK/b.log" | sed 's/^/   /'
+
+echo "== audit: the call's records (docs/AUDIT.md) verify with sipmail verify-call and gpg --verify"
+RA=$(ls var/site-a/spool/calls/*/*.out.json 2>/dev/null | head -1)
+[ -n "$RA" ] || fail "site A wrote no call record"
+RB=$(ls var/site-b/spool/calls/*/"$(basename "$RA" .out.json)".in.json 2>/dev/null | head -1)
+[ -n "$RB" ] || fail "site B has no record of call $(basename "$RA" .out.json)"
+"$SIPMAIL" verify-call --config config/site-a.toml "$RA" --compare "$RB" --export audit >audit.txt \
+    || { cat audit.txt; fail "verify-call did not verify A's record"; }
+grep -E "^  (ok|FAIL|--)" audit.txt | sed 's/^/ /'
+"$SIPMAIL" verify-call --config config/site-b.toml "$RB" >/dev/null || fail "verify-call did not verify B's record"
+if command -v gpg >/dev/null; then
+    export GNUPGHOME="$WORK/gnupg"; mkdir -m 700 "$GNUPGHOME"
+    gpg --batch -q --import site-a.asc site-b.asc 2>/dev/null
+    for part in answer confirm; do
+        gpg --batch --status-fd 1 --verify "audit/$part.sig" "audit/$part.data" 2>/dev/null | grep -q "^\[GNUPG:\] VALIDSIG" \
+            || fail "gpg --verify rejected the recorded $part signature"
+    done
+    gpgconf --kill gpg-agent 2>/dev/null || true
+    echo "   gpg --verify: both recorded signatures are good"
+else
+    echo "   (gpg not installed: gpg --verify step skipped; apt-get install gnupg)"
+fi
 echo "two-daemons: OK"
 rm -rf "$WORK"

@@ -38,6 +38,8 @@ struct RawConfig {
     delivery: RawDelivery,
     #[serde(default)]
     queue: RawQueue,
+    #[serde(default)]
+    audit: RawAudit,
 }
 
 #[derive(Deserialize)]
@@ -104,6 +106,13 @@ struct RawQueue {
     retry_max: Option<String>,
     max_age: Option<String>,
     delay_warning: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    record_calls: Option<bool>,
+    dir: Option<PathBuf>,
 }
 
 /// An address block such as `127.0.0.0/8`.
@@ -338,6 +347,9 @@ pub struct Config {
     pub peers: Vec<Peer>,
     pub delivery: Delivery,
     pub queue: QueueTimes,
+    /// Where each established call's audit record goes (`[audit]`; see crate::audit), or
+    /// `None` when `record_calls = false`. Default: `<relay.spool>/calls`.
+    pub call_records: Option<PathBuf>,
 }
 
 /// `500ms`, `10s`, `30m`, `2h`, `5d`.
@@ -610,6 +622,15 @@ impl Config {
                 format!("{local_lanes} is not in 1..=64"),
             ));
         }
+        let call_records = match raw.audit.record_calls {
+            Some(false) => None,
+            _ => Some(
+                raw.audit
+                    .dir
+                    .clone()
+                    .unwrap_or_else(|| raw.relay.spool.join("calls")),
+            ),
+        };
         Ok(Config {
             file: file.to_string(),
             hostname: raw.relay.hostname.unwrap_or_else(|| domain.clone()),
@@ -630,6 +651,7 @@ impl Config {
             peers,
             delivery,
             queue,
+            call_records,
         })
     }
 

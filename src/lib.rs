@@ -2,6 +2,7 @@
 //! calls and encrypted streams. See README.md and docs/ARCHITECTURE.md.
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod config;
 pub mod demo;
 pub mod handshake;

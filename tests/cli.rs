@@ -269,7 +269,14 @@ fn bad_configs_name_the_file_the_key_and_the_problem() {
 fn help_lists_every_command() {
     let d = tempfile::tempdir().unwrap();
     let t = text(&sipmail(&["--help"], d.path()));
-    for c in ["run", "check-config", "demo", "keys"] {
+    for c in [
+        "run",
+        "check-config",
+        "demo",
+        "keys",
+        "verify-call",
+        "queue",
+    ] {
         assert!(t.contains(c), "{c} missing from --help: {t}");
     }
     let t = text(&sipmail(&["keys", "--help"], d.path()));

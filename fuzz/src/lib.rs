@@ -5,6 +5,12 @@
 //! every error on hostile input must come back as a value.
 #![forbid(unsafe_code)]
 
+mod key_import;
+mod record;
+
+pub use key_import::{cleanup as cleanup_key_import, key_import_target, seeds_key_import};
+pub use record::{record_target, seeds_record};
+
 use sipmail::handshake::{
     Answer, CallContext, CalleeAwaitConfirm, CallerAwaitAnswer, Confirm, Offer, Signer, Suite,
     Verifier,

@@ -1,5 +1,6 @@
 //! Command-line interface.
 
+mod audit;
 mod queue;
 
 use anyhow::{Context, Result};
@@ -62,6 +63,36 @@ enum Cmd {
         #[command(subcommand)]
         cmd: QueueCmd,
     },
+    /// Check a call's audit record: the signed transcript, both OpenPGP signatures (against
+    /// the keyring), and the fingerprints, suite and transcript hash the record claims.
+    ///
+    /// Records are written per established call to <spool>/calls/<YYYY-MM-DD>/ (config
+    /// `[audit]`). Exit status: 0 verified; 1 failed (altered record or bad signature) or the
+    /// record cannot be read; 2 incomplete (a signature could not be checked: no keyring or
+    /// unknown certificate). The SAS derives from the call's secret, which is never
+    /// recorded: check it with --compare against the partner's record of the same call.
+    ///
+    /// For an audit with GnuPG alone: --export DIR writes answer.data answer.sig
+    /// confirm.data confirm.sig (and the signers' certs from the keyring), then
+    /// `gpg --verify DIR/answer.sig DIR/answer.data`. See docs/AUDIT.md.
+    VerifyCall {
+        /// The call record (a JSON file).
+        record: PathBuf,
+        /// The keyring holding both signers' certificates (a relay's own keyring will do).
+        #[arg(long, conflicts_with = "config")]
+        keyring: Option<PathBuf>,
+        /// Take the keyring from this relay configuration.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The partner's record of the same call: the SAS, transcript and signed data must
+        /// be the same on both sides.
+        #[arg(long, value_name = "RECORD")]
+        compare: Option<PathBuf>,
+        /// Write the signed data and signatures into DIR for `gpg --verify` (written even
+        /// when verification fails, so that GnuPG can confirm the failure).
+        #[arg(long, value_name = "DIR")]
+        export: Option<PathBuf>,
+    },
     /// Manage the relay's OpenPGP identity and its partners' certificates.
     Keys {
         #[command(subcommand)]
@@ -118,7 +149,7 @@ enum KeysCmd {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let default = match cli.cmd {
-        Cmd::Demo { .. } => "warn",
+        Cmd::Demo { .. } | Cmd::VerifyCall { .. } => "warn",
         _ => "info",
     };
     let level = cli.log.clone().unwrap_or_else(|| default.to_string());
@@ -182,6 +213,13 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
             })
         }
         Cmd::Keys { cmd } => keys(cmd),
+        Cmd::VerifyCall {
+            record,
+            keyring,
+            config,
+            compare,
+            export,
+        } => audit::verify_call(&record, keyring, config, compare, export),
         Cmd::Queue { config, json, cmd } => {
             let config =
                 config.context("sipmail queue needs --config FILE (the daemon's configuration)")?;

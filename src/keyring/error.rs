@@ -164,8 +164,46 @@ impl KeyringError {
     }
 
     pub(crate) fn crypto(e: impl std::fmt::Display) -> Self {
-        KeyringError::Crypto {
-            reason: format!("{e:#}"),
+        KeyringError::Crypto { reason: why(e) }
+    }
+}
+
+/// A library error (with its causes, `{:#}`) as one line without control characters.
+/// Sequoia's parser errors span lines ("Unrecognized token ... \nExpected one of ...");
+/// they end up in log lines and terminal output, often about data a peer sent.
+pub(crate) fn why(e: impl std::fmt::Display) -> String {
+    one_line(&format!("{e:#}"))
+}
+
+/// Line breaks (with the indentation after them) become one space; any other control
+/// character is escaped.
+pub(crate) fn one_line(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\r' | '\n' => {
+                while chars.peek().is_some_and(|c| c.is_whitespace()) {
+                    chars.next();
+                }
+                if !out.ends_with(' ') {
+                    out.push(' ');
+                }
+            }
+            c if c.is_control() => out.extend(c.escape_default()),
+            c => out.push(c),
         }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn one_line_joins_lines_and_escapes_controls() {
+        assert_eq!(
+            super::one_line("Unrecognized token\n  Expected one of A\x1b[31m\u{7}"),
+            "Unrecognized token Expected one of A\\u{1b}[31m\\u{7}"
+        );
     }
 }

@@ -320,7 +320,7 @@ impl Keyring {
                         .merge_public(cert)
                         .map_err(|e| KeyringError::InvalidCert {
                             what: path.display().to_string(),
-                            reason: format!("{e:#}"),
+                            reason: error::why(e),
                         })?;
                 }
                 None => {
@@ -513,9 +513,9 @@ impl Keyring {
         }
         POLICY
             .signature(&sig, HashAlgoSecurity::CollisionResistance)
-            .map_err(|e| bad(format!("rejected by policy: {e:#}")))?;
+            .map_err(|e| bad(format!("rejected by policy: {}", error::why(e))))?;
         sig.signature_alive(t, None)
-            .map_err(|e| bad(format!("signature not alive: {e:#}")))?;
+            .map_err(|e| bad(format!("signature not alive: {}", error::why(e))))?;
         let sig_time = sig
             .signature_creation_time()
             .ok_or_else(|| bad("signature has no creation time".into()))?;
@@ -557,7 +557,7 @@ impl Keyring {
                     return Ok(());
                 }
                 Ok(()) => reason = "the digest prefix does not match the signed data".into(),
-                Err(e) => reason = format!("does not verify: {e:#}"),
+                Err(e) => reason = format!("does not verify: {}", error::why(e)),
             }
         }
         Err(bad(reason))
@@ -706,7 +706,7 @@ fn fpr_hex(fpr: &Fingerprint) -> String {
 fn invalid(what: &str, e: impl fmt::Display) -> KeyringError {
     KeyringError::InvalidCert {
         what: what.to_string(),
-        reason: format!("{e:#}"),
+        reason: error::why(e),
     }
 }
 
@@ -850,7 +850,7 @@ fn build_entry(cert: Cert, t: SystemTime) -> Entry {
     let mut invalid = None;
     let mut verifiers = Vec::new();
     match cert.with_policy(&POLICY, t) {
-        Err(e) => invalid = Some(format!("{e:#}")),
+        Err(e) => invalid = Some(error::why(e)),
         Ok(vc) => {
             revoked = revocation_reason(&vc.revocation_status());
             expires = vc.primary_key().key_expiration_time();
@@ -908,11 +908,11 @@ fn build_own(cert: Cert, t: SystemTime) -> OwnKey {
 }
 
 fn own_signer(cert: &Cert, t: SystemTime) -> Result<OwnSigner, String> {
-    let vc = cert.with_policy(&POLICY, t).map_err(|e| format!("{e:#}"))?;
+    let vc = cert.with_policy(&POLICY, t).map_err(error::why)?;
     if let RevocationStatus::Revoked(_) = vc.revocation_status() {
         return Err("the key is revoked".into());
     }
-    vc.alive().map_err(|e| format!("{e:#}"))?;
+    vc.alive().map_err(error::why)?;
     let primary_exp = vc.primary_key().key_expiration_time();
     let mut best: Option<(SystemTime, OwnSigner)> = None;
     let mut saw_encrypted = false;
@@ -934,7 +934,7 @@ fn own_signer(cert: &Cert, t: SystemTime) -> Result<OwnSigner, String> {
         let keypair = match secret_key.role_into_unspecified().into_keypair() {
             Ok(kp) => kp,
             Err(e) => {
-                tracing::warn!(key = %key.fingerprint(), "unusable secret key: {e:#}");
+                tracing::warn!(key = %key.fingerprint(), "unusable secret key: {}", error::why(&e));
                 continue;
             }
         };
@@ -994,8 +994,8 @@ fn list_cert_files(certs: &Path) -> Result<Vec<PathBuf>, KeyringError> {
 
 /// Parses exactly one signature packet (binary or armored).
 fn parse_signature(bytes: &[u8]) -> Result<Signature, String> {
-    let pile =
-        PacketPile::from_bytes(bytes).map_err(|e| format!("not an OpenPGP signature: {e:#}"))?;
+    let pile = PacketPile::from_bytes(bytes)
+        .map_err(|e| format!("not an OpenPGP signature: {}", error::why(e)))?;
     let mut packets = pile.into_children();
     match (packets.next(), packets.next()) {
         (Some(Packet::Signature(sig)), None) => Ok(sig),

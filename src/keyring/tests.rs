@@ -140,6 +140,33 @@ fn open_broken_cert_file_names_it() {
     assert!(err.to_string().contains("broken.asc"), "{err}");
 }
 
+/// Found by the `key_import` fuzz target: a signature (not a cert) in `certs/` gave an
+/// error whose text, from Sequoia's grammar, spans two lines; such messages reach log lines
+/// and terminals, also for data a peer sent. Every keyring error is one clean line.
+#[test]
+fn errors_about_foreign_data_are_one_line() {
+    let (_t, dir, kr) = new_site("site-a.test");
+    let sig = crate::audit::armor_signature(&kr.sign_detached(b"data").unwrap()).unwrap();
+    std::fs::create_dir_all(dir.join(CERTS_DIR)).unwrap();
+    std::fs::write(dir.join(CERTS_DIR).join("sig.asc"), &sig).unwrap();
+    let open_err = Keyring::open(&dir).unwrap_err().to_string();
+    let import_err = Keyring::import(&dir, b"\x99\x00\x01\xff")
+        .unwrap_err()
+        .to_string();
+    let verify_err = kr
+        .verify_detached(
+            "site-a.test",
+            &kr.own_fingerprint().unwrap(),
+            b"data",
+            b"\xc2\x01",
+        )
+        .unwrap_err()
+        .to_string();
+    for e in [open_err, import_err, verify_err] {
+        assert!(!e.chars().any(char::is_control), "{e:?}");
+    }
+}
+
 #[test]
 fn sign_verify_round_trip() {
     let (_t, a, b) = two_sites();

@@ -291,9 +291,10 @@ async fn answer(shared: &Arc<Shared>, inc: Incoming, pending: PendingGuard) -> R
         .and_then(|c| {
             awaiting
                 .on_confirm(&c, &verifier)
+                .map(|d| (d, c.signature))
                 .map_err(|e| e.to_string())
         });
-    let done = match done {
+    let (done, confirm_signature) = match done {
         Ok(d) => d,
         Err(e) => {
             tracing::warn!(%call_id, peer = %peer_domain, error = %e, "the caller's confirm failed; hanging up");
@@ -332,7 +333,12 @@ async fn answer(shared: &Arc<Shared>, inc: Incoming, pending: PendingGuard) -> R
         send_bye(shared, &inc, &ctx, "no media connection").await;
         return Err("the caller never opened an authenticated media connection".into());
     };
-    shared.call_established(&call_id, &peer_domain, false, &peer_fpr, &done.keys);
+    let sigs = crate::audit::CallSignatures {
+        transcript: &done.transcript,
+        answer_signature: &answer.signature,
+        confirm_signature: &confirm_signature,
+    };
+    shared.call_established(&call_id, &peer_domain, false, &peer_fpr, &done.keys, sigs);
 
     let mut backend = SpoolBackend::new(
         shared.clone(),

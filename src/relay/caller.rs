@@ -221,7 +221,12 @@ async fn place_call(shared: &Arc<Shared>, peer: &Peer) -> Result<ActiveCall, Cal
             }
         };
     let peer_fpr = hex::encode_upper(&answer.fingerprint);
-    shared.call_established(&call_id, &peer.domain, true, &peer_fpr, &done.keys);
+    let sigs = crate::audit::CallSignatures {
+        transcript: &done.transcript,
+        answer_signature: &answer.signature,
+        confirm_signature: &done.confirm.signature,
+    };
+    shared.call_established(&call_id, &peer.domain, true, &peer_fpr, &done.keys, sigs);
     Ok(ActiveCall { dialog, client })
 }
 

@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{broadcast, mpsc, watch};
 
 pub use scheduler::QueueSnapshot;
+pub(crate) use trace::civil_from_days;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
@@ -147,7 +148,8 @@ impl Shared {
     }
 
     /// The audit record of a call: both fingerprints, the suite, the SAS and the hash of
-    /// the signed transcript, in the log and as an event.
+    /// the signed transcript, in the log and as an event; and, unless `audit.record_calls`
+    /// is off, the signed data and both signatures in a record file (crate::audit).
     pub fn call_established(
         &self,
         call_id: &str,
@@ -155,7 +157,11 @@ impl Shared {
         outgoing: bool,
         peer_fpr: &str,
         keys: &crate::handshake::SessionKeys,
+        sigs: crate::audit::CallSignatures<'_>,
     ) {
+        if let Some(dir) = &self.cfg.call_records {
+            self.record_call(dir, call_id, peer, outgoing, keys, sigs);
+        }
         tracing::info!(
             %call_id,
             %peer,
@@ -175,6 +181,41 @@ impl Shared {
             peer_fingerprint: peer_fpr.to_string(),
             suite: keys.suite.to_string(),
             sas: keys.sas.clone(),
+        });
+    }
+}
+
+impl Shared {
+    /// Write the call's audit record off the call's path. A failure is logged, never fatal:
+    /// the log line "call established" carries the same identities.
+    fn record_call(
+        &self,
+        dir: &std::path::Path,
+        call_id: &str,
+        peer: &str,
+        outgoing: bool,
+        keys: &crate::handshake::SessionKeys,
+        sigs: crate::audit::CallSignatures<'_>,
+    ) {
+        let rec = match crate::audit::CallRecord::new(
+            call_id,
+            outgoing,
+            peer,
+            keys,
+            sigs,
+            std::time::SystemTime::now(),
+        ) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(%call_id, error = %e, "cannot build the call's audit record");
+                return;
+            }
+        };
+        let dir = dir.to_path_buf();
+        let call_id = call_id.to_string();
+        tokio::task::spawn_blocking(move || match rec.write(&dir) {
+            Ok(path) => tracing::debug!(%call_id, record = %path.display(), "call record written"),
+            Err(e) => tracing::warn!(%call_id, error = %e, "cannot write the call's audit record"),
         });
     }
 }

@@ -4,13 +4,16 @@
 //!
 //! ```text
 //! cargo run --release --manifest-path fuzz/Cargo.toml --no-default-features --features smoke --bin smoke -- \
-//!     [--target sip|handshake|all] [--secs 30] [--iters N] [--seed S] [--max-len 8192]
+//!     [--target sip|handshake|record|key_import|all] (or a comma-separated list) [--secs 30] [--iters N] [--seed S] [--max-len 8192]
 //!     [--dump-seeds DIR]
 //! ```
 //! Prints the number of executions per target. Exit 1 on a panic (the input
 //! is written to fuzz/crashes/).
 
-use sipmail_fuzz::{Mutator, handshake_target, seeds_handshake, seeds_sip, sip_target};
+use sipmail_fuzz::{
+    Mutator, cleanup_key_import, handshake_target, key_import_target, record_target,
+    seeds_handshake, seeds_key_import, seeds_record, seeds_sip, sip_target,
+};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::{Duration, Instant};
 
@@ -44,27 +47,41 @@ fn main() {
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(1),
     );
+    // `--iters-each` overrides the equal share of --iters per target, e.g.
+    // `--iters-each record=40000,key_import=3000` for targets of very different speeds.
+    let iters_each_arg: String = arg(&args, "--iters-each", String::new());
+    type Entry = (&'static str, &'static str, fn(&[u8]), fn() -> Vec<Vec<u8>>);
+    let all: [Entry; 4] = [
+        ("sip", "sip_parse", sip_target, seeds_sip),
+        ("handshake", "handshake", handshake_target, seeds_handshake),
+        ("record", "record", record_target, seeds_record),
+        (
+            "key_import",
+            "key_import",
+            key_import_target,
+            seeds_key_import,
+        ),
+    ];
+    let wanted: Vec<&str> = which.split(',').collect();
     let mut targets: Vec<Target> = Vec::new();
-    if which == "sip" || which == "all" {
-        targets.push(Target {
-            name: "sip_parse",
-            run: sip_target,
-            corpus: seeds_sip(),
-            execs: 0,
-            secs: 0.0,
-        });
+    for (short, name, run, seeds) in all {
+        if wanted
+            .iter()
+            .any(|w| *w == "all" || *w == short || *w == name)
+        {
+            targets.push(Target {
+                name,
+                run,
+                corpus: seeds(),
+                execs: 0,
+                secs: 0.0,
+            });
+        }
     }
-    if which == "handshake" || which == "all" {
-        targets.push(Target {
-            name: "handshake",
-            run: handshake_target,
-            corpus: seeds_handshake(),
-            execs: 0,
-            secs: 0.0,
-        });
-    }
-    if targets.is_empty() {
-        eprintln!("unknown --target {which}: use sip, handshake or all");
+    if targets.is_empty() || wanted.len() > targets.len() && !wanted.contains(&"all") {
+        eprintln!(
+            "unknown --target {which}: use sip, handshake, record, key_import, all, or a comma-separated list"
+        );
         std::process::exit(2);
     }
     // `--dump-seeds DIR`: write the seed inputs as libFuzzer corpora (DIR/sip_parse/,
@@ -99,8 +116,13 @@ fn main() {
     // Each target gets an equal share of the time (and of --iters).
     let n = targets.len() as u32;
     let share = Duration::from_secs(secs) / n;
-    let iters_each = iters / n as u64;
     for t in &mut targets {
+        let iters_each = iters_each_arg
+            .split(',')
+            .filter_map(|kv| kv.split_once('='))
+            .find(|(k, _)| *k == t.name)
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(iters / n as u64);
         let t_start = Instant::now();
         let mut done: u64 = 0;
         while done < iters_each && t_start.elapsed() < share {
@@ -137,6 +159,7 @@ fn main() {
         );
     }
     println!("smoke: total {:.1} s", start.elapsed().as_secs_f64());
+    cleanup_key_import();
 }
 
 fn check(name: &str, run: fn(&[u8]), input: &[u8]) {
@@ -156,6 +179,7 @@ fn check(name: &str, run: fn(&[u8]), input: &[u8]) {
             file.display(),
             String::from_utf8_lossy(&input[..input.len().min(400)])
         );
+        cleanup_key_import();
         std::process::exit(1);
     }
 }

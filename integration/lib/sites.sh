@@ -1,0 +1,81 @@
+# Shared steps of the two-daemon suites (integration/two-daemons.sh, integration/sipp.sh):
+# a work directory, the release build, keys for site-a.test and site-b.test made and
+# exchanged exactly as README.md says, and both daemons started from config/site-*.toml.
+# Source it after `set -euo pipefail`; it defines:
+#
+#   sites_init PREFIX TOOL:PACKAGE...  check the tools, build, make $WORK (/tmp/PREFIX.XXXXXX),
+#                                      cd into it, copy config/; sets ROOT, SIPMAIL, WORK,
+#                                      PIDS and an EXIT trap that stops every PID in PIDS
+#   sites_keys [--quiet]               keys generate / export / import for both sites,
+#                                      keys list, check-config for both
+#   sites_capture FILE FILTER          start tshark on lo into FILE (sets TSHARK)
+#   sites_start                        start B then A, wait for "relay started" (sets A, B;
+#                                      logs in $WORK/a.log and $WORK/b.log)
+#   fail MESSAGE                       print MESSAGE and both logs' tails, keep $WORK, exit 1
+#
+# Everything runs on 127.0.0.1 with the ports of config/site-a.toml and site-b.toml.
+
+sites_init() {
+    local prefix=$1 tp tool pkg
+    shift
+    for tp in "$@"; do
+        tool=${tp%%:*}; pkg=${tp#*:}
+        command -v "$tool" >/dev/null || { echo "FAIL: $tool not found (apt-get install $pkg)"; exit 1; }
+    done
+    ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+    cargo build --release --quiet --manifest-path "$ROOT/Cargo.toml"
+    SIPMAIL="$ROOT/target/release/sipmail"
+    WORK="$(mktemp -d "/tmp/$prefix.XXXXXX")"
+    PIDS=()
+    trap sites_cleanup EXIT
+    cd "$WORK"
+    cp -r "$ROOT/config" .
+}
+
+sites_cleanup() {
+    local p
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+}
+
+fail() {
+    echo "FAIL: $*"
+    echo "--- site A log"; tail -30 "$WORK/a.log" || true
+    echo "--- site B log"; tail -30 "$WORK/b.log" || true
+    echo "(work directory kept: $WORK)"
+    exit 1
+}
+
+sites_keys() {
+    local out=/dev/stdout
+    [ "${1:-}" = --quiet ] && out=/dev/null
+    echo "== keys, as in README.md"
+    {
+        "$SIPMAIL" keys generate --keyring keyring/site-a --domain site-a.test
+        "$SIPMAIL" keys generate --keyring keyring/site-b --domain site-b.test
+        "$SIPMAIL" keys export --keyring keyring/site-a > site-a.asc
+        "$SIPMAIL" keys export --keyring keyring/site-b > site-b.asc
+        "$SIPMAIL" keys import --keyring keyring/site-b site-a.asc
+        "$SIPMAIL" keys import --keyring keyring/site-a site-b.asc
+        "$SIPMAIL" keys list --keyring keyring/site-a
+        "$SIPMAIL" check-config --config config/site-a.toml
+        "$SIPMAIL" check-config --config config/site-b.toml
+    } >"$out" 2>&1
+}
+
+sites_capture() {
+    tshark -i lo -f "$2" -w "$1" -q >"$WORK/tshark.log" 2>&1 &
+    PIDS+=($!); TSHARK=$!
+    for _ in $(seq 50); do grep -q "Capturing on" "$WORK/tshark.log" && break; sleep 0.1; done
+}
+
+sites_start() {
+    echo "== start both daemons"
+    "$SIPMAIL" run --config config/site-b.toml >"$WORK/b.log" 2>&1 & PIDS+=($!); B=$!
+    "$SIPMAIL" run --config config/site-a.toml >"$WORK/a.log" 2>&1 & PIDS+=($!); A=$!
+    for _ in $(seq 100); do
+        grep -q "relay started" "$WORK/a.log" && grep -q "relay started" "$WORK/b.log" && break; sleep 0.1
+    done
+    grep -q "relay started" "$WORK/a.log" || fail "site A did not start"
+    grep -q "relay started" "$WORK/b.log" || fail "site B did not start"
+}
