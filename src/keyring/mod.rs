@@ -563,6 +563,26 @@ impl Keyring {
         Err(bad(reason))
     }
 
+    /// The key that [`Keyring::sign_detached`] signs with, as a serialized OpenPGP public key
+    /// packet, and its fingerprint (uppercase hex). Opportunistic calls present this packet
+    /// so that a peer without our certificate can verify (and pin) the key.
+    pub fn own_signing_key(&self) -> Result<(String, Vec<u8>), KeyringError> {
+        let own = self.own()?;
+        let signer = own
+            .signer
+            .as_ref()
+            .map_err(|reason| KeyringError::NoSigningKey {
+                fingerprint: own.entry.fpr.clone(),
+                reason: reason.clone(),
+            })?;
+        let key = signer.keypair.public().clone();
+        let fpr = fpr_hex(&key.fingerprint());
+        let packet = Packet::PublicKey(key.role_into_primary())
+            .to_vec()
+            .map_err(KeyringError::crypto)?;
+        Ok((fpr, packet))
+    }
+
     fn own(&self) -> Result<&OwnKey, KeyringError> {
         self.own.as_ref().ok_or_else(|| KeyringError::NoOwnKey {
             dir: self.dir.clone(),
@@ -590,6 +610,78 @@ impl Keyring {
         };
         entry.check(&domain, t)?;
         Ok(entry)
+    }
+}
+
+/// Verifies a detached binary signature over `data` with a bare public key packet that a
+/// peer presented (opportunistic trust: no certificate, no user ID, no keyring). The
+/// packet's fingerprint must be `fingerprint` (hex); the signature gets the same checks as
+/// in [`Keyring::verify_detached`] (type, policy, creation time, digest prefix).
+pub fn verify_with_key_packet(
+    packet: &[u8],
+    fingerprint: &str,
+    data: &[u8],
+    sig: &[u8],
+) -> Result<(), KeyringError> {
+    let fpr = normalize_fingerprint(fingerprint)?;
+    let bad = |reason: String| KeyringError::BadSignature {
+        fingerprint: fpr.clone(),
+        reason,
+    };
+    let key: Key<PublicParts, UnspecifiedRole> = match Packet::from_bytes(packet) {
+        Ok(Packet::PublicKey(k)) => k.role_into_unspecified(),
+        Ok(Packet::PublicSubkey(k)) => k.role_into_unspecified(),
+        Ok(p) => {
+            return Err(bad(format!(
+                "presented a {} packet, not a public key",
+                p.tag()
+            )));
+        }
+        Err(e) => return Err(bad(format!("the presented key does not parse: {e:#}"))),
+    };
+    if fpr_hex(&key.fingerprint()) != fpr {
+        return Err(bad(format!(
+            "the presented key is {}, not the announced fingerprint",
+            fpr_hex(&key.fingerprint())
+        )));
+    }
+    if !key.pk_algo().for_signing() {
+        return Err(bad(format!("{} cannot sign", key.pk_algo())));
+    }
+    let t = now();
+    let sig = parse_signature(sig).map_err(bad)?;
+    if sig.typ() != SignatureType::Binary {
+        return Err(bad(format!(
+            "signature type is {}, expected a binary document signature",
+            sig.typ()
+        )));
+    }
+    POLICY
+        .signature(&sig, HashAlgoSecurity::CollisionResistance)
+        .map_err(|e| bad(format!("rejected by policy: {e:#}")))?;
+    sig.signature_alive(t, None)
+        .map_err(|e| bad(format!("signature not alive: {e:#}")))?;
+    let sig_time = sig
+        .signature_creation_time()
+        .ok_or_else(|| bad("signature has no creation time".into()))?;
+    if sig_time < key.creation_time() {
+        return Err(bad("signature predates the key".into()));
+    }
+    if key.creation_time() > t + CLOCK_SKEW {
+        return Err(bad("the presented key was created in the future".into()));
+    }
+    match sig.verify_message(&key, data) {
+        Ok(())
+            if sig
+                .computed_digest()
+                .is_some_and(|d| d.get(..2) == Some(&sig.digest_prefix()[..])) =>
+        {
+            Ok(())
+        }
+        Ok(()) => Err(bad(
+            "the digest prefix does not match the signed data".into()
+        )),
+        Err(e) => Err(bad(format!("does not verify: {e:#}"))),
     }
 }
 
