@@ -67,6 +67,37 @@ enum Cmd {
         #[command(subcommand)]
         cmd: KeysCmd,
     },
+    /// Per-peer trust state kept in <spool>/state: keys pinned on first use (peers with
+    /// trust = "opportunistic") and the retained secrets of key continuity. The daemon reads
+    /// it at each call, so changes take effect on the next call without a restart.
+    Trust {
+        /// The daemon's configuration file (for the spool location).
+        #[arg(long, short, global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        cmd: TrustCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TrustCmd {
+    /// Each peer's trust policy, pinned key, key waiting for acceptance, and how many
+    /// retained secrets are held.
+    List,
+    /// Accept the changed key an opportunistic peer presented (and was refused for): it
+    /// becomes the pin. Check its fingerprint with the partner first (`sipmail keys
+    /// fingerprint` on their side), or compare the SAS of the next call by phone.
+    Accept {
+        /// The peer's domain, e.g. site-b.test.
+        domain: String,
+    },
+    /// Forget everything about a peer: its pin, a pending key, its retained secrets. The
+    /// next call is a first call again (use after a partner lost its cache, when
+    /// continuity = "require" refuses it, once you know why).
+    Reset {
+        /// The peer's domain, e.g. site-b.test.
+        domain: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -182,6 +213,12 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
             })
         }
         Cmd::Keys { cmd } => keys(cmd),
+        Cmd::Trust { config, cmd } => {
+            let config =
+                config.context("sipmail trust needs --config FILE (the daemon's configuration)")?;
+            let cfg = Config::load(&config)?;
+            trust(&cfg, cmd)
+        }
         Cmd::Queue { config, json, cmd } => {
             let config =
                 config.context("sipmail queue needs --config FILE (the daemon's configuration)")?;
@@ -204,6 +241,63 @@ async fn wait_for_signal() {
             let _ = tokio::signal::ctrl_c().await;
         }
     }
+}
+
+fn trust(cfg: &Config, cmd: TrustCmd) -> Result<ExitCode> {
+    use sipmail::relay::trust::TrustStore;
+    let store = TrustStore::new(&cfg.spool);
+    let known = |domain: &str| -> Result<String> {
+        let d = domain.trim().to_ascii_lowercase();
+        if cfg.peer(&d).is_none() {
+            anyhow::bail!("{d} is not a [[peer]] in {}", cfg.file);
+        }
+        Ok(d)
+    };
+    match cmd {
+        TrustCmd::List => {
+            let states = store.list()?;
+            for p in &cfg.peers {
+                let st = states.iter().find(|s| s.domain == p.domain);
+                println!(
+                    "{}  trust={} continuity={:?}  retained={}  pinned={}{}",
+                    p.domain,
+                    p.trust.mode(),
+                    p.continuity,
+                    st.map_or(0, |s| s.retained),
+                    st.and_then(|s| s.pinned.as_deref())
+                        .map(format_fingerprint)
+                        .unwrap_or_else(|| "-".into()),
+                    st.and_then(|s| s.pending.as_deref())
+                        .map(|f| format!(
+                            "  PENDING (refused, run `sipmail trust accept {}`): {}",
+                            p.domain,
+                            format_fingerprint(f)
+                        ))
+                        .unwrap_or_default(),
+                );
+            }
+        }
+        TrustCmd::Accept { domain } => {
+            let d = known(&domain)?;
+            let (old, new) = store.accept_pending(&d)?;
+            println!(
+                "{d}: now pinned {} (was {}); its retained secrets were forgotten",
+                format_fingerprint(&new),
+                old.as_deref()
+                    .map(format_fingerprint)
+                    .unwrap_or_else(|| "nothing".into())
+            );
+        }
+        TrustCmd::Reset { domain } => {
+            let d = known(&domain)?;
+            if store.reset(&d)? {
+                println!("{d}: pin and retained secrets forgotten; the next call is a first call");
+            } else {
+                println!("{d}: no trust state to forget");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn keys(cmd: KeysCmd) -> Result<ExitCode> {
