@@ -47,6 +47,7 @@ struct RawRelay {
     keyring: PathBuf,
     spool: PathBuf,
     hostname: Option<String>,
+    signing_key: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -403,6 +404,8 @@ pub struct Config {
     pub domain: String,
     pub hostname: String,
     pub keyring: PathBuf,
+    /// The own key to sign with (fingerprint); default: the newest own key.
+    pub signing_key: Option<String>,
     pub spool: PathBuf,
     pub smtp_listen: SocketAddr,
     pub smtp_allow: Vec<Cidr>,
@@ -726,6 +729,7 @@ impl Config {
             hostname: raw.relay.hostname.unwrap_or_else(|| domain.clone()),
             domain,
             keyring: raw.relay.keyring,
+            signing_key: raw.relay.signing_key,
             spool: raw.relay.spool,
             smtp_listen,
             smtp_allow,

@@ -385,3 +385,91 @@ async fn continuity_require_refuses_until_reset() {
     wait_delivered(&sites, 2).await;
     sites.stop().await;
 }
+
+/// Key rotation: A adds a new key beside the old one and B imports its cert. While B holds
+/// both, calls signed by either are accepted; once B removes the old cert, a call signed
+/// by the old key is refused (403, mail stays queued) and the new key carries the mail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_accepts_both_keys_until_the_old_one_is_retired() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut a_cfg, b_cfg) = edited_configs(dir.path(), |s| s, |s| s);
+    let old = Keyring::open(&a_cfg.keyring)
+        .unwrap()
+        .own_fingerprint()
+        .unwrap();
+    // Rotate: the old key stays where it is.
+    let new = Keyring::generate_additional(&a_cfg.keyring, "site-a.test")
+        .unwrap()
+        .fingerprint;
+    assert_ne!(old, new);
+    assert!(a_cfg.keyring.join("secret.asc").exists());
+    // Announce: B imports the new cert beside the old one.
+    let cert = Keyring::open(&a_cfg.keyring)
+        .unwrap()
+        .export_public_of(&new)
+        .unwrap();
+    Keyring::import(&b_cfg.keyring, cert.as_bytes()).unwrap();
+
+    let signer_of_next_call = |sites: &TwoSites| {
+        let mut ev = sites.a.events();
+        async move {
+            match wait_event(&mut ev, 20, |e| {
+                matches!(e, RelayEvent::CallEstablished { .. })
+            })
+            .await
+            {
+                Some(RelayEvent::CallEstablished {
+                    local_fingerprint, ..
+                }) => local_fingerprint,
+                other => panic!("no call: {other:?}"),
+            }
+        }
+    };
+
+    // A signs with the newest key: accepted.
+    let sites = TwoSites::start_with(dir.path(), a_cfg.clone(), b_cfg.clone(), Hooks::default())
+        .await
+        .unwrap();
+    let signer = signer_of_next_call(&sites);
+    send(&sites, 1, "rotate").await;
+    assert_eq!(signer.await, new);
+    wait_delivered(&sites, 1).await;
+    sites.stop().await;
+
+    // A signs with the old key (relay.signing_key): still accepted while B holds both.
+    a_cfg.signing_key = Some(old.clone());
+    let sites = TwoSites::start_with(dir.path(), a_cfg.clone(), b_cfg.clone(), Hooks::default())
+        .await
+        .unwrap();
+    let signer = signer_of_next_call(&sites);
+    send(&sites, 2, "rotate").await;
+    assert_eq!(signer.await, old);
+    wait_delivered(&sites, 2).await;
+    sites.stop().await;
+
+    // Retire: B removes the old cert. A call signed by the old key is refused.
+    std::fs::remove_file(b_cfg.keyring.join(format!("certs/{old}.asc"))).unwrap();
+    let sites = TwoSites::start_with(dir.path(), a_cfg.clone(), b_cfg.clone(), Hooks::default())
+        .await
+        .unwrap();
+    let mut ev = sites.a.events();
+    send(&sites, 3, "rotate").await;
+    let failed = wait_event(
+        &mut ev,
+        20,
+        |e| matches!(e, RelayEvent::CallFailed { reason, .. } if reason.contains("403")),
+    )
+    .await;
+    assert!(failed.is_some(), "a retired key was accepted");
+    assert_refused_and_queued(&sites, 2).await;
+    sites.stop().await;
+
+    // A drops the pin and signs with the new key: the queued mail goes through.
+    a_cfg.signing_key = None;
+    let sites = TwoSites::start_with(dir.path(), a_cfg.clone(), b_cfg.clone(), Hooks::default())
+        .await
+        .unwrap();
+    wait_delivered(&sites, 3).await;
+    sites.stop().await;
+}

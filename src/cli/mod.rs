@@ -115,16 +115,33 @@ enum QueueCmd {
 #[derive(Subcommand, Debug)]
 enum KeysCmd {
     /// Create this relay's key: Ed25519, user ID mail@DOMAIN, no passphrase (file mode 0600).
+    /// An existing key is never overwritten.
     Generate {
         #[arg(long)]
         keyring: PathBuf,
         #[arg(long)]
         domain: String,
+        /// Key rotation: add a new key beside the existing one (secret-FPR.asc). The relay
+        /// signs with the newest key from its next start (unless relay.signing_key names
+        /// another), so give partners the new cert first: `keys export --fingerprint NEW`.
+        #[arg(long)]
+        rotate: bool,
     },
     /// Print this relay's public certificate, ASCII-armored, to give to partners.
     Export {
         #[arg(long)]
         keyring: PathBuf,
+        /// Export this own key instead of the signing one (e.g. a key being rotated in).
+        #[arg(long)]
+        fingerprint: Option<String>,
+    },
+    /// Remove a partner certificate (e.g. a partner's retired key after a rotation).
+    /// Calls signed by it are refused once the daemon restarts.
+    Remove {
+        #[arg(long)]
+        keyring: PathBuf,
+        /// Fingerprint of the partner certificate.
+        fingerprint: String,
     },
     /// Import a partner's certificate, or this relay's own secret key (from
     /// `gpg --armor --export-secret-keys` or `sq key generate`).
@@ -302,7 +319,27 @@ fn trust(cfg: &Config, cmd: TrustCmd) -> Result<ExitCode> {
 
 fn keys(cmd: KeysCmd) -> Result<ExitCode> {
     match cmd {
-        KeysCmd::Generate { keyring, domain } => {
+        KeysCmd::Generate {
+            keyring,
+            domain,
+            rotate: true,
+        } => {
+            let info = Keyring::generate_additional(&keyring, &domain)?;
+            println!(
+                "Generated {} for {} in {} beside the existing key(s).\n\
+                 1. Announce it: give partners the output of: sipmail keys export --keyring {} --fingerprint {}\n\
+                 2. Once they have imported it, restart the relay: it signs with the newest key.\n\
+                 3. Then partners retire the old key: sipmail keys remove --keyring THEIRS OLD-FINGERPRINT (or import its revocation).",
+                format_fingerprint(&info.fingerprint),
+                info.user_ids.join(", "),
+                keyring.display(),
+                keyring.display(),
+                info.fingerprint
+            );
+        }
+        KeysCmd::Generate {
+            keyring, domain, ..
+        } => {
             let info = Keyring::generate(&keyring, &domain)?;
             println!(
                 "Generated {} for {} in {}\nGive your partners the output of: sipmail keys export --keyring {}",
@@ -312,8 +349,35 @@ fn keys(cmd: KeysCmd) -> Result<ExitCode> {
                 keyring.display()
             );
         }
-        KeysCmd::Export { keyring } => {
-            print!("{}", Keyring::open(&keyring)?.export_public()?);
+        KeysCmd::Export {
+            keyring,
+            fingerprint,
+        } => {
+            let kr = Keyring::open(&keyring)?;
+            match fingerprint {
+                Some(f) => print!("{}", kr.export_public_of(&f)?),
+                None => print!("{}", kr.export_public()?),
+            }
+        }
+        KeysCmd::Remove {
+            keyring,
+            fingerprint,
+        } => {
+            let fpr: String = fingerprint
+                .trim()
+                .trim_start_matches("0x")
+                .chars()
+                .filter(|c| c.is_ascii_hexdigit())
+                .collect::<String>()
+                .to_uppercase();
+            let path = keyring.join("certs").join(format!("{fpr}.asc"));
+            std::fs::remove_file(&path).with_context(|| {
+                format!(
+                    "{}: no partner certificate {fpr} (see sipmail keys list)",
+                    path.display()
+                )
+            })?;
+            println!("Removed partner certificate {}", format_fingerprint(&fpr));
         }
         KeysCmd::Import { keyring, file } => {
             let data = if file.as_os_str() == "-" {

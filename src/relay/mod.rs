@@ -350,8 +350,12 @@ pub fn check_keyring(cfg: &Config) -> Result<Keyring, RelayError> {
             )
             .into());
     }
-    let kr =
+    let mut kr =
         Keyring::open(&cfg.keyring).map_err(|e| cfg.invalid("relay.keyring", e.to_string()))?;
+    if let Some(fpr) = &cfg.signing_key {
+        kr.select_signing_key(fpr)
+            .map_err(|e| cfg.invalid("relay.signing_key", e.to_string()))?;
+    }
     kr.own_domain_ok(&cfg.domain)
         .map_err(|e| cfg.invalid("relay.keyring", e.to_string()))?;
     for (i, p) in cfg.peers.iter().enumerate() {
