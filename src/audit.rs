@@ -126,6 +126,8 @@ pub struct ParsedTranscript {
     pub callee_public: [u8; 32],
     pub callee_fingerprint: Vec<u8>,
     pub caller_public: [u8; 32],
+    /// The trust policy's id (1 signed, 2 psk, 3 opportunistic).
+    pub auth_mode: u8,
     /// Length of T1, the prefix the callee signed (everything before the caller's key).
     pub t1_len: usize,
 }
@@ -133,10 +135,16 @@ pub struct ParsedTranscript {
 impl ParsedTranscript {
     pub fn parse(t2: &[u8]) -> Result<ParsedTranscript, AuditError> {
         let bad = |m: String| AuditError::Transcript(m);
-        let mut fields: Vec<&[u8]> = Vec::with_capacity(14);
+        // The transcript's fields in their order (docs/PROTOCOL.md): T1 is everything
+        // before the caller's public key (0x0e), which comes last.
+        const ORDER: [u8; 17] = [
+            0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 0x09, 0x0a, 0x0b, 0x0c, 0x0d, 0x0f,
+            0x10, 0x11, 0x0e,
+        ];
+        let mut fields: Vec<&[u8]> = Vec::with_capacity(ORDER.len());
         let mut off = 0usize;
         let mut t1_len = 0usize;
-        for tag in 1u8..=14 {
+        for tag in ORDER {
             let head = t2
                 .get(off..off + 3)
                 .ok_or_else(|| bad(format!("it ends before field {tag:#04x}")))?;
@@ -150,7 +158,7 @@ impl ParsedTranscript {
             let value = t2
                 .get(off + 3..off + 3 + len)
                 .ok_or_else(|| bad(format!("field {tag:#04x} is cut short")))?;
-            if tag == 14 {
+            if tag == 0x0e {
                 t1_len = off;
             }
             fields.push(value);
@@ -163,7 +171,10 @@ impl ParsedTranscript {
             )));
         }
         if fields[0] != PROTOCOL_LABEL {
-            return Err(bad("the protocol label is not sipmail/1".into()));
+            return Err(bad(format!(
+                "the protocol label is not {}",
+                String::from_utf8_lossy(PROTOCOL_LABEL)
+            )));
         }
         let text = |i: usize, what: &str| {
             String::from_utf8(fields[i].to_vec())
@@ -191,7 +202,11 @@ impl ParsedTranscript {
             chosen_suite: chosen,
             callee_public: fixed(11, "callee public key")?,
             callee_fingerprint: fields[12].to_vec(),
-            caller_public: fixed(13, "caller public key")?,
+            auth_mode: match fields[13] {
+                [m] => *m,
+                _ => return Err(bad("the trust policy is not one byte".into())),
+            },
+            caller_public: fixed(16, "caller public key")?,
             t1_len,
         })
     }
@@ -720,12 +735,17 @@ mod tests {
             fingerprint: vec![0xaa; 20],
             nonce: [7; 32],
             commitment: commitment(&public),
+            auth: crate::handshake::AuthMode::Signed,
+            rs_ids: vec![],
+            key_packet: vec![],
         };
         let answer = Answer {
             suite: Suite::Aes256Gcm,
             fingerprint: vec![0xbb; 20],
             public: [2; 32],
             signature: vec![],
+            rs_ids: vec![],
+            key_packet: vec![],
         };
         Transcript::t1(&ctx, &offer, &answer)
             .unwrap()
@@ -756,7 +776,13 @@ mod tests {
     #[test]
     fn structure_checks_without_a_keyring() {
         let t2 = transcript();
-        let keys = crate::handshake::derive_keys(&[5; 32], &t2, Suite::Aes256Gcm);
+        let keys = crate::handshake::derive_keys(
+            &[5; 32],
+            None,
+            crate::handshake::Continuity::NoneHeld { peer_has: false },
+            &t2,
+            Suite::Aes256Gcm,
+        );
         let sig = [0xc2u8, 0x01, 0x00]; // not a real signature; only armored here
         let rec = CallRecord::new(
             "c0ffee@site-a.test",

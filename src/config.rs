@@ -49,6 +49,7 @@ struct RawRelay {
     keyring: PathBuf,
     spool: PathBuf,
     hostname: Option<String>,
+    signing_key: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -89,6 +90,9 @@ struct RawSip {
 struct RawPeer {
     domain: String,
     sip: String,
+    trust: Option<String>,
+    psk_file: Option<PathBuf>,
+    continuity: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -248,10 +252,95 @@ impl fmt::Display for SipTarget {
     }
 }
 
+/// A pre-shared key read from `psk_file`. Zeroized on drop; Debug never shows it.
+#[derive(Clone)]
+pub struct Psk(zeroize::Zeroizing<Vec<u8>>);
+
+impl Psk {
+    /// Shortest key accepted, in bytes (after trailing white space is removed).
+    pub const MIN_LEN: usize = 32;
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// Reads a key file: it must be a regular file that only its owner can read, holding at
+    /// least 32 bytes (e.g. `head -c 32 /dev/urandom | base64`). Trailing white space (the
+    /// newline an editor adds) is not part of the key.
+    pub fn load(path: &Path) -> Result<Psk, String> {
+        use std::os::unix::fs::PermissionsExt;
+        let md = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        if !md.is_file() {
+            return Err(format!("{} is not a regular file", path.display()));
+        }
+        let mode = md.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(format!(
+                "{} is readable by group or others (mode {mode:03o}): chmod 600 it",
+                path.display()
+            ));
+        }
+        let mut data = zeroize::Zeroizing::new(
+            std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?,
+        );
+        while data.last().is_some_and(|b| b.is_ascii_whitespace()) {
+            data.pop();
+        }
+        if data.len() < Self::MIN_LEN {
+            return Err(format!(
+                "{} holds {} bytes; a pre-shared key needs at least {} (e.g. head -c 32 /dev/urandom | base64 > FILE)",
+                path.display(),
+                data.len(),
+                Self::MIN_LEN
+            ));
+        }
+        Ok(Psk(data))
+    }
+}
+
+impl fmt::Debug for Psk {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Psk(<redacted>)")
+    }
+}
+
+/// How calls with one peer are authenticated (`trust = ...` on a `[[peer]]`).
+#[derive(Clone, Debug)]
+pub enum Trust {
+    /// OpenPGP signatures by the peer's cert in our keyring (the default).
+    Signed,
+    /// HMAC over the transcript with a pre-shared key (`psk_file`).
+    Psk(Psk),
+    /// Signatures by a key the peer presents, pinned on first use.
+    Opportunistic,
+}
+
+impl Trust {
+    pub fn mode(&self) -> crate::handshake::AuthMode {
+        use crate::handshake::AuthMode;
+        match self {
+            Trust::Signed => AuthMode::Signed,
+            Trust::Psk(_) => AuthMode::Psk,
+            Trust::Opportunistic => AuthMode::Opportunistic,
+        }
+    }
+}
+
+/// What a retained-secret mismatch does (`continuity = ...` on a `[[peer]]`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ContinuityPolicy {
+    /// Log a warning and go on without the old secret (the default).
+    #[default]
+    Warn,
+    /// Refuse the call; the mail stays queued until an operator runs `sipmail trust reset`.
+    Require,
+}
+
 #[derive(Clone, Debug)]
 pub struct Peer {
     pub domain: String,
     pub sip: SipTarget,
+    pub trust: Trust,
+    pub continuity: ContinuityPolicy,
 }
 
 #[derive(Clone, Debug)]
@@ -329,6 +418,8 @@ pub struct Config {
     pub domain: String,
     pub hostname: String,
     pub keyring: PathBuf,
+    /// The own key to sign with (fingerprint); default: the newest own key.
+    pub signing_key: Option<String>,
     pub spool: PathBuf,
     pub smtp_listen: SocketAddr,
     pub smtp_allow: Vec<Cidr>,
@@ -538,7 +629,48 @@ impl Config {
                 ));
             }
             let sip = SipTarget::parse(&p.sip).map_err(|m| bad(&format!("{key}.sip"), m))?;
-            peers.push(Peer { domain: d, sip });
+            let trust = match (p.trust.as_deref().unwrap_or("signed"), &p.psk_file) {
+                ("signed", None) => Trust::Signed,
+                ("opportunistic", None) => Trust::Opportunistic,
+                ("psk", Some(f)) => {
+                    Trust::Psk(Psk::load(f).map_err(|m| bad(&format!("{key}.psk_file"), m))?)
+                }
+                ("psk", None) => {
+                    return Err(bad(
+                        &format!("{key}.psk_file"),
+                        "trust = \"psk\" needs psk_file = \"FILE\" (at least 32 bytes, mode 0600)"
+                            .into(),
+                    ));
+                }
+                ("signed" | "opportunistic", Some(_)) => {
+                    return Err(bad(
+                        &format!("{key}.psk_file"),
+                        "psk_file is only used with trust = \"psk\"".into(),
+                    ));
+                }
+                (other, _) => {
+                    return Err(bad(
+                        &format!("{key}.trust"),
+                        format!("\"{other}\" is not one of signed, psk, opportunistic"),
+                    ));
+                }
+            };
+            let continuity = match p.continuity.as_deref() {
+                None | Some("warn") => ContinuityPolicy::Warn,
+                Some("require") => ContinuityPolicy::Require,
+                Some(other) => {
+                    return Err(bad(
+                        &format!("{key}.continuity"),
+                        format!("\"{other}\" is not one of warn, require"),
+                    ));
+                }
+            };
+            peers.push(Peer {
+                domain: d,
+                sip,
+                trust,
+                continuity,
+            });
         }
         let delivery = match (&raw.delivery.maildir, &raw.delivery.smtp) {
             (Some(_), Some(_)) => {
@@ -636,6 +768,7 @@ impl Config {
             hostname: raw.relay.hostname.unwrap_or_else(|| domain.clone()),
             domain,
             keyring: raw.relay.keyring,
+            signing_key: raw.relay.signing_key,
             spool: raw.relay.spool,
             smtp_listen,
             smtp_allow,
@@ -769,6 +902,71 @@ maildir = "var/site-a/maildir"
             );
             let e = Config::parse("a.toml", &text).unwrap_err().to_string();
             assert!(e.contains(key), "{line}: {e}");
+        }
+    }
+
+    #[test]
+    fn trust_policies_parse_and_psk_files_are_checked() {
+        use std::os::unix::fs::PermissionsExt;
+        let c = Config::parse("a.toml", GOOD).unwrap();
+        assert!(matches!(c.peers[0].trust, Trust::Signed));
+        assert_eq!(c.peers[0].continuity, ContinuityPolicy::Warn);
+        let with = |extra: &str| {
+            GOOD.replace(
+                "sip = \"sip:mail@127.0.0.1:5062\"\n",
+                &format!("sip = \"sip:mail@127.0.0.1:5062\"\n{extra}\n"),
+            )
+        };
+        let c = Config::parse(
+            "a.toml",
+            &with("trust = \"opportunistic\"\ncontinuity = \"require\""),
+        )
+        .unwrap();
+        assert!(matches!(c.peers[0].trust, Trust::Opportunistic));
+        assert_eq!(c.peers[0].continuity, ContinuityPolicy::Require);
+
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("psk");
+        std::fs::write(&f, "0123456789abcdef0123456789abcdef-long-enough\n").unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let psk_line = format!("trust = \"psk\"\npsk_file = \"{}\"", f.display());
+        let c = Config::parse("a.toml", &with(&psk_line)).unwrap();
+        match &c.peers[0].trust {
+            Trust::Psk(k) => {
+                assert_eq!(
+                    k.as_bytes(),
+                    b"0123456789abcdef0123456789abcdef-long-enough"
+                );
+                assert!(!format!("{c:?}").contains("0123456789abcdef"));
+            }
+            other => panic!("{other:?}"),
+        }
+        // Readable by others: refused, naming the key.
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = Config::parse("a.toml", &with(&psk_line))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("peer[0].psk_file") && e.contains("chmod 600"),
+            "{e}"
+        );
+        // Too short.
+        std::fs::write(&f, "short\n").unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let e = Config::parse("a.toml", &with(&psk_line))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("at least 32"), "{e}");
+        for (extra, key) in [
+            ("trust = \"psk\"", "peer[0].psk_file"),
+            ("trust = \"none\"", "peer[0].trust"),
+            ("psk_file = \"/x\"", "peer[0].psk_file"),
+            ("continuity = \"maybe\"", "peer[0].continuity"),
+        ] {
+            let e = Config::parse("a.toml", &with(extra))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{extra}: {e}");
         }
     }
 

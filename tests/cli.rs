@@ -284,3 +284,64 @@ fn help_lists_every_command() {
         assert!(t.contains(c), "{c} missing from keys --help: {t}");
     }
 }
+
+/// `sipmail trust list | accept | reset` on a spool's state, as an operator runs them.
+#[test]
+fn trust_list_accept_reset() {
+    use sipmail::relay::trust::TrustStore;
+    let d = tempfile::tempdir().unwrap();
+    let cfg = r#"[relay]
+domain = "site-a.test"
+keyring = "kr"
+spool = "spool"
+[smtp]
+listen = "127.0.0.1:0"
+[sip]
+listen = "127.0.0.1:0"
+media = "127.0.0.1"
+[[peer]]
+domain = "site-b.test"
+sip = "sip:mail@127.0.0.1:5062"
+trust = "opportunistic"
+"#;
+    std::fs::write(d.path().join("a.toml"), cfg).unwrap();
+    let store = TrustStore::new(&d.path().join("spool"));
+    store.pin_first_use("site-b.test", "AAAA1111").unwrap();
+    store.set_pending("site-b.test", "BBBB2222").unwrap();
+    let o = sipmail(&["trust", "list", "--config", "a.toml"], d.path());
+    assert!(o.status.success(), "{}", text(&o));
+    let t = text(&o);
+    assert!(
+        t.contains("trust=opportunistic") && t.contains("AAAA 1111"),
+        "{t}"
+    );
+    assert!(t.contains("PENDING") && t.contains("BBBB 2222"), "{t}");
+    let o = sipmail(
+        &["trust", "accept", "site-x.test", "-c", "a.toml"],
+        d.path(),
+    );
+    assert!(!o.status.success());
+    assert!(text(&o).contains("not a [[peer]]"), "{}", text(&o));
+    let o = sipmail(
+        &["trust", "accept", "site-b.test", "-c", "a.toml"],
+        d.path(),
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("now pinned BBBB 2222"), "{}", text(&o));
+    let o = sipmail(
+        &["trust", "accept", "site-b.test", "-c", "a.toml"],
+        d.path(),
+    );
+    assert!(!o.status.success(), "nothing is pending any more");
+    let o = sipmail(&["trust", "reset", "site-b.test", "-c", "a.toml"], d.path());
+    assert!(
+        o.status.success() && text(&o).contains("forgotten"),
+        "{}",
+        text(&o)
+    );
+    assert!(store.list().unwrap().is_empty());
+    let o = sipmail(&["trust", "--help"], d.path());
+    for sub in ["list", "accept", "reset"] {
+        assert!(text(&o).contains(sub), "{}", text(&o));
+    }
+}

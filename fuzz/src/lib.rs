@@ -244,6 +244,18 @@ pub fn handshake_target(data: &[u8]) {
                 fingerprint: inp.chunk().to_vec(),
                 nonce: inp.array(),
                 commitment: inp.array(),
+                auth: sipmail::handshake::AuthMode::ALL[inp.byte() as usize % 3],
+                rs_ids: inp
+                    .chunk()
+                    .chunks_exact(8)
+                    .take(5)
+                    .map(|c| {
+                        let mut id = [0u8; 8];
+                        id.copy_from_slice(c);
+                        id
+                    })
+                    .collect(),
+                key_packet: inp.chunk().to_vec(),
             };
             let confirm = Confirm {
                 public: inp.array(),
@@ -276,6 +288,17 @@ pub fn handshake_target(data: &[u8]) {
                 fingerprint: inp.chunk().to_vec(),
                 public: inp.array(),
                 signature: inp.chunk().to_vec(),
+                rs_ids: inp
+                    .chunk()
+                    .chunks_exact(8)
+                    .take(5)
+                    .map(|c| {
+                        let mut id = [0u8; 8];
+                        id.copy_from_slice(c);
+                        id
+                    })
+                    .collect(),
+                key_packet: inp.chunk().to_vec(),
             };
             let _ = caller.on_answer(&ctx, &answer, &FakeVerifier(accept), &FakeSigner);
         }
@@ -321,6 +344,8 @@ pub fn seeds_sip() -> Vec<Vec<u8>> {
         fingerprint: vec![0xBB; 20],
         public: [3; 32],
         signature: vec![9; 64],
+        rs_ids: vec![[6; 8]],
+        key_packet: Vec::new(),
     };
     let answer = sdp::encode_answer(&answer, 8, "127.0.0.1:4000".parse().expect("addr"));
     let confirm = sdp::encode_confirm(&Confirm {
@@ -408,6 +433,8 @@ pub fn seeds_handshake() -> Vec<Vec<u8>> {
             fingerprint: vec![0xBB; 20],
             public: [3; 32],
             signature: vec![9; 64],
+            rs_ids: Vec::new(),
+            key_packet: Vec::new(),
         },
         8,
         "127.0.0.1:4000".parse().expect("addr"),

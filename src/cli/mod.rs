@@ -98,6 +98,37 @@ enum Cmd {
         #[command(subcommand)]
         cmd: KeysCmd,
     },
+    /// Per-peer trust state kept in <spool>/state: keys pinned on first use (peers with
+    /// trust = "opportunistic") and the retained secrets of key continuity. The daemon reads
+    /// it at each call, so changes take effect on the next call without a restart.
+    Trust {
+        /// The daemon's configuration file (for the spool location).
+        #[arg(long, short, global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        cmd: TrustCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TrustCmd {
+    /// Each peer's trust policy, pinned key, key waiting for acceptance, and how many
+    /// retained secrets are held.
+    List,
+    /// Accept the changed key an opportunistic peer presented (and was refused for): it
+    /// becomes the pin. Check its fingerprint with the partner first (`sipmail keys
+    /// fingerprint` on their side), or compare the SAS of the next call by phone.
+    Accept {
+        /// The peer's domain, e.g. site-b.test.
+        domain: String,
+    },
+    /// Forget everything about a peer: its pin, a pending key, its retained secrets. The
+    /// next call is a first call again (use after a partner lost its cache, when
+    /// continuity = "require" refuses it, once you know why).
+    Reset {
+        /// The peer's domain, e.g. site-b.test.
+        domain: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -115,16 +146,33 @@ enum QueueCmd {
 #[derive(Subcommand, Debug)]
 enum KeysCmd {
     /// Create this relay's key: Ed25519, user ID mail@DOMAIN, no passphrase (file mode 0600).
+    /// An existing key is never overwritten.
     Generate {
         #[arg(long)]
         keyring: PathBuf,
         #[arg(long)]
         domain: String,
+        /// Key rotation: add a new key beside the existing one (secret-FPR.asc). The relay
+        /// signs with the newest key from its next start (unless relay.signing_key names
+        /// another), so give partners the new cert first: `keys export --fingerprint NEW`.
+        #[arg(long)]
+        rotate: bool,
     },
     /// Print this relay's public certificate, ASCII-armored, to give to partners.
     Export {
         #[arg(long)]
         keyring: PathBuf,
+        /// Export this own key instead of the signing one (e.g. a key being rotated in).
+        #[arg(long)]
+        fingerprint: Option<String>,
+    },
+    /// Remove a partner certificate (e.g. a partner's retired key after a rotation).
+    /// Calls signed by it are refused once the daemon restarts.
+    Remove {
+        #[arg(long)]
+        keyring: PathBuf,
+        /// Fingerprint of the partner certificate.
+        fingerprint: String,
     },
     /// Import a partner's certificate, or this relay's own secret key (from
     /// `gpg --armor --export-secret-keys` or `sq key generate`).
@@ -220,6 +268,12 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
             compare,
             export,
         } => audit::verify_call(&record, keyring, config, compare, export),
+        Cmd::Trust { config, cmd } => {
+            let config =
+                config.context("sipmail trust needs --config FILE (the daemon's configuration)")?;
+            let cfg = Config::load(&config)?;
+            trust(&cfg, cmd)
+        }
         Cmd::Queue { config, json, cmd } => {
             let config =
                 config.context("sipmail queue needs --config FILE (the daemon's configuration)")?;
@@ -244,9 +298,86 @@ async fn wait_for_signal() {
     }
 }
 
+fn trust(cfg: &Config, cmd: TrustCmd) -> Result<ExitCode> {
+    use sipmail::relay::trust::TrustStore;
+    let store = TrustStore::new(&cfg.spool);
+    let known = |domain: &str| -> Result<String> {
+        let d = domain.trim().to_ascii_lowercase();
+        if cfg.peer(&d).is_none() {
+            anyhow::bail!("{d} is not a [[peer]] in {}", cfg.file);
+        }
+        Ok(d)
+    };
+    match cmd {
+        TrustCmd::List => {
+            let states = store.list()?;
+            for p in &cfg.peers {
+                let st = states.iter().find(|s| s.domain == p.domain);
+                println!(
+                    "{}  trust={} continuity={:?}  retained={}  pinned={}{}",
+                    p.domain,
+                    p.trust.mode(),
+                    p.continuity,
+                    st.map_or(0, |s| s.retained),
+                    st.and_then(|s| s.pinned.as_deref())
+                        .map(format_fingerprint)
+                        .unwrap_or_else(|| "-".into()),
+                    st.and_then(|s| s.pending.as_deref())
+                        .map(|f| format!(
+                            "  PENDING (refused, run `sipmail trust accept {}`): {}",
+                            p.domain,
+                            format_fingerprint(f)
+                        ))
+                        .unwrap_or_default(),
+                );
+            }
+        }
+        TrustCmd::Accept { domain } => {
+            let d = known(&domain)?;
+            let (old, new) = store.accept_pending(&d)?;
+            println!(
+                "{d}: now pinned {} (was {}); its retained secrets were forgotten",
+                format_fingerprint(&new),
+                old.as_deref()
+                    .map(format_fingerprint)
+                    .unwrap_or_else(|| "nothing".into())
+            );
+        }
+        TrustCmd::Reset { domain } => {
+            let d = known(&domain)?;
+            if store.reset(&d)? {
+                println!("{d}: pin and retained secrets forgotten; the next call is a first call");
+            } else {
+                println!("{d}: no trust state to forget");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn keys(cmd: KeysCmd) -> Result<ExitCode> {
     match cmd {
-        KeysCmd::Generate { keyring, domain } => {
+        KeysCmd::Generate {
+            keyring,
+            domain,
+            rotate: true,
+        } => {
+            let info = Keyring::generate_additional(&keyring, &domain)?;
+            println!(
+                "Generated {} for {} in {} beside the existing key(s).\n\
+                 1. Announce it: give partners the output of: sipmail keys export --keyring {} --fingerprint {}\n\
+                 2. Once they have imported it, restart the relay: it signs with the newest key.\n\
+                 3. Then partners retire the old key: sipmail keys remove --keyring THEIRS OLD-FINGERPRINT (or import its revocation).",
+                format_fingerprint(&info.fingerprint),
+                info.user_ids.join(", "),
+                keyring.display(),
+                keyring.display(),
+                info.fingerprint
+            );
+        }
+        KeysCmd::Generate {
+            keyring, domain, ..
+        } => {
             let info = Keyring::generate(&keyring, &domain)?;
             println!(
                 "Generated {} for {} in {}\nGive your partners the output of: sipmail keys export --keyring {}",
@@ -256,8 +387,35 @@ fn keys(cmd: KeysCmd) -> Result<ExitCode> {
                 keyring.display()
             );
         }
-        KeysCmd::Export { keyring } => {
-            print!("{}", Keyring::open(&keyring)?.export_public()?);
+        KeysCmd::Export {
+            keyring,
+            fingerprint,
+        } => {
+            let kr = Keyring::open(&keyring)?;
+            match fingerprint {
+                Some(f) => print!("{}", kr.export_public_of(&f)?),
+                None => print!("{}", kr.export_public()?),
+            }
+        }
+        KeysCmd::Remove {
+            keyring,
+            fingerprint,
+        } => {
+            let fpr: String = fingerprint
+                .trim()
+                .trim_start_matches("0x")
+                .chars()
+                .filter(|c| c.is_ascii_hexdigit())
+                .collect::<String>()
+                .to_uppercase();
+            let path = keyring.join("certs").join(format!("{fpr}.asc"));
+            std::fs::remove_file(&path).with_context(|| {
+                format!(
+                    "{}: no partner certificate {fpr} (see sipmail keys list)",
+                    path.display()
+                )
+            })?;
+            println!("Removed partner certificate {}", format_fingerprint(&fpr));
         }
         KeysCmd::Import { keyring, file } => {
             let data = if file.as_os_str() == "-" {

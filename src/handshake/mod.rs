@@ -6,8 +6,13 @@
 //! Offer   { suites, fpr_A, nonce, C = H(eA) }  ->
 //!                                          <- Answer { suite, eB, fpr_B, Sig_B(T1) }
 //! Confirm { eA, Sig_A(T2) }                ->
-//! ss = X25519(eA, eB); PRK = HKDF-Extract(salt = SHA-256(T2), ss)
+//! ss = X25519(eA, eB); PRK = HKDF-Extract(salt = SHA-256(T2), ss || rs)
 //! ```
+//! The offer names how both sides authenticate (OpenPGP signatures, a PSK HMAC, or
+//! opportunistic signatures by a key pinned on first use), and both halves carry short IDs
+//! of the retained secrets (`rs`, ZRTP style) left by earlier calls. The handshake takes the
+//! PSK and the retained secrets as inputs and returns the next retained secret; storing it
+//! is the relay's job.
 //! The exact encodings are in docs/PROTOCOL.md, and the tests check its vectors.
 
 mod transcript;
@@ -21,12 +26,170 @@ use x25519_dalek::{PublicKey, StaticSecret};
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 /// Protocol label and version. Changing the wire format means a new label.
-pub const PROTOCOL_LABEL: &[u8] = b"sipmail/1";
+/// (The fixed KDF and context labels below keep their `sipmail/1` names: they are names,
+/// and the version is bound by this label, which every signature, MAC and key covers.)
+pub const PROTOCOL_LABEL: &[u8] = b"sipmail/2";
 /// Prefix of the data the callee signs (answer) and the caller signs (confirm). Distinct
 /// prefixes mean no signature made in one role can be replayed in the other.
 pub const ANSWER_SIG_CONTEXT: &[u8] = b"sipmail/1 answer signature\0";
 pub const CONFIRM_SIG_CONTEXT: &[u8] = b"sipmail/1 confirm signature\0";
 const COMMIT_CONTEXT: &[u8] = b"sipmail/1 commitment\0";
+const RS_ID_CALLER: &[u8] = b"sipmail/1 rs caller";
+const RS_ID_CALLEE: &[u8] = b"sipmail/1 rs callee";
+/// Length of a retained-secret ID on the wire.
+pub const RS_ID_LEN: usize = 8;
+/// How many retained secrets each side keeps per peer (newest first) and announces. More
+/// than one, so that calls that overlap or fail half way do not desynchronise the caches.
+pub const MAX_RETAINED: usize = 4;
+
+/// How the two relays authenticate the transcript. It is part of the transcript, and each
+/// callee refuses an offer whose mode differs from the one configured for that peer, so a
+/// man in the middle cannot downgrade a call.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Hash, Default)]
+pub enum AuthMode {
+    /// OpenPGP signatures by certs held in the keyring.
+    #[default]
+    Signed,
+    /// HMAC-SHA256 keyed by a pre-shared key (MIKEY DH-HMAC, RFC 4650).
+    Psk,
+    /// OpenPGP signatures by a key that each side presents and the other pins on first use.
+    Opportunistic,
+}
+
+impl AuthMode {
+    pub const ALL: &'static [AuthMode] =
+        &[AuthMode::Signed, AuthMode::Psk, AuthMode::Opportunistic];
+    pub fn id(self) -> u8 {
+        match self {
+            AuthMode::Signed => 1,
+            AuthMode::Psk => 2,
+            AuthMode::Opportunistic => 3,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            AuthMode::Signed => "signed",
+            AuthMode::Psk => "psk",
+            AuthMode::Opportunistic => "opportunistic",
+        }
+    }
+    pub fn from_name(s: &str) -> Option<AuthMode> {
+        AuthMode::ALL
+            .iter()
+            .copied()
+            .find(|x| x.name().eq_ignore_ascii_case(s))
+    }
+}
+
+impl fmt::Display for AuthMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A secret left by an earlier call with the same peer (ZRTP's rs1/rs2, RFC 6189 §4.6.1).
+#[derive(Clone, PartialEq, Eq, Zeroize, ZeroizeOnDrop)]
+pub struct RetainedSecret([u8; 32]);
+
+impl RetainedSecret {
+    pub fn from_bytes(b: [u8; 32]) -> Self {
+        RetainedSecret(b)
+    }
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+    /// `HMAC-SHA256(rs, "sipmail/1 rs caller" | "sipmail/1 rs callee")`, first 8 bytes: tells
+    /// the peer which secret we hold without revealing it; the role labels keep a caller's
+    /// ID from being reflected as a callee's.
+    pub fn id(&self, caller: bool) -> [u8; RS_ID_LEN] {
+        let label = if caller { RS_ID_CALLER } else { RS_ID_CALLEE };
+        let mut m = <hmac::Hmac<Sha256> as hmac::KeyInit>::new_from_slice(&self.0)
+            .expect("HMAC takes any key length");
+        hmac::Mac::update(&mut m, label);
+        let full = hmac::Mac::finalize(m).into_bytes();
+        let mut id = [0u8; RS_ID_LEN];
+        id.copy_from_slice(&full[..RS_ID_LEN]);
+        id
+    }
+}
+
+impl fmt::Debug for RetainedSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("RetainedSecret(<redacted>)")
+    }
+}
+
+/// What the retained-secret IDs told us about this peer.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Continuity {
+    /// Both sides held the same secret from an earlier call; it is mixed into the keys.
+    Matched,
+    /// We hold no secret for this peer: a first call, or our cache was lost or reset.
+    /// `peer_has` says whether the peer announced one (it remembers a call we do not).
+    NoneHeld { peer_has: bool },
+    /// We hold secrets but the peer announced none: it lost its cache, or a man in the
+    /// middle who never saw our earlier calls is answering for it.
+    PeerHasNone,
+    /// Both announced secrets and none is in common: a man in the middle on this call or on
+    /// an earlier one, or both caches out of date.
+    Mismatch,
+}
+
+impl Continuity {
+    /// A problem the operator should hear about (and `continuity = "require"` refuses).
+    pub fn is_problem(self) -> bool {
+        matches!(self, Continuity::PeerHasNone | Continuity::Mismatch)
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Continuity::Matched => "matched",
+            Continuity::NoneHeld { peer_has: false } => "first-call",
+            Continuity::NoneHeld { peer_has: true } => "lost-local-cache",
+            Continuity::PeerHasNone => "peer-has-none",
+            Continuity::Mismatch => "mismatch",
+        }
+    }
+}
+
+impl fmt::Display for Continuity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Pick the retained secret both sides hold: the first, in the caller's order (newest
+/// first), of the caller's secrets that the callee also holds. `mine` are our secrets and
+/// `theirs` the IDs the peer announced; `we_are_caller` tells which labels apply.
+fn match_retained(
+    mine: &[RetainedSecret],
+    theirs: &[[u8; RS_ID_LEN]],
+    we_are_caller: bool,
+) -> (Option<RetainedSecret>, Continuity) {
+    if mine.is_empty() {
+        return (
+            None,
+            Continuity::NoneHeld {
+                peer_has: !theirs.is_empty(),
+            },
+        );
+    }
+    if theirs.is_empty() {
+        return (None, Continuity::PeerHasNone);
+    }
+    let found = if we_are_caller {
+        // Our own order is the caller's order.
+        mine.iter().find(|s| theirs.contains(&s.id(false))).cloned()
+    } else {
+        theirs
+            .iter()
+            .find_map(|id| mine.iter().find(|s| s.id(true) == *id))
+            .cloned()
+    };
+    match found {
+        Some(s) => (Some(s), Continuity::Matched),
+        None => (None, Continuity::Mismatch),
+    }
+}
 
 /// Cipher suites for the media stream. The numeric id is what the transcript carries.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Hash)]
@@ -87,6 +250,13 @@ pub struct Offer {
     pub fingerprint: Vec<u8>,
     pub nonce: [u8; 32],
     pub commitment: [u8; 32],
+    /// How this call is authenticated.
+    pub auth: AuthMode,
+    /// IDs of the caller's retained secrets for this callee, newest first.
+    pub rs_ids: Vec<[u8; RS_ID_LEN]>,
+    /// Opportunistic mode only: the caller's signing key (an OpenPGP public key packet).
+    /// Not in the transcript: `fingerprint`, which is, is that packet's fingerprint.
+    pub key_packet: Vec<u8>,
 }
 
 /// Carried in the 200 OK's SDP.
@@ -96,6 +266,10 @@ pub struct Answer {
     pub fingerprint: Vec<u8>,
     pub public: [u8; 32],
     pub signature: Vec<u8>,
+    /// IDs of the callee's retained secrets for this caller, newest first.
+    pub rs_ids: Vec<[u8; RS_ID_LEN]>,
+    /// Opportunistic mode only: the callee's signing key packet (see [`Offer::key_packet`]).
+    pub key_packet: Vec<u8>,
 }
 
 /// Carried in the ACK.
@@ -125,6 +299,53 @@ pub enum HandshakeError {
     NonContributory,
     #[error("field {field} is too long for the transcript ({len} bytes)")]
     FieldTooLong { field: &'static str, len: usize },
+    #[error("the offer uses trust policy {offered}, but this peer requires {required}")]
+    AuthMismatch {
+        offered: AuthMode,
+        required: AuthMode,
+    },
+    #[error("more than {MAX_RETAINED} retained-secret IDs")]
+    TooManyRetainedIds,
+}
+
+/// Authenticates the transcript with a pre-shared key: `HMAC-SHA256(psk, context || T)`,
+/// the same data and the same role contexts that the OpenPGP signatures cover (MIKEY
+/// DH-HMAC, RFC 4650). The key is zeroized on drop and never printed.
+#[derive(Clone)]
+pub struct PskAuth(zeroize::Zeroizing<Vec<u8>>);
+
+impl PskAuth {
+    pub fn new(key: &[u8]) -> Self {
+        PskAuth(zeroize::Zeroizing::new(key.to_vec()))
+    }
+    fn mac(&self) -> hmac::Hmac<Sha256> {
+        <hmac::Hmac<Sha256> as hmac::KeyInit>::new_from_slice(&self.0)
+            .expect("HMAC takes any key length")
+    }
+}
+
+impl fmt::Debug for PskAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PskAuth(<redacted>)")
+    }
+}
+
+impl Signer for PskAuth {
+    fn sign(&self, data: &[u8]) -> Result<Vec<u8>, String> {
+        let mut m = self.mac();
+        hmac::Mac::update(&mut m, data);
+        Ok(hmac::Mac::finalize(m).into_bytes().to_vec())
+    }
+}
+
+impl Verifier for PskAuth {
+    fn verify(&self, _fingerprint: &[u8], data: &[u8], mac: &[u8]) -> Result<(), String> {
+        let mut m = self.mac();
+        hmac::Mac::update(&mut m, data);
+        // Constant-time comparison.
+        hmac::Mac::verify_slice(m, mac)
+            .map_err(|_| "the PSK MAC does not verify (a different pre-shared key?)".to_string())
+    }
 }
 
 /// Signs transcript data with our identity (OpenPGP key, or a PSK HMAC).
@@ -166,6 +387,10 @@ pub struct SessionKeys {
     pub sas: String,
     /// SHA-256 of the full transcript T2; identifies the call in logs and audits.
     pub transcript_hash: [u8; 32],
+    /// The secret this call leaves for the next one with the same peer.
+    pub retained: RetainedSecret,
+    /// Whether an earlier call's secret was mixed in, or what went wrong.
+    pub continuity: Continuity,
 }
 
 impl fmt::Debug for SessionKeys {
@@ -175,6 +400,7 @@ impl fmt::Debug for SessionKeys {
             .field("keys", &"<redacted>")
             .field("sas", &self.sas)
             .field("transcript_hash", &hex::encode(self.transcript_hash))
+            .field("continuity", &self.continuity)
             .finish()
     }
 }
@@ -189,10 +415,22 @@ fn render_sas(bytes: [u8; 4]) -> String {
         .collect()
 }
 
-/// The key schedule (docs/PROTOCOL.md, "Key schedule").
-pub fn derive_keys(shared: &[u8; 32], t2: &Transcript, suite: Suite) -> SessionKeys {
+/// The key schedule (docs/PROTOCOL.md, "Key schedule"): `IKM = ss || rs`, with `rs` the
+/// retained secret both sides hold (absent on a first call or a mismatch).
+pub fn derive_keys(
+    shared: &[u8; 32],
+    retained: Option<&RetainedSecret>,
+    continuity: Continuity,
+    t2: &Transcript,
+    suite: Suite,
+) -> SessionKeys {
     let th2: [u8; 32] = Sha256::digest(t2.as_bytes()).into();
-    let hk = Hkdf::<Sha256>::new(Some(&th2), shared);
+    let mut ikm = zeroize::Zeroizing::new(Vec::with_capacity(64));
+    ikm.extend_from_slice(shared);
+    if let Some(rs) = retained {
+        ikm.extend_from_slice(rs.as_bytes());
+    }
+    let hk = Hkdf::<Sha256>::new(Some(&th2), &ikm);
     let expand = |label: &[u8], out: &mut [u8]| {
         // Output lengths are fixed and far below 255*32, so expand cannot fail.
         let _ = hk.expand(label, out);
@@ -208,12 +446,18 @@ pub fn derive_keys(shared: &[u8; 32], t2: &Transcript, suite: Suite) -> SessionK
     expand(b"sipmail/1 iv callee->caller", &mut b2a.iv);
     let mut sas = [0u8; 4];
     expand(b"sipmail/1 sas", &mut sas);
+    let mut rs = [0u8; 32];
+    expand(b"sipmail/1 retained secret", &mut rs);
+    let retained = RetainedSecret(rs);
+    rs.zeroize();
     SessionKeys {
         suite,
         caller_to_callee: a2b,
         callee_to_caller: b2a,
         sas: render_sas(sas),
         transcript_hash: th2,
+        retained,
+        continuity,
     }
 }
 
@@ -237,6 +481,7 @@ pub struct CallerAwaitAnswer {
     secret: StaticSecret,
     public: [u8; 32],
     offer: Offer,
+    retained: Vec<RetainedSecret>,
 }
 
 impl fmt::Debug for CallerAwaitAnswer {
@@ -272,12 +517,33 @@ impl CallerAwaitAnswer {
             fingerprint,
             nonce,
             commitment: commitment(&public),
+            auth: AuthMode::Signed,
+            rs_ids: Vec::new(),
+            key_packet: Vec::new(),
         };
         CallerAwaitAnswer {
             secret,
             public,
             offer,
+            retained: Vec::new(),
         }
+    }
+
+    /// Use trust policy `auth` (default: signed). `key_packet` is our signing key for
+    /// opportunistic mode (empty otherwise).
+    pub fn with_auth(mut self, auth: AuthMode, key_packet: Vec<u8>) -> Self {
+        self.offer.auth = auth;
+        self.offer.key_packet = key_packet;
+        self
+    }
+
+    /// The retained secrets we hold for this callee, newest first (at most
+    /// [`MAX_RETAINED`] are used).
+    pub fn with_retained(mut self, mut retained: Vec<RetainedSecret>) -> Self {
+        retained.truncate(MAX_RETAINED);
+        self.offer.rs_ids = retained.iter().map(|s| s.id(true)).collect();
+        self.retained = retained;
+        self
     }
 
     pub fn offer(&self) -> &Offer {
@@ -296,6 +562,9 @@ impl CallerAwaitAnswer {
         if !self.offer.suites.contains(&answer.suite) {
             return Err(HandshakeError::SuiteNotOffered(answer.suite));
         }
+        if answer.rs_ids.len() > MAX_RETAINED {
+            return Err(HandshakeError::TooManyRetainedIds);
+        }
         let t1 = Transcript::t1(ctx, &self.offer, answer)?;
         let answer_signed = signed_data(ANSWER_SIG_CONTEXT, &t1);
         verifier
@@ -306,7 +575,8 @@ impl CallerAwaitAnswer {
         let signature = signer
             .sign(&signed_data(CONFIRM_SIG_CONTEXT, &t2))
             .map_err(HandshakeError::SignFailed)?;
-        let keys = derive_keys(&shared, &t2, answer.suite);
+        let (rs, continuity) = match_retained(&self.retained, &answer.rs_ids, true);
+        let keys = derive_keys(&shared, rs.as_ref(), continuity, &t2, answer.suite);
         Ok(CallerDone {
             confirm: Confirm {
                 public: self.public,
@@ -325,12 +595,26 @@ pub struct CalleeAwaitConfirm {
     t1: Transcript,
     offer: Offer,
     suite: Suite,
+    rs: Option<RetainedSecret>,
+    continuity: Continuity,
+}
+
+/// What the callee brings to a call with one peer, besides its identity.
+#[derive(Debug, Default)]
+pub struct CalleePolicy {
+    /// The trust policy configured for this peer; an offer with another is refused.
+    pub auth: AuthMode,
+    /// Our retained secrets for this peer, newest first.
+    pub retained: Vec<RetainedSecret>,
+    /// Our signing key packet, for opportunistic mode.
+    pub key_packet: Vec<u8>,
 }
 
 impl fmt::Debug for CalleeAwaitConfirm {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CalleeAwaitConfirm")
             .field("suite", &self.suite)
+            .field("continuity", &self.continuity)
             .finish_non_exhaustive()
     }
 }
@@ -355,6 +639,38 @@ impl CalleeAwaitConfirm {
         fingerprint: Vec<u8>,
         signer: &dyn Signer,
     ) -> Result<(CalleeAwaitConfirm, Answer), HandshakeError> {
+        Self::respond_with(
+            ctx,
+            offer,
+            secret,
+            supported,
+            fingerprint,
+            signer,
+            &CalleePolicy::default(),
+        )
+    }
+
+    /// As [`respond`](Self::respond), under `policy`: the offer's trust policy must be the
+    /// one configured for this peer, and our retained secrets are matched against the
+    /// caller's IDs (see [`CalleeAwaitConfirm::continuity`]).
+    pub fn respond_with(
+        ctx: &CallContext,
+        offer: &Offer,
+        secret: [u8; 32],
+        supported: &[Suite],
+        fingerprint: Vec<u8>,
+        signer: &dyn Signer,
+        policy: &CalleePolicy,
+    ) -> Result<(CalleeAwaitConfirm, Answer), HandshakeError> {
+        if offer.auth != policy.auth {
+            return Err(HandshakeError::AuthMismatch {
+                offered: offer.auth,
+                required: policy.auth,
+            });
+        }
+        if offer.rs_ids.len() > MAX_RETAINED {
+            return Err(HandshakeError::TooManyRetainedIds);
+        }
         if offer.suites.is_empty() {
             return Err(HandshakeError::EmptySuiteList);
         }
@@ -374,11 +690,15 @@ impl CalleeAwaitConfirm {
             })?;
         let secret = StaticSecret::from(secret);
         let public = *PublicKey::from(&secret).as_bytes();
+        let retained = &policy.retained[..policy.retained.len().min(MAX_RETAINED)];
+        let (rs, continuity) = match_retained(retained, &offer.rs_ids, false);
         let mut answer = Answer {
             suite,
             fingerprint,
             public,
             signature: Vec::new(),
+            rs_ids: retained.iter().map(|s| s.id(false)).collect(),
+            key_packet: policy.key_packet.clone(),
         };
         let t1 = Transcript::t1(ctx, offer, &answer)?;
         answer.signature = signer
@@ -390,9 +710,22 @@ impl CalleeAwaitConfirm {
                 t1,
                 offer: offer.clone(),
                 suite,
+                rs,
+                continuity,
             },
             answer,
         ))
+    }
+
+    /// What the caller's retained-secret IDs told us; known before we answer, so a relay
+    /// that requires continuity can refuse the call before any 200 OK.
+    pub fn continuity(&self) -> Continuity {
+        self.continuity
+    }
+
+    /// The offer this answers (the relay needs the caller's presented key, if any).
+    pub fn offer(&self) -> &Offer {
+        &self.offer
     }
 
     /// Check the caller's confirm: its key must match the commitment in the offer, and its
@@ -411,7 +744,7 @@ impl CalleeAwaitConfirm {
             .verify(&self.offer.fingerprint, &confirm_signed, &confirm.signature)
             .map_err(HandshakeError::BadSignature)?;
         let shared = zeroize::Zeroizing::new(dh(&self.secret, &confirm.public)?);
-        let keys = derive_keys(&shared, &t2, self.suite);
+        let keys = derive_keys(&shared, self.rs.as_ref(), self.continuity, &t2, self.suite);
         Ok(CalleeDone {
             keys,
             transcript: t2,

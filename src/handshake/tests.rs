@@ -206,6 +206,8 @@ fn low_order_public_key_is_refused() {
         fingerprint: vec![0xbb; 20],
         public: [0; 32],
         signature: vec![],
+        rs_ids: vec![],
+        key_packet: vec![],
     };
     let t1 = Transcript::t1(&ctx(), caller.offer(), &answer).unwrap();
     answer.signature = B_KEY.sign(&signed_data(ANSWER_SIG_CONTEXT, &t1)).unwrap();
@@ -270,19 +272,82 @@ fn protocol_md_test_vectors() {
     println!("records = {}", hex::encode(&wire));
     assert_eq!(hex::encode(&wire), VECTOR_RECORDS);
     assert_eq!(hex::encode(a.transcript.as_bytes()), VECTOR_T2);
+    println!("rs_next = {}", hex::encode(a.keys.retained.as_bytes()));
+    assert_eq!(hex::encode(a.keys.retained.as_bytes()), VECTOR_RS_NEXT);
 }
 
+/// The second set of vectors in docs/PROTOCOL.md: trust policy psk, and both sides holding
+/// the retained secret rs = 32 bytes of 0x33 from an earlier call.
+#[test]
+fn protocol_md_psk_continuity_vectors() {
+    let psk = PskAuth::new(VECTOR_PSK.as_bytes());
+    let held = vec![RetainedSecret::from_bytes([0x33; 32])];
+    let caller = caller()
+        .with_auth(AuthMode::Psk, vec![])
+        .with_retained(held.clone());
+    let policy = CalleePolicy {
+        auth: AuthMode::Psk,
+        retained: held,
+        key_packet: vec![],
+    };
+    let (callee, answer) = CalleeAwaitConfirm::respond_with(
+        &ctx(),
+        caller.offer(),
+        [2; 32],
+        Suite::ALL,
+        vec![0xbb; 20],
+        &psk,
+        &policy,
+    )
+    .unwrap();
+    let rs_id_caller = hex::encode(caller.offer().rs_ids[0]);
+    let a = caller.on_answer(&ctx(), &answer, &psk, &psk).unwrap();
+    let b = callee.on_confirm(&a.confirm, &psk).unwrap();
+    assert_eq!(a.keys.continuity, Continuity::Matched);
+    assert_eq!(b.keys.caller_to_callee.key, a.keys.caller_to_callee.key);
+    let got = [
+        ("psk_rs_id_caller", rs_id_caller),
+        ("psk_rs_id_callee", hex::encode(answer.rs_ids[0])),
+        ("psk_T2", hex::encode(a.transcript.as_bytes())),
+        ("psk_mac_answer", hex::encode(&answer.signature)),
+        ("psk_mac_confirm", hex::encode(&a.confirm.signature)),
+        ("psk_k_ab", hex::encode(a.keys.caller_to_callee.key)),
+        ("psk_k_ba", hex::encode(a.keys.callee_to_caller.key)),
+        ("psk_SAS", a.keys.sas.clone()),
+        ("psk_rs_next", hex::encode(a.keys.retained.as_bytes())),
+    ];
+    for ((name, value), want) in got.iter().zip(VECTORS_PSK) {
+        println!("{name} = {value}");
+        assert_eq!(value, want, "{name}");
+    }
+}
+
+pub(crate) const VECTOR_PSK: &str = "sipmail test vector pre-shared key, 44 bytes";
+pub(crate) const VECTORS_PSK: [&str; 9] = [
+    "6a57631eeb5c052b",
+    "ef08a9aa2fd496b7",
+    "0100097369706d61696c2f3202001263306666656540736974652d612e74657374030002613104000262320500106d61696c40736974652d612e746573740600106d61696c40736974652d622e74657374070001010800200707070707070707070707070707070707070707070707070707070707070707090020d825cc0ed87be1995b399d6e75e6d26e26fe0261dd896b2e67187f79f64fa1bd0a0014aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa0b0001010c0020ce8d3ad1ccb633ec7b70c17814a5c76ecd029685050d344745ba05870e587d590d0014bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb0f0001021000086a57631eeb5c052b110008ef08a9aa2fd496b70e0020a4e09292b651c278b9772c569f5fa9bb13d906b46ab68c9df9dc2b4409f8a209",
+    "61b1d199539e5c547e0997f5a8208059985f99973e0e90a6ccf10fd66381a8a6",
+    "13909b88059f4e749f0e61afde51869a023141a65dcc8ea6878e8676b800f564",
+    "831d4c4018c74c32dc08da5550790f1dda5aa361fa1598413d7f1148a44fcc8d",
+    "18aac505df3e783b5bfa9fd62111e37500c57a078a79dae7b8bb7319f2049a0d",
+    "q37m",
+    "2bf1fb2b3b21493a705f2b672dbda9f5f432e3c5d2deaf7e5ebc35477494cf11",
+];
+pub(crate) const VECTOR_RS_NEXT: &str =
+    "1bef290456358108e4ccbff72239c7a8b95ea0d114e75e898e908de5bdadb6aa";
+
 pub(crate) const VECTOR_TH2: &str =
-    "0c2b05897c0fa89daf0d5772adfcfb7d6bf063b93bfea375e0aafa06d8a0faf4";
+    "8fc1d15afba37f0ecadf6b6c1bb973ec8d7f497daf428e8593bc5a7e5536852f";
 pub(crate) const VECTOR_K_AB: &str =
-    "d19359242cff7522dd2d7922b84b49c0b02495de3914e2585ea303035736efde";
-pub(crate) const VECTOR_IV_AB: &str = "c21ee2356409b509013ad355";
+    "0c2939366266c2d5f949bf9a675812c308596eb48dcc7d2d5427127ea15baef7";
+pub(crate) const VECTOR_IV_AB: &str = "96a13bd86aef79f954c07429";
 pub(crate) const VECTOR_K_BA: &str =
-    "ef7346d9e749f40685036c908976c2df38bcedbc0df6ccfb69295f2becf40954";
-pub(crate) const VECTOR_IV_BA: &str = "627066a76cb64bfe0bd964bf";
-pub(crate) const VECTOR_SAS: &str = "e1qr";
-pub(crate) const VECTOR_RECORDS: &str = "00000011729713622d018602aca2e22c0efcfc2cfe000000230e592d445dcf9ba53b449bf1b62a81992067da624a16f9d32ff2a9d0881b0cb3c74113";
-pub(crate) const VECTOR_T2: &str = "0100097369706d61696c2f3102001263306666656540736974652d612e74657374030002613104000262320500106d61696c40736974652d612e746573740600106d61696c40736974652d622e74657374070001010800200707070707070707070707070707070707070707070707070707070707070707090020d825cc0ed87be1995b399d6e75e6d26e26fe0261dd896b2e67187f79f64fa1bd0a0014aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa0b0001010c0020ce8d3ad1ccb633ec7b70c17814a5c76ecd029685050d344745ba05870e587d590d0014bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb0e0020a4e09292b651c278b9772c569f5fa9bb13d906b46ab68c9df9dc2b4409f8a209";
+    "68429a476a20cfcad0d3163fa59cef27d332219cf39f0e1dc9db36dbc267d8cf";
+pub(crate) const VECTOR_IV_BA: &str = "79c1a99e560e091cc441c33c";
+pub(crate) const VECTOR_SAS: &str = "jggk";
+pub(crate) const VECTOR_RECORDS: &str = "000000112035749d814935ea2516b114dc173c9904000000230381ad9de0026e55f65a79c157f6e5279e7baa67f7761f616a3bfc16c79d67d9e02384";
+pub(crate) const VECTOR_T2: &str = "0100097369706d61696c2f3202001263306666656540736974652d612e74657374030002613104000262320500106d61696c40736974652d612e746573740600106d61696c40736974652d622e74657374070001010800200707070707070707070707070707070707070707070707070707070707070707090020d825cc0ed87be1995b399d6e75e6d26e26fe0261dd896b2e67187f79f64fa1bd0a0014aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa0b0001010c0020ce8d3ad1ccb633ec7b70c17814a5c76ecd029685050d344745ba05870e587d590d0014bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb0f0001011000001100000e0020a4e09292b651c278b9772c569f5fa9bb13d906b46ab68c9df9dc2b4409f8a209";
 
 #[test]
 fn the_callee_honours_the_callers_preference_among_common_suites() {
@@ -350,4 +415,257 @@ fn suite_downgrade_and_swap_are_refused() {
             .unwrap_err(),
         HandshakeError::SuiteNotOffered(Suite::Aes256Gcm)
     );
+}
+
+fn rs(b: u8) -> RetainedSecret {
+    RetainedSecret::from_bytes([b; 32])
+}
+
+/// One call with retained secrets on each side; returns both ends.
+fn run_retained(
+    a_rs: Vec<RetainedSecret>,
+    b_rs: Vec<RetainedSecret>,
+) -> Result<(CallerDone, CalleeDone), HandshakeError> {
+    let caller = caller().with_retained(a_rs);
+    let policy = CalleePolicy {
+        auth: AuthMode::Signed,
+        retained: b_rs,
+        key_packet: vec![],
+    };
+    let (callee, answer) = CalleeAwaitConfirm::respond_with(
+        &ctx(),
+        caller.offer(),
+        [2; 32],
+        Suite::ALL,
+        vec![0xbb; 20],
+        &B_KEY,
+        &policy,
+    )?;
+    let a = caller.on_answer(&ctx(), &answer, &B_KEY, &A_KEY)?;
+    let b = callee.on_confirm(&a.confirm, &A_KEY)?;
+    Ok((a, b))
+}
+
+#[test]
+fn retained_secrets_are_mixed_in_when_both_hold_one() {
+    // First call: nothing held on either side.
+    let (a, b) = run_retained(vec![], vec![]).unwrap();
+    assert_eq!(a.keys.continuity, Continuity::NoneHeld { peer_has: false });
+    assert_eq!(a.keys.retained, b.keys.retained);
+    // Second call with the secret the first left: matched, and the keys differ from a call
+    // without it (the secret really enters the key schedule).
+    let left = a.keys.retained.clone();
+    let (a2, b2) = run_retained(vec![left.clone()], vec![left.clone()]).unwrap();
+    assert_eq!(a2.keys.continuity, Continuity::Matched);
+    assert_eq!(b2.keys.continuity, Continuity::Matched);
+    assert_eq!(a2.keys.caller_to_callee.key, b2.keys.caller_to_callee.key);
+    let (plain, _) = run_retained(vec![], vec![]).unwrap();
+    assert_ne!(
+        a2.keys.caller_to_callee.key,
+        plain.keys.caller_to_callee.key
+    );
+    assert_ne!(a2.keys.retained, left);
+}
+
+#[test]
+fn both_sides_pick_the_same_secret_when_their_caches_differ_in_order() {
+    // A finished calls 1, 2, 3 in that order; B saw 3 complete before 2. The newest secret
+    // in A's order that B holds is 3.
+    let (a, b) = run_retained(vec![rs(3), rs(2), rs(1)], vec![rs(2), rs(3), rs(9)]).unwrap();
+    assert_eq!(a.keys.continuity, Continuity::Matched);
+    assert_eq!(a.keys.caller_to_callee.key, b.keys.caller_to_callee.key);
+    // B is one call ahead (A missed storing the last secret): still matched, on rs(1).
+    let (a, b) = run_retained(vec![rs(1)], vec![rs(4), rs(1)]).unwrap();
+    assert_eq!(b.keys.continuity, Continuity::Matched);
+    assert_eq!(a.keys.caller_to_callee.key, b.keys.caller_to_callee.key);
+}
+
+#[test]
+fn a_lost_cache_or_a_mismatch_is_reported_and_the_call_still_agrees_on_keys() {
+    // B lost its cache: A sees the peer has none, B sees that A remembers more.
+    let (a, b) = run_retained(vec![rs(1)], vec![]).unwrap();
+    assert_eq!(a.keys.continuity, Continuity::PeerHasNone);
+    assert!(a.keys.continuity.is_problem());
+    assert_eq!(b.keys.continuity, Continuity::NoneHeld { peer_has: true });
+    assert!(!b.keys.continuity.is_problem());
+    assert_eq!(a.keys.caller_to_callee.key, b.keys.caller_to_callee.key);
+    // Both hold something, nothing in common.
+    let (a, b) = run_retained(vec![rs(1)], vec![rs(2)]).unwrap();
+    assert_eq!(a.keys.continuity, Continuity::Mismatch);
+    assert_eq!(b.keys.continuity, Continuity::Mismatch);
+    assert_eq!(a.keys.caller_to_callee.key, b.keys.caller_to_callee.key);
+}
+
+/// Mallory sat in the middle of the first, unauthenticated call: A's retained secret is
+/// the one of the A-M leg, B's the one of the M-B leg. On the next call without him, both
+/// sides see a mismatch. And if Mallory is there again but only relays the retained-secret
+/// IDs he saw, the secrets he does not know enter the keys, so his legs' keys differ from
+/// what A and B derive and the stream cannot be read.
+#[test]
+fn a_man_in_the_middle_of_an_earlier_call_is_detected_later() {
+    let (am, _) = run_retained(vec![], vec![]).unwrap();
+    let (mb, _) = run_retained(vec![rs(0x55)], vec![]).unwrap();
+    let (a, b) = run_retained(
+        vec![am.keys.retained.clone()],
+        vec![mb.keys.retained.clone()],
+    )
+    .unwrap();
+    assert_eq!(a.keys.continuity, Continuity::Mismatch);
+    assert_eq!(b.keys.continuity, Continuity::Mismatch);
+
+    // Now A and B share rs; Mallory (no rs) replays A's IDs to B and B's IDs to A.
+    let shared = rs(0x77);
+    let caller = caller().with_retained(vec![shared.clone()]);
+    let ids_from_a = caller.offer().rs_ids.clone();
+    let mallory_to_b = CallerAwaitAnswer::new(
+        [9; 32],
+        [7; 32],
+        vec![Suite::ChaCha20Poly1305],
+        vec![0xaa; 20],
+    );
+    let mut offer_m = mallory_to_b.offer().clone();
+    offer_m.rs_ids = ids_from_a;
+    let policy = CalleePolicy {
+        auth: AuthMode::Signed,
+        retained: vec![shared.clone()],
+        key_packet: vec![],
+    };
+    let (b_side, _) = CalleeAwaitConfirm::respond_with(
+        &ctx(),
+        &offer_m,
+        [2; 32],
+        Suite::ALL,
+        vec![0xbb; 20],
+        &B_KEY,
+        &policy,
+    )
+    .unwrap();
+    // B believes continuity holds, and mixes rs into keys Mallory cannot compute: his own
+    // leg (derived without rs) does not match.
+    assert_eq!(b_side.continuity(), Continuity::Matched);
+}
+
+#[test]
+fn the_callee_refuses_an_offer_with_another_trust_policy() {
+    for (offered, required) in [
+        (AuthMode::Opportunistic, AuthMode::Signed),
+        (AuthMode::Psk, AuthMode::Signed),
+        (AuthMode::Signed, AuthMode::Psk),
+    ] {
+        let caller = caller().with_auth(offered, vec![]);
+        let policy = CalleePolicy {
+            auth: required,
+            ..CalleePolicy::default()
+        };
+        let r = CalleeAwaitConfirm::respond_with(
+            &ctx(),
+            caller.offer(),
+            [2; 32],
+            Suite::ALL,
+            vec![0xbb; 20],
+            &B_KEY,
+            &policy,
+        );
+        assert_eq!(
+            r.unwrap_err(),
+            HandshakeError::AuthMismatch { offered, required }
+        );
+    }
+}
+
+/// The trust policy is in the transcript: a man in the middle who rewrites it on the way
+/// to a callee configured for it breaks the callee's signature as the caller checks it.
+#[test]
+fn the_trust_policy_is_covered_by_the_signatures() {
+    let caller = caller();
+    let mut offer = caller.offer().clone();
+    offer.auth = AuthMode::Psk;
+    let policy = CalleePolicy {
+        auth: AuthMode::Psk,
+        ..CalleePolicy::default()
+    };
+    let (_c, answer) = CalleeAwaitConfirm::respond_with(
+        &ctx(),
+        &offer,
+        [2; 32],
+        Suite::ALL,
+        vec![0xbb; 20],
+        &B_KEY,
+        &policy,
+    )
+    .unwrap();
+    assert!(matches!(
+        caller.on_answer(&ctx(), &answer, &B_KEY, &A_KEY),
+        Err(HandshakeError::BadSignature(_))
+    ));
+    // So are the retained-secret IDs.
+    let caller = self::caller().with_retained(vec![rs(1)]);
+    let mut offer = caller.offer().clone();
+    offer.rs_ids.clear();
+    let (_c, answer) = respond(&offer);
+    assert!(matches!(
+        caller.on_answer(&ctx(), &answer, &B_KEY, &A_KEY),
+        Err(HandshakeError::BadSignature(_))
+    ));
+}
+
+#[test]
+fn psk_accepts_the_same_key_and_refuses_another() {
+    let a_psk = PskAuth::new(b"0123456789abcdef0123456789abcdef");
+    let b_psk = PskAuth::new(b"0123456789abcdef0123456789abcdef");
+    let wrong = PskAuth::new(b"0123456789abcdef0123456789abcdeX");
+    let policy = CalleePolicy {
+        auth: AuthMode::Psk,
+        ..CalleePolicy::default()
+    };
+    let go = |callee_key: &PskAuth| {
+        let caller = caller().with_auth(AuthMode::Psk, vec![]);
+        let (callee, answer) = CalleeAwaitConfirm::respond_with(
+            &ctx(),
+            caller.offer(),
+            [2; 32],
+            Suite::ALL,
+            vec![0xbb; 20],
+            callee_key,
+            &policy,
+        )
+        .unwrap();
+        let a = caller.on_answer(&ctx(), &answer, &a_psk, &a_psk)?;
+        let b = callee.on_confirm(&a.confirm, callee_key)?;
+        Ok::<_, HandshakeError>((a, b))
+    };
+    let (a, b) = go(&b_psk).unwrap();
+    assert_eq!(a.keys.caller_to_callee.key, b.keys.caller_to_callee.key);
+    assert!(matches!(go(&wrong), Err(HandshakeError::BadSignature(_))));
+    assert_eq!(format!("{a_psk:?}"), "PskAuth(<redacted>)");
+    // A PSK MAC made as the callee does not pass as the caller's (distinct contexts).
+    let t = Transcript::t1(
+        &ctx(),
+        caller().offer(),
+        &Answer {
+            suite: Suite::ChaCha20Poly1305,
+            fingerprint: vec![0xbb; 20],
+            public: [3; 32],
+            signature: vec![],
+            rs_ids: vec![],
+            key_packet: vec![],
+        },
+    )
+    .unwrap();
+    let answer_mac = a_psk.sign(&signed_data(ANSWER_SIG_CONTEXT, &t)).unwrap();
+    assert!(
+        a_psk
+            .verify(&[], &signed_data(CONFIRM_SIG_CONTEXT, &t), &answer_mac)
+            .is_err()
+    );
+}
+
+#[test]
+fn retained_secret_ids_depend_on_role_and_debug_redacts() {
+    let s = rs(1);
+    assert_ne!(s.id(true), s.id(false));
+    assert_ne!(s.id(true), rs(2).id(true));
+    assert_eq!(format!("{s:?}"), "RetainedSecret(<redacted>)");
+    let (a, _) = run([1; 32], [2; 32]);
+    assert!(!format!("{:?}", a.keys).contains(&hex::encode(a.keys.retained.as_bytes())));
 }

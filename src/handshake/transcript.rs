@@ -21,6 +21,9 @@ pub enum Tag {
     CalleePublic = 0x0c,
     CalleeFingerprint = 0x0d,
     CallerPublic = 0x0e,
+    AuthMode = 0x0f,
+    CallerRetainedIds = 0x10,
+    CalleeRetainedIds = 0x11,
 }
 
 /// Encoded transcript bytes. T1 (what the callee signs) is a prefix of T2 (what the caller
@@ -68,6 +71,17 @@ impl Transcript {
             Tag::CalleeFingerprint,
             "callee fingerprint",
             &answer.fingerprint,
+        )?;
+        t.push(Tag::AuthMode, "trust policy", &[offer.auth.id()])?;
+        t.push(
+            Tag::CallerRetainedIds,
+            "caller retained-secret IDs",
+            &offer.rs_ids.concat(),
+        )?;
+        t.push(
+            Tag::CalleeRetainedIds,
+            "callee retained-secret IDs",
+            &answer.rs_ids.concat(),
         )?;
         Ok(t)
     }

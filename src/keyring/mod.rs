@@ -64,6 +64,8 @@ static POLICY: StandardPolicy<'static> = StandardPolicy::new();
 
 /// File name of the own key inside the keyring directory.
 pub const SECRET_FILE: &str = "secret.asc";
+/// Further own keys (rotation): `secret-<FINGERPRINT>.asc`.
+pub const OWN_EXTRA_PREFIX: &str = "secret-";
 /// `generate` stores the new key's revocation certificate in
 /// `DIR/revocation-<FINGERPRINT>.asc`; publish it to the partners to
 /// retire the key.
@@ -173,7 +175,12 @@ struct OwnKey {
 /// The relay's keyring: own key (optional) and partner certificates.
 pub struct Keyring {
     dir: PathBuf,
+    /// The own key that signs: the newest usable one, or the one chosen with
+    /// [`Keyring::select_signing_key`].
     own: Option<OwnKey>,
+    /// Other own keys (`secret-<FINGERPRINT>.asc`): a key being rotated in or out. They
+    /// do not sign, unless selected.
+    own_other: Vec<OwnKey>,
     peers: Vec<Entry>,
     by_fpr: HashMap<String, usize>,
 }
@@ -201,8 +208,6 @@ impl Keyring {
     /// existing own key is never overwritten. A revocation certificate
     /// is stored in `dir/revocation-<FINGERPRINT>.asc` (mode 0600).
     pub fn generate(dir: &Path, domain: &str) -> Result<KeyInfo, KeyringError> {
-        let domain = normalize_domain(domain)?;
-        fsutil::ensure_private_dir(dir)?;
         let secret_path = dir.join(SECRET_FILE);
         if secret_path.exists() {
             let existing = load_cert_file(&secret_path)
@@ -214,6 +219,26 @@ impl Keyring {
                 new: "a newly generated key".into(),
             });
         }
+        Self::generate_into(dir, domain, |_| secret_path.clone())
+    }
+
+    /// Key rotation: a new own key beside the existing one(s), in
+    /// `dir/secret-<FINGERPRINT>.asc`. Nothing existing is touched. Being the newest, it
+    /// signs from the next [`Keyring::open`] on, unless the relay's config names another
+    /// (`relay.signing_key`).
+    pub fn generate_additional(dir: &Path, domain: &str) -> Result<KeyInfo, KeyringError> {
+        Self::generate_into(dir, domain, |fpr| {
+            dir.join(format!("{OWN_EXTRA_PREFIX}{fpr}.asc"))
+        })
+    }
+
+    fn generate_into(
+        dir: &Path,
+        domain: &str,
+        path_for: impl Fn(&str) -> PathBuf,
+    ) -> Result<KeyInfo, KeyringError> {
+        let domain = normalize_domain(domain)?;
+        fsutil::ensure_private_dir(dir)?;
 
         let (cert, revocation) = CertBuilder::new()
             .set_profile(Profile::RFC4880)
@@ -231,6 +256,7 @@ impl Keyring {
             .armored()
             .to_vec()
             .map_err(KeyringError::crypto)?;
+        let secret_path = path_for(&fpr_hex(&cert.fingerprint()));
         fsutil::write_atomic(&secret_path, &armored, true)?;
 
         let rev_path = dir.join(format!(
@@ -269,8 +295,8 @@ impl Keyring {
             });
         }
         let t = now();
-        let secret_path = dir.join(SECRET_FILE);
-        let own = if secret_path.exists() {
+        let mut owns: Vec<(OwnKey, SystemTime)> = Vec::new();
+        for secret_path in own_key_files(dir)? {
             fsutil::warn_if_not_private(&secret_path);
             let cert = load_cert_file(&secret_path)?;
             if !cert.is_tsk() {
@@ -283,11 +309,24 @@ impl Keyring {
             if let Err(reason) = &own.signer {
                 tracing::warn!(fingerprint = %own.entry.fpr, "own key cannot sign: {reason}");
             }
-            Some(own)
-        } else {
-            None
-        };
-        let own_fpr = own.as_ref().map(|o| o.entry.fpr.clone());
+            if owns.iter().any(|(o, _)| o.entry.fpr == own.entry.fpr) {
+                continue;
+            }
+            let mtime = std::fs::metadata(&secret_path)
+                .and_then(|m| m.modified())
+                .unwrap_or(UNIX_EPOCH);
+            owns.push((own, mtime));
+        }
+        // The newest key that can sign signs (ties, within the second of OpenPGP
+        // timestamps, go to the file written last).
+        owns.sort_by_key(|(o, mtime)| (o.signer.is_ok(), o.entry.created, *mtime));
+        let own = owns.pop().map(|(o, _)| o);
+        let own_other: Vec<OwnKey> = owns.into_iter().rev().map(|(o, _)| o).collect();
+        let own_fprs: Vec<String> = own
+            .iter()
+            .chain(own_other.iter())
+            .map(|o| o.entry.fpr.clone())
+            .collect();
 
         let mut certs: Vec<Cert> = Vec::new();
         let mut by_fpr: HashMap<String, usize> = HashMap::new();
@@ -301,7 +340,7 @@ impl Keyring {
                 );
                 cert = cert.strip_secret_key_material();
             }
-            if own_fpr.as_deref() == Some(fpr.as_str()) {
+            if own_fprs.contains(&fpr) {
                 tracing::warn!(
                     file = %path.display(),
                     "partner certificate file holds the own key's certificate; ignored"
@@ -333,13 +372,14 @@ impl Keyring {
 
         tracing::debug!(
             dir = %dir.display(),
-            own = ?own_fpr,
+            own = ?own_fprs,
             peers = peers.len(),
             "keyring opened"
         );
         Ok(Keyring {
             dir: dir.to_path_buf(),
             own,
+            own_other,
             peers,
             by_fpr,
         })
@@ -401,9 +441,59 @@ impl Keyring {
         String::from_utf8(bytes).map_err(KeyringError::crypto)
     }
 
+    /// Sign with the own key `fingerprint` (hex) instead of the newest: `relay.signing_key`
+    /// in the config, e.g. to keep signing with the old key until every partner has the
+    /// new one.
+    pub fn select_signing_key(&mut self, fingerprint: &str) -> Result<(), KeyringError> {
+        let fpr = normalize_fingerprint(fingerprint)?;
+        if self.own.as_ref().is_some_and(|o| o.entry.fpr == fpr) {
+            return Ok(());
+        }
+        let i = self
+            .own_other
+            .iter()
+            .position(|o| o.entry.fpr == fpr)
+            .ok_or_else(|| KeyringError::UnknownFingerprint {
+                fingerprint: fpr.clone(),
+                domain: "(own keys)".into(),
+            })?;
+        let chosen = self.own_other.remove(i);
+        if let Some(prev) = self.own.replace(chosen) {
+            self.own_other.insert(0, prev);
+        }
+        Ok(())
+    }
+
+    /// The public certificate of own key `fingerprint`, armored (for announcing a new key
+    /// before it signs).
+    pub fn export_public_of(&self, fingerprint: &str) -> Result<String, KeyringError> {
+        let fpr = normalize_fingerprint(fingerprint)?;
+        let own = self
+            .own
+            .iter()
+            .chain(self.own_other.iter())
+            .find(|o| o.entry.fpr == fpr)
+            .ok_or_else(|| KeyringError::UnknownFingerprint {
+                fingerprint: fpr.clone(),
+                domain: "(own keys)".into(),
+            })?;
+        let bytes = own
+            .entry
+            .cert
+            .armored()
+            .to_vec()
+            .map_err(KeyringError::crypto)?;
+        String::from_utf8(bytes).map_err(KeyringError::crypto)
+    }
+
     /// All keys: the own key first, then partners by fingerprint.
     pub fn list(&self) -> Vec<KeyInfo> {
-        let mut v: Vec<KeyInfo> = self.own.iter().map(|o| o.info()).collect();
+        let mut v: Vec<KeyInfo> = self
+            .own
+            .iter()
+            .chain(self.own_other.iter())
+            .map(|o| o.info())
+            .collect();
         let mut peers: Vec<KeyInfo> = self.peers.iter().map(|e| e.info(false, None)).collect();
         peers.sort_by(|a, b| a.fingerprint.cmp(&b.fingerprint));
         v.extend(peers);
@@ -478,6 +568,7 @@ impl Keyring {
         let t = now();
         self.own
             .iter()
+            .chain(self.own_other.iter())
             .map(|o| &o.entry)
             .chain(self.peers.iter())
             .filter(|e| e.domains.contains(&domain))
@@ -563,6 +654,26 @@ impl Keyring {
         Err(bad(reason))
     }
 
+    /// The key that [`Keyring::sign_detached`] signs with, as a serialized OpenPGP public key
+    /// packet, and its fingerprint (uppercase hex). Opportunistic calls present this packet
+    /// so that a peer without our certificate can verify (and pin) the key.
+    pub fn own_signing_key(&self) -> Result<(String, Vec<u8>), KeyringError> {
+        let own = self.own()?;
+        let signer = own
+            .signer
+            .as_ref()
+            .map_err(|reason| KeyringError::NoSigningKey {
+                fingerprint: own.entry.fpr.clone(),
+                reason: reason.clone(),
+            })?;
+        let key = signer.keypair.public().clone();
+        let fpr = fpr_hex(&key.fingerprint());
+        let packet = Packet::PublicKey(key.role_into_primary())
+            .to_vec()
+            .map_err(KeyringError::crypto)?;
+        Ok((fpr, packet))
+    }
+
     fn own(&self) -> Result<&OwnKey, KeyringError> {
         self.own.as_ref().ok_or_else(|| KeyringError::NoOwnKey {
             dir: self.dir.clone(),
@@ -577,9 +688,14 @@ impl Keyring {
     ) -> Result<&Entry, KeyringError> {
         let domain = normalize_domain(domain)?;
         let fpr = normalize_fingerprint(fingerprint)?;
-        let entry = match &self.own {
-            Some(o) if o.entry.fpr == fpr => &o.entry,
-            _ => self
+        let own = self
+            .own
+            .iter()
+            .chain(self.own_other.iter())
+            .find(|o| o.entry.fpr == fpr);
+        let entry = match own {
+            Some(o) => &o.entry,
+            None => self
                 .by_fpr
                 .get(&fpr)
                 .and_then(|&i| self.peers.get(i))
@@ -590,6 +706,78 @@ impl Keyring {
         };
         entry.check(&domain, t)?;
         Ok(entry)
+    }
+}
+
+/// Verifies a detached binary signature over `data` with a bare public key packet that a
+/// peer presented (opportunistic trust: no certificate, no user ID, no keyring). The
+/// packet's fingerprint must be `fingerprint` (hex); the signature gets the same checks as
+/// in [`Keyring::verify_detached`] (type, policy, creation time, digest prefix).
+pub fn verify_with_key_packet(
+    packet: &[u8],
+    fingerprint: &str,
+    data: &[u8],
+    sig: &[u8],
+) -> Result<(), KeyringError> {
+    let fpr = normalize_fingerprint(fingerprint)?;
+    let bad = |reason: String| KeyringError::BadSignature {
+        fingerprint: fpr.clone(),
+        reason,
+    };
+    let key: Key<PublicParts, UnspecifiedRole> = match Packet::from_bytes(packet) {
+        Ok(Packet::PublicKey(k)) => k.role_into_unspecified(),
+        Ok(Packet::PublicSubkey(k)) => k.role_into_unspecified(),
+        Ok(p) => {
+            return Err(bad(format!(
+                "presented a {} packet, not a public key",
+                p.tag()
+            )));
+        }
+        Err(e) => return Err(bad(format!("the presented key does not parse: {e:#}"))),
+    };
+    if fpr_hex(&key.fingerprint()) != fpr {
+        return Err(bad(format!(
+            "the presented key is {}, not the announced fingerprint",
+            fpr_hex(&key.fingerprint())
+        )));
+    }
+    if !key.pk_algo().for_signing() {
+        return Err(bad(format!("{} cannot sign", key.pk_algo())));
+    }
+    let t = now();
+    let sig = parse_signature(sig).map_err(bad)?;
+    if sig.typ() != SignatureType::Binary {
+        return Err(bad(format!(
+            "signature type is {}, expected a binary document signature",
+            sig.typ()
+        )));
+    }
+    POLICY
+        .signature(&sig, HashAlgoSecurity::CollisionResistance)
+        .map_err(|e| bad(format!("rejected by policy: {e:#}")))?;
+    sig.signature_alive(t, None)
+        .map_err(|e| bad(format!("signature not alive: {e:#}")))?;
+    let sig_time = sig
+        .signature_creation_time()
+        .ok_or_else(|| bad("signature has no creation time".into()))?;
+    if sig_time < key.creation_time() {
+        return Err(bad("signature predates the key".into()));
+    }
+    if key.creation_time() > t + CLOCK_SKEW {
+        return Err(bad("the presented key was created in the future".into()));
+    }
+    match sig.verify_message(&key, data) {
+        Ok(())
+            if sig
+                .computed_digest()
+                .is_some_and(|d| d.get(..2) == Some(&sig.digest_prefix()[..])) =>
+        {
+            Ok(())
+        }
+        Ok(()) => Err(bad(
+            "the digest prefix does not match the signed data".into()
+        )),
+        Err(e) => Err(bad(format!("does not verify: {e:#}"))),
     }
 }
 
@@ -971,6 +1159,23 @@ const ENCRYPTED_MARKER: &str = "the signing key's secret is protected by a passp
 fn load_cert_file(path: &Path) -> Result<Cert, KeyringError> {
     let bytes = fsutil::read(path)?;
     Cert::from_bytes(&bytes).map_err(|e| invalid(&path.display().to_string(), e))
+}
+
+/// `secret.asc` and `secret-<FINGERPRINT>.asc` in the keyring directory, sorted.
+fn own_key_files(dir: &Path) -> Result<Vec<PathBuf>, KeyringError> {
+    let rd = std::fs::read_dir(dir).map_err(|e| KeyringError::io("cannot read", dir, e))?;
+    let mut v: Vec<PathBuf> = rd
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| {
+            let name = p.file_name().map(|n| n.to_string_lossy().to_string());
+            name.is_some_and(|n| {
+                n == SECRET_FILE || (n.starts_with(OWN_EXTRA_PREFIX) && n.ends_with(".asc"))
+            }) && p.is_file()
+        })
+        .collect();
+    v.sort();
+    Ok(v)
 }
 
 /// `*.asc` files in `certs`, sorted; an absent directory has none.

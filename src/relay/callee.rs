@@ -2,8 +2,12 @@
 //! check the ACK's confirm, accept the media connection and serve SMTP through it.
 
 use super::inbound::{Origin, SpoolBackend};
-use super::{KeyringSigner, PeerVerifier, PendingGuard, RelayEvent, Shared};
-use crate::handshake::{CallContext, CalleeAwaitConfirm, HandshakeError};
+use super::trust::PinCheck;
+use super::{PendingGuard, RelayEvent, Shared};
+use crate::config::ContinuityPolicy;
+use crate::handshake::{
+    AuthMode, CallContext, CalleeAwaitConfirm, CalleePolicy, Continuity, HandshakeError,
+};
 use crate::sip::sdp::{self, SdpError};
 use crate::sip::{Incoming, Method, Response};
 use crate::tunnel::record::Limits;
@@ -18,6 +22,45 @@ use tokio::sync::mpsc;
 const ACK_WAIT: Duration = Duration::from_secs(32);
 /// How long the caller has to open the media connection after its ACK.
 const MEDIA_WAIT: Duration = Duration::from_secs(10);
+
+/// Calls refused by trust policy, each with its SIP status. The Warning names the problem;
+/// it tells the caller nothing it did not send or cannot learn from its own config.
+#[derive(Debug, thiserror::Error)]
+enum Refusal {
+    #[error(
+        "trust policy mismatch: the offer uses {offered}, this relay requires {required} for {domain}"
+    )]
+    PolicyMismatch {
+        domain: String,
+        offered: AuthMode,
+        required: AuthMode,
+    },
+    #[error(
+        "the key of mail@{domain} changed since first use; refused until the operator accepts it"
+    )]
+    PinChanged { domain: String },
+    #[error("key continuity with mail@{domain} is broken ({continuity}); refused by policy")]
+    Continuity {
+        domain: String,
+        continuity: Continuity,
+    },
+}
+
+impl Refusal {
+    fn status(&self) -> (u16, &'static str) {
+        match self {
+            Refusal::PolicyMismatch { .. } => (488, "Not Acceptable Here"),
+            Refusal::PinChanged { .. } | Refusal::Continuity { .. } => (403, "Forbidden"),
+        }
+    }
+}
+
+async fn refuse(inc: &Incoming, r: Refusal) -> String {
+    let (status, reason) = r.status();
+    let msg = r.to_string();
+    let _ = inc.respond(reject(inc, status, reason, &msg)).await;
+    msg
+}
 
 fn reject(inc: &Incoming, status: u16, reason: &str, warning: &str) -> Response {
     let mut r = Response::for_request(&inc.request, status, reason);
@@ -159,18 +202,68 @@ async fn answer(shared: &Arc<Shared>, inc: Incoming, pending: PendingGuard) -> R
             return Err(format!("caller {} is not a configured peer", from.uri));
         }
     };
-    // The caller's key must be in our keyring for that domain.
+    let Some(peer) = shared.cfg.peer(&peer_domain).cloned() else {
+        return Err(format!("{peer_domain} is not a configured peer"));
+    };
+    // The offer must use the trust policy we require of this peer: no downgrade.
+    let mode = peer.trust.mode();
+    if offer.auth != mode {
+        return Err(refuse(
+            &inc,
+            Refusal::PolicyMismatch {
+                domain: peer_domain.clone(),
+                offered: offer.auth,
+                required: mode,
+            },
+        )
+        .await);
+    }
     let peer_fpr = hex::encode_upper(&offer.fingerprint);
-    if let Err(e) = shared.keyring.peer_cert(&peer_domain, &peer_fpr) {
-        let _ = inc
-            .respond(reject(
-                &inc,
-                403,
-                "Forbidden",
-                "unknown or unusable key for this peer",
-            ))
-            .await;
-        return Err(format!("peer {peer_domain} key {peer_fpr}: {e}"));
+    match mode {
+        // The caller's key must be in our keyring for that domain.
+        AuthMode::Signed => {
+            if let Err(e) = shared.keyring.peer_cert(&peer_domain, &peer_fpr) {
+                let _ = inc
+                    .respond(reject(
+                        &inc,
+                        403,
+                        "Forbidden",
+                        "unknown or unusable key for this peer",
+                    ))
+                    .await;
+                return Err(format!("peer {peer_domain} key {peer_fpr}: {e}"));
+            }
+        }
+        // The key it presents must be the one pinned on first use.
+        AuthMode::Opportunistic => {
+            let checked = shared.trust.check_pin(&peer_domain, &peer_fpr);
+            match checked {
+                Ok(PinCheck::FirstUse | PinCheck::Same) => {}
+                Ok(PinCheck::Changed { pinned }) => {
+                    if let Err(e) = shared.trust.set_pending(&peer_domain, &peer_fpr) {
+                        tracing::warn!(peer = %peer_domain, error = %e, "cannot record the changed key");
+                    }
+                    let msg = refuse(
+                        &inc,
+                        Refusal::PinChanged {
+                            domain: peer_domain.clone(),
+                        },
+                    )
+                    .await;
+                    return Err(format!(
+                        "{msg} (pinned {pinned}, presented {peer_fpr}; accept with `sipmail trust accept {peer_domain}`)"
+                    ));
+                }
+                Err(e) => {
+                    let _ = inc
+                        .respond(reject(&inc, 500, "Server Internal Error", "trust state"))
+                        .await;
+                    return Err(format!("trust state for {peer_domain}: {e}"));
+                }
+            }
+        }
+        // The PSK MAC is checked on the confirm; nothing to look up here.
+        AuthMode::Psk => {}
     }
     let media = match TcpListener::bind(SocketAddr::new(shared.cfg.media_ip, 0)).await {
         Ok(l) => l,
@@ -197,17 +290,34 @@ async fn answer(shared: &Arc<Shared>, inc: Incoming, pending: PendingGuard) -> R
             .await;
         return Err("the OS random number generator failed".into());
     }
-    let responded = CalleeAwaitConfirm::respond(
+    let policy = CalleePolicy {
+        auth: mode,
+        retained: shared.retained_for(&peer_domain),
+        key_packet: if mode == AuthMode::Opportunistic {
+            shared.signing_packet.clone()
+        } else {
+            Vec::new()
+        },
+    };
+    let (signer, verifier) = shared.auth_for(&peer, &offer.key_packet);
+    let responded = CalleeAwaitConfirm::respond_with(
         &ctx,
         &offer,
         secret,
         &shared.cfg.suites,
-        shared.own_fpr.clone(),
-        &KeyringSigner(&shared.keyring),
+        shared.announced_fpr(&peer),
+        signer.as_ref(),
+        &policy,
     );
+    drop(policy);
     let (awaiting, answer) = match responded {
         Ok(x) => x,
-        Err(e @ (HandshakeError::NoCommonSuite { .. } | HandshakeError::EmptySuiteList)) => {
+        Err(
+            e @ (HandshakeError::NoCommonSuite { .. }
+            | HandshakeError::EmptySuiteList
+            | HandshakeError::AuthMismatch { .. }
+            | HandshakeError::TooManyRetainedIds),
+        ) => {
             let _ = inc
                 .respond(reject(&inc, 488, "Not Acceptable Here", &e.to_string()))
                 .await;
@@ -220,6 +330,26 @@ async fn answer(shared: &Arc<Shared>, inc: Incoming, pending: PendingGuard) -> R
             return Err(e.to_string());
         }
     };
+    // Key continuity is known before we answer: refuse here, before any 200 OK, if the
+    // policy requires it.
+    let continuity = awaiting.continuity();
+    if continuity.is_problem() {
+        tracing::warn!(%call_id, peer = %peer_domain, %continuity,
+            "key continuity: the caller does not hold the secret our last calls left (it lost its cache, or someone else is calling)");
+        if peer.continuity == ContinuityPolicy::Require {
+            return Err(refuse(
+                &inc,
+                Refusal::Continuity {
+                    domain: peer_domain.clone(),
+                    continuity,
+                },
+            )
+            .await);
+        }
+    } else if continuity == (Continuity::NoneHeld { peer_has: true }) {
+        tracing::warn!(%call_id, peer = %peer_domain,
+            "key continuity: the caller remembers a call we do not (our retained secrets were lost or reset)");
+    }
     // Register the dialog before answering so the ACK cannot race past us.
     let (tx, mut rx) = mpsc::channel::<Incoming>(8);
     let registered = match shared.dialogs.lock() {
@@ -282,15 +412,11 @@ async fn answer(shared: &Arc<Shared>, inc: Incoming, pending: PendingGuard) -> R
         Ok(None) => return Err("caller hung up before the ACK".into()),
         Err(_) => return Err("no ACK within 32 s".into()),
     };
-    let verifier = PeerVerifier {
-        keyring: &shared.keyring,
-        domain: &peer_domain,
-    };
     let done = sdp::decode_confirm(&ack.request.body)
         .map_err(|e: SdpError| e.to_string())
         .and_then(|c| {
             awaiting
-                .on_confirm(&c, &verifier)
+                .on_confirm(&c, verifier.as_ref())
                 .map(|d| (d, c.signature))
                 .map_err(|e| e.to_string())
         });
@@ -338,7 +464,7 @@ async fn answer(shared: &Arc<Shared>, inc: Incoming, pending: PendingGuard) -> R
         answer_signature: &answer.signature,
         confirm_signature: &confirm_signature,
     };
-    shared.call_established(&call_id, &peer_domain, false, &peer_fpr, &done.keys, sigs);
+    shared.call_established(&call_id, &peer, false, &peer_fpr, &done.keys, sigs);
 
     let mut backend = SpoolBackend::new(
         shared.clone(),

@@ -3,9 +3,10 @@
 //! messages, and hangs up with BYE when idle.
 
 use super::scheduler::{Jobs, Outcome, next_job};
-use super::{KeyringSigner, PeerVerifier, RelayEvent, Shared};
-use crate::config::Peer;
-use crate::handshake::{CallContext, CallerAwaitAnswer, HandshakeError};
+use super::trust::PinCheck;
+use super::{RelayEvent, Shared};
+use crate::config::{ContinuityPolicy, Peer};
+use crate::handshake::{AuthMode, CallContext, CallerAwaitAnswer, Continuity, HandshakeError};
 use crate::sip::sdp::{self, SdpError};
 use crate::sip::{Method, Request, Response, Transport, TxnError};
 use crate::smtp::{ClientError, ClientTimeouts, SmtpClient};
@@ -43,6 +44,24 @@ pub(crate) enum CallError {
     },
     #[error("SMTP greeting through the call: {0}")]
     Smtp(#[from] ClientError),
+    #[error(
+        "the key of mail@{domain} changed since first use (pinned {pinned}, presented {presented}); \
+         refused until an operator runs `sipmail trust accept {domain}`"
+    )]
+    PinChanged {
+        domain: String,
+        pinned: String,
+        presented: String,
+    },
+    #[error(
+        "key continuity with mail@{domain} broken ({continuity}); refused because continuity = \"require\" (after checking, `sipmail trust reset {domain}`)"
+    )]
+    Continuity {
+        domain: String,
+        continuity: Continuity,
+    },
+    #[error("trust state: {0}")]
+    TrustState(#[from] super::trust::TrustError),
 }
 
 /// What stays the same for every request in the dialog.
@@ -95,12 +114,22 @@ async fn place_call(shared: &Arc<Shared>, peer: &Peer) -> Result<ActiveCall, Cal
     };
     let call_id = format!("{}@{}", crate::sip::random_hex(16), shared.cfg.domain);
     let from_tag = crate::sip::random_hex(8);
+    let mode = peer.trust.mode();
     let caller = CallerAwaitAnswer::new(
         random32()?,
         random32()?,
         shared.cfg.suites.clone(),
-        shared.own_fpr.clone(),
-    );
+        shared.announced_fpr(peer),
+    )
+    .with_auth(
+        mode,
+        if mode == AuthMode::Opportunistic {
+            shared.signing_packet.clone()
+        } else {
+            Vec::new()
+        },
+    )
+    .with_retained(shared.retained_for(&peer.domain));
     let session_id = u64::from_be_bytes(random32()?[..8].try_into().unwrap_or_default()) >> 1;
     let uri = format!("sip:mail@{}", peer.domain);
     let mut invite = Request::new(Method::Invite, uri.clone());
@@ -163,14 +192,28 @@ async fn place_call(shared: &Arc<Shared>, peer: &Peer) -> Result<ActiveCall, Cal
     let checked = sdp::decode_answer(&resp.body)
         .map_err(CallError::from)
         .and_then(|(answer, media)| {
-            let verifier = PeerVerifier {
-                keyring: &shared.keyring,
-                domain: &peer.domain,
+            if mode == AuthMode::Opportunistic {
+                check_pin(shared, peer, &answer.fingerprint)?;
+            }
+            let done = {
+                let (signer, verifier) = shared.auth_for(peer, &answer.key_packet);
+                caller.on_answer(&ctx, &answer, verifier.as_ref(), signer.as_ref())?
             };
-            caller
-                .on_answer(&ctx, &answer, &verifier, &KeyringSigner(&shared.keyring))
-                .map(|done| (done, answer, media))
-                .map_err(CallError::from)
+            let continuity = done.keys.continuity;
+            if continuity.is_problem() {
+                tracing::warn!(%call_id, peer = %peer.domain, %continuity,
+                    "key continuity: the callee does not hold the secret our last calls left (it lost its cache, or someone else is answering)");
+                if peer.continuity == ContinuityPolicy::Require {
+                    return Err(CallError::Continuity {
+                        domain: peer.domain.clone(),
+                        continuity,
+                    });
+                }
+            } else if continuity == (Continuity::NoneHeld { peer_has: true }) {
+                tracing::warn!(%call_id, peer = %peer.domain,
+                    "key continuity: the callee remembers a call we do not (our retained secrets were lost or reset)");
+            }
+            Ok((done, answer, media))
         });
     let (done, answer, media) = match checked {
         Ok(x) => x,
@@ -226,8 +269,25 @@ async fn place_call(shared: &Arc<Shared>, peer: &Peer) -> Result<ActiveCall, Cal
         answer_signature: &answer.signature,
         confirm_signature: &done.confirm.signature,
     };
-    shared.call_established(&call_id, &peer.domain, true, &peer_fpr, &done.keys, sigs);
+    shared.call_established(&call_id, peer, true, &peer_fpr, &done.keys, sigs);
     Ok(ActiveCall { dialog, client })
+}
+
+/// Opportunistic peers: the key the callee presents must be the one pinned on first use.
+/// A different one is refused and kept as pending for `sipmail trust accept`.
+fn check_pin(shared: &Shared, peer: &Peer, fingerprint: &[u8]) -> Result<(), CallError> {
+    let presented = hex::encode_upper(fingerprint);
+    match shared.trust.check_pin(&peer.domain, &presented)? {
+        PinCheck::FirstUse | PinCheck::Same => Ok(()),
+        PinCheck::Changed { pinned } => {
+            shared.trust.set_pending(&peer.domain, &presented)?;
+            Err(CallError::PinChanged {
+                domain: peer.domain.clone(),
+                pinned,
+                presented,
+            })
+        }
+    }
 }
 
 /// End the dialog. Best effort: a BYE that gets no answer is logged, nothing more.

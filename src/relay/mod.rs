@@ -13,6 +13,7 @@ mod inbound;
 mod local;
 mod scheduler;
 mod trace;
+pub mod trust;
 
 use crate::config::{Config, ConfigError};
 use crate::handshake::{Signer, Verifier};
@@ -85,6 +86,10 @@ pub enum RelayEvent {
         peer_fingerprint: String,
         suite: String,
         sas: String,
+        /// The peer's trust policy: signed, psk or opportunistic.
+        trust: String,
+        /// What the retained secrets said (see `handshake::Continuity::name`).
+        continuity: String,
     },
     CallFailed {
         peer: String,
@@ -140,6 +145,11 @@ pub(crate) struct Shared {
     pub shutdown: Shutdown,
     pub events: broadcast::Sender<RelayEvent>,
     pub hooks: Hooks,
+    /// Retained secrets and pins, under `<spool>/state`.
+    pub trust: trust::TrustStore,
+    /// The key we sign with and its public key packet, presented in opportunistic calls.
+    pub signing_fpr: Vec<u8>,
+    pub signing_packet: Vec<u8>,
 }
 
 impl Shared {
@@ -149,39 +159,120 @@ impl Shared {
 
     /// The audit record of a call: both fingerprints, the suite, the SAS and the hash of
     /// the signed transcript, in the log and as an event; and, unless `audit.record_calls`
-    /// is off, the signed data and both signatures in a record file (crate::audit).
+    /// is off, the signed data and both signatures in a record file (crate::audit). Then the
+    /// call's trust state is kept: its retained secret for the next call, and
+    /// (opportunistic) the peer's key pinned if this was the first use. Called only once the
+    /// media stream has proved that both sides hold the same keys.
     pub fn call_established(
         &self,
         call_id: &str,
-        peer: &str,
+        peer: &crate::config::Peer,
         outgoing: bool,
         peer_fpr: &str,
         keys: &crate::handshake::SessionKeys,
         sigs: crate::audit::CallSignatures<'_>,
     ) {
-        if let Some(dir) = &self.cfg.call_records {
-            self.record_call(dir, call_id, peer, outgoing, keys, sigs);
+        let mode = peer.trust.mode();
+        // Only OpenPGP-signed calls leave evidence a third party can check (docs/AUDIT.md):
+        // a PSK call's MACs prove nothing to anyone without the secret, and an
+        // opportunistic call's keys are not in anyone's keyring.
+        if let Some(dir) = &self.cfg.call_records
+            && mode == crate::handshake::AuthMode::Signed
+        {
+            self.record_call(dir, call_id, &peer.domain, outgoing, keys, sigs);
         }
+        let local_fpr = if mode == crate::handshake::AuthMode::Opportunistic {
+            hex::encode_upper(&self.signing_fpr)
+        } else {
+            self.own_fpr_hex.clone()
+        };
         tracing::info!(
             %call_id,
-            %peer,
+            peer = %peer.domain,
             direction = if outgoing { "outgoing" } else { "incoming" },
-            local_fingerprint = %self.own_fpr_hex,
+            trust = %mode,
+            local_fingerprint = %local_fpr,
             peer_fingerprint = %peer_fpr,
             suite = %keys.suite,
             sas = %keys.sas,
+            continuity = %keys.continuity,
             transcript_sha256 = %hex::encode(keys.transcript_hash),
             "call established"
         );
+        if let Err(e) = self.trust.remember(&peer.domain, &keys.retained) {
+            tracing::warn!(peer = %peer.domain, error = %e, "cannot store the retained secret; the next call has no key continuity");
+        }
+        if mode == crate::handshake::AuthMode::Opportunistic {
+            match self.trust.pin_first_use(&peer.domain, peer_fpr) {
+                Ok(true) => tracing::warn!(
+                    peer = %peer.domain, peer_fingerprint = %peer_fpr, sas = %keys.sas,
+                    "opportunistic peer's key pinned on first use: compare the SAS with the partner to rule out a man in the middle on this call"
+                ),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(peer = %peer.domain, error = %e, "cannot pin the peer's key")
+                }
+            }
+        }
         self.event(RelayEvent::CallEstablished {
             call_id: call_id.to_string(),
-            peer: peer.to_string(),
+            peer: peer.domain.clone(),
             outgoing,
-            local_fingerprint: self.own_fpr_hex.clone(),
+            local_fingerprint: local_fpr,
             peer_fingerprint: peer_fpr.to_string(),
             suite: keys.suite.to_string(),
             sas: keys.sas.clone(),
+            trust: mode.to_string(),
+            continuity: keys.continuity.to_string(),
         });
+    }
+
+    /// Our retained secrets for `domain`; a corrupt file is logged and treated as none.
+    pub fn retained_for(&self, domain: &str) -> Vec<crate::handshake::RetainedSecret> {
+        self.trust.retained(domain).unwrap_or_else(|e| {
+            tracing::warn!(peer = %domain, error = %e, "retained secrets unreadable; calling without them");
+            Vec::new()
+        })
+    }
+
+    /// The signer and the verifier for calls with `peer`, by its trust policy. `presented`
+    /// is the key packet the peer presented (opportunistic only).
+    pub fn auth_for<'a>(
+        &'a self,
+        peer: &'a crate::config::Peer,
+        presented: &'a [u8],
+    ) -> (
+        Box<dyn Signer + Send + Sync + 'a>,
+        Box<dyn Verifier + Send + Sync + 'a>,
+    ) {
+        use crate::config::Trust;
+        match &peer.trust {
+            Trust::Signed => (
+                Box::new(KeyringSigner(&self.keyring)),
+                Box::new(PeerVerifier {
+                    keyring: &self.keyring,
+                    domain: &peer.domain,
+                }),
+            ),
+            Trust::Psk(k) => {
+                let a = crate::handshake::PskAuth::new(k.as_bytes());
+                (Box::new(a.clone()), Box::new(a))
+            }
+            Trust::Opportunistic => (
+                Box::new(KeyringSigner(&self.keyring)),
+                Box::new(PresentedKeyVerifier { packet: presented }),
+            ),
+        }
+    }
+
+    /// The fingerprint we announce to `peer`: our cert's, or (opportunistic) our signing
+    /// key's, which is what the peer pins.
+    pub fn announced_fpr(&self, peer: &crate::config::Peer) -> Vec<u8> {
+        if peer.trust.mode() == crate::handshake::AuthMode::Opportunistic {
+            self.signing_fpr.clone()
+        } else {
+            self.own_fpr.clone()
+        }
     }
 }
 
@@ -270,6 +361,25 @@ impl Verifier for PeerVerifier<'_> {
     }
 }
 
+/// Verifies with the key packet the peer presented in an opportunistic call.
+pub struct PresentedKeyVerifier<'a> {
+    pub packet: &'a [u8],
+}
+impl Verifier for PresentedKeyVerifier<'_> {
+    fn verify(&self, fingerprint: &[u8], data: &[u8], signature: &[u8]) -> Result<(), String> {
+        if self.packet.is_empty() {
+            return Err("an opportunistic peer must present its key (a=sipmail-pubkey)".into());
+        }
+        crate::keyring::verify_with_key_packet(
+            self.packet,
+            &hex::encode_upper(fingerprint),
+            data,
+            signature,
+        )
+        .map_err(|e| e.to_string())
+    }
+}
+
 /// Open the keyring and check it against the config: our own key for mail@domain, and a
 /// usable cert for every peer.
 pub fn check_keyring(cfg: &Config) -> Result<Keyring, RelayError> {
@@ -286,12 +396,17 @@ pub fn check_keyring(cfg: &Config) -> Result<Keyring, RelayError> {
             )
             .into());
     }
-    let kr =
+    let mut kr =
         Keyring::open(&cfg.keyring).map_err(|e| cfg.invalid("relay.keyring", e.to_string()))?;
+    if let Some(fpr) = &cfg.signing_key {
+        kr.select_signing_key(fpr)
+            .map_err(|e| cfg.invalid("relay.signing_key", e.to_string()))?;
+    }
     kr.own_domain_ok(&cfg.domain)
         .map_err(|e| cfg.invalid("relay.keyring", e.to_string()))?;
     for (i, p) in cfg.peers.iter().enumerate() {
-        if !kr.has_peer(&p.domain) {
+        // Only `signed` peers need a cert; psk and opportunistic peers do without.
+        if matches!(p.trust, crate::config::Trust::Signed) && !kr.has_peer(&p.domain) {
             return Err(cfg
                 .invalid(
                     &format!("peer[{i}]"),
@@ -344,6 +459,9 @@ pub async fn start(cfg: Config, shutdown: Shutdown, hooks: Hooks) -> Result<Runn
     let own_fpr_hex = keyring.own_fingerprint()?;
     let own_fpr =
         hex::decode(&own_fpr_hex).map_err(|e| cfg.invalid("relay.keyring", e.to_string()))?;
+    let (signing_fpr_hex, signing_packet) = keyring.own_signing_key()?;
+    let signing_fpr =
+        hex::decode(&signing_fpr_hex).map_err(|e| cfg.invalid("relay.keyring", e.to_string()))?;
     // Claim the spool first: recovery must never run under another daemon's feet.
     std::fs::create_dir_all(&cfg.spool)
         .map_err(io_err(format!("creating spool {}", cfg.spool.display())))?;
@@ -388,6 +506,7 @@ pub async fn start(cfg: Config, shutdown: Shutdown, hooks: Hooks) -> Result<Runn
         )))?;
     let sip_addr = endpoint.local_addr();
     let recovered = envelopes.len();
+    let cfg_spool = cfg.spool.clone();
     let shared = Arc::new(Shared {
         queue: scheduler::Queue::new(spool.clone(), envelopes, cfg.queue.clone()),
         cfg,
@@ -402,6 +521,9 @@ pub async fn start(cfg: Config, shutdown: Shutdown, hooks: Hooks) -> Result<Runn
         shutdown,
         events: broadcast::channel(1024).0,
         hooks,
+        trust: trust::TrustStore::new(&cfg_spool),
+        signing_fpr,
+        signing_packet,
     });
     tracing::info!(
         domain = %shared.cfg.domain,

@@ -2,13 +2,13 @@
 //! carried by the ACK. Only the parsed fields enter the signed transcript; the SDP text
 //! itself is never signed, so re-ordering or re-spacing by a proxy breaks nothing.
 
-use crate::handshake::{Answer, Confirm, Offer, Suite};
+use crate::handshake::{Answer, AuthMode, Confirm, MAX_RETAINED, Offer, RS_ID_LEN, Suite};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use std::net::{IpAddr, SocketAddr};
 
 pub const CONFIRM_CONTENT_TYPE: &str = "application/sipmail-confirm";
-pub const VERSION: &str = "1";
+pub const VERSION: &str = "2";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SdpError {
@@ -75,6 +75,60 @@ fn fingerprint(v: &str) -> Result<Vec<u8>, SdpError> {
     Ok(b)
 }
 
+/// `a=sipmail-rs:` value: hex IDs separated by commas (absent: none).
+fn rs_ids(v: Option<&str>) -> Result<Vec<[u8; RS_ID_LEN]>, SdpError> {
+    let Some(v) = v.filter(|v| !v.is_empty()) else {
+        return Ok(Vec::new());
+    };
+    let ids = v
+        .split(',')
+        .map(|x| {
+            let b = hex::decode(x.trim()).map_err(|e| bad("a=sipmail-rs", e.to_string()))?;
+            <[u8; RS_ID_LEN]>::try_from(b.as_slice()).map_err(|_| {
+                bad(
+                    "a=sipmail-rs",
+                    format!("an ID is {} bytes, want {RS_ID_LEN}", b.len()),
+                )
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if ids.len() > MAX_RETAINED {
+        return Err(bad("a=sipmail-rs", format!("more than {MAX_RETAINED} IDs")));
+    }
+    Ok(ids)
+}
+
+fn rs_line(ids: &[[u8; RS_ID_LEN]]) -> String {
+    if ids.is_empty() {
+        return String::new();
+    }
+    let v: Vec<String> = ids.iter().map(hex::encode).collect();
+    format!("a=sipmail-rs:{}\r\n", v.join(","))
+}
+
+fn pubkey_line(packet: &[u8]) -> String {
+    if packet.is_empty() {
+        String::new()
+    } else {
+        format!("a=sipmail-pubkey:{}\r\n", B64.encode(packet))
+    }
+}
+
+fn pubkey(v: Option<&str>) -> Result<Vec<u8>, SdpError> {
+    match v {
+        None => Ok(Vec::new()),
+        Some(v) => {
+            let b = B64
+                .decode(v)
+                .map_err(|e| bad("a=sipmail-pubkey", e.to_string()))?;
+            if b.is_empty() || b.len() > 2048 {
+                return Err(bad("a=sipmail-pubkey", format!("{} bytes", b.len())));
+            }
+            Ok(b)
+        }
+    }
+}
+
 fn ip_line(ip: IpAddr) -> String {
     match ip {
         IpAddr::V4(a) => format!("IN IP4 {a}"),
@@ -99,11 +153,14 @@ pub fn encode_offer(offer: &Offer, session_id: u64, media_ip: IpAddr) -> Vec<u8>
         "v=0\r\no=sipmail {session_id} 1 {ip}\r\ns=sipmail\r\nc={ip}\r\nt=0 0\r\n\
          m=application 9 TCP sipmail\r\na=setup:active\r\na=connection:new\r\n\
          a=sipmail-version:{VERSION}\r\na=sipmail-suites:{}\r\na=sipmail-fingerprint:{}\r\n\
-         a=sipmail-nonce:{}\r\na=sipmail-commitment:{}\r\n",
+         a=sipmail-nonce:{}\r\na=sipmail-commitment:{}\r\na=sipmail-auth:{}\r\n{}{}",
         suites.join(","),
         hex::encode_upper(&offer.fingerprint),
         B64.encode(offer.nonce),
         B64.encode(offer.commitment),
+        offer.auth.name(),
+        rs_line(&offer.rs_ids),
+        pubkey_line(&offer.key_packet),
         ip = ip_line(media_ip),
     )
     .into_bytes()
@@ -141,11 +198,23 @@ pub fn decode_offer(body: &[u8]) -> Result<Offer, SdpError> {
         l.attr("sipmail-commitment", "a=")
             .ok_or(SdpError::Missing("a=sipmail-commitment"))?,
     )?;
+    let auth_s = l
+        .attr("sipmail-auth", "a=")
+        .ok_or(SdpError::Missing("a=sipmail-auth"))?;
+    let auth = AuthMode::from_name(auth_s).ok_or_else(|| {
+        bad(
+            "a=sipmail-auth",
+            format!("unknown trust policy \"{auth_s}\" (signed, psk, opportunistic)"),
+        )
+    })?;
     Ok(Offer {
         suites,
         fingerprint,
         nonce,
         commitment,
+        auth,
+        rs_ids: rs_ids(l.attr("sipmail-rs", "a="))?,
+        key_packet: pubkey(l.attr("sipmail-pubkey", "a="))?,
     })
 }
 
@@ -155,11 +224,13 @@ pub fn encode_answer(answer: &Answer, session_id: u64, media: SocketAddr) -> Vec
         "v=0\r\no=sipmail {session_id} 1 {ip}\r\ns=sipmail\r\nc={ip}\r\nt=0 0\r\n\
          m=application {port} TCP sipmail\r\na=setup:passive\r\na=connection:new\r\n\
          a=sipmail-version:{VERSION}\r\na=sipmail-suite:{}\r\na=sipmail-fingerprint:{}\r\n\
-         a=sipmail-key:{}\r\na=sipmail-signature:{}\r\n",
+         a=sipmail-key:{}\r\na=sipmail-signature:{}\r\n{}{}",
         answer.suite.name(),
         hex::encode_upper(&answer.fingerprint),
         B64.encode(answer.public),
         B64.encode(&answer.signature),
+        rs_line(&answer.rs_ids),
+        pubkey_line(&answer.key_packet),
         ip = ip_line(media.ip()),
         port = media.port(),
     )
@@ -208,6 +279,8 @@ pub fn decode_answer(body: &[u8]) -> Result<(Answer, SocketAddr), SdpError> {
             fingerprint,
             public,
             signature,
+            rs_ids: rs_ids(l.attr("sipmail-rs", "a="))?,
+            key_packet: pubkey(l.attr("sipmail-pubkey", "a="))?,
         },
         SocketAddr::new(ip, port),
     ))
@@ -251,6 +324,9 @@ mod tests {
             fingerprint: vec![0xab; 20],
             nonce: [1; 32],
             commitment: [2; 32],
+            auth: AuthMode::Opportunistic,
+            rs_ids: vec![[5; 8], [6; 8]],
+            key_packet: vec![7; 51],
         };
         let b = encode_offer(&offer, 42, "127.0.0.1".parse().unwrap());
         assert_eq!(decode_offer(&b).unwrap(), offer);
@@ -259,6 +335,8 @@ mod tests {
             fingerprint: vec![0xcd; 20],
             public: [3; 32],
             signature: vec![9; 119],
+            rs_ids: vec![[8; 8]],
+            key_packet: Vec::new(),
         };
         let media: SocketAddr = "127.0.0.2:40000".parse().unwrap();
         let b = encode_answer(&answer, 42, media);
@@ -283,6 +361,9 @@ mod tests {
             fingerprint: vec![1; 20],
             nonce: [1; 32],
             commitment: [2; 32],
+            auth: AuthMode::Signed,
+            rs_ids: Vec::new(),
+            key_packet: Vec::new(),
         };
         let text =
             String::from_utf8(encode_offer(&offer, 1, "127.0.0.1".parse().unwrap())).unwrap();
@@ -294,10 +375,23 @@ mod tests {
                 ..
             })
         ));
-        let broken = text.replace("a=sipmail-version:1", "a=sipmail-version:2");
+        let broken = text.replace("a=sipmail-version:2", "a=sipmail-version:1");
         assert_eq!(
             decode_offer(broken.as_bytes()),
-            Err(SdpError::Version("2".into()))
+            Err(SdpError::Version("1".into()))
+        );
+        let broken = text.replace("a=sipmail-auth:signed", "a=sipmail-auth:none");
+        assert!(matches!(
+            decode_offer(broken.as_bytes()),
+            Err(SdpError::Bad {
+                what: "a=sipmail-auth",
+                ..
+            })
+        ));
+        let broken = text.replace("a=sipmail-auth:signed\r\n", "");
+        assert_eq!(
+            decode_offer(broken.as_bytes()),
+            Err(SdpError::Missing("a=sipmail-auth"))
         );
     }
 }
