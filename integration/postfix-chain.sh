@@ -5,13 +5,15 @@
 # restarted twice and sipmail A once during a 500-message run, sipmail B down for 60 s,
 # Postfix B down, and a permanent 5xx from Postfix B. Every message is accounted for.
 #
-# Env: KILL_MESSAGES (500), DOWN_SECS (60), KEEP=1 keeps the scratch directory.
+# Then one 200 MB message through the chain, with sipmail's peak memory checked.
+# Env: KILL_MESSAGES (500), DOWN_SECS (60), BIG_MB (200), KEEP=1 keeps the scratch directory.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 SIPMAIL="$ROOT/target/release/sipmail"
 CHAIN="python3 $ROOT/integration/lib/chain.py"
 KILL_MESSAGES=${KILL_MESSAGES:-500}
 DOWN_SECS=${DOWN_SECS:-60}
+BIG_MB=${BIG_MB:-200}
 [ -x "$SIPMAIL" ] || { echo "build first: cargo build --release" >&2; exit 1; }
 command -v postfix >/dev/null || { echo "needs Postfix (.ci/run installs it)" >&2; exit 1; }
 
@@ -62,6 +64,7 @@ spool = "var/$1/spool"
 [smtp]
 listen = "127.0.0.1:$3"
 allow = ["127.0.0.0/8"]
+max_message_size = 300000000
 [sip]
 listen = "127.0.0.1:$4"
 media = "127.0.0.1"
@@ -113,10 +116,12 @@ virtual_mailbox_base = $WORK/pf-$name/mail
 virtual_mailbox_maps = inline:{$map }
 virtual_uid_maps = static:65534
 virtual_gid_maps = static:65534
-smtputf8_enable = yes" || fail "Postfix $name did not start"
+smtputf8_enable = yes
+message_size_limit = 0
+virtual_mailbox_limit = 0" || fail "Postfix $name did not start"
 }
 pf_site pfa site-a.test "$P_PFA" "$P_SMA" alice:alice
-pf_site pfb site-b.test "$P_PFB" "$P_SMB" bob:bob jörg:joerg
+pf_site pfb site-b.test "$P_PFB" "$P_SMB" bob:bob jörg:joerg big:big
 BOB="$WORK/pf-pfb/mail/bob"
 ALICE="$WORK/pf-pfa/mail/alice"
 
@@ -239,6 +244,28 @@ $CHAIN explain "$BOB" kill "$SM/a.log" "$SM/b.log" "$WORK/pf-pfa/maillog" "$WORK
 sed 's/^/   /' "$WORK/explain.txt"
 ((LOST == 0)) || fail "$LOST messages lost"
 ((UNEXPLAINED == 0)) || fail "$UNEXPLAINED duplicates without a log line that explains them"
+
+step "6. one message of ${BIG_MB} MB through the chain; sipmail's memory stays bounded"
+hwm_kb() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; }
+rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+for x in a b; do echo 5 >"/proc/${SM_PID[$x]}/clear_refs"; done # reset the high-water marks
+IDLE_A=$(rss_kb "${SM_PID[a]}"); IDLE_B=$(rss_kb "${SM_PID[b]}")
+T0=$SECONDS
+SUM=$($CHAIN big-send "$P_PFA" big@site-b.test $((BIG_MB * 1000000))) || fail "Postfix A refused the big message"
+echo "   Postfix A accepted it after $((SECONDS - T0)) s"
+for _ in $(seq 300); do
+    ls "$WORK/pf-pfb/mail/big/new/"* >/dev/null 2>&1 && break
+    sleep 1
+done
+read -r GOT LEN <<<"$($CHAIN big-check "$WORK/pf-pfb/mail/big")" || fail "the big message did not arrive"
+echo "   in Postfix B's Maildir after $((SECONDS - T0)) s: $LEN body bytes"
+[ "$GOT" = "$SUM" ] || fail "the big message's body changed on the way"
+PEAK_A=$(hwm_kb "${SM_PID[a]}"); PEAK_B=$(hwm_kb "${SM_PID[b]}")
+echo "   sipmail A: idle $((IDLE_A / 1024)) MB, peak $((PEAK_A / 1024)) MB; sipmail B: idle $((IDLE_B / 1024)) MB, peak $((PEAK_B / 1024)) MB"
+for pair in "A $IDLE_A $PEAK_A" "B $IDLE_B $PEAK_B"; do
+    read -r who idle peak <<<"$pair"
+    ((peak - idle < 64 * 1024)) || fail "sipmail $who took $(((peak - idle) / 1024)) MB more than idle for one message"
+done
 
 step "every message accounted for"
 echo "   sipmail A queue $(sm_queue a), sipmail B queue $(sm_queue b), Postfix A $(pf_queue_size pfa), Postfix B $(pf_queue_size pfb)"

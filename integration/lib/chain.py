@@ -111,6 +111,33 @@ def count(maildir, tag, sent):
     print(delivered, dup, lost)
 
 
+def big_body(size):
+    line = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-./:;<=>?@[]^_`{|}~\r\n"
+    return line * (size // len(line))
+
+
+def big_send(port, to, size):
+    """One message of about `size` bytes. Prints the SHA-256 of its body with LF line
+    ends (as a Maildir stores it)."""
+    import hashlib
+    body = big_body(int(size))
+    msg = (f"From: <{FROM}>\r\nTo: <{to}>\r\nSubject: big\r\nX-Chain-Tag: big\r\n\r\n").encode() + body
+    with smtplib.SMTP("127.0.0.1", int(port), timeout=600) as s:
+        s.sendmail(FROM, [to], msg, mail_options=["BODY=8BITMIME"])
+    print(hashlib.sha256(body.replace(b"\r\n", b"\n")).hexdigest())
+
+
+def big_check(maildir):
+    """Prints size and SHA-256 of the body of the one message in `maildir`."""
+    import hashlib
+    msgs = maildir_messages(maildir)
+    if len(msgs) != 1:
+        sys.exit(f"expected one message in {maildir}, found {len(msgs)}")
+    raw = msgs[0][1].replace(b"\r\n", b"\n")
+    body = raw.split(b"\n\n", 1)[1]
+    print(hashlib.sha256(body).hexdigest(), len(body))
+
+
 WARNINGS = ("may arrive twice", "may be sent more than once")
 
 
@@ -209,6 +236,10 @@ if __name__ == "__main__":
         send(port, tag, n, rate, to, mopts, ropts)
     elif cmd == "count":
         count(args[0], args[1], args[2])
+    elif cmd == "big-send":
+        big_send(*args)
+    elif cmd == "big-check":
+        big_check(*args)
     elif cmd == "explain":
         explain(*args)
     elif cmd == "intact":
