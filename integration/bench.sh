@@ -68,6 +68,8 @@ chmod 755 "$WORK"
 PIDS=()
 # shellcheck source=lib/postfix.sh
 . "$ROOT/integration/lib/postfix.sh"
+# shellcheck source=lib/sites.sh
+. "$ROOT/integration/lib/sites.sh" # exchange_keys, site_config
 cleanup() {
     set +e
     pf_stop_all
@@ -118,41 +120,9 @@ smtp_tls_loglevel = 1" || die "Postfix did not start"
 echo "== sipmail pair"
 SM="$WORK/sm"
 mkdir -p "$SM"
-(
-    cd "$SM"
-    "$SIPMAIL" keys generate --keyring keyring/site-a --domain site-a.test
-    "$SIPMAIL" keys generate --keyring keyring/site-b --domain site-b.test
-    "$SIPMAIL" keys export --keyring keyring/site-a >a.asc
-    "$SIPMAIL" keys export --keyring keyring/site-b >b.asc
-    "$SIPMAIL" keys import --keyring keyring/site-b a.asc
-    "$SIPMAIL" keys import --keyring keyring/site-a b.asc
-) >"$WORK/keys.log" 2>&1 || die "key setup failed: $(tail -3 "$WORK/keys.log")"
-sm_config() { # me other smtp-port sip-port other-sip-port delivery-line
-    cat <<EOF
-[relay]
-domain = "$1.test"
-keyring = "keyring/$1"
-spool = "var/$1/spool"
-[smtp]
-listen = "127.0.0.1:$3"
-allow = ["127.0.0.0/8"]
-max_message_size = 1000000000
-[sip]
-listen = "127.0.0.1:$4"
-media = "127.0.0.1"
-call_idle = "2s"
-[[peer]]
-domain = "$2.test"
-sip = "sip:mail@127.0.0.1:$5"
-[delivery]
-$6
-[queue]
-retry_initial = "1s"
-retry_max = "5s"
-EOF
-}
-sm_config site-a site-b "$P_SRC_S" "$P_SIP_A" "$P_SIP_B" "maildir = \"var/site-a/maildir\"" >"$SM/a.toml"
-sm_config site-b site-a "$P_SMTP_B" "$P_SIP_B" "$P_SIP_A" "smtp = \"127.0.0.1:$SINK_S\"" >"$SM/b.toml"
+(cd "$SM" && exchange_keys) >"$WORK/keys.log" 2>&1 || die "key setup failed: $(tail -3 "$WORK/keys.log")"
+site_config site-a site-b "$P_SRC_S" "$P_SIP_A" "$P_SIP_B" "maildir = \"var/site-a/maildir\"" >"$SM/a.toml"
+site_config site-b site-a "$P_SMTP_B" "$P_SIP_B" "$P_SIP_A" "smtp = \"127.0.0.1:$SINK_S\"" >"$SM/b.toml"
 (cd "$SM" && exec "$SIPMAIL" run --config b.toml >b.log 2>&1) & PIDS+=($!); SM_B=$!
 (cd "$SM" && exec "$SIPMAIL" run --config a.toml >a.log 2>&1) & PIDS+=($!); SM_A=$!
 wait_port "$P_SRC_S" 20 || die "sipmail A did not start: $(tail -5 "$SM/a.log")"

@@ -21,6 +21,8 @@ WORK="$(mktemp -d /tmp/sipmail-chain.XXXXXX)"
 chmod 755 "$WORK"
 # shellcheck source=lib/postfix.sh
 . "$ROOT/integration/lib/postfix.sh"
+# shellcheck source=lib/sites.sh
+. "$ROOT/integration/lib/sites.sh" # exchange_keys, site_config
 
 declare -A SM_PID=()
 cleanup() {
@@ -45,44 +47,11 @@ SM="$WORK/sm"
 mkdir -p "$SM"
 
 step "keys for mail@site-a.test and mail@site-b.test, exchanged"
-(
-    cd "$SM"
-    "$SIPMAIL" keys generate --keyring keyring/site-a --domain site-a.test
-    "$SIPMAIL" keys generate --keyring keyring/site-b --domain site-b.test
-    "$SIPMAIL" keys export --keyring keyring/site-a >a.asc
-    "$SIPMAIL" keys export --keyring keyring/site-b >b.asc
-    "$SIPMAIL" keys import --keyring keyring/site-b a.asc
-    "$SIPMAIL" keys import --keyring keyring/site-a b.asc
-) >"$WORK/keys.log" 2>&1 || fail "key setup: $(tail -3 "$WORK/keys.log")"
+(cd "$SM" && exchange_keys) >"$WORK/keys.log" 2>&1 || fail "key setup: $(tail -3 "$WORK/keys.log")"
 
-sm_config() { # me other smtp-port sip-port other-sip-port local-mta-port
-    cat <<CF
-[relay]
-domain = "$1.test"
-keyring = "keyring/$1"
-spool = "var/$1/spool"
-[smtp]
-listen = "127.0.0.1:$3"
-allow = ["127.0.0.0/8"]
-max_message_size = 300000000
-[sip]
-listen = "127.0.0.1:$4"
-media = "127.0.0.1"
-call_idle = "5s"
-[[peer]]
-domain = "$2.test"
-sip = "sip:mail@127.0.0.1:$5"
-[delivery]
-smtp = "127.0.0.1:$6"
-[queue]
-retry_initial = "1s"
-retry_max = "5s"
-${7:-}
-CF
-}
-sm_config site-a site-b "$P_SMA" "$P_SIPA" "$P_SIPB" "$P_PFA" >"$SM/a.toml"
+site_config site-a site-b "$P_SMA" "$P_SIPA" "$P_SIPB" "smtp = \"127.0.0.1:$P_PFA\"" >"$SM/a.toml"
 # B warns senders when mail waits (RFC 3464 "delayed"), with a short timer for the test.
-sm_config site-b site-a "$P_SMB" "$P_SIPB" "$P_SIPA" "$P_PFB" 'delay_warning = "3s"' >"$SM/b.toml"
+site_config site-b site-a "$P_SMB" "$P_SIPB" "$P_SIPA" "smtp = \"127.0.0.1:$P_PFB\"" 'delay_warning = "3s"' >"$SM/b.toml"
 sm_start() { # a|b
     local port=$P_SMA
     [ "$1" = b ] && port=$P_SMB

@@ -46,17 +46,53 @@ fail() {
     exit 1
 }
 
+# exchange_keys: in the current directory, keys for both sites in keyring/site-a and
+# keyring/site-b, each importing the other's cert (README.md, "Setting up two real sites").
+# Also used by postfix-chain.sh and bench.sh, which need only $SIPMAIL.
+exchange_keys() {
+    "$SIPMAIL" keys generate --keyring keyring/site-a --domain site-a.test
+    "$SIPMAIL" keys generate --keyring keyring/site-b --domain site-b.test
+    "$SIPMAIL" keys export --keyring keyring/site-a > site-a.asc
+    "$SIPMAIL" keys export --keyring keyring/site-b > site-b.asc
+    "$SIPMAIL" keys import --keyring keyring/site-b site-a.asc
+    "$SIPMAIL" keys import --keyring keyring/site-a site-b.asc
+}
+
+# site_config ME OTHER SMTP-PORT SIP-PORT OTHER-SIP-PORT DELIVERY-LINE [QUEUE-LINES]:
+# a config for site ME (site-a or site-b) on loopback ports, for scripts that pick their
+# own ports; keys as exchange_keys makes them; short timers for tests.
+site_config() {
+    cat <<CF
+[relay]
+domain = "$1.test"
+keyring = "keyring/$1"
+spool = "var/$1/spool"
+[smtp]
+listen = "127.0.0.1:$3"
+allow = ["127.0.0.0/8"]
+max_message_size = 1000000000
+[sip]
+listen = "127.0.0.1:$4"
+media = "127.0.0.1"
+call_idle = "2s"
+[[peer]]
+domain = "$2.test"
+sip = "sip:mail@127.0.0.1:$5"
+[delivery]
+$6
+[queue]
+retry_initial = "1s"
+retry_max = "5s"
+${7:-}
+CF
+}
+
 sites_keys() {
     local out=/dev/stdout
     [ "${1:-}" = --quiet ] && out=/dev/null
     echo "== keys, as in README.md"
     {
-        "$SIPMAIL" keys generate --keyring keyring/site-a --domain site-a.test
-        "$SIPMAIL" keys generate --keyring keyring/site-b --domain site-b.test
-        "$SIPMAIL" keys export --keyring keyring/site-a > site-a.asc
-        "$SIPMAIL" keys export --keyring keyring/site-b > site-b.asc
-        "$SIPMAIL" keys import --keyring keyring/site-b site-a.asc
-        "$SIPMAIL" keys import --keyring keyring/site-a site-b.asc
+        exchange_keys
         "$SIPMAIL" keys list --keyring keyring/site-a
         "$SIPMAIL" check-config --config config/site-a.toml
         "$SIPMAIL" check-config --config config/site-b.toml
