@@ -595,21 +595,7 @@ impl Keyring {
             reason,
         };
 
-        let sig = parse_signature(sig).map_err(bad)?;
-        if sig.typ() != SignatureType::Binary {
-            return Err(bad(format!(
-                "signature type is {}, expected a binary document signature",
-                sig.typ()
-            )));
-        }
-        POLICY
-            .signature(&sig, HashAlgoSecurity::CollisionResistance)
-            .map_err(|e| bad(format!("rejected by policy: {}", error::why(e))))?;
-        sig.signature_alive(t, None)
-            .map_err(|e| bad(format!("signature not alive: {}", error::why(e))))?;
-        let sig_time = sig
-            .signature_creation_time()
-            .ok_or_else(|| bad("signature has no creation time".into()))?;
+        let (sig, sig_time) = checked_signature(sig, t).map_err(bad)?;
 
         let issuers = sig.get_issuers();
         let mut reason = if entry.verifiers.is_empty() {
@@ -637,18 +623,9 @@ impl Keyring {
                 reason = format!("signature predates signing key {}", fpr_hex(&k.fpr));
                 continue;
             }
-            match sig.verify_message(&k.key, data) {
-                // Sequoia does not check the two-byte digest prefix (it is only a quick
-                // filter in RFC 9580). We do, so that no bit of the packet is malleable.
-                Ok(())
-                    if sig
-                        .computed_digest()
-                        .is_some_and(|d| d.get(..2) == Some(&sig.digest_prefix()[..])) =>
-                {
-                    return Ok(());
-                }
-                Ok(()) => reason = "the digest prefix does not match the signed data".into(),
-                Err(e) => reason = format!("does not verify: {}", error::why(e)),
+            match verify_with_key(&sig, &k.key, data) {
+                Ok(()) => return Ok(()),
+                Err(why) => reason = why,
             }
         }
         Err(bad(reason))
@@ -745,28 +722,46 @@ pub fn verify_with_key_packet(
         return Err(bad(format!("{} cannot sign", key.pk_algo())));
     }
     let t = now();
-    let sig = parse_signature(sig).map_err(bad)?;
-    if sig.typ() != SignatureType::Binary {
-        return Err(bad(format!(
-            "signature type is {}, expected a binary document signature",
-            sig.typ()
-        )));
-    }
-    POLICY
-        .signature(&sig, HashAlgoSecurity::CollisionResistance)
-        .map_err(|e| bad(format!("rejected by policy: {e:#}")))?;
-    sig.signature_alive(t, None)
-        .map_err(|e| bad(format!("signature not alive: {e:#}")))?;
-    let sig_time = sig
-        .signature_creation_time()
-        .ok_or_else(|| bad("signature has no creation time".into()))?;
+    let (sig, sig_time) = checked_signature(sig, t).map_err(bad)?;
     if sig_time < key.creation_time() {
         return Err(bad("signature predates the key".into()));
     }
     if key.creation_time() > t + CLOCK_SKEW {
         return Err(bad("the presented key was created in the future".into()));
     }
-    match sig.verify_message(&key, data) {
+    verify_with_key(&sig, &key, data).map_err(bad)
+}
+
+/// A detached signature, parsed and checked for what does not depend on the key: a
+/// binary-document signature, allowed by the policy, alive at `t`, with a creation time.
+fn checked_signature(sig: &[u8], t: SystemTime) -> Result<(Signature, SystemTime), String> {
+    let sig = parse_signature(sig)?;
+    if sig.typ() != SignatureType::Binary {
+        return Err(format!(
+            "signature type is {}, expected a binary document signature",
+            sig.typ()
+        ));
+    }
+    POLICY
+        .signature(&sig, HashAlgoSecurity::CollisionResistance)
+        .map_err(|e| format!("rejected by policy: {}", error::why(e)))?;
+    sig.signature_alive(t, None)
+        .map_err(|e| format!("signature not alive: {}", error::why(e)))?;
+    let created = sig
+        .signature_creation_time()
+        .ok_or("signature has no creation time")?;
+    Ok((sig, created))
+}
+
+/// `sig` over `data` verifies with `key`, digest prefix included: Sequoia does not check
+/// the two-byte prefix (only a quick filter in RFC 9580); we do, so that no bit of the
+/// packet is malleable.
+fn verify_with_key(
+    sig: &Signature,
+    key: &Key<PublicParts, UnspecifiedRole>,
+    data: &[u8],
+) -> Result<(), String> {
+    match sig.verify_message(key, data) {
         Ok(())
             if sig
                 .computed_digest()
@@ -774,10 +769,8 @@ pub fn verify_with_key_packet(
         {
             Ok(())
         }
-        Ok(()) => Err(bad(
-            "the digest prefix does not match the signed data".into()
-        )),
-        Err(e) => Err(bad(format!("does not verify: {e:#}"))),
+        Ok(()) => Err("the digest prefix does not match the signed data".into()),
+        Err(e) => Err(format!("does not verify: {}", error::why(e))),
     }
 }
 
