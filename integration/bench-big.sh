@@ -6,6 +6,7 @@
 #
 #   integration/bench-big.sh                         # the worktree's release build, 3 runs
 #   SIPMAILS="/tmp/old /tmp/new" REPEAT=3 integration/bench-big.sh   # interleaved A/B
+#   SMALL=2000 integration/bench-big.sh              # small-message msg/s instead
 #
 # PERF=/path/perf.data: also perf record -g both relays while the message is in flight.
 # Needs smtp-sink (Postfix) and python3. Everything on 127.0.0.1, in a temporary folder.
@@ -14,6 +15,8 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 BIG_MB=${BIG_MB:-200}
 REPEAT=${REPEAT:-3}
 SIPMAILS=${SIPMAILS:-$ROOT/target/release/sipmail}
+SMALL=${SMALL:-0}        # instead of the big message: SMALL messages of 5120 B with smtp-source
+SESSIONS=${SESSIONS:-10} # ... over SESSIONS sessions, timed until smtp-sink counted them all
 [ -x /usr/sbin/smtp-sink ] || { echo "bench-big: smtp-sink not found" >&2; exit 1; }
 # shellcheck source=lib/postfix.sh
 . "$ROOT/integration/lib/postfix.sh"
@@ -118,6 +121,20 @@ for r in $(seq "$REPEAT"); do
         if [ -n "${PERF:-}" ]; then # PERF=file: perf record -g of A and B while the message is in flight
             perf record -F 1999 -g -o "$PERF.$n" -p "$SM_A,$SM_B" >/dev/null 2>&1 & PERF_PID=$!
             sleep 0.5
+        fi
+        if ((SMALL > 0)); then # the small-message throughput of bench.sh's sipmail path
+            t0=$(now_ns)
+            timeout 300 /usr/sbin/smtp-source -s "$SESSIONS" -m "$SMALL" -l 5120 -f a@site-a.test \
+                -t b@site-b.test "127.0.0.1:$P_SRC" >/dev/null 2>&1 || echo "   smtp-source failed"
+            while (($(sink_count "$WORK/sink.cnt") < SMALL)) && (($(now_ns) < t0 + 300000000000)); do sleep 0.01; done
+            t1=$(now_ns)
+            printf 'run %s %-28s load %s | %s x 5120 B, %s sessions: %s msg/s (%s at the sink)\n' "$r" "$(basename "$bin")" \
+                "$load" "$SMALL" "$SESSIONS" "$(awk -v n="$(sink_count "$WORK/sink.cnt")" -v a="$t0" -v b="$t1" 'BEGIN {printf "%.1f", n/((b-a)/1e9)}')" \
+                "$(sink_count "$WORK/sink.cnt")"
+            kill "$SM_A" "$SM_B" "$SINK_PID" 2>/dev/null || true
+            wait "$SM_A" "$SM_B" "$SINK_PID" 2>/dev/null || true
+            rm -rf "$SM/var"
+            continue
         fi
         python3 "$WORK/bigsend.py" "$P_SRC" "$BIG" "$WORK/big.t0" >"$WORK/big-source.log" 2>&1 \
             || echo "   refused: $(tail -2 "$WORK/big-source.log")"
