@@ -9,6 +9,7 @@
 //! Commit: fsync the body, write and fsync the envelope in tmp/, rename the body, rename
 //! the envelope, fsync `queue/`. Only then does SMTP answer 250.
 
+pub mod bodyio;
 pub mod maildir;
 
 use serde::{Deserialize, Serialize};
@@ -328,6 +329,14 @@ impl Spool {
             .create_new(true)
             .open(self.tmp.join(format!("{id}.msg")))
             .await
+    }
+
+    /// A new body file in `tmp/`, written through a [`bodyio::BodyWriter`] (large
+    /// buffers, off the async workers). [`bodyio::BodyWriter::finish`] gives the file for
+    /// [`commit`](Self::commit).
+    pub async fn create_body_writer(&self, id: &str) -> io::Result<bodyio::BodyWriter> {
+        let file = self.create_body(id).await?.into_std().await;
+        Ok(bodyio::BodyWriter::new(file))
     }
 
     /// Make the message durable. Returns only after the body, the envelope and the

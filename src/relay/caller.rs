@@ -371,7 +371,7 @@ pub(crate) async fn worker(shared: Arc<Shared>, domain: String, lane: usize, job
             continue;
         };
         let body = match tokio::fs::File::open(shared.spool.body_path(&job.id)).await {
-            Ok(f) => f,
+            Ok(f) => crate::queue::bodyio::BodyReader::new(f.into_std().await),
             Err(e) => {
                 tracing::error!(queue_id = %job.id, error = %e, "cannot open the queued message");
                 let outcomes = job.all(Outcome::Transient(format!(
@@ -389,7 +389,7 @@ pub(crate) async fn worker(shared: Arc<Shared>, domain: String, lane: usize, job
                 &job.recipients,
                 &job.rcpt_params,
                 &job.opts,
-                tokio::io::BufReader::new(body),
+                body,
             )
             .await;
         let broken = res.is_err();

@@ -85,7 +85,7 @@ fn domain_of(addr: &str) -> Option<String> {
 }
 
 impl Backend for SpoolBackend {
-    type Writer = tokio::io::BufWriter<tokio::fs::File>;
+    type Writer = crate::queue::bodyio::BodyWriter;
 
     async fn mail_from(&mut self, _from: &str, _params: &MailParams) -> Result<(), Reply> {
         self.routes.clear();
@@ -130,15 +130,19 @@ impl Backend for SpoolBackend {
 
     async fn data_start(&mut self, env: &crate::smtp::Envelope) -> Result<Self::Writer, Reply> {
         let id = Spool::new_id();
-        let file = self.shared.spool.create_body(&id).await.map_err(|e| {
-            tracing::error!(error = %e, "cannot create a spool file");
-            Reply::new(
-                451,
-                (4, 3, 0),
-                "Local error: cannot write to the queue, try again later",
-            )
-        })?;
-        let mut w = tokio::io::BufWriter::with_capacity(64 * 1024, file);
+        let mut w = self
+            .shared
+            .spool
+            .create_body_writer(&id)
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "cannot create a spool file");
+                Reply::new(
+                    451,
+                    (4, 3, 0),
+                    "Local error: cannot write to the queue, try again later",
+                )
+            })?;
         let hdr = self.received_header(&id, env);
         if let Err(e) = w.write_all(hdr.as_bytes()).await {
             tracing::error!(error = %e, "cannot write to a spool file");
@@ -153,7 +157,7 @@ impl Backend for SpoolBackend {
         Ok(w)
     }
 
-    async fn data_end(&mut self, env: crate::smtp::Envelope, mut writer: Self::Writer) -> Reply {
+    async fn data_end(&mut self, env: crate::smtp::Envelope, writer: Self::Writer) -> Reply {
         let Some(id) = self.current.take() else {
             return Reply::new(451, (4, 3, 0), "Local error: no open message");
         };
@@ -165,13 +169,8 @@ impl Backend for SpoolBackend {
                 "Local error: cannot write to the queue, try again later",
             )
         };
-        if let Err(e) = writer.flush().await {
-            self.shared.spool.discard(&id).await;
-            return fail(e);
-        }
-        let file = writer.into_inner();
-        let size = match file.metadata().await {
-            Ok(m) => m.len(),
+        let (file, size) = match writer.finish().await {
+            Ok((f, size)) => (tokio::fs::File::from_std(f), size),
             Err(e) => {
                 self.shared.spool.discard(&id).await;
                 return fail(e);

@@ -158,7 +158,7 @@ impl SendOutcome {
     }
 }
 
-const BODY_CHUNK: usize = 64 * 1024;
+const BODY_CHUNK: usize = 256 * 1024;
 
 /// An SMTP client connection over any async stream.
 #[derive(Debug)]

@@ -92,6 +92,31 @@ impl DataReceiver {
         out.extend_from_slice(bytes);
     }
 
+    /// Fast path from `input[start]`, a byte inside a line that is neither CR nor LF: copies
+    /// in one go every following byte up to the first one that needs the state machine (a
+    /// bare CR or LF, a CR at the end of the input, or the start of a line that begins
+    /// with `.`, CR or LF), whole lines included. Returns where that byte is, with the state
+    /// set for it.
+    fn clean_run(&mut self, input: &[u8], start: usize, out: &mut Vec<u8>) -> usize {
+        let mut j = start;
+        let (end, state) = loop {
+            let Some(p) = memchr::memchr2(b'\r', b'\n', &input[j..]).map(|p| j + p) else {
+                break (input.len(), RxState::Mid);
+            };
+            if input[p] == b'\n' || input.get(p + 1) != Some(&b'\n') {
+                // A bare LF or CR, or a CR whose LF is not here yet.
+                break (p, RxState::Mid);
+            }
+            match input.get(p + 2) {
+                Some(b'.' | b'\r' | b'\n') | None => break (p + 2, RxState::LineStart),
+                Some(_) => j = p + 2,
+            }
+        };
+        self.emit(out, &input[start..end]);
+        self.state = state;
+        end
+    }
+
     /// Consumes input up to and including the end marker. Returns the number
     /// of bytes consumed; bytes after the end marker are left for the caller
     /// (pipelined commands).
@@ -109,14 +134,7 @@ impl DataReceiver {
                         self.state = RxState::Mid;
                     }
                     _ => {
-                        // Fast path: copy the run up to the next CR/LF.
-                        let run = input[i..]
-                            .iter()
-                            .position(|&c| c == b'\r' || c == b'\n')
-                            .unwrap_or(input.len() - i);
-                        self.emit(out, &input[i..i + run]);
-                        self.state = RxState::Mid;
-                        i += run;
+                        i = self.clean_run(input, i, out);
                         continue;
                     }
                 },
@@ -146,12 +164,7 @@ impl DataReceiver {
                     b'\r' => self.state = RxState::Cr,
                     b'\n' => self.bare = true,
                     _ => {
-                        let run = input[i..]
-                            .iter()
-                            .position(|&c| c == b'\r' || c == b'\n')
-                            .unwrap_or(input.len() - i);
-                        self.emit(out, &input[i..i + run]);
-                        i += run;
+                        i = self.clean_run(input, i, out);
                         continue;
                     }
                 },
@@ -198,30 +211,67 @@ impl DotStuffer {
         }
     }
 
-    /// Encodes `input`, appending to `out`.
+    /// Encodes `input`, appending to `out`. Runs of input that need no change (lines
+    /// already ending in CRLF and not starting with `.`) are copied in one go.
     pub fn encode(&mut self, input: &[u8], out: &mut Vec<u8>) {
         out.reserve(input.len() + input.len() / 64 + 4);
-        for &b in input {
-            if self.pending_cr {
-                self.pending_cr = false;
-                out.extend_from_slice(b"\r\n");
-                self.at_line_start = true;
-                if b == b'\n' {
-                    continue;
-                }
+        let mut i = 0;
+        if self.pending_cr && !input.is_empty() {
+            // A CR at the end of the previous input: CRLF either way, LF consumed.
+            self.pending_cr = false;
+            out.extend_from_slice(b"\r\n");
+            self.at_line_start = true;
+            if input[0] == b'\n' {
+                i = 1;
             }
-            match b {
-                b'\r' => self.pending_cr = true,
-                b'\n' => {
+        }
+        while i < input.len() {
+            if self.at_line_start && input[i] == b'.' {
+                out.push(b'.');
+            }
+            // Copy verbatim up to the first CR or LF that is not part of a CRLF followed by
+            // a line that does not start with `.`.
+            let start = i;
+            let mut j = i;
+            loop {
+                let Some(p) = memchr::memchr2(b'\r', b'\n', &input[j..]).map(|p| j + p) else {
+                    out.extend_from_slice(&input[start..]);
+                    self.at_line_start = false;
+                    return;
+                };
+                if input[p] == b'\n' {
+                    // Bare LF.
+                    out.extend_from_slice(&input[start..p]);
                     out.extend_from_slice(b"\r\n");
                     self.at_line_start = true;
+                    i = p + 1;
+                    break;
                 }
-                _ => {
-                    if self.at_line_start && b == b'.' {
-                        out.push(b'.');
+                match input.get(p + 1) {
+                    None => {
+                        // CR at the end: wait for the next input.
+                        out.extend_from_slice(&input[start..p]);
+                        self.pending_cr = true;
+                        return;
                     }
-                    out.push(b);
-                    self.at_line_start = false;
+                    Some(b'\n') => {
+                        if input.get(p + 2).is_some_and(|&b| b != b'.') {
+                            j = p + 2;
+                            continue;
+                        }
+                        out.extend_from_slice(&input[start..p + 2]);
+                        self.at_line_start = true;
+                        i = p + 2;
+                        break;
+                    }
+                    Some(_) => {
+                        // Bare CR.
+                        out.extend_from_slice(&input[start..p]);
+                        out.extend_from_slice(b"\r\n");
+                        self.at_line_start = true;
+                        i = p + 1;
+                        break;
+                    }
                 }
             }
         }
@@ -326,6 +376,105 @@ mod tests {
         assert_eq!(enc(b".\r\n"), b"..\r\n.\r\n");
         assert_eq!(enc(b"a\n.b\rc\r"), b"a\r\n..b\r\nc\r\n.\r\n");
         assert_eq!(enc(b"x\r\n.\r\ny"), b"x\r\n..\r\ny\r\n.\r\n");
+    }
+
+    /// The byte-at-a-time encoder the fast path replaced: the reference.
+    fn reference_stuff(input: &[u8]) -> Vec<u8> {
+        let (mut at_line_start, mut pending_cr) = (true, false);
+        let mut out = Vec::new();
+        for &b in input {
+            if pending_cr {
+                pending_cr = false;
+                out.extend_from_slice(b"\r\n");
+                at_line_start = true;
+                if b == b'\n' {
+                    continue;
+                }
+            }
+            match b {
+                b'\r' => pending_cr = true,
+                b'\n' => {
+                    out.extend_from_slice(b"\r\n");
+                    at_line_start = true;
+                }
+                _ => {
+                    if at_line_start && b == b'.' {
+                        out.push(b'.');
+                    }
+                    out.push(b);
+                    at_line_start = false;
+                }
+            }
+        }
+        if pending_cr || !at_line_start {
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b".\r\n");
+        out
+    }
+
+    /// The fast paths (runs of whole lines) give the same bytes and verdicts as the
+    /// byte-at-a-time state machine, for every chunking, on inputs full of the special
+    /// bytes and on long clean lines.
+    #[test]
+    fn fast_paths_match_bytewise() {
+        let mut seed = 0x0dd_ba11_5eed_u64;
+        let mut rnd = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let alphabets: [&[u8]; 3] = [b".\r\nab", b"xxxxxxx\r\n.", b"xy\r\n"];
+        for round in 0..6000 {
+            let alphabet = alphabets[round % alphabets.len()];
+            let len = (rnd() % 80) as usize;
+            let mut body: Vec<u8> = (0..len)
+                .map(|_| alphabet[(rnd() % alphabet.len() as u64) as usize])
+                .collect();
+            if round % 4 == 0 {
+                // Something that ends the DATA phase, then more bytes.
+                body.extend_from_slice(b"\r\n.\r\nNEXT");
+            }
+            let chunk = 1 + (rnd() % 9) as usize;
+            // Stuffer: chunked fast path against the reference.
+            let mut enc = DotStuffer::new();
+            let mut wire = Vec::new();
+            for part in body.chunks(chunk) {
+                enc.encode(part, &mut wire);
+            }
+            enc.finish(&mut wire);
+            assert_eq!(
+                wire,
+                reference_stuff(&body),
+                "{body:?} in chunks of {chunk}"
+            );
+            // Receiver: whole input, chunked, and byte by byte agree.
+            let max = if round % 3 == 0 {
+                (len / 2) as u64
+            } else {
+                1000
+            };
+            let whole = rx_all(&body, max);
+            let bytewise = rx_bytewise(&body, max);
+            let mut r = DataReceiver::new(max);
+            let (mut out, mut used) = (Vec::new(), 0);
+            for part in body.chunks(chunk) {
+                if r.is_done() {
+                    break;
+                }
+                used += r.feed(part, &mut out);
+            }
+            let chunked = (out, used, r.verdict(), r.is_done());
+            for other in [&bytewise, &chunked] {
+                assert_eq!(whole.2, other.2, "verdict {body:?} max {max}");
+                assert_eq!(whole.3, other.3, "done {body:?}");
+                assert_eq!(whole.1, other.1, "consumed {body:?}");
+                if whole.2 == DataVerdict::Ok {
+                    assert_eq!(whole.0, other.0, "output {body:?}");
+                }
+            }
+        }
     }
 
     /// Stuffer and receiver are inverse on CRLF-normalised input, whatever

@@ -41,8 +41,11 @@ impl From<TunnelError> for io::Error {
 
 /// Largest payload we put in one record when writing.
 const WRITE_CHUNK: usize = 16 * 1024;
-/// Sealed bytes we hold before pushing back on the writer.
+/// Sealed bytes we hold before pushing back on the writer; also what one `poll_write`
+/// seals at most (several records, one socket write).
 const WRITE_HIGH_WATER: usize = 64 * 1024;
+/// Read buffer beyond one maximal record, so that one socket read brings several records.
+const READ_EXTRA: usize = 192 * 1024;
 
 pub struct TunnelStream<S> {
     inner: S,
@@ -57,6 +60,8 @@ pub struct TunnelStream<S> {
     /// Sealed bytes not yet written: `wbuf[wpos..]`.
     wbuf: Vec<u8>,
     wpos: usize,
+    /// A record that failed to open while filling a read; returned by the next read.
+    read_err: Option<io::Error>,
     /// Set once the peer's CLOSE was read: reads return EOF from then on.
     peer_closed: bool,
     close_sealed: bool,
@@ -83,12 +88,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TunnelStream<S> {
             inner,
             sealer: Sealer::with_suite(keys.suite, send, limits),
             opener: Opener::with_suite(keys.suite, recv),
-            rbuf: vec![0; record::HEADER_LEN + record::MAX_CIPHERTEXT + 4096],
+            rbuf: vec![0; record::HEADER_LEN + record::MAX_CIPHERTEXT + READ_EXTRA],
             rpos: 0,
             rlen: 0,
             plain: 0..0,
             wbuf: Vec::with_capacity(WRITE_HIGH_WATER + WRITE_CHUNK + 64),
             wpos: 0,
+            read_err: None,
             peer_closed: false,
             close_sealed: false,
             wire_bytes_written: 0,
@@ -115,6 +121,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TunnelStream<S> {
         tokio::io::AsyncWriteExt::flush(self).await
     }
 
+    /// Open the next record if it is already in `rbuf`: Some(true) for DATA (in `plain`),
+    /// Some(false) for a KEY_UPDATE or the CLOSE (then `peer_closed`), None if the record
+    /// is not complete yet. A record that fails to open is an error.
+    fn open_buffered(&mut self) -> io::Result<Option<bool>> {
+        let avail = &mut self.rbuf[self.rpos..self.rlen];
+        let Some((opened, used)) = self.opener.open(avail).map_err(TunnelError::Record)? else {
+            return Ok(None);
+        };
+        let base = self.rpos;
+        self.rpos += used;
+        Ok(Some(match opened {
+            Opened::Data(r) => {
+                self.plain = base + r.start..base + r.end;
+                true
+            }
+            Opened::Close => {
+                self.peer_closed = true;
+                false
+            }
+            Opened::KeyUpdate => false,
+        }))
+    }
+
     /// Open one record from the socket. Ready(Ok(true)) if a record was processed,
     /// Ready(Ok(false)) at the authenticated end.
     fn poll_next_record(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
@@ -122,23 +151,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TunnelStream<S> {
             if self.peer_closed {
                 return Poll::Ready(Ok(false));
             }
-            let avail = &mut self.rbuf[self.rpos..self.rlen];
-            match self.opener.open(avail).map_err(TunnelError::Record)? {
-                Some((opened, used)) => {
-                    let base = self.rpos;
-                    self.rpos += used;
-                    match opened {
-                        Opened::Data(r) => {
-                            self.plain = base + r.start..base + r.end;
-                            return Poll::Ready(Ok(true));
-                        }
-                        Opened::Close => {
-                            self.peer_closed = true;
-                            return Poll::Ready(Ok(false));
-                        }
-                        Opened::KeyUpdate => continue,
-                    }
-                }
+            match self.open_buffered()? {
+                Some(true) => return Poll::Ready(Ok(true)),
+                Some(false) => continue, // KEY_UPDATE, or CLOSE (checked above)
                 None => {
                     // Compact, then read more. The buffer holds one maximal record.
                     if self.rpos > 0 {
@@ -180,11 +195,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for TunnelStream<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if let Some(e) = this.read_err.take() {
+            return Poll::Ready(Err(e));
+        }
         loop {
             if !this.plain.is_empty() {
                 let n = this.plain.len().min(buf.remaining());
                 buf.put_slice(&this.rbuf[this.plain.start..this.plain.start + n]);
                 this.plain.start += n;
+                // Fill the caller's buffer from records already received, without another
+                // socket read; an error or the CLOSE is reported at the next call.
+                while buf.remaining() > 0 && this.plain.is_empty() && !this.peer_closed {
+                    match this.open_buffered() {
+                        Ok(Some(true)) => {
+                            let n = this.plain.len().min(buf.remaining());
+                            buf.put_slice(&this.rbuf[this.plain.start..this.plain.start + n]);
+                            this.plain.start += n;
+                        }
+                        Ok(Some(false)) => continue,
+                        Ok(None) => break,
+                        Err(e) => {
+                            this.read_err = Some(e);
+                            break;
+                        }
+                    }
+                }
                 return Poll::Ready(Ok(()));
             }
             if !ready!(this.poll_next_record(cx))? {
@@ -204,10 +239,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TunnelStream<S> {
         if this.wbuf.len() - this.wpos >= WRITE_HIGH_WATER {
             ready!(this.poll_drain(cx))?;
         }
-        let n = data.len().min(WRITE_CHUNK);
-        this.sealer
-            .seal_data(&data[..n], &mut this.wbuf)
-            .map_err(|e| io::Error::from(TunnelError::Record(e)))?;
+        // Seal as many records as the data fills, up to the high-water mark, so that one
+        // socket write carries several records.
+        let mut n = 0;
+        while n < data.len() && (n == 0 || this.wbuf.len() - this.wpos < WRITE_HIGH_WATER) {
+            let m = (data.len() - n).min(WRITE_CHUNK);
+            this.sealer
+                .seal_data(&data[n..n + m], &mut this.wbuf)
+                .map_err(|e| io::Error::from(TunnelError::Record(e)))?;
+            n += m;
+        }
         // Opportunistic: push what we can now, but the data is accepted either way.
         if let Poll::Ready(Err(e)) = this.poll_drain(cx) {
             return Poll::Ready(Err(e));

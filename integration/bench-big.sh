@@ -1,0 +1,158 @@
+#!/usr/bin/env bash
+# The big-message part of integration/bench.sh on its own, repeatable, for comparing
+# builds back to back: one message of BIG_MB MB (10^6 bytes) into sipmail A, A -> SIP
+# call -> sipmail B (fsync at both ends), B on to smtp-sink. Same sender (Python, body
+# prepared in memory before the clock starts), same timing points and configs as bench.sh.
+#
+#   integration/bench-big.sh                         # the worktree's release build, 3 runs
+#   SIPMAILS="/tmp/old /tmp/new" REPEAT=3 integration/bench-big.sh   # interleaved A/B
+#   SMALL=2000 integration/bench-big.sh              # small-message msg/s instead
+#
+# PERF=/path/perf.data: also perf record -g both relays while the message is in flight.
+# Needs smtp-sink (Postfix) and python3. Everything on 127.0.0.1, in a temporary folder.
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+BIG_MB=${BIG_MB:-200}
+REPEAT=${REPEAT:-3}
+SIPMAILS=${SIPMAILS:-$ROOT/target/release/sipmail}
+SMALL=${SMALL:-0}        # instead of the big message: SMALL messages of 5120 B with smtp-source
+SESSIONS=${SESSIONS:-10} # ... over SESSIONS sessions, timed until smtp-sink counted them all
+[ -x /usr/sbin/smtp-sink ] || { echo "bench-big: smtp-sink not found" >&2; exit 1; }
+# shellcheck source=lib/postfix.sh
+. "$ROOT/integration/lib/postfix.sh"
+WORK="$(mktemp -d /tmp/sipmail-bigbench.XXXXXX)"
+PIDS=()
+cleanup() {
+    set +e
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
+    wait 2>/dev/null
+    [ -n "${KEEP:-}" ] || rm -rf "$WORK"
+}
+trap cleanup EXIT
+now_ns() { date +%s%N; }
+rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+hwm_kb() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; }
+sink_count() {
+    local c
+    c=$(tail -c 200 "$1" 2>/dev/null | tr '\r' '\n' | grep -o 'mesg=[0-9]*' | tail -1)
+    echo "${c#mesg=}" | sed 's/^$/0/'
+}
+BIG=$((BIG_MB * 1000000))
+cat >"$WORK/bigsend.py" <<'PY'
+import socket, sys, time
+port, size, ready = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+line = b"x" * 98 + b"\r\n"
+body = b"Subject: big\r\n\r\n" + line * (size // len(line)) + b".\r\n"
+s = socket.create_connection(("127.0.0.1", port))
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+f = s.makefile("rb")
+def reply():
+    while True:
+        l = f.readline()
+        if l[3:4] != b"-":
+            return l
+reply()
+open(ready, "w").write(str(time.time_ns()))
+for cmd in (b"EHLO big.test", b"MAIL FROM:<a@site-a.test>", b"RCPT TO:<b@site-b.test>", b"DATA"):
+    s.sendall(cmd + b"\r\n"); r = reply()
+s.sendall(body)
+r = reply()
+s.sendall(b"QUIT\r\n")
+sys.exit(0 if r.startswith(b"250") else 1)
+PY
+sm_config() { # me other smtp-port sip-port other-sip-port delivery-line
+    cat <<CFG
+[relay]
+domain = "$1.test"
+keyring = "keyring/$1"
+spool = "var/$1/spool"
+[smtp]
+listen = "127.0.0.1:$3"
+allow = ["127.0.0.0/8"]
+max_message_size = 1000000000
+[sip]
+listen = "127.0.0.1:$4"
+media = "127.0.0.1"
+call_idle = "2s"
+[[peer]]
+domain = "$2.test"
+sip = "sip:mail@127.0.0.1:$5"
+[delivery]
+$6
+[queue]
+retry_initial = "1s"
+retry_max = "5s"
+CFG
+}
+echo "bench-big: $BIG_MB MB, $(nproc) vCPU, git $(git -C "$ROOT" rev-parse --short HEAD), load $(cut -d' ' -f1-3 /proc/loadavg)"
+n=0
+for bin in $SIPMAILS; do
+    n=$((n + 1))
+    SM="$WORK/sm$n"
+    mkdir -p "$SM"
+    (
+        cd "$SM"
+        "$bin" keys generate --keyring keyring/site-a --domain site-a.test
+        "$bin" keys generate --keyring keyring/site-b --domain site-b.test
+        "$bin" keys export --keyring keyring/site-a >a.asc
+        "$bin" keys export --keyring keyring/site-b >b.asc
+        "$bin" keys import --keyring keyring/site-b a.asc
+        "$bin" keys import --keyring keyring/site-a b.asc
+    ) >"$WORK/keys$n.log" 2>&1
+done
+for r in $(seq "$REPEAT"); do
+    n=0
+    for bin in $SIPMAILS; do
+        n=$((n + 1))
+        SM="$WORK/sm$n"
+        read -r P_SRC P_SIP_A P_SIP_B P_SMTP_B SINK <<<"$(free_ports 5)"
+        sm_config site-a site-b "$P_SRC" "$P_SIP_A" "$P_SIP_B" "maildir = \"var/site-a/maildir\"" >"$SM/a.toml"
+        sm_config site-b site-a "$P_SMTP_B" "$P_SIP_B" "$P_SIP_A" "smtp = \"127.0.0.1:$SINK\"" >"$SM/b.toml"
+        (cd "$SM" && exec "$bin" run --config b.toml >>b.log 2>&1) & SM_B=$!; PIDS+=("$SM_B")
+        (cd "$SM" && exec "$bin" run --config a.toml >>a.log 2>&1) & SM_A=$!; PIDS+=("$SM_A")
+        wait_port "$P_SRC" 20 && wait_port "$P_SMTP_B" 20 || { echo "daemons did not start"; exit 1; }
+        /usr/sbin/smtp-sink -u nobody -c "127.0.0.1:$SINK" 1000 >"$WORK/sink.cnt" 2>&1 & SINK_PID=$!; PIDS+=("$SINK_PID")
+        wait_port "$SINK" 10
+        sleep 0.5
+        echo 5 >"/proc/$SM_A/clear_refs"; echo 5 >"/proc/$SM_B/clear_refs"
+        IDLE_A=$(rss_kb "$SM_A"); IDLE_B=$(rss_kb "$SM_B")
+        D0=$(grep -c 'delivered.*route=peer' "$SM/a.log" || true)
+        load=$(cut -d' ' -f1 /proc/loadavg)
+        if [ -n "${PERF:-}" ]; then # PERF=file: perf record -g of A and B while the message is in flight
+            perf record -F 1999 -g -o "$PERF.$n" -p "$SM_A,$SM_B" >/dev/null 2>&1 & PERF_PID=$!
+            sleep 0.5
+        fi
+        if ((SMALL > 0)); then # the small-message throughput of bench.sh's sipmail path
+            t0=$(now_ns)
+            timeout 300 /usr/sbin/smtp-source -s "$SESSIONS" -m "$SMALL" -l 5120 -f a@site-a.test \
+                -t b@site-b.test "127.0.0.1:$P_SRC" >/dev/null 2>&1 || echo "   smtp-source failed"
+            while (($(sink_count "$WORK/sink.cnt") < SMALL)) && (($(now_ns) < t0 + 300000000000)); do sleep 0.01; done
+            t1=$(now_ns)
+            printf 'run %s %-28s load %s | %s x 5120 B, %s sessions: %s msg/s (%s at the sink)\n' "$r" "$(basename "$bin")" \
+                "$load" "$SMALL" "$SESSIONS" "$(awk -v n="$(sink_count "$WORK/sink.cnt")" -v a="$t0" -v b="$t1" 'BEGIN {printf "%.1f", n/((b-a)/1e9)}')" \
+                "$(sink_count "$WORK/sink.cnt")"
+            kill "$SM_A" "$SM_B" "$SINK_PID" 2>/dev/null || true
+            wait "$SM_A" "$SM_B" "$SINK_PID" 2>/dev/null || true
+            rm -rf "$SM/var"
+            continue
+        fi
+        python3 "$WORK/bigsend.py" "$P_SRC" "$BIG" "$WORK/big.t0" >"$WORK/big-source.log" 2>&1 \
+            || echo "   refused: $(tail -2 "$WORK/big-source.log")"
+        t0=$(cat "$WORK/big.t0"); t_acc=$(now_ns)
+        end=$((t0 + 600000000000))
+        while (($(grep -c 'delivered.*route=peer' "$SM/a.log" || true) <= D0)) && (($(now_ns) < end)); do sleep 0.005; done
+        t_b=$(now_ns)
+        if [ -n "${PERF:-}" ]; then kill -INT "$PERF_PID"; wait "$PERF_PID" || true; fi
+        while (($(sink_count "$WORK/sink.cnt") < 1)) && (($(now_ns) < end)); do sleep 0.01; done
+        t_sink=$(now_ns)
+        HWM_A=$(hwm_kb "$SM_A"); HWM_B=$(hwm_kb "$SM_B")
+        mbps() { awk -v b="$BIG" -v a="$1" -v z="$2" 'BEGIN {printf "%4.0f MB/s (%5.2f s)", b/1e6/((z-a)/1e9), (z-a)/1e9}'; }
+        printf 'run %s %-28s load %s | into A %s | A->B %s | e2e to B %s | to sink %s | RSS +%s/+%s MB\n' \
+            "$r" "$(basename "$bin")" "$load" "$(mbps "$t0" "$t_acc")" "$(mbps "$t_acc" "$t_b")" \
+            "$(mbps "$t0" "$t_b")" "$(mbps "$t0" "$t_sink")" \
+            $(((HWM_A - IDLE_A) / 1024)) $(((HWM_B - IDLE_B) / 1024))
+        kill "$SM_A" "$SM_B" "$SINK_PID" 2>/dev/null || true
+        wait "$SM_A" "$SM_B" "$SINK_PID" 2>/dev/null || true
+        rm -rf "$SM/var"
+    done
+done

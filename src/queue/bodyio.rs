@@ -1,0 +1,393 @@
+//! Message bodies to and from the spool with large buffers, off the async workers.
+//!
+//! `tokio::fs::File` runs every read and write as its own blocking-pool task, one at a
+//! time; at 64 KiB per operation a 200 MB body costs thousands of hand-offs on the path of
+//! the transfer. Here one blocking task per body does the file I/O in [`CHUNK`]-sized
+//! pieces and talks to the async side through a bounded channel, so the disk and the
+//! network overlap and memory stays bounded (at most `DEPTH + 2` chunks per body).
+//!
+//! [`BodyWriter`] also starts writing the body back to disk while it is still arriving
+//! (an `fdatasync` from a helper thread every [`WRITE_BEHIND`] bytes), so that the fsync
+//! before the 250 only has the tail left. Durability is unchanged: [`Spool::commit`]
+//! still fsyncs the whole file before the message counts as queued, and an error seen by
+//! a write-behind sync fails [`BodyWriter::finish`] (the kernel reports a write-back
+//! error only once per open file, so it must not be swallowed here).
+//!
+//! [`Spool::commit`]: super::Spool::commit
+
+use std::fs::File;
+use std::future::Future;
+use std::io::{self, Read, Write};
+use std::pin::Pin;
+use std::sync::mpsc as std_mpsc;
+use std::task::{Context, Poll, ready};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::mpsc::{self, OwnedPermit, error::SendError, error::TrySendError};
+use tokio::task::JoinHandle;
+
+/// Bytes per file operation and per channel message.
+pub const CHUNK: usize = 256 * 1024;
+/// Chunks queued between the async side and the file task.
+const DEPTH: usize = 4;
+/// A body larger than this is synced to disk in the background while it arrives.
+pub const WRITE_BEHIND: u64 = 16 * 1024 * 1024;
+
+type Reserve = Pin<Box<dyn Future<Output = Result<OwnedPermit<Vec<u8>>, SendError<()>>> + Send>>;
+
+fn stopped() -> io::Error {
+    io::Error::other("the spool file writer stopped")
+}
+
+/// An `AsyncWrite` into a spool file. Bytes are buffered up to [`CHUNK`]; a body that
+/// stays below that is written by [`finish`](Self::finish) in one operation, a larger one
+/// by a blocking task fed through a bounded channel. `poll_flush` hands the buffered
+/// bytes to that task; [`finish`](Self::finish) waits until all are written.
+pub struct BodyWriter {
+    buf: Vec<u8>,
+    /// The file until the first full chunk starts the writer task.
+    file: Option<File>,
+    tx: Option<mpsc::Sender<Vec<u8>>>,
+    reserving: Option<Reserve>,
+    task: Option<JoinHandle<io::Result<File>>>,
+    size: u64,
+}
+
+impl std::fmt::Debug for BodyWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BodyWriter")
+            .field("size", &self.size)
+            .field("buffered", &self.buf.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl BodyWriter {
+    pub fn new(file: File) -> Self {
+        BodyWriter {
+            buf: Vec::with_capacity(16 * 1024),
+            file: Some(file),
+            tx: None,
+            reserving: None,
+            task: None,
+            size: 0,
+        }
+    }
+
+    /// Bytes accepted so far.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Hand the buffered bytes to the writer task (starting it if needed).
+    fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.buf.is_empty() {
+            return Poll::Ready(Ok(()));
+        }
+        if let Some(file) = self.file.take() {
+            let (tx, rx) = mpsc::channel(DEPTH);
+            self.tx = Some(tx);
+            self.task = Some(tokio::task::spawn_blocking(move || write_loop(file, rx)));
+        }
+        let Some(tx) = self.tx.as_ref() else {
+            return Poll::Ready(Err(stopped()));
+        };
+        if self.reserving.is_none() {
+            let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
+            match tx.try_send(chunk) {
+                Ok(()) => return Poll::Ready(Ok(())),
+                Err(TrySendError::Full(chunk)) => {
+                    self.buf = chunk;
+                    self.reserving = Some(Box::pin(tx.clone().reserve_owned()));
+                }
+                Err(TrySendError::Closed(chunk)) => {
+                    self.buf = chunk;
+                    return self.poll_task_error(cx);
+                }
+            }
+        }
+        let Some(fut) = self.reserving.as_mut() else {
+            return Poll::Ready(Err(stopped()));
+        };
+        let res = ready!(fut.as_mut().poll(cx));
+        self.reserving = None;
+        match res {
+            Ok(permit) => {
+                permit.send(std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK)));
+                Poll::Ready(Ok(()))
+            }
+            Err(_) => self.poll_task_error(cx),
+        }
+    }
+
+    /// The writer task ended early: its error.
+    fn poll_task_error(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let Some(task) = self.task.as_mut() else {
+            return Poll::Ready(Err(stopped()));
+        };
+        let res = ready!(Pin::new(task).poll(cx));
+        self.task = None;
+        self.tx = None;
+        Poll::Ready(Err(match res {
+            Ok(Err(e)) => e,
+            Ok(Ok(_)) => stopped(),
+            Err(e) => io::Error::other(e),
+        }))
+    }
+
+    /// Write everything out and return the file (written, not yet fsynced) and its size.
+    pub async fn finish(mut self) -> io::Result<(File, u64)> {
+        if let Some(mut file) = self.file.take() {
+            // Small body: one write, no writer task.
+            let buf = std::mem::take(&mut self.buf);
+            let file = tokio::task::spawn_blocking(move || file.write_all(&buf).map(|()| file))
+                .await
+                .map_err(io::Error::other)??;
+            return Ok((file, self.size));
+        }
+        std::future::poll_fn(|cx| self.poll_send(cx)).await?;
+        self.tx = None;
+        let task = self.task.take().ok_or_else(stopped)?;
+        let file = task.await.map_err(io::Error::other)??;
+        Ok((file, self.size))
+    }
+}
+
+impl AsyncWrite for BodyWriter {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.buf.len() >= CHUNK {
+            ready!(this.poll_send(cx))?;
+        }
+        let n = data.len().min(CHUNK - this.buf.len());
+        this.buf.extend_from_slice(&data[..n]);
+        this.size += n as u64;
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.file.is_some() {
+            // Still small: kept for `finish`.
+            return Poll::Ready(Ok(()));
+        }
+        this.poll_send(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_flush(cx)
+    }
+}
+
+/// The writer task: chunks to the file, with write-behind syncs for big bodies.
+fn write_loop(mut file: File, mut rx: mpsc::Receiver<Vec<u8>>) -> io::Result<File> {
+    let mut behind: Option<WriteBehind> = None;
+    let mut unsynced = 0u64;
+    while let Some(chunk) = rx.blocking_recv() {
+        file.write_all(&chunk)?;
+        unsynced += chunk.len() as u64;
+        if unsynced >= WRITE_BEHIND {
+            unsynced = 0;
+            if behind.is_none() {
+                behind = WriteBehind::start(&file);
+            }
+            if let Some(b) = &behind {
+                b.kick();
+            }
+        }
+    }
+    if let Some(b) = behind {
+        b.finish()?;
+    }
+    Ok(file)
+}
+
+/// A helper thread that runs `fdatasync` on the body while it is being written, so that
+/// the final fsync has little left to do. Kicks while a sync runs are merged.
+struct WriteBehind {
+    kick: std_mpsc::SyncSender<()>,
+    thread: std::thread::JoinHandle<io::Result<()>>,
+}
+
+impl WriteBehind {
+    fn start(file: &File) -> Option<WriteBehind> {
+        let file = file.try_clone().ok()?;
+        let (kick, rx) = std_mpsc::sync_channel::<()>(1);
+        let thread = std::thread::Builder::new()
+            .name("spool-sync".into())
+            .spawn(move || {
+                while rx.recv().is_ok() {
+                    file.sync_data()?;
+                }
+                Ok(())
+            })
+            .ok()?;
+        Some(WriteBehind { kick, thread })
+    }
+
+    fn kick(&self) {
+        let _ = self.kick.try_send(());
+    }
+
+    /// Stop the thread; an error it met is the body's error.
+    fn finish(self) -> io::Result<()> {
+        drop(self.kick);
+        self.thread
+            .join()
+            .map_err(|_| io::Error::other("spool sync thread panicked"))?
+    }
+}
+
+/// An `AsyncRead` of a spool file, read ahead in [`CHUNK`]s by a blocking task.
+pub struct BodyReader {
+    rx: mpsc::Receiver<io::Result<Vec<u8>>>,
+    cur: Vec<u8>,
+    pos: usize,
+}
+
+impl std::fmt::Debug for BodyReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BodyReader").finish_non_exhaustive()
+    }
+}
+
+impl BodyReader {
+    /// Start reading `file` from its current position.
+    pub fn new(file: File) -> Self {
+        let (tx, rx) = mpsc::channel(DEPTH.min(2));
+        tokio::task::spawn_blocking(move || read_loop(file, tx));
+        BodyReader {
+            rx,
+            cur: Vec::new(),
+            pos: 0,
+        }
+    }
+}
+
+fn read_loop(mut file: File, tx: mpsc::Sender<io::Result<Vec<u8>>>) {
+    let hint = file.metadata().map(|m| m.len()).unwrap_or(0);
+    // A small body in one read of its size (+1 to see the end without another read).
+    let mut cap = (hint as usize).saturating_add(1).clamp(4096, CHUNK);
+    loop {
+        let mut chunk = Vec::with_capacity(cap);
+        let want = cap;
+        cap = CHUNK;
+        match (&mut file).take(want as u64).read_to_end(&mut chunk) {
+            Ok(0) => return,
+            Ok(n) => {
+                if tx.blocking_send(Ok(chunk)).is_err() || n < want {
+                    return; // the reader was dropped, or the end of the file
+                }
+            }
+            Err(e) => {
+                let _ = tx.blocking_send(Err(e));
+                return;
+            }
+        }
+    }
+}
+
+impl AsyncRead for BodyReader {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        while this.pos == this.cur.len() {
+            match ready!(this.rx.poll_recv(cx)) {
+                Some(Ok(chunk)) => {
+                    this.cur = chunk;
+                    this.pos = 0;
+                }
+                Some(Err(e)) => return Poll::Ready(Err(e)),
+                None => return Poll::Ready(Ok(())), // end of file
+            }
+        }
+        let n = (this.cur.len() - this.pos).min(buf.remaining());
+        buf.put_slice(&this.cur[this.pos..this.pos + n]);
+        this.pos += n;
+        Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn write_then_read_back_small_and_big_bodies() {
+        let dir = tempfile::tempdir().unwrap();
+        for len in [0, 1, 5000, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 17] {
+            let body = pattern(len);
+            let path = dir.path().join(format!("{len}.msg"));
+            let mut w = BodyWriter::new(File::create(&path).unwrap());
+            // Odd write sizes, with flushes in between, as the SMTP driver does.
+            for (k, part) in body.chunks(10_007).enumerate() {
+                w.write_all(part).await.unwrap();
+                if k % 3 == 0 {
+                    w.flush().await.unwrap();
+                }
+            }
+            assert_eq!(w.size(), len as u64);
+            let (file, size) = w.finish().await.unwrap();
+            assert_eq!(size, len as u64);
+            file.sync_all().unwrap();
+            assert_eq!(std::fs::read(&path).unwrap(), body, "len {len}");
+            let mut r = BodyReader::new(File::open(&path).unwrap());
+            let mut back = Vec::new();
+            let mut piece = vec![0u8; 9_999];
+            loop {
+                let n = r.read(&mut piece).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                back.extend_from_slice(&piece[..n]);
+            }
+            assert_eq!(back, body, "read back, len {len}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn write_behind_bodies_are_complete() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.msg");
+        let len = WRITE_BEHIND as usize * 2 + 12_345;
+        let body = pattern(len);
+        let mut w = BodyWriter::new(File::create(&path).unwrap());
+        for part in body.chunks(64 * 1024) {
+            w.write_all(part).await.unwrap();
+        }
+        let (file, size) = w.finish().await.unwrap();
+        assert_eq!(size, len as u64);
+        drop(file);
+        assert!(std::fs::read(&path).unwrap() == body);
+    }
+
+    #[tokio::test]
+    async fn a_failing_file_fails_the_writer() {
+        // A file opened read-only: the writer task's first write fails, and that error
+        // surfaces from a later write or from finish.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ro.msg");
+        std::fs::write(&path, b"").unwrap();
+        let mut w = BodyWriter::new(File::open(&path).unwrap());
+        let chunk = vec![b'x'; CHUNK];
+        let mut failed = false;
+        for _ in 0..(DEPTH + 4) {
+            if w.write_all(&chunk).await.is_err() {
+                failed = true;
+                break;
+            }
+        }
+        assert!(failed || w.finish().await.is_err());
+    }
+}
