@@ -20,6 +20,8 @@ SESSIONS=${SESSIONS:-10} # ... over SESSIONS sessions, timed until smtp-sink cou
 [ -x /usr/sbin/smtp-sink ] || { echo "bench-big: smtp-sink not found" >&2; exit 1; }
 # shellcheck source=lib/postfix.sh
 . "$ROOT/integration/lib/postfix.sh"
+# shellcheck source=lib/sites.sh
+. "$ROOT/integration/lib/sites.sh" # exchange_keys, site_config
 WORK="$(mktemp -d /tmp/sipmail-bigbench.XXXXXX)"
 PIDS=()
 cleanup() {
@@ -38,67 +40,13 @@ sink_count() {
     echo "${c#mesg=}" | sed 's/^$/0/'
 }
 BIG=$((BIG_MB * 1000000))
-cat >"$WORK/bigsend.py" <<'PY'
-import socket, sys, time
-port, size, ready = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-line = b"x" * 98 + b"\r\n"
-body = b"Subject: big\r\n\r\n" + line * (size // len(line)) + b".\r\n"
-s = socket.create_connection(("127.0.0.1", port))
-s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-f = s.makefile("rb")
-def reply():
-    while True:
-        l = f.readline()
-        if l[3:4] != b"-":
-            return l
-reply()
-open(ready, "w").write(str(time.time_ns()))
-for cmd in (b"EHLO big.test", b"MAIL FROM:<a@site-a.test>", b"RCPT TO:<b@site-b.test>", b"DATA"):
-    s.sendall(cmd + b"\r\n"); r = reply()
-s.sendall(body)
-r = reply()
-s.sendall(b"QUIT\r\n")
-sys.exit(0 if r.startswith(b"250") else 1)
-PY
-sm_config() { # me other smtp-port sip-port other-sip-port delivery-line
-    cat <<CFG
-[relay]
-domain = "$1.test"
-keyring = "keyring/$1"
-spool = "var/$1/spool"
-[smtp]
-listen = "127.0.0.1:$3"
-allow = ["127.0.0.0/8"]
-max_message_size = 1000000000
-[sip]
-listen = "127.0.0.1:$4"
-media = "127.0.0.1"
-call_idle = "2s"
-[[peer]]
-domain = "$2.test"
-sip = "sip:mail@127.0.0.1:$5"
-[delivery]
-$6
-[queue]
-retry_initial = "1s"
-retry_max = "5s"
-CFG
-}
 echo "bench-big: $BIG_MB MB, $(nproc) vCPU, git $(git -C "$ROOT" rev-parse --short HEAD), load $(cut -d' ' -f1-3 /proc/loadavg)"
 n=0
 for bin in $SIPMAILS; do
     n=$((n + 1))
     SM="$WORK/sm$n"
     mkdir -p "$SM"
-    (
-        cd "$SM"
-        "$bin" keys generate --keyring keyring/site-a --domain site-a.test
-        "$bin" keys generate --keyring keyring/site-b --domain site-b.test
-        "$bin" keys export --keyring keyring/site-a >a.asc
-        "$bin" keys export --keyring keyring/site-b >b.asc
-        "$bin" keys import --keyring keyring/site-b a.asc
-        "$bin" keys import --keyring keyring/site-a b.asc
-    ) >"$WORK/keys$n.log" 2>&1
+    (cd "$SM" && SIPMAIL=$bin exchange_keys) >"$WORK/keys$n.log" 2>&1
 done
 for r in $(seq "$REPEAT"); do
     n=0
@@ -106,8 +54,8 @@ for r in $(seq "$REPEAT"); do
         n=$((n + 1))
         SM="$WORK/sm$n"
         read -r P_SRC P_SIP_A P_SIP_B P_SMTP_B SINK <<<"$(free_ports 5)"
-        sm_config site-a site-b "$P_SRC" "$P_SIP_A" "$P_SIP_B" "maildir = \"var/site-a/maildir\"" >"$SM/a.toml"
-        sm_config site-b site-a "$P_SMTP_B" "$P_SIP_B" "$P_SIP_A" "smtp = \"127.0.0.1:$SINK\"" >"$SM/b.toml"
+        site_config site-a site-b "$P_SRC" "$P_SIP_A" "$P_SIP_B" "maildir = \"var/site-a/maildir\"" >"$SM/a.toml"
+        site_config site-b site-a "$P_SMTP_B" "$P_SIP_B" "$P_SIP_A" "smtp = \"127.0.0.1:$SINK\"" >"$SM/b.toml"
         (cd "$SM" && exec "$bin" run --config b.toml >>b.log 2>&1) & SM_B=$!; PIDS+=("$SM_B")
         (cd "$SM" && exec "$bin" run --config a.toml >>a.log 2>&1) & SM_A=$!; PIDS+=("$SM_A")
         wait_port "$P_SRC" 20 && wait_port "$P_SMTP_B" 20 || { echo "daemons did not start"; exit 1; }
@@ -136,7 +84,7 @@ for r in $(seq "$REPEAT"); do
             rm -rf "$SM/var"
             continue
         fi
-        python3 "$WORK/bigsend.py" "$P_SRC" "$BIG" "$WORK/big.t0" >"$WORK/big-source.log" 2>&1 \
+        python3 "$ROOT/integration/lib/bigsend.py" "$P_SRC" "$BIG" "$WORK/big.t0" >"$WORK/big-source.log" 2>&1 \
             || echo "   refused: $(tail -2 "$WORK/big-source.log")"
         t0=$(cat "$WORK/big.t0"); t_acc=$(now_ns)
         end=$((t0 + 600000000000))

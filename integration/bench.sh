@@ -249,30 +249,8 @@ D0=$(delivered_a)
 PIDS+=("$SAMPLER")
 # The client is Python with the whole message prepared in memory (smtp-source makes its
 # body line by line and tops out near 80 MB/s here, see the direct figure below).
-cat >"$WORK/bigsend.py" <<'PY'
-import socket, sys, time
-port, size, ready = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-line = b"x" * 98 + b"\r\n"
-body = b"Subject: big\r\n\r\n" + line * (size // len(line)) + b".\r\n"
-s = socket.create_connection(("127.0.0.1", port))
-s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-f = s.makefile("rb")
-def reply():
-    while True:
-        l = f.readline()
-        if l[3:4] != b"-":
-            return l
-reply()
-open(ready, "w").write(str(time.time_ns()))  # connected and greeted: the clock starts
-for cmd in (b"EHLO big.test", b"MAIL FROM:<a@site-a.test>", b"RCPT TO:<b@site-b.test>", b"DATA"):
-    s.sendall(cmd + b"\r\n"); r = reply()
-s.sendall(body)
-r = reply()
-s.sendall(b"QUIT\r\n")
-sys.exit(0 if r.startswith(b"250") else 1)
-PY
 # body preparation happens before the clock starts (t0 = greeting received)
-python3 "$WORK/bigsend.py" "$P_SRC_S" "$BIG" "$WORK/big.t0" >"$WORK/big-source.log" 2>&1 \
+python3 "$ROOT/integration/lib/bigsend.py" "$P_SRC_S" "$BIG" "$WORK/big.t0" >"$WORK/big-source.log" 2>&1 \
     || say "   the big message was refused: $(tail -2 "$WORK/big-source.log")"
 t0=$(cat "$WORK/big.t0")
 t_acc=$(now_ns)
