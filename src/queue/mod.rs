@@ -13,6 +13,7 @@ pub mod bodyio;
 pub mod maildir;
 
 use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -136,9 +137,18 @@ pub struct Spool {
 /// queued message. A retired file is never read again by anyone: it is retired only
 /// when its delivery is over (an operator's `delete` unlinks instead, since a delivery
 /// may still be reading the body).
+///
+/// A file that leaves `queue/` is reused only once an fsync of `queue/` that started
+/// after its rename has completed (the group commit's tickets tell): so even on a file
+/// system without a journal, where metadata reaches the disk in no particular order, a
+/// crash can never leave a name in `queue/` pointing at an inode that now holds another
+/// message. (The old name may come back, and the message be delivered twice, exactly as
+/// with an unlink that was not fsynced.)
 #[derive(Debug, Default)]
 struct Recycler {
-    files: std::sync::Mutex<Vec<PathBuf>>,
+    /// Free files, oldest first, each with the `DirSync` ticket count seen after its
+    /// rename out of `queue/`: reusable once `durable` passes it.
+    files: std::sync::Mutex<VecDeque<(PathBuf, u64)>>,
     seq: AtomicU64,
 }
 
@@ -161,6 +171,8 @@ struct DirSync {
     requested: AtomicU64,
     /// The highest ticket known durable; the lock also serializes the fsyncs.
     synced: tokio::sync::Mutex<u64>,
+    /// The same value, readable without the lock (by the recycler).
+    durable: AtomicU64,
 }
 
 impl DirSync {
@@ -176,6 +188,7 @@ impl DirSync {
             .await
             .map_err(io::Error::other)??;
         *synced = covers;
+        self.durable.store(covers, Ordering::SeqCst);
         Ok(())
     }
 }
@@ -282,13 +295,19 @@ impl Spool {
     /// Create (or truncate) `path` for writing: a recycled file from `free/` renamed into
     /// place when there is one, else a new file.
     fn create_file(&self, path: &Path) -> io::Result<fs::File> {
-        let reuse = self
-            .recycler
-            .files
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pop();
-        if let Some(from) = reuse
+        let reuse = {
+            let durable = self.dir_sync.durable.load(Ordering::SeqCst);
+            let mut files = self
+                .recycler
+                .files
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            match files.front() {
+                Some((_, seen)) if durable > *seen => files.pop_front(),
+                _ => None,
+            }
+        };
+        if let Some((from, _)) = reuse
             && fs::rename(&from, path).is_ok()
         {
             return fs::OpenOptions::new().write(true).truncate(true).open(path);
@@ -300,7 +319,7 @@ impl Spool {
             .open(path)
     }
 
-    /// Take a finished file out of the spool: moved to `free/` for reuse, or unlinked.
+    /// Take a finished file out of `queue/`: moved to `free/` for reuse, or unlinked.
     /// Either way its name is gone, as with `remove_file` (and as lazily durable).
     fn retire(&self, path: &Path) -> io::Result<()> {
         let room = self
@@ -317,11 +336,13 @@ impl Spool {
             ));
             match fs::rename(path, &to) {
                 Ok(()) => {
+                    // Any fsync of queue/ that takes a later ticket starts after this.
+                    let seen = self.dir_sync.requested.load(Ordering::SeqCst);
                     self.recycler
                         .files
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
-                        .push(to);
+                        .push_back((to, seen));
                     return Ok(());
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(e),
@@ -451,9 +472,9 @@ impl Spool {
 
     /// Throw away a body that will not be committed.
     pub async fn discard(&self, id: &str) {
-        let s = self.clone();
         let path = self.tmp.join(format!("{id}.msg"));
-        let _ = tokio::task::spawn_blocking(move || s.retire(&path)).await;
+        // Unlinked, not recycled: only names leaving queue/ are covered by its fsyncs.
+        let _ = tokio::task::spawn_blocking(move || fs::remove_file(path)).await;
     }
 
     fn write_env_tmp(&self, env: &Envelope) -> io::Result<()> {
@@ -622,15 +643,22 @@ mod tests {
             std::fs::read_dir(dir.path().join("queue")).unwrap().count(),
             0
         );
-        // The next message reuses those files: nothing of the old contents remains.
+        // Not reused before an fsync of queue/ has made their removal durable.
         let id2 = Spool::new_id();
         let mut f = s.create_body(&id2).await.unwrap();
         f.write_all(b"second").await.unwrap();
         s.commit(f, &env(&id2)).await.unwrap();
+        assert_eq!(s.recycler.files.lock().unwrap().len(), 3);
+        // That commit's fsync covered them: the next message reuses them, and nothing of
+        // the old contents remains.
+        let id3 = Spool::new_id();
+        let mut f = s.create_body(&id3).await.unwrap();
+        f.write_all(b"third").await.unwrap();
+        s.commit(f, &env(&id3)).await.unwrap();
         assert_eq!(s.recycler.files.lock().unwrap().len(), 1);
-        assert_eq!(std::fs::read(s.body_path(&id2)).unwrap(), b"second");
+        assert_eq!(std::fs::read(s.body_path(&id3)).unwrap(), b"third");
         let (s, envs) = Spool::open(dir.path()).unwrap();
-        assert_eq!(envs, vec![env(&id2)]);
+        assert_eq!(envs, vec![env(&id2), env(&id3)]);
         assert_eq!(
             std::fs::read_dir(dir.path().join("free")).unwrap().count(),
             0
