@@ -717,7 +717,7 @@ impl Config {
             ));
         }
         let max_message_size = raw.smtp.max_message_size.unwrap_or(50 * 1024 * 1024);
-        let calls_per_peer = raw.sip.calls_per_peer.unwrap_or(4);
+        let calls_per_peer = raw.sip.calls_per_peer.unwrap_or(16);
         if !(1..=64).contains(&calls_per_peer) {
             return Err(bad(
                 "sip.calls_per_peer",
@@ -747,7 +747,7 @@ impl Config {
                 v
             }
         };
-        let local_lanes = raw.delivery.lanes.unwrap_or(4);
+        let local_lanes = raw.delivery.lanes.unwrap_or(8);
         if !(1..=64).contains(&local_lanes) {
             return Err(bad(
                 "delivery.lanes",

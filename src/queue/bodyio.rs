@@ -267,6 +267,34 @@ impl BodyReader {
     }
 }
 
+impl BodyReader {
+    /// Open `path` and start reading it, in one blocking task: the open's error comes
+    /// back here, before anything is sent (one hand-off to the blocking pool per body,
+    /// where opening with `tokio::fs` first costs another).
+    pub async fn open(path: std::path::PathBuf) -> io::Result<Self> {
+        let (tx, rx) = mpsc::channel(DEPTH.min(2));
+        let (opened_tx, opened_rx) = tokio::sync::oneshot::channel();
+        tokio::task::spawn_blocking(move || match File::open(&path) {
+            Ok(file) => {
+                if opened_tx.send(Ok(())).is_ok() {
+                    read_loop(file, tx);
+                }
+            }
+            Err(e) => {
+                let _ = opened_tx.send(Err(e));
+            }
+        });
+        opened_rx
+            .await
+            .map_err(|_| io::Error::other("the body reader task ended"))??;
+        Ok(BodyReader {
+            rx,
+            cur: Vec::new(),
+            pos: 0,
+        })
+    }
+}
+
 fn read_loop(mut file: File, tx: mpsc::Sender<io::Result<Vec<u8>>>) {
     let hint = file.metadata().map(|m| m.len()).unwrap_or(0);
     // A small body in one read of its size (+1 to see the end without another read).

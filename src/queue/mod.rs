@@ -13,6 +13,7 @@ pub mod bodyio;
 pub mod maildir;
 
 use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -119,8 +120,40 @@ pub struct Spool {
     tmp: PathBuf,
     queue: PathBuf,
     corrupt: PathBuf,
+    free: PathBuf,
     dir_sync: Arc<DirSync>,
+    recycler: Arc<Recycler>,
 }
+
+/// Files of finished messages, kept in `free/` and renamed into place for the next
+/// files the spool creates (bodies, envelopes, `.sending` markers), truncated. On this
+/// machine's ext4 every new inode costs a scan past the inodes freed in the last few
+/// seconds, so with three files per message created and deleted at hundreds of messages
+/// a second, allocating inodes came to dominate the relay's CPU time (see
+/// docs/PERFORMANCE.md). A rename and a truncate cost no inode.
+///
+/// Only files retired by this process are reused: `free/` is emptied at start-up, so a
+/// crash that left a stale name in `free/` can never make the spool reuse (truncate) a
+/// queued message. A retired file is never read again by anyone: it is retired only
+/// when its delivery is over (an operator's `delete` unlinks instead, since a delivery
+/// may still be reading the body).
+///
+/// A file that leaves `queue/` is reused only once an fsync of `queue/` that started
+/// after its rename has completed (the group commit's tickets tell): so even on a file
+/// system without a journal, where metadata reaches the disk in no particular order, a
+/// crash can never leave a name in `queue/` pointing at an inode that now holds another
+/// message. (The old name may come back, and the message be delivered twice, exactly as
+/// with an unlink that was not fsynced.)
+#[derive(Debug, Default)]
+struct Recycler {
+    /// Free files, oldest first, each with the `DirSync` ticket count seen after its
+    /// rename out of `queue/`: reusable once `durable` passes it.
+    files: std::sync::Mutex<VecDeque<(PathBuf, u64)>>,
+    seq: AtomicU64,
+}
+
+/// At most this many files wait in `free/`; beyond that, finished files are unlinked.
+const RECYCLE_MAX: usize = 1024;
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
@@ -138,6 +171,8 @@ struct DirSync {
     requested: AtomicU64,
     /// The highest ticket known durable; the lock also serializes the fsyncs.
     synced: tokio::sync::Mutex<u64>,
+    /// The same value, readable without the lock (by the recycler).
+    durable: AtomicU64,
 }
 
 impl DirSync {
@@ -153,6 +188,7 @@ impl DirSync {
             .await
             .map_err(io::Error::other)??;
         *synced = covers;
+        self.durable.store(covers, Ordering::SeqCst);
         Ok(())
     }
 }
@@ -162,8 +198,11 @@ impl Spool {
     /// never committed, and return every committed envelope.
     pub fn open(root: &Path) -> io::Result<(Spool, Vec<Envelope>)> {
         let s = Spool::at(root);
-        for d in [&s.tmp, &s.queue, &s.corrupt] {
+        for d in [&s.tmp, &s.queue, &s.corrupt, &s.free] {
             fs::create_dir_all(d)?;
+        }
+        for e in fs::read_dir(&s.free)? {
+            fs::remove_file(e?.path())?;
         }
         for e in fs::read_dir(&s.tmp)? {
             let e = e?;
@@ -241,12 +280,76 @@ impl Spool {
     /// survive a crash of this process (the page cache does), and it only ever adds a
     /// log line.
     pub async fn begin_send(&self, id: &str, route: &Route) {
-        let _ = tokio::fs::write(self.sending_path(id, route), b"").await;
+        let s = self.clone();
+        let marker = self.sending_path(id, route);
+        let _ = tokio::task::spawn_blocking(move || s.create_file(&marker)).await;
     }
 
     /// The outcome of that delivery is recorded.
     pub async fn end_send(&self, id: &str, route: &Route) {
-        let _ = tokio::fs::remove_file(self.sending_path(id, route)).await;
+        let s = self.clone();
+        let marker = self.sending_path(id, route);
+        let _ = tokio::task::spawn_blocking(move || s.retire(&marker)).await;
+    }
+
+    /// Create (or truncate) `path` for writing: a recycled file from `free/` renamed into
+    /// place when there is one, else a new file.
+    fn create_file(&self, path: &Path) -> io::Result<fs::File> {
+        let reuse = {
+            let durable = self.dir_sync.durable.load(Ordering::SeqCst);
+            let mut files = self
+                .recycler
+                .files
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            match files.front() {
+                Some((_, seen)) if durable > *seen => files.pop_front(),
+                _ => None,
+            }
+        };
+        if let Some((from, _)) = reuse
+            && fs::rename(&from, path).is_ok()
+        {
+            return fs::OpenOptions::new().write(true).truncate(true).open(path);
+        }
+        fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+    }
+
+    /// Take a finished file out of `queue/`: moved to `free/` for reuse, or unlinked.
+    /// Either way its name is gone, as with `remove_file` (and as lazily durable).
+    fn retire(&self, path: &Path) -> io::Result<()> {
+        let room = self
+            .recycler
+            .files
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+            < RECYCLE_MAX;
+        if room {
+            let to = self.free.join(format!(
+                "{}",
+                self.recycler.seq.fetch_add(1, Ordering::Relaxed)
+            ));
+            match fs::rename(path, &to) {
+                Ok(()) => {
+                    // Any fsync of queue/ that takes a later ticket starts after this.
+                    let seen = self.dir_sync.requested.load(Ordering::SeqCst);
+                    self.recycler
+                        .files
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push_back((to, seen));
+                    return Ok(());
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(e),
+                Err(_) => {} // no free/ (a spool opened without recovery): unlink
+            }
+        }
+        fs::remove_file(path)
     }
 
     /// The spool at `root`, without recovery: for reading while no daemon runs.
@@ -255,7 +358,9 @@ impl Spool {
             tmp: root.join("tmp"),
             queue: root.join("queue"),
             corrupt: root.join("corrupt"),
+            free: root.join("free"),
             dir_sync: Arc::default(),
+            recycler: Arc::default(),
         }
     }
 
@@ -324,11 +429,12 @@ impl Spool {
 
     /// Create the file a new message body is streamed into.
     pub async fn create_body(&self, id: &str) -> io::Result<tokio::fs::File> {
-        tokio::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(self.tmp.join(format!("{id}.msg")))
+        let s = self.clone();
+        let path = self.tmp.join(format!("{id}.msg"));
+        let f = tokio::task::spawn_blocking(move || s.create_file(&path))
             .await
+            .map_err(io::Error::other)??;
+        Ok(tokio::fs::File::from_std(f))
     }
 
     /// A new body file in `tmp/`, written through a [`bodyio::BodyWriter`] (large
@@ -366,12 +472,14 @@ impl Spool {
 
     /// Throw away a body that will not be committed.
     pub async fn discard(&self, id: &str) {
-        let _ = tokio::fs::remove_file(self.tmp.join(format!("{id}.msg"))).await;
+        let path = self.tmp.join(format!("{id}.msg"));
+        // Unlinked, not recycled: only names leaving queue/ are covered by its fsyncs.
+        let _ = tokio::task::spawn_blocking(move || fs::remove_file(path)).await;
     }
 
     fn write_env_tmp(&self, env: &Envelope) -> io::Result<()> {
         let data = serde_json::to_vec_pretty(env).map_err(io::Error::other)?;
-        let mut f = fs::File::create(self.tmp.join(format!("{}.env", env.id)))?;
+        let mut f = self.create_file(&self.tmp.join(format!("{}.env", env.id)))?;
         f.write_all(&data)?;
         f.sync_all()
     }
@@ -395,6 +503,23 @@ impl Spool {
     /// No directory fsync here, as in Postfix: if the machine loses power before the kernel
     /// writes the unlink, the message comes back and is delivered again (a duplicate, which
     /// SMTP allows); a process crash or `kill -9` loses nothing of the kind.
+    /// [`remove`](Self::remove) after a delivery over `route`, and the `.sending` marker
+    /// of [`begin_send`](Self::begin_send) with it, in one blocking task.
+    pub async fn remove_sent(&self, id: &str, route: &Route) -> io::Result<()> {
+        let s = self.clone();
+        let id = id.to_string();
+        let marker = self.sending_path(&id, route);
+        tokio::task::spawn_blocking(move || {
+            s.retire(&s.env_path(&id))?;
+            s.retire(&s.body_path(&id))?;
+            // Only a log line depends on the marker, and only while the envelope exists.
+            let _ = s.retire(&marker);
+            Ok(())
+        })
+        .await
+        .map_err(io::Error::other)?
+    }
+
     pub async fn remove(&self, id: &str) -> io::Result<()> {
         let s = self.clone();
         let id = id.to_string();
@@ -498,6 +623,47 @@ mod tests {
         for id in ids {
             assert!(envs.iter().any(|e| e.id == id));
         }
+    }
+
+    #[tokio::test]
+    async fn finished_files_are_recycled_truncated_and_free_is_emptied_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = Spool::open(dir.path()).unwrap();
+        let route = Route::Peer("site-b.test".into());
+        let id = Spool::new_id();
+        let mut f = s.create_body(&id).await.unwrap();
+        f.write_all(b"a long first body that is longer than the second")
+            .await
+            .unwrap();
+        s.commit(f, &env(&id)).await.unwrap();
+        s.begin_send(&id, &route).await;
+        s.remove_sent(&id, &route).await.unwrap();
+        assert_eq!(s.recycler.files.lock().unwrap().len(), 3);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("queue")).unwrap().count(),
+            0
+        );
+        // Not reused before an fsync of queue/ has made their removal durable.
+        let id2 = Spool::new_id();
+        let mut f = s.create_body(&id2).await.unwrap();
+        f.write_all(b"second").await.unwrap();
+        s.commit(f, &env(&id2)).await.unwrap();
+        assert_eq!(s.recycler.files.lock().unwrap().len(), 3);
+        // That commit's fsync covered them: the next message reuses them, and nothing of
+        // the old contents remains.
+        let id3 = Spool::new_id();
+        let mut f = s.create_body(&id3).await.unwrap();
+        f.write_all(b"third").await.unwrap();
+        s.commit(f, &env(&id3)).await.unwrap();
+        assert_eq!(s.recycler.files.lock().unwrap().len(), 1);
+        assert_eq!(std::fs::read(s.body_path(&id3)).unwrap(), b"third");
+        let (s, envs) = Spool::open(dir.path()).unwrap();
+        assert_eq!(envs, vec![env(&id2), env(&id3)]);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("free")).unwrap().count(),
+            0
+        );
+        assert!(s.recycler.files.lock().unwrap().is_empty());
     }
 
     #[test]

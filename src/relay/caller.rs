@@ -370,8 +370,10 @@ pub(crate) async fn worker(shared: Arc<Shared>, domain: String, lane: usize, job
         let Some(active) = call.as_mut() else {
             continue;
         };
-        let body = match tokio::fs::File::open(shared.spool.body_path(&job.id)).await {
-            Ok(f) => crate::queue::bodyio::BodyReader::new(f.into_std().await),
+        let body = match crate::queue::bodyio::BodyReader::open(shared.spool.body_path(&job.id))
+            .await
+        {
+            Ok(b) => b,
             Err(e) => {
                 tracing::error!(queue_id = %job.id, error = %e, "cannot open the queued message");
                 let outcomes = job.all(Outcome::Transient(format!(

@@ -124,14 +124,6 @@ async fn to_smtp(
     conn: &mut Option<SmtpClient<TcpStream>>,
 ) -> Vec<(String, Outcome)> {
     let what = format!("local MTA {addr}");
-    let body = match tokio::fs::File::open(shared.spool.body_path(&job.id)).await {
-        Ok(f) => f,
-        Err(e) => {
-            return job.all(Outcome::Transient(format!(
-                "cannot open the queued message: {e}"
-            )));
-        }
-    };
     // A cached connection may have been closed by the MTA meanwhile: then one fresh try.
     for fresh in [conn.is_none(), true] {
         if fresh {
@@ -142,29 +134,22 @@ async fn to_smtp(
             }
         }
         let Some(c) = conn.as_mut() else { break };
-        let body = match body.try_clone().await {
-            Ok(mut b) => {
-                use tokio::io::AsyncSeekExt;
-                if let Err(e) = b.seek(std::io::SeekFrom::Start(0)).await {
+        let body =
+            match crate::queue::bodyio::BodyReader::open(shared.spool.body_path(&job.id)).await {
+                Ok(b) => b,
+                Err(e) => {
                     return job.all(Outcome::Transient(format!(
-                        "cannot read the queued message: {e}"
+                        "cannot open the queued message: {e}"
                     )));
                 }
-                b
-            }
-            Err(e) => {
-                return job.all(Outcome::Transient(format!(
-                    "cannot read the queued message: {e}"
-                )));
-            }
-        };
+            };
         let res = c
             .send_tx(
                 &job.mail_from,
                 &job.recipients,
                 &job.rcpt_params,
                 &job.opts,
-                tokio::io::BufReader::new(body),
+                body,
             )
             .await;
         match res {

@@ -5,7 +5,7 @@ use super::bounce::{Failure, Kind};
 use super::{RelayEvent, Shared};
 use crate::config::QueueTimes;
 use crate::queue::{Envelope, RcptState, Route, Spool, now_ms};
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{Notify, mpsc};
@@ -58,12 +58,31 @@ impl State {
     }
 }
 
-#[derive(Default)]
 struct State {
     envs: HashMap<String, Envelope>,
     /// Routes of each message that a lane is working on. Keyed by queue ID so that the
     /// scheduler's scan looks up without allocating.
     in_flight: HashMap<String, HashSet<Route>>,
+    /// Messages that may have work due now: new ones, and those whose route a lane just
+    /// released. A round looks at these only, so its cost does not grow with the queue.
+    ready: VecDeque<String>,
+    /// No pending recipient outside `ready` and `in_flight` is due before this time
+    /// (a lower bound; `u64::MAX`: none known). When it passes, a round scans everything.
+    timed_next: u64,
+    /// The next round scans every envelope (start-up, `retry_now`, a round cut short).
+    rescan: bool,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        State {
+            envs: HashMap::new(),
+            in_flight: HashMap::new(),
+            ready: VecDeque::new(),
+            timed_next: u64::MAX,
+            rescan: true,
+        }
+    }
 }
 
 /// Counts for operators and the demo.
@@ -103,7 +122,11 @@ impl Queue {
 
     /// A message was committed to the spool.
     pub fn insert(&self, env: Envelope) {
-        self.lock().envs.insert(env.id.clone(), env);
+        {
+            let mut st = self.lock();
+            st.ready.push_back(env.id.clone());
+            st.envs.insert(env.id.clone(), env);
+        }
         self.notify.notify_one();
     }
 
@@ -146,6 +169,7 @@ impl Queue {
                 }
                 n += 1;
             }
+            st.rescan = true;
         }
         self.notify.notify_one();
         n
@@ -162,44 +186,46 @@ impl Queue {
             .map_err(|e| format!("removing {id} from the spool: {e}"))
     }
 
-    /// Jobs due now, marked in flight, and the time of the next due attempt.
+    /// Jobs due now, marked in flight, and the time of the next due attempt (`Some(0)`:
+    /// more is ready now). A round looks only at the messages in `ready`, unless a timed
+    /// retry may be due or a rescan was asked for: then it scans every envelope.
     fn take_due(&self, now: u64) -> (Vec<Job>, Option<u64>) {
         let mut st = self.lock();
         let mut jobs = Vec::new();
-        let mut next: Option<u64> = None;
-        let State { envs, in_flight } = &mut *st;
-        for env in envs.values() {
-            // A bounded round: the rest is picked up on the next one.
-            if jobs.len() >= ROUTE_BACKLOG {
-                next = Some(0);
-                break;
-            }
-            let flying = in_flight.get(&env.id);
-            let mut by_route: HashMap<&Route, Vec<&crate::queue::Recipient>> = HashMap::new();
-            for r in env.pending() {
-                if flying.is_some_and(|f| f.contains(&r.route)) {
-                    continue;
+        let State {
+            envs,
+            in_flight,
+            ready,
+            timed_next,
+            rescan,
+        } = &mut *st;
+        let full = *rescan || now >= *timed_next;
+        if full {
+            let mut next = u64::MAX;
+            let mut complete = true;
+            for env in envs.values() {
+                // A bounded round: the rest is picked up on the next one.
+                if jobs.len() >= ROUTE_BACKLOG {
+                    complete = false;
+                    break;
                 }
-                if r.next_attempt_ms <= now {
-                    by_route.entry(&r.route).or_default().push(r);
-                } else {
-                    next = Some(next.map_or(r.next_attempt_ms, |n| n.min(r.next_attempt_ms)));
-                }
+                due_jobs(env, in_flight.get(&env.id), now, &mut jobs, &mut next);
             }
-            for (route, recipients) in by_route {
-                jobs.push(Job {
-                    id: env.id.clone(),
-                    route: route.clone(),
-                    mail_from: env.mail_from.clone(),
-                    rcpt_params: recipients.iter().map(|r| r.dsn.clone()).collect(),
-                    recipients: recipients.iter().map(|r| r.addr.clone()).collect(),
-                    opts: crate::smtp::MailOptions {
-                        size: Some(env.size),
-                        smtputf8: env.smtputf8,
-                        ret: env.ret,
-                        envid: env.envid.clone(),
-                    },
-                });
+            if complete {
+                // Everything was looked at: what was ready is covered.
+                ready.clear();
+                *timed_next = next;
+            }
+            *rescan = !complete;
+        } else {
+            while jobs.len() < ROUTE_BACKLOG
+                && let Some(id) = ready.pop_front()
+            {
+                if let Some(env) = envs.get(&id) {
+                    let mut next = *timed_next;
+                    due_jobs(env, in_flight.get(&env.id), now, &mut jobs, &mut next);
+                    *timed_next = next;
+                }
             }
         }
         jobs.sort_by(|a, b| a.id.cmp(&b.id));
@@ -209,11 +235,20 @@ impl Queue {
                 .or_default()
                 .insert(j.route.clone());
         }
+        let next = if *rescan || !ready.is_empty() {
+            Some(0)
+        } else {
+            (*timed_next != u64::MAX).then_some(*timed_next)
+        };
         (jobs, next)
     }
 
-    fn release(&self, id: &str, route: &Route) {
-        self.lock().release(id, route);
+    /// A job was built but its route's lanes have a full backlog: release it, and look at
+    /// its message again in a later round.
+    fn requeue(&self, job: &Job) {
+        let mut st = self.lock();
+        st.release(&job.id, &job.route);
+        st.ready.push_back(job.id.clone());
     }
 
     fn backoff(&self, attempts: u32) -> Duration {
@@ -313,7 +348,13 @@ impl Queue {
                     }
                 }
             }
-            Some(env.clone())
+            let env = env.clone();
+            if env.pending().next().is_some() {
+                // Its route is free again: look at it in the next round (a retry that is
+                // not due yet lowers `timed_next` there).
+                st.ready.push_back(job.id.clone());
+            }
+            Some(env)
         })();
         let Some(updated) = updated else {
             // Deleted by an operator meanwhile.
@@ -332,18 +373,59 @@ impl Queue {
         }
         let done = updated.pending().next().is_none();
         let res = if done && bounced {
-            self.spool.remove(&job.id).await
+            self.spool.remove_sent(&job.id, &job.route).await
         } else {
-            self.spool.update(&updated).await
+            let res = self.spool.update(&updated).await;
+            self.spool.end_send(&job.id, &job.route).await;
+            res
         };
         if let Err(e) = res {
             tracing::error!(queue_id = %job.id, error = %e, "could not update the spool; the state will be retried from memory");
         }
-        self.spool.end_send(&job.id, &job.route).await;
         if done && bounced {
             self.lock().envs.remove(&job.id);
         }
         self.notify.notify_one();
+    }
+}
+
+/// The jobs of `env` due at `now` on routes not in flight (one per route); `next` is
+/// lowered to the earliest attempt of a pending recipient that is not due yet.
+fn due_jobs(
+    env: &Envelope,
+    flying: Option<&HashSet<Route>>,
+    now: u64,
+    jobs: &mut Vec<Job>,
+    next: &mut u64,
+) {
+    let mut by_route: Vec<(&Route, Vec<&crate::queue::Recipient>)> = Vec::new();
+    for r in env.pending() {
+        if flying.is_some_and(|f| f.contains(&r.route)) {
+            continue;
+        }
+        if r.next_attempt_ms <= now {
+            match by_route.iter_mut().find(|(route, _)| *route == &r.route) {
+                Some((_, v)) => v.push(r),
+                None => by_route.push((&r.route, vec![r])),
+            }
+        } else {
+            *next = (*next).min(r.next_attempt_ms);
+        }
+    }
+    for (route, recipients) in by_route {
+        jobs.push(Job {
+            id: env.id.clone(),
+            route: route.clone(),
+            mail_from: env.mail_from.clone(),
+            rcpt_params: recipients.iter().map(|r| r.dsn.clone()).collect(),
+            recipients: recipients.iter().map(|r| r.addr.clone()).collect(),
+            opts: crate::smtp::MailOptions {
+                size: Some(env.size),
+                smtputf8: env.smtputf8,
+                ret: env.ret,
+                envid: env.envid.clone(),
+            },
+        });
     }
 }
 
@@ -388,9 +470,9 @@ pub(crate) async fn run(shared: Arc<Shared>) {
                 }
                 tx
             });
-            if tx.try_send(job.clone()).is_err() {
-                // Worker busy with a full backlog: try again on the next round.
-                shared.queue.release(&job.id, &job.route);
+            if let Err(e) = tx.try_send(job) {
+                // Worker busy with a full backlog: try again on a later round.
+                shared.queue.requeue(&e.into_inner());
             }
         }
         let wait = next
@@ -406,4 +488,81 @@ pub(crate) async fn run(shared: Arc<Shared>) {
     // Closing the channels lets each worker finish its current job and hang up.
     drop(workers);
     while tasks.join_next().await.is_some() {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::{RcptState, Recipient};
+
+    fn env(id: &str, next_attempt_ms: u64) -> Envelope {
+        Envelope {
+            id: id.into(),
+            received: 1,
+            client: "127.0.0.1".into(),
+            helo: "h".into(),
+            mail_from: "a@site-a.test".into(),
+            recipients: vec![Recipient {
+                addr: "b@site-b.test".into(),
+                route: Route::Peer("site-b.test".into()),
+                state: RcptState::Pending,
+                attempts: 0,
+                next_attempt_ms,
+                last_error: None,
+                dsn: Default::default(),
+                delay_warned: false,
+            }],
+            size: 5,
+            body_8bit: false,
+            smtputf8: false,
+            ret: None,
+            envid: None,
+        }
+    }
+
+    fn ids(jobs: &[Job]) -> Vec<&str> {
+        jobs.iter().map(|j| j.id.as_str()).collect()
+    }
+
+    #[test]
+    fn rounds_take_new_messages_timed_retries_and_requeued_jobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(dir.path()).unwrap();
+        // Recovered at start-up: one due now, one at t=1000.
+        let q = Queue::new(
+            spool,
+            vec![env("A", 0), env("B", 1000)],
+            QueueTimes::default(),
+        );
+        let (jobs, next) = q.take_due(500);
+        assert_eq!(ids(&jobs), ["A"]);
+        assert_eq!(next, Some(1000));
+        // Nothing new: a round finds nothing, and A is in flight.
+        let (jobs, next) = q.take_due(600);
+        assert!(jobs.is_empty());
+        assert_eq!(next, Some(1000));
+        // A new message is taken without waiting for the timed one.
+        q.insert(env("C", 0));
+        let (jobs, _) = q.take_due(700);
+        assert_eq!(ids(&jobs), ["C"]);
+        // A job its lanes could not take comes back in the next round.
+        q.requeue(&jobs[0]);
+        let (jobs, _) = q.take_due(800);
+        assert_eq!(ids(&jobs), ["C"]);
+        // The timed retry is due: a full scan finds it, not the ones in flight.
+        let (jobs, next) = q.take_due(1000);
+        assert_eq!(ids(&jobs), ["B"]);
+        assert_eq!(next, None);
+        // retry_now makes everything pending due at once.
+        let _ = q.take_due(1001);
+        {
+            let mut st = q.lock();
+            st.in_flight.clear();
+            st.envs.get_mut("B").unwrap().recipients[0].next_attempt_ms = 5000;
+        }
+        assert_eq!(q.retry_now(None), 3);
+        let (jobs, next) = q.take_due(1002);
+        assert_eq!(ids(&jobs), ["A", "B", "C"]);
+        assert_eq!(next, None);
+    }
 }
