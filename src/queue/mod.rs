@@ -497,14 +497,9 @@ impl Spool {
         self.dir_sync.sync(&self.queue).await
     }
 
-    /// Remove a finished message: the envelope first, so a crash leaves only an orphan body
-    /// (removed at start-up), never an envelope without its body.
-    ///
-    /// No directory fsync here, as in Postfix: if the machine loses power before the kernel
-    /// writes the unlink, the message comes back and is delivered again (a duplicate, which
-    /// SMTP allows); a process crash or `kill -9` loses nothing of the kind.
     /// [`remove`](Self::remove) after a delivery over `route`, and the `.sending` marker
-    /// of [`begin_send`](Self::begin_send) with it, in one blocking task.
+    /// of [`begin_send`](Self::begin_send) with it, in one blocking task. The files are
+    /// retired for reuse rather than unlinked (same order, same lazy durability).
     pub async fn remove_sent(&self, id: &str, route: &Route) -> io::Result<()> {
         let s = self.clone();
         let id = id.to_string();
@@ -520,6 +515,13 @@ impl Spool {
         .map_err(io::Error::other)?
     }
 
+    /// Remove a finished message: the envelope first, so a crash leaves only an orphan body
+    /// (removed at start-up), never an envelope without its body. Unlinked, not recycled:
+    /// an operator's `delete` may race a delivery still reading the body.
+    ///
+    /// No directory fsync here, as in Postfix: if the machine loses power before the kernel
+    /// writes the unlink, the message comes back and is delivered again (a duplicate, which
+    /// SMTP allows); a process crash or `kill -9` loses nothing of the kind.
     pub async fn remove(&self, id: &str) -> io::Result<()> {
         let s = self.clone();
         let id = id.to_string();
@@ -533,11 +535,13 @@ impl Spool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use tokio::io::AsyncWriteExt;
 
-    fn env(id: &str) -> Envelope {
+    /// One pending recipient at site-b.test, due now: the envelope the spool and
+    /// scheduler tests share.
+    pub(crate) fn env(id: &str) -> Envelope {
         Envelope {
             id: id.into(),
             received: 1,

@@ -493,31 +493,11 @@ pub(crate) async fn run(shared: Arc<Shared>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::queue::{RcptState, Recipient};
 
     fn env(id: &str, next_attempt_ms: u64) -> Envelope {
-        Envelope {
-            id: id.into(),
-            received: 1,
-            client: "127.0.0.1".into(),
-            helo: "h".into(),
-            mail_from: "a@site-a.test".into(),
-            recipients: vec![Recipient {
-                addr: "b@site-b.test".into(),
-                route: Route::Peer("site-b.test".into()),
-                state: RcptState::Pending,
-                attempts: 0,
-                next_attempt_ms,
-                last_error: None,
-                dsn: Default::default(),
-                delay_warned: false,
-            }],
-            size: 5,
-            body_8bit: false,
-            smtputf8: false,
-            ret: None,
-            envid: None,
-        }
+        let mut e = crate::queue::tests::env(id);
+        e.recipients[0].next_attempt_ms = next_attempt_ms;
+        e
     }
 
     fn ids(jobs: &[Job]) -> Vec<&str> {
