@@ -191,23 +191,26 @@ pub(crate) async fn send(
         return true;
     };
     // A delay warning returns the headers only, whatever RET says (RFC 3461 §4.3).
-    let full = kind == Kind::Failed
+    let want_full = kind == Kind::Failed
         && original.ret == Some(crate::smtp::Ret::Full)
         && original.size <= FULL_RETURN_MAX;
-    let returned = match full {
-        true => match tokio::fs::read(shared.spool.body_path(&original.id)).await {
+    let whole = if want_full {
+        match tokio::fs::read(shared.spool.body_path(&original.id)).await {
             Ok(b) => Some(b),
             Err(e) => {
                 tracing::warn!(queue_id = %original.id, error = %e, "RET=FULL: cannot read the message; returning its headers");
                 None
             }
-        },
-        false => None,
+        }
+    } else {
+        None
     };
-    let full = returned.is_some();
-    let returned = match returned {
-        Some(b) => b,
-        None => shared.spool.read_headers(&original.id, 64 * 1024).await,
+    let (returned, full) = match whole {
+        Some(b) => (b, true),
+        None => (
+            shared.spool.read_headers(&original.id, 64 * 1024).await,
+            false,
+        ),
     };
     let id = Spool::new_id();
     let dsn = build(
