@@ -31,14 +31,6 @@ cleanup() {
     [ -n "${KEEP:-}" ] || rm -rf "$WORK"
 }
 trap cleanup EXIT
-now_ns() { date +%s%N; }
-rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
-hwm_kb() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; }
-sink_count() {
-    local c
-    c=$(tail -c 200 "$1" 2>/dev/null | tr '\r' '\n' | grep -o 'mesg=[0-9]*' | tail -1)
-    echo "${c#mesg=}" | sed 's/^$/0/'
-}
 BIG=$((BIG_MB * 1000000))
 echo "bench-big: $BIG_MB MB, $(nproc) vCPU, git $(git -C "$ROOT" rev-parse --short HEAD), load $(cut -d' ' -f1-3 /proc/loadavg)"
 n=0

@@ -79,12 +79,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-now_ns() { date +%s%N; }
-sink_count() { # counter file of smtp-sink -c
-    local c
-    c=$(tail -c 200 "$1" 2>/dev/null | tr '\r' '\n' | grep -o 'mesg=[0-9]*' | tail -1)
-    echo "${c#mesg=}" | sed 's/^$/0/'
-}
 SINK_PID=
 start_sink() { # port, counter file
     /usr/sbin/smtp-sink -u nobody -c "127.0.0.1:$1" 1000 >"$2" 2>&1 &
@@ -93,8 +87,6 @@ start_sink() { # port, counter file
     wait_port "$1" 10 || die "smtp-sink did not start on $1"
 }
 stop_sink() { kill "$SINK_PID" 2>/dev/null || true; wait "$SINK_PID" 2>/dev/null || true; }
-rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
-hwm_kb() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; }
 
 read -r P_SRC_S P_SIP_A P_SIP_B P_SMTP_B P_PFA P_PFB P_PFTA P_PFTB \
     SINK_S SINK_P SINK_T SINK_X <<<"$(free_ports 12)"

@@ -215,8 +215,6 @@ sed 's/^/   /' "$WORK/explain.txt"
 ((UNEXPLAINED == 0)) || fail "$UNEXPLAINED duplicates without a log line that explains them"
 
 step "6. one message of ${BIG_MB} MB through the chain; sipmail's memory stays bounded"
-hwm_kb() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; }
-rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 for x in a b; do echo 5 >"/proc/${SM_PID[$x]}/clear_refs"; done # reset the high-water marks
 IDLE_A=$(rss_kb "${SM_PID[a]}"); IDLE_B=$(rss_kb "${SM_PID[b]}")
 T0=$SECONDS

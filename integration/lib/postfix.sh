@@ -1,5 +1,6 @@
-# Shared by integration scripts: free loopback ports, waiting for a port, and private
-# Postfix instances on loopback (../shared/design/PEERS.md). Source it; it expects
+# Shared by integration scripts: free loopback ports, waiting for a port, process memory,
+# smtp-sink's counter, and private Postfix instances on loopback
+# (../shared/design/PEERS.md). Source it; it expects
 # $WORK (a world-readable scratch directory) and appends started instances to PF_DIRS.
 
 # N ports free for both TCP and UDP on 127.0.0.1 (SIP uses both).
@@ -26,6 +27,16 @@ wait_port() { # port [seconds]
         sleep 0.05
     done
     return 1
+}
+
+now_ns() { date +%s%N; }
+rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+hwm_kb() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; } # peak RSS (reset: echo 5 >clear_refs)
+
+sink_count() { # messages counted so far in the file of `smtp-sink -c`
+    local c
+    c=$(tail -c 200 "$1" 2>/dev/null | tr '\r' '\n' | grep -o 'mesg=[0-9]*' | tail -1)
+    echo "${c#mesg=}" | sed 's/^$/0/'
 }
 
 PF_DIRS=()
