@@ -473,3 +473,103 @@ async fn rotation_accepts_both_keys_until_the_old_one_is_retired() {
     wait_delivered(&sites, 3).await;
     sites.stop().await;
 }
+
+/// Calls that overlap must not set off continuity alarms. A places up to 8 calls at once
+/// to B (calls_per_peer = 8), in three bursts of 16 messages, each burst after the last
+/// calls were hung up; B requires continuity. Every call is accepted, none reports a
+/// continuity problem at either end, and all 48 messages arrive. (Before the caller set
+/// up its calls to a peer one at a time, the first burst's later calls met B holding the
+/// secret of the first one, "peer-has-none", and were refused; and the two caches, each
+/// filled in its own order, could end up with no secret in common.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_calls_keep_both_caches_in_step() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = edited_configs(
+        dir.path(),
+        |s| {
+            s.replace(
+                "call_idle = \"2s\"",
+                "call_idle = \"2s\"\ncalls_per_peer = 8",
+            )
+        },
+        peer_lines("continuity = \"require\""),
+    );
+    let sites = Arc::new(
+        TwoSites::start_with(dir.path(), a, b, Hooks::default())
+            .await
+            .unwrap(),
+    );
+    let (mut ev_a, mut ev_b) = (sites.a.events(), sites.b.events());
+    let mut continuity = Vec::new();
+    let mut calls = 0;
+    let mut most_up = 0;
+    for burst in 0..3 {
+        let mut tasks = Vec::new();
+        for t in 0..8 {
+            let sites = sites.clone();
+            tasks.push(tokio::spawn(async move {
+                let msgs: Vec<_> = (0..2)
+                    .map(|i| sample_message(100 * burst + 10 * t + i, "overlap"))
+                    .collect();
+                submit(sites.a.smtp_addr, &msgs, "bob@site-b.test", |_| {})
+                    .await
+                    .unwrap();
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        wait_delivered(&sites, 16 * (burst + 1)).await;
+        // Every call of this burst ends (call_idle) before the next burst starts.
+        let mut up = 0i32;
+        let quiet = wait_until(Duration::from_secs(30), || {
+            while let Ok(e) = ev_a.try_recv() {
+                match e {
+                    RelayEvent::CallEstablished { continuity: c, .. } => {
+                        up += 1;
+                        calls += 1;
+                        most_up = most_up.max(up);
+                        continuity.push(format!("A: {c}"));
+                    }
+                    RelayEvent::CallEnded { .. } => up -= 1,
+                    RelayEvent::CallFailed { reason, .. } => {
+                        panic!("a call failed: {reason}")
+                    }
+                    _ => {}
+                }
+            }
+            up == 0
+        })
+        .await;
+        assert!(quiet, "calls of burst {burst} did not end");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    while let Ok(e) = ev_b.try_recv() {
+        if let RelayEvent::CallEstablished { continuity: c, .. } = e {
+            continuity.push(format!("B: {c}"));
+        }
+    }
+    // The point of the test: several calls were up at once.
+    assert!(
+        most_up >= 2,
+        "never two calls at once ({calls} calls in all)"
+    );
+    let problems: Vec<_> = continuity
+        .iter()
+        .filter(|c| !c.ends_with("matched") && !c.ends_with("first-call"))
+        .collect();
+    assert!(
+        problems.is_empty(),
+        "continuity problems: {problems:?} (all: {continuity:?})"
+    );
+    let first_calls = continuity
+        .iter()
+        .filter(|c| c.ends_with("first-call"))
+        .count();
+    assert_eq!(
+        first_calls, 2,
+        "only the very first call has no secret: {continuity:?}"
+    );
+    Arc::try_unwrap(sites).ok().unwrap().stop().await;
+}

@@ -464,7 +464,9 @@ async fn answer(shared: &Arc<Shared>, inc: Incoming, pending: PendingGuard) -> R
         answer_signature: &answer.signature,
         confirm_signature: &confirm_signature,
     };
-    shared.call_established(&call_id, &peer, false, &peer_fpr, &done.keys, sigs);
+    shared
+        .call_established(&call_id, &peer, false, &peer_fpr, &done.keys, sigs)
+        .await;
 
     let mut backend = SpoolBackend::new(
         shared.clone(),

@@ -42,6 +42,8 @@ pub(crate) enum CallError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("a call set up to the same peer just before failed: {0}")]
+    PeerJustFailed(String),
     #[error("SMTP greeting through the call: {0}")]
     Smtp(#[from] ClientError),
     #[error(
@@ -103,6 +105,45 @@ async fn resolve(peer: &Peer) -> Result<SocketAddr, CallError> {
         .map_err(|e| CallError::Resolve(format!("{what}: {e}")))?
         .next()
         .ok_or(CallError::Resolve(what))
+}
+
+/// The last failed set-up of a call to a peer: when, and why.
+#[derive(Debug, Clone)]
+pub(crate) struct SetupFailure {
+    at: tokio::time::Instant,
+    reason: String,
+}
+
+/// Calls to one peer are set up one at a time (the calls themselves then run side by side).
+/// Each handshake leaves a retained secret at both ends. Set-ups that overlapped would find
+/// a secret at one end that the other does not hold yet, and the two caches, filled in
+/// different orders, could drift apart until no secret is common: a false "man in the
+/// middle?" alarm, and a refused call under `continuity = "require"`. One at a time, both
+/// ends see the same sequence. It costs little: a set-up takes a few milliseconds, and a
+/// call then carries many messages. A lane that waited while the set-up before it failed
+/// does not call again at once: the peer was just found unreachable or refusing, and its
+/// mail is retried on the queue's schedule.
+async fn place_call_in_turn(shared: &Arc<Shared>, peer: &Peer) -> Result<ActiveCall, CallError> {
+    let gate = shared
+        .call_setup
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry(peer.domain.clone())
+        .or_default()
+        .clone();
+    let waiting_since = tokio::time::Instant::now();
+    let mut last = gate.lock().await;
+    if let Some(f) = last.as_ref()
+        && f.at >= waiting_since
+    {
+        return Err(CallError::PeerJustFailed(f.reason.clone()));
+    }
+    let placed = place_call(shared, peer).await;
+    *last = placed.as_ref().err().map(|e| SetupFailure {
+        at: tokio::time::Instant::now(),
+        reason: e.to_string(),
+    });
+    placed
 }
 
 async fn place_call(shared: &Arc<Shared>, peer: &Peer) -> Result<ActiveCall, CallError> {
@@ -269,7 +310,9 @@ async fn place_call(shared: &Arc<Shared>, peer: &Peer) -> Result<ActiveCall, Cal
         answer_signature: &answer.signature,
         confirm_signature: &done.confirm.signature,
     };
-    shared.call_established(&call_id, peer, true, &peer_fpr, &done.keys, sigs);
+    shared
+        .call_established(&call_id, peer, true, &peer_fpr, &done.keys, sigs)
+        .await;
     Ok(ActiveCall { dialog, client })
 }
 
@@ -349,7 +392,7 @@ pub(crate) async fn worker(shared: Arc<Shared>, domain: String, lane: usize, job
             // Shutdown does not wait for a call attempt (an unanswered INVITE takes 32 s):
             // the job stays in the spool for the next start.
             let placed = tokio::select! {
-                r = place_call(&shared, &peer) => r,
+                r = place_call_in_turn(&shared, &peer) => r,
                 _ = shared.shutdown.wait() => break,
             };
             match placed {

@@ -145,8 +145,12 @@ pub(crate) struct Shared {
     pub shutdown: Shutdown,
     pub events: broadcast::Sender<RelayEvent>,
     pub hooks: Hooks,
-    /// Retained secrets and pins, under `<spool>/state`.
-    pub trust: trust::TrustStore,
+    /// Retained secrets and pins, under `<spool>/state`. In an Arc so that its fsynced
+    /// writes can run on the blocking pool, off the runtime's threads.
+    pub trust: Arc<trust::TrustStore>,
+    /// Per peer, the gate that makes our call set-ups to it run one at a time, holding the
+    /// last failure (see `caller::worker`).
+    pub call_setup: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<caller::SetupFailure>>>>>,
     /// The key we sign with and its public key packet, presented in opportunistic calls.
     pub signing_fpr: Vec<u8>,
     pub signing_packet: Vec<u8>,
@@ -163,7 +167,7 @@ impl Shared {
     /// call's trust state is kept: its retained secret for the next call, and
     /// (opportunistic) the peer's key pinned if this was the first use. Called only once the
     /// media stream has proved that both sides hold the same keys.
-    pub fn call_established(
+    pub async fn call_established(
         &self,
         call_id: &str,
         peer: &crate::config::Peer,
@@ -199,20 +203,43 @@ impl Shared {
             transcript_sha256 = %hex::encode(keys.transcript_hash),
             "call established"
         );
-        if let Err(e) = self.trust.remember(&peer.domain, &keys.retained) {
+        // The trust state is written (and fsynced) on the blocking pool; the call waits for
+        // it, so that the next call to or from this peer finds the new secret.
+        let (trust, domain, retained) = (
+            self.trust.clone(),
+            peer.domain.clone(),
+            keys.retained.clone(),
+        );
+        let pin = (mode == crate::handshake::AuthMode::Opportunistic).then(|| peer_fpr.to_string());
+        let stored = tokio::task::spawn_blocking(move || {
+            (
+                trust.remember(&domain, &retained),
+                pin.map(|fpr| trust.pin_first_use(&domain, &fpr)),
+            )
+        })
+        .await;
+        let (remembered, pinned) = match stored {
+            Ok(r) => r,
+            Err(e) => (
+                Err(trust::TrustError::Io {
+                    path: self.trust.dir().to_path_buf(),
+                    source: std::io::Error::other(e.to_string()),
+                }),
+                None,
+            ),
+        };
+        if let Err(e) = remembered {
             tracing::warn!(peer = %peer.domain, error = %e, "cannot store the retained secret; the next call has no key continuity");
         }
-        if mode == crate::handshake::AuthMode::Opportunistic {
-            match self.trust.pin_first_use(&peer.domain, peer_fpr) {
-                Ok(true) => tracing::warn!(
-                    peer = %peer.domain, peer_fingerprint = %peer_fpr, sas = %keys.sas,
-                    "opportunistic peer's key pinned on first use: compare the SAS with the partner to rule out a man in the middle on this call"
-                ),
-                Ok(false) => {}
-                Err(e) => {
-                    tracing::warn!(peer = %peer.domain, error = %e, "cannot pin the peer's key")
-                }
+        match pinned {
+            Some(Ok(true)) => tracing::warn!(
+                peer = %peer.domain, peer_fingerprint = %peer_fpr, sas = %keys.sas,
+                "opportunistic peer's key pinned on first use: compare the SAS with the partner to rule out a man in the middle on this call"
+            ),
+            Some(Err(e)) => {
+                tracing::warn!(peer = %peer.domain, error = %e, "cannot pin the peer's key")
             }
+            Some(Ok(false)) | None => {}
         }
         self.event(RelayEvent::CallEstablished {
             call_id: call_id.to_string(),
@@ -521,7 +548,8 @@ pub async fn start(cfg: Config, shutdown: Shutdown, hooks: Hooks) -> Result<Runn
         shutdown,
         events: broadcast::channel(1024).0,
         hooks,
-        trust: trust::TrustStore::new(&cfg_spool),
+        trust: Arc::new(trust::TrustStore::new(&cfg_spool)),
+        call_setup: Mutex::new(HashMap::new()),
         signing_fpr,
         signing_packet,
     });

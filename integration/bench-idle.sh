@@ -1,0 +1,185 @@
+#!/usr/bin/env bash
+# RSS of one relay holding many idle calls, measured, not extrapolated; and how fast that
+# relay set the calls up with many peers at once. Run by integration/bench.sh; alone:
+#
+#   integration/bench-idle.sh                          # 1,000 calls from 16 caller relays
+#   IDLE_CALLS=200 IDLE_CALLERS=4 integration/bench-idle.sh
+#
+# One callee relay (callee.test) and IDLE_CALLERS caller relays c01.test, c02.test, ...,
+# each with its own OpenPGP key, its own loopback address 127.0.1.N for SIP and media, and
+# sip.calls_per_peer set to its share of IDLE_CALLS (at most 64, the configuration's
+# limit). Each caller gets a burst of 2 x share small messages over `share` parallel SMTP
+# sessions (smtp-source), so every one of its lanes places a call; the calls then stay up,
+# idle, because call_idle is 10 minutes. A caller short of its share gets another burst,
+# at most IDLE_BURSTS in all. Then the callee's RSS is read, with the count of calls up.
+#
+# The callee is configured as a hub would be: up to 64 unanswered INVITEs per source and
+# 1,024 in all (the defaults, 16 and 256, are for a site with a few partners).
+#
+# Appends to $OUT/results.txt. Needs smtp-source (package postfix) and python3.
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+IDLE_CALLS=${IDLE_CALLS:-1000}
+IDLE_CALLERS=${IDLE_CALLERS:-16}
+IDLE_BURSTS=${IDLE_BURSTS:-4}
+OUT=${OUT:-$ROOT/target/bench}
+mkdir -p "$OUT"
+
+say() { printf '%s\n' "$*" | tee -a "$OUT/results.txt"; }
+die() { echo "bench-idle: $*" >&2; exit 1; }
+
+[ -x /usr/sbin/smtp-source ] || die "/usr/sbin/smtp-source not found (apt-get install postfix)"
+SHARE=$(((IDLE_CALLS + IDLE_CALLERS - 1) / IDLE_CALLERS))
+((SHARE >= 1 && SHARE <= 64)) || die "IDLE_CALLS/IDLE_CALLERS = $SHARE calls per caller; it must be 1..64 (sip.calls_per_peer)"
+((IDLE_CALLERS <= 250)) || die "IDLE_CALLERS must be at most 250 (one loopback address each)"
+# The file descriptors: the callee holds one media connection per call.
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+
+cargo build --release --quiet --manifest-path "$ROOT/Cargo.toml"
+SIPMAIL="$ROOT/target/release/sipmail"
+# shellcheck source=lib/postfix.sh
+. "$ROOT/integration/lib/postfix.sh" # free_ports, wait_port, rss_kb, now_ns
+IC="$(mktemp -d /tmp/sipmail-idle.XXXXXX)"
+PIDS=()
+cleanup() {
+    set +e
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
+    wait 2>/dev/null
+    [ -n "${KEEP:-}" ] || rm -rf "$IC"
+}
+trap cleanup EXIT
+
+say ""
+say "== RSS with idle calls: $IDLE_CALLERS caller relays place $IDLE_CALLS calls (up to $SHARE each) to one callee relay"
+CALLERS=()
+for n in $(seq 1 "$IDLE_CALLERS"); do CALLERS+=("$(printf 'c%02d' "$n")"); done
+share_of() { # caller index (0-based) -> its share of IDLE_CALLS
+    local i=$1 s=$((IDLE_CALLS / IDLE_CALLERS)) r=$((IDLE_CALLS % IDLE_CALLERS))
+    echo $((s + (i < r ? 1 : 0)))
+}
+(
+    cd "$IC"
+    "$SIPMAIL" keys generate --keyring keyring/callee --domain callee.test
+    "$SIPMAIL" keys export --keyring keyring/callee >callee.asc
+    for c in "${CALLERS[@]}"; do
+        "$SIPMAIL" keys generate --keyring "keyring/$c" --domain "$c.test"
+        "$SIPMAIL" keys import --keyring "keyring/$c" callee.asc
+        "$SIPMAIL" keys export --keyring "keyring/$c" >"$c.asc"
+        "$SIPMAIL" keys import --keyring keyring/callee "$c.asc"
+    done
+) >"$IC/keys.log" 2>&1 || die "key setup failed: $(tail -3 "$IC/keys.log")"
+
+read -r P_CB_SIP P_CB_SMTP <<<"$(free_ports 2)"
+CALLER_SIP=()
+for c in "${CALLERS[@]}"; do CALLER_SIP+=("$(free_ports 1)"); done
+{
+    printf '[relay]\ndomain = "callee.test"\nkeyring = "keyring/callee"\nspool = "var/callee/spool"\n'
+    printf '[smtp]\nlisten = "127.0.0.1:%s"\n' "$P_CB_SMTP"
+    printf '[sip]\nlisten = "127.0.0.1:%s"\nmedia = "127.0.0.1"\ncall_idle = "10m"\n' "$P_CB_SIP"
+    printf 'max_pending_per_source = 64\nmax_pending_total = 1024\n'
+    for i in "${!CALLERS[@]}"; do
+        printf '[[peer]]\ndomain = "%s.test"\nsip = "sip:mail@127.0.1.%d:%s"\n' "${CALLERS[$i]}" $((i + 1)) "${CALLER_SIP[$i]}"
+    done
+    printf '[delivery]\nmaildir = "var/callee/maildir"\n'
+} >"$IC/callee.toml"
+(cd "$IC" && exec "$SIPMAIL" run --config callee.toml >callee.log 2>&1) & PIDS+=($!); CALLEE=$!
+wait_port "$P_CB_SMTP" 30 || die "callee did not start: $(tail -5 "$IC/callee.log")"
+sleep 1
+CALLEE_BEFORE=$(rss_kb "$CALLEE")
+
+CALLER_PIDS=()
+CALLER_SMTP=()
+for i in "${!CALLERS[@]}"; do
+    c=${CALLERS[$i]}
+    ps=$(free_ports 1)
+    CALLER_SMTP+=("$ps")
+    cat >"$IC/$c.toml" <<EOF
+[relay]
+domain = "$c.test"
+keyring = "keyring/$c"
+spool = "var/$c/spool"
+[smtp]
+listen = "127.0.0.1:$ps"
+[sip]
+listen = "127.0.1.$((i + 1)):${CALLER_SIP[$i]}"
+media = "127.0.1.$((i + 1))"
+call_idle = "10m"
+calls_per_peer = $(share_of "$i")
+[[peer]]
+domain = "callee.test"
+sip = "sip:mail@127.0.0.1:$P_CB_SIP"
+[delivery]
+maildir = "var/$c/maildir"
+EOF
+    (cd "$IC" && exec "$SIPMAIL" run --config "$c.toml" >"$c.log" 2>&1) & PIDS+=($!); CALLER_PIDS+=($!)
+done
+for i in "${!CALLERS[@]}"; do
+    wait_port "${CALLER_SMTP[$i]}" 30 || die "caller ${CALLERS[$i]} did not start: $(tail -5 "$IC/${CALLERS[$i]}.log")"
+done
+
+up() { # calls up in a log: established minus ended
+    local e x
+    e=$(grep -c "call established" "$1" || true)
+    x=$(grep -c "call ended" "$1" || true)
+    echo $((e - x))
+}
+total_up() { up "$IC/callee.log"; }
+burst() { # caller index: 2 x share messages over share sessions, in the background
+    local i=$1 s
+    s=$(share_of "$i")
+    /usr/sbin/smtp-source -s "$s" -m $((2 * s)) -l 1000 -f "x@${CALLERS[$i]}.test" -t "y@callee.test" \
+        "127.0.0.1:${CALLER_SMTP[$i]}" >>"$IC/source.log" 2>&1 &
+    SOURCES+=($!)
+}
+for b in $(seq 1 "$IDLE_BURSTS"); do
+    short=0 SOURCES=()
+    for i in "${!CALLERS[@]}"; do
+        if (($(up "$IC/${CALLERS[$i]}.log") < $(share_of "$i"))); then
+            burst "$i"
+            short=$((short + 1))
+        fi
+    done
+    ((short == 0)) && break
+    printf '   burst %d: %d caller(s) short of their share; waiting for calls ...\n' "$b" "$short"
+    wait "${SOURCES[@]}" || true # the bursts' smtp-source processes
+    # Let the last calls come up (a call is placed when a lane takes a message).
+    end=$((SECONDS + 30)) last=-1
+    while ((SECONDS < end)); do
+        now=$(total_up)
+        ((now >= IDLE_CALLS)) && break
+        ((now == last)) && break
+        last=$now
+        sleep 1
+    done
+    printf '   %d calls up at the callee\n' "$(total_up)"
+done
+sleep 2
+UP=$(total_up)
+CALLEE_WITH=$(rss_kb "$CALLEE")
+FDS=$(find "/proc/$CALLEE/fd" -mindepth 1 -maxdepth 1 | wc -l)
+CALLER_SUM=0
+for p in "${CALLER_PIDS[@]}"; do CALLER_SUM=$((CALLER_SUM + $(rss_kb "$p"))); done
+
+# Call set-up rate: the callee's "call established" lines, first to last (all bursts).
+RATE=$(python3 - "$IC/callee.log" <<'PY'
+import re, sys
+from datetime import datetime
+ts = []
+for line in open(sys.argv[1], errors="replace"):
+    if "call established" in line:
+        m = re.match(r"\x1b?\[?[0-9;]*m?(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+)Z", line)
+        if m:
+            ts.append(datetime.fromisoformat(m.group(1)))
+if len(ts) >= 2 and ts[-1] > ts[0]:
+    print(f"{len(ts)} calls set up in {(ts[-1] - ts[0]).total_seconds():.2f} s: "
+          f"{(len(ts) - 1) / (ts[-1] - ts[0]).total_seconds():.0f} calls/s")
+else:
+    print("not measured (no timestamps in the callee's log)")
+PY
+)
+say "   calls up at the callee: $UP of $IDLE_CALLS ($FDS open file descriptors)"
+say "   callee RSS: $((CALLEE_BEFORE / 1024)) MB before the calls, $((CALLEE_WITH / 1024)) MB with $UP calls idle" \
+    "-> $(awk -v a="$CALLEE_BEFORE" -v b="$CALLEE_WITH" -v n="$UP" 'BEGIN {printf "%.1f", n ? (b-a)/n : 0}') kB per call"
+say "   caller relays: $((CALLER_SUM / ${#CALLER_PIDS[@]} / 1024)) MB RSS on average, each holding up to $SHARE calls"
+say "   call set-up with $IDLE_CALLERS peers at once (both ends on these cores, SMTP in front): $RATE"
+((UP >= IDLE_CALLS)) || say "   WARNING: only $UP of $IDLE_CALLS calls came up; see $IC (set KEEP=1 to keep it)"
