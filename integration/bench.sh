@@ -12,8 +12,9 @@
 #                B's self-signed certificate: smtp_tls_security_level = fingerprint)
 # Rates are end to end: from the start of smtp-source until smtp-sink has counted every
 # message. Then: first message on a cold call, per-message latency on a warm call, one
-# big message A->B with fsync at both ends, peak RSS with it in flight, RSS with many idle
-# calls, and (CRITERION=1, the default) the criterion benches.
+# big message A->B with fsync at both ends, peak RSS with it in flight, RSS of one relay
+# holding 1,000 idle calls and how fast it set them up (integration/bench-idle.sh), and
+# (CRITERION=1, the default) the criterion benches.
 #
 # Not part of CI (too long). Needs root (private Postfix instances), postfix,
 # smtp-source, smtp-sink, openssl, python3; installs postfix with apt-get and matplotlib
@@ -30,7 +31,8 @@ SWEEP_MESSAGES=${SWEEP_MESSAGES:-1000}
 COLD_CALLS=${COLD_CALLS:-5}       # cold-call first-message measurements
 WARM_MESSAGES=${WARM_MESSAGES:-20}
 BIG_MB=${BIG_MB:-200}             # the one big message, MB (10^6 bytes)
-IDLE_CALLS=${IDLE_CALLS:-100}     # caller relays holding an idle call to one callee
+IDLE_CALLS=${IDLE_CALLS:-1000}    # idle calls held by one callee relay (bench-idle.sh) ...
+IDLE_CALLERS=${IDLE_CALLERS:-16}  # ... placed by this many caller relays
 RUN_TIMEOUT=${RUN_TIMEOUT:-300}   # seconds, per throughput run
 CRITERION=${CRITERION:-1}         # also run the criterion benches
 OUT=${OUT:-$ROOT/target/bench}
@@ -271,78 +273,9 @@ stop_sink
 say "   $(mbps "$t0" "$t1")"
 
 # ---------------------------------------------------------------- idle calls
-say ""
-say "== RSS with idle calls: $IDLE_CALLS caller relays each hold one idle call to one callee relay"
-IC="$WORK/idle"
-mkdir -p "$IC"
-read -r P_CB_SIP P_CB_SMTP <<<"$(free_ports 2)"
-(
-    cd "$IC"
-    "$SIPMAIL" keys generate --keyring keyring/callee --domain callee.test
-    "$SIPMAIL" keys export --keyring keyring/callee >callee.asc
-    for i in $(seq -w 1 "$IDLE_CALLS"); do
-        "$SIPMAIL" keys generate --keyring "keyring/c$i" --domain "c$i.test"
-        "$SIPMAIL" keys import --keyring "keyring/c$i" callee.asc
-        "$SIPMAIL" keys export --keyring "keyring/c$i" >"c$i.asc"
-        "$SIPMAIL" keys import --keyring keyring/callee "c$i.asc"
-    done
-) >"$WORK/idle-keys.log" 2>&1 || die "idle-call key setup failed: $(tail -3 "$WORK/idle-keys.log")"
-{
-    printf '[relay]\ndomain = "callee.test"\nkeyring = "keyring/callee"\nspool = "var/callee/spool"\n'
-    printf '[smtp]\nlisten = "127.0.0.1:%s"\n[sip]\nlisten = "127.0.0.1:%s"\nmedia = "127.0.0.1"\ncall_idle = "10m"\n' "$P_CB_SMTP" "$P_CB_SIP"
-    for i in $(seq -w 1 "$IDLE_CALLS"); do
-        printf '[[peer]]\ndomain = "c%s.test"\nsip = "sip:mail@127.0.0.1:1"\n' "$i"
-    done
-    printf '[delivery]\nmaildir = "var/callee/maildir"\n'
-} >"$IC/callee.toml"
-(cd "$IC" && exec "$SIPMAIL" run --config callee.toml >callee.log 2>&1) & PIDS+=($!); CALLEE=$!
-wait_port "$P_CB_SMTP" 30 || die "callee did not start: $(tail -5 "$IC/callee.log")"
-sleep 1
-CALLEE_IDLE=$(rss_kb "$CALLEE")
-CALLER_PIDS=()
-for i in $(seq -w 1 "$IDLE_CALLS"); do
-    read -r ps pp <<<"$(free_ports 2)"
-    cat >"$IC/c$i.toml" <<EOF
-[relay]
-domain = "c$i.test"
-keyring = "keyring/c$i"
-spool = "var/c$i/spool"
-[smtp]
-listen = "127.0.0.1:$ps"
-[sip]
-listen = "127.0.0.1:$pp"
-media = "127.0.0.1"
-call_idle = "10m"
-[[peer]]
-domain = "callee.test"
-sip = "sip:mail@127.0.0.1:$P_CB_SIP"
-[delivery]
-maildir = "var/c$i/maildir"
-EOF
-    (cd "$IC" && exec "$SIPMAIL" run --config "c$i.toml" >"c$i.log" 2>&1) & PIDS+=($!); CALLER_PIDS+=($!)
-    echo "$ps" >"$IC/c$i.port"
-done
-for i in $(seq -w 1 "$IDLE_CALLS"); do
-    ps=$(cat "$IC/c$i.port")
-    wait_port "$ps" 30 || die "caller c$i did not start"
-    /usr/sbin/smtp-source -s 1 -m 1 -l 1000 -f "x@c$i.test" -t "y@callee.test" "127.0.0.1:$ps" >/dev/null 2>&1 &
-done
-wait_calls() { grep -c "call established" "$IC/callee.log" || true; }
-end=$((SECONDS + 120))
-while (($(wait_calls) < IDLE_CALLS)) && ((SECONDS < end)); do sleep 0.2; done
-sleep 2
-ESTABLISHED=$(wait_calls)
-CALLEE_CALLS=$(rss_kb "$CALLEE")
-CALLER_SUM=0
-for p in "${CALLER_PIDS[@]}"; do CALLER_SUM=$((CALLER_SUM + $(rss_kb "$p"))); done
-CALLS_ENDED=$(grep -c "call ended" "$IC/callee.log" || true)
-PER_CALL=$(awk -v a="$CALLEE_IDLE" -v b="$CALLEE_CALLS" -v n="$ESTABLISHED" 'BEGIN {printf "%.1f", (b-a)/n}')
-say "   calls established at the callee: $ESTABLISHED of $IDLE_CALLS (ended meanwhile: $CALLS_ENDED)"
-say "   callee RSS: $((CALLEE_IDLE / 1024)) MB before, $((CALLEE_CALLS / 1024)) MB with the calls idle -> $PER_CALL kB per idle call"
-say "   extrapolated to 1,000 idle calls: $(awk -v a="$CALLEE_IDLE" -v p="$PER_CALL" 'BEGIN {printf "%.0f", (a + 1000*p)/1024}') MB"
-say "   each caller relay: $((CALLER_SUM / ${#CALLER_PIDS[@]} / 1024)) MB RSS on average with its one call"
-for p in "${CALLER_PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-kill "$CALLEE" 2>/dev/null || true
+# One callee relay holding IDLE_CALLS calls from IDLE_CALLERS caller relays (bench-idle.sh).
+IDLE_CALLS="$IDLE_CALLS" IDLE_CALLERS="$IDLE_CALLERS" OUT="$OUT" "$ROOT/integration/bench-idle.sh" \
+    || say "   the idle-calls step failed (see above)"
 
 # ---------------------------------------------------------------- summary
 say ""

@@ -67,9 +67,11 @@ pub struct PeerState {
 #[derive(Debug)]
 pub struct TrustStore {
     dir: PathBuf,
-    /// Serialises read-modify-write of the retained secrets among this process's calls
-    /// (the spool's control socket keeps a second daemon off the same spool).
-    lock: Mutex<()>,
+    /// Serialise read-modify-write of one peer's files among this process's calls (the
+    /// spool's control socket keeps a second daemon off the same spool). One lock per
+    /// stripe of domains, so that calls with different peers store their state (two fsyncs
+    /// each) side by side: one lock for all capped a hub at one fsync pair at a time.
+    locks: [Mutex<()>; LOCK_STRIPES],
 }
 
 fn check_domain(d: &str) -> Result<String, TrustError> {
@@ -88,11 +90,25 @@ fn check_domain(d: &str) -> Result<String, TrustError> {
     }
 }
 
+const LOCK_STRIPES: usize = 16;
+
 impl TrustStore {
+    fn lock_for(&self, domain: &str) -> std::sync::MutexGuard<'_, ()> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        domain
+            .trim_end_matches('.')
+            .to_ascii_lowercase()
+            .hash(&mut h);
+        self.locks[h.finish() as usize % LOCK_STRIPES]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
     pub fn new(spool: &Path) -> TrustStore {
         TrustStore {
             dir: spool.join("state"),
-            lock: Mutex::new(()),
+            locks: std::array::from_fn(|_| Mutex::new(())),
         }
     }
 
@@ -182,7 +198,7 @@ impl TrustStore {
     /// Keep `secret` as the newest retained secret for `domain` (older ones beyond
     /// [`MAX_RETAINED`] are forgotten).
     pub fn remember(&self, domain: &str, secret: &RetainedSecret) -> Result<(), TrustError> {
-        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _g = self.lock_for(domain);
         let path = self.path(domain, "retained")?;
         // A corrupt file is replaced: the secrets in it are unusable anyway.
         let mut list = self.retained(domain).unwrap_or_default();
@@ -209,7 +225,7 @@ impl TrustStore {
 
     /// Pin `fingerprint` for `domain` if nothing is pinned yet. Returns whether it pinned.
     pub fn pin_first_use(&self, domain: &str, fingerprint: &str) -> Result<bool, TrustError> {
-        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _g = self.lock_for(domain);
         if self.check_pin(domain, fingerprint)? != PinCheck::FirstUse {
             return Ok(false);
         }
@@ -233,7 +249,7 @@ impl TrustStore {
     /// `sipmail trust accept`: the refused key becomes the pin. The retained secrets are
     /// forgotten too: they belong to the old key's calls. Returns (old pin, new pin).
     pub fn accept_pending(&self, domain: &str) -> Result<(Option<String>, String), TrustError> {
-        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _g = self.lock_for(domain);
         let pending_path = self.path(domain, "pin-pending")?;
         let new = self
             .read_line(&pending_path)?
@@ -250,7 +266,7 @@ impl TrustStore {
     /// `sipmail trust reset`: forget everything about `domain` (pin, pending key, retained
     /// secrets). The next call is a first call again. Returns whether anything was removed.
     pub fn reset(&self, domain: &str) -> Result<bool, TrustError> {
-        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _g = self.lock_for(domain);
         let mut any = false;
         for ext in ["pin", "pin-pending", "retained"] {
             any |= self.remove(&self.path(domain, ext)?)?;
