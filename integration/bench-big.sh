@@ -22,15 +22,7 @@ SESSIONS=${SESSIONS:-10} # ... over SESSIONS sessions, timed until smtp-sink cou
 . "$ROOT/integration/lib/postfix.sh"
 # shellcheck source=lib/sites.sh
 . "$ROOT/integration/lib/sites.sh" # exchange_keys, site_config
-WORK="$(mktemp -d /tmp/sipmail-bigbench.XXXXXX)"
-PIDS=()
-cleanup() {
-    set +e
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
-    wait 2>/dev/null
-    [ -n "${KEEP:-}" ] || rm -rf "$WORK"
-}
-trap cleanup EXIT
+scratch sipmail-bigbench
 BIG=$((BIG_MB * 1000000))
 echo "bench-big: $BIG_MB MB, $(nproc) vCPU, git $(git -C "$ROOT" rev-parse --short HEAD), load $(cut -d' ' -f1-3 /proc/loadavg)"
 n=0

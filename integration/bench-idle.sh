@@ -38,16 +38,9 @@ ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 cargo build --release --quiet --manifest-path "$ROOT/Cargo.toml"
 SIPMAIL="$ROOT/target/release/sipmail"
 # shellcheck source=lib/postfix.sh
-. "$ROOT/integration/lib/postfix.sh" # free_ports, wait_port, rss_kb, now_ns
-IC="$(mktemp -d /tmp/sipmail-idle.XXXXXX)"
-PIDS=()
-cleanup() {
-    set +e
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
-    wait 2>/dev/null
-    [ -n "${KEEP:-}" ] || rm -rf "$IC"
-}
-trap cleanup EXIT
+. "$ROOT/integration/lib/postfix.sh" # free_ports, wait_port, rss_kb, now_ns, scratch
+scratch sipmail-idle
+IC=$WORK
 
 say ""
 say "== RSS with idle calls: $IDLE_CALLERS caller relays place $IDLE_CALLS calls (up to $SHARE each) to one callee relay"

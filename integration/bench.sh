@@ -64,22 +64,12 @@ mkdir -p "$OUT"
 echo "== building (release)"
 cargo build --release --quiet --manifest-path "$ROOT/Cargo.toml"
 SIPMAIL="$ROOT/target/release/sipmail"
-WORK="$(mktemp -d /tmp/sipmail-bench.XXXXXX)"
-chmod 755 "$WORK"
-
-PIDS=()
 # shellcheck source=lib/postfix.sh
 . "$ROOT/integration/lib/postfix.sh"
 # shellcheck source=lib/sites.sh
 . "$ROOT/integration/lib/sites.sh" # exchange_keys, site_config
-cleanup() {
-    set +e
-    pf_stop_all
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
-    wait 2>/dev/null
-    [ -n "${KEEP:-}" ] || rm -rf "$WORK"
-}
-trap cleanup EXIT
+scratch sipmail-bench # $WORK, PIDS, and the EXIT trap that stops everything
+chmod 755 "$WORK"
 
 SINK_PID=
 start_sink() { # port, counter file

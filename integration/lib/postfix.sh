@@ -112,3 +112,20 @@ pf_stop_all() {
     local d
     for d in "${PF_DIRS[@]}"; do postfix -c "$d/etc" stop >/dev/null 2>&1; done
 }
+
+# scratch PREFIX: a scratch directory /tmp/PREFIX.XXXXXX in $WORK, an empty PIDS, and an
+# EXIT trap that stops our Postfix instances and every PID in PIDS, then removes $WORK
+# (kept if KEEP is set).
+scratch() {
+    WORK="$(mktemp -d "/tmp/$1.XXXXXX")"
+    PIDS=()
+    trap scratch_cleanup EXIT
+}
+scratch_cleanup() {
+    set +e
+    pf_stop_all
+    local p
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
+    wait 2>/dev/null
+    if [ -n "${KEEP:-}" ]; then echo "kept $WORK"; else rm -rf "$WORK"; fi
+}
