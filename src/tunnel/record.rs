@@ -97,6 +97,9 @@ struct Cipher {
     ctx: CipherCtx,
 }
 
+/// Payloads from this size on are sealed out of place (see `Cipher::seal`).
+const SEAL_OUT_OF_PLACE: usize = 2048;
+
 impl Cipher {
     /// A context keyed for one direction: sealing (`encrypt`) or opening.
     fn new(suite: Suite, key: &[u8; 32], encrypt: bool) -> Result<Cipher, RecordError> {
@@ -115,16 +118,31 @@ impl Cipher {
         Ok(Cipher { ctx })
     }
 
+    /// Encrypt the type byte and `payload` into `out` (1 + payload.len() bytes) and return
+    /// the tag. A large payload is encrypted out of place, read once instead of first
+    /// copied into `out` (that copy made sealing 16 KiB records 1.6x slower than opening
+    /// them in the criterion bench); a small one is copied behind the type byte and
+    /// encrypted in one call, as one more cipher call costs more than the copy.
     fn seal(
         &mut self,
         nonce: &[u8; 12],
         aad: &[u8],
-        buf: &mut [u8],
+        typ: u8,
+        payload: &[u8],
+        out: &mut [u8],
     ) -> Result<[u8; TAG_LEN], RecordError> {
         let c = &mut self.ctx;
         c.encrypt_init(None, None, Some(nonce)).map_err(crypto)?;
         c.cipher_update(aad, None).map_err(crypto)?;
-        c.cipher_update_inplace(buf, buf.len()).map_err(crypto)?;
+        let (t, body) = out.split_at_mut(1);
+        t[0] = typ;
+        if payload.len() < SEAL_OUT_OF_PLACE {
+            body.copy_from_slice(payload);
+            c.cipher_update_inplace(out, out.len()).map_err(crypto)?;
+        } else {
+            c.cipher_update_inplace(t, 1).map_err(crypto)?;
+            c.cipher_update(payload, Some(body)).map_err(crypto)?;
+        }
         c.cipher_final(&mut []).map_err(crypto)?;
         let mut tag = [0u8; TAG_LEN];
         c.tag(&mut tag).map_err(crypto)?;
@@ -263,13 +281,12 @@ impl Sealer {
         out.reserve(HEADER_LEN + ct_len);
         out.extend_from_slice(&header);
         let start = out.len();
-        out.push(typ.to_byte());
-        out.extend_from_slice(payload);
+        out.resize(start + 1 + payload.len(), 0);
         let nonce = self.st.nonce();
         let tag = match self
             .st
             .cipher()
-            .and_then(|c| c.seal(&nonce, &header, &mut out[start..]))
+            .and_then(|c| c.seal(&nonce, &header, typ.to_byte(), payload, &mut out[start..]))
         {
             Ok(t) => t,
             Err(e) => {
