@@ -463,6 +463,53 @@ mod tests {
         assert_eq!(plain.len(), 5 + 35000);
     }
 
+    /// Both ways of sealing (copy then in place for small payloads, out of place for large
+    /// ones) give the bytes of OpenSSL's one-shot AEAD over `type || payload`.
+    #[test]
+    fn both_seal_paths_give_the_one_shot_aead_bytes() {
+        for (suite, cipher) in [
+            (
+                Suite::ChaCha20Poly1305,
+                openssl::symm::Cipher::chacha20_poly1305(),
+            ),
+            (Suite::Aes256Gcm, openssl::symm::Cipher::aes_256_gcm()),
+        ] {
+            for len in [
+                0,
+                1,
+                SEAL_OUT_OF_PLACE - 1,
+                SEAL_OUT_OF_PLACE,
+                16384,
+                MAX_PAYLOAD,
+            ] {
+                let payload: Vec<u8> = (0..len).map(|i| (i * 7 + 3) as u8).collect();
+                let k = keys(9);
+                let mut wire = Vec::new();
+                Sealer::with_suite(suite, &k, Limits::default())
+                    .seal_data(&payload, &mut wire)
+                    .unwrap();
+                let header = ((1 + len + TAG_LEN) as u32).to_be_bytes();
+                let mut plain = vec![0x17];
+                plain.extend_from_slice(&payload);
+                let mut tag = [0u8; TAG_LEN];
+                // Sequence 0: the nonce is the IV.
+                let ct = openssl::symm::encrypt_aead(
+                    cipher,
+                    &k.key,
+                    Some(&k.iv),
+                    &header,
+                    &plain,
+                    &mut tag,
+                )
+                .unwrap();
+                let mut expected = header.to_vec();
+                expected.extend_from_slice(&ct);
+                expected.extend_from_slice(&tag);
+                assert!(wire == expected, "{suite:?}, {len} bytes");
+            }
+        }
+    }
+
     #[test]
     fn aes_256_gcm_round_trip_and_suites_do_not_mix() {
         let mut s = Sealer::with_suite(Suite::Aes256Gcm, &keys(3), Limits::default());
