@@ -794,3 +794,54 @@ async fn invite_rate_limit_answers_503_statelessly_and_spares_trusted() {
     assert_eq!(delivered, 10);
     b.shutdown().await;
 }
+
+/// New requests may fill the incoming queue only up to `incoming_queue`; in-dialog requests
+/// (a BYE ending a call) have room beyond it. When many calls end at once, or new INVITEs
+/// have filled the queue, a hang-up is still delivered, not answered 503.
+#[tokio::test]
+async fn in_dialog_requests_are_delivered_when_new_requests_filled_the_queue() {
+    let cfg = EndpointConfig {
+        incoming_queue: 3,
+        ..cfg(2000)
+    };
+    let (b, mut brx) = Endpoint::bind("127.0.0.1:0".parse().unwrap(), cfg)
+        .await
+        .unwrap();
+    let peer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let me = peer.local_addr().unwrap();
+    // Nobody reads the queue yet: 3 new INVITEs fill it, the 4th and 5th get 503.
+    for i in 0..5 {
+        let inv = raw_invite(&format!("z9hG4bKfill{i}"), me, b"");
+        peer.send_to(&inv.to_bytes(), b.local_addr()).await.unwrap();
+    }
+    let got = responses(&peer, Duration::from_millis(300)).await;
+    assert_eq!(got.iter().filter(|r| r.status == 503).count(), 2, "{got:?}");
+    // 20 BYEs of established dialogs (To tag) at once: all delivered, none refused.
+    for i in 0..20 {
+        let mut bye = Request::new(Method::Bye, format!("sip:relay@{}", b.local_addr()));
+        bye.headers.push(
+            "Via",
+            format!("SIP/2.0/UDP {me};branch=z9hG4bKbye{i};rport"),
+        );
+        bye.headers.push("Max-Forwards", "70");
+        bye.headers.push("From", "<sip:relay@site-a>;tag=a1");
+        bye.headers
+            .push("To", format!("<sip:relay@site-b>;tag=b{i}"));
+        bye.headers.push("Call-ID", format!("call{i}@site-a"));
+        bye.headers.push("CSeq", "2 BYE");
+        peer.send_to(&bye.to_bytes(), b.local_addr()).await.unwrap();
+    }
+    let got = responses(&peer, Duration::from_millis(300)).await;
+    assert!(got.iter().all(|r| r.status != 503), "BYE refused: {got:?}");
+    let mut byes = 0;
+    let mut invites = 0;
+    while let Ok(Some(i)) = timeout(Duration::from_millis(100), brx.recv()).await {
+        match i.request.method {
+            Method::Bye => byes += 1,
+            Method::Invite => invites += 1,
+            _ => {}
+        }
+    }
+    assert_eq!((invites, byes), (3, 20));
+    b.shutdown().await;
+}
