@@ -149,7 +149,7 @@ pub(crate) struct Shared {
     /// writes can run on the blocking pool, off the runtime's threads.
     pub trust: Arc<trust::TrustStore>,
     /// Per peer, the gate that makes our call set-ups to it run one at a time, holding the
-    /// last failure (see `caller::worker`).
+    /// last failure (see `caller::place_call_in_turn`).
     pub call_setup: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<caller::SetupFailure>>>>>,
     /// The key we sign with and its public key packet, presented in opportunistic calls.
     pub signing_fpr: Vec<u8>,
