@@ -213,6 +213,18 @@ impl<'a> Input<'a> {
             .map(|_| Suite::ALL[self.byte() as usize % Suite::ALL.len()])
             .collect()
     }
+    /// Retained-secret IDs: up to 5 (one more than the wire allows) 8-byte IDs.
+    fn rs_ids(&mut self) -> Vec<[u8; 8]> {
+        self.chunk()
+            .chunks_exact(8)
+            .take(5)
+            .map(|c| {
+                let mut id = [0u8; 8];
+                id.copy_from_slice(c);
+                id
+            })
+            .collect()
+    }
 }
 
 /// Offer, Answer and Confirm values, decoded from SDP or built field by field from the
@@ -245,16 +257,7 @@ pub fn handshake_target(data: &[u8]) {
                 nonce: inp.array(),
                 commitment: inp.array(),
                 auth: sipmail::handshake::AuthMode::ALL[inp.byte() as usize % 3],
-                rs_ids: inp
-                    .chunk()
-                    .chunks_exact(8)
-                    .take(5)
-                    .map(|c| {
-                        let mut id = [0u8; 8];
-                        id.copy_from_slice(c);
-                        id
-                    })
-                    .collect(),
+                rs_ids: inp.rs_ids(),
                 key_packet: inp.chunk().to_vec(),
             };
             let confirm = Confirm {
@@ -288,16 +291,7 @@ pub fn handshake_target(data: &[u8]) {
                 fingerprint: inp.chunk().to_vec(),
                 public: inp.array(),
                 signature: inp.chunk().to_vec(),
-                rs_ids: inp
-                    .chunk()
-                    .chunks_exact(8)
-                    .take(5)
-                    .map(|c| {
-                        let mut id = [0u8; 8];
-                        id.copy_from_slice(c);
-                        id
-                    })
-                    .collect(),
+                rs_ids: inp.rs_ids(),
                 key_packet: inp.chunk().to_vec(),
             };
             let _ = caller.on_answer(&ctx, &answer, &FakeVerifier(accept), &FakeSigner);

@@ -523,14 +523,7 @@ impl Keyring {
     /// Makes a detached binary signature (`SignatureType::Binary`)
     /// over `data` with the own key's signing-capable (sub)key.
     pub fn sign_detached(&self, data: &[u8]) -> Result<Vec<u8>, KeyringError> {
-        let own = self.own()?;
-        let signer = own
-            .signer
-            .as_ref()
-            .map_err(|reason| KeyringError::NoSigningKey {
-                fingerprint: own.entry.fpr.clone(),
-                reason: reason.clone(),
-            })?;
+        let signer = self.own_signer()?;
         let t = now();
         if let Some(exp) = signer.expires
             && t >= exp
@@ -635,14 +628,7 @@ impl Keyring {
     /// packet, and its fingerprint (uppercase hex). Opportunistic calls present this packet
     /// so that a peer without our certificate can verify (and pin) the key.
     pub fn own_signing_key(&self) -> Result<(String, Vec<u8>), KeyringError> {
-        let own = self.own()?;
-        let signer = own
-            .signer
-            .as_ref()
-            .map_err(|reason| KeyringError::NoSigningKey {
-                fingerprint: own.entry.fpr.clone(),
-                reason: reason.clone(),
-            })?;
+        let signer = self.own_signer()?;
         let key = signer.keypair.public().clone();
         let fpr = fpr_hex(&key.fingerprint());
         let packet = Packet::PublicKey(key.role_into_primary())
@@ -655,6 +641,17 @@ impl Keyring {
         self.own.as_ref().ok_or_else(|| KeyringError::NoOwnKey {
             dir: self.dir.clone(),
         })
+    }
+
+    /// The own key's signing-capable (sub)key, or why there is none.
+    fn own_signer(&self) -> Result<&OwnSigner, KeyringError> {
+        let own = self.own()?;
+        own.signer
+            .as_ref()
+            .map_err(|reason| KeyringError::NoSigningKey {
+                fingerprint: own.entry.fpr.clone(),
+                reason: reason.clone(),
+            })
     }
 
     fn checked_entry(
