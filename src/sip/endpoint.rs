@@ -807,17 +807,11 @@ impl Inner {
         Ok(spawn_conn(self, stream, dest, false))
     }
 
-    fn deliver(&self, incoming: Incoming) -> Result<(), Box<Incoming>> {
+    fn deliver(&self, incoming: Incoming, in_dialog: bool) -> Result<(), Box<Incoming>> {
         let guard = lock(&self.incoming_tx);
         let Some(tx) = guard.as_ref() else {
             return Err(Box::new(incoming));
         };
-        let in_dialog = incoming
-            .request
-            .headers
-            .to()
-            .ok()
-            .is_some_and(|t| t.tag().is_some());
         // New requests leave the reserve to established dialogs.
         if !in_dialog && tx.capacity() <= IN_DIALOG_RESERVE {
             return Err(Box::new(incoming));
@@ -871,6 +865,8 @@ impl Inner {
         req.headers.set_top_via(&via);
         let key = server_key(&req, &via, &req.method);
         let dialog: DialogKey = (call_id.clone(), cseq.seq);
+        // A To tag: a request within an established (or establishing) dialog.
+        let in_dialog = req.headers.to().is_ok_and(|t| t.tag().is_some());
 
         if req.method == Method::Ack {
             let branch = via.branch.clone().unwrap_or_default();
@@ -928,7 +924,7 @@ impl Inner {
                     dialog,
                 },
             };
-            if self.deliver(incoming).is_err() {
+            if self.deliver(incoming, in_dialog).is_err() {
                 warn!(%source, "incoming queue full or closed: ACK dropped");
             }
             return;
@@ -942,8 +938,7 @@ impl Inner {
             Quiet,
             New,
         }
-        let out_of_dialog_invite = req.method == Method::Invite
-            && req.headers.to().map(|t| t.tag().is_none()).unwrap_or(true);
+        let out_of_dialog_invite = req.method == Method::Invite && !in_dialog;
         let action = {
             let mut st = lock(&self.state);
             match st.servers.get(&key) {
@@ -1037,7 +1032,7 @@ impl Inner {
                         dialog,
                     },
                 };
-                if let Err(incoming) = self.deliver(incoming) {
+                if let Err(incoming) = self.deliver(incoming, in_dialog) {
                     warn!(%source, "incoming queue full or closed: 503");
                     lock(&self.state).servers.remove(&key);
                     let r = self.overload_response(&incoming.request, "overloaded", None);
