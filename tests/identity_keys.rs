@@ -1,0 +1,332 @@
+//! Issue 11, items 1 and 7, on the wire between real relays: a partner's cert gives it
+//! only its own domain (the import binds it to one `[[peer]]`; `fingerprints = [...]`
+//! restricts a peer further), and keyring changes (a revocation) take effect in a running
+//! daemon without a restart: through `sipmail keys import` and on SIGHUP.
+
+mod common;
+
+use common::*;
+use sipmail::config::Config;
+use sipmail::demo::{
+    TwoSites, free_port, maildir_files, make_keys, sample_message, site_config, submit,
+};
+use sipmail::keyring::Keyring;
+use sipmail::relay::{self, Hooks, RelayEvent, Shutdown};
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use sequoia_openpgp as openpgp;
+use openpgp::cert::prelude::*;
+use openpgp::packet::prelude::*;
+use openpgp::parse::Parse;
+use openpgp::serialize::SerializeInto;
+use openpgp::types::SignatureType;
+
+fn sipmail(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sipmail"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Adds a self-signed user ID to the own key in `keyring` (what partner C did: its cert
+/// also claims `mail@site-a.test`).
+fn add_self_signed_uid(keyring: &Path, uid: &str) {
+    let path = keyring.join("secret.asc");
+    let cert = Cert::from_bytes(&std::fs::read(&path).unwrap()).unwrap();
+    let mut signer = cert
+        .primary_key()
+        .key()
+        .clone()
+        .parts_into_secret()
+        .unwrap()
+        .into_keypair()
+        .unwrap();
+    let uid = UserID::from(uid);
+    let sig = uid
+        .bind(
+            &mut signer,
+            &cert,
+            SignatureBuilder::new(SignatureType::PositiveCertification),
+        )
+        .unwrap();
+    let (cert, _) = cert
+        .insert_packets(vec![Packet::from(uid), sig.into()])
+        .unwrap();
+    std::fs::write(&path, cert.as_tsk().armored().to_vec().unwrap()).unwrap();
+}
+
+/// Partner C's keyring (`keyring/site-c`): a key for mail@site-c.test that also claims
+/// mail@site-a.test, with B's cert imported. Returns C's public cert, armored.
+fn make_c(dir: &Path) -> String {
+    let kc = dir.join("keyring/site-c");
+    let kb = dir.join("keyring/site-b");
+    Keyring::generate(&kc, "site-c.test").unwrap();
+    add_self_signed_uid(&kc, "mail@site-a.test");
+    Keyring::import(&kc, Keyring::open(&kb).unwrap().export_public().unwrap().as_bytes()).unwrap();
+    Keyring::open(&kc).unwrap().export_public().unwrap()
+}
+
+fn state_files(spool: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(spool.join("state"))
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| !n.starts_with('.'))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+async fn wait_delivered(md: &Path, n: usize) {
+    assert!(
+        wait_until(Duration::from_secs(20), || maildir_files(md).len() == n).await,
+        "expected {n} delivered, have {}",
+        maildir_files(md).len()
+    );
+}
+
+/// The attack of issue 11 item 1: C's cert carries mail@site-c.test and mail@site-a.test;
+/// a relay running as site-a.test with C's key calls B.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partner_cert_naming_two_domains_cannot_speak_for_the_other() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    make_keys(d).unwrap();
+    let kb = d.join("keyring/site-b");
+    let c_pub = make_c(d);
+    let c_fpr = Keyring::open(&d.join("keyring/site-c"))
+        .unwrap()
+        .own_fingerprint()
+        .unwrap();
+
+    // B imports C's cert.
+    Keyring::import(&kb, c_pub.as_bytes()).unwrap();
+
+    let (pa, pb, pc) = (free_port().unwrap(), free_port().unwrap(), free_port().unwrap());
+    let a_cfg = Config::parse("a.toml", &site_config(d, "site-a", "site-b", pa, pb)).unwrap();
+    let b_text = site_config(d, "site-b", "site-a", pb, pa).replace(
+        "\n[delivery]",
+        &format!(
+            "\n[[peer]]\ndomain = \"site-c.test\"\nsip = \"sip:mail@127.0.0.1:{pc}\"\n[delivery]"
+        ),
+    );
+    let b_cfg = Config::parse("b.toml", &b_text).unwrap();
+    let b_spool = b_cfg.spool.clone();
+    let sites = TwoSites::start_with(d, a_cfg, b_cfg, Hooks::default())
+        .await
+        .unwrap();
+    let md = sites.maildir(&sites.b_cfg);
+
+    // The impostor: runs as site-a.test with C's key (keyring/site-c), its own spool.
+    let evil_text = site_config(d, "site-c", "site-b", pc, pb).replacen(
+        "domain = \"site-c.test\"",
+        "domain = \"site-a.test\"",
+        1,
+    );
+    let evil_cfg = Config::parse("evil.toml", &evil_text).unwrap();
+    let evil_sd = Shutdown::new();
+    let evil = relay::start(evil_cfg, evil_sd.clone(), Hooks::default())
+        .await
+        .unwrap();
+    let mut ev_evil = evil.events();
+    let mut ev_b = sites.b.events();
+    submit(
+        evil.smtp_addr,
+        &[sample_message(1, "impostor")],
+        "bob@site-b.test",
+        |_| {},
+    )
+    .await
+    .unwrap();
+    let failed = wait_event(&mut ev_evil, 20, |e| {
+        matches!(
+            e,
+            RelayEvent::CallFailed { .. } | RelayEvent::CallEstablished { .. }
+        )
+    })
+    .await;
+    match &failed {
+        Some(RelayEvent::CallFailed { reason, .. }) => {
+            assert!(reason.contains("403"), "refused, but not with 403: {reason}")
+        }
+        other => panic!("the impostor's call was not refused: {other:?} (C's key {c_fpr})"),
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(maildir_files(&md).is_empty(), "the impostor's mail was delivered");
+    assert_eq!(evil.queue_snapshot().messages, 1, "stays queued at the impostor");
+    assert!(
+        !state_files(&b_spool).iter().any(|f| f.starts_with("site-a.test")),
+        "B wrote trust state for site-a.test: {:?}",
+        state_files(&b_spool)
+    );
+    evil_sd.trigger();
+    evil.wait().await;
+
+    // The real A's next call works, with no `peer-has-none`.
+    submit(
+        sites.a.smtp_addr,
+        &[sample_message(2, "real-a")],
+        "bob@site-b.test",
+        |_| {},
+    )
+    .await
+    .unwrap();
+    match wait_event(&mut ev_b, 20, |e| {
+        matches!(e, RelayEvent::CallEstablished { .. })
+    })
+    .await
+    {
+        Some(RelayEvent::CallEstablished {
+            peer, continuity, ..
+        }) => {
+            assert_eq!(peer, "site-a.test");
+            assert_eq!(continuity, "first-call");
+        }
+        other => panic!("the real A's call was not established: {other:?}"),
+    }
+    wait_delivered(&md, 1).await;
+    sites.stop().await;
+}
+
+/// `[[peer]] fingerprints = [...]`: a valid cert for the domain that is not listed is
+/// refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_valid_cert_not_in_the_peer_fingerprints_is_refused() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    make_keys(d).unwrap();
+    // A second key for site-a.test (e.g. the one A rotates to), known to B: the only one
+    // B's config accepts.
+    let other = Keyring::generate(&d.join("keyring/site-a2"), "site-a.test").unwrap();
+    Keyring::import(
+        &d.join("keyring/site-b"),
+        Keyring::open(&d.join("keyring/site-a2"))
+            .unwrap()
+            .export_public()
+            .unwrap()
+            .as_bytes(),
+    )
+    .unwrap();
+    let (pa, pb) = (free_port().unwrap(), free_port().unwrap());
+    let a_cfg = Config::parse("a.toml", &site_config(d, "site-a", "site-b", pa, pb)).unwrap();
+    let b_text = site_config(d, "site-b", "site-a", pb, pa).replace(
+        "\n[delivery]",
+        &format!("\nfingerprints = [\"{}\"]\n[delivery]", other.fingerprint),
+    );
+    let b_cfg = Config::parse("b.toml", &b_text).unwrap();
+    let b_spool = b_cfg.spool.clone();
+    let sites = TwoSites::start_with(d, a_cfg, b_cfg, Hooks::default())
+        .await
+        .unwrap();
+    let mut ev_a = sites.a.events();
+    submit(
+        sites.a.smtp_addr,
+        &[sample_message(1, "unlisted")],
+        "bob@site-b.test",
+        |_| {},
+    )
+    .await
+    .unwrap();
+    match wait_event(&mut ev_a, 20, |e| {
+        matches!(
+            e,
+            RelayEvent::CallFailed { .. } | RelayEvent::CallEstablished { .. }
+        )
+    })
+    .await
+    {
+        Some(RelayEvent::CallFailed { reason, .. }) => {
+            assert!(reason.contains("403"), "{reason}")
+        }
+        other => panic!("A's unlisted key was not refused: {other:?}"),
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(maildir_files(&sites.maildir(&sites.b_cfg)).is_empty());
+    assert_eq!(sites.a.queue_snapshot().messages, 1);
+    assert!(state_files(&b_spool).is_empty(), "{:?}", state_files(&b_spool));
+    sites.stop().await;
+}
+
+/// Item 7: A's revocation imported into a running B with `sipmail keys import`: B's next
+/// call from A is refused, with no restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_imported_with_the_cli_takes_effect_in_the_running_daemon() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let sites = TwoSites::start(d, Hooks::default()).await.unwrap();
+    let md = sites.maildir(&sites.b_cfg);
+    let mut ev_a = sites.a.events();
+    // One call works.
+    submit(
+        sites.a.smtp_addr,
+        &[sample_message(1, "before")],
+        "bob@site-b.test",
+        |_| {},
+    )
+    .await
+    .unwrap();
+    wait_delivered(&md, 1).await;
+    assert!(
+        wait_event(&mut ev_a, 20, |e| matches!(e, RelayEvent::CallEnded { .. }))
+            .await
+            .is_some()
+    );
+
+    let a_fpr = Keyring::open(&d.join("keyring/site-a"))
+        .unwrap()
+        .own_fingerprint()
+        .unwrap();
+    let rev = d.join(format!("keyring/site-a/revocation-{a_fpr}.asc"));
+    let kb = d.join("keyring/site-b");
+    let o = sipmail(&[
+        "keys",
+        "import",
+        "--keyring",
+        kb.to_str().unwrap(),
+        rev.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    eprintln!("keys import said: {}", text(&o));
+
+    submit(
+        sites.a.smtp_addr,
+        &[sample_message(2, "after")],
+        "bob@site-b.test",
+        |_| {},
+    )
+    .await
+    .unwrap();
+    match wait_event(&mut ev_a, 20, |e| {
+        matches!(
+            e,
+            RelayEvent::CallFailed { .. } | RelayEvent::CallEstablished { .. }
+        )
+    })
+    .await
+    {
+        Some(RelayEvent::CallFailed { reason, .. }) => {
+            assert!(reason.contains("403"), "{reason}")
+        }
+        other => panic!("the revoked key's call was not refused: {other:?}"),
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(maildir_files(&md).len(), 1, "the revoked key's mail was delivered");
+    assert_eq!(sites.a.queue_snapshot().messages, 1);
+    sites.stop().await;
+}
