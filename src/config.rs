@@ -93,6 +93,7 @@ struct RawPeer {
     trust: Option<String>,
     psk_file: Option<PathBuf>,
     continuity: Option<String>,
+    fingerprints: Option<Vec<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -325,6 +326,33 @@ impl Trust {
     }
 }
 
+/// `[[peer]] fingerprints`: each 40 (v4) or 64 (v6) hex digits, spaces and a `0x` allowed;
+/// uppercased. An empty list would refuse the peer for good, so it is an error too.
+fn parse_fingerprints(list: &[String]) -> Result<Vec<String>, String> {
+    if list.is_empty() {
+        return Err(
+            "an empty list accepts no certificate: list the partner's fingerprints or remove the key"
+                .into(),
+        );
+    }
+    list.iter()
+        .map(|f| {
+            let mut s: String = f.chars().filter(|c| !c.is_whitespace()).collect();
+            if s.starts_with("0x") || s.starts_with("0X") {
+                s.drain(..2);
+            }
+            let s = s.to_ascii_uppercase();
+            if (s.len() == 40 || s.len() == 64) && s.bytes().all(|b| b.is_ascii_hexdigit()) {
+                Ok(s)
+            } else {
+                Err(format!(
+                    "\"{f}\" is not a fingerprint: expected 40 (v4) or 64 (v6) hex digits"
+                ))
+            }
+        })
+        .collect()
+}
+
 /// What a retained-secret mismatch does (`continuity = ...` on a `[[peer]]`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum ContinuityPolicy {
@@ -341,6 +369,9 @@ pub struct Peer {
     pub sip: SipTarget,
     pub trust: Trust,
     pub continuity: ContinuityPolicy,
+    /// `fingerprints = [...]`: the only certificates (uppercase hex) that may speak for
+    /// this peer; `None`: any certificate imported for its domain.
+    pub fingerprints: Option<Vec<String>>,
 }
 
 #[derive(Clone, Debug)]
@@ -665,11 +696,24 @@ impl Config {
                     ));
                 }
             };
+            let fingerprints = match &p.fingerprints {
+                None => None,
+                Some(_) if !matches!(trust, Trust::Signed) => {
+                    return Err(bad(
+                        &format!("{key}.fingerprints"),
+                        "fingerprints is only used with trust = \"signed\"".into(),
+                    ));
+                }
+                Some(list) => Some(
+                    parse_fingerprints(list).map_err(|m| bad(&format!("{key}.fingerprints"), m))?,
+                ),
+            };
             peers.push(Peer {
                 domain: d,
                 sip,
                 trust,
                 continuity,
+                fingerprints,
             });
         }
         let delivery = match (&raw.delivery.maildir, &raw.delivery.smtp) {
@@ -967,6 +1011,44 @@ maildir = "var/site-a/maildir"
                 .unwrap_err()
                 .to_string();
             assert!(e.contains(key), "{extra}: {e}");
+        }
+    }
+
+    #[test]
+    fn peer_fingerprints_are_hex_and_named_in_errors() {
+        let with = |extra: &str| {
+            GOOD.replace(
+                "sip = \"sip:mail@127.0.0.1:5062\"\n",
+                &format!("sip = \"sip:mail@127.0.0.1:5062\"\n{extra}\n"),
+            )
+        };
+        let c = Config::parse(
+            "a.toml",
+            &with("fingerprints = [\"0x0123 4567 89ab cdef 0123 4567 89ab cdef 0123 4567\"]"),
+        )
+        .unwrap();
+        assert_eq!(
+            c.peers[0].fingerprints.as_deref(),
+            Some(&["0123456789ABCDEF0123456789ABCDEF01234567".to_string()][..])
+        );
+        assert!(
+            Config::parse("a.toml", GOOD).unwrap().peers[0]
+                .fingerprints
+                .is_none()
+        );
+        for extra in [
+            "fingerprints = [\"0123\"]",
+            "fingerprints = [\"XYZ3456789ABCDEF0123456789ABCDEF01234567\"]",
+            "fingerprints = []",
+            "trust = \"opportunistic\"\nfingerprints = [\"0123456789ABCDEF0123456789ABCDEF01234567\"]",
+        ] {
+            let e = Config::parse("a.toml", &with(extra))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.starts_with("a.toml: peer[0].fingerprints: "),
+                "{extra}: {e}"
+            );
         }
     }
 

@@ -29,7 +29,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Run the relay daemon. SIGTERM or Ctrl-C stops it cleanly.
+    /// Run the relay daemon. SIGTERM or Ctrl-C stops it cleanly; SIGHUP reloads the keyring
+    /// (revocations, certificates, peer bindings, own keys) without a restart.
     Run {
         /// The TOML configuration file (see config/site-a.toml).
         #[arg(long, short)]
@@ -167,18 +168,28 @@ enum KeysCmd {
         fingerprint: Option<String>,
     },
     /// Remove a partner certificate (e.g. a partner's retired key after a rotation).
-    /// Calls signed by it are refused once the daemon restarts.
+    /// A running daemon using this keyring is told to reload it: calls signed by it are
+    /// refused from then on.
     Remove {
         #[arg(long)]
         keyring: PathBuf,
         /// Fingerprint of the partner certificate.
         fingerprint: String,
     },
-    /// Import a partner's certificate, or this relay's own secret key (from
-    /// `gpg --armor --export-secret-keys` or `sq key generate`).
+    /// Import a partner's certificate, a revocation of one, or this relay's own secret key
+    /// (from `gpg --armor --export-secret-keys` or `sq key generate`).
+    ///
+    /// A partner certificate counts for one peer only: the domain of its mail@DOMAIN user
+    /// ID, or, if it has user IDs for several domains, the one given with --peer (without
+    /// it, such a certificate is refused). A running daemon using this keyring is told to
+    /// reload it, so the change takes effect without a restart.
     Import {
         #[arg(long)]
         keyring: PathBuf,
+        /// The partner domain this certificate is for (needed when its user IDs name
+        /// several domains); it counts for no other.
+        #[arg(long, value_name = "DOMAIN")]
+        peer: Option<String>,
         /// File to import ("-" for standard input).
         file: PathBuf,
     },
@@ -355,6 +366,34 @@ fn trust(cfg: &Config, cmd: TrustCmd) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Tell the daemon using `keyring` (if one runs) to reload it, and say what happened: the
+/// keyring on disk has changed either way.
+fn notify_daemon(keyring: &std::path::Path) {
+    use sipmail::relay::control::{Reply, reload_keyring};
+    let reply = runtime().and_then(|rt| Ok(rt.block_on(reload_keyring(keyring))?));
+    match reply {
+        Ok(Some(Reply::Reloaded { message })) => println!("The running daemon reloaded: {message}"),
+        Ok(Some(Reply::Error { message })) => eprintln!(
+            "sipmail: warning: the running daemon did not take the change: {message}\n\
+             Fix the keyring, then send it SIGHUP (kill -HUP PID) or run this again."
+        ),
+        Ok(Some(_)) => eprintln!("sipmail: warning: unexpected answer from the daemon"),
+        Ok(None) => println!(
+            "No running daemon uses {} (none answers on the socket named in {}): the change \
+             takes effect when it starts. If one runs elsewhere, send it SIGHUP (kill -HUP PID).",
+            keyring.display(),
+            keyring
+                .join(sipmail::relay::control::KEYRING_POINTER)
+                .display()
+        ),
+        Err(e) => eprintln!(
+            "sipmail: warning: could not reach the daemon using {}: {e:#}; send it SIGHUP \
+             (kill -HUP PID) so that it reloads its keyring",
+            keyring.display()
+        ),
+    }
+}
+
 fn keys(cmd: KeysCmd) -> Result<ExitCode> {
     match cmd {
         KeysCmd::Generate {
@@ -366,7 +405,7 @@ fn keys(cmd: KeysCmd) -> Result<ExitCode> {
             println!(
                 "Generated {} for {} in {} beside the existing key(s).\n\
                  1. Announce it: give partners the output of: sipmail keys export --keyring {} --fingerprint {}\n\
-                 2. Once they have imported it, restart the relay: it signs with the newest key.\n\
+                 2. Once they have imported it, reload the relay (`kill -HUP PID`, or restart it): it signs with the newest key.\n\
                  3. Then partners retire the old key: sipmail keys remove --keyring THEIRS OLD-FINGERPRINT (or import its revocation).",
                 format_fingerprint(&info.fingerprint),
                 info.user_ids.join(", "),
@@ -415,9 +454,18 @@ fn keys(cmd: KeysCmd) -> Result<ExitCode> {
                     path.display()
                 )
             })?;
+            let binding = keyring
+                .join("certs")
+                .join(format!("{fpr}.{}", sipmail::keyring::BINDING_EXT));
+            let _ = std::fs::remove_file(binding);
             println!("Removed partner certificate {}", format_fingerprint(&fpr));
+            notify_daemon(&keyring);
         }
-        KeysCmd::Import { keyring, file } => {
+        KeysCmd::Import {
+            keyring,
+            peer,
+            file,
+        } => {
             let data = if file.as_os_str() == "-" {
                 let mut v = Vec::new();
                 std::io::Read::read_to_end(&mut std::io::stdin(), &mut v)?;
@@ -425,7 +473,7 @@ fn keys(cmd: KeysCmd) -> Result<ExitCode> {
             } else {
                 std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?
             };
-            match Keyring::import(&keyring, &data)? {
+            match Keyring::import_for(&keyring, &data, peer.as_deref())? {
                 Imported::OwnSecretKey {
                     fingerprint,
                     user_ids,
@@ -437,16 +485,21 @@ fn keys(cmd: KeysCmd) -> Result<ExitCode> {
                 Imported::PartnerCert {
                     fingerprint,
                     user_ids,
-                } => println!(
-                    "Imported partner certificate {} ({})",
-                    format_fingerprint(&fingerprint),
-                    user_ids.join(", ")
-                ),
+                } => {
+                    let bound = Keyring::peer_binding(&keyring, &fingerprint)?
+                        .unwrap_or_else(|| "?".into());
+                    println!(
+                        "Imported partner certificate {} ({}); it counts for peer {bound} only",
+                        format_fingerprint(&fingerprint),
+                        user_ids.join(", ")
+                    )
+                }
                 Imported::Revocation { fingerprint } => println!(
-                    "Imported a revocation of partner certificate {}: calls with that key are now refused",
+                    "Imported a revocation of partner certificate {}: calls with that key are refused once the daemon has reloaded its keyring",
                     format_fingerprint(&fingerprint)
                 ),
             }
+            notify_daemon(&keyring);
         }
         KeysCmd::List { keyring } => {
             let kr = Keyring::open(&keyring)?;

@@ -39,6 +39,7 @@ pub async fn run(cfg: &Config, cmd: QueueCmd, json: bool) -> Result<ExitCode> {
             println!("\n{}", headers.trim_end());
         }
         Reply::Done { count } => println!("{count} message(s) affected ({source})"),
+        Reply::Reloaded { message } => println!("{message}"),
         Reply::Error { message } => bail!("{message}"),
     }
     Ok(ExitCode::SUCCESS)

@@ -430,7 +430,7 @@ pub fn derive_keys(
     if let Some(rs) = retained {
         ikm.extend_from_slice(rs.as_bytes());
     }
-    let hk = Hkdf::<Sha256>::new(Some(&th2), &ikm);
+    let hk = expander(&th2, &ikm);
     let expand = |label: &[u8], out: &mut [u8]| {
         // Output lengths are fixed and far below 255*32, so expand cannot fail.
         let _ = hk.expand(label, out);
@@ -459,6 +459,21 @@ pub fn derive_keys(
         retained,
         continuity,
     }
+}
+
+/// HKDF-Extract into a buffer that is wiped when dropped, then the expander from that PRK
+/// (`Hkdf::new` would leave the PRK in memory it returns and we cannot wipe). The HMAC
+/// state inside the expander is hmac's, which does not wipe itself; it lives only as long
+/// as `derive_keys`.
+fn expander(salt: &[u8], ikm: &[u8]) -> Hkdf<Sha256> {
+    let prk = {
+        let (mut out, _) = Hkdf::<Sha256>::extract(Some(salt), ikm);
+        let mut prk = zeroize::Zeroizing::new([0u8; 32]);
+        prk.copy_from_slice(&out);
+        out.as_mut_slice().zeroize();
+        prk
+    };
+    Hkdf::<Sha256>::from_prk(prk.as_slice()).expect("a SHA-256 PRK is 32 bytes")
 }
 
 fn dh(secret: &StaticSecret, public: &[u8; 32]) -> Result<[u8; 32], HandshakeError> {
@@ -589,13 +604,20 @@ impl CallerAwaitAnswer {
     }
 }
 
-/// The callee after sending its answer, waiting for the confirm in the ACK.
+/// The callee after sending its answer, waiting for the confirm in the ACK. Its ephemeral
+/// secret and the retained secret are wiped when it is dropped: after the confirm, on a
+/// refusal, or when the call times out.
+#[derive(ZeroizeOnDrop)]
 pub struct CalleeAwaitConfirm {
     secret: StaticSecret,
+    #[zeroize(skip)]
     t1: Transcript,
+    #[zeroize(skip)]
     offer: Offer,
+    #[zeroize(skip)]
     suite: Suite,
     rs: Option<RetainedSecret>,
+    #[zeroize(skip)]
     continuity: Continuity,
 }
 
@@ -656,7 +678,7 @@ impl CalleeAwaitConfirm {
     pub fn respond_with(
         ctx: &CallContext,
         offer: &Offer,
-        secret: [u8; 32],
+        mut secret: [u8; 32],
         supported: &[Suite],
         fingerprint: Vec<u8>,
         signer: &dyn Signer,
@@ -688,7 +710,10 @@ impl CalleeAwaitConfirm {
                     .collect::<Vec<_>>()
                     .join(","),
             })?;
-        let secret = StaticSecret::from(secret);
+        let ephemeral = StaticSecret::from(secret);
+        // Our copy of the caller's bytes; StaticSecret wipes its own when dropped.
+        secret.zeroize();
+        let secret = ephemeral;
         let public = *PublicKey::from(&secret).as_bytes();
         let retained = &policy.retained[..policy.retained.len().min(MAX_RETAINED)];
         let (rs, continuity) = match_retained(retained, &offer.rs_ids, false);
@@ -752,6 +777,15 @@ impl CalleeAwaitConfirm {
         })
     }
 }
+
+// The states and values that hold secrets wipe them when dropped (a compile-time check).
+const _: () = {
+    const fn zeroize_on_drop<T: ZeroizeOnDrop>() {}
+    zeroize_on_drop::<CalleeAwaitConfirm>();
+    zeroize_on_drop::<StaticSecret>();
+    zeroize_on_drop::<RetainedSecret>();
+    zeroize_on_drop::<DirectionKeys>();
+};
 
 #[cfg(test)]
 mod tests;

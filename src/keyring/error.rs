@@ -145,6 +145,59 @@ pub enum KeyringError {
     #[error("bad signature from {fingerprint}: {reason}")]
     BadSignature { fingerprint: String, reason: String },
 
+    /// An imported partner certificate names several domains and no `--peer` says which.
+    #[error(
+        "certificate {fingerprint} has user IDs for several domains ({}); a partner's \
+         certificate may only speak for that partner: say which peer it is for with \
+         `sipmail keys import --keyring {} --peer DOMAIN FILE`",
+        domains.iter().map(|d| format!("mail@{d}")).collect::<Vec<_>>().join(", "),
+        dir.display()
+    )]
+    AmbiguousCert {
+        fingerprint: String,
+        domains: Vec<String>,
+        dir: PathBuf,
+    },
+
+    /// A stored partner certificate names several domains and was never bound to one.
+    #[error(
+        "{}: partner certificate {fingerprint} has user IDs for several domains ({}) and is \
+         bound to none, so it counts for none: run `sipmail keys import --keyring {} --peer \
+         DOMAIN {}` with the domain of the partner that gave it to you, or remove it \
+         (`sipmail keys remove --keyring {} {fingerprint}`)",
+        file.display(),
+        domains.iter().map(|d| format!("mail@{d}")).collect::<Vec<_>>().join(", "),
+        dir.display(),
+        file.display(),
+        dir.display()
+    )]
+    AmbiguousCertFile {
+        file: PathBuf,
+        dir: PathBuf,
+        fingerprint: String,
+        domains: Vec<String>,
+    },
+
+    /// `--peer DOMAIN` names a domain the certificate has no user ID for.
+    #[error(
+        "certificate {fingerprint} has no user ID mail@{domain} (it has: {}): check the \
+         --peer domain",
+        user_ids.join(", ")
+    )]
+    NotForPeer {
+        fingerprint: String,
+        domain: String,
+        user_ids: Vec<String>,
+    },
+
+    /// A binding file does not hold a domain.
+    #[error("{}: not a peer binding ({reason}): import the certificate again with --peer DOMAIN", file.display())]
+    InvalidBinding { file: PathBuf, reason: String },
+
+    /// The certificate is valid for the domain but not in that peer's `fingerprints`.
+    #[error("certificate {fingerprint} is not among the fingerprints configured for peer {domain}")]
+    NotListedForPeer { fingerprint: String, domain: String },
+
     /// The crypto library failed to make a signature or a key.
     #[error("OpenPGP operation failed: {reason}")]
     Crypto { reason: String },

@@ -29,6 +29,15 @@
 //! * A partner identity is the exact user ID `mail@<domain>`; the local
 //!   part `mail` is matched exactly, the domain case-insensitively.
 //!   `Name <mail@domain>` does not count.
+//! * A partner certificate counts for one domain only, the one the operator
+//!   imported it for: `DIR/certs/<FINGERPRINT>.peer` holds that domain (one
+//!   line, written atomically and fsynced at import). A certificate whose user
+//!   IDs name several domains must be imported with `--peer DOMAIN`
+//!   ([`Keyring::import_for`]); otherwise anyone whose certificate we hold
+//!   could add a self-signed `mail@<another partner>` and speak for that
+//!   partner. Certificates imported before bindings existed and naming one
+//!   domain keep counting for it; one naming several counts for none, and
+//!   [`Keyring::check_bindings`] says which file to bind.
 
 mod error;
 mod fsutil;
@@ -72,6 +81,9 @@ pub const OWN_EXTRA_PREFIX: &str = "secret-";
 pub const REVOCATION_PREFIX: &str = "revocation-";
 /// Sub directory holding partner certificates.
 pub const CERTS_DIR: &str = "certs";
+/// Extension of the file beside a partner certificate (`certs/<FINGERPRINT>.peer`) that
+/// names the one domain the certificate counts for.
+pub const BINDING_EXT: &str = "peer";
 
 /// Local part of every relay identity.
 const LOCAL_PART: &str = "mail@";
@@ -183,6 +195,18 @@ pub struct Keyring {
     own_other: Vec<OwnKey>,
     peers: Vec<Entry>,
     by_fpr: HashMap<String, usize>,
+    /// Partner certificates naming several domains with no binding: they count for none.
+    ambiguous: Vec<Ambiguous>,
+    /// `[[peer]] fingerprints`: where a domain has a list, only those certificates count.
+    allowed: HashMap<String, Vec<String>>,
+}
+
+/// A partner certificate that names several domains and was never bound to one.
+#[derive(Debug, Clone)]
+struct Ambiguous {
+    file: PathBuf,
+    fpr: String,
+    domains: Vec<String>,
 }
 
 impl fmt::Debug for Keyring {
@@ -368,7 +392,32 @@ impl Keyring {
                 }
             }
         }
-        let peers: Vec<Entry> = certs.into_iter().map(|c| build_entry(c, t)).collect();
+        let mut peers: Vec<Entry> = certs.into_iter().map(|c| build_entry(c, t)).collect();
+        let mut ambiguous = Vec::new();
+        for p in &mut peers {
+            let certs_dir = dir.join(CERTS_DIR);
+            match read_binding(&certs_dir, &p.fpr)? {
+                Some(bound) => {
+                    if !p.domains.contains(&bound) {
+                        tracing::warn!(fingerprint = %p.fpr, peer = %bound,
+                            "partner certificate is bound to a domain it has no valid user ID for; it counts for none");
+                    }
+                    p.domains.retain(|d| *d == bound);
+                }
+                None => {
+                    let claimed = claimed_domains(&p.cert);
+                    if claimed.len() > 1 {
+                        // Which partner it belongs to is the operator's call, not ours.
+                        p.domains.clear();
+                        ambiguous.push(Ambiguous {
+                            file: certs_dir.join(format!("{}.asc", p.fpr)),
+                            fpr: p.fpr.clone(),
+                            domains: claimed,
+                        });
+                    }
+                }
+            }
+        }
 
         tracing::debug!(
             dir = %dir.display(),
@@ -382,7 +431,44 @@ impl Keyring {
             own_other,
             peers,
             by_fpr,
+            ambiguous,
+            allowed: HashMap::new(),
         })
+    }
+
+    /// An error naming the first partner certificate that names several domains and was
+    /// never bound to one (it counts for none until it is): the relay refuses to start.
+    pub fn check_bindings(&self) -> Result<(), KeyringError> {
+        match self.ambiguous.first() {
+            None => Ok(()),
+            Some(a) => Err(KeyringError::AmbiguousCertFile {
+                file: a.file.clone(),
+                dir: self.dir.clone(),
+                fingerprint: a.fpr.clone(),
+                domains: a.domains.clone(),
+            }),
+        }
+    }
+
+    /// Only the certificates `fingerprints` (hex) count for `domain` from now on
+    /// (`[[peer]] fingerprints = [...]`).
+    pub fn restrict_peer(
+        &mut self,
+        domain: &str,
+        fingerprints: &[String],
+    ) -> Result<(), KeyringError> {
+        let domain = normalize_domain(domain)?;
+        let fprs = fingerprints
+            .iter()
+            .map(|f| normalize_fingerprint(f))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.allowed.insert(domain, fprs);
+        Ok(())
+    }
+
+    /// The domain a partner certificate in `dir` is bound to, if any.
+    pub fn peer_binding(dir: &Path, fingerprint: &str) -> Result<Option<String>, KeyringError> {
+        read_binding(&dir.join(CERTS_DIR), &normalize_fingerprint(fingerprint)?)
     }
 
     /// Imports a key or certificate (armored or binary) into `dir`.
@@ -399,6 +485,18 @@ impl Keyring {
     /// `dir` is created (mode 0700) if missing. An open [`Keyring`]
     /// does not see the change; open it again.
     pub fn import(dir: &Path, data: &[u8]) -> Result<Imported, KeyringError> {
+        Self::import_for(dir, data, None)
+    }
+
+    /// As [`Keyring::import`]; a partner certificate is bound to `peer`, which must be the
+    /// domain of one of its `mail@` user IDs, and counts for that domain only. Without
+    /// `peer`, a certificate is bound to the one domain its user IDs name (or to the domain
+    /// it was bound to before); one naming several domains is refused.
+    pub fn import_for(
+        dir: &Path,
+        data: &[u8],
+        peer: Option<&str>,
+    ) -> Result<Imported, KeyringError> {
         let what = "imported data";
         let parsed: openpgp::Result<Vec<Cert>> =
             CertParser::from_bytes(data).and_then(|p| p.collect());
@@ -416,9 +514,16 @@ impl Keyring {
                 };
                 fsutil::ensure_private_dir(dir)?;
                 if cert.is_tsk() {
+                    if peer.is_some() {
+                        return Err(invalid(
+                            what,
+                            "it is a secret key (this relay's own); --peer is for partner \
+                             certificates",
+                        ));
+                    }
                     import_own(dir, cert)
                 } else {
-                    import_partner(dir, cert)
+                    import_partner(dir, cert, peer)
                 }
             }
             count => Err(KeyringError::MultipleCerts {
@@ -564,7 +669,7 @@ impl Keyring {
             .chain(self.own_other.iter())
             .map(|o| &o.entry)
             .chain(self.peers.iter())
-            .filter(|e| e.domains.contains(&domain))
+            .filter(|e| e.domains.contains(&domain) && self.listed(&domain, &e.fpr))
             .any(|e| e.check(&domain, t).is_ok() && e.verifiers.iter().any(|k| k.alive(t)))
     }
 
@@ -678,9 +783,58 @@ impl Keyring {
                     domain: domain.clone(),
                 })?,
         };
+        if !self.listed(&domain, &fpr) {
+            return Err(KeyringError::NotListedForPeer {
+                fingerprint: fpr,
+                domain,
+            });
+        }
         entry.check(&domain, t)?;
         Ok(entry)
     }
+
+    /// Whether `fpr` may speak for `domain` under `[[peer]] fingerprints` (no list: any).
+    fn listed(&self, domain: &str, fpr: &str) -> bool {
+        self.allowed
+            .get(domain)
+            .is_none_or(|l| l.iter().any(|f| f == fpr))
+    }
+}
+
+/// The domains of every user ID of the form `mail@<domain>`, valid or not: what the
+/// certificate claims, the question being whether it claims more than one partner.
+fn claimed_domains(cert: &Cert) -> Vec<String> {
+    let mut v: Vec<String> = Vec::new();
+    for u in cert.userids() {
+        if let Some(d) = uid_domain(u.userid().value())
+            && !v.contains(&d)
+        {
+            v.push(d);
+        }
+    }
+    v.sort();
+    v
+}
+
+fn binding_path(certs_dir: &Path, fpr: &str) -> PathBuf {
+    certs_dir.join(format!("{fpr}.{BINDING_EXT}"))
+}
+
+/// The domain in `certs/<FPR>.peer`, if that file exists.
+fn read_binding(certs_dir: &Path, fpr: &str) -> Result<Option<String>, KeyringError> {
+    let path = binding_path(certs_dir, fpr);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(KeyringError::io("cannot read", &path, e)),
+    };
+    let text = String::from_utf8_lossy(&bytes);
+    normalize_domain(text.trim())
+        .map(Some)
+        .map_err(|e| KeyringError::InvalidBinding {
+            file: path.clone(),
+            reason: e.to_string(),
+        })
 }
 
 /// Verifies a detached binary signature over `data` with a bare public key packet that a
@@ -1254,7 +1408,7 @@ fn own_fpr_on_disk(dir: &Path) -> Result<Option<String>, KeyringError> {
     }
 }
 
-fn import_partner(dir: &Path, cert: Cert) -> Result<Imported, KeyringError> {
+fn import_partner(dir: &Path, cert: Cert, peer: Option<&str>) -> Result<Imported, KeyringError> {
     let fpr = fpr_hex(&cert.fingerprint());
     if own_fpr_on_disk(dir)?.as_deref() == Some(fpr.as_str()) {
         return Err(KeyringError::IsOwnKey { fingerprint: fpr });
@@ -1287,9 +1441,41 @@ fn import_partner(dir: &Path, cert: Cert) -> Result<Imported, KeyringError> {
     } else {
         cert
     };
+    let claimed = claimed_domains(&merged);
+    let existing = read_binding(&certs_dir, &fpr)?;
+    let bound = match (peer, existing) {
+        (Some(p), _) => {
+            let p = normalize_domain(p)?;
+            if !claimed.contains(&p) {
+                return Err(KeyringError::NotForPeer {
+                    fingerprint: fpr,
+                    domain: p,
+                    user_ids: uids(&merged),
+                });
+            }
+            p
+        }
+        (None, Some(b)) => b,
+        (None, None) => match claimed.as_slice() {
+            [one] => one.clone(),
+            _ => {
+                return Err(KeyringError::AmbiguousCert {
+                    fingerprint: fpr,
+                    domains: claimed,
+                    dir: dir.to_path_buf(),
+                });
+            }
+        },
+    };
+    // The binding first: a crash between the two writes leaves a binding without a
+    // certificate (harmless), never a certificate that counts for the wrong domain.
+    let bpath = binding_path(&certs_dir, &fpr);
+    if read_binding(&certs_dir, &fpr)?.as_deref() != Some(bound.as_str()) {
+        fsutil::write_atomic(&bpath, format!("{bound}\n").as_bytes(), false)?;
+    }
     let bytes = merged.armored().to_vec().map_err(KeyringError::crypto)?;
     fsutil::write_atomic(&path, &bytes, false)?;
-    tracing::info!(fingerprint = %fpr, file = %path.display(), "imported partner certificate");
+    tracing::info!(fingerprint = %fpr, file = %path.display(), peer = %bound, "imported partner certificate");
     Ok(Imported::PartnerCert {
         fingerprint: fpr,
         user_ids: uids(&merged),

@@ -219,10 +219,12 @@ async fn answer(shared: &Arc<Shared>, inc: Incoming, pending: PendingGuard) -> R
         .await);
     }
     let peer_fpr = hex::encode_upper(&offer.fingerprint);
+    // One keyring for the whole call, even if it is reloaded meanwhile.
+    let ks = shared.keys();
     match mode {
         // The caller's key must be in our keyring for that domain.
         AuthMode::Signed => {
-            if let Err(e) = shared.keyring.peer_cert(&peer_domain, &peer_fpr) {
+            if let Err(e) = ks.keyring.peer_cert(&peer_domain, &peer_fpr) {
                 let _ = inc
                     .respond(reject(
                         &inc,
@@ -283,8 +285,9 @@ async fn answer(shared: &Arc<Shared>, inc: Incoming, pending: PendingGuard) -> R
         caller: format!("mail@{peer_domain}"),
         callee: format!("mail@{}", shared.cfg.domain),
     };
-    let mut secret = [0u8; 32];
-    if getrandom::fill(&mut secret).is_err() {
+    // Wiped when this function returns; respond_with wipes its copy.
+    let mut secret = zeroize::Zeroizing::new([0u8; 32]);
+    if getrandom::fill(secret.as_mut()).is_err() {
         let _ = inc
             .respond(reject(&inc, 500, "Server Internal Error", "no randomness"))
             .await;
@@ -294,18 +297,18 @@ async fn answer(shared: &Arc<Shared>, inc: Incoming, pending: PendingGuard) -> R
         auth: mode,
         retained: shared.retained_for(&peer_domain),
         key_packet: if mode == AuthMode::Opportunistic {
-            shared.signing_packet.clone()
+            ks.signing_packet.clone()
         } else {
             Vec::new()
         },
     };
-    let (signer, verifier) = shared.auth_for(&peer, &offer.key_packet);
+    let (signer, verifier) = ks.auth_for(&peer, &offer.key_packet);
     let responded = CalleeAwaitConfirm::respond_with(
         &ctx,
         &offer,
-        secret,
+        *secret,
         &shared.cfg.suites,
-        shared.announced_fpr(&peer),
+        ks.announced_fpr(&peer),
         signer.as_ref(),
         &policy,
     );

@@ -156,16 +156,18 @@ async fn place_call(shared: &Arc<Shared>, peer: &Peer) -> Result<ActiveCall, Cal
     let call_id = format!("{}@{}", crate::sip::random_hex(16), shared.cfg.domain);
     let from_tag = crate::sip::random_hex(8);
     let mode = peer.trust.mode();
+    // One keyring for the whole call, even if it is reloaded meanwhile.
+    let ks = shared.keys();
     let caller = CallerAwaitAnswer::new(
         random32()?,
         random32()?,
         shared.cfg.suites.clone(),
-        shared.announced_fpr(peer),
+        ks.announced_fpr(peer),
     )
     .with_auth(
         mode,
         if mode == AuthMode::Opportunistic {
-            shared.signing_packet.clone()
+            ks.signing_packet.clone()
         } else {
             Vec::new()
         },
@@ -237,7 +239,7 @@ async fn place_call(shared: &Arc<Shared>, peer: &Peer) -> Result<ActiveCall, Cal
                 check_pin(shared, peer, &answer.fingerprint)?;
             }
             let done = {
-                let (signer, verifier) = shared.auth_for(peer, &answer.key_packet);
+                let (signer, verifier) = ks.auth_for(peer, &answer.key_packet);
                 caller.on_answer(&ctx, &answer, verifier.as_ref(), signer.as_ref())?
             };
             let continuity = done.keys.continuity;

@@ -3,6 +3,10 @@
 //! Only root and the daemon's user can reach it (mode 0600).
 //!
 //! The socket also keeps two daemons off one spool: a second one finds it answering.
+//!
+//! `{"cmd":"reload"}` makes the daemon read its keyring again (as SIGHUP does). So that
+//! `sipmail keys import --keyring DIR` can find the daemon using DIR, the daemon writes the
+//! socket's absolute path into `DIR/daemon.control` while it runs.
 
 use super::Shared;
 use crate::queue::{Envelope, now_ms};
@@ -26,19 +30,75 @@ pub enum Request {
     Delete {
         id: String,
     },
+    /// Read the keyring again (revocations, certificates, peer bindings).
+    Reload,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "result", rename_all = "lowercase")]
 pub enum Reply {
-    Messages { messages: Vec<Envelope> },
-    Message { envelope: Envelope, headers: String },
-    Done { count: usize },
-    Error { message: String },
+    Messages {
+        messages: Vec<Envelope>,
+    },
+    Message {
+        envelope: Envelope,
+        headers: String,
+    },
+    Done {
+        count: usize,
+    },
+    /// The keyring was reloaded; what is in use now.
+    Reloaded {
+        message: String,
+    },
+    Error {
+        message: String,
+    },
 }
 
 pub fn socket_path(spool: &Path) -> PathBuf {
     spool.join("control.sock")
+}
+
+/// File in the keyring directory naming the control socket of the daemon using it.
+pub const KEYRING_POINTER: &str = "daemon.control";
+
+/// Tell the daemon that uses `keyring` (found through `keyring/daemon.control`) to reload
+/// it. `Ok(None)` if no daemon is known to use it or none answers.
+pub async fn reload_keyring(keyring: &Path) -> std::io::Result<Option<Reply>> {
+    let pointer = keyring.join(KEYRING_POINTER);
+    let sock = match std::fs::read_to_string(&pointer) {
+        Ok(s) => PathBuf::from(s.trim_end_matches('\n')),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let Some(spool) = sock.parent() else {
+        return Ok(None);
+    };
+    if sock != socket_path(spool) {
+        return Ok(None);
+    }
+    request(spool, &Request::Reload).await
+}
+
+/// Record in the keyring directory which socket the daemon using it answers on. Best
+/// effort: without it, `keys import` cannot notify the daemon (SIGHUP still works).
+pub(crate) fn write_keyring_pointer(keyring: &Path, spool: &Path) {
+    let sock = std::path::absolute(socket_path(spool)).unwrap_or_else(|_| socket_path(spool));
+    let path = keyring.join(KEYRING_POINTER);
+    if let Err(e) = std::fs::write(&path, format!("{}\n", sock.display())) {
+        tracing::warn!(file = %path.display(), error = %e,
+            "cannot record the control socket in the keyring; `sipmail keys import` will not reach this daemon (send SIGHUP instead)");
+    }
+}
+
+/// Remove the pointer if it still names our socket (another daemon may have taken over).
+fn remove_keyring_pointer(keyring: &Path, spool: &Path) {
+    let path = keyring.join(KEYRING_POINTER);
+    let ours = std::path::absolute(socket_path(spool)).unwrap_or_else(|_| socket_path(spool));
+    if std::fs::read_to_string(&path).is_ok_and(|s| Path::new(s.trim_end_matches('\n')) == ours) {
+        let _ = std::fs::remove_file(&path);
+    }
 }
 
 /// Bind the socket, refusing if another daemon answers on it.
@@ -86,6 +146,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: UnixListener) {
         });
     }
     let _ = std::fs::remove_file(socket_path(&shared.cfg.spool));
+    remove_keyring_pointer(&shared.cfg.keyring, &shared.cfg.spool);
 }
 
 /// A message's headers for `queue show`.
@@ -93,8 +154,12 @@ async fn headers_text(spool: &crate::queue::Spool, id: &str) -> String {
     String::from_utf8_lossy(&spool.read_headers(id, 16 * 1024).await).into_owned()
 }
 
-async fn handle(shared: &Shared, req: Request) -> Reply {
+async fn handle(shared: &Arc<Shared>, req: Request) -> Reply {
     match req {
+        Request::Reload => match shared.reload_keys().await {
+            Ok(message) => Reply::Reloaded { message },
+            Err(message) => Reply::Error { message },
+        },
         Request::List => Reply::Messages {
             messages: shared.queue.list(),
         },
@@ -189,6 +254,9 @@ pub async fn offline(spool_dir: &Path, req: &Request) -> std::io::Result<Reply> 
             }
             Reply::Done { count }
         }
+        Request::Reload => Reply::Error {
+            message: "no daemon is running: it reads the keyring when it starts".into(),
+        },
         Request::Delete { id } => {
             if envs.iter().any(|e| &e.id == id) {
                 spool.remove(id).await?;

@@ -130,11 +130,82 @@ impl std::fmt::Debug for Hooks {
     }
 }
 
-pub(crate) struct Shared {
-    pub cfg: Config,
+/// The keyring and what the relay derives from it, swapped as a whole on reload. A call
+/// takes one snapshot ([`Shared::keys`]) and uses it to the end, so it never mixes two
+/// keyrings.
+pub(crate) struct KeyState {
     pub keyring: Keyring,
     pub own_fpr: Vec<u8>,
     pub own_fpr_hex: String,
+    /// The key we sign with and its public key packet, presented in opportunistic calls.
+    pub signing_fpr: Vec<u8>,
+    pub signing_packet: Vec<u8>,
+}
+
+impl KeyState {
+    /// Open and check the keyring against the config (see [`check_keyring`]).
+    pub fn load(cfg: &Config, reload: bool) -> Result<KeyState, RelayError> {
+        let keyring = check_keyring_for(cfg, !reload)?;
+        let own_fpr_hex = keyring.own_fingerprint()?;
+        let own_fpr =
+            hex::decode(&own_fpr_hex).map_err(|e| cfg.invalid("relay.keyring", e.to_string()))?;
+        let (signing_fpr_hex, signing_packet) = keyring.own_signing_key()?;
+        let signing_fpr = hex::decode(&signing_fpr_hex)
+            .map_err(|e| cfg.invalid("relay.keyring", e.to_string()))?;
+        Ok(KeyState {
+            keyring,
+            own_fpr,
+            own_fpr_hex,
+            signing_fpr,
+            signing_packet,
+        })
+    }
+
+    /// The signer and the verifier for calls with `peer`, by its trust policy. `presented`
+    /// is the key packet the peer presented (opportunistic only).
+    pub fn auth_for<'a>(
+        &'a self,
+        peer: &'a crate::config::Peer,
+        presented: &'a [u8],
+    ) -> (
+        Box<dyn Signer + Send + Sync + 'a>,
+        Box<dyn Verifier + Send + Sync + 'a>,
+    ) {
+        use crate::config::Trust;
+        match &peer.trust {
+            Trust::Signed => (
+                Box::new(KeyringSigner(&self.keyring)),
+                Box::new(PeerVerifier {
+                    keyring: &self.keyring,
+                    domain: &peer.domain,
+                }),
+            ),
+            Trust::Psk(k) => {
+                let a = crate::handshake::PskAuth::new(k.as_bytes());
+                (Box::new(a.clone()), Box::new(a))
+            }
+            Trust::Opportunistic => (
+                Box::new(KeyringSigner(&self.keyring)),
+                Box::new(PresentedKeyVerifier { packet: presented }),
+            ),
+        }
+    }
+
+    /// The fingerprint we announce to `peer`: our cert's, or (opportunistic) our signing
+    /// key's, which is what the peer pins.
+    pub fn announced_fpr(&self, peer: &crate::config::Peer) -> Vec<u8> {
+        if peer.trust.mode() == crate::handshake::AuthMode::Opportunistic {
+            self.signing_fpr.clone()
+        } else {
+            self.own_fpr.clone()
+        }
+    }
+}
+
+pub(crate) struct Shared {
+    pub cfg: Config,
+    /// Replaced whole by [`Shared::reload_keys`] (SIGHUP, `sipmail keys import`).
+    keys: std::sync::RwLock<Arc<KeyState>>,
     pub spool: Spool,
     pub endpoint: Endpoint,
     pub sip_addr: SocketAddr,
@@ -151,14 +222,52 @@ pub(crate) struct Shared {
     /// Per peer, the gate that makes our call set-ups to it run one at a time, holding the
     /// last failure (see `caller::place_call_in_turn`).
     pub call_setup: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<caller::SetupFailure>>>>>,
-    /// The key we sign with and its public key packet, presented in opportunistic calls.
-    pub signing_fpr: Vec<u8>,
-    pub signing_packet: Vec<u8>,
 }
 
 impl Shared {
     pub fn event(&self, e: RelayEvent) {
         let _ = self.events.send(e);
+    }
+
+    /// The current keyring (a snapshot: a reload does not change it under the caller).
+    pub fn keys(&self) -> Arc<KeyState> {
+        match self.keys.read() {
+            Ok(k) => k.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Read the keyring again (revocations, imported and removed certs, peer bindings, own
+    /// keys) and check it as at start; if it is usable, calls from now on use it. If not,
+    /// the old keyring stays in use and the error says why.
+    pub async fn reload_keys(self: &Arc<Self>) -> Result<String, String> {
+        let me = self.clone();
+        let loaded = tokio::task::spawn_blocking(move || KeyState::load(&me.cfg, true))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        match loaded {
+            Ok(ks) => {
+                let summary = format!(
+                    "keyring {} reloaded: own key {}, {} partner certificate(s)",
+                    self.cfg.keyring.display(),
+                    ks.own_fpr_hex,
+                    ks.keyring.list().iter().filter(|k| !k.own).count()
+                );
+                tracing::info!(fingerprint = %ks.own_fpr_hex, "{summary}");
+                match self.keys.write() {
+                    Ok(mut k) => *k = Arc::new(ks),
+                    Err(poisoned) => *poisoned.into_inner() = Arc::new(ks),
+                }
+                Ok(summary)
+            }
+            Err(why) => {
+                tracing::warn!(error = %why, "keyring reload failed; the keyring loaded before stays in use");
+                Err(format!(
+                    "keyring reload failed, the keyring loaded before stays in use: {why}"
+                ))
+            }
+        }
     }
 
     /// The audit record of a call: both fingerprints, the suite, the SAS and the hash of
@@ -177,6 +286,7 @@ impl Shared {
         sigs: crate::audit::CallSignatures<'_>,
     ) {
         let mode = peer.trust.mode();
+        let ks = self.keys();
         // Only OpenPGP-signed calls leave evidence a third party can check (docs/AUDIT.md):
         // a PSK call's MACs prove nothing to anyone without the secret, and an
         // opportunistic call's keys are not in anyone's keyring.
@@ -186,9 +296,9 @@ impl Shared {
             self.record_call(dir, call_id, &peer.domain, outgoing, keys, sigs);
         }
         let local_fpr = if mode == crate::handshake::AuthMode::Opportunistic {
-            hex::encode_upper(&self.signing_fpr)
+            hex::encode_upper(&ks.signing_fpr)
         } else {
-            self.own_fpr_hex.clone()
+            ks.own_fpr_hex.clone()
         };
         tracing::info!(
             %call_id,
@@ -260,46 +370,6 @@ impl Shared {
             tracing::warn!(peer = %domain, error = %e, "retained secrets unreadable; calling without them");
             Vec::new()
         })
-    }
-
-    /// The signer and the verifier for calls with `peer`, by its trust policy. `presented`
-    /// is the key packet the peer presented (opportunistic only).
-    pub fn auth_for<'a>(
-        &'a self,
-        peer: &'a crate::config::Peer,
-        presented: &'a [u8],
-    ) -> (
-        Box<dyn Signer + Send + Sync + 'a>,
-        Box<dyn Verifier + Send + Sync + 'a>,
-    ) {
-        use crate::config::Trust;
-        match &peer.trust {
-            Trust::Signed => (
-                Box::new(KeyringSigner(&self.keyring)),
-                Box::new(PeerVerifier {
-                    keyring: &self.keyring,
-                    domain: &peer.domain,
-                }),
-            ),
-            Trust::Psk(k) => {
-                let a = crate::handshake::PskAuth::new(k.as_bytes());
-                (Box::new(a.clone()), Box::new(a))
-            }
-            Trust::Opportunistic => (
-                Box::new(KeyringSigner(&self.keyring)),
-                Box::new(PresentedKeyVerifier { packet: presented }),
-            ),
-        }
-    }
-
-    /// The fingerprint we announce to `peer`: our cert's, or (opportunistic) our signing
-    /// key's, which is what the peer pins.
-    pub fn announced_fpr(&self, peer: &crate::config::Peer) -> Vec<u8> {
-        if peer.trust.mode() == crate::handshake::AuthMode::Opportunistic {
-            self.signing_fpr.clone()
-        } else {
-            self.own_fpr.clone()
-        }
     }
 }
 
@@ -410,6 +480,13 @@ impl Verifier for PresentedKeyVerifier<'_> {
 /// Open the keyring and check it against the config: our own key for mail@domain, and a
 /// usable cert for every peer.
 pub fn check_keyring(cfg: &Config) -> Result<Keyring, RelayError> {
+    check_keyring_for(cfg, true)
+}
+
+/// As [`check_keyring`]; with `peers_required` false (a reload), a peer left without a
+/// usable certificate (its only one revoked or removed: the point of the change) is a
+/// warning, and calls with it are refused until one is imported.
+fn check_keyring_for(cfg: &Config, peers_required: bool) -> Result<Keyring, RelayError> {
     if !cfg.keyring.is_dir() {
         return Err(cfg
             .invalid(
@@ -425,6 +502,14 @@ pub fn check_keyring(cfg: &Config) -> Result<Keyring, RelayError> {
     }
     let mut kr =
         Keyring::open(&cfg.keyring).map_err(|e| cfg.invalid("relay.keyring", e.to_string()))?;
+    kr.check_bindings()
+        .map_err(|e| cfg.invalid("relay.keyring", e.to_string()))?;
+    for (i, p) in cfg.peers.iter().enumerate() {
+        if let Some(list) = &p.fingerprints {
+            kr.restrict_peer(&p.domain, list)
+                .map_err(|e| cfg.invalid(&format!("peer[{i}].fingerprints"), e.to_string()))?;
+        }
+    }
     if let Some(fpr) = &cfg.signing_key {
         kr.select_signing_key(fpr)
             .map_err(|e| cfg.invalid("relay.signing_key", e.to_string()))?;
@@ -434,12 +519,17 @@ pub fn check_keyring(cfg: &Config) -> Result<Keyring, RelayError> {
     for (i, p) in cfg.peers.iter().enumerate() {
         // Only `signed` peers need a cert; psk and opportunistic peers do without.
         if matches!(p.trust, crate::config::Trust::Signed) && !kr.has_peer(&p.domain) {
+            if !peers_required {
+                tracing::warn!(peer = %p.domain, "no usable certificate for this peer any more: its calls are refused until one is imported");
+                continue;
+            }
             return Err(cfg
                 .invalid(
                     &format!("peer[{i}]"),
                     format!(
-                        "no usable certificate for mail@{} in {}: import the partner's cert with `sipmail keys import --keyring {} FILE`",
+                        "no usable certificate for mail@{}{} in {}: import the partner's cert with `sipmail keys import --keyring {} FILE`",
                         p.domain,
+                        if p.fingerprints.is_some() { " among its fingerprints" } else { "" },
                         cfg.keyring.display(),
                         cfg.keyring.display()
                     ),
@@ -472,6 +562,11 @@ impl Running {
         self.shared.queue.list().into_iter().map(|e| e.id).collect()
     }
 
+    /// Read the keyring again, as SIGHUP does (see [`Shared::reload_keys`]).
+    pub async fn reload_keys(&self) -> Result<String, String> {
+        self.shared.reload_keys().await
+    }
+
     /// Wait until every task has finished (after shutdown was triggered).
     pub async fn wait(mut self) {
         while self.tasks.join_next().await.is_some() {}
@@ -482,13 +577,7 @@ impl Running {
 
 /// Bind everything and start the tasks.
 pub async fn start(cfg: Config, shutdown: Shutdown, hooks: Hooks) -> Result<Running, RelayError> {
-    let keyring = check_keyring(&cfg)?;
-    let own_fpr_hex = keyring.own_fingerprint()?;
-    let own_fpr =
-        hex::decode(&own_fpr_hex).map_err(|e| cfg.invalid("relay.keyring", e.to_string()))?;
-    let (signing_fpr_hex, signing_packet) = keyring.own_signing_key()?;
-    let signing_fpr =
-        hex::decode(&signing_fpr_hex).map_err(|e| cfg.invalid("relay.keyring", e.to_string()))?;
+    let keys = KeyState::load(&cfg, false)?;
     // Claim the spool first: recovery must never run under another daemon's feet.
     std::fs::create_dir_all(&cfg.spool)
         .map_err(io_err(format!("creating spool {}", cfg.spool.display())))?;
@@ -497,6 +586,7 @@ pub async fn start(cfg: Config, shutdown: Shutdown, hooks: Hooks) -> Result<Runn
         cfg.file,
         cfg.spool.display()
     )))?;
+    control::write_keyring_pointer(&cfg.keyring, &cfg.spool);
     let (spool, envelopes) = Spool::open(&cfg.spool)
         .map_err(io_err(format!("opening spool {}", cfg.spool.display())))?;
     if let crate::config::Delivery::Maildir(m) = &cfg.delivery {
@@ -537,9 +627,7 @@ pub async fn start(cfg: Config, shutdown: Shutdown, hooks: Hooks) -> Result<Runn
     let shared = Arc::new(Shared {
         queue: scheduler::Queue::new(spool.clone(), envelopes, cfg.queue.clone()),
         cfg,
-        keyring,
-        own_fpr,
-        own_fpr_hex,
+        keys: std::sync::RwLock::new(Arc::new(keys)),
         spool,
         endpoint,
         sip_addr,
@@ -550,14 +638,12 @@ pub async fn start(cfg: Config, shutdown: Shutdown, hooks: Hooks) -> Result<Runn
         hooks,
         trust: Arc::new(trust::TrustStore::new(&cfg_spool)),
         call_setup: Mutex::new(HashMap::new()),
-        signing_fpr,
-        signing_packet,
     });
     tracing::info!(
         domain = %shared.cfg.domain,
         smtp = %smtp_addr,
         sip = %sip_addr,
-        fingerprint = %shared.own_fpr_hex,
+        fingerprint = %shared.keys().own_fpr_hex,
         peers = shared.cfg.peers.len(),
         recovered,
         "relay started"
@@ -575,9 +661,31 @@ pub async fn start(cfg: Config, shutdown: Shutdown, hooks: Hooks) -> Result<Runn
     })
 }
 
-/// Run until shutdown.
+/// Run until shutdown. SIGHUP reloads the keyring.
 pub async fn run(cfg: Config, shutdown: Shutdown) -> Result<(), RelayError> {
-    start(cfg, shutdown, Hooks::default()).await?.wait().await;
+    let running = start(cfg, shutdown.clone(), Hooks::default()).await?;
+    let shared = running.shared.clone();
+    let hup = tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hup = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot handle SIGHUP; reload the keyring with `sipmail keys import` or a restart");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                r = hup.recv() => if r.is_none() { break },
+                _ = shutdown.wait() => break,
+            }
+            tracing::info!("SIGHUP: reloading the keyring");
+            // A failure is logged by reload_keys; the old keyring stays.
+            let _ = shared.reload_keys().await;
+        }
+    });
+    running.wait().await;
+    hup.abort();
     Ok(())
 }
 
