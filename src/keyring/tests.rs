@@ -928,3 +928,77 @@ fn generated_revocation_certificate_revokes() {
         Err(KeyringError::RevocationNotApplicable { .. })
     ));
 }
+
+#[test]
+fn a_cert_naming_two_domains_counts_for_the_one_it_was_imported_for() {
+    let (cert, _) = CertBuilder::new()
+        .add_userid("mail@site-c.test")
+        .add_userid("mail@site-a.test")
+        .generate()
+        .unwrap();
+    let fc = cert.fingerprint().to_hex();
+    let (_tb, db, _) = new_site("site-b.test");
+    let err = Keyring::import(&db, &armored_pub(&cert)).unwrap_err();
+    assert!(matches!(err, KeyringError::AmbiguousCert { .. }), "{err:?}");
+    assert!(!db.join(CERTS_DIR).join(format!("{fc}.asc")).exists());
+    let err = Keyring::import_for(&db, &armored_pub(&cert), Some("site-x.test")).unwrap_err();
+    assert!(matches!(err, KeyringError::NotForPeer { .. }), "{err:?}");
+
+    Keyring::import_for(&db, &armored_pub(&cert), Some("SITE-C.test")).unwrap();
+    let binding = db.join(CERTS_DIR).join(format!("{fc}.{BINDING_EXT}"));
+    assert_eq!(std::fs::read_to_string(&binding).unwrap(), "site-c.test\n");
+    assert_eq!(mode(&binding), 0o600);
+    let b = Keyring::open(&db).unwrap();
+    b.check_bindings().unwrap();
+    assert!(b.peer_cert("site-c.test", &fc).is_ok());
+    assert!(matches!(
+        b.peer_cert("site-a.test", &fc),
+        Err(KeyringError::WrongIdentity { .. })
+    ));
+    assert!(!b.has_peer("site-a.test"));
+    // Imported again without --peer: the binding stays.
+    Keyring::import(&db, &armored_pub(&cert)).unwrap();
+    assert_eq!(
+        Keyring::peer_binding(&db, &fc).unwrap().as_deref(),
+        Some("site-c.test")
+    );
+
+    // A keyring from before bindings: counts for neither, and check_bindings names it.
+    std::fs::remove_file(&binding).unwrap();
+    let b = Keyring::open(&db).unwrap();
+    assert!(b.peer_cert("site-c.test", &fc).is_err());
+    assert!(b.peer_cert("site-a.test", &fc).is_err());
+    let err = b.check_bindings().unwrap_err();
+    assert!(
+        matches!(err, KeyringError::AmbiguousCertFile { .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains(&format!("{fc}.asc")), "{err}");
+}
+
+#[test]
+fn a_one_domain_cert_is_bound_at_import_and_peer_fingerprints_restrict() {
+    let (_dirs, a, mut b) = two_sites();
+    let fa = a.own_fingerprint().unwrap();
+    assert_eq!(
+        Keyring::peer_binding(b.dir(), &fa).unwrap().as_deref(),
+        Some("site-a.test")
+    );
+    b.check_bindings().unwrap();
+    let sig = a.sign_detached(b"x").unwrap();
+    b.verify_detached("site-a.test", &fa, b"x", &sig).unwrap();
+    b.restrict_peer(
+        "site-a.test",
+        &["0123456789ABCDEF0123456789ABCDEF01234567".into()],
+    )
+    .unwrap();
+    assert!(matches!(
+        b.verify_detached("site-a.test", &fa, b"x", &sig),
+        Err(KeyringError::NotListedForPeer { .. })
+    ));
+    assert!(!b.has_peer("site-a.test"));
+    b.restrict_peer("site-a.test", &[fa.to_lowercase()])
+        .unwrap();
+    b.verify_detached("site-a.test", &fa, b"x", &sig).unwrap();
+    assert!(b.has_peer("site-a.test"));
+}
