@@ -439,6 +439,9 @@ fn the_cli_refuses_an_ambiguous_cert_and_names_an_unbound_one() {
         text(&o)
     );
 
+    let o = sipmail(&["keys", "list", "--keyring", kbs]);
+    assert!(text(&o).contains("for peer site-c.test"), "{}", text(&o));
+
     // A keyring from before bindings: the cert file without its .peer file.
     let c_fpr = Keyring::open(&d.join("keyring/site-c"))
         .unwrap()

@@ -512,13 +512,24 @@ fn keys(cmd: KeysCmd) -> Result<ExitCode> {
                 );
             }
             for k in list {
+                let bound = if k.own {
+                    String::new()
+                } else {
+                    match Keyring::peer_binding(&keyring, &k.fingerprint)? {
+                        Some(d) => format!("  for peer {d}"),
+                        None => String::new(),
+                    }
+                };
                 println!(
-                    "{} {}  {}  {}",
+                    "{} {}  {}  {}{bound}",
                     if k.own { "own    " } else { "partner" },
                     format_fingerprint(&k.fingerprint),
                     k.user_ids.join(", "),
                     k.algo
                 );
+            }
+            if let Err(e) = kr.check_bindings() {
+                eprintln!("sipmail: warning: {e}");
             }
         }
         KeysCmd::Fingerprint { keyring } => {
