@@ -439,6 +439,11 @@ async fn answer(
             inc.end_transaction();
             return Err("evicted before its ACK: its source placed newer calls than it has room for".into());
         }
+        // Shutdown does not wait up to 32 s for an ACK that may never come.
+        _ = shared.shutdown.wait() => {
+            inc.end_transaction();
+            return Err("shutting down before the ACK".into());
+        }
     };
     // The call is no longer pending once ACKed (or given up).
     drop(pending);
