@@ -341,3 +341,63 @@ fn trust_accept_refuses_a_fingerprint_that_is_not_pending() {
         sipmail::relay::trust::PinCheck::Same
     );
 }
+
+/// The callee's side of a changed key: B has A's key pinned; A is reinstalled with a new
+/// key and calls from its configured address. B completes the handshake only to verify
+/// the new key's signature, records it as pending (with where and when it was seen),
+/// tells A why through the call (a `554` greeting A logs), and takes no mail. After the
+/// operator accepts that very fingerprint, the queued mail goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_caller_key_is_verified_kept_pending_and_refused_until_accepted() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut a_cfg, b_cfg) = edited_configs(dir.path(), opportunistic, opportunistic);
+    let b_store = TrustStore::new(&b_cfg.spool);
+    let old = Keyring::open(&a_cfg.keyring)
+        .unwrap()
+        .own_signing_key()
+        .unwrap()
+        .0;
+    assert!(b_store.pin_first_use("site-a.test", &old).unwrap());
+    let new_kr = dir.path().join("keyring/site-a-new");
+    Keyring::generate(&new_kr, "site-a.test").unwrap();
+    let new = Keyring::open(&new_kr).unwrap().own_signing_key().unwrap().0;
+    a_cfg.keyring = new_kr;
+    let sites = TwoSites::start_with(dir.path(), a_cfg, b_cfg.clone(), Hooks::default())
+        .await
+        .unwrap();
+    let mut ev_a = sites.a.events();
+    sipmail::demo::submit(
+        sites.a.smtp_addr,
+        &[sample_message(1, "changed")],
+        "bob@site-b.test",
+        |_| {},
+    )
+    .await
+    .unwrap();
+    let failed = wait_event(&mut ev_a, 15, |e| {
+        matches!(e, sipmail::relay::RelayEvent::CallFailed { reason, .. }
+            if reason.contains("554") && reason.contains("trust accept site-a.test"))
+    })
+    .await;
+    assert!(failed.is_some(), "A was not told why (554 through the call)");
+    let md = sites.maildir(&sites.b_cfg);
+    assert!(maildir_files(&md).is_empty(), "mail taken from a changed key");
+    assert_eq!(
+        b_store.check_pin("site-a.test", &old).unwrap(),
+        sipmail::relay::trust::PinCheck::Same
+    );
+    let pending = b_store.pending("site-a.test").unwrap();
+    assert_eq!(pending.len(), 1, "{pending:?}");
+    assert_eq!(pending[0].fingerprint, new);
+    assert_eq!(pending[0].from, "127.0.0.1");
+    assert!(pending[0].last_seen > 0 && pending[0].count >= 1);
+
+    let (was, now) = b_store.accept_pending("site-a.test", &new).unwrap();
+    assert_eq!((was.as_deref(), now.as_str()), (Some(old.as_str()), new.as_str()));
+    assert!(
+        wait_until(Duration::from_secs(20), || maildir_files(&md).len() == 1).await,
+        "the queued mail did not go through after the accept"
+    );
+    sites.stop().await;
+}
