@@ -26,10 +26,7 @@ use std::process::Command;
 use std::time::{Duration, SystemTime};
 
 fn opportunistic(s: String) -> String {
-    s.replace(
-        "\n[delivery]",
-        "\ntrust = \"opportunistic\"\n[delivery]",
-    )
+    s.replace("\n[delivery]", "\ntrust = \"opportunistic\"\n[delivery]")
 }
 
 /// Everything observable about a state folder: the folder's mtime, and each file's bytes
@@ -166,7 +163,11 @@ async fn the_first_relay_to_reach_b_from_elsewhere_is_not_pinned() {
     for kr in ["keyring/site-a/certs", "keyring/site-b/certs"] {
         std::fs::remove_dir_all(dir.path().join(kr)).unwrap();
     }
-    let (pa, pb, pm) = (free_port().unwrap(), free_port().unwrap(), free_port().unwrap());
+    let (pa, pb, pm) = (
+        free_port().unwrap(),
+        free_port().unwrap(),
+        free_port().unwrap(),
+    );
     let a_cfg = Config::parse(
         "a.toml",
         &opportunistic(site_config(dir.path(), "site-a", "site-b", pa, pb)),
@@ -241,7 +242,11 @@ async fn the_first_relay_to_reach_b_from_elsewhere_is_not_pinned() {
         "Mallory's verified key is not kept as pending: {:?}",
         std::fs::read_to_string(&pending_file)
     );
-    assert_eq!(sites.a.queue_snapshot().messages, 1, "Mallory's mail stays queued");
+    assert_eq!(
+        sites.a.queue_snapshot().messages,
+        1,
+        "Mallory's mail stays queued"
+    );
     sites.stop().await;
 
     // The real A, from its configured address: pinned on first use, delivered.
@@ -257,7 +262,9 @@ async fn the_first_relay_to_reach_b_from_elsewhere_is_not_pinned() {
     .await
     .unwrap();
     assert!(
-        wait_until(Duration::from_secs(20), || maildir_files(&b_maildir).len() == 1).await,
+        wait_until(Duration::from_secs(20), || maildir_files(&b_maildir).len()
+            == 1)
+        .await,
         "the real A's mail was not delivered"
     );
     let a_fpr = Keyring::open(&a_cfg.keyring)
@@ -270,7 +277,9 @@ async fn the_first_relay_to_reach_b_from_elsewhere_is_not_pinned() {
             .list()
             .unwrap()
             .iter()
-            .any(|p| p.domain == "site-a.test" && p.pinned.as_deref() == Some(a_fpr.as_str())))
+            .any(
+                |p| p.domain == "site-a.test" && p.pinned.as_deref() == Some(a_fpr.as_str())
+            ))
         .await,
         "the real A was not pinned"
     );
@@ -325,12 +334,23 @@ fn trust_accept_refuses_a_fingerprint_that_is_not_pending() {
         out.contains(&sipmail::keyring::format_fingerprint(&pending)) || out.contains(&pending),
         "the refusal does not list the pending key: {out}"
     );
-    assert_eq!(snapshot(&state), before, "the refused accept changed the state");
+    assert_eq!(
+        snapshot(&state),
+        before,
+        "the refused accept changed the state"
+    );
 
     // Without a fingerprint: refused (it would pin whatever is pending at that moment).
     let (ok, out) = sipmail(&["trust", "--config", cfg, "accept", "site-a.test"]);
-    assert!(!ok, "`trust accept DOMAIN` without a fingerprint pinned: {out}");
-    assert_eq!(snapshot(&state), before, "the bare accept changed the state");
+    assert!(
+        !ok,
+        "`trust accept DOMAIN` without a fingerprint pinned: {out}"
+    );
+    assert_eq!(
+        snapshot(&state),
+        before,
+        "the bare accept changed the state"
+    );
 
     // The pending one, named: accepted (spaces as `keys fingerprint` prints them are fine).
     let spaced = sipmail::keyring::format_fingerprint(&pending);
@@ -380,9 +400,15 @@ async fn a_changed_caller_key_is_verified_kept_pending_and_refused_until_accepte
             if reason.contains("554") && reason.contains("trust accept site-a.test"))
     })
     .await;
-    assert!(failed.is_some(), "A was not told why (554 through the call)");
+    assert!(
+        failed.is_some(),
+        "A was not told why (554 through the call)"
+    );
     let md = sites.maildir(&sites.b_cfg);
-    assert!(maildir_files(&md).is_empty(), "mail taken from a changed key");
+    assert!(
+        maildir_files(&md).is_empty(),
+        "mail taken from a changed key"
+    );
     assert_eq!(
         b_store.check_pin("site-a.test", &old).unwrap(),
         sipmail::relay::trust::PinCheck::Same
@@ -394,7 +420,10 @@ async fn a_changed_caller_key_is_verified_kept_pending_and_refused_until_accepte
     assert!(pending[0].last_seen > 0 && pending[0].count >= 1);
 
     let (was, now) = b_store.accept_pending("site-a.test", &new).unwrap();
-    assert_eq!((was.as_deref(), now.as_str()), (Some(old.as_str()), new.as_str()));
+    assert_eq!(
+        (was.as_deref(), now.as_str()),
+        (Some(old.as_str()), new.as_str())
+    );
     assert!(
         wait_until(Duration::from_secs(20), || maildir_files(&md).len() == 1).await,
         "the queued mail did not go through after the accept"

@@ -274,7 +274,7 @@ async fn answer(
             let checked = shared.trust.check_pin(&peer_domain, &peer_fpr);
             match checked {
                 Ok(pin) => {
-                    let from_peer = shared.from_peer_address(&peer_domain, inc.source.ip());
+                    let from_peer = shared.is_peer_address(&peer_domain, inc.source.ip());
                     if let OpportunisticDecision::Hold(r) =
                         trust::opportunistic_decision(pin, false, from_peer)
                     {

@@ -333,13 +333,11 @@ fn check_pin(shared: &Shared, peer: &Peer, fingerprint: &[u8]) -> Result<(), Cal
     match super::trust::opportunistic_decision(pin, true, false) {
         OpportunisticDecision::Proceed => Ok(()),
         OpportunisticDecision::Hold(HoldReason::FirstUseFromElsewhere) => Ok(()),
-        OpportunisticDecision::Hold(HoldReason::Changed { pinned }) => {
-            Err(CallError::PinChanged {
-                domain: peer.domain.clone(),
-                pinned,
-                presented,
-            })
-        }
+        OpportunisticDecision::Hold(HoldReason::Changed { pinned }) => Err(CallError::PinChanged {
+            domain: peer.domain.clone(),
+            pinned,
+            presented,
+        }),
     }
 }
 

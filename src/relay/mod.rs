@@ -265,11 +265,9 @@ impl Shared {
     }
 
     /// Is `ip` one of `domain`'s configured addresses?
-    pub fn from_peer_address(&self, domain: &str, ip: IpAddr) -> bool {
+    pub fn is_peer_address(&self, domain: &str, ip: IpAddr) -> bool {
         let ip = canonical_ip(ip);
-        self.peer_addrs
-            .get(domain)
-            .is_some_and(|v| v.contains(&ip))
+        self.peer_addrs.get(domain).is_some_and(|v| v.contains(&ip))
     }
 
     /// Keep a key that `domain` presented, whose signature verified, but that we refused
@@ -286,16 +284,23 @@ impl Shared {
                 "refused key not recorded as pending: too many trust-state writes for this peer (rate limit)");
             return;
         }
-        let (trust, d, f) = (self.trust.clone(), domain.to_string(), fingerprint.to_string());
+        let (trust, d, f) = (
+            self.trust.clone(),
+            domain.to_string(),
+            fingerprint.to_string(),
+        );
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
         let from_s = canonical_ip(from).to_string();
-        let r = tokio::task::spawn_blocking(move || trust.record_pending(&d, &f, &from_s, now)).await;
+        let r =
+            tokio::task::spawn_blocking(move || trust.record_pending(&d, &f, &from_s, now)).await;
         match r {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(peer = %domain, error = %e, "cannot record the refused key"),
+            Ok(Err(e)) => {
+                tracing::warn!(peer = %domain, error = %e, "cannot record the refused key")
+            }
             Err(e) => tracing::warn!(peer = %domain, error = %e, "cannot record the refused key"),
         }
     }
@@ -659,7 +664,13 @@ async fn peer_addresses(cfg: &Config) -> HashMap<String, Vec<IpAddr>> {
     let mut out = HashMap::new();
     for p in &cfg.peers {
         let mut ips: Vec<IpAddr> = Vec::new();
-        if let Ok(ip) = p.sip.host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
+        if let Ok(ip) = p
+            .sip
+            .host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+        {
             ips.push(ip);
         } else {
             match tokio::net::lookup_host((p.sip.host.as_str(), p.sip.port)).await {

@@ -645,13 +645,22 @@ mod tests {
     #[test]
     fn first_use_pins_only_calls_we_placed_or_from_the_peers_address() {
         use OpportunisticDecision::*;
-        assert_eq!(opportunistic_decision(PinCheck::FirstUse, true, false), Proceed);
-        assert_eq!(opportunistic_decision(PinCheck::FirstUse, false, true), Proceed);
+        assert_eq!(
+            opportunistic_decision(PinCheck::FirstUse, true, false),
+            Proceed
+        );
+        assert_eq!(
+            opportunistic_decision(PinCheck::FirstUse, false, true),
+            Proceed
+        );
         assert_eq!(
             opportunistic_decision(PinCheck::FirstUse, false, false),
             Hold(HoldReason::FirstUseFromElsewhere)
         );
-        assert_eq!(opportunistic_decision(PinCheck::Same, false, false), Proceed);
+        assert_eq!(
+            opportunistic_decision(PinCheck::Same, false, false),
+            Proceed
+        );
         assert_eq!(
             opportunistic_decision(
                 PinCheck::Changed {
