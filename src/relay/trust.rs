@@ -39,8 +39,8 @@ pub enum TrustError {
     #[error("no changed key is waiting for acceptance for {0}")]
     NothingPending(String),
     #[error(
-        "{fingerprint} is not pending for {domain}; pending: {}. Check the fingerprint with the partner (`sipmail keys fingerprint` on their side) and run `sipmail trust accept {domain} FINGERPRINT` with one of these",
-        pending.join(", ")
+        "{fingerprint} is not pending for {domain}; pending: {}. Check the fingerprint with the partner (`sipmail keys fingerprint` on their side), then run `sipmail trust accept {domain} FINGERPRINT` with one of these (`sipmail trust list` shows when and from where each was seen)",
+        pending.join("; ")
     )]
     NotPending {
         domain: String,
@@ -466,7 +466,10 @@ impl TrustStore {
             return Err(TrustError::NotPending {
                 domain: domain.to_string(),
                 fingerprint: want,
-                pending: pending.iter().map(|k| k.fingerprint.clone()).collect(),
+                pending: pending
+                    .iter()
+                    .map(|k| crate::keyring::format_fingerprint(&k.fingerprint))
+                    .collect(),
             });
         };
         let pin_path = self.path(domain, "pin")?;
@@ -591,7 +594,14 @@ mod tests {
         // Not pending: refused, naming what is.
         let e = s.accept_pending("b.test", &"DD".repeat(20)).unwrap_err();
         assert!(matches!(e, TrustError::NotPending { .. }), "{e}");
-        assert!(e.to_string().contains(&bb) && e.to_string().contains(&cc));
+        let (fb, fc) = (
+            crate::keyring::format_fingerprint(&bb),
+            crate::keyring::format_fingerprint(&cc),
+        );
+        assert!(
+            e.to_string().contains(&fb) && e.to_string().contains(&fc),
+            "{e}"
+        );
         assert!(matches!(
             s.accept_pending("b.test", "BB"),
             Err(TrustError::BadFingerprint(_))
