@@ -131,3 +131,86 @@ async fn spoofed_invites_from_a_partners_address_neither_lock_it_out_nor_amplify
     );
     sites.stop().await;
 }
+
+/// A partner that calls over SIP/TCP keeps its exemption: a sustained flood of spoofed UDP
+/// INVITEs from its address (100 a second, for the whole delivery) neither rate-limits nor
+/// evicts its calls, and B still sends the flooder at most 3 times what it received.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partner_over_tcp_is_unaffected_by_a_udp_flood_from_its_address() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let tcp = |s: String| {
+        s.lines()
+            .map(|l| {
+                if l.starts_with("sip = \"sip:mail@") {
+                    l.trim_end_matches('"').to_string() + ";transport=tcp\""
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+            + "\n"
+    };
+    let (a, b) = edited_configs(dir.path(), tcp, |s| s);
+    assert!(a.peers[0].sip.tcp);
+    let sites = TwoSites::start_with(dir.path(), a, b, Hooks::default())
+        .await
+        .unwrap();
+    let a_fpr = hex::decode(
+        Keyring::open(&sites.a_cfg.keyring)
+            .unwrap()
+            .own_fingerprint()
+            .unwrap(),
+    )
+    .unwrap();
+    let sock = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let me = sock.local_addr().unwrap();
+    let bytes_back = Arc::new(AtomicUsize::new(0));
+    let (s, bb) = (sock.clone(), bytes_back.clone());
+    let counter = tokio::spawn(async move {
+        let mut buf = vec![0u8; 65536];
+        while let Ok((n, _)) = s.recv_from(&mut buf).await {
+            bb.fetch_add(n, Ordering::SeqCst);
+        }
+    });
+    let b_sip = sites.b.sip_addr;
+    let (s, stop) = (sock.clone(), Arc::new(tokio::sync::Notify::new()));
+    let stop2 = stop.clone();
+    // At most 1,500 INVITEs, 10 ms apart, until told to stop.
+    let flood = tokio::spawn(async move {
+        let mut sent = 0usize;
+        for n in 0..1500 {
+            let d = spoofed_invite(me, &a_fpr, n);
+            sent += s.send_to(&d, b_sip).await.unwrap();
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+                _ = stop2.notified() => break,
+            }
+        }
+        sent
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    submit(
+        sites.a.smtp_addr,
+        &[sample_message(1, "tcp-flood")],
+        "bob@site-b.test",
+        |_| {},
+    )
+    .await
+    .unwrap();
+    let md = sites.maildir(&sites.b_cfg);
+    let delivered = wait_until(Duration::from_secs(15), || maildir_files(&md).len() == 1).await;
+    stop.notify_one();
+    let bytes_sent = flood.await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    counter.abort();
+    let back = bytes_back.load(Ordering::SeqCst);
+    eprintln!(
+        "delivered within 15 s: {delivered}; B sent {back} bytes to the flooder, who sent {bytes_sent} ({:.2}x)",
+        back as f64 / bytes_sent as f64
+    );
+    assert!(delivered, "the partner's mail over TCP was not delivered during the flood");
+    assert!(back <= 3 * bytes_sent, "B amplified: {back} > 3 x {bytes_sent}");
+    sites.stop().await;
+}
