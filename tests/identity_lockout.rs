@@ -210,7 +210,13 @@ async fn a_partner_over_tcp_is_unaffected_by_a_udp_flood_from_its_address() {
         "delivered within 15 s: {delivered}; B sent {back} bytes to the flooder, who sent {bytes_sent} ({:.2}x)",
         back as f64 / bytes_sent as f64
     );
-    assert!(delivered, "the partner's mail over TCP was not delivered during the flood");
-    assert!(back <= 3 * bytes_sent, "B amplified: {back} > 3 x {bytes_sent}");
+    assert!(
+        delivered,
+        "the partner's mail over TCP was not delivered during the flood"
+    );
+    assert!(
+        back <= 3 * bytes_sent,
+        "B amplified: {back} > 3 x {bytes_sent}"
+    );
     sites.stop().await;
 }
