@@ -306,8 +306,12 @@ trust = "opportunistic"
 "#;
     std::fs::write(d.path().join("a.toml"), cfg).unwrap();
     let store = TrustStore::new(&d.path().join("spool"));
-    store.pin_first_use("site-b.test", "AAAA1111").unwrap();
-    store.set_pending("site-b.test", "BBBB2222").unwrap();
+    let (pinned, pending) = ("AAAA1111".repeat(5), "BBBB2222".repeat(5));
+    store.pin_first_use("site-b.test", &pinned).unwrap();
+    // As the relay records a refused key, once its signature verified.
+    store
+        .record_pending("site-b.test", &pending, "192.0.2.7", 1_700_000_000)
+        .unwrap();
     let o = sipmail(&["trust", "list", "--config", "a.toml"], d.path());
     assert!(o.status.success(), "{}", text(&o));
     let t = text(&o);
@@ -316,20 +320,21 @@ trust = "opportunistic"
         "{t}"
     );
     assert!(t.contains("PENDING") && t.contains("BBBB 2222"), "{t}");
+    assert!(t.contains("192.0.2.7") && t.contains("2023-11-14"), "{t}");
     let o = sipmail(
-        &["trust", "accept", "site-x.test", "-c", "a.toml"],
+        &["trust", "accept", "site-x.test", &pending, "-c", "a.toml"],
         d.path(),
     );
     assert!(!o.status.success());
     assert!(text(&o).contains("not a [[peer]]"), "{}", text(&o));
     let o = sipmail(
-        &["trust", "accept", "site-b.test", "-c", "a.toml"],
+        &["trust", "accept", "site-b.test", &pending, "-c", "a.toml"],
         d.path(),
     );
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("now pinned BBBB 2222"), "{}", text(&o));
     let o = sipmail(
-        &["trust", "accept", "site-b.test", "-c", "a.toml"],
+        &["trust", "accept", "site-b.test", &pending, "-c", "a.toml"],
         d.path(),
     );
     assert!(!o.status.success(), "nothing is pending any more");

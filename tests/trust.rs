@@ -287,10 +287,10 @@ async fn opportunistic_pins_on_first_use_and_refuses_a_changed_key_until_accepte
     assert!(failed.is_some(), "A accepted a changed key");
     assert_refused_and_queued(&sites, 1).await;
     let pending = a_store.list().unwrap();
-    assert_eq!(pending[0].pending.as_deref(), Some(new_fpr.as_str()));
+    assert_eq!(pending[0].pending[0].fingerprint, new_fpr);
 
     // The operator checks the new fingerprint with the partner and accepts it.
-    let (old, new) = a_store.accept_pending("site-b.test").unwrap();
+    let (old, new) = a_store.accept_pending("site-b.test", &new_fpr).unwrap();
     assert_ne!(old.as_deref(), Some(new.as_str()));
     wait_delivered(&sites, 2).await;
     sites.stop().await;

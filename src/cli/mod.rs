@@ -116,12 +116,17 @@ enum TrustCmd {
     /// Each peer's trust policy, pinned key, key waiting for acceptance, and how many
     /// retained secrets are held.
     List,
-    /// Accept the changed key an opportunistic peer presented (and was refused for): it
-    /// becomes the pin. Check its fingerprint with the partner first (`sipmail keys
-    /// fingerprint` on their side), or compare the SAS of the next call by phone.
+    /// Accept one of the keys an opportunistic peer presented and proved (its signature
+    /// verified) but was refused for: a changed key, or a first call from an address that
+    /// is not the peer's. It becomes the pin; the other pending keys are dropped. Check the
+    /// fingerprint with the partner first (`sipmail keys fingerprint` on their side); `trust
+    /// list` shows what is pending.
     Accept {
         /// The peer's domain, e.g. site-b.test.
         domain: String,
+        /// The fingerprint to pin, as the partner read it to you (spaces allowed); it must
+        /// be one of the pending keys.
+        fingerprint: String,
     },
     /// Forget everything about a peer: its pin, a pending key, its retained secrets. The
     /// next call is a first call again (use after a partner lost its cache, when
@@ -309,6 +314,21 @@ async fn wait_for_signal() {
     }
 }
 
+/// Unix seconds as UTC `YYYY-MM-DD HH:MM:SS` ("unknown" for 0).
+fn unix_time(t: u64) -> String {
+    if t == 0 {
+        return "unknown".into();
+    }
+    let (days, secs) = ((t / 86_400) as i64, t % 86_400);
+    let (y, m, d) = sipmail::relay::civil_date(days);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
 fn trust(cfg: &Config, cmd: TrustCmd) -> Result<ExitCode> {
     use sipmail::relay::trust::TrustStore;
     let store = TrustStore::new(&cfg.spool);
@@ -333,19 +353,33 @@ fn trust(cfg: &Config, cmd: TrustCmd) -> Result<ExitCode> {
                     st.and_then(|s| s.pinned.as_deref())
                         .map(format_fingerprint)
                         .unwrap_or_else(|| "-".into()),
-                    st.and_then(|s| s.pending.as_deref())
-                        .map(|f| format!(
-                            "  PENDING (refused, run `sipmail trust accept {}`): {}",
-                            p.domain,
-                            format_fingerprint(f)
-                        ))
-                        .unwrap_or_default(),
+                    if st.is_some_and(|s| !s.pending.is_empty()) {
+                        format!(
+                            "\n  PENDING (refused; after checking with the partner: `sipmail trust accept {} FINGERPRINT`):",
+                            p.domain
+                        )
+                    } else {
+                        String::new()
+                    },
                 );
+                for k in st.map(|s| s.pending.as_slice()).unwrap_or_default() {
+                    println!(
+                        "    {}  seen {} time(s), first {}, last {}, from {}",
+                        format_fingerprint(&k.fingerprint),
+                        k.count,
+                        unix_time(k.first_seen),
+                        unix_time(k.last_seen),
+                        k.from
+                    );
+                }
             }
         }
-        TrustCmd::Accept { domain } => {
+        TrustCmd::Accept {
+            domain,
+            fingerprint,
+        } => {
             let d = known(&domain)?;
-            let (old, new) = store.accept_pending(&d)?;
+            let (old, new) = store.accept_pending(&d, &fingerprint)?;
             println!(
                 "{d}: now pinned {} (was {}); its retained secrets were forgotten",
                 format_fingerprint(&new),

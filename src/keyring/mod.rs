@@ -841,6 +841,34 @@ fn read_binding(certs_dir: &Path, fpr: &str) -> Result<Option<String>, KeyringEr
 /// peer presented (opportunistic trust: no certificate, no user ID, no keyring). The
 /// packet's fingerprint must be `fingerprint` (hex); the signature gets the same checks as
 /// in [`Keyring::verify_detached`] (type, policy, creation time, digest prefix).
+/// The fingerprint (upper-case hex) of a presented public key packet that can sign: the
+/// cheap check, before any state is touched, that an opportunistic peer presented a key
+/// at all and that it is the one it announced.
+pub fn key_packet_fingerprint(packet: &[u8]) -> Result<String, KeyringError> {
+    let bad = |reason: String| KeyringError::BadSignature {
+        fingerprint: "-".into(),
+        reason,
+    };
+    if packet.is_empty() {
+        return Err(bad("no key presented (a=sipmail-pubkey)".into()));
+    }
+    let key: Key<PublicParts, UnspecifiedRole> = match Packet::from_bytes(packet) {
+        Ok(Packet::PublicKey(k)) => k.role_into_unspecified(),
+        Ok(Packet::PublicSubkey(k)) => k.role_into_unspecified(),
+        Ok(p) => {
+            return Err(bad(format!(
+                "presented a {} packet, not a public key",
+                p.tag()
+            )));
+        }
+        Err(e) => return Err(bad(format!("the presented key does not parse: {e:#}"))),
+    };
+    if !key.pk_algo().for_signing() {
+        return Err(bad(format!("{} cannot sign", key.pk_algo())));
+    }
+    Ok(fpr_hex(&key.fingerprint()))
+}
+
 pub fn verify_with_key_packet(
     packet: &[u8],
     fingerprint: &str,

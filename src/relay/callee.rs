@@ -2,7 +2,7 @@
 //! check the ACK's confirm, accept the media connection and serve SMTP through it.
 
 use super::inbound::{Origin, SpoolBackend};
-use super::trust::PinCheck;
+use super::trust::{self, HoldReason, OpportunisticDecision};
 use super::{PendingGuard, RelayEvent, Shared};
 use crate::config::ContinuityPolicy;
 use crate::handshake::{
@@ -35,10 +35,6 @@ enum Refusal {
         offered: AuthMode,
         required: AuthMode,
     },
-    #[error(
-        "the key of mail@{domain} changed since first use; refused until the operator accepts it"
-    )]
-    PinChanged { domain: String },
     #[error("key continuity with mail@{domain} is broken ({continuity}); refused by policy")]
     Continuity {
         domain: String,
@@ -50,7 +46,7 @@ impl Refusal {
     fn status(&self) -> (u16, &'static str) {
         match self {
             Refusal::PolicyMismatch { .. } => (488, "Not Acceptable Here"),
-            Refusal::PinChanged { .. } | Refusal::Continuity { .. } => (403, "Forbidden"),
+            Refusal::Continuity { .. } => (403, "Forbidden"),
         }
     }
 }
@@ -112,7 +108,24 @@ pub(crate) async fn handle_invite(shared: Arc<Shared>, inc: Incoming, pending: P
 }
 
 /// Returns Err with a reason for the log on any failure (the SIP answer has been sent).
-async fn answer(shared: &Arc<Shared>, inc: Incoming, pending: PendingGuard) -> Result<(), String> {
+/// What the caller of a held opportunistic call is told (in a `554` greeting through the
+/// call, after its key proved itself), and what our log says.
+fn held_message(domain: &str, fpr: &str, why: &HoldReason) -> String {
+    match why {
+        HoldReason::Changed { .. } => format!(
+            "the key of mail@{domain} changed since first use; refused until the operator runs `sipmail trust accept {domain} {fpr}`"
+        ),
+        HoldReason::FirstUseFromElsewhere => format!(
+            "first call from mail@{domain}, from an address that is not its configured one: its key is not pinned; refused until the operator runs `sipmail trust accept {domain} {fpr}`"
+        ),
+    }
+}
+
+async fn answer(
+    shared: &Arc<Shared>,
+    inc: Incoming,
+    mut pending: PendingGuard,
+) -> Result<(), String> {
     let req = &inc.request;
     let call_id = req.headers.call_id().unwrap_or_default().to_string();
     let from = req.headers.from().map_err(|e| e.to_string());
@@ -221,6 +234,8 @@ async fn answer(shared: &Arc<Shared>, inc: Incoming, pending: PendingGuard) -> R
     let peer_fpr = hex::encode_upper(&offer.fingerprint);
     // One keyring for the whole call, even if it is reloaded meanwhile.
     let ks = shared.keys();
+    // Opportunistic: why this call is refused once its key has proved itself.
+    let mut hold: Option<HoldReason> = None;
     match mode {
         // The caller's key must be in our keyring for that domain.
         AuthMode::Signed => {
@@ -236,25 +251,37 @@ async fn answer(shared: &Arc<Shared>, inc: Incoming, pending: PendingGuard) -> R
                 return Err(format!("peer {peer_domain} key {peer_fpr}: {e}"));
             }
         }
-        // The key it presents must be the one pinned on first use.
+        // The key it presents must be the one pinned on first use. Nothing is written to
+        // the trust state here: an INVITE proves nothing. A key that is not the pin (or a
+        // first use from an address that is not the peer's) is held: the handshake goes on
+        // only so that the key's signature on the confirm can be verified, and then it is
+        // recorded as pending and the call refused.
         AuthMode::Opportunistic => {
+            let presented = crate::keyring::key_packet_fingerprint(&offer.key_packet);
+            if presented.as_deref().ok() != Some(peer_fpr.as_str()) {
+                let why = match presented {
+                    Ok(f) => format!("the presented key is {f}, not the announced fingerprint"),
+                    Err(e) => e.to_string(),
+                };
+                let _ = inc
+                    .respond(reject(
+                        &inc,
+                        403,
+                        "Forbidden",
+                        "an opportunistic peer must present the key it announces (a=sipmail-pubkey)",
+                    ))
+                    .await;
+                return Err(format!("peer {peer_domain} key {peer_fpr}: {why}"));
+            }
             let checked = shared.trust.check_pin(&peer_domain, &peer_fpr);
             match checked {
-                Ok(PinCheck::FirstUse | PinCheck::Same) => {}
-                Ok(PinCheck::Changed { pinned }) => {
-                    if let Err(e) = shared.trust.set_pending(&peer_domain, &peer_fpr) {
-                        tracing::warn!(peer = %peer_domain, error = %e, "cannot record the changed key");
+                Ok(pin) => {
+                    let from_peer = shared.is_peer_address(&peer_domain, inc.source.ip());
+                    if let OpportunisticDecision::Hold(r) =
+                        trust::opportunistic_decision(pin, false, from_peer)
+                    {
+                        hold = Some(r);
                     }
-                    let msg = refuse(
-                        &inc,
-                        Refusal::PinChanged {
-                            domain: peer_domain.clone(),
-                        },
-                    )
-                    .await;
-                    return Err(format!(
-                        "{msg} (pinned {pinned}, presented {peer_fpr}; accept with `sipmail trust accept {peer_domain}`)"
-                    ));
                 }
                 Err(e) => {
                     let _ = inc
@@ -387,8 +414,10 @@ async fn answer(shared: &Arc<Shared>, inc: Incoming, pending: PendingGuard) -> R
         .await
         .map_err(|e| format!("sending 200 OK: {e}"))?;
 
-    // Wait for the ACK and check the caller's half.
-    let ack = tokio::time::timeout(ACK_WAIT, async {
+    // Wait for the ACK and check the caller's half. A call evicted meanwhile (its source
+    // sent newer calls than it has room for) ends here: its transaction stops, its media
+    // port closes.
+    let ack_wait = tokio::time::timeout(ACK_WAIT, async {
         loop {
             match rx.recv().await {
                 Some(i) if i.request.method == Method::Ack => return Some(i),
@@ -406,8 +435,19 @@ async fn answer(shared: &Arc<Shared>, inc: Incoming, pending: PendingGuard) -> R
                 None => return None,
             }
         }
-    })
-    .await;
+    });
+    let ack = tokio::select! {
+        a = ack_wait => a,
+        _ = pending.evicted() => {
+            inc.end_transaction();
+            return Err("evicted before its ACK: its source placed newer calls than it has room for".into());
+        }
+        // Shutdown does not wait up to 32 s for an ACK that may never come.
+        _ = shared.shutdown.wait() => {
+            inc.end_transaction();
+            return Err("shutting down before the ACK".into());
+        }
+    };
     // The call is no longer pending once ACKed (or given up).
     drop(pending);
     let ack = match ack {
@@ -462,6 +502,36 @@ async fn answer(shared: &Arc<Shared>, inc: Incoming, pending: PendingGuard) -> R
         send_bye(shared, &inc, &ctx, "no media connection").await;
         return Err("the caller never opened an authenticated media connection".into());
     };
+    // A held opportunistic call: its key has now proved itself (the confirm's signature
+    // verified, and the media stream shows the caller holds the call's keys). Keep it for
+    // the operator, tell the caller why through the call, and hang up. Nothing is pinned,
+    // no retained secret kept, no mail taken.
+    if let Some(why) = &hold {
+        shared
+            .record_pending(&peer_domain, &peer_fpr, inc.source.ip())
+            .await;
+        let msg = held_message(&peer_domain, &peer_fpr, why);
+        use tokio::io::AsyncWriteExt;
+        let greeting = format!("554 5.7.0 {}\r\n", msg.replace(['\r', '\n'], " "));
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            stream.write_all(greeting.as_bytes()).await?;
+            stream.shutdown().await
+        })
+        .await;
+        send_bye(shared, &inc, &ctx, &msg).await;
+        shared.event(RelayEvent::CallFailed {
+            peer: peer_domain.clone(),
+            reason: msg.clone(),
+        });
+        let pinned = match why {
+            HoldReason::Changed { pinned } => pinned.as_str(),
+            HoldReason::FirstUseFromElsewhere => "nothing",
+        };
+        return Err(format!(
+            "{msg} (pinned {pinned}, presented {peer_fpr}, from {})",
+            inc.source
+        ));
+    }
     let sigs = crate::audit::CallSignatures {
         transcript: &done.transcript,
         answer_signature: &answer.signature,

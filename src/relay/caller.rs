@@ -3,7 +3,7 @@
 //! messages, and hangs up with BYE when idle.
 
 use super::scheduler::{Jobs, Outcome, next_job};
-use super::trust::PinCheck;
+use super::trust::{HoldReason, OpportunisticDecision};
 use super::{RelayEvent, Shared};
 use crate::config::{ContinuityPolicy, Peer};
 use crate::handshake::{AuthMode, CallContext, CallerAwaitAnswer, Continuity, HandshakeError};
@@ -48,7 +48,7 @@ pub(crate) enum CallError {
     Smtp(#[from] ClientError),
     #[error(
         "the key of mail@{domain} changed since first use (pinned {pinned}, presented {presented}); \
-         refused until an operator runs `sipmail trust accept {domain}`"
+         refused until an operator runs `sipmail trust accept {domain} {presented}`"
     )]
     PinChanged {
         domain: String,
@@ -235,13 +235,16 @@ async fn place_call(shared: &Arc<Shared>, peer: &Peer) -> Result<ActiveCall, Cal
     let checked = sdp::decode_answer(&resp.body)
         .map_err(CallError::from)
         .and_then(|(answer, media)| {
-            if mode == AuthMode::Opportunistic {
-                check_pin(shared, peer, &answer.fingerprint)?;
-            }
+            // The answer's signature is verified first (with the key the callee presents,
+            // opportunistic): only a key that proved itself is compared with the pin, and
+            // only such a key is ever recorded as pending.
             let done = {
                 let (signer, verifier) = ks.auth_for(peer, &answer.key_packet);
                 caller.on_answer(&ctx, &answer, verifier.as_ref(), signer.as_ref())?
             };
+            if mode == AuthMode::Opportunistic {
+                check_pin(shared, peer, &answer.fingerprint)?;
+            }
             let continuity = done.keys.continuity;
             if continuity.is_problem() {
                 tracing::warn!(%call_id, peer = %peer.domain, %continuity,
@@ -264,6 +267,11 @@ async fn place_call(shared: &Arc<Shared>, peer: &Peer) -> Result<ActiveCall, Cal
             let ack = in_dialog_request(&dialog, Method::Ack, 1);
             let _ = shared.endpoint.send_ack(ack, target, transport).await;
             bye_in_background(shared, &dialog, &e.to_string());
+            if let CallError::PinChanged { presented, .. } = &e {
+                shared
+                    .record_pending(&peer.domain, presented, target.ip())
+                    .await;
+            }
             return Err(e);
         }
     };
@@ -318,20 +326,20 @@ async fn place_call(shared: &Arc<Shared>, peer: &Peer) -> Result<ActiveCall, Cal
     Ok(ActiveCall { dialog, client })
 }
 
-/// Opportunistic peers: the key the callee presents must be the one pinned on first use.
-/// A different one is refused and kept as pending for `sipmail trust accept`.
+/// Opportunistic peers: the key the callee presents (already verified) must be the one
+/// pinned on first use. We placed the call, to the peer's configured address, so a first
+/// use may pin. A different key is refused (and the caller keeps it as pending).
 fn check_pin(shared: &Shared, peer: &Peer, fingerprint: &[u8]) -> Result<(), CallError> {
     let presented = hex::encode_upper(fingerprint);
-    match shared.trust.check_pin(&peer.domain, &presented)? {
-        PinCheck::FirstUse | PinCheck::Same => Ok(()),
-        PinCheck::Changed { pinned } => {
-            shared.trust.set_pending(&peer.domain, &presented)?;
-            Err(CallError::PinChanged {
-                domain: peer.domain.clone(),
-                pinned,
-                presented,
-            })
-        }
+    let pin = shared.trust.check_pin(&peer.domain, &presented)?;
+    match super::trust::opportunistic_decision(pin, true, false) {
+        OpportunisticDecision::Proceed => Ok(()),
+        OpportunisticDecision::Hold(HoldReason::FirstUseFromElsewhere) => Ok(()),
+        OpportunisticDecision::Hold(HoldReason::Changed { pinned }) => Err(CallError::PinChanged {
+            domain: peer.domain.clone(),
+            pinned,
+            presented,
+        }),
     }
 }
 

@@ -29,6 +29,11 @@ use tokio::sync::{broadcast, mpsc, watch};
 pub use scheduler::QueueSnapshot;
 pub(crate) use trace::civil_from_days;
 
+/// (year, month, day) of a day count since 1970-01-01 (for the CLI's dates).
+pub fn civil_date(days: i64) -> (i64, u32, u32) {
+    civil_from_days(days)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
     #[error(transparent)]
@@ -211,8 +216,9 @@ pub(crate) struct Shared {
     pub sip_addr: SocketAddr,
     pub queue: scheduler::Queue,
     pub dialogs: Mutex<HashMap<String, mpsc::Sender<Incoming>>>,
-    /// Incoming calls not yet ACKed, per source and in total.
-    pub pending: Mutex<PendingCalls>,
+    /// Incoming calls not yet ACKed, per source and in total, and how to end each one
+    /// if it is evicted to make room.
+    pub pending: Mutex<PendingTable>,
     pub shutdown: Shutdown,
     pub events: broadcast::Sender<RelayEvent>,
     pub hooks: Hooks,
@@ -222,6 +228,10 @@ pub(crate) struct Shared {
     /// Per peer, the gate that makes our call set-ups to it run one at a time, holding the
     /// last failure (see `caller::place_call_in_turn`).
     pub call_setup: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<caller::SetupFailure>>>>>,
+    /// Rate limit, per peer, on writing keys the peer presented but we refused (pending).
+    pub trust_writes: Mutex<trust::WriteLimiter>,
+    /// Each peer's configured addresses (see `peer_addresses`).
+    pub peer_addrs: HashMap<String, Vec<IpAddr>>,
 }
 
 impl Shared {
@@ -362,6 +372,47 @@ impl Shared {
             trust: mode.to_string(),
             continuity: keys.continuity.to_string(),
         });
+    }
+
+    /// Is `ip` one of `domain`'s configured addresses?
+    pub fn is_peer_address(&self, domain: &str, ip: IpAddr) -> bool {
+        let ip = canonical_ip(ip);
+        self.peer_addrs.get(domain).is_some_and(|v| v.contains(&ip))
+    }
+
+    /// Keep a key that `domain` presented, whose signature verified, but that we refused
+    /// (changed, or first use from elsewhere), for `sipmail trust accept`. Rate-limited per
+    /// peer; the write (two fsyncs) runs on the blocking pool.
+    pub async fn record_pending(&self, domain: &str, fingerprint: &str, from: IpAddr) {
+        let allowed = self
+            .trust_writes
+            .lock()
+            .map(|mut l| l.allow(domain, std::time::Instant::now()))
+            .unwrap_or(false);
+        if !allowed {
+            tracing::warn!(peer = %domain, presented = %fingerprint, %from,
+                "refused key not recorded as pending: too many trust-state writes for this peer (rate limit)");
+            return;
+        }
+        let (trust, d, f) = (
+            self.trust.clone(),
+            domain.to_string(),
+            fingerprint.to_string(),
+        );
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let from_s = canonical_ip(from).to_string();
+        let r =
+            tokio::task::spawn_blocking(move || trust.record_pending(&d, &f, &from_s, now)).await;
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(peer = %domain, error = %e, "cannot record the refused key")
+            }
+            Err(e) => tracing::warn!(peer = %domain, error = %e, "cannot record the refused key"),
+        }
     }
 
     /// Our retained secrets for `domain`; a corrupt file is logged and treated as none.
@@ -600,7 +651,10 @@ pub async fn start(cfg: Config, shutdown: Shutdown, hooks: Hooks) -> Result<Runn
             cfg.file, cfg.smtp_listen
         )))?;
     let smtp_addr = smtp.local_addr().map_err(io_err("smtp socket"))?;
-    let trusted = peer_addresses(&cfg).await;
+    let peer_addrs = peer_addresses(&cfg).await;
+    let mut trusted: Vec<IpAddr> = peer_addrs.values().flatten().copied().collect();
+    trusted.sort();
+    trusted.dedup();
     let limits = &cfg.sip_limits;
     let ep_cfg = EndpointConfig {
         max_message: limits.max_message_size,
@@ -613,8 +667,11 @@ pub async fn start(cfg: Config, shutdown: Shutdown, hooks: Hooks) -> Result<Runn
         trusted: trusted.clone(),
         ..EndpointConfig::default()
     };
-    let pending = PendingCalls::new(limits.max_pending_per_source, limits.max_pending_total)
-        .with_exempt(trusted.iter().copied());
+    let pending = PendingTable {
+        calls: PendingCalls::new(limits.max_pending_per_source, limits.max_pending_total)
+            .with_exempt(trusted.iter().copied()),
+        evict: HashMap::new(),
+    };
     let (endpoint, incoming) = Endpoint::bind(cfg.sip_listen, ep_cfg)
         .await
         .map_err(io_err(format!(
@@ -637,6 +694,8 @@ pub async fn start(cfg: Config, shutdown: Shutdown, hooks: Hooks) -> Result<Runn
         events: broadcast::channel(1024).0,
         hooks,
         trust: Arc::new(trust::TrustStore::new(&cfg_spool)),
+        trust_writes: Mutex::new(trust::WriteLimiter::default()),
+        peer_addrs,
         call_setup: Mutex::new(HashMap::new()),
     });
     tracing::info!(
@@ -705,38 +764,80 @@ const KNOWN_METHODS: &[&str] = &[
     "PUBLISH",
 ];
 
-/// The IP addresses of the configured peers: they are exempt from the INVITE rate
-/// limit and the totals, so a flood from elsewhere does not lock them out. Host names are
-/// resolved once, at start.
-async fn peer_addresses(cfg: &Config) -> Vec<IpAddr> {
-    let mut out = Vec::new();
+/// The IP addresses of each configured peer (the host of its `sip` URI). Over TCP they
+/// are exempt from the INVITE rate limit and the totals, so a flood from elsewhere does
+/// not lock them out; and an opportunistic peer's key is pinned on first use only from
+/// one of them (or when we placed the call). Host names are resolved once, at start.
+async fn peer_addresses(cfg: &Config) -> HashMap<String, Vec<IpAddr>> {
+    let mut out = HashMap::new();
     for p in &cfg.peers {
-        if let Ok(ip) = p.sip.host.parse::<IpAddr>() {
-            out.push(ip);
-            continue;
-        }
-        match tokio::net::lookup_host((p.sip.host.as_str(), p.sip.port)).await {
-            Ok(addrs) => out.extend(addrs.map(|a| a.ip())),
-            Err(e) => {
-                tracing::warn!(peer = %p.domain, host = %p.sip.host, error = %e, "cannot resolve peer; it gets no exemption from the SIP limits")
+        let mut ips: Vec<IpAddr> = Vec::new();
+        if let Ok(ip) = p
+            .sip
+            .host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+        {
+            ips.push(ip);
+        } else {
+            match tokio::net::lookup_host((p.sip.host.as_str(), p.sip.port)).await {
+                Ok(addrs) => ips.extend(addrs.map(|a| a.ip())),
+                Err(e) => {
+                    tracing::warn!(peer = %p.domain, host = %p.sip.host, error = %e, "cannot resolve peer; it gets no exemption from the SIP limits, and (opportunistic) is pinned only by a call we place")
+                }
             }
         }
+        let ips: Vec<IpAddr> = ips.into_iter().map(canonical_ip).collect();
+        out.entry(p.domain.clone())
+            .or_insert_with(Vec::new)
+            .extend(ips);
     }
-    out.sort();
-    out.dedup();
     out
+}
+
+/// IPv4-mapped IPv6 addresses count as their IPv4 address.
+pub(crate) fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}
+
+/// The pending calls and, per call, the sender that tells its task it was evicted.
+pub(crate) struct PendingTable {
+    pub calls: PendingCalls,
+    pub evict: HashMap<crate::sip::limits::CallId, tokio::sync::oneshot::Sender<()>>,
 }
 
 /// Holds one pending-call slot; frees it when dropped.
 pub(crate) struct PendingGuard {
     shared: Arc<Shared>,
-    ip: IpAddr,
+    id: crate::sip::limits::CallId,
+    evicted: Option<tokio::sync::oneshot::Receiver<()>>,
+}
+
+impl PendingGuard {
+    /// Resolves when this call was evicted to make room for newer ones (never, once the
+    /// call is no longer pending).
+    pub async fn evicted(&mut self) {
+        match self.evicted.as_mut() {
+            Some(rx) => {
+                if rx.await.is_err() {
+                    // The sender was dropped without a send: not evicted.
+                    std::future::pending::<()>().await
+                }
+            }
+            None => std::future::pending::<()>().await,
+        }
+    }
 }
 
 impl Drop for PendingGuard {
     fn drop(&mut self) {
         if let Ok(mut p) = self.shared.pending.lock() {
-            p.finish(self.ip);
+            p.calls.finish(self.id);
+            p.evict.remove(&self.id);
         }
     }
 }
@@ -827,28 +928,35 @@ async fn sip_loop(shared: Arc<Shared>, mut incoming: mpsc::Receiver<Incoming>) {
                 let _ = inc.respond(r).await;
             }
             Method::Invite if !in_dialog => {
-                let ip = inc.source.ip();
-                let started = shared
-                    .pending
-                    .lock()
-                    .map_err(|_| None)
-                    .and_then(|mut p| p.try_start(ip).map_err(Some));
-                match started {
-                    Ok(()) => {
-                        let guard = PendingGuard {
-                            shared: shared.clone(),
-                            ip,
-                        };
-                        calls.spawn(callee::handle_invite(shared.clone(), inc, guard));
-                    }
-                    Err(why) => {
-                        let why = why.map_or("overloaded".to_string(), |w| w.to_string());
-                        tracing::warn!(source = %inc.source, %call_id, reason = %why, "incoming call refused: 503");
-                        let mut r = warn_response(&inc.request, 503, "Service Unavailable", &why);
-                        r.headers.push("Retry-After", "5");
-                        let _ = inc.respond(r).await;
-                    }
+                // Never refused for lack of room: the oldest un-ACKed call from the same
+                // source (or, with the table full, from anywhere) is evicted instead, so
+                // spoofed INVITEs cannot hold a partner's slots (issue 11).
+                let verified = inc.transport == crate::sip::Transport::Tcp;
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let admitted = shared.pending.lock().ok().map(|mut p| {
+                    let a = p
+                        .calls
+                        .start(inc.source.ip(), verified, std::time::Instant::now());
+                    p.evict.insert(a.id, tx);
+                    let evicted = a.evict.and_then(|e| p.evict.remove(&e.id).map(|s| (e, s)));
+                    (a.id, evicted)
+                });
+                let Some((id, evicted)) = admitted else {
+                    let r = warn_response(&inc.request, 503, "Service Unavailable", "overloaded");
+                    let _ = inc.respond(r).await;
+                    continue;
+                };
+                if let Some((e, stop)) = evicted {
+                    tracing::warn!(source = %inc.source, per_source = e.per_source,
+                        "pending calls full: the oldest un-ACKed call is dropped to make room");
+                    let _ = stop.send(());
                 }
+                let guard = PendingGuard {
+                    shared: shared.clone(),
+                    id,
+                    evicted: Some(rx),
+                };
+                calls.spawn(callee::handle_invite(shared.clone(), inc, guard));
             }
             Method::Options => {
                 let mut r = Response::for_request(&inc.request, 200, "OK");

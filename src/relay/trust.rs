@@ -5,7 +5,11 @@
 //! |---|---|---|
 //! | `<domain>.retained` | up to 4 retained secrets, hex, newest first | 0600 |
 //! | `<domain>.pin` | the pinned signing-key fingerprint of an opportunistic peer | 0600 |
-//! | `<domain>.pin-pending` | a different key the peer presented, refused, for `sipmail trust accept` | 0600 |
+//! | `<domain>.pin-pending` | keys the peer presented and proved (their signature verified) but that were refused, for `sipmail trust accept`: one line each, `FINGERPRINT FIRST-SEEN LAST-SEEN COUNT FROM` (Unix seconds, source address), at most 8 | 0600 |
+//!
+//! Nothing here is written for a key that did not prove itself: a pending key is recorded
+//! only after the call's signature by that key verified, and those writes are
+//! rate-limited per peer ([`WriteLimiter`]).
 //!
 //! Every write goes to a temporary file that is fsynced, renamed over the old one, and the
 //! folder fsynced, so a crash leaves the old state or the new, never half of one. The
@@ -34,6 +38,166 @@ pub enum TrustError {
     BadDomain(String),
     #[error("no changed key is waiting for acceptance for {0}")]
     NothingPending(String),
+    #[error(
+        "{fingerprint} is not pending for {domain}; pending: {}. Check the fingerprint with the partner (`sipmail keys fingerprint` on their side), then run `sipmail trust accept {domain} FINGERPRINT` with one of these (`sipmail trust list` shows when and from where each was seen)",
+        pending.join("; ")
+    )]
+    NotPending {
+        domain: String,
+        fingerprint: String,
+        pending: Vec<String>,
+    },
+    #[error("\"{0}\" is not a key fingerprint (40 or 64 hex digits, spaces allowed)")]
+    BadFingerprint(String),
+}
+
+/// At most this many pending keys per peer; a new one then replaces the one seen least
+/// recently (a partner's retried calls keep its own key fresh).
+pub const MAX_PENDING: usize = 8;
+
+/// A key a peer presented and proved, but that was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingKey {
+    pub fingerprint: String,
+    /// Unix seconds (0: not known, from an older file).
+    pub first_seen: u64,
+    pub last_seen: u64,
+    pub count: u64,
+    /// The source address of the last call that presented it ("-": not known).
+    pub from: String,
+}
+
+impl PendingKey {
+    fn parse(line: &str) -> Option<PendingKey> {
+        let mut f = line.split_whitespace();
+        let fingerprint = normalize_fingerprint(f.next()?).ok()?;
+        let num = |v: Option<&str>| v.and_then(|x| x.parse::<u64>().ok());
+        let first_seen = num(f.next()).unwrap_or(0);
+        let last_seen = num(f.next()).unwrap_or(first_seen);
+        let count = num(f.next()).unwrap_or(1);
+        let from = f.next().unwrap_or("-").to_string();
+        Some(PendingKey {
+            fingerprint,
+            first_seen,
+            last_seen,
+            count,
+            from,
+        })
+    }
+}
+
+/// Upper-case hex without spaces; 40 (v4) or 64 (v6) digits.
+pub fn normalize_fingerprint(f: &str) -> Result<String, TrustError> {
+    let hex: String = f.chars().filter(|c| !c.is_whitespace()).collect();
+    if (hex.len() == 40 || hex.len() == 64) && hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        Ok(hex.to_ascii_uppercase())
+    } else {
+        Err(TrustError::BadFingerprint(f.to_string()))
+    }
+}
+
+/// Merge a presented key into a pending set (pure): a known key gets its last-seen time,
+/// count and address updated; a new one is added, replacing the least recently seen one
+/// when the set holds [`MAX_PENDING`].
+pub fn merge_pending(set: &mut Vec<PendingKey>, fingerprint: &str, from: &str, now: u64) {
+    if let Some(k) = set.iter_mut().find(|k| k.fingerprint == fingerprint) {
+        k.last_seen = now;
+        k.count = k.count.saturating_add(1);
+        k.from = from.to_string();
+        return;
+    }
+    if set.len() >= MAX_PENDING
+        && let Some(i) = set
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, k)| k.last_seen)
+            .map(|(i, _)| i)
+    {
+        set.remove(i);
+    }
+    set.push(PendingKey {
+        fingerprint: fingerprint.to_string(),
+        first_seen: now,
+        last_seen: now,
+        count: 1,
+        from: from.to_string(),
+    });
+}
+
+/// Per peer, how often a refused key may be written to `<domain>.pin-pending`: a burst of
+/// 4, then one a minute. Pure: the caller passes `now`. Only configured peers' domains
+/// reach it, and the table is bounded anyway.
+#[derive(Debug)]
+pub struct WriteLimiter {
+    buckets: std::collections::HashMap<String, crate::sip::limits::TokenBucket>,
+    rate: f64,
+    burst: f64,
+}
+
+impl Default for WriteLimiter {
+    fn default() -> Self {
+        WriteLimiter::new(1.0 / 60.0, 4.0)
+    }
+}
+
+impl WriteLimiter {
+    pub fn new(rate_per_second: f64, burst: f64) -> WriteLimiter {
+        WriteLimiter {
+            buckets: std::collections::HashMap::new(),
+            rate: rate_per_second,
+            burst,
+        }
+    }
+
+    /// May `domain`'s trust state be written at `now`?
+    pub fn allow(&mut self, domain: &str, now: std::time::Instant) -> bool {
+        if !self.buckets.contains_key(domain) && self.buckets.len() >= 4096 {
+            self.buckets.retain(|_, b| !b.is_full(now));
+            if self.buckets.len() >= 4096 {
+                return false;
+            }
+        }
+        let (rate, burst) = (self.rate, self.burst);
+        self.buckets
+            .entry(domain.to_string())
+            .or_insert_with(|| crate::sip::limits::TokenBucket::new(now, rate, burst))
+            .try_take(now)
+    }
+}
+
+/// What to do with an opportunistic peer's call, once its presented key is known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpportunisticDecision {
+    /// The pinned key, or first use where first use may pin: go on (a first use is pinned
+    /// once the call is established).
+    Proceed,
+    /// Complete the handshake only to verify the key's signature, then record the key as
+    /// pending and refuse the call.
+    Hold(HoldReason),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HoldReason {
+    /// Another key is pinned.
+    Changed { pinned: String },
+    /// Nothing pinned, and the call came from an address that is not the peer's.
+    FirstUseFromElsewhere,
+}
+
+/// Pure: the pin check's result and where the call comes from decide. `placed_by_us`: we
+/// called the peer's configured address; `from_peer_address`: an incoming call from one
+/// of the addresses of the peer's `sip` URI.
+pub fn opportunistic_decision(
+    pin: PinCheck,
+    placed_by_us: bool,
+    from_peer_address: bool,
+) -> OpportunisticDecision {
+    match pin {
+        PinCheck::Same => OpportunisticDecision::Proceed,
+        PinCheck::FirstUse if placed_by_us || from_peer_address => OpportunisticDecision::Proceed,
+        PinCheck::FirstUse => OpportunisticDecision::Hold(HoldReason::FirstUseFromElsewhere),
+        PinCheck::Changed { pinned } => OpportunisticDecision::Hold(HoldReason::Changed { pinned }),
+    }
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrustError + '_ {
@@ -60,7 +224,8 @@ pub struct PeerState {
     pub domain: String,
     pub retained: usize,
     pub pinned: Option<String>,
-    pub pending: Option<String>,
+    /// Refused keys waiting for an operator, least recently seen first.
+    pub pending: Vec<PendingKey>,
 }
 
 /// The `state/` folder of a spool.
@@ -237,24 +402,76 @@ impl TrustStore {
         Ok(true)
     }
 
-    /// Record a changed key that was refused, for an operator to accept.
-    pub fn set_pending(&self, domain: &str, fingerprint: &str) -> Result<(), TrustError> {
+    /// The keys waiting for acceptance for `domain`.
+    pub fn pending(&self, domain: &str) -> Result<Vec<PendingKey>, TrustError> {
         let path = self.path(domain, "pin-pending")?;
-        self.write_atomic(
-            &path,
-            format!("{}\n", fingerprint.to_uppercase()).as_bytes(),
-        )
+        match fs::read_to_string(&path) {
+            Ok(s) => Ok(s.lines().filter_map(PendingKey::parse).collect()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(io(&path)(e)),
+        }
     }
 
-    /// `sipmail trust accept`: the refused key becomes the pin. The retained secrets are
-    /// forgotten too: they belong to the old key's calls. Returns (old pin, new pin).
-    pub fn accept_pending(&self, domain: &str) -> Result<(Option<String>, String), TrustError> {
+    /// Keep a key that `domain` presented and proved but that was refused, for an operator
+    /// to accept: every such key is kept (up to [`MAX_PENDING`]), with when it was first
+    /// and last seen, how often, and from where. Only ever call this after the key's
+    /// signature verified, and through a rate limit ([`WriteLimiter`]).
+    pub fn record_pending(
+        &self,
+        domain: &str,
+        fingerprint: &str,
+        from: &str,
+        now_unix: u64,
+    ) -> Result<(), TrustError> {
         let _g = self.lock_for(domain);
+        let fingerprint = normalize_fingerprint(fingerprint)?;
+        let path = self.path(domain, "pin-pending")?;
+        let mut set = self.pending(domain).unwrap_or_default();
+        merge_pending(&mut set, &fingerprint, from, now_unix);
+        let mut text = String::new();
+        for k in &set {
+            text.push_str(&format!(
+                "{} {} {} {} {}\n",
+                k.fingerprint,
+                k.first_seen,
+                k.last_seen,
+                k.count,
+                k.from.replace(char::is_whitespace, "")
+            ));
+        }
+        self.write_atomic(&path, text.as_bytes())
+    }
+
+    /// `sipmail trust accept DOMAIN FINGERPRINT`: the named key, which must be pending,
+    /// becomes the pin, and the other pending keys are dropped (the operator chose). The
+    /// retained secrets are forgotten too: they belong to the old key's calls. Returns
+    /// (old pin, new pin).
+    pub fn accept_pending(
+        &self,
+        domain: &str,
+        fingerprint: &str,
+    ) -> Result<(Option<String>, String), TrustError> {
+        let _g = self.lock_for(domain);
+        let want = normalize_fingerprint(fingerprint)?;
         let pending_path = self.path(domain, "pin-pending")?;
-        let new = self
-            .read_line(&pending_path)?
-            .filter(|l| !l.is_empty())
-            .ok_or_else(|| TrustError::NothingPending(domain.to_string()))?;
+        let pending = self.pending(domain)?;
+        if pending.is_empty() {
+            return Err(TrustError::NothingPending(domain.to_string()));
+        }
+        let Some(new) = pending
+            .iter()
+            .find(|k| k.fingerprint == want)
+            .map(|k| k.fingerprint.clone())
+        else {
+            return Err(TrustError::NotPending {
+                domain: domain.to_string(),
+                fingerprint: want,
+                pending: pending
+                    .iter()
+                    .map(|k| crate::keyring::format_fingerprint(&k.fingerprint))
+                    .collect(),
+            });
+        };
         let pin_path = self.path(domain, "pin")?;
         let old = self.read_line(&pin_path)?;
         self.write_atomic(&pin_path, format!("{new}\n").as_bytes())?;
@@ -298,7 +515,7 @@ impl TrustStore {
                 Ok(PeerState {
                     retained: self.retained(&d).map(|v| v.len()).unwrap_or(0),
                     pinned: self.read_line(&self.path(&d, "pin")?)?,
-                    pending: self.read_line(&self.path(&d, "pin-pending")?)?,
+                    pending: self.pending(&d)?,
                     domain: d,
                 })
             })
@@ -340,41 +557,131 @@ mod tests {
     fn pins_change_only_through_accept_or_reset() {
         let dir = tempfile::tempdir().unwrap();
         let s = TrustStore::new(dir.path());
-        assert_eq!(s.check_pin("b.test", "AA").unwrap(), PinCheck::FirstUse);
-        assert!(s.pin_first_use("b.test", "aa").unwrap());
-        assert!(!s.pin_first_use("b.test", "BB").unwrap());
-        assert_eq!(s.check_pin("b.test", "AA").unwrap(), PinCheck::Same);
+        let (aa, bb, cc) = ("AA".repeat(20), "BB".repeat(20), "CC".repeat(20));
+        assert_eq!(s.check_pin("b.test", &aa).unwrap(), PinCheck::FirstUse);
+        assert!(s.pin_first_use("b.test", &aa.to_lowercase()).unwrap());
+        assert!(!s.pin_first_use("b.test", &bb).unwrap());
+        assert_eq!(s.check_pin("b.test", &aa).unwrap(), PinCheck::Same);
         assert_eq!(
-            s.check_pin("b.test", "BB").unwrap(),
-            PinCheck::Changed {
-                pinned: "AA".into()
-            }
+            s.check_pin("b.test", &bb).unwrap(),
+            PinCheck::Changed { pinned: aa.clone() }
         );
         assert!(matches!(
-            s.accept_pending("b.test"),
+            s.accept_pending("b.test", &bb),
             Err(TrustError::NothingPending(_))
         ));
-        s.set_pending("b.test", "BB").unwrap();
+        s.record_pending("b.test", &bb, "192.0.2.1", 100).unwrap();
+        s.record_pending("b.test", &cc, "192.0.2.9", 150).unwrap();
+        s.record_pending("b.test", &bb.to_lowercase(), "192.0.2.2", 200)
+            .unwrap();
         s.remember("b.test", &RetainedSecret::from_bytes([1; 32]))
             .unwrap();
         let l = s.list().unwrap();
+        assert_eq!(l.len(), 1);
+        assert_eq!(l[0].pinned.as_deref(), Some(aa.as_str()));
+        assert_eq!(l[0].retained, 1);
         assert_eq!(
-            l,
-            vec![PeerState {
-                domain: "b.test".into(),
-                retained: 1,
-                pinned: Some("AA".into()),
-                pending: Some("BB".into())
-            }]
+            l[0].pending[0],
+            PendingKey {
+                fingerprint: bb.clone(),
+                first_seen: 100,
+                last_seen: 200,
+                count: 2,
+                from: "192.0.2.2".into()
+            }
         );
+        assert_eq!(l[0].pending[1].fingerprint, cc);
+        // Not pending: refused, naming what is.
+        let e = s.accept_pending("b.test", &"DD".repeat(20)).unwrap_err();
+        assert!(matches!(e, TrustError::NotPending { .. }), "{e}");
+        let (fb, fc) = (
+            crate::keyring::format_fingerprint(&bb),
+            crate::keyring::format_fingerprint(&cc),
+        );
+        assert!(
+            e.to_string().contains(&fb) && e.to_string().contains(&fc),
+            "{e}"
+        );
+        assert!(matches!(
+            s.accept_pending("b.test", "BB"),
+            Err(TrustError::BadFingerprint(_))
+        ));
+        assert_eq!(s.check_pin("b.test", &aa).unwrap(), PinCheck::Same);
+        // Named, with spaces as `keys fingerprint` prints it: accepted.
+        let spaced = crate::keyring::format_fingerprint(&cc);
         assert_eq!(
-            s.accept_pending("b.test").unwrap(),
-            (Some("AA".into()), "BB".into())
+            s.accept_pending("b.test", &spaced).unwrap(),
+            (Some(aa.clone()), cc.clone())
         );
-        assert_eq!(s.check_pin("b.test", "BB").unwrap(), PinCheck::Same);
+        assert_eq!(s.check_pin("b.test", &cc).unwrap(), PinCheck::Same);
         assert!(s.retained("b.test").unwrap().is_empty());
+        assert!(s.pending("b.test").unwrap().is_empty());
         assert!(s.reset("b.test").unwrap());
-        assert_eq!(s.check_pin("b.test", "BB").unwrap(), PinCheck::FirstUse);
+        assert_eq!(s.check_pin("b.test", &cc).unwrap(), PinCheck::FirstUse);
         assert!(!s.reset("b.test").unwrap());
+    }
+
+    #[test]
+    fn the_pending_set_is_bounded_and_keeps_the_fresh_ones() {
+        let mut set = Vec::new();
+        for i in 0..MAX_PENDING as u64 {
+            merge_pending(&mut set, &format!("{i:040X}"), "x", 10 + i);
+        }
+        // The partner's key (key 0) is seen again: fresh.
+        merge_pending(&mut set, &format!("{:040X}", 0), "y", 100);
+        // A new key replaces the least recently seen (key 1), not the partner's.
+        merge_pending(&mut set, &"EE".repeat(20), "z", 101);
+        assert_eq!(set.len(), MAX_PENDING);
+        assert!(set.iter().any(|k| k.fingerprint == format!("{:040X}", 0)));
+        assert!(!set.iter().any(|k| k.fingerprint == format!("{:040X}", 1)));
+        // An older file's bare fingerprint line still reads.
+        let k = PendingKey::parse(&"ab".repeat(20)).unwrap();
+        assert_eq!((k.fingerprint, k.count), ("AB".repeat(20), 1));
+        assert!(PendingKey::parse("garbage").is_none());
+    }
+
+    #[test]
+    fn trust_state_writes_are_rate_limited_per_peer() {
+        let t0 = std::time::Instant::now();
+        let mut l = WriteLimiter::default();
+        let allowed = (0..100).filter(|_| l.allow("a.test", t0)).count();
+        assert_eq!(allowed, 4, "a burst of 4");
+        assert!(l.allow("b.test", t0), "another peer has its own budget");
+        let later = t0 + std::time::Duration::from_secs(60);
+        assert!(l.allow("a.test", later));
+        assert!(!l.allow("a.test", later));
+    }
+
+    #[test]
+    fn first_use_pins_only_calls_we_placed_or_from_the_peers_address() {
+        use OpportunisticDecision::*;
+        assert_eq!(
+            opportunistic_decision(PinCheck::FirstUse, true, false),
+            Proceed
+        );
+        assert_eq!(
+            opportunistic_decision(PinCheck::FirstUse, false, true),
+            Proceed
+        );
+        assert_eq!(
+            opportunistic_decision(PinCheck::FirstUse, false, false),
+            Hold(HoldReason::FirstUseFromElsewhere)
+        );
+        assert_eq!(
+            opportunistic_decision(PinCheck::Same, false, false),
+            Proceed
+        );
+        assert_eq!(
+            opportunistic_decision(
+                PinCheck::Changed {
+                    pinned: "AA".into()
+                },
+                true,
+                true
+            ),
+            Hold(HoldReason::Changed {
+                pinned: "AA".into()
+            })
+        );
     }
 }

@@ -18,7 +18,7 @@ use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, trace, warn};
 
-use super::limits::{LogBudget, RateLimiter, Verdict};
+use super::limits::{LogBudget, RateLimiter, ReplyBudget, Verdict};
 use super::message::{
     Method, ParseError, Request, Response, SipMessage, Via, bad_request_for,
     parse_datagram_limited, parse_stream_limited,
@@ -137,6 +137,12 @@ pub enum TxnError {
     AlreadyResponded,
     #[error("endpoint is shut down")]
     Shutdown,
+    #[error(
+        "not sent: the reply would exceed 3 times the bytes received from this unverified UDP source"
+    )]
+    ReplyBudget,
+    #[error("the transaction was ended")]
+    Ended,
 }
 
 // ---------------------------------------------------------------------------
@@ -290,6 +296,10 @@ struct ServerTxn {
     /// CANCEL can answer it 487.
     invite: Option<(Request, ReplyPath, DialogKey)>,
     transport: Transport,
+    /// UDP only: what may still go back to a source that has not proven its address.
+    budget: Option<ReplyBudget>,
+    /// Ended by the application (an evicted call): nothing more is sent.
+    ended: bool,
 }
 
 struct SentAck {
@@ -823,9 +833,16 @@ impl Inner {
         })
     }
 
-    async fn dispatch(self: &Arc<Self>, msg: SipMessage, source: SocketAddr, path: ReplyPath) {
+    /// `wire_len`: the message's size on the wire (for the reply budget of UDP sources).
+    async fn dispatch(
+        self: &Arc<Self>,
+        msg: SipMessage,
+        source: SocketAddr,
+        path: ReplyPath,
+        wire_len: usize,
+    ) {
         match msg {
-            SipMessage::Request(req) => self.handle_request(req, source, path).await,
+            SipMessage::Request(req) => self.handle_request(req, source, path, wire_len).await,
             SipMessage::Response(resp) => self.handle_response(resp, source).await,
         }
     }
@@ -835,6 +852,7 @@ impl Inner {
         mut req: Request,
         source: SocketAddr,
         path: ReplyPath,
+        wire_len: usize,
     ) {
         let transport = match path {
             ReplyPath::Udp(_) => Transport::Udp,
@@ -941,16 +959,35 @@ impl Inner {
         let out_of_dialog_invite = req.method == Method::Invite && !in_dialog;
         let action = {
             let mut st = lock(&self.state);
-            match st.servers.get(&key) {
+            let open = st.servers.len();
+            match st.servers.get_mut(&key) {
                 Some(txn) => match &txn.last_response {
-                    Some(bytes) => Action::Resend(bytes.clone(), path.clone()),
-                    None => Action::Absorb,
+                    Some(bytes) if !txn.ended => {
+                        // A retransmitted request earns its source more reply bytes.
+                        let allowed = match txn.budget.as_mut() {
+                            Some(b) => {
+                                b.received(wire_len);
+                                b.try_send(bytes.len())
+                            }
+                            None => true,
+                        };
+                        if allowed {
+                            Action::Resend(bytes.clone(), path.clone())
+                        } else {
+                            Action::Absorb
+                        }
+                    }
+                    _ => Action::Absorb,
                 },
-                None if st.servers.len() >= self.cfg.max_transactions => Action::Reject,
+                None if open >= self.cfg.max_transactions => Action::Reject,
                 None => {
                     let now = Instant::now();
                     let verdict = match (&mut st.invite_limiter, out_of_dialog_invite) {
-                        (Some(l), true) => l.check(source.ip(), now),
+                        // The peers' exemption holds only over TCP, where the source
+                        // address is proven; over UDP anyone can send from it.
+                        (Some(l), true) => {
+                            l.check_source(source.ip(), transport == Transport::Tcp, now)
+                        }
                         _ => Verdict::Allow,
                     };
                     match verdict {
@@ -976,6 +1013,9 @@ impl Inner {
                                     to_tag: random_hex(8),
                                     invite,
                                     transport,
+                                    budget: (transport == Transport::Udp)
+                                        .then(|| ReplyBudget::new(wire_len)),
+                                    ended: false,
                                 },
                             );
                             Action::New
@@ -1123,6 +1163,9 @@ impl Inner {
             let mut st = lock(&self.state);
             let ack = match st.servers.get_mut(key) {
                 Some(txn) => {
+                    if txn.ended {
+                        return Err(TxnError::Ended);
+                    }
                     if txn.final_status.is_some() {
                         return Err(TxnError::AlreadyResponded);
                     }
@@ -1132,6 +1175,11 @@ impl Inner {
                     let bytes = resp.to_bytes();
                     if bytes.len() > self.cfg.max_message {
                         return Err(TxnError::TooLarge(bytes.len()));
+                    }
+                    if let Some(b) = txn.budget.as_mut()
+                        && !b.try_send(bytes.len())
+                    {
+                        return Err(TxnError::ReplyBudget);
                     }
                     txn.last_response = Some(bytes.clone());
                     if is_final {
@@ -1164,13 +1212,19 @@ impl Inner {
         }
         self.send_path(path, bytes.clone()).await?;
         if let (true, true, ReplyPath::Udp(dest), Some(ack)) = (is_final, is_invite, path, ack) {
-            let udp = self.udp.clone();
             let dest = *dest;
             let (t1, t2) = (self.cfg.t1, self.cfg.t2);
             let shutdown = self.shutdown_tx.subscribe();
             let status = resp.status;
             tokio::spawn(retransmit_final(
-                udp, bytes, dest, status, ack, shutdown, t1, t2,
+                Arc::downgrade(self),
+                key.to_string(),
+                bytes,
+                dest,
+                status,
+                ack,
+                shutdown,
+                (t1, t2),
             ));
         }
         Ok(())
@@ -1220,6 +1274,20 @@ impl Inner {
 }
 
 impl Incoming {
+    /// Ends the server transaction of this request: nothing more is sent in it (no
+    /// response, no retransmission) and a retransmitted request is absorbed. For a call
+    /// evicted to make room for newer ones.
+    pub fn end_transaction(&self) {
+        let r = &self.reply;
+        let mut st = lock(&r.inner.state);
+        if let Some(t) = st.servers.get_mut(&r.key) {
+            t.ended = true;
+            t.invite = None;
+            // Stops a running Timer G task (or the next one, at once).
+            t.ack.notify_one();
+        }
+    }
+
     /// Answers the request (server transaction). See the module docs for
     /// caching and retransmission behaviour.
     pub async fn respond(&self, resp: Response) -> Result<(), TxnError> {
@@ -1233,24 +1301,36 @@ impl Incoming {
     }
 }
 
-/// Timer G / H for a final response to INVITE over UDP.
+/// Timer G / H for a final response to INVITE over UDP. Each retransmission is charged to
+/// the transaction's reply budget; when that is spent (or the application ended the
+/// transaction) retransmission stops as if Timer H had fired.
 #[allow(clippy::too_many_arguments)]
 async fn retransmit_final(
-    udp: Arc<UdpSocket>,
+    weak: Weak<Inner>,
+    key: String,
     bytes: Vec<u8>,
     dest: SocketAddr,
     status: u16,
     ack: Arc<Notify>,
     mut shutdown: watch::Receiver<bool>,
-    t1: Duration,
-    t2: Duration,
+    (t1, t2): (Duration, Duration),
 ) {
     let mut timer = RetransmitTimer::timer_g(Instant::now(), t1, t2);
     loop {
         match timer.poll(Instant::now()) {
             TimerAction::Retransmit => {
+                let Some(inner) = weak.upgrade() else { return };
+                let allowed = match lock(&inner.state).servers.get_mut(&key) {
+                    Some(t) if t.ended => false,
+                    Some(t) => t.budget.as_mut().is_none_or(|b| b.try_send(bytes.len())),
+                    None => false,
+                };
+                if !allowed {
+                    debug!(%dest, status, "reply budget spent (or transaction ended): final response no longer retransmitted");
+                    return;
+                }
                 trace!(%dest, status, "retransmitting final response");
-                if let Err(e) = udp.send_to(&bytes, dest).await {
+                if let Err(e) = inner.udp.send_to(&bytes, dest).await {
                     debug!(%dest, error = %e, "retransmitting final response failed");
                 }
             }
@@ -1325,7 +1405,7 @@ async fn udp_loop(
             }
         };
         let Some(inner) = weak.upgrade() else { return };
-        inner.dispatch(msg, src, ReplyPath::Udp(src)).await;
+        inner.dispatch(msg, src, ReplyPath::Udp(src), n).await;
     }
 }
 
@@ -1498,7 +1578,7 @@ async fn conn_reader(
                         break 'outer;
                     };
                     inner
-                        .dispatch(msg, peer, ReplyPath::Tcp(conn.clone()))
+                        .dispatch(msg, peer, ReplyPath::Tcp(conn.clone()), used)
                         .await;
                 }
                 Ok(None) => break,

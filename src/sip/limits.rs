@@ -3,8 +3,10 @@
 //! - [`TokenBucket`]: a rate with a burst allowance.
 //! - [`RateLimiter`]: one bucket per source address, in a bounded table, with
 //!   addresses (the configured peers) that are never limited.
-//! - [`PendingCalls`]: counts incoming calls that have not been ACKed yet, per
-//!   source and in total, and says whether one more may start.
+//! - [`PendingCalls`]: incoming calls that have not been ACKed yet, per source and in
+//!   total; when full, which call to evict (the oldest un-ACKed one).
+//! - [`ReplyBudget`]: at most [`REPLY_FACTOR`] times the bytes received go back to an
+//!   unverified UDP source.
 //! - [`LogBudget`]: at most N log lines per second, counting what it suppressed.
 
 use std::collections::{HashMap, HashSet};
@@ -127,8 +129,15 @@ impl RateLimiter {
 
     /// One more event from `ip` at `now`.
     pub fn check(&mut self, ip: IpAddr, now: Instant) -> Verdict {
+        self.check_source(ip, true, now)
+    }
+
+    /// One more event from `ip` at `now`; `verified`: the address was proven (TCP). Exempt
+    /// addresses are exempt only when verified: over UDP anyone can send from a partner's
+    /// address, and the exemption would let him flood in its name.
+    pub fn check_source(&mut self, ip: IpAddr, verified: bool, now: Instant) -> Verdict {
         let ip = canonical(ip);
-        if !self.enabled() || self.exempt.contains(&ip) {
+        if !self.enabled() || (verified && self.exempt.contains(&ip)) {
             return Verdict::Allow;
         }
         if !self.buckets.contains_key(&ip) && self.buckets.len() >= self.max_sources {
@@ -166,25 +175,62 @@ fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// Why a new incoming call was refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum PendingRefused {
-    #[error("too many pending calls from this address (limit {0})")]
-    PerSource(usize),
-    #[error("too many pending calls in total (limit {0})")]
-    Total(usize),
+/// A pending call's handle in [`PendingCalls`].
+pub type CallId = u64;
+
+/// What [`PendingCalls::start`] decided: the new call is admitted, and, if its source (or
+/// the table) was full, the oldest un-ACKed call that must end to make room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admitted {
+    pub id: CallId,
+    pub evict: Option<Evicted>,
 }
 
-/// Incoming calls that have not been ACKed yet. Exempt sources (the peers)
-/// have their own per-source cap but do not count against, and are not
-/// refused by, the total, so a flood from elsewhere cannot lock them out.
+/// A call evicted to make room, and why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Evicted {
+    pub id: CallId,
+    /// The source's (or, if false, the table's) limit was reached.
+    pub per_source: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct SourceKey {
+    ip: IpAddr,
+    /// Came over TCP: the address was proven by the handshake. Spoofed UDP from the same
+    /// address counts separately, so it can never evict these.
+    verified: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct PendingEntry {
+    source: SourceKey,
+    exempt: bool,
+    started: Instant,
+}
+
+/// Incoming calls that have not been ACKed yet.
+///
+/// A new call is never refused for lack of room: the oldest un-ACKed call from the same
+/// source (same address and transport) is evicted instead, or, when the total is
+/// reached, the oldest one from any non-exempt source. A real call is pending for one
+/// round trip, a spoofed or abandoned one until its ACK times out, so oldest-first
+/// eviction ends the attacker's calls and not the partner's: spoofed INVITEs from a
+/// partner's address cannot lock the partner out (a refusal did, issue 11).
+///
+/// Exempt sources (the configured peers) are exempt only over TCP, where the address is
+/// verified by the TCP handshake; over UDP anyone can claim it. Exempt calls do not count
+/// against the total and are never evicted by other sources' calls.
 #[derive(Debug, Clone)]
 pub struct PendingCalls {
     per_source: usize,
     total: usize,
     exempt: HashSet<IpAddr>,
-    counts: HashMap<IpAddr, usize>,
+    /// Ordered by id, that is by arrival: the first match is the oldest.
+    calls: std::collections::BTreeMap<CallId, PendingEntry>,
+    counts: HashMap<SourceKey, usize>,
     non_exempt: usize,
+    next_id: CallId,
 }
 
 impl PendingCalls {
@@ -193,8 +239,10 @@ impl PendingCalls {
             per_source: per_source.max(1),
             total: total.max(1),
             exempt: HashSet::new(),
+            calls: std::collections::BTreeMap::new(),
             counts: HashMap::new(),
             non_exempt: 0,
+            next_id: 1,
         }
     }
 
@@ -203,46 +251,125 @@ impl PendingCalls {
         self
     }
 
-    /// Counts one more pending call from `ip`, or says why not.
-    pub fn try_start(&mut self, ip: IpAddr) -> Result<(), PendingRefused> {
-        let ip = canonical(ip);
-        let exempt = self.exempt.contains(&ip);
-        let n = self.counts.get(&ip).copied().unwrap_or(0);
-        if n >= self.per_source {
-            return Err(PendingRefused::PerSource(self.per_source));
+    /// One more pending call from `ip` (`verified`: it came over TCP) at `now`.
+    pub fn start(&mut self, ip: IpAddr, verified: bool, now: Instant) -> Admitted {
+        let source = SourceKey {
+            ip: canonical(ip),
+            verified,
+        };
+        let exempt = verified && self.exempt.contains(&source.ip);
+        let n = self.counts.get(&source).copied().unwrap_or(0);
+        let evict = if n >= self.per_source {
+            self.oldest(|e| e.source == source).map(|id| Evicted {
+                id,
+                per_source: true,
+            })
+        } else if !exempt && self.non_exempt >= self.total {
+            self.oldest(|e| !e.exempt).map(|id| Evicted {
+                id,
+                per_source: false,
+            })
+        } else {
+            None
+        };
+        if let Some(e) = evict {
+            self.finish(e.id);
         }
-        if !exempt && self.non_exempt >= self.total {
-            return Err(PendingRefused::Total(self.total));
-        }
-        *self.counts.entry(ip).or_insert(0) += 1;
+        let id = self.next_id;
+        self.next_id += 1;
+        self.calls.insert(
+            id,
+            PendingEntry {
+                source,
+                exempt,
+                started: now,
+            },
+        );
+        *self.counts.entry(source).or_insert(0) += 1;
         if !exempt {
             self.non_exempt += 1;
         }
-        Ok(())
+        Admitted { id, evict }
     }
 
-    /// The call from `ip` was ACKed, refused or ended.
-    pub fn finish(&mut self, ip: IpAddr) {
-        let ip = canonical(ip);
-        let Some(n) = self.counts.get_mut(&ip) else {
+    fn oldest(&self, f: impl Fn(&PendingEntry) -> bool) -> Option<CallId> {
+        self.calls
+            .iter()
+            .filter(|(_, e)| f(e))
+            .min_by_key(|(id, e)| (e.started, **id))
+            .map(|(id, _)| *id)
+    }
+
+    /// Call `id` was ACKed, refused, ended or evicted. Unknown ids are ignored.
+    pub fn finish(&mut self, id: CallId) {
+        let Some(e) = self.calls.remove(&id) else {
             return;
         };
-        *n -= 1;
-        if *n == 0 {
-            self.counts.remove(&ip);
+        if let Some(n) = self.counts.get_mut(&e.source) {
+            *n -= 1;
+            if *n == 0 {
+                self.counts.remove(&e.source);
+            }
         }
-        if !self.exempt.contains(&ip) {
+        if !e.exempt {
             self.non_exempt = self.non_exempt.saturating_sub(1);
         }
     }
 
+    /// Pending calls from `ip`, over both transports.
     pub fn pending_from(&self, ip: IpAddr) -> usize {
-        self.counts.get(&canonical(ip)).copied().unwrap_or(0)
+        let ip = canonical(ip);
+        self.counts
+            .iter()
+            .filter(|(k, _)| k.ip == ip)
+            .map(|(_, n)| *n)
+            .sum()
     }
 
     /// Pending calls from non-exempt sources.
     pub fn non_exempt_total(&self) -> usize {
         self.non_exempt
+    }
+}
+
+/// How many bytes the relay may send back to an unverified UDP source, per request bytes
+/// received from it: a spoofed source address must not turn the relay into an amplifier.
+pub const REPLY_FACTOR: usize = 3;
+
+/// The reply budget of one UDP server transaction whose source is not verified (no ACK
+/// yet): what was received in its requests (the first and any retransmissions) and what
+/// was sent back. Sending stops at [`REPLY_FACTOR`] times the bytes received; an INVITE's
+/// final response then stops being retransmitted, as if Timer H had fired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplyBudget {
+    received: usize,
+    sent: usize,
+}
+
+impl ReplyBudget {
+    /// A transaction opened by a request of `received` bytes.
+    pub fn new(received: usize) -> ReplyBudget {
+        ReplyBudget { received, sent: 0 }
+    }
+
+    /// The request was retransmitted: `n` more bytes from the source.
+    pub fn received(&mut self, n: usize) {
+        self.received = self.received.saturating_add(n);
+    }
+
+    /// May `n` more bytes go back? If so they are counted as sent.
+    pub fn try_send(&mut self, n: usize) -> bool {
+        let after = self.sent.saturating_add(n);
+        if after <= self.received.saturating_mul(REPLY_FACTOR) {
+            self.sent = after;
+            true
+        } else {
+            false
+        }
+    }
+
+    pub fn sent(&self) -> usize {
+        self.sent
     }
 }
 
@@ -389,30 +516,110 @@ mod tests {
     }
 
     #[test]
-    fn pending_caps_per_source_and_total_but_not_peers() {
+    fn a_full_source_evicts_its_oldest_call_never_refuses() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let peer = ip("127.0.0.1");
+        let mut p = PendingCalls::new(16, 256).with_exempt([peer]);
+        // 16 spoofed, never-ACKed INVITEs over UDP from the peer's address, 10 ms apart.
+        let spoofed: Vec<CallId> = (0..16)
+            .map(|i| {
+                let a = p.start(peer, false, at(10 * i));
+                assert_eq!(a.evict, None);
+                a.id
+            })
+            .collect();
+        // The real peer's call (UDP too) evicts the oldest spoofed one and is admitted.
+        let real = p.start(peer, false, at(1000));
+        assert_eq!(
+            real.evict,
+            Some(Evicted {
+                id: spoofed[0],
+                per_source: true
+            })
+        );
+        // Its ACK comes one round trip later; it was never the oldest meanwhile.
+        p.finish(real.id);
+        assert_eq!(p.pending_from(peer), 15);
+        // More spoofed INVITEs keep evicting spoofed ones, oldest first.
+        assert_eq!(p.start(peer, false, at(1010)).evict, None);
+        let next = p.start(peer, false, at(1020));
+        assert_eq!(next.evict.map(|e| e.id), Some(spoofed[1]));
+        p.finish(spoofed[1]); // already gone: no effect
+        assert_eq!(p.pending_from(peer), 16);
+        // Over TCP the peer is a different source: UDP calls never evict it, nor count.
+        for i in 0..16 {
+            assert_eq!(p.start(peer, true, at(2000 + i)).evict, None);
+        }
+        assert_eq!(p.pending_from(peer), 32);
+        assert_eq!(p.non_exempt_total(), 16, "verified peer calls are exempt");
+    }
+
+    #[test]
+    fn a_full_table_evicts_the_oldest_non_exempt_call() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
         let peer = ip("127.0.0.1");
         let mut p = PendingCalls::new(2, 3).with_exempt([peer]);
-        assert!(p.try_start(ip("10.0.0.1")).is_ok());
-        assert!(p.try_start(ip("10.0.0.1")).is_ok());
+        let a1 = p.start(ip("10.0.0.1"), false, at(0)).id;
+        let _a2 = p.start(ip("10.0.0.1"), false, at(1)).id;
+        let b1 = p.start(ip("10.0.0.2"), false, at(2)).id;
+        let ex = p.start(peer, true, at(3));
+        assert_eq!(ex.evict, None, "an exempt TCP call does not need room");
+        // The peer over UDP is not exempt: it takes room like anyone.
+        let c = p.start(peer, false, at(4));
         assert_eq!(
-            p.try_start(ip("10.0.0.1")),
-            Err(PendingRefused::PerSource(2))
+            c.evict,
+            Some(Evicted {
+                id: a1,
+                per_source: false
+            })
         );
-        assert!(p.try_start(ip("10.0.0.2")).is_ok());
-        assert_eq!(p.try_start(ip("10.0.0.3")), Err(PendingRefused::Total(3)));
-        // The peer is not refused by the total, only by its own cap.
-        assert!(p.try_start(peer).is_ok());
-        assert!(p.try_start(peer).is_ok());
-        assert_eq!(p.try_start(peer), Err(PendingRefused::PerSource(2)));
+        let d = p.start(ip("10.0.0.3"), false, at(5));
+        assert_eq!(d.evict.map(|e| e.id), Some(_a2));
+        let e = p.start(ip("10.0.0.4"), false, at(6));
+        assert_eq!(e.evict.map(|e| e.id), Some(b1));
+        // Never the exempt one.
+        for i in 0..10 {
+            let x = p.start(ip(&format!("10.0.1.{i}")), false, at(10 + i));
+            assert_ne!(x.evict.map(|e| e.id), Some(ex.id));
+        }
         assert_eq!(p.non_exempt_total(), 3);
-        p.finish(ip("10.0.0.1"));
-        assert_eq!(p.pending_from(ip("10.0.0.1")), 1);
-        assert!(p.try_start(ip("10.0.0.3")).is_ok());
-        p.finish(peer);
-        p.finish(peer);
-        p.finish(peer); // more finishes than starts do no harm
+        p.finish(ex.id);
         assert_eq!(p.pending_from(peer), 0);
-        assert_eq!(p.non_exempt_total(), 3);
+    }
+
+    #[test]
+    fn the_limiter_exempts_peers_only_when_verified() {
+        let t0 = Instant::now();
+        let peer = ip("127.0.0.1");
+        let mut l = RateLimiter::new(1.0, 2.0, 100).with_exempt([peer]);
+        for _ in 0..100 {
+            assert_eq!(l.check_source(peer, true, t0), Verdict::Allow);
+        }
+        assert_eq!(l.check_source(peer, false, t0), Verdict::Allow);
+        assert_eq!(l.check_source(peer, false, t0), Verdict::Allow);
+        assert!(matches!(
+            l.check_source(peer, false, t0),
+            Verdict::Refuse { .. }
+        ));
+    }
+
+    #[test]
+    fn reply_budget_is_three_times_what_was_received() {
+        // An INVITE of 750 bytes, a 200 OK of 1,100 retransmitted on Timer G.
+        let mut b = ReplyBudget::new(750);
+        assert!(b.try_send(1100));
+        assert!(b.try_send(1100));
+        assert!(!b.try_send(1100), "3,300 > 2,250");
+        assert_eq!(b.sent(), 2200);
+        // The caller retransmits its INVITE (its 200 OK was lost): more budget.
+        b.received(750);
+        assert!(b.try_send(1100));
+        assert!(b.sent() <= 3 * 1500);
+        let mut tiny = ReplyBudget::new(100);
+        assert!(!tiny.try_send(301));
+        assert!(tiny.try_send(300));
     }
 
     #[test]
