@@ -474,6 +474,8 @@ async fn answer(shared: &Arc<Shared>, inc: Incoming, pending: PendingGuard) -> R
             domain: peer_domain.clone(),
             call_id: call_id.clone(),
             sas: done.keys.sas.clone(),
+            auth: mode,
+            fingerprint: peer_fpr.clone(),
         },
     );
     let cfg = super::inbound::server_config(shared);
