@@ -353,7 +353,8 @@ async fn a_peer_may_send_as_itself_its_subdomains_and_listed_domains() {
     sites.stop().await;
 }
 
-/// The trace field: B adds one naming the peer, its fingerprint and the call, at the top;
+/// The trace field: B adds one naming the peer, its fingerprint and the call, at the top
+/// (right below its own Received line);
 /// look-alikes from the site's MTA (submitted to A) and from the peer itself (sent through
 /// the call) are gone on arrival, folded or not, in any case, anywhere in the header
 /// section; the same text in the body stays.
@@ -428,16 +429,24 @@ async fn trace_field_names_the_peer_and_forged_ones_are_removed() {
             assert!(f.contains(&format!("call-id={id}")), "{what}: {f}");
         }
         assert!(!header.contains("FORGED"), "{what}:\n{header}");
-        // It is at the top: only Return-Path and Delivered-To (added at delivery) are above.
-        let first = header
-            .split("\r\n")
-            .position(|l| l.starts_with(FIELD))
-            .unwrap();
+        // It is at the top, right below B's own Received line: only that, and Return-Path
+        // and Delivered-To (added at delivery), are above it.
+        let lines: Vec<&str> = header.split("\r\n").collect();
+        let first = lines.iter().position(|l| l.starts_with(FIELD)).unwrap();
         assert!(
-            header
-                .split("\r\n")
-                .take(first)
-                .all(|l| l.starts_with("Return-Path: ") || l.starts_with("Delivered-To: ")),
+            first >= 1
+                && lines[..first].iter().all(|l| l.starts_with("Return-Path: ")
+                    || l.starts_with("Delivered-To: ")
+                    || l.starts_with("Received: ")
+                    || l.starts_with('\t')),
+            "{what}:\n{header}"
+        );
+        let received = lines[..first]
+            .iter()
+            .rposition(|l| l.starts_with("Received: "))
+            .map(|i| lines[i..first].concat());
+        assert!(
+            received.is_some_and(|r| r.contains("by site-b.test (sipmail)")),
             "{what}:\n{header}"
         );
         // Everything else of the message is as sent, the forged fields taken out.

@@ -74,7 +74,8 @@ impl SpoolBackend {
                 sas
             ),
         };
-        // Mail from a call starts with the field that says who sent it (issue 11, item 2).
+        // Mail from a call gets, right below our Received line and so above anything the
+        // sender wrote, the field that says who sent it (issue 11, item 2).
         let peer_field = match &self.origin {
             Origin::Site { .. } => String::new(),
             Origin::Peer {
@@ -94,7 +95,7 @@ impl SpoolBackend {
             _ => String::new(),
         };
         format!(
-            "{peer_field}Received: from {from}\r\n\tby {} (sipmail) with ESMTP id {id}{for_clause};\r\n\t{}\r\n",
+            "Received: from {from}\r\n\tby {} (sipmail) with ESMTP id {id}{for_clause};\r\n\t{}\r\n{peer_field}",
             self.shared.cfg.hostname,
             super::trace::rfc5322_date(SystemTime::now())
         )
