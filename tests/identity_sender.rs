@@ -222,18 +222,34 @@ fn trace_fields(header: &str) -> Vec<String> {
 }
 
 /// The attack of the issue: over its real call, partner A claims senders of other domains,
-/// B's own domain among them. Each is refused at MAIL FROM with 550 5.7.1 naming
+/// B's own domain and B's other partner's domain among them. Each is refused at MAIL FROM with 550 5.7.1 naming
 /// site-a.test, and B queues and delivers nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_cannot_send_as_another_domain() {
     init_logs();
     let dir = tempfile::tempdir().unwrap();
-    let sites = TwoSites::start(dir.path(), Hooks::default()).await.unwrap();
+    // B has a second partner, site-c.test: A may not send as C either.
+    let (a, b) = edited_configs(
+        dir.path(),
+        |s| s,
+        |s| {
+            s.replace(
+                "\n[delivery]",
+                "\n[[peer]]\ndomain = \"site-c.test\"\nsip = \"sip:mail@127.0.0.1:9\"\ntrust = \"opportunistic\"\n[delivery]",
+            )
+        },
+    );
+    assert_eq!(b.peers.len(), 2);
+    let sites = TwoSites::start_with(dir.path(), a, b, Hooks::default())
+        .await
+        .unwrap();
     let md = sites.maildir(&sites.b_cfg);
     let mut call = call_b_as_a(&sites).await;
     let mut accepted = Vec::new();
     for (i, sender) in [
         "<ceo@site-x.test>",
+        "<ceo@site-c.test>",
+        "<ceo@mail.site-c.test>",
         "<it-admin@site-b.test>",
         "<IT-Admin@SITE-B.TEST.>",
         "<ceo@evilsite-a.test>",
