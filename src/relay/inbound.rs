@@ -87,7 +87,7 @@ impl SpoolBackend {
             } => {
                 use crate::handshake::AuthMode;
                 let fpr = (*auth != AuthMode::Psk).then_some(fingerprint.as_str());
-                super::trace::peer_field(domain, auth_name(*auth), fpr, call_id)
+                super::trace::peer_field(domain, auth.name(), fpr, call_id)
             }
         };
         let for_clause = match env.rcpt_to.as_slice() {
@@ -99,15 +99,6 @@ impl SpoolBackend {
             self.shared.cfg.hostname,
             super::trace::rfc5322_date(SystemTime::now())
         )
-    }
-}
-
-fn auth_name(a: crate::handshake::AuthMode) -> &'static str {
-    use crate::handshake::AuthMode;
-    match a {
-        AuthMode::Signed => "signed",
-        AuthMode::Opportunistic => "opportunistic",
-        AuthMode::Psk => "psk",
     }
 }
 
