@@ -488,3 +488,51 @@ async fn trace_field_names_the_peer_and_forged_ones_are_removed() {
     }
     sites.stop().await;
 }
+
+/// A PSK peer has no key: the field says `auth=psk` and claims no fingerprint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_trace_field_of_a_psk_call_claims_no_fingerprint() {
+    use std::os::unix::fs::PermissionsExt;
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let psk = |name: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, "Jk1l0q4t0m8d2xQ3m1Zb7wq9c5nV6yR2pL8sT4uE0aI=\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        format!(
+            "\ntrust = \"psk\"\npsk_file = \"{}\"\n[delivery]",
+            p.display()
+        )
+    };
+    let (pa, pb) = (psk("a.psk"), psk("b.psk"));
+    let (a, b) = edited_configs(
+        dir.path(),
+        |s| s.replace("\n[delivery]", &pa),
+        |s| s.replace("\n[delivery]", &pb),
+    );
+    let sites = TwoSites::start_with(dir.path(), a, b, Hooks::default())
+        .await
+        .unwrap();
+    let md = sites.maildir(&sites.b_cfg);
+    submit(
+        sites.a.smtp_addr,
+        &[message("psk").into_bytes()],
+        "bob@site-b.test",
+        |_| {},
+    )
+    .await
+    .unwrap();
+    assert!(wait_until(Duration::from_secs(20), || maildir_files(&md).len() == 1).await);
+    let file = std::fs::read(&maildir_files(&md)[0]).unwrap();
+    let header = header_section(&file);
+    let fields = trace_fields(&header);
+    assert_eq!(fields.len(), 1, "{header}");
+    assert!(
+        fields[0].starts_with(&format!("{FIELD}: site-a.test; auth=psk;"))
+            && fields[0].contains("call-id=")
+            && !fields[0].contains("fingerprint"),
+        "{}",
+        fields[0]
+    );
+    sites.stop().await;
+}
