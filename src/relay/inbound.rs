@@ -117,10 +117,15 @@ impl Backend for SpoolBackend {
         } = &self.origin
         {
             let cfg = &self.shared.cfg;
-            let senders = cfg.peer(domain).map_or(&[][..], |p| p.senders.as_slice());
+            // The configured spelling of the peer's domain (the call's is lower-cased too,
+            // but the check must not depend on that), and its `senders`.
+            let (peer, senders) = match cfg.peer(domain) {
+                Some(p) => (p.domain.as_str(), p.senders.as_slice()),
+                None => (domain.as_str(), &[][..]),
+            };
             let peers: Vec<&str> = cfg.peers.iter().map(|p| p.domain.as_str()).collect();
             let policy = SenderPolicy {
-                peer: domain,
+                peer,
                 senders,
                 own: &cfg.domain,
                 peers: &peers,
