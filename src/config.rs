@@ -94,6 +94,7 @@ struct RawPeer {
     psk_file: Option<PathBuf>,
     continuity: Option<String>,
     fingerprints: Option<Vec<String>>,
+    senders: Option<Vec<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -372,6 +373,9 @@ pub struct Peer {
     /// `fingerprints = [...]`: the only certificates (uppercase hex) that may speak for
     /// this peer; `None`: any certificate imported for its domain.
     pub fingerprints: Option<Vec<String>>,
+    /// Further sender domains (and their subdomains) this peer may use in MAIL FROM over
+    /// its calls, besides its own domain; A-labels, lower case (`senders = [...]`).
+    pub senders: Vec<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -708,13 +712,56 @@ impl Config {
                     parse_fingerprints(list).map_err(|m| bad(&format!("{key}.fingerprints"), m))?,
                 ),
             };
+            let mut senders: Vec<String> = Vec::new();
+            for s in p.senders.iter().flatten() {
+                let n = crate::relay::sender::normalise_domain(s).ok_or_else(|| {
+                    bad(
+                        &format!("{key}.senders"),
+                        format!("\"{s}\" is not a domain name (write a domain such as example.org, no address or literal)"),
+                    )
+                })?;
+                if !n.contains('.') {
+                    return Err(bad(
+                        &format!("{key}.senders"),
+                        format!(
+                            "\"{s}\" is a whole top-level domain; list the partner's own domains"
+                        ),
+                    ));
+                }
+                if n == domain {
+                    return Err(bad(
+                        &format!("{key}.senders"),
+                        format!("\"{s}\" is our own relay.domain: a peer may never send as it"),
+                    ));
+                }
+                if !senders.contains(&n) && n != d {
+                    senders.push(n);
+                }
+            }
             peers.push(Peer {
                 domain: d,
                 sip,
                 trust,
                 continuity,
                 fingerprints,
+                senders,
             });
+        }
+        // A domain listed for one peer that is another peer's own would never be honoured
+        // (the more specific owner wins, see relay::sender): say so rather than ignore it.
+        for (i, p) in peers.iter().enumerate() {
+            if let Some(s) = p
+                .senders
+                .iter()
+                .find(|s| peers.iter().any(|q| q.domain == **s))
+            {
+                return Err(bad(
+                    &format!("peer[{i}].senders"),
+                    format!(
+                        "\"{s}\" is the domain of another [[peer]], which only that peer may send as"
+                    ),
+                ));
+            }
         }
         let delivery = match (&raw.delivery.maildir, &raw.delivery.smtp) {
             (Some(_), Some(_)) => {
@@ -1050,6 +1097,58 @@ maildir = "var/site-a/maildir"
                 "{extra}: {e}"
             );
         }
+    }
+
+    #[test]
+    fn peer_senders_are_normalised_and_checked() {
+        let with = |line: &str| {
+            GOOD.replace(
+                "sip = \"sip:mail@127.0.0.1:5062\"\n",
+                &format!("sip = \"sip:mail@127.0.0.1:5062\"\n{line}\n"),
+            )
+        };
+        assert!(
+            Config::parse("a.toml", GOOD).unwrap().peers[0]
+                .senders
+                .is_empty()
+        );
+        let c = Config::parse(
+            "a.toml",
+            &with("senders = [\"Partner.Example.\", \"bücher.test\", \"partner.example\", \"site-b.test\"]"),
+        )
+        .unwrap();
+        assert_eq!(
+            c.peers[0].senders,
+            ["partner.example", "xn--bcher-kva.test"]
+        );
+        for (line, what) in [
+            ("senders = [\"x@example.org\"]", "not a domain name"),
+            ("senders = [\"[127.0.0.1]\"]", "not a domain name"),
+            ("senders = [\"\"]", "not a domain name"),
+            ("senders = [\"org\"]", "top-level"),
+            ("senders = [\"SITE-A.test\"]", "our own relay.domain"),
+            ("senders = \"example.org\"", "senders"),
+        ] {
+            let e = Config::parse("a.toml", &with(line))
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with("a.toml: "), "{e}");
+            assert!(
+                e.contains("peer[0].senders") || e.contains("senders"),
+                "{e}"
+            );
+            assert!(e.contains(what), "{line}: {e}");
+        }
+        // Another partner's own domain is that partner's alone.
+        let two = with("senders = [\"site-c.test\"]").replace(
+            "[delivery]",
+            "[[peer]]\ndomain = \"site-c.test\"\nsip = \"sip:mail@127.0.0.1:5064\"\n[delivery]",
+        );
+        let e = Config::parse("a.toml", &two).unwrap_err().to_string();
+        assert!(
+            e.contains("peer[0].senders") && e.contains("another [[peer]]"),
+            "{e}"
+        );
     }
 
     #[test]

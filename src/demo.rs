@@ -227,12 +227,14 @@ pub async fn submit(
 pub fn delivered_intact(file: &[u8], original: &[u8]) -> bool {
     file.ends_with(original) && {
         let prefix = &file[..file.len() - original.len()];
-        // Only Return-Path, Delivered-To and Received (with folded lines) may precede it.
+        // Only Return-Path, Delivered-To, Received and the authenticated-peer field of
+        // mail that came through a call (with folded lines) may precede it.
         let text = String::from_utf8_lossy(prefix);
         text.split("\r\n").filter(|l| !l.is_empty()).all(|l| {
             l.starts_with("Return-Path: ")
                 || l.starts_with("Delivered-To: ")
                 || l.starts_with("Received: ")
+                || l.starts_with("X-Sipmail-Authenticated-Peer: ")
                 || l.starts_with('\t')
         })
     }

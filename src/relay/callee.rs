@@ -547,6 +547,8 @@ async fn answer(
             domain: peer_domain.clone(),
             call_id: call_id.clone(),
             sas: done.keys.sas.clone(),
+            auth: mode,
+            fingerprint: peer_fpr.clone(),
         },
     );
     let cfg = super::inbound::server_config(shared);

@@ -1,6 +1,8 @@
 //! Mail coming in: from the site's MTA over plain TCP, and from a peer relay through a
 //! call's encrypted stream. Both write into the spool and answer 250 only after fsync.
 
+use super::sender::{SenderPolicy, check_peer_sender};
+use super::trace::StripPeerField;
 use super::{RelayEvent, Shared};
 use crate::queue::{Envelope, RcptState, Recipient, Route, Spool};
 use crate::smtp::{Backend, MailParams, Reply, ServerConfig};
@@ -32,6 +34,10 @@ pub(crate) enum Origin {
         domain: String,
         call_id: String,
         sas: String,
+        /// How the call was authenticated (`signed`, `opportunistic`, `psk`).
+        auth: crate::handshake::AuthMode,
+        /// The fingerprint of the key that signed the handshake (hex).
+        fingerprint: String,
     },
 }
 
@@ -60,6 +66,7 @@ impl SpoolBackend {
                 domain,
                 call_id,
                 sas,
+                ..
             } => format!(
                 "{helo} (mail@{} via sipmail call {}, SAS {})",
                 super::trace::clean(domain),
@@ -67,12 +74,28 @@ impl SpoolBackend {
                 sas
             ),
         };
+        // Mail from a call gets, right below our Received line and so above anything the
+        // sender wrote, the field that says who sent it (issue 11, item 2).
+        let peer_field = match &self.origin {
+            Origin::Site { .. } => String::new(),
+            Origin::Peer {
+                domain,
+                call_id,
+                auth,
+                fingerprint,
+                ..
+            } => {
+                use crate::handshake::AuthMode;
+                let fpr = (*auth != AuthMode::Psk).then_some(fingerprint.as_str());
+                super::trace::peer_field(domain, auth.name(), fpr, call_id)
+            }
+        };
         let for_clause = match env.rcpt_to.as_slice() {
             [one] => format!("\r\n\tfor <{}>", super::trace::clean(one)),
             _ => String::new(),
         };
         format!(
-            "Received: from {from}\r\n\tby {} (sipmail) with ESMTP id {id}{for_clause};\r\n\t{}\r\n",
+            "Received: from {from}\r\n\tby {} (sipmail) with ESMTP id {id}{for_clause};\r\n\t{}\r\n{peer_field}",
             self.shared.cfg.hostname,
             super::trace::rfc5322_date(SystemTime::now())
         )
@@ -85,10 +108,33 @@ fn domain_of(addr: &str) -> Option<String> {
 }
 
 impl Backend for SpoolBackend {
-    type Writer = crate::queue::bodyio::BodyWriter;
+    type Writer = StripPeerField<crate::queue::bodyio::BodyWriter>;
 
-    async fn mail_from(&mut self, _from: &str, _params: &MailParams) -> Result<(), Reply> {
+    async fn mail_from(&mut self, from: &str, _params: &MailParams) -> Result<(), Reply> {
         self.routes.clear();
+        if let Origin::Peer {
+            domain, call_id, ..
+        } = &self.origin
+        {
+            let cfg = &self.shared.cfg;
+            // The configured spelling of the peer's domain (the call's is lower-cased too,
+            // but the check must not depend on that), and its `senders`.
+            let (peer, senders) = match cfg.peer(domain) {
+                Some(p) => (p.domain.as_str(), p.senders.as_slice()),
+                None => (domain.as_str(), &[][..]),
+            };
+            let peers: Vec<&str> = cfg.peers.iter().map(|p| p.domain.as_str()).collect();
+            let policy = SenderPolicy {
+                peer,
+                senders,
+                own: &cfg.domain,
+                peers: &peers,
+            };
+            if let Err(refusal) = check_peer_sender(&policy, from) {
+                tracing::warn!(peer = %domain, %call_id, %refusal, "sender refused");
+                return Err(refusal.reply());
+            }
+        }
         Ok(())
     }
 
@@ -154,7 +200,8 @@ impl Backend for SpoolBackend {
             ));
         }
         self.current = Some(id);
-        Ok(w)
+        // Our own trace lines are written; what the client sends loses any look-alike.
+        Ok(StripPeerField::new(w))
     }
 
     async fn data_end(&mut self, env: crate::smtp::Envelope, writer: Self::Writer) -> Reply {
@@ -169,7 +216,11 @@ impl Backend for SpoolBackend {
                 "Local error: cannot write to the queue, try again later",
             )
         };
-        let (file, size) = match writer.finish().await {
+        let finished = match writer.into_inner().await {
+            Ok(w) => w.finish().await,
+            Err(e) => Err(e),
+        };
+        let (file, size) = match finished {
             Ok((f, size)) => (tokio::fs::File::from_std(f), size),
             Err(e) => {
                 self.shared.spool.discard(&id).await;

@@ -12,6 +12,7 @@ pub mod control;
 mod inbound;
 mod local;
 mod scheduler;
+pub mod sender;
 mod trace;
 pub mod trust;
 
