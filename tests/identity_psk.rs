@@ -263,8 +263,7 @@ fn two_peers_sharing_a_psk_are_refused_at_load() {
         ),
     );
     let e = Config::parse("a.toml", &text)
-        .err()
-        .expect("two peers with one PSK were accepted")
+        .expect_err("two peers with one PSK were accepted")
         .to_string();
     assert!(
         e.contains("site-b.test") && e.contains("site-c.test") && e.contains("peer[1].psk_file"),
