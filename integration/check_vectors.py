@@ -2,7 +2,7 @@
 """Recompute the test vectors of docs/PROTOCOL.md from the specification alone, with
 Python's `cryptography` package: an implementation that shares no code with sipmail.
 Exit 0 if every value matches the document."""
-import hashlib, hmac, re, struct, sys, pathlib
+import base64, hashlib, hmac, ipaddress, re, struct, sys, pathlib
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
@@ -30,9 +30,12 @@ ss = X25519PrivateKey.from_private_bytes(ea).exchange(X25519PrivateKey.from_priv
 def rs_id(rs, role):
     return hmac.new(rs, b"sipmail/1 rs " + role, hashlib.sha256).digest()[:8]
 
+# The callee's media address 127.0.0.1:40000: family 4, the address, the port big endian.
+media = bytes([4]) + ipaddress.IPv4Address("127.0.0.1").packed + struct.pack(">H", 40000)
+
 def transcripts(auth, caller_ids, callee_ids):
     t1 = b"".join([
-        field(0x01, b"sipmail/2"),
+        field(0x01, b"sipmail/3"),
         field(0x02, b"c0ffee@site-a.test"),
         field(0x03, b"a1"),
         field(0x04, b"b2"),
@@ -48,12 +51,15 @@ def transcripts(auth, caller_ids, callee_ids):
         field(0x0F, bytes([auth])),
         field(0x10, b"".join(caller_ids)),
         field(0x11, b"".join(callee_ids)),
+        field(0x12, media),
     ])
     return t1, t1 + field(0x0E, ea_pub)
 
-def schedule(t2, rs):
+def schedule(t2, rs, psk=None):
     th2 = hashlib.sha256(t2).digest()
-    prk = hkdf_extract(th2, ss + rs)
+    # With a PSK, the salt of the DH extraction is itself an extraction of the PSK.
+    salt = th2 if psk is None else hkdf_extract(th2, psk)
+    prk = hkdf_extract(salt, ss + rs)
     keys = {
         "TH2": th2,
         "k_ab": expand(prk, b"sipmail/1 key caller->callee", 32),
@@ -85,11 +91,13 @@ for name in ["TH2", "k_ab", "iv_ab", "k_ba", "iv_ba", "rs_next"]:
     computed[name] = k[name].hex()
 
 # Set 2: trust policy psk (2), both sides hold rs = 32 bytes of 0x33.
-psk = b"sipmail test vector pre-shared key, 44 bytes"
+psk_file = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
+psk = base64.b64decode(psk_file, validate=True)
+assert psk == bytes(range(32))
 rs = bytes([0x33]) * 32
 id_a, id_b = rs_id(rs, b"caller"), rs_id(rs, b"callee")
 t1, t2 = transcripts(2, [id_a], [id_b])
-k = schedule(t2, rs)
+k = schedule(t2, rs, psk)
 computed.update({
     "psk_rs_id_caller": id_a.hex(),
     "psk_rs_id_callee": id_b.hex(),

@@ -128,6 +128,8 @@ pub struct ParsedTranscript {
     pub caller_public: [u8; 32],
     /// The trust policy's id (1 signed, 2 psk, 3 opportunistic).
     pub auth_mode: u8,
+    /// Where the callee's media listener was (the answer's `c=`/`m=`).
+    pub callee_media: std::net::SocketAddr,
     /// Length of T1, the prefix the callee signed (everything before the caller's key).
     pub t1_len: usize,
 }
@@ -137,9 +139,9 @@ impl ParsedTranscript {
         let bad = |m: String| AuditError::Transcript(m);
         // The transcript's fields in their order (docs/PROTOCOL.md): T1 is everything
         // before the caller's public key (0x0e), which comes last.
-        const ORDER: [u8; 17] = [
+        const ORDER: [u8; 18] = [
             0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 0x09, 0x0a, 0x0b, 0x0c, 0x0d, 0x0f,
-            0x10, 0x11, 0x0e,
+            0x10, 0x11, 0x12, 0x0e,
         ];
         let mut fields: Vec<&[u8]> = Vec::with_capacity(ORDER.len());
         let mut off = 0usize;
@@ -206,9 +208,27 @@ impl ParsedTranscript {
                 [m] => *m,
                 _ => return Err(bad("the trust policy is not one byte".into())),
             },
-            caller_public: fixed(16, "caller public key")?,
+            callee_media: media(fields[16])
+                .ok_or_else(|| bad("the callee media address is not 7 or 19 bytes".into()))?,
+            caller_public: fixed(17, "caller public key")?,
             t1_len,
         })
+    }
+}
+
+/// A transcript's callee media address (docs/PROTOCOL.md §2, tag 0x12).
+fn media(v: &[u8]) -> Option<std::net::SocketAddr> {
+    let port = |p: &[u8]| u16::from_be_bytes([p[0], p[1]]);
+    match v {
+        [4, rest @ ..] if rest.len() == 6 => {
+            let ip: [u8; 4] = rest[..4].try_into().ok()?;
+            Some((ip, port(&rest[4..])).into())
+        }
+        [6, rest @ ..] if rest.len() == 18 => {
+            let ip: [u8; 16] = rest[..16].try_into().ok()?;
+            Some((ip, port(&rest[16..])).into())
+        }
+        _ => None,
     }
 }
 
@@ -740,6 +760,7 @@ mod tests {
             key_packet: vec![],
         };
         let answer = Answer {
+            media: "127.0.0.1:40000".parse().unwrap(),
             suite: Suite::Aes256Gcm,
             fingerprint: vec![0xbb; 20],
             public: [2; 32],
@@ -762,6 +783,7 @@ mod tests {
         assert_eq!(p.chosen_suite, 2);
         assert_eq!(p.offered_suites, vec![1, 2]);
         assert_eq!(p.caller_public, [9; 32]);
+        assert_eq!(p.callee_media, "127.0.0.1:40000".parse().unwrap());
         assert_eq!(p.t1_len, t2.as_bytes().len() - 35);
         // Any truncation or extension is refused.
         let b = t2.as_bytes();
@@ -778,6 +800,7 @@ mod tests {
         let t2 = transcript();
         let keys = crate::handshake::derive_keys(
             &[5; 32],
+            None,
             None,
             crate::handshake::Continuity::NoneHeld { peer_has: false },
             &t2,

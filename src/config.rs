@@ -254,20 +254,97 @@ impl fmt::Display for SipTarget {
     }
 }
 
-/// A pre-shared key read from `psk_file`. Zeroized on drop; Debug never shows it.
+/// A pre-shared key read from `psk_file`: 32 random bytes, stored as one line of standard
+/// base64 (RFC 4648 §4, 44 characters with the padding), as `sipmail psk generate` writes
+/// it. Zeroized on drop; Debug never shows it.
+///
+/// Why a key and not a password: the callee answers an INVITE that names a psk peer with
+/// an HMAC keyed by the PSK before the caller has proved anything, so anyone can collect
+/// one and test guesses offline (docs/PROTOCOL.md §3a). Only a random key makes that
+/// hopeless, so anything else is refused.
 #[derive(Clone)]
 pub struct Psk(zeroize::Zeroizing<Vec<u8>>);
 
 impl Psk {
-    /// Shortest key accepted, in bytes (after trailing white space is removed).
-    pub const MIN_LEN: usize = 32;
+    /// Key length, in bytes.
+    pub const LEN: usize = 32;
     pub fn as_bytes(&self) -> &[u8] {
         &self.0
     }
 
-    /// Reads a key file: it must be a regular file that only its owner can read, holding at
-    /// least 32 bytes (e.g. `head -c 32 /dev/urandom | base64`). Trailing white space (the
-    /// newline an editor adds) is not part of the key.
+    /// A new random key and its file text (base64 and a newline).
+    pub fn generate() -> Result<(Psk, zeroize::Zeroizing<String>), String> {
+        use base64::Engine;
+        let mut key = zeroize::Zeroizing::new(vec![0u8; Self::LEN]);
+        getrandom::fill(&mut key)
+            .map_err(|e| format!("the operating system's random number generator failed: {e}"))?;
+        let text = zeroize::Zeroizing::new(format!(
+            "{}\n",
+            base64::engine::general_purpose::STANDARD.encode(&key[..])
+        ));
+        Ok((Psk(key), text))
+    }
+
+    /// Write a new key to `path`, mode 0600; an existing file is never overwritten.
+    pub fn generate_file(path: &Path) -> Result<Psk, String> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let (psk, text) = Self::generate()?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::AlreadyExists => format!(
+                    "{} already exists; not overwriting a key (remove it first if you mean to replace it, and give the partner the new one)",
+                    path.display()
+                ),
+                _ => format!("{}: {e}", path.display()),
+            })?;
+        f.write_all(text.as_bytes())
+            .and_then(|()| f.sync_all())
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(psk)
+    }
+
+    /// The key in a PSK file's text: one line of standard base64 that decodes to exactly 32
+    /// bytes. Trailing white space (the newline) is ignored. A passphrase, hex, a key of
+    /// another length, or hand-typed "base64" is refused. `what` names the file in errors.
+    pub fn parse(what: &str, text: &[u8]) -> Result<Psk, String> {
+        use base64::Engine;
+        let fix =
+            "make a key with `sipmail psk generate --out FILE` and give the partner the same file";
+        let text = text.trim_ascii();
+        let refuse = |why: &str| {
+            Err(format!(
+                "{what}: {why}; a PSK is 32 random bytes in base64, one line: {fix}"
+            ))
+        };
+        if text.is_empty() {
+            return refuse("empty");
+        }
+        let Ok(key) = base64::engine::general_purpose::STANDARD.decode(text) else {
+            return refuse("not base64 (a passphrase is not a key: it can be guessed offline)");
+        };
+        let key = zeroize::Zeroizing::new(key);
+        if key.len() != Self::LEN {
+            return refuse(&format!(
+                "decodes to {} bytes, not {}",
+                key.len(),
+                Self::LEN
+            ));
+        }
+        // 43 characters of random base64 hold upper- and lower-case letters with
+        // probability 1 - 4e-10; text without either was typed or derived, not drawn.
+        if !text.iter().any(u8::is_ascii_uppercase) || !text.iter().any(u8::is_ascii_lowercase) {
+            return refuse("does not look random (no mix of upper- and lower-case letters)");
+        }
+        Ok(Psk(key))
+    }
+
+    /// Reads a key file: it must be a regular file that only its owner can read, holding a
+    /// key as [`Psk::parse`] takes it.
     pub fn load(path: &Path) -> Result<Psk, String> {
         use std::os::unix::fs::PermissionsExt;
         let md = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -281,21 +358,18 @@ impl Psk {
                 path.display()
             ));
         }
-        let mut data = zeroize::Zeroizing::new(
-            std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?,
-        );
-        while data.last().is_some_and(|b| b.is_ascii_whitespace()) {
-            data.pop();
-        }
-        if data.len() < Self::MIN_LEN {
+        // A key file is 45 bytes; anything much larger is not one (and is not read whole).
+        if md.len() > 1024 {
             return Err(format!(
-                "{} holds {} bytes; a pre-shared key needs at least {} (e.g. head -c 32 /dev/urandom | base64 > FILE)",
+                "{}: {} bytes, not a PSK file (32 random bytes in base64, one line): make one with `sipmail psk generate --out FILE`",
                 path.display(),
-                data.len(),
-                Self::MIN_LEN
+                md.len()
             ));
         }
-        Ok(Psk(data))
+        let data = zeroize::Zeroizing::new(
+            std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?,
+        );
+        Self::parse(&path.display().to_string(), &data)
     }
 }
 
@@ -673,7 +747,7 @@ impl Config {
                 ("psk", None) => {
                     return Err(bad(
                         &format!("{key}.psk_file"),
-                        "trust = \"psk\" needs psk_file = \"FILE\" (at least 32 bytes, mode 0600)"
+                        "trust = \"psk\" needs psk_file = \"FILE\" (mode 0600; make one with `sipmail psk generate --out FILE`)"
                             .into(),
                     ));
                 }
@@ -737,6 +811,21 @@ impl Config {
                 if !senders.contains(&n) && n != d {
                     senders.push(n);
                 }
+            }
+            if let Trust::Psk(k) = &trust
+                && let Some(j) = peers.iter().position(|q| match &q.trust {
+                    Trust::Psk(other) => other.as_bytes() == k.as_bytes(),
+                    _ => false,
+                })
+            {
+                // The MAC names no one: a peer holding another's PSK could call as it.
+                return Err(bad(
+                    &format!("{key}.psk_file"),
+                    format!(
+                        "{d} has the same pre-shared key as {} (peer[{j}]); each peer needs its own, or either could call as the other: `sipmail psk generate --out FILE`",
+                        peers[j].domain
+                    ),
+                ));
             }
             peers.push(Peer {
                 domain: d,
@@ -1018,17 +1107,15 @@ maildir = "var/site-a/maildir"
 
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("psk");
-        std::fs::write(&f, "0123456789abcdef0123456789abcdef-long-enough\n").unwrap();
+        // Bytes 0x00..0x1f in base64 (the PROTOCOL.md vector's key).
+        std::fs::write(&f, "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\n").unwrap();
         std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
         let psk_line = format!("trust = \"psk\"\npsk_file = \"{}\"", f.display());
         let c = Config::parse("a.toml", &with(&psk_line)).unwrap();
         match &c.peers[0].trust {
             Trust::Psk(k) => {
-                assert_eq!(
-                    k.as_bytes(),
-                    b"0123456789abcdef0123456789abcdef-long-enough"
-                );
-                assert!(!format!("{c:?}").contains("0123456789abcdef"));
+                assert_eq!(k.as_bytes(), (0u8..32).collect::<Vec<u8>>());
+                assert!(!format!("{c:?}").contains("AAECAwQF"));
             }
             other => panic!("{other:?}"),
         }
@@ -1041,13 +1128,63 @@ maildir = "var/site-a/maildir"
             e.contains("peer[0].psk_file") && e.contains("chmod 600"),
             "{e}"
         );
-        // Too short.
-        std::fs::write(&f, "short\n").unwrap();
+        // Not a key: a passphrase (even a long one), hex, another length, no randomness,
+        // two lines. Each refusal names the key and the file and says what to run.
         std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let e = Config::parse("a.toml", &with(&psk_line))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("at least 32"), "{e}");
+        for (text, why) in [
+            ("short\n", "not base64"),
+            (
+                "0123456789abcdef0123456789abcdef-long-enough\n",
+                "not base64",
+            ),
+            (
+                "correct horse battery staple and some more words\n",
+                "not base64",
+            ),
+            (
+                "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f\n",
+                "decodes to 48 bytes",
+            ),
+            (
+                "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHg==\n",
+                "decodes to 31 bytes",
+            ),
+            (
+                "correcthorsebatterystaplecorrecthorsebatteg=\n",
+                "does not look random",
+            ),
+            (
+                "AAECAwQFBgcICQoLDA0O\nDxAREhMUFRYXGBkaGxwdHh8=\n",
+                "not base64",
+            ),
+            ("", "empty"),
+        ] {
+            std::fs::write(&f, text).unwrap();
+            let e = Config::parse("a.toml", &with(&psk_line))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(why)
+                    && e.contains("peer[0].psk_file")
+                    && e.contains(&f.display().to_string())
+                    && e.contains("sipmail psk generate"),
+                "{text:?}: {e}"
+            );
+        }
+        // What `sipmail psk generate` writes is taken; it never overwrites.
+        let g = dir.path().join("generated.psk");
+        let made = Psk::generate_file(&g).unwrap();
+        assert_eq!(
+            std::fs::metadata(&g).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(Psk::load(&g).unwrap().as_bytes(), made.as_bytes());
+        assert!(
+            Psk::generate_file(&g)
+                .unwrap_err()
+                .contains("already exists")
+        );
+        assert_eq!(Psk::load(&g).unwrap().as_bytes(), made.as_bytes());
         for (extra, key) in [
             ("trust = \"psk\"", "peer[0].psk_file"),
             ("trust = \"none\"", "peer[0].trust"),

@@ -12,8 +12,8 @@ pub use key_import::{cleanup as cleanup_key_import, key_import_target, seeds_key
 pub use record::{record_target, seeds_record};
 
 use sipmail::handshake::{
-    Answer, CallContext, CalleeAwaitConfirm, CallerAwaitAnswer, Confirm, Offer, Signer, Suite,
-    Verifier,
+    Answer, CallContext, CalleeAwaitConfirm, CalleePolicy, CallerAwaitAnswer, Confirm, Offer,
+    Signer, Suite, Verifier,
 };
 use sipmail::sip::message::{bad_request_for, parse_datagram_limited, parse_stream_limited};
 use sipmail::sip::{SipMessage, parse_datagram, parse_stream, sdp};
@@ -274,7 +274,7 @@ pub fn handshake_target(data: &[u8]) {
                 Suite::ALL.to_vec(),
                 inp.chunk().to_vec(),
             );
-            if let Ok((answer, _media)) = sdp::decode_answer(inp.rest()) {
+            if let Ok(answer) = sdp::decode_answer(inp.rest()) {
                 let _ = caller.on_answer(&ctx, &answer, &FakeVerifier(accept), &FakeSigner);
             }
         }
@@ -287,6 +287,7 @@ pub fn handshake_target(data: &[u8]) {
                 inp.chunk().to_vec(),
             );
             let answer = Answer {
+                media: std::net::SocketAddr::from(([127, 0, 0, 1], u16::from(inp.byte()) << 8)),
                 suite: Suite::ALL[inp.byte() as usize % Suite::ALL.len()],
                 fingerprint: inp.chunk().to_vec(),
                 public: inp.array(),
@@ -312,17 +313,25 @@ fn callee(
     secret: [u8; 32],
     accept: bool,
 ) {
-    let Ok((awaiting, answer)) =
-        CalleeAwaitConfirm::respond(ctx, offer, secret, Suite::ALL, vec![0xAB; 20], &FakeSigner)
-    else {
+    let policy = CalleePolicy {
+        media: "127.0.0.1:4000".parse().expect("literal address"),
+        ..CalleePolicy::default()
+    };
+    let Ok((awaiting, answer)) = CalleeAwaitConfirm::respond_with(
+        ctx,
+        offer,
+        secret,
+        Suite::ALL,
+        vec![0xAB; 20],
+        &FakeSigner,
+        &policy,
+    ) else {
         return;
     };
     // Our own answer must survive its SDP encoding.
-    let media = "127.0.0.1:4000".parse().expect("literal address");
-    let body = sdp::encode_answer(&answer, 1, media);
-    let (decoded, m) = sdp::decode_answer(&body).expect("our own answer must decode");
+    let body = sdp::encode_answer(&answer, 1);
+    let decoded = sdp::decode_answer(&body).expect("our own answer must decode");
     assert_eq!(decoded, answer);
-    assert_eq!(m, media);
     if let Some(c) = confirm {
         let _ = awaiting.on_confirm(&c, &FakeVerifier(accept));
     }
@@ -334,6 +343,7 @@ pub fn seeds_sip() -> Vec<Vec<u8>> {
     let caller = CallerAwaitAnswer::new([1; 32], [2; 32], Suite::ALL.to_vec(), vec![0xAA; 20]);
     let offer = sdp::encode_offer(caller.offer(), 7, "127.0.0.1".parse().expect("ip"));
     let answer = Answer {
+        media: "127.0.0.1:4000".parse().expect("addr"),
         suite: Suite::ChaCha20Poly1305,
         fingerprint: vec![0xBB; 20],
         public: [3; 32],
@@ -341,7 +351,7 @@ pub fn seeds_sip() -> Vec<Vec<u8>> {
         rs_ids: vec![[6; 8]],
         key_packet: Vec::new(),
     };
-    let answer = sdp::encode_answer(&answer, 8, "127.0.0.1:4000".parse().expect("addr"));
+    let answer = sdp::encode_answer(&answer, 8);
     let confirm = sdp::encode_confirm(&Confirm {
         public: [4; 32],
         signature: vec![5; 64],
@@ -423,6 +433,7 @@ pub fn seeds_handshake() -> Vec<Vec<u8>> {
     });
     let answer = sdp::encode_answer(
         &Answer {
+            media: "127.0.0.1:4000".parse().expect("addr"),
             suite: Suite::ChaCha20Poly1305,
             fingerprint: vec![0xBB; 20],
             public: [3; 32],
@@ -431,7 +442,6 @@ pub fn seeds_handshake() -> Vec<Vec<u8>> {
             key_packet: Vec::new(),
         },
         8,
-        "127.0.0.1:4000".parse().expect("addr"),
     );
     for accept in [0u8, 0x80] {
         // mode 0: offer SDP + confirm SDP (chunks are at most 249 bytes unless scaled).

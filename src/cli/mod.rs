@@ -99,6 +99,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: KeysCmd,
     },
+    /// Pre-shared keys for peers with trust = "psk".
+    Psk {
+        #[command(subcommand)]
+        cmd: PskCmd,
+    },
     /// Per-peer trust state kept in <spool>/state: keys pinned on first use (peers with
     /// trust = "opportunistic") and the retained secrets of key continuity. The daemon reads
     /// it at each call, so changes take effect on the next call without a restart.
@@ -108,6 +113,20 @@ enum Cmd {
         config: Option<PathBuf>,
         #[command(subcommand)]
         cmd: TrustCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PskCmd {
+    /// Make a new pre-shared key: 32 random bytes in base64, one line, the only form a
+    /// psk_file may hold (a passphrase is refused: it could be guessed offline from one
+    /// call's answer). Give the partner the same file over a channel you trust, and use a
+    /// different key for each peer.
+    Generate {
+        /// Write the key to FILE (mode 0600; an existing file is never overwritten)
+        /// instead of standard output.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
     },
 }
 
@@ -277,6 +296,24 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
             })
         }
         Cmd::Keys { cmd } => keys(cmd),
+        Cmd::Psk {
+            cmd: PskCmd::Generate { out },
+        } => {
+            use sipmail::config::Psk;
+            match out {
+                Some(path) => {
+                    Psk::generate_file(&path).map_err(anyhow::Error::msg)?;
+                    eprintln!(
+                        "Wrote a new pre-shared key to {p} (mode 0600).\n\
+                         Give the partner a copy over a channel you trust, and set in both [[peer]] sections:\n  \
+                         trust = \"psk\"\n  psk_file = \"{p}\"",
+                        p = path.display()
+                    );
+                }
+                None => print!("{}", *Psk::generate().map_err(anyhow::Error::msg)?.1),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::VerifyCall {
             record,
             keyring,

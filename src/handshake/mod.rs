@@ -6,7 +6,7 @@
 //! Offer   { suites, fpr_A, nonce, C = H(eA) }  ->
 //!                                          <- Answer { suite, eB, fpr_B, Sig_B(T1) }
 //! Confirm { eA, Sig_A(T2) }                ->
-//! ss = X25519(eA, eB); PRK = HKDF-Extract(salt = SHA-256(T2), ss || rs)
+//! ss = X25519(eA, eB); PRK = HKDF-Extract(salt = SHA-256(T2) [keyed by the PSK], ss || rs)
 //! ```
 //! The offer names how both sides authenticate (OpenPGP signatures, a PSK HMAC, or
 //! opportunistic signatures by a key pinned on first use), and both halves carry short IDs
@@ -22,13 +22,14 @@ pub use transcript::{Tag, Transcript};
 use hkdf::Hkdf;
 use sha2::{Digest, Sha256};
 use std::fmt;
+use std::net::SocketAddr;
 use x25519_dalek::{PublicKey, StaticSecret};
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 /// Protocol label and version. Changing the wire format means a new label.
 /// (The fixed KDF and context labels below keep their `sipmail/1` names: they are names,
 /// and the version is bound by this label, which every signature, MAC and key covers.)
-pub const PROTOCOL_LABEL: &[u8] = b"sipmail/2";
+pub const PROTOCOL_LABEL: &[u8] = b"sipmail/3";
 /// Prefix of the data the callee signs (answer) and the caller signs (confirm). Distinct
 /// prefixes mean no signature made in one role can be replayed in the other.
 pub const ANSWER_SIG_CONTEXT: &[u8] = b"sipmail/1 answer signature\0";
@@ -262,6 +263,9 @@ pub struct Offer {
 /// Carried in the 200 OK's SDP.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Answer {
+    /// Where the callee's media listener is (the SDP's `c=` address and `m=` port). In T1,
+    /// so the callee's signature covers where the caller connects.
+    pub media: SocketAddr,
     pub suite: Suite,
     pub fingerprint: Vec<u8>,
     pub public: [u8; 32],
@@ -306,6 +310,8 @@ pub enum HandshakeError {
     },
     #[error("more than {MAX_RETAINED} retained-secret IDs")]
     TooManyRetainedIds,
+    #[error("trust policy psk, but no pre-shared key to mix into the key schedule")]
+    NoPsk,
 }
 
 /// Authenticates the transcript with a pre-shared key: `HMAC-SHA256(psk, context || T)`,
@@ -317,6 +323,10 @@ pub struct PskAuth(zeroize::Zeroizing<Vec<u8>>);
 impl PskAuth {
     pub fn new(key: &[u8]) -> Self {
         PskAuth(zeroize::Zeroizing::new(key.to_vec()))
+    }
+    /// The key, for the key schedule (see [`Signer::psk`]).
+    fn key(&self) -> &[u8] {
+        &self.0
     }
     fn mac(&self) -> hmac::Hmac<Sha256> {
         <hmac::Hmac<Sha256> as hmac::KeyInit>::new_from_slice(&self.0)
@@ -336,6 +346,9 @@ impl Signer for PskAuth {
         hmac::Mac::update(&mut m, data);
         Ok(hmac::Mac::finalize(m).into_bytes().to_vec())
     }
+    fn psk(&self) -> Option<&[u8]> {
+        Some(self.key())
+    }
 }
 
 impl Verifier for PskAuth {
@@ -351,6 +364,12 @@ impl Verifier for PskAuth {
 /// Signs transcript data with our identity (OpenPGP key, or a PSK HMAC).
 pub trait Signer {
     fn sign(&self, data: &[u8]) -> Result<Vec<u8>, String>;
+    /// The pre-shared key, if this signer is one: with trust policy psk it also enters the
+    /// key schedule, so the handshake takes it from the same object that makes the MACs
+    /// (one key, no way to pass a different one to each).
+    fn psk(&self) -> Option<&[u8]> {
+        None
+    }
 }
 /// Verifies the peer's signature over transcript data.
 pub trait Verifier {
@@ -416,10 +435,15 @@ fn render_sas(bytes: [u8; 4]) -> String {
 }
 
 /// The key schedule (docs/PROTOCOL.md, "Key schedule"): `IKM = ss || rs`, with `rs` the
-/// retained secret both sides hold (absent on a first call or a mismatch).
+/// retained secret both sides hold (absent on a first call or a mismatch). With a PSK
+/// (trust policy psk), the salt is `HKDF-Extract(salt = TH2, IKM = psk)` instead of TH2,
+/// as TLS 1.3's early secret keys the extraction of its DH secret: the PRK is then a PRF
+/// of the PSK (secret to anyone without it, even one who can compute ss) and still an
+/// extraction of ss (secret to anyone without ss, even one who later learns the PSK).
 pub fn derive_keys(
     shared: &[u8; 32],
     retained: Option<&RetainedSecret>,
+    psk: Option<&[u8]>,
     continuity: Continuity,
     t2: &Transcript,
     suite: Suite,
@@ -430,7 +454,11 @@ pub fn derive_keys(
     if let Some(rs) = retained {
         ikm.extend_from_slice(rs.as_bytes());
     }
-    let hk = expander(&th2, &ikm);
+    let salt = zeroize::Zeroizing::new(match psk {
+        Some(psk) => Hkdf::<Sha256>::extract(Some(&th2), psk).0.into(),
+        None => th2,
+    });
+    let hk = expander(&salt[..], &ikm);
     let expand = |label: &[u8], out: &mut [u8]| {
         // Output lengths are fixed and far below 255*32, so expand cannot fail.
         let _ = hk.expand(label, out);
@@ -482,6 +510,15 @@ fn dh(secret: &StaticSecret, public: &[u8; 32]) -> Result<[u8; 32], HandshakeErr
         return Err(HandshakeError::NonContributory);
     }
     Ok(*ss.as_bytes())
+}
+
+/// The PSK to mix into the keys: the signer's, with trust policy psk (required), none
+/// otherwise.
+fn schedule_psk(auth: AuthMode, signer: &dyn Signer) -> Result<Option<&[u8]>, HandshakeError> {
+    match auth {
+        AuthMode::Psk => signer.psk().map(Some).ok_or(HandshakeError::NoPsk),
+        AuthMode::Signed | AuthMode::Opportunistic => Ok(None),
+    }
 }
 
 fn signed_data(context: &[u8], t: &Transcript) -> Vec<u8> {
@@ -591,7 +628,8 @@ impl CallerAwaitAnswer {
             .sign(&signed_data(CONFIRM_SIG_CONTEXT, &t2))
             .map_err(HandshakeError::SignFailed)?;
         let (rs, continuity) = match_retained(&self.retained, &answer.rs_ids, true);
-        let keys = derive_keys(&shared, rs.as_ref(), continuity, &t2, answer.suite);
+        let psk = schedule_psk(self.offer.auth, signer)?;
+        let keys = derive_keys(&shared, rs.as_ref(), psk, continuity, &t2, answer.suite);
         Ok(CallerDone {
             confirm: Confirm {
                 public: self.public,
@@ -619,17 +657,34 @@ pub struct CalleeAwaitConfirm {
     rs: Option<RetainedSecret>,
     #[zeroize(skip)]
     continuity: Continuity,
+    /// Trust policy psk: the key, for the key schedule once the confirm is in.
+    psk: Option<zeroize::Zeroizing<Vec<u8>>>,
 }
 
 /// What the callee brings to a call with one peer, besides its identity.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct CalleePolicy {
+    /// Where our media listener for this call is; it goes into T1 (the answer's `c=`/`m=`).
+    pub media: SocketAddr,
     /// The trust policy configured for this peer; an offer with another is refused.
     pub auth: AuthMode,
     /// Our retained secrets for this peer, newest first.
     pub retained: Vec<RetainedSecret>,
     /// Our signing key packet, for opportunistic mode.
     pub key_packet: Vec<u8>,
+}
+
+impl Default for CalleePolicy {
+    /// Trust policy signed, no retained secrets, and the unspecified media address
+    /// `0.0.0.0:0` (a relay always sets the real one).
+    fn default() -> Self {
+        CalleePolicy {
+            media: SocketAddr::from(([0, 0, 0, 0], 0)),
+            auth: AuthMode::default(),
+            retained: Vec::new(),
+            key_packet: Vec::new(),
+        }
+    }
 }
 
 impl fmt::Debug for CalleeAwaitConfirm {
@@ -717,7 +772,9 @@ impl CalleeAwaitConfirm {
         let public = *PublicKey::from(&secret).as_bytes();
         let retained = &policy.retained[..policy.retained.len().min(MAX_RETAINED)];
         let (rs, continuity) = match_retained(retained, &offer.rs_ids, false);
+        let psk = schedule_psk(offer.auth, signer)?.map(|k| zeroize::Zeroizing::new(k.to_vec()));
         let mut answer = Answer {
+            media: policy.media,
             suite,
             fingerprint,
             public,
@@ -737,6 +794,7 @@ impl CalleeAwaitConfirm {
                 suite,
                 rs,
                 continuity,
+                psk,
             },
             answer,
         ))
@@ -769,7 +827,14 @@ impl CalleeAwaitConfirm {
             .verify(&self.offer.fingerprint, &confirm_signed, &confirm.signature)
             .map_err(HandshakeError::BadSignature)?;
         let shared = zeroize::Zeroizing::new(dh(&self.secret, &confirm.public)?);
-        let keys = derive_keys(&shared, self.rs.as_ref(), self.continuity, &t2, self.suite);
+        let keys = derive_keys(
+            &shared,
+            self.rs.as_ref(),
+            self.psk.as_ref().map(|k| k.as_slice()),
+            self.continuity,
+            &t2,
+            self.suite,
+        );
         Ok(CalleeDone {
             keys,
             transcript: t2,

@@ -41,16 +41,44 @@ fn caller() -> CallerAwaitAnswer {
     )
 }
 
+/// The callee's media address in the tests and the vectors.
+fn media() -> std::net::SocketAddr {
+    "127.0.0.1:40000".parse().unwrap()
+}
+
+fn signed_policy() -> CalleePolicy {
+    CalleePolicy {
+        media: media(),
+        ..CalleePolicy::default()
+    }
+}
+
 fn respond(offer: &Offer) -> (CalleeAwaitConfirm, Answer) {
-    CalleeAwaitConfirm::respond(&ctx(), offer, [2; 32], Suite::ALL, vec![0xbb; 20], &B_KEY).unwrap()
+    CalleeAwaitConfirm::respond_with(
+        &ctx(),
+        offer,
+        [2; 32],
+        Suite::ALL,
+        vec![0xbb; 20],
+        &B_KEY,
+        &signed_policy(),
+    )
+    .unwrap()
 }
 
 fn run(ea: [u8; 32], eb: [u8; 32]) -> (CallerDone, CalleeDone) {
     let caller = CallerAwaitAnswer::new(ea, [7; 32], vec![Suite::ChaCha20Poly1305], vec![0xaa; 20]);
     let offer = caller.offer().clone();
-    let (callee, answer) =
-        CalleeAwaitConfirm::respond(&ctx(), &offer, eb, Suite::ALL, vec![0xbb; 20], &B_KEY)
-            .unwrap();
+    let (callee, answer) = CalleeAwaitConfirm::respond_with(
+        &ctx(),
+        &offer,
+        eb,
+        Suite::ALL,
+        vec![0xbb; 20],
+        &B_KEY,
+        &signed_policy(),
+    )
+    .unwrap();
     let a = caller.on_answer(&ctx(), &answer, &B_KEY, &A_KEY).unwrap();
     let b = callee.on_confirm(&a.confirm, &A_KEY).unwrap();
     (a, b)
@@ -167,7 +195,9 @@ fn every_offer_and_answer_field_is_covered() {
         );
     }
     type MutAnswer = fn(&mut Answer);
-    let answer_mutations: [(&str, MutAnswer); 3] = [
+    let answer_mutations: [(&str, MutAnswer); 5] = [
+        ("media port", |a| a.media.set_port(a.media.port() ^ 1)),
+        ("media address", |a| a.media.set_ip([127, 0, 0, 2].into())),
         ("callee public", |a| a.public[5] ^= 1),
         ("callee fingerprint", |a| a.fingerprint[0] ^= 1),
         ("signature", |a| a.signature[3] ^= 0x10),
@@ -202,6 +232,7 @@ fn low_order_public_key_is_refused() {
     let caller = caller();
     // A (signed) answer whose key is the identity point gives an all-zero shared secret.
     let mut answer = Answer {
+        media: media(),
         suite: Suite::ChaCha20Poly1305,
         fingerprint: vec![0xbb; 20],
         public: [0; 32],
@@ -280,12 +311,18 @@ fn protocol_md_test_vectors() {
 /// the retained secret rs = 32 bytes of 0x33 from an earlier call.
 #[test]
 fn protocol_md_psk_continuity_vectors() {
-    let psk = PskAuth::new(VECTOR_PSK.as_bytes());
+    use base64::Engine;
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(VECTOR_PSK)
+        .unwrap();
+    assert_eq!(key, (0u8..32).collect::<Vec<u8>>());
+    let psk = PskAuth::new(&key);
     let held = vec![RetainedSecret::from_bytes([0x33; 32])];
     let caller = caller()
         .with_auth(AuthMode::Psk, vec![])
         .with_retained(held.clone());
     let policy = CalleePolicy {
+        media: media(),
         auth: AuthMode::Psk,
         retained: held,
         key_packet: vec![],
@@ -322,32 +359,33 @@ fn protocol_md_psk_continuity_vectors() {
     }
 }
 
-pub(crate) const VECTOR_PSK: &str = "sipmail test vector pre-shared key, 44 bytes";
+/// The PSK file's content: base64 of the bytes 0x00, 0x01, ... 0x1f.
+pub(crate) const VECTOR_PSK: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 pub(crate) const VECTORS_PSK: [&str; 9] = [
     "6a57631eeb5c052b",
     "ef08a9aa2fd496b7",
-    "0100097369706d61696c2f3202001263306666656540736974652d612e74657374030002613104000262320500106d61696c40736974652d612e746573740600106d61696c40736974652d622e74657374070001010800200707070707070707070707070707070707070707070707070707070707070707090020d825cc0ed87be1995b399d6e75e6d26e26fe0261dd896b2e67187f79f64fa1bd0a0014aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa0b0001010c0020ce8d3ad1ccb633ec7b70c17814a5c76ecd029685050d344745ba05870e587d590d0014bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb0f0001021000086a57631eeb5c052b110008ef08a9aa2fd496b70e0020a4e09292b651c278b9772c569f5fa9bb13d906b46ab68c9df9dc2b4409f8a209",
-    "61b1d199539e5c547e0997f5a8208059985f99973e0e90a6ccf10fd66381a8a6",
-    "13909b88059f4e749f0e61afde51869a023141a65dcc8ea6878e8676b800f564",
-    "831d4c4018c74c32dc08da5550790f1dda5aa361fa1598413d7f1148a44fcc8d",
-    "18aac505df3e783b5bfa9fd62111e37500c57a078a79dae7b8bb7319f2049a0d",
-    "q37m",
-    "2bf1fb2b3b21493a705f2b672dbda9f5f432e3c5d2deaf7e5ebc35477494cf11",
+    "0100097369706d61696c2f3302001263306666656540736974652d612e74657374030002613104000262320500106d61696c40736974652d612e746573740600106d61696c40736974652d622e74657374070001010800200707070707070707070707070707070707070707070707070707070707070707090020d825cc0ed87be1995b399d6e75e6d26e26fe0261dd896b2e67187f79f64fa1bd0a0014aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa0b0001010c0020ce8d3ad1ccb633ec7b70c17814a5c76ecd029685050d344745ba05870e587d590d0014bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb0f0001021000086a57631eeb5c052b110008ef08a9aa2fd496b7120007047f0000019c400e0020a4e09292b651c278b9772c569f5fa9bb13d906b46ab68c9df9dc2b4409f8a209",
+    "598d4bf59e21154d881da19dfc83be82317b84dcdaad4d7296a9273a1ae11e4d",
+    "9c1f014d8245a45ab2ae77a27ab68fcdefc81e56a28234759a4b11ecd17f93e5",
+    "f1e2f43aae365972351da3a75ff05ccae2224d1031d6ebd806fa7db3f9312892",
+    "759779d5bf3e1b317866746c29c92cbc1d6ced276409a191e4098bb19b5f9ed9",
+    "ihqm",
+    "b25895984af3ee721625ff731ad802378d44de88dea42696e9e876da831347e6",
 ];
 pub(crate) const VECTOR_RS_NEXT: &str =
-    "1bef290456358108e4ccbff72239c7a8b95ea0d114e75e898e908de5bdadb6aa";
+    "1654d6a4031f18f5f0b4197b515811682028ce988ab8d4aa170160e0600815f9";
 
 pub(crate) const VECTOR_TH2: &str =
-    "8fc1d15afba37f0ecadf6b6c1bb973ec8d7f497daf428e8593bc5a7e5536852f";
+    "fc2dd0bf521351590b99e685e9b1a32579391d9a6ddeabfd47539303b1fde75c";
 pub(crate) const VECTOR_K_AB: &str =
-    "0c2939366266c2d5f949bf9a675812c308596eb48dcc7d2d5427127ea15baef7";
-pub(crate) const VECTOR_IV_AB: &str = "96a13bd86aef79f954c07429";
+    "12b9aa074f7bfda2e8d5faa466ab5a0b9a4974b5411d441d989f96b9578e9396";
+pub(crate) const VECTOR_IV_AB: &str = "55369995565096487d157603";
 pub(crate) const VECTOR_K_BA: &str =
-    "68429a476a20cfcad0d3163fa59cef27d332219cf39f0e1dc9db36dbc267d8cf";
-pub(crate) const VECTOR_IV_BA: &str = "79c1a99e560e091cc441c33c";
-pub(crate) const VECTOR_SAS: &str = "jggk";
-pub(crate) const VECTOR_RECORDS: &str = "000000112035749d814935ea2516b114dc173c9904000000230381ad9de0026e55f65a79c157f6e5279e7baa67f7761f616a3bfc16c79d67d9e02384";
-pub(crate) const VECTOR_T2: &str = "0100097369706d61696c2f3202001263306666656540736974652d612e74657374030002613104000262320500106d61696c40736974652d612e746573740600106d61696c40736974652d622e74657374070001010800200707070707070707070707070707070707070707070707070707070707070707090020d825cc0ed87be1995b399d6e75e6d26e26fe0261dd896b2e67187f79f64fa1bd0a0014aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa0b0001010c0020ce8d3ad1ccb633ec7b70c17814a5c76ecd029685050d344745ba05870e587d590d0014bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb0f0001011000001100000e0020a4e09292b651c278b9772c569f5fa9bb13d906b46ab68c9df9dc2b4409f8a209";
+    "a41db908672d0e21c61f2c3a8d45d985cc6c42fb0e399291317291f523745077";
+pub(crate) const VECTOR_IV_BA: &str = "aa020e2df58f6cbf66e5ec4a";
+pub(crate) const VECTOR_SAS: &str = "8fn4";
+pub(crate) const VECTOR_RECORDS: &str = "0000001173615c055fa196bdc8eee62c6f85ba8f79000000230ebb44e029033ee957c67f28eff37a2a0e490d3642ae32a22b47e65b778a62bae03755";
+pub(crate) const VECTOR_T2: &str = "0100097369706d61696c2f3302001263306666656540736974652d612e74657374030002613104000262320500106d61696c40736974652d612e746573740600106d61696c40736974652d622e74657374070001010800200707070707070707070707070707070707070707070707070707070707070707090020d825cc0ed87be1995b399d6e75e6d26e26fe0261dd896b2e67187f79f64fa1bd0a0014aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa0b0001010c0020ce8d3ad1ccb633ec7b70c17814a5c76ecd029685050d344745ba05870e587d590d0014bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb0f000101100000110000120007047f0000019c400e0020a4e09292b651c278b9772c569f5fa9bb13d906b46ab68c9df9dc2b4409f8a209";
 
 #[test]
 fn the_callee_honours_the_callers_preference_among_common_suites() {
@@ -428,6 +466,7 @@ fn run_retained(
 ) -> Result<(CallerDone, CalleeDone), HandshakeError> {
     let caller = caller().with_retained(a_rs);
     let policy = CalleePolicy {
+        media: media(),
         auth: AuthMode::Signed,
         retained: b_rs,
         key_packet: vec![],
@@ -526,6 +565,7 @@ fn a_man_in_the_middle_of_an_earlier_call_is_detected_later() {
     let mut offer_m = mallory_to_b.offer().clone();
     offer_m.rs_ids = ids_from_a;
     let policy = CalleePolicy {
+        media: media(),
         auth: AuthMode::Signed,
         retained: vec![shared.clone()],
         key_packet: vec![],
@@ -582,7 +622,7 @@ fn the_trust_policy_is_covered_by_the_signatures() {
     offer.auth = AuthMode::Psk;
     let policy = CalleePolicy {
         auth: AuthMode::Psk,
-        ..CalleePolicy::default()
+        ..signed_policy()
     };
     let (_c, answer) = CalleeAwaitConfirm::respond_with(
         &ctx(),
@@ -590,7 +630,7 @@ fn the_trust_policy_is_covered_by_the_signatures() {
         [2; 32],
         Suite::ALL,
         vec![0xbb; 20],
-        &B_KEY,
+        &PskAuth::new(&[0x44; 32]),
         &policy,
     )
     .unwrap();
@@ -643,6 +683,7 @@ fn psk_accepts_the_same_key_and_refuses_another() {
         &ctx(),
         caller().offer(),
         &Answer {
+            media: media(),
             suite: Suite::ChaCha20Poly1305,
             fingerprint: vec![0xbb; 20],
             public: [3; 32],
@@ -668,4 +709,104 @@ fn retained_secret_ids_depend_on_role_and_debug_redacts() {
     assert_eq!(format!("{s:?}"), "RetainedSecret(<redacted>)");
     let (a, _) = run([1; 32], [2; 32]);
     assert!(!format!("{:?}", a.keys).contains(&hex::encode(a.keys.retained.as_bytes())));
+}
+
+/// The PSK is in the key schedule, not only in the MACs: two calls with the same
+/// ephemeral keys, nonce and retained secret, authenticated with different PSKs, derive
+/// different session keys (so a PSK also protects the stream, e.g. against someone who
+/// can compute ss).
+#[test]
+fn different_psks_give_different_session_keys_for_the_same_ss_and_rs() {
+    let go = |key: &[u8]| {
+        let psk = PskAuth::new(key);
+        let held = vec![rs(0x33)];
+        let caller = caller()
+            .with_auth(AuthMode::Psk, vec![])
+            .with_retained(held.clone());
+        let policy = CalleePolicy {
+            auth: AuthMode::Psk,
+            retained: held,
+            ..CalleePolicy::default()
+        };
+        let (callee, answer) = CalleeAwaitConfirm::respond_with(
+            &ctx(),
+            caller.offer(),
+            [2; 32],
+            Suite::ALL,
+            vec![0xbb; 20],
+            &psk,
+            &policy,
+        )
+        .unwrap();
+        let a = caller.on_answer(&ctx(), &answer, &psk, &psk).unwrap();
+        let b = callee.on_confirm(&a.confirm, &psk).unwrap();
+        assert_eq!(a.keys.caller_to_callee.key, b.keys.caller_to_callee.key);
+        assert_eq!(a.keys.continuity, Continuity::Matched);
+        a
+    };
+    let one = go(&[0x11; 32]);
+    let two = go(&[0x22; 32]);
+    // Same transcript (the PSK is not in it), same ss, same rs ...
+    assert_eq!(one.transcript, two.transcript);
+    // ... different keys, SAS input and next retained secret.
+    assert_ne!(one.keys.caller_to_callee.key, two.keys.caller_to_callee.key);
+    assert_ne!(one.keys.callee_to_caller.key, two.keys.callee_to_caller.key);
+    assert_ne!(one.keys.retained, two.keys.retained);
+}
+
+#[test]
+fn the_key_schedule_mixes_in_the_psk() {
+    let (a, _) = run([1; 32], [2; 32]);
+    let t2 = a.transcript;
+    let k = |psk: Option<&[u8]>| {
+        derive_keys(
+            &[5; 32],
+            Some(&rs(3)),
+            psk,
+            Continuity::Matched,
+            &t2,
+            Suite::ChaCha20Poly1305,
+        )
+        .caller_to_callee
+        .key
+    };
+    assert_ne!(k(None), k(Some(&[1; 32])));
+    assert_ne!(k(Some(&[1; 32])), k(Some(&[2; 32])));
+    assert_eq!(k(Some(&[1; 32])), k(Some(&[1; 32])));
+}
+
+/// Trust policy psk needs the PSK for the keys: a signer that has none is an error, not
+/// a call keyed without it.
+#[test]
+fn psk_policy_without_a_psk_is_refused() {
+    let caller = caller().with_auth(AuthMode::Psk, vec![]);
+    let policy = CalleePolicy {
+        auth: AuthMode::Psk,
+        ..signed_policy()
+    };
+    let r = CalleeAwaitConfirm::respond_with(
+        &ctx(),
+        caller.offer(),
+        [2; 32],
+        Suite::ALL,
+        vec![0xbb; 20],
+        &B_KEY,
+        &policy,
+    );
+    assert_eq!(r.unwrap_err(), HandshakeError::NoPsk);
+    let psk = PskAuth::new(&[0x44; 32]);
+    let (_c, answer) = CalleeAwaitConfirm::respond_with(
+        &ctx(),
+        caller.offer(),
+        [2; 32],
+        Suite::ALL,
+        vec![0xbb; 20],
+        &psk,
+        &policy,
+    )
+    .unwrap();
+    assert_eq!(
+        caller.on_answer(&ctx(), &answer, &psk, &B_KEY).unwrap_err(),
+        HandshakeError::NoPsk
+    );
 }

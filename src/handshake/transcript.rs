@@ -24,6 +24,25 @@ pub enum Tag {
     AuthMode = 0x0f,
     CallerRetainedIds = 0x10,
     CalleeRetainedIds = 0x11,
+    CalleeMedia = 0x12,
+}
+
+/// The callee's media address as a transcript value: `4 || 4 address bytes || port` or
+/// `6 || 16 address bytes || port`, the port a u16 big endian (7 or 19 bytes).
+pub fn media_field(a: std::net::SocketAddr) -> Vec<u8> {
+    let mut v = Vec::with_capacity(19);
+    match a.ip() {
+        std::net::IpAddr::V4(ip) => {
+            v.push(4);
+            v.extend_from_slice(&ip.octets());
+        }
+        std::net::IpAddr::V6(ip) => {
+            v.push(6);
+            v.extend_from_slice(&ip.octets());
+        }
+    }
+    v.extend_from_slice(&a.port().to_be_bytes());
+    v
 }
 
 /// Encoded transcript bytes. T1 (what the callee signs) is a prefix of T2 (what the caller
@@ -82,6 +101,11 @@ impl Transcript {
             Tag::CalleeRetainedIds,
             "callee retained-secret IDs",
             &answer.rs_ids.concat(),
+        )?;
+        t.push(
+            Tag::CalleeMedia,
+            "callee media address",
+            &media_field(answer.media),
         )?;
         Ok(t)
     }

@@ -321,6 +321,7 @@ async fn answer(
         return Err("the OS random number generator failed".into());
     }
     let policy = CalleePolicy {
+        media: media_addr,
         auth: mode,
         retained: shared.retained_for(&peer_domain),
         key_packet: if mode == AuthMode::Opportunistic {
@@ -409,7 +410,7 @@ async fn answer(
     ok.headers.push("Content-Type", "application/sdp");
     let mut sid = [0u8; 8];
     let _ = getrandom::fill(&mut sid);
-    ok.body = sdp::encode_answer(&answer, u64::from_be_bytes(sid) >> 1, media_addr);
+    ok.body = sdp::encode_answer(&answer, u64::from_be_bytes(sid) >> 1);
     inc.respond(ok)
         .await
         .map_err(|e| format!("sending 200 OK: {e}"))?;
@@ -477,22 +478,8 @@ async fn answer(
     };
     // Accept the media connection: the first one whose first record authenticates. A BYE
     // meanwhile ends the call.
-    let accept = async {
-        loop {
-            let (tcp, addr) = media.accept().await.ok()?;
-            let _ = tcp.set_nodelay(true);
-            let mut t = TunnelStream::new(tcp, &done.keys, Role::Callee, Limits::default());
-            match tokio::time::timeout(Duration::from_secs(5), t.read_first_record()).await {
-                Ok(Ok(())) => return Some(t),
-                Ok(Err(e)) => {
-                    tracing::warn!(%call_id, %addr, error = %e, "media connection failed authentication; dropped")
-                }
-                Err(_) => tracing::warn!(%call_id, %addr, "media connection sent nothing; dropped"),
-            }
-        }
-    };
     let stream = tokio::select! {
-        s = tokio::time::timeout(MEDIA_WAIT, accept) => s.ok().flatten(),
+        s = tokio::time::timeout(MEDIA_WAIT, accept_media(&media, &done.keys, &call_id)) => s.ok().flatten(),
         _ = wait_for_bye(&mut rx) => {
             return Err("the caller hung up before the media connection authenticated".into());
         }
@@ -607,6 +594,63 @@ async fn answer(
         peer: peer_domain,
     });
     Ok(())
+}
+
+/// Connections to a call's media port that may be waiting for their first record at once.
+const MEDIA_ATTEMPTS: usize = 8;
+/// How long one media connection has to send its first, authenticated record.
+const FIRST_RECORD_WAIT: Duration = Duration::from_secs(5);
+
+/// Accept connections on the call's media port side by side until one sends a first
+/// record that authenticates under the call's keys; that one wins, the others are dropped.
+/// Each connection gets its own deadline, so silent or garbage connections (from anyone
+/// who saw or guessed the port) cannot hold up the caller's. At most [`MEDIA_ATTEMPTS`]
+/// wait at once; a new connection beyond that drops the oldest waiting one, so a flood
+/// cannot keep the caller's connection in the backlog either. None if the listener fails.
+async fn accept_media(
+    media: &TcpListener,
+    keys: &crate::handshake::SessionKeys,
+    call_id: &str,
+) -> Option<TunnelStream<tokio::net::TcpStream>> {
+    let mut waiting = tokio::task::JoinSet::new();
+    let mut order = std::collections::VecDeque::new();
+    loop {
+        tokio::select! {
+            accepted = media.accept() => {
+                let (tcp, addr) = accepted.ok()?;
+                let _ = tcp.set_nodelay(true);
+                let mut t = TunnelStream::new(tcp, keys, Role::Callee, Limits::default());
+                if waiting.len() >= MEDIA_ATTEMPTS
+                    && let Some(oldest) = order.pop_front()
+                {
+                    tokio::task::AbortHandle::abort(&oldest);
+                    tracing::warn!(%call_id, "too many media connections waiting; dropped the oldest");
+                }
+                order.push_back(waiting.spawn(async move {
+                    match tokio::time::timeout(FIRST_RECORD_WAIT, t.read_first_record()).await {
+                        Ok(Ok(())) => Ok(t),
+                        Ok(Err(e)) => Err((addr, format!("failed authentication: {e}"))),
+                        Err(_) => Err((addr, "sent nothing".to_string())),
+                    }
+                }));
+            }
+            Some(done) = waiting.join_next_with_id(), if !waiting.is_empty() => {
+                let id = match &done {
+                    Ok((id, _)) => *id,
+                    Err(e) => e.id(),
+                };
+                order.retain(|h: &tokio::task::AbortHandle| h.id() != id);
+                match done {
+                    Ok((_, Ok(t))) => return Some(t),
+                    Ok((_, Err((addr, why)))) => {
+                        tracing::warn!(%call_id, %addr, "media connection {why}; dropped")
+                    }
+                    // Aborted (dropped as the oldest, logged then) or panicked.
+                    Err(_) => {}
+                }
+            }
+        }
+    }
 }
 
 /// Answer in-dialog requests until a BYE comes (answered 200) or the channel closes.

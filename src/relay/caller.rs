@@ -234,7 +234,7 @@ async fn place_call(shared: &Arc<Shared>, peer: &Peer) -> Result<ActiveCall, Cal
     // From here on the INVITE has a 2xx, so whatever fails, we ACK and then BYE.
     let checked = sdp::decode_answer(&resp.body)
         .map_err(CallError::from)
-        .and_then(|(answer, media)| {
+        .and_then(|answer| {
             // The answer's signature is verified first (with the key the callee presents,
             // opportunistic): only a key that proved itself is compared with the pin, and
             // only such a key is ever recorded as pending.
@@ -259,9 +259,9 @@ async fn place_call(shared: &Arc<Shared>, peer: &Peer) -> Result<ActiveCall, Cal
                 tracing::warn!(%call_id, peer = %peer.domain,
                     "key continuity: the callee remembers a call we do not (our retained secrets were lost or reset)");
             }
-            Ok((done, answer, media))
+            Ok((done, answer))
         });
-    let (done, answer, media) = match checked {
+    let (done, answer) = match checked {
         Ok(x) => x,
         Err(e) => {
             let ack = in_dialog_request(&dialog, Method::Ack, 1);
@@ -280,9 +280,10 @@ async fn place_call(shared: &Arc<Shared>, peer: &Peer) -> Result<ActiveCall, Cal
     ack.body = sdp::encode_confirm(&done.confirm);
     shared.endpoint.send_ack(ack, target, transport).await?;
 
+    // Connect where the callee's signed answer says (the address is in T1), nowhere else.
     let media = match &shared.hooks.media_connect {
-        Some(f) => f(media),
-        None => media,
+        Some(f) => f(answer.media),
+        None => answer.media,
     };
     let stream = async {
         let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(media))

@@ -8,7 +8,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use std::net::{IpAddr, SocketAddr};
 
 pub const CONFIRM_CONTENT_TYPE: &str = "application/sipmail-confirm";
-pub const VERSION: &str = "2";
+pub const VERSION: &str = "3";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SdpError {
@@ -218,8 +218,10 @@ pub fn decode_offer(body: &[u8]) -> Result<Offer, SdpError> {
     })
 }
 
-/// 200 OK body: the answer and where the media listens.
-pub fn encode_answer(answer: &Answer, session_id: u64, media: SocketAddr) -> Vec<u8> {
+/// 200 OK body: the answer, with where the media listens (`answer.media`, which the
+/// callee's signature covers).
+pub fn encode_answer(answer: &Answer, session_id: u64) -> Vec<u8> {
+    let media = answer.media;
     format!(
         "v=0\r\no=sipmail {session_id} 1 {ip}\r\ns=sipmail\r\nc={ip}\r\nt=0 0\r\n\
          m=application {port} TCP sipmail\r\na=setup:passive\r\na=connection:new\r\n\
@@ -237,7 +239,7 @@ pub fn encode_answer(answer: &Answer, session_id: u64, media: SocketAddr) -> Vec
     .into_bytes()
 }
 
-pub fn decode_answer(body: &[u8]) -> Result<(Answer, SocketAddr), SdpError> {
+pub fn decode_answer(body: &[u8]) -> Result<Answer, SdpError> {
     let l = Lines::new(body)?;
     check_version(&l, "a=")?;
     let c = l.line("c=").ok_or(SdpError::Missing("c= line"))?;
@@ -273,17 +275,15 @@ pub fn decode_answer(body: &[u8]) -> Result<(Answer, SocketAddr), SdpError> {
                 .ok_or(SdpError::Missing("a=sipmail-signature"))?,
         )
         .map_err(|e| bad("a=sipmail-signature", e.to_string()))?;
-    Ok((
-        Answer {
-            suite,
-            fingerprint,
-            public,
-            signature,
-            rs_ids: rs_ids(l.attr("sipmail-rs", "a="))?,
-            key_packet: pubkey(l.attr("sipmail-pubkey", "a="))?,
-        },
-        SocketAddr::new(ip, port),
-    ))
+    Ok(Answer {
+        media: SocketAddr::new(ip, port),
+        suite,
+        fingerprint,
+        public,
+        signature,
+        rs_ids: rs_ids(l.attr("sipmail-rs", "a="))?,
+        key_packet: pubkey(l.attr("sipmail-pubkey", "a="))?,
+    })
 }
 
 /// ACK body (Content-Type application/sipmail-confirm).
@@ -330,17 +330,19 @@ mod tests {
         };
         let b = encode_offer(&offer, 42, "127.0.0.1".parse().unwrap());
         assert_eq!(decode_offer(&b).unwrap(), offer);
-        let answer = Answer {
-            suite: Suite::ChaCha20Poly1305,
-            fingerprint: vec![0xcd; 20],
-            public: [3; 32],
-            signature: vec![9; 119],
-            rs_ids: vec![[8; 8]],
-            key_packet: Vec::new(),
-        };
-        let media: SocketAddr = "127.0.0.2:40000".parse().unwrap();
-        let b = encode_answer(&answer, 42, media);
-        assert_eq!(decode_answer(&b).unwrap(), (answer, media));
+        for media in ["127.0.0.2:40000", "[2001:db8::7]:40001"] {
+            let answer = Answer {
+                media: media.parse().unwrap(),
+                suite: Suite::ChaCha20Poly1305,
+                fingerprint: vec![0xcd; 20],
+                public: [3; 32],
+                signature: vec![9; 119],
+                rs_ids: vec![[8; 8]],
+                key_packet: Vec::new(),
+            };
+            let b = encode_answer(&answer, 42);
+            assert_eq!(decode_answer(&b).unwrap(), answer);
+        }
         let c = Confirm {
             public: [4; 32],
             signature: vec![8; 119],
@@ -375,11 +377,13 @@ mod tests {
                 ..
             })
         ));
-        let broken = text.replace("a=sipmail-version:2", "a=sipmail-version:1");
-        assert_eq!(
-            decode_offer(broken.as_bytes()),
-            Err(SdpError::Version("1".into()))
-        );
+        for old in ["1", "2"] {
+            let broken = text.replace("a=sipmail-version:3", &format!("a=sipmail-version:{old}"));
+            assert_eq!(
+                decode_offer(broken.as_bytes()),
+                Err(SdpError::Version(old.into()))
+            );
+        }
         let broken = text.replace("a=sipmail-auth:signed", "a=sipmail-auth:none");
         assert!(matches!(
             decode_offer(broken.as_bytes()),
