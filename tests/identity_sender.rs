@@ -133,7 +133,8 @@ async fn call_b_as_a(sites: &TwoSites) -> RawSmtp {
         .tag()
         .map(str::to_string)
         .unwrap();
-    let (answer, media) = sdp::decode_answer(&resp.body).unwrap();
+    let answer = sdp::decode_answer(&resp.body).unwrap();
+    let media = answer.media;
     let ctx = CallContext {
         call_id: call_id.clone(),
         from_tag: from_tag.clone(),
