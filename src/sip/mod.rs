@@ -1,16 +1,18 @@
-//! SIP message layer ([`message`]) and a UDP+TCP endpoint with RFC 3261
-//! transactions ([`endpoint`]). Self-contained: depends only on tokio,
-//! thiserror, tracing, getrandom and hex.
+//! SIP: the message layer ([`message`]), RFC 3261 transactions as a sans-IO core
+//! ([`transaction`], with the timers of [`timer`] and the abuse limits of [`limits`]),
+//! and the UDP+TCP socket driver that runs them ([`endpoint`]).
 
 pub mod endpoint;
 pub mod limits;
 pub mod message;
 pub mod sdp;
+pub mod timer;
+pub mod transaction;
 
-pub use endpoint::{Endpoint, EndpointConfig, Incoming, Transport, TxnError};
+pub use endpoint::{DEFAULT_TCP_IDLE, Endpoint, EndpointConfig, Incoming, Transport, TxnError};
 pub use message::{
     CSeq, Headers, Method, NameAddr, ParseError, Request, Response, SipMessage, Via,
-    parse_datagram, parse_stream,
+    parse_datagram, parse_stream, warning_response,
 };
 
 /// `bytes` random bytes as lower-case hex (tags, Call-IDs, branches).
