@@ -320,3 +320,53 @@ fn serialize(start: &str, headers: &Headers, body: &[u8]) -> Vec<u8> {
     out.extend_from_slice(body);
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn invite(to: &str) -> Request {
+        let mut r = Request::new(Method::Invite, "sip:mail@site-b.test");
+        r.headers
+            .push("Via", "SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bKw1");
+        r.headers.push("From", "<sip:mail@site-a.test>;tag=a");
+        r.headers.push("To", to);
+        r.headers.push("Call-ID", "w1@site-a.test");
+        r.headers.push("CSeq", "1 INVITE");
+        r
+    }
+
+    /// What relay's `reject` and `warn_response` wrote before this helper existed.
+    fn relay_style(req: &Request, status: u16, reason: &str, warning: &str) -> Response {
+        let mut r = Response::for_request(req, status, reason);
+        r.headers.push(
+            "Warning",
+            format!(
+                "399 sipmail \"{}\"",
+                warning.replace(['"', '\\', '\r', '\n'], " ")
+            ),
+        );
+        r
+    }
+
+    #[test]
+    fn warning_response_is_byte_identical_to_the_relay_builders() {
+        let req = invite("<sip:mail@site-b.test>");
+        for text in ["unknown peer", "a \"quoted\" \\ text\r\nwith breaks", ""] {
+            let ours = warning_response(&req, 403, "Forbidden", 399, "sipmail", text);
+            assert_eq!(
+                ours.to_bytes(),
+                relay_style(&req, 403, "Forbidden", text).to_bytes()
+            );
+        }
+        let r = warning_response(&req, 488, "Not Acceptable Here", 399, "sipmail", "say \"hi\"");
+        assert_eq!(r.headers.get("Warning"), Some("399 sipmail \"say  hi \""));
+    }
+
+    #[test]
+    fn in_dialog_means_a_to_tag() {
+        assert!(!invite("<sip:mail@site-b.test>").is_in_dialog());
+        assert!(invite("<sip:mail@site-b.test>;tag=b").is_in_dialog());
+        assert!(!invite("garbage <").is_in_dialog());
+    }
+}
