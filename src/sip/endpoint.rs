@@ -3,7 +3,7 @@
 //!
 //! All transaction state (RFC 3261 §17) lives in the sans-IO
 //! [`Transactions`](super::transaction::Transactions). This driver reads the sockets
-//! ([`transport`]), feeds each message to the core with `Instant::now()`, performs the
+//! (`endpoint/transport.rs`), feeds each message to the core with `Instant::now()`, performs the
 //! [`Action`]s it returns (send bytes, deliver a request to the application, wake a
 //! waiting [`Endpoint::request`]), and one task sleeps until the core's next deadline.
 
@@ -104,7 +104,6 @@ impl Default for EndpointConfig {
         }
     }
 }
-
 
 /// How to answer a request: the UDP source, or the TCP connection it came in on.
 #[derive(Clone)]
@@ -308,8 +307,14 @@ impl Endpoint {
         let (tx, rx) = oneshot::channel();
         {
             let mut st = lock(&inner.state);
-            st.core
-                .start_client(key.clone(), &req, bytes.clone(), dest, transport, Instant::now())?;
+            st.core.start_client(
+                key.clone(),
+                &req,
+                bytes.clone(),
+                dest,
+                transport,
+                Instant::now(),
+            )?;
             st.waiters.insert(key.clone(), tx);
         }
         inner.wake.notify_one();
@@ -579,7 +584,9 @@ impl Inner {
                     c.received_request(req, source, transport, path, wire_len, free, now)
                 })
             }
-            SipMessage::Response(resp) => self.with_core(|c| c.received_response(resp, source, now)),
+            SipMessage::Response(resp) => {
+                self.with_core(|c| c.received_response(resp, source, now))
+            }
         };
         self.perform(actions).await;
     }
@@ -648,9 +655,14 @@ impl Inner {
                         },
                     };
                     if let Err(refused) = self.deliver(incoming, d.in_dialog) {
-                        let Incoming { request, reply, .. } = *refused;
+                        let Incoming {
+                            request,
+                            source,
+                            reply,
+                            ..
+                        } = *refused;
                         let more = self.with_core(|c| {
-                            c.undeliverable(&reply.key, &request, reply.is_ack, reply.path.clone())
+                            c.undeliverable(&reply.key, &request, source, reply.is_ack, reply.path)
                         });
                         todo.extend(more);
                     }
@@ -668,8 +680,9 @@ impl Incoming {
         lock(&self.reply.inner.state).core.end(&self.reply.key);
     }
 
-    /// Answers the request (server transaction). See the module docs for
-    /// caching and retransmission behaviour.
+    /// Answers the request in its server transaction: the response gets the transaction's
+    /// To tag, is cached for retransmitted requests, and a final response to INVITE over
+    /// UDP is retransmitted until the ACK (see [`Transactions::send_response`]).
     pub async fn respond(&self, resp: Response) -> Result<(), TxnError> {
         let r = &self.reply;
         if r.is_ack {

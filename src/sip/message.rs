@@ -1,6 +1,6 @@
 //! SIP message model and serializer (RFC 3261 §7, §20, §25): [`Request`], [`Response`],
 //! [`Method`], the parse error, and the response builders. Header fields live in
-//! [`headers`](self::headers), the parser in [`parse`](self::parse); both are re-exported here.
+//! `message/headers.rs`, the parser in `message/parse.rs`; both are re-exported here.
 //!
 //! Pure code: no I/O, no clocks. Bodies are arbitrary bytes and are kept
 //! exactly; the header section must be UTF-8.
@@ -142,7 +142,6 @@ impl FromStr for Method {
     }
 }
 
-
 // ---------------------------------------------------------------------------
 // Messages
 
@@ -237,7 +236,8 @@ impl Response {
     /// Appends a `Warning: <code> <agent> "<text>"` header (RFC 3261 §20.43). The text
     /// becomes a safe quoted-string: `"`, `\`, CR and LF are each replaced by a space.
     pub fn with_warning(mut self, code: u16, agent: &str, text: &str) -> Response {
-        self.headers.push("Warning", warning_value(code, agent, text));
+        self.headers
+            .push("Warning", warning_value(code, agent, text));
         self
     }
 
@@ -359,7 +359,14 @@ mod tests {
                 relay_style(&req, 403, "Forbidden", text).to_bytes()
             );
         }
-        let r = warning_response(&req, 488, "Not Acceptable Here", 399, "sipmail", "say \"hi\"");
+        let r = warning_response(
+            &req,
+            488,
+            "Not Acceptable Here",
+            399,
+            "sipmail",
+            "say \"hi\"",
+        );
         assert_eq!(r.headers.get("Warning"), Some("399 sipmail \"say  hi \""));
     }
 

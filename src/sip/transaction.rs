@@ -340,7 +340,12 @@ impl<P: Clone> Transactions<P> {
 }
 
 /// Moves `slot`'s deadline to `at`. The heap entry under the old `due` becomes stale.
-fn arm(timers: &mut BinaryHeap<Reverse<(Instant, Slot)>>, due: &mut Instant, at: Instant, slot: Slot) {
+fn arm(
+    timers: &mut BinaryHeap<Reverse<(Instant, Slot)>>,
+    due: &mut Instant,
+    at: Instant,
+    slot: Slot,
+) {
     if *due != at {
         *due = at;
         timers.push(Reverse((at, slot)));
@@ -382,6 +387,7 @@ fn overload_response(req: &Request, why: &str, retry_after: u32) -> Response {
     if req.method != Method::Cancel {
         r = r.with_to_tag(&format!("{STATELESS_TAG}{}", super::random_hex(6)));
     }
-    r.headers.push("Retry-After", retry_after.max(1).to_string());
+    r.headers
+        .push("Retry-After", retry_after.max(1).to_string());
     r.with_warning(399, "sipmail", why)
 }

@@ -1,6 +1,6 @@
 //! The socket tasks of the endpoint: the UDP receive loop, the TCP accept loop, and one
 //! reader and one writer task per TCP connection (framing, idle and half-open timeouts,
-//! connection limits). They parse what arrives and hand it to [`Inner::dispatch`].
+//! connection limits). They parse what arrives and hand it to `Inner::dispatch`.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -15,7 +15,9 @@ use tracing::{debug, trace, warn};
 
 use super::{Inner, ReplyPath, lock, wait_true};
 use crate::sip::limits::LogBudget;
-use crate::sip::message::{ParseError, bad_request_for, parse_datagram_limited, parse_stream_limited};
+use crate::sip::message::{
+    ParseError, bad_request_for, parse_datagram_limited, parse_stream_limited,
+};
 
 pub(super) enum WriteCmd {
     Data(Vec<u8>),
@@ -134,7 +136,12 @@ pub(super) async fn accept_loop(
     }
 }
 
-pub(super) fn spawn_conn(inner: &Arc<Inner>, stream: TcpStream, peer: SocketAddr, accepted: bool) -> Conn {
+pub(super) fn spawn_conn(
+    inner: &Arc<Inner>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    accepted: bool,
+) -> Conn {
     let _ = stream.set_nodelay(true);
     let id = inner.next_conn_id.fetch_add(1, Ordering::Relaxed);
     let (tx, rx) = mpsc::channel(64);

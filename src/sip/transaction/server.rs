@@ -145,7 +145,7 @@ impl<P: Clone> Transactions<P> {
                 } else if admits(in_dialog, free) {
                     out.push(Action::Deliver(delivery(req, key, false)));
                 } else {
-                    out.extend(self.undeliverable(&key, &req, false, path));
+                    out.extend(self.undeliverable(&key, &req, source, false, path));
                 }
             }
         }
@@ -260,14 +260,15 @@ impl<P: Clone> Transactions<P> {
         &mut self,
         key: &str,
         request: &Request,
+        source: SocketAddr,
         is_ack: bool,
         path: P,
     ) -> Vec<Action<P>> {
         if is_ack {
-            warn!("incoming queue full or closed: ACK dropped");
+            warn!(%source, "incoming queue full or closed: ACK dropped");
             return Vec::new();
         }
-        warn!("incoming queue full or closed: 503");
+        warn!(%source, "incoming queue full or closed: 503");
         self.servers.remove(key);
         let r = overload_response(request, "overloaded", self.cfg.retry_after);
         vec![reply(path, r.to_bytes())]
@@ -294,11 +295,19 @@ impl<P: Clone> Transactions<P> {
         let Some((answered, tag, invite)) = found else {
             debug!(%source, "CANCEL for no known INVITE: 481");
             let r = Response::for_request(&req, 481, "Call/Transaction Does Not Exist");
-            out.extend(self.send_response(&key, path, r, now).ok().map(Action::Transmit));
+            out.extend(
+                self.send_response(&key, path, r, now)
+                    .ok()
+                    .map(Action::Transmit),
+            );
             return;
         };
         let r = Response::for_request(&req, 200, "OK").with_to_tag(&tag);
-        out.extend(self.send_response(&key, path, r, now).ok().map(Action::Transmit));
+        out.extend(
+            self.send_response(&key, path, r, now)
+                .ok()
+                .map(Action::Transmit),
+        );
         if answered {
             debug!(%source, "CANCEL after the final response: no effect");
             return;
@@ -424,7 +433,10 @@ impl<P: Clone> Transactions<P> {
                 TimerAction::Retransmit => {
                     // Each retransmission is charged to the reply budget; when that is
                     // spent, retransmission stops as if Timer H had fired.
-                    let allowed = txn.budget.as_mut().is_none_or(|b| b.try_send(r.bytes.len()));
+                    let allowed = txn
+                        .budget
+                        .as_mut()
+                        .is_none_or(|b| b.try_send(r.bytes.len()));
                     if !allowed {
                         debug!(dest = %r.dest, status = r.status, "reply budget spent: final response no longer retransmitted");
                         txn.resend = None;

@@ -163,7 +163,8 @@ fn ack_for(inv: &Request, resp: &Response, branch: &str) -> Request {
         .push("Via", format!("SIP/2.0/UDP {};branch={branch}", peer()));
     a.headers.push("From", inv.headers.get("From").unwrap());
     a.headers.push("To", resp.headers.get("To").unwrap());
-    a.headers.push("Call-ID", inv.headers.get("Call-ID").unwrap());
+    a.headers
+        .push("Call-ID", inv.headers.get("Call-ID").unwrap());
     a.headers.push("CSeq", "1 ACK");
     a
 }
@@ -180,7 +181,11 @@ fn invite_2xx_is_retransmitted_until_the_ack_which_is_delivered() {
     let ringing = respond(&mut c, &key, &inv, 180, t0);
     let tag = ringing.headers.to().unwrap().tag().unwrap().to_string();
     let ok = respond(&mut c, &key, &inv, 200, t0);
-    assert_eq!(ok.headers.to().unwrap().tag(), Some(tag.as_str()), "one To tag");
+    assert_eq!(
+        ok.headers.to().unwrap().tag(),
+        Some(tag.as_str()),
+        "one To tag"
+    );
     // Timer G: T1, 2T1, 4T1, then capped at T2.
     let (at, _) = run(&mut c, t0, t0, t0 + Duration::from_millis(12_000));
     assert_eq!(at, vec![500, 1500, 3500, 7500, 11500]);
@@ -264,8 +269,13 @@ fn final_response_over_tcp_is_not_retransmitted() {
     let inv = invite("z9hG4bKinv4", "c4");
     let d = delivered(&recv_on(&mut c, &inv, Transport::Tcp, ROOM, t0));
     let key = d[0].key.clone();
-    c.send_response(&key, "tcp", Response::for_request(&inv, 486, "Busy Here"), t0)
-        .unwrap();
+    c.send_response(
+        &key,
+        "tcp",
+        Response::for_request(&inv, 486, "Busy Here"),
+        t0,
+    )
+    .unwrap();
     let (at, _) = run(&mut c, t0, t0, t0 + Duration::from_secs(40));
     assert!(at.is_empty());
 }
@@ -276,7 +286,10 @@ fn retransmitted_invite_is_absorbed_then_gets_the_last_response() {
     let mut c = core(t0);
     let inv = invite("z9hG4bKinv5", "c5");
     let key = deliver_one(&mut c, &inv, t0);
-    assert!(recv(&mut c, &inv, t0).is_empty(), "nothing sent yet: absorbed");
+    assert!(
+        recv(&mut c, &inv, t0).is_empty(),
+        "nothing sent yet: absorbed"
+    );
     respond(&mut c, &key, &inv, 180, t0);
     let again = recv(&mut c, &inv, t0 + T1);
     assert_eq!(statuses(&again), vec![180]);
@@ -365,7 +378,10 @@ fn cancel_answers_200_and_the_invite_487() {
     let actions = recv(&mut c, &cancel_for(&inv), t0 + T1);
     assert!(delivered(&actions).is_empty(), "CANCEL is handled here");
     let got = sent(&actions);
-    assert_eq!(got.iter().map(|r| r.status).collect::<Vec<_>>(), vec![200, 487]);
+    assert_eq!(
+        got.iter().map(|r| r.status).collect::<Vec<_>>(),
+        vec![200, 487]
+    );
     assert_eq!(got[0].headers.cseq().unwrap().method, Method::Cancel);
     assert_eq!(got[1].headers.cseq().unwrap().method, Method::Invite);
     let tag = ringing.headers.to().unwrap().tag().map(str::to_string);
@@ -389,7 +405,10 @@ fn cancel_after_the_answer_or_for_nothing() {
     respond(&mut c, &key, &inv, 200, t0);
     assert_eq!(statuses(&recv(&mut c, &cancel_for(&inv), t0)), vec![200]);
     let stranger = invite("z9hG4bKnobody", "c11");
-    assert_eq!(statuses(&recv(&mut c, &cancel_for(&stranger), t0)), vec![481]);
+    assert_eq!(
+        statuses(&recv(&mut c, &cancel_for(&stranger), t0)),
+        vec![481]
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -421,7 +440,10 @@ fn full_table_answers_503_and_its_ack_is_absorbed() {
     assert_stateless_503(&got[0], "399 sipmail \"too many transactions\"");
     assert_eq!(c.server_count(), 2, "no state for the refused request");
     let ack = ack_for(&third, &got[0], "z9hG4bKc");
-    assert!(recv(&mut c, &ack, t0).is_empty(), "ACK of a stateless 503 absorbed");
+    assert!(
+        recv(&mut c, &ack, t0).is_empty(),
+        "ACK of a stateless 503 absorbed"
+    );
 }
 
 #[test]
@@ -446,8 +468,16 @@ fn invite_rate_limit_answers_503_with_retry_after() {
         Some("399 sipmail \"INVITE rate limit\"")
     );
     // In-dialog requests are not rate-limited; a second later a token is back.
-    deliver_one(&mut c, &request(Method::Bye, "z9hG4bKr4", "r1", Some("x")), t0);
-    deliver_one(&mut c, &invite("z9hG4bKr5", "r5"), t0 + Duration::from_secs(1));
+    deliver_one(
+        &mut c,
+        &request(Method::Bye, "z9hG4bKr4", "r1", Some("x")),
+        t0,
+    );
+    deliver_one(
+        &mut c,
+        &invite("z9hG4bKr5", "r5"),
+        t0 + Duration::from_secs(1),
+    );
 }
 
 #[test]
@@ -461,7 +491,7 @@ fn full_queue_answers_503_overloaded_and_forgets_the_transaction() {
     assert_eq!(c.server_count(), 0);
     // The driver's own refusal (the queue filled meanwhile) does the same.
     let d = delivered(&recv(&mut c, &inv, t0));
-    let again = c.undeliverable(&d[0].key, &d[0].request, false, "udp");
+    let again = c.undeliverable(&d[0].key, &d[0].request, peer(), false, "udp");
     assert_stateless_503(&sent(&again)[0], "399 sipmail \"overloaded\"");
     assert_eq!(c.server_count(), 0);
 }
@@ -479,7 +509,13 @@ fn in_dialog_requests_may_use_the_reserve() {
     let refused = recv_on(&mut c, &inv, Transport::Udp, IN_DIALOG_RESERVE, t0);
     assert_eq!(statuses(&refused), vec![503]);
     let bye = request(Method::Bye, "z9hG4bKres2", "res2", Some("b2"));
-    let d = delivered(&recv_on(&mut c, &bye, Transport::Udp, IN_DIALOG_RESERVE, t0));
+    let d = delivered(&recv_on(
+        &mut c,
+        &bye,
+        Transport::Udp,
+        IN_DIALOG_RESERVE,
+        t0,
+    ));
     assert_eq!(d.len(), 1);
     assert!(d[0].in_dialog);
     let ack = request(Method::Ack, "z9hG4bKres3", "res3", Some("b3"));
@@ -487,7 +523,10 @@ fn in_dialog_requests_may_use_the_reserve() {
     assert_eq!(d.len(), 1, "an ACK of a 2xx is delivered from the reserve");
     // The reserve exhausted: even a BYE is refused.
     let bye = request(Method::Bye, "z9hG4bKres4", "res4", Some("b4"));
-    assert_eq!(statuses(&recv_on(&mut c, &bye, Transport::Udp, 0, t0)), vec![503]);
+    assert_eq!(
+        statuses(&recv_on(&mut c, &bye, Transport::Udp, 0, t0)),
+        vec![503]
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -534,7 +573,11 @@ fn invite_client_timer_a_and_b() {
     start(&mut c, &inv, Transport::Udp, t0);
     let (at, all) = run(&mut c, t0, t0, t0 + T1 * 64);
     assert_eq!(at, vec![500, 1500, 3500, 7500, 15500, 31500]);
-    assert_eq!(done(&all), vec![ClientOutcome::TimedOut], "Timer B at 64*T1");
+    assert_eq!(
+        done(&all),
+        vec![ClientOutcome::TimedOut],
+        "Timer B at 64*T1"
+    );
     assert_eq!(c.client_count(), 0);
 }
 
@@ -546,12 +589,19 @@ fn invite_client_provisional_stops_retransmission() {
     start(&mut c, &inv, Transport::Udp, t0);
     let now = t0 + Duration::from_millis(600);
     run(&mut c, t0, t0, now);
-    assert!(c.received_response(answer(&inv, 180), peer(), now).is_empty());
+    assert!(
+        c.received_response(answer(&inv, 180), peer(), now)
+            .is_empty()
+    );
     let (at, all) = run(&mut c, t0, now, t0 + Duration::from_secs(100));
     assert!(at.is_empty(), "no retransmission after 180: {at:?}");
     assert!(done(&all).is_empty(), "Timer B no longer applies");
     let (_, all) = run(&mut c, t0, now, now + Duration::from_secs(181));
-    assert_eq!(done(&all), vec![ClientOutcome::TimedOut], "the proceeding timeout");
+    assert_eq!(
+        done(&all),
+        vec![ClientOutcome::TimedOut],
+        "the proceeding timeout"
+    );
 }
 
 #[test]
@@ -570,9 +620,14 @@ fn invite_client_acks_a_non2xx_and_again_on_its_retransmission() {
         panic!()
     };
     assert_eq!(ack.method, Method::Ack);
-    assert_eq!(ack.headers.top_via().unwrap().branch, inv.headers.top_via().unwrap().branch);
+    assert_eq!(
+        ack.headers.top_via().unwrap().branch,
+        inv.headers.top_via().unwrap().branch
+    );
     assert_eq!(ack.headers.to().unwrap().tag(), Some("far"));
-    assert!(matches!(&out[1], Action::ClientDone { key: k, outcome: ClientOutcome::Final(r) } if *k == key && r.status == 486));
+    assert!(
+        matches!(&out[1], Action::ClientDone { key: k, outcome: ClientOutcome::Final(r) } if *k == key && r.status == 486)
+    );
     let again = c.received_response(busy, peer(), t0 + T1);
     assert!(matches!(&again[..], [Action::Transmit(t)] if t.bytes == *bytes));
     let (at, _) = run(&mut c, t0, t0, t0 + Duration::from_secs(40));
@@ -586,7 +641,9 @@ fn invite_client_2xx_is_left_to_the_caller() {
     let inv = client_request(Method::Invite, "z9hG4bKcd");
     start(&mut c, &inv, Transport::Udp, t0);
     let out = c.received_response(answer(&inv, 200), peer(), t0);
-    assert!(matches!(&out[..], [Action::ClientDone { outcome: ClientOutcome::Final(r), .. }] if r.status == 200));
+    assert!(
+        matches!(&out[..], [Action::ClientDone { outcome: ClientOutcome::Final(r), .. }] if r.status == 200)
+    );
     // The caller's ACK, remembered, answers a retransmitted 2xx.
     let ack = client_request(Method::Ack, "z9hG4bKce");
     let mut ack = ack;
@@ -621,7 +678,13 @@ fn non_invite_client_provisional_retransmits_every_t2() {
     assert_eq!(at, vec![4600, 8600, 12600]);
     assert!(done(&all).is_empty());
     let out = c.received_response(answer(&opt, 200), peer(), t0 + Duration::from_secs(13));
-    assert!(matches!(&out[..], [Action::ClientDone { outcome: ClientOutcome::Final(_), .. }]));
+    assert!(matches!(
+        &out[..],
+        [Action::ClientDone {
+            outcome: ClientOutcome::Final(_),
+            ..
+        }]
+    ));
 }
 
 #[test]
@@ -645,10 +708,22 @@ fn client_table_is_bounded() {
         },
         t0,
     );
-    start(&mut c, &client_request(Method::Options, "z9hG4bKci"), Transport::Udp, t0);
+    start(
+        &mut c,
+        &client_request(Method::Options, "z9hG4bKci"),
+        Transport::Udp,
+        t0,
+    );
     let second = client_request(Method::Options, "z9hG4bKcj");
     let err = c
-        .start_client(("b".into(), "OPTIONS".into()), &second, Vec::new(), peer(), Transport::Udp, t0)
+        .start_client(
+            ("b".into(), "OPTIONS".into()),
+            &second,
+            Vec::new(),
+            peer(),
+            Transport::Udp,
+            t0,
+        )
         .unwrap_err();
     assert!(matches!(err, TxnError::TooManyTransactions));
 }
