@@ -2,7 +2,7 @@
 //! RFC 3581 symmetric response routing.
 //!
 //! All transaction state (RFC 3261 §17) lives in the sans-IO
-//! [`Transactions`](super::transaction::Transactions). This driver reads the sockets
+//! [`Transactions`]. This driver reads the sockets
 //! (`endpoint/transport.rs`), feeds each message to the core with `Instant::now()`, performs the
 //! [`Action`]s it returns (send bytes, deliver a request to the application, wake a
 //! waiting [`Endpoint::request`]), and one task sleeps until the core's next deadline.
