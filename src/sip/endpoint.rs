@@ -322,7 +322,7 @@ impl Endpoint {
             inner: inner.clone(),
             key,
         };
-        let closed = match transport {
+        let mut closed = match transport {
             Transport::Udp => {
                 inner.udp.send_to(&bytes, dest).await?;
                 None
@@ -336,7 +336,6 @@ impl Endpoint {
                 Some(conn.closed.clone())
             }
         };
-        let mut closed = closed;
         // The core ends the transaction (final response, Timer B/F); the driver
         // watches the connection and the shutdown.
         tokio::select! {
