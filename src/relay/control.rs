@@ -8,7 +8,7 @@
 //! `sipmail keys import --keyring DIR` can find the daemon using DIR, the daemon writes the
 //! socket's absolute path into `DIR/daemon.control` while it runs.
 
-use super::Shared;
+use super::context::Context;
 use crate::queue::{Envelope, now_ms};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -120,7 +120,16 @@ pub(crate) async fn bind(spool: &Path) -> std::io::Result<UnixListener> {
     Ok(l)
 }
 
-pub(crate) async fn serve(shared: Arc<Shared>, listener: UnixListener) {
+/// Where the socket and the keyring pointer live: the control socket's share of the
+/// config.
+#[derive(Clone, Debug)]
+pub(crate) struct Paths {
+    pub spool: PathBuf,
+    pub keyring: PathBuf,
+}
+
+/// Answer requests until shutdown; then remove the socket and the keyring pointer.
+pub(crate) async fn serve(shared: Arc<Context>, paths: Paths, listener: UnixListener) {
     loop {
         let conn = tokio::select! {
             c = listener.accept() => match c { Ok((c, _)) => c, Err(_) => continue },
@@ -145,8 +154,8 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: UnixListener) {
             }
         });
     }
-    let _ = std::fs::remove_file(socket_path(&shared.cfg.spool));
-    remove_keyring_pointer(&shared.cfg.keyring, &shared.cfg.spool);
+    let _ = std::fs::remove_file(socket_path(&paths.spool));
+    remove_keyring_pointer(&paths.keyring, &paths.spool);
 }
 
 /// A message's headers for `queue show`.
@@ -154,7 +163,7 @@ async fn headers_text(spool: &crate::queue::Spool, id: &str) -> String {
     String::from_utf8_lossy(&spool.read_headers(id, 16 * 1024).await).into_owned()
 }
 
-async fn handle(shared: &Arc<Shared>, req: Request) -> Reply {
+async fn handle(shared: &Context, req: Request) -> Reply {
     match req {
         Request::Reload => match shared.reload_keys().await {
             Ok(message) => Reply::Reloaded { message },
