@@ -1,9 +1,10 @@
 //! The answering side: check the caller, answer with our signed half of the handshake,
 //! check the ACK's confirm, accept the media connection and serve SMTP through it.
 
+use super::context::{Context, PendingGuard};
+use super::events::RelayEvent;
 use super::inbound::{Origin, SpoolBackend};
 use super::trust::{self, HoldReason, OpportunisticDecision};
-use super::{Context, PendingGuard, RelayEvent};
 use crate::config::ContinuityPolicy;
 use crate::handshake::{
     AuthMode, CallContext, CalleeAwaitConfirm, CalleePolicy, Continuity, HandshakeError,

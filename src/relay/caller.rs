@@ -2,7 +2,7 @@
 //! runs an SMTP client through the call's encrypted stream, reuses the call for further
 //! messages, and hangs up with BYE when idle.
 
-use super::context::Context;
+use super::context::{Context, SetupFailure};
 use super::events::RelayEvent;
 use super::jobs::{Lane, RcptOutcome, outcomes_from_smtp};
 use super::trust::{HoldReason, OpportunisticDecision};
@@ -106,13 +106,6 @@ async fn resolve(peer: &Peer) -> Result<SocketAddr, CallError> {
         .map_err(|e| CallError::Resolve(format!("{what}: {e}")))?
         .next()
         .ok_or(CallError::Resolve(what))
-}
-
-/// The last failed set-up of a call to a peer: when, and why.
-#[derive(Debug, Clone)]
-pub(crate) struct SetupFailure {
-    at: tokio::time::Instant,
-    reason: String,
 }
 
 /// Calls to one peer are set up one at a time (the calls themselves then run side by side).

@@ -4,13 +4,13 @@
 //! Tasks take the parts they use; the whole [`Context`] goes only to the call tasks,
 //! which use most of it.
 
-use super::dispatch::PendingTable;
 use super::events::{Events, Hooks, RelayEvent, Shutdown};
 use super::keys::{KeyState, Keys};
 use super::scheduler::MailQueue;
 use super::site::Site;
 use super::trust;
 use crate::queue::Spool;
+use crate::sip::limits::{CallId, PendingCalls};
 use crate::sip::{Endpoint, Incoming};
 use crate::smtp::ServerConfig;
 use std::collections::HashMap;
@@ -44,8 +44,62 @@ pub(crate) struct SipState {
     pub pending: Mutex<PendingTable>,
     /// Per peer, the gate that makes our call set-ups to it run one at a time, holding the
     /// last failure (see `caller::place_call_in_turn`).
-    pub call_setup:
-        Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<super::caller::SetupFailure>>>>>,
+    pub call_setup: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<SetupFailure>>>>>,
+}
+
+/// The pending calls and, per call, the sender that tells its task it was evicted.
+pub(crate) struct PendingTable {
+    pub calls: PendingCalls,
+    pub evict: HashMap<CallId, tokio::sync::oneshot::Sender<()>>,
+}
+
+/// The last failed set-up of a call to a peer: when, and why.
+#[derive(Debug, Clone)]
+pub(crate) struct SetupFailure {
+    pub at: tokio::time::Instant,
+    pub reason: String,
+}
+
+/// Holds one pending-call slot; frees it when dropped.
+pub(crate) struct PendingGuard {
+    ctx: Arc<Context>,
+    id: CallId,
+    evicted: Option<tokio::sync::oneshot::Receiver<()>>,
+}
+
+impl PendingGuard {
+    /// Hold the slot `id` (already taken in `ctx.sip.pending`); `evicted` fires if the
+    /// call is evicted to make room.
+    pub fn new(ctx: Arc<Context>, id: CallId, evicted: tokio::sync::oneshot::Receiver<()>) -> Self {
+        PendingGuard {
+            ctx,
+            id,
+            evicted: Some(evicted),
+        }
+    }
+
+    /// Resolves when this call was evicted to make room for newer ones (never, once the
+    /// call is no longer pending).
+    pub async fn evicted(&mut self) {
+        match self.evicted.as_mut() {
+            Some(rx) => {
+                if rx.await.is_err() {
+                    // The sender was dropped without a send: not evicted.
+                    std::future::pending::<()>().await
+                }
+            }
+            None => std::future::pending::<()>().await,
+        }
+    }
+}
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        if let Ok(mut p) = self.ctx.sip.pending.lock() {
+            p.calls.finish(self.id);
+            p.evict.remove(&self.id);
+        }
+    }
 }
 
 /// What we keep about each peer's keys: retained secrets, pins, pending keys.

@@ -1,8 +1,8 @@
 //! Starting and running the relay: bind the sockets, build the [`Context`], and spawn the
 //! long-lived tasks (SMTP accept loop, SIP dispatch, scheduler, control socket).
 
-use super::context::{Context, PeerTrust, SipState, canonical_ip};
-use super::dispatch::{self, PendingTable};
+use super::context::{Context, PeerTrust, PendingTable, SipState, canonical_ip};
+use super::dispatch;
 use super::error::{RelayError, io_err};
 use super::events::{Events, Hooks, RelayEvent, Shutdown};
 use super::jobs::Lane;

@@ -3,14 +3,11 @@
 //! in-dialog requests go to their call's task; the rest get their answer here.
 
 use super::callee;
-use super::context::Context;
-use crate::sip::limits::PendingCalls;
+use super::context::{Context, PendingGuard};
+use super::sipvocab::{ALLOW, warn_response};
 use crate::sip::{Incoming, Method, Request, Response};
-use std::collections::HashMap;
 use std::sync::Arc;
 use tokio::sync::mpsc;
-
-pub(crate) const ALLOW: &str = "INVITE, ACK, BYE, CANCEL, OPTIONS";
 
 /// Methods that exist (RFC 3261 and its extensions) but that sipmail does not allow:
 /// `405 Method Not Allowed`. Anything else is unknown: `501 Not Implemented`.
@@ -26,52 +23,6 @@ const KNOWN_METHODS: &[&str] = &[
     "PUBLISH",
 ];
 
-/// The pending calls and, per call, the sender that tells its task it was evicted.
-pub(crate) struct PendingTable {
-    pub calls: PendingCalls,
-    pub evict: HashMap<crate::sip::limits::CallId, tokio::sync::oneshot::Sender<()>>,
-}
-
-/// Holds one pending-call slot; frees it when dropped.
-pub(crate) struct PendingGuard {
-    shared: Arc<Context>,
-    id: crate::sip::limits::CallId,
-    evicted: Option<tokio::sync::oneshot::Receiver<()>>,
-}
-
-impl PendingGuard {
-    /// Resolves when this call was evicted to make room for newer ones (never, once the
-    /// call is no longer pending).
-    pub async fn evicted(&mut self) {
-        match self.evicted.as_mut() {
-            Some(rx) => {
-                if rx.await.is_err() {
-                    // The sender was dropped without a send: not evicted.
-                    std::future::pending::<()>().await
-                }
-            }
-            None => std::future::pending::<()>().await,
-        }
-    }
-}
-
-impl Drop for PendingGuard {
-    fn drop(&mut self) {
-        if let Ok(mut p) = self.shared.sip.pending.lock() {
-            p.calls.finish(self.id);
-            p.evict.remove(&self.id);
-        }
-    }
-}
-
-/// A `Reason` header value (RFC 3326) explaining why we hang up.
-pub(crate) fn reason_header(text: &str) -> String {
-    format!(
-        "SIP;cause=488;text=\"{}\"",
-        text.replace(['"', '\\', '\r', '\n'], " ")
-    )
-}
-
 /// Option-tags in `Require` that we do not support: all of them (RFC 3261 §8.2.2.3).
 fn unsupported_requires(req: &Request) -> Vec<String> {
     req.headers
@@ -81,18 +32,6 @@ fn unsupported_requires(req: &Request) -> Vec<String> {
         .map(|t| t.trim().to_string())
         .filter(|t| !t.is_empty())
         .collect()
-}
-
-fn warn_response(req: &Request, status: u16, reason: &str, warning: &str) -> Response {
-    let mut r = Response::for_request(req, status, reason);
-    r.headers.push(
-        "Warning",
-        format!(
-            "399 sipmail \"{}\"",
-            warning.replace(['"', '\\', '\r', '\n'], " ")
-        ),
-    );
-    r
 }
 
 /// Dispatch incoming SIP requests: new INVITEs start a callee task; in-dialog requests go
@@ -181,11 +120,7 @@ pub(crate) async fn sip_loop(shared: Arc<Context>, mut incoming: mpsc::Receiver<
                         "pending calls full: the oldest un-ACKed call is dropped to make room");
                     let _ = stop.send(());
                 }
-                let guard = PendingGuard {
-                    shared: shared.clone(),
-                    id,
-                    evicted: Some(rx),
-                };
+                let guard = PendingGuard::new(shared.clone(), id, rx);
                 calls.spawn(callee::handle_invite(shared.clone(), inc, guard));
             }
             Method::Options => {

@@ -30,6 +30,7 @@ mod local;
 mod schedule;
 mod scheduler;
 pub mod sender;
+mod sipvocab;
 mod site;
 mod trace;
 pub mod trust;
@@ -41,8 +42,7 @@ pub use keys::{KeyringSigner, PeerVerifier, PresentedKeyVerifier, check_keyring}
 pub use scheduler::QueueSnapshot;
 
 // Short paths for the call tasks (callee.rs, caller.rs).
-pub(crate) use context::Context;
-pub(crate) use dispatch::{ALLOW, PendingGuard, reason_header};
+pub(crate) use sipvocab::{ALLOW, reason_header};
 pub(crate) use trace::civil_from_days;
 
 /// (year, month, day) of a day count since 1970-01-01 (for the CLI's dates).

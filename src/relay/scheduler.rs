@@ -413,7 +413,7 @@ pub(crate) async fn run(
             let _ = r.committed.send(());
         });
     };
-    loop {
+    'rounds: loop {
         let (jobs, next) = queue.take_due(now_ms());
         for job in jobs {
             let tx = routes.entry(job.route.clone()).or_insert_with(|| {
@@ -438,12 +438,17 @@ pub(crate) async fn run(
             .map(|n| Duration::from_millis(n.saturating_sub(now_ms())))
             .unwrap_or(Duration::from_secs(5))
             .clamp(Duration::from_millis(10), Duration::from_secs(5));
-        tokio::select! {
-            _ = queue.notify.notified() => {}
-            Some(r) = reports.recv() => commit(&mut commits, r),
-            Some(_) = commits.join_next(), if !commits.is_empty() => {}
-            _ = tokio::time::sleep(wait) => {}
-            _ = shutdown.wait() => break,
+        let round = tokio::time::sleep(wait);
+        tokio::pin!(round);
+        // Reports are taken while waiting for the next round; their commits wake it.
+        loop {
+            tokio::select! {
+                _ = queue.notify.notified() => break,
+                _ = &mut round => break,
+                Some(r) = reports.recv() => commit(&mut commits, r),
+                Some(_) = commits.join_next(), if !commits.is_empty() => {}
+                _ = shutdown.wait() => break 'rounds,
+            }
         }
     }
     // Closing the routes lets each lane finish its current job, report it and hang up;
