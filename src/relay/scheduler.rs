@@ -481,19 +481,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (spool, _) = Spool::open(dir.path()).unwrap();
         // Recovered at start-up: one due now, one at t=1000.
-        let site = Site {
-            domain: "site-a.test".into(),
-            hostname: "relay.site-a.test".into(),
-            peers: Vec::new(),
-            suites: Vec::new(),
-            media_ip: std::net::Ipv4Addr::LOCALHOST.into(),
-            call_records: None,
-        };
         let q = MailQueue::new(
             spool,
             vec![env("A", 0), env("B", 1000)],
             QueueTimes::default(),
-            site,
+            site(),
             Events::new(),
         );
         let (jobs, next) = q.take_due(500);
@@ -526,5 +518,80 @@ mod tests {
         let (jobs, next) = q.take_due(1002);
         assert_eq!(ids(&jobs), ["A", "B", "C"]);
         assert_eq!(next, None);
+    }
+
+    fn site() -> Site {
+        Site {
+            domain: "site-a.test".into(),
+            hostname: "relay.site-a.test".into(),
+            peers: Vec::new(),
+            suites: Vec::new(),
+            media_ip: std::net::Ipv4Addr::LOCALHOST.into(),
+            call_records: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_permanent_failure_queues_the_bounce_and_drops_the_original() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(dir.path()).unwrap();
+        let events = Events::new();
+        let mut rx = events.subscribe();
+        let q = MailQueue::new(
+            spool,
+            vec![env("A", 0)],
+            QueueTimes::default(),
+            site(),
+            events,
+        );
+        let (jobs, _) = q.take_due(0);
+        let outcomes = jobs[0].all(super::super::jobs::RcptOutcome::Permanent {
+            status: "5.1.1".into(),
+            diagnostic: "smtp; 550 5.1.1 no such user".into(),
+            remote: Some("peer site-b.test".into()),
+        });
+        q.commit(&jobs[0], &outcomes).await;
+        let left = q.list();
+        assert_eq!(left.len(), 1, "only the bounce is left");
+        let bounce = &left[0];
+        assert_ne!(bounce.id, "A");
+        assert_eq!(bounce.mail_from, "");
+        assert_eq!(bounce.recipients[0].addr, "a@site-a.test");
+        assert_eq!(bounce.recipients[0].route, Route::Local);
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(RelayEvent::Failed { id, recipient, .. }) if id == "A" && recipient == "b@site-b.test"
+        ));
+        // The bounce is in the spool too, for the next start.
+        let spooled = Spool::scan(dir.path()).unwrap();
+        assert!(spooled.iter().any(|e| e.id == bounce.id));
+    }
+
+    #[tokio::test]
+    async fn a_transient_failure_keeps_the_message_for_a_later_round() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(dir.path()).unwrap();
+        // Received just now (the commit reads the clock): far from expiry.
+        let mut fresh = env("A", 0);
+        fresh.received = now_ms() / 1000;
+        let q = MailQueue::new(
+            spool,
+            vec![fresh],
+            QueueTimes::default(),
+            site(),
+            Events::new(),
+        );
+        let (jobs, _) = q.take_due(0);
+        let outcomes = jobs[0].all(super::super::jobs::RcptOutcome::Transient("busy".into()));
+        q.commit(&jobs[0], &outcomes).await;
+        let a = q.get("A").expect("still queued");
+        assert_eq!(a.recipients[0].attempts, 1);
+        assert_eq!(a.recipients[0].last_error.as_deref(), Some("busy"));
+        assert!(a.recipients[0].next_attempt_ms > 0);
+        // Released: not in flight, and not due before its next attempt.
+        assert_eq!(q.snapshot().in_flight, 0);
+        let (jobs, next) = q.take_due(1);
+        assert!(jobs.is_empty());
+        assert_eq!(next, Some(a.recipients[0].next_attempt_ms));
     }
 }
