@@ -1,8 +1,8 @@
 //! What every task of the relay needs, grouped by job: who we are ([`Site`]), the keyring
 //! ([`Keys`]), the SIP side ([`SipState`]), the peers' trust state ([`PeerTrust`]), the mail
 //! ([`Spool`] and [`MailQueue`]), and the shutdown signal, events and test hooks.
-//! Tasks take the parts they use; the whole [`Context`] goes only to the call tasks,
-//! which use most of it.
+//! It holds run-time state, not the config: each task gets its own settings as arguments
+//! at start (see `daemon::start`).
 
 use super::events::{Events, Hooks, RelayEvent, Shutdown};
 use super::keys::{KeyState, Keys};
@@ -19,13 +19,17 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 
 pub(crate) struct Context {
+    /// Our domain, host name, partners, suites and media address.
     pub site: Site,
     /// How our SMTP servers answer, on the site side and in calls.
     pub smtp: ServerConfig,
+    /// The keyring in use; a call takes one snapshot ([`Context::keys`]).
     pub keys: Arc<Keys>,
     pub sip: SipState,
     pub trust: PeerTrust,
+    /// The message files; written by `inbound` and `bounce`, read by the workers.
     pub spool: Spool,
+    /// The queue in memory (the scheduler's); `inbound` inserts, `control` inspects.
     pub queue: Arc<MailQueue>,
     pub shutdown: Shutdown,
     pub events: Events,
