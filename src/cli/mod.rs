@@ -440,7 +440,7 @@ fn trust(cfg: &Config, cmd: TrustCmd) -> Result<ExitCode> {
 /// Tell the daemon using `keyring` (if one runs) to reload it, and say what happened: the
 /// keyring on disk has changed either way.
 fn notify_daemon(keyring: &std::path::Path) {
-    use sipmail::relay::control::{Reply, reload_keyring};
+    use sipmail::relay::control::{ControlReply as Reply, reload_keyring};
     let reply = runtime().and_then(|rt| Ok(rt.block_on(reload_keyring(keyring))?));
     match reply {
         Ok(Some(Reply::Reloaded { message })) => println!("The running daemon reloaded: {message}"),

@@ -4,7 +4,7 @@ use super::QueueCmd;
 use anyhow::{Result, bail};
 use sipmail::config::Config;
 use sipmail::queue::{Envelope, RcptState, now_ms};
-use sipmail::relay::control::{self, Reply, Request};
+use sipmail::relay::control::{self, ControlReply as Reply, ControlRequest as Request};
 use std::collections::BTreeMap;
 use std::process::ExitCode;
 

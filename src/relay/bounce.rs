@@ -3,24 +3,11 @@
 //! Built by hand rather than with lettre: lettre 0.11's MIME builder has no
 //! `multipart/report` kind. The tests parse the result with mail-parser.
 
-use super::Shared;
+pub(crate) use super::schedule::{DsnKind as Kind, Failure};
+use super::site::Site;
 use crate::queue::{Envelope, RcptState, Recipient, Spool};
 use std::time::SystemTime;
 use tokio::io::AsyncWriteExt;
-
-/// One recipient the DSN reports.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct Failure {
-    pub rcpt: String,
-    /// RFC 3463 status, e.g. `5.1.1`, or `4.4.7` for expiry.
-    pub status: String,
-    /// `smtp; 550 5.1.1 ...` or a plain reason.
-    pub diagnostic: String,
-    /// The relay or server that said no, if any.
-    pub remote: Option<String>,
-    /// The sender's ORCPT for this recipient (RFC 3461), reported back as given.
-    pub orcpt: Option<String>,
-}
 
 /// With `RET=FULL`, messages up to this size come back whole; larger ones (and all
 /// others) come back as their header block.
@@ -28,15 +15,6 @@ const FULL_RETURN_MAX: u64 = 10 * 1024 * 1024;
 
 fn header_safe(s: &str) -> String {
     super::trace::clean(s)
-}
-
-/// What the DSN reports.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Kind {
-    /// The recipients failed for good.
-    Failed,
-    /// The recipients are still being retried, until the given time.
-    Delayed { until: SystemTime },
 }
 
 /// What the DSN returns of the original: its header block, or (`full`) all of it.
@@ -172,30 +150,41 @@ pub(crate) fn build(
     out
 }
 
-/// Queue a DSN to the original sender. Returns false if it could not be queued (the
-/// caller then keeps the original message).
-pub(crate) async fn send(
-    shared: &Shared,
+/// What became of a DSN.
+#[derive(Debug)]
+pub(crate) enum Queued {
+    /// In the spool; the caller puts this envelope in the queue.
+    Yes(Envelope),
+    /// None is sent (null sender, or no route back): nothing to keep the original for.
+    NotNeeded,
+    /// Could not be written: the caller keeps the original message.
+    Failed,
+}
+
+/// Write a DSN to the original sender into the spool.
+pub(crate) async fn queue(
+    spool: &Spool,
+    site: &Site,
     original: &Envelope,
     failures: &[Failure],
     kind: Kind,
-) -> bool {
+) -> Queued {
     if original.mail_from.is_empty() {
         // RFC 5321 §4.5.5: never bounce a bounce.
         tracing::warn!(queue_id = %original.id, "not bouncing a message from the null sender <>");
-        return true;
+        return Queued::NotNeeded;
     }
-    let Some(route) = super::route_for(&shared.cfg, &original.mail_from) else {
+    let Some(route) = site.route_for(&original.mail_from) else {
         tracing::error!(queue_id = %original.id, sender = %original.mail_from,
             "cannot return a bounce: the sender's domain is neither ours nor a partner's");
-        return true;
+        return Queued::NotNeeded;
     };
     // A delay warning returns the headers only, whatever RET says (RFC 3461 §4.3).
     let want_full = kind == Kind::Failed
         && original.ret == Some(crate::smtp::Ret::Full)
         && original.size <= FULL_RETURN_MAX;
     let whole = if want_full {
-        match tokio::fs::read(shared.spool.body_path(&original.id)).await {
+        match tokio::fs::read(spool.body_path(&original.id)).await {
             Ok(b) => Some(b),
             Err(e) => {
                 tracing::warn!(queue_id = %original.id, error = %e, "RET=FULL: cannot read the message; returning its headers");
@@ -207,14 +196,11 @@ pub(crate) async fn send(
     };
     let (returned, full) = match whole {
         Some(b) => (b, true),
-        None => (
-            shared.spool.read_headers(&original.id, 64 * 1024).await,
-            false,
-        ),
+        None => (spool.read_headers(&original.id, 64 * 1024).await, false),
     };
     let id = Spool::new_id();
     let dsn = build(
-        &shared.cfg.hostname,
+        &site.hostname,
         &original.id,
         original,
         failures,
@@ -226,13 +212,13 @@ pub(crate) async fn send(
         SystemTime::now(),
     );
     let result = async {
-        let mut f = shared.spool.create_body(&id).await?;
+        let mut f = spool.create_body(&id).await?;
         f.write_all(&dsn).await?;
         let env = Envelope {
             id: id.clone(),
             received: crate::queue::now_ms() / 1000,
             client: format!("bounce of {}", original.id),
-            helo: shared.cfg.hostname.clone(),
+            helo: site.hostname.clone(),
             mail_from: String::new(),
             recipients: vec![Recipient {
                 addr: original.mail_from.clone(),
@@ -254,7 +240,7 @@ pub(crate) async fn send(
             ret: None,
             envid: None,
         };
-        shared.spool.commit(f, &env).await?;
+        spool.commit(f, &env).await?;
         Ok::<_, std::io::Error>(env)
     }
     .await;
@@ -262,13 +248,12 @@ pub(crate) async fn send(
         Ok(env) => {
             tracing::info!(queue_id = %id, original = %original.id, to = %original.mail_from,
                 recipients = failures.len(), kind = ?kind, "bounce queued");
-            shared.queue.insert(env);
-            true
+            Queued::Yes(env)
         }
         Err(e) => {
-            shared.spool.discard(&id).await;
+            spool.discard(&id).await;
             tracing::error!(queue_id = %original.id, error = %e, "could not queue the bounce; keeping the message");
-            false
+            Queued::Failed
         }
     }
 }

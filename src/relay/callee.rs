@@ -1,9 +1,10 @@
 //! The answering side: check the caller, answer with our signed half of the handshake,
 //! check the ACK's confirm, accept the media connection and serve SMTP through it.
 
+use super::context::{Context, PendingGuard};
+use super::events::RelayEvent;
 use super::inbound::{Origin, SpoolBackend};
 use super::trust::{self, HoldReason, OpportunisticDecision};
-use super::{PendingGuard, RelayEvent, Shared};
 use crate::config::ContinuityPolicy;
 use crate::handshake::{
     AuthMode, CallContext, CalleeAwaitConfirm, CalleePolicy, Continuity, HandshakeError,
@@ -80,18 +81,18 @@ fn uri_identity(uri: &str) -> Option<(String, String)> {
 }
 
 struct DialogGuard<'a> {
-    shared: &'a Shared,
+    shared: &'a Context,
     call_id: String,
 }
 impl Drop for DialogGuard<'_> {
     fn drop(&mut self) {
-        if let Ok(mut d) = self.shared.dialogs.lock() {
+        if let Ok(mut d) = self.shared.sip.dialogs.lock() {
             d.remove(&self.call_id);
         }
     }
 }
 
-pub(crate) async fn handle_invite(shared: Arc<Shared>, inc: Incoming, pending: PendingGuard) {
+pub(crate) async fn handle_invite(shared: Arc<Context>, inc: Incoming, pending: PendingGuard) {
     let call_id = inc
         .request
         .headers
@@ -122,7 +123,7 @@ fn held_message(domain: &str, fpr: &str, why: &HoldReason) -> String {
 }
 
 async fn answer(
-    shared: &Arc<Shared>,
+    shared: &Arc<Context>,
     inc: Incoming,
     mut pending: PendingGuard,
 ) -> Result<(), String> {
@@ -187,7 +188,7 @@ async fn answer(
     };
     // To: must be us.
     match uri_identity(&to.uri) {
-        Some((user, host)) if user == "mail" && host == shared.cfg.domain => {}
+        Some((user, host)) if user == "mail" && host == shared.site.domain => {}
         _ => {
             let _ = inc
                 .respond(reject(
@@ -202,7 +203,7 @@ async fn answer(
     }
     // From: must be a configured peer.
     let peer_domain = match uri_identity(&from.uri) {
-        Some((user, host)) if user == "mail" && shared.cfg.peer(&host).is_some() => host,
+        Some((user, host)) if user == "mail" && shared.site.peer(&host).is_some() => host,
         _ => {
             let _ = inc
                 .respond(reject(
@@ -215,7 +216,7 @@ async fn answer(
             return Err(format!("caller {} is not a configured peer", from.uri));
         }
     };
-    let Some(peer) = shared.cfg.peer(&peer_domain).cloned() else {
+    let Some(peer) = shared.site.peer(&peer_domain).cloned() else {
         return Err(format!("{peer_domain} is not a configured peer"));
     };
     // The offer must use the trust policy we require of this peer: no downgrade.
@@ -273,7 +274,7 @@ async fn answer(
                     .await;
                 return Err(format!("peer {peer_domain} key {peer_fpr}: {why}"));
             }
-            let checked = shared.trust.check_pin(&peer_domain, &peer_fpr);
+            let checked = shared.trust.store.check_pin(&peer_domain, &peer_fpr);
             match checked {
                 Ok(pin) => {
                     let from_peer = shared.is_peer_address(&peer_domain, inc.source.ip());
@@ -294,7 +295,7 @@ async fn answer(
         // The PSK MAC is checked on the confirm; nothing to look up here.
         AuthMode::Psk => {}
     }
-    let media = match TcpListener::bind(SocketAddr::new(shared.cfg.media_ip, 0)).await {
+    let media = match TcpListener::bind(SocketAddr::new(shared.site.media_ip, 0)).await {
         Ok(l) => l,
         Err(e) => {
             let _ = inc
@@ -310,7 +311,7 @@ async fn answer(
         from_tag,
         to_tag: to_tag.clone(),
         caller: format!("mail@{peer_domain}"),
-        callee: format!("mail@{}", shared.cfg.domain),
+        callee: format!("mail@{}", shared.site.domain),
     };
     // Wiped when this function returns; respond_with wipes its copy.
     let mut secret = zeroize::Zeroizing::new([0u8; 32]);
@@ -335,7 +336,7 @@ async fn answer(
         &ctx,
         &offer,
         *secret,
-        &shared.cfg.suites,
+        &shared.site.suites,
         ks.announced_fpr(&peer),
         signer.as_ref(),
         &policy,
@@ -383,7 +384,7 @@ async fn answer(
     }
     // Register the dialog before answering so the ACK cannot race past us.
     let (tx, mut rx) = mpsc::channel::<Incoming>(8);
-    let registered = match shared.dialogs.lock() {
+    let registered = match shared.sip.dialogs.lock() {
         Ok(mut d) if !d.contains_key(&call_id) => {
             d.insert(call_id.clone(), tx);
             true
@@ -405,7 +406,7 @@ async fn answer(
         ok.headers.set("To", v);
     }
     ok.headers
-        .push("Contact", format!("<sip:mail@{}>", shared.sip_addr));
+        .push("Contact", format!("<sip:mail@{}>", shared.sip.addr));
     ok.headers.push("Allow", super::ALLOW);
     ok.headers.push("Content-Type", "application/sdp");
     let mut sid = [0u8; 8];
@@ -675,7 +676,7 @@ async fn wait_for_bye(rx: &mut mpsc::Receiver<Incoming>) {
 
 /// BYE from the callee: From/To swap roles (RFC 3261 §12.2.1.1). Sent in the background:
 /// a caller that never answers it must not hold up this call's task (or shutdown).
-async fn send_bye(shared: &Shared, inc: &Incoming, ctx: &CallContext, reason: &str) {
+async fn send_bye(shared: &Context, inc: &Incoming, ctx: &CallContext, reason: &str) {
     let mut r = crate::sip::Request::new(
         Method::Bye,
         format!("sip:mail@{}", ctx.caller.trim_start_matches("mail@")),
@@ -690,7 +691,7 @@ async fn send_bye(shared: &Shared, inc: &Incoming, ctx: &CallContext, reason: &s
     if !reason.is_empty() {
         r.headers.push("Reason", super::reason_header(reason));
     }
-    let (endpoint, dest, transport) = (shared.endpoint.clone(), inc.source, inc.transport);
+    let (endpoint, dest, transport) = (shared.sip.endpoint.clone(), inc.source, inc.transport);
     tokio::spawn(async move {
         let _ = tokio::time::timeout(
             Duration::from_secs(35),

@@ -2,9 +2,10 @@
 //! runs an SMTP client through the call's encrypted stream, reuses the call for further
 //! messages, and hangs up with BYE when idle.
 
-use super::scheduler::{Jobs, Outcome, next_job};
+use super::context::{Context, SetupFailure};
+use super::events::RelayEvent;
+use super::jobs::{Lane, RcptOutcome, outcomes_from_smtp};
 use super::trust::{HoldReason, OpportunisticDecision};
-use super::{RelayEvent, Shared};
 use crate::config::{ContinuityPolicy, Peer};
 use crate::handshake::{AuthMode, CallContext, CallerAwaitAnswer, Continuity, HandshakeError};
 use crate::sip::sdp::{self, SdpError};
@@ -107,13 +108,6 @@ async fn resolve(peer: &Peer) -> Result<SocketAddr, CallError> {
         .ok_or(CallError::Resolve(what))
 }
 
-/// The last failed set-up of a call to a peer: when, and why.
-#[derive(Debug, Clone)]
-pub(crate) struct SetupFailure {
-    at: tokio::time::Instant,
-    reason: String,
-}
-
 /// Calls to one peer are set up one at a time (the calls themselves then run side by side).
 /// Each handshake leaves a retained secret at both ends. Set-ups that overlapped would find
 /// a secret at one end that the other does not hold yet, and the two caches, filled in
@@ -123,8 +117,9 @@ pub(crate) struct SetupFailure {
 /// call then carries many messages. A lane that waited while the set-up before it failed
 /// does not call again at once: the peer was just found unreachable or refusing, and its
 /// mail is retried on the queue's schedule.
-async fn place_call_in_turn(shared: &Arc<Shared>, peer: &Peer) -> Result<ActiveCall, CallError> {
+async fn place_call_in_turn(shared: &Arc<Context>, peer: &Peer) -> Result<ActiveCall, CallError> {
     let gate = shared
+        .sip
         .call_setup
         .lock()
         .unwrap_or_else(|p| p.into_inner())
@@ -146,14 +141,14 @@ async fn place_call_in_turn(shared: &Arc<Shared>, peer: &Peer) -> Result<ActiveC
     placed
 }
 
-async fn place_call(shared: &Arc<Shared>, peer: &Peer) -> Result<ActiveCall, CallError> {
+async fn place_call(shared: &Arc<Context>, peer: &Peer) -> Result<ActiveCall, CallError> {
     let target = resolve(peer).await?;
     let transport = if peer.sip.tcp {
         Transport::Tcp
     } else {
         Transport::Udp
     };
-    let call_id = format!("{}@{}", crate::sip::random_hex(16), shared.cfg.domain);
+    let call_id = format!("{}@{}", crate::sip::random_hex(16), shared.site.domain);
     let from_tag = crate::sip::random_hex(8);
     let mode = peer.trust.mode();
     // One keyring for the whole call, even if it is reloaded meanwhile.
@@ -161,7 +156,7 @@ async fn place_call(shared: &Arc<Shared>, peer: &Peer) -> Result<ActiveCall, Cal
     let caller = CallerAwaitAnswer::new(
         random32()?,
         random32()?,
-        shared.cfg.suites.clone(),
+        shared.site.suites.clone(),
         ks.announced_fpr(peer),
     )
     .with_auth(
@@ -179,7 +174,7 @@ async fn place_call(shared: &Arc<Shared>, peer: &Peer) -> Result<ActiveCall, Cal
     invite.headers.push("Max-Forwards", "70");
     invite.headers.push(
         "From",
-        format!("<sip:mail@{}>;tag={from_tag}", shared.cfg.domain),
+        format!("<sip:mail@{}>;tag={from_tag}", shared.site.domain),
     );
     invite
         .headers
@@ -188,16 +183,20 @@ async fn place_call(shared: &Arc<Shared>, peer: &Peer) -> Result<ActiveCall, Cal
     invite.headers.push("CSeq", "1 INVITE");
     invite
         .headers
-        .push("Contact", format!("<sip:mail@{}>", shared.sip_addr));
+        .push("Contact", format!("<sip:mail@{}>", shared.sip.addr));
     invite.headers.push("Allow", super::ALLOW);
     invite
         .headers
         .push("User-Agent", concat!("sipmail/", env!("CARGO_PKG_VERSION")));
     invite.headers.push("Content-Type", "application/sdp");
-    invite.body = sdp::encode_offer(caller.offer(), session_id, shared.cfg.media_ip);
+    invite.body = sdp::encode_offer(caller.offer(), session_id, shared.site.media_ip);
 
     tracing::debug!(%call_id, peer = %peer.domain, %target, "INVITE");
-    let resp = shared.endpoint.request(invite, target, transport).await?;
+    let resp = shared
+        .sip
+        .endpoint
+        .request(invite, target, transport)
+        .await?;
     if !(200..300).contains(&resp.status) {
         return Err(CallError::Rejected {
             status: resp.status,
@@ -218,7 +217,7 @@ async fn place_call(shared: &Arc<Shared>, peer: &Peer) -> Result<ActiveCall, Cal
         .ok_or_else(|| CallError::BadAnswer("no To tag".into()))?;
     let dialog = Dialog {
         call_id: call_id.clone(),
-        from: format!("<sip:mail@{}>;tag={from_tag}", shared.cfg.domain),
+        from: format!("<sip:mail@{}>;tag={from_tag}", shared.site.domain),
         to,
         uri,
         target,
@@ -228,7 +227,7 @@ async fn place_call(shared: &Arc<Shared>, peer: &Peer) -> Result<ActiveCall, Cal
         call_id: call_id.clone(),
         from_tag,
         to_tag,
-        caller: format!("mail@{}", shared.cfg.domain),
+        caller: format!("mail@{}", shared.site.domain),
         callee: format!("mail@{}", peer.domain),
     };
     // From here on the INVITE has a 2xx, so whatever fails, we ACK and then BYE.
@@ -265,7 +264,7 @@ async fn place_call(shared: &Arc<Shared>, peer: &Peer) -> Result<ActiveCall, Cal
         Ok(x) => x,
         Err(e) => {
             let ack = in_dialog_request(&dialog, Method::Ack, 1);
-            let _ = shared.endpoint.send_ack(ack, target, transport).await;
+            let _ = shared.sip.endpoint.send_ack(ack, target, transport).await;
             bye_in_background(shared, &dialog, &e.to_string());
             if let CallError::PinChanged { presented, .. } = &e {
                 shared
@@ -278,7 +277,7 @@ async fn place_call(shared: &Arc<Shared>, peer: &Peer) -> Result<ActiveCall, Cal
     let mut ack = in_dialog_request(&dialog, Method::Ack, 1);
     ack.headers.push("Content-Type", sdp::CONFIRM_CONTENT_TYPE);
     ack.body = sdp::encode_confirm(&done.confirm);
-    shared.endpoint.send_ack(ack, target, transport).await?;
+    shared.sip.endpoint.send_ack(ack, target, transport).await?;
 
     // Connect where the callee's signed answer says (the address is in T1), nowhere else.
     let media = match &shared.hooks.media_connect {
@@ -308,7 +307,7 @@ async fn place_call(shared: &Arc<Shared>, peer: &Peer) -> Result<ActiveCall, Cal
         }
     };
     let client =
-        match SmtpClient::connect(stream, &shared.cfg.hostname, ClientTimeouts::default()).await {
+        match SmtpClient::connect(stream, &shared.site.hostname, ClientTimeouts::default()).await {
             Ok(c) => c,
             Err(e) => {
                 bye_in_background(shared, &dialog, "no SMTP greeting through the call");
@@ -330,9 +329,9 @@ async fn place_call(shared: &Arc<Shared>, peer: &Peer) -> Result<ActiveCall, Cal
 /// Opportunistic peers: the key the callee presents (already verified) must be the one
 /// pinned on first use. We placed the call, to the peer's configured address, so a first
 /// use may pin. A different key is refused (and the caller keeps it as pending).
-fn check_pin(shared: &Shared, peer: &Peer, fingerprint: &[u8]) -> Result<(), CallError> {
+fn check_pin(shared: &Context, peer: &Peer, fingerprint: &[u8]) -> Result<(), CallError> {
     let presented = hex::encode_upper(fingerprint);
-    let pin = shared.trust.check_pin(&peer.domain, &presented)?;
+    let pin = shared.trust.store.check_pin(&peer.domain, &presented)?;
     match super::trust::opportunistic_decision(pin, true, false) {
         OpportunisticDecision::Proceed => Ok(()),
         OpportunisticDecision::Hold(HoldReason::FirstUseFromElsewhere) => Ok(()),
@@ -345,14 +344,14 @@ fn check_pin(shared: &Shared, peer: &Peer, fingerprint: &[u8]) -> Result<(), Cal
 }
 
 /// End the dialog. Best effort: a BYE that gets no answer is logged, nothing more.
-async fn bye(shared: &Shared, d: &Dialog, reason: Option<&str>) {
+async fn bye(shared: &Context, d: &Dialog, reason: Option<&str>) {
     let mut req = in_dialog_request(d, Method::Bye, 2);
     if let Some(r) = reason {
         req.headers.push("Reason", super::reason_header(r));
     }
     match tokio::time::timeout(
         Duration::from_secs(35),
-        shared.endpoint.request(req, d.target, d.transport),
+        shared.sip.endpoint.request(req, d.target, d.transport),
     )
     .await
     {
@@ -366,12 +365,12 @@ async fn bye(shared: &Shared, d: &Dialog, reason: Option<&str>) {
 }
 
 /// A failed call is hung up without holding up the mail queue behind it.
-fn bye_in_background(shared: &Arc<Shared>, d: &Dialog, reason: &str) {
+fn bye_in_background(shared: &Arc<Context>, d: &Dialog, reason: &str) {
     let (shared, d, reason) = (shared.clone(), d.clone(), reason.to_string());
     tokio::spawn(async move { bye(&shared, &d, Some(&reason)).await });
 }
 
-async fn hang_up(shared: &Shared, peer: &str, call: ActiveCall) {
+async fn hang_up(shared: &Context, peer: &str, call: ActiveCall) {
     let _ = call.client.quit().await;
     bye(shared, &call.dialog, None).await;
     tracing::info!(call_id = %call.dialog.call_id, %peer, "call ended");
@@ -381,42 +380,48 @@ async fn hang_up(shared: &Shared, peer: &str, call: ActiveCall) {
     });
 }
 
-pub(crate) async fn worker(shared: Arc<Shared>, domain: String, lane: usize, jobs: Jobs) {
-    let Some(peer) = shared.cfg.peer(&domain).cloned() else {
-        tracing::error!(%domain, "no [[peer]] for this domain; its mail stays queued");
-        return;
-    };
+/// One lane of calls to `peer`: it places a call when a job comes, sends that job and the
+/// following ones through it, and hangs up after `call_idle` without work.
+pub(crate) async fn worker(
+    ctx: Arc<Context>,
+    peer: Peer,
+    call_idle: Duration,
+    lane_no: usize,
+    lane: Lane,
+) {
+    let domain = peer.domain.clone();
     let mut call: Option<ActiveCall> = None;
     loop {
         let job = tokio::select! {
-            j = next_job(&jobs) => j,
-            _ = tokio::time::sleep(shared.cfg.call_idle), if call.is_some() => {
+            j = lane.next() => j,
+            _ = tokio::time::sleep(call_idle), if call.is_some() => {
                 if let Some(c) = call.take() {
-                    hang_up(&shared, &domain, c).await;
+                    hang_up(&ctx, &domain, c).await;
                 }
                 continue;
             }
-            _ = shared.shutdown.wait() => None,
+            _ = ctx.shutdown.wait() => None,
         };
         let Some(job) = job else { break };
         if call.is_none() {
             // Shutdown does not wait for a call attempt (an unanswered INVITE takes 32 s):
             // the job stays in the spool for the next start.
             let placed = tokio::select! {
-                r = place_call_in_turn(&shared, &peer) => r,
-                _ = shared.shutdown.wait() => break,
+                r = place_call_in_turn(&ctx, &peer) => r,
+                _ = ctx.shutdown.wait() => break,
             };
             match placed {
                 Ok(c) => call = Some(c),
                 Err(e) => {
-                    tracing::warn!(peer = %domain, lane, queue_id = %job.id, error = %e, "call failed; mail stays queued");
-                    shared.event(RelayEvent::CallFailed {
+                    tracing::warn!(peer = %domain, lane = lane_no, queue_id = %job.id, error = %e, "call failed; mail stays queued");
+                    ctx.event(RelayEvent::CallFailed {
                         peer: domain.clone(),
                         reason: e.to_string(),
                     });
-                    let outcomes =
-                        job.all(Outcome::Transient(format!("call to {domain} failed: {e}")));
-                    shared.queue.report(&shared, &job, outcomes).await;
+                    let outcomes = job.all(RcptOutcome::Transient(format!(
+                        "call to {domain} failed: {e}"
+                    )));
+                    lane.report(job, outcomes).await;
                     continue;
                 }
             }
@@ -424,20 +429,19 @@ pub(crate) async fn worker(shared: Arc<Shared>, domain: String, lane: usize, job
         let Some(active) = call.as_mut() else {
             continue;
         };
-        let body = match crate::queue::bodyio::BodyReader::open(shared.spool.body_path(&job.id))
-            .await
+        let body = match crate::queue::bodyio::BodyReader::open(ctx.spool.body_path(&job.id)).await
         {
             Ok(b) => b,
             Err(e) => {
                 tracing::error!(queue_id = %job.id, error = %e, "cannot open the queued message");
-                let outcomes = job.all(Outcome::Transient(format!(
+                let outcomes = job.all(RcptOutcome::Transient(format!(
                     "cannot open the queued message: {e}"
                 )));
-                shared.queue.report(&shared, &job, outcomes).await;
+                lane.report(job, outcomes).await;
                 continue;
             }
         };
-        shared.spool.begin_send(&job.id, &job.route).await;
+        ctx.spool.begin_send(&job.id, &job.route).await;
         let res = active
             .client
             .send_tx(
@@ -449,14 +453,14 @@ pub(crate) async fn worker(shared: Arc<Shared>, domain: String, lane: usize, job
             )
             .await;
         let broken = res.is_err();
-        let outcomes = super::local::outcomes_from_smtp(&job, res, &format!("peer {domain}"));
-        shared.queue.report(&shared, &job, outcomes).await;
+        let outcomes = outcomes_from_smtp(&job, res, &format!("peer {domain}"));
+        lane.report(job, outcomes).await;
         if broken && let Some(c) = call.take() {
             tracing::warn!(call_id = %c.dialog.call_id, peer = %domain, "call's stream failed; hanging up");
-            bye_in_background(&shared, &c.dialog, "stream failed");
+            bye_in_background(&ctx, &c.dialog, "stream failed");
         }
     }
     if let Some(c) = call.take() {
-        hang_up(&shared, &domain, c).await;
+        hang_up(&ctx, &domain, c).await;
     }
 }

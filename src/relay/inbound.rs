@@ -1,9 +1,11 @@
 //! Mail coming in: from the site's MTA over plain TCP, and from a peer relay through a
 //! call's encrypted stream. Both write into the spool and answer 250 only after fsync.
 
+use super::context::Context;
+use super::events::RelayEvent;
 use super::sender::{SenderPolicy, check_peer_sender};
 use super::trace::StripPeerField;
-use super::{RelayEvent, Shared};
+use crate::config::Cidr;
 use crate::queue::{Envelope, RcptState, Recipient, Route, Spool};
 use crate::smtp::{Backend, MailParams, Reply, ServerConfig};
 use std::net::SocketAddr;
@@ -15,13 +17,9 @@ use tokio::net::TcpListener;
 /// Connections served at once from the site side.
 const MAX_CONNECTIONS: usize = 256;
 
-pub(crate) fn server_config(shared: &Shared) -> ServerConfig {
-    ServerConfig {
-        hostname: shared.cfg.hostname.clone(),
-        max_message_size: shared.cfg.max_message_size,
-        max_recipients: shared.cfg.max_recipients,
-        ..ServerConfig::default()
-    }
+/// How our SMTP server answers in a call (the same as on the site side).
+pub(crate) fn server_config(ctx: &Context) -> ServerConfig {
+    ctx.smtp.clone()
 }
 
 /// Who is on the other end of an SMTP session.
@@ -42,14 +40,14 @@ pub(crate) enum Origin {
 }
 
 pub(crate) struct SpoolBackend {
-    shared: Arc<Shared>,
+    shared: Arc<Context>,
     origin: Origin,
     routes: Vec<(String, Route)>,
     current: Option<String>,
 }
 
 impl SpoolBackend {
-    pub fn new(shared: Arc<Shared>, origin: Origin) -> Self {
+    pub fn new(shared: Arc<Context>, origin: Origin) -> Self {
         SpoolBackend {
             shared,
             origin,
@@ -96,7 +94,7 @@ impl SpoolBackend {
         };
         format!(
             "Received: from {from}\r\n\tby {} (sipmail) with ESMTP id {id}{for_clause};\r\n\t{}\r\n{peer_field}",
-            self.shared.cfg.hostname,
+            self.shared.site.hostname,
             super::trace::rfc5322_date(SystemTime::now())
         )
     }
@@ -116,18 +114,18 @@ impl Backend for SpoolBackend {
             domain, call_id, ..
         } = &self.origin
         {
-            let cfg = &self.shared.cfg;
+            let site = &self.shared.site;
             // The configured spelling of the peer's domain (the call's is lower-cased too,
             // but the check must not depend on that), and its `senders`.
-            let (peer, senders) = match cfg.peer(domain) {
+            let (peer, senders) = match site.peer(domain) {
                 Some(p) => (p.domain.as_str(), p.senders.as_slice()),
                 None => (domain.as_str(), &[][..]),
             };
-            let peers: Vec<&str> = cfg.peers.iter().map(|p| p.domain.as_str()).collect();
+            let peers: Vec<&str> = site.peers.iter().map(|p| p.domain.as_str()).collect();
             let policy = SenderPolicy {
                 peer,
                 senders,
-                own: &cfg.domain,
+                own: &site.domain,
                 peers: &peers,
             };
             if let Err(refusal) = check_peer_sender(&policy, from) {
@@ -142,7 +140,7 @@ impl Backend for SpoolBackend {
         let Some(domain) = domain_of(to) else {
             return Err(Reply::new(501, (5, 1, 3), "Bad recipient address syntax"));
         };
-        let route = match (super::route_for(&self.shared.cfg, to), &self.origin) {
+        let route = match (self.shared.site.route_for(to), &self.origin) {
             (Some(Route::Local), _) => Route::Local,
             (Some(peer), Origin::Site { relay: true, .. }) => peer,
             (None, Origin::Site { relay: true, .. }) => {
@@ -165,7 +163,7 @@ impl Backend for SpoolBackend {
                     (5, 7, 1),
                     format!(
                         "Relay access denied: {peer} may only send mail for {}",
-                        self.shared.cfg.domain
+                        self.shared.site.domain
                     ),
                 ));
             }
@@ -288,10 +286,10 @@ impl Backend for SpoolBackend {
 }
 
 /// Accept connections from the site until shutdown; then let sessions finish.
-pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
+pub(crate) async fn accept_loop(shared: Arc<Context>, allow: Vec<Cidr>, listener: TcpListener) {
     let limit = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let mut sessions = tokio::task::JoinSet::new();
-    let cfg = server_config(&shared);
+    let cfg = shared.smtp.clone();
     let mut backoff = Duration::from_millis(10);
     loop {
         let permit = tokio::select! {
@@ -312,7 +310,7 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
             Some(_) = sessions.join_next(), if !sessions.is_empty() => continue,
         };
         let _ = stream.set_nodelay(true);
-        let relay = shared.cfg.smtp_allow.iter().any(|c| c.contains(addr.ip()));
+        let relay = allow.iter().any(|c| c.contains(addr.ip()));
         let mut backend = SpoolBackend::new(shared.clone(), Origin::Site { addr, relay });
         let cfg = cfg.clone();
         sessions.spawn(async move {

@@ -1,51 +1,20 @@
-//! The queue scheduler: keeps every queued envelope in memory, hands due work to one
-//! worker per route (each peer, and local delivery), and records outcomes durably.
+//! The queue scheduler: keeps every queued envelope in memory, hands due work to the
+//! lanes of each route (each peer, and local delivery), and commits what the lanes report:
+//! the rules are in [`super::schedule`], this file does the I/O (spool, DSNs, events).
 
-use super::bounce::{Failure, Kind};
-use super::{RelayEvent, Shared};
+use super::bounce;
+use super::events::{Events, RelayEvent, Shutdown};
+use super::jobs::{Job, Lane, Report};
+use super::schedule::{self, Disposal, DsnKind, Step};
+use super::site::Site;
 use crate::config::QueueTimes;
 use crate::queue::{Envelope, RcptState, Route, Spool, now_ms};
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{Notify, mpsc};
-
-/// One delivery attempt for the recipients of one message that share a route.
-#[derive(Clone, Debug)]
-pub(crate) struct Job {
-    pub id: String,
-    pub route: Route,
-    pub mail_from: String,
-    pub recipients: Vec<String>,
-    /// NOTIFY/ORCPT of each recipient, in the same order.
-    pub rcpt_params: Vec<crate::smtp::RcptParams>,
-    /// SIZE, SMTPUTF8, RET, ENVID.
-    pub opts: crate::smtp::MailOptions,
-}
-
-impl Job {
-    /// The same outcome for every recipient of the job.
-    pub fn all(&self, outcome: Outcome) -> Vec<(String, Outcome)> {
-        self.recipients
-            .iter()
-            .map(|r| (r.clone(), outcome.clone()))
-            .collect()
-    }
-}
-
-/// The outcome of a job for one recipient.
-#[derive(Clone, Debug)]
-pub(crate) enum Outcome {
-    Delivered,
-    /// Try again later (4xx, failed call, I/O error).
-    Transient(String),
-    /// Will never work (5xx): RFC 3463 status and the diagnostic for the bounce.
-    Permanent {
-        status: String,
-        diagnostic: String,
-        remote: Option<String>,
-    },
-}
 
 impl State {
     fn release(&mut self, id: &str, route: &Route) {
@@ -93,24 +62,37 @@ pub struct QueueSnapshot {
     pub in_flight: usize,
 }
 
-pub(crate) struct Queue {
+/// The queue in memory, shared by the scheduler, the SMTP servers that insert into it,
+/// the control socket and the commits of reports.
+pub(crate) struct MailQueue {
     spool: Spool,
     state: Mutex<State>,
     notify: Notify,
     times: QueueTimes,
+    /// For the DSNs: our host name, and where the sender's mail goes.
+    site: Site,
+    events: Events,
 }
 
-impl Queue {
-    pub fn new(spool: Spool, envs: Vec<Envelope>, times: QueueTimes) -> Self {
+impl MailQueue {
+    pub fn new(
+        spool: Spool,
+        envs: Vec<Envelope>,
+        times: QueueTimes,
+        site: Site,
+        events: Events,
+    ) -> Self {
         let mut st = State::default();
         for e in envs {
             st.envs.insert(e.id.clone(), e);
         }
-        Queue {
+        MailQueue {
             spool,
             state: Mutex::new(st),
             notify: Notify::new(),
             times,
+            site,
+            events,
         }
     }
 
@@ -251,141 +233,108 @@ impl Queue {
         st.ready.push_back(job.id.clone());
     }
 
-    fn backoff(&self, attempts: u32) -> Duration {
-        let base = self.times.retry_initial;
-        let factor = 1u32 << attempts.saturating_sub(1).min(16);
-        (base * factor).min(self.times.retry_max)
-    }
-
-    /// Record what happened to a job, durably, and drop the message when nothing is
-    /// pending any more.
-    pub async fn report(&self, shared: &Shared, job: &Job, outcomes: Vec<(String, Outcome)>) {
+    /// Record what a lane reported, durably (see [`schedule::decide`] for the rules), and
+    /// drop the message when nothing is pending any more.
+    async fn commit(&self, job: &Job, outcomes: &[(String, super::jobs::RcptOutcome)]) {
         let now = now_ms();
-        let mut failures: Vec<Failure> = Vec::new();
-        let mut delays: Vec<Failure> = Vec::new();
-        let updated = (|| {
+        let decided = {
             let mut st = self.lock();
             st.release(&job.id, &job.route);
             // None: deleted by an operator meanwhile.
-            let env = st.envs.get_mut(&job.id)?;
-            let age =
-                Duration::from_secs(now / 1000).saturating_sub(Duration::from_secs(env.received));
-            for (addr, outcome) in &outcomes {
-                let Some(r) = env.recipients.iter_mut().find(|r| {
-                    &r.addr == addr && r.route == job.route && r.state == RcptState::Pending
-                }) else {
-                    continue;
-                };
-                let failure = match outcome {
-                    Outcome::Delivered => {
-                        r.state = RcptState::Delivered;
-                        r.last_error = None;
-                        tracing::info!(queue_id = %job.id, rcpt = %addr, route = %job.route, "delivered");
-                        shared.event(RelayEvent::Delivered {
-                            id: job.id.clone(),
-                            recipient: addr.clone(),
-                        });
-                        None
-                    }
-                    Outcome::Transient(why) if age < self.times.max_age => {
-                        r.attempts += 1;
-                        let wait = self.backoff(r.attempts);
-                        r.next_attempt_ms = now + wait.as_millis() as u64;
-                        r.last_error = Some(why.clone());
-                        if self.times.delay_warning.is_some_and(|d| age >= d)
-                            && !r.delay_warned
-                            && r.dsn.notify.is_none_or(|n| n.delay)
-                        {
-                            r.delay_warned = true;
-                            delays.push(Failure {
-                                rcpt: addr.clone(),
-                                status: "4.4.7".into(),
-                                diagnostic: format!("X-Sipmail; {why}"),
-                                remote: None,
-                                orcpt: r.dsn.orcpt.clone(),
-                            });
-                        }
-                        tracing::warn!(queue_id = %job.id, rcpt = %addr, route = %job.route, attempts = r.attempts,
-                            retry_in_s = wait.as_secs(), reason = %why, "deferred");
-                        None
-                    }
-                    Outcome::Transient(why) => Some(Failure {
-                        rcpt: addr.clone(),
-                        status: "4.4.7".into(),
-                        diagnostic: format!(
-                            "X-Sipmail; gave up after {} hours: {why}",
-                            age.as_secs() / 3600
-                        ),
-                        remote: None,
-                        orcpt: r.dsn.orcpt.clone(),
-                    }),
-                    Outcome::Permanent {
-                        status,
-                        diagnostic,
-                        remote,
-                    } => Some(Failure {
-                        rcpt: addr.clone(),
-                        status: status.clone(),
-                        diagnostic: diagnostic.clone(),
-                        remote: remote.clone(),
-                        orcpt: r.dsn.orcpt.clone(),
-                    }),
-                };
-                if let Some(f) = failure {
-                    r.state = RcptState::Failed;
-                    r.last_error = Some(f.diagnostic.clone());
-                    tracing::error!(queue_id = %job.id, rcpt = %addr, route = %job.route,
-                        status = %f.status, reason = %f.diagnostic, "delivery failed for good");
-                    shared.event(RelayEvent::Failed {
-                        id: job.id.clone(),
-                        recipient: addr.clone(),
-                        reason: f.diagnostic.clone(),
-                    });
-                    if r.dsn.wants_failure_dsn() {
-                        failures.push(f);
-                    } else {
-                        tracing::info!(queue_id = %job.id, rcpt = %addr, "no bounce: the sender asked for none (NOTIFY)");
-                    }
-                }
-            }
-            let env = env.clone();
-            if env.pending().next().is_some() {
+            let decided = st.envs.get_mut(&job.id).map(|env| {
+                let d = schedule::decide(env, &job.route, outcomes, now, &self.times);
+                *env = d.envelope.clone();
+                d
+            });
+            if decided.as_ref().is_some_and(|d| !d.done()) {
                 // Its route is free again: look at it in the next round (a retry that is
                 // not due yet lowers `timed_next` there).
                 st.ready.push_back(job.id.clone());
             }
-            Some(env)
-        })();
-        let Some(updated) = updated else {
-            // Deleted by an operator meanwhile.
+            decided
+        };
+        let Some(d) = decided else {
             self.spool.end_send(&job.id, &job.route).await;
             return;
         };
-        // A bounce is queued before the original goes: a crash in between can at worst
-        // repeat the bounce, never lose it.
-        let bounced = failures.is_empty()
-            || super::bounce::send(shared, &updated, &failures, Kind::Failed).await;
-        if !delays.is_empty() {
-            let until =
-                std::time::UNIX_EPOCH + Duration::from_secs(updated.received) + self.times.max_age;
-            // A lost warning is not worth keeping anything for: the message stays queued.
-            super::bounce::send(shared, &updated, &delays, Kind::Delayed { until }).await;
+        for step in &d.steps {
+            self.log_step(job, step);
         }
-        let done = updated.pending().next().is_none();
-        let res = if done && bounced {
-            self.spool.remove_sent(&job.id, &job.route).await
-        } else {
-            let res = self.spool.update(&updated).await;
-            self.spool.end_send(&job.id, &job.route).await;
-            res
+        let updated = &d.envelope;
+        let bounced =
+            d.failed_dsn.is_empty() || self.dsn(updated, &d.failed_dsn, DsnKind::Failed).await;
+        if let Some((delays, until)) = &d.delayed_dsn {
+            // A lost warning is not worth keeping anything for: the message stays queued.
+            self.dsn(updated, delays, DsnKind::Delayed { until: *until })
+                .await;
+        }
+        let disposal = d.disposal(bounced);
+        let res = match disposal {
+            Disposal::Remove => self.spool.remove_sent(&job.id, &job.route).await,
+            Disposal::Keep => {
+                let res = self.spool.update(updated).await;
+                self.spool.end_send(&job.id, &job.route).await;
+                res
+            }
         };
         if let Err(e) = res {
             tracing::error!(queue_id = %job.id, error = %e, "could not update the spool; the state will be retried from memory");
         }
-        if done && bounced {
+        if disposal == Disposal::Remove {
             self.lock().envs.remove(&job.id);
         }
         self.notify.notify_one();
+    }
+
+    /// The log line and event of one recipient's step.
+    fn log_step(&self, job: &Job, step: &Step) {
+        match step {
+            Step::Delivered { rcpt } => {
+                tracing::info!(queue_id = %job.id, %rcpt, route = %job.route, "delivered");
+                self.events.emit(RelayEvent::Delivered {
+                    id: job.id.clone(),
+                    recipient: rcpt.clone(),
+                });
+            }
+            Step::Deferred {
+                rcpt,
+                attempts,
+                retry_in,
+                reason,
+            } => {
+                tracing::warn!(queue_id = %job.id, %rcpt, route = %job.route, attempts,
+                    retry_in_s = retry_in.as_secs(), %reason, "deferred");
+            }
+            Step::Failed { failure: f, bounce } => {
+                tracing::error!(queue_id = %job.id, rcpt = %f.rcpt, route = %job.route,
+                    status = %f.status, reason = %f.diagnostic, "delivery failed for good");
+                self.events.emit(RelayEvent::Failed {
+                    id: job.id.clone(),
+                    recipient: f.rcpt.clone(),
+                    reason: f.diagnostic.clone(),
+                });
+                if !bounce {
+                    tracing::info!(queue_id = %job.id, rcpt = %f.rcpt, "no bounce: the sender asked for none (NOTIFY)");
+                }
+            }
+        }
+    }
+
+    /// Queue a DSN about `original`; false if it could not be queued.
+    async fn dsn(
+        &self,
+        original: &Envelope,
+        failures: &[schedule::Failure],
+        kind: DsnKind,
+    ) -> bool {
+        match bounce::queue(&self.spool, &self.site, original, failures, kind).await {
+            bounce::Queued::Yes(env) => {
+                self.insert(env);
+                true
+            }
+            bounce::Queued::NotNeeded => true,
+            bounce::Queued::Failed => false,
+        }
     }
 }
 
@@ -429,65 +378,88 @@ fn due_jobs(
     }
 }
 
-/// The jobs of one route, shared by its lanes: each lane takes the next job when it is
-/// free, so a slow message holds up one lane, not the route.
-pub(crate) type Jobs = Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>;
-
-/// Wait for the next job of a route (None when the route is closed).
-pub(crate) async fn next_job(jobs: &Jobs) -> Option<Job> {
-    jobs.lock().await.recv().await
-}
-
 /// Jobs handed to a route's lanes and not yet taken, at most.
 const ROUTE_BACKLOG: usize = 1024;
 
-/// The scheduler task.
-pub(crate) async fn run(shared: Arc<Shared>) {
-    let mut workers: HashMap<Route, mpsc::Sender<Job>> = HashMap::new();
-    let mut tasks = tokio::task::JoinSet::new();
-    loop {
-        let (jobs, next) = shared.queue.take_due(now_ms());
+/// Lanes per route: the scheduler's share of the config.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct LaneCounts {
+    /// Local deliveries at once.
+    pub local: usize,
+    /// Calls at once to one peer.
+    pub per_peer: usize,
+}
+
+/// A lane's task, as the daemon builds it for a route (see `daemon::start`).
+pub(crate) type LaneTask = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The scheduler task: hands due jobs to the lanes (started on first use by
+/// `spawn_lane(route, lane number, lane)`), and commits their reports, each in its own
+/// task so that one slow fsync or bounce does not hold up the others.
+pub(crate) async fn run(
+    queue: Arc<MailQueue>,
+    lanes: LaneCounts,
+    shutdown: Shutdown,
+    spawn_lane: impl Fn(&Route, usize, Lane) -> LaneTask,
+) {
+    let mut routes: HashMap<Route, mpsc::Sender<Job>> = HashMap::new();
+    let mut workers = tokio::task::JoinSet::new();
+    let mut commits = tokio::task::JoinSet::new();
+    let (report_tx, mut reports) = mpsc::channel::<Report>(ROUTE_BACKLOG);
+    let commit = |commits: &mut tokio::task::JoinSet<()>, r: Report| {
+        let q = queue.clone();
+        commits.spawn(async move {
+            q.commit(&r.job, &r.outcomes).await;
+            let _ = r.committed.send(());
+        });
+    };
+    'rounds: loop {
+        let (jobs, next) = queue.take_due(now_ms());
         for job in jobs {
-            let tx = workers.entry(job.route.clone()).or_insert_with(|| {
+            let tx = routes.entry(job.route.clone()).or_insert_with(|| {
                 let (tx, rx) = mpsc::channel(ROUTE_BACKLOG);
-                let rx: Jobs = Arc::new(tokio::sync::Mutex::new(rx));
-                match &job.route {
-                    Route::Local => {
-                        for _ in 0..shared.cfg.local_lanes {
-                            tasks.spawn(super::local::worker(shared.clone(), rx.clone()));
-                        }
-                    }
-                    Route::Peer(d) => {
-                        for lane in 0..shared.cfg.calls_per_peer {
-                            tasks.spawn(super::caller::worker(
-                                shared.clone(),
-                                d.clone(),
-                                lane,
-                                rx.clone(),
-                            ));
-                        }
-                    }
+                let rx = Arc::new(tokio::sync::Mutex::new(rx));
+                let n = match &job.route {
+                    Route::Local => lanes.local,
+                    Route::Peer(_) => lanes.per_peer,
+                };
+                for lane_no in 0..n {
+                    let lane = Lane::new(rx.clone(), report_tx.clone());
+                    workers.spawn(spawn_lane(&job.route, lane_no, lane));
                 }
                 tx
             });
             if let Err(e) = tx.try_send(job) {
-                // Worker busy with a full backlog: try again on a later round.
-                shared.queue.requeue(&e.into_inner());
+                // Lanes busy with a full backlog: try again on a later round.
+                queue.requeue(&e.into_inner());
             }
         }
         let wait = next
             .map(|n| Duration::from_millis(n.saturating_sub(now_ms())))
             .unwrap_or(Duration::from_secs(5))
             .clamp(Duration::from_millis(10), Duration::from_secs(5));
-        tokio::select! {
-            _ = shared.queue.notify.notified() => {}
-            _ = tokio::time::sleep(wait) => {}
-            _ = shared.shutdown.wait() => break,
+        let round = tokio::time::sleep(wait);
+        tokio::pin!(round);
+        // Reports are taken while waiting for the next round; their commits wake it.
+        loop {
+            tokio::select! {
+                _ = queue.notify.notified() => break,
+                _ = &mut round => break,
+                Some(r) = reports.recv() => commit(&mut commits, r),
+                Some(_) = commits.join_next(), if !commits.is_empty() => {}
+                _ = shutdown.wait() => break 'rounds,
+            }
         }
     }
-    // Closing the channels lets each worker finish its current job and hang up.
-    drop(workers);
-    while tasks.join_next().await.is_some() {}
+    // Closing the routes lets each lane finish its current job, report it and hang up;
+    // those last reports are committed too.
+    drop(routes);
+    drop(report_tx);
+    while let Some(r) = reports.recv().await {
+        commit(&mut commits, r);
+    }
+    while commits.join_next().await.is_some() {}
+    while workers.join_next().await.is_some() {}
 }
 
 #[cfg(test)]
@@ -509,10 +481,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (spool, _) = Spool::open(dir.path()).unwrap();
         // Recovered at start-up: one due now, one at t=1000.
-        let q = Queue::new(
+        let q = MailQueue::new(
             spool,
             vec![env("A", 0), env("B", 1000)],
             QueueTimes::default(),
+            site(),
+            Events::new(),
         );
         let (jobs, next) = q.take_due(500);
         assert_eq!(ids(&jobs), ["A"]);
@@ -544,5 +518,80 @@ mod tests {
         let (jobs, next) = q.take_due(1002);
         assert_eq!(ids(&jobs), ["A", "B", "C"]);
         assert_eq!(next, None);
+    }
+
+    fn site() -> Site {
+        Site {
+            domain: "site-a.test".into(),
+            hostname: "relay.site-a.test".into(),
+            peers: Vec::new(),
+            suites: Vec::new(),
+            media_ip: std::net::Ipv4Addr::LOCALHOST.into(),
+            call_records: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_permanent_failure_queues_the_bounce_and_drops_the_original() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(dir.path()).unwrap();
+        let events = Events::new();
+        let mut rx = events.subscribe();
+        let q = MailQueue::new(
+            spool,
+            vec![env("A", 0)],
+            QueueTimes::default(),
+            site(),
+            events,
+        );
+        let (jobs, _) = q.take_due(0);
+        let outcomes = jobs[0].all(super::super::jobs::RcptOutcome::Permanent {
+            status: "5.1.1".into(),
+            diagnostic: "smtp; 550 5.1.1 no such user".into(),
+            remote: Some("peer site-b.test".into()),
+        });
+        q.commit(&jobs[0], &outcomes).await;
+        let left = q.list();
+        assert_eq!(left.len(), 1, "only the bounce is left");
+        let bounce = &left[0];
+        assert_ne!(bounce.id, "A");
+        assert_eq!(bounce.mail_from, "");
+        assert_eq!(bounce.recipients[0].addr, "a@site-a.test");
+        assert_eq!(bounce.recipients[0].route, Route::Local);
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(RelayEvent::Failed { id, recipient, .. }) if id == "A" && recipient == "b@site-b.test"
+        ));
+        // The bounce is in the spool too, for the next start.
+        let spooled = Spool::scan(dir.path()).unwrap();
+        assert!(spooled.iter().any(|e| e.id == bounce.id));
+    }
+
+    #[tokio::test]
+    async fn a_transient_failure_keeps_the_message_for_a_later_round() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(dir.path()).unwrap();
+        // Received just now (the commit reads the clock): far from expiry.
+        let mut fresh = env("A", 0);
+        fresh.received = now_ms() / 1000;
+        let q = MailQueue::new(
+            spool,
+            vec![fresh],
+            QueueTimes::default(),
+            site(),
+            Events::new(),
+        );
+        let (jobs, _) = q.take_due(0);
+        let outcomes = jobs[0].all(super::super::jobs::RcptOutcome::Transient("busy".into()));
+        q.commit(&jobs[0], &outcomes).await;
+        let a = q.get("A").expect("still queued");
+        assert_eq!(a.recipients[0].attempts, 1);
+        assert_eq!(a.recipients[0].last_error.as_deref(), Some("busy"));
+        assert!(a.recipients[0].next_attempt_ms > 0);
+        // Released: not in flight, and not due before its next attempt.
+        assert_eq!(q.snapshot().in_flight, 0);
+        let (jobs, next) = q.take_due(1);
+        assert!(jobs.is_empty());
+        assert_eq!(next, Some(a.recipients[0].next_attempt_ms));
     }
 }

@@ -1,0 +1,195 @@
+//! What every task of the relay needs, grouped by job: who we are ([`Site`]), the keyring
+//! ([`Keys`]), the SIP side ([`SipState`]), the peers' trust state ([`PeerTrust`]), the mail
+//! ([`Spool`] and [`MailQueue`]), and the shutdown signal, events and test hooks.
+//! It holds run-time state, not the config: each task gets its own settings as arguments
+//! at start (see `daemon::start`).
+
+use super::events::{Events, Hooks, RelayEvent, Shutdown};
+use super::keys::{KeyState, Keys};
+use super::scheduler::MailQueue;
+use super::site::Site;
+use super::trust;
+use crate::queue::Spool;
+use crate::sip::limits::{CallId, PendingCalls};
+use crate::sip::{Endpoint, Incoming};
+use crate::smtp::ServerConfig;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use tokio::sync::mpsc;
+
+pub(crate) struct Context {
+    /// Our domain, host name, partners, suites and media address.
+    pub site: Site,
+    /// How our SMTP servers answer, on the site side and in calls.
+    pub smtp: ServerConfig,
+    /// The keyring in use; a call takes one snapshot ([`Context::keys`]).
+    pub keys: Arc<Keys>,
+    pub sip: SipState,
+    pub trust: PeerTrust,
+    /// The message files; written by `inbound` and `bounce`, read by the workers.
+    pub spool: Spool,
+    /// The queue in memory (the scheduler's); `inbound` inserts, `control` inspects.
+    pub queue: Arc<MailQueue>,
+    pub shutdown: Shutdown,
+    pub events: Events,
+    pub hooks: Hooks,
+}
+
+/// The SIP side: the endpoint, the calls in progress, and the gates of our own calls.
+pub(crate) struct SipState {
+    pub endpoint: Endpoint,
+    /// Our SIP address (for Contact).
+    pub addr: SocketAddr,
+    /// In-dialog requests go to their call's task through these (by Call-ID).
+    pub dialogs: Mutex<HashMap<String, mpsc::Sender<Incoming>>>,
+    /// Incoming calls not yet ACKed, per source and in total, and how to end each one
+    /// if it is evicted to make room.
+    pub pending: Mutex<PendingTable>,
+    /// Per peer, the gate that makes our call set-ups to it run one at a time, holding the
+    /// last failure (see `caller::place_call_in_turn`).
+    pub call_setup: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<SetupFailure>>>>>,
+}
+
+/// The pending calls and, per call, the sender that tells its task it was evicted.
+pub(crate) struct PendingTable {
+    pub calls: PendingCalls,
+    pub evict: HashMap<CallId, tokio::sync::oneshot::Sender<()>>,
+}
+
+/// The last failed set-up of a call to a peer: when, and why.
+#[derive(Debug, Clone)]
+pub(crate) struct SetupFailure {
+    pub at: tokio::time::Instant,
+    pub reason: String,
+}
+
+/// Holds one pending-call slot; frees it when dropped.
+pub(crate) struct PendingGuard {
+    ctx: Arc<Context>,
+    id: CallId,
+    evicted: Option<tokio::sync::oneshot::Receiver<()>>,
+}
+
+impl PendingGuard {
+    /// Hold the slot `id` (already taken in `ctx.sip.pending`); `evicted` fires if the
+    /// call is evicted to make room.
+    pub fn new(ctx: Arc<Context>, id: CallId, evicted: tokio::sync::oneshot::Receiver<()>) -> Self {
+        PendingGuard {
+            ctx,
+            id,
+            evicted: Some(evicted),
+        }
+    }
+
+    /// Resolves when this call was evicted to make room for newer ones (never, once the
+    /// call is no longer pending).
+    pub async fn evicted(&mut self) {
+        match self.evicted.as_mut() {
+            Some(rx) => {
+                if rx.await.is_err() {
+                    // The sender was dropped without a send: not evicted.
+                    std::future::pending::<()>().await
+                }
+            }
+            None => std::future::pending::<()>().await,
+        }
+    }
+}
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        if let Ok(mut p) = self.ctx.sip.pending.lock() {
+            p.calls.finish(self.id);
+            p.evict.remove(&self.id);
+        }
+    }
+}
+
+/// What we keep about each peer's keys: retained secrets, pins, pending keys.
+pub(crate) struct PeerTrust {
+    /// Under `<spool>/state`. In an Arc so that its fsynced writes can run on the
+    /// blocking pool, off the runtime's threads.
+    pub store: Arc<trust::TrustStore>,
+    /// Rate limit, per peer, on writing keys the peer presented but we refused (pending).
+    pub writes: Mutex<trust::WriteLimiter>,
+    /// Each peer's configured addresses (see `daemon::peer_addresses`).
+    pub peer_addrs: HashMap<String, Vec<IpAddr>>,
+}
+
+impl Context {
+    pub fn event(&self, e: RelayEvent) {
+        self.events.emit(e);
+    }
+
+    /// The current keyring (a snapshot: a reload does not change it under the caller).
+    pub fn keys(&self) -> Arc<KeyState> {
+        self.keys.current()
+    }
+
+    /// Read the keyring again, as SIGHUP does (see [`Keys::reload`]).
+    pub async fn reload_keys(&self) -> Result<String, String> {
+        self.keys.reload().await
+    }
+
+    /// Is `ip` one of `domain`'s configured addresses?
+    pub fn is_peer_address(&self, domain: &str, ip: IpAddr) -> bool {
+        let ip = canonical_ip(ip);
+        self.trust
+            .peer_addrs
+            .get(domain)
+            .is_some_and(|v| v.contains(&ip))
+    }
+
+    /// Keep a key that `domain` presented, whose signature verified, but that we refused
+    /// (changed, or first use from elsewhere), for `sipmail trust accept`. Rate-limited per
+    /// peer; the write (two fsyncs) runs on the blocking pool.
+    pub async fn record_pending(&self, domain: &str, fingerprint: &str, from: IpAddr) {
+        let allowed = self
+            .trust
+            .writes
+            .lock()
+            .map(|mut l| l.allow(domain, std::time::Instant::now()))
+            .unwrap_or(false);
+        if !allowed {
+            tracing::warn!(peer = %domain, presented = %fingerprint, %from,
+                "refused key not recorded as pending: too many trust-state writes for this peer (rate limit)");
+            return;
+        }
+        let (trust, d, f) = (
+            self.trust.store.clone(),
+            domain.to_string(),
+            fingerprint.to_string(),
+        );
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let from_s = canonical_ip(from).to_string();
+        let r =
+            tokio::task::spawn_blocking(move || trust.record_pending(&d, &f, &from_s, now)).await;
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(peer = %domain, error = %e, "cannot record the refused key")
+            }
+            Err(e) => tracing::warn!(peer = %domain, error = %e, "cannot record the refused key"),
+        }
+    }
+
+    /// Our retained secrets for `domain`; a corrupt file is logged and treated as none.
+    pub fn retained_for(&self, domain: &str) -> Vec<crate::handshake::RetainedSecret> {
+        self.trust.store.retained(domain).unwrap_or_else(|e| {
+            tracing::warn!(peer = %domain, error = %e, "retained secrets unreadable; calling without them");
+            Vec::new()
+        })
+    }
+}
+
+/// IPv4-mapped IPv6 addresses count as their IPv4 address.
+pub(crate) fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}

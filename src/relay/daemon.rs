@@ -1,0 +1,253 @@
+//! Starting and running the relay: bind the sockets, build the [`Context`], and spawn the
+//! long-lived tasks (SMTP accept loop, SIP dispatch, scheduler, control socket).
+
+use super::context::{Context, PeerTrust, PendingTable, SipState, canonical_ip};
+use super::dispatch;
+use super::error::{RelayError, io_err};
+use super::events::{Events, Hooks, RelayEvent, Shutdown};
+use super::jobs::Lane;
+use super::keys::{KeyState, Keys};
+use super::scheduler::{self, LaneCounts, MailQueue, QueueSnapshot};
+use super::site::Site;
+use super::{caller, control, inbound, local, trust};
+use crate::config::Config;
+use crate::queue::{Route, Spool};
+use crate::sip::limits::PendingCalls;
+use crate::sip::{Endpoint, EndpointConfig};
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use tokio::sync::broadcast;
+
+/// A started relay.
+pub struct Running {
+    pub smtp_addr: SocketAddr,
+    pub sip_addr: SocketAddr,
+    ctx: Arc<Context>,
+    tasks: tokio::task::JoinSet<()>,
+}
+
+impl Running {
+    pub fn events(&self) -> broadcast::Receiver<RelayEvent> {
+        self.ctx.events.subscribe()
+    }
+
+    pub fn queue_snapshot(&self) -> QueueSnapshot {
+        self.ctx.queue.snapshot()
+    }
+
+    /// The IDs of every queued message, oldest first.
+    pub fn queue_snapshot_ids(&self) -> Vec<String> {
+        self.ctx.queue.list().into_iter().map(|e| e.id).collect()
+    }
+
+    /// Read the keyring again, as SIGHUP does (see [`Keys::reload`]).
+    pub async fn reload_keys(&self) -> Result<String, String> {
+        self.ctx.reload_keys().await
+    }
+
+    /// Wait until every task has finished (after shutdown was triggered).
+    pub async fn wait(mut self) {
+        while self.tasks.join_next().await.is_some() {}
+        self.ctx.sip.endpoint.shutdown().await;
+        tracing::info!(domain = %self.ctx.site.domain, "relay stopped");
+    }
+}
+
+/// Bind everything and start the tasks.
+pub async fn start(cfg: Config, shutdown: Shutdown, hooks: Hooks) -> Result<Running, RelayError> {
+    let keys = KeyState::load(&cfg, false)?;
+    // Claim the spool first: recovery must never run under another daemon's feet.
+    std::fs::create_dir_all(&cfg.spool)
+        .map_err(io_err(format!("creating spool {}", cfg.spool.display())))?;
+    let control = control::bind(&cfg.spool).await.map_err(io_err(format!(
+        "{}: relay.spool {}",
+        cfg.file,
+        cfg.spool.display()
+    )))?;
+    control::write_keyring_pointer(&cfg.keyring, &cfg.spool);
+    let (spool, envelopes) = Spool::open(&cfg.spool)
+        .map_err(io_err(format!("opening spool {}", cfg.spool.display())))?;
+    if let crate::config::Delivery::Maildir(m) = &cfg.delivery {
+        crate::queue::maildir::ensure(m)
+            .map_err(io_err(format!("creating Maildir {}", m.display())))?;
+    }
+    let smtp = tokio::net::TcpListener::bind(cfg.smtp_listen)
+        .await
+        .map_err(io_err(format!(
+            "{}: smtp.listen {}",
+            cfg.file, cfg.smtp_listen
+        )))?;
+    let smtp_addr = smtp.local_addr().map_err(io_err("smtp socket"))?;
+    let peer_addrs = peer_addresses(&cfg).await;
+    let mut trusted: Vec<IpAddr> = peer_addrs.values().flatten().copied().collect();
+    trusted.sort();
+    trusted.dedup();
+    let limits = &cfg.sip_limits;
+    let ep_cfg = EndpointConfig {
+        max_message: limits.max_message_size,
+        invite_rate: limits.invite_rate,
+        invite_burst: limits.invite_burst,
+        max_tcp_connections: limits.max_tcp_connections,
+        max_tcp_per_source: limits.max_tcp_per_source,
+        tcp_idle_timeout: limits.tcp_idle,
+        tcp_message_timeout: limits.tcp_half_open,
+        trusted: trusted.clone(),
+        ..EndpointConfig::default()
+    };
+    let pending = PendingTable {
+        calls: PendingCalls::new(limits.max_pending_per_source, limits.max_pending_total)
+            .with_exempt(trusted.iter().copied()),
+        evict: HashMap::new(),
+    };
+    let (endpoint, incoming) = Endpoint::bind(cfg.sip_listen, ep_cfg)
+        .await
+        .map_err(io_err(format!(
+            "{}: sip.listen {}",
+            cfg.file, cfg.sip_listen
+        )))?;
+    let sip_addr = endpoint.local_addr();
+    let recovered = envelopes.len();
+    // Each task gets its part of the config; only the keyring reload keeps all of it.
+    let site = Site::from_config(&cfg);
+    let events = Events::new();
+    let queue = Arc::new(MailQueue::new(
+        spool.clone(),
+        envelopes,
+        cfg.queue.clone(),
+        site.clone(),
+        events.clone(),
+    ));
+    let lanes = LaneCounts {
+        local: cfg.local_lanes,
+        per_peer: cfg.calls_per_peer,
+    };
+    let smtp_allow = cfg.smtp_allow.clone();
+    let paths = control::Paths {
+        spool: cfg.spool.clone(),
+        keyring: cfg.keyring.clone(),
+    };
+    let (delivery, call_idle) = (cfg.delivery.clone(), cfg.call_idle);
+    let ctx = Arc::new(Context {
+        smtp: crate::smtp::ServerConfig {
+            hostname: cfg.hostname.clone(),
+            max_message_size: cfg.max_message_size,
+            max_recipients: cfg.max_recipients,
+            ..crate::smtp::ServerConfig::default()
+        },
+        site,
+        sip: SipState {
+            endpoint,
+            addr: sip_addr,
+            dialogs: Mutex::new(HashMap::new()),
+            pending: Mutex::new(pending),
+            call_setup: Mutex::new(HashMap::new()),
+        },
+        trust: PeerTrust {
+            store: Arc::new(trust::TrustStore::new(&cfg.spool)),
+            writes: Mutex::new(trust::WriteLimiter::default()),
+            peer_addrs,
+        },
+        keys: Arc::new(Keys::new(cfg, keys)),
+        spool,
+        queue: queue.clone(),
+        shutdown: shutdown.clone(),
+        events,
+        hooks,
+    });
+    tracing::info!(
+        domain = %ctx.site.domain,
+        smtp = %smtp_addr,
+        sip = %sip_addr,
+        fingerprint = %ctx.keys().own_fpr_hex,
+        peers = ctx.site.peers.len(),
+        recovered,
+        "relay started"
+    );
+    // The scheduler starts a route's lanes when it first has work for it.
+    let worker_ctx = ctx.clone();
+    let spawn_lane = move |route: &Route, lane_no: usize, lane: Lane| -> scheduler::LaneTask {
+        let ctx = worker_ctx.clone();
+        match route {
+            Route::Local => Box::pin(local::worker(ctx, delivery.clone(), lane)),
+            Route::Peer(domain) => match ctx.site.peer(domain).cloned() {
+                Some(peer) => Box::pin(caller::worker(ctx, peer, call_idle, lane_no, lane)),
+                None => {
+                    tracing::error!(%domain, "no [[peer]] for this domain; its mail stays queued");
+                    Box::pin(async {})
+                }
+            },
+        }
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(inbound::accept_loop(ctx.clone(), smtp_allow, smtp));
+    tasks.spawn(dispatch::sip_loop(ctx.clone(), incoming));
+    tasks.spawn(scheduler::run(queue, lanes, shutdown, spawn_lane));
+    tasks.spawn(control::serve(ctx.clone(), paths, control));
+    Ok(Running {
+        smtp_addr,
+        sip_addr,
+        ctx,
+        tasks,
+    })
+}
+
+/// Run until shutdown. SIGHUP reloads the keyring.
+pub async fn run(cfg: Config, shutdown: Shutdown) -> Result<(), RelayError> {
+    let running = start(cfg, shutdown.clone(), Hooks::default()).await?;
+    let keys = running.ctx.keys.clone();
+    let hup = tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hup = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot handle SIGHUP; reload the keyring with `sipmail keys import` or a restart");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                r = hup.recv() => if r.is_none() { break },
+                _ = shutdown.wait() => break,
+            }
+            tracing::info!("SIGHUP: reloading the keyring");
+            // A failure is logged by the reload; the old keyring stays.
+            let _ = keys.reload().await;
+        }
+    });
+    running.wait().await;
+    hup.abort();
+    Ok(())
+}
+
+/// The IP addresses of each configured peer (the host of its `sip` URI). Over TCP they
+/// are exempt from the INVITE rate limit and the totals, so a flood from elsewhere does
+/// not lock them out; and an opportunistic peer's key is pinned on first use only from
+/// one of them (or when we placed the call). Host names are resolved once, at start.
+async fn peer_addresses(cfg: &Config) -> HashMap<String, Vec<IpAddr>> {
+    let mut out = HashMap::new();
+    for p in &cfg.peers {
+        let mut ips: Vec<IpAddr> = Vec::new();
+        if let Ok(ip) = p
+            .sip
+            .host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+        {
+            ips.push(ip);
+        } else {
+            match tokio::net::lookup_host((p.sip.host.as_str(), p.sip.port)).await {
+                Ok(addrs) => ips.extend(addrs.map(|a| a.ip())),
+                Err(e) => {
+                    tracing::warn!(peer = %p.domain, host = %p.sip.host, error = %e, "cannot resolve peer; it gets no exemption from the SIP limits, and (opportunistic) is pinned only by a call we place")
+                }
+            }
+        }
+        let ips: Vec<IpAddr> = ips.into_iter().map(canonical_ip).collect();
+        out.entry(p.domain.clone())
+            .or_insert_with(Vec::new)
+            .extend(ips);
+    }
+    out
+}

@@ -1,0 +1,104 @@
+//! How the relay talks to whoever runs it: the [`Shutdown`] signal in, [`RelayEvent`]s
+//! out, and the test [`Hooks`].
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::sync::{broadcast, watch};
+
+/// Tells every task to stop; cloneable.
+#[derive(Clone, Debug)]
+pub struct Shutdown(Arc<watch::Sender<bool>>);
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Shutdown {
+    pub fn new() -> Self {
+        Shutdown(Arc::new(watch::channel(false).0))
+    }
+    pub fn trigger(&self) {
+        self.0.send_replace(true);
+    }
+    pub fn is_triggered(&self) -> bool {
+        *self.0.borrow()
+    }
+    /// Resolves once `trigger` was called.
+    pub async fn wait(&self) {
+        let mut rx = self.0.subscribe();
+        let _ = rx.wait_for(|v| *v).await;
+    }
+}
+
+/// What the relay reports to whoever listens (logs carry the same facts).
+#[derive(Clone, Debug)]
+pub enum RelayEvent {
+    CallEstablished {
+        call_id: String,
+        peer: String,
+        outgoing: bool,
+        local_fingerprint: String,
+        peer_fingerprint: String,
+        suite: String,
+        sas: String,
+        /// The peer's trust policy: signed, psk or opportunistic.
+        trust: String,
+        /// What the retained secrets said (see `handshake::Continuity::name`).
+        continuity: String,
+    },
+    CallFailed {
+        peer: String,
+        reason: String,
+    },
+    CallEnded {
+        call_id: String,
+        peer: String,
+    },
+    Queued {
+        id: String,
+    },
+    Delivered {
+        id: String,
+        recipient: String,
+    },
+    /// Given up on a recipient; a bounce goes to the sender.
+    Failed {
+        id: String,
+        recipient: String,
+        reason: String,
+    },
+}
+
+/// Where the events go: a broadcast channel; nobody listening is fine.
+#[derive(Clone, Debug)]
+pub(crate) struct Events(broadcast::Sender<RelayEvent>);
+
+impl Events {
+    pub fn new() -> Self {
+        Events(broadcast::channel(1024).0)
+    }
+    pub fn emit(&self, e: RelayEvent) {
+        let _ = self.0.send(e);
+    }
+    pub fn subscribe(&self) -> broadcast::Receiver<RelayEvent> {
+        self.0.subscribe()
+    }
+}
+
+/// Test hooks. Production code never sets these.
+#[derive(Clone, Default)]
+pub struct Hooks {
+    /// Rewrites the media address the caller connects to, so a test can put a recording
+    /// or tampering TCP proxy between the relays.
+    pub media_connect: Option<Arc<dyn Fn(SocketAddr) -> SocketAddr + Send + Sync>>,
+}
+
+impl std::fmt::Debug for Hooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hooks")
+            .field("media_connect", &self.media_connect.is_some())
+            .finish()
+    }
+}

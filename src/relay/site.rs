@@ -1,0 +1,59 @@
+//! Who we are and who our partners are: the part of the config every call and every
+//! message needs, read-only for the daemon's life. Also where mail for an address goes.
+
+use crate::config::{Config, Peer};
+use crate::handshake::Suite;
+use crate::queue::Route;
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+#[derive(Clone, Debug)]
+pub(crate) struct Site {
+    /// Our mail domain (`mail@<domain>` is our SIP identity).
+    pub domain: String,
+    /// Our host name, in greetings, Received lines and DSNs.
+    pub hostname: String,
+    /// Our partners.
+    pub peers: Vec<Peer>,
+    /// Media cipher suites we offer and accept, in our order of preference.
+    pub suites: Vec<Suite>,
+    /// The address our media sockets bind to and our offers announce.
+    pub media_ip: IpAddr,
+    /// Where each signed call's audit record goes (None: not recorded).
+    pub call_records: Option<PathBuf>,
+}
+
+impl Site {
+    pub fn from_config(cfg: &Config) -> Self {
+        Site {
+            domain: cfg.domain.clone(),
+            hostname: cfg.hostname.clone(),
+            peers: cfg.peers.clone(),
+            suites: cfg.suites.clone(),
+            media_ip: cfg.media_ip,
+            call_records: cfg.call_records.clone(),
+        }
+    }
+
+    /// The partner for `domain` (case-insensitive), if any.
+    pub fn peer(&self, domain: &str) -> Option<&Peer> {
+        self.peers
+            .iter()
+            .find(|p| p.domain.eq_ignore_ascii_case(domain))
+    }
+
+    /// Where mail for `addr` goes: our domain is local, a partner's goes to that peer,
+    /// anything else has no route (sipmail is not an Internet MTA).
+    pub fn route_for(&self, addr: &str) -> Option<Route> {
+        let domain = addr
+            .rsplit_once('@')?
+            .1
+            .trim_end_matches('.')
+            .to_ascii_lowercase();
+        if domain == self.domain {
+            Some(Route::Local)
+        } else {
+            self.peer(&domain).map(|p| Route::Peer(p.domain.clone()))
+        }
+    }
+}
