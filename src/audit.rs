@@ -21,6 +21,7 @@ use crate::handshake::{
     commitment,
 };
 use crate::keyring::{Keyring, KeyringError};
+pub use crate::time::rfc3339;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use sequoia_openpgp as openpgp;
@@ -256,19 +257,6 @@ pub fn armor_signature(sig: &[u8]) -> Result<String, AuditError> {
     w.write_all(sig).map_err(armor)?;
     let bytes = w.finalize().map_err(armor)?;
     String::from_utf8(bytes).map_err(|e| AuditError::Armor(e.to_string()))
-}
-
-/// `2026-11-22T12:00:00Z`
-pub fn rfc3339(t: SystemTime) -> String {
-    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let (y, m, d) = crate::relay::civil_from_days((secs / 86_400) as i64);
-    let rem = secs % 86_400;
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
 }
 
 impl CallRecord {

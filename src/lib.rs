@@ -4,6 +4,7 @@
 
 pub mod audit;
 pub mod config;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod handshake;
 pub mod keyring;
@@ -11,4 +12,5 @@ pub mod queue;
 pub mod relay;
 pub mod sip;
 pub mod smtp;
+pub mod time;
 pub mod tunnel;

@@ -18,7 +18,7 @@ use tokio::net::{UnixListener, UnixStream};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "cmd", rename_all = "lowercase")]
-pub enum Request {
+pub enum ControlRequest {
     List,
     Show {
         id: String,
@@ -36,7 +36,7 @@ pub enum Request {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "result", rename_all = "lowercase")]
-pub enum Reply {
+pub enum ControlReply {
     Messages {
         messages: Vec<Envelope>,
     },
@@ -65,7 +65,7 @@ pub const KEYRING_POINTER: &str = "daemon.control";
 
 /// Tell the daemon that uses `keyring` (found through `keyring/daemon.control`) to reload
 /// it. `Ok(None)` if no daemon is known to use it or none answers.
-pub async fn reload_keyring(keyring: &Path) -> std::io::Result<Option<Reply>> {
+pub async fn reload_keyring(keyring: &Path) -> std::io::Result<Option<ControlReply>> {
     let pointer = keyring.join(KEYRING_POINTER);
     let sock = match std::fs::read_to_string(&pointer) {
         Ok(s) => PathBuf::from(s.trim_end_matches('\n')),
@@ -78,7 +78,7 @@ pub async fn reload_keyring(keyring: &Path) -> std::io::Result<Option<Reply>> {
     if sock != socket_path(spool) {
         return Ok(None);
     }
-    request(spool, &Request::Reload).await
+    request(spool, &ControlRequest::Reload).await
 }
 
 /// Record in the keyring directory which socket the daemon using it answers on. Best
@@ -131,9 +131,9 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: UnixListener) {
             let (r, mut w) = conn.into_split();
             let mut lines = BufReader::new(r.take(64 * 1024)).lines();
             while let Ok(Some(line)) = lines.next_line().await {
-                let reply = match serde_json::from_str::<Request>(&line) {
+                let reply = match serde_json::from_str::<ControlRequest>(&line) {
                     Ok(req) => handle(&shared, req).await,
-                    Err(e) => Reply::Error {
+                    Err(e) => ControlReply::Error {
                         message: format!("bad request: {e}"),
                     },
                 };
@@ -154,45 +154,45 @@ async fn headers_text(spool: &crate::queue::Spool, id: &str) -> String {
     String::from_utf8_lossy(&spool.read_headers(id, 16 * 1024).await).into_owned()
 }
 
-async fn handle(shared: &Arc<Shared>, req: Request) -> Reply {
+async fn handle(shared: &Arc<Shared>, req: ControlRequest) -> ControlReply {
     match req {
-        Request::Reload => match shared.reload_keys().await {
-            Ok(message) => Reply::Reloaded { message },
-            Err(message) => Reply::Error { message },
+        ControlRequest::Reload => match shared.reload_keys().await {
+            Ok(message) => ControlReply::Reloaded { message },
+            Err(message) => ControlReply::Error { message },
         },
-        Request::List => Reply::Messages {
+        ControlRequest::List => ControlReply::Messages {
             messages: shared.queue.list(),
         },
-        Request::Show { id } => match shared.queue.get(&id) {
-            Some(envelope) => Reply::Message {
+        ControlRequest::Show { id } => match shared.queue.get(&id) {
+            Some(envelope) => ControlReply::Message {
                 headers: headers_text(&shared.spool, &id).await,
                 envelope,
             },
-            None => Reply::Error {
+            None => ControlReply::Error {
                 message: format!("no message {id} in the queue"),
             },
         },
-        Request::Retry { id } => {
+        ControlRequest::Retry { id } => {
             let count = shared.queue.retry_now(id.as_deref());
             tracing::info!(
                 id = id.as_deref().unwrap_or("all"),
                 count,
                 "retry requested by the operator"
             );
-            Reply::Done { count }
+            ControlReply::Done { count }
         }
-        Request::Delete { id } => match shared.queue.delete(&id).await {
+        ControlRequest::Delete { id } => match shared.queue.delete(&id).await {
             Ok(()) => {
                 tracing::warn!(queue_id = %id, "deleted by the operator");
-                Reply::Done { count: 1 }
+                ControlReply::Done { count: 1 }
             }
-            Err(message) => Reply::Error { message },
+            Err(message) => ControlReply::Error { message },
         },
     }
 }
 
 /// Send one request to a running daemon. `Ok(None)` if no daemon listens.
-pub async fn request(spool: &Path, req: &Request) -> std::io::Result<Option<Reply>> {
+pub async fn request(spool: &Path, req: &ControlRequest) -> std::io::Result<Option<ControlReply>> {
     let conn = match UnixStream::connect(socket_path(spool)).await {
         Ok(c) => c,
         Err(e)
@@ -222,21 +222,21 @@ pub async fn request(spool: &Path, req: &Request) -> std::io::Result<Option<Repl
 }
 
 /// When no daemon runs: the same operations directly on the spool files.
-pub async fn offline(spool_dir: &Path, req: &Request) -> std::io::Result<Reply> {
+pub async fn offline(spool_dir: &Path, req: &ControlRequest) -> std::io::Result<ControlReply> {
     let envs = crate::queue::Spool::scan(spool_dir)?;
     let spool = crate::queue::Spool::at(spool_dir);
     Ok(match req {
-        Request::List => Reply::Messages { messages: envs },
-        Request::Show { id } => match envs.into_iter().find(|e| &e.id == id) {
-            Some(envelope) => Reply::Message {
+        ControlRequest::List => ControlReply::Messages { messages: envs },
+        ControlRequest::Show { id } => match envs.into_iter().find(|e| &e.id == id) {
+            Some(envelope) => ControlReply::Message {
                 headers: headers_text(&spool, id).await,
                 envelope,
             },
-            None => Reply::Error {
+            None => ControlReply::Error {
                 message: format!("no message {id} in the queue"),
             },
         },
-        Request::Retry { id } => {
+        ControlRequest::Retry { id } => {
             let mut count = 0;
             for mut e in envs
                 .into_iter()
@@ -252,17 +252,17 @@ pub async fn offline(spool_dir: &Path, req: &Request) -> std::io::Result<Reply> 
                 spool.update(&e).await?;
                 count += 1;
             }
-            Reply::Done { count }
+            ControlReply::Done { count }
         }
-        Request::Reload => Reply::Error {
+        ControlRequest::Reload => ControlReply::Error {
             message: "no daemon is running: it reads the keyring when it starts".into(),
         },
-        Request::Delete { id } => {
+        ControlRequest::Delete { id } => {
             if envs.iter().any(|e| &e.id == id) {
                 spool.remove(id).await?;
-                Reply::Done { count: 1 }
+                ControlReply::Done { count: 1 }
             } else {
-                Reply::Error {
+                ControlReply::Error {
                     message: format!("no message {id} in the queue"),
                 }
             }

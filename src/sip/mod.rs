@@ -5,7 +5,6 @@
 pub mod endpoint;
 pub mod limits;
 pub mod message;
-pub mod sdp;
 
 pub use endpoint::{Endpoint, EndpointConfig, Incoming, Transport, TxnError};
 pub use message::{
