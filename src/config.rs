@@ -788,7 +788,7 @@ impl Config {
             };
             let mut senders: Vec<String> = Vec::new();
             for s in p.senders.iter().flatten() {
-                let n = crate::relay::sender::normalise_domain(s).ok_or_else(|| {
+                let n = crate::domain::normalise_domain(s).ok_or_else(|| {
                     bad(
                         &format!("{key}.senders"),
                         format!("\"{s}\" is not a domain name (write a domain such as example.org, no address or literal)"),
