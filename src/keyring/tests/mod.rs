@@ -150,7 +150,11 @@ fn open_broken_cert_file_names_it() {
 #[test]
 fn errors_about_foreign_data_are_one_line() {
     let (_t, dir, kr) = new_site("site-a.test");
-    let sig = crate::audit::armor_signature(&kr.sign_detached(b"data").unwrap()).unwrap();
+    let sig = armor_bytes(
+        &kr.sign_detached(b"data").unwrap(),
+        openpgp::armor::Kind::Signature,
+    )
+    .unwrap();
     std::fs::create_dir_all(dir.join(CERTS_DIR)).unwrap();
     std::fs::write(dir.join(CERTS_DIR).join("sig.asc"), &sig).unwrap();
     let open_err = Keyring::open(&dir).unwrap_err().to_string();
