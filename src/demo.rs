@@ -1,4 +1,5 @@
 //! `sipmail demo`, and the two-site test bed that the integration tests share with it.
+//! Cargo feature `demo`: off in the shipped build, on for the tests (see README, Test).
 
 use crate::config::{Config, Delivery};
 use crate::keyring::Keyring;

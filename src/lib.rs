@@ -4,11 +4,14 @@
 
 pub mod audit;
 pub mod config;
+#[cfg(feature = "demo")]
 pub mod demo;
+pub mod domain;
 pub mod handshake;
 pub mod keyring;
 pub mod queue;
 pub mod relay;
 pub mod sip;
 pub mod smtp;
+pub mod time;
 pub mod tunnel;

@@ -9,10 +9,11 @@ use sipmail::config::Config;
 use sipmail::demo::{
     TwoSites, free_port, maildir_files, make_keys, sample_message, site_config, submit,
 };
+use sipmail::handshake::sdp;
 use sipmail::handshake::{CallerAwaitAnswer, Suite};
 use sipmail::keyring::Keyring;
 use sipmail::relay::{Hooks, RelayEvent};
-use sipmail::sip::{Endpoint, EndpointConfig, Method, Request, Transport, sdp};
+use sipmail::sip::{Endpoint, EndpointConfig, Method, Request, Transport};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

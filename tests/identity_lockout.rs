@@ -7,10 +7,11 @@ mod common;
 
 use common::*;
 use sipmail::demo::{TwoSites, maildir_files, sample_message, submit};
+use sipmail::handshake::sdp;
 use sipmail::handshake::{CallerAwaitAnswer, Suite};
 use sipmail::keyring::Keyring;
 use sipmail::relay::Hooks;
-use sipmail::sip::{Method, Request, sdp};
+use sipmail::sip::{Method, Request};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;

@@ -6,10 +6,11 @@ mod common;
 
 use common::*;
 use sipmail::demo::{TwoSites, maildir_files, sample_message, submit};
+use sipmail::handshake::sdp;
 use sipmail::handshake::{CallerAwaitAnswer, Suite};
 use sipmail::keyring::Keyring;
 use sipmail::relay::{Hooks, RelayEvent};
-use sipmail::sip::{Endpoint, EndpointConfig, Method, Request, Transport, sdp};
+use sipmail::sip::{Endpoint, EndpointConfig, Method, Request, Transport};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -13,11 +13,12 @@ mod common;
 use common::*;
 use sipmail::config::Config;
 use sipmail::demo::{TwoSites, free_port, maildir_files, make_keys, site_config};
+use sipmail::handshake::sdp;
 use sipmail::handshake::{
     ANSWER_SIG_CONTEXT, AuthMode, CallContext, CallerAwaitAnswer, Suite, Transcript,
 };
 use sipmail::relay::Hooks;
-use sipmail::sip::{Endpoint, EndpointConfig, Method, Request, Transport, sdp};
+use sipmail::sip::{Endpoint, EndpointConfig, Method, Request, Transport};
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;

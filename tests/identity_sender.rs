@@ -11,10 +11,11 @@ mod common;
 
 use common::*;
 use sipmail::demo::{TwoSites, maildir_files, submit};
+use sipmail::handshake::sdp;
 use sipmail::handshake::{CallContext, CallerAwaitAnswer, Suite};
 use sipmail::keyring::Keyring;
 use sipmail::relay::{Hooks, KeyringSigner, PeerVerifier};
-use sipmail::sip::{Endpoint, EndpointConfig, Method, Request, Transport, sdp};
+use sipmail::sip::{Endpoint, EndpointConfig, Method, Request, Transport};
 use sipmail::tunnel::record::Limits;
 use sipmail::tunnel::{Role, TunnelStream};
 use std::path::Path;

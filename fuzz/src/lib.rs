@@ -16,7 +16,8 @@ use sipmail::handshake::{
     Signer, Suite, Verifier,
 };
 use sipmail::sip::message::{bad_request_for, parse_datagram_limited, parse_stream_limited};
-use sipmail::sip::{SipMessage, parse_datagram, parse_stream, sdp};
+use sipmail::handshake::sdp;
+use sipmail::sip::{SipMessage, parse_datagram, parse_stream};
 
 /// SIP message and SDP parsing: datagram and stream framing, every typed
 /// accessor, the 400 builder, and the three sipmail bodies. A message that

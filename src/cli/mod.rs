@@ -42,7 +42,7 @@ enum Cmd {
         config: PathBuf,
     },
     /// Run site A and site B in one process on loopback with fresh keys, send mail from A
-    /// to B through a signed call, and report what happened.
+    /// to B through a signed call, and report what happened (builds with `--features demo`).
     Demo {
         /// How many messages to send.
         #[arg(long, default_value_t = 10)]
@@ -287,6 +287,7 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        #[cfg(feature = "demo")]
         Cmd::Demo { messages, cleanup } => {
             let ok = runtime()?.block_on(sipmail::demo::run(messages, cleanup))?;
             Ok(if ok {
@@ -295,6 +296,12 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
+        // The test bed is not in the shipped build (Cargo feature `demo`).
+        #[cfg(not(feature = "demo"))]
+        Cmd::Demo { .. } => anyhow::bail!(
+            "this sipmail was built without the demo; try it with \
+             `cargo run --release --features demo -- demo`"
+        ),
         Cmd::Keys { cmd } => keys(cmd),
         Cmd::Psk {
             cmd: PskCmd::Generate { out },
@@ -356,14 +363,7 @@ fn unix_time(t: u64) -> String {
     if t == 0 {
         return "unknown".into();
     }
-    let (days, secs) = ((t / 86_400) as i64, t % 86_400);
-    let (y, m, d) = sipmail::relay::civil_date(days);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
-        secs / 3600,
-        secs / 60 % 60,
-        secs % 60
-    )
+    sipmail::time::utc_datetime_secs(t as i64)
 }
 
 fn trust(cfg: &Config, cmd: TrustCmd) -> Result<ExitCode> {
@@ -440,11 +440,13 @@ fn trust(cfg: &Config, cmd: TrustCmd) -> Result<ExitCode> {
 /// Tell the daemon using `keyring` (if one runs) to reload it, and say what happened: the
 /// keyring on disk has changed either way.
 fn notify_daemon(keyring: &std::path::Path) {
-    use sipmail::relay::control::{ControlReply as Reply, reload_keyring};
+    use sipmail::relay::control::{ControlReply, reload_keyring};
     let reply = runtime().and_then(|rt| Ok(rt.block_on(reload_keyring(keyring))?));
     match reply {
-        Ok(Some(Reply::Reloaded { message })) => println!("The running daemon reloaded: {message}"),
-        Ok(Some(Reply::Error { message })) => eprintln!(
+        Ok(Some(ControlReply::Reloaded { message })) => {
+            println!("The running daemon reloaded: {message}")
+        }
+        Ok(Some(ControlReply::Error { message })) => eprintln!(
             "sipmail: warning: the running daemon did not take the change: {message}\n\
              Fix the keyring, then send it SIGHUP (kill -HUP PID) or run this again."
         ),

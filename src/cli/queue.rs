@@ -4,16 +4,16 @@ use super::QueueCmd;
 use anyhow::{Result, bail};
 use sipmail::config::Config;
 use sipmail::queue::{Envelope, RcptState, now_ms};
-use sipmail::relay::control::{self, ControlReply as Reply, ControlRequest as Request};
+use sipmail::relay::control::{self, ControlReply, ControlRequest};
 use std::collections::BTreeMap;
 use std::process::ExitCode;
 
 pub async fn run(cfg: &Config, cmd: QueueCmd, json: bool) -> Result<ExitCode> {
     let req = match cmd {
-        QueueCmd::List => Request::List,
-        QueueCmd::Show { id } => Request::Show { id },
-        QueueCmd::Retry { id } => Request::Retry { id },
-        QueueCmd::Delete { id } => Request::Delete { id },
+        QueueCmd::List => ControlRequest::List,
+        QueueCmd::Show { id } => ControlRequest::Show { id },
+        QueueCmd::Retry { id } => ControlRequest::Retry { id },
+        QueueCmd::Delete { id } => ControlRequest::Delete { id },
     };
     let (reply, live) = match control::request(&cfg.spool, &req).await? {
         Some(r) => (r, true),
@@ -21,7 +21,7 @@ pub async fn run(cfg: &Config, cmd: QueueCmd, json: bool) -> Result<ExitCode> {
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&reply)?);
-        return Ok(if matches!(reply, Reply::Error { .. }) {
+        return Ok(if matches!(reply, ControlReply::Error { .. }) {
             ExitCode::FAILURE
         } else {
             ExitCode::SUCCESS
@@ -33,14 +33,14 @@ pub async fn run(cfg: &Config, cmd: QueueCmd, json: bool) -> Result<ExitCode> {
         "spool files (no daemon is running)"
     };
     match reply {
-        Reply::Messages { messages } => print_list(&messages, source),
-        Reply::Message { envelope, headers } => {
+        ControlReply::Messages { messages } => print_list(&messages, source),
+        ControlReply::Message { envelope, headers } => {
             print_one(&envelope);
             println!("\n{}", headers.trim_end());
         }
-        Reply::Done { count } => println!("{count} message(s) affected ({source})"),
-        Reply::Reloaded { message } => println!("{message}"),
-        Reply::Error { message } => bail!("{message}"),
+        ControlReply::Done { count } => println!("{count} message(s) affected ({source})"),
+        ControlReply::Reloaded { message } => println!("{message}"),
+        ControlReply::Error { message } => bail!("{message}"),
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -15,6 +15,7 @@
 //! is the relay's job.
 //! The exact encodings are in docs/PROTOCOL.md, and the tests check its vectors.
 
+pub mod sdp;
 mod transcript;
 
 pub use transcript::{Tag, Transcript};

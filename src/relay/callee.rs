@@ -6,10 +6,10 @@ use super::events::RelayEvent;
 use super::inbound::{Origin, SpoolBackend};
 use super::trust::{self, HoldReason, OpportunisticDecision};
 use crate::config::ContinuityPolicy;
+use crate::handshake::sdp::{self, SdpError};
 use crate::handshake::{
     AuthMode, CallContext, CalleeAwaitConfirm, CalleePolicy, Continuity, HandshakeError,
 };
-use crate::sip::sdp::{self, SdpError};
 use crate::sip::{Incoming, Method, Response};
 use crate::tunnel::record::Limits;
 use crate::tunnel::{Role, TunnelStream};

@@ -4,11 +4,12 @@
 
 use super::context::{Context, SetupFailure};
 use super::events::RelayEvent;
-use super::jobs::{Lane, RcptOutcome, outcomes_from_smtp};
+use super::jobs::Lane;
+use super::outcome::{RcptOutcome, outcomes_from_smtp};
 use super::trust::{HoldReason, OpportunisticDecision};
 use crate::config::{ContinuityPolicy, Peer};
+use crate::handshake::sdp::{self, SdpError};
 use crate::handshake::{AuthMode, CallContext, CallerAwaitAnswer, Continuity, HandshakeError};
-use crate::sip::sdp::{self, SdpError};
 use crate::sip::{Method, Request, Response, Transport, TxnError};
 use crate::smtp::{ClientError, ClientTimeouts, SmtpClient};
 use crate::tunnel::record::Limits;

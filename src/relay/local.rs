@@ -1,7 +1,8 @@
 //! Delivery of mail for our own domain: into the Maildir, or by SMTP to the site's MTA.
 
 use super::context::Context;
-use super::jobs::{Job, Lane, RcptOutcome, outcomes_from_smtp};
+use super::jobs::Lane;
+use super::outcome::{Job, RcptOutcome, outcomes_from_smtp};
 use crate::config::Delivery;
 use crate::smtp::{ClientTimeouts, SmtpClient};
 use std::sync::Arc;

@@ -27,6 +27,7 @@ mod inbound;
 mod jobs;
 mod keys;
 mod local;
+mod outcome;
 mod schedule;
 mod scheduler;
 pub mod sender;

@@ -3,7 +3,7 @@
 //! failed for good), which DSNs go to the sender, and whether the message is done. No
 //! I/O and no clock: the scheduler commits what [`decide`] returns.
 
-use super::jobs::RcptOutcome;
+use super::outcome::RcptOutcome;
 use crate::config::QueueTimes;
 use crate::queue::{Envelope, RcptState, Route};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

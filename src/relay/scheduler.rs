@@ -4,7 +4,8 @@
 
 use super::bounce;
 use super::events::{Events, RelayEvent, Shutdown};
-use super::jobs::{Job, Lane, Report};
+use super::jobs::{Lane, Report};
+use super::outcome::Job;
 use super::schedule::{self, Disposal, DsnKind, Step};
 use super::site::Site;
 use crate::config::QueueTimes;
@@ -235,7 +236,7 @@ impl MailQueue {
 
     /// Record what a lane reported, durably (see [`schedule::decide`] for the rules), and
     /// drop the message when nothing is pending any more.
-    async fn commit(&self, job: &Job, outcomes: &[(String, super::jobs::RcptOutcome)]) {
+    async fn commit(&self, job: &Job, outcomes: &[(String, super::outcome::RcptOutcome)]) {
         let now = now_ms();
         let decided = {
             let mut st = self.lock();
@@ -545,7 +546,7 @@ mod tests {
             events,
         );
         let (jobs, _) = q.take_due(0);
-        let outcomes = jobs[0].all(super::super::jobs::RcptOutcome::Permanent {
+        let outcomes = jobs[0].all(super::super::outcome::RcptOutcome::Permanent {
             status: "5.1.1".into(),
             diagnostic: "smtp; 550 5.1.1 no such user".into(),
             remote: Some("peer site-b.test".into()),
@@ -582,7 +583,7 @@ mod tests {
             Events::new(),
         );
         let (jobs, _) = q.take_due(0);
-        let outcomes = jobs[0].all(super::super::jobs::RcptOutcome::Transient("busy".into()));
+        let outcomes = jobs[0].all(super::super::outcome::RcptOutcome::Transient("busy".into()));
         q.commit(&jobs[0], &outcomes).await;
         let a = q.get("A").expect("still queued");
         assert_eq!(a.recipients[0].attempts, 1);

@@ -55,21 +55,7 @@ impl SenderRefusal {
 /// A-labels, lower case, LDH labels of 1..=63 octets, at most 253 octets in all. `None`
 /// if it is not a domain name (address literals included).
 pub fn normalise_domain(d: &str) -> Option<String> {
-    let d = d.strip_suffix('.').unwrap_or(d);
-    if d.is_empty() || d.starts_with('[') {
-        return None;
-    }
-    let ascii = idna::domain_to_ascii_cow(d.as_bytes(), idna::AsciiDenyList::STD3).ok()?;
-    let ascii = ascii.to_ascii_lowercase();
-    let ok = ascii.len() <= 253
-        && ascii.split('.').all(|l| {
-            !l.is_empty()
-                && l.len() <= 63
-                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-                && !l.starts_with('-')
-                && !l.ends_with('-')
-        });
-    ok.then_some(ascii)
+    crate::domain::normalise_domain(d)
 }
 
 /// `d` is `base` or a subdomain of it, on a label boundary. Both normalised.

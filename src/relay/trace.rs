@@ -241,18 +241,9 @@ pub(crate) fn rfc5322_date(t: SystemTime) -> String {
     )
 }
 
-/// Howard Hinnant's days-to-civil algorithm.
+/// Days since 1970-01-01 to (year, month, day); see [`crate::time::civil_from_days`].
 pub(crate) fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719468;
-    let era = z.div_euclid(146097);
-    let doe = z.rem_euclid(146097);
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { y + 1 } else { y }, m, d)
+    crate::time::civil_from_days(z)
 }
 
 /// Keep header values to printable ASCII without CR/LF, so a peer's HELO name cannot

@@ -5,7 +5,6 @@
 pub mod endpoint;
 pub mod limits;
 pub mod message;
-pub mod sdp;
 pub mod timer;
 pub mod transaction;
 

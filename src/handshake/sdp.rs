@@ -2,7 +2,7 @@
 //! carried by the ACK. Only the parsed fields enter the signed transcript; the SDP text
 //! itself is never signed, so re-ordering or re-spacing by a proxy breaks nothing.
 
-use crate::handshake::{Answer, AuthMode, Confirm, MAX_RETAINED, Offer, RS_ID_LEN, Suite};
+use super::{Answer, AuthMode, Confirm, MAX_RETAINED, Offer, RS_ID_LEN, Suite};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use std::net::{IpAddr, SocketAddr};

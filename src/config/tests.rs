@@ -1,0 +1,316 @@
+//! Unit tests of the configuration: the documented example, every error naming its key.
+
+use super::*;
+
+const GOOD: &str = r#"
+[relay]
+domain = "site-a.test"
+keyring = "keyring/site-a"
+spool = "var/site-a/spool"
+[smtp]
+listen = "127.0.0.1:2525"
+allow = ["127.0.0.0/8"]
+[sip]
+listen = "127.0.0.1:5060"
+media = "127.0.0.1"
+[[peer]]
+domain = "site-b.test"
+sip = "sip:mail@127.0.0.1:5062"
+[delivery]
+maildir = "var/site-a/maildir"
+"#;
+
+#[test]
+fn the_documented_example_parses() {
+    let c = Config::parse("a.toml", GOOD).unwrap();
+    assert_eq!(c.domain, "site-a.test");
+    assert_eq!(c.peers[0].sip.port, 5062);
+    assert!(matches!(c.delivery, Delivery::Maildir(_)));
+    assert!(c.smtp_allow[0].contains("127.9.9.9".parse().unwrap()));
+    assert!(!c.smtp_allow[0].contains("10.0.0.1".parse().unwrap()));
+    assert!(c.smtp_allow[0].contains("::ffff:127.0.0.1".parse().unwrap()));
+}
+
+#[test]
+fn unknown_key_names_file_and_key() {
+    let text = GOOD.replace("[smtp]\n", "[smtp]\nlistne = \"x\"\n");
+    let e = Config::parse("a.toml", &text).unwrap_err().to_string();
+    assert!(e.starts_with("a.toml:"), "{e}");
+    assert!(e.contains("listne"), "{e}");
+}
+
+#[test]
+fn bad_addresses_name_the_key() {
+    for (from, to, key) in [
+        (
+            "listen = \"127.0.0.1:2525\"",
+            "listen = \"127.0.0.1\"",
+            "smtp.listen",
+        ),
+        (
+            "media = \"127.0.0.1\"",
+            "media = \"localhost:1\"",
+            "sip.media",
+        ),
+        (
+            "sip = \"sip:mail@127.0.0.1:5062\"",
+            "sip = \"http://x\"",
+            "peer[0].sip",
+        ),
+        (
+            "allow = [\"127.0.0.0/8\"]",
+            "allow = [\"127.0.0.0/33\"]",
+            "smtp.allow",
+        ),
+    ] {
+        let e = Config::parse("a.toml", &GOOD.replace(from, to))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(key), "{e}");
+        assert!(e.starts_with("a.toml: "), "{e}");
+    }
+}
+
+#[test]
+fn sip_limits_default_and_override() {
+    let c = Config::parse("a.toml", GOOD).unwrap();
+    assert_eq!(c.sip_limits, SipLimits::default());
+    assert_eq!(c.sip_limits.invite_rate, 20.0);
+    let text = GOOD.replace(
+        "media = \"127.0.0.1\"\n",
+        "media = \"127.0.0.1\"\ninvite_rate = 5\nmax_pending_total = 10\ntcp_half_open = \"3s\"\n",
+    );
+    let c = Config::parse("a.toml", &text).unwrap();
+    assert_eq!(c.sip_limits.invite_rate, 5.0);
+    assert_eq!(c.sip_limits.max_pending_total, 10);
+    assert_eq!(c.sip_limits.tcp_half_open, Duration::from_secs(3));
+    for (line, key) in [
+        ("max_message_size = 100", "sip.max_message_size"),
+        ("max_message_size = 70000", "sip.max_message_size"),
+        ("invite_rate = -1", "sip.invite_rate"),
+        ("max_pending_per_source = 0", "sip.max_pending_per_source"),
+        ("tcp_idle = \"0s\"", "sip.tcp_idle"),
+    ] {
+        let text = GOOD.replace(
+            "media = \"127.0.0.1\"\n",
+            &format!("media = \"127.0.0.1\"\n{line}\n"),
+        );
+        let e = Config::parse("a.toml", &text).unwrap_err().to_string();
+        assert!(e.contains(key), "{line}: {e}");
+    }
+}
+
+#[test]
+fn trust_policies_parse_and_psk_files_are_checked() {
+    use std::os::unix::fs::PermissionsExt;
+    let c = Config::parse("a.toml", GOOD).unwrap();
+    assert!(matches!(c.peers[0].trust, Trust::Signed));
+    assert_eq!(c.peers[0].continuity, ContinuityPolicy::Warn);
+    let with = |extra: &str| {
+        GOOD.replace(
+            "sip = \"sip:mail@127.0.0.1:5062\"\n",
+            &format!("sip = \"sip:mail@127.0.0.1:5062\"\n{extra}\n"),
+        )
+    };
+    let c = Config::parse(
+        "a.toml",
+        &with("trust = \"opportunistic\"\ncontinuity = \"require\""),
+    )
+    .unwrap();
+    assert!(matches!(c.peers[0].trust, Trust::Opportunistic));
+    assert_eq!(c.peers[0].continuity, ContinuityPolicy::Require);
+
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("psk");
+    // Bytes 0x00..0x1f in base64 (the PROTOCOL.md vector's key).
+    std::fs::write(&f, "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\n").unwrap();
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let psk_line = format!("trust = \"psk\"\npsk_file = \"{}\"", f.display());
+    let c = Config::parse("a.toml", &with(&psk_line)).unwrap();
+    match &c.peers[0].trust {
+        Trust::Psk(k) => {
+            assert_eq!(k.as_bytes(), (0u8..32).collect::<Vec<u8>>());
+            assert!(!format!("{c:?}").contains("AAECAwQF"));
+        }
+        other => panic!("{other:?}"),
+    }
+    // Readable by others: refused, naming the key.
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let e = Config::parse("a.toml", &with(&psk_line))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("peer[0].psk_file") && e.contains("chmod 600"),
+        "{e}"
+    );
+    // Not a key: a passphrase (even a long one), hex, another length, no randomness,
+    // two lines. Each refusal names the key and the file and says what to run.
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+    for (text, why) in [
+        ("short\n", "not base64"),
+        (
+            "0123456789abcdef0123456789abcdef-long-enough\n",
+            "not base64",
+        ),
+        (
+            "correct horse battery staple and some more words\n",
+            "not base64",
+        ),
+        (
+            "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f\n",
+            "decodes to 48 bytes",
+        ),
+        (
+            "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHg==\n",
+            "decodes to 31 bytes",
+        ),
+        (
+            "correcthorsebatterystaplecorrecthorsebatteg=\n",
+            "does not look random",
+        ),
+        (
+            "AAECAwQFBgcICQoLDA0O\nDxAREhMUFRYXGBkaGxwdHh8=\n",
+            "not base64",
+        ),
+        ("", "empty"),
+    ] {
+        std::fs::write(&f, text).unwrap();
+        let e = Config::parse("a.toml", &with(&psk_line))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(why)
+                && e.contains("peer[0].psk_file")
+                && e.contains(&f.display().to_string())
+                && e.contains("sipmail psk generate"),
+            "{text:?}: {e}"
+        );
+    }
+    // What `sipmail psk generate` writes is taken; it never overwrites.
+    let g = dir.path().join("generated.psk");
+    let made = Psk::generate_file(&g).unwrap();
+    assert_eq!(
+        std::fs::metadata(&g).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert_eq!(Psk::load(&g).unwrap().as_bytes(), made.as_bytes());
+    assert!(
+        Psk::generate_file(&g)
+            .unwrap_err()
+            .contains("already exists")
+    );
+    assert_eq!(Psk::load(&g).unwrap().as_bytes(), made.as_bytes());
+    for (extra, key) in [
+        ("trust = \"psk\"", "peer[0].psk_file"),
+        ("trust = \"none\"", "peer[0].trust"),
+        ("psk_file = \"/x\"", "peer[0].psk_file"),
+        ("continuity = \"maybe\"", "peer[0].continuity"),
+    ] {
+        let e = Config::parse("a.toml", &with(extra))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(key), "{extra}: {e}");
+    }
+}
+
+#[test]
+fn peer_fingerprints_are_hex_and_named_in_errors() {
+    let with = |extra: &str| {
+        GOOD.replace(
+            "sip = \"sip:mail@127.0.0.1:5062\"\n",
+            &format!("sip = \"sip:mail@127.0.0.1:5062\"\n{extra}\n"),
+        )
+    };
+    let c = Config::parse(
+        "a.toml",
+        &with("fingerprints = [\"0x0123 4567 89ab cdef 0123 4567 89ab cdef 0123 4567\"]"),
+    )
+    .unwrap();
+    assert_eq!(
+        c.peers[0].fingerprints.as_deref(),
+        Some(&["0123456789ABCDEF0123456789ABCDEF01234567".to_string()][..])
+    );
+    assert!(
+        Config::parse("a.toml", GOOD).unwrap().peers[0]
+            .fingerprints
+            .is_none()
+    );
+    for extra in [
+        "fingerprints = [\"0123\"]",
+        "fingerprints = [\"XYZ3456789ABCDEF0123456789ABCDEF01234567\"]",
+        "fingerprints = []",
+        "trust = \"opportunistic\"\nfingerprints = [\"0123456789ABCDEF0123456789ABCDEF01234567\"]",
+    ] {
+        let e = Config::parse("a.toml", &with(extra))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("a.toml: peer[0].fingerprints: "),
+            "{extra}: {e}"
+        );
+    }
+}
+
+#[test]
+fn peer_senders_are_normalised_and_checked() {
+    let with = |line: &str| {
+        GOOD.replace(
+            "sip = \"sip:mail@127.0.0.1:5062\"\n",
+            &format!("sip = \"sip:mail@127.0.0.1:5062\"\n{line}\n"),
+        )
+    };
+    assert!(
+        Config::parse("a.toml", GOOD).unwrap().peers[0]
+            .senders
+            .is_empty()
+    );
+    let c = Config::parse(
+            "a.toml",
+            &with("senders = [\"Partner.Example.\", \"bücher.test\", \"partner.example\", \"site-b.test\"]"),
+        )
+        .unwrap();
+    assert_eq!(
+        c.peers[0].senders,
+        ["partner.example", "xn--bcher-kva.test"]
+    );
+    for (line, what) in [
+        ("senders = [\"x@example.org\"]", "not a domain name"),
+        ("senders = [\"[127.0.0.1]\"]", "not a domain name"),
+        ("senders = [\"\"]", "not a domain name"),
+        ("senders = [\"org\"]", "top-level"),
+        ("senders = [\"SITE-A.test\"]", "our own relay.domain"),
+        ("senders = \"example.org\"", "senders"),
+    ] {
+        let e = Config::parse("a.toml", &with(line))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("a.toml: "), "{e}");
+        assert!(
+            e.contains("peer[0].senders") || e.contains("senders"),
+            "{e}"
+        );
+        assert!(e.contains(what), "{line}: {e}");
+    }
+    // Another partner's own domain is that partner's alone.
+    let two = with("senders = [\"site-c.test\"]").replace(
+        "[delivery]",
+        "[[peer]]\ndomain = \"site-c.test\"\nsip = \"sip:mail@127.0.0.1:5064\"\n[delivery]",
+    );
+    let e = Config::parse("a.toml", &two).unwrap_err().to_string();
+    assert!(
+        e.contains("peer[0].senders") && e.contains("another [[peer]]"),
+        "{e}"
+    );
+}
+
+#[test]
+fn durations_and_targets() {
+    assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+    assert_eq!(parse_duration("5d").unwrap(), Duration::from_secs(432000));
+    assert!(parse_duration("5").is_err());
+    assert!(parse_duration("5y").is_err());
+    let t = SipTarget::parse("sip:mail@[::1]:5070;transport=tcp").unwrap();
+    assert_eq!((t.host.as_str(), t.port, t.tcp), ("::1", 5070, true));
+    assert_eq!(t.to_string(), "sip:mail@[::1]:5070;transport=tcp");
+    assert_eq!(SipTarget::parse("sip:mail@example.net").unwrap().port, 5060);
+}

@@ -1,0 +1,188 @@
+//! Signing and verifying: round trips, every flipped bit, wrong keys, domains and fingerprints.
+
+use super::*;
+
+#[test]
+fn sign_verify_round_trip() {
+    let (_t, a, b) = two_sites();
+    let fa = a.own_fingerprint().unwrap();
+    let data = b"INVITE sip:relay@site-b.test SIP/2.0\r\n";
+    let sig = a.sign_detached(data).unwrap();
+
+    b.verify_detached("site-a.test", &fa, data, &sig).unwrap();
+    // Case and spacing of domain and fingerprint do not matter.
+    b.verify_detached(
+        "SITE-A.Test",
+        &format_fingerprint(&fa.to_lowercase()),
+        data,
+        &sig,
+    )
+    .unwrap();
+    // The signer can verify its own signature too (own cert, own domain).
+    a.verify_detached("site-a.test", &fa, data, &sig).unwrap();
+
+    // It is a v4 binary signature packet.
+    let pile = PacketPile::from_bytes(&sig).unwrap();
+    match pile.children().next() {
+        Some(Packet::Signature(s)) => {
+            assert_eq!(s.typ(), SignatureType::Binary);
+            assert_eq!(s.version(), 4);
+        }
+        p => panic!("unexpected {p:?}"),
+    }
+    // Armored signatures are accepted as well.
+    let armored = armor_bytes(&sig, openpgp::armor::Kind::Signature).unwrap();
+    assert!(armored.starts_with(b"-----BEGIN PGP SIGNATURE-----"));
+    b.verify_detached("site-a.test", &fa, data, &armored)
+        .unwrap();
+}
+
+#[test]
+fn flipped_bits_fail() {
+    let (_t, a, b) = two_sites();
+    let fa = a.own_fingerprint().unwrap();
+    let data = b"hello partner".to_vec();
+    let sig = a.sign_detached(&data).unwrap();
+
+    for i in 0..data.len() {
+        let mut d = data.clone();
+        d[i] ^= 0x01;
+        assert!(
+            matches!(
+                b.verify_detached("site-a.test", &fa, &d, &sig),
+                Err(KeyringError::BadSignature { .. })
+            ),
+            "flipped data byte {i} verified"
+        );
+    }
+    // Hashed area, signature MPIs, truncation.
+    for i in [6, 8, 12, sig.len() - 1, sig.len() - 5, sig.len() - 40] {
+        let mut s = sig.clone();
+        s[i] ^= 0x10;
+        let r = b.verify_detached("site-a.test", &fa, &data, &s);
+        assert!(
+            matches!(r, Err(KeyringError::BadSignature { .. })),
+            "flipped signature byte {i}: {r:?}"
+        );
+    }
+    for bad in [&sig[..sig.len() - 1], &[][..], b"garbage"] {
+        assert!(matches!(
+            b.verify_detached("site-a.test", &fa, &data, bad),
+            Err(KeyringError::BadSignature { .. })
+        ));
+    }
+    // Two signatures glued together are not one signature.
+    let two = [sig.clone(), sig.clone()].concat();
+    assert!(matches!(
+        b.verify_detached("site-a.test", &fa, &data, &two),
+        Err(KeyringError::BadSignature { .. })
+    ));
+}
+
+/// Every single bit of the signature packet matters: a relay must not accept a signature
+/// that differs from what the peer sent in any bit, not even in the unhashed area.
+#[test]
+fn every_flipped_signature_bit_fails() {
+    let (_t, a, b) = two_sites();
+    let fa = a.own_fingerprint().unwrap();
+    let data = b"sipmail/1 answer signature\0transcript".to_vec();
+    let sig = a.sign_detached(&data).unwrap();
+    let mut accepted = Vec::new();
+    for bit in 0..sig.len() * 8 {
+        let mut s = sig.clone();
+        s[bit / 8] ^= 1 << (bit % 8);
+        if b.verify_detached("site-a.test", &fa, &data, &s).is_ok() {
+            accepted.push(bit);
+        }
+    }
+    assert!(
+        accepted.is_empty(),
+        "flipped bits {accepted:?} of {} still verified",
+        sig.len() * 8
+    );
+}
+
+#[test]
+fn signature_by_another_key_fails() {
+    let (_t, a, b) = two_sites();
+    let fa = a.own_fingerprint().unwrap();
+    // B's signature, claimed to be A's.
+    let sig = b.sign_detached(b"data").unwrap();
+    let err = a
+        .verify_detached("site-a.test", &fa, b"data", &sig)
+        .unwrap_err();
+    assert!(matches!(err, KeyringError::BadSignature { .. }), "{err:?}");
+    // A text signature (wrong type) by the right key.
+    let own = a.own.as_ref().unwrap().signer.as_ref().unwrap();
+    let mut kp = own.keypair.clone();
+    let text = SignatureBuilder::new(SignatureType::Text)
+        .sign_message(&mut kp, b"data")
+        .unwrap();
+    let text = Packet::from(text).to_vec().unwrap();
+    assert!(matches!(
+        b.verify_detached("site-a.test", &fa, b"data", &text),
+        Err(KeyringError::BadSignature { .. })
+    ));
+}
+
+#[test]
+fn wrong_domain_and_unknown_fingerprint() {
+    let (_t, a, b) = two_sites();
+    let fa = a.own_fingerprint().unwrap();
+    let fb = b.own_fingerprint().unwrap();
+    let sig = a.sign_detached(b"x").unwrap();
+
+    match b.verify_detached("site-c.test", &fa, b"x", &sig) {
+        Err(KeyringError::WrongIdentity {
+            fingerprint,
+            domain,
+            user_ids,
+        }) => {
+            assert_eq!(fingerprint, fa);
+            assert_eq!(domain, "site-c.test");
+            assert_eq!(user_ids, vec!["mail@site-a.test".to_string()]);
+        }
+        r => panic!("unexpected {r:?}"),
+    }
+    assert!(matches!(
+        b.peer_cert("site-c.test", &fa),
+        Err(KeyringError::WrongIdentity { .. })
+    ));
+    // The own key is never a peer for another domain.
+    assert!(matches!(
+        b.peer_cert("site-a.test", &fb),
+        Err(KeyringError::WrongIdentity { .. })
+    ));
+    assert_eq!(
+        b.peer_cert("site-b.test", &fb)
+            .unwrap()
+            .fingerprint()
+            .to_hex(),
+        fb
+    );
+    assert_eq!(
+        b.peer_cert("site-a.test", &fa)
+            .unwrap()
+            .fingerprint()
+            .to_hex(),
+        fa
+    );
+
+    let unknown = "0123456789ABCDEF0123456789ABCDEF01234567";
+    assert!(matches!(
+        b.verify_detached("site-a.test", unknown, b"x", &sig),
+        Err(KeyringError::UnknownFingerprint { .. })
+    ));
+    assert!(matches!(
+        b.peer_cert("site-a.test", "not hex"),
+        Err(KeyringError::InvalidFingerprint { .. })
+    ));
+    assert!(matches!(
+        b.peer_cert("site-a.test", &fa[..39]),
+        Err(KeyringError::InvalidFingerprint { .. })
+    ));
+
+    assert!(b.has_peer("site-a.test"));
+    assert!(b.has_peer("Site-A.test"));
+    assert!(!b.has_peer("site-c.test"));
+}
