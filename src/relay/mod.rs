@@ -5,10 +5,12 @@
 //! peer --SIP INVITE--> callee --tunnel--> inbound::serve_peer --spool--> scheduler --> local delivery
 //! ```
 
+mod admission;
 mod bounce;
 mod callee;
 mod caller;
 pub mod control;
+mod dialog;
 mod inbound;
 mod local;
 mod scheduler;
@@ -27,6 +29,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{broadcast, mpsc, watch};
 
+use dialog::warn_response;
 pub use scheduler::QueueSnapshot;
 pub(crate) use trace::civil_from_days;
 
@@ -852,18 +855,6 @@ fn unsupported_requires(req: &Request) -> Vec<String> {
         .map(|t| t.trim().to_string())
         .filter(|t| !t.is_empty())
         .collect()
-}
-
-fn warn_response(req: &Request, status: u16, reason: &str, warning: &str) -> Response {
-    let mut r = Response::for_request(req, status, reason);
-    r.headers.push(
-        "Warning",
-        format!(
-            "399 sipmail \"{}\"",
-            warning.replace(['"', '\\', '\r', '\n'], " ")
-        ),
-    );
-    r
 }
 
 /// Dispatch incoming SIP requests: new INVITEs start a callee task; in-dialog requests go
