@@ -256,7 +256,8 @@ pub(crate) fn admit(
                 Refusal::internal("trust state", format!("trust state for {domain}: {e}"))
             })?;
             let from_peer = view.is_peer_address(&domain, inv.source);
-            if let OpportunisticDecision::Hold(r) = trust::opportunistic_decision(pin, false, from_peer)
+            if let OpportunisticDecision::Hold(r) =
+                trust::opportunistic_decision(pin, false, from_peer)
             {
                 hold = Some(r);
             }

@@ -7,9 +7,9 @@ use super::dialog::{self, Dialog, InDialog, Others, warn_response};
 use super::inbound::{Origin, SpoolBackend};
 use super::trust::{self, ContinuityDecision, HoldReason, PinCheck};
 use super::{KeyState, PendingGuard, RelayEvent, Shared};
-use crate::handshake::{AuthMode, CallContext, CalleeAwaitConfirm, CalleePolicy};
+use crate::handshake::{Answer, AuthMode, CallContext, CalleeAwaitConfirm, CalleePolicy, Signer};
 use crate::sip::sdp::{self, SdpError};
-use crate::sip::{Incoming, Response};
+use crate::sip::{Incoming, Request, Response};
 use crate::tunnel::record::Limits;
 use crate::tunnel::{Role, TunnelStream};
 use std::net::{IpAddr, SocketAddr};
@@ -27,6 +27,9 @@ const MEDIA_WAIT: Duration = Duration::from_secs(10);
 const WAITING: Others = Others::Answer(491, "Request Pending");
 /// Other in-dialog requests while SMTP runs through the call.
 const SERVING: Others = Others::Answer(488, "Not Acceptable Here");
+
+/// The call's authenticated media stream.
+type Media = TunnelStream<tokio::net::TcpStream>;
 
 /// Send a refusal: the one response to the INVITE. Returns what our log says.
 async fn refuse(inc: &Incoming, r: Refusal) -> String {
@@ -109,18 +112,10 @@ async fn answer(
         peers: &shared.cfg.peers,
     };
     let view = View { shared, keys: &ks };
-    let Admitted {
-        peer,
-        domain: peer_domain,
-        from_tag,
-        offer,
-        fingerprint: peer_fpr,
-        hold,
-    } = match admission::admit(&InviteFacts::of(req, inc.source.ip()), local, &view) {
+    let admitted = match admission::admit(&InviteFacts::of(req, inc.source.ip()), local, &view) {
         Ok(a) => a,
         Err(r) => return Err(refuse(&inc, r).await),
     };
-    let mode = peer.trust.mode();
     let media = match TcpListener::bind(SocketAddr::new(shared.cfg.media_ip, 0)).await {
         Ok(l) => l,
         Err(e) => {
@@ -129,65 +124,23 @@ async fn answer(
         }
     };
     let media_addr = media.local_addr().map_err(|e| e.to_string())?;
-    let to_tag = crate::sip::random_hex(8);
-    let ctx = CallContext {
-        call_id: call_id.clone(),
-        from_tag,
-        to_tag: to_tag.clone(),
-        caller: format!("mail@{peer_domain}"),
-        callee: format!("mail@{}", shared.cfg.domain),
-    };
-    // Wiped when this function returns; respond_with wipes its copy.
-    let mut secret = zeroize::Zeroizing::new([0u8; 32]);
-    if getrandom::fill(secret.as_mut()).is_err() {
-        let r = Refusal::internal(
-            "no randomness",
-            "the OS random number generator failed".into(),
-        );
-        return Err(refuse(&inc, r).await);
-    }
-    let policy = CalleePolicy {
-        media: media_addr,
-        auth: mode,
-        retained: shared.retained_for(&peer_domain),
-        key_packet: if mode == AuthMode::Opportunistic {
-            ks.signing_packet.clone()
-        } else {
-            Vec::new()
-        },
-    };
-    let (signer, verifier) = ks.auth_for(&peer, &offer.key_packet);
-    let responded = CalleeAwaitConfirm::respond_with(
-        &ctx,
-        &offer,
-        *secret,
-        &shared.cfg.suites,
-        ks.announced_fpr(&peer),
+    let (signer, verifier) = ks.auth_for(&admitted.peer, &admitted.offer.key_packet);
+    let prepared = prepare(
+        shared,
+        &ks,
+        &admitted,
         signer.as_ref(),
-        &policy,
+        &call_id,
+        media_addr,
     );
-    drop(policy);
-    let (awaiting, answer) = match responded {
-        Ok(x) => x,
-        Err(e) => return Err(refuse(&inc, admission::answer_refusal(&e)).await),
+    let Prepared {
+        ctx,
+        awaiting,
+        answer,
+    } = match prepared {
+        Ok(p) => p,
+        Err(r) => return Err(refuse(&inc, r).await),
     };
-    // Key continuity is known before we answer: refuse here, before any 200 OK, if the
-    // policy requires it.
-    let continuity = awaiting.continuity();
-    match trust::continuity_decision(continuity, peer.continuity) {
-        ContinuityDecision::Warn | ContinuityDecision::Refuse => {
-            tracing::warn!(%call_id, peer = %peer_domain, %continuity,
-                "key continuity: the caller does not hold the secret our last calls left (it lost its cache, or someone else is calling)")
-        }
-        ContinuityDecision::LostLocal => {
-            tracing::warn!(%call_id, peer = %peer_domain,
-                "key continuity: the caller remembers a call we do not (our retained secrets were lost or reset)")
-        }
-        ContinuityDecision::Fine => {}
-    }
-    if let Some(r) = admission::continuity_refusal(&peer_domain, continuity, peer.continuity) {
-        return Err(refuse(&inc, r).await);
-    }
     // Register the dialog before answering so the ACK cannot race past us.
     let (tx, mut rx) = mpsc::channel::<Incoming>(8);
     let registered = match shared.dialogs.lock() {
@@ -204,18 +157,7 @@ async fn answer(
         shared,
         call_id: call_id.clone(),
     };
-    let mut ok = Response::for_request(req, 200, "OK");
-    if let Some(v) = ok.headers.get("To").map(|t| format!("{t};tag={to_tag}")) {
-        ok.headers.set("To", v);
-    }
-    ok.headers
-        .push("Contact", format!("<sip:mail@{}>", shared.sip_addr));
-    ok.headers.push("Allow", super::ALLOW);
-    ok.headers.push("Content-Type", "application/sdp");
-    let mut sid = [0u8; 8];
-    let _ = getrandom::fill(&mut sid);
-    ok.body = sdp::encode_answer(&answer, u64::from_be_bytes(sid) >> 1);
-    inc.respond(ok)
+    inc.respond(ok_response(shared, req, &ctx.to_tag, &answer))
         .await
         .map_err(|e| format!("sending 200 OK: {e}"))?;
     // Our requests in the dialog: From/To swap roles (RFC 3261 §12.2.1.1).
@@ -237,13 +179,14 @@ async fn answer(
             (!reason.is_empty()).then_some(reason),
         )
     };
+    let peer_domain = &admitted.domain;
 
     // Wait for the ACK and check the caller's half. A call evicted meanwhile (its source
     // sent newer calls than it has room for) ends here: its transaction stops, its media
     // port closes.
     let ack_wait = tokio::time::timeout(ACK_WAIT, async {
         match dialog::next_ack_or_bye(&mut rx, WAITING).await {
-            Some(InDialog::Ack(i)) => Some(i),
+            Some(InDialog::Ack(i)) => Some(*i),
             Some(InDialog::Bye) | None => None,
         }
     });
@@ -299,34 +242,14 @@ async fn answer(
         hang_up("no media connection");
         return Err("the caller never opened an authenticated media connection".into());
     };
-    // A held opportunistic call: its key has now proved itself (the confirm's signature
-    // verified, and the media stream shows the caller holds the call's keys). Keep it for
-    // the operator, tell the caller why through the call, and hang up. Nothing is pinned,
-    // no retained secret kept, no mail taken.
-    if let Some(why) = &hold {
-        shared
-            .record_pending(&peer_domain, &peer_fpr, inc.source.ip())
-            .await;
-        let msg = admission::held_message(&peer_domain, &peer_fpr, why);
-        let greeting = format!("554 5.7.0 {}\r\n", msg.replace(['\r', '\n'], " "));
-        let _ = tokio::time::timeout(Duration::from_secs(5), async {
-            stream.write_all(greeting.as_bytes()).await?;
-            stream.shutdown().await
-        })
-        .await;
+    if let Some(why) = &admitted.hold {
+        let (msg, log) = hold(shared, &mut stream, &admitted, why, inc.source).await;
         hang_up(&msg);
         shared.event(RelayEvent::CallFailed {
             peer: peer_domain.clone(),
-            reason: msg.clone(),
+            reason: msg,
         });
-        let pinned = match why {
-            HoldReason::Changed { pinned } => pinned.as_str(),
-            HoldReason::FirstUseFromElsewhere => "nothing",
-        };
-        return Err(format!(
-            "{msg} (pinned {pinned}, presented {peer_fpr}, from {})",
-            inc.source
-        ));
+        return Err(log);
     }
     let sigs = crate::audit::CallSignatures {
         transcript: &done.transcript,
@@ -334,25 +257,174 @@ async fn answer(
         confirm_signature: &confirm_signature,
     };
     shared
-        .call_established(&call_id, &peer, false, &peer_fpr, &done.keys, sigs)
+        .call_established(
+            &call_id,
+            &admitted.peer,
+            false,
+            &admitted.fingerprint,
+            &done.keys,
+            sigs,
+        )
         .await;
+    let origin = Origin::Peer {
+        domain: peer_domain.clone(),
+        call_id: call_id.clone(),
+        sas: done.keys.sas.clone(),
+        auth: admitted.peer.trust.mode(),
+        fingerprint: admitted.fingerprint.clone(),
+    };
+    if !serve(shared, &mut stream, &mut rx, origin, &call_id, peer_domain).await {
+        hang_up("");
+    }
+    tracing::info!(%call_id, peer = %peer_domain, "call ended");
+    shared.event(RelayEvent::CallEnded {
+        call_id,
+        peer: admitted.domain,
+    });
+    Ok(())
+}
 
-    let mut backend = SpoolBackend::new(
-        shared.clone(),
-        Origin::Peer {
-            domain: peer_domain.clone(),
-            call_id: call_id.clone(),
-            sas: done.keys.sas.clone(),
-            auth: mode,
-            fingerprint: peer_fpr.clone(),
+/// Our half of the handshake, ready for the 200 OK.
+struct Prepared {
+    ctx: CallContext,
+    awaiting: CalleeAwaitConfirm,
+    answer: Answer,
+}
+
+/// Compute our signed answer, announcing the media port at `media`; refused if that
+/// fails, or if key continuity is broken and the peer's policy requires it (known before
+/// any 200 OK).
+fn prepare(
+    shared: &Shared,
+    ks: &KeyState,
+    a: &Admitted,
+    signer: &dyn Signer,
+    call_id: &str,
+    media: SocketAddr,
+) -> Result<Prepared, Refusal> {
+    let mode = a.peer.trust.mode();
+    let ctx = CallContext {
+        call_id: call_id.to_string(),
+        from_tag: a.from_tag.clone(),
+        to_tag: crate::sip::random_hex(8),
+        caller: format!("mail@{}", a.domain),
+        callee: format!("mail@{}", shared.cfg.domain),
+    };
+    // Wiped when this function returns; respond_with wipes its copy.
+    let mut secret = zeroize::Zeroizing::new([0u8; 32]);
+    if getrandom::fill(secret.as_mut()).is_err() {
+        return Err(Refusal::internal(
+            "no randomness",
+            "the OS random number generator failed".into(),
+        ));
+    }
+    let policy = CalleePolicy {
+        media,
+        auth: mode,
+        retained: shared.retained_for(&a.domain),
+        key_packet: if mode == AuthMode::Opportunistic {
+            ks.signing_packet.clone()
+        } else {
+            Vec::new()
         },
-    );
+    };
+    let (awaiting, answer) = CalleeAwaitConfirm::respond_with(
+        &ctx,
+        &a.offer,
+        *secret,
+        &shared.cfg.suites,
+        ks.announced_fpr(&a.peer),
+        signer,
+        &policy,
+    )
+    .map_err(|e| admission::answer_refusal(&e))?;
+    drop(policy);
+    let continuity = awaiting.continuity();
+    let peer = &a.domain;
+    match trust::continuity_decision(continuity, a.peer.continuity) {
+        ContinuityDecision::Warn | ContinuityDecision::Refuse => {
+            tracing::warn!(%call_id, %peer, %continuity,
+                "key continuity: the caller does not hold the secret our last calls left (it lost its cache, or someone else is calling)")
+        }
+        ContinuityDecision::LostLocal => {
+            tracing::warn!(%call_id, %peer,
+                "key continuity: the caller remembers a call we do not (our retained secrets were lost or reset)")
+        }
+        ContinuityDecision::Fine => {}
+    }
+    if let Some(r) = admission::continuity_refusal(peer, continuity, a.peer.continuity) {
+        return Err(r);
+    }
+    Ok(Prepared {
+        ctx,
+        awaiting,
+        answer,
+    })
+}
+
+/// The 200 OK carrying our answer.
+fn ok_response(shared: &Shared, req: &Request, to_tag: &str, answer: &Answer) -> Response {
+    let mut ok = Response::for_request(req, 200, "OK");
+    if let Some(v) = ok.headers.get("To").map(|t| format!("{t};tag={to_tag}")) {
+        ok.headers.set("To", v);
+    }
+    ok.headers
+        .push("Contact", format!("<sip:mail@{}>", shared.sip_addr));
+    ok.headers.push("Allow", super::ALLOW);
+    ok.headers.push("Content-Type", "application/sdp");
+    let mut sid = [0u8; 8];
+    let _ = getrandom::fill(&mut sid);
+    ok.body = sdp::encode_answer(answer, u64::from_be_bytes(sid) >> 1);
+    ok
+}
+
+/// A held opportunistic call: its key has now proved itself (the confirm's signature
+/// verified, and the media stream shows the caller holds the call's keys). Keep it for the
+/// operator and tell the caller why through the call. Nothing is pinned, no retained
+/// secret kept, no mail taken. Returns what the caller is told (the BYE's reason) and
+/// what our log says.
+async fn hold(
+    shared: &Shared,
+    stream: &mut Media,
+    a: &Admitted,
+    why: &HoldReason,
+    source: SocketAddr,
+) -> (String, String) {
+    let (peer_domain, peer_fpr) = (&a.domain, &a.fingerprint);
+    shared
+        .record_pending(peer_domain, peer_fpr, source.ip())
+        .await;
+    let msg = admission::held_message(peer_domain, peer_fpr, why);
+    let greeting = format!("554 5.7.0 {}\r\n", msg.replace(['\r', '\n'], " "));
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        stream.write_all(greeting.as_bytes()).await?;
+        stream.shutdown().await
+    })
+    .await;
+    let pinned = match why {
+        HoldReason::Changed { pinned } => pinned.as_str(),
+        HoldReason::FirstUseFromElsewhere => "nothing",
+    };
+    let log = format!("{msg} (pinned {pinned}, presented {peer_fpr}, from {source})");
+    (msg, log)
+}
+
+/// Serve SMTP through the call until the caller QUITs; a BYE meanwhile ends the call.
+/// True once the caller hung up (its BYE answered), false if we should.
+async fn serve(
+    shared: &Arc<Shared>,
+    stream: &mut Media,
+    rx: &mut mpsc::Receiver<Incoming>,
+    origin: Origin,
+    call_id: &str,
+    peer_domain: &str,
+) -> bool {
+    let mut backend = SpoolBackend::new(shared.clone(), origin);
     let cfg = super::inbound::server_config(shared);
     let label = format!("{peer_domain} (call {call_id})");
-    // Serve SMTP until the caller QUITs; a BYE (or shutdown) meanwhile ends the call.
     let mut bye_seen = false;
     {
-        let session = crate::smtp::serve(&mut stream, label, &cfg, &mut backend);
+        let session = crate::smtp::serve(&mut *stream, label, &cfg, &mut backend);
         tokio::pin!(session);
         loop {
             tokio::select! {
@@ -375,23 +447,16 @@ async fn answer(
         }
     }
     let _ = tokio::time::timeout(Duration::from_secs(5), stream.shutdown()).await;
-    if !bye_seen {
-        // The caller hangs up after QUIT; give it a moment, then hang up ourselves.
-        let got = tokio::time::timeout(
-            Duration::from_secs(5),
-            dialog::wait_for_bye(&mut rx, Others::Ignore),
-        )
-        .await;
-        if !matches!(got, Ok(true)) {
-            hang_up("");
-        }
+    if bye_seen {
+        return true;
     }
-    tracing::info!(%call_id, peer = %peer_domain, "call ended");
-    shared.event(RelayEvent::CallEnded {
-        call_id,
-        peer: peer_domain,
-    });
-    Ok(())
+    // The caller hangs up after QUIT; give it a moment, then hang up ourselves.
+    let got = tokio::time::timeout(
+        Duration::from_secs(5),
+        dialog::wait_for_bye(rx, Others::Ignore),
+    )
+    .await;
+    matches!(got, Ok(true))
 }
 
 /// Connections to a call's media port that may be waiting for their first record at once.

@@ -2,8 +2,8 @@
 //! runs an SMTP client through the call's encrypted stream, reuses the call for further
 //! messages, and hangs up with BYE when idle.
 
-use super::scheduler::{Jobs, Outcome, next_job};
 use super::dialog::{self, Dialog};
+use super::scheduler::{Jobs, Outcome, next_job};
 use super::trust::{ContinuityDecision, HoldReason, OpportunisticDecision, continuity_decision};
 use super::{RelayEvent, Shared};
 use crate::config::Peer;

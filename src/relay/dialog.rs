@@ -88,7 +88,7 @@ pub(crate) fn hang_up_in_background(endpoint: &Endpoint, d: &Dialog, reason: Opt
 /// The other side's requests that matter while we wait.
 #[derive(Debug)]
 pub(crate) enum InDialog {
-    Ack(Incoming),
+    Ack(Box<Incoming>),
     /// A BYE, already answered `200 OK`.
     Bye,
 }
@@ -105,7 +105,7 @@ pub(crate) enum Others {
 /// else answered as `others` says (None: keep waiting).
 pub(crate) async fn on_request(i: Incoming, others: Others) -> Option<InDialog> {
     match i.request.method {
-        Method::Ack => Some(InDialog::Ack(i)),
+        Method::Ack => Some(InDialog::Ack(Box::new(i))),
         Method::Bye => {
             let _ = i
                 .respond(Response::for_request(&i.request, 200, "OK"))
@@ -154,7 +154,8 @@ mod tests {
 
     fn invite() -> Request {
         let mut r = Request::new(Method::Invite, "sip:mail@b.test");
-        r.headers.push("Via", "SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bKx");
+        r.headers
+            .push("Via", "SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bKx");
         r.headers.push("From", "<sip:mail@a.test>;tag=1");
         r.headers.push("To", "<sip:mail@b.test>");
         r.headers.push("Call-ID", "c1");

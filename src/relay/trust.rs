@@ -217,10 +217,7 @@ pub enum ContinuityDecision {
 }
 
 /// Pure: the continuity rule, the same for the caller and the callee.
-pub fn continuity_decision(
-    continuity: Continuity,
-    policy: ContinuityPolicy,
-) -> ContinuityDecision {
+pub fn continuity_decision(continuity: Continuity, policy: ContinuityPolicy) -> ContinuityDecision {
     if continuity.is_problem() {
         match policy {
             ContinuityPolicy::Require => ContinuityDecision::Refuse,

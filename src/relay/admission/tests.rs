@@ -293,7 +293,12 @@ fn a_signed_call_with_an_unknown_key_is_403() {
     let mut view = table();
     view.certs = vec![("o.test".into(), FPR.into())];
     let r = run(&signed_invite(), PEER_IP, &view).expect_err("refused");
-    assert_refusal(&r, 403, "Forbidden", "unknown or unusable key for this peer");
+    assert_refusal(
+        &r,
+        403,
+        "Forbidden",
+        "unknown or unusable key for this peer",
+    );
     assert_eq!(
         r.log,
         format!("peer a.test key {FPR}: no cert {FPR} for a.test")
@@ -435,7 +440,8 @@ fn held_calls_say_what_the_operator_runs() {
         )
     );
     assert!(
-        held_message("o.test", FPR, &HoldReason::FirstUseFromElsewhere)
-            .starts_with("first call from mail@o.test, from an address that is not its configured one")
+        held_message("o.test", FPR, &HoldReason::FirstUseFromElsewhere).starts_with(
+            "first call from mail@o.test, from an address that is not its configured one"
+        )
     );
 }
