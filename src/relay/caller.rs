@@ -3,14 +3,15 @@
 //! messages, and hangs up with BYE when idle.
 
 use super::context::{Context, SetupFailure};
+use super::dialog::{self, Dialog};
 use super::events::RelayEvent;
 use super::jobs::Lane;
 use super::outcome::{RcptOutcome, outcomes_from_smtp};
-use super::trust::{HoldReason, OpportunisticDecision};
-use crate::config::{ContinuityPolicy, Peer};
+use super::trust::{ContinuityDecision, HoldReason, OpportunisticDecision, continuity_decision};
+use crate::config::Peer;
 use crate::handshake::sdp::{self, SdpError};
 use crate::handshake::{AuthMode, CallContext, CallerAwaitAnswer, Continuity, HandshakeError};
-use crate::sip::{Method, Request, Response, Transport, TxnError};
+use crate::sip::{Method, Request, Transport, TxnError};
 use crate::smtp::{ClientError, ClientTimeouts, SmtpClient};
 use crate::tunnel::record::Limits;
 use crate::tunnel::{Role, TunnelStream};
@@ -68,17 +69,6 @@ pub(crate) enum CallError {
     TrustState(#[from] super::trust::TrustError),
 }
 
-/// What stays the same for every request in the dialog.
-#[derive(Clone, Debug)]
-struct Dialog {
-    call_id: String,
-    from: String,
-    to: String,
-    uri: String,
-    target: SocketAddr,
-    transport: Transport,
-}
-
 struct ActiveCall {
     dialog: Dialog,
     client: SmtpClient<TunnelStream<TcpStream>>,
@@ -88,16 +78,6 @@ fn random32() -> Result<[u8; 32], CallError> {
     let mut b = [0u8; 32];
     getrandom::fill(&mut b).map_err(|e| CallError::Random(e.to_string()))?;
     Ok(b)
-}
-
-fn in_dialog_request(d: &Dialog, method: Method, cseq: u32) -> Request {
-    let mut r = Request::new(method.clone(), d.uri.clone());
-    r.headers.push("Max-Forwards", "70");
-    r.headers.push("From", d.from.clone());
-    r.headers.push("To", d.to.clone());
-    r.headers.push("Call-ID", d.call_id.clone());
-    r.headers.push("CSeq", format!("{cseq} {method}"));
-    r
 }
 
 async fn resolve(peer: &Peer) -> Result<SocketAddr, CallError> {
@@ -223,6 +203,8 @@ async fn place_call(shared: &Arc<Context>, peer: &Peer) -> Result<ActiveCall, Ca
         uri,
         target,
         transport,
+        // Our INVITE took CSeq 1 (and its ACK shares it).
+        bye_cseq: 2,
     };
     let ctx = CallContext {
         call_id: call_id.clone(),
@@ -246,25 +228,29 @@ async fn place_call(shared: &Arc<Context>, peer: &Peer) -> Result<ActiveCall, Ca
                 check_pin(shared, peer, &answer.fingerprint)?;
             }
             let continuity = done.keys.continuity;
-            if continuity.is_problem() {
-                tracing::warn!(%call_id, peer = %peer.domain, %continuity,
-                    "key continuity: the callee does not hold the secret our last calls left (it lost its cache, or someone else is answering)");
-                if peer.continuity == ContinuityPolicy::Require {
-                    return Err(CallError::Continuity {
-                        domain: peer.domain.clone(),
-                        continuity,
-                    });
+            match continuity_decision(continuity, peer.continuity) {
+                d @ (ContinuityDecision::Warn | ContinuityDecision::Refuse) => {
+                    tracing::warn!(%call_id, peer = %peer.domain, %continuity,
+                        "key continuity: the callee does not hold the secret our last calls left (it lost its cache, or someone else is answering)");
+                    if d == ContinuityDecision::Refuse {
+                        return Err(CallError::Continuity {
+                            domain: peer.domain.clone(),
+                            continuity,
+                        });
+                    }
                 }
-            } else if continuity == (Continuity::NoneHeld { peer_has: true }) {
-                tracing::warn!(%call_id, peer = %peer.domain,
-                    "key continuity: the callee remembers a call we do not (our retained secrets were lost or reset)");
+                ContinuityDecision::LostLocal => {
+                    tracing::warn!(%call_id, peer = %peer.domain,
+                        "key continuity: the callee remembers a call we do not (our retained secrets were lost or reset)");
+                }
+                ContinuityDecision::Fine => {}
             }
             Ok((done, answer))
         });
     let (done, answer) = match checked {
         Ok(x) => x,
         Err(e) => {
-            let ack = in_dialog_request(&dialog, Method::Ack, 1);
+            let ack = dialog.request(Method::Ack, 1);
             let _ = shared.sip.endpoint.send_ack(ack, target, transport).await;
             bye_in_background(shared, &dialog, &e.to_string());
             if let CallError::PinChanged { presented, .. } = &e {
@@ -275,7 +261,7 @@ async fn place_call(shared: &Arc<Context>, peer: &Peer) -> Result<ActiveCall, Ca
             return Err(e);
         }
     };
-    let mut ack = in_dialog_request(&dialog, Method::Ack, 1);
+    let mut ack = dialog.request(Method::Ack, 1);
     ack.headers.push("Content-Type", sdp::CONFIRM_CONTENT_TYPE);
     ack.body = sdp::encode_confirm(&done.confirm);
     shared.sip.endpoint.send_ack(ack, target, transport).await?;
@@ -344,36 +330,14 @@ fn check_pin(shared: &Context, peer: &Peer, fingerprint: &[u8]) -> Result<(), Ca
     }
 }
 
-/// End the dialog. Best effort: a BYE that gets no answer is logged, nothing more.
-async fn bye(shared: &Context, d: &Dialog, reason: Option<&str>) {
-    let mut req = in_dialog_request(d, Method::Bye, 2);
-    if let Some(r) = reason {
-        req.headers.push("Reason", super::reason_header(r));
-    }
-    match tokio::time::timeout(
-        Duration::from_secs(35),
-        shared.sip.endpoint.request(req, d.target, d.transport),
-    )
-    .await
-    {
-        Ok(Ok(Response { status, .. })) if (200..300).contains(&status) => {}
-        Ok(Ok(r)) => {
-            tracing::debug!(call_id = %d.call_id, status = r.status, "BYE answered with an error")
-        }
-        Ok(Err(e)) => tracing::debug!(call_id = %d.call_id, error = %e, "BYE failed"),
-        Err(_) => tracing::debug!(call_id = %d.call_id, "BYE timed out"),
-    }
-}
-
 /// A failed call is hung up without holding up the mail queue behind it.
 fn bye_in_background(shared: &Arc<Context>, d: &Dialog, reason: &str) {
-    let (shared, d, reason) = (shared.clone(), d.clone(), reason.to_string());
-    tokio::spawn(async move { bye(&shared, &d, Some(&reason)).await });
+    dialog::hang_up_in_background(&shared.sip.endpoint, d, Some(reason));
 }
 
 async fn hang_up(shared: &Context, peer: &str, call: ActiveCall) {
     let _ = call.client.quit().await;
-    bye(shared, &call.dialog, None).await;
+    dialog::hang_up(&shared.sip.endpoint, &call.dialog, None).await;
     tracing::info!(call_id = %call.dialog.call_id, %peer, "call ended");
     shared.event(RelayEvent::CallEnded {
         call_id: call.dialog.call_id.clone(),

@@ -54,13 +54,7 @@ pub(crate) async fn sip_loop(shared: Arc<Context>, mut incoming: mpsc::Receiver<
             .call_id()
             .unwrap_or_default()
             .to_string();
-        let in_dialog = inc
-            .request
-            .headers
-            .to()
-            .ok()
-            .and_then(|t| t.tag().map(|_| ()))
-            .is_some();
+        let in_dialog = inc.request.is_in_dialog();
         // A Request-URI we cannot serve: 416 (RFC 3261 §8.2.2.1).
         let scheme = inc.request.uri.split(':').next().unwrap_or("");
         if !scheme.eq_ignore_ascii_case("sip") && inc.request.method != Method::Ack {

@@ -8,17 +8,21 @@
 //! Files, by job (docs/arch-relay.md has the layers and the data flow):
 //! - start and run: `daemon` (spawns the long-lived tasks), `context` (what they share),
 //!   `site`, `keys`, `events`, `error`;
-//! - calls: `dispatch` (the SIP front door), `callee`, `caller`, `established`, `trust`;
+//! - calls: `dispatch` (the SIP front door), `admission` (the callee's pure checks),
+//!   `dialog` (ACK/BYE waits, hang-up), `callee`, `caller`, `established`, `trust`;
 //! - mail: `inbound` (SMTP into the spool), `scheduler` (the queue; commits reports),
-//!   `schedule` (its pure rules), `jobs` (what the scheduler and the workers share),
+//!   `schedule` (its pure rules), `outcome` (jobs and outcomes, pure), `jobs` (the lanes
+//!   between the scheduler and the workers),
 //!   `local`, `bounce`, `sender`, `trace`, `control`.
 
+mod admission;
 mod bounce;
 mod callee;
 mod caller;
 mod context;
 pub mod control;
 mod daemon;
+mod dialog;
 mod dispatch;
 mod error;
 mod established;

@@ -13,15 +13,8 @@ pub(crate) fn reason_header(text: &str) -> String {
     )
 }
 
-/// A response with our `Warning` (code 399), its text made safe for the quoted string.
+/// A response with our `Warning` (code 399), its text made safe for the quoted string
+/// (the sip layer's one Warning builder).
 pub(crate) fn warn_response(req: &Request, status: u16, reason: &str, warning: &str) -> Response {
-    let mut r = Response::for_request(req, status, reason);
-    r.headers.push(
-        "Warning",
-        format!(
-            "399 sipmail \"{}\"",
-            warning.replace(['"', '\\', '\r', '\n'], " ")
-        ),
-    );
-    r
+    crate::sip::warning_response(req, status, reason, 399, "sipmail", warning)
 }

@@ -16,7 +16,8 @@
 //! relay reads the files at each call, so `sipmail trust accept` and `reset` take effect
 //! on the next call without a restart.
 
-use crate::handshake::{MAX_RETAINED, RetainedSecret};
+use crate::config::ContinuityPolicy;
+use crate::handshake::{Continuity, MAX_RETAINED, RetainedSecret};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -197,6 +198,35 @@ pub fn opportunistic_decision(
         PinCheck::FirstUse if placed_by_us || from_peer_address => OpportunisticDecision::Proceed,
         PinCheck::FirstUse => OpportunisticDecision::Hold(HoldReason::FirstUseFromElsewhere),
         PinCheck::Changed { pinned } => OpportunisticDecision::Hold(HoldReason::Changed { pinned }),
+    }
+}
+
+/// What key continuity means for a call, on either side of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContinuityDecision {
+    /// Matched, or a first call: nothing to say.
+    Fine,
+    /// We hold no secret but the peer remembers a call: our retained secrets were lost or
+    /// reset. Warn, go on.
+    LostLocal,
+    /// The peer does not hold the secret our last calls left (it lost its cache, or someone
+    /// else is at the other end). Warn, go on.
+    Warn,
+    /// As `Warn`, under `continuity = "require"`: refuse the call.
+    Refuse,
+}
+
+/// Pure: the continuity rule, the same for the caller and the callee.
+pub fn continuity_decision(continuity: Continuity, policy: ContinuityPolicy) -> ContinuityDecision {
+    if continuity.is_problem() {
+        match policy {
+            ContinuityPolicy::Require => ContinuityDecision::Refuse,
+            ContinuityPolicy::Warn => ContinuityDecision::Warn,
+        }
+    } else if continuity == (Continuity::NoneHeld { peer_has: true }) {
+        ContinuityDecision::LostLocal
+    } else {
+        ContinuityDecision::Fine
     }
 }
 
@@ -683,5 +713,22 @@ mod tests {
                 pinned: "AA".into()
             })
         );
+    }
+
+    #[test]
+    fn continuity_refuses_only_problems_under_require() {
+        use ContinuityDecision::*;
+        use ContinuityPolicy::{Require, Warn as W};
+        let none = |peer_has| Continuity::NoneHeld { peer_has };
+        for (c, warn, require) in [
+            (Continuity::Matched, Fine, Fine),
+            (none(false), Fine, Fine),
+            (none(true), LostLocal, LostLocal),
+            (Continuity::PeerHasNone, Warn, Refuse),
+            (Continuity::Mismatch, Warn, Refuse),
+        ] {
+            assert_eq!(continuity_decision(c, W), warn, "{c}");
+            assert_eq!(continuity_decision(c, Require), require, "{c}");
+        }
     }
 }

@@ -1,0 +1,198 @@
+//! One call's SIP dialog, the same for both sides: the requests inside the dialog (ACK,
+//! BYE), hanging up, and waiting for the other side's ACK or BYE on the call's channel.
+
+use crate::sip::{Endpoint, Incoming, Method, Request, Response, Transport};
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// How long a BYE may take before we stop waiting for its answer (Timer F and a margin).
+const BYE_WAIT: Duration = Duration::from_secs(35);
+
+/// What stays the same for every request we send in the dialog.
+#[derive(Clone, Debug)]
+pub(crate) struct Dialog {
+    pub call_id: String,
+    /// Our From header (with our tag) and the other side's To (with its tag).
+    pub from: String,
+    pub to: String,
+    /// The Request-URI: the other side's `sip:mail@domain`.
+    pub uri: String,
+    pub target: SocketAddr,
+    pub transport: Transport,
+    /// Our CSeq for the BYE: the caller's INVITE took 1, the callee has sent nothing yet.
+    pub bye_cseq: u32,
+}
+
+impl Dialog {
+    /// A request inside the dialog.
+    pub fn request(&self, method: Method, cseq: u32) -> Request {
+        let mut r = Request::new(method.clone(), self.uri.clone());
+        r.headers.push("Max-Forwards", "70");
+        r.headers.push("From", self.from.clone());
+        r.headers.push("To", self.to.clone());
+        r.headers.push("Call-ID", self.call_id.clone());
+        r.headers.push("CSeq", format!("{cseq} {method}"));
+        r
+    }
+
+    /// The BYE, with a `Reason` header when we say why.
+    pub fn bye(&self, reason: Option<&str>) -> Request {
+        let mut r = self.request(Method::Bye, self.bye_cseq);
+        if let Some(text) = reason {
+            r.headers.push("Reason", super::reason_header(text));
+        }
+        r
+    }
+}
+
+/// End the dialog. Best effort: a BYE that gets no answer is logged, nothing more.
+pub(crate) async fn hang_up(endpoint: &Endpoint, d: &Dialog, reason: Option<&str>) {
+    match tokio::time::timeout(
+        BYE_WAIT,
+        endpoint.request(d.bye(reason), d.target, d.transport),
+    )
+    .await
+    {
+        Ok(Ok(Response { status, .. })) if (200..300).contains(&status) => {}
+        Ok(Ok(r)) => {
+            tracing::debug!(call_id = %d.call_id, status = r.status, "BYE answered with an error")
+        }
+        Ok(Err(e)) => tracing::debug!(call_id = %d.call_id, error = %e, "BYE failed"),
+        Err(_) => tracing::debug!(call_id = %d.call_id, "BYE timed out"),
+    }
+}
+
+/// As [`hang_up`], in the background: a peer that never answers the BYE must not hold up
+/// the call's task, the mail queue or shutdown.
+pub(crate) fn hang_up_in_background(endpoint: &Endpoint, d: &Dialog, reason: Option<&str>) {
+    let (endpoint, d, reason) = (endpoint.clone(), d.clone(), reason.map(str::to_string));
+    tokio::spawn(async move { hang_up(&endpoint, &d, reason.as_deref()).await });
+}
+
+/// The other side's requests that matter while we wait.
+#[derive(Debug)]
+pub(crate) enum InDialog {
+    Ack(Box<Incoming>),
+    /// A BYE, already answered `200 OK`.
+    Bye,
+}
+
+/// How to answer the other in-dialog requests (a re-INVITE, a CANCEL) while we wait.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Others {
+    Answer(u16, &'static str),
+    /// Leave them unanswered (their transactions time out).
+    Ignore,
+}
+
+/// Handle one in-dialog request: a BYE is answered `200 OK`, an ACK handed back, anything
+/// else answered as `others` says (None: keep waiting).
+pub(crate) async fn on_request(i: Incoming, others: Others) -> Option<InDialog> {
+    match i.request.method {
+        Method::Ack => Some(InDialog::Ack(Box::new(i))),
+        Method::Bye => {
+            let _ = i
+                .respond(Response::for_request(&i.request, 200, "OK"))
+                .await;
+            Some(InDialog::Bye)
+        }
+        _ => {
+            if let Others::Answer(status, reason) = others {
+                let _ = i
+                    .respond(Response::for_request(&i.request, status, reason))
+                    .await;
+            }
+            None
+        }
+    }
+}
+
+/// The next ACK or BYE on the call's channel; None once it is closed.
+pub(crate) async fn next_ack_or_bye(
+    rx: &mut mpsc::Receiver<Incoming>,
+    others: Others,
+) -> Option<InDialog> {
+    while let Some(i) = rx.recv().await {
+        if let Some(e) = on_request(i, others).await {
+            return Some(e);
+        }
+    }
+    None
+}
+
+/// Wait for the BYE (answered `200 OK`), passing over ACKs: true once it came, false if the
+/// channel closed first.
+pub(crate) async fn wait_for_bye(rx: &mut mpsc::Receiver<Incoming>, others: Others) -> bool {
+    loop {
+        match next_ack_or_bye(rx, others).await {
+            Some(InDialog::Ack(_)) => {}
+            Some(InDialog::Bye) => return true,
+            None => return false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::relay::sipvocab::warn_response;
+
+    fn invite() -> Request {
+        let mut r = Request::new(Method::Invite, "sip:mail@b.test");
+        r.headers
+            .push("Via", "SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bKx");
+        r.headers.push("From", "<sip:mail@a.test>;tag=1");
+        r.headers.push("To", "<sip:mail@b.test>");
+        r.headers.push("Call-ID", "c1");
+        r.headers.push("CSeq", "1 INVITE");
+        r
+    }
+
+    #[test]
+    fn the_warning_response_is_byte_for_byte_what_it_was() {
+        let r = warn_response(&invite(), 403, "Forbidden", "say \"no\"\\\r\nnow");
+        assert_eq!(
+            String::from_utf8(r.to_bytes()).unwrap(),
+            "SIP/2.0 403 Forbidden\r\n\
+             Via: SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bKx\r\n\
+             From: <sip:mail@a.test>;tag=1\r\n\
+             To: <sip:mail@b.test>\r\n\
+             Call-ID: c1\r\n\
+             CSeq: 1 INVITE\r\n\
+             Warning: 399 sipmail \"say  no    now\"\r\n\
+             Content-Length: 0\r\n\r\n"
+        );
+    }
+
+    fn dialog(bye_cseq: u32) -> Dialog {
+        Dialog {
+            call_id: "c1".into(),
+            from: "<sip:mail@b.test>;tag=t2".into(),
+            to: "<sip:mail@a.test>;tag=t1".into(),
+            uri: "sip:mail@a.test".into(),
+            target: "192.0.2.1:5060".parse().unwrap(),
+            transport: Transport::Udp,
+            bye_cseq,
+        }
+    }
+
+    #[test]
+    fn bye_carries_the_dialog_and_the_reason() {
+        let b = dialog(1).bye(Some("no \"media\""));
+        assert_eq!(
+            String::from_utf8(b.to_bytes()).unwrap(),
+            "BYE sip:mail@a.test SIP/2.0\r\n\
+             Max-Forwards: 70\r\n\
+             From: <sip:mail@b.test>;tag=t2\r\n\
+             To: <sip:mail@a.test>;tag=t1\r\n\
+             Call-ID: c1\r\n\
+             CSeq: 1 BYE\r\n\
+             Reason: SIP;cause=488;text=\"no  media \"\r\n\
+             Content-Length: 0\r\n\r\n"
+        );
+        let b = dialog(2).bye(None);
+        assert_eq!(b.headers.get("CSeq"), Some("2 BYE"));
+        assert_eq!(b.headers.get("Reason"), None);
+    }
+}
