@@ -51,17 +51,20 @@ pub struct SipLimits {
 }
 
 impl Default for SipLimits {
+    /// The endpoint's own defaults, so each knob has one (`sip::EndpointConfig::default`);
+    /// the pending-call limits exist only here.
     fn default() -> Self {
+        let ep = crate::sip::EndpointConfig::default();
         SipLimits {
-            max_message_size: 65_535,
-            invite_rate: 20.0,
-            invite_burst: 40.0,
+            max_message_size: ep.max_message,
+            invite_rate: ep.invite_rate,
+            invite_burst: ep.invite_burst,
             max_pending_per_source: 16,
             max_pending_total: 256,
-            max_tcp_connections: 256,
-            max_tcp_per_source: 16,
-            tcp_idle: Duration::from_secs(120),
-            tcp_half_open: Duration::from_secs(10),
+            max_tcp_connections: ep.max_tcp_connections,
+            max_tcp_per_source: ep.max_tcp_per_source,
+            tcp_idle: ep.tcp_idle_timeout,
+            tcp_half_open: ep.tcp_message_timeout,
         }
     }
 }
