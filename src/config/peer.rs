@@ -38,18 +38,9 @@ fn parse_fingerprints(list: &[String]) -> Result<Vec<String>, String> {
     }
     list.iter()
         .map(|f| {
-            let mut s: String = f.chars().filter(|c| !c.is_whitespace()).collect();
-            if s.starts_with("0x") || s.starts_with("0X") {
-                s.drain(..2);
-            }
-            let s = s.to_ascii_uppercase();
-            if (s.len() == 40 || s.len() == 64) && s.bytes().all(|b| b.is_ascii_hexdigit()) {
-                Ok(s)
-            } else {
-                Err(format!(
-                    "\"{f}\" is not a fingerprint: expected 40 (v4) or 64 (v6) hex digits"
-                ))
-            }
+            crate::keyring::normalize_fingerprint(f).map_err(|_| {
+                format!("\"{f}\" is not a fingerprint: expected 40 (v4) or 64 (v6) hex digits")
+            })
         })
         .collect()
 }

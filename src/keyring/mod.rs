@@ -379,8 +379,9 @@ fn normalize_domain(domain: &str) -> Result<String, KeyringError> {
     Ok(domain.to_ascii_lowercase())
 }
 
-/// Strips spaces and an optional `0x`, uppercases, checks the length.
-fn normalize_fingerprint(input: &str) -> Result<String, KeyringError> {
+/// Strips spaces and an optional `0x`, uppercases, checks the length (the keyring's and
+/// the config's one spelling of a fingerprint).
+pub fn normalize_fingerprint(input: &str) -> Result<String, KeyringError> {
     let mut s: String = input.chars().filter(|c| !c.is_whitespace()).collect();
     if s.starts_with("0x") || s.starts_with("0X") {
         s.drain(..2);
