@@ -374,7 +374,7 @@ fn ok_response(shared: &Context, req: &Request, to_tag: &str, answer: &Answer) -
     }
     ok.headers
         .push("Contact", format!("<sip:mail@{}>", shared.sip.addr));
-    ok.headers.push("Allow", super::ALLOW);
+    ok.headers.push("Allow", super::sipvocab::ALLOW);
     ok.headers.push("Content-Type", "application/sdp");
     let mut sid = [0u8; 8];
     let _ = getrandom::fill(&mut sid);

@@ -165,7 +165,7 @@ async fn place_call(shared: &Arc<Context>, peer: &Peer) -> Result<ActiveCall, Ca
     invite
         .headers
         .push("Contact", format!("<sip:mail@{}>", shared.sip.addr));
-    invite.headers.push("Allow", super::ALLOW);
+    invite.headers.push("Allow", super::sipvocab::ALLOW);
     invite
         .headers
         .push("User-Agent", concat!("sipmail/", env!("CARGO_PKG_VERSION")));

@@ -40,7 +40,8 @@ impl Dialog {
     pub fn bye(&self, reason: Option<&str>) -> Request {
         let mut r = self.request(Method::Bye, self.bye_cseq);
         if let Some(text) = reason {
-            r.headers.push("Reason", super::reason_header(text));
+            r.headers
+                .push("Reason", super::sipvocab::reason_header(text));
         }
         r
     }

@@ -45,12 +45,3 @@ pub use error::RelayError;
 pub use events::{Hooks, RelayEvent, Shutdown};
 pub use keys::{KeyringSigner, PeerVerifier, PresentedKeyVerifier, check_keyring};
 pub use scheduler::QueueSnapshot;
-
-// Short paths for the call tasks (callee.rs, caller.rs).
-pub(crate) use sipvocab::{ALLOW, reason_header};
-pub(crate) use trace::civil_from_days;
-
-/// (year, month, day) of a day count since 1970-01-01 (for the CLI's dates).
-pub fn civil_date(days: i64) -> (i64, u32, u32) {
-    civil_from_days(days)
-}

@@ -224,7 +224,7 @@ pub(crate) fn rfc5322_date(t: SystemTime) -> String {
         .unwrap_or(0);
     let days = (secs / 86400) as i64;
     let rem = secs % 86400;
-    let (y, m, d) = civil_from_days(days);
+    let (y, m, d) = crate::time::civil_from_days(days);
     const WD: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
     const MON: [&str; 12] = [
         "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
@@ -239,11 +239,6 @@ pub(crate) fn rfc5322_date(t: SystemTime) -> String {
         rem % 3600 / 60,
         rem % 60
     )
-}
-
-/// Days since 1970-01-01 to (year, month, day); see [`crate::time::civil_from_days`].
-pub(crate) fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    crate::time::civil_from_days(z)
 }
 
 /// Keep header values to printable ASCII without CR/LF, so a peer's HELO name cannot
