@@ -77,7 +77,7 @@ impl TokenBucket {
 
 /// The answer of a limiter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
+pub enum RateVerdict {
     Allow,
     /// Refused; the client may retry after this many seconds (for Retry-After).
     Refuse {
@@ -128,22 +128,22 @@ impl RateLimiter {
     }
 
     /// One more event from `ip` at `now`.
-    pub fn check(&mut self, ip: IpAddr, now: Instant) -> Verdict {
+    pub fn check(&mut self, ip: IpAddr, now: Instant) -> RateVerdict {
         self.check_source(ip, true, now)
     }
 
     /// One more event from `ip` at `now`; `verified`: the address was proven (TCP). Exempt
     /// addresses are exempt only when verified: over UDP anyone can send from a partner's
     /// address, and the exemption would let him flood in its name.
-    pub fn check_source(&mut self, ip: IpAddr, verified: bool, now: Instant) -> Verdict {
+    pub fn check_source(&mut self, ip: IpAddr, verified: bool, now: Instant) -> RateVerdict {
         let ip = canonical(ip);
         if !self.enabled() || (verified && self.exempt.contains(&ip)) {
-            return Verdict::Allow;
+            return RateVerdict::Allow;
         }
         if !self.buckets.contains_key(&ip) && self.buckets.len() >= self.max_sources {
             self.buckets.retain(|_, b| !b.is_full(now));
             if self.buckets.len() >= self.max_sources {
-                return Verdict::Refuse { retry_after: 1 };
+                return RateVerdict::Refuse { retry_after: 1 };
             }
         }
         let (rate, burst) = (self.rate, self.burst);
@@ -152,10 +152,10 @@ impl RateLimiter {
             .entry(ip)
             .or_insert_with(|| TokenBucket::new(now, rate, burst));
         if b.try_take(now) {
-            Verdict::Allow
+            RateVerdict::Allow
         } else {
             let wait = b.next_token(now).saturating_duration_since(now);
-            Verdict::Refuse {
+            RateVerdict::Refuse {
                 retry_after: (wait.as_secs_f64().ceil() as u32).max(1),
             }
         }
@@ -465,17 +465,17 @@ mod tests {
         let mut peer_ok = 0;
         for i in 0..1000u64 {
             let now = t0 + Duration::from_millis(i);
-            if matches!(l.check(flood, now), Verdict::Refuse { .. }) {
+            if matches!(l.check(flood, now), RateVerdict::Refuse { .. }) {
                 refused += 1;
             }
-            if i % 100 == 0 && l.check(ip("127.0.0.1"), now) == Verdict::Allow {
+            if i % 100 == 0 && l.check(ip("127.0.0.1"), now) == RateVerdict::Allow {
                 peer_ok += 1;
             }
         }
         assert!(refused >= 1000 - 20 - 21, "{refused}");
         assert_eq!(peer_ok, 10, "the peer is never limited");
         // Another source has its own bucket.
-        assert_eq!(l.check(ip("127.0.0.10"), t0), Verdict::Allow);
+        assert_eq!(l.check(ip("127.0.0.10"), t0), RateVerdict::Allow);
         // IPv4-mapped IPv6 is the same source.
         assert!(l.is_exempt(ip("::ffff:127.0.0.1")));
     }
@@ -484,14 +484,14 @@ mod tests {
     fn limiter_refusal_says_when_to_retry() {
         let t0 = Instant::now();
         let mut l = RateLimiter::new(0.5, 1.0, 10);
-        assert_eq!(l.check(ip("10.0.0.1"), t0), Verdict::Allow);
+        assert_eq!(l.check(ip("10.0.0.1"), t0), RateVerdict::Allow);
         assert_eq!(
             l.check(ip("10.0.0.1"), t0),
-            Verdict::Refuse { retry_after: 2 }
+            RateVerdict::Refuse { retry_after: 2 }
         );
         let mut off = RateLimiter::new(0.0, 1.0, 10);
         for _ in 0..100 {
-            assert_eq!(off.check(ip("10.0.0.1"), t0), Verdict::Allow);
+            assert_eq!(off.check(ip("10.0.0.1"), t0), RateVerdict::Allow);
         }
     }
 
@@ -500,17 +500,17 @@ mod tests {
         let t0 = Instant::now();
         let mut l = RateLimiter::new(1.0, 2.0, 3);
         for i in 1..=3 {
-            assert_eq!(l.check(ip(&format!("10.0.0.{i}")), t0), Verdict::Allow);
+            assert_eq!(l.check(ip(&format!("10.0.0.{i}")), t0), RateVerdict::Allow);
         }
         // Table full of busy buckets: a fourth source is refused.
         assert!(matches!(
             l.check(ip("10.0.0.4"), t0),
-            Verdict::Refuse { .. }
+            RateVerdict::Refuse { .. }
         ));
         assert_eq!(l.sources(), 3);
         // Once the buckets are full again they are forgotten and room is made.
         let later = t0 + Duration::from_secs(5);
-        assert_eq!(l.check(ip("10.0.0.4"), later), Verdict::Allow);
+        assert_eq!(l.check(ip("10.0.0.4"), later), RateVerdict::Allow);
         l.sweep(later + Duration::from_secs(5));
         assert_eq!(l.sources(), 0);
     }
@@ -595,13 +595,13 @@ mod tests {
         let peer = ip("127.0.0.1");
         let mut l = RateLimiter::new(1.0, 2.0, 100).with_exempt([peer]);
         for _ in 0..100 {
-            assert_eq!(l.check_source(peer, true, t0), Verdict::Allow);
+            assert_eq!(l.check_source(peer, true, t0), RateVerdict::Allow);
         }
-        assert_eq!(l.check_source(peer, false, t0), Verdict::Allow);
-        assert_eq!(l.check_source(peer, false, t0), Verdict::Allow);
+        assert_eq!(l.check_source(peer, false, t0), RateVerdict::Allow);
+        assert_eq!(l.check_source(peer, false, t0), RateVerdict::Allow);
         assert!(matches!(
             l.check_source(peer, false, t0),
-            Verdict::Refuse { .. }
+            RateVerdict::Refuse { .. }
         ));
     }
 

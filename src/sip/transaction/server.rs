@@ -12,7 +12,7 @@ use super::{
     Action, Delivery, Dest, DialogKey, Resend, STATELESS_TAG, ServerTxn, Slot, Transactions,
     Transmit, Transport, TxnError, admits, arm, overload_response, server_key,
 };
-use crate::sip::limits::{ReplyBudget, Verdict};
+use crate::sip::limits::{RateVerdict, ReplyBudget};
 use crate::sip::message::{Method, Request, Response, Via};
 use crate::sip::random_hex;
 use crate::sip::timer::{RetransmitTimer, TimerAction};
@@ -246,8 +246,8 @@ impl<P: Clone> Transactions<P> {
         // proven; over UDP anyone can send from it.
         let verified = transport == Transport::Tcp;
         match self.invite_limiter.check_source(source.ip(), verified, now) {
-            Verdict::Allow => Admission::New,
-            Verdict::Refuse { retry_after } => match self.limit_log.allow(now) {
+            RateVerdict::Allow => Admission::New,
+            RateVerdict::Refuse { retry_after } => match self.limit_log.allow(now) {
                 Some(suppressed) => Admission::RateLimited(retry_after, suppressed),
                 None => Admission::Quiet,
             },
