@@ -6,7 +6,7 @@
 //! computed: [`admit`] runs before the handshake (headers, offer, peer, trust policy,
 //! keyring, pin), [`answer_refusal`] and [`continuity_refusal`] after it, before any 200 OK.
 //! The crypto (signing, verifying the confirm) stays in the handshake layer. The table of
-//! refusals is in docs/arch-admission.md.
+//! refusals is in docs/ARCHITECTURE.md, "Call admission".
 
 use super::trust::{self, ContinuityDecision, HoldReason, OpportunisticDecision, PinCheck};
 use crate::config::{ContinuityPolicy, Peer};

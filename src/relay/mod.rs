@@ -5,7 +5,7 @@
 //! peer --SIP INVITE--> dispatch --> callee --tunnel--> inbound --spool--> scheduler --lane--> local
 //! ```
 //!
-//! Files, by job (docs/arch-relay.md has the layers and the data flow):
+//! Files, by job (docs/ARCHITECTURE.md, "The relay", has the layers and the data flow):
 //! - start and run: `daemon` (spawns the long-lived tasks), `context` (what they share),
 //!   `site`, `keys`, `events`, `error`;
 //! - calls: `dispatch` (the SIP front door), `admission` (the callee's pure checks),
