@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The project's test command: unit and in-process tests, then the real-peer suites.
-# Needs gpg, sq, sipp, swaks, tshark and postfix (.ci/run installs them on Debian).
+# Needs gpg, sq, sipp, swaks, tshark and postfix: integration/install-peers.sh installs
+# them on Debian when run as root, and otherwise says what to run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+integration/install-peers.sh
 echo "== cargo test --release"
 cargo test --release
 echo "== integration/check_vectors.py (PROTOCOL.md vectors recomputed independently in Python)"
