@@ -9,6 +9,8 @@ echo "== cargo test --release"
 cargo test --release
 echo "== integration/check_vectors.py (PROTOCOL.md vectors recomputed independently in Python)"
 python3 integration/check_vectors.py
+echo "== integration/check-unit.sh (contrib/sipmail.service passes systemd-analyze verify)"
+integration/check-unit.sh
 echo "== integration/two-daemons.sh (two sipmail daemons, swaks, tshark capture, verify-call + gpg on the call records)"
 integration/two-daemons.sh
 echo "== integration/postfix-chain.sh (Postfix A -> sipmail A -> sipmail B -> Postfix B; bounces; kill -9, peer down, MTA down)"
