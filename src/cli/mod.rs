@@ -42,7 +42,7 @@ enum Cmd {
         config: PathBuf,
     },
     /// Run site A and site B in one process on loopback with fresh keys, send mail from A
-    /// to B through a signed call, and report what happened (builds with `--features demo`).
+    /// to B through a signed call, and report what happened (Cargo feature `demo`, on by default).
     Demo {
         /// How many messages to send.
         #[arg(long, default_value_t = 10)]
@@ -296,11 +296,11 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
-        // The test bed is not in the shipped build (Cargo feature `demo`).
+        // Built with `--no-default-features`: the test bed was left out (Cargo feature `demo`).
         #[cfg(not(feature = "demo"))]
         Cmd::Demo { .. } => anyhow::bail!(
-            "this sipmail was built without the demo; try it with \
-             `cargo run --release --features demo -- demo`"
+            "this sipmail was built without the demo (--no-default-features); try it from \
+             the source tree with `cargo run --release -- demo`"
         ),
         Cmd::Keys { cmd } => keys(cmd),
         Cmd::Psk {
