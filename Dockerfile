@@ -27,7 +27,7 @@ WORKDIR /var/lib/sipmail
 # SMTP from the site's MTA; SIP (UDP and TCP) from partners. Media ports are picked per call.
 EXPOSE 2525 5060 5060/udp
 # A real SMTP greeting from the listener, not just "the process exists".
-HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
+HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
     CMD ["/usr/local/bin/sipmail-docker", "healthcheck"]
 # The start script execs sipmail, so the relay is PID 1 and gets SIGTERM itself: it stops
 # taking connections, finishes sessions, ends calls with BYE and exits 0.

@@ -19,4 +19,6 @@ echo "== integration/sipp.sh (SIPp against two daemons over UDP and TCP: OPTIONS
 integration/sipp.sh
 echo "== fuzz smoke (stable Rust, four targets, fixed seed and inputs, about 30 s; docs/FUZZING.md)"
 integration/fuzz-smoke.sh 30
+echo "== integration/compose.sh (docker-compose.yml: two sites, a message A -> B, B cut off the wan 60 s and killed; skipped without a Docker engine)"
+integration/compose.sh
 echo "== all tests passed"
