@@ -27,8 +27,11 @@ if ! command -v docker >/dev/null 2>&1 || ! docker info >/dev/null 2>&1; then
 fi
 if docker compose version >/dev/null 2>&1; then
     COMPOSE=(docker compose)
+    BUILD_FLAGS=()
 elif command -v docker-compose >/dev/null 2>&1; then
     COMPOSE=(docker-compose)
+    # Compose v1 uses the classic builder: no leftover containers from a failed step.
+    BUILD_FLAGS=(--force-rm)
 else
     echo "FAIL: a Docker engine runs but there is no compose: apt-get install docker-compose (or the docker-compose-plugin)"
     exit 1
@@ -91,7 +94,7 @@ echo "== ${COMPOSE[*]} -p $P up -d --build (networks $SIPMAIL_NET.0-2.0/24)"
 started=1
 compose_t0=$SECONDS
 t0=$SECONDS
-dc build >"/tmp/$P-build.log" 2>&1 || { tail -30 "/tmp/$P-build.log"; fail "image build failed"; }
+dc build "${BUILD_FLAGS[@]}" >"/tmp/$P-build.log" 2>&1 || { tail -30 "/tmp/$P-build.log"; fail "image build failed"; }
 build_s=$((SECONDS - t0))
 rm -f "/tmp/$P-build.log"
 t0=$SECONDS
