@@ -1,6 +1,7 @@
 //! Command-line interface.
 
 mod audit;
+mod logging;
 mod queue;
 
 use anyhow::{Context, Result};
@@ -23,6 +24,16 @@ struct Cli {
     /// Default: "info", or "warn" for the demo.
     #[arg(long, global = true)]
     log: Option<String>,
+    /// How log lines on standard error are written: `text`, or `json` for one JSON object
+    /// per line with the queue ID, Call-ID and peer as fields (for log collectors).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "SIPMAIL_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: logging::LogFormat,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -236,17 +247,17 @@ pub fn main() -> ExitCode {
         _ => "info",
     };
     let level = cli.log.clone().unwrap_or_else(|| default.to_string());
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    logging::init(cli.log_format, &level);
+    let json = cli.log_format == logging::LogFormat::Json;
     match dispatch(cli.cmd) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("sipmail: error: {e:#}");
+            // A JSON log stays all JSON, to its last line.
+            if json {
+                tracing::error!(error = %format!("{e:#}"), "sipmail: error");
+            } else {
+                eprintln!("sipmail: error: {e:#}");
+            }
             ExitCode::FAILURE
         }
     }

@@ -184,7 +184,7 @@ async fn handle(shared: &Context, req: ControlRequest) -> ControlReply {
         ControlRequest::Retry { id } => {
             let count = shared.queue.retry_now(id.as_deref());
             tracing::info!(
-                id = id.as_deref().unwrap_or("all"),
+                queue_id = id.as_deref().unwrap_or("all"),
                 count,
                 "retry requested by the operator"
             );

@@ -236,7 +236,12 @@ impl MailQueue {
 
     /// Record what a lane reported, durably (see [`schedule::decide`] for the rules), and
     /// drop the message when nothing is pending any more.
-    async fn commit(&self, job: &Job, outcomes: &[(String, super::outcome::RcptOutcome)]) {
+    async fn commit(
+        &self,
+        job: &Job,
+        outcomes: &[(String, super::outcome::RcptOutcome)],
+        call_id: Option<&str>,
+    ) {
         let now = now_ms();
         let decided = {
             let mut st = self.lock();
@@ -259,7 +264,7 @@ impl MailQueue {
             return;
         };
         for step in &d.steps {
-            self.log_step(job, step);
+            self.log_step(job, call_id, step);
         }
         let updated = &d.envelope;
         let bounced =
@@ -287,11 +292,16 @@ impl MailQueue {
         self.notify.notify_one();
     }
 
-    /// The log line and event of one recipient's step.
-    fn log_step(&self, job: &Job, step: &Step) {
+    /// The log line and event of one recipient's step: with the queue ID, the recipient,
+    /// and for a partner's route the peer and the call that carried the attempt.
+    fn log_step(&self, job: &Job, call_id: Option<&str>, step: &Step) {
+        let peer = match &job.route {
+            Route::Peer(d) => Some(d.as_str()),
+            Route::Local => None,
+        };
         match step {
             Step::Delivered { rcpt } => {
-                tracing::info!(queue_id = %job.id, %rcpt, route = %job.route, "delivered");
+                tracing::info!(queue_id = %job.id, %rcpt, route = %job.route, peer, call_id, "delivered");
                 self.events.emit(RelayEvent::Delivered {
                     id: job.id.clone(),
                     recipient: rcpt.clone(),
@@ -303,12 +313,12 @@ impl MailQueue {
                 retry_in,
                 reason,
             } => {
-                tracing::warn!(queue_id = %job.id, %rcpt, route = %job.route, attempts,
-                    retry_in_s = retry_in.as_secs(), %reason, "deferred");
+                tracing::warn!(queue_id = %job.id, %rcpt, route = %job.route, peer, call_id,
+                    attempts, retry_in_s = retry_in.as_secs(), %reason, "deferred");
             }
             Step::Failed { failure: f, bounce } => {
-                tracing::error!(queue_id = %job.id, rcpt = %f.rcpt, route = %job.route,
-                    status = %f.status, reason = %f.diagnostic, "delivery failed for good");
+                tracing::error!(queue_id = %job.id, rcpt = %f.rcpt, route = %job.route, peer,
+                    call_id, status = %f.status, reason = %f.diagnostic, "delivery failed for good");
                 self.events.emit(RelayEvent::Failed {
                     id: job.id.clone(),
                     recipient: f.rcpt.clone(),
@@ -410,7 +420,7 @@ pub(crate) async fn run(
     let commit = |commits: &mut tokio::task::JoinSet<()>, r: Report| {
         let q = queue.clone();
         commits.spawn(async move {
-            q.commit(&r.job, &r.outcomes).await;
+            q.commit(&r.job, &r.outcomes, r.call_id.as_deref()).await;
             let _ = r.committed.send(());
         });
     };
@@ -551,7 +561,7 @@ mod tests {
             diagnostic: "smtp; 550 5.1.1 no such user".into(),
             remote: Some("peer site-b.test".into()),
         });
-        q.commit(&jobs[0], &outcomes).await;
+        q.commit(&jobs[0], &outcomes, None).await;
         let left = q.list();
         assert_eq!(left.len(), 1, "only the bounce is left");
         let bounce = &left[0];
@@ -584,7 +594,7 @@ mod tests {
         );
         let (jobs, _) = q.take_due(0);
         let outcomes = jobs[0].all(super::super::outcome::RcptOutcome::Transient("busy".into()));
-        q.commit(&jobs[0], &outcomes).await;
+        q.commit(&jobs[0], &outcomes, None).await;
         let a = q.get("A").expect("still queued");
         assert_eq!(a.recipients[0].attempts, 1);
         assert_eq!(a.recipients[0].last_error.as_deref(), Some("busy"));
