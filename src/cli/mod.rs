@@ -63,8 +63,9 @@ enum Cmd {
         #[arg(long)]
         cleanup: bool,
     },
-    /// Look at and act on the queue: of the running daemon (through its control socket),
-    /// or the spool files directly when no daemon runs.
+    /// Look at and act on the queue: list, show, retry, delete, hold, release, expire. On
+    /// the running daemon (through its control socket), or on the spool files directly
+    /// when no daemon runs.
     Queue {
         /// The daemon's configuration file (for the spool location).
         #[arg(long, short, global = true)]
@@ -173,10 +174,43 @@ enum QueueCmd {
     List,
     /// One message: envelope, per-recipient state and its headers.
     Show { id: String },
-    /// Retry now: one message, or all of them.
+    /// Retry now: one message, or all of them (held messages stay held).
     Retry { id: Option<String> },
-    /// Remove a message from the queue for good (no bounce is sent).
+    /// Remove a message from the queue for good (no bounce is sent; see `expire`).
     Delete { id: String },
+    /// Keep messages in the queue without trying them until `queue release`. It survives a
+    /// restart (a mark in the spool); `queue list` shows them as held. A delivery already
+    /// under way finishes. A held message does not expire.
+    Hold {
+        /// Queue IDs (as `queue list` shows them).
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        ids: Vec<String>,
+        /// Every message in the queue.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Let held messages go: they are tried at once, then on the normal schedule.
+    Release {
+        /// Queue IDs of held messages.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        ids: Vec<String>,
+        /// Every held message.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Give up on messages now: each pending recipient fails as if the message were older
+    /// than queue.max_age (status 4.4.7), the sender gets a delivery status notification
+    /// (bounce, as the sender's NOTIFY allows), and the message leaves the queue. A
+    /// delivery under way finishes first. With no daemon running, the messages are
+    /// marked and bounced when it starts.
+    Expire {
+        /// Queue IDs.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        ids: Vec<String>,
+        /// Every message in the queue.
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]

@@ -269,6 +269,8 @@ impl Backend for SpoolBackend {
             smtputf8: env.smtputf8,
             ret: env.ret,
             envid: env.envid.clone(),
+            held: false,
+            expired: false,
         };
         if let Err(e) = self.shared.spool.commit(file, &qenv).await {
             self.shared.spool.discard(&id).await;
