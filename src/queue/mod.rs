@@ -798,6 +798,34 @@ pub(crate) mod tests {
         assert!(s.recycler.files.lock().unwrap().is_empty());
     }
 
+    #[tokio::test]
+    async fn marks_are_read_at_open_and_go_with_their_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = Spool::open(dir.path()).unwrap();
+        let (a, b) = (Spool::new_id(), Spool::new_id());
+        for id in [&a, &b] {
+            let mut f = s.create_body(id).await.unwrap();
+            f.write_all(b"x").await.unwrap();
+            s.commit(f, &env(id)).await.unwrap();
+        }
+        s.set_mark(&a, Mark::Hold, true).await.unwrap();
+        s.set_mark(&b, Mark::Expire, true).await.unwrap();
+        // A mark whose message is gone (left the queue before the mark was set).
+        std::fs::write(dir.path().join("queue/GONE.hold"), b"").unwrap();
+        // The envelope file does not say; the marks do.
+        let (s, envs) = Spool::open(dir.path()).unwrap();
+        let flags: Vec<(bool, bool)> = envs.iter().map(|e| (e.held, e.expired)).collect();
+        assert_eq!(flags, [(true, false), (false, true)]);
+        assert!(!dir.path().join("queue/GONE.hold").exists());
+        assert!(Spool::scan(dir.path()).unwrap()[0].held);
+        s.set_mark(&a, Mark::Hold, false).await.unwrap();
+        s.set_mark(&a, Mark::Hold, false).await.unwrap(); // clearing twice is fine
+        assert!(!Spool::scan(dir.path()).unwrap()[0].held);
+        // An operator's delete takes the marks with it.
+        s.remove(&b).await.unwrap();
+        assert!(!dir.path().join(format!("queue/{b}.expire")).exists());
+    }
+
     #[test]
     fn ids_are_unique_and_ordered() {
         let a = Spool::new_id();

@@ -698,6 +698,37 @@ mod tests {
         assert_eq!(next, None);
     }
 
+    #[tokio::test]
+    async fn a_held_message_is_not_taken_until_released_and_then_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(dir.path()).unwrap();
+        let q = MailQueue::new(
+            spool,
+            vec![env("A", 0), env("B", 0)],
+            QueueTimes::default(),
+            site(),
+            Events::new(),
+        );
+        let none: &[String] = &[];
+        assert!(q.hold(none, false).await.is_err(), "no ID and no --all");
+        let unknown = q.hold(&["X".into(), "A".into()], false).await;
+        assert_eq!(unknown, Err("no message X in the queue".into()));
+        assert_eq!(q.hold(&["A".into()], false).await, Ok(1));
+        let (jobs, _) = q.take_due(10);
+        assert_eq!(ids(&jobs), ["B"]);
+        assert!(q.get("A").unwrap().held);
+        assert_eq!(
+            q.release(&["B".into()], false).await,
+            Err("B is not held".into())
+        );
+        // Released: due now, even though its next attempt was far off.
+        q.lock().envs.get_mut("A").unwrap().recipients[0].next_attempt_ms = u64::MAX;
+        assert_eq!(q.release(&[], true).await, Ok(1));
+        let (jobs, _) = q.take_due(20);
+        assert_eq!(ids(&jobs), ["A"]);
+        assert!(!dir.path().join("queue/A.hold").exists());
+    }
+
     fn site() -> Site {
         Site {
             domain: "site-a.test".into(),
