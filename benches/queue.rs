@@ -36,6 +36,8 @@ fn envelope(id: &str, size: u64) -> Envelope {
         smtputf8: false,
         ret: None,
         envid: None,
+        held: false,
+        expired: false,
     }
 }
 

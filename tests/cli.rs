@@ -283,6 +283,18 @@ fn help_lists_every_command() {
     for c in ["generate", "export", "import", "list", "fingerprint"] {
         assert!(t.contains(c), "{c} missing from keys --help: {t}");
     }
+    let t = text(&sipmail(&["queue", "--help"], d.path()));
+    for c in [
+        "list", "show", "retry", "delete", "hold", "release", "expire",
+    ] {
+        assert!(t.contains(c), "{c} missing from queue --help: {t}");
+    }
+    let t = text(&sipmail(&["--help"], d.path()));
+    assert!(t.contains("--log-format"), "{t}");
+    // A bad log format is refused by name, before anything runs.
+    let o = sipmail(&["--log-format", "xml", "queue", "list"], d.path());
+    assert!(!o.status.success());
+    assert!(text(&o).contains("xml"), "{}", text(&o));
 }
 
 /// `sipmail trust list | accept | reset` on a spool's state, as an operator runs them.

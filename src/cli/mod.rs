@@ -1,6 +1,7 @@
 //! Command-line interface.
 
 mod audit;
+mod logging;
 mod queue;
 
 use anyhow::{Context, Result};
@@ -23,6 +24,16 @@ struct Cli {
     /// Default: "info", or "warn" for the demo.
     #[arg(long, global = true)]
     log: Option<String>,
+    /// How log lines on standard error are written: `text`, or `json` for one JSON object
+    /// per line with the queue ID, Call-ID and peer as fields (for log collectors).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "SIPMAIL_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: logging::LogFormat,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -52,8 +63,9 @@ enum Cmd {
         #[arg(long)]
         cleanup: bool,
     },
-    /// Look at and act on the queue: of the running daemon (through its control socket),
-    /// or the spool files directly when no daemon runs.
+    /// Look at and act on the queue: list, show, retry, delete, hold, release, expire. On
+    /// the running daemon (through its control socket), or on the spool files directly
+    /// when no daemon runs.
     Queue {
         /// The daemon's configuration file (for the spool location).
         #[arg(long, short, global = true)]
@@ -162,10 +174,43 @@ enum QueueCmd {
     List,
     /// One message: envelope, per-recipient state and its headers.
     Show { id: String },
-    /// Retry now: one message, or all of them.
+    /// Retry now: one message, or all of them (held messages stay held).
     Retry { id: Option<String> },
-    /// Remove a message from the queue for good (no bounce is sent).
+    /// Remove a message from the queue for good (no bounce is sent; see `expire`).
     Delete { id: String },
+    /// Keep messages in the queue without trying them until `queue release`. It survives a
+    /// restart (a mark in the spool); `queue list` shows them as held. A delivery already
+    /// under way finishes. A held message does not expire.
+    Hold {
+        /// Queue IDs (as `queue list` shows them).
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        ids: Vec<String>,
+        /// Every message in the queue.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Let held messages go: they are tried at once, then on the normal schedule.
+    Release {
+        /// Queue IDs of held messages.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        ids: Vec<String>,
+        /// Every held message.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Give up on messages now: each pending recipient fails as if the message were older
+    /// than queue.max_age (status 4.4.7), the sender gets a delivery status notification
+    /// (bounce, as the sender's NOTIFY allows), and the message leaves the queue. A
+    /// delivery under way finishes first. With no daemon running, the messages are
+    /// marked and bounced when it starts.
+    Expire {
+        /// Queue IDs.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        ids: Vec<String>,
+        /// Every message in the queue.
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -236,17 +281,17 @@ pub fn main() -> ExitCode {
         _ => "info",
     };
     let level = cli.log.clone().unwrap_or_else(|| default.to_string());
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    logging::init(cli.log_format, &level);
+    let json = cli.log_format == logging::LogFormat::Json;
     match dispatch(cli.cmd) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("sipmail: error: {e:#}");
+            // A JSON log stays all JSON, to its last line.
+            if json {
+                tracing::error!(error = %format!("{e:#}"), "sipmail: error");
+            } else {
+                eprintln!("sipmail: error: {e:#}");
+            }
             ExitCode::FAILURE
         }
     }

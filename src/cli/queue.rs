@@ -1,4 +1,4 @@
-//! `sipmail queue`: list, show, retry and delete queued messages.
+//! `sipmail queue`: list, show, retry, delete, hold, release and expire queued messages.
 
 use super::QueueCmd;
 use anyhow::{Result, bail};
@@ -9,11 +9,27 @@ use std::collections::BTreeMap;
 use std::process::ExitCode;
 
 pub async fn run(cfg: &Config, cmd: QueueCmd, json: bool) -> Result<ExitCode> {
+    // What "N message(s)" means for each command, live and with no daemon.
+    let (done, done_offline) = match &cmd {
+        QueueCmd::Hold { .. } => ("held", "held"),
+        QueueCmd::Release { .. } => (
+            "released: tried now",
+            "released: tried when the daemon starts",
+        ),
+        QueueCmd::Expire { .. } => (
+            "expired: returned to the sender with a delivery status notification",
+            "marked expired: the daemon returns them to the sender when it starts",
+        ),
+        _ => ("affected", "affected"),
+    };
     let req = match cmd {
         QueueCmd::List => ControlRequest::List,
         QueueCmd::Show { id } => ControlRequest::Show { id },
         QueueCmd::Retry { id } => ControlRequest::Retry { id },
         QueueCmd::Delete { id } => ControlRequest::Delete { id },
+        QueueCmd::Hold { ids, all } => ControlRequest::Hold { ids, all },
+        QueueCmd::Release { ids, all } => ControlRequest::Release { ids, all },
+        QueueCmd::Expire { ids, all } => ControlRequest::Expire { ids, all },
     };
     let (reply, live) = match control::request(&cfg.spool, &req).await? {
         Some(r) => (r, true),
@@ -38,7 +54,10 @@ pub async fn run(cfg: &Config, cmd: QueueCmd, json: bool) -> Result<ExitCode> {
             print_one(&envelope);
             println!("\n{}", headers.trim_end());
         }
-        ControlReply::Done { count } => println!("{count} message(s) affected ({source})"),
+        ControlReply::Done { count } => println!(
+            "{count} message(s) {} ({source})",
+            if live { done } else { done_offline }
+        ),
         ControlReply::Reloaded { message } => println!("{message}"),
         ControlReply::Error { message } => bail!("{message}"),
     }
@@ -66,8 +85,15 @@ fn next(ms: u64) -> String {
 }
 
 fn print_one(e: &Envelope) {
+    let mark = if e.expired {
+        "  EXPIRED"
+    } else if e.held {
+        "  HELD"
+    } else {
+        ""
+    };
     println!(
-        "{}  {} bytes  {} ago  from <{}>  ({})",
+        "{}{mark}  {} bytes  {} ago  from <{}>  ({})",
         e.id,
         e.size,
         age(e.received),
@@ -76,6 +102,10 @@ fn print_one(e: &Envelope) {
     );
     for r in &e.recipients {
         let state = match r.state {
+            RcptState::Pending if e.held => format!(
+                "pending, {} attempt(s), held (sipmail queue release {})",
+                r.attempts, e.id
+            ),
             RcptState::Pending => format!(
                 "pending, {} attempt(s), next {}",
                 r.attempts,

@@ -5,6 +5,7 @@
 //! - `queue/` committed messages: `ID.msg` (the message) and `ID.env` (JSON envelope with
 //!   per-recipient state). The `.env` appearing by rename is the commit point.
 //! - `corrupt/` envelopes that could not be read, kept for a human.
+//! - `queue/ID.hold`, `queue/ID.expire`: an operator's marks ([`Mark`]), empty files.
 //!
 //! Commit: fsync the body, write and fsync the envelope in tmp/, rename the body, rename
 //! the envelope, fsync `queue/`. Only then does SMTP answer 250.
@@ -84,6 +85,34 @@ pub struct Envelope {
     pub ret: Option<crate::smtp::Ret>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub envid: Option<String>,
+    /// Held by the operator (`sipmail queue hold`): not tried until released. The
+    /// [`Mark::Hold`] file is the durable record; this field shows it (it is read from the
+    /// mark whenever the spool is read, whatever the envelope file says).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub held: bool,
+    /// Expired by the operator (`sipmail queue expire`): its pending recipients fail as if
+    /// past `queue.max_age`, with a bounce. Read from the [`Mark::Expire`] file likewise.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub expired: bool,
+}
+
+/// An operator's mark on a queued message: an empty file `queue/ID.hold` or
+/// `queue/ID.expire` beside the envelope. A file of its own, not a field in the envelope,
+/// so that setting it never races a delivery's rewrite of the envelope: each is one
+/// create or unlink, made durable by an fsync of `queue/`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mark {
+    Hold,
+    Expire,
+}
+
+impl Mark {
+    fn ext(self) -> &'static str {
+        match self {
+            Mark::Hold => "hold",
+            Mark::Expire => "expire",
+        }
+    }
 }
 
 impl Envelope {
@@ -91,6 +120,42 @@ impl Envelope {
         self.recipients
             .iter()
             .filter(|r| r.state == RcptState::Pending)
+    }
+}
+
+/// The messages an operator's command names: `ids` (each must be among `queued`), or
+/// with `all` every queued message that `fits`, sorted. Exactly one of the two.
+pub fn pick<'a>(
+    queued: impl Iterator<Item = &'a Envelope>,
+    ids: &[String],
+    all: bool,
+    fits: impl Fn(&Envelope) -> bool,
+) -> Result<Vec<String>, String> {
+    let queued: Vec<&Envelope> = queued.collect();
+    match (all, ids.is_empty()) {
+        (true, false) => Err("give queue IDs or --all, not both".into()),
+        (false, true) => Err("no queue ID given (or --all for every message)".into()),
+        (true, true) => {
+            let mut v: Vec<String> = queued
+                .iter()
+                .filter(|e| fits(e))
+                .map(|e| e.id.clone())
+                .collect();
+            v.sort();
+            Ok(v)
+        }
+        (false, false) => {
+            let unknown: Vec<&str> = ids
+                .iter()
+                .filter(|i| !queued.iter().any(|e| &e.id == *i))
+                .map(String::as_str)
+                .collect();
+            if unknown.is_empty() {
+                Ok(ids.to_vec())
+            } else {
+                Err(format!("no message {} in the queue", unknown.join(", ")))
+            }
+        }
     }
 }
 
@@ -212,6 +277,7 @@ impl Spool {
         let mut envs = Vec::new();
         let mut bodies = Vec::new();
         let mut markers = Vec::new();
+        let mut marks = Vec::new();
         for e in fs::read_dir(&s.queue)? {
             let p = e?.path();
             match p.extension().and_then(|x| x.to_str()) {
@@ -229,8 +295,19 @@ impl Spool {
                 },
                 Some("msg") => bodies.push(p),
                 Some("sending") => markers.push(p),
+                Some("hold" | "expire") => marks.push(p),
                 _ => {}
             }
+        }
+        for m in marks {
+            let id = m.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
+            if !envs.iter().any(|e| e.id == id) {
+                // The message left the queue after its mark was set.
+                fs::remove_file(&m)?;
+            }
+        }
+        for env in &mut envs {
+            s.read_marks(env);
         }
         for m in markers {
             s.explain_interrupted_send(&m, &envs);
@@ -376,8 +453,9 @@ impl Spool {
         for e in rd {
             let p = e?.path();
             if p.extension().and_then(|x| x.to_str()) == Some("env")
-                && let Ok(env) = serde_json::from_slice::<Envelope>(&fs::read(&p)?)
+                && let Ok(mut env) = serde_json::from_slice::<Envelope>(&fs::read(&p)?)
             {
+                s.read_marks(&mut env);
                 envs.push(env);
             }
         }
@@ -398,6 +476,50 @@ impl Spool {
             SEQ.fetch_add(1, Ordering::Relaxed) & 0xffff,
             hex::encode_upper(r)
         )
+    }
+
+    fn mark_path(&self, id: &str, mark: Mark) -> PathBuf {
+        self.queue.join(format!("{id}.{}", mark.ext()))
+    }
+
+    /// Set `held` and `expired` from the mark files: they, not the envelope file, say.
+    fn read_marks(&self, env: &mut Envelope) {
+        env.held = self.mark_path(&env.id, Mark::Hold).exists();
+        env.expired = self.mark_path(&env.id, Mark::Expire).exists();
+    }
+
+    /// Set (`on`) or clear a mark on message `id`, durably: the create or unlink, then an
+    /// fsync of `queue/` (shared with concurrent commits).
+    pub async fn set_mark(&self, id: &str, mark: Mark, on: bool) -> io::Result<()> {
+        let path = self.mark_path(id, mark);
+        tokio::task::spawn_blocking(move || {
+            if on {
+                fs::File::create(&path).map(drop)
+            } else {
+                match fs::remove_file(&path) {
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                    r => r,
+                }
+            }
+        })
+        .await
+        .map_err(io::Error::other)??;
+        self.dir_sync.sync(&self.queue).await
+    }
+
+    /// Remove both marks of a message that left the queue (after the message: a crash in
+    /// between leaves a mark without a message, which the next start removes).
+    pub async fn clear_marks(&self, id: &str) {
+        let paths = [
+            self.mark_path(id, Mark::Hold),
+            self.mark_path(id, Mark::Expire),
+        ];
+        let _ = tokio::task::spawn_blocking(move || {
+            for p in paths {
+                let _ = fs::remove_file(p);
+            }
+        })
+        .await;
     }
 
     pub fn body_path(&self, id: &str) -> PathBuf {
@@ -527,7 +649,11 @@ impl Spool {
         let id = id.to_string();
         tokio::task::spawn_blocking(move || {
             fs::remove_file(s.env_path(&id))?;
-            fs::remove_file(s.body_path(&id))
+            fs::remove_file(s.body_path(&id))?;
+            for mark in [Mark::Hold, Mark::Expire] {
+                let _ = fs::remove_file(s.mark_path(&id, mark));
+            }
+            Ok(())
         })
         .await
         .map_err(io::Error::other)?
@@ -563,6 +689,8 @@ pub(crate) mod tests {
             smtputf8: false,
             ret: None,
             envid: None,
+            held: false,
+            expired: false,
         }
     }
 
@@ -668,6 +796,34 @@ pub(crate) mod tests {
             0
         );
         assert!(s.recycler.files.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn marks_are_read_at_open_and_go_with_their_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = Spool::open(dir.path()).unwrap();
+        let (a, b) = (Spool::new_id(), Spool::new_id());
+        for id in [&a, &b] {
+            let mut f = s.create_body(id).await.unwrap();
+            f.write_all(b"x").await.unwrap();
+            s.commit(f, &env(id)).await.unwrap();
+        }
+        s.set_mark(&a, Mark::Hold, true).await.unwrap();
+        s.set_mark(&b, Mark::Expire, true).await.unwrap();
+        // A mark whose message is gone (left the queue before the mark was set).
+        std::fs::write(dir.path().join("queue/GONE.hold"), b"").unwrap();
+        // The envelope file does not say; the marks do.
+        let (s, envs) = Spool::open(dir.path()).unwrap();
+        let flags: Vec<(bool, bool)> = envs.iter().map(|e| (e.held, e.expired)).collect();
+        assert_eq!(flags, [(true, false), (false, true)]);
+        assert!(!dir.path().join("queue/GONE.hold").exists());
+        assert!(Spool::scan(dir.path()).unwrap()[0].held);
+        s.set_mark(&a, Mark::Hold, false).await.unwrap();
+        s.set_mark(&a, Mark::Hold, false).await.unwrap(); // clearing twice is fine
+        assert!(!Spool::scan(dir.path()).unwrap()[0].held);
+        // An operator's delete takes the marks with it.
+        s.remove(&b).await.unwrap();
+        assert!(!dir.path().join(format!("queue/{b}.expire")).exists());
     }
 
     #[test]

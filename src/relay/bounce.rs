@@ -239,6 +239,8 @@ pub(crate) async fn queue(
             smtputf8: !original.mail_from.is_ascii(),
             ret: None,
             envid: None,
+            held: false,
+            expired: false,
         };
         spool.commit(f, &env).await?;
         Ok::<_, std::io::Error>(env)
@@ -277,6 +279,8 @@ mod tests {
             smtputf8: false,
             ret: None,
             envid: Some("env-42".into()),
+            held: false,
+            expired: false,
         };
         let failures = vec![Failure {
             rcpt: "nobody@site-b.test".into(),
@@ -350,6 +354,8 @@ mod tests {
             smtputf8: false,
             ret: Some(crate::smtp::Ret::Full),
             envid: None,
+            held: false,
+            expired: false,
         };
         let f = Failure {
             rcpt: "bob@site-b.test".into(),
@@ -400,6 +406,8 @@ mod tests {
             smtputf8: false,
             ret: None,
             envid: None,
+            held: false,
+            expired: false,
         };
         let f = Failure {
             rcpt: "x\r\nEvil: 1".into(),

@@ -21,6 +21,7 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 /// How long we wait for the ACK after our 200 OK (64*T1, like Timer H).
 const ACK_WAIT: Duration = Duration::from_secs(32);
@@ -90,11 +91,15 @@ pub(crate) async fn handle_invite(shared: Arc<Context>, inc: Incoming, pending: 
         .unwrap_or_default()
         .to_string();
     let source = inc.source;
-    match answer(&shared, inc, pending).await {
-        Ok(()) => {}
-        Err(msg) => {
-            tracing::warn!(%call_id, %source, reason = %msg, "incoming call refused or failed");
-        }
+    // Every line logged while the call works carries its Call-ID, and once admission knows
+    // it, the peer; the SMTP session through the call ("queued") runs inside it.
+    let span = tracing::info_span!("call", %call_id, peer = tracing::field::Empty,
+        direction = "incoming", %source);
+    let answered = answer(&shared, inc, pending).instrument(span.clone()).await;
+    if let Err(msg) = answered {
+        span.in_scope(
+            || tracing::warn!(%call_id, %source, reason = %msg, "incoming call refused or failed"),
+        );
     }
 }
 
@@ -120,6 +125,7 @@ async fn answer(
         Ok(a) => a,
         Err(r) => return Err(refuse(&inc, r).await),
     };
+    tracing::Span::current().record("peer", admitted.domain.as_str());
     let media = match TcpListener::bind(SocketAddr::new(shared.site.media_ip, 0)).await {
         Ok(l) => l,
         Err(e) => {
@@ -224,7 +230,7 @@ async fn answer(
     let (done, confirm_signature) = match done {
         Ok(d) => d,
         Err(e) => {
-            tracing::warn!(%call_id, peer = %peer_domain, error = %e, "the caller's confirm failed; hanging up");
+            tracing::warn!(%call_id, peer = %peer_domain, reason = %e, "the caller's confirm failed; hanging up");
             shared.event(RelayEvent::CallFailed {
                 peer: peer_domain.clone(),
                 reason: e.clone(),

@@ -19,6 +19,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpStream;
+use tracing::Instrument;
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum CallError {
@@ -72,6 +73,8 @@ pub(crate) enum CallError {
 struct ActiveCall {
     dialog: Dialog,
     client: SmtpClient<TunnelStream<TcpStream>>,
+    /// `call{call_id, peer}`: every line logged while the call works carries both.
+    span: tracing::Span,
 }
 
 fn random32() -> Result<[u8; 32], CallError> {
@@ -98,7 +101,11 @@ async fn resolve(peer: &Peer) -> Result<SocketAddr, CallError> {
 /// call then carries many messages. A lane that waited while the set-up before it failed
 /// does not call again at once: the peer was just found unreachable or refusing, and its
 /// mail is retried on the queue's schedule.
-async fn place_call_in_turn(shared: &Arc<Context>, peer: &Peer) -> Result<ActiveCall, CallError> {
+async fn place_call_in_turn(
+    shared: &Arc<Context>,
+    peer: &Peer,
+    call_id: &str,
+) -> Result<ActiveCall, CallError> {
     let gate = shared
         .sip
         .call_setup
@@ -114,7 +121,7 @@ async fn place_call_in_turn(shared: &Arc<Context>, peer: &Peer) -> Result<Active
     {
         return Err(CallError::PeerJustFailed(f.reason.clone()));
     }
-    let placed = place_call(shared, peer).await;
+    let placed = place_call(shared, peer, call_id).await;
     *last = placed.as_ref().err().map(|e| SetupFailure {
         at: tokio::time::Instant::now(),
         reason: e.to_string(),
@@ -122,14 +129,18 @@ async fn place_call_in_turn(shared: &Arc<Context>, peer: &Peer) -> Result<Active
     placed
 }
 
-async fn place_call(shared: &Arc<Context>, peer: &Peer) -> Result<ActiveCall, CallError> {
+async fn place_call(
+    shared: &Arc<Context>,
+    peer: &Peer,
+    call_id: &str,
+) -> Result<ActiveCall, CallError> {
     let target = resolve(peer).await?;
     let transport = if peer.sip.tcp {
         Transport::Tcp
     } else {
         Transport::Udp
     };
-    let call_id = format!("{}@{}", crate::sip::random_hex(16), shared.site.domain);
+    let call_id = call_id.to_string();
     let from_tag = crate::sip::random_hex(8);
     let mode = peer.trust.mode();
     // One keyring for the whole call, even if it is reloaded meanwhile.
@@ -310,7 +321,11 @@ async fn place_call(shared: &Arc<Context>, peer: &Peer) -> Result<ActiveCall, Ca
     shared
         .call_established(&call_id, peer, true, &peer_fpr, &done.keys, sigs)
         .await;
-    Ok(ActiveCall { dialog, client })
+    Ok(ActiveCall {
+        dialog,
+        client,
+        span: tracing::Span::current(),
+    })
 }
 
 /// Opportunistic peers: the key the callee presents (already verified) must be the one
@@ -336,8 +351,13 @@ fn bye_in_background(shared: &Arc<Context>, d: &Dialog, reason: &str) {
 }
 
 async fn hang_up(shared: &Context, peer: &str, call: ActiveCall) {
-    let _ = call.client.quit().await;
-    dialog::hang_up(&shared.sip.endpoint, &call.dialog, None).await;
+    let span = call.span.clone();
+    async {
+        let _ = call.client.quit().await;
+        dialog::hang_up(&shared.sip.endpoint, &call.dialog, None).await;
+    }
+    .instrument(span)
+    .await;
     tracing::info!(call_id = %call.dialog.call_id, %peer, "call ended");
     shared.event(RelayEvent::CallEnded {
         call_id: call.dialog.call_id.clone(),
@@ -371,14 +391,20 @@ pub(crate) async fn worker(
         if call.is_none() {
             // Shutdown does not wait for a call attempt (an unanswered INVITE takes 32 s):
             // the job stays in the spool for the next start.
+            let call_id = format!("{}@{}", crate::sip::random_hex(16), ctx.site.domain);
+            let span =
+                tracing::info_span!("call", %call_id, peer = %domain, direction = "outgoing");
             let placed = tokio::select! {
-                r = place_call_in_turn(&ctx, &peer) => r,
+                r = place_call_in_turn(&ctx, &peer, &call_id).instrument(span) => r,
                 _ = ctx.shutdown.wait() => break,
             };
             match placed {
                 Ok(c) => call = Some(c),
                 Err(e) => {
-                    tracing::warn!(peer = %domain, lane = lane_no, queue_id = %job.id, error = %e, "call failed; mail stays queued");
+                    // No INVITE went out when the set-up just before failed.
+                    let call_id = (!matches!(e, CallError::PeerJustFailed(_))).then_some(call_id);
+                    tracing::warn!(peer = %domain, call_id = call_id.as_deref(), lane = lane_no,
+                        queue_id = %job.id, reason = %e, "call failed; mail stays queued");
                     ctx.event(RelayEvent::CallFailed {
                         peer: domain.clone(),
                         reason: e.to_string(),
@@ -386,7 +412,7 @@ pub(crate) async fn worker(
                     let outcomes = job.all(RcptOutcome::Transient(format!(
                         "call to {domain} failed: {e}"
                     )));
-                    lane.report(job, outcomes).await;
+                    lane.report_call(job, outcomes, call_id).await;
                     continue;
                 }
             }
@@ -407,6 +433,7 @@ pub(crate) async fn worker(
             }
         };
         ctx.spool.begin_send(&job.id, &job.route).await;
+        let span = active.span.clone();
         let res = active
             .client
             .send_tx(
@@ -416,10 +443,12 @@ pub(crate) async fn worker(
                 &job.opts,
                 body,
             )
+            .instrument(span.clone())
             .await;
         let broken = res.is_err();
-        let outcomes = outcomes_from_smtp(&job, res, &format!("peer {domain}"));
-        lane.report(job, outcomes).await;
+        let outcomes = span.in_scope(|| outcomes_from_smtp(&job, res, &format!("peer {domain}")));
+        let call_id = Some(active.dialog.call_id.clone());
+        lane.report_call(job, outcomes, call_id).await;
         if broken && let Some(c) = call.take() {
             tracing::warn!(call_id = %c.dialog.call_id, peer = %domain, "call's stream failed; hanging up");
             bye_in_background(&ctx, &c.dialog, "stream failed");

@@ -9,7 +9,7 @@
 //! socket's absolute path into `DIR/daemon.control` while it runs.
 
 use super::context::Context;
-use crate::queue::{Envelope, now_ms};
+use crate::queue::{Envelope, Mark, now_ms};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -29,6 +29,27 @@ pub enum ControlRequest {
     },
     Delete {
         id: String,
+    },
+    /// Keep messages (`ids`, or every one with `all`) from being tried until released.
+    Hold {
+        #[serde(default)]
+        ids: Vec<String>,
+        #[serde(default)]
+        all: bool,
+    },
+    /// Let held messages go, due at once.
+    Release {
+        #[serde(default)]
+        ids: Vec<String>,
+        #[serde(default)]
+        all: bool,
+    },
+    /// Give up now: bounce to the sender, as past `queue.max_age`.
+    Expire {
+        #[serde(default)]
+        ids: Vec<String>,
+        #[serde(default)]
+        all: bool,
     },
     /// Read the keyring again (revocations, certificates, peer bindings).
     Reload,
@@ -158,6 +179,16 @@ pub(crate) async fn serve(shared: Arc<Context>, paths: Paths, listener: UnixList
     remove_keyring_pointer(&paths.keyring, &paths.spool);
 }
 
+/// How long `expire` waits for the bounces before it answers.
+const EXPIRE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+fn done(r: Result<usize, String>) -> ControlReply {
+    match r {
+        Ok(count) => ControlReply::Done { count },
+        Err(message) => ControlReply::Error { message },
+    }
+}
+
 /// A message's headers for `queue show`.
 async fn headers_text(spool: &crate::queue::Spool, id: &str) -> String {
     String::from_utf8_lossy(&spool.read_headers(id, 16 * 1024).await).into_owned()
@@ -184,12 +215,23 @@ async fn handle(shared: &Context, req: ControlRequest) -> ControlReply {
         ControlRequest::Retry { id } => {
             let count = shared.queue.retry_now(id.as_deref());
             tracing::info!(
-                id = id.as_deref().unwrap_or("all"),
+                queue_id = id.as_deref().unwrap_or("all"),
                 count,
                 "retry requested by the operator"
             );
             ControlReply::Done { count }
         }
+        ControlRequest::Hold { ids, all } => done(shared.queue.hold(&ids, all).await),
+        ControlRequest::Release { ids, all } => done(shared.queue.release(&ids, all).await),
+        ControlRequest::Expire { ids, all } => match shared.queue.expire(&ids, all).await {
+            Ok(ids) => {
+                // Answer once they are bounced and gone (or a delivery under way, which
+                // finishes first, takes longer than this).
+                shared.queue.still_queued(&ids, EXPIRE_WAIT).await;
+                ControlReply::Done { count: ids.len() }
+            }
+            Err(message) => ControlReply::Error { message },
+        },
         ControlRequest::Delete { id } => match shared.queue.delete(&id).await {
             Ok(()) => {
                 tracing::warn!(queue_id = %id, "deleted by the operator");
@@ -266,6 +308,50 @@ pub async fn offline(spool_dir: &Path, req: &ControlRequest) -> std::io::Result<
         ControlRequest::Reload => ControlReply::Error {
             message: "no daemon is running: it reads the keyring when it starts".into(),
         },
+        ControlRequest::Hold { ids, all } => {
+            match crate::queue::pick(envs.iter(), ids, *all, |e| !e.held && !e.expired) {
+                Ok(ids) => {
+                    for id in &ids {
+                        spool.set_mark(id, Mark::Hold, true).await?;
+                    }
+                    ControlReply::Done { count: ids.len() }
+                }
+                Err(message) => ControlReply::Error { message },
+            }
+        }
+        ControlRequest::Release { ids, all } => {
+            let picked = crate::queue::pick(envs.iter(), ids, *all, |e| e.held).and_then(|ids| {
+                match envs.iter().find(|e| ids.contains(&e.id) && !e.held) {
+                    Some(e) => Err(format!("{} is not held", e.id)),
+                    None => Ok(ids),
+                }
+            });
+            match picked {
+                Ok(ids) => {
+                    for mut e in envs.into_iter().filter(|e| ids.contains(&e.id)) {
+                        spool.set_mark(&e.id, Mark::Hold, false).await?;
+                        // Due as soon as the daemon starts.
+                        e.recipients.iter_mut().for_each(|r| r.next_attempt_ms = 0);
+                        spool.update(&e).await?;
+                    }
+                    ControlReply::Done { count: ids.len() }
+                }
+                Err(message) => ControlReply::Error { message },
+            }
+        }
+        // Marked only: the daemon bounces them when it starts.
+        ControlRequest::Expire { ids, all } => {
+            match crate::queue::pick(envs.iter(), ids, *all, |e| !e.expired) {
+                Ok(ids) => {
+                    for id in &ids {
+                        spool.set_mark(id, Mark::Expire, true).await?;
+                        spool.set_mark(id, Mark::Hold, false).await?;
+                    }
+                    ControlReply::Done { count: ids.len() }
+                }
+                Err(message) => ControlReply::Error { message },
+            }
+        }
         ControlRequest::Delete { id } => {
             if envs.iter().any(|e| &e.id == id) {
                 spool.remove(id).await?;

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
+use tracing::Instrument;
 
 /// Connections served at once from the site side.
 const MAX_CONNECTIONS: usize = 256;
@@ -129,7 +130,7 @@ impl Backend for SpoolBackend {
                 peers: &peers,
             };
             if let Err(refusal) = check_peer_sender(&policy, from) {
-                tracing::warn!(peer = %domain, %call_id, %refusal, "sender refused");
+                tracing::warn!(peer = %domain, %call_id, from = %from, reason = %refusal, "sender refused");
                 return Err(refusal.reply());
             }
         }
@@ -140,36 +141,39 @@ impl Backend for SpoolBackend {
         let Some(domain) = domain_of(to) else {
             return Err(Reply::new(501, (5, 1, 3), "Bad recipient address syntax"));
         };
-        let route = match (self.shared.site.route_for(to), &self.origin) {
-            (Some(Route::Local), _) => Route::Local,
-            (Some(peer), Origin::Site { relay: true, .. }) => peer,
-            (None, Origin::Site { relay: true, .. }) => {
-                return Err(Reply::new(
-                    550,
-                    (5, 7, 1),
-                    format!("Relay access denied: {domain} is not a partner domain of this relay"),
-                ));
-            }
+        let refusal = match (self.shared.site.route_for(to), &self.origin) {
+            (Some(Route::Local), _) => Ok(Route::Local),
+            (Some(peer), Origin::Site { relay: true, .. }) => Ok(peer),
+            (None, Origin::Site { relay: true, .. }) => Err(format!(
+                "Relay access denied: {domain} is not a partner domain of this relay"
+            )),
             (_, Origin::Site { .. }) => {
-                return Err(Reply::new(
-                    550,
-                    (5, 7, 1),
-                    "Relay access denied: your address is not in smtp.allow",
-                ));
+                Err("Relay access denied: your address is not in smtp.allow".to_string())
             }
-            (_, Origin::Peer { domain: peer, .. }) => {
-                return Err(Reply::new(
-                    550,
-                    (5, 7, 1),
-                    format!(
-                        "Relay access denied: {peer} may only send mail for {}",
-                        self.shared.site.domain
-                    ),
-                ));
-            }
+            (_, Origin::Peer { domain: peer, .. }) => Err(format!(
+                "Relay access denied: {peer} may only send mail for {}",
+                self.shared.site.domain
+            )),
         };
-        self.routes.push((to.to_string(), route));
-        Ok(())
+        match refusal {
+            Ok(route) => {
+                self.routes.push((to.to_string(), route));
+                Ok(())
+            }
+            Err(reason) => {
+                match &self.origin {
+                    Origin::Site { addr, .. } => {
+                        tracing::info!(client = %addr, rcpt = %to, %reason, "recipient refused")
+                    }
+                    Origin::Peer {
+                        domain, call_id, ..
+                    } => {
+                        tracing::warn!(peer = %domain, %call_id, rcpt = %to, %reason, "recipient refused")
+                    }
+                }
+                Err(Reply::new(550, (5, 7, 1), reason))
+            }
+        }
     }
 
     async fn data_start(&mut self, env: &crate::smtp::Envelope) -> Result<Self::Writer, Reply> {
@@ -265,13 +269,21 @@ impl Backend for SpoolBackend {
             smtputf8: env.smtputf8,
             ret: env.ret,
             envid: env.envid.clone(),
+            held: false,
+            expired: false,
         };
         if let Err(e) = self.shared.spool.commit(file, &qenv).await {
             self.shared.spool.discard(&id).await;
             return fail(e);
         }
-        tracing::info!(queue_id = %id, from = %qenv.mail_from, rcpts = qenv.recipients.len(), size,
-            client = %qenv.client, "queued");
+        match &self.origin {
+            Origin::Site { addr, .. } => tracing::info!(queue_id = %id, from = %qenv.mail_from,
+                rcpts = qenv.recipients.len(), size, client = %addr, "queued"),
+            Origin::Peer {
+                domain, call_id, ..
+            } => tracing::info!(queue_id = %id, from = %qenv.mail_from,
+                rcpts = qenv.recipients.len(), size, %call_id, peer = %domain, "queued"),
+        }
         self.shared.queue.insert(qenv);
         self.shared.event(RelayEvent::Queued { id: id.clone() });
         Reply::new(250, (2, 0, 0), format!("Ok: queued as {id}"))
@@ -313,10 +325,15 @@ pub(crate) async fn accept_loop(shared: Arc<Context>, allow: Vec<Cidr>, listener
         let relay = allow.iter().any(|c| c.contains(addr.ip()));
         let mut backend = SpoolBackend::new(shared.clone(), Origin::Site { addr, relay });
         let cfg = cfg.clone();
-        sessions.spawn(async move {
-            let _permit = permit;
-            let _ = crate::smtp::serve(stream, addr.to_string(), &cfg, &mut backend).await;
-        });
+        // Every line of the session (refusals, "queued") carries the client's address.
+        let span = tracing::info_span!("smtp", client = %addr);
+        sessions.spawn(
+            async move {
+                let _permit = permit;
+                let _ = crate::smtp::serve(stream, addr.to_string(), &cfg, &mut backend).await;
+            }
+            .instrument(span),
+        );
     }
     drop(listener);
     if !sessions.is_empty() {

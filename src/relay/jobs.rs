@@ -11,6 +11,8 @@ use tokio::sync::{mpsc, oneshot};
 pub(crate) struct Report {
     pub job: Job,
     pub outcomes: Vec<(String, RcptOutcome)>,
+    /// The call that carried the attempt (peer routes), for the log.
+    pub call_id: Option<String>,
     pub committed: oneshot::Sender<()>,
 }
 
@@ -37,10 +39,22 @@ impl Lane {
     /// Hand the outcomes of `job` to the scheduler and wait until they are recorded, so a
     /// lane takes its next job only once the last one is durable.
     pub async fn report(&self, job: Job, outcomes: Vec<(String, RcptOutcome)>) {
+        self.report_call(job, outcomes, None).await
+    }
+
+    /// [`report`](Self::report) for an attempt made through the call `call_id` (or an
+    /// attempt to set it up), so that the log lines of the outcome name the call.
+    pub async fn report_call(
+        &self,
+        job: Job,
+        outcomes: Vec<(String, RcptOutcome)>,
+        call_id: Option<String>,
+    ) {
         let (committed, done) = oneshot::channel();
         let r = Report {
             job,
             outcomes,
+            call_id,
             committed,
         };
         if self.reports.send(r).await.is_ok() {

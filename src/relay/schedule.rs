@@ -110,6 +110,8 @@ pub(crate) fn decide(
     let mut failed_dsn = Vec::new();
     let mut delays = Vec::new();
     let age = Duration::from_secs(now_ms / 1000).saturating_sub(Duration::from_secs(env.received));
+    // `sipmail queue expire`: the next transient outcome is the last, as past max_age.
+    let expired = env.expired;
     for (addr, outcome) in outcomes {
         let Some(r) = env
             .recipients
@@ -125,7 +127,7 @@ pub(crate) fn decide(
                 steps.push(Step::Delivered { rcpt: addr.clone() });
                 None
             }
-            RcptOutcome::Transient(why) if age < times.max_age => {
+            RcptOutcome::Transient(why) if age < times.max_age && !expired => {
                 r.attempts += 1;
                 let wait = backoff(times, r.attempts);
                 r.next_attempt_ms = now_ms + wait.as_millis() as u64;
@@ -155,7 +157,12 @@ pub(crate) fn decide(
                 rcpt: addr.clone(),
                 status: "4.4.7".into(),
                 diagnostic: format!(
-                    "X-Sipmail; gave up after {} hours: {why}",
+                    "X-Sipmail; {} after {} hours: {why}",
+                    if expired {
+                        "expired by the operator"
+                    } else {
+                        "gave up"
+                    },
                     age.as_secs() / 3600
                 ),
                 remote: None,
@@ -311,6 +318,27 @@ mod tests {
         // Removed only once the bounce is queued.
         assert_eq!(d.disposal(true), Disposal::Remove);
         assert_eq!(d.disposal(false), Disposal::Keep);
+    }
+
+    #[test]
+    fn an_expired_message_fails_at_its_next_transient_outcome_with_the_same_bounce() {
+        let (mut env, route) = message(&["bob@b.test"]);
+        env.expired = true;
+        // One hour old, far from max_age: the operator's expiry decides.
+        let d = decide(&env, &route, &transient("bob@b.test"), at(HOUR), &times());
+        assert_eq!(d.envelope.recipients[0].state, RcptState::Failed);
+        let f = &d.failed_dsn[0];
+        assert_eq!(f.status, "4.4.7");
+        assert_eq!(
+            f.diagnostic,
+            "X-Sipmail; expired by the operator after 1 hours: call failed"
+        );
+        assert!(matches!(&d.steps[0], Step::Failed { bounce: true, .. }));
+        assert_eq!(d.disposal(true), Disposal::Remove);
+        // A delivery that was under way still counts as delivered.
+        let ok = vec![("bob@b.test".to_string(), RcptOutcome::Delivered)];
+        let d = decide(&env, &route, &ok, at(HOUR), &times());
+        assert!(d.failed_dsn.is_empty() && d.done());
     }
 
     #[test]

@@ -17,6 +17,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{Notify, mpsc};
 
+mod operator;
+
 impl State {
     fn release(&mut self, id: &str, route: &Route) {
         if let Some(routes) = self.in_flight.get_mut(id) {
@@ -73,6 +75,8 @@ pub(crate) struct MailQueue {
     /// For the DSNs: our host name, and where the sender's mail goes.
     site: Site,
     events: Events,
+    /// Serialises the operator's hold, release and expire (each sets marks in turn).
+    marking: tokio::sync::Mutex<()>,
 }
 
 impl MailQueue {
@@ -94,6 +98,7 @@ impl MailQueue {
             times,
             site,
             events,
+            marking: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -236,7 +241,12 @@ impl MailQueue {
 
     /// Record what a lane reported, durably (see [`schedule::decide`] for the rules), and
     /// drop the message when nothing is pending any more.
-    async fn commit(&self, job: &Job, outcomes: &[(String, super::outcome::RcptOutcome)]) {
+    async fn commit(
+        &self,
+        job: &Job,
+        outcomes: &[(String, super::outcome::RcptOutcome)],
+        call_id: Option<&str>,
+    ) {
         let now = now_ms();
         let decided = {
             let mut st = self.lock();
@@ -259,7 +269,7 @@ impl MailQueue {
             return;
         };
         for step in &d.steps {
-            self.log_step(job, step);
+            self.log_step(job, call_id, step);
         }
         let updated = &d.envelope;
         let bounced =
@@ -282,16 +292,28 @@ impl MailQueue {
             tracing::error!(queue_id = %job.id, error = %e, "could not update the spool; the state will be retried from memory");
         }
         if disposal == Disposal::Remove {
-            self.lock().envs.remove(&job.id);
+            let marked = self
+                .lock()
+                .envs
+                .remove(&job.id)
+                .is_some_and(|e| e.held || e.expired);
+            if marked {
+                self.spool.clear_marks(&job.id).await;
+            }
         }
         self.notify.notify_one();
     }
 
-    /// The log line and event of one recipient's step.
-    fn log_step(&self, job: &Job, step: &Step) {
+    /// The log line and event of one recipient's step: with the queue ID, the recipient,
+    /// and for a partner's route the peer and the call that carried the attempt.
+    fn log_step(&self, job: &Job, call_id: Option<&str>, step: &Step) {
+        let peer = match &job.route {
+            Route::Peer(d) => Some(d.as_str()),
+            Route::Local => None,
+        };
         match step {
             Step::Delivered { rcpt } => {
-                tracing::info!(queue_id = %job.id, %rcpt, route = %job.route, "delivered");
+                tracing::info!(queue_id = %job.id, %rcpt, route = %job.route, peer, call_id, "delivered");
                 self.events.emit(RelayEvent::Delivered {
                     id: job.id.clone(),
                     recipient: rcpt.clone(),
@@ -303,12 +325,12 @@ impl MailQueue {
                 retry_in,
                 reason,
             } => {
-                tracing::warn!(queue_id = %job.id, %rcpt, route = %job.route, attempts,
-                    retry_in_s = retry_in.as_secs(), %reason, "deferred");
+                tracing::warn!(queue_id = %job.id, %rcpt, route = %job.route, peer, call_id,
+                    attempts, retry_in_s = retry_in.as_secs(), %reason, "deferred");
             }
             Step::Failed { failure: f, bounce } => {
-                tracing::error!(queue_id = %job.id, rcpt = %f.rcpt, route = %job.route,
-                    status = %f.status, reason = %f.diagnostic, "delivery failed for good");
+                tracing::error!(queue_id = %job.id, rcpt = %f.rcpt, route = %job.route, peer,
+                    call_id, status = %f.status, reason = %f.diagnostic, "delivery failed for good");
                 self.events.emit(RelayEvent::Failed {
                     id: job.id.clone(),
                     recipient: f.rcpt.clone(),
@@ -348,6 +370,10 @@ fn due_jobs(
     jobs: &mut Vec<Job>,
     next: &mut u64,
 ) {
+    if env.held {
+        // Not tried, and no timed retry either, until the operator releases it.
+        return;
+    }
     let mut by_route: Vec<(&Route, Vec<&crate::queue::Recipient>)> = Vec::new();
     for r in env.pending() {
         if flying.is_some_and(|f| f.contains(&r.route)) {
@@ -410,13 +436,27 @@ pub(crate) async fn run(
     let commit = |commits: &mut tokio::task::JoinSet<()>, r: Report| {
         let q = queue.clone();
         commits.spawn(async move {
-            q.commit(&r.job, &r.outcomes).await;
+            q.commit(&r.job, &r.outcomes, r.call_id.as_deref()).await;
             let _ = r.committed.send(());
         });
     };
     'rounds: loop {
         let (jobs, next) = queue.take_due(now_ms());
         for job in jobs {
+            // Expired by the operator: failed here, through the same commit as a report.
+            if let Some(outcomes) = queue.expired_outcomes(&job) {
+                let (committed, _) = tokio::sync::oneshot::channel();
+                commit(
+                    &mut commits,
+                    Report {
+                        job,
+                        outcomes,
+                        call_id: None,
+                        committed,
+                    },
+                );
+                continue;
+            }
             let tx = routes.entry(job.route.clone()).or_insert_with(|| {
                 let (tx, rx) = mpsc::channel(ROUTE_BACKLOG);
                 let rx = Arc::new(tokio::sync::Mutex::new(rx));
@@ -521,6 +561,37 @@ mod tests {
         assert_eq!(next, None);
     }
 
+    #[tokio::test]
+    async fn a_held_message_is_not_taken_until_released_and_then_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(dir.path()).unwrap();
+        let q = MailQueue::new(
+            spool,
+            vec![env("A", 0), env("B", 0)],
+            QueueTimes::default(),
+            site(),
+            Events::new(),
+        );
+        let none: &[String] = &[];
+        assert!(q.hold(none, false).await.is_err(), "no ID and no --all");
+        let unknown = q.hold(&["X".into(), "A".into()], false).await;
+        assert_eq!(unknown, Err("no message X in the queue".into()));
+        assert_eq!(q.hold(&["A".into()], false).await, Ok(1));
+        let (jobs, _) = q.take_due(10);
+        assert_eq!(ids(&jobs), ["B"]);
+        assert!(q.get("A").unwrap().held);
+        assert_eq!(
+            q.release(&["B".into()], false).await,
+            Err("B is not held".into())
+        );
+        // Released: due now, even though its next attempt was far off.
+        q.lock().envs.get_mut("A").unwrap().recipients[0].next_attempt_ms = u64::MAX;
+        assert_eq!(q.release(&[], true).await, Ok(1));
+        let (jobs, _) = q.take_due(20);
+        assert_eq!(ids(&jobs), ["A"]);
+        assert!(!dir.path().join("queue/A.hold").exists());
+    }
+
     fn site() -> Site {
         Site {
             domain: "site-a.test".into(),
@@ -551,7 +622,7 @@ mod tests {
             diagnostic: "smtp; 550 5.1.1 no such user".into(),
             remote: Some("peer site-b.test".into()),
         });
-        q.commit(&jobs[0], &outcomes).await;
+        q.commit(&jobs[0], &outcomes, None).await;
         let left = q.list();
         assert_eq!(left.len(), 1, "only the bounce is left");
         let bounce = &left[0];
@@ -584,7 +655,7 @@ mod tests {
         );
         let (jobs, _) = q.take_due(0);
         let outcomes = jobs[0].all(super::super::outcome::RcptOutcome::Transient("busy".into()));
-        q.commit(&jobs[0], &outcomes).await;
+        q.commit(&jobs[0], &outcomes, None).await;
         let a = q.get("A").expect("still queued");
         assert_eq!(a.recipients[0].attempts, 1);
         assert_eq!(a.recipients[0].last_error.as_deref(), Some("busy"));

@@ -107,13 +107,13 @@ where
     let stats = session.stats().clone();
     match &result {
         Ok(reason) => tracing::info!(
-            peer = session.peer(),
+            client = session.peer(),
             ?reason,
             accepted = stats.messages_accepted,
             rejected = stats.messages_rejected,
             "smtp session closed"
         ),
-        Err(e) => tracing::warn!(peer = session.peer(), error = %e, "smtp session failed"),
+        Err(e) => tracing::warn!(client = session.peer(), error = %e, "smtp session failed"),
     }
     let close_reason = result?;
     Ok(SessionSummary {

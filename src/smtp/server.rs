@@ -464,7 +464,7 @@ impl ServerSession {
                             let reply = reject.unwrap_or_else(|| {
                                 Reply::temp_failure("local error in processing")
                             });
-                            tracing::info!(peer = %self.peer, code = reply.code, "message rejected");
+                            tracing::info!(client = %self.peer, code = reply.code, "message rejected");
                             self.stats.messages_rejected += 1;
                             self.push(&reply);
                             self.phase = Phase::Command;
@@ -521,7 +521,7 @@ impl ServerSession {
     fn command(&mut self, line: &[u8]) {
         let mut it = line.iter();
         let parsed = Request::parse(&mut it);
-        tracing::trace!(peer = %self.peer, line = %super::reply::excerpt(line), "command");
+        tracing::trace!(client = %self.peer, line = %super::reply::excerpt(line), "command");
         let req = match parsed {
             Ok(req) => req,
             Err(e) => {
@@ -721,7 +721,7 @@ impl ServerSession {
         } else {
             Reply::plain(250, hn.clone())
         };
-        tracing::debug!(peer = %self.peer, helo = %host, esmtp, "hello");
+        tracing::debug!(client = %self.peer, helo = %host, esmtp, "hello");
         self.helo = Some(host);
         self.push(&reply);
     }
