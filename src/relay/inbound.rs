@@ -4,8 +4,8 @@
 use super::context::Context;
 use super::events::RelayEvent;
 use super::sender::{SenderPolicy, check_peer_sender};
+use super::settings::Settings;
 use super::trace::StripPeerField;
-use crate::config::Cidr;
 use crate::queue::{Envelope, RcptState, Recipient, Route, Spool};
 use crate::smtp::{Backend, MailParams, Reply, ServerConfig};
 use std::net::SocketAddr;
@@ -19,7 +19,7 @@ const MAX_CONNECTIONS: usize = 256;
 
 /// How our SMTP server answers in a call (the same as on the site side).
 pub(crate) fn server_config(ctx: &Context) -> ServerConfig {
-    ctx.smtp.clone()
+    ctx.settings().smtp.clone()
 }
 
 /// Who is on the other end of an SMTP session.
@@ -41,6 +41,8 @@ pub(crate) enum Origin {
 
 pub(crate) struct SpoolBackend {
     shared: Arc<Context>,
+    /// The settings at the session's start: a reload applies to the next session.
+    settings: Arc<Settings>,
     origin: Origin,
     routes: Vec<(String, Route)>,
     current: Option<String>,
@@ -49,6 +51,7 @@ pub(crate) struct SpoolBackend {
 impl SpoolBackend {
     pub fn new(shared: Arc<Context>, origin: Origin) -> Self {
         SpoolBackend {
+            settings: shared.settings(),
             shared,
             origin,
             routes: Vec::new(),
@@ -94,7 +97,7 @@ impl SpoolBackend {
         };
         format!(
             "Received: from {from}\r\n\tby {} (sipmail) with ESMTP id {id}{for_clause};\r\n\t{}\r\n{peer_field}",
-            self.shared.site.hostname,
+            self.settings.site.hostname,
             super::trace::rfc5322_date(SystemTime::now())
         )
     }
@@ -114,7 +117,7 @@ impl Backend for SpoolBackend {
             domain, call_id, ..
         } = &self.origin
         {
-            let site = &self.shared.site;
+            let site = &self.settings.site;
             // The configured spelling of the peer's domain (the call's is lower-cased too,
             // but the check must not depend on that), and its `senders`.
             let (peer, senders) = match site.peer(domain) {
@@ -140,7 +143,7 @@ impl Backend for SpoolBackend {
         let Some(domain) = domain_of(to) else {
             return Err(Reply::new(501, (5, 1, 3), "Bad recipient address syntax"));
         };
-        let route = match (self.shared.site.route_for(to), &self.origin) {
+        let route = match (self.settings.site.route_for(to), &self.origin) {
             (Some(Route::Local), _) => Route::Local,
             (Some(peer), Origin::Site { relay: true, .. }) => peer,
             (None, Origin::Site { relay: true, .. }) => {
@@ -163,7 +166,7 @@ impl Backend for SpoolBackend {
                     (5, 7, 1),
                     format!(
                         "Relay access denied: {peer} may only send mail for {}",
-                        self.shared.site.domain
+                        self.settings.site.domain
                     ),
                 ));
             }
@@ -286,10 +289,9 @@ impl Backend for SpoolBackend {
 }
 
 /// Accept connections from the site until shutdown; then let sessions finish.
-pub(crate) async fn accept_loop(shared: Arc<Context>, allow: Vec<Cidr>, listener: TcpListener) {
+pub(crate) async fn accept_loop(shared: Arc<Context>, listener: TcpListener) {
     let limit = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let mut sessions = tokio::task::JoinSet::new();
-    let cfg = shared.smtp.clone();
     let mut backoff = Duration::from_millis(10);
     loop {
         let permit = tokio::select! {
@@ -310,9 +312,11 @@ pub(crate) async fn accept_loop(shared: Arc<Context>, allow: Vec<Cidr>, listener
             Some(_) = sessions.join_next(), if !sessions.is_empty() => continue,
         };
         let _ = stream.set_nodelay(true);
-        let relay = allow.iter().any(|c| c.contains(addr.ip()));
+        // `smtp.allow` and the SMTP limits as in force when the session starts.
+        let settings = shared.settings();
+        let relay = settings.smtp_allow.iter().any(|c| c.contains(addr.ip()));
         let mut backend = SpoolBackend::new(shared.clone(), Origin::Site { addr, relay });
-        let cfg = cfg.clone();
+        let cfg = settings.smtp.clone();
         sessions.spawn(async move {
             let _permit = permit;
             let _ = crate::smtp::serve(stream, addr.to_string(), &cfg, &mut backend).await;

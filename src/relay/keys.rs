@@ -1,5 +1,5 @@
 //! The keyring in use: [`KeyState`] (the keyring and what we derive from it), the
-//! [`Keys`] holder that swaps it whole on reload, the signer/verifier adaptors the
+//! [`Keys`] holder that a reload swaps whole, the signer/verifier adaptors the
 //! handshake uses, and [`check_keyring`], the start-up check against the config.
 
 use super::error::RelayError;
@@ -80,17 +80,15 @@ impl KeyState {
     }
 }
 
-/// The current [`KeyState`], replaced whole by [`Keys::reload`] (SIGHUP, `sipmail keys
-/// import`). Keeps the config because a reload checks the keyring against it again.
+/// The current [`KeyState`], replaced whole by a reload (SIGHUP, `sipmail reload`,
+/// `sipmail keys import`; see `reload`).
 pub(crate) struct Keys {
-    cfg: Config,
     current: RwLock<Arc<KeyState>>,
 }
 
 impl Keys {
-    pub fn new(cfg: Config, loaded: KeyState) -> Self {
+    pub fn new(loaded: KeyState) -> Self {
         Keys {
-            cfg,
             current: RwLock::new(Arc::new(loaded)),
         }
     }
@@ -103,36 +101,12 @@ impl Keys {
         }
     }
 
-    /// Read the keyring again (revocations, imported and removed certs, peer bindings, own
-    /// keys) and check it as at start; if it is usable, calls from now on use it. If not,
-    /// the old keyring stays in use and the error says why.
-    pub async fn reload(self: &Arc<Self>) -> Result<String, String> {
-        let me = self.clone();
-        let loaded = tokio::task::spawn_blocking(move || KeyState::load(&me.cfg, true))
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r.map_err(|e| e.to_string()));
-        match loaded {
-            Ok(ks) => {
-                let summary = format!(
-                    "keyring {} reloaded: own key {}, {} partner certificate(s)",
-                    self.cfg.keyring.display(),
-                    ks.own_fpr_hex,
-                    ks.keyring.list().iter().filter(|k| !k.own).count()
-                );
-                tracing::info!(fingerprint = %ks.own_fpr_hex, "{summary}");
-                match self.current.write() {
-                    Ok(mut k) => *k = Arc::new(ks),
-                    Err(poisoned) => *poisoned.into_inner() = Arc::new(ks),
-                }
-                Ok(summary)
-            }
-            Err(why) => {
-                tracing::warn!(error = %why, "keyring reload failed; the keyring loaded before stays in use");
-                Err(format!(
-                    "keyring reload failed, the keyring loaded before stays in use: {why}"
-                ))
-            }
+    /// Calls from now on use `ks`; calls in progress keep their snapshot.
+    pub fn set(&self, ks: KeyState) {
+        let ks = Arc::new(ks);
+        match self.current.write() {
+            Ok(mut k) => *k = ks,
+            Err(poisoned) => *poisoned.into_inner() = ks,
         }
     }
 }

@@ -7,6 +7,7 @@ use super::events::{Events, RelayEvent, Shutdown};
 use super::jobs::{Lane, Report};
 use super::outcome::Job;
 use super::schedule::{self, Disposal, DsnKind, Step};
+use super::settings::Live;
 use super::site::Site;
 use crate::config::QueueTimes;
 use crate::queue::{Envelope, RcptState, Route, Spool, now_ms};
@@ -69,9 +70,10 @@ pub(crate) struct MailQueue {
     spool: Spool,
     state: Mutex<State>,
     notify: Notify,
-    times: QueueTimes,
-    /// For the DSNs: our host name, and where the sender's mail goes.
-    site: Site,
+    /// Changed by a reload ([`MailQueue::reconfigure`]); a commit uses one snapshot.
+    times: Live<QueueTimes>,
+    /// For the DSNs: our host name, and where the sender's mail goes (changed by a reload).
+    site: Live<Site>,
     events: Events,
 }
 
@@ -91,10 +93,16 @@ impl MailQueue {
             spool,
             state: Mutex::new(st),
             notify: Notify::new(),
-            times,
-            site,
+            times: Live::new(times),
+            site: Live::new(site),
             events,
         }
+    }
+
+    /// A reload's new queue times and partners: commits and DSNs from now on use them.
+    pub fn reconfigure(&self, times: QueueTimes, site: Site) {
+        self.times.set(times);
+        self.site.set(site);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -238,12 +246,13 @@ impl MailQueue {
     /// drop the message when nothing is pending any more.
     async fn commit(&self, job: &Job, outcomes: &[(String, super::outcome::RcptOutcome)]) {
         let now = now_ms();
+        let times = self.times.get();
         let decided = {
             let mut st = self.lock();
             st.release(&job.id, &job.route);
             // None: deleted by an operator meanwhile.
             let decided = st.envs.get_mut(&job.id).map(|env| {
-                let d = schedule::decide(env, &job.route, outcomes, now, &self.times);
+                let d = schedule::decide(env, &job.route, outcomes, now, &times);
                 *env = d.envelope.clone();
                 d
             });
@@ -328,7 +337,8 @@ impl MailQueue {
         failures: &[schedule::Failure],
         kind: DsnKind,
     ) -> bool {
-        match bounce::queue(&self.spool, &self.site, original, failures, kind).await {
+        let site = self.site.get();
+        match bounce::queue(&self.spool, &site, original, failures, kind).await {
             bounce::Queued::Yes(env) => {
                 self.insert(env);
                 true
