@@ -57,7 +57,7 @@ impl Running {
 
 /// Bind everything and start the tasks.
 pub async fn start(cfg: Config, shutdown: Shutdown, hooks: Hooks) -> Result<Running, RelayError> {
-    let keys = KeyState::load(&cfg, false)?;
+    let keys = KeyState::load(&cfg, None)?;
     // Claim the spool first: recovery must never run under another daemon's feet.
     std::fs::create_dir_all(&cfg.spool)
         .map_err(io_err(format!("creating spool {}", cfg.spool.display())))?;

@@ -21,9 +21,10 @@ pub(crate) struct KeyState {
 }
 
 impl KeyState {
-    /// Open and check the keyring against the config (see [`check_keyring`]).
-    pub fn load(cfg: &Config, reload: bool) -> Result<KeyState, RelayError> {
-        let keyring = check_keyring_for(cfg, !reload)?;
+    /// Open and check the keyring against the config (see [`check_keyring`]). `before`:
+    /// on a reload, the peers of the config in force until now (see [`check_keyring_for`]).
+    pub fn load(cfg: &Config, before: Option<&[Peer]>) -> Result<KeyState, RelayError> {
+        let keyring = check_keyring_for(cfg, before)?;
         let own_fpr_hex = keyring.own_fingerprint()?;
         let own_fpr =
             hex::decode(&own_fpr_hex).map_err(|e| cfg.invalid("relay.keyring", e.to_string()))?;
@@ -159,13 +160,14 @@ impl Verifier for PresentedKeyVerifier<'_> {
 /// Open the keyring and check it against the config: our own key for mail@domain, and a
 /// usable cert for every peer.
 pub fn check_keyring(cfg: &Config) -> Result<Keyring, RelayError> {
-    check_keyring_for(cfg, true)
+    check_keyring_for(cfg, None)
 }
 
-/// As [`check_keyring`]; with `peers_required` false (a reload), a peer left without a
-/// usable certificate (its only one revoked or removed: the point of the change) is a
-/// warning, and calls with it are refused until one is imported.
-fn check_keyring_for(cfg: &Config, peers_required: bool) -> Result<Keyring, RelayError> {
+/// As [`check_keyring`]. On a reload (`before`: the peers configured until now), a peer
+/// that was configured before and is left without a usable certificate (its only one
+/// revoked or removed: the point of the change) is a warning, and calls with it are
+/// refused until one is imported; a peer new in this config needs one, as at start.
+fn check_keyring_for(cfg: &Config, before: Option<&[Peer]>) -> Result<Keyring, RelayError> {
     if !cfg.keyring.is_dir() {
         return Err(cfg
             .invalid(
@@ -198,7 +200,9 @@ fn check_keyring_for(cfg: &Config, peers_required: bool) -> Result<Keyring, Rela
     for (i, p) in cfg.peers.iter().enumerate() {
         // Only `signed` peers need a cert; psk and opportunistic peers do without.
         if matches!(p.trust, crate::config::Trust::Signed) && !kr.has_peer(&p.domain) {
-            if !peers_required {
+            let known =
+                before.is_some_and(|b| b.iter().any(|o| o.domain.eq_ignore_ascii_case(&p.domain)));
+            if known {
                 tracing::warn!(peer = %p.domain, "no usable certificate for this peer any more: its calls are refused until one is imported");
                 continue;
             }

@@ -24,9 +24,10 @@ pub(crate) async fn reload(ctx: &Context) -> Result<String, String> {
     // Held for the whole reload so that two run one after the other; tasks never take it.
     let mut in_force = ctx.config.lock().await;
     let path = PathBuf::from(&in_force.file);
+    let before = in_force.peers.clone();
     let loaded = tokio::task::spawn_blocking(move || -> Result<(Config, KeyState), String> {
         let cfg = Config::load(&path).map_err(|e| e.to_string())?;
-        let ks = KeyState::load(&cfg, true).map_err(|e| e.to_string())?;
+        let ks = KeyState::load(&cfg, Some(&before)).map_err(|e| e.to_string())?;
         Ok((cfg, ks))
     })
     .await
