@@ -177,8 +177,11 @@ struct Bed {
     a_text: String,
     ports: (u16, u16, u16),
     b: Running,
-    c: Running,
+    c: Option<Running>,
     stop: Shutdown,
+    /// C stops on its own (to test mail queued for it).
+    stop_c: Shutdown,
+    c_cfg: Config,
 }
 
 impl Bed {
@@ -219,13 +222,11 @@ impl Bed {
         )
         .await
         .unwrap();
-        let c = relay::start(
-            Config::parse("c.toml", &c_text).unwrap(),
-            stop.clone(),
-            Hooks::default(),
-        )
-        .await
-        .unwrap();
+        let c_cfg = Config::parse("c.toml", &c_text).unwrap();
+        let stop_c = Shutdown::new();
+        let c = relay::start(c_cfg.clone(), stop_c.clone(), Hooks::default())
+            .await
+            .unwrap();
         let a = Daemon::start(a_path, dir.join("a.log"), a_smtp).await;
         Bed {
             dir: dir.to_path_buf(),
@@ -233,9 +234,31 @@ impl Bed {
             a_text,
             ports: (pa, pb, pc),
             b,
-            c,
+            c: Some(c),
             stop,
+            stop_c,
+            c_cfg,
         }
+    }
+
+    /// Stop C (its tasks ended, its sockets closed); [`Bed::restart_c`] starts it again.
+    async fn stop_c(&mut self) {
+        self.stop_c.trigger();
+        if let Some(c) = self.c.take() {
+            c.wait().await;
+        }
+    }
+
+    async fn restart_c(&mut self) {
+        self.stop_c = Shutdown::new();
+        let c = relay::start(self.c_cfg.clone(), self.stop_c.clone(), Hooks::default())
+            .await
+            .unwrap();
+        self.c = Some(c);
+    }
+
+    fn c(&self) -> &Running {
+        self.c.as_ref().unwrap()
     }
 
     fn maildir(&self, site: &str) -> PathBuf {
@@ -262,8 +285,11 @@ impl Bed {
             .args(["-TERM", &self.a.child.id().to_string()])
             .status();
         self.stop.trigger();
+        self.stop_c.trigger();
         self.b.wait().await;
-        self.c.wait().await;
+        if let Some(c) = self.c {
+            c.wait().await;
+        }
         // Dropping the daemon reaps it.
         drop(self.a);
     }
@@ -275,8 +301,8 @@ impl Bed {
 async fn a_peer_added_by_reload_is_called_and_may_call() {
     init_logs();
     let dir = tempfile::tempdir().unwrap();
-    let bed = Bed::start(dir.path(), "2s").await;
-    let mut ev_c = bed.c.events();
+    let mut bed = Bed::start(dir.path(), "2s").await;
+    let mut ev_c = bed.c().events();
 
     // Before: A has no route to C, and refuses C's call.
     let refused = send(
@@ -290,7 +316,7 @@ async fn a_peer_added_by_reload_is_called_and_may_call() {
     .expect_err("A accepted mail for site-c.test before C was added");
     assert!(refused.contains("not a partner domain"), "{refused}");
     send(
-        bed.c.smtp_addr,
+        bed.c().smtp_addr,
         "carol@site-c.test",
         "alice@site-a.test",
         2,
@@ -345,6 +371,73 @@ async fn a_peer_added_by_reload_is_called_and_may_call() {
     .await;
     // B is untouched.
     bed.a_still_delivers_to_b(4, "add").await;
+
+    // C removed again while mail for it waits in A's queue (C is down; A's INVITE goes
+    // unanswered for 32 s): the message stays queued, a log line says so, A refuses new
+    // mail for C, and once C is back in the config (and up), the message is delivered.
+    bed.stop_c().await;
+    send(
+        bed.a.smtp,
+        "alice@site-a.test",
+        "carol@site-c.test",
+        5,
+        "add",
+    )
+    .await
+    .unwrap();
+    bed.a.write_config(&bed.a_text);
+    let (ok, out) = bed.a.reload().await;
+    assert!(ok, "reload refused: {out}");
+    if std::env::var_os("SIPMAIL_RELOAD_BY_SIGHUP").is_none() {
+        assert!(out.contains("removed: site-c.test"), "{out}");
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || bed
+            .a
+            .log_text()
+            .contains("peer removed by reload: its queued mail stays queued"))
+        .await,
+        "{}",
+        bed.a.log_text()
+    );
+    let refused = send(
+        bed.a.smtp,
+        "alice@site-a.test",
+        "carol@site-c.test",
+        6,
+        "add",
+    )
+    .await;
+    assert!(refused.is_err(), "A accepts mail for the removed peer C");
+    let q = || {
+        text(&sipmail(&[
+            "queue",
+            "list",
+            "--json",
+            "--config",
+            bed.a.config.to_str().unwrap(),
+        ]))
+    };
+    // Its next attempt finds no [[peer]]: still queued.
+    assert!(
+        wait_until(Duration::from_secs(60), || bed
+            .a
+            .log_text()
+            .contains("no [[peer]] for this domain in the config in force"))
+        .await,
+        "{}",
+        bed.a.log_text()
+    );
+    assert!(
+        q().contains("carol@site-c.test"),
+        "A's queue lost it: {}",
+        q()
+    );
+    bed.restart_c().await;
+    bed.a.write_config(&bed.a_text_with_c());
+    let (ok, out) = bed.a.reload().await;
+    assert!(ok, "reload refused: {out}");
+    wait_files(&bed.maildir("site-c"), 2, "A's queued mail after C is back").await;
     bed.stop().await;
 }
 
