@@ -613,7 +613,7 @@ async fn a_bad_config_is_refused_and_the_old_one_stays() {
     let (ok, log) = bed.a.hup().await;
     assert!(!ok, "SIGHUP: a broken file was accepted");
     assert!(
-        log.contains("reload refused") && log.contains("TOML parse error"),
+        log.contains("reload failed") && log.contains("TOML parse error"),
         "{log}"
     );
     assert!(bed.a.running());

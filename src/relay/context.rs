@@ -9,7 +9,7 @@ use super::events::{Events, Hooks, RelayEvent, Shutdown};
 use super::keys::{KeyState, Keys};
 use super::scheduler::MailQueue;
 pub(crate) use super::settings::canonical_ip;
-use super::settings::{Live, Settings};
+use super::settings::{InForce, Live, Settings};
 use super::trust;
 use crate::queue::Spool;
 use crate::sip::limits::{CallId, PendingCalls};
@@ -25,7 +25,7 @@ pub(crate) struct Context {
     pub settings: Arc<Live<Settings>>,
     /// The config in force (the last one a reload accepted). Its lock also makes reloads
     /// run one at a time; no task reads it.
-    pub config: tokio::sync::Mutex<crate::config::Config>,
+    pub config: tokio::sync::Mutex<InForce>,
     /// The keyring in use; a call takes one snapshot ([`Context::keys`]).
     pub keys: Arc<Keys>,
     pub sip: SipState,

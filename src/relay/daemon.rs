@@ -8,7 +8,7 @@ use super::events::{Events, Hooks, RelayEvent, Shutdown};
 use super::jobs::Lane;
 use super::keys::{KeyState, Keys};
 use super::scheduler::{self, LaneCounts, MailQueue, QueueSnapshot};
-use super::settings::{Live, Settings, peer_addresses};
+use super::settings::{InForce, Live, Settings, peer_addresses};
 use super::{caller, control, inbound, local, reload, trust};
 use crate::config::Config;
 use crate::queue::{Route, Spool};
@@ -143,7 +143,7 @@ pub async fn start(cfg: Config, shutdown: Shutdown, hooks: Hooks) -> Result<Runn
             writes: Mutex::new(trust::WriteLimiter::default()),
         },
         keys: Arc::new(Keys::new(keys)),
-        config: tokio::sync::Mutex::new(cfg),
+        config: tokio::sync::Mutex::new(InForce::new(cfg)),
         spool,
         queue: queue.clone(),
         shutdown: shutdown.clone(),

@@ -17,24 +17,28 @@ use crate::queue::Route;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-/// Read the config file the daemon was started with and its keyring; if both are usable
+/// Read the config file the daemon was started with (none if it was started with a config
+/// built in memory: then the one in force) and its keyring; if both are usable
 /// and no restart-only setting changed, calls, sessions and jobs from now on use them.
 /// Otherwise nothing changes, and the error (also logged) says why.
 pub(crate) async fn reload(ctx: &Context) -> Result<String, String> {
     // Held for the whole reload so that two run one after the other; tasks never take it.
     let mut in_force = ctx.config.lock().await;
-    let path = PathBuf::from(&in_force.file);
-    let before = in_force.peers.clone();
+    let file = in_force.file.clone();
+    let current = in_force.cfg.clone();
     let loaded = tokio::task::spawn_blocking(move || -> Result<(Config, KeyState), String> {
-        let cfg = Config::load(&path).map_err(|e| e.to_string())?;
-        let ks = KeyState::load(&cfg, Some(&before)).map_err(|e| e.to_string())?;
+        let cfg = match &file {
+            Some(path) => Config::load(path).map_err(|e| e.to_string())?,
+            None => current.clone(),
+        };
+        let ks = KeyState::load(&cfg, Some(&current.peers)).map_err(|e| e.to_string())?;
         Ok((cfg, ks))
     })
     .await
     .map_err(|e| e.to_string())
     .and_then(|r| r);
     let (new, ks) = match loaded.and_then(|(new, ks)| {
-        let changed = restart_only_changes(&in_force, &new);
+        let changed = restart_only_changes(&in_force.cfg, &new);
         if changed.is_empty() {
             Ok((new, ks))
         } else {
@@ -47,7 +51,7 @@ pub(crate) async fn reload(ctx: &Context) -> Result<String, String> {
     }) {
         Ok(x) => x,
         Err(why) => {
-            tracing::error!(error = %why, "reload refused; the config and keyring loaded before stay in force");
+            tracing::error!(error = %why, "reload failed, nothing changed: the config and keyring loaded before stay in force");
             return Err(format!(
                 "reload refused, the config and keyring loaded before stay in force: {why}"
             ));
@@ -55,10 +59,13 @@ pub(crate) async fn reload(ctx: &Context) -> Result<String, String> {
     };
     let addrs = peer_addresses(&new).await;
     let generation = ctx.settings().generation + 1;
-    let diff = peer_diff(&in_force.peers, &new.peers);
+    let diff = peer_diff(&in_force.cfg.peers, &new.peers);
     let summary = format!(
         "{} and keyring {} reloaded: own key {}, {} partner certificate(s), {} peer(s){}",
-        new.file,
+        match &in_force.file {
+            Some(_) => new.file.clone(),
+            None => format!("{} (built in memory, not re-read)", new.file),
+        },
         new.keyring.display(),
         ks.own_fpr_hex,
         ks.keyring.list().iter().filter(|k| !k.own).count(),
@@ -78,7 +85,7 @@ pub(crate) async fn reload(ctx: &Context) -> Result<String, String> {
         }
     }
     tracing::info!(generation, "{summary}");
-    *in_force = new;
+    in_force.cfg = new;
     Ok(summary)
 }
 

@@ -37,6 +37,22 @@ impl<T> Live<T> {
     }
 }
 
+/// The config in force, for reloads (no task reads it).
+pub(crate) struct InForce {
+    pub cfg: Config,
+    /// The file it was read from; `None` when the daemon was started with a config built
+    /// in memory (the test bed, the demo): then a reload reads the keyring only.
+    pub file: Option<std::path::PathBuf>,
+}
+
+impl InForce {
+    pub fn new(cfg: Config) -> Self {
+        let path = std::path::PathBuf::from(&cfg.file);
+        let file = path.is_file().then_some(path);
+        InForce { cfg, file }
+    }
+}
+
 /// What a reload can change, besides the keyring (`keys::Keys`).
 pub(crate) struct Settings {
     /// Bumped by each successful reload: a caller lane hangs up an idle call placed under
