@@ -3,6 +3,7 @@
 mod audit;
 mod logging;
 mod queue;
+mod reload;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -40,10 +41,21 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Run the relay daemon. SIGTERM or Ctrl-C stops it cleanly; SIGHUP reloads the keyring
-    /// (revocations, certificates, peer bindings, own keys) without a restart.
+    /// Run the relay daemon. SIGTERM or Ctrl-C stops it cleanly; SIGHUP reloads the config
+    /// file and the keyring without a restart (as `sipmail reload`).
     Run {
         /// The TOML configuration file (see config/site-a.toml).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Make the running daemon read its config file and keyring again, without a restart:
+    /// peers added, removed or changed, certificates imported or revoked, limits and queue
+    /// times. Calls and mail in progress are untouched. A file with an error, or one that
+    /// changes a setting read only at start (listen addresses, spool, domain...), is
+    /// refused and the old config stays in force: the error is printed and logged, and the
+    /// exit status is 1.
+    Reload {
+        /// The daemon's configuration file (the one it was started with).
         #[arg(long, short)]
         config: PathBuf,
     },
@@ -320,6 +332,7 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
             })?;
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Reload { config } => reload::run(&config),
         Cmd::CheckConfig { config } => {
             let cfg = Config::load(&config)?;
             let kr = sipmail::relay::check_keyring(&cfg)?;
@@ -493,7 +506,7 @@ fn notify_daemon(keyring: &std::path::Path) {
         }
         Ok(Some(ControlReply::Error { message })) => eprintln!(
             "sipmail: warning: the running daemon did not take the change: {message}\n\
-             Fix the keyring, then send it SIGHUP (kill -HUP PID) or run this again."
+             Fix the keyring (or the config file it names), then run `sipmail reload` or this again."
         ),
         Ok(Some(_)) => eprintln!("sipmail: warning: unexpected answer from the daemon"),
         Ok(None) => println!(

@@ -9,6 +9,7 @@ use super::events::RelayEvent;
 use super::inbound::{Origin, SpoolBackend};
 use super::keys::KeyState;
 use super::sipvocab::warn_response;
+use super::site::Site;
 use super::trust::{self, ContinuityDecision, HoldReason, PinCheck};
 use crate::handshake::sdp::{self, SdpError};
 use crate::handshake::{Answer, AuthMode, CallContext, CalleeAwaitConfirm, CalleePolicy, Signer};
@@ -114,11 +115,14 @@ async fn answer(
 ) -> Result<(), String> {
     let req = &inc.request;
     let call_id = req.headers.call_id().unwrap_or_default().to_string();
-    // One keyring for the whole call, even if it is reloaded meanwhile.
+    // One keyring and one set of settings for the whole call, even if a reload swaps
+    // them meanwhile.
     let ks = shared.keys();
+    let settings = shared.settings();
+    let site = &settings.site;
     let local = Local {
-        domain: &shared.site.domain,
-        peers: &shared.site.peers,
+        domain: &site.domain,
+        peers: &site.peers,
     };
     let view = View { shared, keys: &ks };
     let admitted = match admission::admit(&InviteFacts::of(req, inc.source.ip()), local, &view) {
@@ -126,7 +130,7 @@ async fn answer(
         Err(r) => return Err(refuse(&inc, r).await),
     };
     tracing::Span::current().record("peer", admitted.domain.as_str());
-    let media = match TcpListener::bind(SocketAddr::new(shared.site.media_ip, 0)).await {
+    let media = match TcpListener::bind(SocketAddr::new(site.media_ip, 0)).await {
         Ok(l) => l,
         Err(e) => {
             let r = Refusal::internal("no media port", format!("cannot open a media port: {e}"));
@@ -137,6 +141,7 @@ async fn answer(
     let (signer, verifier) = ks.auth_for(&admitted.peer, &admitted.offer.key_packet);
     let prepared = prepare(
         shared,
+        site,
         &ks,
         &admitted,
         signer.as_ref(),
@@ -306,6 +311,7 @@ struct Prepared {
 /// any 200 OK).
 fn prepare(
     shared: &Context,
+    site: &Site,
     ks: &KeyState,
     a: &Admitted,
     signer: &dyn Signer,
@@ -318,7 +324,7 @@ fn prepare(
         from_tag: a.from_tag.clone(),
         to_tag: crate::sip::random_hex(8),
         caller: format!("mail@{}", a.domain),
-        callee: format!("mail@{}", shared.site.domain),
+        callee: format!("mail@{}", site.domain),
     };
     // Wiped when this function returns; respond_with wipes its copy.
     let mut secret = zeroize::Zeroizing::new([0u8; 32]);
@@ -342,7 +348,7 @@ fn prepare(
         &ctx,
         &a.offer,
         *secret,
-        &shared.site.suites,
+        &site.suites,
         ks.announced_fpr(&a.peer),
         signer,
         &policy,

@@ -134,6 +134,9 @@ async fn place_call(
     peer: &Peer,
     call_id: &str,
 ) -> Result<ActiveCall, CallError> {
+    // One set of settings for the whole call, even if a reload swaps them meanwhile.
+    let settings = shared.settings();
+    let site = &settings.site;
     let target = resolve(peer).await?;
     let transport = if peer.sip.tcp {
         Transport::Tcp
@@ -148,7 +151,7 @@ async fn place_call(
     let caller = CallerAwaitAnswer::new(
         random32()?,
         random32()?,
-        shared.site.suites.clone(),
+        site.suites.clone(),
         ks.announced_fpr(peer),
     )
     .with_auth(
@@ -164,10 +167,9 @@ async fn place_call(
     let uri = format!("sip:mail@{}", peer.domain);
     let mut invite = Request::new(Method::Invite, uri.clone());
     invite.headers.push("Max-Forwards", "70");
-    invite.headers.push(
-        "From",
-        format!("<sip:mail@{}>;tag={from_tag}", shared.site.domain),
-    );
+    invite
+        .headers
+        .push("From", format!("<sip:mail@{}>;tag={from_tag}", site.domain));
     invite
         .headers
         .push("To", format!("<sip:mail@{}>", peer.domain));
@@ -181,7 +183,7 @@ async fn place_call(
         .headers
         .push("User-Agent", concat!("sipmail/", env!("CARGO_PKG_VERSION")));
     invite.headers.push("Content-Type", "application/sdp");
-    invite.body = sdp::encode_offer(caller.offer(), session_id, shared.site.media_ip);
+    invite.body = sdp::encode_offer(caller.offer(), session_id, site.media_ip);
 
     tracing::debug!(%call_id, peer = %peer.domain, %target, "INVITE");
     let resp = shared
@@ -209,7 +211,7 @@ async fn place_call(
         .ok_or_else(|| CallError::BadAnswer("no To tag".into()))?;
     let dialog = Dialog {
         call_id: call_id.clone(),
-        from: format!("<sip:mail@{}>;tag={from_tag}", shared.site.domain),
+        from: format!("<sip:mail@{}>;tag={from_tag}", site.domain),
         to,
         uri,
         target,
@@ -221,7 +223,7 @@ async fn place_call(
         call_id: call_id.clone(),
         from_tag,
         to_tag,
-        caller: format!("mail@{}", shared.site.domain),
+        caller: format!("mail@{}", site.domain),
         callee: format!("mail@{}", peer.domain),
     };
     // From here on the INVITE has a 2xx, so whatever fails, we ACK and then BYE.
@@ -304,14 +306,14 @@ async fn place_call(
             });
         }
     };
-    let client =
-        match SmtpClient::connect(stream, &shared.site.hostname, ClientTimeouts::default()).await {
-            Ok(c) => c,
-            Err(e) => {
-                bye_in_background(shared, &dialog, "no SMTP greeting through the call");
-                return Err(e.into());
-            }
-        };
+    let client = match SmtpClient::connect(stream, &site.hostname, ClientTimeouts::default()).await
+    {
+        Ok(c) => c,
+        Err(e) => {
+            bye_in_background(shared, &dialog, "no SMTP greeting through the call");
+            return Err(e.into());
+        }
+    };
     let peer_fpr = hex::encode_upper(&answer.fingerprint);
     let sigs = crate::audit::CallSignatures {
         transcript: &done.transcript,
@@ -365,22 +367,19 @@ async fn hang_up(shared: &Context, peer: &str, call: ActiveCall) {
     });
 }
 
-/// One lane of calls to `peer`: it places a call when a job comes, sends that job and the
-/// following ones through it, and hangs up after `call_idle` without work.
-pub(crate) async fn worker(
-    ctx: Arc<Context>,
-    peer: Peer,
-    call_idle: Duration,
-    lane_no: usize,
-    lane: Lane,
-) {
-    let domain = peer.domain.clone();
-    let mut call: Option<ActiveCall> = None;
+/// One lane of calls to the peer `domain`: it places a call when a job comes, sends that
+/// job and the following ones through it, and hangs up after `sip.call_idle` without work.
+/// The peer's settings are looked up at each call placed, so a reload applies to the next
+/// call; an idle call placed before a reload is hung up before the next message.
+pub(crate) async fn worker(ctx: Arc<Context>, domain: String, lane_no: usize, lane: Lane) {
+    // The call in progress and the settings generation it was placed under.
+    let mut call: Option<(ActiveCall, u64)> = None;
     loop {
+        let call_idle = ctx.settings().call_idle;
         let job = tokio::select! {
             j = lane.next() => j,
             _ = tokio::time::sleep(call_idle), if call.is_some() => {
-                if let Some(c) = call.take() {
+                if let Some((c, _)) = call.take() {
                     hang_up(&ctx, &domain, c).await;
                 }
                 continue;
@@ -388,10 +387,29 @@ pub(crate) async fn worker(
             _ = ctx.shutdown.wait() => None,
         };
         let Some(job) = job else { break };
+        let settings = ctx.settings();
+        if let Some((c, generation)) = call.take() {
+            if generation == settings.generation {
+                call = Some((c, generation));
+            } else {
+                tracing::info!(call_id = %c.dialog.call_id, peer = %domain,
+                    "config or keyring reloaded since this call was placed; hanging up before the next message");
+                hang_up(&ctx, &domain, c).await;
+            }
+        }
         if call.is_none() {
+            let Some(peer) = settings.site.peer(&domain).cloned() else {
+                tracing::warn!(peer = %domain, lane = lane_no, queue_id = %job.id,
+                    "no [[peer]] for this domain in the config in force (removed by a reload?); the mail stays queued, is retried on the queue's schedule and bounced after queue.max_age unless the peer is added again");
+                let outcomes = job.all(RcptOutcome::Transient(format!(
+                    "no [[peer]] for {domain} in the relay's config"
+                )));
+                lane.report(job, outcomes).await;
+                continue;
+            };
             // Shutdown does not wait for a call attempt (an unanswered INVITE takes 32 s):
             // the job stays in the spool for the next start.
-            let call_id = format!("{}@{}", crate::sip::random_hex(16), ctx.site.domain);
+            let call_id = format!("{}@{}", crate::sip::random_hex(16), settings.site.domain);
             let span =
                 tracing::info_span!("call", %call_id, peer = %domain, direction = "outgoing");
             let placed = tokio::select! {
@@ -399,7 +417,7 @@ pub(crate) async fn worker(
                 _ = ctx.shutdown.wait() => break,
             };
             match placed {
-                Ok(c) => call = Some(c),
+                Ok(c) => call = Some((c, settings.generation)),
                 Err(e) => {
                     // No INVITE went out when the set-up just before failed.
                     let call_id = (!matches!(e, CallError::PeerJustFailed(_))).then_some(call_id);
@@ -417,7 +435,7 @@ pub(crate) async fn worker(
                 }
             }
         }
-        let Some(active) = call.as_mut() else {
+        let Some((active, _)) = call.as_mut() else {
             continue;
         };
         let body = match crate::queue::bodyio::BodyReader::open(ctx.spool.body_path(&job.id)).await
@@ -449,12 +467,12 @@ pub(crate) async fn worker(
         let outcomes = span.in_scope(|| outcomes_from_smtp(&job, res, &format!("peer {domain}")));
         let call_id = Some(active.dialog.call_id.clone());
         lane.report_call(job, outcomes, call_id).await;
-        if broken && let Some(c) = call.take() {
+        if broken && let Some((c, _)) = call.take() {
             tracing::warn!(call_id = %c.dialog.call_id, peer = %domain, "call's stream failed; hanging up");
             bye_in_background(&ctx, &c.dialog, "stream failed");
         }
     }
-    if let Some(c) = call.take() {
+    if let Some((c, _)) = call.take() {
         hang_up(&ctx, &domain, c).await;
     }
 }

@@ -1,28 +1,31 @@
-//! What every task of the relay needs, grouped by job: who we are ([`Site`]), the keyring
-//! ([`Keys`]), the SIP side ([`SipState`]), the peers' trust state ([`PeerTrust`]), the mail
-//! ([`Spool`] and [`MailQueue`]), and the shutdown signal, events and test hooks.
-//! It holds run-time state, not the config: each task gets its own settings as arguments
-//! at start (see `daemon::start`).
+//! What every task of the relay needs, grouped by job: the settings a reload can change
+//! ([`Settings`]: who we are, our partners, SMTP limits), the keyring ([`Keys`]), the SIP
+//! side ([`SipState`]), the peers' trust state ([`PeerTrust`]), the mail ([`Spool`] and
+//! [`MailQueue`]), and the shutdown signal, events and test hooks.
+//! It holds run-time state and the live settings, not the config: the settings that need a
+//! restart are handed to each task as arguments at start (see `daemon::start`).
 
 use super::events::{Events, Hooks, RelayEvent, Shutdown};
 use super::keys::{KeyState, Keys};
 use super::scheduler::MailQueue;
-use super::site::Site;
+pub(crate) use super::settings::canonical_ip;
+use super::settings::{InForce, Live, Settings};
 use super::trust;
 use crate::queue::Spool;
 use crate::sip::limits::{CallId, PendingCalls};
 use crate::sip::{Endpoint, Incoming};
-use crate::smtp::ServerConfig;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 
 pub(crate) struct Context {
-    /// Our domain, host name, partners, suites and media address.
-    pub site: Site,
-    /// How our SMTP servers answer, on the site side and in calls.
-    pub smtp: ServerConfig,
+    /// Our domain, partners, SMTP limits...: swapped whole by a reload; a call or session
+    /// takes one snapshot ([`Context::settings`]).
+    pub settings: Arc<Live<Settings>>,
+    /// The config in force (the last one a reload accepted). Its lock also makes reloads
+    /// run one at a time; no task reads it.
+    pub config: tokio::sync::Mutex<InForce>,
     /// The keyring in use; a call takes one snapshot ([`Context::keys`]).
     pub keys: Arc<Keys>,
     pub sip: SipState,
@@ -113,8 +116,6 @@ pub(crate) struct PeerTrust {
     pub store: Arc<trust::TrustStore>,
     /// Rate limit, per peer, on writing keys the peer presented but we refused (pending).
     pub writes: Mutex<trust::WriteLimiter>,
-    /// Each peer's configured addresses (see `daemon::peer_addresses`).
-    pub peer_addrs: HashMap<String, Vec<IpAddr>>,
 }
 
 impl Context {
@@ -127,15 +128,15 @@ impl Context {
         self.keys.current()
     }
 
-    /// Read the keyring again, as SIGHUP does (see [`Keys::reload`]).
-    pub async fn reload_keys(&self) -> Result<String, String> {
-        self.keys.reload().await
+    /// The current settings (a snapshot: a reload does not change it under the caller).
+    pub fn settings(&self) -> Arc<Settings> {
+        self.settings.get()
     }
 
     /// Is `ip` one of `domain`'s configured addresses?
     pub fn is_peer_address(&self, domain: &str, ip: IpAddr) -> bool {
         let ip = canonical_ip(ip);
-        self.trust
+        self.settings()
             .peer_addrs
             .get(domain)
             .is_some_and(|v| v.contains(&ip))
@@ -183,13 +184,5 @@ impl Context {
             tracing::warn!(peer = %domain, error = %e, "retained secrets unreadable; calling without them");
             Vec::new()
         })
-    }
-}
-
-/// IPv4-mapped IPv6 addresses count as their IPv4 address.
-pub(crate) fn canonical_ip(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-        v4 => v4,
     }
 }

@@ -4,7 +4,8 @@
 //!
 //! The socket also keeps two daemons off one spool: a second one finds it answering.
 //!
-//! `{"cmd":"reload"}` makes the daemon read its keyring again (as SIGHUP does). So that
+//! `{"cmd":"reload"}` makes the daemon read its config file and keyring again (as SIGHUP
+//! does; see `reload`), for `sipmail reload` and `sipmail keys import`. So that
 //! `sipmail keys import --keyring DIR` can find the daemon using DIR, the daemon writes the
 //! socket's absolute path into `DIR/daemon.control` while it runs.
 
@@ -51,7 +52,7 @@ pub enum ControlRequest {
         #[serde(default)]
         all: bool,
     },
-    /// Read the keyring again (revocations, certificates, peer bindings).
+    /// Read the config file and the keyring again (peers, revocations, certificates...).
     Reload,
 }
 
@@ -68,7 +69,7 @@ pub enum ControlReply {
     Done {
         count: usize,
     },
-    /// The keyring was reloaded; what is in use now.
+    /// The config and keyring were reloaded; what is in force now.
     Reloaded {
         message: String,
     },
@@ -196,7 +197,7 @@ async fn headers_text(spool: &crate::queue::Spool, id: &str) -> String {
 
 async fn handle(shared: &Context, req: ControlRequest) -> ControlReply {
     match req {
-        ControlRequest::Reload => match shared.reload_keys().await {
+        ControlRequest::Reload => match super::reload::reload(shared).await {
             Ok(message) => ControlReply::Reloaded { message },
             Err(message) => ControlReply::Error { message },
         },
@@ -306,7 +307,7 @@ pub async fn offline(spool_dir: &Path, req: &ControlRequest) -> std::io::Result<
             ControlReply::Done { count }
         }
         ControlRequest::Reload => ControlReply::Error {
-            message: "no daemon is running: it reads the keyring when it starts".into(),
+            message: "no daemon is running: it reads its config and keyring when it starts".into(),
         },
         ControlRequest::Hold { ids, all } => {
             match crate::queue::pick(envs.iter(), ids, *all, |e| !e.held && !e.expired) {

@@ -1,15 +1,15 @@
 //! Starting and running the relay: bind the sockets, build the [`Context`], and spawn the
 //! long-lived tasks (SMTP accept loop, SIP dispatch, scheduler, control socket).
 
-use super::context::{Context, PeerTrust, PendingTable, SipState, canonical_ip};
+use super::context::{Context, PeerTrust, PendingTable, SipState};
 use super::dispatch;
 use super::error::{RelayError, io_err};
 use super::events::{Events, Hooks, RelayEvent, Shutdown};
 use super::jobs::Lane;
 use super::keys::{KeyState, Keys};
 use super::scheduler::{self, LaneCounts, MailQueue, QueueSnapshot};
-use super::site::Site;
-use super::{caller, control, inbound, local, trust};
+use super::settings::{InForce, Live, Settings, peer_addresses};
+use super::{caller, control, inbound, local, reload, trust};
 use crate::config::Config;
 use crate::queue::{Route, Spool};
 use crate::sip::limits::PendingCalls;
@@ -41,22 +41,23 @@ impl Running {
         self.ctx.queue.list().into_iter().map(|e| e.id).collect()
     }
 
-    /// Read the keyring again, as SIGHUP does (see [`Keys::reload`]).
-    pub async fn reload_keys(&self) -> Result<String, String> {
-        self.ctx.reload_keys().await
+    /// Read the config file and the keyring again, as SIGHUP does (see `reload`): Ok with
+    /// what is in force now, or Err with why the reload was refused (the old config stays).
+    pub async fn reload(&self) -> Result<String, String> {
+        reload::reload(&self.ctx).await
     }
 
     /// Wait until every task has finished (after shutdown was triggered).
     pub async fn wait(mut self) {
         while self.tasks.join_next().await.is_some() {}
         self.ctx.sip.endpoint.shutdown().await;
-        tracing::info!(domain = %self.ctx.site.domain, "relay stopped");
+        tracing::info!(domain = %self.ctx.settings().site.domain, "relay stopped");
     }
 }
 
 /// Bind everything and start the tasks.
 pub async fn start(cfg: Config, shutdown: Shutdown, hooks: Hooks) -> Result<Running, RelayError> {
-    let keys = KeyState::load(&cfg, false)?;
+    let keys = KeyState::load(&cfg, None)?;
     // Claim the spool first: recovery must never run under another daemon's feet.
     std::fs::create_dir_all(&cfg.spool)
         .map_err(io_err(format!("creating spool {}", cfg.spool.display())))?;
@@ -108,34 +109,28 @@ pub async fn start(cfg: Config, shutdown: Shutdown, hooks: Hooks) -> Result<Runn
         )))?;
     let sip_addr = endpoint.local_addr();
     let recovered = envelopes.len();
-    // Each task gets its part of the config; only the keyring reload keeps all of it.
-    let site = Site::from_config(&cfg);
+    // The settings a reload can change are shared (and swapped whole); each task gets the
+    // rest of its part of the config as arguments. The whole config is kept for reloads.
+    let settings = Settings::from_config(&cfg, peer_addrs, 0);
     let events = Events::new();
     let queue = Arc::new(MailQueue::new(
         spool.clone(),
         envelopes,
         cfg.queue.clone(),
-        site.clone(),
+        settings.site.clone(),
         events.clone(),
     ));
     let lanes = LaneCounts {
         local: cfg.local_lanes,
         per_peer: cfg.calls_per_peer,
     };
-    let smtp_allow = cfg.smtp_allow.clone();
     let paths = control::Paths {
         spool: cfg.spool.clone(),
         keyring: cfg.keyring.clone(),
     };
-    let (delivery, call_idle) = (cfg.delivery.clone(), cfg.call_idle);
+    let delivery = cfg.delivery.clone();
     let ctx = Arc::new(Context {
-        smtp: crate::smtp::ServerConfig {
-            hostname: cfg.hostname.clone(),
-            max_message_size: cfg.max_message_size,
-            max_recipients: cfg.max_recipients,
-            ..crate::smtp::ServerConfig::default()
-        },
-        site,
+        settings: Arc::new(Live::new(settings)),
         sip: SipState {
             endpoint,
             addr: sip_addr,
@@ -146,9 +141,9 @@ pub async fn start(cfg: Config, shutdown: Shutdown, hooks: Hooks) -> Result<Runn
         trust: PeerTrust {
             store: Arc::new(trust::TrustStore::new(&cfg.spool)),
             writes: Mutex::new(trust::WriteLimiter::default()),
-            peer_addrs,
         },
-        keys: Arc::new(Keys::new(cfg, keys)),
+        keys: Arc::new(Keys::new(keys)),
+        config: tokio::sync::Mutex::new(InForce::new(cfg)),
         spool,
         queue: queue.clone(),
         shutdown: shutdown.clone(),
@@ -156,31 +151,27 @@ pub async fn start(cfg: Config, shutdown: Shutdown, hooks: Hooks) -> Result<Runn
         hooks,
     });
     tracing::info!(
-        domain = %ctx.site.domain,
+        domain = %ctx.settings().site.domain,
         smtp = %smtp_addr,
         sip = %sip_addr,
         fingerprint = %ctx.keys().own_fpr_hex,
-        peers = ctx.site.peers.len(),
+        peers = ctx.settings().site.peers.len(),
         recovered,
         "relay started"
     );
-    // The scheduler starts a route's lanes when it first has work for it.
+    // The scheduler starts a route's lanes when it first has work for it. A caller lane
+    // looks its peer up in the current settings for each call: one removed by a reload
+    // (or before a restart) keeps its mail queued until added again or expired.
     let worker_ctx = ctx.clone();
     let spawn_lane = move |route: &Route, lane_no: usize, lane: Lane| -> scheduler::LaneTask {
         let ctx = worker_ctx.clone();
         match route {
             Route::Local => Box::pin(local::worker(ctx, delivery.clone(), lane)),
-            Route::Peer(domain) => match ctx.site.peer(domain).cloned() {
-                Some(peer) => Box::pin(caller::worker(ctx, peer, call_idle, lane_no, lane)),
-                None => {
-                    tracing::error!(%domain, "no [[peer]] for this domain; its mail stays queued");
-                    Box::pin(async {})
-                }
-            },
+            Route::Peer(domain) => Box::pin(caller::worker(ctx, domain.clone(), lane_no, lane)),
         }
     };
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(inbound::accept_loop(ctx.clone(), smtp_allow, smtp));
+    tasks.spawn(inbound::accept_loop(ctx.clone(), smtp));
     tasks.spawn(dispatch::sip_loop(ctx.clone(), incoming));
     tasks.spawn(scheduler::run(queue, lanes, shutdown, spawn_lane));
     tasks.spawn(control::serve(ctx.clone(), paths, control));
@@ -192,16 +183,16 @@ pub async fn start(cfg: Config, shutdown: Shutdown, hooks: Hooks) -> Result<Runn
     })
 }
 
-/// Run until shutdown. SIGHUP reloads the keyring.
+/// Run until shutdown. SIGHUP reloads the config and the keyring (see `reload`).
 pub async fn run(cfg: Config, shutdown: Shutdown) -> Result<(), RelayError> {
     let running = start(cfg, shutdown.clone(), Hooks::default()).await?;
-    let keys = running.ctx.keys.clone();
+    let ctx = running.ctx.clone();
     let hup = tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
         let mut hup = match signal(SignalKind::hangup()) {
             Ok(s) => s,
             Err(e) => {
-                tracing::warn!(error = %e, "cannot handle SIGHUP; reload the keyring with `sipmail keys import` or a restart");
+                tracing::warn!(error = %e, "cannot handle SIGHUP; reload with `sipmail reload` or a restart");
                 return;
             }
         };
@@ -210,44 +201,12 @@ pub async fn run(cfg: Config, shutdown: Shutdown) -> Result<(), RelayError> {
                 r = hup.recv() => if r.is_none() { break },
                 _ = shutdown.wait() => break,
             }
-            tracing::info!("SIGHUP: reloading the keyring");
-            // A failure is logged by the reload; the old keyring stays.
-            let _ = keys.reload().await;
+            tracing::info!("SIGHUP: reloading the config and the keyring");
+            // A refusal is logged by the reload; the old config stays in force.
+            let _ = reload::reload(&ctx).await;
         }
     });
     running.wait().await;
     hup.abort();
     Ok(())
-}
-
-/// The IP addresses of each configured peer (the host of its `sip` URI). Over TCP they
-/// are exempt from the INVITE rate limit and the totals, so a flood from elsewhere does
-/// not lock them out; and an opportunistic peer's key is pinned on first use only from
-/// one of them (or when we placed the call). Host names are resolved once, at start.
-async fn peer_addresses(cfg: &Config) -> HashMap<String, Vec<IpAddr>> {
-    let mut out = HashMap::new();
-    for p in &cfg.peers {
-        let mut ips: Vec<IpAddr> = Vec::new();
-        if let Ok(ip) = p
-            .sip
-            .host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<IpAddr>()
-        {
-            ips.push(ip);
-        } else {
-            match tokio::net::lookup_host((p.sip.host.as_str(), p.sip.port)).await {
-                Ok(addrs) => ips.extend(addrs.map(|a| a.ip())),
-                Err(e) => {
-                    tracing::warn!(peer = %p.domain, host = %p.sip.host, error = %e, "cannot resolve peer; it gets no exemption from the SIP limits, and (opportunistic) is pinned only by a call we place")
-                }
-            }
-        }
-        let ips: Vec<IpAddr> = ips.into_iter().map(canonical_ip).collect();
-        out.entry(p.domain.clone())
-            .or_insert_with(Vec::new)
-            .extend(ips);
-    }
-    out
 }

@@ -27,7 +27,7 @@ impl Context {
         // Only OpenPGP-signed calls leave evidence a third party can check (docs/AUDIT.md):
         // a PSK call's MACs prove nothing to anyone without the secret, and an
         // opportunistic call's keys are not in anyone's keyring.
-        if let Some(dir) = &self.site.call_records
+        if let Some(dir) = &self.settings().site.call_records
             && mode == crate::handshake::AuthMode::Signed
         {
             self.record_call(dir, call_id, &peer.domain, outgoing, keys, sigs);

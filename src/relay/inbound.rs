@@ -4,8 +4,8 @@
 use super::context::Context;
 use super::events::RelayEvent;
 use super::sender::{SenderPolicy, check_peer_sender};
+use super::settings::Settings;
 use super::trace::StripPeerField;
-use crate::config::Cidr;
 use crate::queue::{Envelope, RcptState, Recipient, Route, Spool};
 use crate::smtp::{Backend, MailParams, Reply, ServerConfig};
 use std::net::SocketAddr;
@@ -20,7 +20,7 @@ const MAX_CONNECTIONS: usize = 256;
 
 /// How our SMTP server answers in a call (the same as on the site side).
 pub(crate) fn server_config(ctx: &Context) -> ServerConfig {
-    ctx.smtp.clone()
+    ctx.settings().smtp.clone()
 }
 
 /// Who is on the other end of an SMTP session.
@@ -42,6 +42,8 @@ pub(crate) enum Origin {
 
 pub(crate) struct SpoolBackend {
     shared: Arc<Context>,
+    /// The settings at the session's start: a reload applies to the next session.
+    settings: Arc<Settings>,
     origin: Origin,
     routes: Vec<(String, Route)>,
     current: Option<String>,
@@ -50,6 +52,7 @@ pub(crate) struct SpoolBackend {
 impl SpoolBackend {
     pub fn new(shared: Arc<Context>, origin: Origin) -> Self {
         SpoolBackend {
+            settings: shared.settings(),
             shared,
             origin,
             routes: Vec::new(),
@@ -95,7 +98,7 @@ impl SpoolBackend {
         };
         format!(
             "Received: from {from}\r\n\tby {} (sipmail) with ESMTP id {id}{for_clause};\r\n\t{}\r\n{peer_field}",
-            self.shared.site.hostname,
+            self.settings.site.hostname,
             super::trace::rfc5322_date(SystemTime::now())
         )
     }
@@ -115,7 +118,7 @@ impl Backend for SpoolBackend {
             domain, call_id, ..
         } = &self.origin
         {
-            let site = &self.shared.site;
+            let site = &self.settings.site;
             // The configured spelling of the peer's domain (the call's is lower-cased too,
             // but the check must not depend on that), and its `senders`.
             let (peer, senders) = match site.peer(domain) {
@@ -141,7 +144,7 @@ impl Backend for SpoolBackend {
         let Some(domain) = domain_of(to) else {
             return Err(Reply::new(501, (5, 1, 3), "Bad recipient address syntax"));
         };
-        let refusal = match (self.shared.site.route_for(to), &self.origin) {
+        let refusal = match (self.settings.site.route_for(to), &self.origin) {
             (Some(Route::Local), _) => Ok(Route::Local),
             (Some(peer), Origin::Site { relay: true, .. }) => Ok(peer),
             (None, Origin::Site { relay: true, .. }) => Err(format!(
@@ -152,7 +155,7 @@ impl Backend for SpoolBackend {
             }
             (_, Origin::Peer { domain: peer, .. }) => Err(format!(
                 "Relay access denied: {peer} may only send mail for {}",
-                self.shared.site.domain
+                self.settings.site.domain
             )),
         };
         match refusal {
@@ -298,10 +301,9 @@ impl Backend for SpoolBackend {
 }
 
 /// Accept connections from the site until shutdown; then let sessions finish.
-pub(crate) async fn accept_loop(shared: Arc<Context>, allow: Vec<Cidr>, listener: TcpListener) {
+pub(crate) async fn accept_loop(shared: Arc<Context>, listener: TcpListener) {
     let limit = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let mut sessions = tokio::task::JoinSet::new();
-    let cfg = shared.smtp.clone();
     let mut backoff = Duration::from_millis(10);
     loop {
         let permit = tokio::select! {
@@ -322,9 +324,11 @@ pub(crate) async fn accept_loop(shared: Arc<Context>, allow: Vec<Cidr>, listener
             Some(_) = sessions.join_next(), if !sessions.is_empty() => continue,
         };
         let _ = stream.set_nodelay(true);
-        let relay = allow.iter().any(|c| c.contains(addr.ip()));
+        // `smtp.allow` and the SMTP limits as in force when the session starts.
+        let settings = shared.settings();
+        let relay = settings.smtp_allow.iter().any(|c| c.contains(addr.ip()));
         let mut backend = SpoolBackend::new(shared.clone(), Origin::Site { addr, relay });
-        let cfg = cfg.clone();
+        let cfg = settings.smtp.clone();
         // Every line of the session (refusals, "queued") carries the client's address.
         let span = tracing::info_span!("smtp", client = %addr);
         sessions.spawn(

@@ -1,5 +1,5 @@
 //! The keyring in use: [`KeyState`] (the keyring and what we derive from it), the
-//! [`Keys`] holder that swaps it whole on reload, the signer/verifier adaptors the
+//! [`Keys`] holder that a reload swaps whole, the signer/verifier adaptors the
 //! handshake uses, and [`check_keyring`], the start-up check against the config.
 
 use super::error::RelayError;
@@ -21,9 +21,10 @@ pub(crate) struct KeyState {
 }
 
 impl KeyState {
-    /// Open and check the keyring against the config (see [`check_keyring`]).
-    pub fn load(cfg: &Config, reload: bool) -> Result<KeyState, RelayError> {
-        let keyring = check_keyring_for(cfg, !reload)?;
+    /// Open and check the keyring against the config (see [`check_keyring`]). `before`:
+    /// on a reload, the peers of the config in force until now (see [`check_keyring_for`]).
+    pub fn load(cfg: &Config, before: Option<&[Peer]>) -> Result<KeyState, RelayError> {
+        let keyring = check_keyring_for(cfg, before)?;
         let own_fpr_hex = keyring.own_fingerprint()?;
         let own_fpr =
             hex::decode(&own_fpr_hex).map_err(|e| cfg.invalid("relay.keyring", e.to_string()))?;
@@ -80,17 +81,15 @@ impl KeyState {
     }
 }
 
-/// The current [`KeyState`], replaced whole by [`Keys::reload`] (SIGHUP, `sipmail keys
-/// import`). Keeps the config because a reload checks the keyring against it again.
+/// The current [`KeyState`], replaced whole by a reload (SIGHUP, `sipmail reload`,
+/// `sipmail keys import`; see `reload`).
 pub(crate) struct Keys {
-    cfg: Config,
     current: RwLock<Arc<KeyState>>,
 }
 
 impl Keys {
-    pub fn new(cfg: Config, loaded: KeyState) -> Self {
+    pub fn new(loaded: KeyState) -> Self {
         Keys {
-            cfg,
             current: RwLock::new(Arc::new(loaded)),
         }
     }
@@ -103,36 +102,12 @@ impl Keys {
         }
     }
 
-    /// Read the keyring again (revocations, imported and removed certs, peer bindings, own
-    /// keys) and check it as at start; if it is usable, calls from now on use it. If not,
-    /// the old keyring stays in use and the error says why.
-    pub async fn reload(self: &Arc<Self>) -> Result<String, String> {
-        let me = self.clone();
-        let loaded = tokio::task::spawn_blocking(move || KeyState::load(&me.cfg, true))
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r.map_err(|e| e.to_string()));
-        match loaded {
-            Ok(ks) => {
-                let summary = format!(
-                    "keyring {} reloaded: own key {}, {} partner certificate(s)",
-                    self.cfg.keyring.display(),
-                    ks.own_fpr_hex,
-                    ks.keyring.list().iter().filter(|k| !k.own).count()
-                );
-                tracing::info!(fingerprint = %ks.own_fpr_hex, "{summary}");
-                match self.current.write() {
-                    Ok(mut k) => *k = Arc::new(ks),
-                    Err(poisoned) => *poisoned.into_inner() = Arc::new(ks),
-                }
-                Ok(summary)
-            }
-            Err(why) => {
-                tracing::warn!(error = %why, "keyring reload failed; the keyring loaded before stays in use");
-                Err(format!(
-                    "keyring reload failed, the keyring loaded before stays in use: {why}"
-                ))
-            }
+    /// Calls from now on use `ks`; calls in progress keep their snapshot.
+    pub fn set(&self, ks: KeyState) {
+        let ks = Arc::new(ks);
+        match self.current.write() {
+            Ok(mut k) => *k = ks,
+            Err(poisoned) => *poisoned.into_inner() = ks,
         }
     }
 }
@@ -185,13 +160,14 @@ impl Verifier for PresentedKeyVerifier<'_> {
 /// Open the keyring and check it against the config: our own key for mail@domain, and a
 /// usable cert for every peer.
 pub fn check_keyring(cfg: &Config) -> Result<Keyring, RelayError> {
-    check_keyring_for(cfg, true)
+    check_keyring_for(cfg, None)
 }
 
-/// As [`check_keyring`]; with `peers_required` false (a reload), a peer left without a
-/// usable certificate (its only one revoked or removed: the point of the change) is a
-/// warning, and calls with it are refused until one is imported.
-fn check_keyring_for(cfg: &Config, peers_required: bool) -> Result<Keyring, RelayError> {
+/// As [`check_keyring`]. On a reload (`before`: the peers configured until now), a peer
+/// that was configured before and is left without a usable certificate (its only one
+/// revoked or removed: the point of the change) is a warning, and calls with it are
+/// refused until one is imported; a peer new in this config needs one, as at start.
+fn check_keyring_for(cfg: &Config, before: Option<&[Peer]>) -> Result<Keyring, RelayError> {
     if !cfg.keyring.is_dir() {
         return Err(cfg
             .invalid(
@@ -224,7 +200,9 @@ fn check_keyring_for(cfg: &Config, peers_required: bool) -> Result<Keyring, Rela
     for (i, p) in cfg.peers.iter().enumerate() {
         // Only `signed` peers need a cert; psk and opportunistic peers do without.
         if matches!(p.trust, crate::config::Trust::Signed) && !kr.has_peer(&p.domain) {
-            if !peers_required {
+            let known =
+                before.is_some_and(|b| b.iter().any(|o| o.domain.eq_ignore_ascii_case(&p.domain)));
+            if known {
                 tracing::warn!(peer = %p.domain, "no usable certificate for this peer any more: its calls are refused until one is imported");
                 continue;
             }

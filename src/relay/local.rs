@@ -48,7 +48,7 @@ async fn to_maildir(ctx: &Context, dir: &std::path::Path, job: &Job) -> Vec<(Str
             super::trace::clean(rcpt)
         );
         let dir = dir.to_path_buf();
-        let host = ctx.site.hostname.clone();
+        let host = ctx.settings().site.hostname.clone();
         let body = ctx.spool.body_path(&job.id);
         let r = tokio::task::spawn_blocking(move || {
             crate::queue::maildir::deliver(&dir, &host, prefix.as_bytes(), &body)
@@ -124,5 +124,10 @@ async fn connect(
         .await
         .map_err(crate::smtp::ClientError::Io)?;
     let _ = tcp.set_nodelay(true);
-    SmtpClient::connect(tcp, &ctx.site.hostname, ClientTimeouts::default()).await
+    SmtpClient::connect(
+        tcp,
+        &ctx.settings().site.hostname,
+        ClientTimeouts::default(),
+    )
+    .await
 }

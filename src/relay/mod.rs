@@ -7,7 +7,7 @@
 //!
 //! Files, by job (docs/ARCHITECTURE.md, "The relay", has the layers and the data flow):
 //! - start and run: `daemon` (spawns the long-lived tasks), `context` (what they share),
-//!   `site`, `keys`, `events`, `error`;
+//!   `site`, `keys`, `settings` (what a reload may swap), `reload`, `events`, `error`;
 //! - calls: `dispatch` (the SIP front door), `admission` (the callee's pure checks),
 //!   `dialog` (ACK/BYE waits, hang-up), `callee`, `caller`, `established`, `trust`;
 //! - mail: `inbound` (SMTP into the spool), `scheduler` (the queue; commits reports),
@@ -32,9 +32,11 @@ mod jobs;
 mod keys;
 mod local;
 mod outcome;
+mod reload;
 mod schedule;
 mod scheduler;
 pub mod sender;
+mod settings;
 mod sipvocab;
 mod site;
 mod trace;

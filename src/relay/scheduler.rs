@@ -7,6 +7,7 @@ use super::events::{Events, RelayEvent, Shutdown};
 use super::jobs::{Lane, Report};
 use super::outcome::Job;
 use super::schedule::{self, Disposal, DsnKind, Step};
+use super::settings::Live;
 use super::site::Site;
 use crate::config::QueueTimes;
 use crate::queue::{Envelope, RcptState, Route, Spool, now_ms};
@@ -71,9 +72,10 @@ pub(crate) struct MailQueue {
     spool: Spool,
     state: Mutex<State>,
     notify: Notify,
-    times: QueueTimes,
-    /// For the DSNs: our host name, and where the sender's mail goes.
-    site: Site,
+    /// Changed by a reload ([`MailQueue::reconfigure`]); a commit uses one snapshot.
+    times: Live<QueueTimes>,
+    /// For the DSNs: our host name, and where the sender's mail goes (changed by a reload).
+    site: Live<Site>,
     events: Events,
     /// Serialises the operator's hold, release and expire (each sets marks in turn).
     marking: tokio::sync::Mutex<()>,
@@ -95,11 +97,17 @@ impl MailQueue {
             spool,
             state: Mutex::new(st),
             notify: Notify::new(),
-            times,
-            site,
+            times: Live::new(times),
+            site: Live::new(site),
             events,
             marking: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// A reload's new queue times and partners: commits and DSNs from now on use them.
+    pub fn reconfigure(&self, times: QueueTimes, site: Site) {
+        self.times.set(times);
+        self.site.set(site);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -248,12 +256,13 @@ impl MailQueue {
         call_id: Option<&str>,
     ) {
         let now = now_ms();
+        let times = self.times.get();
         let decided = {
             let mut st = self.lock();
             st.release(&job.id, &job.route);
             // None: deleted by an operator meanwhile.
             let decided = st.envs.get_mut(&job.id).map(|env| {
-                let d = schedule::decide(env, &job.route, outcomes, now, &self.times);
+                let d = schedule::decide(env, &job.route, outcomes, now, &times);
                 *env = d.envelope.clone();
                 d
             });
@@ -350,7 +359,8 @@ impl MailQueue {
         failures: &[schedule::Failure],
         kind: DsnKind,
     ) -> bool {
-        match bounce::queue(&self.spool, &self.site, original, failures, kind).await {
+        let site = self.site.get();
+        match bounce::queue(&self.spool, &site, original, failures, kind).await {
             bounce::Queued::Yes(env) => {
                 self.insert(env);
                 true
