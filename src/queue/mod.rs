@@ -11,6 +11,7 @@
 
 pub mod bodyio;
 pub mod maildir;
+mod probe;
 
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
