@@ -9,10 +9,11 @@
 #     gpg to expire in 20 days) flagged as expiring soon, with the warning in A's log;
 #   - /healthz answers 200; /readyz 200, then 503 with the reason while B's spool cannot
 #     be written (chattr +i as root, chmod otherwise), then 200 again;
-#   - a non-loopback [metrics] listen is refused by check-config unless allow_remote.
+#   - a non-loopback [metrics] listen is refused by check-config unless allow_remote;
+#   - promtool accepts the alert rules README.md suggests.
 set -euo pipefail
 source "$(dirname "$0")/lib/sites.sh"
-sites_init sipmail-prometheus prometheus:prometheus swaks:swaks curl:curl gpg:gnupg python3:python3
+sites_init sipmail-prometheus prometheus:prometheus promtool:prometheus swaks:swaks curl:curl gpg:gnupg python3:python3
 # sites_init builds with cargo, which puts the binary under CARGO_TARGET_DIR when set.
 SIPMAIL="$(cd "$ROOT" && realpath -m "${CARGO_TARGET_DIR:-target}")/release/sipmail"
 N=20
@@ -57,6 +58,11 @@ grep -q "allow_remote = true" remote.log || fail "the error does not say how to 
 printf 'allow_remote = true\n' >>remote.toml
 "$SIPMAIL" check-config --config remote.toml >/dev/null || fail "allow_remote = true was not accepted"
 echo "   $(grep -o 'metrics.listen: .*' remote.log | head -1 | cut -c1-100)..."
+
+echo "== promtool checks the alert rules README.md suggests"
+sed -n '/^## Monitoring/,/^## /p' "$ROOT/README.md" | sed -n '/^```yaml$/,/^```$/p' | sed '1d;$d' >rules.yml
+[ -s rules.yml ] || fail "no alert rules found in README.md's Monitoring section"
+promtool check rules rules.yml | sed 's/^/   /'
 
 echo "== Prometheus on 127.0.0.1:$PROM scraping both relays every second"
 cat >prometheus.yml <<EOF
