@@ -1,7 +1,7 @@
 //! The metrics endpoint of two relays in this process, scraped over HTTP: deliveries and
 //! tunnel bytes after mail went through, then the failure reasons on both sides of a call
 //! refused because the callee no longer holds the caller's cert (reloaded without it), and
-//! `/readyz` reporting that partner's last call. (The real-Prometheus test is
+//! `/readyz` reporting each partner's last call. (The real-Prometheus test is
 //! integration/prometheus.sh.)
 
 mod common;
@@ -148,10 +148,21 @@ async fn figures_and_failure_reasons_on_both_sides() {
         value(ma, "sipmail_peer_last_call_success{peer=\"site-b.test\"}").await,
         Some(0.0)
     );
+    let (status, body) = get(ma, "/readyz").await;
+    assert_eq!(
+        status, 200,
+        "a partner's trouble does not make us unready: {body}"
+    );
+    assert!(
+        body.contains("partner site-b.test: last call (outgoing) failed (4xx)"),
+        "{body}"
+    );
+    // At B the refused call proved nothing about its caller: A's last call stays the one
+    // that came up.
     let (status, body) = get(mb, "/readyz").await;
     assert_eq!(status, 200, "{body}");
     assert!(
-        body.contains("partner site-a.test: last call (incoming) failed (unknown_key)"),
+        body.contains("partner site-a.test: last call (incoming) came up"),
         "{body}"
     );
     assert_eq!(get(ma, "/healthz").await, (200, "ok\n".to_string()));

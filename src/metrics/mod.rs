@@ -194,7 +194,8 @@ pub struct KeyExpiry {
     pub expires: Option<SystemTime>,
 }
 
-/// The outcome of the last call with a peer, either way (for `/readyz` and a gauge).
+/// The outcome of the last call with a peer (for `/readyz` and a gauge): one that came
+/// up, either way, or one we placed that failed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LastCall {
     pub at: SystemTime,
@@ -364,7 +365,7 @@ impl Metrics {
         );
         r.register(
             "peer_last_call_success",
-            "1 if the last call with this partner (either way) came up, 0 if it failed",
+            "1 if the last call with this partner came up (either way), 0 if the last was one we placed that failed",
             self.last_call_ok.clone(),
         );
         r.register(
@@ -517,7 +518,11 @@ impl Metrics {
                 reason,
             })
             .inc();
-        self.last_call(p, direction, Some(reason));
+        // An incoming call that failed proved nothing about who placed it (anyone can put
+        // a partner's domain in From): it does not change that partner's last call.
+        if direction == Direction::Outgoing {
+            self.last_call(p, direction, Some(reason));
+        }
     }
 
     fn last_call(&self, p: PeerLabels, direction: Direction, failure: Option<CallFailure>) {

@@ -54,6 +54,14 @@ fn labels_stay_bounded_and_the_exposition_has_every_family() {
     }
     // The unknown caller's call is not a partner's last call.
     assert_eq!(m.last_calls().keys().collect::<Vec<_>>(), ["site-b.test"]);
+    // Nor is a failed incoming call that claims to come from the partner: it proved nothing.
+    m.call_failed("site-b.test", Direction::Incoming, CallFailure::Signature);
+    assert_eq!(m.last_calls()["site-b.test"].failure, None);
+    m.call_failed("site-b.test", Direction::Outgoing, CallFailure::Timeout);
+    assert_eq!(
+        m.last_calls()["site-b.test"].failure,
+        Some(CallFailure::Timeout)
+    );
     // The queue gauges are replaced, not added to, at the next scrape.
     m.set_queue(&[]);
     let text = m.scrape(|_| {}).unwrap();

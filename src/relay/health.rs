@@ -72,8 +72,9 @@ impl Probe for Health {
     }
 }
 
-/// One line per configured partner: its last call's outcome, or none yet. A partner's
-/// trouble does not make us unready (mail to it waits in the queue), it is reported.
+/// One line per configured partner: its last call's outcome (one that came up, or one we
+/// placed that failed), or none yet. A partner's trouble does not make us unready (mail
+/// to it waits in the queue), it is reported.
 fn partners(ctx: &Context, now: SystemTime) -> String {
     let calls = ctx.metrics.last_calls();
     let mut out = String::new();
