@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The project's test command: unit and in-process tests, then the real-peer suites.
-# Needs gpg, sq, sipp, swaks, tshark and postfix: integration/install-peers.sh installs
-# them on Debian when run as root, and otherwise says what to run.
+# Needs gpg, sq, sipp, swaks, tshark, postfix, prometheus and curl:
+# integration/install-peers.sh installs them on Debian when run as root, and otherwise
+# says what to run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 integration/install-peers.sh
@@ -15,6 +16,8 @@ echo "== integration/two-daemons.sh (two sipmail daemons, swaks, tshark capture,
 integration/two-daemons.sh
 echo "== integration/postfix-chain.sh (Postfix A -> sipmail A -> sipmail B -> Postfix B; bounces; kill -9, peer down, MTA down)"
 integration/postfix-chain.sh
+echo "== integration/prometheus.sh (a real Prometheus scrapes two daemons: the figures match the mail sent and the failed call; /healthz, /readyz 503 on an unwritable spool)"
+integration/prometheus.sh
 echo "== integration/sipp.sh (SIPp against two daemons over UDP and TCP: OPTIONS, a phone's INVITE, a 1,000/s INVITE flood while mail flows; tshark)"
 integration/sipp.sh
 echo "== fuzz smoke (stable Rust, four targets, fixed seed and inputs, about 30 s; docs/FUZZING.md)"

@@ -9,6 +9,7 @@ pub mod demo;
 pub mod domain;
 pub mod handshake;
 pub mod keyring;
+pub mod metrics;
 pub mod queue;
 pub mod relay;
 pub mod sip;

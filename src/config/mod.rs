@@ -5,9 +5,10 @@
 //!
 //! One file per section, each with its typed struct, its parser and its defaults (each
 //! default written once): [`smtp`], [`sip`] (with [`SipLimits`]), [`peer`], [`queue`]
-//! (with `[delivery]`), [`psk`]; `raw` is the file as serde reads it and `values` the
+//! (with `[delivery]`), [`psk`], [`metrics`]; `raw` is the file as serde reads it and `values` the
 //! value types the sections share. `[relay]` and `[audit]` are parsed here.
 
+mod metrics;
 mod peer;
 mod psk;
 mod queue;
@@ -18,6 +19,7 @@ mod smtp;
 mod tests;
 mod values;
 
+pub use metrics::MetricsSection;
 pub use peer::{ContinuityPolicy, Peer, Trust};
 pub use psk::Psk;
 pub use queue::{DEFAULT_LANES, Delivery, DeliverySection, QueueTimes};
@@ -138,6 +140,8 @@ pub struct Config {
     /// Where each established call's audit record goes (`[audit]`; see crate::audit), or
     /// `None` when `record_calls = false`. Default: `<relay.spool>/calls`.
     pub call_records: Option<PathBuf>,
+    /// The metrics and health endpoint (`[metrics]`), `None` when off (the default).
+    pub metrics: Option<MetricsSection>,
 }
 
 impl Config {
@@ -165,6 +169,7 @@ impl Config {
         let delivery = queue::parse_delivery(&raw.delivery, &relay.spool, e)?;
         let queue = queue::parse_queue(&raw.queue, e)?;
         let call_records = parse_audit(&raw.audit, &relay.spool);
+        let metrics = metrics::parse_metrics(raw.metrics.as_ref(), e)?;
         Ok(Config {
             file: file.to_string(),
             domain: relay.domain,
@@ -187,6 +192,7 @@ impl Config {
             delivery: delivery.delivery,
             queue,
             call_records,
+            metrics,
         })
     }
 

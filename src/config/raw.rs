@@ -18,6 +18,7 @@ pub(super) struct RawConfig {
     pub(super) queue: RawQueue,
     #[serde(default)]
     pub(super) audit: RawAudit,
+    pub(super) metrics: Option<RawMetrics>,
 }
 
 #[derive(Deserialize)]
@@ -97,4 +98,11 @@ pub(super) struct RawQueue {
 pub(super) struct RawAudit {
     pub(super) record_calls: Option<bool>,
     pub(super) dir: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawMetrics {
+    pub(super) listen: String,
+    pub(super) allow_remote: Option<bool>,
 }

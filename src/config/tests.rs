@@ -314,3 +314,31 @@ fn durations_and_targets() {
     assert_eq!(t.to_string(), "sip:mail@[::1]:5070;transport=tcp");
     assert_eq!(SipTarget::parse("sip:mail@example.net").unwrap().port, 5060);
 }
+
+#[test]
+fn metrics_is_off_by_default_and_loopback_unless_allowed() {
+    assert_eq!(Config::parse("a.toml", GOOD).unwrap().metrics, None);
+    let on = format!("{GOOD}[metrics]\nlisten = \"127.0.0.1:9725\"\n");
+    let m = Config::parse("a.toml", &on).unwrap().metrics.unwrap();
+    assert_eq!(m.listen, "127.0.0.1:9725".parse().unwrap());
+    assert!(!m.allow_remote);
+    let v6 = format!("{GOOD}[metrics]\nlisten = \"[::1]:9725\"\n");
+    assert!(Config::parse("a.toml", &v6).unwrap().metrics.is_some());
+    // Anywhere else is refused unless asked for, with the key and the way out named.
+    for addr in ["0.0.0.0:9725", "192.0.2.7:9725", "[::]:9725"] {
+        let remote = format!("{GOOD}[metrics]\nlisten = \"{addr}\"\n");
+        let e = Config::parse("a.toml", &remote).unwrap_err().to_string();
+        assert!(e.starts_with("a.toml: metrics.listen: "), "{e}");
+        assert!(e.contains("not a loopback address"), "{e}");
+        assert!(e.contains("allow_remote = true"), "{e}");
+        let allowed = format!("{remote}allow_remote = true\n");
+        let m = Config::parse("a.toml", &allowed).unwrap().metrics.unwrap();
+        assert!(m.allow_remote);
+    }
+    let bad = format!("{GOOD}[metrics]\nlisten = \"localhost\"\n");
+    let e = Config::parse("a.toml", &bad).unwrap_err().to_string();
+    assert!(e.contains("metrics.listen"), "{e}");
+    let missing = format!("{GOOD}[metrics]\nallow_remote = true\n");
+    let e = Config::parse("a.toml", &missing).unwrap_err().to_string();
+    assert!(e.contains("listen"), "{e}");
+}

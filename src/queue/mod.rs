@@ -12,6 +12,7 @@
 
 pub mod bodyio;
 pub mod maildir;
+mod probe;
 
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;

@@ -12,6 +12,7 @@ use super::trust::{self, ContinuityDecision, HoldReason, OpportunisticDecision, 
 use crate::config::{ContinuityPolicy, Peer};
 use crate::handshake::sdp;
 use crate::handshake::{AuthMode, Continuity, HandshakeError, Offer};
+use crate::metrics::CallFailure;
 use crate::sip::{NameAddr, Request};
 use std::net::IpAddr;
 
@@ -26,17 +27,32 @@ pub(crate) struct Refusal {
     pub accept: Option<&'static str>,
     /// Why, for our log (may name more than the caller is told).
     pub log: String,
+    /// Why, for the metrics (`sipmail_calls_failed_total{reason}`).
+    pub failure: CallFailure,
 }
 
 impl Refusal {
+    /// The failure class follows the status (a malformed request, a policy, ours);
+    /// [`Refusal::because`] names a more precise one.
     fn new(status: u16, reason: &'static str, warning: impl Into<String>, log: String) -> Self {
+        let failure = match status {
+            400 | 415 | 482 | 488 => CallFailure::Malformed,
+            500..=599 => CallFailure::Internal,
+            _ => CallFailure::Policy,
+        };
         Refusal {
             status,
             reason,
             warning: warning.into(),
             accept: None,
             log,
+            failure,
         }
+    }
+
+    fn because(mut self, failure: CallFailure) -> Self {
+        self.failure = failure;
+        self
     }
 
     /// A failure on our side (no media port, no randomness): `500`, the caller is told
@@ -127,6 +143,12 @@ pub(crate) struct Admitted {
     pub hold: Option<HoldReason>,
 }
 
+/// The domain the caller claims (From `mail@domain`), lower case, if it parses.
+pub(crate) fn caller_domain(inv: &InviteFacts<'_>) -> Option<String> {
+    let from = inv.from.as_ref().ok()?;
+    uri_identity(&from.uri).map(|(_, host)| host)
+}
+
 /// `(user, host)` of a SIP URI such as `sip:mail@site-a.test:5060;transport=tcp`, lower case.
 fn uri_identity(uri: &str) -> Option<(String, String)> {
     let rest = uri.strip_prefix("sip:")?;
@@ -215,12 +237,10 @@ pub(crate) fn admit(
             "trust policy mismatch: the offer uses {}, this relay requires {mode} for {domain}",
             offer.auth
         );
-        return Err(Refusal::new(
-            488,
-            "Not Acceptable Here",
-            warning.clone(),
-            warning,
-        ));
+        return Err(
+            Refusal::new(488, "Not Acceptable Here", warning.clone(), warning)
+                .because(CallFailure::Policy),
+        );
     }
     let fingerprint = hex::encode_upper(&offer.fingerprint);
     let mut hold = None;
@@ -233,7 +253,8 @@ pub(crate) fn admit(
                     "Forbidden",
                     "unknown or unusable key for this peer",
                     format!("peer {domain} key {fingerprint}: {e}"),
-                ));
+                )
+                .because(CallFailure::UnknownKey));
             }
         }
         // The key it presents must be the one it announces, and the one pinned on first
@@ -250,7 +271,8 @@ pub(crate) fn admit(
                     "Forbidden",
                     "an opportunistic peer must present the key it announces (a=sipmail-pubkey)",
                     format!("peer {domain} key {fingerprint}: {why}"),
-                ));
+                )
+                .because(CallFailure::UnknownKey));
             }
             let pin = view.pin(&domain, &fingerprint).map_err(|e| {
                 Refusal::internal("trust state", format!("trust state for {domain}: {e}"))
@@ -293,6 +315,7 @@ pub(crate) fn answer_refusal(e: &HandshakeError) -> Refusal {
         | HandshakeError::AuthMismatch { .. }
         | HandshakeError::TooManyRetainedIds => {
             Refusal::new(488, "Not Acceptable Here", e.to_string(), e.to_string())
+                .because(CallFailure::Policy)
         }
         _ => Refusal::new(
             500,
@@ -300,6 +323,23 @@ pub(crate) fn answer_refusal(e: &HandshakeError) -> Refusal {
             "signing failed",
             e.to_string(),
         ),
+    }
+}
+
+/// The metrics' class of a handshake failure (on either side of a call).
+pub(crate) fn handshake_failure(e: &HandshakeError) -> CallFailure {
+    match e {
+        HandshakeError::BadSignature(_) => CallFailure::Signature,
+        HandshakeError::CommitmentMismatch => CallFailure::Commitment,
+        HandshakeError::NoCommonSuite { .. }
+        | HandshakeError::SuiteNotOffered(_)
+        | HandshakeError::EmptySuiteList
+        | HandshakeError::AuthMismatch { .. }
+        | HandshakeError::TooManyRetainedIds => CallFailure::Policy,
+        HandshakeError::NonContributory | HandshakeError::FieldTooLong { .. } => {
+            CallFailure::Malformed
+        }
+        HandshakeError::SignFailed(_) | HandshakeError::NoPsk => CallFailure::Internal,
     }
 }
 
@@ -314,7 +354,7 @@ pub(crate) fn continuity_refusal(
         let warning = format!(
             "key continuity with mail@{domain} is broken ({continuity}); refused by policy"
         );
-        Refusal::new(403, "Forbidden", warning.clone(), warning)
+        Refusal::new(403, "Forbidden", warning.clone(), warning).because(CallFailure::Continuity)
     })
 }
 

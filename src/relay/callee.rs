@@ -13,6 +13,8 @@ use super::site::Site;
 use super::trust::{self, ContinuityDecision, HoldReason, PinCheck};
 use crate::handshake::sdp::{self, SdpError};
 use crate::handshake::{Answer, AuthMode, CallContext, CalleeAwaitConfirm, CalleePolicy, Signer};
+use crate::metrics::counting::{Counters, Counting};
+use crate::metrics::{CallFailure, Direction};
 use crate::sip::{Incoming, Request, Response};
 use crate::tunnel::record::Limits;
 use crate::tunnel::{Role, TunnelStream};
@@ -33,11 +35,16 @@ const WAITING: Others = Others::Answer(491, "Request Pending");
 /// Other in-dialog requests while SMTP runs through the call.
 const SERVING: Others = Others::Answer(488, "Not Acceptable Here");
 
-/// The call's authenticated media stream.
-type Media = TunnelStream<tokio::net::TcpStream>;
+/// The call's authenticated media stream (over a connection whose bytes are counted).
+type Media = TunnelStream<Counting<tokio::net::TcpStream>>;
 
-/// Send a refusal: the one response to the INVITE. Returns what our log says.
-async fn refuse(inc: &Incoming, r: Refusal) -> String {
+/// Send a refusal: the one response to the INVITE, counted as a failed call with `peer`
+/// (the domain the caller claims; not a partner's counts as `other`). Returns what our
+/// log says.
+async fn refuse(shared: &Context, peer: &str, inc: &Incoming, r: Refusal) -> String {
+    shared
+        .metrics
+        .call_failed(peer, Direction::Incoming, r.failure);
     let mut resp = warn_response(&inc.request, r.status, r.reason, &r.warning);
     if let Some(a) = r.accept {
         resp.headers.push("Accept", a);
@@ -125,16 +132,24 @@ async fn answer(
         peers: &site.peers,
     };
     let view = View { shared, keys: &ks };
-    let admitted = match admission::admit(&InviteFacts::of(req, inc.source.ip()), local, &view) {
+    let facts = InviteFacts::of(req, inc.source.ip());
+    let claimed = admission::caller_domain(&facts).unwrap_or_default();
+    let admitted = match admission::admit(&facts, local, &view) {
         Ok(a) => a,
-        Err(r) => return Err(refuse(&inc, r).await),
+        Err(r) => return Err(refuse(shared, &claimed, &inc, r).await),
+    };
+    let peer_domain = &admitted.domain;
+    let failed = |f: CallFailure| {
+        shared
+            .metrics
+            .call_failed(peer_domain, Direction::Incoming, f)
     };
     tracing::Span::current().record("peer", admitted.domain.as_str());
     let media = match TcpListener::bind(SocketAddr::new(site.media_ip, 0)).await {
         Ok(l) => l,
         Err(e) => {
             let r = Refusal::internal("no media port", format!("cannot open a media port: {e}"));
-            return Err(refuse(&inc, r).await);
+            return Err(refuse(shared, peer_domain, &inc, r).await);
         }
     };
     let media_addr = media.local_addr().map_err(|e| e.to_string())?;
@@ -154,7 +169,7 @@ async fn answer(
         answer,
     } = match prepared {
         Ok(p) => p,
-        Err(r) => return Err(refuse(&inc, r).await),
+        Err(r) => return Err(refuse(shared, peer_domain, &inc, r).await),
     };
     // Register the dialog before answering so the ACK cannot race past us.
     let (tx, mut rx) = mpsc::channel::<Incoming>(8);
@@ -166,15 +181,20 @@ async fn answer(
         _ => false,
     };
     if !registered {
-        return Err(refuse(&inc, Refusal::call_id_in_use()).await);
+        return Err(refuse(shared, peer_domain, &inc, Refusal::call_id_in_use()).await);
     }
     let _guard = DialogGuard {
         shared,
         call_id: call_id.clone(),
     };
-    inc.respond(ok_response(shared, req, &ctx.to_tag, &answer))
+    if let Err(e) = inc
+        .respond(ok_response(shared, req, &ctx.to_tag, &answer))
         .await
-        .map_err(|e| format!("sending 200 OK: {e}"))?;
+    {
+        failed(CallFailure::Network);
+        return Err(format!("sending 200 OK: {e}"));
+    }
+    shared.metrics.call_answered(peer_domain);
     // Our requests in the dialog: From/To swap roles (RFC 3261 §12.2.1.1).
     let call_dialog = Dialog {
         call_id: call_id.clone(),
@@ -194,7 +214,6 @@ async fn answer(
             (!reason.is_empty()).then_some(reason),
         )
     };
-    let peer_domain = &admitted.domain;
 
     // Wait for the ACK and check the caller's half. A call evicted meanwhile (its source
     // sent newer calls than it has room for) ends here: its transaction stops, its media
@@ -209,6 +228,7 @@ async fn answer(
         a = ack_wait => a,
         _ = pending.evicted() => {
             inc.end_transaction();
+            failed(CallFailure::Policy);
             return Err("evicted before its ACK: its source placed newer calls than it has room for".into());
         }
         // Shutdown does not wait up to 32 s for an ACK that may never come.
@@ -221,20 +241,27 @@ async fn answer(
     drop(pending);
     let ack = match ack {
         Ok(Some(a)) => a,
-        Ok(None) => return Err("caller hung up before the ACK".into()),
-        Err(_) => return Err("no ACK within 32 s".into()),
+        Ok(None) => {
+            failed(CallFailure::Cancelled);
+            return Err("caller hung up before the ACK".into());
+        }
+        Err(_) => {
+            failed(CallFailure::Timeout);
+            return Err("no ACK within 32 s".into());
+        }
     };
     let done = sdp::decode_confirm(&ack.request.body)
-        .map_err(|e: SdpError| e.to_string())
+        .map_err(|e: SdpError| (CallFailure::Malformed, e.to_string()))
         .and_then(|c| {
             awaiting
                 .on_confirm(&c, verifier.as_ref())
                 .map(|d| (d, c.signature))
-                .map_err(|e| e.to_string())
+                .map_err(|e| (admission::handshake_failure(&e), e.to_string()))
         });
     let (done, confirm_signature) = match done {
         Ok(d) => d,
-        Err(e) => {
+        Err((why, e)) => {
+            failed(why);
             tracing::warn!(%call_id, peer = %peer_domain, reason = %e, "the caller's confirm failed; hanging up");
             shared.event(RelayEvent::CallFailed {
                 peer: peer_domain.clone(),
@@ -246,18 +273,25 @@ async fn answer(
     };
     // Accept the media connection: the first one whose first record authenticates. A BYE
     // meanwhile ends the call.
+    let counters = shared.metrics.tunnel_counters(peer_domain);
     let stream = tokio::select! {
-        s = tokio::time::timeout(MEDIA_WAIT, accept_media(&media, &done.keys, &call_id)) => s.ok().flatten(),
+        s = tokio::time::timeout(MEDIA_WAIT, accept_media(&media, &done.keys, &call_id, &counters)) => s.ok().flatten(),
         _ = dialog::wait_for_bye(&mut rx, WAITING) => {
+            failed(CallFailure::Cancelled);
             return Err("the caller hung up before the media connection authenticated".into());
         }
     };
     drop(media);
     let Some(mut stream) = stream else {
+        failed(CallFailure::Media);
         hang_up("no media connection");
         return Err("the caller never opened an authenticated media connection".into());
     };
     if let Some(why) = &admitted.hold {
+        failed(match why {
+            HoldReason::Changed { .. } => CallFailure::UnknownKey,
+            HoldReason::FirstUseFromElsewhere => CallFailure::Policy,
+        });
         let (msg, log) = hold(shared, &mut stream, &admitted, why, inc.source).await;
         hang_up(&msg);
         shared.event(RelayEvent::CallFailed {
@@ -490,7 +524,8 @@ async fn accept_media(
     media: &TcpListener,
     keys: &crate::handshake::SessionKeys,
     call_id: &str,
-) -> Option<TunnelStream<tokio::net::TcpStream>> {
+    counters: &Counters,
+) -> Option<Media> {
     let mut waiting = tokio::task::JoinSet::new();
     let mut order = std::collections::VecDeque::new();
     loop {
@@ -498,6 +533,7 @@ async fn accept_media(
             accepted = media.accept() => {
                 let (tcp, addr) = accepted.ok()?;
                 let _ = tcp.set_nodelay(true);
+                let tcp = Counting::new(tcp, counters.clone());
                 let mut t = TunnelStream::new(tcp, keys, Role::Callee, Limits::default());
                 if waiting.len() >= MEDIA_ATTEMPTS
                     && let Some(oldest) = order.pop_front()

@@ -2,6 +2,7 @@
 //! runs an SMTP client through the call's encrypted stream, reuses the call for further
 //! messages, and hangs up with BYE when idle.
 
+use super::admission::handshake_failure;
 use super::context::{Context, SetupFailure};
 use super::dialog::{self, Dialog};
 use super::events::RelayEvent;
@@ -11,6 +12,8 @@ use super::trust::{ContinuityDecision, HoldReason, OpportunisticDecision, contin
 use crate::config::Peer;
 use crate::handshake::sdp::{self, SdpError};
 use crate::handshake::{AuthMode, CallContext, CallerAwaitAnswer, Continuity, HandshakeError};
+use crate::metrics::counting::Counting;
+use crate::metrics::{CallFailure, Direction};
 use crate::sip::{Method, Request, Transport, TxnError};
 use crate::smtp::{ClientError, ClientTimeouts, SmtpClient};
 use crate::tunnel::record::Limits;
@@ -70,9 +73,34 @@ pub(crate) enum CallError {
     TrustState(#[from] super::trust::TrustError),
 }
 
+impl CallError {
+    /// Why the call failed, for the metrics; `None` when no call was placed (a set-up
+    /// just before failed, and this lane did not try again).
+    fn failure(&self) -> Option<CallFailure> {
+        Some(match self {
+            CallError::Resolve(_) => CallFailure::Network,
+            CallError::Random(_) | CallError::TrustState(_) => CallFailure::Internal,
+            CallError::Sip(TxnError::Timeout) => CallFailure::Timeout,
+            CallError::Sip(TxnError::Io(_) | TxnError::TransportClosed) => CallFailure::Network,
+            CallError::Sip(_) => CallFailure::Internal,
+            CallError::Rejected { status, .. } => CallFailure::of_status(*status),
+            CallError::BadAnswer(_) | CallError::Sdp(_) => CallFailure::Malformed,
+            CallError::Handshake(e) => handshake_failure(e),
+            CallError::Media { .. } => CallFailure::Media,
+            CallError::PeerJustFailed(_) => return None,
+            CallError::Smtp(_) => CallFailure::Smtp,
+            CallError::PinChanged { .. } => CallFailure::UnknownKey,
+            CallError::Continuity { .. } => CallFailure::Continuity,
+        })
+    }
+}
+
+/// A call's media stream: the tunnel over a TCP connection whose bytes are counted.
+type Media = TunnelStream<Counting<TcpStream>>;
+
 struct ActiveCall {
     dialog: Dialog,
-    client: SmtpClient<TunnelStream<TcpStream>>,
+    client: SmtpClient<Media>,
     /// `call{call_id, peer}`: every line logged while the call works carries both.
     span: tracing::Span,
 }
@@ -137,6 +165,8 @@ async fn place_call(
     // One set of settings for the whole call, even if a reload swaps them meanwhile.
     let settings = shared.settings();
     let site = &settings.site;
+    let started = tokio::time::Instant::now();
+    shared.metrics.call_placed(&peer.domain);
     let target = resolve(peer).await?;
     let transport = if peer.sip.tcp {
         Transport::Tcp
@@ -291,6 +321,7 @@ async fn place_call(
                 std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
             })??;
         tcp.set_nodelay(true)?;
+        let tcp = Counting::new(tcp, shared.metrics.tunnel_counters(&peer.domain));
         let mut t = TunnelStream::new(tcp, &done.keys, Role::Caller, Limits::default());
         t.send_hello().await?;
         Ok::<_, std::io::Error>(t)
@@ -320,6 +351,7 @@ async fn place_call(
         answer_signature: &answer.signature,
         confirm_signature: &done.confirm.signature,
     };
+    shared.metrics.call_setup(&peer.domain, started.elapsed());
     shared
         .call_established(&call_id, peer, true, &peer_fpr, &done.keys, sigs)
         .await;
@@ -423,6 +455,9 @@ pub(crate) async fn worker(ctx: Arc<Context>, domain: String, lane_no: usize, la
                     let call_id = (!matches!(e, CallError::PeerJustFailed(_))).then_some(call_id);
                     tracing::warn!(peer = %domain, call_id = call_id.as_deref(), lane = lane_no,
                         queue_id = %job.id, reason = %e, "call failed; mail stays queued");
+                    if let Some(f) = e.failure() {
+                        ctx.metrics.call_failed(&domain, Direction::Outgoing, f);
+                    }
                     ctx.event(RelayEvent::CallFailed {
                         peer: domain.clone(),
                         reason: e.to_string(),
@@ -452,6 +487,7 @@ pub(crate) async fn worker(ctx: Arc<Context>, domain: String, lane_no: usize, la
         };
         ctx.spool.begin_send(&job.id, &job.route).await;
         let span = active.span.clone();
+        let sending = tokio::time::Instant::now();
         let res = active
             .client
             .send_tx(
@@ -463,6 +499,7 @@ pub(crate) async fn worker(ctx: Arc<Context>, domain: String, lane_no: usize, la
             )
             .instrument(span.clone())
             .await;
+        ctx.metrics.transferred(Some(&domain), sending.elapsed());
         let broken = res.is_err();
         let outcomes = span.in_scope(|| outcomes_from_smtp(&job, res, &format!("peer {domain}")));
         let call_id = Some(active.dialog.call_id.clone());

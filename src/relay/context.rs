@@ -1,7 +1,8 @@
 //! What every task of the relay needs, grouped by job: the settings a reload can change
 //! ([`Settings`]: who we are, our partners, SMTP limits), the keyring ([`Keys`]), the SIP
 //! side ([`SipState`]), the peers' trust state ([`PeerTrust`]), the mail ([`Spool`] and
-//! [`MailQueue`]), and the shutdown signal, events and test hooks.
+//! [`MailQueue`]), the metrics and the listeners' state ([`Listeners`]), and the shutdown
+//! signal, events and test hooks.
 //! It holds run-time state and the live settings, not the config: the settings that need a
 //! restart are handed to each task as arguments at start (see `daemon::start`).
 
@@ -11,11 +12,13 @@ use super::scheduler::MailQueue;
 pub(crate) use super::settings::canonical_ip;
 use super::settings::{InForce, Live, Settings};
 use super::trust;
+use crate::metrics::Metrics;
 use crate::queue::Spool;
 use crate::sip::limits::{CallId, PendingCalls};
 use crate::sip::{Endpoint, Incoming};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 
@@ -36,7 +39,35 @@ pub(crate) struct Context {
     pub queue: Arc<MailQueue>,
     pub shutdown: Shutdown,
     pub events: Events,
+    /// Counters, gauges and histograms (see crate::metrics); always recorded.
+    pub metrics: Arc<Metrics>,
+    /// Whether the SMTP and SIP loops still serve their sockets (for `/readyz`).
+    pub listeners: Arc<Listeners>,
     pub hooks: Hooks,
+}
+
+/// Whether each listener's loop is running: set when it starts, cleared when it ends
+/// (normally or not), by [`Listeners::run`].
+#[derive(Debug, Default)]
+pub(crate) struct Listeners {
+    pub smtp: AtomicBool,
+    pub sip: AtomicBool,
+}
+
+impl Listeners {
+    /// Run `task` (a listener's loop) with `flag` set while it runs.
+    pub async fn run(flag: &AtomicBool, task: impl std::future::Future<Output = ()>) {
+        /// Clears the flag however the loop ends.
+        struct Up<'a>(&'a AtomicBool);
+        impl Drop for Up<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::SeqCst);
+            }
+        }
+        flag.store(true, Ordering::SeqCst);
+        let _up = Up(flag);
+        task.await
+    }
 }
 
 /// The SIP side: the endpoint, the calls in progress, and the gates of our own calls.

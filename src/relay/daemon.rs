@@ -1,7 +1,8 @@
 //! Starting and running the relay: bind the sockets, build the [`Context`], and spawn the
-//! long-lived tasks (SMTP accept loop, SIP dispatch, scheduler, control socket).
+//! long-lived tasks (SMTP accept loop, SIP dispatch, scheduler, control socket, key
+//! watch, and the metrics endpoint when configured).
 
-use super::context::{Context, PeerTrust, PendingTable, SipState};
+use super::context::{Context, Listeners, PeerTrust, PendingTable, SipState};
 use super::dispatch;
 use super::error::{RelayError, io_err};
 use super::events::{Events, Hooks, RelayEvent, Shutdown};
@@ -9,8 +10,9 @@ use super::jobs::Lane;
 use super::keys::{KeyState, Keys};
 use super::scheduler::{self, LaneCounts, MailQueue, QueueSnapshot};
 use super::settings::{InForce, Live, Settings, peer_addresses};
-use super::{caller, control, inbound, local, reload, trust};
+use super::{caller, control, health, inbound, keywatch, local, reload, trust};
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::queue::{Route, Spool};
 use crate::sip::limits::PendingCalls;
 use crate::sip::{Endpoint, EndpointConfig};
@@ -23,6 +25,8 @@ use tokio::sync::broadcast;
 pub struct Running {
     pub smtp_addr: SocketAddr,
     pub sip_addr: SocketAddr,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served (`[metrics]`), if on.
+    pub metrics_addr: Option<SocketAddr>,
     ctx: Arc<Context>,
     tasks: tokio::task::JoinSet<()>,
 }
@@ -108,6 +112,19 @@ pub async fn start(cfg: Config, shutdown: Shutdown, hooks: Hooks) -> Result<Runn
             cfg.file, cfg.sip_listen
         )))?;
     let sip_addr = endpoint.local_addr();
+    let metrics_listener = match &cfg.metrics {
+        Some(m) => Some(
+            tokio::net::TcpListener::bind(m.listen)
+                .await
+                .map_err(io_err(format!("{}: metrics.listen {}", cfg.file, m.listen)))?,
+        ),
+        None => None,
+    };
+    let metrics_addr = match &metrics_listener {
+        Some(l) => Some(l.local_addr().map_err(io_err("metrics socket"))?),
+        None => None,
+    };
+    let metrics = Arc::new(Metrics::new(cfg.peers.iter().map(|p| p.domain.clone())));
     let recovered = envelopes.len();
     // The settings a reload can change are shared (and swapped whole); each task gets the
     // rest of its part of the config as arguments. The whole config is kept for reloads.
@@ -119,6 +136,7 @@ pub async fn start(cfg: Config, shutdown: Shutdown, hooks: Hooks) -> Result<Runn
         cfg.queue.clone(),
         settings.site.clone(),
         events.clone(),
+        metrics.clone(),
     ));
     let lanes = LaneCounts {
         local: cfg.local_lanes,
@@ -148,12 +166,15 @@ pub async fn start(cfg: Config, shutdown: Shutdown, hooks: Hooks) -> Result<Runn
         queue: queue.clone(),
         shutdown: shutdown.clone(),
         events,
+        metrics,
+        listeners: Arc::new(Listeners::default()),
         hooks,
     });
     tracing::info!(
         domain = %ctx.settings().site.domain,
         smtp = %smtp_addr,
         sip = %sip_addr,
+        metrics = %metrics_addr.map_or_else(|| "off".to_string(), |a| a.to_string()),
         fingerprint = %ctx.keys().own_fpr_hex,
         peers = ctx.settings().site.peers.len(),
         recovered,
@@ -171,13 +192,33 @@ pub async fn start(cfg: Config, shutdown: Shutdown, hooks: Hooks) -> Result<Runn
         }
     };
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(inbound::accept_loop(ctx.clone(), smtp));
-    tasks.spawn(dispatch::sip_loop(ctx.clone(), incoming));
+    let up = ctx.listeners.clone();
+    let accept = inbound::accept_loop(ctx.clone(), smtp);
+    tasks.spawn(async move { Listeners::run(&up.smtp, accept).await });
+    let up = ctx.listeners.clone();
+    let sip = dispatch::sip_loop(ctx.clone(), incoming);
+    tasks.spawn(async move { Listeners::run(&up.sip, sip).await });
+    tasks.spawn(keywatch::watch(ctx.clone()));
+    if let Some(listener) = metrics_listener {
+        let probe = Arc::new(health::Health {
+            ctx: ctx.clone(),
+            smtp: smtp_addr,
+            sip: sip_addr,
+        });
+        let stop = shutdown.clone();
+        tasks.spawn(crate::metrics::http::serve(
+            listener,
+            ctx.metrics.clone(),
+            probe,
+            async move { stop.wait().await },
+        ));
+    }
     tasks.spawn(scheduler::run(queue, lanes, shutdown, spawn_lane));
     tasks.spawn(control::serve(ctx.clone(), paths, control));
     Ok(Running {
         smtp_addr,
         sip_addr,
+        metrics_addr,
         ctx,
         tasks,
     })

@@ -88,6 +88,15 @@ impl Context {
             }
             Some(Ok(false)) | None => {}
         }
+        self.metrics.call_established(
+            &peer.domain,
+            if outgoing {
+                crate::metrics::Direction::Outgoing
+            } else {
+                crate::metrics::Direction::Incoming
+            },
+            keys.continuity.name(),
+        );
         self.event(RelayEvent::CallEstablished {
             call_id: call_id.to_string(),
             peer: peer.domain.clone(),

@@ -27,10 +27,12 @@ pub(crate) async fn worker(ctx: Arc<Context>, delivery: Delivery, lane: Lane) {
         };
         let Some(job) = job else { break };
         ctx.spool.begin_send(&job.id, &job.route).await;
+        let sending = tokio::time::Instant::now();
         let outcomes = match &delivery {
             Delivery::Maildir(dir) => to_maildir(&ctx, dir, &job).await,
             Delivery::Smtp(addr) => to_smtp(&ctx, *addr, &job, &mut conn).await,
         };
+        ctx.metrics.transferred(None, sending.elapsed());
         lane.report(job, outcomes).await;
     }
     if let Some(c) = conn.take() {

@@ -8,6 +8,8 @@
 //! Files, by job (docs/ARCHITECTURE.md, "The relay", has the layers and the data flow):
 //! - start and run: `daemon` (spawns the long-lived tasks), `context` (what they share),
 //!   `site`, `keys`, `settings` (what a reload may swap), `reload`, `events`, `error`;
+//!   `health` (what the metrics endpoint asks: readiness, the gauges read at scrape time)
+//!   and `keywatch` (key expiry gauges and warnings);
 //! - calls: `dispatch` (the SIP front door), `admission` (the callee's pure checks),
 //!   `dialog` (ACK/BYE waits, hang-up), `callee`, `caller`, `established`, `trust`;
 //! - mail: `inbound` (SMTP into the spool), `scheduler` (the queue; commits reports),
@@ -27,9 +29,11 @@ mod dispatch;
 mod error;
 mod established;
 mod events;
+mod health;
 mod inbound;
 mod jobs;
 mod keys;
+mod keywatch;
 mod local;
 mod outcome;
 mod reload;

@@ -77,6 +77,9 @@ pub(crate) async fn reload(ctx: &Context) -> Result<String, String> {
     ctx.queue
         .reconfigure(new.queue.clone(), settings.site.clone());
     ctx.settings.set(settings);
+    // Newly added partners get their own label; removed ones fall back to `other`.
+    ctx.metrics
+        .set_peers(new.peers.iter().map(|p| p.domain.clone()));
     for domain in &diff.removed {
         let waiting = queued_for(ctx, domain);
         if waiting > 0 {
@@ -173,6 +176,15 @@ pub(crate) fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
         None => "off".to_string(),
     };
     check("audit", audit(&old.call_records), audit(&new.call_records));
+    let metrics = |m: &Option<crate::config::MetricsSection>| match m {
+        Some(m) => format!("listening on {}", m.listen),
+        None => "off".to_string(),
+    };
+    check(
+        "metrics.listen",
+        metrics(&old.metrics),
+        metrics(&new.metrics),
+    );
     out
 }
 

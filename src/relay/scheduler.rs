@@ -10,6 +10,7 @@ use super::schedule::{self, Disposal, DsnKind, Step};
 use super::settings::Live;
 use super::site::Site;
 use crate::config::QueueTimes;
+use crate::metrics::Metrics;
 use crate::queue::{Envelope, RcptState, Route, Spool, now_ms};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
@@ -79,6 +80,26 @@ pub(crate) struct MailQueue {
     events: Events,
     /// Serialises the operator's hold, release and expire (each sets marks in turn).
     marking: tokio::sync::Mutex<()>,
+    /// Accepted, delivered, deferred and bounced recipients per route.
+    metrics: Arc<Metrics>,
+}
+
+/// A route as the metrics label it: `None` for local delivery, else the peer.
+fn route_peer(route: &Route) -> Option<&str> {
+    match route {
+        Route::Local => None,
+        Route::Peer(d) => Some(d),
+    }
+}
+
+/// One route's share of the queue (see [`MailQueue::route_stats`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct RouteStats {
+    pub route: Route,
+    /// Messages with a pending recipient on this route.
+    pub messages: u64,
+    /// When the oldest of them was received (unix seconds).
+    pub oldest_received: u64,
 }
 
 impl MailQueue {
@@ -88,6 +109,7 @@ impl MailQueue {
         times: QueueTimes,
         site: Site,
         events: Events,
+        metrics: Arc<Metrics>,
     ) -> Self {
         let mut st = State::default();
         for e in envs {
@@ -101,6 +123,7 @@ impl MailQueue {
             site: Live::new(site),
             events,
             marking: tokio::sync::Mutex::new(()),
+            metrics,
         }
     }
 
@@ -116,8 +139,11 @@ impl MailQueue {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A message was committed to the spool.
+    /// A message was committed to the spool (from SMTP, or a DSN of ours).
     pub fn insert(&self, env: Envelope) {
+        for r in env.pending() {
+            self.metrics.accepted(route_peer(&r.route), 1);
+        }
         {
             let mut st = self.lock();
             st.ready.push_back(env.id.clone());
@@ -133,6 +159,34 @@ impl MailQueue {
             pending_recipients: st.envs.values().map(|e| e.pending().count()).sum(),
             in_flight: st.in_flight.values().map(HashSet::len).sum(),
         }
+    }
+
+    /// Per route: how many messages wait with a pending recipient on it, and when the
+    /// oldest of them was received.
+    pub fn route_stats(&self) -> Vec<RouteStats> {
+        let st = self.lock();
+        let mut out: Vec<RouteStats> = Vec::new();
+        for env in st.envs.values() {
+            let mut seen: Vec<&Route> = Vec::new();
+            for r in env.pending() {
+                if seen.contains(&&r.route) {
+                    continue;
+                }
+                seen.push(&r.route);
+                match out.iter_mut().find(|s| s.route == r.route) {
+                    Some(s) => {
+                        s.messages += 1;
+                        s.oldest_received = s.oldest_received.min(env.received);
+                    }
+                    None => out.push(RouteStats {
+                        route: r.route.clone(),
+                        messages: 1,
+                        oldest_received: env.received,
+                    }),
+                }
+            }
+        }
+        out
     }
 
     /// Every queued message, oldest first.
@@ -323,6 +377,7 @@ impl MailQueue {
         match step {
             Step::Delivered { rcpt } => {
                 tracing::info!(queue_id = %job.id, %rcpt, route = %job.route, peer, call_id, "delivered");
+                self.metrics.delivered(route_peer(&job.route));
                 self.events.emit(RelayEvent::Delivered {
                     id: job.id.clone(),
                     recipient: rcpt.clone(),
@@ -336,10 +391,12 @@ impl MailQueue {
             } => {
                 tracing::warn!(queue_id = %job.id, %rcpt, route = %job.route, peer, call_id,
                     attempts, retry_in_s = retry_in.as_secs(), %reason, "deferred");
+                self.metrics.deferred(route_peer(&job.route));
             }
             Step::Failed { failure: f, bounce } => {
                 tracing::error!(queue_id = %job.id, rcpt = %f.rcpt, route = %job.route, peer,
                     call_id, status = %f.status, reason = %f.diagnostic, "delivery failed for good");
+                self.metrics.bounced(route_peer(&job.route));
                 self.events.emit(RelayEvent::Failed {
                     id: job.id.clone(),
                     recipient: f.rcpt.clone(),
@@ -538,6 +595,7 @@ mod tests {
             QueueTimes::default(),
             site(),
             Events::new(),
+            Arc::new(Metrics::new(Vec::new())),
         );
         let (jobs, next) = q.take_due(500);
         assert_eq!(ids(&jobs), ["A"]);
@@ -581,6 +639,7 @@ mod tests {
             QueueTimes::default(),
             site(),
             Events::new(),
+            Arc::new(Metrics::new(Vec::new())),
         );
         let none: &[String] = &[];
         assert!(q.hold(none, false).await.is_err(), "no ID and no --all");
@@ -625,6 +684,7 @@ mod tests {
             QueueTimes::default(),
             site(),
             events,
+            Arc::new(Metrics::new(Vec::new())),
         );
         let (jobs, _) = q.take_due(0);
         let outcomes = jobs[0].all(super::super::outcome::RcptOutcome::Permanent {
@@ -662,6 +722,7 @@ mod tests {
             QueueTimes::default(),
             site(),
             Events::new(),
+            Arc::new(Metrics::new(Vec::new())),
         );
         let (jobs, _) = q.take_due(0);
         let outcomes = jobs[0].all(super::super::outcome::RcptOutcome::Transient("busy".into()));

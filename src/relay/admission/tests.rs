@@ -171,6 +171,7 @@ fn bad_from_is_400() {
     assert_eq!((r.status, r.reason), (400, "Bad Request"));
     assert!(r.log.starts_with("bad From/To: "), "{}", r.log);
     assert_eq!(r.log, format!("bad From/To: {}", r.warning));
+    assert_eq!(r.failure, CallFailure::Malformed);
 }
 
 #[test]
@@ -273,6 +274,7 @@ fn a_caller_that_is_not_a_peer_is_403() {
         let r = refused(&req);
         assert_refusal(&r, 403, "Forbidden", "not a partner of this relay");
         assert!(r.log.ends_with("is not a configured peer"), "{}", r.log);
+        assert_eq!(r.failure, CallFailure::Policy);
     }
 }
 
@@ -280,12 +282,14 @@ fn a_caller_that_is_not_a_peer_is_403() {
 fn a_downgraded_trust_policy_is_488() {
     let body = sdp::encode_offer(&offer(AuthMode::Psk, FPR, Vec::new()), 1, PEER_IP);
     let req = invite("<sip:mail@a.test>;tag=t1", "<sip:mail@b.test>", body);
+    let r = refused(&req);
     assert_refusal(
-        &refused(&req),
+        &r,
         488,
         "Not Acceptable Here",
         "trust policy mismatch: the offer uses psk, this relay requires signed for a.test",
     );
+    assert_eq!(r.failure, CallFailure::Policy);
 }
 
 #[test]
@@ -299,6 +303,7 @@ fn a_signed_call_with_an_unknown_key_is_403() {
         "Forbidden",
         "unknown or unusable key for this peer",
     );
+    assert_eq!(r.failure, CallFailure::UnknownKey);
     assert_eq!(
         r.log,
         format!("peer a.test key {FPR}: no cert {FPR} for a.test")
@@ -396,6 +401,7 @@ fn broken_continuity_is_403_only_under_require() {
         "Forbidden",
         "key continuity with mail@p.test is broken (mismatch); refused by policy",
     );
+    assert_eq!(r.failure, CallFailure::Continuity);
     let r = continuity_refusal("p.test", Continuity::PeerHasNone, ContinuityPolicy::Require)
         .expect("refused");
     assert_eq!(
