@@ -9,6 +9,7 @@
 //! value types the sections share. `[relay]` and `[audit]` are parsed here.
 
 mod metrics;
+mod nat;
 mod peer;
 mod psk;
 mod queue;
@@ -20,6 +21,7 @@ mod tests;
 mod values;
 
 pub use metrics::MetricsSection;
+pub use nat::{Advertise, PortRange};
 pub use peer::{ContinuityPolicy, Peer, Trust};
 pub use psk::Psk;
 pub use queue::{DEFAULT_LANES, Delivery, DeliverySection, QueueTimes};
@@ -126,6 +128,10 @@ pub struct Config {
     pub max_recipients: usize,
     pub sip_listen: SocketAddr,
     pub media_ip: IpAddr,
+    /// `sip.media_ports`: the ports media listeners may take (None: any free port).
+    pub media_ports: Option<PortRange>,
+    /// `sip.advertise`: the address put on the wire instead of the bound one (NAT).
+    pub advertise: Option<Advertise>,
     pub call_idle: Duration,
     /// Calls placed at once to one peer when mail is waiting (each reused for many messages).
     pub calls_per_peer: usize,
@@ -183,6 +189,8 @@ impl Config {
             max_recipients: smtp.max_recipients,
             sip_listen: sip.listen,
             media_ip: sip.media_ip,
+            media_ports: sip.media_ports,
+            advertise: sip.advertise,
             call_idle: sip.call_idle,
             calls_per_peer: sip.calls_per_peer,
             suites: sip.suites,
@@ -211,6 +219,8 @@ impl Config {
         SipSection {
             listen: self.sip_listen,
             media_ip: self.media_ip,
+            media_ports: self.media_ports,
+            advertise: self.advertise,
             call_idle: self.call_idle,
             calls_per_peer: self.calls_per_peer,
             suites: self.suites.clone(),

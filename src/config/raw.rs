@@ -50,6 +50,8 @@ fn default_allow() -> Vec<String> {
 pub(super) struct RawSip {
     pub(super) listen: String,
     pub(super) media: String,
+    pub(super) media_ports: Option<String>,
+    pub(super) advertise: Option<String>,
     pub(super) call_idle: Option<String>,
     pub(super) calls_per_peer: Option<usize>,
     pub(super) suites: Option<Vec<String>>,

@@ -1,6 +1,7 @@
 //! `[sip]`: where the relay listens for calls, its media address, call limits, cipher
 //! suites, and the limits against abuse of the SIP port ([`SipLimits`]).
 
+use super::nat::{Advertise, PortRange};
 use super::raw::RawSip;
 use super::values::parse_duration;
 use super::{ConfigError, Errors, socket};
@@ -18,6 +19,10 @@ pub const DEFAULT_CALLS_PER_PEER: usize = 16;
 pub struct SipSection {
     pub listen: SocketAddr,
     pub media_ip: IpAddr,
+    /// `sip.media_ports`: the ports media listeners may take (None: any free port).
+    pub media_ports: Option<PortRange>,
+    /// `sip.advertise`: the address put on the wire when it differs from the bound one (NAT).
+    pub advertise: Option<Advertise>,
     pub call_idle: Duration,
     /// Calls placed at once to one peer when mail is waiting (each reused for many messages).
     pub calls_per_peer: usize,
@@ -77,6 +82,16 @@ pub(super) fn parse_sip(raw: &RawSip, e: Errors<'_>) -> Result<SipSection, Confi
             format!("\"{}\" is not an IP address", raw.media),
         )
     })?;
+    let media_ports = raw
+        .media_ports
+        .as_deref()
+        .map(|t| PortRange::parse(t).map_err(|m| e.bad("sip.media_ports", m)))
+        .transpose()?;
+    let advertise = raw
+        .advertise
+        .as_deref()
+        .map(|t| Advertise::parse(t).map_err(|m| e.bad("sip.advertise", m)))
+        .transpose()?;
     let call_idle = match &raw.call_idle {
         None => DEFAULT_CALL_IDLE,
         Some(s) => parse_duration(s).map_err(|m| e.bad("sip.call_idle", m))?,
@@ -93,6 +108,8 @@ pub(super) fn parse_sip(raw: &RawSip, e: Errors<'_>) -> Result<SipSection, Confi
     Ok(SipSection {
         listen,
         media_ip,
+        media_ports,
+        advertise,
         call_idle,
         calls_per_peer,
         suites,

@@ -342,3 +342,48 @@ fn metrics_is_off_by_default_and_loopback_unless_allowed() {
     let e = Config::parse("a.toml", &missing).unwrap_err().to_string();
     assert!(e.contains("listen"), "{e}");
 }
+
+#[test]
+fn media_ports_and_advertise_parse_and_bad_ones_name_the_key() {
+    let with = |lines: &str| {
+        GOOD.replace(
+            "media = \"127.0.0.1\"\n",
+            &format!("media = \"127.0.0.1\"\n{lines}\n"),
+        )
+    };
+    let c = Config::parse("a.toml", GOOD).unwrap();
+    assert_eq!((c.media_ports, c.advertise), (None, None));
+    let c = Config::parse(
+        "a.toml",
+        &with("media_ports = \"40000-40100\"\nadvertise = \"203.0.113.5\""),
+    )
+    .unwrap();
+    assert_eq!(
+        c.media_ports,
+        Some(PortRange {
+            first: 40000,
+            last: 40100
+        })
+    );
+    let adv = c.advertise.unwrap();
+    assert_eq!(adv.sip_addr(c.sip_listen).to_string(), "203.0.113.5:5060");
+    let c = Config::parse("a.toml", &with("advertise = \"[2001:db8::5]:5070\"")).unwrap();
+    assert_eq!(
+        c.advertise.unwrap().sip_addr(c.sip_listen).to_string(),
+        "[2001:db8::5]:5070"
+    );
+    for (line, key) in [
+        ("media_ports = \"40100-40000\"", "sip.media_ports"),
+        ("media_ports = \"0-10\"", "sip.media_ports"),
+        ("media_ports = \"40000\"", "sip.media_ports"),
+        ("media_ports = \"40000-70000\"", "sip.media_ports"),
+        ("advertise = \"nat.example\"", "sip.advertise"),
+        ("advertise = \"0.0.0.0\"", "sip.advertise"),
+        ("advertise = \"203.0.113.5:0\"", "sip.advertise"),
+    ] {
+        let e = Config::parse("a.toml", &with(line))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(key), "{line}: {e}");
+    }
+}

@@ -61,6 +61,17 @@ impl Refusal {
         Refusal::new(500, "Server Internal Error", warning, log)
     }
 
+    /// Every port of `sip.media_ports` is taken: `503`, the caller may try again later
+    /// (or another relay of ours).
+    pub fn no_media_port(log: String) -> Self {
+        Refusal::new(
+            503,
+            "Service Unavailable",
+            "no free media port in sip.media_ports",
+            log,
+        )
+    }
+
     /// Another call already uses this Call-ID.
     pub fn call_id_in_use() -> Self {
         Refusal::new(

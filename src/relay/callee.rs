@@ -8,6 +8,7 @@ use super::dialog::{self, Dialog, InDialog, Others};
 use super::events::RelayEvent;
 use super::inbound::{Origin, SpoolBackend};
 use super::keys::KeyState;
+use super::mediaport::{self, MediaPortError};
 use super::sipvocab::warn_response;
 use super::site::Site;
 use super::trust::{self, ContinuityDecision, HoldReason, PinCheck};
@@ -145,14 +146,20 @@ async fn answer(
             .call_failed(peer_domain, Direction::Incoming, f)
     };
     tracing::Span::current().record("peer", admitted.domain.as_str());
-    let media = match TcpListener::bind(SocketAddr::new(site.media_ip, 0)).await {
+    let media = match mediaport::bind(site.media_ip, site.media_ports).await {
         Ok(l) => l,
         Err(e) => {
-            let r = Refusal::internal("no media port", format!("cannot open a media port: {e}"));
+            let r = match e {
+                MediaPortError::Busy(_) => Refusal::no_media_port(e.to_string()),
+                MediaPortError::Io { .. } => Refusal::internal("no media port", e.to_string()),
+            };
             return Err(refuse(shared, peer_domain, &inc, r).await);
         }
     };
-    let media_addr = media.local_addr().map_err(|e| e.to_string())?;
+    // Bound on `sip.media`; announced (and signed) at `sip.advertise` behind a NAT, whose
+    // forwarding must keep the port.
+    let bound = media.local_addr().map_err(|e| e.to_string())?;
+    let media_addr = SocketAddr::new(site.public_media_ip, bound.port());
     let (signer, verifier) = ks.auth_for(&admitted.peer, &admitted.offer.key_packet);
     let prepared = prepare(
         shared,

@@ -213,7 +213,7 @@ async fn place_call(
         .headers
         .push("User-Agent", concat!("sipmail/", env!("CARGO_PKG_VERSION")));
     invite.headers.push("Content-Type", "application/sdp");
-    invite.body = sdp::encode_offer(caller.offer(), session_id, site.media_ip);
+    invite.body = sdp::encode_offer(caller.offer(), session_id, site.public_media_ip);
 
     tracing::debug!(%call_id, peer = %peer.domain, %target, "INVITE");
     let resp = shared

@@ -73,7 +73,7 @@ impl Listeners {
 /// The SIP side: the endpoint, the calls in progress, and the gates of our own calls.
 pub(crate) struct SipState {
     pub endpoint: Endpoint,
-    /// Our SIP address (for Contact).
+    /// Our SIP address for Contact: `sip.advertise` behind a NAT, else the bound one.
     pub addr: SocketAddr,
     /// In-dialog requests go to their call's task through these (by Call-ID).
     pub dialogs: Mutex<HashMap<String, mpsc::Sender<Incoming>>>,

@@ -98,6 +98,7 @@ pub async fn start(cfg: Config, shutdown: Shutdown, hooks: Hooks) -> Result<Runn
         tcp_idle_timeout: limits.tcp_idle,
         tcp_message_timeout: limits.tcp_half_open,
         trusted: trusted.clone(),
+        sent_by: cfg.advertise.map(|a| a.sip_addr(cfg.sip_listen)),
         ..EndpointConfig::default()
     };
     let pending = PendingTable {
@@ -151,7 +152,7 @@ pub async fn start(cfg: Config, shutdown: Shutdown, hooks: Hooks) -> Result<Runn
         settings: Arc::new(Live::new(settings)),
         sip: SipState {
             endpoint,
-            addr: sip_addr,
+            addr: cfg.advertise.map_or(sip_addr, |a| a.sip_addr(sip_addr)),
             dialogs: Mutex::new(HashMap::new()),
             pending: Mutex::new(pending),
             call_setup: Mutex::new(HashMap::new()),
@@ -174,6 +175,7 @@ pub async fn start(cfg: Config, shutdown: Shutdown, hooks: Hooks) -> Result<Runn
         domain = %ctx.settings().site.domain,
         smtp = %smtp_addr,
         sip = %sip_addr,
+        contact = %ctx.sip.addr,
         metrics = %metrics_addr.map_or_else(|| "off".to_string(), |a| a.to_string()),
         fingerprint = %ctx.keys().own_fpr_hex,
         peers = ctx.settings().site.peers.len(),

@@ -35,6 +35,7 @@ mod jobs;
 mod keys;
 mod keywatch;
 mod local;
+mod mediaport;
 mod outcome;
 mod reload;
 mod schedule;

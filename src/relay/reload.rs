@@ -131,6 +131,19 @@ pub(crate) fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
         old.media_ip.to_string(),
         new.media_ip.to_string(),
     );
+    // Contact, Via and the endpoint take them at start; a NAT's forwarding is set up for
+    // one range, so a change is a restart anyway.
+    let opt = |o: Option<String>| o.unwrap_or_else(|| "unset".to_string());
+    check(
+        "sip.media_ports",
+        opt(old.media_ports.map(|r| r.to_string())),
+        opt(new.media_ports.map(|r| r.to_string())),
+    );
+    check(
+        "sip.advertise",
+        opt(old.advertise.map(|a| a.to_string())),
+        opt(new.advertise.map(|a| a.to_string())),
+    );
     check(
         "sip.calls_per_peer",
         old.calls_per_peer.to_string(),
@@ -293,7 +306,8 @@ mod tests {
             &format!(
                 "[relay]\ndomain = \"z.test\"\nkeyring = \"k\"\nspool = \"s2\"\n\
                  [smtp]\nlisten = \"127.0.0.1:2526\"\n\
-                 [sip]\nlisten = \"127.0.0.1:5070\"\nmedia = \"127.0.0.1\"\ninvite_rate = 3\n{B}"
+                 [sip]\nlisten = \"127.0.0.1:5070\"\nmedia = \"127.0.0.1\"\ninvite_rate = 3\n\
+                 media_ports = \"40000-40100\"\nadvertise = \"203.0.113.5\"\n{B}"
             ),
         )
         .unwrap();
@@ -304,6 +318,8 @@ mod tests {
             "smtp.listen changed from 127.0.0.1:2525 to 127.0.0.1:2526",
             "sip.listen changed from 127.0.0.1:5060 to 127.0.0.1:5070",
             "sip.invite_rate changed",
+            "sip.media_ports changed from unset to 40000-40100",
+            "sip.advertise changed from unset to 203.0.113.5",
             // The spool moved, so did the default Maildir under it.
             "delivery changed",
         ] {

@@ -668,6 +668,8 @@ mod tests {
             peers: Vec::new(),
             suites: Vec::new(),
             media_ip: std::net::Ipv4Addr::LOCALHOST.into(),
+            media_ports: None,
+            public_media_ip: std::net::Ipv4Addr::LOCALHOST.into(),
             call_records: None,
         }
     }

@@ -1,7 +1,7 @@
 //! Who we are and who our partners are: the part of the config every call and every
 //! message needs, read-only for the daemon's life. Also where mail for an address goes.
 
-use crate::config::{Config, Peer};
+use crate::config::{Config, Peer, PortRange};
 use crate::handshake::Suite;
 use crate::queue::Route;
 use std::net::IpAddr;
@@ -17,8 +17,13 @@ pub(crate) struct Site {
     pub peers: Vec<Peer>,
     /// Media cipher suites we offer and accept, in our order of preference.
     pub suites: Vec<Suite>,
-    /// The address our media sockets bind to and our offers announce.
+    /// The address our media sockets bind to.
     pub media_ip: IpAddr,
+    /// The ports our media listeners may take (None: any).
+    pub media_ports: Option<PortRange>,
+    /// The address our offers and answers announce (and sign): `sip.advertise`'s IP
+    /// behind a NAT, else `media_ip`.
+    pub public_media_ip: IpAddr,
     /// Where each signed call's audit record goes (None: not recorded).
     pub call_records: Option<PathBuf>,
 }
@@ -31,6 +36,8 @@ impl Site {
             peers: cfg.peers.clone(),
             suites: cfg.suites.clone(),
             media_ip: cfg.media_ip,
+            media_ports: cfg.media_ports,
+            public_media_ip: cfg.advertise.map_or(cfg.media_ip, |a| a.ip),
             call_records: cfg.call_records.clone(),
         }
     }

@@ -80,6 +80,8 @@ pub struct EndpointConfig {
     pub tcp_message_timeout: Duration,
     /// Retry-After (seconds) in 503 answers given because of overload.
     pub retry_after: u32,
+    /// The sent-by of our Via when it is not the bound address (behind a NAT).
+    pub sent_by: Option<SocketAddr>,
 }
 
 impl Default for EndpointConfig {
@@ -101,6 +103,7 @@ impl Default for EndpointConfig {
             max_tcp_per_source: 16,
             tcp_message_timeout: Duration::from_secs(10),
             retry_after: 5,
+            sent_by: None,
         }
     }
 }
@@ -453,8 +456,10 @@ impl Inner {
     ) -> (Request, Vec<u8>, Transport) {
         let build = |t: Transport| {
             let mut r = req.clone();
-            r.headers
-                .prepend("Via", Via::new(t.as_str(), self.local, branch).to_string());
+            r.headers.prepend(
+                "Via",
+                Via::new(t.as_str(), self.cfg.sent_by.unwrap_or(self.local), branch).to_string(),
+            );
             let b = r.to_bytes();
             (r, b)
         };
