@@ -18,6 +18,8 @@ echo "== integration/postfix-chain.sh (Postfix A -> sipmail A -> sipmail B -> Po
 integration/postfix-chain.sh
 echo "== integration/prometheus.sh (a real Prometheus scrapes two daemons: the figures match the mail sent and the failed call; /healthz, /readyz 503 on an unwritable spool)"
 integration/prometheus.sh
+echo "== integration/nat.sh (relays in two network namespaces joined through a NAT: sip.advertise + sip.media_ports get the mail through, either missing does not; needs root)"
+integration/nat.sh
 echo "== integration/sipp.sh (SIPp against two daemons over UDP and TCP: OPTIONS, a phone's INVITE, a 1,000/s INVITE flood while mail flows; tshark)"
 integration/sipp.sh
 echo "== fuzz smoke (stable Rust, four targets, fixed seed and inputs, about 30 s; docs/FUZZING.md)"
