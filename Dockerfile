@@ -25,7 +25,7 @@ COPY contrib/docker/sipmail.toml.in /etc/sipmail/sipmail.toml.in
 USER sipmail
 WORKDIR /var/lib/sipmail
 # SMTP from the site's MTA; SIP (UDP and TCP) from partners. Media ports are picked per call.
-EXPOSE 2525 5060 5060/udp
+EXPOSE 2525 5060 5060/udp 40000-40100
 # A real SMTP greeting from the listener, not just "the process exists".
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
     CMD ["/usr/local/bin/sipmail-docker", "healthcheck"]

@@ -862,3 +862,45 @@ async fn in_dialog_requests_are_delivered_when_new_requests_filled_the_queue() {
     assert_eq!((invites, byes), (3, 20));
     b.shutdown().await;
 }
+
+/// Behind a NAT (`sip.advertise`) our Via names the advertised address, not the bound one;
+/// the answer still comes back, on the path the request came in on (the NAT's mapping).
+#[tokio::test]
+async fn an_advertised_sent_by_goes_into_the_via_and_answers_still_arrive() {
+    let advertised: SocketAddr = "203.0.113.5:5999".parse().unwrap();
+    let (a, _arx) = Endpoint::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        EndpointConfig {
+            sent_by: Some(advertised),
+            ..cfg(50)
+        },
+    )
+    .await
+    .unwrap();
+    let (b, mut brx) = endpoint(50).await;
+    let server = tokio::spawn(async move {
+        let inc = brx.recv().await.unwrap();
+        let via = inc.request.headers.top_via().unwrap();
+        inc.respond(Response::for_request(&inc.request, 200, "OK"))
+            .await
+            .unwrap();
+        via
+    });
+    let mut r = invite(b.local_addr(), b"");
+    r.method = Method::Options;
+    r.headers.set("CSeq", "1 OPTIONS");
+    let resp = timeout(
+        Duration::from_secs(5),
+        a.request(r, b.local_addr(), Transport::Udp),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(resp.status, 200);
+    let via = server.await.unwrap();
+    assert_eq!(
+        (via.host.as_str(), via.port),
+        ("203.0.113.5", Some(5999)),
+        "{via:?}"
+    );
+}
