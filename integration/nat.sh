@@ -13,6 +13,7 @@
 #      through a signed call.
 #   2. no sip.advertise: B signs its private address, A cannot reach it, nothing arrives.
 #   3. advertise but no media_ports: B's media port is not forwarded, nothing arrives.
+#   4. media_ports all in use: B refuses the call with 503 and logs why.
 # Needs root and `ip netns`; skipped with a message otherwise. All namespaces and
 # interfaces carry a per-run prefix and are removed on exit (the veths go with them).
 set -euo pipefail
@@ -155,7 +156,7 @@ PY
     for _ in $(seq 200); do
         if grep -qs "$mark-BODY" run/b-maildir/new/* 2>/dev/null; then got=1; break; fi
         # A failed call is logged once; give the failure cases ~25 s to be sure.
-        [ "$expect" = fail ] && [ $((SECONDS - start)) -ge 25 ] && break
+        [ "$expect" != deliver ] && [ $((SECONDS - start)) -ge 25 ] && break
         sleep 0.2
     done
     if [ "$expect" = deliver ]; then
@@ -167,6 +168,13 @@ PY
         grep -h "relay started" run/b.log | sed 's/^/   B: /'
         # The caller connected to the advertised (signed) address, not B's private one.
         if grep -q "$PRIV_B:400" run/a.log; then fail "run $name: A's log names B's private media address"; fi
+    elif [ "$expect" = busy ]; then
+        [ "$got" = 0 ] || fail "run $name: the message arrived although every media port was taken"
+        grep -q "no free media port in sip.media_ports" run/b.log || fail "run $name: B did not log the full media port range"
+        grep -q "503" run/a.log || fail "run $name: A did not see B's 503"
+        echo "   refused (as expected):"
+        grep -h "no free media port" run/b.log | head -1 | sed 's/^/   B: /'
+        grep -h "503" run/a.log | head -1 | sed 's/^/   A: /'
     else
         [ "$got" = 0 ] || fail "run $name: the message arrived although B's setup cannot work through the NAT"
         echo "   not delivered (as expected); A says:"
@@ -180,4 +188,11 @@ run advertised 'media_ports = "40000-40009"
 advertise = "203.0.113.5"' deliver
 run no-advertise 'media_ports = "40000-40009"' fail
 run no-media-ports 'advertise = "203.0.113.5"' fail
-echo "== nat.sh: passed (delivered through the NAT with sip.advertise + sip.media_ports; not without either)"
+# 4. Every port of the range taken (one port, held by another listener in B's namespace):
+#    B refuses the call with 503 and says why.
+ip netns exec "$NB" python3 -c "import socket,time; s=socket.socket(); s.bind(('$PRIV_B', 40000)); s.listen(); time.sleep(120)" &
+PIDS+=($!)
+sleep 0.5
+run ports-busy 'media_ports = "40000-40000"
+advertise = "203.0.113.5"' busy
+echo "== nat.sh: passed (delivered through the NAT with sip.advertise + sip.media_ports; not without either; 503 when the range is full)"
