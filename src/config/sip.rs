@@ -92,6 +92,15 @@ pub(super) fn parse_sip(raw: &RawSip, e: Errors<'_>) -> Result<SipSection, Confi
         .as_deref()
         .map(|t| Advertise::parse(t).map_err(|m| e.bad("sip.advertise", m)))
         .transpose()?;
+    if let Some(a) = advertise
+        && a.sip_port.is_none()
+        && listen.port() == 0
+    {
+        return Err(e.bad(
+            "sip.advertise",
+            format!("\"{a}\" needs a port: sip.listen's port is 0 (picked at start)"),
+        ));
+    }
     let call_idle = match &raw.call_idle {
         None => DEFAULT_CALL_IDLE,
         Some(s) => parse_duration(s).map_err(|m| e.bad("sip.call_idle", m))?,

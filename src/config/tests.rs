@@ -386,4 +386,18 @@ fn media_ports_and_advertise_parse_and_bad_ones_name_the_key() {
             .to_string();
         assert!(e.contains(key), "{line}: {e}");
     }
+    // The SIP port is picked at start: advertise cannot borrow it.
+    let any_port = with("advertise = \"203.0.113.5\"").replace("127.0.0.1:5060", "127.0.0.1:0");
+    let e = Config::parse("a.toml", &any_port).unwrap_err().to_string();
+    assert!(
+        e.contains("sip.advertise") && e.contains("needs a port"),
+        "{e}"
+    );
+    assert!(
+        Config::parse(
+            "a.toml",
+            &any_port.replace("203.0.113.5\"", "203.0.113.5:5060\"")
+        )
+        .is_ok()
+    );
 }
