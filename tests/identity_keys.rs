@@ -183,13 +183,7 @@ async fn a_partner_cert_naming_two_domains_cannot_speak_for_the_other() {
     )
     .await
     .unwrap();
-    let failed = wait_event(&mut ev_evil, 20, |e| {
-        matches!(
-            e,
-            RelayEvent::CallFailed { .. } | RelayEvent::CallEstablished { .. }
-        )
-    })
-    .await;
+    let failed = wait_call_outcome(&mut ev_evil, 20).await;
     match &failed {
         Some(RelayEvent::CallFailed { reason, .. }) => {
             assert!(
@@ -285,14 +279,7 @@ async fn a_valid_cert_not_in_the_peer_fingerprints_is_refused() {
     )
     .await
     .unwrap();
-    match wait_event(&mut ev_a, 20, |e| {
-        matches!(
-            e,
-            RelayEvent::CallFailed { .. } | RelayEvent::CallEstablished { .. }
-        )
-    })
-    .await
-    {
+    match wait_call_outcome(&mut ev_a, 20).await {
         Some(RelayEvent::CallFailed { reason, .. }) => {
             assert!(reason.contains("403"), "{reason}")
         }
@@ -363,14 +350,7 @@ async fn a_revocation_imported_with_the_cli_takes_effect_in_the_running_daemon()
     )
     .await
     .unwrap();
-    match wait_event(&mut ev_a, 20, |e| {
-        matches!(
-            e,
-            RelayEvent::CallFailed { .. } | RelayEvent::CallEstablished { .. }
-        )
-    })
-    .await
-    {
+    match wait_call_outcome(&mut ev_a, 20).await {
         Some(RelayEvent::CallFailed { reason, .. }) => {
             assert!(reason.contains("403"), "{reason}")
         }
@@ -566,14 +546,7 @@ async fn sighup_makes_a_running_daemon_reload_its_keyring() {
     )
     .await
     .unwrap();
-    match wait_event(&mut ev_a, 20, |e| {
-        matches!(
-            e,
-            RelayEvent::CallFailed { .. } | RelayEvent::CallEstablished { .. }
-        )
-    })
-    .await
-    {
+    match wait_call_outcome(&mut ev_a, 20).await {
         Some(RelayEvent::CallFailed { reason, .. }) => assert!(reason.contains("403"), "{reason}"),
         other => panic!("the revoked key's call was not refused: {other:?}"),
     }

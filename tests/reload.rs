@@ -13,7 +13,7 @@
 
 mod common;
 
-use common::{init_logs, wait_event, wait_until};
+use common::{init_logs, wait_call_outcome, wait_event, wait_until};
 use sipmail::config::Config;
 use sipmail::demo::{free_port, maildir_files, make_keys, sample_message, site_config};
 use sipmail::keyring::Keyring;
@@ -324,14 +324,7 @@ async fn a_peer_added_by_reload_is_called_and_may_call() {
     )
     .await
     .unwrap();
-    match wait_event(&mut ev_c, 20, |e| {
-        matches!(
-            e,
-            RelayEvent::CallFailed { .. } | RelayEvent::CallEstablished { .. }
-        )
-    })
-    .await
-    {
+    match wait_call_outcome(&mut ev_c, 20).await {
         Some(RelayEvent::CallFailed { reason, .. }) => {
             assert!(reason.contains("403"), "C's call: {reason}")
         }
@@ -523,14 +516,7 @@ async fn a_removed_cert_refuses_the_next_call_and_queued_mail_waits() {
     )
     .await
     .unwrap();
-    match wait_event(&mut ev_b2, 20, |e| {
-        matches!(
-            e,
-            RelayEvent::CallFailed { .. } | RelayEvent::CallEstablished { .. }
-        )
-    })
-    .await
-    {
+    match wait_call_outcome(&mut ev_b2, 20).await {
         Some(RelayEvent::CallFailed { reason, .. }) => {
             assert!(reason.contains("403"), "B's call: {reason}")
         }

@@ -214,6 +214,21 @@ pub async fn wait_event(
     None
 }
 
+/// The next call outcome (failed or established), within `secs` seconds.
+pub async fn wait_call_outcome(
+    rx: &mut tokio::sync::broadcast::Receiver<sipmail::relay::RelayEvent>,
+    secs: u64,
+) -> Option<sipmail::relay::RelayEvent> {
+    use sipmail::relay::RelayEvent;
+    wait_event(rx, secs, |e| {
+        matches!(
+            e,
+            RelayEvent::CallFailed { .. } | RelayEvent::CallEstablished { .. }
+        )
+    })
+    .await
+}
+
 /// Fresh keys and the two test-bed configs, each passed through an edit of its TOML text.
 pub fn edited_configs(
     dir: &std::path::Path,
