@@ -189,9 +189,18 @@ run no-advertise 'media_ports = "40000-40009"' fail
 run no-media-ports 'advertise = "203.0.113.5"' fail
 # 4. Every port of the range taken (one port, held by another listener in B's namespace):
 #    B refuses the call with 503 and says why.
-ip netns exec "$NB" python3 -c "import socket,time; s=socket.socket(); s.bind(('$PRIV_B', 40000)); s.listen(); time.sleep(120)" &
-PIDS+=($!)
-sleep 0.5
+#    SO_REUSEADDR: the earlier runs leave 40000 in TIME_WAIT, and a plain bind would fail
+#    there while B's listener (tokio sets SO_REUSEADDR) would not: the run would then test
+#    nothing. So the blocker reuses too, and the script checks that it really holds the port.
+ip netns exec "$NB" python3 -c "import socket,time; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('$PRIV_B', 40000)); s.listen(); time.sleep(120)" &
+blocker=$!
+PIDS+=($blocker)
+for _ in $(seq 50); do
+    ip netns exec "$NB" ss -Hltn "sport = :40000" | grep -q . && break
+    kill -0 "$blocker" 2>/dev/null || fail "the blocker could not take $PRIV_B:40000 in B's namespace"
+    sleep 0.1
+done
+ip netns exec "$NB" ss -Hltn "sport = :40000" | grep -q . || fail "nothing listens on $PRIV_B:40000 after 5 s: the ports-busy run would test nothing"
 run ports-busy 'media_ports = "40000-40000"
 advertise = "203.0.113.5"' busy
 echo "== nat.sh: passed (delivered through the NAT with sip.advertise + sip.media_ports; not without either; 503 when the range is full)"
