@@ -11,6 +11,7 @@ pub mod handshake;
 pub mod keyring;
 pub mod metrics;
 pub mod queue;
+pub mod receipt;
 pub mod relay;
 pub mod sip;
 pub mod smtp;

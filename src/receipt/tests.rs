@@ -1,0 +1,328 @@
+use super::dedup::{Plan, Remembered, plan, valid_queue_id};
+use super::*;
+use crate::keyring::Keyring;
+
+fn sample() -> Receipt {
+    Receipt {
+        kind: Kind::Accepted,
+        receiver: "site-b.test".into(),
+        receiver_fingerprint: "55F3DA9977922CDDB0D20F384D28F647410368C3".into(),
+        sender: "site-a.test".into(),
+        message_sha256: "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08".into(),
+        message_size: 4,
+        message_id: Some("<1@site-a.test>".into()),
+        mail_from: "alice@site-a.test".into(),
+        rcpts: vec!["bob@site-b.test".into(), "carol@site-b.test".into()],
+        sender_queue_id: "1A23BC69D0500001DC035".into(),
+        queue_id: "1A23BC69D0D000039B59B".into(),
+        committed_unix_ms: 1_764_763_201_806,
+        call_id: "e79504c23c711be343cd5cb727d01575@site-a.test".into(),
+        transcript_sha256: "d17f79417ce55ce295483ee78c752bbdee9a95b9e2f8663031b3c3f05fa47dfe"
+            .into(),
+        handoffs: vec![],
+    }
+}
+
+/// The canonical text, byte for byte (this is the vector in docs/PROTOCOL.md).
+#[test]
+fn canonical_text_is_exact() {
+    let want = "sipmail-receipt/1\n\
+kind: accepted\n\
+receiver: site-b.test\n\
+receiver-fingerprint: 55F3DA9977922CDDB0D20F384D28F647410368C3\n\
+sender: site-a.test\n\
+message-sha256: 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\n\
+message-size: 4\n\
+message-id: <1@site-a.test>\n\
+mail-from: <alice@site-a.test>\n\
+rcpt: <bob@site-b.test>\n\
+rcpt: <carol@site-b.test>\n\
+sender-queue-id: 1A23BC69D0500001DC035\n\
+queue-id: 1A23BC69D0D000039B59B\n\
+committed-at: 2025-12-03T12:00:01Z\n\
+committed-unix-ms: 1764763201806\n\
+call-id: e79504c23c711be343cd5cb727d01575@site-a.test\n\
+transcript-sha256: d17f79417ce55ce295483ee78c752bbdee9a95b9e2f8663031b3c3f05fa47dfe\n";
+    assert_eq!(String::from_utf8(sample().encode()).unwrap(), want);
+    assert_eq!(Receipt::parse(want.as_bytes()).unwrap(), sample());
+    assert_eq!(
+        sample().digest(),
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(want.as_bytes()))
+    );
+}
+
+#[test]
+fn round_trips_every_shape() {
+    let mut r = sample();
+    r.message_id = None;
+    r.mail_from = String::new();
+    assert_eq!(Receipt::parse(&r.encode()).unwrap(), r);
+    assert!(
+        String::from_utf8(r.encode())
+            .unwrap()
+            .contains("mail-from: <>\n")
+    );
+
+    let mut d = sample();
+    d.kind = Kind::Delivered;
+    d.handoffs = vec![
+        Handoff {
+            rcpt: "bob@site-b.test".into(),
+            at_unix_ms: 1_764_763_202_000,
+            to: "maildir 1764763202.M1P2Q3.site-b.test".into(),
+        },
+        Handoff {
+            rcpt: "carol@site-b.test".into(),
+            at_unix_ms: 1_764_763_203_000,
+            to: "smtp 250 2.0.0 Ok: queued as 4XyZ ".into(),
+        },
+    ];
+    let t = d.encode();
+    assert!(
+        String::from_utf8(t.clone())
+            .unwrap()
+            .contains("delivered-to: smtp 250 2.0.0 Ok: queued as 4XyZ%20\n")
+    );
+    assert_eq!(Receipt::parse(&t).unwrap(), d);
+}
+
+/// A value cannot add a line or a field: a Message-ID (peer-controlled) with CR LF and a
+/// fake field, and a non-ASCII address, are escaped and come back byte for byte.
+#[test]
+fn values_cannot_inject_fields() {
+    let mut r = sample();
+    r.message_id = Some("<x@y>\r\nqueue-id: FORGED".into());
+    r.rcpts = vec!["jörg@site-b.test".into()];
+    let t = String::from_utf8(r.encode()).unwrap();
+    assert!(
+        t.contains("message-id: <x@y>%0D%0Aqueue-id: FORGED\n"),
+        "{t}"
+    );
+    assert_eq!(
+        t.lines().filter(|l| l.starts_with("queue-id:")).count(),
+        1,
+        "{t}"
+    );
+    assert!(t.contains("rcpt: <j%C3%B6rg@site-b.test>\n"));
+    assert_eq!(Receipt::parse(t.as_bytes()).unwrap(), r);
+}
+
+/// Every other spelling of the same receipt is refused.
+#[test]
+fn other_spellings_are_refused() {
+    let good = String::from_utf8(sample().encode()).unwrap();
+    let cases = [
+        good.replace("sipmail-receipt/1\n", "sipmail-receipt/2\n"),
+        good.replace("message-size: 4\n", "message-size: 04\n"),
+        good.replace(
+            "committed-at: 2025-12-03T12:00:01Z",
+            "committed-at: 2025-12-03T12:00:02Z",
+        ),
+        good.replace("sender: site-a.test", "sender: site%2Da.test"),
+        good.replace("\n", "\r\n"),
+        good.trim_end_matches('\n').to_string(),
+        format!("{good}extra: 1\n"),
+        good.replace("kind: accepted", "kind: maybe"),
+        good.replace("rcpt: <bob@site-b.test>\nrcpt: <carol@site-b.test>\n", ""),
+        good.replace("call-id: ", "call-id:"),
+        good.replace(
+            "mail-from: <alice@site-a.test>",
+            "mail-from: alice@site-a.test",
+        ),
+    ];
+    for (i, c) in cases.iter().enumerate() {
+        let e = Receipt::parse(c.as_bytes()).unwrap_err();
+        assert!(matches!(e, ReceiptError::Malformed(_)), "case {i}: {e}");
+    }
+    // Fields out of order.
+    let swapped = good.replace(
+        "receiver: site-b.test\nreceiver-fingerprint: 55F3DA9977922CDDB0D20F384D28F647410368C3\n",
+        "receiver-fingerprint: 55F3DA9977922CDDB0D20F384D28F647410368C3\nreceiver: site-b.test\n",
+    );
+    assert!(Receipt::parse(swapped.as_bytes()).is_err());
+}
+
+fn expectations<'a>(rcpts: &'a [String], calls: &'a [CallRef<'a>]) -> AcceptedExpectations<'a> {
+    AcceptedExpectations {
+        receiver: "site-b.test",
+        receiver_fingerprint: "55F3DA9977922CDDB0D20F384D28F647410368C3",
+        sender: "site-a.test",
+        message_sha256: "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+        message_size: 4,
+        sender_queue_id: "1A23BC69D0500001DC035",
+        mail_from: "alice@site-a.test",
+        rcpts,
+        calls,
+    }
+}
+
+#[test]
+fn check_binds_message_call_and_key() {
+    let rcpts = vec![
+        "bob@site-b.test".to_string(),
+        "carol@SITE-B.test".to_string(),
+    ];
+    let calls = [
+        CallRef {
+            call_id: "earlier@site-a.test",
+            transcript_sha256: "00",
+        },
+        CallRef {
+            call_id: "e79504c23c711be343cd5cb727d01575@site-a.test",
+            transcript_sha256: "d17f79417ce55ce295483ee78c752bbdee9a95b9e2f8663031b3c3f05fa47dfe",
+        },
+    ];
+    let exp = expectations(&rcpts, &calls);
+    assert_eq!(
+        check_accepted(&sample(), &exp).unwrap(),
+        vec!["bob@site-b.test", "carol@SITE-B.test"]
+    );
+
+    type Edit = fn(&mut Receipt);
+    let wrong: [(&str, Edit); 10] = [
+        ("delivered kind", |r| r.kind = Kind::Delivered),
+        ("other key", |r| {
+            r.receiver_fingerprint = "C8D7E6B6BB3471263FD319A6DB0FDB867EC88F26".into()
+        }),
+        ("other receiver", |r| r.receiver = "site-c.test".into()),
+        ("other sender", |r| r.sender = "site-c.test".into()),
+        ("other queue id", |r| {
+            r.sender_queue_id = "1A23BC69D0500001DC036".into()
+        }),
+        ("other body", |r| {
+            r.message_sha256 =
+                "0f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08".into()
+        }),
+        ("other size", |r| r.message_size = 5),
+        ("other envelope sender", |r| {
+            r.mail_from = "mallory@site-a.test".into()
+        }),
+        ("a call never placed", |r| {
+            r.call_id = "replayed@site-a.test".into()
+        }),
+        ("right call, wrong transcript", |r| {
+            r.transcript_sha256 =
+                "e17f79417ce55ce295483ee78c752bbdee9a95b9e2f8663031b3c3f05fa47dfe".into()
+        }),
+    ];
+    for (what, edit) in wrong {
+        let mut r = sample();
+        edit(&mut r);
+        assert!(check_accepted(&r, &exp).is_err(), "{what} was accepted");
+    }
+    // Covering none of the recipients sent now.
+    let mut r = sample();
+    r.rcpts = vec!["dave@site-b.test".into()];
+    assert!(matches!(
+        check_accepted(&r, &exp),
+        Err(ReceiptError::Mismatch(_))
+    ));
+    // Covering more than sent now (the original receipt of a resend): only ours count.
+    let only_bob = vec!["bob@site-b.test".to_string()];
+    assert_eq!(
+        check_accepted(&sample(), &expectations(&only_bob, &calls)).unwrap(),
+        vec!["bob@site-b.test"]
+    );
+}
+
+/// Real keys: a receipt signed by site B verifies at A; one changed byte, a receipt
+/// signed by another key, and a receipt claiming another signer all fail.
+#[test]
+fn signed_receipts_verify_and_tampering_fails() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (da, db, dc) = (
+        tmp.path().join("a"),
+        tmp.path().join("b"),
+        tmp.path().join("c"),
+    );
+    Keyring::generate(&da, "site-a.test").unwrap();
+    let b_info = Keyring::generate(&db, "site-b.test").unwrap();
+    Keyring::generate(&dc, "site-c.test").unwrap();
+    let b = Keyring::open(&db).unwrap();
+    let c = Keyring::open(&dc).unwrap();
+    Keyring::import(&da, b.export_public().unwrap().as_bytes()).unwrap();
+    Keyring::import(&da, c.export_public().unwrap().as_bytes()).unwrap();
+    let a = Keyring::open(&da).unwrap();
+    let b_fpr = b_info.fingerprint.clone();
+
+    let mut r = sample();
+    r.receiver_fingerprint = b_fpr.clone();
+    let (text, sig) = sign(&b, &r).unwrap();
+    assert_eq!(verify(&a, "site-b.test", &b_fpr, &text, &sig).unwrap(), r);
+
+    // Any signed byte changed (here: each byte of the size field's value in turn).
+    let at = text
+        .windows(15)
+        .position(|w| w == b"message-size: 4")
+        .unwrap()
+        + 14;
+    let mut t = text.clone();
+    t[at] = b'5';
+    assert!(matches!(
+        verify(&a, "site-b.test", &b_fpr, &t, &sig),
+        Err(ReceiptError::BadSignature(_))
+    ));
+    // Signed by C's key but claiming B's fingerprint.
+    let (_, sig_c) = sign(&c, &r).unwrap();
+    assert!(matches!(
+        verify(&a, "site-b.test", &b_fpr, &text, &sig_c),
+        Err(ReceiptError::BadSignature(_))
+    ));
+    // A good receipt from C, presented as B's.
+    let mut rc = sample();
+    rc.receiver = "site-c.test".into();
+    rc.receiver_fingerprint = c.own_fingerprint().unwrap();
+    let (tc, sc) = sign(&c, &rc).unwrap();
+    assert!(verify(&a, "site-b.test", &b_fpr, &tc, &sc).is_err());
+    // The same, naming B's fingerprint but signed by C.
+    rc.receiver_fingerprint = b_fpr.clone();
+    let (tc, sc) = sign(&c, &rc).unwrap();
+    assert!(verify(&a, "site-c.test", &c.own_fingerprint().unwrap(), &tc, &sc).is_err());
+    assert!(verify(&a, "site-b.test", &b_fpr, &tc, &sc).is_err());
+}
+
+#[test]
+fn dedup_plan_splits_seen_and_new() {
+    let rem = vec![
+        Remembered {
+            rcpt: "bob@site-b.test".into(),
+            receipt_digest: "d1".into(),
+        },
+        Remembered {
+            rcpt: "carol@site-b.test".into(),
+            receipt_digest: "d1".into(),
+        },
+    ];
+    assert_eq!(
+        plan(
+            &["bob@SITE-B.test".into(), "carol@site-b.test".into()],
+            &rem
+        ),
+        Plan {
+            new_rcpts: vec![],
+            prior_receipts: vec!["d1".into()]
+        }
+    );
+    assert_eq!(
+        plan(&["Bob@site-b.test".into(), "dave@site-b.test".into()], &rem),
+        Plan {
+            new_rcpts: vec!["Bob@site-b.test".into(), "dave@site-b.test".into()],
+            prior_receipts: vec![]
+        }
+    );
+    assert!(valid_queue_id("1A23BC69D0500001DC035"));
+    assert!(!valid_queue_id("../x"));
+    assert!(!valid_queue_id(""));
+    assert!(!valid_queue_id(&"A".repeat(65)));
+    let k1 = DedupKey::new("Site-A.test", "Q1", "AB");
+    assert_eq!(k1, DedupKey::new("site-a.test", "Q1", "ab"));
+    assert_ne!(
+        k1.file_name(),
+        DedupKey::new("site-c.test", "Q1", "ab").file_name()
+    );
+    assert_ne!(
+        k1.file_name(),
+        DedupKey::new("site-a.test", "Q1", "ac").file_name()
+    );
+    assert_eq!(k1.file_name().len(), 64);
+}
