@@ -110,6 +110,9 @@ computed.update({
     "psk_rs_next": k["rs_next"].hex(),
 })
 doc = (pathlib.Path(__file__).resolve().parent.parent / "docs" / "PROTOCOL.md").read_text()
+# The receipt vector: SHA-256 of the document block under "### Receipt document".
+_blk = re.search(r"### Receipt document.*?```text\n(.*?)```", doc, re.S)
+computed["receipt_sha256"] = hashlib.sha256(_blk.group(1).encode()).hexdigest() if _blk else "missing"
 bad = 0
 if "--print" in sys.argv:
     for name, value in computed.items():

@@ -47,7 +47,7 @@ transcript-sha256: d17f79417ce55ce295483ee78c752bbdee9a95b9e2f8663031b3c3f05fa47
     assert_eq!(Receipt::parse(want.as_bytes()).unwrap(), sample());
     assert_eq!(
         sample().digest(),
-        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(want.as_bytes()))
+        "b09a0c90e79f5c0e4442017169f81c0d8b9aad8b4483d2c37407fa993b490877"
     );
 }
 
