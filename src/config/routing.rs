@@ -426,8 +426,10 @@ via = "local"
         // The longest parent wins, at any depth.
         assert_eq!(d("a.example.com"), Ok(hop("10.0.0.1", 2525)));
         assert_eq!(d("x.y.a.example.com"), Ok(hop("10.0.0.1", 2525)));
-        assert_eq!(d("b.example.com"), Err("Not here".into()));
-        assert_eq!(d("deep.b.example.com"), Err("Not here".into()));
+        assert_eq!(d("x.b.example.com"), Err("Not here".into()));
+        assert_eq!(d("deep.x.b.example.com"), Err("Not here".into()));
+        // `.b.example.com` covers b.example.com's subdomains, not b.example.com itself.
+        assert_eq!(d("b.example.com"), Ok(hop("10.0.0.1", 2525)));
         // Suffix, not label: "notexample.com" is no subdomain of example.com.
         assert_eq!(d("notexample.com"), Ok(hop("smarthost.example", 25)));
         assert_eq!(d("elsewhere.example"), Ok(hop("smarthost.example", 25)));
@@ -502,7 +504,7 @@ via = "local"
             ("[[route]]\ndomain = \"x.test\"\nvia = \"refuse\"\n[[route]]\ndomain = \"X.test\"\nvia = \"local\"\n", "route[1].domain", "already routed by route[0]"),
             ("[[route]]\ndomain = \"site-a.test\"\nvia = \"smtp:[mx.test]\"\n", "route[0].via", "relay.domain"),
             ("[[route]]\ndomain = \"x.test\"\n", "route", "via"),
-            ("[[route]]\ndomain = \"x.test\"\nvia = \"local\"\nvai = \"local\"\n", "route", "vai"),
+            ("[[route]]\ndomain = \"x.test\"\nvia = \"local\"\nvai = \"local\"\n", "vai", "unknown field"),
             ("[routing]\ndefault = \"local\"\n", "routing.default", "every domain from anyone"),
             ("[routing]\ndefault = \"peer\"\n", "routing.default", "peer:DOMAIN"),
             ("[routing]\ndefault = \"dns\"\n", "routing.default", "[discovery]"),

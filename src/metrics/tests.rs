@@ -9,10 +9,10 @@ fn labels_stay_bounded_and_the_exposition_has_every_family() {
     assert_eq!(m.peer_label("site-b.TEST"), "site-b.test");
     assert_eq!(m.peer_label("evil.example"), OTHER_PEER);
     m.accepted(Some("site-b.test"), 2);
-    m.accepted(None, 1);
+    m.accepted(RouteLabel::Local, 1);
     m.delivered(Some("site-b.test"));
     m.deferred(Some("site-b.test"));
-    m.bounced(None);
+    m.bounced(RouteLabel::Local);
     m.delivered(RouteLabel::NextHop("smarthost.example", 25));
     m.call_placed("site-b.test");
     m.call_failed("site-b.test", Direction::Outgoing, CallFailure::Status4xx);

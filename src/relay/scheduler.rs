@@ -675,6 +675,7 @@ mod tests {
             media_ports: None,
             public_media_ip: std::net::Ipv4Addr::LOCALHOST.into(),
             call_records: None,
+            routing: Default::default(),
         }
     }
 
