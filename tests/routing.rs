@@ -200,10 +200,9 @@ async fn default_route_delivers_to_smtp_sink() {
     let hop = addr("127.0.41.2", 41011);
     let sink = Sink::start(&dir.path().join("sink"), hop, &[]);
     let p = Ports::at(41010);
-    let extra = format!(
-        "[metrics]\nlisten = \"127.0.41.1:41014\"\n[routing]\ndefault = \"smtp:[127.0.41.2]:41011\"\n"
-    );
-    let (a, stop, cfg) = start_a(dir.path(), &p, &extra).await;
+    let extra = "[metrics]\nlisten = \"127.0.41.1:41014\"\n\
+                 [routing]\ndefault = \"smtp:[127.0.41.2]:41011\"\n";
+    let (a, stop, cfg) = start_a(dir.path(), &p, extra).await;
     let msg = message("default-route");
     let o = send_from(
         ALLOWED,
@@ -228,7 +227,10 @@ async fn default_route_delivers_to_smtp_sink() {
     assert!(m.contains("X-Mail-Args: <alice@site-a.test>"), "{m}");
     assert!(m.contains("X-Rcpt-Args: <carol@elsewhere.example>"), "{m}");
     assert!(m.contains("X-Rcpt-Args: <dave@other.example>"), "{m}");
-    assert!(m.contains("(sipmail) with ESMTP id"), "our Received line: {m}");
+    assert!(
+        m.contains("(sipmail) with ESMTP id"),
+        "our Received line: {m}"
+    );
     // The body as sent (smtp-sink writes LF line ends; the dot line un-stuffed).
     let body = String::from_utf8(msg).unwrap().replace("\r\n", "\n");
     // smtp-sink ends each dump with an empty line.
@@ -288,7 +290,10 @@ async fn per_domain_smtp_route_and_refuse_routes() {
         "550 5.7.1 Relay access denied: example.net is not a partner domain of this relay"
     );
     // An exact route covers that domain only, not its subdomains.
-    assert!(r[3].starts_with("550 5.7.1 Relay access denied: sub.example.org"), "{r:?}");
+    assert!(
+        r[3].starts_with("550 5.7.1 Relay access denied: sub.example.org"),
+        "{r:?}"
+    );
     assert!(
         eventually(20, || org
             .messages()
@@ -449,7 +454,12 @@ async fn next_hop_5xx_bounces_to_the_sender() {
     let _sink = Sink::start(
         &dir.path().join("sink"),
         hop,
-        &["-B", "550 5.1.1 Recipient address rejected: User unknown", "-f", "RCPT"],
+        &[
+            "-B",
+            "550 5.1.1 Recipient address rejected: User unknown",
+            "-f",
+            "RCPT",
+        ],
     );
     let p = Ports::at(41060);
     let (a, stop, cfg) = start_a(
@@ -596,4 +606,68 @@ async fn queued_next_hop_mail_survives_kill_9() {
     assert!(eventually(10, || queued(&spool).is_empty()).await);
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(sink.messages().len(), 1, "delivered exactly once");
+}
+
+/// The routing table is live: a reload that adds a default route lets the next session
+/// relay to it (mail refused before is accepted and delivered); changing
+/// `routing.lanes` is refused, naming it, and the table in force stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routing_table_reloads_live() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    make_keys(dir.path()).unwrap();
+    let hop = addr("127.0.41.2", 41081);
+    let sink = Sink::start(&dir.path().join("sink"), hop, &[]);
+    let p = Ports::at(41080);
+    let path = dir.path().join("a.toml");
+    std::fs::write(&path, site_a_text(dir.path(), &p, "")).unwrap();
+    let cfg = Config::load(&path).unwrap();
+    let stop = Shutdown::new();
+    let a = relay::start(cfg, stop.clone(), Hooks::default())
+        .await
+        .unwrap();
+    let before = send_from(
+        ALLOWED,
+        a.smtp_addr,
+        "alice@site-a.test",
+        &["carol@elsewhere.example"],
+        &message("reload-before"),
+    )
+    .await;
+    assert_eq!(
+        replies(&before),
+        ["550 5.7.1 Relay access denied: elsewhere.example is not a partner domain of this relay"]
+    );
+    let routed = "[routing]\ndefault = \"smtp:[127.0.41.2]:41081\"\n";
+    std::fs::write(&path, site_a_text(dir.path(), &p, routed)).unwrap();
+    let summary = a.reload().await.unwrap();
+    assert!(
+        summary.contains("routing: 0 route(s), default smtp:[127.0.41.2]:41081"),
+        "{summary}"
+    );
+    let after = send_from(
+        ALLOWED,
+        a.smtp_addr,
+        "alice@site-a.test",
+        &["carol@elsewhere.example"],
+        &message("reload-after"),
+    )
+    .await;
+    assert_eq!(after.delivered().len(), 1, "{:?}", replies(&after));
+    assert!(
+        eventually(20, || sink
+            .messages()
+            .iter()
+            .any(|m| m.contains("END-OF-reload-after")))
+        .await
+    );
+    let lanes = format!("{routed}lanes = 9\n");
+    std::fs::write(&path, site_a_text(dir.path(), &p, &lanes)).unwrap();
+    let refused = a.reload().await.unwrap_err();
+    assert!(
+        refused.contains("routing.lanes changed from 4 to 9: restart to change it"),
+        "{refused}"
+    );
+    stop.trigger();
+    a.wait().await;
 }

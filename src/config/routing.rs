@@ -159,7 +159,9 @@ impl Target {
             Target::Smtp(h) => Ok(Route::Smtp(h.clone())),
             Target::Refuse(Some(msg)) => Err(msg.clone()),
             Target::Refuse(None) => Err(match by {
-                None => format!("Relay access denied: {domain} is not a partner domain of this relay"),
+                None => {
+                    format!("Relay access denied: {domain} is not a partner domain of this relay")
+                }
                 Some(p) => format!(
                     "Relay access denied: mail for {domain} is refused by this relay's route for \"{p}\""
                 ),
@@ -191,8 +193,8 @@ pub(super) fn parse_routing(
             Pattern::Subdomains(_) => None,
         };
         let target = parse_target(&r.via, exact, peers).map_err(|m| e.bad(&key("via"), m))?;
-        let target = with_message(target, r.message.as_deref())
-            .map_err(|m| e.bad(&key("message"), m))?;
+        let target =
+            with_message(target, r.message.as_deref()).map_err(|m| e.bad(&key("message"), m))?;
         if exact == Some(own) && target != Target::Local {
             return Err(e.bad(
                 &key("via"),
@@ -217,10 +219,7 @@ pub(super) fn parse_routing(
         .map_err(|m| e.bad("routing.default_message", m))?;
     let lanes = raw.lanes.unwrap_or(DEFAULT_NEXT_HOP_LANES);
     if !(1..=256).contains(&lanes) {
-        return Err(e.bad(
-            "routing.lanes",
-            format!("{lanes} is not between 1 and 256"),
-        ));
+        return Err(e.bad("routing.lanes", format!("{lanes} is not between 1 and 256")));
     }
     Ok(Routing {
         routes: out,
@@ -383,7 +382,10 @@ sip = "sip:mail@127.0.0.1:5064"
         assert_eq!(d("site-b.test"), Ok(Route::Peer("site-b.test".into())));
         assert_eq!(
             d("elsewhere.example"),
-            Err("Relay access denied: elsewhere.example is not a partner domain of this relay".into())
+            Err(
+                "Relay access denied: elsewhere.example is not a partner domain of this relay"
+                    .into()
+            )
         );
     }
 
@@ -460,7 +462,10 @@ via = "local"
         )
         .unwrap();
         let d = |dom: &str| c.routing.decide(dom, &c.domain, &c.peers);
-        assert_eq!(d("x.test"), Err("Outbound mail goes through mx.corp".into()));
+        assert_eq!(
+            d("x.test"),
+            Err("Outbound mail goes through mx.corp".into())
+        );
         assert_eq!(
             d("spam.example"),
             Err("Relay access denied: mail for spam.example is refused by this relay's route for \"spam.example\"".into())
@@ -486,32 +491,132 @@ via = "local"
     #[test]
     fn bad_input_names_the_key() {
         let cases: &[(&str, &str, &str)] = &[
-            ("[[route]]\ndomain = \"bad domain\"\nvia = \"local\"\n", "route[0].domain", "not a domain name"),
-            ("[[route]]\ndomain = \".\"\nvia = \"local\"\n", "route[0].domain", "not a domain name"),
-            ("[[route]]\ndomain = \"x.test\"\nvia = \"smtp:x.test:25\"\n", "route[0].via", "no MX lookup"),
-            ("[[route]]\ndomain = \"x.test\"\nvia = \"smtp:[x.test]:0\"\n", "route[0].via", "port must be 1-65535"),
-            ("[[route]]\ndomain = \"x.test\"\nvia = \"smtp:[x.test]:99999\"\n", "route[0].via", "port must be 1-65535"),
-            ("[[route]]\ndomain = \"x.test\"\nvia = \"smtp:[x.test]25\"\n", "route[0].via", "port must be"),
-            ("[[route]]\ndomain = \"x.test\"\nvia = \"smtp:[bad host]:25\"\n", "route[0].via", "neither a host name"),
-            ("[[route]]\ndomain = \"x.test\"\nvia = \"smtp:[x.test\"\n", "route[0].via", "smtp:[host]:port"),
-            ("[[route]]\ndomain = \"x.test\"\nvia = \"uucp:x\"\n", "route[0].via", "is not a route"),
-            ("[[route]]\ndomain = \"x.test\"\nvia = \"peer\"\n", "route[0].via", "no [[peer]] has domain \"x.test\""),
-            ("[[route]]\ndomain = \"x.test\"\nvia = \"peer:nobody.test\"\n", "route[0].via", "no [[peer]] has domain \"nobody.test\""),
-            ("[[route]]\ndomain = \".x.test\"\nvia = \"peer\"\n", "route[0].via", "peer:DOMAIN"),
-            ("[[route]]\ndomain = \"x.test\"\nvia = \"dns\"\n", "route[0].via", "[discovery]"),
-            ("[[route]]\ndomain = \"x.test\"\nvia = \"local\"\nmessage = \"hi\"\n", "route[0].message", "only a \"refuse\""),
-            ("[[route]]\ndomain = \"x.test\"\nvia = \"refuse\"\nmessage = \"a\\r\\nb\"\n", "route[0].message", "printable ASCII"),
-            ("[[route]]\ndomain = \"x.test\"\nvia = \"refuse\"\n[[route]]\ndomain = \"X.test\"\nvia = \"local\"\n", "route[1].domain", "already routed by route[0]"),
-            ("[[route]]\ndomain = \"site-a.test\"\nvia = \"smtp:[mx.test]\"\n", "route[0].via", "relay.domain"),
+            (
+                "[[route]]\ndomain = \"bad domain\"\nvia = \"local\"\n",
+                "route[0].domain",
+                "not a domain name",
+            ),
+            (
+                "[[route]]\ndomain = \".\"\nvia = \"local\"\n",
+                "route[0].domain",
+                "not a domain name",
+            ),
+            (
+                "[[route]]\ndomain = \"x.test\"\nvia = \"smtp:x.test:25\"\n",
+                "route[0].via",
+                "no MX lookup",
+            ),
+            (
+                "[[route]]\ndomain = \"x.test\"\nvia = \"smtp:[x.test]:0\"\n",
+                "route[0].via",
+                "port must be 1-65535",
+            ),
+            (
+                "[[route]]\ndomain = \"x.test\"\nvia = \"smtp:[x.test]:99999\"\n",
+                "route[0].via",
+                "port must be 1-65535",
+            ),
+            (
+                "[[route]]\ndomain = \"x.test\"\nvia = \"smtp:[x.test]25\"\n",
+                "route[0].via",
+                "port must be",
+            ),
+            (
+                "[[route]]\ndomain = \"x.test\"\nvia = \"smtp:[bad host]:25\"\n",
+                "route[0].via",
+                "neither a host name",
+            ),
+            (
+                "[[route]]\ndomain = \"x.test\"\nvia = \"smtp:[x.test\"\n",
+                "route[0].via",
+                "smtp:[host]:port",
+            ),
+            (
+                "[[route]]\ndomain = \"x.test\"\nvia = \"uucp:x\"\n",
+                "route[0].via",
+                "is not a route",
+            ),
+            (
+                "[[route]]\ndomain = \"x.test\"\nvia = \"peer\"\n",
+                "route[0].via",
+                "no [[peer]] has domain \"x.test\"",
+            ),
+            (
+                "[[route]]\ndomain = \"x.test\"\nvia = \"peer:nobody.test\"\n",
+                "route[0].via",
+                "no [[peer]] has domain \"nobody.test\"",
+            ),
+            (
+                "[[route]]\ndomain = \".x.test\"\nvia = \"peer\"\n",
+                "route[0].via",
+                "peer:DOMAIN",
+            ),
+            (
+                "[[route]]\ndomain = \"x.test\"\nvia = \"dns\"\n",
+                "route[0].via",
+                "[discovery]",
+            ),
+            (
+                "[[route]]\ndomain = \"x.test\"\nvia = \"local\"\nmessage = \"hi\"\n",
+                "route[0].message",
+                "only a \"refuse\"",
+            ),
+            (
+                "[[route]]\ndomain = \"x.test\"\nvia = \"refuse\"\nmessage = \"a\\r\\nb\"\n",
+                "route[0].message",
+                "printable ASCII",
+            ),
+            (
+                "[[route]]\ndomain = \"x.test\"\nvia = \"refuse\"\n[[route]]\ndomain = \"X.test\"\nvia = \"local\"\n",
+                "route[1].domain",
+                "already routed by route[0]",
+            ),
+            (
+                "[[route]]\ndomain = \"site-a.test\"\nvia = \"smtp:[mx.test]\"\n",
+                "route[0].via",
+                "relay.domain",
+            ),
             ("[[route]]\ndomain = \"x.test\"\n", "route", "via"),
-            ("[[route]]\ndomain = \"x.test\"\nvia = \"local\"\nvai = \"local\"\n", "vai", "unknown field"),
-            ("[routing]\ndefault = \"local\"\n", "routing.default", "every domain from anyone"),
-            ("[routing]\ndefault = \"peer\"\n", "routing.default", "peer:DOMAIN"),
-            ("[routing]\ndefault = \"dns\"\n", "routing.default", "[discovery]"),
-            ("[routing]\ndefault = \"smtp:relay.test\"\n", "routing.default", "no MX lookup"),
-            ("[routing]\ndefault = \"smtp:[relay.test]\"\ndefault_message = \"x\"\n", "routing.default_message", "only a \"refuse\""),
-            ("[routing]\nlanes = 0\n", "routing.lanes", "between 1 and 256"),
-            ("[routing]\ndefualt = \"refuse\"\n", "defualt", "unknown field"),
+            (
+                "[[route]]\ndomain = \"x.test\"\nvia = \"local\"\nvai = \"local\"\n",
+                "vai",
+                "unknown field",
+            ),
+            (
+                "[routing]\ndefault = \"local\"\n",
+                "routing.default",
+                "every domain from anyone",
+            ),
+            (
+                "[routing]\ndefault = \"peer\"\n",
+                "routing.default",
+                "peer:DOMAIN",
+            ),
+            (
+                "[routing]\ndefault = \"dns\"\n",
+                "routing.default",
+                "[discovery]",
+            ),
+            (
+                "[routing]\ndefault = \"smtp:relay.test\"\n",
+                "routing.default",
+                "no MX lookup",
+            ),
+            (
+                "[routing]\ndefault = \"smtp:[relay.test]\"\ndefault_message = \"x\"\n",
+                "routing.default_message",
+                "only a \"refuse\"",
+            ),
+            (
+                "[routing]\nlanes = 0\n",
+                "routing.lanes",
+                "between 1 and 256",
+            ),
+            (
+                "[routing]\ndefualt = \"refuse\"\n",
+                "defualt",
+                "unknown field",
+            ),
         ];
         for (extra, key, why) in cases {
             let e = parse(extra).expect_err(extra);

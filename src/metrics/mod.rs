@@ -321,7 +321,8 @@ impl Metrics {
         self.queue_messages.clear();
         self.queue_oldest.clear();
         let peers = self.known_peers();
-        let all = std::iter::once(RouteLabel::Local).chain(peers.iter().map(|p| RouteLabel::Peer(p)));
+        let all =
+            std::iter::once(RouteLabel::Local).chain(peers.iter().map(|p| RouteLabel::Peer(p)));
         for r in all {
             let l = self.route(r);
             self.queue_messages.get_or_create(&l).set(0);

@@ -15,8 +15,8 @@ pub mod maildir;
 mod probe;
 mod route;
 
-pub use route::{NextHop, Route};
 use route::route_key;
+pub use route::{NextHop, Route};
 
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;

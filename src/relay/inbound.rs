@@ -141,7 +141,7 @@ impl Backend for SpoolBackend {
         }
         // Local delivery is open to anyone; every other route (a partner, an SMTP next
         // hop, the default route) only to `smtp.allow` clients, never to a partner's call.
-        let refusal = match (self.settings.site.decide(to), &self.origin) {
+        let refusal = match (self.settings.site.route_for(to), &self.origin) {
             (Ok(Route::Local), _) => Ok(Route::Local),
             (Ok(route), Origin::Site { relay: true, .. }) => Ok(route),
             (Err(reason), Origin::Site { relay: true, .. }) => Err(reason),

@@ -174,12 +174,26 @@ async fn connect(ctx: &Context, dest: &Destination) -> Result<SmtpClient<TcpStre
 /// resolver: A/AAAA, no MX), each tried in turn until one takes the connection.
 async fn connect_next_hop(h: &NextHop) -> std::io::Result<TcpStream> {
     let timed_out = |what: String| std::io::Error::new(std::io::ErrorKind::TimedOut, what);
-    let addrs: Vec<SocketAddr> =
-        match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::lookup_host((h.host.as_str(), h.port))).await {
-            Ok(Ok(a)) => a.collect(),
-            Ok(Err(e)) => return Err(std::io::Error::new(e.kind(), format!("cannot resolve {}: {e}", h.host))),
-            Err(_) => return Err(timed_out(format!("resolving {} took over {CONNECT_TIMEOUT:?}", h.host))),
-        };
+    let addrs: Vec<SocketAddr> = match tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        tokio::net::lookup_host((h.host.as_str(), h.port)),
+    )
+    .await
+    {
+        Ok(Ok(a)) => a.collect(),
+        Ok(Err(e)) => {
+            return Err(std::io::Error::new(
+                e.kind(),
+                format!("cannot resolve {}: {e}", h.host),
+            ));
+        }
+        Err(_) => {
+            return Err(timed_out(format!(
+                "resolving {} took over {CONNECT_TIMEOUT:?}",
+                h.host
+            )));
+        }
+    };
     let mut last = std::io::Error::new(
         std::io::ErrorKind::NotFound,
         format!("{} has no address", h.host),

@@ -52,16 +52,11 @@ impl Site {
             .find(|p| p.domain.eq_ignore_ascii_case(domain))
     }
 
-    /// Where mail for `addr` goes (see [`Site::decide`]), `None` when it is refused.
-    pub fn route_for(&self, addr: &str) -> Option<Route> {
-        self.decide(addr).ok()
-    }
-
     /// Where mail for `addr` goes: our domain is local, then the routing table decides
     /// (`[[route]]`, the partners, `routing.default`; see `config::Routing::decide`). Err:
     /// the text of the 550 5.7.1 that refuses it. Whether the client may use the route
     /// is the SMTP server's check (`inbound`).
-    pub fn decide(&self, addr: &str) -> Result<Route, String> {
+    pub fn route_for(&self, addr: &str) -> Result<Route, String> {
         let Some((_, domain)) = addr.rsplit_once('@') else {
             return Err(format!("<{addr}> has no domain"));
         };
