@@ -63,6 +63,24 @@ impl Sink {
     fn messages(&self) -> Vec<String> {
         dumps(&self.dir)
     }
+
+    /// Wait up to `secs` for the message of [`message`]`(tag)`.
+    async fn wait_for(&self, tag: &str, secs: u64) -> bool {
+        let end = format!("END-OF-{tag}");
+        eventually(secs, || self.messages().iter().any(|m| m.contains(&end))).await
+    }
+}
+
+/// The first message in the Maildir `md` that holds `needle`, waiting up to `secs`.
+async fn maildir_message(md: &Path, needle: &str, secs: u64) -> Option<String> {
+    let find = || {
+        sipmail::demo::maildir_files(md)
+            .iter()
+            .filter_map(|f| std::fs::read_to_string(f).ok())
+            .find(|t| t.contains(needle))
+    };
+    eventually(secs, || find().is_some()).await;
+    find()
 }
 
 fn dumps(dir: &Path) -> Vec<String> {
@@ -214,11 +232,7 @@ async fn default_route_delivers_to_smtp_sink() {
     .await;
     assert_eq!(o.delivered().len(), 2, "{:?}", replies(&o));
     assert!(
-        eventually(20, || sink
-            .messages()
-            .iter()
-            .any(|m| m.contains("END-OF-default-route")))
-        .await,
+        sink.wait_for("default-route", 20).await,
         "nothing reached smtp-sink"
     );
     let got = sink.messages();
@@ -294,13 +308,7 @@ async fn per_domain_smtp_route_and_refuse_routes() {
         r[3].starts_with("550 5.7.1 Relay access denied: sub.example.org"),
         "{r:?}"
     );
-    assert!(
-        eventually(20, || org
-            .messages()
-            .iter()
-            .any(|m| m.contains("END-OF-per-domain")))
-        .await
-    );
+    assert!(org.wait_for("per-domain", 20).await);
     let m = &org.messages()[0];
     assert!(m.contains("X-Rcpt-Args: <x@example.org>"), "{m}");
     assert_eq!(m.matches("X-Rcpt-Args:").count(), 1, "{m}");
@@ -366,17 +374,9 @@ async fn non_allowed_clients_and_partners_are_refused_the_smtp_routes() {
     .await;
     assert_eq!(o.delivered().len(), 2, "B queues them: {:?}", replies(&o));
     let b_md = sites.maildir(&sites.b_cfg);
-    let bounce = || {
-        sipmail::demo::maildir_files(&b_md)
-            .iter()
-            .filter_map(|f| std::fs::read_to_string(f).ok())
-            .find(|t| t.contains("from-partner"))
-    };
-    assert!(
-        eventually(30, || bounce().is_some()).await,
-        "no bounce at site B"
-    );
-    let dsn = bounce().unwrap();
+    let dsn = maildir_message(&b_md, "from-partner", 30)
+        .await
+        .expect("no bounce at site B");
     for want in [
         "Final-Recipient: rfc822; x@example.org",
         "Final-Recipient: rfc822; y@elsewhere.example",
@@ -431,11 +431,7 @@ async fn next_hop_down_defers_then_delivers() {
     );
     let sink = Sink::start(&dir.path().join("sink"), hop, &[]);
     assert!(
-        eventually(20, || sink
-            .messages()
-            .iter()
-            .any(|m| m.contains("END-OF-hop-down")))
-        .await,
+        sink.wait_for("hop-down", 20).await,
         "not delivered after the next hop came up"
     );
     assert!(eventually(10, || queued(&cfg.spool).is_empty()).await);
@@ -481,14 +477,7 @@ async fn next_hop_5xx_bounces_to_the_sender() {
         sipmail::config::Delivery::Maildir(m) => m.clone(),
         _ => unreachable!(),
     };
-    let dsn = || {
-        sipmail::demo::maildir_files(&md)
-            .iter()
-            .filter_map(|f| std::fs::read_to_string(f).ok())
-            .find(|t| t.contains("bounce-me"))
-    };
-    assert!(eventually(20, || dsn().is_some()).await, "no DSN");
-    let dsn = dsn().unwrap();
+    let dsn = maildir_message(&md, "bounce-me", 20).await.expect("no DSN");
     for want in [
         "Delivered-To: alice@site-a.test",
         "Final-Recipient: rfc822; nobody@elsewhere.example",
@@ -504,10 +493,8 @@ async fn next_hop_5xx_bounces_to_the_sender() {
     a.wait().await;
 }
 
-/// A `sipmail run` process.
-struct Daemon(Child);
-
 impl Daemon {
+    /// `sipmail run --config CONFIG`, its log in `log`, up once `smtp` answers.
     fn start(config: &Path, log: &Path, smtp: SocketAddr) -> Daemon {
         let child = Command::new(BIN)
             .args(["run", "--config"])
@@ -529,13 +516,6 @@ impl Daemon {
             std::thread::sleep(Duration::from_millis(50));
         }
         d
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 
@@ -595,11 +575,7 @@ async fn queued_next_hop_mail_survives_kill_9() {
     let sink = Sink::start(&dir.path().join("sink"), hop, &[]);
     let _daemon = Daemon::start(&config, &dir.path().join("a2.log"), smtp);
     assert!(
-        eventually(30, || sink
-            .messages()
-            .iter()
-            .any(|m| m.contains("END-OF-kill-9")))
-        .await,
+        sink.wait_for("kill-9", 30).await,
         "not delivered after the restart: {}",
         std::fs::read_to_string(dir.path().join("a2.log")).unwrap_or_default()
     );
@@ -654,13 +630,7 @@ async fn routing_table_reloads_live() {
     )
     .await;
     assert_eq!(after.delivered().len(), 1, "{:?}", replies(&after));
-    assert!(
-        eventually(20, || sink
-            .messages()
-            .iter()
-            .any(|m| m.contains("END-OF-reload-after")))
-        .await
-    );
+    assert!(sink.wait_for("reload-after", 20).await);
     let lanes = format!("{routed}lanes = 9\n");
     std::fs::write(&path, site_a_text(dir.path(), &p, &lanes)).unwrap();
     let refused = a.reload().await.unwrap_err();

@@ -344,26 +344,13 @@ mod tests {
     use super::*;
     use crate::config::Config;
 
-    const BASE: &str = r#"
-[relay]
-domain = "site-a.test"
-keyring = "k"
-spool = "s"
-[smtp]
-listen = "127.0.0.1:2525"
-[sip]
-listen = "127.0.0.1:5060"
-media = "127.0.0.1"
-[[peer]]
-domain = "site-b.test"
-sip = "sip:mail@127.0.0.1:5062"
-[[peer]]
-domain = "c.example.com"
-sip = "sip:mail@127.0.0.1:5064"
-"#;
+    /// The documented example with a second partner, c.example.com.
+    const PEER_C: &str =
+        "[[peer]]\ndomain = \"c.example.com\"\nsip = \"sip:mail@127.0.0.1:5064\"\n";
 
     fn parse(extra: &str) -> Result<Config, String> {
-        Config::parse("a.toml", &format!("{BASE}{extra}")).map_err(|e| e.to_string())
+        let base = crate::config::tests::GOOD;
+        Config::parse("a.toml", &format!("{base}{PEER_C}{extra}")).map_err(|e| e.to_string())
     }
 
     fn hop(host: &str, port: u16) -> Route {
