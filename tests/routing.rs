@@ -391,10 +391,11 @@ async fn non_allowed_clients_and_partners_are_refused_the_smtp_routes() {
     sites.stop().await;
 }
 
-/// The next hop is down: the message is deferred (recorded in the spool with the
-/// reason), retried on the queue's schedule, and delivered once the next hop comes up.
+/// The next hop is down, then answers 451: each time the message is deferred (recorded
+/// in the spool with the reason) and retried on the queue's schedule; it is delivered
+/// once the next hop takes it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn next_hop_down_defers_then_delivers() {
+async fn next_hop_down_or_4xx_defers_then_delivers() {
     init_logs();
     let dir = tempfile::tempdir().unwrap();
     let hop = addr("127.0.41.2", 41051);
@@ -414,25 +415,38 @@ async fn next_hop_down_defers_then_delivers() {
     )
     .await;
     assert_eq!(o.delivered().len(), 1, "{:?}", replies(&o));
-    let deferred = || {
+    // The recipient is pending on the next hop after `attempts` tries, the last error
+    // holding `error`.
+    let deferred = |attempts: u64, error: &str| {
         queued(&cfg.spool).iter().any(|e| {
             let r = &e["recipients"][0];
-            r["attempts"].as_u64().unwrap_or(0) >= 2
+            r["state"] == "pending"
+                && r["attempts"].as_u64().unwrap_or(0) >= attempts
                 && r["route"]["kind"] == "smtp"
-                && r["last_error"]
-                    .as_str()
-                    .is_some_and(|s| s.contains("next hop [127.0.41.2]:41051"))
+                && r["last_error"].as_str().is_some_and(|s| s.contains(error))
         })
     };
     assert!(
-        eventually(20, deferred).await,
-        "not deferred twice: {:?}",
+        eventually(20, || deferred(2, "next hop [127.0.41.2]:41051: i/o error")).await,
+        "not deferred twice while the next hop is down: {:?}",
         queued(&cfg.spool)
     );
+    let soft = Sink::start(
+        &dir.path().join("soft"),
+        hop,
+        &["-b", "451 4.3.2 Try again later", "-r", "RCPT"],
+    );
+    assert!(
+        eventually(20, || deferred(3, "said: 451 4.3.2 Try again later")).await,
+        "not deferred on 451: {:?}",
+        queued(&cfg.spool)
+    );
+    drop(soft);
     let sink = Sink::start(&dir.path().join("sink"), hop, &[]);
     assert!(
         sink.wait_for("hop-down", 20).await,
-        "not delivered after the next hop came up"
+        "not delivered after the next hop took mail again: {:?}",
+        queued(&cfg.spool)
     );
     assert!(eventually(10, || queued(&cfg.spool).is_empty()).await);
     assert_eq!(sink.messages().len(), 1);
