@@ -195,7 +195,7 @@ pub async fn start(cfg: Config, shutdown: Shutdown, hooks: Hooks) -> Result<Runn
             Route::Peer(domain) => Box::pin(caller::worker(ctx, domain.clone(), lane_no, lane)),
             Route::Smtp(hop) => Box::pin(local::worker(
                 ctx,
-                local::Destination::NextHop(hop.clone()),
+                local::Destination::Smtp(local::SmtpHop::NextHop(hop.clone())),
                 lane,
             )),
         }

@@ -24,6 +24,12 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Clone, Debug)]
 pub(crate) enum Destination {
     Maildir(std::path::PathBuf),
+    Smtp(SmtpHop),
+}
+
+/// An SMTP server a lane delivers to.
+#[derive(Clone, Debug)]
+pub(crate) enum SmtpHop {
     /// The site's MTA (`delivery.smtp`).
     Mta(SocketAddr),
     /// An SMTP next hop of the routing table.
@@ -34,7 +40,7 @@ impl From<Delivery> for Destination {
     fn from(d: Delivery) -> Self {
         match d {
             Delivery::Maildir(dir) => Destination::Maildir(dir),
-            Delivery::Smtp(addr) => Destination::Mta(addr),
+            Delivery::Smtp(addr) => Destination::Smtp(SmtpHop::Mta(addr)),
         }
     }
 }
@@ -58,9 +64,7 @@ pub(crate) async fn worker(ctx: Arc<Context>, dest: Destination, lane: Lane) {
         let sending = tokio::time::Instant::now();
         let outcomes = match &dest {
             Destination::Maildir(dir) => to_maildir(&ctx, dir, &job).await,
-            Destination::Mta(_) | Destination::NextHop(_) => {
-                to_smtp(&ctx, &dest, &job, &mut conn).await
-            }
+            Destination::Smtp(hop) => to_smtp(&ctx, hop, &job, &mut conn).await,
         };
         ctx.metrics
             .transferred(route_label(&job.route), sending.elapsed());
@@ -102,20 +106,19 @@ async fn to_maildir(ctx: &Context, dir: &std::path::Path, job: &Job) -> Vec<(Str
 
 async fn to_smtp(
     ctx: &Context,
-    dest: &Destination,
+    hop: &SmtpHop,
     job: &Job,
     conn: &mut Option<SmtpClient<TcpStream>>,
 ) -> Vec<(String, RcptOutcome)> {
-    let what = match dest {
-        Destination::NextHop(h) => format!("next hop {h}"),
-        Destination::Mta(addr) => format!("local MTA {addr}"),
-        Destination::Maildir(dir) => format!("Maildir {}", dir.display()),
+    let what = match hop {
+        SmtpHop::NextHop(h) => format!("next hop {h}"),
+        SmtpHop::Mta(addr) => format!("local MTA {addr}"),
     };
     // A cached connection may have been closed by the MTA meanwhile: then one fresh try.
     for fresh in [conn.is_none(), true] {
         if fresh {
             *conn = None;
-            match connect(ctx, dest).await {
+            match connect(ctx, hop).await {
                 Ok(c) => *conn = Some(c),
                 Err(e) => return outcomes_from_smtp(job, Err(e), &what),
             }
@@ -153,14 +156,12 @@ async fn to_smtp(
     job.all(RcptOutcome::Transient(format!("{what}: no connection")))
 }
 
-async fn connect(ctx: &Context, dest: &Destination) -> Result<SmtpClient<TcpStream>, ClientError> {
-    let tcp = match dest {
-        Destination::Mta(addr) => TcpStream::connect(addr).await.map_err(ClientError::Io)?,
-        Destination::NextHop(h) => connect_next_hop(h).await.map_err(ClientError::Io)?,
-        Destination::Maildir(_) => {
-            return Err(ClientError::Io(std::io::Error::other("not an SMTP route")));
-        }
-    };
+async fn connect(ctx: &Context, hop: &SmtpHop) -> Result<SmtpClient<TcpStream>, ClientError> {
+    let tcp = match hop {
+        SmtpHop::Mta(addr) => TcpStream::connect(addr).await,
+        SmtpHop::NextHop(h) => connect_next_hop(h).await,
+    }
+    .map_err(ClientError::Io)?;
     let _ = tcp.set_nodelay(true);
     SmtpClient::connect(
         tcp,
