@@ -454,15 +454,6 @@ fn the_cli_refuses_an_ambiguous_cert_and_names_an_unbound_one() {
     assert!(o.status.success(), "{}", text(&o));
 }
 
-/// Stops the daemon a test started, also when the test fails.
-struct Daemon(std::process::Child);
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Item 7, SIGHUP: a real `sipmail run` daemon (site B) reloads its keyring on SIGHUP; a
 /// revocation dropped into the keyring without telling the daemon takes effect then.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,7 +5,7 @@
 //!
 //! One file per section, each with its typed struct, its parser and its defaults (each
 //! default written once): [`smtp`], [`sip`] (with [`SipLimits`]), [`peer`], [`queue`]
-//! (with `[delivery]`), [`psk`], [`metrics`]; `raw` is the file as serde reads it and `values` the
+//! (with `[delivery]`), [`psk`], [`metrics`], [`routing`] (`[routing]` and `[[route]]`); `raw` is the file as serde reads it and `values` the
 //! value types the sections share. `[relay]` and `[audit]` are parsed here.
 
 mod metrics;
@@ -14,6 +14,7 @@ mod peer;
 mod psk;
 mod queue;
 mod raw;
+mod routing;
 mod sip;
 mod smtp;
 #[cfg(test)]
@@ -25,6 +26,7 @@ pub use nat::{Advertise, PortRange};
 pub use peer::{ContinuityPolicy, Peer, Trust};
 pub use psk::Psk;
 pub use queue::{DEFAULT_LANES, Delivery, DeliverySection, QueueTimes};
+pub use routing::{DEFAULT_NEXT_HOP_LANES, Pattern, RouteRule, Routing, Target};
 pub use sip::{DEFAULT_CALL_IDLE, DEFAULT_CALLS_PER_PEER, SipLimits, SipSection};
 pub use smtp::SmtpSection;
 pub use values::{Cidr, SipTarget, parse_duration};
@@ -148,6 +150,8 @@ pub struct Config {
     pub call_records: Option<PathBuf>,
     /// The metrics and health endpoint (`[metrics]`), `None` when off (the default).
     pub metrics: Option<MetricsSection>,
+    /// `[[route]]` and `[routing]`: where mail for each domain goes (see [`Routing`]).
+    pub routing: Routing,
 }
 
 impl Config {
@@ -176,6 +180,7 @@ impl Config {
         let queue = queue::parse_queue(&raw.queue, e)?;
         let call_records = parse_audit(&raw.audit, &relay.spool);
         let metrics = metrics::parse_metrics(raw.metrics.as_ref(), e)?;
+        let routing = routing::parse_routing(&raw.routing, &raw.route, &relay.domain, &peers, e)?;
         Ok(Config {
             file: file.to_string(),
             domain: relay.domain,
@@ -201,6 +206,7 @@ impl Config {
             queue,
             call_records,
             metrics,
+            routing,
         })
     }
 

@@ -19,6 +19,10 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub(super) audit: RawAudit,
     pub(super) metrics: Option<RawMetrics>,
+    #[serde(default)]
+    pub(super) routing: RawRouting,
+    #[serde(default)]
+    pub(super) route: Vec<RawRoute>,
 }
 
 #[derive(Deserialize)]
@@ -107,4 +111,20 @@ pub(super) struct RawAudit {
 pub(super) struct RawMetrics {
     pub(super) listen: String,
     pub(super) allow_remote: Option<bool>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRouting {
+    pub(super) default: Option<String>,
+    pub(super) default_message: Option<String>,
+    pub(super) lanes: Option<usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRoute {
+    pub(super) domain: String,
+    pub(super) via: String,
+    pub(super) message: Option<String>,
 }

@@ -2,7 +2,7 @@
 
 use super::*;
 
-const GOOD: &str = r#"
+pub(super) const GOOD: &str = r#"
 [relay]
 domain = "site-a.test"
 keyring = "keyring/site-a"

@@ -3,7 +3,7 @@
 //! [`Metrics`] handle and answers the readiness question through [`http::Probe`].
 //!
 //! Labels stay bounded: a peer label is one of the configured partners (anything else is
-//! counted as `other`), a route is `local` or a peer, a reason comes from [`CallFailure`],
+//! counted as `other`), a route is `local`, a peer or a configured SMTP next hop, a reason comes from [`CallFailure`],
 //! a continuity outcome from the handshake's fixed set, and a key is one in the keyring.
 
 pub mod counting;
@@ -28,6 +28,28 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub const OTHER_PEER: &str = "other";
 /// The route label of local delivery.
 pub const LOCAL_ROUTE: &str = "local";
+
+/// A queue route as the metrics label it: `local`, the partner's domain (or `other`), or
+/// an SMTP next hop as `smtp:[host]:port`. `None`/`Some(peer)` convert to the first two.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RouteLabel<'a> {
+    Local,
+    Peer(&'a str),
+    /// Host and port, from the routing table, so the labels stay as few as its entries.
+    NextHop(&'a str, u16),
+}
+
+impl<'a> From<Option<&'a str>> for RouteLabel<'a> {
+    fn from(peer: Option<&'a str>) -> Self {
+        peer.map_or(RouteLabel::Local, RouteLabel::Peer)
+    }
+}
+
+impl<'a> From<Option<&'a String>> for RouteLabel<'a> {
+    fn from(peer: Option<&'a String>) -> Self {
+        peer.map_or(RouteLabel::Local, |p| RouteLabel::Peer(p))
+    }
+}
 
 /// One key as the key gauges show it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -251,10 +273,14 @@ impl Metrics {
         if known { d } else { OTHER_PEER.to_string() }
     }
 
-    /// The label of a route: `None` for local delivery, else the peer's domain.
-    fn route(&self, peer: Option<&str>) -> RouteLabels {
+    /// The label of a route.
+    fn route<'a>(&self, route: impl Into<RouteLabel<'a>>) -> RouteLabels {
         RouteLabels {
-            route: peer.map_or_else(|| LOCAL_ROUTE.to_string(), |p| self.peer_label(p)),
+            route: match route.into() {
+                RouteLabel::Local => LOCAL_ROUTE.to_string(),
+                RouteLabel::Peer(p) => self.peer_label(p),
+                RouteLabel::NextHop(host, port) => format!("smtp:[{host}]:{port}"),
+            },
         }
     }
 
@@ -264,45 +290,46 @@ impl Metrics {
         }
     }
 
-    pub fn accepted(&self, route_peer: Option<&str>, recipients: u64) {
+    pub fn accepted<'a>(&self, route: impl Into<RouteLabel<'a>>, recipients: u64) {
         self.accepted
-            .get_or_create(&self.route(route_peer))
+            .get_or_create(&self.route(route))
             .inc_by(recipients);
     }
 
-    pub fn delivered(&self, route_peer: Option<&str>) {
-        self.delivered.get_or_create(&self.route(route_peer)).inc();
+    pub fn delivered<'a>(&self, route: impl Into<RouteLabel<'a>>) {
+        self.delivered.get_or_create(&self.route(route)).inc();
     }
 
-    pub fn deferred(&self, route_peer: Option<&str>) {
-        self.deferred.get_or_create(&self.route(route_peer)).inc();
+    pub fn deferred<'a>(&self, route: impl Into<RouteLabel<'a>>) {
+        self.deferred.get_or_create(&self.route(route)).inc();
     }
 
-    pub fn bounced(&self, route_peer: Option<&str>) {
-        self.bounced.get_or_create(&self.route(route_peer)).inc();
+    pub fn bounced<'a>(&self, route: impl Into<RouteLabel<'a>>) {
+        self.bounced.get_or_create(&self.route(route)).inc();
     }
 
     /// One message handed to the next hop on a route, taking `took`.
-    pub fn transferred(&self, route_peer: Option<&str>, took: Duration) {
+    pub fn transferred<'a>(&self, route: impl Into<RouteLabel<'a>>, took: Duration) {
         self.transfer
-            .get_or_create(&self.route(route_peer))
+            .get_or_create(&self.route(route))
             .observe(took.as_secs_f64());
     }
 
-    /// The queue per route right now: `(route peer or None for local, messages, age of
-    /// the oldest)`. Routes not listed (the partners, and local) show 0.
-    pub fn set_queue(&self, routes: &[(Option<String>, u64, Duration)]) {
+    /// The queue per route right now: `(route, messages, age of the oldest)`. Routes not
+    /// listed (the partners, and local) show 0.
+    pub fn set_queue(&self, routes: &[(RouteLabel<'_>, u64, Duration)]) {
         self.queue_messages.clear();
         self.queue_oldest.clear();
-        let mut all: Vec<Option<String>> = vec![None];
-        all.extend(self.known_peers().into_iter().map(Some));
-        for r in &all {
-            let l = self.route(r.as_deref());
+        let peers = self.known_peers();
+        let all =
+            std::iter::once(RouteLabel::Local).chain(peers.iter().map(|p| RouteLabel::Peer(p)));
+        for r in all {
+            let l = self.route(r);
             self.queue_messages.get_or_create(&l).set(0);
             self.queue_oldest.get_or_create(&l).set(0);
         }
-        for (peer, n, age) in routes {
-            let l = self.route(peer.as_deref());
+        for (route, n, age) in routes {
+            let l = self.route(*route);
             self.queue_messages
                 .get_or_create(&l)
                 .inc_by(i64::try_from(*n).unwrap_or(i64::MAX));

@@ -9,10 +9,11 @@ fn labels_stay_bounded_and_the_exposition_has_every_family() {
     assert_eq!(m.peer_label("site-b.TEST"), "site-b.test");
     assert_eq!(m.peer_label("evil.example"), OTHER_PEER);
     m.accepted(Some("site-b.test"), 2);
-    m.accepted(None, 1);
+    m.accepted(RouteLabel::Local, 1);
     m.delivered(Some("site-b.test"));
     m.deferred(Some("site-b.test"));
-    m.bounced(None);
+    m.bounced(RouteLabel::Local);
+    m.delivered(RouteLabel::NextHop("smarthost.example", 25));
     m.call_placed("site-b.test");
     m.call_failed("site-b.test", Direction::Outgoing, CallFailure::Status4xx);
     m.call_failed("evil.example", Direction::Incoming, CallFailure::Policy);
@@ -23,7 +24,7 @@ fn labels_stay_bounded_and_the_exposition_has_every_family() {
     let c = m.tunnel_counters("site-b.test");
     c.read.inc_by(100);
     c.written.inc_by(300);
-    m.set_queue(&[(Some("site-b.test".into()), 3, Duration::from_secs(42))]);
+    m.set_queue(&[(RouteLabel::Peer("site-b.test"), 3, Duration::from_secs(42))]);
     let text = m.scrape(|_| {}).unwrap();
     for line in [
         "sipmail_messages_accepted_total{route=\"site-b.test\"} 2",
@@ -31,6 +32,7 @@ fn labels_stay_bounded_and_the_exposition_has_every_family() {
         "sipmail_messages_delivered_total{route=\"site-b.test\"} 1",
         "sipmail_messages_deferred_total{route=\"site-b.test\"} 1",
         "sipmail_messages_bounced_total{route=\"local\"} 1",
+        "sipmail_messages_delivered_total{route=\"smtp:[smarthost.example]:25\"} 1",
         "sipmail_calls_placed_total{peer=\"site-b.test\"} 1",
         "sipmail_calls_failed_total{peer=\"site-b.test\",direction=\"outgoing\",reason=\"4xx\"} 1",
         "sipmail_calls_failed_total{peer=\"other\",direction=\"incoming\",reason=\"policy\"} 1",
@@ -77,7 +79,7 @@ struct Fake {
 
 impl http::Probe for Fake {
     fn refresh(&self, m: &Metrics) {
-        m.set_queue(&[(None, 7, Duration::from_secs(1))]);
+        m.set_queue(&[(RouteLabel::Local, 7, Duration::from_secs(1))]);
     }
     fn ready(&self) -> Result<String, String> {
         self.ready.lock().unwrap().clone()

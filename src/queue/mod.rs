@@ -13,6 +13,10 @@
 pub mod bodyio;
 pub mod maildir;
 mod probe;
+mod route;
+
+use route::route_key;
+pub use route::{NextHop, Route};
 
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
@@ -22,22 +26,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
-
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase", tag = "kind", content = "domain")]
-pub enum Route {
-    Local,
-    Peer(String),
-}
-
-impl std::fmt::Display for Route {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Route::Local => f.write_str("local"),
-            Route::Peer(d) => write!(f, "peer {d}"),
-        }
-    }
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -156,20 +144,6 @@ pub fn pick<'a>(
             } else {
                 Err(format!("no message {} in the queue", unknown.join(", ")))
             }
-        }
-    }
-}
-
-/// A route as a file-name part: `local` or `peer-<domain>` (domain characters only).
-fn route_key(route: &Route) -> String {
-    match route {
-        Route::Local => "local".into(),
-        Route::Peer(d) => {
-            let d: String = d
-                .chars()
-                .filter(|c| c.is_ascii_alphanumeric() || *c == '.' || *c == '-')
-                .collect();
-            format!("peer-{d}")
         }
     }
 }

@@ -174,10 +174,13 @@ pub(crate) async fn queue(
         tracing::warn!(queue_id = %original.id, "not bouncing a message from the null sender <>");
         return Queued::NotNeeded;
     }
-    let Some(route) = site.route_for(&original.mail_from) else {
-        tracing::error!(queue_id = %original.id, sender = %original.mail_from,
-            "cannot return a bounce: the sender's domain is neither ours nor a partner's");
-        return Queued::NotNeeded;
+    let route = match site.route_for(&original.mail_from) {
+        Ok(route) => route,
+        Err(why) => {
+            tracing::error!(queue_id = %original.id, sender = %original.mail_from, reason = %why,
+                "cannot return a bounce: the routing table has no route to the sender's domain");
+            return Queued::NotNeeded;
+        }
     };
     // A delay warning returns the headers only, whatever RET says (RFC 3461 §4.3).
     let want_full = kind == Kind::Failed

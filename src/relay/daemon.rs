@@ -142,6 +142,7 @@ pub async fn start(cfg: Config, shutdown: Shutdown, hooks: Hooks) -> Result<Runn
     let lanes = LaneCounts {
         local: cfg.local_lanes,
         per_peer: cfg.calls_per_peer,
+        per_next_hop: cfg.routing.lanes,
     };
     let paths = control::Paths {
         spool: cfg.spool.clone(),
@@ -179,6 +180,7 @@ pub async fn start(cfg: Config, shutdown: Shutdown, hooks: Hooks) -> Result<Runn
         metrics = %metrics_addr.map_or_else(|| "off".to_string(), |a| a.to_string()),
         fingerprint = %ctx.keys().own_fpr_hex,
         peers = ctx.settings().site.peers.len(),
+        routes = %super::reload::describe_routing(&ctx.settings().site.routing),
         recovered,
         "relay started"
     );
@@ -189,8 +191,13 @@ pub async fn start(cfg: Config, shutdown: Shutdown, hooks: Hooks) -> Result<Runn
     let spawn_lane = move |route: &Route, lane_no: usize, lane: Lane| -> scheduler::LaneTask {
         let ctx = worker_ctx.clone();
         match route {
-            Route::Local => Box::pin(local::worker(ctx, delivery.clone(), lane)),
+            Route::Local => Box::pin(local::worker(ctx, delivery.clone().into(), lane)),
             Route::Peer(domain) => Box::pin(caller::worker(ctx, domain.clone(), lane_no, lane)),
+            Route::Smtp(hop) => Box::pin(local::worker(
+                ctx,
+                local::Destination::Smtp(local::SmtpHop::NextHop(hop.clone())),
+                lane,
+            )),
         }
     };
     let mut tasks = tokio::task::JoinSet::new();

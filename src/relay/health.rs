@@ -7,7 +7,6 @@ use super::context::Context;
 use super::keywatch;
 use crate::metrics::http::Probe;
 use crate::metrics::{LastCall, Metrics};
-use crate::queue::Route;
 use std::fmt::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,18 +26,12 @@ impl Probe for Health {
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        let routes: Vec<(Option<String>, u64, Duration)> = self
-            .ctx
-            .queue
-            .route_stats()
-            .into_iter()
+        let stats = self.ctx.queue.route_stats();
+        let routes: Vec<_> = stats
+            .iter()
             .map(|s| {
-                let peer = match s.route {
-                    Route::Local => None,
-                    Route::Peer(d) => Some(d),
-                };
                 let age = Duration::from_secs(now_s.saturating_sub(s.oldest_received));
-                (peer, s.messages, age)
+                (super::scheduler::route_label(&s.route), s.messages, age)
             })
             .collect();
         m.set_queue(&routes);

@@ -104,11 +104,6 @@ impl SpoolBackend {
     }
 }
 
-fn domain_of(addr: &str) -> Option<String> {
-    addr.rsplit_once('@')
-        .map(|(_, d)| d.trim_end_matches('.').to_ascii_lowercase())
-}
-
 impl Backend for SpoolBackend {
     type Writer = StripPeerField<crate::queue::bodyio::BodyWriter>;
 
@@ -141,15 +136,15 @@ impl Backend for SpoolBackend {
     }
 
     async fn rcpt_to(&mut self, to: &str) -> Result<(), Reply> {
-        let Some(domain) = domain_of(to) else {
+        if !to.contains('@') {
             return Err(Reply::new(501, (5, 1, 3), "Bad recipient address syntax"));
-        };
+        }
+        // Local delivery is open to anyone; every other route (a partner, an SMTP next
+        // hop, the default route) only to `smtp.allow` clients, never to a partner's call.
         let refusal = match (self.settings.site.route_for(to), &self.origin) {
-            (Some(Route::Local), _) => Ok(Route::Local),
-            (Some(peer), Origin::Site { relay: true, .. }) => Ok(peer),
-            (None, Origin::Site { relay: true, .. }) => Err(format!(
-                "Relay access denied: {domain} is not a partner domain of this relay"
-            )),
+            (Ok(Route::Local), _) => Ok(Route::Local),
+            (Ok(route), Origin::Site { relay: true, .. }) => Ok(route),
+            (Err(reason), Origin::Site { relay: true, .. }) => Err(reason),
             (_, Origin::Site { .. }) => {
                 Err("Relay access denied: your address is not in smtp.allow".to_string())
             }

@@ -1,19 +1,53 @@
-//! Delivery of mail for our own domain: into the Maildir, or by SMTP to the site's MTA.
+//! Delivery without a call: mail for our own domain into the Maildir or by SMTP to the
+//! site's MTA, and mail on an SMTP route (`smtp:[host]:port`, the default route) to its
+//! next hop. Both SMTP destinations share one client path with connection caching.
 
 use super::context::Context;
 use super::jobs::Lane;
 use super::outcome::{Job, RcptOutcome, outcomes_from_smtp};
+use super::scheduler::route_label;
 use crate::config::Delivery;
-use crate::smtp::{ClientTimeouts, SmtpClient};
+use crate::queue::NextHop;
+use crate::smtp::{ClientError, ClientTimeouts, SmtpClient};
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::TcpStream;
 
-/// How long a connection to the local MTA is kept open for the next message.
-const SMTP_IDLE: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long a connection to the local MTA or a next hop is kept open for the next message.
+const SMTP_IDLE: Duration = Duration::from_secs(5);
 
-/// One lane of local delivery. With `delivery.smtp` it keeps its connection to the MTA
+/// How long resolving a next hop's host, and then each TCP connect, may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where a lane without calls hands its mail.
+#[derive(Clone, Debug)]
+pub(crate) enum Destination {
+    Maildir(std::path::PathBuf),
+    Smtp(SmtpHop),
+}
+
+/// An SMTP server a lane delivers to.
+#[derive(Clone, Debug)]
+pub(crate) enum SmtpHop {
+    /// The site's MTA (`delivery.smtp`).
+    Mta(SocketAddr),
+    /// An SMTP next hop of the routing table.
+    NextHop(NextHop),
+}
+
+impl From<Delivery> for Destination {
+    fn from(d: Delivery) -> Self {
+        match d {
+            Delivery::Maildir(dir) => Destination::Maildir(dir),
+            Delivery::Smtp(addr) => Destination::Smtp(SmtpHop::Mta(addr)),
+        }
+    }
+}
+
+/// One lane of local delivery or of an SMTP next hop. By SMTP it keeps its connection
 /// open between messages, as Postfix's smtp client does with connection caching.
-pub(crate) async fn worker(ctx: Arc<Context>, delivery: Delivery, lane: Lane) {
+pub(crate) async fn worker(ctx: Arc<Context>, dest: Destination, lane: Lane) {
     let mut conn: Option<SmtpClient<TcpStream>> = None;
     loop {
         let job = tokio::select! {
@@ -28,11 +62,12 @@ pub(crate) async fn worker(ctx: Arc<Context>, delivery: Delivery, lane: Lane) {
         let Some(job) = job else { break };
         ctx.spool.begin_send(&job.id, &job.route).await;
         let sending = tokio::time::Instant::now();
-        let outcomes = match &delivery {
-            Delivery::Maildir(dir) => to_maildir(&ctx, dir, &job).await,
-            Delivery::Smtp(addr) => to_smtp(&ctx, *addr, &job, &mut conn).await,
+        let outcomes = match &dest {
+            Destination::Maildir(dir) => to_maildir(&ctx, dir, &job).await,
+            Destination::Smtp(hop) => to_smtp(&ctx, hop, &job, &mut conn).await,
         };
-        ctx.metrics.transferred(None, sending.elapsed());
+        ctx.metrics
+            .transferred(route_label(&job.route), sending.elapsed());
         lane.report(job, outcomes).await;
     }
     if let Some(c) = conn.take() {
@@ -71,16 +106,19 @@ async fn to_maildir(ctx: &Context, dir: &std::path::Path, job: &Job) -> Vec<(Str
 
 async fn to_smtp(
     ctx: &Context,
-    addr: std::net::SocketAddr,
+    hop: &SmtpHop,
     job: &Job,
     conn: &mut Option<SmtpClient<TcpStream>>,
 ) -> Vec<(String, RcptOutcome)> {
-    let what = format!("local MTA {addr}");
+    let what = match hop {
+        SmtpHop::NextHop(h) => format!("next hop {h}"),
+        SmtpHop::Mta(addr) => format!("local MTA {addr}"),
+    };
     // A cached connection may have been closed by the MTA meanwhile: then one fresh try.
     for fresh in [conn.is_none(), true] {
         if fresh {
             *conn = None;
-            match connect(ctx, addr).await {
+            match connect(ctx, hop).await {
                 Ok(c) => *conn = Some(c),
                 Err(e) => return outcomes_from_smtp(job, Err(e), &what),
             }
@@ -118,13 +156,12 @@ async fn to_smtp(
     job.all(RcptOutcome::Transient(format!("{what}: no connection")))
 }
 
-async fn connect(
-    ctx: &Context,
-    addr: std::net::SocketAddr,
-) -> Result<SmtpClient<TcpStream>, crate::smtp::ClientError> {
-    let tcp = TcpStream::connect(addr)
-        .await
-        .map_err(crate::smtp::ClientError::Io)?;
+async fn connect(ctx: &Context, hop: &SmtpHop) -> Result<SmtpClient<TcpStream>, ClientError> {
+    let tcp = match hop {
+        SmtpHop::Mta(addr) => TcpStream::connect(addr).await,
+        SmtpHop::NextHop(h) => connect_next_hop(h).await,
+    }
+    .map_err(ClientError::Io)?;
     let _ = tcp.set_nodelay(true);
     SmtpClient::connect(
         tcp,
@@ -132,4 +169,42 @@ async fn connect(
         ClientTimeouts::default(),
     )
     .await
+}
+
+/// The next hop's addresses (an IP address as it is; a name through the system
+/// resolver: A/AAAA, no MX), each tried in turn until one takes the connection.
+async fn connect_next_hop(h: &NextHop) -> std::io::Result<TcpStream> {
+    let timed_out = |what: String| std::io::Error::new(std::io::ErrorKind::TimedOut, what);
+    let addrs: Vec<SocketAddr> = match tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        tokio::net::lookup_host((h.host.as_str(), h.port)),
+    )
+    .await
+    {
+        Ok(Ok(a)) => a.collect(),
+        Ok(Err(e)) => {
+            return Err(std::io::Error::new(
+                e.kind(),
+                format!("cannot resolve {}: {e}", h.host),
+            ));
+        }
+        Err(_) => {
+            return Err(timed_out(format!(
+                "resolving {} took over {CONNECT_TIMEOUT:?}",
+                h.host
+            )));
+        }
+    };
+    let mut last = std::io::Error::new(
+        std::io::ErrorKind::NotFound,
+        format!("{} has no address", h.host),
+    );
+    for a in addrs {
+        match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(a)).await {
+            Ok(Ok(s)) => return Ok(s),
+            Ok(Err(e)) => last = std::io::Error::new(e.kind(), format!("{a}: {e}")),
+            Err(_) => last = timed_out(format!("{a}: no answer within {CONNECT_TIMEOUT:?}")),
+        }
+    }
+    Err(last)
 }

@@ -4,7 +4,9 @@
 //! Live: `[[peer]]` (added, removed, changed: address, trust, psk_file, fingerprints,
 //! senders, continuity), the keyring (certs imported or revoked, own keys,
 //! `relay.signing_key`), `smtp.allow`, `smtp.max_message_size`, `smtp.max_recipients`,
-//! `sip.call_idle`, `sip.suites` and `[queue]`. Everything else is read only at start
+//! `sip.call_idle`, `sip.suites`, `[queue]`, and the routing table (`[[route]]`,
+//! `routing.default`, `routing.default_message`: mail accepted from then on is routed by
+//! it; mail already queued keeps the route it was given). Everything else is read only at start
 //! ([`restart_only_changes`]): a reload that changes it is refused, naming the setting.
 //! A refused reload changes nothing; calls, SMTP sessions and jobs in progress keep the
 //! snapshot they started with either way.
@@ -61,7 +63,7 @@ pub(crate) async fn reload(ctx: &Context) -> Result<String, String> {
     let generation = ctx.settings().generation + 1;
     let diff = peer_diff(&in_force.cfg.peers, &new.peers);
     let summary = format!(
-        "{} and keyring {} reloaded: own key {}, {} partner certificate(s), {} peer(s){}",
+        "{} and keyring {} reloaded: own key {}, {} partner certificate(s), {} peer(s){}; routing: {}",
         match &in_force.file {
             Some(_) => new.file.clone(),
             None => format!("{} (built in memory, not re-read)", new.file),
@@ -70,7 +72,8 @@ pub(crate) async fn reload(ctx: &Context) -> Result<String, String> {
         ks.own_fpr_hex,
         ks.keyring.list().iter().filter(|k| !k.own).count(),
         new.peers.len(),
-        diff.describe()
+        diff.describe(),
+        describe_routing(&new.routing)
     );
     ctx.keys.set(ks);
     let settings = Settings::from_config(&new, addrs, generation);
@@ -184,6 +187,8 @@ pub(crate) fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
     check("sip.tcp_half_open", d(a.tcp_half_open), d(b.tcp_half_open));
     check("delivery", delivery(&old.delivery), delivery(&new.delivery));
     check("delivery.lanes", n(old.local_lanes), n(new.local_lanes));
+    // The lanes of a route are started once, with the count in force at start.
+    check("routing.lanes", n(old.routing.lanes), n(new.routing.lanes));
     let audit = |c: &Option<PathBuf>| match c {
         Some(p) => format!("recording into {}", p.display()),
         None => "off".to_string(),
@@ -206,6 +211,19 @@ fn delivery(d: &crate::config::Delivery) -> String {
         crate::config::Delivery::Maildir(p) => format!("maildir {}", p.display()),
         crate::config::Delivery::Smtp(a) => format!("smtp {a}"),
     }
+}
+
+/// The routing table in one line, for the start and reload log lines: how many
+/// `[[route]]`s and where everything else goes.
+pub(crate) fn describe_routing(r: &crate::config::Routing) -> String {
+    use crate::config::Target;
+    let default = match &r.default {
+        Target::Local => "local".to_string(),
+        Target::Peer(p) => format!("peer:{p}"),
+        Target::Smtp(h) => format!("smtp:{h}"),
+        Target::Refuse(_) => "refuse".to_string(),
+    };
+    format!("{} route(s), default {default}", r.routes.len())
 }
 
 /// Which peers a reload adds, removes and changes.
@@ -296,6 +314,24 @@ mod tests {
             &format!("[queue]\nretry_initial = \"7s\"\n{C}senders = [\"x.test\"]\n"),
         );
         assert_eq!(restart_only_changes(&old, &new), Vec::<String>::new());
+    }
+
+    #[test]
+    fn the_routing_table_may_change_live_but_its_lanes_need_a_restart() {
+        let old = cfg(SPOOL, "", SIP, B);
+        let routes = "[routing]\ndefault = \"smtp:[mx.test]:2525\"\n\
+                      [[route]]\ndomain = \".x.test\"\nvia = \"refuse\"\n";
+        let new = cfg(SPOOL, "", SIP, &format!("{routes}{B}"));
+        assert_eq!(restart_only_changes(&old, &new), Vec::<String>::new());
+        assert_eq!(
+            describe_routing(&new.routing),
+            "1 route(s), default smtp:[mx.test]:2525"
+        );
+        let lanes = cfg(SPOOL, "", SIP, &format!("[routing]\nlanes = 9\n{B}"));
+        assert_eq!(
+            restart_only_changes(&old, &lanes),
+            ["routing.lanes changed from 4 to 9"]
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@ use super::schedule::{self, Disposal, DsnKind, Step};
 use super::settings::Live;
 use super::site::Site;
 use crate::config::QueueTimes;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RouteLabel};
 use crate::queue::{Envelope, RcptState, Route, Spool, now_ms};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
@@ -84,11 +84,12 @@ pub(crate) struct MailQueue {
     metrics: Arc<Metrics>,
 }
 
-/// A route as the metrics label it: `None` for local delivery, else the peer.
-fn route_peer(route: &Route) -> Option<&str> {
+/// A route as the metrics label it.
+pub(crate) fn route_label(route: &Route) -> RouteLabel<'_> {
     match route {
-        Route::Local => None,
-        Route::Peer(d) => Some(d),
+        Route::Local => RouteLabel::Local,
+        Route::Peer(d) => RouteLabel::Peer(d),
+        Route::Smtp(h) => RouteLabel::NextHop(&h.host, h.port),
     }
 }
 
@@ -142,7 +143,7 @@ impl MailQueue {
     /// A message was committed to the spool (from SMTP, or a DSN of ours).
     pub fn insert(&self, env: Envelope) {
         for r in env.pending() {
-            self.metrics.accepted(route_peer(&r.route), 1);
+            self.metrics.accepted(route_label(&r.route), 1);
         }
         {
             let mut st = self.lock();
@@ -372,12 +373,12 @@ impl MailQueue {
     fn log_step(&self, job: &Job, call_id: Option<&str>, step: &Step) {
         let peer = match &job.route {
             Route::Peer(d) => Some(d.as_str()),
-            Route::Local => None,
+            Route::Local | Route::Smtp(_) => None,
         };
         match step {
             Step::Delivered { rcpt } => {
                 tracing::info!(queue_id = %job.id, %rcpt, route = %job.route, peer, call_id, "delivered");
-                self.metrics.delivered(route_peer(&job.route));
+                self.metrics.delivered(route_label(&job.route));
                 self.events.emit(RelayEvent::Delivered {
                     id: job.id.clone(),
                     recipient: rcpt.clone(),
@@ -391,12 +392,12 @@ impl MailQueue {
             } => {
                 tracing::warn!(queue_id = %job.id, %rcpt, route = %job.route, peer, call_id,
                     attempts, retry_in_s = retry_in.as_secs(), %reason, "deferred");
-                self.metrics.deferred(route_peer(&job.route));
+                self.metrics.deferred(route_label(&job.route));
             }
             Step::Failed { failure: f, bounce } => {
                 tracing::error!(queue_id = %job.id, rcpt = %f.rcpt, route = %job.route, peer,
                     call_id, status = %f.status, reason = %f.diagnostic, "delivery failed for good");
-                self.metrics.bounced(route_peer(&job.route));
+                self.metrics.bounced(route_label(&job.route));
                 self.events.emit(RelayEvent::Failed {
                     id: job.id.clone(),
                     recipient: f.rcpt.clone(),
@@ -482,6 +483,8 @@ pub(crate) struct LaneCounts {
     pub local: usize,
     /// Calls at once to one peer.
     pub per_peer: usize,
+    /// Connections at once to one SMTP next hop (`routing.lanes`).
+    pub per_next_hop: usize,
 }
 
 /// A lane's task, as the daemon builds it for a route (see `daemon::start`).
@@ -530,6 +533,7 @@ pub(crate) async fn run(
                 let n = match &job.route {
                     Route::Local => lanes.local,
                     Route::Peer(_) => lanes.per_peer,
+                    Route::Smtp(_) => lanes.per_next_hop,
                 };
                 for lane_no in 0..n {
                     let lane = Lane::new(rx.clone(), report_tx.clone());
@@ -671,6 +675,7 @@ mod tests {
             media_ports: None,
             public_media_ip: std::net::Ipv4Addr::LOCALHOST.into(),
             call_records: None,
+            routing: Default::default(),
         }
     }
 

@@ -1,7 +1,7 @@
 //! Who we are and who our partners are: the part of the config every call and every
 //! message needs, read-only for the daemon's life. Also where mail for an address goes.
 
-use crate::config::{Config, Peer, PortRange};
+use crate::config::{Config, Peer, PortRange, Routing};
 use crate::handshake::Suite;
 use crate::queue::Route;
 use std::net::IpAddr;
@@ -26,6 +26,8 @@ pub(crate) struct Site {
     pub public_media_ip: IpAddr,
     /// Where each signed call's audit record goes (None: not recorded).
     pub call_records: Option<PathBuf>,
+    /// `[[route]]` and `[routing]`: where mail for other domains goes.
+    pub routing: Routing,
 }
 
 impl Site {
@@ -39,6 +41,7 @@ impl Site {
             media_ports: cfg.media_ports,
             public_media_ip: cfg.advertise.map_or(cfg.media_ip, |a| a.ip),
             call_records: cfg.call_records.clone(),
+            routing: cfg.routing.clone(),
         }
     }
 
@@ -49,18 +52,15 @@ impl Site {
             .find(|p| p.domain.eq_ignore_ascii_case(domain))
     }
 
-    /// Where mail for `addr` goes: our domain is local, a partner's goes to that peer,
-    /// anything else has no route (sipmail is not an Internet MTA).
-    pub fn route_for(&self, addr: &str) -> Option<Route> {
-        let domain = addr
-            .rsplit_once('@')?
-            .1
-            .trim_end_matches('.')
-            .to_ascii_lowercase();
-        if domain == self.domain {
-            Some(Route::Local)
-        } else {
-            self.peer(&domain).map(|p| Route::Peer(p.domain.clone()))
-        }
+    /// Where mail for `addr` goes: our domain is local, then the routing table decides
+    /// (`[[route]]`, the partners, `routing.default`; see `config::Routing::decide`). Err:
+    /// the text of the 550 5.7.1 that refuses it. Whether the client may use the route
+    /// is the SMTP server's check (`inbound`).
+    pub fn route_for(&self, addr: &str) -> Result<Route, String> {
+        let Some((_, domain)) = addr.rsplit_once('@') else {
+            return Err(format!("<{addr}> has no domain"));
+        };
+        let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+        self.routing.decide(&domain, &self.domain, &self.peers)
     }
 }

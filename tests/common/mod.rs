@@ -175,6 +175,17 @@ pub fn flip_in_attr(d: &mut [u8], attr: &str, index: usize) -> bool {
     true
 }
 
+/// A `sipmail` process a test started: killed (by its PID) and reaped when dropped, also
+/// when the test fails.
+pub struct Daemon(pub std::process::Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 pub async fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + timeout;
     while Instant::now() < end {
