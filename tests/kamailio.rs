@@ -49,7 +49,9 @@ impl Kamailio {
             Tamper::None => ("", "", ""),
             Tamper::AnswerAddress => (
                 "t_on_reply(\"TAMPER\");",
-                r#"if (status == "200") { subst_body('/c=IN IP4 [0-9.]+/c=IN IP4 127.0.43.66/'); xlog("L_NOTICE", "KAM tampered c= of the 200\n"); }"#,
+                r#"onreply_route[TAMPER] {
+    if (status == "200") { subst_body('/c=IN IP4 [0-9.]+/c=IN IP4 127.0.43.66/'); xlog("L_NOTICE", "KAM tampered c= of the 200\n"); }
+}"#,
                 "",
             ),
             Tamper::ConfirmSignature => (
@@ -100,9 +102,7 @@ request_route {{
     t_relay();
 }}
 
-onreply_route[TAMPER] {{
-    {tamper_reply}
-}}
+{tamper_reply}
 "#
         );
         let cfg_path = dir.join("kamailio.cfg");
@@ -237,10 +237,13 @@ async fn mail_crosses_the_proxy(base: u16, tcp: bool) {
     })
     .await;
     assert!(ended.is_some(), "the call did not end");
+    // A's BYE, to B's Contact. (Over TCP the source is whatever address the kernel
+    // gave the connection, so the Request-URI tells who sent it.)
+    let b_contact = format!("sip:mail@{B_IP}:{}", base + 2);
     let bye_seen = wait_until(Duration::from_secs(5), || {
         kam.lines()
             .iter()
-            .any(|l| l.contains("loose-routed BYE") && l.contains(&format!("from {A_IP}")))
+            .any(|l| l.contains("loose-routed BYE") && l.contains(&b_contact))
     })
     .await;
     let lines = kam.lines();
@@ -252,7 +255,6 @@ async fn mail_crosses_the_proxy(base: u16, tcp: bool) {
         "{lines:#?}"
     );
     // ACK and BYE came back to the proxy with its Route, addressed to B's Contact.
-    let b_contact = format!("sip:mail@{B_IP}:{}", base + 2);
     assert!(
         lines
             .iter()
@@ -286,7 +288,10 @@ async fn mail_crosses_a_record_routing_kamailio_over_tcp() {
 
 /// Through a tampering proxy: the call fails the signature check, nothing is delivered
 /// and the mail stays queued. Returns the reason A's and B's events gave.
-async fn tampered(base: u16, tamper: Tamper) -> (Kamailio, Vec<String>, Vec<String>) {
+async fn tampered(
+    base: u16,
+    tamper: Tamper,
+) -> (tempfile::TempDir, Kamailio, Vec<String>, Vec<String>) {
     init_logs();
     let dir = tempfile::tempdir().unwrap();
     let kam = Kamailio::start(dir.path(), base, base + 2, false, tamper);
@@ -335,12 +340,12 @@ async fn tampered(base: u16, tamper: Tamper) -> (Kamailio, Vec<String>, Vec<Stri
         "the message must stay queued at A"
     );
     sites.stop().await;
-    (kam, a_reasons, b_reasons)
+    (dir, kam, a_reasons, b_reasons)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proxy_that_rewrites_the_answers_address_is_refused() {
-    let (kam, a, _) = tampered(43300, Tamper::AnswerAddress).await;
+    let (_dir, kam, a, _) = tampered(43300, Tamper::AnswerAddress).await;
     let lines = kam.lines();
     assert!(
         lines.iter().any(|l| l.contains("tampered c=")),
@@ -359,7 +364,7 @@ async fn a_proxy_that_rewrites_the_answers_address_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proxy_that_rewrites_the_confirm_is_refused_and_b_hangs_up_through_it() {
-    let (kam, _, b) = tampered(43400, Tamper::ConfirmSignature).await;
+    let (_dir, kam, _, b) = tampered(43400, Tamper::ConfirmSignature).await;
     let lines = kam.lines();
     assert!(
         lines.iter().any(|l| l.contains("tampered the confirm")),
@@ -372,9 +377,9 @@ async fn a_proxy_that_rewrites_the_confirm_is_refused_and_b_hangs_up_through_it(
     // B's BYE followed B's route set (the INVITE's Record-Route) to A's Contact.
     let a_contact = format!("sip:mail@{A_IP}:{}", 43401);
     assert!(
-        lines.iter().any(|l| l.contains("loose-routed BYE")
-            && l.contains(&format!("from {B_IP}"))
-            && l.contains(&a_contact)),
+        lines
+            .iter()
+            .any(|l| l.contains("loose-routed BYE") && l.contains(&a_contact)),
         "no BYE from B through the proxy to {a_contact}: {lines:#?}"
     );
 }
