@@ -134,7 +134,13 @@ async fn one_of_two_relays_killed_mid_run_every_message_delivered_exactly_once()
         Keyring::import(&ka, b_pub.as_bytes()).unwrap();
     }
     let sink = d.join("sink");
-    let c1 = b_config(d, "b1", B1_IP, B1_PORT, &sink);
+    std::fs::create_dir_all(&sink).unwrap();
+    // B1 reaches the sink through a link, so that the test can cut its delivery just
+    // before the kill: B1 then dies holding mail it accepted (and A was told 250 for) but
+    // had not delivered, which its restart must deliver, once.
+    let b1_sink = d.join("b1-sink");
+    std::os::unix::fs::symlink(&sink, &b1_sink).unwrap();
+    let c1 = b_config(d, "b1", B1_IP, B1_PORT, &b1_sink);
     let c2 = b_config(d, "b2", B2_IP, B2_PORT, &sink);
     let mut b1 = Daemon::start(&c1, d.join("b1.log"));
     let b2 = Daemon::start(&c2, d.join("b2.log"));
@@ -193,6 +199,14 @@ retry_max = "5s"
     // Kill B1 with SIGKILL once it has delivered some of the mail.
     let some = wait_until(Duration::from_secs(60), || maildir_files(&sink).len() >= 40).await;
     assert!(some, "B1 delivered only {}:\n{}", maildir_files(&sink).len(), b1.log());
+    std::fs::remove_file(&b1_sink).unwrap();
+    std::os::unix::fs::symlink(d.join("nowhere"), &b1_sink).unwrap();
+    let cut = maildir_files(&sink).len();
+    let held = wait_until(Duration::from_secs(20), || {
+        b1.log().matches("Maildir write failed").count() >= 10
+    })
+    .await;
+    assert!(held, "B1 took no more mail after its sink was cut:\n{}", b1.log());
     b1.kill9();
     let killed_at = Instant::now();
     let at_kill = maildir_files(&sink).len();
@@ -214,6 +228,8 @@ retry_max = "5s"
         a.queue_snapshot().messages
     );
     let before_restart = message_ids(&sink);
+    std::fs::remove_file(&b1_sink).unwrap();
+    std::os::unix::fs::symlink(&sink, &b1_sink).unwrap();
     // B1 restarts on its spool and delivers what it had accepted.
     let b1_restarted = Daemon::start(&c1, d.join("b1-restart.log"));
     let all = wait_until(Duration::from_secs(60), || {
@@ -233,10 +249,17 @@ retry_max = "5s"
             failed_over += 1;
         }
     }
+    let recovered = b1_restarted
+        .log()
+        .split("recovered=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next().map(str::to_string))
+        .unwrap_or_default();
     eprintln!(
-        "failover figures: {MESSAGES} sent; {at_kill} delivered when B1 was killed; \
-         {} distinct before B1's restart, {} after; {files} files; {} duplicated; \
-         20 more through B2 within {failover_took:?}; {failed_over} failed attempts at B1 logged",
+        "failover figures: {MESSAGES} sent; B1's sink cut at {cut} delivered, B1 killed at \
+         {at_kill}; {} distinct before B1's restart, {} after; B1 recovered {recovered} \
+         spooled messages; {files} files; {} duplicated; 20 more through B2 within \
+         {failover_took:?}; {failed_over} failed attempts at B1 logged",
         before_restart.len(),
         ids.len(),
         dups.len()
@@ -248,6 +271,10 @@ retry_max = "5s"
         b1_restarted.log()
     );
     assert!(dups.is_empty(), "duplicates: {dups:?}");
+    assert!(
+        before_restart.len() < MESSAGES,
+        "B1 held nothing undelivered when killed: the restart was not tested"
+    );
     assert_eq!(files, MESSAGES, "files at the sink");
     assert!(failed_over >= 1, "no failed attempt at B1 was reported");
     shutdown.trigger();
