@@ -182,7 +182,12 @@ retry_max = "5s"
             std::net::TcpStream::connect((ip, port)).is_ok()
         })
         .await;
-        assert!(up, "relay {ip}:{port} did not start:\n{}\n{}", b1.log(), b2.log());
+        assert!(
+            up,
+            "relay {ip}:{port} did not start:\n{}\n{}",
+            b1.log(),
+            b2.log()
+        );
     }
 
     let run = format!("failover-{}", std::process::id());
@@ -191,14 +196,21 @@ retry_max = "5s"
     let sender = tokio::spawn(async move {
         // Several sessions, one after the other, so the queue fills over time.
         for chunk in msgs.chunks(20) {
-            submit(smtp, chunk, "bob@site-b.test", |_| {}).await.unwrap();
+            submit(smtp, chunk, "bob@site-b.test", |_| {})
+                .await
+                .unwrap();
             tokio::time::sleep(Duration::from_millis(150)).await;
         }
     });
 
     // Kill B1 with SIGKILL once it has delivered some of the mail.
     let some = wait_until(Duration::from_secs(60), || maildir_files(&sink).len() >= 40).await;
-    assert!(some, "B1 delivered only {}:\n{}", maildir_files(&sink).len(), b1.log());
+    assert!(
+        some,
+        "B1 delivered only {}:\n{}",
+        maildir_files(&sink).len(),
+        b1.log()
+    );
     std::fs::remove_file(&b1_sink).unwrap();
     std::os::unix::fs::symlink(d.join("nowhere"), &b1_sink).unwrap();
     let cut = maildir_files(&sink).len();
@@ -206,7 +218,11 @@ retry_max = "5s"
         b1.log().matches("Maildir write failed").count() >= 10
     })
     .await;
-    assert!(held, "B1 took no more mail after its sink was cut:\n{}", b1.log());
+    assert!(
+        held,
+        "B1 took no more mail after its sink was cut:\n{}",
+        b1.log()
+    );
     b1.kill9();
     let killed_at = Instant::now();
     let at_kill = maildir_files(&sink).len();

@@ -130,7 +130,8 @@ request_route {{
     /// OPTIONS to the proxy over UDP until it answers 200, within 10 s.
     fn wait_ready(&self, port: u16) {
         let s = std::net::UdpSocket::bind((A_IP, 0)).unwrap();
-        s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
         let me = s.local_addr().unwrap();
         let end = Instant::now() + Duration::from_secs(10);
         let mut n = 0;
@@ -149,7 +150,10 @@ request_route {{
                 return;
             }
         }
-        panic!("kamailio did not answer OPTIONS within 10 s:\n{}", self.log());
+        panic!(
+            "kamailio did not answer OPTIONS within 10 s:\n{}",
+            self.log()
+        );
     }
 
     fn log(&self) -> String {
@@ -187,11 +191,7 @@ impl Drop for Kamailio {
 }
 
 /// Site A and site B on 127.0.43.2 and .3, A calling B through the proxy at `kam_port`.
-fn configs(
-    dir: &Path,
-    base: u16,
-    tcp: bool,
-) -> (sipmail::config::Config, sipmail::config::Config) {
+fn configs(dir: &Path, base: u16, tcp: bool) -> (sipmail::config::Config, sipmail::config::Config) {
     make_keys(dir).unwrap();
     let (kam, pa, pb) = (base, base + 1, base + 2);
     let transport = if tcp { ";transport=tcp" } else { "" };
@@ -201,9 +201,11 @@ fn configs(
             &format!("sip = \"sip:mail@{KAM}:{kam}{transport}\""),
         )
         .replace("127.0.0.1", A_IP);
-    let b = site_config(dir, "site-b", "site-a", pb, pa)
-        .replace("127.0.0.1", B_IP);
-    assert!(a.contains(&format!("sip:mail@{KAM}:{kam}{transport}")), "{a}");
+    let b = site_config(dir, "site-b", "site-a", pb, pa).replace("127.0.0.1", B_IP);
+    assert!(
+        a.contains(&format!("sip:mail@{KAM}:{kam}{transport}")),
+        "{a}"
+    );
     (
         sipmail::config::Config::parse("a.toml", &a).unwrap(),
         sipmail::config::Config::parse("b.toml", &b).unwrap(),
@@ -333,7 +335,10 @@ async fn tampered(
         );
     }
     let md = sites.maildir(&sites.b_cfg);
-    assert!(maildir_files(&md).is_empty(), "a tampered call delivered mail");
+    assert!(
+        maildir_files(&md).is_empty(),
+        "a tampered call delivered mail"
+    );
     assert_eq!(
         sites.a.queue_snapshot().messages,
         1,

@@ -337,7 +337,10 @@ fn sip_may_list_several_relays_tried_in_order() {
             "[\"sip:mail@127.0.0.1:5062\", \"sip:mail@127.0.0.1:5062\"]",
             "listed twice",
         ),
-        ("[\"sip:mail@127.0.0.1:5062\", \"mail@x\"]", "must start with sip:"),
+        (
+            "[\"sip:mail@127.0.0.1:5062\", \"mail@x\"]",
+            "must start with sip:",
+        ),
         ("5", "a SIP URI"),
     ] {
         let text = GOOD.replace(

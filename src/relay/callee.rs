@@ -465,10 +465,8 @@ fn ok_response(
     if let Some(v) = ok.headers.get("To").map(|t| format!("{t};tag={to_tag}")) {
         ok.headers.set("To", v);
     }
-    ok.headers.push(
-        "Contact",
-        dialog::contact(shared.sip.addr, transport),
-    );
+    ok.headers
+        .push("Contact", dialog::contact(shared.sip.addr, transport));
     ok.headers.push("Allow", super::sipvocab::ALLOW);
     ok.headers.push("Content-Type", "application/sdp");
     let mut sid = [0u8; 8];

@@ -7,8 +7,8 @@ use super::context::{Context, SetupFailure};
 use super::dialog::{self, Dialog};
 use super::events::RelayEvent;
 use super::failover::{self, Attempt, Failover, Next};
-use super::locate::{self, CallTarget};
 use super::jobs::Lane;
+use super::locate::{self, CallTarget};
 use super::outcome::{RcptOutcome, outcomes_from_smtp};
 use super::trust::{ContinuityDecision, HoldReason, OpportunisticDecision, continuity_decision};
 use crate::config::Peer;
@@ -191,7 +191,10 @@ async fn place_call_on_targets(
     loop {
         let Next::Try { index, last } = next else {
             // `first` on a non-empty list always tries; `after` stops only after an Err.
-            return Err(CallError::Resolve(format!("no relay left for {}", peer.domain)));
+            return Err(CallError::Resolve(format!(
+                "no relay left for {}",
+                peer.domain
+            )));
         };
         let target = &targets[index];
         if attempt_no > 0 {
@@ -344,8 +347,12 @@ async fn place_call(
     // The route set (through record-routing proxies) and the remote target; ACK and BYE
     // go to the first route, or without one where the INVITE went.
     let routing = match route::route_set_uac(&resp) {
-        Ok(set) => dialog::plan(&set, route::remote_target(resp.headers.get("Contact")), &uri)
-            .map_err(|e| e.to_string()),
+        Ok(set) => dialog::plan(
+            &set,
+            route::remote_target(resp.headers.get("Contact")),
+            &uri,
+        )
+        .map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),
     };
     let (routed, mut bad_route) = match routing {

@@ -286,9 +286,10 @@ mod tests {
         )
         .unwrap();
         let invite_went_to: SocketAddr = "127.0.43.1:43060".parse().unwrap();
-        let (target, transport) = resolve_hop(p.next_hop.as_ref(), (invite_went_to, Transport::Tcp))
-            .await
-            .unwrap();
+        let (target, transport) =
+            resolve_hop(p.next_hop.as_ref(), (invite_went_to, Transport::Tcp))
+                .await
+                .unwrap();
         assert_eq!((target, transport), (invite_went_to, Transport::Tcp));
         let d = Dialog {
             call_id: "c1".into(),
@@ -329,8 +330,7 @@ mod tests {
         let mut inv = invite();
         inv.headers
             .push("Record-Route", "<sip:127.0.43.1:43060;lr>");
-        inv.headers
-            .push("Record-Route", "<sip:127.0.43.9:5060;lr>");
+        inv.headers.push("Record-Route", "<sip:127.0.43.9:5060;lr>");
         inv.headers.push("Contact", "<sip:mail@127.0.43.2:43061>");
         let set = route::route_set_uas(&inv).unwrap();
         let p = plan(

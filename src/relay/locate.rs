@@ -46,7 +46,10 @@ pub(crate) async fn locate(peer: &Peer) -> Result<Vec<CallTarget>, String> {
 pub(crate) fn target_of(t: &SipTarget, addr: SocketAddr) -> CallTarget {
     let uri = t.to_string();
     let label = if t.host.parse::<std::net::IpAddr>().is_ok()
-        || t.host.trim_matches(['[', ']']).parse::<std::net::IpAddr>().is_ok()
+        || t.host
+            .trim_matches(['[', ']'])
+            .parse::<std::net::IpAddr>()
+            .is_ok()
     {
         uri
     } else {
@@ -54,7 +57,11 @@ pub(crate) fn target_of(t: &SipTarget, addr: SocketAddr) -> CallTarget {
     };
     CallTarget {
         addr,
-        transport: if t.tcp { Transport::Tcp } else { Transport::Udp },
+        transport: if t.tcp {
+            Transport::Tcp
+        } else {
+            Transport::Udp
+        },
         label,
     }
 }
