@@ -154,7 +154,7 @@ async fn a_partner_over_tcp_is_unaffected_by_a_udp_flood_from_its_address() {
             + "\n"
     };
     let (a, b) = edited_configs(dir.path(), tcp, |s| s);
-    assert!(a.peers[0].sip.tcp);
+    assert!(a.peers[0].sip[0].tcp);
     let sites = TwoSites::start_with(dir.path(), a, b, Hooks::default())
         .await
         .unwrap();

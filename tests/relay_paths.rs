@@ -19,7 +19,7 @@ async fn calls_over_sip_tcp() {
         |s| s.replace("\"\n[delivery]", ";transport=tcp\"\n[delivery]"),
         |s| s,
     );
-    assert!(a.peers[0].sip.tcp);
+    assert!(a.peers[0].sip[0].tcp);
     let sites = TwoSites::start_with(dir.path(), a, b, Hooks::default())
         .await
         .unwrap();

@@ -1,7 +1,7 @@
 //! `[[peer]]`: the partner relays, how each is authenticated, and which sender domains
 //! each may use.
 
-use super::raw::RawPeer;
+use super::raw::{RawPeer, RawSipTargets};
 use super::values::{SipTarget, valid_domain};
 use super::{ConfigError, Errors, Psk};
 
@@ -58,7 +58,9 @@ pub enum ContinuityPolicy {
 #[derive(Clone, Debug)]
 pub struct Peer {
     pub domain: String,
-    pub sip: SipTarget,
+    /// The partner's relays, tried in this order (`sip = "URI"` or `sip = ["URI", ...]`);
+    /// never empty.
+    pub sip: Vec<SipTarget>,
     pub trust: Trust,
     pub continuity: ContinuityPolicy,
     /// `fingerprints = [...]`: the only certificates (uppercase hex) that may speak for
@@ -128,7 +130,7 @@ fn parse_peer(
             format!("\"{d}\" is listed twice"),
         ));
     }
-    let sip = SipTarget::parse(&p.sip).map_err(|m| bad(&format!("{key}.sip"), m))?;
+    let sip = parse_sip_targets(&p.sip).map_err(|m| bad(&format!("{key}.sip"), m))?;
     let trust = parse_trust(&key, p, e)?;
     let continuity = match p.continuity.as_deref() {
         None | Some("warn") => ContinuityPolicy::Warn,
@@ -176,6 +178,26 @@ fn parse_peer(
         fingerprints,
         senders,
     })
+}
+
+/// `sip`: one URI or a non-empty list of distinct URIs, in the order they are tried.
+fn parse_sip_targets(raw: &RawSipTargets) -> Result<Vec<SipTarget>, String> {
+    let list: Vec<&String> = match raw {
+        RawSipTargets::One(s) => vec![s],
+        RawSipTargets::Many(v) => v.iter().collect(),
+    };
+    if list.is_empty() {
+        return Err("an empty list names no relay: give one URI or a list of them".into());
+    }
+    let mut out: Vec<SipTarget> = Vec::with_capacity(list.len());
+    for s in list {
+        let t = SipTarget::parse(s)?;
+        if out.contains(&t) {
+            return Err(format!("\"{s}\" is listed twice"));
+        }
+        out.push(t);
+    }
+    Ok(out)
 }
 
 /// `trust` and `psk_file` of `peer[i]` (`key`); the default is `signed`.

@@ -74,12 +74,44 @@ pub(super) struct RawSip {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawPeer {
     pub(super) domain: String,
-    pub(super) sip: String,
+    pub(super) sip: RawSipTargets,
     pub(super) trust: Option<String>,
     pub(super) psk_file: Option<PathBuf>,
     pub(super) continuity: Option<String>,
     pub(super) fingerprints: Option<Vec<String>>,
     pub(super) senders: Option<Vec<String>>,
+}
+
+/// `[[peer]] sip`: one URI, or a list of them (several relays, tried in order).
+pub(super) enum RawSipTargets {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl<'de> Deserialize<'de> for RawSipTargets {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RawSipTargets;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a SIP URI (\"sip:mail@host:port\") or a list of them, tried in order")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(RawSipTargets::One(v.to_string()))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut v = Vec::new();
+                while let Some(s) = a.next_element::<String>()? {
+                    v.push(s);
+                }
+                Ok(RawSipTargets::Many(v))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 #[derive(Deserialize, Default)]

@@ -24,7 +24,8 @@ maildir = "var/site-a/maildir"
 fn the_documented_example_parses() {
     let c = Config::parse("a.toml", GOOD).unwrap();
     assert_eq!(c.domain, "site-a.test");
-    assert_eq!(c.peers[0].sip.port, 5062);
+    assert_eq!(c.peers[0].sip[0].port, 5062);
+    assert_eq!(c.peers[0].sip.len(), 1);
     assert!(matches!(c.delivery, Delivery::Maildir(_)));
     assert!(c.smtp_allow[0].contains("127.9.9.9".parse().unwrap()));
     assert!(!c.smtp_allow[0].contains("10.0.0.1".parse().unwrap()));
@@ -313,6 +314,43 @@ fn durations_and_targets() {
     assert_eq!((t.host.as_str(), t.port, t.tcp), ("::1", 5070, true));
     assert_eq!(t.to_string(), "sip:mail@[::1]:5070;transport=tcp");
     assert_eq!(SipTarget::parse("sip:mail@example.net").unwrap().port, 5060);
+}
+
+#[test]
+fn sip_may_list_several_relays_tried_in_order() {
+    let text = GOOD.replace(
+        "sip = \"sip:mail@127.0.0.1:5062\"",
+        "sip = [\"sip:mail@127.0.0.1:5062\", \"sip:mail@b2.site-b.test:5070;transport=tcp\"]",
+    );
+    let c = Config::parse("a.toml", &text).unwrap();
+    let s: Vec<String> = c.peers[0].sip.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        s,
+        [
+            "sip:mail@127.0.0.1:5062",
+            "sip:mail@b2.site-b.test:5070;transport=tcp"
+        ]
+    );
+    for (list, why) in [
+        ("[]", "empty list"),
+        (
+            "[\"sip:mail@127.0.0.1:5062\", \"sip:mail@127.0.0.1:5062\"]",
+            "listed twice",
+        ),
+        (
+            "[\"sip:mail@127.0.0.1:5062\", \"mail@x\"]",
+            "must start with sip:",
+        ),
+        ("5", "a SIP URI"),
+    ] {
+        let text = GOOD.replace(
+            "sip = \"sip:mail@127.0.0.1:5062\"",
+            &format!("sip = {list}"),
+        );
+        let e = Config::parse("a.toml", &text).unwrap_err().to_string();
+        assert!(e.contains(why), "{list}: {e}");
+        assert!(e.contains("peer[0]") || e.contains("sip"), "{list}: {e}");
+    }
 }
 
 #[test]

@@ -72,6 +72,11 @@ impl Refusal {
         )
     }
 
+    /// The INVITE's Record-Route or Contact cannot route our requests in the dialog.
+    pub fn bad_route(log: String) -> Self {
+        Refusal::new(400, "Bad Request", log.clone(), log)
+    }
+
     /// Another call already uses this Call-ID.
     pub fn call_id_in_use() -> Self {
         Refusal::new(

@@ -16,6 +16,7 @@ use crate::handshake::sdp::{self, SdpError};
 use crate::handshake::{Answer, AuthMode, CallContext, CalleeAwaitConfirm, CalleePolicy, Signer};
 use crate::metrics::counting::{Counters, Counting};
 use crate::metrics::{CallFailure, Direction};
+use crate::sip::route;
 use crate::sip::{Incoming, Request, Response};
 use crate::tunnel::record::Limits;
 use crate::tunnel::{Role, TunnelStream};
@@ -194,8 +195,40 @@ async fn answer(
         shared,
         call_id: call_id.clone(),
     };
+    // Our requests in the dialog follow the route set (the INVITE's Record-Route, copied
+    // into our 200 OK) to the caller's Contact; without one, they go back where the INVITE
+    // came from. An unusable one is refused before anything is answered.
+    let fallback = format!("sip:{}", ctx.caller);
+    let routed = route::route_set_uas(req)
+        .and_then(|set| {
+            dialog::plan(
+                &set,
+                route::remote_target(req.headers.get("Contact")),
+                &fallback,
+            )
+        })
+        .map_err(|e| e.to_string());
+    let hop = match routed {
+        Ok(r) => dialog::resolve_hop(r.next_hop.as_ref(), (inc.source, inc.transport))
+            .await
+            .map(|h| (r, h)),
+        Err(e) => Err(e),
+    };
+    let (routed, (hop, hop_transport)) = match hop {
+        Ok(x) => x,
+        Err(e) => {
+            let r = Refusal::bad_route(e);
+            return Err(refuse(shared, peer_domain, &inc, r).await);
+        }
+    };
     if let Err(e) = inc
-        .respond(ok_response(shared, req, &ctx.to_tag, &answer))
+        .respond(ok_response(
+            shared,
+            req,
+            inc.transport,
+            &ctx.to_tag,
+            &answer,
+        ))
         .await
     {
         failed(CallFailure::Network);
@@ -207,9 +240,10 @@ async fn answer(
         call_id: call_id.clone(),
         from: format!("<sip:{}>;tag={}", ctx.callee, ctx.to_tag),
         to: format!("<sip:{}>;tag={}", ctx.caller, ctx.from_tag),
-        uri: format!("sip:{}", ctx.caller),
-        target: inc.source,
-        transport: inc.transport,
+        uri: routed.request_uri,
+        routes: routed.routes,
+        target: hop,
+        transport: hop_transport,
         bye_cseq: 1,
     };
     // A BYE is sent in the background: a caller that never answers it must not hold up
@@ -419,14 +453,20 @@ fn prepare(
     })
 }
 
-/// The 200 OK carrying our answer.
-fn ok_response(shared: &Context, req: &Request, to_tag: &str, answer: &Answer) -> Response {
+/// The 200 OK carrying our answer; our Contact names the `transport` the INVITE came on.
+fn ok_response(
+    shared: &Context,
+    req: &Request,
+    transport: crate::sip::Transport,
+    to_tag: &str,
+    answer: &Answer,
+) -> Response {
     let mut ok = Response::for_request(req, 200, "OK");
     if let Some(v) = ok.headers.get("To").map(|t| format!("{t};tag={to_tag}")) {
         ok.headers.set("To", v);
     }
     ok.headers
-        .push("Contact", format!("<sip:mail@{}>", shared.sip.addr));
+        .push("Contact", dialog::contact(shared.sip.addr, transport));
     ok.headers.push("Allow", super::sipvocab::ALLOW);
     ok.headers.push("Content-Type", "application/sdp");
     let mut sid = [0u8; 8];

@@ -6,7 +6,9 @@ use super::admission::handshake_failure;
 use super::context::{Context, SetupFailure};
 use super::dialog::{self, Dialog};
 use super::events::RelayEvent;
+use super::failover::{self, Attempt, Failover, Next};
 use super::jobs::Lane;
+use super::locate::{self, CallTarget};
 use super::outcome::{RcptOutcome, outcomes_from_smtp};
 use super::trust::{ContinuityDecision, HoldReason, OpportunisticDecision, continuity_decision};
 use crate::config::Peer;
@@ -14,7 +16,8 @@ use crate::handshake::sdp::{self, SdpError};
 use crate::handshake::{AuthMode, CallContext, CallerAwaitAnswer, Continuity, HandshakeError};
 use crate::metrics::counting::Counting;
 use crate::metrics::{CallFailure, Direction};
-use crate::sip::{Method, Request, Transport, TxnError};
+use crate::sip::route::{self, Routed};
+use crate::sip::{Method, Request, TxnError};
 use crate::smtp::{ClientError, ClientTimeouts, SmtpClient};
 use crate::tunnel::record::Limits;
 use crate::tunnel::{Role, TunnelStream};
@@ -32,6 +35,8 @@ pub(crate) enum CallError {
     Random(String),
     #[error("SIP: {0}")]
     Sip(#[from] TxnError),
+    #[error("no answer to the INVITE within {} s", .0.as_secs())]
+    NoAnswer(Duration),
     #[error("the peer answered {status} {reason}{}", warning.as_deref().map(|w| format!(" ({w})")).unwrap_or_default())]
     Rejected {
         status: u16,
@@ -80,7 +85,7 @@ impl CallError {
         Some(match self {
             CallError::Resolve(_) => CallFailure::Network,
             CallError::Random(_) | CallError::TrustState(_) => CallFailure::Internal,
-            CallError::Sip(TxnError::Timeout) => CallFailure::Timeout,
+            CallError::Sip(TxnError::Timeout) | CallError::NoAnswer(_) => CallFailure::Timeout,
             CallError::Sip(TxnError::Io(_) | TxnError::TransportClosed) => CallFailure::Network,
             CallError::Sip(_) => CallFailure::Internal,
             CallError::Rejected { status, .. } => CallFailure::of_status(*status),
@@ -92,6 +97,22 @@ impl CallError {
             CallError::PinChanged { .. } => CallFailure::UnknownKey,
             CallError::Continuity { .. } => CallFailure::Continuity,
         })
+    }
+
+    /// What this failure means for trying the partner's next relay (see `failover`).
+    fn attempt(&self) -> Attempt {
+        match self {
+            CallError::Sip(TxnError::Timeout) | CallError::NoAnswer(_) => Attempt::NoAnswer,
+            CallError::Sip(
+                TxnError::Io(_) | TxnError::TransportClosed | TxnError::TooManyConnections,
+            )
+            | CallError::Resolve(_) => Attempt::Unreachable,
+            CallError::Rejected { status, .. } => Attempt::Status(*status),
+            CallError::Media { .. } | CallError::Smtp(_) => Attempt::SetupFailed,
+            // A malformed answer, a failed signature, commitment, pin or continuity check,
+            // our own trouble: not the relay's availability.
+            _ => Attempt::Final,
+        }
     }
 }
 
@@ -109,15 +130,6 @@ fn random32() -> Result<[u8; 32], CallError> {
     let mut b = [0u8; 32];
     getrandom::fill(&mut b).map_err(|e| CallError::Random(e.to_string()))?;
     Ok(b)
-}
-
-async fn resolve(peer: &Peer) -> Result<SocketAddr, CallError> {
-    let what = format!("{}:{}", peer.sip.host, peer.sip.port);
-    tokio::net::lookup_host((peer.sip.host.as_str(), peer.sip.port))
-        .await
-        .map_err(|e| CallError::Resolve(format!("{what}: {e}")))?
-        .next()
-        .ok_or(CallError::Resolve(what))
 }
 
 /// Calls to one peer are set up one at a time (the calls themselves then run side by side).
@@ -149,7 +161,7 @@ async fn place_call_in_turn(
     {
         return Err(CallError::PeerJustFailed(f.reason.clone()));
     }
-    let placed = place_call(shared, peer, call_id).await;
+    let placed = place_call_on_targets(shared, peer, call_id).await;
     *last = placed.as_ref().err().map(|e| SetupFailure {
         at: tokio::time::Instant::now(),
         reason: e.to_string(),
@@ -157,22 +169,113 @@ async fn place_call_in_turn(
     placed
 }
 
+/// Try the peer's relays in turn (see `failover`): the first whose call is set up wins.
+/// Each failed attempt is logged with its target and why, and counted; one that must not
+/// fail over (a refusal, a security check) ends the walk at once. The first attempt uses
+/// `call_id`, each further one a fresh Call-ID.
+async fn place_call_on_targets(
+    shared: &Arc<Context>,
+    peer: &Peer,
+    call_id: &str,
+) -> Result<ActiveCall, CallError> {
+    let targets = locate::locate(peer).await.map_err(CallError::Resolve)?;
+    let labels: Vec<&str> = targets.iter().map(|t| t.label.as_str()).collect();
+    let mut walk = {
+        let mut down = shared.sip.down.lock().unwrap_or_else(|p| p.into_inner());
+        down.prune(std::time::Instant::now());
+        Failover::new(&labels, &down, std::time::Instant::now())
+    };
+    let mut next = walk.first();
+    let mut call_id = call_id.to_string();
+    let mut attempt_no = 0usize;
+    loop {
+        let Next::Try { index, last } = next else {
+            // `first` on a non-empty list always tries; `after` stops only after an Err.
+            return Err(CallError::Resolve(format!(
+                "no relay left for {}",
+                peer.domain
+            )));
+        };
+        let target = &targets[index];
+        if attempt_no > 0 {
+            call_id = format!(
+                "{}@{}",
+                crate::sip::random_hex(16),
+                shared.settings().site.domain
+            );
+        }
+        attempt_no += 1;
+        let answer_wait = (!last).then_some(failover::ANSWER_WAIT);
+        let placed = place_call(shared, peer, &call_id, target, answer_wait)
+            .instrument(tracing::info_span!("attempt", target = %target.label))
+            .await;
+        let mark = |failed: bool| {
+            let mut down = shared.sip.down.lock().unwrap_or_else(|p| p.into_inner());
+            if failed {
+                down.mark(&target.label, std::time::Instant::now());
+            } else {
+                down.clear(&target.label);
+            }
+        };
+        let e = match placed {
+            Ok(c) => {
+                mark(false);
+                if attempt_no > 1 {
+                    tracing::info!(%call_id, peer = %peer.domain, target = %target.label,
+                        attempt = attempt_no, "call set up with a further relay of the peer");
+                }
+                return Ok(c);
+            }
+            Err(e) => e,
+        };
+        let attempt = e.attempt();
+        if failover::fails_over(attempt) {
+            mark(true);
+        }
+        next = walk.after(attempt);
+        match next {
+            Next::Try { index: n, .. } => {
+                tracing::warn!(%call_id, peer = %peer.domain, target = %target.label, reason = %e,
+                    next = %targets[n].label, "call set-up to this relay failed; trying the peer's next relay");
+                if let Some(f) = e.failure() {
+                    shared
+                        .metrics
+                        .call_failed(&peer.domain, Direction::Outgoing, f);
+                }
+                shared.event(RelayEvent::CallFailed {
+                    peer: peer.domain.clone(),
+                    reason: format!("{}: {e}", target.label),
+                });
+            }
+            Next::Stop => {
+                if !failover::fails_over(attempt) && targets.len() > 1 {
+                    tracing::warn!(%call_id, peer = %peer.domain, target = %target.label, reason = %e,
+                        "call set-up failed; not trying the peer's other relays: this failure is not about the relay's availability (docs/ARCHITECTURE.md, \"Several relays per site\")");
+                } else {
+                    tracing::warn!(%call_id, peer = %peer.domain, target = %target.label, reason = %e,
+                        attempts = attempt_no, "call set-up to the peer's last relay failed");
+                }
+                return Err(e);
+            }
+        }
+    }
+}
+
+/// One attempt: the INVITE to `target`, waiting at most `answer_wait` for its answer
+/// (`None`: the INVITE transaction's own time, 32 s).
 async fn place_call(
     shared: &Arc<Context>,
     peer: &Peer,
     call_id: &str,
+    call_target: &CallTarget,
+    answer_wait: Option<Duration>,
 ) -> Result<ActiveCall, CallError> {
     // One set of settings for the whole call, even if a reload swaps them meanwhile.
     let settings = shared.settings();
     let site = &settings.site;
     let started = tokio::time::Instant::now();
     shared.metrics.call_placed(&peer.domain);
-    let target = resolve(peer).await?;
-    let transport = if peer.sip.tcp {
-        Transport::Tcp
-    } else {
-        Transport::Udp
-    };
+    let (target, transport) = (call_target.addr, call_target.transport);
     let call_id = call_id.to_string();
     let from_tag = crate::sip::random_hex(8);
     let mode = peer.trust.mode();
@@ -207,7 +310,7 @@ async fn place_call(
     invite.headers.push("CSeq", "1 INVITE");
     invite
         .headers
-        .push("Contact", format!("<sip:mail@{}>", shared.sip.addr));
+        .push("Contact", dialog::contact(shared.sip.addr, transport));
     invite.headers.push("Allow", super::sipvocab::ALLOW);
     invite
         .headers
@@ -216,11 +319,13 @@ async fn place_call(
     invite.body = sdp::encode_offer(caller.offer(), session_id, site.public_media_ip);
 
     tracing::debug!(%call_id, peer = %peer.domain, %target, "INVITE");
-    let resp = shared
-        .sip
-        .endpoint
-        .request(invite, target, transport)
-        .await?;
+    let sent = shared.sip.endpoint.request(invite, target, transport);
+    let resp = match answer_wait {
+        Some(w) => tokio::time::timeout(w, sent)
+            .await
+            .map_err(|_| CallError::NoAnswer(w))??,
+        None => sent.await?,
+    };
     if !(200..300).contains(&resp.status) {
         return Err(CallError::Rejected {
             status: resp.status,
@@ -239,16 +344,54 @@ async fn place_call(
         .ok()
         .and_then(|t| t.tag().map(str::to_string))
         .ok_or_else(|| CallError::BadAnswer("no To tag".into()))?;
+    // The route set (through record-routing proxies) and the remote target; ACK and BYE
+    // go to the first route, or without one where the INVITE went.
+    let routing = match route::route_set_uac(&resp) {
+        Ok(set) => dialog::plan(
+            &set,
+            route::remote_target(resp.headers.get("Contact")),
+            &uri,
+        )
+        .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    let (routed, mut bad_route) = match routing {
+        Ok(r) => (r, None),
+        Err(e) => (
+            Routed {
+                request_uri: uri.clone(),
+                routes: Vec::new(),
+                next_hop: None,
+            },
+            Some(e),
+        ),
+    };
+    let (hop, hop_transport) =
+        match dialog::resolve_hop(routed.next_hop.as_ref(), (target, transport)).await {
+            Ok(h) => h,
+            Err(e) => {
+                bad_route.get_or_insert(e);
+                (target, transport)
+            }
+        };
     let dialog = Dialog {
         call_id: call_id.clone(),
         from: format!("<sip:mail@{}>;tag={from_tag}", site.domain),
         to,
-        uri,
-        target,
-        transport,
+        uri: routed.request_uri,
+        routes: routed.routes,
+        target: hop,
+        transport: hop_transport,
         // Our INVITE took CSeq 1 (and its ACK shares it).
         bye_cseq: 2,
     };
+    if let Some(e) = bad_route {
+        // Best effort: ACK and BYE where the INVITE went, without the routes.
+        let ack = dialog.request(Method::Ack, 1);
+        let _ = shared.sip.endpoint.send_ack(ack, hop, hop_transport).await;
+        bye_in_background(shared, &dialog, "unusable Record-Route or Contact");
+        return Err(CallError::BadAnswer(e));
+    }
     let ctx = CallContext {
         call_id: call_id.clone(),
         from_tag,
@@ -294,7 +437,11 @@ async fn place_call(
         Ok(x) => x,
         Err(e) => {
             let ack = dialog.request(Method::Ack, 1);
-            let _ = shared.sip.endpoint.send_ack(ack, target, transport).await;
+            let _ = shared
+                .sip
+                .endpoint
+                .send_ack(ack, dialog.target, dialog.transport)
+                .await;
             bye_in_background(shared, &dialog, &e.to_string());
             if let CallError::PinChanged { presented, .. } = &e {
                 shared
@@ -307,7 +454,11 @@ async fn place_call(
     let mut ack = dialog.request(Method::Ack, 1);
     ack.headers.push("Content-Type", sdp::CONFIRM_CONTENT_TYPE);
     ack.body = sdp::encode_confirm(&done.confirm);
-    shared.sip.endpoint.send_ack(ack, target, transport).await?;
+    shared
+        .sip
+        .endpoint
+        .send_ack(ack, dialog.target, dialog.transport)
+        .await?;
 
     // Connect where the callee's signed answer says (the address is in T1), nowhere else.
     let media = match &shared.hooks.media_connect {

@@ -83,6 +83,9 @@ pub(crate) struct SipState {
     /// Per peer, the gate that makes our call set-ups to it run one at a time, holding the
     /// last failure (see `caller::place_call_in_turn`).
     pub call_setup: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<SetupFailure>>>>>,
+    /// Partner relays found down lately (by target label), tried last for a while
+    /// (see `failover`).
+    pub down: Mutex<super::failover::DownList>,
 }
 
 /// The pending calls and, per call, the sender that tells its task it was evicted.

@@ -157,6 +157,7 @@ pub async fn start(cfg: Config, shutdown: Shutdown, hooks: Hooks) -> Result<Runn
             dialogs: Mutex::new(HashMap::new()),
             pending: Mutex::new(pending),
             call_setup: Mutex::new(HashMap::new()),
+            down: Mutex::new(Default::default()),
         },
         trust: PeerTrust {
             store: Arc::new(trust::TrustStore::new(&cfg.spool)),

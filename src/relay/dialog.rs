@@ -1,8 +1,9 @@
 //! One call's SIP dialog, the same for both sides: the requests inside the dialog (ACK,
 //! BYE), hanging up, and waiting for the other side's ACK or BYE on the call's channel.
 
+use crate::sip::route::{self, Hop, RouteError, Routed};
 use crate::sip::{Endpoint, Incoming, Method, Request, Response, Transport};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 use tokio::sync::mpsc;
 
@@ -16,8 +17,13 @@ pub(crate) struct Dialog {
     /// Our From header (with our tag) and the other side's To (with its tag).
     pub from: String,
     pub to: String,
-    /// The Request-URI: the other side's `sip:mail@domain`.
+    /// The Request-URI: the remote target (the other side's Contact, else its
+    /// `sip:mail@domain`), or a strict router's URI (see [`crate::sip::route`]).
     pub uri: String,
+    /// The Route header values (the route set; empty without a record-routing proxy).
+    pub routes: Vec<String>,
+    /// The next hop: the first route, or without one where the INVITE went (the caller)
+    /// or came from (the callee).
     pub target: SocketAddr,
     pub transport: Transport,
     /// Our CSeq for the BYE: the caller's INVITE took 1, the callee has sent nothing yet.
@@ -28,6 +34,9 @@ impl Dialog {
     /// A request inside the dialog.
     pub fn request(&self, method: Method, cseq: u32) -> Request {
         let mut r = Request::new(method.clone(), self.uri.clone());
+        for v in &self.routes {
+            r.headers.push("Route", v.clone());
+        }
         r.headers.push("Max-Forwards", "70");
         r.headers.push("From", self.from.clone());
         r.headers.push("To", self.to.clone());
@@ -44,6 +53,57 @@ impl Dialog {
                 .push("Reason", super::sipvocab::reason_header(text));
         }
         r
+    }
+}
+
+/// How the dialog's requests are addressed, from the route set and the remote target
+/// (`None`: the other side gave no usable Contact, `fallback` is used, its
+/// `sip:mail@domain`). Without a route set, the next hop is the one the INVITE used: a
+/// relay's configured partner address (or the address an INVITE came from) stays the
+/// only place our in-dialog requests go, as before proxies were supported, rather than a
+/// Contact that no signature covers.
+pub(crate) fn plan(
+    route_set: &[String],
+    remote_target: Option<String>,
+    fallback: &str,
+) -> Result<Routed, RouteError> {
+    let target = remote_target.unwrap_or_else(|| fallback.to_string());
+    route::route_request(route_set, &target)
+}
+
+/// Our Contact: `<sip:mail@ADDR>`, with `;transport=tcp` on a call over TCP so that a
+/// proxy forwarding the other side's requests to it keeps the transport.
+pub(crate) fn contact(addr: SocketAddr, transport: Transport) -> String {
+    match transport {
+        Transport::Udp => format!("<sip:mail@{addr}>"),
+        Transport::Tcp => format!("<sip:mail@{addr};transport=tcp>"),
+    }
+}
+
+/// How long resolving a next hop's host name may take.
+const HOP_RESOLVE_WAIT: Duration = Duration::from_secs(5);
+
+/// The address and transport of a next hop; `same` (where the INVITE went, or came from)
+/// when there is no route set. A route without `transport=` uses UDP (RFC 3263 §4.1), as
+/// a record-routing proxy that wants TCP says so (Kamailio does).
+pub(crate) async fn resolve_hop(
+    hop: Option<&Hop>,
+    same: (SocketAddr, Transport),
+) -> Result<(SocketAddr, Transport), String> {
+    let Some(hop) = hop else { return Ok(same) };
+    let port = hop.port_or_default();
+    let transport = hop.transport.unwrap_or(Transport::Udp);
+    if let Ok(ip) = hop.host.parse::<IpAddr>() {
+        return Ok((SocketAddr::new(ip, port), transport));
+    }
+    let lookup = tokio::net::lookup_host((hop.host.as_str(), port));
+    match tokio::time::timeout(HOP_RESOLVE_WAIT, lookup).await {
+        Ok(Ok(mut addrs)) => addrs
+            .next()
+            .map(|a| (a, transport))
+            .ok_or_else(|| format!("route {}: no address", hop.host)),
+        Ok(Err(e)) => Err(format!("route {}: {e}", hop.host)),
+        Err(_) => Err(format!("route {}: no answer within 5 s", hop.host)),
     }
 }
 
@@ -172,6 +232,7 @@ mod tests {
             from: "<sip:mail@b.test>;tag=t2".into(),
             to: "<sip:mail@a.test>;tag=t1".into(),
             uri: "sip:mail@a.test".into(),
+            routes: vec![],
             target: "192.0.2.1:5060".parse().unwrap(),
             transport: Transport::Udp,
             bye_cseq,
@@ -195,5 +256,131 @@ mod tests {
         let b = dialog(2).bye(None);
         assert_eq!(b.headers.get("CSeq"), Some("2 BYE"));
         assert_eq!(b.headers.get("Reason"), None);
+    }
+
+    /// A 200 OK that came back through one record-routing proxy (Kamailio over TCP).
+    fn ok_via_proxy() -> Response {
+        let raw = "SIP/2.0 200 OK\r\n\
+            Via: SIP/2.0/TCP 127.0.43.2:43061;branch=z9hG4bKa;rport=40000\r\n\
+            Record-Route: <sip:127.0.43.1:43060;transport=tcp;lr>\r\n\
+            From: <sip:mail@a.test>;tag=t1\r\n\
+            To: <sip:mail@b.test>;tag=t2\r\n\
+            Call-ID: c1\r\n\
+            CSeq: 1 INVITE\r\n\
+            Contact: <sip:mail@127.0.43.3:43062;transport=tcp>\r\n\
+            Content-Length: 0\r\n\r\n";
+        match crate::sip::parse_stream(raw.as_bytes()).unwrap() {
+            Some((crate::sip::SipMessage::Response(r), _)) => r,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_callers_ack_and_bye_go_through_the_proxy_to_the_contact() {
+        let ok = ok_via_proxy();
+        let set = route::route_set_uac(&ok).unwrap();
+        let p = plan(
+            &set,
+            route::remote_target(ok.headers.get("Contact")),
+            "sip:mail@b.test",
+        )
+        .unwrap();
+        let invite_went_to: SocketAddr = "127.0.43.1:43060".parse().unwrap();
+        let (target, transport) =
+            resolve_hop(p.next_hop.as_ref(), (invite_went_to, Transport::Tcp))
+                .await
+                .unwrap();
+        assert_eq!((target, transport), (invite_went_to, Transport::Tcp));
+        let d = Dialog {
+            call_id: "c1".into(),
+            from: "<sip:mail@a.test>;tag=t1".into(),
+            to: "<sip:mail@b.test>;tag=t2".into(),
+            uri: p.request_uri,
+            routes: p.routes,
+            target,
+            transport,
+            bye_cseq: 2,
+        };
+        assert_eq!(
+            String::from_utf8(d.request(Method::Ack, 1).to_bytes()).unwrap(),
+            "ACK sip:mail@127.0.43.3:43062;transport=tcp SIP/2.0\r\n\
+             Route: <sip:127.0.43.1:43060;transport=tcp;lr>\r\n\
+             Max-Forwards: 70\r\n\
+             From: <sip:mail@a.test>;tag=t1\r\n\
+             To: <sip:mail@b.test>;tag=t2\r\n\
+             Call-ID: c1\r\n\
+             CSeq: 1 ACK\r\n\
+             Content-Length: 0\r\n\r\n"
+        );
+        assert_eq!(
+            String::from_utf8(d.bye(None).to_bytes()).unwrap(),
+            "BYE sip:mail@127.0.43.3:43062;transport=tcp SIP/2.0\r\n\
+             Route: <sip:127.0.43.1:43060;transport=tcp;lr>\r\n\
+             Max-Forwards: 70\r\n\
+             From: <sip:mail@a.test>;tag=t1\r\n\
+             To: <sip:mail@b.test>;tag=t2\r\n\
+             Call-ID: c1\r\n\
+             CSeq: 2 BYE\r\n\
+             Content-Length: 0\r\n\r\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_callees_bye_uses_its_route_set_and_the_callers_contact() {
+        let mut inv = invite();
+        inv.headers
+            .push("Record-Route", "<sip:127.0.43.1:43060;lr>");
+        inv.headers.push("Record-Route", "<sip:127.0.43.9:5060;lr>");
+        inv.headers.push("Contact", "<sip:mail@127.0.43.2:43061>");
+        let set = route::route_set_uas(&inv).unwrap();
+        let p = plan(
+            &set,
+            route::remote_target(inv.headers.get("Contact")),
+            "sip:mail@a.test",
+        )
+        .unwrap();
+        // The INVITE came from the proxy's TCP connection; the route says UDP.
+        let source: SocketAddr = "127.0.43.1:51000".parse().unwrap();
+        let hop = resolve_hop(p.next_hop.as_ref(), (source, Transport::Tcp))
+            .await
+            .unwrap();
+        assert_eq!(hop, ("127.0.43.1:43060".parse().unwrap(), Transport::Udp));
+        let d = Dialog {
+            call_id: "c1".into(),
+            from: "<sip:mail@b.test>;tag=t2".into(),
+            to: "<sip:mail@a.test>;tag=1".into(),
+            uri: p.request_uri,
+            routes: p.routes,
+            target: hop.0,
+            transport: hop.1,
+            bye_cseq: 1,
+        };
+        assert_eq!(
+            String::from_utf8(d.bye(Some("no media")).to_bytes()).unwrap(),
+            "BYE sip:mail@127.0.43.2:43061 SIP/2.0\r\n\
+             Route: <sip:127.0.43.1:43060;lr>\r\n\
+             Route: <sip:127.0.43.9:5060;lr>\r\n\
+             Max-Forwards: 70\r\n\
+             From: <sip:mail@b.test>;tag=t2\r\n\
+             To: <sip:mail@a.test>;tag=1\r\n\
+             Call-ID: c1\r\n\
+             CSeq: 1 BYE\r\n\
+             Reason: SIP;cause=488;text=\"no media\"\r\n\
+             Content-Length: 0\r\n\r\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn without_a_proxy_requests_go_where_the_invite_went() {
+        let p = plan(&[], None, "sip:mail@b.test").unwrap();
+        assert_eq!(p.request_uri, "sip:mail@b.test");
+        assert!(p.routes.is_empty());
+        let same: SocketAddr = "192.0.2.7:5062".parse().unwrap();
+        assert_eq!(
+            resolve_hop(p.next_hop.as_ref(), (same, Transport::Udp))
+                .await
+                .unwrap(),
+            (same, Transport::Udp)
+        );
     }
 }

@@ -11,7 +11,9 @@
 //!   `health` (what the metrics endpoint asks: readiness, the gauges read at scrape time)
 //!   and `keywatch` (key expiry gauges and warnings);
 //! - calls: `dispatch` (the SIP front door), `admission` (the callee's pure checks),
-//!   `dialog` (ACK/BYE waits, hang-up), `callee`, `caller`, `established`, `trust`;
+//!   `dialog` (ACK/BYE waits, hang-up, routes through proxies), `callee`, `caller`,
+//!   `locate` (a partner's relays) and `failover` (which one next, pure), `established`,
+//!   `trust`;
 //! - mail: `inbound` (SMTP into the spool), `scheduler` (the queue; commits reports),
 //!   `schedule` (its pure rules), `outcome` (jobs and outcomes, pure), `jobs` (the lanes
 //!   between the scheduler and the workers),
@@ -29,12 +31,14 @@ mod dispatch;
 mod error;
 mod established;
 mod events;
+mod failover;
 mod health;
 mod inbound;
 mod jobs;
 mod keys;
 mod keywatch;
 mod local;
+mod locate;
 mod mediaport;
 mod outcome;
 mod reload;

@@ -97,7 +97,7 @@ impl Settings {
 /// How long resolving one peer's host name may take (start and reload).
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The IP addresses of each configured peer (the host of its `sip` URI). Over TCP they
+/// The IP addresses of each configured peer (the hosts of its `sip` URIs, every relay). Over TCP they
 /// are exempt from the INVITE rate limit and the totals, so a flood from elsewhere does
 /// not lock them out; and an opportunistic peer's key is pinned on first use only from
 /// one of them (or when we placed the call). Host names are resolved at start and at each
@@ -106,23 +106,24 @@ pub(crate) async fn peer_addresses(cfg: &Config) -> HashMap<String, Vec<IpAddr>>
     let mut out = HashMap::new();
     for p in &cfg.peers {
         let mut ips: Vec<IpAddr> = Vec::new();
-        if let Ok(ip) = p
-            .sip
-            .host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<IpAddr>()
-        {
-            ips.push(ip);
-        } else {
-            let lookup = tokio::net::lookup_host((p.sip.host.as_str(), p.sip.port));
+        for t in &p.sip {
+            if let Ok(ip) = t
+                .host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<IpAddr>()
+            {
+                ips.push(ip);
+                continue;
+            }
+            let lookup = tokio::net::lookup_host((t.host.as_str(), t.port));
             match tokio::time::timeout(RESOLVE_TIMEOUT, lookup).await {
                 Ok(Ok(addrs)) => ips.extend(addrs.map(|a| a.ip())),
                 Ok(Err(e)) => {
-                    tracing::warn!(peer = %p.domain, host = %p.sip.host, error = %e, "cannot resolve peer; it gets no exemption from the SIP limits, and (opportunistic) is pinned only by a call we place")
+                    tracing::warn!(peer = %p.domain, host = %t.host, error = %e, "cannot resolve peer; it gets no exemption from the SIP limits, and (opportunistic) is pinned only by a call we place")
                 }
                 Err(_) => {
-                    tracing::warn!(peer = %p.domain, host = %p.sip.host, "resolving the peer took over 5 s; it gets no exemption from the SIP limits, and (opportunistic) is pinned only by a call we place")
+                    tracing::warn!(peer = %p.domain, host = %t.host, "resolving the peer took over 5 s; it gets no exemption from the SIP limits, and (opportunistic) is pinned only by a call we place")
                 }
             }
         }

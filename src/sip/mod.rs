@@ -1,10 +1,12 @@
 //! SIP: the message layer ([`message`]), RFC 3261 transactions as a sans-IO core
 //! ([`transaction`], with the timers of [`timer`] and the abuse limits of [`limits`]),
-//! and the UDP+TCP socket driver that runs them ([`endpoint`]).
+//! the UDP+TCP socket driver that runs them ([`endpoint`]), and dialog routing through
+//! record-routing proxies ([`route`]).
 
 pub mod endpoint;
 pub mod limits;
 pub mod message;
+pub mod route;
 pub mod timer;
 pub mod transaction;
 

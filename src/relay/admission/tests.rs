@@ -16,12 +16,12 @@ const FPR: &str = "0123456789ABCDEF0123456789ABCDEF01234567";
 fn peer(domain: &str, trust: Trust, continuity: ContinuityPolicy) -> Peer {
     Peer {
         domain: domain.into(),
-        sip: SipTarget {
+        sip: vec![SipTarget {
             user: "mail".into(),
             host: "192.0.2.1".into(),
             port: 5060,
             tcp: false,
-        },
+        }],
         trust,
         continuity,
         fingerprints: None,

@@ -143,7 +143,12 @@ impl Headers {
     }
     /// Every Via value, with comma-combined lines split, top first.
     pub fn via_values(&self) -> Vec<&str> {
-        self.get_all("Via")
+        self.list_values("Via")
+    }
+    /// Every value of a list header such as Record-Route or Route (RFC 3261 §7.3.1): all
+    /// its lines in order, comma-combined values split (outside quotes and `<>`), trimmed.
+    pub fn list_values(&self, name: &str) -> Vec<&str> {
+        self.get_all(name)
             .into_iter()
             .flat_map(|v| split_outside_quotes(v, ','))
             .map(str::trim)

@@ -1,0 +1,117 @@
+//! Where a call to a partner goes: an ordered list of [`CallTarget`]s, tried in turn by
+//! `caller.rs` as [`super::failover`] decides. A static `[[peer]] sip` gives one URI or a
+//! list (several relays of one site, tried in the order written); each host name is
+//! resolved here. (SRV location from DNS produces the same ordered list.)
+
+use crate::config::{Peer, SipTarget};
+use crate::sip::Transport;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// One place to send the INVITE.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct CallTarget {
+    pub addr: SocketAddr,
+    pub transport: Transport,
+    /// What the log names, e.g. `sip:mail@127.0.0.1:5062` (the configured URI; with the
+    /// address it resolved to when that differs).
+    pub label: String,
+}
+
+/// How long resolving one target's host name may take.
+const RESOLVE_WAIT: Duration = Duration::from_secs(5);
+
+/// The configured URIs of `peer`, resolved, in order. A host that does not resolve is
+/// left out (and logged); Err when none is left, naming each failure.
+pub(crate) async fn locate(peer: &Peer) -> Result<Vec<CallTarget>, String> {
+    let mut out = Vec::new();
+    let mut failures = Vec::new();
+    for t in &peer.sip {
+        match resolve(t).await {
+            Ok(addr) => out.push(target_of(t, addr)),
+            Err(e) => {
+                tracing::warn!(peer = %peer.domain, target = %t, reason = %e,
+                    "cannot resolve this relay of the peer; trying the others");
+                failures.push(format!("{t}: {e}"));
+            }
+        }
+    }
+    if out.is_empty() {
+        return Err(failures.join("; "));
+    }
+    Ok(out)
+}
+
+/// The call target for `t` resolved to `addr`. Pure.
+pub(crate) fn target_of(t: &SipTarget, addr: SocketAddr) -> CallTarget {
+    let uri = t.to_string();
+    let label = if t.host.parse::<std::net::IpAddr>().is_ok()
+        || t.host
+            .trim_matches(['[', ']'])
+            .parse::<std::net::IpAddr>()
+            .is_ok()
+    {
+        uri
+    } else {
+        format!("{uri} ({addr})")
+    };
+    CallTarget {
+        addr,
+        transport: if t.tcp {
+            Transport::Tcp
+        } else {
+            Transport::Udp
+        },
+        label,
+    }
+}
+
+async fn resolve(t: &SipTarget) -> Result<SocketAddr, String> {
+    let lookup = tokio::net::lookup_host((t.host.as_str(), t.port));
+    match tokio::time::timeout(RESOLVE_WAIT, lookup).await {
+        Ok(Ok(mut a)) => a.next().ok_or_else(|| "no address".to_string()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("no answer within 5 s".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_name_the_configured_uri() {
+        let t = SipTarget::parse("sip:mail@127.0.0.1:5062;transport=tcp").unwrap();
+        let c = target_of(&t, "127.0.0.1:5062".parse().unwrap());
+        assert_eq!(c.label, "sip:mail@127.0.0.1:5062;transport=tcp");
+        assert_eq!(c.transport, Transport::Tcp);
+        let t = SipTarget::parse("sip:mail@b1.site-b.test:5070").unwrap();
+        let c = target_of(&t, "192.0.2.4:5070".parse().unwrap());
+        assert_eq!(c.label, "sip:mail@b1.site-b.test:5070 (192.0.2.4:5070)");
+        assert_eq!(c.transport, Transport::Udp);
+        let t = SipTarget::parse("sip:mail@[::1]:5070").unwrap();
+        let c = target_of(&t, "[::1]:5070".parse().unwrap());
+        assert_eq!(c.label, "sip:mail@[::1]:5070");
+    }
+
+    #[tokio::test]
+    async fn unresolvable_relays_are_skipped_and_none_left_is_an_error() {
+        let raw = |sip: &[&str]| Peer {
+            domain: "b.test".into(),
+            sip: sip.iter().map(|s| SipTarget::parse(s).unwrap()).collect(),
+            trust: crate::config::Trust::Signed,
+            continuity: Default::default(),
+            fingerprints: None,
+            senders: vec![],
+        };
+        // .invalid never resolves (RFC 2606).
+        let p = raw(&["sip:mail@relay.invalid:5062", "sip:mail@127.0.43.7:43062"]);
+        let t = locate(&p).await.unwrap();
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[0].addr, "127.0.43.7:43062".parse().unwrap());
+        let e = locate(&raw(&["sip:mail@relay.invalid:5062"]))
+            .await
+            .unwrap_err();
+        assert!(e.contains("sip:mail@relay.invalid:5062"), "{e}");
+    }
+}

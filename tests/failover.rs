@@ -1,0 +1,300 @@
+//! Several relays per site (issue 13, item 4): site B runs two relays, each a separate
+//! `sipmail run` process with its own spool and its own key bound to site-b.test, both
+//! delivering into one Maildir (the sink). Site A (in this process) lists both in its
+//! `[[peer]] sip`, over UDP, where a relay killed with SIGKILL sends nothing back. A sends
+//! 200 messages; B1 is killed mid-run; A goes on through B2 within seconds (not at the
+//! queue's next retry); B1 is restarted to drain what it had accepted. Every message is
+//! delivered exactly once: the Message-IDs at the sink are counted.
+//!
+//! Loopback block 127.0.43.0/24, ports 43500-43599.
+
+mod common;
+
+use common::*;
+use sipmail::demo::{maildir_files, sample_message, submit};
+use sipmail::keyring::Keyring;
+use sipmail::relay::{Hooks, RelayEvent, Shutdown};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const A_IP: &str = "127.0.43.20";
+const B1_IP: &str = "127.0.43.21";
+const B2_IP: &str = "127.0.43.22";
+const A_PORT: u16 = 43500;
+const B1_PORT: u16 = 43501;
+const B2_PORT: u16 = 43502;
+const MESSAGES: usize = 200;
+
+/// A `sipmail run` process of ours, killed (SIGKILL) when dropped.
+struct Daemon {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn start(config: &Path, log: PathBuf) -> Daemon {
+        let child = Command::new(env!("CARGO_BIN_EXE_sipmail"))
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("starting sipmail");
+        Daemon { child, log }
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn b_config(dir: &Path, name: &str, ip: &str, port: u16, sink: &Path) -> PathBuf {
+    let text = format!(
+        r#"[relay]
+domain = "site-b.test"
+keyring = "{kr}"
+spool = "{sp}"
+[smtp]
+listen = "{ip}:0"
+allow = ["127.0.0.0/8"]
+[sip]
+listen = "{ip}:{port}"
+media = "{ip}"
+call_idle = "2s"
+[[peer]]
+domain = "site-a.test"
+sip = "sip:mail@{A_IP}:{A_PORT}"
+[delivery]
+maildir = "{md}"
+[queue]
+retry_initial = "1s"
+retry_max = "5s"
+"#,
+        kr = dir.join(format!("keyring/{name}")).display(),
+        sp = dir.join(format!("var/{name}/spool")).display(),
+        md = sink.display(),
+    );
+    let p = dir.join(format!("{name}.toml"));
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// Message-ID -> how many files at the sink carry it.
+fn message_ids(sink: &Path) -> HashMap<String, usize> {
+    let mut ids = HashMap::new();
+    for f in maildir_files(sink) {
+        let Ok(text) = std::fs::read_to_string(&f) else {
+            continue;
+        };
+        if let Some(id) = text
+            .lines()
+            .find_map(|l| l.strip_prefix("Message-ID: "))
+            .map(str::to_string)
+        {
+            *ids.entry(id).or_insert(0) += 1;
+        }
+    }
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_of_two_relays_killed_mid_run_every_message_delivered_exactly_once() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Keys: A, and B1 and B2 each with its own key bound to site-b.test; A's keyring holds
+    // both of B's certs, each of B's keyrings holds A's.
+    let (ka, kb1, kb2) = (
+        d.join("keyring/site-a"),
+        d.join("keyring/b1"),
+        d.join("keyring/b2"),
+    );
+    Keyring::generate(&ka, "site-a.test").unwrap();
+    Keyring::generate(&kb1, "site-b.test").unwrap();
+    Keyring::generate(&kb2, "site-b.test").unwrap();
+    let a_pub = Keyring::open(&ka).unwrap().export_public().unwrap();
+    for kb in [&kb1, &kb2] {
+        Keyring::import(kb, a_pub.as_bytes()).unwrap();
+        let b_pub = Keyring::open(kb).unwrap().export_public().unwrap();
+        Keyring::import(&ka, b_pub.as_bytes()).unwrap();
+    }
+    let sink = d.join("sink");
+    std::fs::create_dir_all(&sink).unwrap();
+    // B1 reaches the sink through a link, so that the test can cut its delivery just
+    // before the kill: B1 then dies holding mail it accepted (and A was told 250 for) but
+    // had not delivered, which its restart must deliver, once.
+    let b1_sink = d.join("b1-sink");
+    std::os::unix::fs::symlink(&sink, &b1_sink).unwrap();
+    let c1 = b_config(d, "b1", B1_IP, B1_PORT, &b1_sink);
+    let c2 = b_config(d, "b2", B2_IP, B2_PORT, &sink);
+    let mut b1 = Daemon::start(&c1, d.join("b1.log"));
+    let b2 = Daemon::start(&c2, d.join("b2.log"));
+
+    let a_text = format!(
+        r#"[relay]
+domain = "site-a.test"
+keyring = "{kr}"
+spool = "{sp}"
+[smtp]
+listen = "{A_IP}:0"
+allow = ["127.0.0.0/8"]
+[sip]
+listen = "{A_IP}:{A_PORT}"
+media = "{A_IP}"
+call_idle = "2s"
+[[peer]]
+domain = "site-b.test"
+sip = ["sip:mail@{B1_IP}:{B1_PORT}", "sip:mail@{B2_IP}:{B2_PORT}"]
+[delivery]
+maildir = "{md}"
+[queue]
+retry_initial = "1s"
+retry_max = "5s"
+"#,
+        kr = ka.display(),
+        sp = d.join("var/site-a/spool").display(),
+        md = d.join("var/site-a/maildir").display(),
+    );
+    let a_cfg = sipmail::config::Config::parse("a.toml", &a_text).unwrap();
+    let shutdown = Shutdown::new();
+    let a = sipmail::relay::start(a_cfg, shutdown.clone(), Hooks::default())
+        .await
+        .unwrap();
+    let mut events = a.events();
+    // Both of B's relays are up (their SIP ports answer) before mail goes.
+    for (ip, port) in [(B1_IP, B1_PORT), (B2_IP, B2_PORT)] {
+        let up = wait_until(Duration::from_secs(20), || {
+            std::net::TcpStream::connect((ip, port)).is_ok()
+        })
+        .await;
+        assert!(
+            up,
+            "relay {ip}:{port} did not start:\n{}\n{}",
+            b1.log(),
+            b2.log()
+        );
+    }
+
+    let run = format!("failover-{}", std::process::id());
+    let msgs: Vec<Vec<u8>> = (0..MESSAGES).map(|i| sample_message(i, &run)).collect();
+    let smtp = a.smtp_addr;
+    let sender = tokio::spawn(async move {
+        // Several sessions, one after the other, so the queue fills over time.
+        for chunk in msgs.chunks(20) {
+            submit(smtp, chunk, "bob@site-b.test", |_| {})
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+    });
+
+    // Kill B1 with SIGKILL once it has delivered some of the mail.
+    let some = wait_until(Duration::from_secs(60), || maildir_files(&sink).len() >= 40).await;
+    assert!(
+        some,
+        "B1 delivered only {}:\n{}",
+        maildir_files(&sink).len(),
+        b1.log()
+    );
+    std::fs::remove_file(&b1_sink).unwrap();
+    std::os::unix::fs::symlink(d.join("nowhere"), &b1_sink).unwrap();
+    let cut = maildir_files(&sink).len();
+    let held = wait_until(Duration::from_secs(20), || {
+        b1.log().matches("Maildir write failed").count() >= 10
+    })
+    .await;
+    assert!(
+        held,
+        "B1 took no more mail after its sink was cut:\n{}",
+        b1.log()
+    );
+    b1.kill9();
+    let killed_at = Instant::now();
+    let at_kill = maildir_files(&sink).len();
+    sender.await.unwrap();
+
+    // Mail goes on through B2 within seconds.
+    let via_b2 = wait_until(Duration::from_secs(30), || {
+        maildir_files(&sink).len() >= at_kill + 20
+    })
+    .await;
+    assert!(via_b2, "no mail through B2 after B1 died:\n{}", b2.log());
+    let failover_took = killed_at.elapsed();
+
+    // Everything A still holds goes through B2; A's queue empties.
+    let drained = wait_until(Duration::from_secs(90), || a.queue_snapshot().messages == 0).await;
+    assert!(
+        drained,
+        "A still holds {} messages",
+        a.queue_snapshot().messages
+    );
+    let before_restart = message_ids(&sink);
+    std::fs::remove_file(&b1_sink).unwrap();
+    std::os::unix::fs::symlink(&sink, &b1_sink).unwrap();
+    // B1 restarts on its spool and delivers what it had accepted.
+    let b1_restarted = Daemon::start(&c1, d.join("b1-restart.log"));
+    let all = wait_until(Duration::from_secs(60), || {
+        message_ids(&sink).len() == MESSAGES
+    })
+    .await;
+    // A moment more, so that a duplicate would have time to show.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let ids = message_ids(&sink);
+    let dups: Vec<(&String, &usize)> = ids.iter().filter(|(_, n)| **n > 1).collect();
+    let files = maildir_files(&sink).len();
+    let mut failed_over = 0;
+    while let Ok(e) = events.try_recv() {
+        if let RelayEvent::CallFailed { reason, .. } = e
+            && reason.contains(&format!("{B1_IP}:{B1_PORT}"))
+        {
+            failed_over += 1;
+        }
+    }
+    let recovered = b1_restarted
+        .log()
+        .split("recovered=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next().map(str::to_string))
+        .unwrap_or_default();
+    eprintln!(
+        "failover figures: {MESSAGES} sent; B1's sink cut at {cut} delivered, B1 killed at \
+         {at_kill}; {} distinct before B1's restart, {} after; B1 recovered {recovered} \
+         spooled messages; {files} files; {} duplicated; 20 more through B2 within \
+         {failover_took:?}; {failed_over} failed attempts at B1 logged",
+        before_restart.len(),
+        ids.len(),
+        dups.len()
+    );
+    assert!(
+        all,
+        "only {} of {MESSAGES} distinct messages arrived:\nB1 restart log:\n{}",
+        ids.len(),
+        b1_restarted.log()
+    );
+    assert!(dups.is_empty(), "duplicates: {dups:?}");
+    assert!(
+        before_restart.len() < MESSAGES,
+        "B1 held nothing undelivered when killed: the restart was not tested"
+    );
+    assert_eq!(files, MESSAGES, "files at the sink");
+    assert!(failed_over >= 1, "no failed attempt at B1 was reported");
+    shutdown.trigger();
+    a.wait().await;
+    drop(b2);
+    drop(b1_restarted);
+}
