@@ -4,19 +4,23 @@
 //! `[[peer]] sip`, over UDP, where a relay killed with SIGKILL sends nothing back. A sends
 //! 200 messages; B1 is killed mid-run; A goes on through B2 within seconds (not at the
 //! queue's next retry); B1 is restarted to drain what it had accepted. Every message is
-//! delivered exactly once: the Message-IDs at the sink are counted.
+//! delivered, and exactly once except where A itself logged the one window every SMTP
+//! relay has (B1 killed after the end of a message, before A read its reply: A sends it
+//! again, "may arrive twice"): the Message-IDs at the sink are counted, and a duplicate
+//! A did not flag fails the test.
 //!
 //! Loopback block 127.0.43.0/24, ports 43500-43599.
 
 mod common;
 
-use common::*;
+use common::wait_until;
 use sipmail::demo::{maildir_files, sample_message, submit};
 use sipmail::keyring::Keyring;
 use sipmail::relay::{Hooks, RelayEvent, Shutdown};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const A_IP: &str = "127.0.43.20";
@@ -112,9 +116,47 @@ fn message_ids(sink: &Path) -> HashMap<String, usize> {
     ids
 }
 
+/// Relay A's log, kept for the assertions (this binary's one test owns the subscriber).
+#[derive(Clone, Default)]
+struct LogTee(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogTee {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl LogTee {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+
+    /// A's queue IDs of the messages it sent again after a relay died between the end of
+    /// the message and its reply: RFC 5321 §6.1's window, where the relay may already
+    /// have taken the message (A's own log line: "... may arrive twice ...").
+    fn sent_twice_maybe(&self) -> Vec<String> {
+        self.text()
+            .lines()
+            .filter(|l| l.contains("may arrive twice"))
+            .filter_map(|l| l.split("queue_id=").nth(1))
+            .filter_map(|r| r.split_whitespace().next().map(str::to_string))
+            .collect()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_of_two_relays_killed_mid_run_every_message_delivered_exactly_once() {
-    init_logs();
+    let tee = LogTee::default();
+    let writer = tee.clone();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .try_init();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     // Keys: A, and B1 and B2 each with its own key bound to site-b.test; A's keyring holds
@@ -256,6 +298,23 @@ retry_max = "5s"
     tokio::time::sleep(Duration::from_secs(3)).await;
     let ids = message_ids(&sink);
     let dups: Vec<(&String, &usize)> = ids.iter().filter(|(_, n)| **n > 1).collect();
+    // A duplicate is allowed only for a message A itself flagged as possibly taken by B1
+    // just before B1 died (no reply after the end of the message): the window every SMTP
+    // relay has, which A logs. Any other duplicate is a bug.
+    let flagged = tee.sent_twice_maybe();
+    let unexplained: Vec<&String> = dups
+        .iter()
+        .map(|(id, _)| *id)
+        .filter(|id| {
+            !maildir_files(&sink).iter().any(|f| {
+                let text = std::fs::read_to_string(f).unwrap_or_default();
+                text.contains(id.as_str())
+                    && flagged
+                        .iter()
+                        .any(|q| text.contains(&format!("with ESMTP id {q}")))
+            })
+        })
+        .collect();
     let files = maildir_files(&sink).len();
     let mut failed_over = 0;
     while let Ok(e) = events.try_recv() {
@@ -274,11 +333,14 @@ retry_max = "5s"
     eprintln!(
         "failover figures: {MESSAGES} sent; B1's sink cut at {cut} delivered, B1 killed at \
          {at_kill}; {} distinct before B1's restart, {} after; B1 recovered {recovered} \
-         spooled messages; {files} files; {} duplicated; 20 more through B2 within \
+         spooled messages; {files} files; {} duplicated ({} unexplained; A flagged {} as \
+         sent again after no reply to the end of the message); 20 more through B2 within \
          {failover_took:?}; {failed_over} failed attempts at B1 logged",
         before_restart.len(),
         ids.len(),
-        dups.len()
+        dups.len(),
+        unexplained.len(),
+        flagged.len(),
     );
     assert!(
         all,
@@ -286,12 +348,25 @@ retry_max = "5s"
         ids.len(),
         b1_restarted.log()
     );
-    assert!(dups.is_empty(), "duplicates: {dups:?}");
+    assert!(
+        unexplained.is_empty(),
+        "duplicates A did not flag: {unexplained:?} (all duplicates {dups:?})"
+    );
+    assert!(
+        dups.len() <= flagged.len(),
+        "{} duplicates, {} flagged",
+        dups.len(),
+        flagged.len()
+    );
     assert!(
         before_restart.len() < MESSAGES,
         "B1 held nothing undelivered when killed: the restart was not tested"
     );
-    assert_eq!(files, MESSAGES, "files at the sink");
+    assert_eq!(
+        files,
+        MESSAGES + dups.iter().map(|(_, n)| **n - 1).sum::<usize>(),
+        "files at the sink"
+    );
     assert!(failed_over >= 1, "no failed attempt at B1 was reported");
     shutdown.trigger();
     a.wait().await;
