@@ -1,30 +1,39 @@
 //! Several relays per site (issue 13, item 4): site B runs two relays, each a separate
 //! `sipmail run` process with its own spool and its own key bound to site-b.test, both
 //! delivering into one Maildir (the sink). Site A (in this process) lists both in its
-//! `[[peer]] sip`, over UDP, where a relay killed with SIGKILL sends nothing back. A sends
+//! `[[peer]] sip`, over UDP (where a relay killed with SIGKILL sends nothing back) and over
+//! TCP (where its port refuses the connection). A sends
 //! 200 messages; B1 is killed mid-run; A goes on through B2 within seconds (not at the
 //! queue's next retry); B1 is restarted to drain what it had accepted. Every message is
-//! delivered exactly once: the Message-IDs at the sink are counted.
+//! delivered, and exactly once except where A itself logged the one window every SMTP
+//! relay has (B1 killed after the end of a message, before A read its reply: A sends it
+//! again, "may arrive twice"): the Message-IDs at the sink are counted, and a duplicate
+//! A did not flag fails the test.
 //!
 //! Loopback block 127.0.43.0/24, ports 43500-43599.
 
 mod common;
 
-use common::*;
+use common::wait_until;
 use sipmail::demo::{maildir_files, sample_message, submit};
 use sipmail::keyring::Keyring;
 use sipmail::relay::{Hooks, RelayEvent, Shutdown};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-const A_IP: &str = "127.0.43.20";
-const B1_IP: &str = "127.0.43.21";
-const B2_IP: &str = "127.0.43.22";
-const A_PORT: u16 = 43500;
-const B1_PORT: u16 = 43501;
-const B2_PORT: u16 = 43502;
+/// Where one run's three relays listen, and the transport A calls B with.
+struct Net {
+    a_ip: &'static str,
+    b1_ip: &'static str,
+    b2_ip: &'static str,
+    a_port: u16,
+    b1_port: u16,
+    b2_port: u16,
+    tcp: bool,
+}
 const MESSAGES: usize = 200;
 
 /// A `sipmail run` process of ours, killed (SIGKILL) when dropped.
@@ -63,7 +72,8 @@ impl Drop for Daemon {
     }
 }
 
-fn b_config(dir: &Path, name: &str, ip: &str, port: u16, sink: &Path) -> PathBuf {
+fn b_config(dir: &Path, n: &Net, name: &str, ip: &str, port: u16, sink: &Path) -> PathBuf {
+    let (a_ip, a_port) = (n.a_ip, n.a_port);
     let text = format!(
         r#"[relay]
 domain = "site-b.test"
@@ -78,7 +88,7 @@ media = "{ip}"
 call_idle = "2s"
 [[peer]]
 domain = "site-a.test"
-sip = "sip:mail@{A_IP}:{A_PORT}"
+sip = "sip:mail@{a_ip}:{a_port}"
 [delivery]
 maildir = "{md}"
 [queue]
@@ -112,9 +122,89 @@ fn message_ids(sink: &Path) -> HashMap<String, usize> {
     ids
 }
 
+/// Relay A's log, kept for the assertions (this binary's one test owns the subscriber).
+#[derive(Clone, Default)]
+struct LogTee(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogTee {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl LogTee {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+
+    /// A's queue IDs of the messages it sent again after a relay died between the end of
+    /// the message and its reply: RFC 5321 §6.1's window, where the relay may already
+    /// have taken the message (A's own log line: "... may arrive twice ...").
+    fn sent_twice_maybe(&self) -> Vec<String> {
+        self.text()
+            .lines()
+            .filter(|l| l.contains("may arrive twice"))
+            .filter_map(|l| l.split("queue_id=").nth(1))
+            .filter_map(|r| r.split_whitespace().next().map(str::to_string))
+            .collect()
+    }
+}
+
+/// The log of the relays in this process (both tests' A), kept for the assertions.
+fn tee() -> LogTee {
+    static TEE: std::sync::OnceLock<LogTee> = std::sync::OnceLock::new();
+    TEE.get_or_init(|| {
+        let tee = LogTee::default();
+        let writer = tee.clone();
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .try_init();
+        tee
+    })
+    .clone()
+}
+
+/// Over UDP a killed relay sends nothing back: A notices by the 5 s answer wait.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_of_two_relays_killed_mid_run_every_message_delivered_exactly_once() {
-    init_logs();
+    killed_mid_run(Net {
+        a_ip: "127.0.43.20",
+        b1_ip: "127.0.43.21",
+        b2_ip: "127.0.43.22",
+        a_port: 43500,
+        b1_port: 43501,
+        b2_port: 43502,
+        tcp: false,
+    })
+    .await;
+}
+
+/// Over TCP the killed relay's port refuses the connection: A moves on at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_over_tcp_where_the_dead_relay_refuses_the_connection() {
+    killed_mid_run(Net {
+        a_ip: "127.0.43.30",
+        b1_ip: "127.0.43.31",
+        b2_ip: "127.0.43.32",
+        a_port: 43510,
+        b1_port: 43511,
+        b2_port: 43512,
+        tcp: true,
+    })
+    .await;
+}
+
+async fn killed_mid_run(n: Net) {
+    let tee = tee();
+    let (a_ip, b1_ip, b2_ip) = (n.a_ip, n.b1_ip, n.b2_ip);
+    let (a_port, b1_port, b2_port) = (n.a_port, n.b1_port, n.b2_port);
+    let transport = if n.tcp { ";transport=tcp" } else { "" };
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     // Keys: A, and B1 and B2 each with its own key bound to site-b.test; A's keyring holds
@@ -140,8 +230,8 @@ async fn one_of_two_relays_killed_mid_run_every_message_delivered_exactly_once()
     // had not delivered, which its restart must deliver, once.
     let b1_sink = d.join("b1-sink");
     std::os::unix::fs::symlink(&sink, &b1_sink).unwrap();
-    let c1 = b_config(d, "b1", B1_IP, B1_PORT, &b1_sink);
-    let c2 = b_config(d, "b2", B2_IP, B2_PORT, &sink);
+    let c1 = b_config(d, &n, "b1", b1_ip, b1_port, &b1_sink);
+    let c2 = b_config(d, &n, "b2", b2_ip, b2_port, &sink);
     let mut b1 = Daemon::start(&c1, d.join("b1.log"));
     let b2 = Daemon::start(&c2, d.join("b2.log"));
 
@@ -151,15 +241,15 @@ domain = "site-a.test"
 keyring = "{kr}"
 spool = "{sp}"
 [smtp]
-listen = "{A_IP}:0"
+listen = "{a_ip}:0"
 allow = ["127.0.0.0/8"]
 [sip]
-listen = "{A_IP}:{A_PORT}"
-media = "{A_IP}"
+listen = "{a_ip}:{a_port}"
+media = "{a_ip}"
 call_idle = "2s"
 [[peer]]
 domain = "site-b.test"
-sip = ["sip:mail@{B1_IP}:{B1_PORT}", "sip:mail@{B2_IP}:{B2_PORT}"]
+sip = ["sip:mail@{b1_ip}:{b1_port}{transport}", "sip:mail@{b2_ip}:{b2_port}{transport}"]
 [delivery]
 maildir = "{md}"
 [queue]
@@ -177,7 +267,7 @@ retry_max = "5s"
         .unwrap();
     let mut events = a.events();
     // Both of B's relays are up (their SIP ports answer) before mail goes.
-    for (ip, port) in [(B1_IP, B1_PORT), (B2_IP, B2_PORT)] {
+    for (ip, port) in [(b1_ip, b1_port), (b2_ip, b2_port)] {
         let up = wait_until(Duration::from_secs(20), || {
             std::net::TcpStream::connect((ip, port)).is_ok()
         })
@@ -256,11 +346,40 @@ retry_max = "5s"
     tokio::time::sleep(Duration::from_secs(3)).await;
     let ids = message_ids(&sink);
     let dups: Vec<(&String, &usize)> = ids.iter().filter(|(_, n)| **n > 1).collect();
+    // A duplicate is allowed only for a message A itself flagged as possibly taken by B1
+    // just before B1 died (no reply after the end of the message): the window every SMTP
+    // relay has, which A logs. Any other duplicate is a bug.
+    // (The log is shared by this binary's tests: keep this run's, found at this sink.)
+    let texts: Vec<String> = maildir_files(&sink)
+        .iter()
+        .map(|f| std::fs::read_to_string(f).unwrap_or_default())
+        .collect();
+    let flagged: Vec<String> = tee
+        .sent_twice_maybe()
+        .into_iter()
+        .filter(|q| {
+            texts
+                .iter()
+                .any(|t| t.contains(&format!("with ESMTP id {q}")))
+        })
+        .collect();
+    let unexplained: Vec<&String> = dups
+        .iter()
+        .map(|(id, _)| *id)
+        .filter(|id| {
+            !texts.iter().any(|text| {
+                text.contains(id.as_str())
+                    && flagged
+                        .iter()
+                        .any(|q| text.contains(&format!("with ESMTP id {q}")))
+            })
+        })
+        .collect();
     let files = maildir_files(&sink).len();
     let mut failed_over = 0;
     while let Ok(e) = events.try_recv() {
         if let RelayEvent::CallFailed { reason, .. } = e
-            && reason.contains(&format!("{B1_IP}:{B1_PORT}"))
+            && reason.contains(&format!("{b1_ip}:{b1_port}"))
         {
             failed_over += 1;
         }
@@ -272,13 +391,17 @@ retry_max = "5s"
         .and_then(|r| r.split_whitespace().next().map(str::to_string))
         .unwrap_or_default();
     eprintln!(
-        "failover figures: {MESSAGES} sent; B1's sink cut at {cut} delivered, B1 killed at \
+        "failover figures ({}): {MESSAGES} sent; B1's sink cut at {cut} delivered, B1 killed at \
          {at_kill}; {} distinct before B1's restart, {} after; B1 recovered {recovered} \
-         spooled messages; {files} files; {} duplicated; 20 more through B2 within \
+         spooled messages; {files} files; {} duplicated ({} unexplained; A flagged {} as \
+         sent again after no reply to the end of the message); 20 more through B2 within \
          {failover_took:?}; {failed_over} failed attempts at B1 logged",
+        if n.tcp { "TCP" } else { "UDP" },
         before_restart.len(),
         ids.len(),
-        dups.len()
+        dups.len(),
+        unexplained.len(),
+        flagged.len(),
     );
     assert!(
         all,
@@ -286,12 +409,25 @@ retry_max = "5s"
         ids.len(),
         b1_restarted.log()
     );
-    assert!(dups.is_empty(), "duplicates: {dups:?}");
+    assert!(
+        unexplained.is_empty(),
+        "duplicates A did not flag: {unexplained:?} (all duplicates {dups:?})"
+    );
+    assert!(
+        dups.len() <= flagged.len(),
+        "{} duplicates, {} flagged",
+        dups.len(),
+        flagged.len()
+    );
     assert!(
         before_restart.len() < MESSAGES,
         "B1 held nothing undelivered when killed: the restart was not tested"
     );
-    assert_eq!(files, MESSAGES, "files at the sink");
+    assert_eq!(
+        files,
+        MESSAGES + dups.iter().map(|(_, n)| **n - 1).sum::<usize>(),
+        "files at the sink"
+    );
     assert!(failed_over >= 1, "no failed attempt at B1 was reported");
     shutdown.trigger();
     a.wait().await;

@@ -412,7 +412,7 @@ fn prepare(
     let policy = CalleePolicy {
         media,
         auth: mode,
-        retained: shared.retained_for(&a.domain),
+        retained: shared.retained_for(&a.domain, Some(&a.fingerprint)),
         key_packet: if mode == AuthMode::Opportunistic {
             ks.signing_packet.clone()
         } else {

@@ -295,7 +295,7 @@ async fn place_call(
             Vec::new()
         },
     )
-    .with_retained(shared.retained_for(&peer.domain));
+    .with_retained(shared.retained_for(&peer.domain, None));
     let session_id = u64::from_be_bytes(random32()?[..8].try_into().unwrap_or_default()) >> 1;
     let uri = format!("sip:mail@{}", peer.domain);
     let mut invite = Request::new(Method::Invite, uri.clone());

@@ -212,9 +212,20 @@ impl Context {
         }
     }
 
-    /// Our retained secrets for `domain`; a corrupt file is logged and treated as none.
-    pub fn retained_for(&self, domain: &str) -> Vec<crate::handshake::RetainedSecret> {
-        self.trust.store.retained(domain).unwrap_or_else(|e| {
+    /// Our retained secrets for `domain`: those of calls with the remote key `remote` (the
+    /// callee knows the caller's from its offer), or, placing a call before we know which
+    /// of the partner's relays answers, each relay's newest first (`None`). A corrupt file
+    /// is logged and treated as none.
+    pub fn retained_for(
+        &self,
+        domain: &str,
+        remote: Option<&str>,
+    ) -> Vec<crate::handshake::RetainedSecret> {
+        let got = match remote {
+            Some(fpr) => self.trust.store.retained_for_key(domain, fpr),
+            None => self.trust.store.retained_spread(domain),
+        };
+        got.unwrap_or_else(|e| {
             tracing::warn!(peer = %domain, error = %e, "retained secrets unreadable; calling without them");
             Vec::new()
         })

@@ -52,15 +52,16 @@ impl Context {
         );
         // The trust state is written (and fsynced) on the blocking pool; the call waits for
         // it, so that the next call to or from this peer finds the new secret.
-        let (trust, domain, retained) = (
+        let (trust, domain, retained, remote) = (
             self.trust.store.clone(),
             peer.domain.clone(),
             keys.retained.clone(),
+            peer_fpr.to_string(),
         );
         let pin = (mode == crate::handshake::AuthMode::Opportunistic).then(|| peer_fpr.to_string());
         let stored = tokio::task::spawn_blocking(move || {
             (
-                trust.remember(&domain, &retained),
+                trust.remember(&domain, &remote, &retained),
                 pin.map(|fpr| trust.pin_first_use(&domain, &fpr)),
             )
         })

@@ -3,7 +3,7 @@
 //!
 //! | file | what | mode |
 //! |---|---|---|
-//! | `<domain>.retained` | up to 4 retained secrets, hex, newest first | 0600 |
+//! | `<domain>.retained` | retained secrets, newest first, one a line: hex, then the remote key's fingerprint (up to 4 per key, 16 in all) | 0600 |
 //! | `<domain>.pin` | the pinned signing-key fingerprint of an opportunistic peer | 0600 |
 //! | `<domain>.pin-pending` | keys the peer presented and proved (their signature verified) but that were refused, for `sipmail trust accept`: one line each, `FINGERPRINT FIRST-SEEN LAST-SEEN COUNT FROM` (Unix seconds, source address), at most 8 | 0600 |
 //!
@@ -24,6 +24,31 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use zeroize::Zeroizing;
+
+/// How many retained secrets a domain's file holds in all: [`MAX_RETAINED`] for each of up
+/// to 4 remote keys (a partner's relays, each with its own key).
+const MAX_KEPT: usize = MAX_RETAINED * 4;
+
+/// The caller's offer from every retained secret (newest first, with its remote key): the
+/// newest of each key first, then the newest others, [`MAX_RETAINED`] in all. Pure.
+fn spread(all: Vec<(RetainedSecret, String)>) -> Vec<RetainedSecret> {
+    let mut seen: Vec<&str> = Vec::new();
+    let mut first: Vec<usize> = Vec::new();
+    for (i, (_, k)) in all.iter().enumerate() {
+        if !seen.contains(&k.as_str()) {
+            seen.push(k);
+            first.push(i);
+        }
+    }
+    let rest = (0..all.len()).filter(|i| !first.contains(i));
+    let order: Vec<usize> = first
+        .iter()
+        .copied()
+        .chain(rest)
+        .take(MAX_RETAINED)
+        .collect();
+    order.into_iter().map(|i| all[i].0.clone()).collect()
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrustError {
@@ -365,9 +390,11 @@ impl TrustStore {
         }
     }
 
-    /// The retained secrets for `domain`, newest first. A missing file means none (first
-    /// call, or the cache was lost); a corrupt one is an error the caller logs.
-    pub fn retained(&self, domain: &str) -> Result<Vec<RetainedSecret>, TrustError> {
+    /// Every retained secret for `domain`, newest first, each with the fingerprint of the
+    /// remote key of the call that left it (`""` in files of older versions, which kept
+    /// no fingerprint). A missing file means none (first call, or the cache was lost); a
+    /// corrupt one is an error the caller logs.
+    fn retained_all(&self, domain: &str) -> Result<Vec<(RetainedSecret, String)>, TrustError> {
         let path = self.path(domain, "retained")?;
         let text = match fs::read(&path) {
             Ok(b) => Zeroizing::new(b),
@@ -381,28 +408,90 @@ impl TrustStore {
         let text = std::str::from_utf8(&text).map_err(|_| corrupt("not text"))?;
         let mut out = Vec::new();
         for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+            let (secret, key) = line.split_once(' ').unwrap_or((line, ""));
             let mut b = Zeroizing::new([0u8; 32]);
-            hex::decode_to_slice(line, &mut b[..])
+            hex::decode_to_slice(secret, &mut b[..])
                 .map_err(|_| corrupt("a line is not 64 hex digits"))?;
-            out.push(RetainedSecret::from_bytes(*b));
+            if !key.chars().all(|c| c.is_ascii_hexdigit()) {
+                return Err(corrupt("a key fingerprint is not hex"));
+            }
+            out.push((RetainedSecret::from_bytes(*b), key.to_ascii_uppercase()));
         }
+        out.truncate(MAX_KEPT);
+        Ok(out)
+    }
+
+    /// The newest [`MAX_RETAINED`] retained secrets for `domain`, whichever key.
+    pub fn retained(&self, domain: &str) -> Result<Vec<RetainedSecret>, TrustError> {
+        let mut out: Vec<RetainedSecret> = self
+            .retained_all(domain)?
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect();
         out.truncate(MAX_RETAINED);
         Ok(out)
     }
 
-    /// Keep `secret` as the newest retained secret for `domain` (older ones beyond
-    /// [`MAX_RETAINED`] are forgotten).
-    pub fn remember(&self, domain: &str, secret: &RetainedSecret) -> Result<(), TrustError> {
+    /// What the callee offers continuity with: the secrets of calls with the remote key
+    /// `fingerprint` (and those of older files, which name no key), newest first. Each of
+    /// a partner's relays, with its own key, has its own continuity with us.
+    pub fn retained_for_key(
+        &self,
+        domain: &str,
+        fingerprint: &str,
+    ) -> Result<Vec<RetainedSecret>, TrustError> {
+        let mut out: Vec<RetainedSecret> = self
+            .retained_all(domain)?
+            .into_iter()
+            .filter(|(_, k)| k.is_empty() || k.eq_ignore_ascii_case(fingerprint))
+            .map(|(s, _)| s)
+            .collect();
+        out.truncate(MAX_RETAINED);
+        Ok(out)
+    }
+
+    /// What the caller offers before it knows which relay (which key) will answer: the
+    /// newest secret of each remote key first (newest key first), then the newest others,
+    /// [`MAX_RETAINED`] in all. Whichever of a partner's relays answers finds its own
+    /// newest secret among them; with one relay this is its newest four, as before.
+    pub fn retained_spread(&self, domain: &str) -> Result<Vec<RetainedSecret>, TrustError> {
+        Ok(spread(self.retained_all(domain)?))
+    }
+
+    /// Keep `secret`, left by a call with the remote key `fingerprint`, as the newest
+    /// retained secret for `domain`. At most [`MAX_RETAINED`] are kept per remote key and
+    /// [`MAX_KEPT`] in all (the oldest go).
+    pub fn remember(
+        &self,
+        domain: &str,
+        fingerprint: &str,
+        secret: &RetainedSecret,
+    ) -> Result<(), TrustError> {
         let _g = self.lock_for(domain);
         let path = self.path(domain, "retained")?;
         // A corrupt file is replaced: the secrets in it are unusable anyway.
-        let mut list = self.retained(domain).unwrap_or_default();
-        list.retain(|s| s != secret);
-        list.insert(0, secret.clone());
-        list.truncate(MAX_RETAINED);
-        let mut text = Zeroizing::new(String::with_capacity(65 * list.len()));
-        for s in &list {
+        let mut list = self.retained_all(domain).unwrap_or_default();
+        list.retain(|(s, _)| s != secret);
+        let key: String = fingerprint
+            .chars()
+            .filter(char::is_ascii_hexdigit)
+            .collect::<String>()
+            .to_ascii_uppercase();
+        list.insert(0, (secret.clone(), key));
+        let mut per_key: std::collections::HashMap<String, usize> = Default::default();
+        list.retain(|(_, k)| {
+            let n = per_key.entry(k.clone()).or_insert(0);
+            *n += 1;
+            *n <= MAX_RETAINED
+        });
+        list.truncate(MAX_KEPT);
+        let mut text = Zeroizing::new(String::with_capacity(107 * list.len()));
+        for (s, k) in &list {
             text.push_str(&hex::encode(s.as_bytes()));
+            if !k.is_empty() {
+                text.push(' ');
+                text.push_str(k);
+            }
             text.push('\n');
         }
         self.write_atomic(&path, text.as_bytes())
@@ -564,7 +653,7 @@ mod tests {
         let s = TrustStore::new(dir.path());
         assert!(s.retained("site-b.test").unwrap().is_empty());
         for i in 1..=6u8 {
-            s.remember("site-b.test", &RetainedSecret::from_bytes([i; 32]))
+            s.remember("site-b.test", "AB12", &RetainedSecret::from_bytes([i; 32]))
                 .unwrap();
         }
         let got = s.retained("SITE-B.test").unwrap();
@@ -581,6 +670,53 @@ mod tests {
             Err(TrustError::Corrupt { .. })
         ));
         assert!(s.path("../evil", "pin").is_err());
+    }
+
+    #[test]
+    fn each_remote_key_keeps_its_own_continuity() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = TrustStore::new(dir.path());
+        let path = dir.path().join("state/b.test.retained");
+        // A file of an older version: no key named; it counts for every key.
+        fs::create_dir_all(dir.path().join("state")).unwrap();
+        fs::write(&path, format!("{}\n", hex::encode([9u8; 32]))).unwrap();
+        let r = |b: u8| RetainedSecret::from_bytes([b; 32]);
+        let firsts = |v: Vec<RetainedSecret>| v.iter().map(|x| x.as_bytes()[0]).collect::<Vec<_>>();
+        // Relay B1 (key AA..) answers five calls, then B2 (key BB..) one.
+        for i in 1..=5u8 {
+            s.remember("b.test", "aa11", &r(i)).unwrap();
+        }
+        s.remember("b.test", "BB22", &r(20)).unwrap();
+        // B1's newest four are kept (its fifth went); the older-version line counts for
+        // every key.
+        assert_eq!(
+            firsts(s.retained_for_key("b.test", "AA11").unwrap()),
+            [5, 4, 3, 2]
+        );
+        assert_eq!(
+            firsts(s.retained_for_key("b.test", "BB22").unwrap()),
+            [20, 9]
+        );
+        // A caller offers each key's newest first: B1 and B2 both find theirs.
+        assert_eq!(firsts(s.retained_spread("b.test").unwrap()), [20, 5, 9, 4]);
+        // The newest overall, as before.
+        assert_eq!(firsts(s.retained("b.test").unwrap()), [20, 5, 4, 3]);
+        let text = fs::read_to_string(&path).unwrap();
+        assert!(
+            text.starts_with(&format!("{} BB22\n", hex::encode([20u8; 32]))),
+            "{text}"
+        );
+        // More keys than MAX_KEPT holds: the oldest lines go.
+        for k in 0..20u8 {
+            s.remember("b.test", &format!("{k:02X}"), &r(100 + k))
+                .unwrap();
+        }
+        assert_eq!(s.retained_all("b.test").unwrap().len(), MAX_KEPT);
+        fs::write(&path, format!("{} not-hex\n", hex::encode([1u8; 32]))).unwrap();
+        assert!(matches!(
+            s.retained("b.test"),
+            Err(TrustError::Corrupt { .. })
+        ));
     }
 
     #[test]
@@ -604,7 +740,7 @@ mod tests {
         s.record_pending("b.test", &cc, "192.0.2.9", 150).unwrap();
         s.record_pending("b.test", &bb.to_lowercase(), "192.0.2.2", 200)
             .unwrap();
-        s.remember("b.test", &RetainedSecret::from_bytes([1; 32]))
+        s.remember("b.test", "", &RetainedSecret::from_bytes([1; 32]))
             .unwrap();
         let l = s.list().unwrap();
         assert_eq!(l.len(), 1);
