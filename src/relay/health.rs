@@ -31,7 +31,7 @@ impl Probe for Health {
             .iter()
             .map(|s| {
                 let age = Duration::from_secs(now_s.saturating_sub(s.oldest_received));
-                (super::scheduler::route_label(&s.route), s.messages, age)
+                (super::outcome::route_label(&s.route), s.messages, age)
             })
             .collect();
         m.set_queue(&routes);

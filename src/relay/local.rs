@@ -4,8 +4,7 @@
 
 use super::context::Context;
 use super::jobs::Lane;
-use super::outcome::{Job, RcptOutcome, outcomes_from_smtp};
-use super::scheduler::route_label;
+use super::outcome::{Job, RcptOutcome, outcomes_from_smtp, route_label};
 use crate::config::Delivery;
 use crate::queue::NextHop;
 use crate::smtp::{ClientError, ClientTimeouts, SmtpClient};

@@ -3,7 +3,17 @@
 //! map to outcomes. No tasks, no clock: the scheduler's pure core (`schedule`) and the
 //! workers both use it.
 
+use crate::metrics::RouteLabel;
 use crate::queue::Route;
+
+/// A route as the metrics label it.
+pub(crate) fn route_label(route: &Route) -> RouteLabel<'_> {
+    match route {
+        Route::Local => RouteLabel::Local,
+        Route::Peer(d) => RouteLabel::Peer(d),
+        Route::Smtp(h) => RouteLabel::NextHop(&h.host, h.port),
+    }
+}
 
 /// One delivery attempt for the recipients of one message that share a route.
 #[derive(Clone, Debug)]

@@ -5,12 +5,12 @@
 use super::bounce;
 use super::events::{Events, RelayEvent, Shutdown};
 use super::jobs::{Lane, Report};
-use super::outcome::Job;
+use super::outcome::{Job, route_label};
 use super::schedule::{self, Disposal, DsnKind, Step};
 use super::settings::Live;
 use super::site::Site;
 use crate::config::QueueTimes;
-use crate::metrics::{Metrics, RouteLabel};
+use crate::metrics::Metrics;
 use crate::queue::{Envelope, RcptState, Route, Spool, now_ms};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
@@ -82,15 +82,6 @@ pub(crate) struct MailQueue {
     marking: tokio::sync::Mutex<()>,
     /// Accepted, delivered, deferred and bounced recipients per route.
     metrics: Arc<Metrics>,
-}
-
-/// A route as the metrics label it.
-pub(crate) fn route_label(route: &Route) -> RouteLabel<'_> {
-    match route {
-        Route::Local => RouteLabel::Local,
-        Route::Peer(d) => RouteLabel::Peer(d),
-        Route::Smtp(h) => RouteLabel::NextHop(&h.host, h.port),
-    }
 }
 
 /// One route's share of the queue (see [`MailQueue::route_stats`]).
