@@ -8,6 +8,7 @@
 //! (with `[delivery]`), [`psk`], [`metrics`]; `raw` is the file as serde reads it and `values` the
 //! value types the sections share. `[relay]` and `[audit]` are parsed here.
 
+mod dns;
 mod metrics;
 mod nat;
 mod peer;
@@ -20,6 +21,7 @@ mod smtp;
 mod tests;
 mod values;
 
+pub use dns::{DEFAULT_DNS_TIMEOUT, DiscoverySection, DnsSection};
 pub use metrics::MetricsSection;
 pub use nat::{Advertise, PortRange};
 pub use peer::{ContinuityPolicy, Peer, Trust};
@@ -148,6 +150,11 @@ pub struct Config {
     pub call_records: Option<PathBuf>,
     /// The metrics and health endpoint (`[metrics]`), `None` when off (the default).
     pub metrics: Option<MetricsSection>,
+    /// `[dns]`: the validating resolver for `sip = "dns"`, `trust = "dnssec"` and
+    /// `[discovery]` (None: no DNS lookups).
+    pub dns: Option<DnsSection>,
+    /// `[discovery]`: domains without a `[[peer]]` reached (and accepted) through DNS.
+    pub discovery: Option<DiscoverySection>,
 }
 
 impl Config {
@@ -176,6 +183,19 @@ impl Config {
         let queue = queue::parse_queue(&raw.queue, e)?;
         let call_records = parse_audit(&raw.audit, &relay.spool);
         let metrics = metrics::parse_metrics(raw.metrics.as_ref(), e)?;
+        let dns = dns::parse_dns(raw.dns.as_ref(), e)?;
+        let discovery =
+            dns::parse_discovery(raw.discovery.as_ref(), dns.as_ref(), &relay.domain, e)?;
+        if dns.is_none()
+            && let Some(i) = peers
+                .iter()
+                .position(|p| p.dns || matches!(p.trust, Trust::Dnssec))
+        {
+            return Err(e.bad(
+                &format!("peer[{i}]"),
+                "sip = \"dns\" and trust = \"dnssec\" need a [dns] section naming a validating resolver (resolver = \"127.0.0.1:53\")".into(),
+            ));
+        }
         Ok(Config {
             file: file.to_string(),
             domain: relay.domain,
@@ -201,6 +221,8 @@ impl Config {
             queue,
             call_records,
             metrics,
+            dns,
+            discovery,
         })
     }
 

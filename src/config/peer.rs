@@ -14,6 +14,10 @@ pub enum Trust {
     Psk(Psk),
     /// Signatures by a key the peer presents, pinned on first use.
     Opportunistic,
+    /// Signatures by the cert of the peer's DNSSEC-secure OPENPGPKEY record (RFC 7929),
+    /// pinned; a changed key only if the pinned one certified it, or through
+    /// `sipmail trust accept`. On the wire, the same as `signed`.
+    Dnssec,
 }
 
 impl Trust {
@@ -23,6 +27,7 @@ impl Trust {
             Trust::Signed => AuthMode::Signed,
             Trust::Psk(_) => AuthMode::Psk,
             Trust::Opportunistic => AuthMode::Opportunistic,
+            Trust::Dnssec => AuthMode::Signed,
         }
     }
 }
@@ -67,6 +72,29 @@ pub struct Peer {
     /// Further sender domains (and their subdomains) this peer may use in MAIL FROM over
     /// its calls, besides its own domain; A-labels, lower case (`senders = [...]`).
     pub senders: Vec<String>,
+    /// `sip = "dns"`: the relay's address comes from the domain's SRV records (RFC 3263);
+    /// `sip` then holds `sip:mail@<domain>`, the URI the call goes to.
+    pub dns: bool,
+}
+
+impl Peer {
+    /// A partner found through `[discovery]`: no `[[peer]]`, location and key from DNS.
+    pub fn discovered(domain: &str) -> Peer {
+        Peer {
+            domain: domain.to_ascii_lowercase(),
+            sip: SipTarget {
+                user: "mail".into(),
+                host: domain.to_ascii_lowercase(),
+                port: 5060,
+                tcp: false,
+            },
+            trust: Trust::Dnssec,
+            continuity: ContinuityPolicy::Warn,
+            fingerprints: None,
+            senders: Vec::new(),
+            dns: true,
+        }
+    }
 }
 
 /// Every `[[peer]]`, checked against each other and against our own `domain`.
@@ -128,7 +156,17 @@ fn parse_peer(
             format!("\"{d}\" is listed twice"),
         ));
     }
-    let sip = SipTarget::parse(&p.sip).map_err(|m| bad(&format!("{key}.sip"), m))?;
+    let dns = p.sip.eq_ignore_ascii_case("dns");
+    let sip = if dns {
+        SipTarget {
+            user: "mail".into(),
+            host: d.clone(),
+            port: 5060,
+            tcp: false,
+        }
+    } else {
+        SipTarget::parse(&p.sip).map_err(|m| bad(&format!("{key}.sip"), m))?
+    };
     let trust = parse_trust(&key, p, e)?;
     let continuity = match p.continuity.as_deref() {
         None | Some("warn") => ContinuityPolicy::Warn,
@@ -175,6 +213,7 @@ fn parse_peer(
         continuity,
         fingerprints,
         senders,
+        dns,
     })
 }
 
@@ -185,6 +224,7 @@ fn parse_trust(key: &str, p: &RawPeer, e: Errors<'_>) -> Result<Trust, ConfigErr
         match (p.trust.as_deref().unwrap_or("signed"), &p.psk_file) {
             ("signed", None) => Trust::Signed,
             ("opportunistic", None) => Trust::Opportunistic,
+            ("dnssec", None) => Trust::Dnssec,
             ("psk", Some(f)) => {
                 Trust::Psk(Psk::load(f).map_err(|m| bad(&format!("{key}.psk_file"), m))?)
             }
@@ -195,7 +235,7 @@ fn parse_trust(key: &str, p: &RawPeer, e: Errors<'_>) -> Result<Trust, ConfigErr
                     .into(),
             ));
             }
-            ("signed" | "opportunistic", Some(_)) => {
+            ("signed" | "opportunistic" | "dnssec", Some(_)) => {
                 return Err(bad(
                     &format!("{key}.psk_file"),
                     "psk_file is only used with trust = \"psk\"".into(),
@@ -204,7 +244,7 @@ fn parse_trust(key: &str, p: &RawPeer, e: Errors<'_>) -> Result<Trust, ConfigErr
             (other, _) => {
                 return Err(bad(
                     &format!("{key}.trust"),
-                    format!("\"{other}\" is not one of signed, psk, opportunistic"),
+                    format!("\"{other}\" is not one of signed, psk, opportunistic, dnssec"),
                 ));
             }
         },

@@ -19,6 +19,8 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub(super) audit: RawAudit,
     pub(super) metrics: Option<RawMetrics>,
+    pub(super) dns: Option<RawDns>,
+    pub(super) discovery: Option<RawDiscovery>,
 }
 
 #[derive(Deserialize)]
@@ -107,4 +109,19 @@ pub(super) struct RawAudit {
 pub(super) struct RawMetrics {
     pub(super) listen: String,
     pub(super) allow_remote: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawDns {
+    pub(super) resolver: String,
+    pub(super) timeout: Option<String>,
+    pub(super) trusted_path: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawDiscovery {
+    pub(super) domains: Vec<String>,
+    pub(super) trust: Option<String>,
 }

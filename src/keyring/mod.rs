@@ -48,6 +48,8 @@ mod load;
 #[cfg(test)]
 mod tests;
 mod verify;
+mod discovered;
+pub use discovered::DiscoveredCert;
 
 use import::*;
 use load::*;

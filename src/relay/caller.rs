@@ -71,6 +71,10 @@ pub(crate) enum CallError {
     },
     #[error("trust state: {0}")]
     TrustState(#[from] super::trust::TrustError),
+    #[error("locating the partner's relay in DNS: {0}")]
+    Locate(#[from] crate::dns::LocateError),
+    #[error("the partner's key from DNS: {0}")]
+    Discovery(#[from] crate::dns::DiscoveryError),
 }
 
 impl CallError {
@@ -91,6 +95,9 @@ impl CallError {
             CallError::Smtp(_) => CallFailure::Smtp,
             CallError::PinChanged { .. } => CallFailure::UnknownKey,
             CallError::Continuity { .. } => CallFailure::Continuity,
+            CallError::Locate(_) => CallFailure::Dns,
+            CallError::Discovery(e) if e.is_key_change() => CallFailure::KeyChanged,
+            CallError::Discovery(_) => CallFailure::Dns,
         })
     }
 }
@@ -111,7 +118,71 @@ fn random32() -> Result<[u8; 32], CallError> {
     Ok(b)
 }
 
-async fn resolve(peer: &Peer) -> Result<SocketAddr, CallError> {
+/// Where to call `peer`: its configured `sip` address, or (`sip = "dns"`, discovered
+/// partners) the first target its SRV records give (see `crate::dns::locate`).
+async fn resolve(site: &super::site::Site, peer: &Peer) -> Result<(SocketAddr, Transport), CallError> {
+    if peer.dns {
+        let r = site
+            .resolver
+            .as_ref()
+            .ok_or_else(|| CallError::Resolve(format!("{}: no [dns] resolver", peer.domain)))?;
+        let mut random = crate::dns::srv::os_random;
+        let loc = crate::dns::locate(r, &peer.domain, &site.own_sip, &mut random).await?;
+        for s in &loc.skipped_self {
+            tracing::warn!(peer = %peer.domain, target = %s, "SRV target skipped: it is this relay itself");
+        }
+        let first = &loc.targets[0];
+        tracing::info!(peer = %peer.domain, target = %first.label, addr = %first.addr,
+            transport = first.transport.as_str(), dnssec = %loc.security, others = loc.targets.len() - 1,
+            "partner's relay located in DNS");
+        return Ok((first.addr, first.transport));
+    }
+    let transport = if peer.sip.tcp {
+        Transport::Tcp
+    } else {
+        Transport::Udp
+    };
+    Ok((resolve_static(peer).await?, transport))
+}
+
+/// `trust = "dnssec"`: the partner's key from its OPENPGPKEY record, trusted only when
+/// DNSSEC-secure and by the pin rules (`crate::dns::keytrust`). A refused change is an
+/// alert: an error line, and `key_changed` in the metrics.
+async fn discovered_key(
+    shared: &Context,
+    site: &super::site::Site,
+    peer: &Peer,
+) -> Result<Option<crate::dns::DiscoveredKey>, CallError> {
+    if !matches!(peer.trust, crate::config::Trust::Dnssec) {
+        return Ok(None);
+    }
+    let r = site
+        .resolver
+        .as_ref()
+        .ok_or_else(|| CallError::Resolve(format!("{}: no [dns] resolver", peer.domain)))?;
+    match crate::dns::discover_key(r, &shared.trust.store, &peer.domain, true).await {
+        Ok(k) => {
+            match &k.action {
+                crate::dns::PinAction::Keep => {}
+                crate::dns::PinAction::PinFirst => tracing::info!(peer = %peer.domain,
+                    fingerprint = %k.cert.fingerprint(), "key found in DNSSEC-secure DNS pinned (first use)"),
+                crate::dns::PinAction::Repin { old } => tracing::warn!(peer = %peer.domain,
+                    old = %old, new = %k.cert.fingerprint(),
+                    "the partner's key in DNS changed, certified by the pinned key: the new key is pinned"),
+            }
+            Ok(Some(k))
+        }
+        Err(e) => {
+            if e.is_key_change() {
+                tracing::error!(peer = %peer.domain, reason = %e,
+                    "ALERT: the partner's key in DNS changed without the old key's certification; calls refused, mail stays queued");
+            }
+            Err(e.into())
+        }
+    }
+}
+
+async fn resolve_static(peer: &Peer) -> Result<SocketAddr, CallError> {
     let what = format!("{}:{}", peer.sip.host, peer.sip.port);
     tokio::net::lookup_host((peer.sip.host.as_str(), peer.sip.port))
         .await
@@ -167,12 +238,8 @@ async fn place_call(
     let site = &settings.site;
     let started = tokio::time::Instant::now();
     shared.metrics.call_placed(&peer.domain);
-    let target = resolve(peer).await?;
-    let transport = if peer.sip.tcp {
-        Transport::Tcp
-    } else {
-        Transport::Udp
-    };
+    let dns_key = discovered_key(shared, site, peer).await?;
+    let (target, transport) = resolve(site, peer).await?;
     let call_id = call_id.to_string();
     let from_tag = crate::sip::random_hex(8);
     let mode = peer.trust.mode();
@@ -264,7 +331,10 @@ async fn place_call(
             // opportunistic): only a key that proved itself is compared with the pin, and
             // only such a key is ever recorded as pending.
             let done = {
-                let (signer, verifier) = ks.auth_for(peer, &answer.key_packet);
+                let (signer, verifier) = match &dns_key {
+                    Some(k) => ks.auth_with_discovered(&k.cert),
+                    None => ks.auth_for(peer, &answer.key_packet),
+                };
                 caller.on_answer(&ctx, &answer, verifier.as_ref(), signer.as_ref())?
             };
             if mode == AuthMode::Opportunistic {
@@ -430,7 +500,7 @@ pub(crate) async fn worker(ctx: Arc<Context>, domain: String, lane_no: usize, la
             }
         }
         if call.is_none() {
-            let Some(peer) = settings.site.peer(&domain).cloned() else {
+            let Some(peer) = settings.site.partner(&domain) else {
                 tracing::warn!(peer = %domain, lane = lane_no, queue_id = %job.id,
                     "no [[peer]] for this domain in the config in force (removed by a reload?); the mail stays queued, is retried on the queue's schedule and bounced after queue.max_age unless the peer is added again");
                 let outcomes = job.all(RcptOutcome::Transient(format!(

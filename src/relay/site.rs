@@ -1,10 +1,11 @@
 //! Who we are and who our partners are: the part of the config every call and every
 //! message needs, read-only for the daemon's life. Also where mail for an address goes.
 
-use crate::config::{Config, Peer, PortRange};
+use crate::config::{Config, DiscoverySection, Peer, PortRange};
+use crate::dns::Resolver;
 use crate::handshake::Suite;
 use crate::queue::Route;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 #[derive(Clone, Debug)]
@@ -26,6 +27,13 @@ pub(crate) struct Site {
     pub public_media_ip: IpAddr,
     /// Where each signed call's audit record goes (None: not recorded).
     pub call_records: Option<PathBuf>,
+    /// `[dns]`: the validating resolver (None: no DNS lookups).
+    pub resolver: Option<Resolver>,
+    /// `[discovery]`: domains reached and accepted without a `[[peer]]`.
+    pub discovery: Option<DiscoverySection>,
+    /// Our own SIP addresses (listen, advertised): an SRV target that is one of them
+    /// would make us call ourselves.
+    pub own_sip: Vec<SocketAddr>,
 }
 
 impl Site {
@@ -39,7 +47,39 @@ impl Site {
             media_ports: cfg.media_ports,
             public_media_ip: cfg.advertise.map_or(cfg.media_ip, |a| a.ip),
             call_records: cfg.call_records.clone(),
+            resolver: cfg
+                .dns
+                .as_ref()
+                .map(|d| Resolver::new(d.resolver, d.timeout)),
+            discovery: cfg.discovery.clone(),
+            own_sip: {
+                let mut v = vec![cfg.sip_listen];
+                if let Some(a) = cfg.advertise {
+                    v.push(SocketAddr::new(
+                        a.ip,
+                        a.sip_port.unwrap_or(cfg.sip_listen.port()),
+                    ));
+                }
+                v
+            },
         }
+    }
+
+    /// The partner for `domain`: its `[[peer]]`, or, when `[discovery]` allows the domain,
+    /// a partner found in DNS (location from SRV, key from OPENPGPKEY, `trust = "dnssec"`).
+    pub fn partner(&self, domain: &str) -> Option<Peer> {
+        if let Some(p) = self.peer(domain) {
+            return Some(p.clone());
+        }
+        let d = domain.trim_end_matches('.').to_ascii_lowercase();
+        self.discovers(&d).then(|| Peer::discovered(&d))
+    }
+
+    /// Does `[discovery]` allow `domain` (lower case), which has no `[[peer]]`?
+    pub fn discovers(&self, domain: &str) -> bool {
+        domain != self.domain
+            && crate::domain::normalise_domain(domain).as_deref() == Some(domain)
+            && self.discovery.as_ref().is_some_and(|d| d.allows(domain))
     }
 
     /// The partner for `domain` (case-insensitive), if any.
@@ -49,8 +89,9 @@ impl Site {
             .find(|p| p.domain.eq_ignore_ascii_case(domain))
     }
 
-    /// Where mail for `addr` goes: our domain is local, a partner's goes to that peer,
-    /// anything else has no route (sipmail is not an Internet MTA).
+    /// Where mail for `addr` goes: our domain is local, a partner's goes to that peer, a
+    /// domain `[discovery]` allows goes to the partner DNS will name, anything else has no
+    /// route (sipmail is not an Internet MTA).
     pub fn route_for(&self, addr: &str) -> Option<Route> {
         let domain = addr
             .rsplit_once('@')?
@@ -59,8 +100,11 @@ impl Site {
             .to_ascii_lowercase();
         if domain == self.domain {
             Some(Route::Local)
+        } else if let Some(p) = self.peer(&domain) {
+            Some(Route::Peer(p.domain.clone()))
         } else {
-            self.peer(&domain).map(|p| Route::Peer(p.domain.clone()))
+            // A domain `[discovery]` allows: a partner found in DNS at call time.
+            self.discovers(&domain).then_some(Route::Peer(domain))
         }
     }
 }
