@@ -198,3 +198,115 @@ async fn a_partner_found_in_dnssec_signed_dns_gets_the_mail_and_a_broken_signatu
     a.stop().await;
     b.stop().await;
 }
+
+/// Site A alone (B's zone as given, B's relay not running), discovering site-b.test:
+/// one message sent; returns the call failure's reason after checking that the mail is
+/// deferred (queued, nothing delivered, no bounce).
+async fn bad_input(base: u8, b_zone: impl FnOnce(&[u8], &[u8]) -> Zone, resolver: Option<&str>) -> String {
+    init_logs();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (ka, kb) = (keyring(dir, "site-a"), keyring(dir, "site-b"));
+    let zones = vec![site_zone("site-a.test", base, 3, Some(&ka)), b_zone(&ka, &kb)];
+    let dns = DnsFixture::start(dir, base, &zones);
+    let res = resolver.map(str::to_string).unwrap_or(dns.resolver.to_string());
+    let a_text = relay_config(dir, "site-a", base, 3, &res, "[discovery]\ndomains = [\"site-b.test\"]");
+    let mut a = start("a.toml", &a_text).await;
+    send(&a, 0).await;
+    let why = next_failure(&mut a).await;
+    assert_deferred(&a, &dir.join("var/site-b/maildir")).await;
+    // Retried on the queue's schedule, with the same reason: still deferred.
+    let again = next_failure(&mut a).await;
+    assert_eq!(again, why);
+    assert_deferred(&a, &dir.join("var/site-b/maildir")).await;
+    a.stop().await;
+    drop(dns);
+    why
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bogus_key_record_is_refused_and_the_mail_waits() {
+    let why = bad_input(
+        20,
+        |_, kb| {
+            let mut z = site_zone("site-b.test", 20, 4, Some(kb));
+            z.tamper = Edit::Key;
+            z
+        },
+        None,
+    )
+    .await;
+    assert!(why.contains("DNSSEC-bogus") && why.contains("_openpgpkey.site-b.test"), "{why}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_insecure_answer_is_never_trusted() {
+    let why = bad_input(
+        30,
+        |_, kb| {
+            let mut z = site_zone("site-b.test", 30, 4, Some(kb));
+            z.signed = false;
+            z
+        },
+        None,
+    )
+    .await;
+    assert!(why.contains("not DNSSEC-secure") && why.contains("mail@site-b.test"), "{why}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_key_record_defers() {
+    let why = bad_input(40, |_, _| site_zone("site-b.test", 40, 4, None), None).await;
+    assert!(why.contains("no OPENPGPKEY record for mail@site-b.test"), "{why}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_for_another_domain_is_refused() {
+    // B's zone publishes A's key (user ID mail@site-a.test): securely signed, wrong identity.
+    let why = bad_input(50, |ka, _| site_zone("site-b.test", 50, 4, Some(ka)), None).await;
+    assert!(
+        why.contains("not valid for mail@site-b.test") && why.contains("mail@site-a.test"),
+        "{why}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn srv_targets_that_are_ourselves_are_refused() {
+    // Both SRV targets of B resolve to A's own SIP address: calling them would loop.
+    let why = bad_input(
+        60,
+        |_, kb| {
+            Zone::signed(
+                "site-b.test",
+                vec![
+                    srv_line(10, 10, SIP_PORT, "relay"),
+                    srv_line(20, 10, SIP_PORT, "backup.site-b.test."),
+                    format!("relay IN A {}", ip(60, 3)),
+                    format!("backup IN A {}", ip(60, 3)),
+                    openpgpkey_line(kb),
+                ],
+            )
+        },
+        None,
+    )
+    .await;
+    assert!(
+        why.contains("points at this relay itself")
+            && why.contains("relay.site-b.test")
+            && why.contains("backup.site-b.test"),
+        "{why}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resolver_that_never_answers_times_out_and_the_mail_waits() {
+    // A UDP socket that reads nothing and answers nothing, as the resolver.
+    let silent = std::net::UdpSocket::bind(format!("{}:{DNS_PORT}", ip(70, 9))).unwrap();
+    let addr = silent.local_addr().unwrap().to_string();
+    let started = std::time::Instant::now();
+    let why = bad_input(70, |_, kb| site_zone("site-b.test", 70, 4, Some(kb)), Some(&addr)).await;
+    assert!(why.contains("no answer from the resolver") && why.contains(&addr), "{why}");
+    // Bounded: two attempts of one 2 s question each, plus the queue's retry.
+    assert!(started.elapsed() < Duration::from_secs(15), "{:?}", started.elapsed());
+    drop(silent);
+}

@@ -213,8 +213,11 @@ impl Resolver {
             DnsRequest::new(msg, opts)
         };
         let provider = TokioRuntimeProvider::default();
+        // hickory's own timeout is longer than ours, so that a silent resolver always
+        // ends in our (bounded) timeout, with its clear error.
+        let inner = self.timeout + Duration::from_secs(1);
         let udp = UdpClientStream::builder(self.addr, provider.clone())
-            .with_timeout(Some(self.timeout))
+            .with_timeout(Some(inner))
             .build();
         let (client, bg) = Client::<TokioRuntimeProvider>::from_sender(udp);
         let bg = tokio::spawn(bg);
@@ -222,21 +225,20 @@ impl Resolver {
         bg.abort();
         let msg = match first {
             Some(Ok(r)) => r.into_message(),
-            Some(Err(e)) if e.to_string().contains("timed out") => {
+            Some(Err(hickory_net::NetError::Timeout)) | None => {
                 return Err(self.timeout_error(shown, rtype));
             }
             Some(Err(e)) => return Err(net(e.to_string())),
-            None => return Err(net("no response".into())),
         };
         if !msg.metadata.truncation {
             return Ok(msg);
         }
         // Too large for UDP (a big key): ask again over TCP.
         let (connect, handle) =
-            TcpClientStream::new(self.addr, None, Some(self.timeout), provider.clone());
+            TcpClientStream::new(self.addr, None, Some(inner), provider.clone());
         let stream = connect.await.map_err(|e| net(format!("TCP: {e}")))?;
         let (client, bg) =
-            Client::<TokioRuntimeProvider>::with_timeout(stream, handle, self.timeout);
+            Client::<TokioRuntimeProvider>::with_timeout(stream, handle, inner);
         let bg = tokio::spawn(bg);
         let got = client.send(request()).next().await;
         bg.abort();
