@@ -310,3 +310,143 @@ async fn a_resolver_that_never_answers_times_out_and_the_mail_waits() {
     assert!(started.elapsed() < Duration::from_secs(15), "{:?}", started.elapsed());
     drop(silent);
 }
+
+/// The text of A's `/metrics`.
+async fn metrics_text(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+/// A pinned B's key from DNS and delivered; B's zone then publishes B's new key (B signs
+/// with it; `certify`: the old key certified the new one), and a second message is sent.
+struct Rotation {
+    _tmp: tempfile::TempDir,
+    dir: std::path::PathBuf,
+    a: Site,
+    b: Site,
+    _dns: DnsFixture,
+    new_fpr: String,
+}
+
+async fn rotate(base: u8, certify: bool) -> Rotation {
+    init_logs();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    let (ka, kb) = (keyring(&dir, "site-a"), keyring(&dir, "site-b"));
+    let zones = |kb: &[u8]| {
+        vec![
+            site_zone("site-a.test", base, 3, Some(&ka)),
+            site_zone("site-b.test", base, 4, Some(kb)),
+        ]
+    };
+    let mut dns = DnsFixture::start(&dir, base, &zones(&kb));
+    let res = dns.resolver.to_string();
+    let a_text = relay_config(
+        &dir,
+        "site-a",
+        base,
+        3,
+        &res,
+        &format!(
+            "[discovery]\ndomains = [\"site-b.test\"]\n[metrics]\nlisten = \"{}:42090\"",
+            ip(base, 3)
+        ),
+    );
+    let b_text = relay_config(&dir, "site-b", base, 4, &res, "[discovery]\ndomains = [\"site-a.test\"]");
+    let b = start("b.toml", &b_text).await;
+    let a = start("a.toml", &a_text).await;
+    send(&a, 0).await;
+    assert!(
+        wait_until(Duration::from_secs(20), || maildir_files(&b.maildir()).len() == 1).await,
+        "the first message (before the rotation) was not delivered"
+    );
+    b.stop().await;
+    // B's new key, in a new keyring; certified by the old one if asked.
+    let new_dir = dir.join("keyring/site-b-new");
+    Keyring::generate(&new_dir, "site-b.test").unwrap();
+    let mut new_key = Keyring::open(&new_dir).unwrap().export_public_binary().unwrap();
+    if certify {
+        new_key = Keyring::open(&dir.join("keyring/site-b"))
+            .unwrap()
+            .certify_successor(&new_key, "site-b.test")
+            .unwrap();
+    }
+    let new_fpr = sipmail::keyring::DiscoveredCert::parse(&new_key, "site-b.test")
+        .unwrap()
+        .fingerprint()
+        .to_string();
+    dns.serve(&zones(&new_key));
+    let b_text = b_text.replace("keyring/site-b\"", "keyring/site-b-new\"");
+    assert!(b_text.contains("site-b-new"));
+    let b = start("b.toml", &b_text).await;
+    // A's idle call to the old B is gone (call_idle 2s): the next message places a call.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut a = a;
+    a.events = a.running.events();
+    send(&a, 1).await;
+    Rotation {
+        _tmp: tmp,
+        dir,
+        a,
+        b,
+        _dns: dns,
+        new_fpr,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_key_in_dns_is_refused_with_an_alert_until_an_operator_accepts_it() {
+    let mut r = rotate(80, false).await;
+    let why = next_failure(&mut r.a).await;
+    assert!(
+        why.contains("changed") && why.contains(&r.new_fpr) && why.contains("sipmail trust accept site-b.test"),
+        "{why}"
+    );
+    assert_eq!(maildir_files(&r.b.maildir()).len(), 1, "delivered with a changed key");
+    assert_eq!(r.a.running.queue_snapshot().messages, 1);
+    let m = metrics_text(r.a.running.metrics_addr.unwrap()).await;
+    assert!(m.contains("reason=\"key_changed\""), "{m}");
+    // The refused key waits for the operator, with where it came from.
+    let store = sipmail::relay::trust::TrustStore::new(&r.dir.join("var/site-a/spool"));
+    let pending = store.pending("site-b.test").unwrap();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].fingerprint, r.new_fpr);
+    assert_eq!(pending[0].from, "dns");
+    // `sipmail trust accept site-b.test FPR`, the real command, on A's spool.
+    let a_toml = r.dir.join("a.toml");
+    std::fs::write(
+        &a_toml,
+        relay_config(&r.dir, "site-a", 80, 3, &r.a.cfg.dns.as_ref().unwrap().resolver.to_string(), "[discovery]\ndomains = [\"site-b.test\"]"),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sipmail"))
+        .args(["trust", "accept", "--config"])
+        .arg(&a_toml)
+        .args(["site-b.test", &r.new_fpr])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        wait_until(Duration::from_secs(20), || maildir_files(&r.b.maildir()).len() == 2).await,
+        "not delivered after trust accept"
+    );
+    r.a.stop().await;
+    r.b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_key_certified_by_the_pinned_one_is_taken_and_pinned() {
+    let r = rotate(90, true).await;
+    assert!(
+        wait_until(Duration::from_secs(20), || maildir_files(&r.b.maildir()).len() == 2).await,
+        "the certified new key was not accepted"
+    );
+    let pin = std::fs::read_to_string(r.dir.join("var/site-a/spool/state/site-b.test.pin")).unwrap();
+    assert_eq!(pin.trim(), r.new_fpr);
+    r.a.stop().await;
+    r.b.stop().await;
+}

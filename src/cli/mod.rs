@@ -161,7 +161,8 @@ enum TrustCmd {
     List,
     /// Accept one of the keys an opportunistic peer presented and proved (its signature
     /// verified) but was refused for: a changed key, or a first call from an address that
-    /// is not the peer's. It becomes the pin; the other pending keys are dropped. Check the
+    /// is not the peer's; or (trust = "dnssec", discovered partners) a changed key found in
+    /// DNSSEC-secure DNS that the pinned key did not certify. It becomes the pin; the other pending keys are dropped. Check the
     /// fingerprint with the partner first (`sipmail keys fingerprint` on their side); `trust
     /// list` shows what is pending.
     Accept {
@@ -429,8 +430,11 @@ fn trust(cfg: &Config, cmd: TrustCmd) -> Result<ExitCode> {
     let store = TrustStore::new(&cfg.spool);
     let known = |domain: &str| -> Result<String> {
         let d = domain.trim().to_ascii_lowercase();
-        if cfg.peer(&d).is_none() {
-            anyhow::bail!("{d} is not a [[peer]] in {}", cfg.file);
+        if cfg.peer(&d).is_none() && !cfg.discovery.as_ref().is_some_and(|x| x.allows(&d)) {
+            anyhow::bail!(
+                "{d} is not a [[peer]] in {}, nor a domain its [discovery] allows",
+                cfg.file
+            );
         }
         Ok(d)
     };
