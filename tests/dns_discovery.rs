@@ -450,3 +450,61 @@ async fn a_changed_key_certified_by_the_pinned_one_is_taken_and_pinned() {
     r.a.stop().await;
     r.b.stop().await;
 }
+
+/// `sipmail keys publish` prints records a real zone takes as they are; `sipmail discover`
+/// then shows B's relay and trusts its key (exit 0), and refuses an unsigned zone (exit 1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn published_records_serve_as_they_are_and_discover_explains_the_verdict() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let base = 100;
+    keyring(dir, "site-a");
+    keyring(dir, "site-b");
+    let exe = env!("CARGO_BIN_EXE_sipmail");
+    let b_toml = dir.join("b.toml");
+    let a_toml = dir.join("a.toml");
+    let res = format!("{}:{DNS_PORT}", ip(base, 2));
+    std::fs::write(&b_toml, relay_config(dir, "site-b", base, 4, &res, "")).unwrap();
+    std::fs::write(
+        &a_toml,
+        relay_config(dir, "site-a", base, 3, &res, "[discovery]\ndomains = [\"site-b.test\"]"),
+    )
+    .unwrap();
+    let out = std::process::Command::new(exe)
+        .args(["keys", "publish", "--target", "relay.site-b.test", "--ttl", "60", "--config"])
+        .arg(&b_toml)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("_sipmail._udp.site-b.test. 60 IN SRV 10 10 42060 relay.site-b.test."), "{text}");
+    assert!(text.contains("._openpgpkey.site-b.test. 60 IN OPENPGPKEY "), "{text}");
+    let mut records: Vec<String> = text
+        .lines()
+        .filter(|l| !l.starts_with(';'))
+        .map(str::to_string)
+        .collect();
+    records.push(format!("relay IN A {}", ip(base, 4)));
+    let discover = |zone: Zone| {
+        let _dns = DnsFixture::start(dir, base, &[zone]);
+        let out = std::process::Command::new(exe)
+            .args(["discover", "site-b.test", "--config"])
+            .arg(&a_toml)
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).to_string())
+    };
+    let (code, text) = discover(Zone::signed("site-b.test", records.clone()));
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains(&format!("-> {}:{SIP_PORT} UDP", ip(base, 4))), "{text}");
+    assert!(text.contains("TRUSTED (first use: it would be pinned)"), "{text}");
+    assert!(text.contains("DNSSEC-secure"), "{text}");
+    // Nothing was pinned by looking.
+    assert!(!dir.join("var/site-a/spool/state/site-b.test.pin").exists());
+    let mut unsigned = Zone::signed("site-b.test", records);
+    unsigned.signed = false;
+    let (code, text) = discover(unsigned);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("NOT TRUSTED") && text.contains("not DNSSEC-secure"), "{text}");
+    assert!(text.contains("stays queued"), "{text}");
+}
