@@ -137,9 +137,16 @@ async fn next_failure(site: &mut Site) -> String {
 /// still in A's queue.
 async fn assert_deferred(a: &Site, b_maildir: &Path) {
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(maildir_files(b_maildir).is_empty(), "something was delivered");
+    assert!(
+        maildir_files(b_maildir).is_empty(),
+        "something was delivered"
+    );
     assert!(maildir_files(&a.maildir()).is_empty(), "a bounce came back");
-    assert_eq!(a.running.queue_snapshot().messages, 1, "the mail must stay queued");
+    assert_eq!(
+        a.running.queue_snapshot().messages,
+        1,
+        "the mail must stay queued"
+    );
 }
 
 /// Done means: A has no [[peer]] for B and delivers through DNS; with B's zone signature
@@ -161,23 +168,46 @@ async fn a_partner_found_in_dnssec_signed_dns_gets_the_mail_and_a_broken_signatu
     let dig = dns.dig("SRV", "_sipmail._udp.site-b.test");
     assert!(dig.contains(" ad;") || dig.contains(" ad "), "{dig}");
     let res = dns.resolver.to_string();
-    let a_text = relay_config(dir, "site-a", base, 3, &res, "[discovery]\ndomains = [\"site-b.test\"]");
+    let a_text = relay_config(
+        dir,
+        "site-a",
+        base,
+        3,
+        &res,
+        "[discovery]\ndomains = [\"site-b.test\"]",
+    );
     assert!(!a_text.contains("[[peer]]"));
-    let b_text = relay_config(dir, "site-b", base, 4, &res, "[discovery]\ndomains = [\"site-a.test\"]");
+    let b_text = relay_config(
+        dir,
+        "site-b",
+        base,
+        4,
+        &res,
+        "[discovery]\ndomains = [\"site-a.test\"]",
+    );
     let mut b = start("b.toml", &b_text).await;
     let mut a = start("a.toml", &a_text).await;
     let mut a_events = a.running.events();
     send(&a, 0).await;
     assert!(
-        wait_until(Duration::from_secs(20), || maildir_files(&b.maildir()).len() == 1).await,
+        wait_until(Duration::from_secs(20), || maildir_files(&b.maildir())
+            .len()
+            == 1)
+        .await,
         "not delivered through DNS discovery: {:?}",
         wait_call_outcome(&mut a_events, 1).await
     );
     assert!(
-        wait_until(Duration::from_secs(5), || a.running.queue_snapshot().messages == 0).await
+        wait_until(Duration::from_secs(5), || a
+            .running
+            .queue_snapshot()
+            .messages
+            == 0)
+        .await
     );
     // Both pinned what DNS said.
-    let pin_b = std::fs::read_to_string(dir.join("var/site-a/spool/state/site-b.test.pin")).unwrap();
+    let pin_b =
+        std::fs::read_to_string(dir.join("var/site-a/spool/state/site-b.test.pin")).unwrap();
     let kb_fpr = sipmail::keyring::DiscoveredCert::parse(&kb, "site-b.test").unwrap();
     assert_eq!(pin_b.trim(), kb_fpr.fingerprint());
     assert!(dir.join("var/site-b/spool/state/site-a.test.pin").exists());
@@ -190,10 +220,21 @@ async fn a_partner_found_in_dnssec_signed_dns_gets_the_mail_and_a_broken_signatu
     let mut a = start("a.toml", &a_text).await;
     send(&a, 1).await;
     let why = next_failure(&mut a).await;
-    assert!(why.contains("DNSSEC-bogus") && why.contains("_sipmail._udp.site-b.test"), "{why}");
-    assert_eq!(maildir_files(&b.maildir()).len(), 1, "delivered despite a bogus answer");
+    assert!(
+        why.contains("DNSSEC-bogus") && why.contains("_sipmail._udp.site-b.test"),
+        "{why}"
+    );
+    assert_eq!(
+        maildir_files(&b.maildir()).len(),
+        1,
+        "delivered despite a bogus answer"
+    );
     assert!(maildir_files(&a.maildir()).is_empty(), "a bounce came back");
-    assert_eq!(a.running.queue_snapshot().messages, 1, "the mail must stay queued");
+    assert_eq!(
+        a.running.queue_snapshot().messages,
+        1,
+        "the mail must stay queued"
+    );
     let _ = &mut b;
     a.stop().await;
     b.stop().await;
@@ -202,15 +243,31 @@ async fn a_partner_found_in_dnssec_signed_dns_gets_the_mail_and_a_broken_signatu
 /// Site A alone (B's zone as given, B's relay not running), discovering site-b.test:
 /// one message sent; returns the call failure's reason after checking that the mail is
 /// deferred (queued, nothing delivered, no bounce).
-async fn bad_input(base: u8, b_zone: impl FnOnce(&[u8], &[u8]) -> Zone, resolver: Option<&str>) -> String {
+async fn bad_input(
+    base: u8,
+    b_zone: impl FnOnce(&[u8], &[u8]) -> Zone,
+    resolver: Option<&str>,
+) -> String {
     init_logs();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let (ka, kb) = (keyring(dir, "site-a"), keyring(dir, "site-b"));
-    let zones = vec![site_zone("site-a.test", base, 3, Some(&ka)), b_zone(&ka, &kb)];
+    let zones = vec![
+        site_zone("site-a.test", base, 3, Some(&ka)),
+        b_zone(&ka, &kb),
+    ];
     let dns = DnsFixture::start(dir, base, &zones);
-    let res = resolver.map(str::to_string).unwrap_or(dns.resolver.to_string());
-    let a_text = relay_config(dir, "site-a", base, 3, &res, "[discovery]\ndomains = [\"site-b.test\"]");
+    let res = resolver
+        .map(str::to_string)
+        .unwrap_or(dns.resolver.to_string());
+    let a_text = relay_config(
+        dir,
+        "site-a",
+        base,
+        3,
+        &res,
+        "[discovery]\ndomains = [\"site-b.test\"]",
+    );
     let mut a = start("a.toml", &a_text).await;
     send(&a, 0).await;
     let why = next_failure(&mut a).await;
@@ -236,7 +293,10 @@ async fn a_bogus_key_record_is_refused_and_the_mail_waits() {
         None,
     )
     .await;
-    assert!(why.contains("DNSSEC-bogus") && why.contains("_openpgpkey.site-b.test"), "{why}");
+    assert!(
+        why.contains("DNSSEC-bogus") && why.contains("_openpgpkey.site-b.test"),
+        "{why}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -251,13 +311,19 @@ async fn an_insecure_answer_is_never_trusted() {
         None,
     )
     .await;
-    assert!(why.contains("not DNSSEC-secure") && why.contains("mail@site-b.test"), "{why}");
+    assert!(
+        why.contains("not DNSSEC-secure") && why.contains("mail@site-b.test"),
+        "{why}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_key_record_defers() {
     let why = bad_input(40, |_, _| site_zone("site-b.test", 40, 4, None), None).await;
-    assert!(why.contains("no OPENPGPKEY record for mail@site-b.test"), "{why}");
+    assert!(
+        why.contains("no OPENPGPKEY record for mail@site-b.test"),
+        "{why}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -304,10 +370,22 @@ async fn a_resolver_that_never_answers_times_out_and_the_mail_waits() {
     let silent = std::net::UdpSocket::bind(format!("{}:{DNS_PORT}", ip(70, 9))).unwrap();
     let addr = silent.local_addr().unwrap().to_string();
     let started = std::time::Instant::now();
-    let why = bad_input(70, |_, kb| site_zone("site-b.test", 70, 4, Some(kb)), Some(&addr)).await;
-    assert!(why.contains("no answer from the resolver") && why.contains(&addr), "{why}");
+    let why = bad_input(
+        70,
+        |_, kb| site_zone("site-b.test", 70, 4, Some(kb)),
+        Some(&addr),
+    )
+    .await;
+    assert!(
+        why.contains("no answer from the resolver") && why.contains(&addr),
+        "{why}"
+    );
     // Bounded: two attempts of one 2 s question each, plus the queue's retry.
-    assert!(started.elapsed() < Duration::from_secs(15), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
     drop(silent);
 }
 
@@ -315,7 +393,9 @@ async fn a_resolver_that_never_answers_times_out_and_the_mail_waits() {
 async fn metrics_text(addr: std::net::SocketAddr) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
     out
@@ -356,19 +436,32 @@ async fn rotate(base: u8, certify: bool) -> Rotation {
             ip(base, 3)
         ),
     );
-    let b_text = relay_config(&dir, "site-b", base, 4, &res, "[discovery]\ndomains = [\"site-a.test\"]");
+    let b_text = relay_config(
+        &dir,
+        "site-b",
+        base,
+        4,
+        &res,
+        "[discovery]\ndomains = [\"site-a.test\"]",
+    );
     let b = start("b.toml", &b_text).await;
     let a = start("a.toml", &a_text).await;
     send(&a, 0).await;
     assert!(
-        wait_until(Duration::from_secs(20), || maildir_files(&b.maildir()).len() == 1).await,
+        wait_until(Duration::from_secs(20), || maildir_files(&b.maildir())
+            .len()
+            == 1)
+        .await,
         "the first message (before the rotation) was not delivered"
     );
     b.stop().await;
     // B's new key, in a new keyring; certified by the old one if asked.
     let new_dir = dir.join("keyring/site-b-new");
     Keyring::generate(&new_dir, "site-b.test").unwrap();
-    let mut new_key = Keyring::open(&new_dir).unwrap().export_public_binary().unwrap();
+    let mut new_key = Keyring::open(&new_dir)
+        .unwrap()
+        .export_public_binary()
+        .unwrap();
     if certify {
         new_key = Keyring::open(&dir.join("keyring/site-b"))
             .unwrap()
@@ -403,10 +496,16 @@ async fn a_changed_key_in_dns_is_refused_with_an_alert_until_an_operator_accepts
     let mut r = rotate(80, false).await;
     let why = next_failure(&mut r.a).await;
     assert!(
-        why.contains("changed") && why.contains(&r.new_fpr) && why.contains("sipmail trust accept site-b.test"),
+        why.contains("changed")
+            && why.contains(&r.new_fpr)
+            && why.contains("sipmail trust accept site-b.test"),
         "{why}"
     );
-    assert_eq!(maildir_files(&r.b.maildir()).len(), 1, "delivered with a changed key");
+    assert_eq!(
+        maildir_files(&r.b.maildir()).len(),
+        1,
+        "delivered with a changed key"
+    );
     assert_eq!(r.a.running.queue_snapshot().messages, 1);
     let m = metrics_text(r.a.running.metrics_addr.unwrap()).await;
     assert!(m.contains("reason=\"key_changed\""), "{m}");
@@ -420,7 +519,14 @@ async fn a_changed_key_in_dns_is_refused_with_an_alert_until_an_operator_accepts
     let a_toml = r.dir.join("a.toml");
     std::fs::write(
         &a_toml,
-        relay_config(&r.dir, "site-a", 80, 3, &r.a.cfg.dns.as_ref().unwrap().resolver.to_string(), "[discovery]\ndomains = [\"site-b.test\"]"),
+        relay_config(
+            &r.dir,
+            "site-a",
+            80,
+            3,
+            &r.a.cfg.dns.as_ref().unwrap().resolver.to_string(),
+            "[discovery]\ndomains = [\"site-b.test\"]",
+        ),
     )
     .unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_sipmail"))
@@ -429,9 +535,16 @@ async fn a_changed_key_in_dns_is_refused_with_an_alert_until_an_operator_accepts
         .args(["site-b.test", &r.new_fpr])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(
-        wait_until(Duration::from_secs(20), || maildir_files(&r.b.maildir()).len() == 2).await,
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || maildir_files(&r.b.maildir())
+            .len()
+            == 2)
+        .await,
         "not delivered after trust accept"
     );
     r.a.stop().await;
@@ -442,10 +555,14 @@ async fn a_changed_key_in_dns_is_refused_with_an_alert_until_an_operator_accepts
 async fn a_changed_key_certified_by_the_pinned_one_is_taken_and_pinned() {
     let r = rotate(90, true).await;
     assert!(
-        wait_until(Duration::from_secs(20), || maildir_files(&r.b.maildir()).len() == 2).await,
+        wait_until(Duration::from_secs(20), || maildir_files(&r.b.maildir())
+            .len()
+            == 2)
+        .await,
         "the certified new key was not accepted"
     );
-    let pin = std::fs::read_to_string(r.dir.join("var/site-a/spool/state/site-b.test.pin")).unwrap();
+    let pin =
+        std::fs::read_to_string(r.dir.join("var/site-a/spool/state/site-b.test.pin")).unwrap();
     assert_eq!(pin.trim(), r.new_fpr);
     r.a.stop().await;
     r.b.stop().await;
@@ -467,18 +584,43 @@ async fn published_records_serve_as_they_are_and_discover_explains_the_verdict()
     std::fs::write(&b_toml, relay_config(dir, "site-b", base, 4, &res, "")).unwrap();
     std::fs::write(
         &a_toml,
-        relay_config(dir, "site-a", base, 3, &res, "[discovery]\ndomains = [\"site-b.test\"]"),
+        relay_config(
+            dir,
+            "site-a",
+            base,
+            3,
+            &res,
+            "[discovery]\ndomains = [\"site-b.test\"]",
+        ),
     )
     .unwrap();
     let out = std::process::Command::new(exe)
-        .args(["keys", "publish", "--target", "relay.site-b.test", "--ttl", "60", "--config"])
+        .args([
+            "keys",
+            "publish",
+            "--target",
+            "relay.site-b.test",
+            "--ttl",
+            "60",
+            "--config",
+        ])
         .arg(&b_toml)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).unwrap();
-    assert!(text.contains("_sipmail._udp.site-b.test. 60 IN SRV 10 10 42060 relay.site-b.test."), "{text}");
-    assert!(text.contains("._openpgpkey.site-b.test. 60 IN OPENPGPKEY "), "{text}");
+    assert!(
+        text.contains("_sipmail._udp.site-b.test. 60 IN SRV 10 10 42060 relay.site-b.test."),
+        "{text}"
+    );
+    assert!(
+        text.contains("._openpgpkey.site-b.test. 60 IN OPENPGPKEY "),
+        "{text}"
+    );
     let mut records: Vec<String> = text
         .lines()
         .filter(|l| !l.starts_with(';'))
@@ -492,12 +634,21 @@ async fn published_records_serve_as_they_are_and_discover_explains_the_verdict()
             .arg(&a_toml)
             .output()
             .unwrap();
-        (out.status.code(), String::from_utf8_lossy(&out.stdout).to_string())
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
     };
     let (code, text) = discover(Zone::signed("site-b.test", records.clone()));
     assert_eq!(code, Some(0), "{text}");
-    assert!(text.contains(&format!("-> {}:{SIP_PORT} UDP", ip(base, 4))), "{text}");
-    assert!(text.contains("TRUSTED (first use: it would be pinned)"), "{text}");
+    assert!(
+        text.contains(&format!("-> {}:{SIP_PORT} UDP", ip(base, 4))),
+        "{text}"
+    );
+    assert!(
+        text.contains("TRUSTED (first use: it would be pinned)"),
+        "{text}"
+    );
     assert!(text.contains("DNSSEC-secure"), "{text}");
     // Nothing was pinned by looking.
     assert!(!dir.join("var/site-a/spool/state/site-b.test.pin").exists());
@@ -505,6 +656,9 @@ async fn published_records_serve_as_they_are_and_discover_explains_the_verdict()
     unsigned.signed = false;
     let (code, text) = discover(unsigned);
     assert_eq!(code, Some(1), "{text}");
-    assert!(text.contains("NOT TRUSTED") && text.contains("not DNSSEC-secure"), "{text}");
+    assert!(
+        text.contains("NOT TRUSTED") && text.contains("not DNSSEC-secure"),
+        "{text}"
+    );
     assert!(text.contains("stays queued"), "{text}");
 }

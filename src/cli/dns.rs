@@ -25,24 +25,36 @@ pub fn publish(cfg: &Config, target: Option<String>, ttl: u32) -> Result<ExitCod
         .and_then(|a| a.sip_port)
         .unwrap_or(cfg.sip_listen.port());
     let ip = cfg.advertise.map(|a| a.ip).unwrap_or(cfg.sip_listen.ip());
-    println!("; sipmail: the records partners' relays look up for {d} (config {}).", cfg.file);
+    println!(
+        "; sipmail: the records partners' relays look up for {d} (config {}).",
+        cfg.file
+    );
     println!("; Add them to the zone of {d} and sign it with DNSSEC: a relay trusts the key below");
     println!("; only from a DNSSEC-secure answer (its resolver's AD bit).");
     println!(";");
     println!("; Where this relay takes calls (RFC 3263/2782; priority, weight, port, target).");
-    println!("; A second relay: another SRV line (same priority to share the load, higher to stand by).");
-    println!("; To let the site's SIP proxy take the calls, point the target at the proxy instead.");
+    println!(
+        "; A second relay: another SRV line (same priority to share the load, higher to stand by)."
+    );
+    println!(
+        "; To let the site's SIP proxy take the calls, point the target at the proxy instead."
+    );
     println!("_{}._udp.{d}. {ttl} IN SRV 10 10 {port} {host}.", "sipmail");
     println!("_{}._tcp.{d}. {ttl} IN SRV 20 10 {port} {host}.", "sipmail");
     if ip.is_unspecified() || ip.is_loopback() {
-        println!("; {host} needs an A/AAAA record with the address partners reach this relay at (sip.advertise).");
+        println!(
+            "; {host} needs an A/AAAA record with the address partners reach this relay at (sip.advertise)."
+        );
     } else {
         let rtype = if ip.is_ipv4() { "A" } else { "AAAA" };
         println!("; {host} must resolve to the relay (if it does not already):");
         println!("; {host}. {ttl} IN {rtype} {ip}");
     }
     println!(";");
-    println!("; The relay's key, mail@{d} (RFC 7929), fingerprint {}:", format_fingerprint(&fpr));
+    println!(
+        "; The relay's key, mail@{d} (RFC 7929), fingerprint {}:",
+        format_fingerprint(&fpr)
+    );
     println!(
         "{}. {ttl} IN OPENPGPKEY {}",
         dns::openpgpkey_owner(d),
@@ -67,7 +79,10 @@ pub async fn discover(
             "no resolver: give --resolver IP:PORT (a validating resolver, e.g. 127.0.0.1:53) or --config FILE with a [dns] section"
         ),
     };
-    println!("discover {domain} (resolver {}, timeout {:?})", r.addr, r.timeout);
+    println!(
+        "discover {domain} (resolver {}, timeout {:?})",
+        r.addr, r.timeout
+    );
     let own: Vec<SocketAddr> = cfg.map(|c| vec![c.sip_listen]).unwrap_or_default();
     let mut ok = true;
     let mut random = dns::srv::os_random;
@@ -78,7 +93,13 @@ pub async fn discover(
                 println!("  no SRV records: the A/AAAA fallback of {domain}, port 5060, UDP");
             }
             for (i, t) in loc.targets.iter().enumerate() {
-                println!("  {}. {} -> {} {}", i + 1, t.label, t.addr, t.transport.as_str());
+                println!(
+                    "  {}. {} -> {} {}",
+                    i + 1,
+                    t.label,
+                    t.addr,
+                    t.transport.as_str()
+                );
             }
             for s in &loc.skipped_self {
                 println!("  skipped (this relay itself): {s}");
@@ -90,7 +111,10 @@ pub async fn discover(
             println!("  NONE: {e}");
         }
     }
-    println!("\nkey (OPENPGPKEY {}, RFC 7929):", dns::openpgpkey_owner(&domain));
+    println!(
+        "\nkey (OPENPGPKEY {}, RFC 7929):",
+        dns::openpgpkey_owner(&domain)
+    );
     let store = cfg.map(|c| sipmail::relay::trust::TrustStore::new(&c.spool));
     let scratch;
     let store = match store {
@@ -103,8 +127,12 @@ pub async fn discover(
     let key = dns::discover_key(&r, &store, &domain, false).await;
     match &key {
         Ok(k) => {
-            println!("  {} ({}), user IDs: {}", format_fingerprint(k.cert.fingerprint()),
-                k.security, k.cert.user_ids().join(", "));
+            println!(
+                "  {} ({}), user IDs: {}",
+                format_fingerprint(k.cert.fingerprint()),
+                k.security,
+                k.cert.user_ids().join(", ")
+            );
             println!(
                 "  trust = \"dnssec\": TRUSTED ({})",
                 match &k.action {
@@ -128,7 +156,11 @@ pub async fn discover(
         Some(c) => match c.peer(&domain) {
             Some(p) => println!(
                 "  {domain} is a [[peer]] (sip = {}, trust = {}): {}",
-                if p.dns { "\"dns\"".to_string() } else { format!("sip:{}@{}:{}", p.sip.user, p.sip.host, p.sip.port) },
+                if p.dns {
+                    "\"dns\"".to_string()
+                } else {
+                    format!("sip:{}@{}:{}", p.sip.user, p.sip.host, p.sip.port)
+                },
                 match p.trust {
                     sipmail::config::Trust::Dnssec => "dnssec",
                     sipmail::config::Trust::Signed => "signed",
@@ -143,13 +175,23 @@ pub async fn discover(
             ),
             None if c.discovery.as_ref().is_some_and(|d| d.allows(&domain)) => println!(
                 "  no [[peer]]; [discovery] allows {domain}: mail goes there {}",
-                if ok { "and would be delivered" } else { "but stays queued (deferred) until the problem above is fixed" }
+                if ok {
+                    "and would be delivered"
+                } else {
+                    "but stays queued (deferred) until the problem above is fixed"
+                }
             ),
             None => {
                 ok = false;
-                println!("  no [[peer]] and [discovery] does not allow {domain}: mail for it is refused (550)");
+                println!(
+                    "  no [[peer]] and [discovery] does not allow {domain}: mail for it is refused (550)"
+                );
             }
         },
     }
-    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

@@ -576,7 +576,11 @@ fn notify_daemon(keyring: &std::path::Path) {
 
 fn keys(cmd: KeysCmd) -> Result<ExitCode> {
     match cmd {
-        KeysCmd::Publish { config, target, ttl } => {
+        KeysCmd::Publish {
+            config,
+            target,
+            ttl,
+        } => {
             return dns::publish(&Config::load(&config)?, target, ttl);
         }
         KeysCmd::Generate {

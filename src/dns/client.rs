@@ -237,8 +237,7 @@ impl Resolver {
         let (connect, handle) =
             TcpClientStream::new(self.addr, None, Some(inner), provider.clone());
         let stream = connect.await.map_err(|e| net(format!("TCP: {e}")))?;
-        let (client, bg) =
-            Client::<TokioRuntimeProvider>::with_timeout(stream, handle, inner);
+        let (client, bg) = Client::<TokioRuntimeProvider>::with_timeout(stream, handle, inner);
         let bg = tokio::spawn(bg);
         let got = client.send(request()).next().await;
         bg.abort();

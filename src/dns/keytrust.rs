@@ -57,7 +57,10 @@ pub enum KeyRefusal {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
     /// Use `candidates[index]`.
-    Use { index: usize, action: PinAction },
+    Use {
+        index: usize,
+        action: PinAction,
+    },
     Refuse(KeyRefusal),
 }
 

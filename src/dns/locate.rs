@@ -118,8 +118,12 @@ pub async fn locate(
     ours: &[SocketAddr],
     random: &mut (dyn FnMut(u32) -> u32 + Send),
 ) -> Result<Location, LocateError> {
-    let udp = r.query(&format!("{SRV_UDP}.{domain}"), RecordType::SRV).await?;
-    let tcp = r.query(&format!("{SRV_TCP}.{domain}"), RecordType::SRV).await?;
+    let udp = r
+        .query(&format!("{SRV_UDP}.{domain}"), RecordType::SRV)
+        .await?;
+    let tcp = r
+        .query(&format!("{SRV_TCP}.{domain}"), RecordType::SRV)
+        .await?;
     let mut security = if udp.security == Security::Secure && tcp.security == Security::Secure {
         Security::Secure
     } else {

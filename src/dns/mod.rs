@@ -36,7 +36,9 @@ pub fn openpgpkey_owner(domain: &str) -> String {
 pub enum DiscoveryError {
     #[error("{0}")]
     Dns(#[from] DnsError),
-    #[error("no OPENPGPKEY record for mail@{domain} ({owner}): the partner must publish its key (`sipmail keys publish` on its side)")]
+    #[error(
+        "no OPENPGPKEY record for mail@{domain} ({owner}): the partner must publish its key (`sipmail keys publish` on its side)"
+    )]
     Missing { domain: String, owner: String },
     #[error("no usable key for mail@{domain} in its OPENPGPKEY record: {why}")]
     Unusable { domain: String, why: String },

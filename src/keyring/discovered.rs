@@ -84,7 +84,9 @@ impl DiscoveredCert {
         self.entry.cert.userids().any(|ua| {
             ua.userid().value().eq_ignore_ascii_case(want.as_bytes())
                 && ua.certifications().any(|sig| {
-                    sig.get_issuers().iter().any(|h| h.aliases(signer.key_handle()))
+                    sig.get_issuers()
+                        .iter()
+                        .any(|h| h.aliases(signer.key_handle()))
                         && sig
                             .clone()
                             .verify_userid_binding(signer, pk, ua.userid())
@@ -137,11 +139,15 @@ impl Keyring {
                     .collect(),
             })?;
         let sig = uid
-            .certify(&mut signer, &cert, SignatureType::GenericCertification, None, None)
+            .certify(
+                &mut signer,
+                &cert,
+                SignatureType::GenericCertification,
+                None,
+                None,
+            )
             .map_err(KeyringError::crypto)?;
-        let (cert, _) = cert
-            .insert_packets(sig)
-            .map_err(KeyringError::crypto)?;
+        let (cert, _) = cert.insert_packets(sig).map_err(KeyringError::crypto)?;
         cert.to_vec().map_err(KeyringError::crypto)
     }
 
@@ -149,7 +155,7 @@ impl Keyring {
     fn own_certifier(&self) -> Result<KeyPair, KeyringError> {
         let own = self.own()?;
         let secret = std::fs::read(self.dir.join(SECRET_FILE))
-            .map_err(|e| KeyringError::io("cannot read", &self.dir.join(SECRET_FILE), e))?;
+            .map_err(|e| KeyringError::io("cannot read", self.dir.join(SECRET_FILE), e))?;
         let tsk = Cert::from_bytes(&secret).map_err(|e| invalid(SECRET_FILE, e))?;
         if tsk.fingerprint().to_hex() != own.entry.fpr {
             return Err(KeyringError::NoSigningKey {

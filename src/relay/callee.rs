@@ -109,7 +109,10 @@ async fn caller_key_from_dns(
         return Ok((peers, None));
     }
     let Some(r) = site.resolver.as_ref() else {
-        return Err((format!("{claimed}: trust = \"dnssec\" without a [dns] resolver"), false));
+        return Err((
+            format!("{claimed}: trust = \"dnssec\" without a [dns] resolver"),
+            false,
+        ));
     };
     match crate::dns::discover_key(r, &shared.trust.store, &partner.domain, true).await {
         Ok(k) => {

@@ -120,7 +120,10 @@ fn random32() -> Result<[u8; 32], CallError> {
 
 /// Where to call `peer`: its configured `sip` address, or (`sip = "dns"`, discovered
 /// partners) the first target its SRV records give (see `crate::dns::locate`).
-async fn resolve(site: &super::site::Site, peer: &Peer) -> Result<(SocketAddr, Transport), CallError> {
+async fn resolve(
+    site: &super::site::Site,
+    peer: &Peer,
+) -> Result<(SocketAddr, Transport), CallError> {
     if peer.dns {
         let r = site
             .resolver

@@ -127,7 +127,11 @@ impl DnsFixture {
             std::fs::write(&file, text).unwrap();
             let served = if z.signed {
                 let zsk = run(&zd, "ldns-keygen", &["-a", "ECDSAP256SHA256", &z.name]);
-                let ksk = run(&zd, "ldns-keygen", &["-a", "ECDSAP256SHA256", "-k", &z.name]);
+                let ksk = run(
+                    &zd,
+                    "ldns-keygen",
+                    &["-a", "ECDSAP256SHA256", "-k", &z.name],
+                );
                 run(&zd, "ldns-signzone", &["zone", &zsk, &ksk]);
                 anchors.push_str(&std::fs::read_to_string(zd.join(format!("{ksk}.key"))).unwrap());
                 let signed = zd.join("zone.signed");
@@ -260,7 +264,10 @@ impl DnsFixture {
     }
 
     fn stop(&mut self) {
-        for c in [self.knot.take(), self.unbound.take()].into_iter().flatten() {
+        for c in [self.knot.take(), self.unbound.take()]
+            .into_iter()
+            .flatten()
+        {
             let mut c = c;
             let _ = c.kill();
             let _ = c.wait();
@@ -307,12 +314,22 @@ fn tamper(path: &Path, what: Edit) {
                     let mut data: Vec<char> = f[4].chars().collect();
                     data[0] = if data[0] == 'm' { 'n' } else { 'm' };
                     let data: String = data.into_iter().collect();
-                    format!("{} {} {} OPENPGPKEY {data} {}", f[0], f[1], f[2], f[5..].join(" "))
+                    format!(
+                        "{} {} {} OPENPGPKEY {data} {}",
+                        f[0],
+                        f[1],
+                        f[2],
+                        f[5..].join(" ")
+                    )
                 }
                 _ => l.to_string(),
             }
         })
         .collect();
-    assert!(done, "nothing to tamper with ({what:?}) in {}", path.display());
+    assert!(
+        done,
+        "nothing to tamper with ({what:?}) in {}",
+        path.display()
+    );
     std::fs::write(path, out.join("\n") + "\n").unwrap();
 }
