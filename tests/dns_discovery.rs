@@ -185,8 +185,8 @@ async fn a_partner_found_in_dnssec_signed_dns_gets_the_mail_and_a_broken_signatu
         &res,
         "[discovery]\ndomains = [\"site-a.test\"]",
     );
-    let mut b = start("b.toml", &b_text).await;
-    let mut a = start("a.toml", &a_text).await;
+    let b = start("b.toml", &b_text).await;
+    let a = start("a.toml", &a_text).await;
     let mut a_events = a.running.events();
     send(&a, 0).await;
     assert!(
@@ -235,7 +235,6 @@ async fn a_partner_found_in_dnssec_signed_dns_gets_the_mail_and_a_broken_signatu
         1,
         "the mail must stay queued"
     );
-    let _ = &mut b;
     a.stop().await;
     b.stop().await;
 }

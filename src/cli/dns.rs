@@ -39,8 +39,9 @@ pub fn publish(cfg: &Config, target: Option<String>, ttl: u32) -> Result<ExitCod
     println!(
         "; To let the site's SIP proxy take the calls, point the target at the proxy instead."
     );
-    println!("_{}._udp.{d}. {ttl} IN SRV 10 10 {port} {host}.", "sipmail");
-    println!("_{}._tcp.{d}. {ttl} IN SRV 20 10 {port} {host}.", "sipmail");
+    let (udp, tcp) = (dns::locate::SRV_UDP, dns::locate::SRV_TCP);
+    println!("{udp}.{d}. {ttl} IN SRV 10 10 {port} {host}.");
+    println!("{tcp}.{d}. {ttl} IN SRV 20 10 {port} {host}.");
     if ip.is_unspecified() || ip.is_loopback() {
         println!(
             "; {host} needs an A/AAAA record with the address partners reach this relay at (sip.advertise)."

@@ -671,6 +671,9 @@ mod tests {
             media_ports: None,
             public_media_ip: std::net::Ipv4Addr::LOCALHOST.into(),
             call_records: None,
+            resolver: None,
+            discovery: None,
+            own_sip: Vec::new(),
         }
     }
 

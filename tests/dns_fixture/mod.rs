@@ -151,8 +151,8 @@ impl DnsFixture {
         std::fs::write(
             d.join("knot.conf"),
             format!(
-                "server:\n    listen: {auth}\n    rundir: \"{dir}\"\ndatabase:\n    storage: \"{dir}/kdb\"\nlog:\n  - target: stderr\n    any: warning\nzone:\n{knot_zones}",
-                auth = format!("{}@{DNS_PORT}", self.auth.ip()),
+                "server:\n    listen: {auth}@{DNS_PORT}\n    rundir: \"{dir}\"\ndatabase:\n    storage: \"{dir}/kdb\"\nlog:\n  - target: stderr\n    any: warning\nzone:\n{knot_zones}",
+                auth = self.auth.ip(),
                 dir = d.display()
             ),
         )
