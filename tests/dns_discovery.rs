@@ -539,6 +539,17 @@ async fn a_changed_key_in_dns_is_refused_with_an_alert_until_an_operator_accepts
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let list = std::process::Command::new(env!("CARGO_BIN_EXE_sipmail"))
+        .args(["trust", "list", "--config"])
+        .arg(&a_toml)
+        .output()
+        .unwrap();
+    let list = String::from_utf8_lossy(&list.stdout);
+    assert!(
+        list.contains("site-b.test  trust=dnssec (discovered)")
+            && list.contains(&sipmail::keyring::format_fingerprint(&r.new_fpr)),
+        "{list}"
+    );
     assert!(
         wait_until(Duration::from_secs(20), || maildir_files(&r.b.maildir())
             .len()

@@ -486,12 +486,26 @@ fn trust(cfg: &Config, cmd: TrustCmd) -> Result<ExitCode> {
     match cmd {
         TrustCmd::List => {
             let states = store.list()?;
-            for p in &cfg.peers {
+            // Configured peers, then partners found through [discovery] that have state.
+            let mut listed = cfg.peers.clone();
+            for st in &states {
+                if cfg.peer(&st.domain).is_none()
+                    && cfg.discovery.as_ref().is_some_and(|d| d.allows(&st.domain))
+                {
+                    listed.push(sipmail::config::Peer::discovered(&st.domain));
+                }
+            }
+            for p in &listed {
                 let st = states.iter().find(|s| s.domain == p.domain);
                 println!(
                     "{}  trust={} continuity={:?}  retained={}  pinned={}{}",
                     p.domain,
-                    p.trust.mode(),
+                    match p.trust {
+                        sipmail::config::Trust::Dnssec if cfg.peer(&p.domain).is_none() =>
+                            "dnssec (discovered)".to_string(),
+                        sipmail::config::Trust::Dnssec => "dnssec".to_string(),
+                        _ => p.trust.mode().to_string(),
+                    },
                     p.continuity,
                     st.map_or(0, |s| s.retained),
                     st.and_then(|s| s.pinned.as_deref())
