@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # Install the real peers the tests drive (gpg, sq, sipp, swaks, tshark, postfix, iproute2,
-# iptables, prometheus, curl, kamailio, Python's `cryptography`) when they are missing. On Debian/Ubuntu as
+# iptables, prometheus, curl, kamailio, Python's `cryptography`, and for DNS discovery knot, kdig,
+# unbound, ldns-signzone) when they are missing. On Debian/Ubuntu as
 # root it installs them with apt-get; anywhere else it prints the exact command to run and
 # fails, so the test command stops at once with a clear message instead of half-way with
 # "sq not found".
 set -euo pipefail
 
 need=()
-for tool in gpg sq sipp swaks tshark postfix ip iptables prometheus curl kamailio; do
+for tool in gpg sq sipp swaks tshark postfix ip iptables prometheus curl kamailio knotd kdig unbound ldns-signzone; do
     command -v "$tool" >/dev/null 2>&1 || need+=("$tool")
 done
-packages="postfix swaks sip-tester gnupg sq tshark iproute2 iptables prometheus curl kamailio"
+packages="postfix swaks sip-tester gnupg sq tshark iproute2 iptables prometheus curl kamailio knot knot-dnsutils unbound ldnsutils"
 
 if ((${#need[@]})); then
     if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then

@@ -6,6 +6,7 @@ pub mod audit;
 pub mod config;
 #[cfg(feature = "demo")]
 pub mod demo;
+pub mod dns;
 pub mod domain;
 pub mod handshake;
 pub mod keyring;

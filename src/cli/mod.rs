@@ -1,6 +1,7 @@
 //! Command-line interface.
 
 mod audit;
+mod dns;
 mod logging;
 mod queue;
 mod reload;
@@ -128,6 +129,25 @@ enum Cmd {
         #[command(subcommand)]
         cmd: PskCmd,
     },
+    /// Show what a relay would find in DNS for DOMAIN: its relays (SRV _sipmail._udp and
+    /// _sipmail._tcp, RFC 3263; or the A/AAAA fallback), its key (OPENPGPKEY for mail@DOMAIN,
+    /// RFC 7929), whether each answer is DNSSEC-secure (the resolver's AD bit), and whether
+    /// the key would be trusted under trust = "dnssec" (against the pin in the spool named
+    /// by --config). Nothing is written. Exit status 0 when a relay with this config would
+    /// deliver to DOMAIN, 1 when not (the output says why).
+    Discover {
+        /// The relay's configuration: its [dns] resolver, [discovery], [[peer]] and spool.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Ask this validating resolver (IP:PORT) instead of the config's [dns] resolver.
+        #[arg(long, value_name = "IP:PORT")]
+        resolver: Option<std::net::SocketAddr>,
+        /// The bound on each DNS question, e.g. 5s (default: the config's, else 5s).
+        #[arg(long, value_parser = sipmail::config::parse_duration)]
+        timeout: Option<std::time::Duration>,
+        /// The partner's mail domain, e.g. site-b.test.
+        domain: String,
+    },
     /// Per-peer trust state kept in <spool>/state: keys pinned on first use (peers with
     /// trust = "opportunistic") and the retained secrets of key continuity. The daemon reads
     /// it at each call, so changes take effect on the next call without a restart.
@@ -161,7 +181,8 @@ enum TrustCmd {
     List,
     /// Accept one of the keys an opportunistic peer presented and proved (its signature
     /// verified) but was refused for: a changed key, or a first call from an address that
-    /// is not the peer's. It becomes the pin; the other pending keys are dropped. Check the
+    /// is not the peer's; or (trust = "dnssec", discovered partners) a changed key found in
+    /// DNSSEC-secure DNS that the pinned key did not certify. It becomes the pin; the other pending keys are dropped. Check the
     /// fingerprint with the partner first (`sipmail keys fingerprint` on their side); `trust
     /// list` shows what is pending.
     Accept {
@@ -239,6 +260,22 @@ enum KeysCmd {
         /// another), so give partners the new cert first: `keys export --fingerprint NEW`.
         #[arg(long)]
         rotate: bool,
+    },
+    /// Print the DNS records partners' relays look up to reach this relay without a
+    /// [[peer]]: SRV _sipmail._udp and _sipmail._tcp (where it takes calls; dedicated
+    /// names, so the company's own _sip._udp VoIP service is untouched) and OPENPGPKEY for
+    /// mail@DOMAIN (its key, RFC 7929), in zone-file form. Add them to the zone and sign it
+    /// with DNSSEC: the key is trusted only from a DNSSEC-secure answer.
+    Publish {
+        /// The relay's configuration (domain, keyring, sip.listen / sip.advertise).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The SRV target host (default: relay.hostname); it needs an A/AAAA record.
+        #[arg(long, value_name = "HOST")]
+        target: Option<String>,
+        /// The records' TTL in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u32,
     },
     /// Print this relay's public certificate, ASCII-armored, to give to partners.
     Export {
@@ -361,6 +398,15 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
              the source tree with `cargo run --release -- demo`"
         ),
         Cmd::Keys { cmd } => keys(cmd),
+        Cmd::Discover {
+            config,
+            resolver,
+            timeout,
+            domain,
+        } => {
+            let cfg = config.as_deref().map(Config::load).transpose()?;
+            runtime()?.block_on(dns::discover(cfg.as_ref(), resolver, timeout, &domain))
+        }
         Cmd::Psk {
             cmd: PskCmd::Generate { out },
         } => {
@@ -429,20 +475,37 @@ fn trust(cfg: &Config, cmd: TrustCmd) -> Result<ExitCode> {
     let store = TrustStore::new(&cfg.spool);
     let known = |domain: &str| -> Result<String> {
         let d = domain.trim().to_ascii_lowercase();
-        if cfg.peer(&d).is_none() {
-            anyhow::bail!("{d} is not a [[peer]] in {}", cfg.file);
+        if cfg.peer(&d).is_none() && !cfg.discovery.as_ref().is_some_and(|x| x.allows(&d)) {
+            anyhow::bail!(
+                "{d} is not a [[peer]] in {}, nor a domain its [discovery] allows",
+                cfg.file
+            );
         }
         Ok(d)
     };
     match cmd {
         TrustCmd::List => {
             let states = store.list()?;
-            for p in &cfg.peers {
+            // Configured peers, then partners found through [discovery] that have state.
+            let mut listed = cfg.peers.clone();
+            for st in &states {
+                if cfg.peer(&st.domain).is_none()
+                    && cfg.discovery.as_ref().is_some_and(|d| d.allows(&st.domain))
+                {
+                    listed.push(sipmail::config::Peer::discovered(&st.domain));
+                }
+            }
+            for p in &listed {
                 let st = states.iter().find(|s| s.domain == p.domain);
                 println!(
                     "{}  trust={} continuity={:?}  retained={}  pinned={}{}",
                     p.domain,
-                    p.trust.mode(),
+                    match p.trust {
+                        sipmail::config::Trust::Dnssec if cfg.peer(&p.domain).is_none() =>
+                            "dnssec (discovered)".to_string(),
+                        sipmail::config::Trust::Dnssec => "dnssec".to_string(),
+                        _ => p.trust.mode().to_string(),
+                    },
                     p.continuity,
                     st.map_or(0, |s| s.retained),
                     st.and_then(|s| s.pinned.as_deref())
@@ -527,6 +590,13 @@ fn notify_daemon(keyring: &std::path::Path) {
 
 fn keys(cmd: KeysCmd) -> Result<ExitCode> {
     match cmd {
+        KeysCmd::Publish {
+            config,
+            target,
+            ttl,
+        } => {
+            return dns::publish(&Config::load(&config)?, target, ttl);
+        }
         KeysCmd::Generate {
             keyring,
             domain,

@@ -8,6 +8,7 @@
 //! (with `[delivery]`), [`psk`], [`metrics`], [`routing`] (`[routing]` and `[[route]]`); `raw` is the file as serde reads it and `values` the
 //! value types the sections share. `[relay]` and `[audit]` are parsed here.
 
+mod dns;
 mod metrics;
 mod nat;
 mod peer;
@@ -21,6 +22,7 @@ mod smtp;
 mod tests;
 mod values;
 
+pub use dns::{DEFAULT_DNS_TIMEOUT, DiscoverySection, DnsSection};
 pub use metrics::MetricsSection;
 pub use nat::{Advertise, PortRange};
 pub use peer::{ContinuityPolicy, Peer, Trust};
@@ -152,6 +154,11 @@ pub struct Config {
     pub metrics: Option<MetricsSection>,
     /// `[[route]]` and `[routing]`: where mail for each domain goes (see [`Routing`]).
     pub routing: Routing,
+    /// `[dns]`: the validating resolver for `sip = "dns"`, `trust = "dnssec"` and
+    /// `[discovery]` (None: no DNS lookups).
+    pub dns: Option<DnsSection>,
+    /// `[discovery]`: domains without a `[[peer]]` reached (and accepted) through DNS.
+    pub discovery: Option<DiscoverySection>,
 }
 
 impl Config {
@@ -181,6 +188,19 @@ impl Config {
         let call_records = parse_audit(&raw.audit, &relay.spool);
         let metrics = metrics::parse_metrics(raw.metrics.as_ref(), e)?;
         let routing = routing::parse_routing(&raw.routing, &raw.route, &relay.domain, &peers, e)?;
+        let dns = dns::parse_dns(raw.dns.as_ref(), e)?;
+        let discovery =
+            dns::parse_discovery(raw.discovery.as_ref(), dns.as_ref(), &relay.domain, e)?;
+        if dns.is_none()
+            && let Some(i) = peers
+                .iter()
+                .position(|p| p.dns || matches!(p.trust, Trust::Dnssec))
+        {
+            return Err(e.bad(
+                &format!("peer[{i}]"),
+                "sip = \"dns\" and trust = \"dnssec\" need a [dns] section naming a validating resolver (resolver = \"127.0.0.1:53\")".into(),
+            ));
+        }
         Ok(Config {
             file: file.to_string(),
             domain: relay.domain,
@@ -207,6 +227,8 @@ impl Config {
             call_records,
             metrics,
             routing,
+            dns,
+            discovery,
         })
     }
 

@@ -14,6 +14,10 @@ pub enum Trust {
     Psk(Psk),
     /// Signatures by a key the peer presents, pinned on first use.
     Opportunistic,
+    /// Signatures by the cert of the peer's DNSSEC-secure OPENPGPKEY record (RFC 7929),
+    /// pinned; a changed key only if the pinned one certified it, or through
+    /// `sipmail trust accept`. On the wire, the same as `signed`.
+    Dnssec,
 }
 
 impl Trust {
@@ -23,6 +27,7 @@ impl Trust {
             Trust::Signed => AuthMode::Signed,
             Trust::Psk(_) => AuthMode::Psk,
             Trust::Opportunistic => AuthMode::Opportunistic,
+            Trust::Dnssec => AuthMode::Signed,
         }
     }
 }
@@ -69,6 +74,24 @@ pub struct Peer {
     /// Further sender domains (and their subdomains) this peer may use in MAIL FROM over
     /// its calls, besides its own domain; A-labels, lower case (`senders = [...]`).
     pub senders: Vec<String>,
+    /// `sip = "dns"`: the relay's address comes from the domain's SRV records (RFC 3263);
+    /// `sip` is then empty: each call locates the relays by SRV.
+    pub dns: bool,
+}
+
+impl Peer {
+    /// A partner found through `[discovery]`: no `[[peer]]`, location and key from DNS.
+    pub fn discovered(domain: &str) -> Peer {
+        Peer {
+            domain: domain.to_ascii_lowercase(),
+            sip: Vec::new(),
+            trust: Trust::Dnssec,
+            continuity: ContinuityPolicy::Warn,
+            fingerprints: None,
+            senders: Vec::new(),
+            dns: true,
+        }
+    }
 }
 
 /// Every `[[peer]]`, checked against each other and against our own `domain`.
@@ -130,7 +153,13 @@ fn parse_peer(
             format!("\"{d}\" is listed twice"),
         ));
     }
-    let sip = parse_sip_targets(&p.sip).map_err(|m| bad(&format!("{key}.sip"), m))?;
+    // `sip = "dns"`: located by SRV at each call (crate::dns::locate), no static target.
+    let dns = matches!(&p.sip, RawSipTargets::One(s) if s.eq_ignore_ascii_case("dns"));
+    let sip = if dns {
+        Vec::new()
+    } else {
+        parse_sip_targets(&p.sip).map_err(|m| bad(&format!("{key}.sip"), m))?
+    };
     let trust = parse_trust(&key, p, e)?;
     let continuity = match p.continuity.as_deref() {
         None | Some("warn") => ContinuityPolicy::Warn,
@@ -177,6 +206,7 @@ fn parse_peer(
         continuity,
         fingerprints,
         senders,
+        dns,
     })
 }
 
@@ -207,6 +237,7 @@ fn parse_trust(key: &str, p: &RawPeer, e: Errors<'_>) -> Result<Trust, ConfigErr
         match (p.trust.as_deref().unwrap_or("signed"), &p.psk_file) {
             ("signed", None) => Trust::Signed,
             ("opportunistic", None) => Trust::Opportunistic,
+            ("dnssec", None) => Trust::Dnssec,
             ("psk", Some(f)) => {
                 Trust::Psk(Psk::load(f).map_err(|m| bad(&format!("{key}.psk_file"), m))?)
             }
@@ -217,7 +248,7 @@ fn parse_trust(key: &str, p: &RawPeer, e: Errors<'_>) -> Result<Trust, ConfigErr
                     .into(),
             ));
             }
-            ("signed" | "opportunistic", Some(_)) => {
+            ("signed" | "opportunistic" | "dnssec", Some(_)) => {
                 return Err(bad(
                     &format!("{key}.psk_file"),
                     "psk_file is only used with trust = \"psk\"".into(),
@@ -226,7 +257,7 @@ fn parse_trust(key: &str, p: &RawPeer, e: Errors<'_>) -> Result<Trust, ConfigErr
             (other, _) => {
                 return Err(bad(
                     &format!("{key}.trust"),
-                    format!("\"{other}\" is not one of signed, psk, opportunistic"),
+                    format!("\"{other}\" is not one of signed, psk, opportunistic, dnssec"),
                 ));
             }
         },

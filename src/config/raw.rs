@@ -23,6 +23,8 @@ pub(super) struct RawConfig {
     pub(super) routing: RawRouting,
     #[serde(default)]
     pub(super) route: Vec<RawRoute>,
+    pub(super) dns: Option<RawDns>,
+    pub(super) discovery: Option<RawDiscovery>,
 }
 
 #[derive(Deserialize)]
@@ -155,8 +157,23 @@ pub(super) struct RawRouting {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+pub(super) struct RawDns {
+    pub(super) resolver: String,
+    pub(super) timeout: Option<String>,
+    pub(super) trusted_path: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(super) struct RawRoute {
     pub(super) domain: String,
     pub(super) via: String,
     pub(super) message: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawDiscovery {
+    pub(super) domains: Vec<String>,
+    pub(super) trust: Option<String>,
 }

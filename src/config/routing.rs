@@ -97,6 +97,13 @@ impl Routing {
     /// 550 5.7.1 that refuses it. `own` is our domain, `peers` our partners. The order is
     /// the module's: own domain, exact `[[route]]`, `[[peer]]`, longest `.parent` route,
     /// default. Who may use the route is the SMTP server's question, not this one.
+    /// Whether an exact `[[route]]` names `domain` (lower case).
+    pub fn has_exact(&self, domain: &str) -> bool {
+        self.routes
+            .iter()
+            .any(|r| matches!(&r.pattern, Pattern::Exact(d) if d == domain))
+    }
+
     pub fn decide(&self, domain: &str, own: &str, peers: &[Peer]) -> Result<Route, String> {
         if domain == own {
             return Ok(Route::Local);
@@ -268,11 +275,10 @@ fn parse_target(s: &str, exact: Option<&str>, peers: &[Peer]) -> Result<Target, 
                     .into(),
             ),
         },
-        // Reserved for partners found in DNS (issue 13, item 2): the [discovery] support
-        // maps it to a discovered partner route; a build without it refuses it here.
+        // Partners found in DNS are listed in [discovery] (which the routing table yields
+        // to for those domains), not named per route.
         "dns" => Err(
-            "\"dns\" (a partner discovered in DNS) needs the [discovery] support, which this build does not have"
-                .into(),
+            "\"dns\" is not a route target: list the domain in [discovery] domains, and mail for it goes to the partner DNS names".into(),
         ),
         t => {
             if let Some(d) = t.strip_prefix("peer:") {

@@ -439,3 +439,78 @@ fn media_ports_and_advertise_parse_and_bad_ones_name_the_key() {
         .is_ok()
     );
 }
+
+#[test]
+fn dns_discovery_and_sip_dns_parse_and_their_errors_name_the_key() {
+    // A [[peer]] located by DNS with its key from DNS, and discovery of others.
+    let text = GOOD.replace(
+        "sip = \"sip:mail@127.0.0.1:5062\"",
+        "sip = \"dns\"\ntrust = \"dnssec\"",
+    ) + "[dns]\nresolver = \"127.0.0.1:53\"\ntimeout = \"3s\"\n[discovery]\ndomains = [\"partner.test\", \"*\"]\n";
+    let c = Config::parse("a.toml", &text).unwrap();
+    assert!(c.peers[0].dns && matches!(c.peers[0].trust, Trust::Dnssec));
+    assert!(
+        c.peers[0].sip.is_empty(),
+        "sip = \"dns\" has no static target"
+    );
+    assert_eq!(c.dns.as_ref().unwrap().timeout, Duration::from_secs(3));
+    assert!(c.discovery.as_ref().unwrap().allows("x.example"));
+    for (extra, key, says) in [
+        (
+            "[dns]\nresolver = \"192.0.2.53:53\"",
+            "dns.resolver",
+            "not a loopback address",
+        ),
+        (
+            "[dns]\nresolver = \"localhost\"",
+            "dns.resolver",
+            "address:port",
+        ),
+        (
+            "[dns]\nresolver = \"127.0.0.1:53\"\ntimeout = \"0s\"",
+            "dns.timeout",
+            "between",
+        ),
+        (
+            "[discovery]\ndomains = [\"*\"]",
+            "discovery",
+            "needs a [dns]",
+        ),
+        (
+            "[dns]\nresolver = \"127.0.0.1:53\"\n[discovery]\ndomains = []",
+            "discovery.domains",
+            "discovers nothing",
+        ),
+        (
+            "[dns]\nresolver = \"127.0.0.1:53\"\n[discovery]\ndomains = [\"site-a.test\"]",
+            "discovery.domains",
+            "our own",
+        ),
+        (
+            "[dns]\nresolver = \"127.0.0.1:53\"\n[discovery]\ndomains = [\"*\"]\ntrust = \"opportunistic\"",
+            "discovery.trust",
+            "not supported",
+        ),
+    ] {
+        let e = Config::parse("a.toml", &(GOOD.to_string() + extra + "\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(key) && e.contains(says), "{extra}: {e}");
+    }
+    // A non-loopback resolver on a path the operator declares protected.
+    assert!(
+        Config::parse(
+            "a.toml",
+            &(GOOD.to_string() + "[dns]\nresolver = \"192.0.2.53:53\"\ntrusted_path = true\n")
+        )
+        .is_ok()
+    );
+    // sip = "dns" without [dns].
+    let e = Config::parse(
+        "a.toml",
+        &GOOD.replace("sip = \"sip:mail@127.0.0.1:5062\"", "sip = \"dns\""),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("peer[0]") && e.contains("[dns]"), "{e}");
+}

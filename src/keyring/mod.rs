@@ -40,6 +40,7 @@
 //!   [`Keyring::check_bindings`] says which file to bind.
 
 // One file per job; they share this file's types and imports (`use super::*`).
+mod discovered;
 mod error;
 mod fsutil;
 mod generate;
@@ -48,6 +49,7 @@ mod load;
 #[cfg(test)]
 mod tests;
 mod verify;
+pub use discovered::DiscoveredCert;
 
 use import::*;
 use load::*;

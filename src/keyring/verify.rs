@@ -67,45 +67,7 @@ impl Keyring {
     ) -> Result<(), KeyringError> {
         let t = now();
         let entry = self.checked_entry(domain, fingerprint, t)?;
-        let bad = |reason: String| KeyringError::BadSignature {
-            fingerprint: entry.fpr.clone(),
-            reason,
-        };
-
-        let (sig, sig_time) = checked_signature(sig, t).map_err(bad)?;
-
-        let issuers = sig.get_issuers();
-        let mut reason = if entry.verifiers.is_empty() {
-            "the certificate has no valid signing-capable key".to_string()
-        } else {
-            "made by a key that is not a signing key of this certificate".to_string()
-        };
-        for k in &entry.verifiers {
-            let named = issuers.is_empty()
-                || issuers.iter().any(|h| match h {
-                    openpgp::KeyHandle::Fingerprint(f) => *f == k.fpr,
-                    openpgp::KeyHandle::KeyID(id) => *id == k.keyid,
-                });
-            if !named {
-                continue;
-            }
-            if !k.alive(t) {
-                reason = format!(
-                    "signing key {} is expired or not yet valid",
-                    fpr_hex(&k.fpr)
-                );
-                continue;
-            }
-            if sig_time < k.created {
-                reason = format!("signature predates signing key {}", fpr_hex(&k.fpr));
-                continue;
-            }
-            match verify_with_key(&sig, &k.key, data) {
-                Ok(()) => return Ok(()),
-                Err(why) => reason = why,
-            }
-        }
-        Err(bad(reason))
+        entry.verify_detached(data, sig, t)
     }
 
     /// The key that [`Keyring::sign_detached`] signs with, as a serialized OpenPGP public key
@@ -308,3 +270,54 @@ impl VerifyKey {
 /// Tolerance for creation times slightly in the future (clock skew
 /// between the two sites).
 pub(super) const CLOCK_SKEW: Duration = Duration::from_secs(300);
+
+impl Entry {
+    /// Verifies a detached signature over `data` by one of this certificate's valid
+    /// signing-capable keys at time `t` (the certificate itself already checked).
+    pub(super) fn verify_detached(
+        &self,
+        data: &[u8],
+        sig: &[u8],
+        t: SystemTime,
+    ) -> Result<(), KeyringError> {
+        let bad = |reason: String| KeyringError::BadSignature {
+            fingerprint: self.fpr.clone(),
+            reason,
+        };
+
+        let (sig, sig_time) = checked_signature(sig, t).map_err(bad)?;
+
+        let issuers = sig.get_issuers();
+        let mut reason = if self.verifiers.is_empty() {
+            "the certificate has no valid signing-capable key".to_string()
+        } else {
+            "made by a key that is not a signing key of this certificate".to_string()
+        };
+        for k in &self.verifiers {
+            let named = issuers.is_empty()
+                || issuers.iter().any(|h| match h {
+                    openpgp::KeyHandle::Fingerprint(f) => *f == k.fpr,
+                    openpgp::KeyHandle::KeyID(id) => *id == k.keyid,
+                });
+            if !named {
+                continue;
+            }
+            if !k.alive(t) {
+                reason = format!(
+                    "signing key {} is expired or not yet valid",
+                    fpr_hex(&k.fpr)
+                );
+                continue;
+            }
+            if sig_time < k.created {
+                reason = format!("signature predates signing key {}", fpr_hex(&k.fpr));
+                continue;
+            }
+            match verify_with_key(&sig, &k.key, data) {
+                Ok(()) => return Ok(()),
+                Err(why) => reason = why,
+            }
+        }
+        Err(bad(reason))
+    }
+}

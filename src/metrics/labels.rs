@@ -60,10 +60,16 @@ pub enum CallFailure {
     Cancelled,
     /// Something on our side (randomness, a port, the trust state).
     Internal,
+    /// DNS gave no usable answer (SRV location or OPENPGPKEY key: bogus, insecure,
+    /// missing, a timeout, targets that are ourselves).
+    Dns,
+    /// `trust = "dnssec"`: the partner's key in DNS changed and the change was refused
+    /// (an alert: the old key did not certify the new one, nor did an operator accept it).
+    KeyChanged,
 }
 
 impl CallFailure {
-    pub const ALL: [CallFailure; 15] = [
+    pub const ALL: [CallFailure; 17] = [
         CallFailure::Signature,
         CallFailure::Commitment,
         CallFailure::Policy,
@@ -79,6 +85,8 @@ impl CallFailure {
         CallFailure::Malformed,
         CallFailure::Cancelled,
         CallFailure::Internal,
+        CallFailure::Dns,
+        CallFailure::KeyChanged,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -98,6 +106,8 @@ impl CallFailure {
             CallFailure::Malformed => "malformed",
             CallFailure::Cancelled => "cancelled",
             CallFailure::Internal => "internal",
+            CallFailure::Dns => "dns",
+            CallFailure::KeyChanged => "key_changed",
         }
     }
 

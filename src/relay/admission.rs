@@ -77,6 +77,22 @@ impl Refusal {
         Refusal::new(400, "Bad Request", log.clone(), log)
     }
 
+    /// `trust = "dnssec"`: the caller's key could not be found or trusted in DNS (`log`
+    /// says why; the caller is told only that).
+    pub fn dns_key(log: String, key_changed: bool) -> Self {
+        Refusal::new(
+            403,
+            "Forbidden",
+            "this relay cannot trust a key from DNS for you now",
+            log,
+        )
+        .because(if key_changed {
+            CallFailure::KeyChanged
+        } else {
+            CallFailure::Dns
+        })
+    }
+
     /// Another call already uses this Call-ID.
     pub fn call_id_in_use() -> Self {
         Refusal::new(

@@ -59,10 +59,22 @@ async fn refuse(shared: &Context, peer: &str, inc: &Incoming, r: Refusal) -> Str
 struct View<'a> {
     shared: &'a Context,
     keys: &'a KeyState,
+    /// `trust = "dnssec"`: the caller's certificate, found and trusted in DNS.
+    discovered: Option<&'a crate::keyring::DiscoveredCert>,
 }
 
 impl TrustView for View<'_> {
     fn signed_key(&self, domain: &str, fingerprint: &str) -> Result<(), String> {
+        if let Some(c) = self.discovered {
+            return if c.fingerprint().eq_ignore_ascii_case(fingerprint) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "the call announces key {fingerprint}, DNS (trusted) has {}",
+                    c.fingerprint()
+                ))
+            };
+        }
         self.keys
             .keyring
             .peer_cert(domain, fingerprint)
@@ -78,6 +90,49 @@ impl TrustView for View<'_> {
     }
     fn is_peer_address(&self, domain: &str, ip: IpAddr) -> bool {
         self.shared.is_peer_address(domain, ip)
+    }
+}
+
+/// The peers admission may admit, and the caller's key from DNS when its trust is
+/// `dnssec`: a configured `[[peer]]` with that trust, or a domain `[discovery]` allows
+/// (added to the peers for this call). Err: (why, for the log; whether it is a refused key
+/// change, the alert).
+async fn caller_key_from_dns(
+    shared: &Context,
+    site: &super::site::Site,
+    claimed: &str,
+) -> Result<(Vec<crate::config::Peer>, Option<crate::dns::DiscoveredKey>), (String, bool)> {
+    let mut peers = site.peers.clone();
+    let Some(partner) = site.partner(claimed) else {
+        return Ok((peers, None));
+    };
+    if !matches!(partner.trust, crate::config::Trust::Dnssec) {
+        return Ok((peers, None));
+    }
+    let Some(r) = site.resolver.as_ref() else {
+        return Err((
+            format!("{claimed}: trust = \"dnssec\" without a [dns] resolver"),
+            false,
+        ));
+    };
+    match crate::dns::discover_key(r, &shared.trust.store, &partner.domain, true).await {
+        Ok(k) => {
+            if let crate::dns::PinAction::Repin { old } = &k.action {
+                tracing::warn!(peer = %partner.domain, old = %old, new = %k.cert.fingerprint(),
+                    "the caller's key in DNS changed, certified by the pinned key: the new key is pinned");
+            }
+            if site.peer(claimed).is_none() {
+                peers.push(partner);
+            }
+            Ok((peers, Some(k)))
+        }
+        Err(e) => {
+            if e.is_key_change() {
+                tracing::error!(peer = %partner.domain, reason = %e,
+                    "ALERT: the caller's key in DNS changed without the old key's certification; its calls are refused");
+            }
+            Err((format!("caller {claimed}: {e}"), e.is_key_change()))
+        }
     }
 }
 
@@ -129,13 +184,25 @@ async fn answer(
     let ks = shared.keys();
     let settings = shared.settings();
     let site = &settings.site;
-    let local = Local {
-        domain: &site.domain,
-        peers: &site.peers,
-    };
-    let view = View { shared, keys: &ks };
     let facts = InviteFacts::of(req, inc.source.ip());
     let claimed = admission::caller_domain(&facts).unwrap_or_default();
+    // `trust = "dnssec"` (a [[peer]] with it, or a domain [discovery] allows): the caller's
+    // key comes from DNS, looked up before admission.
+    let (peers, dns_key) = match caller_key_from_dns(shared, site, &claimed).await {
+        Ok(x) => x,
+        Err((log, key_changed)) => {
+            return Err(refuse(shared, &claimed, &inc, Refusal::dns_key(log, key_changed)).await);
+        }
+    };
+    let local = Local {
+        domain: &site.domain,
+        peers: &peers,
+    };
+    let view = View {
+        shared,
+        keys: &ks,
+        discovered: dns_key.as_ref().map(|k| &k.cert),
+    };
     let admitted = match admission::admit(&facts, local, &view) {
         Ok(a) => a,
         Err(r) => return Err(refuse(shared, &claimed, &inc, r).await),
@@ -161,7 +228,10 @@ async fn answer(
     // forwarding must keep the port.
     let bound = media.local_addr().map_err(|e| e.to_string())?;
     let media_addr = SocketAddr::new(site.public_media_ip, bound.port());
-    let (signer, verifier) = ks.auth_for(&admitted.peer, &admitted.offer.key_packet);
+    let (signer, verifier) = match &dns_key {
+        Some(k) => ks.auth_with_discovered(&k.cert),
+        None => ks.auth_for(&admitted.peer, &admitted.offer.key_packet),
+    };
     let prepared = prepare(
         shared,
         site,

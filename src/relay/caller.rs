@@ -76,6 +76,10 @@ pub(crate) enum CallError {
     },
     #[error("trust state: {0}")]
     TrustState(#[from] super::trust::TrustError),
+    #[error("locating the partner's relay in DNS: {0}")]
+    Locate(#[from] crate::dns::LocateError),
+    #[error("the partner's key from DNS: {0}")]
+    Discovery(#[from] crate::dns::DiscoveryError),
 }
 
 impl CallError {
@@ -96,6 +100,9 @@ impl CallError {
             CallError::Smtp(_) => CallFailure::Smtp,
             CallError::PinChanged { .. } => CallFailure::UnknownKey,
             CallError::Continuity { .. } => CallFailure::Continuity,
+            CallError::Locate(_) => CallFailure::Dns,
+            CallError::Discovery(e) if e.is_key_change() => CallFailure::KeyChanged,
+            CallError::Discovery(_) => CallFailure::Dns,
         })
     }
 
@@ -130,6 +137,43 @@ fn random32() -> Result<[u8; 32], CallError> {
     let mut b = [0u8; 32];
     getrandom::fill(&mut b).map_err(|e| CallError::Random(e.to_string()))?;
     Ok(b)
+}
+
+/// `trust = "dnssec"`: the partner's key from its OPENPGPKEY record, trusted only when
+/// DNSSEC-secure and by the pin rules (`crate::dns::keytrust`). A refused change is an
+/// alert: an error line, and `key_changed` in the metrics.
+async fn discovered_key(
+    shared: &Context,
+    site: &super::site::Site,
+    peer: &Peer,
+) -> Result<Option<crate::dns::DiscoveredKey>, CallError> {
+    if !matches!(peer.trust, crate::config::Trust::Dnssec) {
+        return Ok(None);
+    }
+    let r = site
+        .resolver
+        .as_ref()
+        .ok_or_else(|| CallError::Resolve(format!("{}: no [dns] resolver", peer.domain)))?;
+    match crate::dns::discover_key(r, &shared.trust.store, &peer.domain, true).await {
+        Ok(k) => {
+            match &k.action {
+                crate::dns::PinAction::Keep => {}
+                crate::dns::PinAction::PinFirst => tracing::info!(peer = %peer.domain,
+                    fingerprint = %k.cert.fingerprint(), "key found in DNSSEC-secure DNS pinned (first use)"),
+                crate::dns::PinAction::Repin { old } => tracing::warn!(peer = %peer.domain,
+                    old = %old, new = %k.cert.fingerprint(),
+                    "the partner's key in DNS changed, certified by the pinned key: the new key is pinned"),
+            }
+            Ok(Some(k))
+        }
+        Err(e) => {
+            if e.is_key_change() {
+                tracing::error!(peer = %peer.domain, reason = %e,
+                    "ALERT: the partner's key in DNS changed without the old key's certification; calls refused, mail stays queued");
+            }
+            Err(e.into())
+        }
+    }
 }
 
 /// Calls to one peer are set up one at a time (the calls themselves then run side by side).
@@ -178,7 +222,12 @@ async fn place_call_on_targets(
     peer: &Peer,
     call_id: &str,
 ) -> Result<ActiveCall, CallError> {
-    let targets = locate::locate(peer).await.map_err(CallError::Resolve)?;
+    let targets = locate::locate(&shared.settings().site, peer)
+        .await
+        .map_err(|e| match e {
+            locate::Unlocated::Dns(e) => CallError::Locate(e),
+            locate::Unlocated::Static(e) => CallError::Resolve(e),
+        })?;
     let labels: Vec<&str> = targets.iter().map(|t| t.label.as_str()).collect();
     let mut walk = {
         let mut down = shared.sip.down.lock().unwrap_or_else(|p| p.into_inner());
@@ -275,6 +324,7 @@ async fn place_call(
     let site = &settings.site;
     let started = tokio::time::Instant::now();
     shared.metrics.call_placed(&peer.domain);
+    let dns_key = discovered_key(shared, site, peer).await?;
     let (target, transport) = (call_target.addr, call_target.transport);
     let call_id = call_id.to_string();
     let from_tag = crate::sip::random_hex(8);
@@ -407,7 +457,10 @@ async fn place_call(
             // opportunistic): only a key that proved itself is compared with the pin, and
             // only such a key is ever recorded as pending.
             let done = {
-                let (signer, verifier) = ks.auth_for(peer, &answer.key_packet);
+                let (signer, verifier) = match &dns_key {
+                    Some(k) => ks.auth_with_discovered(&k.cert),
+                    None => ks.auth_for(peer, &answer.key_packet),
+                };
                 caller.on_answer(&ctx, &answer, verifier.as_ref(), signer.as_ref())?
             };
             if mode == AuthMode::Opportunistic {
@@ -581,7 +634,7 @@ pub(crate) async fn worker(ctx: Arc<Context>, domain: String, lane_no: usize, la
             }
         }
         if call.is_none() {
-            let Some(peer) = settings.site.peer(&domain).cloned() else {
+            let Some(peer) = settings.site.partner(&domain) else {
                 tracing::warn!(peer = %domain, lane = lane_no, queue_id = %job.id,
                     "no [[peer]] for this domain in the config in force (removed by a reload?); the mail stays queued, is retried on the queue's schedule and bounced after queue.max_age unless the peer is added again");
                 let outcomes = job.all(RcptOutcome::Transient(format!(

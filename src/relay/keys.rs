@@ -67,7 +67,27 @@ impl KeyState {
                 Box::new(KeyringSigner(&self.keyring)),
                 Box::new(PresentedKeyVerifier { packet: presented }),
             ),
+            // Without the cert found in DNS (see `auth_with_discovered`), nothing verifies.
+            Trust::Dnssec => (
+                Box::new(KeyringSigner(&self.keyring)),
+                Box::new(DiscoveredVerifier(None)),
+            ),
         }
+    }
+
+    /// `trust = "dnssec"`: we sign with our own key, the peer's signatures are verified
+    /// with the certificate found (and trusted) in DNS for this call.
+    pub fn auth_with_discovered<'a>(
+        &'a self,
+        cert: &'a crate::keyring::DiscoveredCert,
+    ) -> (
+        Box<dyn Signer + Send + Sync + 'a>,
+        Box<dyn Verifier + Send + Sync + 'a>,
+    ) {
+        (
+            Box::new(KeyringSigner(&self.keyring)),
+            Box::new(DiscoveredVerifier(Some(cert))),
+        )
     }
 
     /// The fingerprint we announce to `peer`: our cert's, or (opportunistic) our signing
@@ -154,6 +174,18 @@ impl Verifier for PresentedKeyVerifier<'_> {
             signature,
         )
         .map_err(|e| e.to_string())
+    }
+}
+
+/// Verifies with the certificate of a DNSSEC-secure OPENPGPKEY record.
+pub struct DiscoveredVerifier<'a>(pub Option<&'a crate::keyring::DiscoveredCert>);
+impl Verifier for DiscoveredVerifier<'_> {
+    fn verify(&self, fingerprint: &[u8], data: &[u8], signature: &[u8]) -> Result<(), String> {
+        let Some(cert) = self.0 else {
+            return Err("trust = \"dnssec\": no key from DNS for this call".into());
+        };
+        cert.verify_detached(&hex::encode_upper(fingerprint), data, signature)
+            .map_err(|e| e.to_string())
     }
 }
 

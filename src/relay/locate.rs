@@ -8,22 +8,49 @@ use crate::sip::Transport;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-/// One place to send the INVITE.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct CallTarget {
-    pub addr: SocketAddr,
-    pub transport: Transport,
-    /// What the log names, e.g. `sip:mail@127.0.0.1:5062` (the configured URI; with the
-    /// address it resolved to when that differs).
-    pub label: String,
-}
+/// One place to send the INVITE (the same type the DNS location produces).
+pub(crate) use crate::dns::CallTarget;
 
 /// How long resolving one target's host name may take.
 const RESOLVE_WAIT: Duration = Duration::from_secs(5);
 
+/// Where to call `peer`, in order: `sip = "dns"` and discovered partners by SRV
+/// (`crate::dns::locate`, RFC 3263), else the configured URIs, resolved. Err names why
+/// nothing is left to call.
+pub(crate) async fn locate(
+    site: &super::site::Site,
+    peer: &Peer,
+) -> Result<Vec<CallTarget>, Unlocated> {
+    if peer.dns {
+        let r = site
+            .resolver
+            .as_ref()
+            .ok_or_else(|| Unlocated::Static(format!("{}: no [dns] resolver", peer.domain)))?;
+        let mut random = crate::dns::srv::os_random;
+        let loc = crate::dns::locate(r, &peer.domain, &site.own_sip, &mut random)
+            .await
+            .map_err(Unlocated::Dns)?;
+        for s in &loc.skipped_self {
+            tracing::warn!(peer = %peer.domain, target = %s, "SRV target skipped: it is this relay itself");
+        }
+        tracing::debug!(peer = %peer.domain, targets = loc.targets.len(), dnssec = %loc.security,
+            "partner's relays located in DNS");
+        return Ok(loc.targets);
+    }
+    locate_static(peer).await.map_err(Unlocated::Static)
+}
+
+/// Why there is nothing to call: DNS said so (counted as a DNS failure), or no configured
+/// URI resolved.
+#[derive(Debug)]
+pub(crate) enum Unlocated {
+    Dns(crate::dns::LocateError),
+    Static(String),
+}
+
 /// The configured URIs of `peer`, resolved, in order. A host that does not resolve is
 /// left out (and logged); Err when none is left, naming each failure.
-pub(crate) async fn locate(peer: &Peer) -> Result<Vec<CallTarget>, String> {
+async fn locate_static(peer: &Peer) -> Result<Vec<CallTarget>, String> {
     let mut out = Vec::new();
     let mut failures = Vec::new();
     for t in &peer.sip {
@@ -103,13 +130,14 @@ mod tests {
             continuity: Default::default(),
             fingerprints: None,
             senders: vec![],
+            dns: false,
         };
         // .invalid never resolves (RFC 2606).
         let p = raw(&["sip:mail@relay.invalid:5062", "sip:mail@127.0.43.7:43062"]);
-        let t = locate(&p).await.unwrap();
+        let t = locate_static(&p).await.unwrap();
         assert_eq!(t.len(), 1);
         assert_eq!(t[0].addr, "127.0.43.7:43062".parse().unwrap());
-        let e = locate(&raw(&["sip:mail@relay.invalid:5062"]))
+        let e = locate_static(&raw(&["sip:mail@relay.invalid:5062"]))
             .await
             .unwrap_err();
         assert!(e.contains("sip:mail@relay.invalid:5062"), "{e}");

@@ -276,11 +276,12 @@ fn peer_fingerprint(p: &Peer) -> String {
     let trust = match &p.trust {
         Trust::Signed => "signed".to_string(),
         Trust::Opportunistic => "opportunistic".to_string(),
+        Trust::Dnssec => "dnssec".to_string(),
         Trust::Psk(k) => format!("psk {}", hex::encode(sha2::Sha256::digest(k.as_bytes()))),
     };
     format!(
-        "{:?} {trust} {:?} {:?} {:?}",
-        p.sip, p.continuity, p.fingerprints, p.senders
+        "{:?} {trust} {:?} {:?} {:?} dns={}",
+        p.sip, p.continuity, p.fingerprints, p.senders, p.dns
     )
 }
 

@@ -667,6 +667,9 @@ mod tests {
             public_media_ip: std::net::Ipv4Addr::LOCALHOST.into(),
             call_records: None,
             routing: Default::default(),
+            resolver: None,
+            discovery: None,
+            own_sip: Vec::new(),
         }
     }
 

@@ -105,6 +105,11 @@ const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
 pub(crate) async fn peer_addresses(cfg: &Config) -> HashMap<String, Vec<IpAddr>> {
     let mut out = HashMap::new();
     for p in &cfg.peers {
+        // `sip = "dns"`: the addresses come from SRV at each call, not from the system
+        // resolver at start (the peer gets no exemption from the SIP limits).
+        if p.dns {
+            continue;
+        }
         let mut ips: Vec<IpAddr> = Vec::new();
         for t in &p.sip {
             if let Ok(ip) = t

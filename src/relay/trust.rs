@@ -5,6 +5,7 @@
 //! |---|---|---|
 //! | `<domain>.retained` | retained secrets, newest first, one a line: hex, then the remote key's fingerprint (up to 4 per key, 16 in all) | 0600 |
 //! | `<domain>.pin` | the pinned signing-key fingerprint of an opportunistic peer | 0600 |
+//! | `<domain>.cert` | `trust = "dnssec"`: the certificate last trusted from DNS (binary), to check that a changed key is certified by it | 0600 |
 //! | `<domain>.pin-pending` | keys the peer presented and proved (their signature verified) but that were refused, for `sipmail trust accept`: one line each, `FINGERPRINT FIRST-SEEN LAST-SEEN COUNT FROM` (Unix seconds, source address), at most 8 | 0600 |
 //!
 //! Nothing here is written for a key that did not prove itself: a pending key is recorded
@@ -521,6 +522,37 @@ impl TrustStore {
         Ok(true)
     }
 
+    /// `trust = "dnssec"`: the certificate last trusted from DNS for `domain` (binary), to
+    /// check a changed key's certification by it.
+    pub fn pinned_cert(&self, domain: &str) -> Result<Option<Vec<u8>>, TrustError> {
+        let path = self.path(domain, "cert")?;
+        match fs::read(&path) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io(&path)(e)),
+        }
+    }
+
+    /// Keep the certificate trusted from DNS for `domain` (see [`TrustStore::pinned_cert`]).
+    pub fn store_cert(&self, domain: &str, cert: &[u8]) -> Result<(), TrustError> {
+        let _g = self.lock_for(domain);
+        let path = self.path(domain, "cert")?;
+        if fs::read(&path).is_ok_and(|old| old == cert) {
+            return Ok(());
+        }
+        self.write_atomic(&path, cert)
+    }
+
+    /// `trust = "dnssec"`: a changed key that the pinned one certified becomes the pin.
+    /// The retained secrets go, as with `sipmail trust accept`: they belong to the old key.
+    pub fn repin(&self, domain: &str, fingerprint: &str) -> Result<(), TrustError> {
+        let _g = self.lock_for(domain);
+        let new = normalize_fingerprint(fingerprint)?;
+        self.write_atomic(&self.path(domain, "pin")?, format!("{new}\n").as_bytes())?;
+        self.remove(&self.path(domain, "retained")?)?;
+        Ok(())
+    }
+
     /// The keys waiting for acceptance for `domain`.
     pub fn pending(&self, domain: &str) -> Result<Vec<PendingKey>, TrustError> {
         let path = self.path(domain, "pin-pending")?;
@@ -604,7 +636,7 @@ impl TrustStore {
     pub fn reset(&self, domain: &str) -> Result<bool, TrustError> {
         let _g = self.lock_for(domain);
         let mut any = false;
-        for ext in ["pin", "pin-pending", "retained"] {
+        for ext in ["pin", "pin-pending", "retained", "cert"] {
             any |= self.remove(&self.path(domain, ext)?)?;
         }
         Ok(any)

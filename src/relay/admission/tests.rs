@@ -26,6 +26,7 @@ fn peer(domain: &str, trust: Trust, continuity: ContinuityPolicy) -> Peer {
         continuity,
         fingerprints: None,
         senders: Vec::new(),
+        dns: false,
     }
 }
 

@@ -1,0 +1,335 @@
+//! A real DNSSEC test bed on loopback: Knot (`knotd`) serves zones signed with ldns
+//! (`ldns-keygen`, `ldns-signzone`) on 127.0.42.N+1:42053, and unbound validates them on
+//! 127.0.42.N+2:42053 with each signed zone's KSK as its trust anchor (`.test` is not a
+//! default local zone there: `local-zone: "test." nodefault`). A zone may be served with a
+//! record changed after signing (its signature then fails: bogus), or unsigned (insecure).
+//! Both daemons are children of the test, killed by PID on drop.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const DNS_PORT: u16 = 42053;
+pub const SIP_PORT: u16 = 42060;
+
+/// Which record a tampered zone has changed after signing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Edit {
+    None,
+    /// The first SRV record's port.
+    Srv,
+    /// The OPENPGPKEY record's data.
+    Key,
+}
+
+#[derive(Clone, Debug)]
+pub struct Zone {
+    pub name: String,
+    /// Zone-file lines after the SOA and NS (owner names relative to the zone).
+    pub records: Vec<String>,
+    pub signed: bool,
+    pub tamper: Edit,
+}
+
+impl Zone {
+    pub fn signed(name: &str, records: Vec<String>) -> Zone {
+        Zone {
+            name: name.into(),
+            records,
+            signed: true,
+            tamper: Edit::None,
+        }
+    }
+}
+
+/// The OPENPGPKEY line for `mail@<zone>` with `key` (binary transferable public key),
+/// in RFC 3597 generic form (any zone parser reads it).
+pub fn openpgpkey_line(key: &[u8]) -> String {
+    format!(
+        "00d8d3f11739d2f3537099982b4674c29fc59a8fda350fca1379613a._openpgpkey IN TYPE61 \\# {} {}",
+        key.len(),
+        hex::encode(key)
+    )
+}
+
+/// `_sipmail._udp` SRV to `target` (relative or absolute) and port.
+pub fn srv_line(prio: u16, weight: u16, port: u16, target: &str) -> String {
+    format!("_sipmail._udp IN SRV {prio} {weight} {port} {target}")
+}
+
+pub struct DnsFixture {
+    pub dir: PathBuf,
+    /// 127.0.42.`base`: knot at base+1, unbound at base+2.
+    pub base: u8,
+    pub auth: SocketAddr,
+    pub resolver: SocketAddr,
+    knot: Option<Child>,
+    unbound: Option<Child>,
+}
+
+pub fn ip(base: u8, n: u8) -> String {
+    format!("127.0.42.{}", base + n)
+}
+
+fn run(dir: &Path, cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e} (integration/install-peers.sh installs it)"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+impl DnsFixture {
+    pub fn start(dir: &Path, base: u8, zones: &[Zone]) -> DnsFixture {
+        let dir = dir.join("dns");
+        let mut f = DnsFixture {
+            auth: format!("{}:{DNS_PORT}", ip(base, 1)).parse().unwrap(),
+            resolver: format!("{}:{DNS_PORT}", ip(base, 2)).parse().unwrap(),
+            dir,
+            base,
+            knot: None,
+            unbound: None,
+        };
+        f.serve(zones);
+        f
+    }
+
+    /// (Re)write, sign and serve `zones`, with a fresh resolver (empty cache).
+    pub fn serve(&mut self, zones: &[Zone]) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+        std::fs::create_dir_all(self.dir.join("kdb")).unwrap();
+        let d = self.dir.clone();
+        let mut anchors = String::new();
+        let mut knot_zones = String::new();
+        for z in zones {
+            let zd = d.join(&z.name);
+            std::fs::create_dir_all(&zd).unwrap();
+            let mut text = format!(
+                "$ORIGIN {n}.\n$TTL 5\n@ IN SOA ns.{n}. admin.{n}. 1 3600 600 86400 5\n@ IN NS ns\nns IN A {ip}\n",
+                n = z.name,
+                ip = self.auth.ip()
+            );
+            for r in &z.records {
+                text.push_str(r);
+                text.push('\n');
+            }
+            let file = zd.join("zone");
+            std::fs::write(&file, text).unwrap();
+            let served = if z.signed {
+                let zsk = run(&zd, "ldns-keygen", &["-a", "ECDSAP256SHA256", &z.name]);
+                let ksk = run(
+                    &zd,
+                    "ldns-keygen",
+                    &["-a", "ECDSAP256SHA256", "-k", &z.name],
+                );
+                run(&zd, "ldns-signzone", &["zone", &zsk, &ksk]);
+                anchors.push_str(&std::fs::read_to_string(zd.join(format!("{ksk}.key"))).unwrap());
+                let signed = zd.join("zone.signed");
+                if z.tamper != Edit::None {
+                    tamper(&signed, z.tamper);
+                }
+                signed
+            } else {
+                file
+            };
+            knot_zones.push_str(&format!(
+                "  - domain: {}\n    file: \"{}\"\n    journal-content: none\n    zonefile-sync: -1\n",
+                z.name,
+                served.display()
+            ));
+        }
+        std::fs::write(
+            d.join("knot.conf"),
+            format!(
+                "server:\n    listen: {auth}@{DNS_PORT}\n    rundir: \"{dir}\"\ndatabase:\n    storage: \"{dir}/kdb\"\nlog:\n  - target: stderr\n    any: warning\nzone:\n{knot_zones}",
+                auth = self.auth.ip(),
+                dir = d.display()
+            ),
+        )
+        .unwrap();
+        std::fs::write(d.join("anchors"), &anchors).unwrap();
+        let mut stubs = String::new();
+        for z in zones {
+            stubs.push_str(&format!(
+                "stub-zone:\n    name: \"{}\"\n    stub-addr: {}@{DNS_PORT}\n",
+                z.name,
+                self.auth.ip()
+            ));
+        }
+        std::fs::write(
+            d.join("unbound.conf"),
+            format!(
+                r#"server:
+    interface: {res}@{DNS_PORT}
+    port: {DNS_PORT}
+    access-control: 127.0.0.0/8 allow
+    do-not-query-localhost: no
+    username: ""
+    chroot: ""
+    directory: "{dir}"
+    pidfile: "{dir}/unbound.pid"
+    use-syslog: no
+    logfile: "{dir}/unbound.log"
+    verbosity: 1
+    val-log-level: 2
+    module-config: "validator iterator"
+    trust-anchor-file: "{dir}/anchors"
+    local-zone: "test." nodefault
+    do-ip6: no
+    num-threads: 1
+    so-reuseport: no
+    ede: yes
+{stubs}remote-control:
+    control-enable: no
+"#,
+                res = self.resolver.ip(),
+                dir = d.display()
+            ),
+        )
+        .unwrap();
+        let log = |name: &str| std::fs::File::create(d.join(name)).unwrap();
+        self.knot = Some(
+            Command::new("knotd")
+                .arg("-c")
+                .arg(d.join("knot.conf"))
+                .stdout(Stdio::null())
+                .stderr(log("knot.log"))
+                .spawn()
+                .expect("knotd (apt-get install knot)"),
+        );
+        self.unbound = Some(
+            Command::new("unbound")
+                .arg("-d")
+                .arg("-c")
+                .arg(d.join("unbound.conf"))
+                .stdout(Stdio::null())
+                .stderr(log("unbound.stderr"))
+                .spawn()
+                .expect("unbound (apt-get install unbound)"),
+        );
+        // Ready when the resolver answers for the first zone (bounded wait).
+        let first = zones.first().map(|z| z.name.clone()).unwrap_or_default();
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            let out = Command::new("kdig")
+                .args([
+                    &format!("@{}", self.resolver.ip()),
+                    "-p",
+                    &DNS_PORT.to_string(),
+                    "+time=1",
+                    "+retry=0",
+                    "SOA",
+                    &first,
+                ])
+                .output()
+                .expect("kdig (apt-get install knot-dnsutils)");
+            let text = String::from_utf8_lossy(&out.stdout);
+            if text.contains("status: NOERROR") || text.contains("status: SERVFAIL") {
+                break;
+            }
+            assert!(
+                Instant::now() < end,
+                "the DNS fixture did not come up: {}",
+                std::fs::read_to_string(d.join("knot.log")).unwrap_or_default()
+                    + &std::fs::read_to_string(d.join("unbound.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The flags line of `kdig +dnssec TYPE NAME` through the resolver (";; Flags: ...").
+    pub fn dig(&self, rtype: &str, name: &str) -> String {
+        let out = Command::new("kdig")
+            .args([
+                &format!("@{}", self.resolver.ip()),
+                "-p",
+                &DNS_PORT.to_string(),
+                "+dnssec",
+                rtype,
+                name,
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    }
+
+    fn stop(&mut self) {
+        for c in [self.knot.take(), self.unbound.take()]
+            .into_iter()
+            .flatten()
+        {
+            let mut c = c;
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for DnsFixture {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Change a record of a signed zone file without signing again.
+fn tamper(path: &Path, what: Edit) {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut done = false;
+    let out: Vec<String> = text
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if done || f.len() < 4 {
+                return l.to_string();
+            }
+            match (what, f[3]) {
+                (Edit::Srv, "SRV") => {
+                    done = true;
+                    let port: u16 = f[6].parse().unwrap();
+                    format!(
+                        "{} {} {} SRV {} {} {} {}",
+                        f[0],
+                        f[1],
+                        f[2],
+                        f[4],
+                        f[5],
+                        port + 1,
+                        f[7]
+                    )
+                }
+                (Edit::Key, "OPENPGPKEY") => {
+                    done = true;
+                    // Change the first character of the base64 data (the key's first
+                    // octet): a record that still parses, whose signature no longer fits.
+                    let mut data: Vec<char> = f[4].chars().collect();
+                    data[0] = if data[0] == 'm' { 'n' } else { 'm' };
+                    let data: String = data.into_iter().collect();
+                    format!(
+                        "{} {} {} OPENPGPKEY {data} {}",
+                        f[0],
+                        f[1],
+                        f[2],
+                        f[5..].join(" ")
+                    )
+                }
+                _ => l.to_string(),
+            }
+        })
+        .collect();
+    assert!(
+        done,
+        "nothing to tamper with ({what:?}) in {}",
+        path.display()
+    );
+    std::fs::write(path, out.join("\n") + "\n").unwrap();
+}
