@@ -125,7 +125,7 @@ pub async fn discover(
             sipmail::relay::trust::TrustStore::new(scratch.path())
         }
     };
-    let key = dns::discover_key(&r, &store, &domain, false).await;
+    let key = sipmail::relay::dnskey::discover_key(&r, &store, &domain, false).await;
     match &key {
         Ok(k) => {
             println!(

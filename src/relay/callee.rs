@@ -101,7 +101,13 @@ async fn caller_key_from_dns(
     shared: &Context,
     site: &super::site::Site,
     claimed: &str,
-) -> Result<(Vec<crate::config::Peer>, Option<crate::dns::DiscoveredKey>), (String, bool)> {
+) -> Result<
+    (
+        Vec<crate::config::Peer>,
+        Option<super::dnskey::DiscoveredKey>,
+    ),
+    (String, bool),
+> {
     let mut peers = site.peers.clone();
     let Some(partner) = site.partner(claimed) else {
         return Ok((peers, None));
@@ -115,7 +121,7 @@ async fn caller_key_from_dns(
             false,
         ));
     };
-    match crate::dns::discover_key(r, &shared.trust.store, &partner.domain, true).await {
+    match super::dnskey::discover_key(r, &shared.trust.store, &partner.domain, true).await {
         Ok(k) => {
             if let crate::dns::PinAction::Repin { old } = &k.action {
                 tracing::warn!(peer = %partner.domain, old = %old, new = %k.cert.fingerprint(),

@@ -79,7 +79,7 @@ pub(crate) enum CallError {
     #[error("locating the partner's relay in DNS: {0}")]
     Locate(#[from] crate::dns::LocateError),
     #[error("the partner's key from DNS: {0}")]
-    Discovery(#[from] crate::dns::DiscoveryError),
+    Discovery(#[from] super::dnskey::DiscoveryError),
 }
 
 impl CallError {
@@ -146,7 +146,7 @@ async fn discovered_key(
     shared: &Context,
     site: &super::site::Site,
     peer: &Peer,
-) -> Result<Option<crate::dns::DiscoveredKey>, CallError> {
+) -> Result<Option<super::dnskey::DiscoveredKey>, CallError> {
     if !matches!(peer.trust, crate::config::Trust::Dnssec) {
         return Ok(None);
     }
@@ -154,7 +154,7 @@ async fn discovered_key(
         .resolver
         .as_ref()
         .ok_or_else(|| CallError::Resolve(format!("{}: no [dns] resolver", peer.domain)))?;
-    match crate::dns::discover_key(r, &shared.trust.store, &peer.domain, true).await {
+    match super::dnskey::discover_key(r, &shared.trust.store, &peer.domain, true).await {
         Ok(k) => {
             match &k.action {
                 crate::dns::PinAction::Keep => {}

@@ -28,6 +28,7 @@ pub mod control;
 mod daemon;
 mod dialog;
 mod dispatch;
+pub mod dnskey;
 mod error;
 mod established;
 mod events;
