@@ -222,6 +222,9 @@ async fn place_call_on_targets(
     peer: &Peer,
     call_id: &str,
 ) -> Result<ActiveCall, CallError> {
+    // The key from DNS (`trust = "dnssec"`) is the domain's, not one relay's: looked up
+    // once for all the attempts below, before any INVITE is sent.
+    let dns_key = discovered_key(shared, &shared.settings().site, peer).await?;
     let targets = locate::locate(&shared.settings().site, peer)
         .await
         .map_err(|e| match e {
@@ -255,9 +258,16 @@ async fn place_call_on_targets(
         }
         attempt_no += 1;
         let answer_wait = (!last).then_some(failover::ANSWER_WAIT);
-        let placed = place_call(shared, peer, &call_id, target, answer_wait)
-            .instrument(tracing::info_span!("attempt", target = %target.label))
-            .await;
+        let placed = place_call(
+            shared,
+            peer,
+            &call_id,
+            target,
+            answer_wait,
+            dns_key.as_ref(),
+        )
+        .instrument(tracing::info_span!("attempt", target = %target.label))
+        .await;
         let mark = |failed: bool| {
             let mut down = shared.sip.down.lock().unwrap_or_else(|p| p.into_inner());
             if failed {
@@ -318,13 +328,13 @@ async fn place_call(
     call_id: &str,
     call_target: &CallTarget,
     answer_wait: Option<Duration>,
+    dns_key: Option<&super::dnskey::DiscoveredKey>,
 ) -> Result<ActiveCall, CallError> {
     // One set of settings for the whole call, even if a reload swaps them meanwhile.
     let settings = shared.settings();
     let site = &settings.site;
     let started = tokio::time::Instant::now();
     shared.metrics.call_placed(&peer.domain);
-    let dns_key = discovered_key(shared, site, peer).await?;
     let (target, transport) = (call_target.addr, call_target.transport);
     let call_id = call_id.to_string();
     let from_tag = crate::sip::random_hex(8);
@@ -457,7 +467,7 @@ async fn place_call(
             // opportunistic): only a key that proved itself is compared with the pin, and
             // only such a key is ever recorded as pending.
             let done = {
-                let (signer, verifier) = match &dns_key {
+                let (signer, verifier) = match dns_key {
                     Some(k) => ks.auth_with_discovered(&k.cert),
                     None => ks.auth_for(peer, &answer.key_packet),
                 };
