@@ -38,6 +38,7 @@ fn envelope(id: &str, size: u64) -> Envelope {
         envid: None,
         held: false,
         expired: false,
+        receipt: None,
     }
 }
 

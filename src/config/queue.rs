@@ -33,6 +33,10 @@ pub struct QueueTimes {
     /// Send a "delayed" DSN once a recipient has waited this long (None: never, as
     /// Postfix's default `delay_warning_time = 0`).
     pub delay_warning: Option<Duration>,
+    /// How long a partner's message we accepted is remembered for duplicate suppression,
+    /// and how long the calls that receipts name are kept (issue 14). At least the
+    /// partners' maximum queue age: a resend after that is queued again.
+    pub dedup_window: Duration,
 }
 
 impl Default for QueueTimes {
@@ -44,6 +48,8 @@ impl Default for QueueTimes {
             retry_max: Duration::from_secs(30 * 60),
             max_age: Duration::from_secs(5 * 24 * 3600),
             delay_warning: None,
+            // Postfix's maximal_queue_lifetime is 5 days, ours too: a week covers both.
+            dedup_window: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -97,6 +103,17 @@ pub(super) fn parse_queue(raw: &RawQueue, e: Errors<'_>) -> Result<QueueTimes, C
             d => Some(d),
         },
     };
+    queue.dedup_window = dur(
+        "queue.dedup_window",
+        &raw.dedup_window,
+        queue.dedup_window,
+    )?;
+    if queue.dedup_window < Duration::from_secs(3600) {
+        return Err(bad(
+            "queue.dedup_window",
+            "must be at least 1h (and at least the partners' maximum queue age)".into(),
+        ));
+    }
     if queue.retry_initial.is_zero() || queue.retry_max < queue.retry_initial {
         return Err(bad(
             "queue.retry_max",

@@ -131,6 +131,7 @@ pub(super) struct RawQueue {
     pub(super) retry_max: Option<String>,
     pub(super) max_age: Option<String>,
     pub(super) delay_warning: Option<String>,
+    pub(super) dedup_window: Option<String>,
 }
 
 #[derive(Deserialize, Default)]

@@ -108,6 +108,10 @@ pub struct Metrics {
     last_call_time: Family<PeerLabels, Gauge>,
     key_expiry: Family<KeyLabels, Gauge>,
     key_expires_soon: Family<KeyLabels, Gauge>,
+    receipts_issued: Family<PeerLabels, Counter>,
+    duplicates_suppressed: Family<PeerLabels, Counter>,
+    receipts_verified: Family<PeerLabels, Counter>,
+    receipts_refused: Family<PeerLabels, Counter>,
     last_calls: Mutex<BTreeMap<String, LastCall>>,
     scraping: Mutex<()>,
 }
@@ -152,6 +156,10 @@ impl Metrics {
             last_call_time: Family::default(),
             key_expiry: Family::default(),
             key_expires_soon: Family::default(),
+            receipts_issued: Family::default(),
+            duplicates_suppressed: Family::default(),
+            receipts_verified: Family::default(),
+            receipts_refused: Family::default(),
             last_calls: Mutex::new(BTreeMap::new()),
             scraping: Mutex::new(()),
         };
@@ -252,6 +260,26 @@ impl Metrics {
             "1 if the key expires within 30 days (or has expired), else 0",
             self.key_expires_soon.clone(),
         );
+        r.register(
+            "receipts_issued",
+            "Signed receipts we issued for a partner's messages we made durable",
+            self.receipts_issued.clone(),
+        );
+        r.register(
+            "duplicates_suppressed",
+            "Resends of a partner's message we had accepted before: not queued again, the earlier receipt returned",
+            self.duplicates_suppressed.clone(),
+        );
+        r.register(
+            "receipts_verified",
+            "Receipts from a partner that verified and matched the message sent",
+            self.receipts_verified.clone(),
+        );
+        r.register(
+            "receipts_refused",
+            "Receipts from a partner refused (bad signature, wrong key, another message or call); the message stays queued",
+            self.receipts_refused.clone(),
+        );
     }
 
     /// The partners whose domains may appear as labels (at start, and after a reload).
@@ -348,6 +376,24 @@ impl Metrics {
         };
         v.sort();
         v
+    }
+
+    pub fn receipt_issued(&self, peer: &str) {
+        self.receipts_issued.get_or_create(&self.peer(peer)).inc();
+    }
+
+    pub fn duplicate_suppressed(&self, peer: &str) {
+        self.duplicates_suppressed.get_or_create(&self.peer(peer)).inc();
+    }
+
+    /// Receipts that came back from `peer`: `ok` verified and matched, else refused.
+    pub fn receipt_checked(&self, peer: &str, ok: bool) {
+        let f = if ok {
+            &self.receipts_verified
+        } else {
+            &self.receipts_refused
+        };
+        f.get_or_create(&self.peer(peer)).inc();
     }
 
     pub fn call_placed(&self, peer: &str) {

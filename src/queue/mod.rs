@@ -83,6 +83,28 @@ pub struct Envelope {
     /// past `queue.max_age`, with a bounce. Read from the [`Mark::Expire`] file likewise.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub expired: bool,
+    /// A partner asked for a signed receipt (issue 14): what it attests, committed with the
+    /// message so that a receipt lost in a crash can be issued again at the next start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub receipt: Option<ReceiptFacts>,
+}
+
+/// What a receiving relay's `accepted` receipt for a queued message says, beyond the
+/// envelope's own sender and recipients (see crate::receipt::Receipt).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReceiptFacts {
+    /// The sending relay's domain (as its call authenticated it) and queue ID.
+    pub peer: String,
+    pub sender_queue_id: String,
+    /// SHA-256 (hex) and size of the bytes as received, before our trace header.
+    pub message_sha256: String,
+    pub message_size: u64,
+    pub message_id: Option<String>,
+    pub call_id: String,
+    pub transcript_sha256: String,
+    /// Our key's fingerprint, and when the commit started (Unix ms).
+    pub fingerprint: String,
+    pub committed_ms: u64,
 }
 
 /// An operator's mark on a queued message: an empty file `queue/ID.hold` or
@@ -666,6 +688,7 @@ pub(crate) mod tests {
             envid: None,
             held: false,
             expired: false,
+            receipt: None,
         }
     }
 

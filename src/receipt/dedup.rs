@@ -51,10 +51,7 @@ impl DedupKey {
 /// Whether a sender's queue ID is acceptable as half of a key: 1 to 64 characters of
 /// `[A-Za-z0-9._-]` (Postfix's and sipmail's IDs are all of this form).
 pub fn valid_queue_id(id: &str) -> bool {
-    (1..=64).contains(&id.len())
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    crate::smtp::server::valid_queue_id(id)
 }
 
 /// One recipient remembered under a key, and the receipt that covers it.

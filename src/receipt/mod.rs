@@ -8,13 +8,16 @@
 //!
 //! One file per job: this file is the document (fields, canonical text, strict parsing),
 //! [`check`] is what the sending relay checks before it believes a receipt, and
-//! [`dedup`] is the receiving relay's key for "already accepted". Everything here is
-//! sans-IO: bytes and values in, values and typed errors out.
+//! [`dedup`] is the receiving relay's key for "already accepted", [`wire`] is how receipts
+//! travel in the reply to DATA. Everything here is sans-IO (bytes and values in, values and
+//! typed errors out) except [`store`], the files that keep receipts on both sides.
 
 pub mod check;
 pub mod dedup;
 mod sign;
+pub mod store;
 mod text;
+pub mod wire;
 
 #[cfg(test)]
 mod tests;

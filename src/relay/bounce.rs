@@ -244,6 +244,7 @@ pub(crate) async fn queue(
             envid: None,
             held: false,
             expired: false,
+            receipt: None,
         };
         spool.commit(f, &env).await?;
         Ok::<_, std::io::Error>(env)
@@ -284,6 +285,7 @@ mod tests {
             envid: Some("env-42".into()),
             held: false,
             expired: false,
+            receipt: None,
         };
         let failures = vec![Failure {
             rcpt: "nobody@site-b.test".into(),
@@ -359,6 +361,7 @@ mod tests {
             envid: None,
             held: false,
             expired: false,
+            receipt: None,
         };
         let f = Failure {
             rcpt: "bob@site-b.test".into(),
@@ -411,6 +414,7 @@ mod tests {
             envid: None,
             held: false,
             expired: false,
+            receipt: None,
         };
         let f = Failure {
             rcpt: "x\r\nEvil: 1".into(),

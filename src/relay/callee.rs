@@ -438,6 +438,9 @@ async fn answer(
         sas: done.keys.sas.clone(),
         auth: admitted.peer.trust.mode(),
         fingerprint: admitted.fingerprint.clone(),
+        transcript_sha256: hex::encode(done.keys.transcript_hash),
+        // Receipts need a key the partner holds in its keyring for us: signed calls only.
+        receipts: admitted.peer.trust.mode() == crate::handshake::AuthMode::Signed,
     };
     if !serve(shared, &mut stream, &mut rx, origin, &call_id, peer_domain).await {
         hang_up("");
@@ -592,8 +595,9 @@ async fn serve(
     call_id: &str,
     peer_domain: &str,
 ) -> bool {
+    let mut cfg = super::inbound::server_config(shared);
+    cfg.receipts = matches!(origin, Origin::Peer { receipts: true, .. });
     let mut backend = SpoolBackend::new(shared.clone(), origin);
-    let cfg = super::inbound::server_config(shared);
     let label = format!("{peer_domain} (call {call_id})");
     let mut bye_seen = false;
     {

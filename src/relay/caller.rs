@@ -9,7 +9,7 @@ use super::events::RelayEvent;
 use super::failover::{self, Attempt, Failover, Next};
 use super::jobs::Lane;
 use super::locate::{self, CallTarget};
-use super::outcome::{RcptOutcome, outcomes_from_smtp};
+use super::outcome::{Job, RcptOutcome, outcomes_from_smtp};
 use super::trust::{ContinuityDecision, HoldReason, OpportunisticDecision, continuity_decision};
 use crate::config::Peer;
 use crate::handshake::sdp::{self, SdpError};
@@ -129,6 +129,10 @@ type Media = TunnelStream<Counting<TcpStream>>;
 struct ActiveCall {
     dialog: Dialog,
     client: SmtpClient<Media>,
+    /// The partner's fingerprint as this call authenticated it (hex), and whether its
+    /// receipts can be verified (an OpenPGP-signed call, journalled for receipts).
+    peer_fpr: String,
+    receipts: bool,
     /// `call{call_id, peer}`: every line logged while the call works carries both.
     span: tracing::Span,
 }
@@ -569,11 +573,99 @@ async fn place_call(
     shared
         .call_established(&call_id, peer, true, &peer_fpr, &done.keys, sigs)
         .await;
+    // A receipt names the call it came through; the journal lets us check that, also for
+    // a receipt that comes back on a later call after a restart.
+    let mut receipts = peer.trust.mode() == crate::handshake::AuthMode::Signed;
+    if receipts {
+        let entry = crate::receipt::store::JournalCall {
+            at_ms: crate::queue::now_ms(),
+            peer: peer.domain.to_ascii_lowercase(),
+            call_id: call_id.to_string(),
+            transcript_sha256: hex::encode(done.keys.transcript_hash),
+        };
+        if let Err(e) = shared.receipts.record_call(entry).await {
+            tracing::warn!(error = %e, "cannot journal the call; no receipts are asked for on it");
+            receipts = false;
+        }
+    }
     Ok(ActiveCall {
         dialog,
         client,
+        peer_fpr,
+        receipts,
         span: tracing::Span::current(),
     })
+}
+
+/// The receipts a partner returned for `job`: verified with the key this call
+/// authenticated, checked against the message sent (its hash, size, sender, our queue ID)
+/// and the calls we placed, and stored durably *before* any recipient is reported
+/// delivered. A recipient the partner accepted without a good receipt stays queued (its
+/// resend is recognised, and the partner returns its receipt again).
+#[allow(clippy::too_many_arguments)]
+async fn receipts_for(
+    ctx: &Context,
+    domain: &str,
+    active: &ActiveCall,
+    job: &Job,
+    sent: &crate::smtp::SendOutcome,
+    sha256: &str,
+    size: u64,
+    outcomes: &mut [(String, RcptOutcome)],
+) {
+    let Some(data) = sent.data.as_ref().filter(|d| d.is_positive()) else {
+        return;
+    };
+    let accepted: Vec<String> = sent.delivered().into_iter().map(str::to_string).collect();
+    let settings = ctx.settings();
+    let keys = ctx.keys();
+    let calls = ctx.receipts.calls_with(domain);
+    let m = super::receipts::SentMessage {
+        peer: domain,
+        peer_fpr: &active.peer_fpr,
+        own_domain: &settings.site.domain,
+        queue_id: &job.id,
+        sha256,
+        size,
+        mail_from: &job.mail_from,
+        rcpts: &accepted,
+    };
+    let checked = super::receipts::check_returned(&keys, &calls, &m, data.lines());
+    let refuse = |outcomes: &mut [(String, RcptOutcome)], why: String| {
+        for (_, o) in outcomes.iter_mut() {
+            if *o == RcptOutcome::Delivered {
+                *o = RcptOutcome::Transient(why.clone());
+            }
+        }
+    };
+    let (covered, signed) = match checked {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::error!(queue_id = %job.id, peer = %domain, call_id = %active.dialog.call_id, error = %e,
+                "ALERT: the partner's receipt is refused; the message is not counted as delivered and stays queued");
+            ctx.metrics.receipt_checked(domain, false);
+            refuse(outcomes, format!("peer {domain}: receipt refused: {e}"));
+            return;
+        }
+    };
+    if let Err(e) = ctx
+        .receipts
+        .add_sent(&job.id, domain, &active.peer_fpr, signed)
+        .await
+    {
+        tracing::error!(queue_id = %job.id, error = %e, "cannot store the receipt; the message stays queued and is sent again");
+        refuse(outcomes, format!("cannot store the receipt: {e}"));
+        return;
+    }
+    ctx.metrics.receipt_checked(domain, true);
+    for (addr, o) in outcomes.iter_mut() {
+        if *o == RcptOutcome::Delivered && !covered.iter().any(|c| c == addr) {
+            *o = RcptOutcome::Transient(format!(
+                "peer {domain} accepted {addr} but no receipt covers it"
+            ));
+        }
+    }
+    tracing::info!(queue_id = %job.id, peer = %domain, rcpts = covered.len(), "receipt verified and stored");
 }
 
 /// Opportunistic peers: the key the callee presents (already verified) must be the one
@@ -702,20 +794,42 @@ pub(crate) async fn worker(ctx: Arc<Context>, domain: String, lane_no: usize, la
         ctx.spool.begin_send(&job.id, &job.route).await;
         let span = active.span.clone();
         let sending = tokio::time::Instant::now();
+        // Ask for a receipt only where one can be verified; hash what we send, to check it.
+        let ask = active.receipts && active.client.extensions().receipts;
+        let mut opts = job.opts.clone();
+        if !ask {
+            opts.xqid = None;
+        }
+        let mut body = super::receipts::HashingReader::new(body);
         let res = active
             .client
             .send_tx(
                 &job.mail_from,
                 &job.recipients,
                 &job.rcpt_params,
-                &job.opts,
-                body,
+                &opts,
+                &mut body,
             )
             .instrument(span.clone())
             .await;
         ctx.metrics.transferred(Some(&domain), sending.elapsed());
         let broken = res.is_err();
-        let outcomes = span.in_scope(|| outcomes_from_smtp(&job, res, &format!("peer {domain}")));
+        let what = format!("peer {domain}");
+        let sent_ok = res.as_ref().ok().cloned();
+        let mut outcomes = span.in_scope(|| match res {
+            Err(e) if ask && e.is_unconfirmed() => {
+                tracing::info!(queue_id = %job.id, error = %e,
+                    "no reply after the end of the message: it is sent again, and the partner recognises the resend by our queue ID and its hash (no duplicate)");
+                job.all(RcptOutcome::Transient(format!("{what}: {e}")))
+            }
+            res => outcomes_from_smtp(&job, res, &what),
+        });
+        if ask && let Some(o) = &sent_ok {
+            let (sha256, size) = body.digest();
+            receipts_for(&ctx, &domain, active, &job, o, &sha256, size, &mut outcomes)
+                .instrument(span.clone())
+                .await;
+        }
         let call_id = Some(active.dialog.call_id.clone());
         lane.report_call(job, outcomes, call_id).await;
         if broken && let Some((c, _)) = call.take() {

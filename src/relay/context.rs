@@ -37,6 +37,8 @@ pub(crate) struct Context {
     pub spool: Spool,
     /// The queue in memory (the scheduler's); `inbound` inserts, `control` inspects.
     pub queue: Arc<MailQueue>,
+    /// Signed receipts: the store, the call journal, the duplicate keys' locks.
+    pub receipts: Arc<super::receipts::Receipts>,
     pub shutdown: Shutdown,
     pub events: Events,
     /// Counters, gauges and histograms (see crate::metrics); always recorded.

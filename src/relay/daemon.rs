@@ -73,6 +73,12 @@ pub async fn start(cfg: Config, shutdown: Shutdown, hooks: Hooks) -> Result<Runn
     control::write_keyring_pointer(&cfg.keyring, &cfg.spool);
     let (spool, envelopes) = Spool::open(&cfg.spool)
         .map_err(io_err(format!("opening spool {}", cfg.spool.display())))?;
+    let receipts = super::receipts::Receipts::open(&cfg.spool, cfg.queue.dedup_window)
+        .map_err(io_err(format!("opening the receipt store in {}", cfg.spool.display())))?;
+    // Before any delivery: a message committed with a receipt is remembered for duplicate
+    // suppression even if the process died before it wrote the record.
+    super::receipts::recover(&receipts, &keys, &cfg.domain, &envelopes)
+        .map_err(io_err("recovering receipt records"))?;
     if let crate::config::Delivery::Maildir(m) = &cfg.delivery {
         crate::queue::maildir::ensure(m)
             .map_err(io_err(format!("creating Maildir {}", m.display())))?;
@@ -167,6 +173,7 @@ pub async fn start(cfg: Config, shutdown: Shutdown, hooks: Hooks) -> Result<Runn
         config: tokio::sync::Mutex::new(InForce::new(cfg)),
         spool,
         queue: queue.clone(),
+        receipts: Arc::new(receipts),
         shutdown: shutdown.clone(),
         events,
         metrics,

@@ -5,8 +5,11 @@ use super::context::Context;
 use super::events::RelayEvent;
 use super::sender::{SenderPolicy, check_peer_sender};
 use super::settings::Settings;
+use super::receipts::Tap;
 use super::trace::StripPeerField;
-use crate::queue::{Envelope, RcptState, Recipient, Route, Spool};
+use crate::queue::{Envelope, RcptState, ReceiptFacts, Recipient, Route, Spool};
+use crate::receipt::store::DedupRecord;
+use crate::receipt::wire::Signed;
 use crate::smtp::{Backend, MailParams, Reply, ServerConfig};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -37,6 +40,10 @@ pub(crate) enum Origin {
         auth: crate::handshake::AuthMode,
         /// The fingerprint of the key that signed the handshake (hex).
         fingerprint: String,
+        /// SHA-256(T2) of the call, hex (named in receipts).
+        transcript_sha256: String,
+        /// The partner may ask for signed receipts (an OpenPGP-signed call).
+        receipts: bool,
     },
 }
 
@@ -104,8 +111,97 @@ impl SpoolBackend {
     }
 }
 
+impl SpoolBackend {
+    /// Commits a partner's message that asked for a receipt, exactly once per duplicate key
+    /// (crate::receipt::dedup): recipients accepted before under the key are not queued
+    /// again and get the earlier receipt; the others are committed with the receipt's facts
+    /// in the envelope, then remembered (fsynced) with their new signed receipt, and only
+    /// then answered 250 with the receipts. If remembering fails, the commit is undone and
+    /// the answer is 451, so that a resend cannot be queued twice.
+    async fn commit_with_receipt(
+        &mut self,
+        file: tokio::fs::File,
+        mut qenv: Envelope,
+        mut facts: ReceiptFacts,
+    ) -> Reply {
+        let id = qenv.id.clone();
+        let spool = &self.shared.spool;
+        let receipts = &self.shared.receipts;
+        let unavailable = |what: &str, e: &dyn std::fmt::Display| {
+            tracing::error!(queue_id = %id, error = %e, "{what}");
+            Reply::new(
+                451,
+                (4, 3, 0),
+                "Local error: cannot record the receipt, try again later",
+            )
+        };
+        let key = super::receipts::key_of(&facts);
+        let _guard = receipts.lock(&key).await;
+        let mut rec = match receipts.dedup(&key).await {
+            Ok(r) => r.unwrap_or_else(|| DedupRecord::new(&key)),
+            Err(e) => {
+                spool.discard(&id).await;
+                return unavailable("cannot read the duplicate record", &e);
+            }
+        };
+        let accepted: Vec<String> = qenv.recipients.iter().map(|r| r.addr.clone()).collect();
+        let plan = crate::receipt::dedup::plan(&accepted, &rec.remembered());
+        let mut back: Vec<Signed> = Vec::new();
+        for d in &plan.prior_receipts {
+            if let Some(s) = rec.receipt(d).and_then(|r| r.to_signed().ok()) {
+                back.push(s);
+            }
+        }
+        if plan.new_rcpts.is_empty() {
+            spool.discard(&id).await;
+            tracing::info!(peer = %facts.peer, sender_queue_id = %facts.sender_queue_id,
+                sha256 = %facts.message_sha256, rcpts = accepted.len(),
+                "duplicate of a message accepted before: not queued again, its receipt sent back");
+            self.shared.metrics.duplicate_suppressed(&facts.peer);
+            let text = crate::receipt::wire::reply_text(
+                "Ok: accepted before, not queued again",
+                &back,
+            );
+            return Reply::new(250, (2, 0, 0), text);
+        }
+        qenv.recipients
+            .retain(|r| plan.new_rcpts.iter().any(|n| *n == r.addr));
+        let keys = self.shared.keys();
+        facts.fingerprint = keys.own_fpr_hex.clone();
+        facts.committed_ms = crate::queue::now_ms();
+        qenv.receipt = Some(facts.clone());
+        if let Err(e) = spool.commit(file, &qenv).await {
+            spool.discard(&id).await;
+            return unavailable("could not commit a message to the spool", &e);
+        }
+        let r = super::receipts::accepted_receipt(&self.settings.site.domain, &qenv, &facts);
+        let signed = match super::receipts::sign(&keys, &r) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = spool.remove(&id).await;
+                return unavailable("cannot sign the receipt; the message is not kept", &e);
+            }
+        };
+        super::receipts::remember(&mut rec, &r, &signed);
+        if let Err(e) = receipts.put_dedup(&key, rec).await {
+            let _ = spool.remove(&id).await;
+            return unavailable("cannot record the receipt; the message is not kept", &e);
+        }
+        tracing::info!(queue_id = %id, from = %qenv.mail_from, rcpts = qenv.recipients.len(),
+            size = qenv.size, call_id = %facts.call_id, peer = %facts.peer,
+            sender_queue_id = %facts.sender_queue_id, receipt = %r.digest(), "queued, receipt signed");
+        self.shared.metrics.receipt_issued(&facts.peer);
+        let mut all = vec![signed];
+        all.extend(back);
+        let text = crate::receipt::wire::reply_text(&format!("Ok: queued as {id}"), &all);
+        self.shared.queue.insert(qenv);
+        self.shared.event(RelayEvent::Queued { id });
+        Reply::new(250, (2, 0, 0), text)
+    }
+}
+
 impl Backend for SpoolBackend {
-    type Writer = StripPeerField<crate::queue::bodyio::BodyWriter>;
+    type Writer = Tap<StripPeerField<crate::queue::bodyio::BodyWriter>>;
 
     async fn mail_from(&mut self, from: &str, _params: &MailParams) -> Result<(), Reply> {
         self.routes.clear();
@@ -200,8 +296,10 @@ impl Backend for SpoolBackend {
             ));
         }
         self.current = Some(id);
-        // Our own trace lines are written; what the client sends loses any look-alike.
-        Ok(StripPeerField::new(w))
+        // Our own trace lines are written; what the client sends loses any look-alike. A
+        // message that asks for a receipt is hashed as received, before that.
+        let tap = env.xqid.is_some() && matches!(self.origin, Origin::Peer { receipts: true, .. });
+        Ok(Tap::new(StripPeerField::new(w), tap))
     }
 
     async fn data_end(&mut self, env: crate::smtp::Envelope, writer: Self::Writer) -> Reply {
@@ -216,6 +314,7 @@ impl Backend for SpoolBackend {
                 "Local error: cannot write to the queue, try again later",
             )
         };
+        let (writer, tapped) = writer.into_parts();
         let finished = match writer.into_inner().await {
             Ok(w) => w.finish().await,
             Err(e) => Err(e),
@@ -269,7 +368,35 @@ impl Backend for SpoolBackend {
             envid: env.envid.clone(),
             held: false,
             expired: false,
+            receipt: None,
         };
+        // A partner's message with a receipt asked for: decided under its duplicate key.
+        let asked = match (&self.origin, &env.xqid, tapped) {
+            (
+                Origin::Peer {
+                    domain,
+                    call_id,
+                    transcript_sha256,
+                    ..
+                },
+                Some(xqid),
+                Some(t),
+            ) => Some(ReceiptFacts {
+                peer: domain.clone(),
+                sender_queue_id: xqid.clone(),
+                message_sha256: t.sha256,
+                message_size: t.size,
+                message_id: t.message_id,
+                call_id: call_id.clone(),
+                transcript_sha256: transcript_sha256.clone(),
+                fingerprint: String::new(),
+                committed_ms: 0,
+            }),
+            _ => None,
+        };
+        if let Some(facts) = asked {
+            return self.commit_with_receipt(file, qenv, facts).await;
+        }
         if let Err(e) = self.shared.spool.commit(file, &qenv).await {
             self.shared.spool.discard(&id).await;
             return fail(e);
@@ -288,6 +415,7 @@ impl Backend for SpoolBackend {
     }
 
     async fn data_abort(&mut self, writer: Self::Writer) {
+        let (writer, _) = writer.into_parts();
         drop(writer);
         if let Some(id) = self.current.take() {
             self.shared.spool.discard(&id).await;

@@ -17,7 +17,8 @@
 //! - mail: `inbound` (SMTP into the spool), `scheduler` (the queue; commits reports),
 //!   `schedule` (its pure rules), `outcome` (jobs and outcomes, pure), `jobs` (the lanes
 //!   between the scheduler and the workers),
-//!   `local`, `bounce`, `sender`, `trace`, `control`.
+//!   `local`, `bounce`, `sender`, `trace`, `control`, `receipts` (signed receipts: the
+//!   receiver's duplicate suppression and signing, the sender's checks, the call journal).
 
 mod admission;
 mod bounce;
@@ -38,6 +39,7 @@ mod inbound;
 mod jobs;
 mod keys;
 mod keywatch;
+mod receipts;
 mod local;
 mod locate;
 mod mediaport;

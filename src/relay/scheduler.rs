@@ -459,6 +459,9 @@ fn due_jobs(
                 smtputf8: env.smtputf8,
                 ret: env.ret,
                 envid: env.envid.clone(),
+                // A partner that offers receipts returns one for this ID (the worker
+                // drops it where receipts cannot be verified).
+                xqid: matches!(route, crate::queue::Route::Peer(_)).then(|| env.id.clone()),
             },
         });
     }

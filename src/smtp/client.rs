@@ -87,6 +87,8 @@ pub struct Extensions {
     pub dsn: bool,
     /// RFC 6531 internationalized addresses are understood.
     pub smtputf8: bool,
+    /// The in-call receipt extension (`XRECEIPT sipmail-receipt/1`) is offered.
+    pub receipts: bool,
     /// All EHLO keyword lines (after the first), as sent.
     pub raw: Vec<String>,
 }
@@ -107,6 +109,9 @@ impl Extensions {
                 "ENHANCEDSTATUSCODES" => ext.enhanced_status_codes = true,
                 "DSN" => ext.dsn = true,
                 "SMTPUTF8" => ext.smtputf8 = true,
+                super::server::RECEIPT_KEYWORD => {
+                    ext.receipts = words.next() == Some(super::server::RECEIPT_VERSION)
+                }
                 "SIZE" => {
                     ext.size = Some(words.next().and_then(|w| w.parse().ok()).unwrap_or(0));
                 }
@@ -127,6 +132,9 @@ pub struct MailOptions {
     /// Passed on with `RET=` / `ENVID=` when the server offers DSN.
     pub ret: Option<super::Ret>,
     pub envid: Option<String>,
+    /// Our queue ID, sent as `XQID=` (asking for a signed receipt) when the server offers
+    /// the receipt extension.
+    pub xqid: Option<String>,
 }
 
 /// Result of one transaction.
@@ -420,6 +428,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> SmtpClient<S> {
             if let Some(envid) = &opts.envid {
                 mail.push_str(&format!(" ENVID={}", super::dsn::xtext(envid)));
             }
+        }
+        if let (true, Some(q)) = (self.ext.receipts, &opts.xqid) {
+            mail.push_str(&format!(" XQID={q}"));
         }
         mail.push_str("\r\n");
         let dsn = self.ext.dsn;

@@ -37,6 +37,9 @@ pub struct ServerConfig {
     pub data_timeout: Duration,
     /// Size of one read from the stream (driver).
     pub read_buffer_size: usize,
+    /// Offer the in-call receipt extension (`XRECEIPT` in EHLO, `XQID=` on MAIL; see
+    /// docs/PROTOCOL.md §4b). Only inside a call with a signing partner, never to the site.
+    pub receipts: bool,
 }
 
 impl Default for ServerConfig {
@@ -51,6 +54,7 @@ impl Default for ServerConfig {
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(300),
             read_buffer_size: 64 * 1024,
+            receipts: false,
         }
     }
 }
@@ -76,6 +80,8 @@ pub struct Envelope {
     pub envid: Option<String>,
     /// DSN parameters of each accepted recipient, in the order of `rcpt_to`.
     pub rcpt_params: Vec<super::RcptParams>,
+    /// `XQID=`: the sending relay's queue ID; the sender asks for a signed receipt.
+    pub xqid: Option<String>,
 }
 
 /// Parameters of MAIL FROM.
@@ -86,6 +92,8 @@ pub struct MailParams {
     pub smtputf8: bool,
     pub ret: Option<super::Ret>,
     pub envid: Option<String>,
+    /// `XQID=` (receipt extension only).
+    pub xqid: Option<String>,
 }
 
 /// Why the session ended.
@@ -304,6 +312,7 @@ impl ServerSession {
                     ret: params.ret,
                     envid: params.envid,
                     rcpt_params: Vec::new(),
+                    xqid: params.xqid,
                 });
                 self.push(&r(250, (2, 1, 0), "Ok"));
             }
@@ -519,6 +528,19 @@ impl ServerSession {
 
     /// Handles one complete command line (ending in LF).
     fn command(&mut self, line: &[u8]) {
+        // `XQID=` is ours (the receipt extension), unknown to the parser: taken out of a
+        // MAIL line first, and only where the extension is offered.
+        let (stripped, xqid) = match self.config.receipts {
+            true => match take_xqid(line) {
+                Ok(x) => x,
+                Err(()) => {
+                    self.error(r(501, (5, 5, 4), "invalid XQID parameter"));
+                    return;
+                }
+            },
+            false => (None, None),
+        };
+        let line = stripped.as_deref().unwrap_or(line);
         let mut it = line.iter();
         let parsed = Request::parse(&mut it);
         tracing::trace!(client = %self.peer, line = %super::reply::excerpt(line), "command");
@@ -617,6 +639,7 @@ impl ServerSession {
                     smtputf8,
                     ret,
                     envid: from.env_id.map(|e| e.into_owned()),
+                    xqid,
                 };
                 self.pending_mail = Some((from.address.into_owned(), params));
                 self.phase = Phase::WaitMail;
@@ -710,11 +733,16 @@ impl ServerSession {
         self.tx = None;
         self.esmtp = esmtp;
         let hn = &self.config.hostname;
+        let receipts = if self.config.receipts {
+            format!("\n{RECEIPT_KEYWORD} {RECEIPT_VERSION}")
+        } else {
+            String::new()
+        };
         let reply = if esmtp {
             Reply::plain(
                 250,
                 format!(
-                    "{hn}\nPIPELINING\nSIZE {}\n8BITMIME\nSMTPUTF8\nDSN\nENHANCEDSTATUSCODES",
+                    "{hn}\nPIPELINING\nSIZE {}\n8BITMIME\nSMTPUTF8\nDSN\nENHANCEDSTATUSCODES{receipts}",
                     self.config.max_message_size
                 ),
             )
@@ -729,10 +757,81 @@ impl ServerSession {
 
 /// The `SIZE=` parameter of a MAIL line, parsed here (strictly) rather than
 /// trusting the upstream parser's handling of overflow.
+/// The EHLO keyword of the in-call receipt extension and the receipt format it carries.
+pub const RECEIPT_KEYWORD: &str = "XRECEIPT";
+pub const RECEIPT_VERSION: &str = "sipmail-receipt/1";
+
+/// Whether a sender's queue ID is acceptable as `XQID=`: 1 to 64 characters of
+/// `[A-Za-z0-9._-]` (Postfix's and sipmail's IDs are all of this form). It becomes half of
+/// the receiver's duplicate key, never a path.
+pub fn valid_queue_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Where the parameters of a MAIL or RCPT line start: just after the `>` that closes the
+/// path, skipping any `>` inside a quoted local part (ENVID's xtext may hold `>` too, so
+/// the last `>` of the line is not it).
+fn params_start(line: &str) -> Option<usize> {
+    let open = line.find('<')?;
+    let (mut quoted, mut escaped) = (false, false);
+    for (i, c) in line[open + 1..].char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            '>' if !quoted => return Some(open + 1 + i + 1),
+            _ => {}
+        }
+    }
+    None
+}
+
+/// Takes `XQID=<id>` out of a MAIL line: the line without it (if it was there) and the
+/// value. A second XQID, an empty one, or one that is not a queue ID
+/// ([`valid_queue_id`]) is an error. Not a MAIL line: unchanged.
+#[allow(clippy::type_complexity)]
+fn take_xqid(line: &[u8]) -> Result<(Option<Vec<u8>>, Option<String>), ()> {
+    if line.len() < 5 || !line[..5].eq_ignore_ascii_case(b"MAIL ") {
+        return Ok((None, None));
+    }
+    let Ok(text) = std::str::from_utf8(line) else {
+        return Ok((None, None));
+    };
+    let Some(start) = params_start(text) else {
+        return Ok((None, None));
+    };
+    let (head, params) = text.split_at(start);
+    let mut kept = String::with_capacity(text.len());
+    kept.push_str(head);
+    let mut xqid = None;
+    for word in params.split_ascii_whitespace() {
+        if word.len() >= 5 && word.as_bytes()[..5].eq_ignore_ascii_case(b"XQID=") {
+            let v = &word[5..];
+            if xqid.is_some() || !valid_queue_id(v) {
+                return Err(());
+            }
+            xqid = Some(v.to_string());
+        } else {
+            kept.push(' ');
+            kept.push_str(word);
+        }
+    }
+    match xqid {
+        None => Ok((None, None)),
+        Some(x) => {
+            kept.push_str("\r\n");
+            Ok((Some(kept.into_bytes()), Some(x)))
+        }
+    }
+}
+
 fn size_param(line: &[u8]) -> Result<Option<u64>, ()> {
     let line = std::str::from_utf8(line).map_err(|_| ())?;
-    let after = match line.rfind('>') {
-        Some(i) => &line[i + 1..],
+    let after = match params_start(line) {
+        Some(i) => &line[i..],
         None => return Ok(None),
     };
     for word in after.split_ascii_whitespace() {

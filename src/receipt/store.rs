@@ -1,0 +1,330 @@
+//! Where receipts are kept on disk, on both sides of a call: blocking `std::fs`, called
+//! from the blocking pool by the relay and directly by the CLI. The rest of this module
+//! is sans-IO; this file is its only I/O.
+//!
+//! Layout under `<spool>/receipts/`:
+//! - `sent/<our queue ID>.json`: the receipts a partner returned for a message we sent
+//!   ([`SentRecord`]), written and fsynced *before* the message is marked delivered.
+//! - `dedup/<DedupKey::file_name>.json`: what we accepted under one key and the receipts we
+//!   issued for it ([`DedupRecord`]), written and fsynced before we answer 250.
+//! - `calls.log`: one line per call we placed that can carry receipts (`ms peer call-id
+//!   transcript-sha256`), fsynced when the call is set up. The sender checks a returned
+//!   receipt's call against it, across restarts.
+//! - `tmp/`: files being written; renamed into place (the commit point).
+//!
+//! Each write is: write to `tmp/`, fsync the file, rename, fsync the directory.
+
+use super::dedup::{DedupKey, Remembered};
+use super::wire::Signed;
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use serde::{Deserialize, Serialize};
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A receipt as stored: the canonical text (UTF-8) and the signature (base64).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredReceipt {
+    pub text: String,
+    pub sig: String,
+}
+
+impl StoredReceipt {
+    pub fn from_signed(s: &Signed) -> StoredReceipt {
+        StoredReceipt {
+            text: String::from_utf8_lossy(&s.text).into_owned(),
+            sig: B64.encode(&s.sig),
+        }
+    }
+
+    pub fn to_signed(&self) -> io::Result<Signed> {
+        Ok(Signed {
+            text: self.text.as_bytes().to_vec(),
+            sig: B64
+                .decode(&self.sig)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?,
+        })
+    }
+}
+
+/// The sender's record of one message's receipts.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SentRecord {
+    pub queue_id: String,
+    /// The partner's domain and the fingerprint the receipts were verified with.
+    pub peer: String,
+    pub fingerprint: String,
+    pub receipts: Vec<StoredReceipt>,
+}
+
+/// The receiver's record of one duplicate key.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DedupRecord {
+    pub sender: String,
+    pub sender_queue_id: String,
+    pub message_sha256: String,
+    /// Every recipient accepted under the key, and the digest of the receipt covering it.
+    pub rcpts: Vec<RememberedRcpt>,
+    /// The receipts issued under the key.
+    pub receipts: Vec<StoredReceipt>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RememberedRcpt {
+    pub rcpt: String,
+    pub receipt: String,
+}
+
+impl DedupRecord {
+    pub fn new(key: &DedupKey) -> DedupRecord {
+        DedupRecord {
+            sender: key.sender.clone(),
+            sender_queue_id: key.sender_queue_id.clone(),
+            message_sha256: key.message_sha256.clone(),
+            ..Default::default()
+        }
+    }
+
+    pub fn remembered(&self) -> Vec<Remembered> {
+        self.rcpts
+            .iter()
+            .map(|r| Remembered {
+                rcpt: r.rcpt.clone(),
+                receipt_digest: r.receipt.clone(),
+            })
+            .collect()
+    }
+
+    /// The issued receipt whose text has this digest.
+    pub fn receipt(&self, digest: &str) -> Option<&StoredReceipt> {
+        use sha2::Digest;
+        self.receipts
+            .iter()
+            .find(|r| hex::encode(sha2::Sha256::digest(r.text.as_bytes())) == digest)
+    }
+}
+
+/// One call in `calls.log`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JournalCall {
+    pub at_ms: u64,
+    pub peer: String,
+    pub call_id: String,
+    pub transcript_sha256: String,
+}
+
+#[derive(Debug)]
+pub struct ReceiptStore {
+    root: PathBuf,
+    seq: AtomicU64,
+}
+
+fn fsync_dir(p: &Path) -> io::Result<()> {
+    fs::File::open(p)?.sync_all()
+}
+
+impl ReceiptStore {
+    /// The store under `<spool>/receipts`, creating its directories. Files left in `tmp/`
+    /// by a crash are removed.
+    pub fn open(spool: &Path) -> io::Result<ReceiptStore> {
+        let s = ReceiptStore::at(spool);
+        for d in ["sent", "dedup", "tmp"] {
+            fs::create_dir_all(s.root.join(d))?;
+        }
+        for e in fs::read_dir(s.root.join("tmp"))? {
+            let _ = fs::remove_file(e?.path());
+        }
+        Ok(s)
+    }
+
+    /// The store, read-only use (the CLI): nothing is created.
+    pub fn at(spool: &Path) -> ReceiptStore {
+        ReceiptStore {
+            root: spool.join("receipts"),
+            seq: AtomicU64::new(0),
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn write_atomic(&self, dir: &str, name: &str, bytes: &[u8]) -> io::Result<()> {
+        let tmp = self.root.join("tmp").join(format!(
+            "{name}.{}.{}",
+            std::process::id(),
+            self.seq.fetch_add(1, Ordering::Relaxed)
+        ));
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        drop(f);
+        let d = self.root.join(dir);
+        fs::rename(&tmp, d.join(name))?;
+        fsync_dir(&d)
+    }
+
+    fn read_json<T: for<'a> Deserialize<'a>>(path: &Path) -> io::Result<Option<T>> {
+        match fs::read(path) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", path.display()))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    // --- receiving side ---
+
+    pub fn dedup(&self, key: &DedupKey) -> io::Result<Option<DedupRecord>> {
+        Self::read_json(&self.dedup_path(key))
+    }
+
+    fn dedup_path(&self, key: &DedupKey) -> PathBuf {
+        self.root
+            .join("dedup")
+            .join(format!("{}.json", key.file_name()))
+    }
+
+    pub fn put_dedup(&self, key: &DedupKey, rec: &DedupRecord) -> io::Result<()> {
+        let bytes = serde_json::to_vec_pretty(rec).map_err(io::Error::other)?;
+        self.write_atomic("dedup", &format!("{}.json", key.file_name()), &bytes)
+    }
+
+    // --- sending side ---
+
+    fn sent_path(&self, queue_id: &str) -> PathBuf {
+        self.root.join("sent").join(format!("{queue_id}.json"))
+    }
+
+    /// The receipts stored for our message `queue_id` (a queue ID of ours: checked, as it
+    /// names a file).
+    pub fn sent(&self, queue_id: &str) -> io::Result<Option<SentRecord>> {
+        if !super::dedup::valid_queue_id(queue_id) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{queue_id:?} is not a queue ID"),
+            ));
+        }
+        Self::read_json(&self.sent_path(queue_id))
+    }
+
+    /// Adds `new` receipts to the record of `queue_id` (durably).
+    pub fn add_sent(
+        &self,
+        queue_id: &str,
+        peer: &str,
+        fingerprint: &str,
+        new: &[Signed],
+    ) -> io::Result<()> {
+        let mut rec = self.sent(queue_id)?.unwrap_or_else(|| SentRecord {
+            queue_id: queue_id.to_string(),
+            peer: peer.to_string(),
+            fingerprint: fingerprint.to_string(),
+            receipts: Vec::new(),
+        });
+        for s in new {
+            let st = StoredReceipt::from_signed(s);
+            if !rec.receipts.iter().any(|r| r.text == st.text) {
+                rec.receipts.push(st);
+            }
+        }
+        let bytes = serde_json::to_vec_pretty(&rec).map_err(io::Error::other)?;
+        self.write_atomic("sent", &format!("{queue_id}.json"), &bytes)
+    }
+
+    /// Every stored sent record, oldest file first (by name: our queue IDs sort by time).
+    pub fn list_sent(&self) -> io::Result<Vec<SentRecord>> {
+        let mut names: Vec<PathBuf> = match fs::read_dir(self.root.join("sent")) {
+            Ok(rd) => rd
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "json"))
+                .collect(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e),
+        };
+        names.sort();
+        let mut out = Vec::new();
+        for p in names {
+            if let Some(r) = Self::read_json(&p)? {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    // --- the call journal ---
+
+    fn journal(&self) -> PathBuf {
+        self.root.join("calls.log")
+    }
+
+    /// Appends a call and fsyncs the journal.
+    pub fn record_call(&self, c: &JournalCall) -> io::Result<()> {
+        let mut f = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.journal())?;
+        writeln!(
+            f,
+            "{} {} {} {}",
+            c.at_ms, c.peer, c.call_id, c.transcript_sha256
+        )?;
+        f.sync_data()
+    }
+
+    /// The journal's calls not older than `since_ms`. Lines that do not parse (a torn last
+    /// line after a crash) are skipped.
+    pub fn calls(&self, since_ms: u64) -> io::Result<Vec<JournalCall>> {
+        let text = match fs::read_to_string(self.journal()) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        Ok(text
+            .lines()
+            .filter_map(|l| {
+                let mut w = l.split(' ');
+                let c = JournalCall {
+                    at_ms: w.next()?.parse().ok()?,
+                    peer: w.next()?.to_string(),
+                    call_id: w.next()?.to_string(),
+                    transcript_sha256: w.next()?.to_string(),
+                };
+                (w.next().is_none() && c.transcript_sha256.len() == 64 && c.at_ms >= since_ms)
+                    .then_some(c)
+            })
+            .collect())
+    }
+
+    /// Rewrites the journal with only the calls since `since_ms`, and removes duplicate
+    /// records not touched since then: run at start-up.
+    pub fn prune(&self, since_ms: u64) -> io::Result<()> {
+        let keep = self.calls(since_ms)?;
+        let mut text = String::new();
+        for c in &keep {
+            text.push_str(&format!(
+                "{} {} {} {}\n",
+                c.at_ms, c.peer, c.call_id, c.transcript_sha256
+            ));
+        }
+        if self.journal().exists() {
+            self.write_atomic("", "calls.log", text.as_bytes())?;
+        }
+        let cutoff = std::time::UNIX_EPOCH + std::time::Duration::from_millis(since_ms);
+        if let Ok(rd) = fs::read_dir(self.root.join("dedup")) {
+            for e in rd.flatten() {
+                let old = e
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| t < cutoff);
+                if old {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+        }
+        Ok(())
+    }
+}

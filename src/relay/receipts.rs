@@ -1,0 +1,370 @@
+//! Signed receipts in the relay (issue 14): the receiving side's duplicate suppression and
+//! signing, the sending side's check of what came back, the call journal both rely on,
+//! and the tap that hashes a message as it is received.
+//!
+//! The decisions are the pure ones of crate::receipt (`plan`, `check_accepted`); this file
+//! joins them to the keyring, the store and the clock.
+
+use super::keys::KeyState;
+use crate::queue::{Envelope, ReceiptFacts};
+use crate::receipt::store::{DedupRecord, JournalCall, ReceiptStore, RememberedRcpt, StoredReceipt};
+use crate::receipt::wire::Signed;
+use crate::receipt::{
+    AcceptedExpectations, CallRef, DedupKey, Kind, Receipt, ReceiptError, check_accepted,
+};
+use sha2::Digest;
+use std::io;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context as TaskContext, Poll, ready};
+use tokio::io::AsyncWrite;
+
+/// Striped locks: one message's key is decided (looked up, committed, remembered) by one
+/// session at a time, so that a resend racing the original cannot queue it twice.
+const STRIPES: usize = 64;
+
+pub(crate) struct Receipts {
+    pub store: Arc<ReceiptStore>,
+    /// The calls we placed that can carry receipts, from the journal and since the start.
+    calls: Mutex<Vec<JournalCall>>,
+    stripes: Vec<tokio::sync::Mutex<()>>,
+}
+
+impl Receipts {
+    /// Opens the store under `spool`, forgets what is older than `window`, and loads the
+    /// call journal.
+    pub fn open(spool: &Path, window: std::time::Duration) -> io::Result<Receipts> {
+        let store = ReceiptStore::open(spool)?;
+        let since = crate::queue::now_ms().saturating_sub(window.as_millis() as u64);
+        store.prune(since)?;
+        let calls = store.calls(since)?;
+        Ok(Receipts {
+            store: Arc::new(store),
+            calls: Mutex::new(calls),
+            stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+        })
+    }
+
+    /// The lock for `key` (see [`STRIPES`]).
+    pub async fn lock(&self, key: &DedupKey) -> tokio::sync::MutexGuard<'_, ()> {
+        let name = key.file_name();
+        let i = usize::from_str_radix(&name[..4], 16).unwrap_or(0) % STRIPES;
+        self.stripes[i].lock().await
+    }
+
+    /// Journals a call we placed (fsynced) before any message goes through it.
+    pub async fn record_call(&self, c: JournalCall) -> io::Result<()> {
+        let store = self.store.clone();
+        let rec = c.clone();
+        tokio::task::spawn_blocking(move || store.record_call(&rec))
+            .await
+            .map_err(io::Error::other)??;
+        lock(&self.calls).push(c);
+        Ok(())
+    }
+
+    /// Our calls to `peer` in the journal.
+    pub fn calls_with(&self, peer: &str) -> Vec<JournalCall> {
+        lock(&self.calls)
+            .iter()
+            .filter(|c| c.peer.eq_ignore_ascii_case(peer))
+            .cloned()
+            .collect()
+    }
+
+    /// Blocking: the dedup record of `key`.
+    pub async fn dedup(&self, key: &DedupKey) -> io::Result<Option<DedupRecord>> {
+        let (store, key) = (self.store.clone(), key.clone());
+        tokio::task::spawn_blocking(move || store.dedup(&key))
+            .await
+            .map_err(io::Error::other)?
+    }
+
+    pub async fn put_dedup(&self, key: &DedupKey, rec: DedupRecord) -> io::Result<()> {
+        let (store, key) = (self.store.clone(), key.clone());
+        tokio::task::spawn_blocking(move || store.put_dedup(&key, &rec))
+            .await
+            .map_err(io::Error::other)?
+    }
+
+    pub async fn add_sent(
+        &self,
+        queue_id: &str,
+        peer: &str,
+        fingerprint: &str,
+        new: Vec<Signed>,
+    ) -> io::Result<()> {
+        let store = self.store.clone();
+        let (q, p, f) = (
+            queue_id.to_string(),
+            peer.to_string(),
+            fingerprint.to_string(),
+        );
+        tokio::task::spawn_blocking(move || store.add_sent(&q, &p, &f, &new))
+            .await
+            .map_err(io::Error::other)?
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The duplicate key of a message committed with `facts`.
+pub(crate) fn key_of(facts: &ReceiptFacts) -> DedupKey {
+    DedupKey::new(&facts.peer, &facts.sender_queue_id, &facts.message_sha256)
+}
+
+/// The `accepted` receipt for a message queued with `facts`: it covers every recipient of
+/// the envelope (the ones this acceptance queued).
+pub(crate) fn accepted_receipt(receiver: &str, env: &Envelope, facts: &ReceiptFacts) -> Receipt {
+    Receipt {
+        kind: Kind::Accepted,
+        receiver: receiver.to_string(),
+        receiver_fingerprint: facts.fingerprint.clone(),
+        sender: facts.peer.clone(),
+        message_sha256: facts.message_sha256.clone(),
+        message_size: facts.message_size,
+        message_id: facts.message_id.clone(),
+        mail_from: env.mail_from.clone(),
+        rcpts: env.recipients.iter().map(|r| r.addr.clone()).collect(),
+        sender_queue_id: facts.sender_queue_id.clone(),
+        queue_id: env.id.clone(),
+        committed_unix_ms: facts.committed_ms,
+        call_id: facts.call_id.clone(),
+        transcript_sha256: facts.transcript_sha256.clone(),
+        handoffs: Vec::new(),
+    }
+}
+
+/// Signs `r` with our key.
+pub(crate) fn sign(keys: &KeyState, r: &Receipt) -> Result<Signed, crate::keyring::KeyringError> {
+    let (text, sig) = crate::receipt::sign(&keys.keyring, r)?;
+    Ok(Signed { text, sig })
+}
+
+/// `rec` with the receipt `signed` and the recipients it covers added.
+pub(crate) fn remember(rec: &mut DedupRecord, r: &Receipt, signed: &Signed) {
+    let digest = r.digest();
+    for a in &r.rcpts {
+        if !rec.rcpts.iter().any(|m| m.rcpt == *a) {
+            rec.rcpts.push(RememberedRcpt {
+                rcpt: a.clone(),
+                receipt: digest.clone(),
+            });
+        }
+    }
+    if rec.receipt(&digest).is_none() {
+        rec.receipts.push(StoredReceipt::from_signed(signed));
+    }
+}
+
+/// At start-up: every queued message accepted with a receipt whose duplicate record did
+/// not make it to disk (a crash between the commit and the record) is remembered now, with
+/// its receipt signed again from the facts committed with it. Runs before any delivery.
+pub(crate) fn recover(
+    receipts: &Receipts,
+    keys: &KeyState,
+    own_domain: &str,
+    envelopes: &[Envelope],
+) -> io::Result<usize> {
+    let mut n = 0;
+    for env in envelopes {
+        let Some(facts) = &env.receipt else { continue };
+        let key = key_of(facts);
+        let mut rec = receipts
+            .store
+            .dedup(&key)?
+            .unwrap_or_else(|| DedupRecord::new(&key));
+        let r = accepted_receipt(own_domain, env, facts);
+        if rec.receipt(&r.digest()).is_some() {
+            continue;
+        }
+        let signed = sign(keys, &r).map_err(|e| io::Error::other(e.to_string()))?;
+        remember(&mut rec, &r, &signed);
+        receipts.store.put_dedup(&key, &rec)?;
+        tracing::info!(queue_id = %env.id, peer = %facts.peer, sender_queue_id = %facts.sender_queue_id,
+            "receipt recovery: the message was committed but not yet remembered; remembered now");
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// What the sender knows of a message it sent through a call, to check the receipts.
+pub(crate) struct SentMessage<'a> {
+    pub peer: &'a str,
+    /// The fingerprint the call authenticated for the peer.
+    pub peer_fpr: &'a str,
+    pub own_domain: &'a str,
+    pub queue_id: &'a str,
+    pub sha256: &'a str,
+    pub size: u64,
+    pub mail_from: &'a str,
+    /// The recipients the partner accepted in this transaction.
+    pub rcpts: &'a [String],
+}
+
+/// Verifies and checks every receipt in the final reply's lines. All of them must hold
+/// (a bad one is an alarm, not something to skip); returns the recipients covered and the
+/// receipts to store.
+pub(crate) fn check_returned<'a>(
+    keys: &KeyState,
+    calls: &[JournalCall],
+    m: &SentMessage<'a>,
+    lines: impl Iterator<Item = &'a str>,
+) -> Result<(Vec<String>, Vec<Signed>), ReceiptError> {
+    let signed = crate::receipt::wire::parse_reply_lines(lines)?;
+    if signed.is_empty() {
+        return Err(ReceiptError::Malformed(
+            "the partner accepted the message but returned no receipt".into(),
+        ));
+    }
+    let refs: Vec<CallRef<'_>> = calls
+        .iter()
+        .map(|c| CallRef {
+            call_id: &c.call_id,
+            transcript_sha256: &c.transcript_sha256,
+        })
+        .collect();
+    let exp = AcceptedExpectations {
+        receiver: m.peer,
+        receiver_fingerprint: m.peer_fpr,
+        sender: m.own_domain,
+        message_sha256: m.sha256,
+        message_size: m.size,
+        sender_queue_id: m.queue_id,
+        mail_from: m.mail_from,
+        rcpts: m.rcpts,
+        calls: &refs,
+    };
+    let mut covered: Vec<String> = Vec::new();
+    for s in &signed {
+        let r = crate::receipt::verify(&keys.keyring, m.peer, m.peer_fpr, &s.text, &s.sig)?;
+        for a in check_accepted(&r, &exp)? {
+            if !covered.iter().any(|c| c == a) {
+                covered.push(a.to_string());
+            }
+        }
+    }
+    Ok((covered, signed))
+}
+
+/// Hashes the bytes of a message as they are received (before anything below rewrites
+/// them) and keeps its header section, for the receipt. Off (a plain pass-through) for
+/// mail that asks for no receipt.
+pub(crate) struct Tap<W> {
+    inner: W,
+    on: Option<TapState>,
+}
+
+struct TapState {
+    hash: sha2::Sha256,
+    size: u64,
+    head: Vec<u8>,
+    head_done: bool,
+}
+
+/// Header bytes kept for the Message-ID, at most.
+const HEAD_MAX: usize = 64 * 1024;
+
+/// What the tap saw.
+pub(crate) struct Tapped {
+    pub sha256: String,
+    pub size: u64,
+    pub message_id: Option<String>,
+}
+
+impl<W> Tap<W> {
+    pub fn new(inner: W, on: bool) -> Self {
+        Tap {
+            inner,
+            on: on.then(|| TapState {
+                hash: sha2::Sha256::new(),
+                size: 0,
+                head: Vec::new(),
+                head_done: false,
+            }),
+        }
+    }
+
+    pub fn into_parts(self) -> (W, Option<Tapped>) {
+        let tapped = self.on.map(|t| Tapped {
+            sha256: hex::encode(t.hash.finalize()),
+            size: t.size,
+            message_id: mail_parser::MessageParser::default()
+                .parse_headers(&t.head[..])
+                .and_then(|m| m.message_id().map(|s| s.trim().to_string()))
+                .filter(|s| !s.is_empty()),
+        });
+        (self.inner, tapped)
+    }
+}
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for Tap<W> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let n = ready!(Pin::new(&mut this.inner).poll_write(cx, buf))?;
+        if let Some(t) = &mut this.on {
+            let done = &buf[..n];
+            t.hash.update(done);
+            t.size += n as u64;
+            if !t.head_done {
+                let room = HEAD_MAX.saturating_sub(t.head.len());
+                t.head.extend_from_slice(&done[..done.len().min(room)]);
+                t.head_done = t.head.windows(4).any(|w| w == b"\r\n\r\n") || room == 0;
+            }
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// Hashes a message as it is read from the spool to be sent, for the receipt check.
+pub(crate) struct HashingReader<R> {
+    inner: R,
+    hash: sha2::Sha256,
+    size: u64,
+}
+
+impl<R> HashingReader<R> {
+    pub fn new(inner: R) -> Self {
+        HashingReader {
+            inner,
+            hash: sha2::Sha256::new(),
+            size: 0,
+        }
+    }
+
+    /// SHA-256 (hex) and size of what was read.
+    pub fn digest(&self) -> (String, u64) {
+        (hex::encode(self.hash.clone().finalize()), self.size)
+    }
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for HashingReader<R> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+        let new = &buf.filled()[before..];
+        this.hash.update(new);
+        this.size += new.len() as u64;
+        Poll::Ready(Ok(()))
+    }
+}
