@@ -141,9 +141,20 @@ impl TwoSites {
         b_cfg: Config,
         hooks_a: Hooks,
     ) -> Result<TwoSites, DemoError> {
+        Self::start_with_hooks(dir, a_cfg, b_cfg, hooks_a, Hooks::default()).await
+    }
+
+    /// As [`TwoSites::start_with`], with test hooks for B too.
+    pub async fn start_with_hooks(
+        dir: &Path,
+        a_cfg: Config,
+        b_cfg: Config,
+        hooks_a: Hooks,
+        hooks_b: Hooks,
+    ) -> Result<TwoSites, DemoError> {
         let shutdown_a = Shutdown::new();
         let shutdown_b = Shutdown::new();
-        let b = relay::start(b_cfg.clone(), shutdown_b.clone(), Hooks::default()).await?;
+        let b = relay::start(b_cfg.clone(), shutdown_b.clone(), hooks_b).await?;
         let a = relay::start(a_cfg.clone(), shutdown_a.clone(), hooks_a).await?;
         Ok(TwoSites {
             dir: dir.to_path_buf(),

@@ -134,6 +134,7 @@ async fn silent_connections_to_the_media_port_do_not_stop_the_call() {
             }
             real
         })),
+        ..Default::default()
     };
     let (a, b) = edited_configs(dir.path(), |s| s, |s| s);
     let sites = TwoSites::start_with(dir.path(), a, b, hooks).await.unwrap();

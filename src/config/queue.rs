@@ -103,11 +103,7 @@ pub(super) fn parse_queue(raw: &RawQueue, e: Errors<'_>) -> Result<QueueTimes, C
             d => Some(d),
         },
     };
-    queue.dedup_window = dur(
-        "queue.dedup_window",
-        &raw.dedup_window,
-        queue.dedup_window,
-    )?;
+    queue.dedup_window = dur("queue.dedup_window", &raw.dedup_window, queue.dedup_window)?;
     if queue.dedup_window < Duration::from_secs(3600) {
         return Err(bad(
             "queue.dedup_window",

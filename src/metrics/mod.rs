@@ -383,7 +383,9 @@ impl Metrics {
     }
 
     pub fn duplicate_suppressed(&self, peer: &str) {
-        self.duplicates_suppressed.get_or_create(&self.peer(peer)).inc();
+        self.duplicates_suppressed
+            .get_or_create(&self.peer(peer))
+            .inc();
     }
 
     /// Receipts that came back from `peer`: `ok` verified and matched, else refused.

@@ -40,6 +40,11 @@ impl Running {
         self.ctx.queue.snapshot()
     }
 
+    /// The metrics in Prometheus text form, as `/metrics` serves them.
+    pub fn metrics_text(&self) -> String {
+        self.ctx.metrics.scrape(|_| {}).unwrap_or_default()
+    }
+
     /// The IDs of every queued message, oldest first.
     pub fn queue_snapshot_ids(&self) -> Vec<String> {
         self.ctx.queue.list().into_iter().map(|e| e.id).collect()
@@ -73,8 +78,10 @@ pub async fn start(cfg: Config, shutdown: Shutdown, hooks: Hooks) -> Result<Runn
     control::write_keyring_pointer(&cfg.keyring, &cfg.spool);
     let (spool, envelopes) = Spool::open(&cfg.spool)
         .map_err(io_err(format!("opening spool {}", cfg.spool.display())))?;
-    let receipts = super::receipts::Receipts::open(&cfg.spool, cfg.queue.dedup_window)
-        .map_err(io_err(format!("opening the receipt store in {}", cfg.spool.display())))?;
+    let receipts =
+        super::receipts::Receipts::open(&cfg.spool, cfg.queue.dedup_window).map_err(io_err(
+            format!("opening the receipt store in {}", cfg.spool.display()),
+        ))?;
     // Before any delivery: a message committed with a receipt is remembered for duplicate
     // suppression even if the process died before it wrote the record.
     super::receipts::recover(&receipts, &keys, &cfg.domain, &envelopes)

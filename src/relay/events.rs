@@ -93,12 +93,21 @@ pub struct Hooks {
     /// Rewrites the media address the caller connects to, so a test can put a recording
     /// or tampering TCP proxy between the relays.
     pub media_connect: Option<Arc<dyn Fn(SocketAddr) -> SocketAddr + Send + Sync>>,
+    /// Rewrites the receipts this relay sends back in a call, so a test can play a partner
+    /// that lies about what it received (tampered, wrong key, another message or call).
+    pub receipt_reply: Option<ReceiptRewrite>,
 }
+
+/// See [`Hooks::receipt_reply`].
+pub type ReceiptRewrite = Arc<
+    dyn Fn(Vec<crate::receipt::wire::Signed>) -> Vec<crate::receipt::wire::Signed> + Send + Sync,
+>;
 
 impl std::fmt::Debug for Hooks {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Hooks")
             .field("media_connect", &self.media_connect.is_some())
+            .field("receipt_reply", &self.receipt_reply.is_some())
             .finish()
     }
 }

@@ -3,9 +3,9 @@
 
 use super::context::Context;
 use super::events::RelayEvent;
+use super::receipts::Tap;
 use super::sender::{SenderPolicy, check_peer_sender};
 use super::settings::Settings;
-use super::receipts::Tap;
 use super::trace::StripPeerField;
 use crate::queue::{Envelope, RcptState, ReceiptFacts, Recipient, Route, Spool};
 use crate::receipt::store::DedupRecord;
@@ -158,10 +158,11 @@ impl SpoolBackend {
                 sha256 = %facts.message_sha256, rcpts = accepted.len(),
                 "duplicate of a message accepted before: not queued again, its receipt sent back");
             self.shared.metrics.duplicate_suppressed(&facts.peer);
-            let text = crate::receipt::wire::reply_text(
-                "Ok: accepted before, not queued again",
-                &back,
-            );
+            if let Some(rewrite) = &self.shared.hooks.receipt_reply {
+                back = rewrite(back);
+            }
+            let text =
+                crate::receipt::wire::reply_text("Ok: accepted before, not queued again", &back);
             return Reply::new(250, (2, 0, 0), text);
         }
         qenv.recipients
@@ -193,6 +194,9 @@ impl SpoolBackend {
         self.shared.metrics.receipt_issued(&facts.peer);
         let mut all = vec![signed];
         all.extend(back);
+        if let Some(rewrite) = &self.shared.hooks.receipt_reply {
+            all = rewrite(all);
+        }
         let text = crate::receipt::wire::reply_text(&format!("Ok: queued as {id}"), &all);
         self.shared.queue.insert(qenv);
         self.shared.event(RelayEvent::Queued { id });

@@ -7,7 +7,9 @@
 
 use super::keys::KeyState;
 use crate::queue::{Envelope, ReceiptFacts};
-use crate::receipt::store::{DedupRecord, JournalCall, ReceiptStore, RememberedRcpt, StoredReceipt};
+use crate::receipt::store::{
+    DedupRecord, JournalCall, ReceiptStore, RememberedRcpt, StoredReceipt,
+};
 use crate::receipt::wire::Signed;
 use crate::receipt::{
     AcceptedExpectations, CallRef, DedupKey, Kind, Receipt, ReceiptError, check_accepted,

@@ -32,6 +32,21 @@ impl MediaProxy {
     /// Like `start`, and connection `cut.0` is cut after `cut.1` bytes from the caller,
     /// without the authenticated close: a truncation attack.
     pub async fn start_with(tamper: Option<Tamper>, cut: Option<(usize, usize)>) -> MediaProxy {
+        Self::start_full(tamper, cut, None).await
+    }
+
+    /// Like `start`, and on connection `mute.0`, once `mute.1` bytes have gone from the
+    /// caller, nothing more from the callee gets through, and both sides are closed a
+    /// second later: the callee's reply to the end of the data is lost.
+    pub async fn start_muting(mute: (usize, usize)) -> MediaProxy {
+        Self::start_full(None, None, Some(mute)).await
+    }
+
+    async fn start_full(
+        tamper: Option<Tamper>,
+        cut: Option<(usize, usize)>,
+        mute: Option<(usize, usize)>,
+    ) -> MediaProxy {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let listen = l.local_addr().unwrap();
         let target: Arc<Mutex<Option<SocketAddr>>> = Arc::default();
@@ -53,6 +68,8 @@ impl MediaProxy {
                 let tamper = tamper.clone();
                 let stop = Arc::new(tokio::sync::Notify::new());
                 let stop2 = stop.clone();
+                let muted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let muted2 = muted.clone();
                 tokio::spawn(async move {
                     let mut buf = vec![0u8; 65536];
                     let mut off = 0usize;
@@ -70,6 +87,15 @@ impl MediaProxy {
                             k = at.saturating_sub(off);
                         }
                         off += k;
+                        if matches!(mute, Some((c, at)) if c == n && off >= at)
+                            && !muted.swap(true, Ordering::SeqCst)
+                        {
+                            let stop = stop.clone();
+                            tokio::spawn(async move {
+                                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                                stop.notify_one();
+                            });
+                        }
                         rec1.lock().unwrap().extend_from_slice(&buf[..k]);
                         if ow.write_all(&buf[..k]).await.is_err() || cutting {
                             break;
@@ -90,6 +116,9 @@ impl MediaProxy {
                             },
                             _ = stop2.notified() => break,
                         };
+                        if muted2.load(Ordering::SeqCst) {
+                            continue;
+                        }
                         rec2.lock().unwrap().extend_from_slice(&buf[..k]);
                         if iw.write_all(&buf[..k]).await.is_err() {
                             break;
@@ -117,6 +146,7 @@ impl MediaProxy {
                 *target.lock().unwrap() = Some(real);
                 listen
             })),
+            ..Default::default()
         }
     }
 }

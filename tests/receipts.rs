@@ -1,0 +1,262 @@
+//! Signed receipts and exactly-once delivery between two real relays (issue 14).
+//!
+//! Every message A sends through a signed call comes back with B's signed receipt, which A
+//! checks and stores before it forgets the message. B remembers what it accepted, so a
+//! resend after a lost reply is not delivered twice. A partner that lies in its receipt
+//! (a tampered byte, another key, another message, a call that never was) is caught on
+//! the wire: the message is not counted as delivered and stays queued.
+
+mod common;
+
+use common::*;
+use sipmail::demo::{TwoSites, maildir_files, sample_message, submit};
+use sipmail::keyring::Keyring;
+use sipmail::receipt::Receipt;
+use sipmail::receipt::store::ReceiptStore;
+use sipmail::receipt::wire::Signed;
+use sipmail::relay::Hooks;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+fn a_store(sites: &TwoSites) -> ReceiptStore {
+    ReceiptStore::at(&sites.a_cfg.spool)
+}
+
+fn sha256_hex(b: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(b))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_message_comes_back_with_a_verified_receipt_stored_before_it_is_forgotten() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let sites = TwoSites::start(dir.path(), Hooks::default()).await.unwrap();
+    let msgs: Vec<Vec<u8>> = (0..3).map(|i| sample_message(i, "receipts")).collect();
+    submit(sites.a.smtp_addr, &msgs, "bob@site-b.test", |_| {})
+        .await
+        .unwrap();
+    let md = sites.maildir(&sites.b_cfg);
+    assert!(wait_until(Duration::from_secs(30), || maildir_files(&md).len() == 3).await);
+    assert!(
+        wait_until(Duration::from_secs(10), || sites
+            .a
+            .queue_snapshot()
+            .messages
+            == 0)
+        .await
+    );
+    let sent = a_store(&sites).list_sent().unwrap();
+    assert_eq!(sent.len(), 3, "one stored receipt record per message");
+    let kb = Keyring::open(&dir.path().join("keyring/site-b")).unwrap();
+    let ka = Keyring::open(&dir.path().join("keyring/site-a")).unwrap();
+    let b_fpr = kb.own_fingerprint().unwrap();
+    let mut hashes = Vec::new();
+    for rec in &sent {
+        assert_eq!(rec.peer, "site-b.test");
+        assert_eq!(rec.fingerprint, b_fpr);
+        assert_eq!(rec.receipts.len(), 1);
+        let s = rec.receipts[0].to_signed().unwrap();
+        // A's keyring (B's cert in it) verifies it; it names B, A, A's queue ID.
+        let r = sipmail::receipt::verify(&ka, "site-b.test", &b_fpr, &s.text, &s.sig).unwrap();
+        assert_eq!(r.sender, "site-a.test");
+        assert_eq!(r.sender_queue_id, rec.queue_id);
+        assert_eq!(r.rcpts, vec!["bob@site-b.test".to_string()]);
+        assert_eq!(r.transcript_sha256.len(), 64);
+        hashes.push(r.message_sha256.clone());
+    }
+    // The hash is of the bytes B received: A's queued body (with A's Received line), and
+    // what B delivered is that after B's own trace lines.
+    for f in maildir_files(&md) {
+        let delivered = std::fs::read(&f).unwrap();
+        let found = hashes.iter().any(|h| {
+            (0..delivered.len()).any(|i| {
+                (i == 0 || delivered[..i].ends_with(b"\r\n"))
+                    && delivered[i..].starts_with(b"Received: from ")
+                    && &sha256_hex(&delivered[i..]) == h
+            })
+        });
+        assert!(found, "no receipt attests the bytes delivered in {f:?}");
+    }
+    sites.stop().await;
+}
+
+/// A's reply to the end of the data is lost (the proxy swallows it and closes): A sends
+/// again on a new call, B recognises the message and returns the receipt it signed on the
+/// first call, and the message is delivered once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resend_after_a_lost_reply_gets_the_original_receipt_and_is_not_delivered_twice() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    // Mute B's replies on the first media connection once A has sent 150 kB of the data.
+    let proxy = MediaProxy::start_muting((0, 150_000)).await;
+    let sites = TwoSites::start(dir.path(), proxy.hook()).await.unwrap();
+    let mut msg = b"From: a@site-a.test\r\nTo: bob@site-b.test\r\nSubject: resend\r\nMessage-ID: <resend@site-a.test>\r\n\r\n".to_vec();
+    while msg.len() < 200_000 {
+        msg.extend_from_slice(b"0123456789 abcdefghijklmnopqrstuvwxyz 0123456789\r\n");
+    }
+    submit(
+        sites.a.smtp_addr,
+        std::slice::from_ref(&msg),
+        "bob@site-b.test",
+        |_| {},
+    )
+    .await
+    .unwrap();
+    let md = sites.maildir(&sites.b_cfg);
+    assert!(
+        wait_until(Duration::from_secs(40), || sites
+            .a
+            .queue_snapshot()
+            .messages
+            == 0)
+        .await,
+        "A never got a receipt"
+    );
+    assert!(
+        proxy.connections.load(Ordering::SeqCst) >= 2,
+        "the first reply was not lost"
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(maildir_files(&md).len(), 1, "delivered more than once");
+    let sent = a_store(&sites).list_sent().unwrap();
+    assert_eq!(sent.len(), 1);
+    let kb = Keyring::open(&dir.path().join("keyring/site-b")).unwrap();
+    let r = Receipt::parse(sent[0].receipts[0].text.as_bytes()).unwrap();
+    assert_eq!(r.message_id.as_deref(), Some("resend@site-a.test"));
+    assert_eq!(r.receiver_fingerprint, kb.own_fingerprint().unwrap());
+    // B's metrics say it suppressed one duplicate.
+    let dup = sites
+        .b
+        .metrics_text()
+        .lines()
+        .any(|l| l.starts_with("sipmail_duplicates_suppressed_total{") && l.ends_with(" 1"));
+    assert!(dup, "B did not count the suppressed duplicate");
+    sites.stop().await;
+}
+
+/// How B lies, once the switch is on.
+#[derive(Clone, Copy, Debug)]
+enum Lie {
+    FlipAByte,
+    OtherKey,
+    OtherMessage,
+    OtherCall,
+}
+
+/// B rewrites its receipts while `on`; the first honest receipt is kept for replay.
+fn lying_b(dir: &std::path::Path, lie: Lie, on: Arc<AtomicBool>) -> Hooks {
+    let kb = dir.join("keyring/site-b");
+    let other = dir.join("keyring/mallory");
+    Keyring::generate(&other, "site-b.test").unwrap();
+    let first: Arc<Mutex<Option<Signed>>> = Arc::default();
+    Hooks {
+        receipt_reply: Some(Arc::new(move |mut v: Vec<Signed>| {
+            let mut keep = first.lock().unwrap();
+            if keep.is_none() {
+                *keep = v.first().cloned();
+            }
+            if !on.load(Ordering::SeqCst) {
+                return v;
+            }
+            let resign = |r: &Receipt, with: &std::path::Path| {
+                let k = Keyring::open(with).unwrap();
+                let (text, sig) = sipmail::receipt::sign(&k, r).unwrap();
+                Signed { text, sig }
+            };
+            let s = &mut v[0];
+            let mut r = Receipt::parse(&s.text).unwrap();
+            match lie {
+                Lie::FlipAByte => {
+                    let i = s.text.len() / 2;
+                    s.text[i] ^= 0x01;
+                }
+                Lie::OtherKey => {
+                    let k = Keyring::open(&other).unwrap();
+                    r.receiver_fingerprint = k.own_fingerprint().unwrap();
+                    *s = resign(&r, &other);
+                }
+                Lie::OtherMessage => {
+                    if let Some(old) = keep.clone() {
+                        *s = old;
+                    }
+                }
+                Lie::OtherCall => {
+                    r.call_id = format!("forged-{}", r.call_id);
+                    *s = resign(&r, &kb);
+                }
+            }
+            v
+        })),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lying_receipt_is_refused_the_message_stays_queued_and_is_never_delivered_twice() {
+    for lie in [
+        Lie::FlipAByte,
+        Lie::OtherKey,
+        Lie::OtherMessage,
+        Lie::OtherCall,
+    ] {
+        init_logs();
+        let dir = tempfile::tempdir().unwrap();
+        let on = Arc::new(AtomicBool::new(false));
+        let (a, b) = edited_configs(dir.path(), |s| s, |s| s);
+        let hooks_b = lying_b(dir.path(), lie, on.clone());
+        let sites = TwoSites::start_with_hooks(dir.path(), a, b, Hooks::default(), hooks_b)
+            .await
+            .unwrap();
+        let md = sites.maildir(&sites.b_cfg);
+        // A first, honest message (its receipt is what B replays for OtherMessage).
+        let first = sample_message(0, &format!("{lie:?}"));
+        submit(sites.a.smtp_addr, &[first], "bob@site-b.test", |_| {})
+            .await
+            .unwrap();
+        assert!(
+            wait_until(Duration::from_secs(20), || sites
+                .a
+                .queue_snapshot()
+                .messages
+                == 0)
+            .await
+        );
+        on.store(true, Ordering::SeqCst);
+        let second = sample_message(1, &format!("{lie:?}"));
+        submit(sites.a.smtp_addr, &[second], "bob@site-b.test", |_| {})
+            .await
+            .unwrap();
+        // B has it (it was honestly received), A does not count it delivered: it stays
+        // queued through several retries (retry_initial = 1s), and B delivers it once.
+        assert!(wait_until(Duration::from_secs(20), || maildir_files(&md).len() == 2).await);
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert_eq!(
+            sites.a.queue_snapshot().messages,
+            1,
+            "{lie:?}: a message with a lying receipt left A's queue"
+        );
+        assert_eq!(a_store(&sites).list_sent().unwrap().len(), 1, "{lie:?}");
+        let refused = sites
+            .a
+            .metrics_text()
+            .lines()
+            .any(|l| l.starts_with("sipmail_receipts_refused_total{") && !l.ends_with(" 0"));
+        assert!(refused, "{lie:?}: A did not count a refused receipt");
+        // B stops lying: the next retry gets the true receipt; still one copy delivered.
+        on.store(false, Ordering::SeqCst);
+        assert!(
+            wait_until(Duration::from_secs(20), || sites
+                .a
+                .queue_snapshot()
+                .messages
+                == 0)
+            .await,
+            "{lie:?}: not delivered after B told the truth"
+        );
+        assert_eq!(maildir_files(&md).len(), 2, "{lie:?}: delivered twice");
+        assert_eq!(a_store(&sites).list_sent().unwrap().len(), 2, "{lie:?}");
+        sites.stop().await;
+    }
+}
