@@ -32,60 +32,6 @@ fn text(o: &Output) -> String {
     )
 }
 
-/// A throw-away GnuPG home; its agent is stopped on drop.
-struct Gpg(tempfile::TempDir);
-
-impl Gpg {
-    fn new() -> Gpg {
-        let v = Command::new("gpg").arg("--version").output();
-        assert!(
-            v.is_ok_and(|o| o.status.success()),
-            "gpg not found: apt-get install gnupg"
-        );
-        let home = tempfile::Builder::new().prefix("gpgh").tempdir().unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(home.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
-        Gpg(home)
-    }
-    fn run(&self, args: &[&str], stdin: Option<&[u8]>) -> Output {
-        let mut c = Command::new("gpg");
-        c.env("GNUPGHOME", self.0.path())
-            .args(["--batch", "--no-tty", "--status-fd", "1"])
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = c.spawn().unwrap();
-        {
-            use std::io::Write;
-            let mut i = child.stdin.take().unwrap();
-            if let Some(d) = stdin {
-                i.write_all(d).unwrap();
-            }
-        }
-        child.wait_with_output().unwrap()
-    }
-    fn verify(&self, dir: &Path, name: &str) -> Output {
-        let sig = dir.join(format!("{name}.sig"));
-        let data = dir.join(format!("{name}.data"));
-        self.run(
-            &["--verify", sig.to_str().unwrap(), data.to_str().unwrap()],
-            None,
-        )
-    }
-}
-
-impl Drop for Gpg {
-    fn drop(&mut self) {
-        let _ = Command::new("gpgconf")
-            .env("GNUPGHOME", self.0.path())
-            .args(["--kill", "gpg-agent"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
 fn records(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     for day in std::fs::read_dir(dir).into_iter().flatten().flatten() {

@@ -79,7 +79,71 @@ async fn every_message_comes_back_with_a_verified_receipt_stored_before_it_is_fo
         });
         assert!(found, "no receipt attests the bytes delivered in {f:?}");
     }
+    // The operator's and the auditor's view: `sipmail receipts verify`, then GnuPG alone
+    // on an export. A flipped byte in the exported text fails gpg.
+    let cfg = dir.path().join("a.toml");
+    std::fs::write(
+        &cfg,
+        sipmail::demo::site_config(dir.path(), "site-a", "site-b", 1, 2),
+    )
+    .unwrap();
+    let cfg = cfg.to_str().unwrap();
+    let o = sipmail_cli(&["receipts", "-c", cfg, "verify", "--all"]);
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(o.status.success(), "receipts verify: {out}");
+    assert_eq!(
+        out.matches("good receipt from mail@site-b.test").count(),
+        3,
+        "{out}"
+    );
+    assert!(out.contains("3 receipt(s), 0 bad"), "{out}");
+    let o = sipmail_cli(&["receipts", "-c", cfg, "list"]);
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stdout).contains(&sent[0].queue_id));
+    let exp = dir.path().join("export");
+    let o = sipmail_cli(&[
+        "receipts",
+        "-c",
+        cfg,
+        "export",
+        &sent[0].queue_id,
+        exp.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let gpg = Gpg::new();
+    let cert = std::fs::read(exp.join("partner.asc")).unwrap();
+    assert!(gpg.run(&["--import"], Some(&cert)).status.success());
+    let o = gpg.verify_files(&exp.join("receipt-1.sig"), &exp.join("receipt-1.txt"));
+    let status = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        o.status.success() && status.contains("[GNUPG:] GOODSIG"),
+        "gpg: {status}"
+    );
+    assert!(status.contains(&b_fpr), "gpg names another key: {status}");
+    let mut t = std::fs::read(exp.join("receipt-1.txt")).unwrap();
+    t[20] ^= 0x20;
+    std::fs::write(exp.join("receipt-1.txt"), &t).unwrap();
+    let o = gpg.verify_files(&exp.join("receipt-1.sig"), &exp.join("receipt-1.txt"));
+    assert!(!o.status.success(), "gpg accepted a tampered receipt");
+    // And sipmail refuses a tampered stored receipt.
+    let stored = dir.path().join(format!(
+        "var/site-a/spool/receipts/sent/{}.json",
+        sent[0].queue_id
+    ));
+    let j = std::fs::read_to_string(&stored).unwrap();
+    std::fs::write(&stored, j.replacen("bob@site-b.test", "eve@site-b.test", 1)).unwrap();
+    let o = sipmail_cli(&["receipts", "-c", cfg, "verify", &sent[0].queue_id]);
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(!o.status.success() && out.contains("BAD receipt"), "{out}");
     sites.stop().await;
+}
+
+fn sipmail_cli(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_sipmail"))
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap()
 }
 
 /// A's reply to the end of the data is lost (the proxy swallows it and closes): A sends

@@ -4,6 +4,7 @@ mod audit;
 mod dns;
 mod logging;
 mod queue;
+mod receipts;
 mod reload;
 
 use anyhow::{Context, Result};
@@ -147,6 +148,17 @@ enum Cmd {
         timeout: Option<std::time::Duration>,
         /// The partner's mail domain, e.g. site-b.test.
         domain: String,
+    },
+    /// The signed receipts partners returned for the mail this relay sent (issue 14):
+    /// list, show, verify again, export for `gpg --verify`. A partner with trust = "signed"
+    /// returns one per message once it has the message on stable storage; the relay checks
+    /// it and stores it in <spool>/receipts/sent/ before it counts the message delivered.
+    Receipts {
+        /// The relay's configuration file (for the spool and the keyring).
+        #[arg(long, short, global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        cmd: receipts::ReceiptsCmd,
     },
     /// Per-peer trust state kept in <spool>/state: keys pinned on first use (peers with
     /// trust = "opportunistic") and the retained secrets of key continuity. The daemon reads
@@ -437,6 +449,12 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
                 config.context("sipmail trust needs --config FILE (the daemon's configuration)")?;
             let cfg = Config::load(&config)?;
             trust(&cfg, cmd)
+        }
+        Cmd::Receipts { config, cmd } => {
+            let config = config
+                .context("sipmail receipts needs --config FILE (the relay's configuration)")?;
+            let cfg = Config::load(&config)?;
+            receipts::run(&cfg, cmd)
         }
         Cmd::Queue { config, json, cmd } => {
             let config =

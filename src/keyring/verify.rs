@@ -36,6 +36,22 @@ impl Keyring {
         Ok(&self.checked_entry(domain, fingerprint, now())?.cert)
     }
 
+    /// That certificate (see [`Keyring::peer_cert`]), ASCII-armored: what an auditor
+    /// imports into GnuPG to check a partner's receipts or call records.
+    pub fn export_peer_cert(
+        &self,
+        domain: &str,
+        fingerprint: &str,
+    ) -> Result<String, KeyringError> {
+        use sequoia_openpgp::serialize::SerializeInto;
+        let bytes = self
+            .peer_cert(domain, fingerprint)?
+            .armored()
+            .to_vec()
+            .map_err(KeyringError::crypto)?;
+        String::from_utf8(bytes).map_err(KeyringError::crypto)
+    }
+
     /// Whether at least one certificate is currently usable to verify
     /// signatures from `mail@<domain>`.
     pub fn has_peer(&self, domain: &str) -> bool {

@@ -313,3 +313,66 @@ pub async fn sites_via_sip_proxy(
         .await
         .unwrap()
 }
+
+/// A throw-away GnuPG home; its agent is stopped on drop.
+pub struct Gpg(tempfile::TempDir);
+
+impl Gpg {
+    pub fn new() -> Gpg {
+        let v = std::process::Command::new("gpg").arg("--version").output();
+        assert!(
+            v.is_ok_and(|o| o.status.success()),
+            "gpg not found: apt-get install gnupg"
+        );
+        let home = tempfile::Builder::new().prefix("gpgh").tempdir().unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(home.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        Gpg(home)
+    }
+    pub fn run(&self, args: &[&str], stdin: Option<&[u8]>) -> std::process::Output {
+        let mut c = std::process::Command::new("gpg");
+        c.env("GNUPGHOME", self.0.path())
+            .args(["--batch", "--no-tty", "--status-fd", "1"])
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        {
+            use std::io::Write;
+            let mut i = child.stdin.take().unwrap();
+            if let Some(d) = stdin {
+                i.write_all(d).unwrap();
+            }
+        }
+        child.wait_with_output().unwrap()
+    }
+    /// `gpg --verify DIR/NAME.sig DIR/NAME.data`.
+    pub fn verify(&self, dir: &std::path::Path, name: &str) -> std::process::Output {
+        self.verify_files(
+            &dir.join(format!("{name}.sig")),
+            &dir.join(format!("{name}.data")),
+        )
+    }
+    pub fn verify_files(
+        &self,
+        sig: &std::path::Path,
+        data: &std::path::Path,
+    ) -> std::process::Output {
+        self.run(
+            &["--verify", sig.to_str().unwrap(), data.to_str().unwrap()],
+            None,
+        )
+    }
+}
+
+impl Drop for Gpg {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("gpgconf")
+            .env("GNUPGHOME", self.0.path())
+            .args(["--kill", "gpg-agent"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
