@@ -211,7 +211,15 @@ UNEXPLAINED=0
 $CHAIN explain "$BOB" kill "$SM/a.log" "$SM/b.log" "$WORK/pf-pfa/maillog" "$WORK/pf-pfb/maillog" \
     >"$WORK/explain.txt" || UNEXPLAINED=$?
 sed 's/^/   /' "$WORK/explain.txt"
+# Where each duplicate was made (issue 14): the call leg must make none, since sipmail B
+# recognises a resend (sender's queue ID + hash) and returns the original receipt.
+$CHAIN by-hop "$BOB" kill >"$WORK/by-hop.txt"
+echo "   duplicates by the hop that made them:"
+sed '$d; s/^/     /' "$WORK/by-hop.txt"
+read -r _ SM_DUP _ LEG_DUP _ HANDOFF_DUP <<<"$(tail -1 "$WORK/by-hop.txt")"
+echo "   sipmail-created duplicates: $SM_DUP (call leg $LEG_DUP, B's SMTP hand-off to Postfix B $HANDOFF_DUP); the rest are Postfix's"
 ((LOST == 0)) || fail "$LOST messages lost"
+((LEG_DUP == 0)) || fail "$LEG_DUP duplicates made on the call leg between the sipmail relays"
 ((UNEXPLAINED == 0)) || fail "$UNEXPLAINED duplicates without a log line that explains them"
 
 step "6. one message of ${BIG_MB} MB through the chain; sipmail's memory stays bounded"

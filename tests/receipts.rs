@@ -188,7 +188,7 @@ async fn a_resend_after_a_lost_reply_gets_the_original_receipt_and_is_not_delive
     assert_eq!(sent.len(), 1);
     let kb = Keyring::open(&dir.path().join("keyring/site-b")).unwrap();
     let r = Receipt::parse(sent[0].receipts[0].text.as_bytes()).unwrap();
-    assert_eq!(r.message_id.as_deref(), Some("resend@site-a.test"));
+    assert_eq!(r.message_id.as_deref(), Some("<resend@site-a.test>"));
     assert_eq!(r.receiver_fingerprint, kb.own_fingerprint().unwrap());
     // B's metrics say it suppressed one duplicate.
     let dup = sites

@@ -172,6 +172,40 @@ def explain(maildir, tag, *logs):
     sys.exit(min(unexplained, 100))
 
 
+HOPS = (
+    "Postfix A took it twice (its client resent)",
+    "Postfix A handed it to sipmail A twice (Postfix created the duplicate)",
+    "sipmail A handed it to sipmail B twice (the call leg: sipmail created the duplicate)",
+    "sipmail B handed it to Postfix B twice (B's SMTP hand-off: sipmail created the duplicate)",
+)
+
+
+def by_hop(maildir, tag):
+    """For each message of run `tag` that arrived more than once: at which hop the copies
+    part. Each copy's Received lines give the queue IDs of the hops, bottom up (Postfix A,
+    sipmail A, sipmail B, Postfix B); two copies part at the first hop whose IDs differ.
+    Prints one line per hop with a count, and `sipmail N` (duplicates sipmail created, on
+    the call leg or at B's hand-off) as the last line."""
+    import re
+    copies = {}
+    for _, raw in maildir_messages(maildir):
+        if f"X-Chain-Tag: {tag}".encode() not in raw:
+            continue
+        seq = int(header(raw, "X-Seq"))
+        head = raw.split(b"\n\n", 1)[0].decode("utf-8", "replace")
+        ids = re.findall(r"\((?:sipmail|Postfix)\) with E?SMTPS? id ([0-9A-Za-z]+)", head)
+        copies.setdefault(seq, []).append(list(reversed(ids)))
+    counts = [0] * len(HOPS)
+    for seq, cs in sorted(copies.items()):
+        first = cs[0]
+        for other in cs[1:]:
+            hop = next((i for i, (x, y) in enumerate(zip(first, other)) if x != y), len(HOPS) - 1)
+            counts[min(hop, len(HOPS) - 1)] += 1
+    for n, what in zip(counts, HOPS):
+        print(f"{n} {what}")
+    print(f"sipmail {counts[2] + counts[3]} leg {counts[2]} handoff {counts[3]}")
+
+
 def intact(maildir, tag, seq, to=TO):
     """The delivered copy has every header we sent, in order, and the same body."""
     sent = message(tag, int(seq), to=to).replace(b"\r\n", b"\n")
@@ -242,6 +276,8 @@ if __name__ == "__main__":
         big_check(*args)
     elif cmd == "explain":
         explain(*args)
+    elif cmd == "by-hop":
+        by_hop(*args)
     elif cmd == "intact":
         intact(*args)
     elif cmd == "dsn":

@@ -86,7 +86,7 @@ pub struct Envelope {
     /// A partner asked for a signed receipt (issue 14): what it attests, committed with the
     /// message so that a receipt lost in a crash can be issued again at the next start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub receipt: Option<ReceiptFacts>,
+    pub receipt: Option<Box<ReceiptFacts>>,
 }
 
 /// What a receiving relay's `accepted` receipt for a queued message says, beyond the

@@ -326,3 +326,106 @@ fn dedup_plan_splits_seen_and_new() {
     );
     assert_eq!(k1.file_name().len(), 64);
 }
+
+mod wire_format {
+    use crate::receipt::wire::{MAX_RECEIPTS, Signed, parse_reply_lines, reply_text};
+
+    fn two() -> Vec<Signed> {
+        vec![
+            Signed {
+                text: vec![b'a'; 700],
+                sig: vec![1, 2, 3],
+            },
+            Signed {
+                text: b"second".to_vec(),
+                sig: vec![9; 119],
+            },
+        ]
+    }
+
+    #[test]
+    fn receipts_round_trip_through_reply_lines_under_512_octets() {
+        let text = reply_text("Ok: queued as Q1", &two());
+        let lines: Vec<&str> = text.split('\n').collect();
+        assert_eq!(lines[0], "Ok: queued as Q1");
+        assert_eq!(*lines.last().unwrap(), "XRECEIPT END 2");
+        // Each line, with "250-2.0.0 " and CRLF, stays within RFC 5321's 512 octets.
+        assert!(lines.iter().all(|l| l.len() + 12 <= 512));
+        // 700 bytes -> 936 base64 characters -> 4 T lines for the first receipt.
+        assert_eq!(
+            lines
+                .iter()
+                .filter(|l| l.starts_with("XRECEIPT 1 T "))
+                .count(),
+            4
+        );
+        assert_eq!(parse_reply_lines(lines.into_iter()).unwrap(), two());
+        // A reply without the extension's lines has no receipts (and is not an error).
+        assert_eq!(
+            parse_reply_lines(["Ok: queued as Q1"].into_iter()).unwrap(),
+            vec![]
+        );
+    }
+
+    #[test]
+    fn cut_short_reordered_padded_or_oversized_reply_lines_are_refused() {
+        let good = reply_text("Ok", &two());
+        let lines: Vec<String> = good.split('\n').map(str::to_string).collect();
+        let bad = |ls: Vec<String>, what: &str| {
+            let e = parse_reply_lines(ls.iter().map(String::as_str)).unwrap_err();
+            assert!(e.to_string().contains("malformed"), "{what}: {e}");
+        };
+        // The END line missing (cut short), or a count that does not match.
+        bad(lines[..lines.len() - 1].to_vec(), "no END");
+        let mut l = lines.clone();
+        *l.last_mut().unwrap() = "XRECEIPT END 3".into();
+        bad(l, "wrong count");
+        // A line after END, a foreign line among them, receipts out of order.
+        let mut l = lines.clone();
+        l.push("XRECEIPT 1 T AAAA".into());
+        bad(l, "after END");
+        let mut l = lines.clone();
+        l.insert(2, "something else".into());
+        bad(l, "foreign line");
+        let mut l = lines.clone();
+        let n = l.len();
+        l.swap(1, n - 2);
+        bad(l, "out of order");
+        // A T piece after S, bad base64, an empty signature, a number out of range.
+        bad(
+            vec![
+                "XRECEIPT 1 S AAAA".into(),
+                "XRECEIPT 1 T AAAA".into(),
+                "XRECEIPT END 1".into(),
+            ],
+            "T after S",
+        );
+        bad(
+            vec![
+                "XRECEIPT 1 T !!!!".into(),
+                "XRECEIPT 1 S AAAA".into(),
+                "XRECEIPT END 1".into(),
+            ],
+            "base64",
+        );
+        bad(
+            vec!["XRECEIPT 1 T AAAA".into(), "XRECEIPT END 1".into()],
+            "no signature",
+        );
+        bad(
+            vec![
+                format!("XRECEIPT {} T AAAA", MAX_RECEIPTS + 1),
+                "XRECEIPT END 1".into(),
+            ],
+            "too many",
+        );
+        // More than 16 KiB of text.
+        let mut l = vec![];
+        for _ in 0..80 {
+            l.push(format!("XRECEIPT 1 T {}", "A".repeat(300)));
+        }
+        l.push("XRECEIPT 1 S AAAA".into());
+        l.push("XRECEIPT END 1".into());
+        bad(l, "too large");
+    }
+}

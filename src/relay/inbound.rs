@@ -165,12 +165,11 @@ impl SpoolBackend {
                 crate::receipt::wire::reply_text("Ok: accepted before, not queued again", &back);
             return Reply::new(250, (2, 0, 0), text);
         }
-        qenv.recipients
-            .retain(|r| plan.new_rcpts.iter().any(|n| *n == r.addr));
+        qenv.recipients.retain(|r| plan.new_rcpts.contains(&r.addr));
         let keys = self.shared.keys();
         facts.fingerprint = keys.own_fpr_hex.clone();
         facts.committed_ms = crate::queue::now_ms();
-        qenv.receipt = Some(facts.clone());
+        qenv.receipt = Some(Box::new(facts.clone()));
         if let Err(e) = spool.commit(file, &qenv).await {
             spool.discard(&id).await;
             return unavailable("could not commit a message to the spool", &e);

@@ -297,7 +297,9 @@ impl<W> Tap<W> {
             message_id: mail_parser::MessageParser::default()
                 .parse_headers(&t.head[..])
                 .and_then(|m| m.message_id().map(|s| s.trim().to_string()))
-                .filter(|s| !s.is_empty()),
+                .filter(|s| !s.is_empty())
+                // The field body as written: mail-parser gives the ID without its <>.
+                .map(|s| format!("<{s}>")),
         });
         (self.inner, tapped)
     }

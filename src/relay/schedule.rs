@@ -215,6 +215,7 @@ mod tests {
             retry_max: Duration::from_secs(30 * 60),
             max_age: Duration::from_secs(5 * 24 * HOUR),
             delay_warning: Some(Duration::from_secs(4 * HOUR)),
+            ..QueueTimes::default()
         }
     }
 

@@ -886,6 +886,64 @@ mod tests {
         );
     }
 
+    /// EHLO, then one MAIL line; what the session made of it (the reply text and the
+    /// XQID handed to the backend).
+    fn mail_with(receipts: bool, mail: &str) -> (String, Option<String>) {
+        let cfg = ServerConfig {
+            receipts,
+            ..ServerConfig::default()
+        };
+        let mut s = ServerSession::new(cfg, "peer");
+        s.feed(format!("EHLO x\r\n{mail}\r\n").as_bytes());
+        let mut xqid = None;
+        while let Event::MailFrom { params, .. } = s.next_event() {
+            xqid = params.xqid.clone();
+            s.mail_from_result(Ok(()));
+        }
+        let out = String::from_utf8(s.take_output()).unwrap();
+        (out, xqid)
+    }
+
+    #[test]
+    fn the_receipt_extension_is_offered_and_parsed_only_where_it_is_on() {
+        let (out, x) = mail_with(
+            true,
+            "MAIL FROM:<a@b> XQID=1A2B.c-d_9 SIZE=10 BODY=8BITMIME",
+        );
+        assert!(
+            out.contains("250-ENHANCEDSTATUSCODES\r\n250 XRECEIPT sipmail-receipt/1\r\n"),
+            "{out}"
+        );
+        assert!(out.ends_with("250 2.1.0 Ok\r\n"), "{out}");
+        assert_eq!(x.as_deref(), Some("1A2B.c-d_9"));
+        // A `>` in a quoted local part does not end the path; xtext after it neither.
+        let (out, x) = mail_with(true, "MAIL FROM:<\"a>b XQID=no\"@b> ENVID=x>y XQID=Q2");
+        assert!(out.ends_with("250 2.1.0 Ok\r\n"), "{out}");
+        assert_eq!(x.as_deref(), Some("Q2"));
+        // Off (the site side): not offered, and the parameter is refused.
+        let (out, x) = mail_with(false, "MAIL FROM:<a@b> XQID=Q1");
+        assert!(!out.contains("XRECEIPT"), "{out}");
+        assert!(
+            out.ends_with("555 5.5.4 unsupported parameter\r\n"),
+            "{out}"
+        );
+        assert_eq!(x, None);
+        // Bad values: a path, empty, too long, twice.
+        for bad in [
+            "MAIL FROM:<a@b> XQID=../x",
+            "MAIL FROM:<a@b> XQID=",
+            &format!("MAIL FROM:<a@b> XQID={}", "A".repeat(65)),
+            "MAIL FROM:<a@b> XQID=A XQID=B",
+        ] {
+            let (out, x) = mail_with(true, bad);
+            assert!(
+                out.ends_with("501 5.5.4 invalid XQID parameter\r\n"),
+                "{bad}: {out}"
+            );
+            assert_eq!(x, None);
+        }
+    }
+
     #[test]
     fn postmaster() {
         assert!(is_postmaster(b"RCPT TO:<Postmaster>\r\n"));
