@@ -818,8 +818,8 @@ pub(crate) async fn worker(ctx: Arc<Context>, domain: String, lane_no: usize, la
         let sent_ok = res.as_ref().ok().cloned();
         let mut outcomes = span.in_scope(|| match res {
             Err(e) if ask && e.is_unconfirmed() => {
-                tracing::info!(queue_id = %job.id, error = %e,
-                    "no reply after the end of the message: it is sent again, and the partner recognises the resend by our queue ID and its hash (no duplicate)");
+                tracing::warn!(queue_id = %job.id, route = %job.route, error = %e,
+                    "no reply after the end of the message: it is sent again; the relay that took it recognises the resend (our queue ID and its hash) and returns its receipt, but another relay of that site would not: it may arrive twice only if the next call reaches another relay");
                 job.all(RcptOutcome::Transient(format!("{what}: {e}")))
             }
             res => outcomes_from_smtp(&job, res, &what),
