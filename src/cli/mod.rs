@@ -6,6 +6,7 @@ mod logging;
 mod queue;
 mod receipts;
 mod reload;
+mod send;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -149,6 +150,13 @@ enum Cmd {
         /// The partner's mail domain, e.g. site-b.test.
         domain: String,
     },
+    /// Send documents to a partner and wait for its signed receipt: each FILE becomes a MIME
+    /// attachment of one message, handed to the running relay (its smtp.listen), which
+    /// sends it through a signed call. Shows the upload, then waits until the partner's
+    /// receipt is stored and verifies. Exit status 0 only with a verified receipt covering
+    /// every recipient; 1 if the message bounced or no receipt came within --wait (it stays
+    /// queued and is still retried).
+    Send(send::SendArgs),
     /// The signed receipts partners returned for the mail this relay sent (issue 14):
     /// list, show, verify again, export for `gpg --verify`. A partner with trust = "signed"
     /// returns one per message once it has the message on stable storage; the relay checks
@@ -450,6 +458,7 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
             let cfg = Config::load(&config)?;
             trust(&cfg, cmd)
         }
+        Cmd::Send(args) => send::run(args),
         Cmd::Receipts { config, cmd } => {
             let config = config
                 .context("sipmail receipts needs --config FILE (the relay's configuration)")?;

@@ -77,6 +77,9 @@ pub struct Peer {
     /// `sip = "dns"`: the relay's address comes from the domain's SRV records (RFC 3263);
     /// `sip` is then empty: each call locates the relays by SRV.
     pub dns: bool,
+    /// `inbox = "DIR"`: the attachments of this partner's messages are also written into
+    /// DIR (each to `DIR/tmp/` first, then renamed into place) when they are delivered.
+    pub inbox: Option<std::path::PathBuf>,
 }
 
 impl Peer {
@@ -90,6 +93,7 @@ impl Peer {
             fingerprints: None,
             senders: Vec::new(),
             dns: true,
+            inbox: None,
         }
     }
 }
@@ -199,6 +203,24 @@ fn parse_peer(
             ),
         ));
     }
+    let inbox = match &p.inbox {
+        Some(dir) if !matches!(trust, Trust::Signed) => {
+            return Err(bad(
+                &format!("{key}.inbox"),
+                format!(
+                    "{}: an inbox is only for partners with trust = \"signed\" (their messages carry signed receipts)",
+                    dir.display()
+                ),
+            ));
+        }
+        Some(dir) if !dir.is_absolute() => {
+            return Err(bad(
+                &format!("{key}.inbox"),
+                format!("{} is not an absolute path", dir.display()),
+            ));
+        }
+        other => other.clone(),
+    };
     Ok(Peer {
         domain: d,
         sip,
@@ -207,6 +229,7 @@ fn parse_peer(
         fingerprints,
         senders,
         dns,
+        inbox,
     })
 }
 

@@ -82,6 +82,7 @@ pub(super) struct RawPeer {
     pub(super) continuity: Option<String>,
     pub(super) fingerprints: Option<Vec<String>>,
     pub(super) senders: Option<Vec<String>>,
+    pub(super) inbox: Option<PathBuf>,
 }
 
 /// `[[peer]] sip`: one URI, or a list of them (several relays, tried in order).

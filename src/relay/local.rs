@@ -61,9 +61,12 @@ pub(crate) async fn worker(ctx: Arc<Context>, dest: Destination, lane: Lane) {
         let Some(job) = job else { break };
         ctx.spool.begin_send(&job.id, &job.route).await;
         let sending = tokio::time::Instant::now();
-        let outcomes = match &dest {
-            Destination::Maildir(dir) => to_maildir(&ctx, dir, &job).await,
-            Destination::Smtp(hop) => to_smtp(&ctx, hop, &job, &mut conn).await,
+        let outcomes = match to_inbox(&ctx, &job).await {
+            Err(failed) => failed,
+            Ok(()) => match &dest {
+                Destination::Maildir(dir) => to_maildir(&ctx, dir, &job).await,
+                Destination::Smtp(hop) => to_smtp(&ctx, hop, &job, &mut conn).await,
+            },
         };
         ctx.metrics
             .transferred(route_label(&job.route), sending.elapsed());
@@ -71,6 +74,48 @@ pub(crate) async fn worker(ctx: Arc<Context>, dest: Destination, lane: Lane) {
     }
     if let Some(c) = conn.take() {
         let _ = c.quit().await;
+    }
+}
+
+/// A partner's message for local delivery whose `[[peer]] inbox` is set: its attachments
+/// go there first (see `inbox`). An I/O error (a full disk) fails the whole delivery for
+/// now, so it is retried; a refused file name is logged and the message still delivered.
+async fn to_inbox(ctx: &Context, job: &Job) -> Result<(), Vec<(String, RcptOutcome)>> {
+    let (crate::queue::Route::Local, Some(peer)) = (&job.route, &job.from_peer) else {
+        return Ok(());
+    };
+    let Some(dir) = ctx.settings().site.peer(peer).and_then(|p| p.inbox.clone()) else {
+        return Ok(());
+    };
+    let (id, body) = (job.id.clone(), ctx.spool.body_path(&job.id));
+    let d = dir.clone();
+    let r = tokio::task::spawn_blocking(move || super::inbox::write_attachments(&d, &id, &body))
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r);
+    match r {
+        Ok(written) => {
+            for w in written {
+                match w {
+                    super::inbox::Written::File(p) => {
+                        tracing::info!(queue_id = %job.id, %peer, file = %p.display(), "attachment in the inbox")
+                    }
+                    super::inbox::Written::Refused(e) => {
+                        tracing::error!(queue_id = %job.id, %peer, inbox = %dir.display(), reason = %e,
+                            "attachment not written to the inbox (the message is still delivered to the mailbox)")
+                    }
+                }
+            }
+            Ok(())
+        }
+        Err(e) => {
+            tracing::warn!(queue_id = %job.id, %peer, inbox = %dir.display(), error = %e,
+                "cannot write to the inbox; the delivery is retried");
+            Err(job.all(RcptOutcome::Transient(format!(
+                "cannot write to the inbox {}: {e}",
+                dir.display()
+            ))))
+        }
     }
 }
 

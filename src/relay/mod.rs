@@ -17,7 +17,7 @@
 //! - mail: `inbound` (SMTP into the spool), `scheduler` (the queue; commits reports),
 //!   `schedule` (its pure rules), `outcome` (jobs and outcomes, pure), `jobs` (the lanes
 //!   between the scheduler and the workers),
-//!   `local`, `bounce`, `sender`, `trace`, `control`, `receipts` (signed receipts: the
+//!   `local`, `inbox` (a partner's attachments into its inbox directory), `bounce`, `sender`, `trace`, `control`, `receipts` (signed receipts: the
 //!   receiver's duplicate suppression and signing, the sender's checks, the call journal).
 
 mod admission;
@@ -36,6 +36,7 @@ mod events;
 mod failover;
 mod health;
 mod inbound;
+mod inbox;
 mod jobs;
 mod keys;
 mod keywatch;

@@ -26,6 +26,9 @@ pub(crate) struct Job {
     pub rcpt_params: Vec<crate::smtp::RcptParams>,
     /// SIZE, SMTPUTF8, RET, ENVID.
     pub opts: crate::smtp::MailOptions,
+    /// The partner the message came from through a signed call, if it asked for a
+    /// receipt (for its `[[peer]] inbox`).
+    pub from_peer: Option<String>,
 }
 
 impl Job {

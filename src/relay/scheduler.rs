@@ -463,6 +463,7 @@ fn due_jobs(
                 // drops it where receipts cannot be verified).
                 xqid: matches!(route, crate::queue::Route::Peer(_)).then(|| env.id.clone()),
             },
+            from_peer: env.receipt.as_ref().map(|f| f.peer.clone()),
         });
     }
 }

@@ -1,0 +1,164 @@
+//! `sipmail send` end to end (issue 14, "Done means"): two relays, three files sent as
+//! attachments, the command exits 0 only once the partner's signed receipt is stored and
+//! verifies, and the files appear in B's inbox byte for byte. A partner's attachment whose
+//! name tries to leave the inbox is not written there, and its message is still delivered.
+
+mod common;
+
+use common::*;
+use sipmail::demo::{TwoSites, free_port, maildir_files, site_config, submit};
+use sipmail::relay::Hooks;
+use std::path::Path;
+use std::time::Duration;
+
+/// The test bed's configs, A's SMTP on a fixed port (the CLI reads it from the file) and
+/// B with an inbox for site-a's attachments. Written to a.toml and b.toml.
+fn configs(dir: &Path) -> (sipmail::config::Config, sipmail::config::Config) {
+    sipmail::demo::make_keys(dir).unwrap();
+    let (pa, pb, smtp) = (free_port().unwrap(), free_port().unwrap(), free_port().unwrap());
+    let a = site_config(dir, "site-a", "site-b", pa, pb)
+        .replace("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{smtp}\""));
+    let inbox = dir.join("inbox/site-a");
+    let b = site_config(dir, "site-b", "site-a", pb, pa).replace(
+        "[[peer]]\ndomain = \"site-a.test\"\n",
+        &format!("[[peer]]\ndomain = \"site-a.test\"\ninbox = \"{}\"\n", inbox.display()),
+    );
+    assert!(b.contains("inbox ="), "the edit did not apply");
+    std::fs::write(dir.join("a.toml"), &a).unwrap();
+    std::fs::write(dir.join("b.toml"), &b).unwrap();
+    (
+        sipmail::config::Config::parse("a.toml", &a).unwrap(),
+        sipmail::config::Config::parse("b.toml", &b).unwrap(),
+    )
+}
+
+async fn cli(args: Vec<String>) -> std::process::Output {
+    tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_sipmail"))
+            .args(&args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_files_arrive_in_the_partners_inbox_and_send_exits_0_with_a_verified_receipt() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = configs(dir.path());
+    let sites = TwoSites::start_with(dir.path(), a, b, Hooks::default())
+        .await
+        .unwrap();
+    // Three documents: binary (every byte value), text with CRLF and a lone dot, a name
+    // with a space and non-ASCII letters.
+    let docs = dir.path().join("docs");
+    std::fs::create_dir_all(&docs).unwrap();
+    let files: Vec<(&str, Vec<u8>)> = vec![
+        ("blob.bin", (0..200_000u32).map(|i| (i * 7 % 256) as u8).collect()),
+        ("orders.csv", b"id;qty\r\n1;5\r\n.\r\n2;7\r\n".to_vec()),
+        ("Rechnung März 2026.xml", "<rechnung betrag=\"12,50 €\"/>\n".as_bytes().to_vec()),
+    ];
+    let mut args: Vec<String> = vec![
+        "send".into(),
+        "-c".into(),
+        dir.path().join("a.toml").display().to_string(),
+        "--to".into(),
+        "bob@site-b.test".into(),
+        "--wait".into(),
+        "60s".into(),
+    ];
+    for (name, bytes) in &files {
+        let p = docs.join(name);
+        std::fs::write(&p, bytes).unwrap();
+        args.push(p.display().to_string());
+    }
+    let o = cli(args).await;
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(o.status.success(), "sipmail send failed: {out}");
+    assert!(out.contains("signed receipt from mail@site-b.test"), "{out}");
+    assert!(out.contains("Verified."), "{out}");
+    let id = out
+        .split_whitespace()
+        .skip_while(|w| *w != "Queued")
+        .nth(2)
+        .unwrap()
+        .trim_end_matches(':')
+        .to_string();
+    // Byte for byte in B's inbox, nothing left in its tmp/.
+    let inbox = dir.path().join("inbox/site-a");
+    assert!(
+        wait_until(Duration::from_secs(20), || files
+            .iter()
+            .all(|(n, _)| inbox.join(n).exists()))
+        .await
+    );
+    for (name, bytes) in &files {
+        assert_eq!(&std::fs::read(inbox.join(name)).unwrap(), bytes, "{name}");
+    }
+    assert_eq!(std::fs::read_dir(inbox.join("tmp")).unwrap().count(), 0);
+    // The receipt verifies again from the store.
+    let o = cli(vec![
+        "receipts".into(),
+        "-c".into(),
+        dir.path().join("a.toml").display().to_string(),
+        "verify".into(),
+        id.clone(),
+    ])
+    .await;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+
+    // A partner's attachment named to escape the inbox: refused, the message delivered.
+    let evil = b"From: a@site-a.test\r\nTo: bob@site-b.test\r\nSubject: evil\r\n\
+        MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"B\"\r\n\r\n\
+        --B\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n\
+        --B\r\nContent-Type: application/octet-stream\r\n\
+        Content-Disposition: attachment; filename=\"../../escaped.txt\"\r\n\r\npwned\r\n\
+        --B--\r\n"
+        .to_vec();
+    let before = maildir_files(&sites.maildir(&sites.b_cfg)).len();
+    submit(sites.a.smtp_addr, &[evil], "bob@site-b.test", |_| {})
+        .await
+        .unwrap();
+    let md = sites.maildir(&sites.b_cfg);
+    assert!(wait_until(Duration::from_secs(20), || maildir_files(&md).len() == before + 1).await);
+    assert!(!dir.path().join("escaped.txt").exists());
+    assert!(!dir.path().join("inbox/escaped.txt").exists());
+    let names: Vec<String> = std::fs::read_dir(&inbox)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(names.len(), files.len() + 1, "{names:?}"); // + tmp/
+    sites.stop().await;
+}
+
+#[tokio::test]
+async fn send_refuses_a_recipient_that_returns_no_receipt_before_sending() {
+    let dir = tempfile::tempdir().unwrap();
+    configs(dir.path());
+    let f = dir.path().join("x.txt");
+    std::fs::write(&f, b"x").unwrap();
+    let cfg = dir.path().join("a.toml").display().to_string();
+    for (to, why) in [
+        ("carol@elsewhere.test", "is not a [[peer]]"),
+        ("not-an-address", "not an address"),
+    ] {
+        let o = cli(vec![
+            "send".into(),
+            "-c".into(),
+            cfg.clone(),
+            "--to".into(),
+            to.into(),
+            f.display().to_string(),
+        ])
+        .await;
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(!o.status.success() && err.contains(why), "{to}: {err}");
+    }
+}
