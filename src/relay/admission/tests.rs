@@ -27,6 +27,7 @@ fn peer(domain: &str, trust: Trust, continuity: ContinuityPolicy) -> Peer {
         fingerprints: None,
         senders: Vec::new(),
         dns: false,
+        inbox: None,
     }
 }
 
