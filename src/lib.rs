@@ -7,6 +7,7 @@ pub mod config;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod dns;
+pub mod document;
 pub mod domain;
 pub mod handshake;
 pub mod keyring;

@@ -4,10 +4,8 @@
 
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
-use lettre::message::header::ContentType;
-use lettre::message::{Attachment, Mailbox, MultiPart, SinglePart};
-use sha2::Digest;
 use sipmail::config::{Config, Trust};
+use sipmail::document::Document;
 use sipmail::keyring::Keyring;
 use sipmail::receipt::Receipt;
 use sipmail::receipt::store::ReceiptStore;
@@ -76,11 +74,9 @@ pub fn run(args: SendArgs) -> Result<ExitCode> {
     wait_for_receipt(&cfg, &id, &args.to, args.wait)
 }
 
-/// The message: a short text part listing each file with its size and SHA-256, then
-/// each file as an attachment (application/octet-stream, base64).
+/// The message (see `sipmail::document`).
 fn build(cfg: &Config, args: &SendArgs, from: &str) -> Result<(Vec<u8>, Vec<String>)> {
-    let mut parts = Vec::new();
-    let mut listing = Vec::new();
+    let mut docs = Vec::new();
     for f in &args.files {
         let name = f
             .file_name()
@@ -88,43 +84,11 @@ fn build(cfg: &Config, args: &SendArgs, from: &str) -> Result<(Vec<u8>, Vec<Stri
             .with_context(|| format!("{}: no usable file name", f.display()))?
             .to_string();
         let bytes = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
-        listing.push(format!(
-            "{name}  {} bytes  sha256 {}",
-            bytes.len(),
-            hex::encode(sha2::Sha256::digest(&bytes))
-        ));
-        parts.push(Attachment::new(name).body(bytes, ContentType::parse("application/octet-stream")?));
+        docs.push(Document { name, bytes });
     }
-    let names: Vec<&str> = args
-        .files
-        .iter()
-        .filter_map(|f| f.file_name().and_then(|n| n.to_str()))
-        .collect();
-    let subject = args
-        .subject
-        .clone()
-        .unwrap_or_else(|| format!("Documents: {}", names.join(", ")));
-    let mut b = lettre::Message::builder()
-        .from(from.parse::<Mailbox>().with_context(|| format!("--from {from}"))?)
-        .subject(subject)
-        .message_id(Some(format!(
-            "<{}@{}>",
-            hex::encode(rand_bytes()?),
-            cfg.domain
-        )))
-        .user_agent(format!("sipmail {}", env!("CARGO_PKG_VERSION")));
-    for to in &args.to {
-        b = b.to(to.parse::<Mailbox>().with_context(|| format!("--to {to}"))?);
-    }
-    let mut mp = MultiPart::mixed().singlepart(SinglePart::plain(format!(
-        "Sent with sipmail send. The partner's relay returns a signed receipt for this message.\r\n\r\n{}\r\n",
-        listing.join("\r\n")
-    )));
-    for p in parts {
-        mp = mp.singlepart(p);
-    }
-    let msg = b.multipart(mp).context("building the message")?;
-    Ok((msg.formatted(), listing))
+    let id = format!("{}@{}", hex::encode(rand_bytes()?), cfg.domain);
+    let msg = sipmail::document::build(from, &args.to, args.subject.as_deref(), &id, &docs)?;
+    Ok((msg, docs.iter().map(sipmail::document::listing).collect()))
 }
 
 fn rand_bytes() -> Result<[u8; 16]> {
@@ -141,7 +105,9 @@ async fn submit(cfg: &Config, from: &str, to: &[String], message: Vec<u8>) -> Re
     }
     let stream = tokio::net::TcpStream::connect(addr)
         .await
-        .with_context(|| format!("connecting to the relay's SMTP port {addr}: is `sipmail run` running?"))?;
+        .with_context(|| {
+            format!("connecting to the relay's SMTP port {addr}: is `sipmail run` running?")
+        })?;
     let mut client = sipmail::smtp::SmtpClient::connect(
         stream,
         "sipmail-send",
@@ -227,14 +193,21 @@ fn wait_for_receipt(cfg: &Config, id: &str, to: &[String], wait: Duration) -> Re
                 for l in lines {
                     println!("{id}: {l}");
                 }
-                println!("Verified. Stored in {}; `sipmail receipts export {id} DIR` writes it for gpg --verify.", store.root().join("sent").display());
+                println!(
+                    "Verified. Stored in {}; `sipmail receipts export {id} DIR` writes it for gpg --verify.",
+                    store.root().join("sent").display()
+                );
                 return Ok(ExitCode::SUCCESS);
             }
             if !queued.exists() {
                 spin.finish_and_clear();
                 eprintln!(
                     "{id} left the queue with no receipt for {}: not delivered to them (a bounce went to the sender).",
-                    missing.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+                    missing
+                        .iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 );
                 return Ok(ExitCode::FAILURE);
             }

@@ -25,7 +25,7 @@ mod values;
 pub use dns::{DEFAULT_DNS_TIMEOUT, DiscoverySection, DnsSection};
 pub use metrics::MetricsSection;
 pub use nat::{Advertise, PortRange};
-pub use peer::{ContinuityPolicy, Peer, Trust};
+pub use peer::{ContinuityPolicy, Outbox, Peer, Trust};
 pub use psk::Psk;
 pub use queue::{DEFAULT_LANES, Delivery, DeliverySection, QueueTimes};
 pub use routing::{DEFAULT_NEXT_HOP_LANES, Pattern, RouteRule, Routing, Target};

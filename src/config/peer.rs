@@ -80,6 +80,19 @@ pub struct Peer {
     /// `inbox = "DIR"`: the attachments of this partner's messages are also written into
     /// DIR (each to `DIR/tmp/` first, then renamed into place) when they are delivered.
     pub inbox: Option<std::path::PathBuf>,
+    /// `outbox = "DIR"`: files renamed into DIR are sent to this partner, one message
+    /// each, and moved to `DIR/sent/` with their receipt or to `DIR/failed/` with the reason.
+    pub outbox: Option<Outbox>,
+}
+
+/// A partner's outbox directory (`[[peer]] outbox`, `outbox_to`, `outbox_from`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outbox {
+    pub dir: std::path::PathBuf,
+    /// The recipients at the partner (at least one, each in the partner's domain).
+    pub to: Vec<String>,
+    /// The sender; `None`: postmaster@ our domain.
+    pub from: Option<String>,
 }
 
 impl Peer {
@@ -94,6 +107,7 @@ impl Peer {
             senders: Vec::new(),
             dns: true,
             inbox: None,
+            outbox: None,
         }
     }
 }
@@ -221,6 +235,54 @@ fn parse_peer(
         }
         other => other.clone(),
     };
+    let outbox = match (&p.outbox, &p.outbox_to) {
+        (None, None) if p.outbox_from.is_none() => None,
+        (None, _) => {
+            return Err(bad(
+                &format!("{key}.outbox"),
+                "outbox_to and outbox_from need outbox = \"DIR\"".into(),
+            ));
+        }
+        (Some(_), _) if !matches!(trust, Trust::Signed) => {
+            return Err(bad(
+                &format!("{key}.outbox"),
+                "an outbox is only for partners with trust = \"signed\" (a file leaves it only with a signed receipt)".into(),
+            ));
+        }
+        (Some(dir), _) if !dir.is_absolute() => {
+            return Err(bad(
+                &format!("{key}.outbox"),
+                format!("{} is not an absolute path", dir.display()),
+            ));
+        }
+        (Some(_), None) => {
+            return Err(bad(
+                &format!("{key}.outbox_to"),
+                format!("the outbox needs outbox_to = [\"someone@{d}\"], who receives its files"),
+            ));
+        }
+        (Some(dir), Some(to)) => {
+            if to.is_empty() {
+                return Err(bad(&format!("{key}.outbox_to"), "is empty".into()));
+            }
+            for t in to {
+                let ok = t
+                    .rsplit_once('@')
+                    .is_some_and(|(l, dom)| !l.is_empty() && dom.eq_ignore_ascii_case(&d));
+                if !ok {
+                    return Err(bad(
+                        &format!("{key}.outbox_to"),
+                        format!("{t:?} is not an address at {d}"),
+                    ));
+                }
+            }
+            Some(Outbox {
+                dir: dir.clone(),
+                to: to.clone(),
+                from: p.outbox_from.clone(),
+            })
+        }
+    };
     Ok(Peer {
         domain: d,
         sip,
@@ -230,6 +292,7 @@ fn parse_peer(
         senders,
         dns,
         inbox,
+        outbox,
     })
 }
 

@@ -83,6 +83,9 @@ pub(super) struct RawPeer {
     pub(super) fingerprints: Option<Vec<String>>,
     pub(super) senders: Option<Vec<String>>,
     pub(super) inbox: Option<PathBuf>,
+    pub(super) outbox: Option<PathBuf>,
+    pub(super) outbox_to: Option<Vec<String>>,
+    pub(super) outbox_from: Option<String>,
 }
 
 /// `[[peer]] sip`: one URI, or a list of them (several relays, tried in order).

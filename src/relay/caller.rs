@@ -800,15 +800,17 @@ pub(crate) async fn worker(ctx: Arc<Context>, domain: String, lane_no: usize, la
         if !ask {
             opts.xqid = None;
         }
-        let mut body = super::receipts::HashingReader::new(body);
+        let mut wire = super::receipts::WireHash::new();
+        let mut observe = |b: &[u8]| wire.feed(b);
         let res = active
             .client
-            .send_tx(
+            .send_tx_observed(
                 &job.mail_from,
                 &job.recipients,
                 &job.rcpt_params,
                 &opts,
-                &mut body,
+                body,
+                ask.then_some(&mut observe as &mut (dyn FnMut(&[u8]) + Send)),
             )
             .instrument(span.clone())
             .await;
@@ -825,7 +827,7 @@ pub(crate) async fn worker(ctx: Arc<Context>, domain: String, lane_no: usize, la
             res => outcomes_from_smtp(&job, res, &what),
         });
         if ask && let Some(o) = &sent_ok {
-            let (sha256, size) = body.digest();
+            let (sha256, size) = wire.digest();
             receipts_for(&ctx, &domain, active, &job, o, &sha256, size, &mut outcomes)
                 .instrument(span.clone())
                 .await;

@@ -8,6 +8,7 @@ use super::error::{RelayError, io_err};
 use super::events::{Events, Hooks, RelayEvent, Shutdown};
 use super::jobs::Lane;
 use super::keys::{KeyState, Keys};
+use super::outbox;
 use super::scheduler::{self, LaneCounts, MailQueue, QueueSnapshot};
 use super::settings::{InForce, Live, Settings, peer_addresses};
 use super::{caller, control, health, inbound, keywatch, local, reload, trust};
@@ -223,6 +224,7 @@ pub async fn start(cfg: Config, shutdown: Shutdown, hooks: Hooks) -> Result<Runn
     let sip = dispatch::sip_loop(ctx.clone(), incoming);
     tasks.spawn(async move { Listeners::run(&up.sip, sip).await });
     tasks.spawn(keywatch::watch(ctx.clone()));
+    tasks.spawn(outbox::run(ctx.clone()));
     if let Some(listener) = metrics_listener {
         let probe = Arc::new(health::Health {
             ctx: ctx.clone(),

@@ -117,13 +117,30 @@ mod tests {
         }
         assert_eq!(check_name(None), Err(BadName::Missing));
         assert_eq!(check_name(Some("")), Err(BadName::Missing));
-        for esc in ["../etc/passwd", "/etc/passwd", "a/b", "a\\b", "..", ".", "a\0b"] {
-            assert!(matches!(check_name(Some(esc)), Err(BadName::Escapes(_))), "{esc}");
+        for esc in [
+            "../etc/passwd",
+            "/etc/passwd",
+            "a/b",
+            "a\\b",
+            "..",
+            ".",
+            "a\0b",
+        ] {
+            assert!(
+                matches!(check_name(Some(esc)), Err(BadName::Escapes(_))),
+                "{esc}"
+            );
         }
         for bad in [".hidden", "a\nb", "a\rb", "a\u{7f}b"] {
-            assert!(matches!(check_name(Some(bad)), Err(BadName::Unsafe(_))), "{bad}");
+            assert!(
+                matches!(check_name(Some(bad)), Err(BadName::Unsafe(_))),
+                "{bad}"
+            );
         }
-        assert!(matches!(check_name(Some(&"a".repeat(256))), Err(BadName::TooLong(_))));
+        assert!(matches!(
+            check_name(Some(&"a".repeat(256))),
+            Err(BadName::TooLong(_))
+        ));
         let e = check_name(Some("../x")).unwrap_err().to_string();
         assert!(e.contains("\"../x\""), "{e}");
     }

@@ -132,6 +132,7 @@ mod tests {
             senders: vec![],
             dns: false,
             inbox: None,
+            outbox: None,
         };
         // .invalid never resolves (RFC 2606).
         let p = raw(&["sip:mail@relay.invalid:5062", "sip:mail@127.0.43.7:43062"]);

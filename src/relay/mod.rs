@@ -17,7 +17,8 @@
 //! - mail: `inbound` (SMTP into the spool), `scheduler` (the queue; commits reports),
 //!   `schedule` (its pure rules), `outcome` (jobs and outcomes, pure), `jobs` (the lanes
 //!   between the scheduler and the workers),
-//!   `local`, `inbox` (a partner's attachments into its inbox directory), `bounce`, `sender`, `trace`, `control`, `receipts` (signed receipts: the
+//!   `local`, `inbox` (a partner's attachments into its inbox directory), `outbox` (files dropped
+//!   for a partner, sent and moved to `sent/` with their receipt), `bounce`, `sender`, `trace`, `control`, `receipts` (signed receipts: the
 //!   receiver's duplicate suppression and signing, the sender's checks, the call journal).
 
 mod admission;
@@ -43,6 +44,7 @@ mod keywatch;
 mod local;
 mod locate;
 mod mediaport;
+mod outbox;
 mod outcome;
 mod receipts;
 mod reload;

@@ -335,40 +335,68 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for Tap<W> {
     }
 }
 
-/// Hashes a message as it is read from the spool to be sent, for the receipt check.
-pub(crate) struct HashingReader<R> {
-    inner: R,
+/// What the receiving side will have: the DATA bytes as they go on the wire, decoded as
+/// a server decodes them (the same `DataReceiver`), hashed. So the sender's hash matches
+/// the receiver's whatever line endings the spooled body had.
+pub(crate) struct WireHash {
+    rx: crate::smtp::DataReceiver,
+    chunk: Vec<u8>,
     hash: sha2::Sha256,
     size: u64,
 }
 
-impl<R> HashingReader<R> {
-    pub fn new(inner: R) -> Self {
-        HashingReader {
-            inner,
+impl WireHash {
+    pub fn new() -> Self {
+        WireHash {
+            rx: crate::smtp::DataReceiver::new(u64::MAX),
+            chunk: Vec::new(),
             hash: sha2::Sha256::new(),
             size: 0,
         }
     }
 
-    /// SHA-256 (hex) and size of what was read.
+    /// Feed the bytes written on the wire.
+    pub fn feed(&mut self, wire: &[u8]) {
+        self.rx.feed(wire, &mut self.chunk);
+        self.hash.update(&self.chunk);
+        self.size += self.chunk.len() as u64;
+        self.chunk.clear();
+    }
+
+    /// SHA-256 (hex) and size of the decoded message.
     pub fn digest(&self) -> (String, u64) {
         (hex::encode(self.hash.clone().finalize()), self.size)
     }
 }
 
-impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for HashingReader<R> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
-        let new = &buf.filled()[before..];
-        this.hash.update(new);
-        this.size += new.len() as u64;
-        Poll::Ready(Ok(()))
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The sender's hash is of what the receiver decodes, even for a body with bare LFs,
+    /// a lone CR, leading dots and no final line break (which the client normalises).
+    #[test]
+    fn wire_hash_is_the_hash_of_what_the_server_decodes() {
+        let body = b"a\nb\r\n.dot\rc\r\n..two\nend";
+        let mut stuffer = crate::smtp::DotStuffer::new();
+        let mut wire = Vec::new();
+        stuffer.encode(&body[..7], &mut wire);
+        stuffer.encode(&body[7..], &mut wire);
+        stuffer.finish(&mut wire);
+        let mut h = WireHash::new();
+        for piece in wire.chunks(3) {
+            h.feed(piece);
+        }
+        let mut rx = crate::smtp::DataReceiver::new(u64::MAX);
+        let mut decoded = Vec::new();
+        rx.feed(&wire, &mut decoded);
+        assert_eq!(decoded, b"a\r\nb\r\n.dot\r\nc\r\n..two\r\nend\r\n");
+        assert_eq!(
+            h.digest(),
+            (
+                hex::encode(sha2::Sha256::digest(&decoded)),
+                decoded.len() as u64
+            )
+        );
     }
 }

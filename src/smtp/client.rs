@@ -73,6 +73,9 @@ impl ClientError {
     }
 }
 
+/// Sees the DATA bytes as they go on the wire (see [`SmtpClient::send_tx_observed`]).
+pub type Observer<'a> = &'a mut (dyn FnMut(&[u8]) + Send);
+
 /// What the server offered in its EHLO reply.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Extensions {
@@ -391,7 +394,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> SmtpClient<S> {
         rcpts: &[String],
         rcpt_params: &[super::RcptParams],
         opts: &MailOptions,
+        body: impl AsyncRead + Unpin,
+    ) -> Result<SendOutcome, ClientError> {
+        self.send_tx_observed(from, rcpts, rcpt_params, opts, body, None)
+            .await
+    }
+
+    /// As [`send_tx`](Self::send_tx); `observe` sees the DATA bytes exactly as they go on
+    /// the wire (CRLF-normalised and dot-stuffed, with the final `.CRLF`), so a caller can
+    /// compute what the server will have received.
+    pub async fn send_tx_observed(
+        &mut self,
+        from: &str,
+        rcpts: &[String],
+        rcpt_params: &[super::RcptParams],
+        opts: &MailOptions,
         mut body: impl AsyncRead + Unpin,
+        observe: Option<Observer<'_>>,
     ) -> Result<SendOutcome, ClientError> {
         Self::check_address(from)?;
         for r in rcpts {
@@ -496,7 +515,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> SmtpClient<S> {
         match data_reply {
             Some(d) if d.code == 354 => {
                 if any_rcpt {
-                    let final_reply = self.send_body(&mut body).await?;
+                    let final_reply = self.send_body(&mut body, observe).await?;
                     Ok(SendOutcome {
                         mail: mail_reply,
                         per_rcpt,
@@ -530,6 +549,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> SmtpClient<S> {
     async fn send_body(
         &mut self,
         body: &mut (impl AsyncRead + Unpin),
+        mut observe: Option<Observer<'_>>,
     ) -> Result<Reply, ClientError> {
         let t = self.timeouts;
         let mut stuffer = DotStuffer::new();
@@ -542,11 +562,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> SmtpClient<S> {
             }
             stuffer.encode(&inbuf[..n], &mut out);
             if out.len() >= BODY_CHUNK {
+                if let Some(o) = observe.as_mut() {
+                    o(&out);
+                }
                 self.write(&out, t.data_block, "data block").await?;
                 out.clear();
             }
         }
         stuffer.finish(&mut out);
+        if let Some(o) = observe.as_mut() {
+            o(&out);
+        }
         // From here on the server may hold the whole message.
         let unconfirmed = |e| ClientError::Unconfirmed(Box::new(e));
         self.write(&out, t.data_block, "data block")

@@ -28,6 +28,7 @@ fn peer(domain: &str, trust: Trust, continuity: ContinuityPolicy) -> Peer {
         senders: Vec::new(),
         dns: false,
         inbox: None,
+        outbox: None,
     }
 }
 
