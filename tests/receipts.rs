@@ -324,3 +324,120 @@ async fn a_lying_receipt_is_refused_the_message_stays_queued_and_is_never_delive
         sites.stop().await;
     }
 }
+
+/// A tmpfs mounted for the test, unmounted when dropped.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(at: &std::path::Path, size: &str) -> SmallDisk {
+        std::fs::create_dir_all(at).unwrap();
+        let o = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "this test needs root to mount a small tmpfs as B's spool (a full disk): {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        SmallDisk(at.to_path_buf())
+    }
+
+    fn grow(&self, size: &str) {
+        let o = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// B's spool is a 1 MB file system and a 1.5 MB message comes: B answers 451 (it cannot
+/// write it), A keeps it queued and retries, a small message still gets through, and once
+/// the disk has room the big one arrives, once, with its receipt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_at_the_receiver_defers_and_nothing_is_lost_or_delivered_twice() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let disk = SmallDisk::mount(&dir.path().join("var/site-b/spool"), "1m");
+    let sites = TwoSites::start(dir.path(), Hooks::default()).await.unwrap();
+    let md = sites.maildir(&sites.b_cfg);
+    let mut big = b"From: a@site-a.test\r\nTo: bob@site-b.test\r\nSubject: big\r\nMessage-ID: <big@site-a.test>\r\n\r\n".to_vec();
+    while big.len() < 1_500_000 {
+        big.extend_from_slice(
+            b"0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxyz\r\n",
+        );
+    }
+    submit(
+        sites.a.smtp_addr,
+        std::slice::from_ref(&big),
+        "bob@site-b.test",
+        |_| {},
+    )
+    .await
+    .unwrap();
+    // A few retries (retry_initial = 1s) against the full disk.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(maildir_files(&md).len(), 0, "delivered from a full disk?");
+    assert_eq!(
+        sites.a.queue_snapshot().messages,
+        1,
+        "A dropped the message"
+    );
+    assert_eq!(a_store(&sites).list_sent().unwrap().len(), 0);
+    // A was told why: the disk is full (452 4.3.1), a reason to retry, not to bounce.
+    let ids = sites.a.queue_snapshot_ids();
+    let env = std::fs::read_to_string(
+        dir.path()
+            .join(format!("var/site-a/spool/queue/{}.env", ids[0])),
+    )
+    .unwrap();
+    assert!(
+        env.contains("452 4.3.1 insufficient system storage"),
+        "{env}"
+    );
+    // Nothing half-written is left in B's spool.
+    let tmp = dir.path().join("var/site-b/spool/tmp");
+    assert_eq!(
+        std::fs::read_dir(&tmp).unwrap().count(),
+        0,
+        "debris in B's spool/tmp"
+    );
+    // A small message still passes.
+    submit(
+        sites.a.smtp_addr,
+        &[sample_message(1, "small")],
+        "bob@site-b.test",
+        |_| {},
+    )
+    .await
+    .unwrap();
+    assert!(wait_until(Duration::from_secs(20), || maildir_files(&md).len() == 1).await);
+    // Room again: the big one arrives, once, and A has both receipts.
+    disk.grow("16m");
+    assert!(
+        wait_until(Duration::from_secs(40), || sites
+            .a
+            .queue_snapshot()
+            .messages
+            == 0)
+        .await,
+        "the big message never got through after the disk had room"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(maildir_files(&md).len(), 2, "lost or delivered twice");
+    assert_eq!(a_store(&sites).list_sent().unwrap().len(), 2);
+    sites.stop().await;
+    drop(disk);
+}

@@ -178,19 +178,23 @@ where
                 if write_failed {
                     continue;
                 }
-                let ok = match writer.as_mut() {
+                let failed = match writer.as_mut() {
                     Some(w) => match w.write_all(chunk).await {
-                        Ok(()) => true,
+                        Ok(()) => None,
                         Err(e) => {
                             tracing::warn!(error = %e, "spool write failed");
-                            false
+                            Some(e.kind() == std::io::ErrorKind::StorageFull)
                         }
                     },
-                    None => false,
+                    None => Some(false),
                 };
-                if !ok {
+                if let Some(full) = failed {
                     write_failed = true;
-                    session.data_write_failed();
+                    if full {
+                        session.data_storage_full();
+                    } else {
+                        session.data_write_failed();
+                    }
                 }
             }
             Event::DataEnd(envelope) => {

@@ -181,6 +181,7 @@ pub struct ServerSession {
     pending_rcpt: Option<(String, super::RcptParams)>,
     data: Option<DataReceiver>,
     write_failed: bool,
+    storage_full: bool,
     stats: SessionStats,
 }
 
@@ -205,6 +206,7 @@ impl ServerSession {
             pending_rcpt: None,
             data: None,
             write_failed: false,
+            storage_full: false,
             stats: SessionStats::default(),
             config,
         };
@@ -351,6 +353,7 @@ impl ServerSession {
                 self.push(&Reply::plain(354, "End data with <CR><LF>.<CR><LF>"));
                 self.data = Some(DataReceiver::new(self.config.max_message_size));
                 self.write_failed = false;
+                self.storage_full = false;
                 self.phase = Phase::Data;
             }
             Err(reply) => {
@@ -364,6 +367,13 @@ impl ServerSession {
     /// answered 451 4.3.0 and aborted at its end.
     pub fn data_write_failed(&mut self) {
         self.write_failed = true;
+    }
+
+    /// Writing failed because the disk is full: answered 452 4.3.1 (RFC 3463: mail
+    /// system full), which tells the client to try again later, not to bounce.
+    pub fn data_storage_full(&mut self) {
+        self.write_failed = true;
+        self.storage_full = true;
     }
 
     /// Answer to [`Event::DataEnd`].
@@ -458,6 +468,11 @@ impl ServerSession {
                             552,
                             (5, 3, 4),
                             "message size exceeds fixed maximum message size",
+                        )),
+                        (DataVerdict::Ok, true) if self.storage_full => Some(r(
+                            452,
+                            (4, 3, 1),
+                            "insufficient system storage: the queue's disk is full, try again later",
                         )),
                         (DataVerdict::Ok, true) => {
                             Some(Reply::temp_failure("local error in processing"))
