@@ -140,6 +140,27 @@ async fn three_files_arrive_in_the_partners_inbox_and_send_exits_0_with_a_verifi
     ])
     .await;
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    // And with GnuPG alone, on the export.
+    let exp = dir.path().join("export");
+    let o = cli(vec![
+        "receipts".into(),
+        "-c".into(),
+        dir.path().join("a.toml").display().to_string(),
+        "export".into(),
+        id.clone(),
+        exp.display().to_string(),
+    ])
+    .await;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let gpg = Gpg::new();
+    let cert = std::fs::read(exp.join("partner.asc")).unwrap();
+    assert!(gpg.run(&["--import"], Some(&cert)).status.success());
+    let o = gpg.verify_files(&exp.join("receipt-1.sig"), &exp.join("receipt-1.txt"));
+    let status = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        o.status.success() && status.contains("[GNUPG:] GOODSIG"),
+        "gpg: {status}"
+    );
 
     // A partner's attachment named to escape the inbox: refused, the message delivered.
     let evil = b"From: a@site-a.test\r\nTo: bob@site-b.test\r\nSubject: evil\r\n\

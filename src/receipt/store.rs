@@ -119,6 +119,33 @@ pub struct JournalCall {
 pub struct ReceiptStore {
     root: PathBuf,
     seq: AtomicU64,
+    /// Group commit of the directory fsyncs, one per directory written (`sent/`,
+    /// `dedup/`): writers that renamed while an fsync ran share the next one.
+    sent_sync: DirGroup,
+    dedup_sync: DirGroup,
+}
+
+/// Group commit for one directory's fsync, for writers on blocking threads.
+#[derive(Debug, Default)]
+struct DirGroup {
+    /// Renames done so far (a ticket each).
+    requested: AtomicU64,
+    /// The highest ticket known durable; the lock serialises the fsyncs.
+    synced: std::sync::Mutex<u64>,
+}
+
+impl DirGroup {
+    fn sync(&self, dir: &Path) -> io::Result<()> {
+        let ticket = self.requested.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut synced = self.synced.lock().unwrap_or_else(|p| p.into_inner());
+        if *synced >= ticket {
+            return Ok(()); // an fsync that started after our rename covered it
+        }
+        let covers = self.requested.load(Ordering::SeqCst);
+        fsync_dir(dir)?;
+        *synced = covers;
+        Ok(())
+    }
 }
 
 fn fsync_dir(p: &Path) -> io::Result<()> {
@@ -144,6 +171,8 @@ impl ReceiptStore {
         ReceiptStore {
             root: spool.join("receipts"),
             seq: AtomicU64::new(0),
+            sent_sync: DirGroup::default(),
+            dedup_sync: DirGroup::default(),
         }
     }
 
@@ -152,6 +181,12 @@ impl ReceiptStore {
     }
 
     fn write_atomic(&self, dir: &str, name: &str, bytes: &[u8]) -> io::Result<()> {
+        self.write_renamed(dir, name, bytes, true)
+    }
+
+    /// Write to `tmp/`, rename into `dir/name`; with `durable`, fsync the file before the
+    /// rename and the directory after it.
+    fn write_renamed(&self, dir: &str, name: &str, bytes: &[u8], durable: bool) -> io::Result<()> {
         let tmp = self.root.join("tmp").join(format!(
             "{name}.{}.{}",
             std::process::id(),
@@ -159,11 +194,20 @@ impl ReceiptStore {
         ));
         let mut f = fs::File::create(&tmp)?;
         f.write_all(bytes)?;
-        f.sync_all()?;
+        if durable {
+            f.sync_all()?;
+        }
         drop(f);
         let d = self.root.join(dir);
         fs::rename(&tmp, d.join(name))?;
-        fsync_dir(&d)
+        if durable {
+            match dir {
+                "sent" => self.sent_sync.sync(&d)?,
+                "dedup" => self.dedup_sync.sync(&d)?,
+                _ => fsync_dir(&d)?,
+            }
+        }
+        Ok(())
     }
 
     fn read_json<T: for<'a> Deserialize<'a>>(path: &Path) -> io::Result<Option<T>> {
@@ -191,9 +235,44 @@ impl ReceiptStore {
             .join(format!("{}.json", key.file_name()))
     }
 
-    pub fn put_dedup(&self, key: &DedupKey, rec: &DedupRecord) -> io::Result<()> {
+    /// Writes the record of `key`. A new record is written without fsync when the
+    /// message it covers is committed in the spool with its facts (the envelope is the
+    /// durable copy until [`ReceiptStore::sync_dedup`] runs before the message leaves the
+    /// spool; start-up recovery rebuilds a lost or torn one from it). A record that replaces
+    /// an older one is always fsynced: the older one may cover messages already gone.
+    pub fn put_dedup(&self, key: &DedupKey, rec: &DedupRecord, lazy: bool) -> io::Result<()> {
         let bytes = serde_json::to_vec_pretty(rec).map_err(io::Error::other)?;
-        self.write_atomic("dedup", &format!("{}.json", key.file_name()), &bytes)
+        let name = format!("{}.json", key.file_name());
+        let durable = !lazy || self.root.join("dedup").join(&name).exists();
+        self.write_renamed("dedup", &name, &bytes, durable)
+    }
+
+    /// Makes the record of `key` durable (file and directory fsync); nothing if absent.
+    pub fn sync_dedup(&self, key_file: &str) -> io::Result<()> {
+        if key_file.len() != 64 || !key_file.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a duplicate key",
+            ));
+        }
+        match fs::File::open(self.root.join("dedup").join(format!("{key_file}.json"))) {
+            Ok(f) => f.sync_all()?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        self.dedup_sync.sync(&self.root.join("dedup"))
+    }
+
+    /// The record of `key`, or `None` if it is absent *or torn* (not valid JSON: a lazy
+    /// write cut by a crash); recovery rebuilds it from the spool.
+    pub fn dedup_or_torn(&self, key: &DedupKey) -> io::Result<Option<DedupRecord>> {
+        match self.dedup(key) {
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                tracing::warn!(error = %e, "a duplicate record was torn by a crash; rebuilt from the spool");
+                Ok(None)
+            }
+            r => r,
+        }
     }
 
     // --- sending side ---

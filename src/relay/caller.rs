@@ -619,7 +619,6 @@ async fn receipts_for(
     let accepted: Vec<String> = sent.delivered().into_iter().map(str::to_string).collect();
     let settings = ctx.settings();
     let keys = ctx.keys();
-    let calls = ctx.receipts.calls_with(domain);
     let m = super::receipts::SentMessage {
         peer: domain,
         peer_fpr: &active.peer_fpr,
@@ -630,7 +629,7 @@ async fn receipts_for(
         mail_from: &job.mail_from,
         rcpts: &accepted,
     };
-    let checked = super::receipts::check_returned(&keys, &calls, &m, data.lines());
+    let checked = super::receipts::check_returned(&keys, &ctx.receipts, &m, data.lines());
     let refuse = |outcomes: &mut [(String, RcptOutcome)], why: String| {
         for (_, o) in outcomes.iter_mut() {
             if *o == RcptOutcome::Delivered {

@@ -70,6 +70,14 @@ pub(crate) async fn worker(ctx: Arc<Context>, dest: Destination, lane: Lane) {
         };
         ctx.metrics
             .transferred(route_label(&job.route), sending.elapsed());
+        // A partner's message may leave the spool after this report: its duplicate record
+        // must be on disk first (it was written without fsync when the message came).
+        if let Some(k) = job.dedup_key_file.clone()
+            && let Err(e) = ctx.receipts.sync_dedup(k).await
+        {
+            tracing::error!(queue_id = %job.id, error = %e,
+                "cannot make the duplicate record durable; a resend after a crash could be delivered twice");
+        }
         lane.report(job, outcomes).await;
     }
     if let Some(c) = conn.take() {

@@ -29,6 +29,9 @@ pub(crate) struct Job {
     /// The partner the message came from through a signed call, if it asked for a
     /// receipt (for its `[[peer]] inbox`).
     pub from_peer: Option<String>,
+    /// Its duplicate record's file name (see `receipts`), made durable before the
+    /// message can leave the spool.
+    pub dedup_key_file: Option<String>,
 }
 
 impl Job {

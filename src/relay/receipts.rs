@@ -66,11 +66,12 @@ impl Receipts {
         Ok(())
     }
 
-    /// Our calls to `peer` in the journal.
-    pub fn calls_with(&self, peer: &str) -> Vec<JournalCall> {
+    /// Our calls to `peer` in the journal with one of these Call-IDs.
+    pub fn calls_with(&self, peer: &str, call_ids: &[String]) -> Vec<JournalCall> {
         lock(&self.calls)
             .iter()
-            .filter(|c| c.peer.eq_ignore_ascii_case(peer))
+            .rev() // the newest first: a receipt names a recent call
+            .filter(|c| c.peer.eq_ignore_ascii_case(peer) && call_ids.contains(&c.call_id))
             .cloned()
             .collect()
     }
@@ -83,9 +84,18 @@ impl Receipts {
             .map_err(io::Error::other)?
     }
 
+    /// Writes the record (lazily for a new key: see `ReceiptStore::put_dedup`).
     pub async fn put_dedup(&self, key: &DedupKey, rec: DedupRecord) -> io::Result<()> {
         let (store, key) = (self.store.clone(), key.clone());
-        tokio::task::spawn_blocking(move || store.put_dedup(&key, &rec))
+        tokio::task::spawn_blocking(move || store.put_dedup(&key, &rec, true))
+            .await
+            .map_err(io::Error::other)?
+    }
+
+    /// Before a partner's message leaves the spool: its duplicate record made durable.
+    pub async fn sync_dedup(&self, key_file: String) -> io::Result<()> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.sync_dedup(&key_file))
             .await
             .map_err(io::Error::other)?
     }
@@ -177,7 +187,7 @@ pub(crate) fn recover(
         let key = key_of(facts);
         let mut rec = receipts
             .store
-            .dedup(&key)?
+            .dedup_or_torn(&key)?
             .unwrap_or_else(|| DedupRecord::new(&key));
         let r = accepted_receipt(own_domain, env, facts);
         if rec.receipt(&r.digest()).is_some() {
@@ -185,7 +195,7 @@ pub(crate) fn recover(
         }
         let signed = sign(keys, &r).map_err(|e| io::Error::other(e.to_string()))?;
         remember(&mut rec, &r, &signed);
-        receipts.store.put_dedup(&key, &rec)?;
+        receipts.store.put_dedup(&key, &rec, false)?;
         tracing::info!(queue_id = %env.id, peer = %facts.peer, sender_queue_id = %facts.sender_queue_id,
             "receipt recovery: the message was committed but not yet remembered; remembered now");
         n += 1;
@@ -212,7 +222,7 @@ pub(crate) struct SentMessage<'a> {
 /// receipts to store.
 pub(crate) fn check_returned<'a>(
     keys: &KeyState,
-    calls: &[JournalCall],
+    journal: &Receipts,
     m: &SentMessage<'a>,
     lines: impl Iterator<Item = &'a str>,
 ) -> Result<(Vec<String>, Vec<Signed>), ReceiptError> {
@@ -222,6 +232,13 @@ pub(crate) fn check_returned<'a>(
             "the partner accepted the message but returned no receipt".into(),
         ));
     }
+    // The calls the receipts name, looked up in the journal (a malformed text is refused
+    // below, by `verify`).
+    let named: Vec<String> = signed
+        .iter()
+        .filter_map(|s| Receipt::parse(&s.text).ok().map(|r| r.call_id))
+        .collect();
+    let calls = journal.calls_with(m.peer, &named);
     let refs: Vec<CallRef<'_>> = calls
         .iter()
         .map(|c| CallRef {

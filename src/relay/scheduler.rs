@@ -464,6 +464,10 @@ fn due_jobs(
                 xqid: matches!(route, crate::queue::Route::Peer(_)).then(|| env.id.clone()),
             },
             from_peer: env.receipt.as_ref().map(|f| f.peer.clone()),
+            dedup_key_file: env.receipt.as_ref().map(|f| {
+                crate::receipt::DedupKey::new(&f.peer, &f.sender_queue_id, &f.message_sha256)
+                    .file_name()
+            }),
         });
     }
 }
