@@ -302,7 +302,7 @@ async fn outbox_files_leave_only_to_sent_with_their_receipt_or_to_failed_with_th
     let failed = outbox.join("failed");
     assert!(
         wait_until(Duration::from_secs(30), || failed
-            .join("huge.bin.reason.txt")
+            .join("huge.bin")
             .exists())
         .await,
         "huge.bin not in failed/"
