@@ -301,10 +301,7 @@ async fn outbox_files_leave_only_to_sent_with_their_receipt_or_to_failed_with_th
     // The refused one: in failed/ with its reason, never in sent/.
     let failed = outbox.join("failed");
     assert!(
-        wait_until(Duration::from_secs(30), || failed
-            .join("huge.bin")
-            .exists())
-        .await,
+        wait_until(Duration::from_secs(30), || failed.join("huge.bin").exists()).await,
         "huge.bin not in failed/"
     );
     let reason = std::fs::read_to_string(failed.join("huge.bin.reason.txt")).unwrap();

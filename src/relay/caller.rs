@@ -575,7 +575,10 @@ async fn place_call(
         .await;
     // A receipt names the call it came through; the journal lets us check that, also for
     // a receipt that comes back on a later call after a restart.
-    let mut receipts = peer.trust.mode() == crate::handshake::AuthMode::Signed;
+    // Only a partner whose cert is in our keyring (`trust = "signed"`): a receipt must
+    // verify later too (`sipmail receipts verify`), not only with this call's key. A
+    // `dnssec` partner's key is found per call and not kept in the keyring.
+    let mut receipts = matches!(peer.trust, crate::config::Trust::Signed);
     if receipts {
         let entry = crate::receipt::store::JournalCall {
             at_ms: crate::queue::now_ms(),

@@ -189,7 +189,7 @@ impl SpoolBackend {
         }
         tracing::info!(queue_id = %id, from = %qenv.mail_from, rcpts = qenv.recipients.len(),
             size = qenv.size, call_id = %facts.call_id, peer = %facts.peer,
-            sender_queue_id = %facts.sender_queue_id, receipt = %r.digest(), "queued, receipt signed");
+            sender_queue_id = %facts.sender_queue_id, receipt = %r.digest(), "queued");
         self.shared.metrics.receipt_issued(&facts.peer);
         let mut all = vec![signed];
         all.extend(back);
