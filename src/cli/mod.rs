@@ -157,7 +157,7 @@ enum Cmd {
     /// every recipient; 1 if the message bounced or no receipt came within --wait (it stays
     /// queued and is still retried).
     Send(send::SendArgs),
-    /// The signed receipts partners returned for the mail this relay sent (issue 14):
+    /// The signed receipts partners returned for the mail this relay sent:
     /// list, show, verify again, export for `gpg --verify`. A partner with trust = "signed"
     /// returns one per message once it has the message on stable storage; the relay checks
     /// it and stores it in <spool>/receipts/sent/ before it counts the message delivered.
