@@ -158,7 +158,11 @@ expect 'sum(sipmail_key_continuity_total{site="a",peer="site-b.test"})' 'v >= 1'
 expect 'sipmail_tunnel_bytes_total{site="a",peer="site-b.test",direction="out"}' 'v > 0'
 expect 'sipmail_tunnel_bytes_total{site="a",peer="site-b.test",direction="in"}' 'v > 0'
 expect 'sipmail_tunnel_bytes_total{site="b",peer="site-a.test",direction="in"}' 'v > 0'
-expect 'sum(sipmail_tunnel_bytes_total{site="a",peer="site-b.test",direction="out"}) - sum(sipmail_tunnel_bytes_total{site="a",peer="site-b.test",direction="in"})' 'v > 0'
+# Every message came back with B's signed receipt (A's "in" bytes are mostly receipts:
+# with these small messages they outweigh what A sends).
+expect 'sipmail_receipts_issued_total{site="b",peer="site-a.test"}' "v == $N"
+expect 'sipmail_receipts_verified_total{site="a",peer="site-b.test"}' "v == $N"
+expect 'sum(sipmail_receipts_refused_total) or vector(0)' 'v == 0'
 expect 'sipmail_queue_messages{site="a",route="site-b.test"}' 'v == 0'
 expect 'sipmail_queue_oldest_message_age_seconds{site="a",route="site-b.test"}' 'v == 0'
 expect 'sipmail_queue_messages{site="b",route="local"}' 'v == 0'
