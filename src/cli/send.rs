@@ -149,7 +149,8 @@ async fn submit(cfg: &Config, from: &str, to: &[String], message: Vec<u8>) -> Re
 /// leaves the queue without them (it bounced), or `wait` passes.
 fn wait_for_receipt(cfg: &Config, id: &str, to: &[String], wait: Duration) -> Result<ExitCode> {
     let store = ReceiptStore::at(&cfg.spool);
-    let queued = cfg.spool.join("queue").join(format!("{id}.env"));
+    let spool = sipmail::queue::Spool::at(&cfg.spool);
+    let queued = || spool.is_queued(id);
     let spin = ProgressBar::new_spinner();
     spin.enable_steady_tick(Duration::from_millis(120));
     let start = Instant::now();
@@ -199,7 +200,7 @@ fn wait_for_receipt(cfg: &Config, id: &str, to: &[String], wait: Duration) -> Re
                 );
                 return Ok(ExitCode::SUCCESS);
             }
-            if !queued.exists() {
+            if !queued() {
                 spin.finish_and_clear();
                 eprintln!(
                     "{id} left the queue with no receipt for {}: not delivered to them (a bounce went to the sender).",
@@ -211,7 +212,7 @@ fn wait_for_receipt(cfg: &Config, id: &str, to: &[String], wait: Duration) -> Re
                 );
                 return Ok(ExitCode::FAILURE);
             }
-        } else if !queued.exists() && store.sent(id)?.is_none() {
+        } else if !queued() && store.sent(id)?.is_none() {
             spin.finish_and_clear();
             eprintln!(
                 "{id} left the queue without a receipt: it was not delivered (a bounce went to the sender). See the relay's log for {id}."

@@ -522,6 +522,12 @@ impl Spool {
     pub fn body_path(&self, id: &str) -> PathBuf {
         self.queue.join(format!("{id}.msg"))
     }
+    /// Whether `id` is committed and still in `queue/` (for a reader without the daemon's
+    /// queue in memory, such as `sipmail send`).
+    pub fn is_queued(&self, id: &str) -> bool {
+        self.env_path(id).exists()
+    }
+
     fn env_path(&self, id: &str) -> PathBuf {
         self.queue.join(format!("{id}.env"))
     }

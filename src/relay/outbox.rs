@@ -19,6 +19,7 @@
 
 use super::context::Context;
 use super::events::RelayEvent;
+use super::receipts::blocking;
 use crate::config::{Outbox, Peer};
 use crate::queue::{Envelope, RcptState, Recipient, Route, Spool};
 use std::fs;
@@ -68,14 +69,6 @@ pub(crate) async fn run(ctx: Arc<Context>) {
 
 fn work(ob: &Outbox) -> PathBuf {
     ob.dir.join(".work")
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> io::Result<T> + Send + 'static,
-) -> io::Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(io::Error::other)?
 }
 
 async fn scan(
@@ -269,7 +262,7 @@ async fn follow(
         Err(e) => return Err(e),
     };
     let queued = w.join(format!("{name}.queued")).exists();
-    let in_spool = ctx.spool.body_path(&id).with_extension("env").exists();
+    let waiting = ctx.queue.get(&id);
     if let Some(rec) = ctx.receipts.store.sent(&id)? {
         let covered = |to: &String| {
             rec.receipts.iter().any(|s| {
@@ -309,11 +302,9 @@ async fn follow(
             return Ok(());
         }
     }
-    if in_spool {
+    if let Some(env) = waiting {
         // Waiting: remember the latest reason, for failed/ if it comes to that.
-        if let Some(env) = ctx.queue.list().into_iter().find(|e| e.id == id)
-            && let Some(err) = env.recipients.iter().find_map(|r| r.last_error.clone())
-        {
+        if let Some(err) = env.recipients.iter().find_map(|r| r.last_error.clone()) {
             last_errors.insert(id, err);
         }
         return Ok(());

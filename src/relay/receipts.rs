@@ -59,9 +59,7 @@ impl Receipts {
     pub async fn record_call(&self, c: JournalCall) -> io::Result<()> {
         let store = self.store.clone();
         let rec = c.clone();
-        tokio::task::spawn_blocking(move || store.record_call(&rec))
-            .await
-            .map_err(io::Error::other)??;
+        blocking(move || store.record_call(&rec)).await?;
         lock(&self.calls).push(c);
         Ok(())
     }
@@ -79,25 +77,19 @@ impl Receipts {
     /// Blocking: the dedup record of `key`.
     pub async fn dedup(&self, key: &DedupKey) -> io::Result<Option<DedupRecord>> {
         let (store, key) = (self.store.clone(), key.clone());
-        tokio::task::spawn_blocking(move || store.dedup(&key))
-            .await
-            .map_err(io::Error::other)?
+        blocking(move || store.dedup(&key)).await
     }
 
     /// Writes the record (lazily for a new key: see `ReceiptStore::put_dedup`).
     pub async fn put_dedup(&self, key: &DedupKey, rec: DedupRecord) -> io::Result<()> {
         let (store, key) = (self.store.clone(), key.clone());
-        tokio::task::spawn_blocking(move || store.put_dedup(&key, &rec, true))
-            .await
-            .map_err(io::Error::other)?
+        blocking(move || store.put_dedup(&key, &rec, true)).await
     }
 
     /// Before a partner's message leaves the spool: its duplicate record made durable.
     pub async fn sync_dedup(&self, key_file: String) -> io::Result<()> {
         let store = self.store.clone();
-        tokio::task::spawn_blocking(move || store.sync_dedup(&key_file))
-            .await
-            .map_err(io::Error::other)?
+        blocking(move || store.sync_dedup(&key_file)).await
     }
 
     pub async fn add_sent(
@@ -113,10 +105,17 @@ impl Receipts {
             peer.to_string(),
             fingerprint.to_string(),
         );
-        tokio::task::spawn_blocking(move || store.add_sent(&q, &p, &f, &new))
-            .await
-            .map_err(io::Error::other)?
+        blocking(move || store.add_sent(&q, &p, &f, &new)).await
     }
+}
+
+/// Runs blocking file work on the blocking pool (the receipt store and the outbox).
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(io::Error::other)?
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -232,12 +231,13 @@ pub(crate) fn check_returned<'a>(
             "the partner accepted the message but returned no receipt".into(),
         ));
     }
-    // The calls the receipts name, looked up in the journal (a malformed text is refused
-    // below, by `verify`).
-    let named: Vec<String> = signed
+    // Every signature first, with the key this call authenticated; then the calls the
+    // receipts name, looked up in the journal; then what each attests.
+    let verified = signed
         .iter()
-        .filter_map(|s| Receipt::parse(&s.text).ok().map(|r| r.call_id))
-        .collect();
+        .map(|s| crate::receipt::verify(&keys.keyring, m.peer, m.peer_fpr, &s.text, &s.sig))
+        .collect::<Result<Vec<Receipt>, ReceiptError>>()?;
+    let named: Vec<String> = verified.iter().map(|r| r.call_id.clone()).collect();
     let calls = journal.calls_with(m.peer, &named);
     let refs: Vec<CallRef<'_>> = calls
         .iter()
@@ -258,9 +258,8 @@ pub(crate) fn check_returned<'a>(
         calls: &refs,
     };
     let mut covered: Vec<String> = Vec::new();
-    for s in &signed {
-        let r = crate::receipt::verify(&keys.keyring, m.peer, m.peer_fpr, &s.text, &s.sig)?;
-        for a in check_accepted(&r, &exp)? {
+    for r in &verified {
+        for a in check_accepted(r, &exp)? {
             if !covered.iter().any(|c| c == a) {
                 covered.push(a.to_string());
             }
@@ -336,8 +335,10 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for Tap<W> {
             t.size += n as u64;
             if !t.head_done {
                 let room = HEAD_MAX.saturating_sub(t.head.len());
+                // Only the new bytes (and the 3 before them) can complete the blank line.
+                let from = t.head.len().saturating_sub(3);
                 t.head.extend_from_slice(&done[..done.len().min(room)]);
-                t.head_done = t.head.windows(4).any(|w| w == b"\r\n\r\n") || room == 0;
+                t.head_done = t.head[from..].windows(4).any(|w| w == b"\r\n\r\n") || room == 0;
             }
         }
         Poll::Ready(Ok(n))
