@@ -13,16 +13,8 @@ use sipmail::demo::{TwoSites, maildir_files, sample_message, submit};
 use sipmail::keyring::Keyring;
 use sipmail::relay::Hooks;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::time::Duration;
-
-fn sipmail(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sipmail"))
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
-}
 
 fn text(o: &Output) -> String {
     format!(
@@ -116,7 +108,7 @@ async fn recorded_signatures_verify_with_sipmail_and_gpg_and_tampering_fails_bot
 
     // sipmail verify-call: each side's record verifies with its own keyring, and the two
     // records agree (SAS included).
-    let o = sipmail(&[
+    let o = sipmail_cli(&[
         "verify-call",
         "--keyring",
         ka.to_str().unwrap(),
@@ -127,7 +119,7 @@ async fn recorded_signatures_verify_with_sipmail_and_gpg_and_tampering_fails_bot
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("VERIFIED"), "{}", text(&o));
     assert!(text(&o).contains("on both sides"), "{}", text(&o));
-    let o = sipmail(&[
+    let o = sipmail_cli(&[
         "verify-call",
         "--keyring",
         kb.to_str().unwrap(),
@@ -135,7 +127,7 @@ async fn recorded_signatures_verify_with_sipmail_and_gpg_and_tampering_fails_bot
     ]);
     assert!(o.status.success(), "{}", text(&o));
     // Without a keyring nothing fails, but the signatures are not checked: exit 2.
-    let o = sipmail(&["verify-call", rec_a.to_str().unwrap()]);
+    let o = sipmail_cli(&["verify-call", rec_a.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
 
     // The auditor's procedure: export, import both relays' public certs, gpg --verify.
@@ -146,7 +138,7 @@ async fn recorded_signatures_verify_with_sipmail_and_gpg_and_tampering_fails_bot
         assert!(o.status.success(), "{}", text(&o));
     }
     let exp = dir.path().join("export");
-    let o = sipmail(&[
+    let o = sipmail_cli(&[
         "verify-call",
         "--keyring",
         ka.to_str().unwrap(),
@@ -204,7 +196,7 @@ async fn recorded_signatures_verify_with_sipmail_and_gpg_and_tampering_fails_bot
     let tampered = dir.path().join("tampered.json");
     std::fs::write(&tampered, serde_json::to_vec_pretty(&t).unwrap()).unwrap();
     let exp2 = dir.path().join("export-tampered");
-    let o = sipmail(&[
+    let o = sipmail_cli(&[
         "verify-call",
         "--keyring",
         ka.to_str().unwrap(),
@@ -231,7 +223,7 @@ async fn recorded_signatures_verify_with_sipmail_and_gpg_and_tampering_fails_bot
     let mut t = v.clone();
     t["suite"] = "aes-256-gcm".into();
     std::fs::write(&tampered, serde_json::to_vec_pretty(&t).unwrap()).unwrap();
-    let o = sipmail(&[
+    let o = sipmail_cli(&[
         "verify-call",
         "--keyring",
         ka.to_str().unwrap(),

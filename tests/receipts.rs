@@ -111,14 +111,7 @@ async fn every_message_comes_back_with_a_verified_receipt_stored_before_it_is_fo
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let gpg = Gpg::new();
-    let cert = std::fs::read(exp.join("partner.asc")).unwrap();
-    assert!(gpg.run(&["--import"], Some(&cert)).status.success());
-    let o = gpg.verify_files(&exp.join("receipt-1.sig"), &exp.join("receipt-1.txt"));
-    let status = String::from_utf8_lossy(&o.stdout).to_string();
-    assert!(
-        o.status.success() && status.contains("[GNUPG:] GOODSIG"),
-        "gpg: {status}"
-    );
+    let status = gpg.verify_exported_receipt(&exp);
     assert!(status.contains(&b_fpr), "gpg names another key: {status}");
     let mut t = std::fs::read(exp.join("receipt-1.txt")).unwrap();
     t[20] ^= 0x20;
@@ -136,14 +129,6 @@ async fn every_message_comes_back_with_a_verified_receipt_stored_before_it_is_fo
     let out = String::from_utf8_lossy(&o.stdout).to_string();
     assert!(!o.status.success() && out.contains("BAD receipt"), "{out}");
     sites.stop().await;
-}
-
-fn sipmail_cli(args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_sipmail"))
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap()
 }
 
 /// A's reply to the end of the data is lost (the proxy swallows it and closes): A sends

@@ -50,16 +50,11 @@ fn configs_with(
     )
 }
 
+/// The CLI off the runtime's threads: `sipmail send` waits for the relays in this process.
 async fn cli(args: Vec<String>) -> std::process::Output {
-    tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_sipmail"))
-            .args(&args)
-            .stdin(std::process::Stdio::null())
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap()
+    tokio::task::spawn_blocking(move || sipmail_cli(&args))
+        .await
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -152,15 +147,7 @@ async fn three_files_arrive_in_the_partners_inbox_and_send_exits_0_with_a_verifi
     ])
     .await;
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let gpg = Gpg::new();
-    let cert = std::fs::read(exp.join("partner.asc")).unwrap();
-    assert!(gpg.run(&["--import"], Some(&cert)).status.success());
-    let o = gpg.verify_files(&exp.join("receipt-1.sig"), &exp.join("receipt-1.txt"));
-    let status = String::from_utf8_lossy(&o.stdout).to_string();
-    assert!(
-        o.status.success() && status.contains("[GNUPG:] GOODSIG"),
-        "gpg: {status}"
-    );
+    Gpg::new().verify_exported_receipt(&exp);
 
     // A partner's attachment named to escape the inbox: refused, the message delivered.
     let evil = b"From: a@site-a.test\r\nTo: bob@site-b.test\r\nSubject: evil\r\n\

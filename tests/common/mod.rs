@@ -314,6 +314,15 @@ pub async fn sites_via_sip_proxy(
         .unwrap()
 }
 
+/// Runs the `sipmail` binary built for the tests, stdin closed, and waits for it.
+pub fn sipmail_cli<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_sipmail"))
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap()
+}
+
 /// A throw-away GnuPG home; its agent is stopped on drop.
 pub struct Gpg(tempfile::TempDir);
 
@@ -353,6 +362,20 @@ impl Gpg {
             &dir.join(format!("{name}.sig")),
             &dir.join(format!("{name}.data")),
         )
+    }
+    /// What an auditor does with `sipmail receipts export ID DIR`: import DIR/partner.asc,
+    /// then `gpg --verify DIR/receipt-1.sig DIR/receipt-1.txt`, which must say GOODSIG.
+    /// Returns gpg's status lines.
+    pub fn verify_exported_receipt(&self, dir: &std::path::Path) -> String {
+        let cert = std::fs::read(dir.join("partner.asc")).unwrap();
+        assert!(self.run(&["--import"], Some(&cert)).status.success());
+        let o = self.verify_files(&dir.join("receipt-1.sig"), &dir.join("receipt-1.txt"));
+        let status = String::from_utf8_lossy(&o.stdout).to_string();
+        assert!(
+            o.status.success() && status.contains("[GNUPG:] GOODSIG"),
+            "gpg: {status}"
+        );
+        status
     }
     pub fn verify_files(
         &self,
