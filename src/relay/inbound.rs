@@ -135,6 +135,10 @@ impl SpoolBackend {
                 "Local error: cannot record the receipt, try again later",
             )
         };
+        let write_failed = |what: &str, e: &std::io::Error| {
+            tracing::error!(queue_id = %id, error = %e, "{what}");
+            Reply::spool_write_failed(e)
+        };
         let key = super::receipts::key_of(&facts);
         let _guard = receipts.lock(&key).await;
         let mut rec = match receipts.dedup(&key).await {
@@ -172,7 +176,7 @@ impl SpoolBackend {
         qenv.receipt = Some(Box::new(facts.clone()));
         if let Err(e) = spool.commit(file, &qenv).await {
             spool.discard(&id).await;
-            return unavailable("could not commit a message to the spool", &e);
+            return write_failed("could not commit a message to the spool", &e);
         }
         let r = super::receipts::accepted_receipt(&self.settings.site.domain, &qenv, &facts);
         let signed = match super::receipts::sign(&keys, &r) {
@@ -185,7 +189,7 @@ impl SpoolBackend {
         super::receipts::remember(&mut rec, &r, &signed);
         if let Err(e) = receipts.put_dedup(&key, rec).await {
             let _ = spool.remove(&id).await;
-            return unavailable("cannot record the receipt; the message is not kept", &e);
+            return write_failed("cannot record the receipt; the message is not kept", &e);
         }
         tracing::info!(queue_id = %id, from = %qenv.mail_from, rcpts = qenv.recipients.len(),
             size = qenv.size, call_id = %facts.call_id, peer = %facts.peer,
@@ -282,21 +286,13 @@ impl Backend for SpoolBackend {
             .await
             .map_err(|e| {
                 tracing::error!(error = %e, "cannot create a spool file");
-                Reply::new(
-                    451,
-                    (4, 3, 0),
-                    "Local error: cannot write to the queue, try again later",
-                )
+                Reply::spool_write_failed(&e)
             })?;
         let hdr = self.received_header(&id, env);
         if let Err(e) = w.write_all(hdr.as_bytes()).await {
             tracing::error!(error = %e, "cannot write to a spool file");
             self.shared.spool.discard(&id).await;
-            return Err(Reply::new(
-                451,
-                (4, 3, 0),
-                "Local error: cannot write to the queue, try again later",
-            ));
+            return Err(Reply::spool_write_failed(&e));
         }
         self.current = Some(id);
         // Our own trace lines are written; what the client sends loses any look-alike. A
@@ -311,11 +307,7 @@ impl Backend for SpoolBackend {
         };
         let fail = |e: std::io::Error| {
             tracing::error!(queue_id = %id, error = %e, "could not commit a message to the spool");
-            Reply::new(
-                451,
-                (4, 3, 0),
-                "Local error: cannot write to the queue, try again later",
-            )
+            Reply::spool_write_failed(&e)
         };
         let (writer, tapped) = writer.into_parts();
         let finished = match writer.into_inner().await {

@@ -183,7 +183,7 @@ where
                         Ok(()) => None,
                         Err(e) => {
                             tracing::warn!(error = %e, "spool write failed");
-                            Some(e.kind() == std::io::ErrorKind::StorageFull)
+                            Some(super::reply::is_storage_full(&e))
                         }
                     },
                     None => Some(false),

@@ -41,6 +41,27 @@ impl Reply {
         Reply::new(451, (4, 3, 0), text)
     }
 
+    /// `452 4.3.1`: the queue's disk is full (RFC 3463 4.3.1, "mail system full"): a
+    /// reason for the client to retry later, never to bounce.
+    pub fn storage_full() -> Self {
+        Reply::new(
+            452,
+            (4, 3, 1),
+            "insufficient system storage: the queue's disk is full, try again later",
+        )
+    }
+
+    /// The answer to a failed spool write: 452 4.3.1 when the disk (or a quota) is full,
+    /// wherever in the write it showed (create, write, flush, fsync, rename), else
+    /// `451 4.3.0`.
+    pub fn spool_write_failed(e: &std::io::Error) -> Self {
+        if is_storage_full(e) {
+            Reply::storage_full()
+        } else {
+            Reply::temp_failure("Local error: cannot write to the queue, try again later")
+        }
+    }
+
     /// `550 5.7.1 <text>`: relay / policy denial.
     pub fn relay_denied(text: impl Into<String>) -> Self {
         Reply::new(550, (5, 7, 1), text)
@@ -128,6 +149,12 @@ impl fmt::Display for ReplyParseError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
     }
+}
+
+/// The disk or a quota is full: a write error the client should hear as 452 4.3.1.
+pub fn is_storage_full(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{QuotaExceeded, StorageFull};
+    matches!(e.kind(), StorageFull | QuotaExceeded)
 }
 
 /// Printable, truncated rendering of peer bytes for error messages.
@@ -273,6 +300,19 @@ pub fn parse_reply(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_disk_is_452_wherever_the_write_failed_other_errors_451() {
+        use std::io::{Error, ErrorKind};
+        for kind in [ErrorKind::StorageFull, ErrorKind::QuotaExceeded] {
+            let r = Reply::spool_write_failed(&Error::from(kind));
+            assert_eq!((r.code, r.enhanced), (452, Some((4, 3, 1))), "{kind:?}");
+        }
+        let r = Reply::spool_write_failed(&Error::from_raw_os_error(28)); // ENOSPC from fsync
+        assert_eq!(r.code, 452);
+        let r = Reply::spool_write_failed(&Error::from(ErrorKind::PermissionDenied));
+        assert_eq!((r.code, r.enhanced), (451, Some((4, 3, 0))));
+    }
 
     #[test]
     fn display_single_and_multi() {

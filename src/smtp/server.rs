@@ -469,11 +469,7 @@ impl ServerSession {
                             (5, 3, 4),
                             "message size exceeds fixed maximum message size",
                         )),
-                        (DataVerdict::Ok, true) if self.storage_full => Some(r(
-                            452,
-                            (4, 3, 1),
-                            "insufficient system storage: the queue's disk is full, try again later",
-                        )),
+                        (DataVerdict::Ok, true) if self.storage_full => Some(Reply::storage_full()),
                         (DataVerdict::Ok, true) => {
                             Some(Reply::temp_failure("local error in processing"))
                         }
