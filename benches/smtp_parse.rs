@@ -69,6 +69,7 @@ fn run_session(input: &[u8], chunk: usize) -> usize {
                 s.data_end_result(Reply::ok("queued"));
             }
             Event::DataAbort => panic!("message rejected"),
+            Event::Receipts(_) => s.receipts_result(Reply::ok("Ok")),
             Event::Quit | Event::Close(_) => break,
         }
     }

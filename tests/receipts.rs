@@ -47,6 +47,17 @@ async fn every_message_comes_back_with_a_verified_receipt_stored_before_it_is_fo
             == 0)
         .await
     );
+    // B hands each message on and signs a delivered receipt; A fetches it through the
+    // call once the lane is idle, checks it and stores it beside the accepted one.
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let sent = a_store(&sites).list_sent().unwrap();
+            sent.len() == 3 && sent.iter().all(|r| r.delivered.len() == 1)
+        })
+        .await,
+        "A has not got every delivered receipt: {:?}",
+        a_store(&sites).list_sent().unwrap()
+    );
     let sent = a_store(&sites).list_sent().unwrap();
     assert_eq!(sent.len(), 3, "one stored receipt record per message");
     let kb = Keyring::open(&dir.path().join("keyring/site-b")).unwrap();
@@ -65,7 +76,23 @@ async fn every_message_comes_back_with_a_verified_receipt_stored_before_it_is_fo
         assert_eq!(r.rcpts, vec!["bob@site-b.test".to_string()]);
         assert_eq!(r.transcript_sha256.len(), 64);
         hashes.push(r.message_sha256.clone());
+        // The delivered receipt repeats the accepted one and names the Maildir file.
+        let d = rec.delivered[0].to_signed().unwrap();
+        let d = sipmail::receipt::verify(&ka, "site-b.test", &b_fpr, &d.text, &d.sig).unwrap();
+        assert_eq!(d.kind, sipmail::receipt::Kind::Delivered);
+        assert_eq!(
+            sipmail::receipt::check_delivered(&d, std::slice::from_ref(&r)).unwrap(),
+            vec!["bob@site-b.test".to_string()]
+        );
+        let to = d.handoffs[0].to.strip_prefix("maildir ").unwrap();
+        assert!(md.join(to).is_file(), "no Maildir file {to}");
+        assert!(d.handoffs[0].at_unix_ms >= r.committed_unix_ms);
     }
+    let issued =
+        sites.b.metrics_text().lines().any(|l| {
+            l.starts_with("sipmail_delivered_receipts_issued_total{") && l.ends_with(" 3")
+        });
+    assert!(issued, "B did not count 3 delivered receipts");
     // The hash is of the bytes B received: A's queued body (with A's Received line), and
     // what B delivered is that after B's own trace lines.
     for f in maildir_files(&md) {
@@ -96,7 +123,13 @@ async fn every_message_comes_back_with_a_verified_receipt_stored_before_it_is_fo
         3,
         "{out}"
     );
-    assert!(out.contains("3 receipt(s), 0 bad"), "{out}");
+    assert_eq!(
+        out.matches("good delivered receipt from mail@site-b.test")
+            .count(),
+        3,
+        "{out}"
+    );
+    assert!(out.contains("6 receipt(s), 0 bad"), "{out}");
     let o = sipmail_cli(&["receipts", "-c", cfg, "list"]);
     assert!(o.status.success());
     assert!(String::from_utf8_lossy(&o.stdout).contains(&sent[0].queue_id));
@@ -113,6 +146,12 @@ async fn every_message_comes_back_with_a_verified_receipt_stored_before_it_is_fo
     let gpg = Gpg::new();
     let status = gpg.verify_exported_receipt(&exp);
     assert!(status.contains(&b_fpr), "gpg names another key: {status}");
+    let o = gpg.verify_files(&exp.join("delivered-1.sig"), &exp.join("delivered-1.txt"));
+    let status = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        o.status.success() && status.contains("[GNUPG:] GOODSIG"),
+        "gpg on the delivered receipt: {status}"
+    );
     let mut t = std::fs::read(exp.join("receipt-1.txt")).unwrap();
     t[20] ^= 0x20;
     std::fs::write(exp.join("receipt-1.txt"), &t).unwrap();
@@ -308,6 +347,123 @@ async fn a_lying_receipt_is_refused_the_message_stays_queued_and_is_never_delive
         assert_eq!(a_store(&sites).list_sent().unwrap().len(), 2, "{lie:?}");
         sites.stop().await;
     }
+}
+
+/// The sum of a counter's series in a relay's metrics text.
+fn counter(text: &str, name: &str) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// B lies in its delivered receipts: a tampered byte, another key, a receipt for another
+/// message (the first message's, re-pointed at the second and signed again by B's real
+/// key), and a hand-off to a recipient the message was never accepted for. A refuses each
+/// (ALERT and the refused counter) and stores none; the honest ones are stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lying_delivered_receipt_is_refused_and_not_stored() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let kb_dir = dir.path().join("keyring/site-b");
+    let other = dir.path().join("keyring/mallory");
+    Keyring::generate(&other, "site-b.test").unwrap();
+    // 0: honest; 1..=4: the lies, in the order below.
+    let mode = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let first: Arc<Mutex<Option<Receipt>>> = Arc::default();
+    let (m, f) = (mode.clone(), first.clone());
+    let hooks_b = Hooks {
+        delivered_reply: Some(Arc::new(move |v: Vec<Signed>| {
+            let resign = |r: &Receipt, with: &std::path::Path| {
+                let k = Keyring::open(with).unwrap();
+                let (text, sig) = sipmail::receipt::sign(&k, r).unwrap();
+                Signed { text, sig }
+            };
+            v.into_iter()
+                .map(|mut s| {
+                    let mut r = Receipt::parse(&s.text).unwrap();
+                    let mut keep = f.lock().unwrap();
+                    match m.load(Ordering::SeqCst) {
+                        0 => {
+                            keep.get_or_insert(r);
+                            s
+                        }
+                        1 => {
+                            let i = s.text.len() / 2;
+                            s.text[i] ^= 0x01;
+                            s
+                        }
+                        2 => {
+                            let k = Keyring::open(&other).unwrap();
+                            r.receiver_fingerprint = k.own_fingerprint().unwrap();
+                            resign(&r, &other)
+                        }
+                        3 => {
+                            let mut old = keep.clone().unwrap();
+                            old.sender_queue_id = r.sender_queue_id.clone();
+                            resign(&old, &kb_dir)
+                        }
+                        _ => {
+                            r.handoffs[0].rcpt = "eve@site-b.test".into();
+                            resign(&r, &kb_dir)
+                        }
+                    }
+                })
+                .collect()
+        })),
+        ..Default::default()
+    };
+    let (a, b) = edited_configs(dir.path(), |s| s, |s| s);
+    let sites = TwoSites::start_with_hooks(dir.path(), a, b, Hooks::default(), hooks_b)
+        .await
+        .unwrap();
+    let delivered_of = |sites: &TwoSites| -> usize {
+        a_store(sites)
+            .list_sent()
+            .unwrap()
+            .iter()
+            .map(|r| r.delivered.len())
+            .sum()
+    };
+    for step in 0..5usize {
+        mode.store(step, Ordering::SeqCst);
+        let msg = sample_message(step, "lying delivered");
+        submit(sites.a.smtp_addr, &[msg], "bob@site-b.test", |_| {})
+            .await
+            .unwrap();
+        let settled = wait_until(Duration::from_secs(15), || {
+            let refused = counter(
+                &sites.a.metrics_text(),
+                "sipmail_delivered_receipts_refused_total",
+            );
+            let stored = delivered_of(&sites);
+            a_store(&sites).list_sent().unwrap().len() == step + 1
+                && (stored + refused as usize) == step + 1
+        })
+        .await;
+        assert!(
+            settled,
+            "step {step}: A neither stored nor refused the delivered receipt"
+        );
+        assert_eq!(
+            delivered_of(&sites),
+            1,
+            "step {step}: a lying receipt was stored"
+        );
+    }
+    let text = sites.a.metrics_text();
+    assert_eq!(
+        counter(&text, "sipmail_delivered_receipts_refused_total"),
+        4
+    );
+    assert_eq!(
+        counter(&text, "sipmail_delivered_receipts_verified_total"),
+        1
+    );
+    // Every message was still delivered once, and left A's queue on its accepted receipt.
+    assert_eq!(maildir_files(&sites.maildir(&sites.b_cfg)).len(), 5);
+    assert_eq!(sites.a.queue_snapshot().messages, 0);
+    sites.stop().await;
 }
 
 /// A tmpfs mounted for the test, unmounted when dropped.

@@ -68,6 +68,10 @@ fn pump(s: &mut ServerSession, log: &mut Log, cur: &mut Vec<u8>) -> bool {
                 log.aborted += 1;
                 cur.clear();
             }
+            Event::Receipts(c) => {
+                log.calls.push(format!("RECEIPTS {c:?}"));
+                s.receipts_result(Reply::ok("Ok: 0 delivered receipt(s)\nXRECEIPT END 0"));
+            }
             Event::Quit => {
                 log.end = Some("quit".into());
                 return false;
@@ -612,4 +616,57 @@ RCPT TO:<ü@b.example>\r\nQUIT\r\n";
     assert_eq!(text.matches("553 5.6.7").count(), 2, "{text}");
     assert!(text.contains("250 2.1.0 Ok"), "{text}");
     assert!(log.messages.is_empty());
+}
+
+/// `XRECEIPT FETCH` / `ACK n`: only where the extension is offered, only after EHLO and
+/// outside a transaction, with a count of at most 16; byte for byte.
+#[test]
+fn xreceipt_commands_are_checked_before_the_backend_sees_them() {
+    let input = b"XRECEIPT FETCH\r\nEHLO a\r\nXRECEIPT FETCH\r\nXRECEIPT ACK 0\r\nXRECEIPT ACK 17\r\nXRECEIPT\r\nXRECEIPT FETCH NOW\r\nMAIL FROM:<a@b.example>\r\nXRECEIPT FETCH\r\nQUIT\r\n";
+    let on = ServerConfig {
+        receipts: true,
+        ..config()
+    };
+    let (out, log) = assert_chunking_invariant(&on, input);
+    let out = String::from_utf8_lossy(&out);
+    let replies: Vec<&str> = out
+        .split("\r\n")
+        .filter(|l| !l.starts_with("250-") || l.contains("2.0.0"))
+        .collect();
+    assert_eq!(
+        replies,
+        [
+            "220 mx.test ESMTP sipmail",
+            "503 5.5.1 send EHLO first",
+            "250 XRECEIPT sipmail-receipt/1",
+            "250-2.0.0 Ok: 0 delivered receipt(s)",
+            "250 2.0.0 XRECEIPT END 0",
+            "250-2.0.0 Ok: 0 delivered receipt(s)",
+            "250 2.0.0 XRECEIPT END 0",
+            "501 5.5.4 XRECEIPT ACK takes a count of 0 to 16",
+            "501 5.5.4 syntax: XRECEIPT FETCH | XRECEIPT ACK <n>",
+            "501 5.5.4 syntax: XRECEIPT FETCH | XRECEIPT ACK <n>",
+            "250 2.1.0 Ok",
+            "503 5.5.1 XRECEIPT is not allowed in a mail transaction",
+            "221 2.0.0 mx.test closing connection",
+            "",
+        ],
+        "{out}"
+    );
+    assert_eq!(
+        log.calls,
+        [
+            "RECEIPTS Fetch",
+            "RECEIPTS Ack(0)",
+            "MAIL a@b.example None false"
+        ]
+    );
+    // Where the extension is not offered, the command does not exist.
+    let (out, log) = run(config(), b"EHLO a\r\nXRECEIPT FETCH\r\nQUIT\r\n");
+    assert!(
+        String::from_utf8_lossy(&out).contains("500 5.5.1 command not recognized"),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    assert!(log.calls.is_empty());
 }

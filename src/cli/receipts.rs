@@ -1,6 +1,7 @@
 //! `sipmail receipts`: the signed receipts partners returned for the mail we sent, as the
-//! relay stored them (<spool>/receipts/sent/), listed, shown, verified again against the
-//! keyring, and exported for `gpg --verify`.
+//! relay stored them (<spool>/receipts/sent/): the `accepted` receipt of each message and
+//! the `delivered` ones fetched later; listed, shown, verified again against the keyring,
+//! and exported for `gpg --verify`.
 
 use anyhow::{Context, Result, bail};
 use sipmail::config::Config;
@@ -13,7 +14,8 @@ use std::process::ExitCode;
 #[derive(clap::Subcommand, Debug)]
 pub enum ReceiptsCmd {
     /// One line per message sent with a receipt: our queue ID, the partner, when the
-    /// partner committed it, the recipients covered and the SHA-256 of the message.
+    /// partner committed it, the recipients covered, how many of them have a delivered
+    /// receipt yet, and the SHA-256 of the message.
     List,
     /// The receipts of one message (our queue ID), as signed.
     Show { id: String },
@@ -29,9 +31,10 @@ pub enum ReceiptsCmd {
         all: bool,
     },
     /// Write one message's receipts into DIR as receipt-N.txt (the signed text) and
-    /// receipt-N.sig (the detached OpenPGP signature), with the partner's certificate as
-    /// partner.asc: `gpg --import DIR/partner.asc; gpg --verify DIR/receipt-1.sig
-    /// DIR/receipt-1.txt` checks it without sipmail.
+    /// receipt-N.sig (the detached OpenPGP signature), its delivered receipts as
+    /// delivered-N.txt/.sig, with the partner's certificate(s) as partner.asc:
+    /// `gpg --import DIR/partner.asc; gpg --verify DIR/receipt-1.sig DIR/receipt-1.txt`
+    /// checks it without sipmail.
     Export {
         id: String,
         #[arg(value_name = "DIR")]
@@ -52,17 +55,25 @@ pub fn run(cfg: &Config, cmd: ReceiptsCmd) -> Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             println!(
-                "{:<24} {:<24} {:<20} {:<8} sha256",
-                "queue id", "partner", "committed (UTC)", "rcpts"
+                "{:<24} {:<24} {:<20} {:<6} {:<9} sha256",
+                "queue id", "partner", "committed (UTC)", "rcpts", "delivered"
             );
             for rec in &all {
+                let handed: Vec<String> = rec
+                    .delivered
+                    .iter()
+                    .filter_map(|s| Receipt::parse(s.text.as_bytes()).ok())
+                    .flat_map(|d| d.handoffs.into_iter().map(|h| h.rcpt))
+                    .collect();
                 for r in parsed(rec) {
+                    let n = r.rcpts.iter().filter(|a| handed.contains(a)).count();
                     println!(
-                        "{:<24} {:<24} {:<20} {:<8} {}",
+                        "{:<24} {:<24} {:<20} {:<6} {:<9} {}",
                         rec.queue_id,
                         rec.peer,
                         when(r.committed_unix_ms),
                         r.rcpts.len(),
+                        n,
                         r.message_sha256
                     );
                 }
@@ -75,6 +86,14 @@ pub fn run(cfg: &Config, cmd: ReceiptsCmd) -> Result<ExitCode> {
             for (i, s) in rec.receipts.iter().enumerate() {
                 println!(
                     "# receipt {} (signature: {} bytes base64)",
+                    i + 1,
+                    s.sig.len()
+                );
+                print!("{}", s.text);
+            }
+            for (i, s) in rec.delivered.iter().enumerate() {
+                println!(
+                    "# delivered receipt {} (signature: {} bytes base64)",
                     i + 1,
                     s.sig.len()
                 );
@@ -93,6 +112,28 @@ pub fn run(cfg: &Config, cmd: ReceiptsCmd) -> Result<ExitCode> {
             let mut bad = 0;
             let mut n = 0;
             for rec in &recs {
+                for s in &rec.delivered {
+                    n += 1;
+                    match verify_delivered(&kr, rec, s) {
+                        Ok(r) => {
+                            for h in &r.handoffs {
+                                println!(
+                                    "{}: good delivered receipt from mail@{} (key {}): <{}> handed on {} to {}",
+                                    rec.queue_id,
+                                    r.receiver,
+                                    r.receiver_fingerprint,
+                                    h.rcpt,
+                                    when(h.at_unix_ms),
+                                    h.to
+                                );
+                            }
+                        }
+                        Err(e) => {
+                            bad += 1;
+                            println!("{}: BAD delivered receipt: {e:#}", rec.queue_id);
+                        }
+                    }
+                }
                 for s in &rec.receipts {
                     n += 1;
                     match verify_one(&kr, rec, s) {
@@ -127,8 +168,9 @@ pub fn run(cfg: &Config, cmd: ReceiptsCmd) -> Result<ExitCode> {
                 .with_context(|| format!("opening the keyring {}", cfg.keyring.display()))?;
             export(&kr, &rec, &dir)?;
             println!(
-                "Wrote {} receipt(s) to {}. Check with GnuPG:\n  gpg --import {d}/partner.asc\n  gpg --verify {d}/receipt-1.sig {d}/receipt-1.txt",
+                "Wrote {} receipt(s) and {} delivered receipt(s) to {}. Check with GnuPG:\n  gpg --import {d}/partner.asc\n  gpg --verify {d}/receipt-1.sig {d}/receipt-1.txt",
                 rec.receipts.len(),
+                rec.delivered.len(),
                 dir.display(),
                 d = dir.display()
             );
@@ -155,6 +197,9 @@ fn parsed(rec: &SentRecord) -> Vec<Receipt> {
         .collect()
 }
 
+/// Verifies a stored receipt with the partner's certificate it names (the fingerprint of
+/// the record for an accepted one; a delivered one may come after a key rotation), which
+/// must be in the keyring for the partner's domain.
 fn verify_one(
     kr: &Keyring,
     rec: &SentRecord,
@@ -163,7 +208,12 @@ fn verify_one(
     let signed = s
         .to_signed()
         .context("the stored signature is not base64")?;
-    let r = sipmail::receipt::verify(kr, &rec.peer, &rec.fingerprint, &signed.text, &signed.sig)?;
+    let named = Receipt::parse(&signed.text)?;
+    let fpr = match named.kind {
+        sipmail::receipt::Kind::Accepted => rec.fingerprint.as_str(),
+        sipmail::receipt::Kind::Delivered => named.receiver_fingerprint.as_str(),
+    };
+    let r = sipmail::receipt::verify(kr, &rec.peer, fpr, &signed.text, &signed.sig)?;
     if r.sender_queue_id != rec.queue_id {
         bail!(
             "it names our queue ID {}, it is stored for {}",
@@ -174,25 +224,45 @@ fn verify_one(
     Ok(r)
 }
 
+/// A stored delivered receipt: verified, and checked against the record's accepted ones.
+fn verify_delivered(
+    kr: &Keyring,
+    rec: &SentRecord,
+    s: &sipmail::receipt::store::StoredReceipt,
+) -> Result<Receipt> {
+    let r = verify_one(kr, rec, s)?;
+    sipmail::receipt::check_delivered(&r, &parsed(rec))?;
+    Ok(r)
+}
+
 fn export(kr: &Keyring, rec: &SentRecord, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    for (i, s) in rec.receipts.iter().enumerate() {
-        let signed = s
-            .to_signed()
-            .context("the stored signature is not base64")?;
-        let base = dir.join(format!("receipt-{}", i + 1));
-        std::fs::write(base.with_extension("txt"), &signed.text)?;
-        std::fs::write(base.with_extension("sig"), &signed.sig)?;
+    let mut fprs = vec![rec.fingerprint.clone()];
+    for (prefix, list) in [("receipt", &rec.receipts), ("delivered", &rec.delivered)] {
+        for (i, s) in list.iter().enumerate() {
+            let signed = s
+                .to_signed()
+                .context("the stored signature is not base64")?;
+            if let Ok(r) = Receipt::parse(&signed.text)
+                && !fprs.contains(&r.receiver_fingerprint)
+            {
+                fprs.push(r.receiver_fingerprint);
+            }
+            let base = dir.join(format!("{prefix}-{}", i + 1));
+            std::fs::write(base.with_extension("txt"), &signed.text)?;
+            std::fs::write(base.with_extension("sig"), &signed.sig)?;
+        }
     }
-    let cert = kr
-        .export_peer_cert(&rec.peer, &rec.fingerprint)
-        .with_context(|| {
-            format!(
-                "the certificate {} of {} is not in the keyring",
-                rec.fingerprint, rec.peer
-            )
+    // Every certificate the receipts name (a delivered receipt may come after the
+    // partner rotated its key), armored one after the other: gpg imports them all.
+    let mut certs = Vec::new();
+    for f in &fprs {
+        let cert = kr.export_peer_cert(&rec.peer, f).with_context(|| {
+            format!("the certificate {f} of {} is not in the keyring", rec.peer)
         })?;
-    std::fs::write(dir.join("partner.asc"), cert)?;
+        certs.extend_from_slice(cert.as_bytes());
+    }
+    std::fs::write(dir.join("partner.asc"), certs)?;
     Ok(())
 }
 

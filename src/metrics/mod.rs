@@ -112,6 +112,9 @@ pub struct Metrics {
     duplicates_suppressed: Family<PeerLabels, Counter>,
     receipts_verified: Family<PeerLabels, Counter>,
     receipts_refused: Family<PeerLabels, Counter>,
+    delivered_issued: Family<PeerLabels, Counter>,
+    delivered_verified: Family<PeerLabels, Counter>,
+    delivered_refused: Family<PeerLabels, Counter>,
     last_calls: Mutex<BTreeMap<String, LastCall>>,
     scraping: Mutex<()>,
 }
@@ -160,6 +163,9 @@ impl Metrics {
             duplicates_suppressed: Family::default(),
             receipts_verified: Family::default(),
             receipts_refused: Family::default(),
+            delivered_issued: Family::default(),
+            delivered_verified: Family::default(),
+            delivered_refused: Family::default(),
             last_calls: Mutex::new(BTreeMap::new()),
             scraping: Mutex::new(()),
         };
@@ -280,6 +286,21 @@ impl Metrics {
             "Receipts from a partner refused (bad signature, wrong key, another message or call); the message stays queued",
             self.receipts_refused.clone(),
         );
+        r.register(
+            "delivered_receipts_issued",
+            "Signed delivered receipts we issued when we handed a partner's message on",
+            self.delivered_issued.clone(),
+        );
+        r.register(
+            "delivered_receipts_verified",
+            "Delivered receipts fetched from a partner that verified and matched an accepted one",
+            self.delivered_verified.clone(),
+        );
+        r.register(
+            "delivered_receipts_refused",
+            "Delivered receipts fetched from a partner and refused (not stored)",
+            self.delivered_refused.clone(),
+        );
     }
 
     /// The partners whose domains may appear as labels (at start, and after a reload).
@@ -394,6 +415,20 @@ impl Metrics {
             &self.receipts_verified
         } else {
             &self.receipts_refused
+        };
+        f.get_or_create(&self.peer(peer)).inc();
+    }
+
+    pub fn delivered_receipt_issued(&self, peer: &str) {
+        self.delivered_issued.get_or_create(&self.peer(peer)).inc();
+    }
+
+    /// A delivered receipt fetched from `peer`: `ok` verified and matched, else refused.
+    pub fn delivered_receipt_checked(&self, peer: &str, ok: bool) {
+        let f = if ok {
+            &self.delivered_verified
+        } else {
+            &self.delivered_refused
         };
         f.get_or_create(&self.peer(peer)).inc();
     }

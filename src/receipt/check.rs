@@ -149,3 +149,64 @@ pub fn check_accepted<'r>(
     }
     Ok(covered)
 }
+
+/// Checks a `delivered` receipt (signature already verified with the key the call
+/// authenticated) against the `accepted` receipts we stored for the message it names by
+/// our queue ID. It must repeat one of them field for field (the same acceptance: the
+/// receiver's queue ID, the call, the hash, the envelope, the commit time) and hand on only
+/// recipients that acceptance covered. Returns the recipients handed on.
+pub fn check_delivered(d: &Receipt, accepted: &[Receipt]) -> Result<Vec<String>, ReceiptError> {
+    if d.kind != Kind::Delivered {
+        return Err(ReceiptError::Mismatch(format!(
+            "a {} receipt where delivered ones were fetched",
+            d.kind.as_str()
+        )));
+    }
+    let Some(a) = accepted
+        .iter()
+        .find(|a| a.queue_id == d.queue_id && a.call_id == d.call_id)
+    else {
+        return Err(ReceiptError::OtherMessage(format!(
+            "it names their queue ID {} and call {}; no accepted receipt of our message {} does",
+            d.queue_id, d.call_id, d.sender_queue_id
+        )));
+    };
+    let differs: Vec<&str> = [
+        ("receiver", !a.receiver.eq_ignore_ascii_case(&d.receiver)),
+        ("sender", !a.sender.eq_ignore_ascii_case(&d.sender)),
+        ("sender-queue-id", a.sender_queue_id != d.sender_queue_id),
+        ("message-sha256", a.message_sha256 != d.message_sha256),
+        ("message-size", a.message_size != d.message_size),
+        ("message-id", a.message_id != d.message_id),
+        ("mail-from", a.mail_from != d.mail_from),
+        ("rcpt", a.rcpts != d.rcpts),
+        (
+            "committed-unix-ms",
+            a.committed_unix_ms != d.committed_unix_ms,
+        ),
+        (
+            "transcript-sha256",
+            a.transcript_sha256 != d.transcript_sha256,
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(name, bad)| bad.then_some(name))
+    .collect();
+    if !differs.is_empty() {
+        return Err(ReceiptError::OtherMessage(format!(
+            "it differs from the accepted receipt in {}",
+            differs.join(", ")
+        )));
+    }
+    let mut out = Vec::new();
+    for h in &d.handoffs {
+        if !a.rcpts.iter().any(|r| same_addr(r, &h.rcpt)) {
+            return Err(ReceiptError::Mismatch(format!(
+                "it hands on <{}>, a recipient the message was not accepted for",
+                h.rcpt
+            )));
+        }
+        out.push(h.rcpt.clone());
+    }
+    Ok(out)
+}

@@ -22,7 +22,7 @@ pub mod wire;
 #[cfg(test)]
 mod tests;
 
-pub use check::{AcceptedExpectations, CallRef, ReceiptError, check_accepted};
+pub use check::{AcceptedExpectations, CallRef, ReceiptError, check_accepted, check_delivered};
 pub use dedup::DedupKey;
 pub use sign::{sign, verify};
 

@@ -10,6 +10,11 @@
 //! - `calls.log`: one line per call we placed that can carry receipts (`ms peer call-id
 //!   transcript-sha256`), fsynced when the call is set up. The sender checks a returned
 //!   receipt's call against it, across restarts.
+//! - `delivered/<peer>.log`: the receiving side's `delivered` receipts for one partner,
+//!   one JSON line each ([`StoredReceipt`]), appended and fdatasynced at hand-off; and
+//!   `delivered/<peer>.acked`, the byte offset up to which the partner has fetched and
+//!   acknowledged them (`XRECEIPT FETCH` / `ACK`, docs/PROTOCOL.md §4b). The log is also
+//!   the receiver's own record of what it handed on.
 //! - `tmp/`: files being written; renamed into place (the commit point).
 //!
 //! Each write is: write to `tmp/`, fsync the file, rename, fsync the directory.
@@ -56,7 +61,20 @@ pub struct SentRecord {
     /// The partner's domain and the fingerprint the receipts were verified with.
     pub peer: String,
     pub fingerprint: String,
+    /// The `accepted` receipts (the first is the one that let us forget the message).
     pub receipts: Vec<StoredReceipt>,
+    /// The `delivered` receipts fetched later, each checked against an accepted one.
+    #[serde(default)]
+    pub delivered: Vec<StoredReceipt>,
+}
+
+/// A batch of `delivered` receipts read for a partner: the receipts and the log offset
+/// just after the last one (what an acknowledgement of the whole batch records).
+#[derive(Debug, Default)]
+pub struct DeliveredBatch {
+    pub receipts: Vec<Signed>,
+    /// (log offset after each receipt), in order.
+    pub ends: Vec<u64>,
 }
 
 /// The receiver's record of one duplicate key.
@@ -123,6 +141,8 @@ pub struct ReceiptStore {
     /// `dedup/`): writers that renamed while an fsync ran share the next one.
     sent_sync: DirGroup,
     dedup_sync: DirGroup,
+    /// Appends to the delivered logs are serialised (one line, then fdatasync).
+    delivered_lock: std::sync::Mutex<()>,
 }
 
 /// Group commit for one directory's fsync, for writers on blocking threads.
@@ -157,7 +177,7 @@ impl ReceiptStore {
     /// by a crash are removed.
     pub fn open(spool: &Path) -> io::Result<ReceiptStore> {
         let s = ReceiptStore::at(spool);
-        for d in ["sent", "dedup", "tmp"] {
+        for d in ["sent", "dedup", "delivered", "tmp"] {
             fs::create_dir_all(s.root.join(d))?;
         }
         for e in fs::read_dir(s.root.join("tmp"))? {
@@ -173,6 +193,7 @@ impl ReceiptStore {
             seq: AtomicU64::new(0),
             sent_sync: DirGroup::default(),
             dedup_sync: DirGroup::default(),
+            delivered_lock: std::sync::Mutex::new(()),
         }
     }
 
@@ -247,6 +268,17 @@ impl ReceiptStore {
         self.write_renamed("dedup", &name, &bytes, durable)
     }
 
+    /// The record stored under a key's file name ([`DedupKey::file_name`]).
+    pub fn dedup_file(&self, key_file: &str) -> io::Result<Option<DedupRecord>> {
+        if key_file.len() != 64 || !key_file.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a duplicate key",
+            ));
+        }
+        Self::read_json(&self.root.join("dedup").join(format!("{key_file}.json")))
+    }
+
     /// Makes the record of `key` durable (file and directory fsync); nothing if absent.
     pub fn sync_dedup(&self, key_file: &str) -> io::Result<()> {
         if key_file.len() != 64 || !key_file.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -306,6 +338,7 @@ impl ReceiptStore {
             peer: peer.to_string(),
             fingerprint: fingerprint.to_string(),
             receipts: Vec::new(),
+            delivered: Vec::new(),
         });
         for s in new {
             let st = StoredReceipt::from_signed(s);
@@ -315,6 +348,31 @@ impl ReceiptStore {
         }
         let bytes = serde_json::to_vec_pretty(&rec).map_err(io::Error::other)?;
         self.write_atomic("sent", &format!("{queue_id}.json"), &bytes)
+    }
+
+    /// Adds checked `delivered` receipts to the (existing) record of `queue_id`, durably.
+    /// Returns how many were new (a receipt fetched twice is stored once).
+    pub fn add_delivered(&self, queue_id: &str, new: &[Signed]) -> io::Result<usize> {
+        let Some(mut rec) = self.sent(queue_id)? else {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("no receipt record for {queue_id}"),
+            ));
+        };
+        let before = rec.delivered.len();
+        for s in new {
+            let st = StoredReceipt::from_signed(s);
+            if !rec.delivered.iter().any(|r| r.text == st.text) {
+                rec.delivered.push(st);
+            }
+        }
+        let added = rec.delivered.len() - before;
+        if added == 0 {
+            return Ok(0);
+        }
+        let bytes = serde_json::to_vec_pretty(&rec).map_err(io::Error::other)?;
+        self.write_atomic("sent", &format!("{queue_id}.json"), &bytes)?;
+        Ok(added)
     }
 
     /// Every stored sent record, oldest file first (by name: our queue IDs sort by time).
@@ -335,6 +393,141 @@ impl ReceiptStore {
             }
         }
         Ok(out)
+    }
+
+    // --- the receiving side's delivered receipts, per partner ---
+
+    fn delivered_path(&self, peer: &str, ext: &str) -> io::Result<PathBuf> {
+        let p = peer.to_ascii_lowercase();
+        let ok = !p.is_empty()
+            && !p.starts_with('.')
+            && p.len() <= 253
+            && p.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-');
+        if !ok {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{peer:?} is not a partner domain"),
+            ));
+        }
+        Ok(self.root.join("delivered").join(format!("{p}.{ext}")))
+    }
+
+    /// Appends a signed `delivered` receipt to `peer`'s log and fdatasyncs it. A line torn
+    /// by a crash is closed first (the reader skips it).
+    pub fn append_delivered(&self, peer: &str, s: &Signed) -> io::Result<()> {
+        let path = self.delivered_path(peer, "log")?;
+        let mut line =
+            serde_json::to_vec(&StoredReceipt::from_signed(s)).map_err(io::Error::other)?;
+        line.push(b'\n');
+        let _g = self
+            .delivered_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let new = !path.exists();
+        let mut f = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)?;
+        let len = f.metadata()?.len();
+        if len > 0 {
+            use std::io::{Read, Seek, SeekFrom};
+            let mut r = fs::File::open(&path)?;
+            r.seek(SeekFrom::Start(len - 1))?;
+            let mut last = [0u8; 1];
+            r.read_exact(&mut last)?;
+            if last[0] != b'\n' {
+                f.write_all(b"\n")?;
+            }
+        }
+        f.write_all(&line)?;
+        f.sync_data()?;
+        if new {
+            fsync_dir(&self.root.join("delivered"))?;
+        }
+        Ok(())
+    }
+
+    /// The offset up to which `peer` acknowledged its delivered receipts.
+    fn delivered_acked(&self, peer: &str) -> io::Result<u64> {
+        match fs::read_to_string(self.delivered_path(peer, "acked")?) {
+            Ok(t) => Ok(t.trim().parse().unwrap_or(0)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Up to `max` delivered receipts for `peer` not yet acknowledged, oldest first.
+    pub fn delivered_batch(&self, peer: &str, max: usize) -> io::Result<DeliveredBatch> {
+        use std::io::{BufRead, Seek, SeekFrom};
+        let mut out = DeliveredBatch::default();
+        let from = self.delivered_acked(peer)?;
+        let f = match fs::File::open(self.delivered_path(peer, "log")?) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(e),
+        };
+        let mut r = io::BufReader::new(f);
+        r.seek(SeekFrom::Start(from))?;
+        let mut at = from;
+        let mut line = Vec::new();
+        while out.receipts.len() < max {
+            line.clear();
+            let n = r.read_until(b'\n', &mut line)?;
+            if n == 0 || line.last() != Some(&b'\n') {
+                break; // the end, or a line still being written
+            }
+            at += n as u64;
+            match serde_json::from_slice::<StoredReceipt>(&line).map(|s| s.to_signed()) {
+                Ok(Ok(s)) => {
+                    out.receipts.push(s);
+                    out.ends.push(at);
+                }
+                _ => tracing::warn!(
+                    peer,
+                    offset = at - n as u64,
+                    "a torn line in the delivered-receipt log is skipped"
+                ),
+            }
+        }
+        Ok(out)
+    }
+
+    /// `peer` has the delivered receipts up to `offset` (never moves back).
+    pub fn ack_delivered(&self, peer: &str, offset: u64) -> io::Result<()> {
+        let _g = self
+            .delivered_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if offset <= self.delivered_acked(peer)? {
+            return Ok(());
+        }
+        let name = self
+            .delivered_path(peer, "acked")?
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        // Not fsynced: an acknowledgement lost in a crash only sends receipts again, and
+        // the partner stores each once.
+        self.write_renamed("delivered", &name, offset.to_string().as_bytes(), false)
+    }
+
+    /// Every delivered receipt in `peer`'s log (the CLI's view on the receiving side).
+    pub fn delivered_log(&self, peer: &str) -> io::Result<Vec<Signed>> {
+        let text = match fs::read(self.delivered_path(peer, "log")?) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        Ok(text
+            .split(|b| *b == b'\n')
+            .filter_map(|l| {
+                serde_json::from_slice::<StoredReceipt>(l)
+                    .ok()?
+                    .to_signed()
+                    .ok()
+            })
+            .collect())
     }
 
     // --- the call journal ---

@@ -429,3 +429,102 @@ mod wire_format {
         bad(l, "too large");
     }
 }
+
+fn delivered_of(a: &Receipt, rcpt: &str) -> Receipt {
+    let mut d = a.clone();
+    d.kind = Kind::Delivered;
+    d.handoffs = vec![Handoff {
+        rcpt: rcpt.into(),
+        at_unix_ms: a.committed_unix_ms + 40,
+        to: "maildir new/1764763202.M1P2Q3.site-b.test".into(),
+    }];
+    d
+}
+
+/// A delivered receipt must repeat an accepted one of the same message field for field
+/// and hand on only recipients it covered; every other shape is refused, naming why.
+#[test]
+fn a_delivered_receipt_must_repeat_an_accepted_one() {
+    let a = sample();
+    let good = delivered_of(&a, "bob@site-b.test");
+    assert_eq!(
+        check_delivered(&good, std::slice::from_ref(&a)).unwrap(),
+        vec!["bob@site-b.test".to_string()]
+    );
+    let other = {
+        let mut o = sample();
+        o.queue_id = "1A23BC69D0D000039FFFF".into();
+        o.sender_queue_id = "1A23BC69D0500001DFFFF".into();
+        o.message_sha256 = "00".repeat(32);
+        o
+    };
+    type Edit = fn(&mut Receipt);
+    let cases: [(&str, Edit); 7] = [
+        ("an accepted receipt", |d| d.kind = Kind::Accepted),
+        ("another hash", |d| d.message_sha256 = "11".repeat(32)),
+        ("another envelope", |d| {
+            d.mail_from = "eve@site-a.test".into()
+        }),
+        ("another queue ID of theirs", |d| {
+            d.queue_id = "1A23BC69D0D0000399999".into()
+        }),
+        ("another call", |d| d.call_id = "forged@site-a.test".into()),
+        ("another commit time", |d| d.committed_unix_ms += 1),
+        ("a recipient not accepted", |d| {
+            d.handoffs[0].rcpt = "eve@site-b.test".into()
+        }),
+    ];
+    for (what, edit) in cases {
+        let mut d = good.clone();
+        edit(&mut d);
+        let e = check_delivered(&d, std::slice::from_ref(&a)).unwrap_err();
+        assert!(!e.to_string().is_empty(), "{what}");
+    }
+    // The receipt of another message of ours does not cover this one.
+    assert!(matches!(
+        check_delivered(&good, std::slice::from_ref(&other)),
+        Err(ReceiptError::OtherMessage(_))
+    ));
+    assert!(check_delivered(&good, &[]).is_err());
+}
+
+/// The receiver's delivered log: appended lines come back in order from the last
+/// acknowledged offset, a torn last line is skipped (and closed by the next append), and
+/// an acknowledgement never moves back.
+#[test]
+fn the_delivered_log_hands_out_unacknowledged_receipts_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let st = store::ReceiptStore::open(dir.path()).unwrap();
+    let s = |i: u8| wire::Signed {
+        text: format!("receipt {i}").into_bytes(),
+        sig: vec![i; 3],
+    };
+    for i in 0..3 {
+        st.append_delivered("site-a.test", &s(i)).unwrap();
+    }
+    let b = st.delivered_batch("site-a.test", 2).unwrap();
+    assert_eq!(b.receipts, vec![s(0), s(1)]);
+    st.ack_delivered("site-a.test", b.ends[1]).unwrap();
+    // A crash mid-append leaves a torn line.
+    let log = dir.path().join("receipts/delivered/site-a.test.log");
+    let mut f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+    std::io::Write::write_all(&mut f, b"{\"text\":\"torn").unwrap();
+    let b = st.delivered_batch("site-a.test", 16).unwrap();
+    assert_eq!(b.receipts, vec![s(2)]);
+    st.append_delivered("site-a.test", &s(3)).unwrap();
+    let b2 = st.delivered_batch("site-a.test", 16).unwrap();
+    assert_eq!(b2.receipts, vec![s(2), s(3)]);
+    st.ack_delivered("site-a.test", *b2.ends.last().unwrap())
+        .unwrap();
+    st.ack_delivered("site-a.test", b.ends[0]).unwrap(); // an older ack: no effect
+    assert!(
+        st.delivered_batch("site-a.test", 16)
+            .unwrap()
+            .receipts
+            .is_empty()
+    );
+    assert_eq!(st.delivered_log("site-a.test").unwrap().len(), 4);
+    // Only a domain names a log file.
+    assert!(st.append_delivered("../x", &s(9)).is_err());
+    assert!(st.delivered_batch("a/b", 1).is_err());
+}

@@ -692,9 +692,13 @@ fn bye_in_background(shared: &Arc<Context>, d: &Dialog, reason: &str) {
     dialog::hang_up_in_background(&shared.sip.endpoint, d, Some(reason));
 }
 
-async fn hang_up(shared: &Context, peer: &str, call: ActiveCall) {
+async fn hang_up(shared: &Context, peer: &str, mut call: ActiveCall) {
     let span = call.span.clone();
     async {
+        // A last look for delivered receipts before the call ends.
+        if call.receipts && call.client.extensions().receipts {
+            let _ = super::delivered::fetch(shared, peer, &mut call.client).await;
+        }
         let _ = call.client.quit().await;
         dialog::hang_up(&shared.sip.endpoint, &call.dialog, None).await;
     }
@@ -707,6 +711,33 @@ async fn hang_up(shared: &Context, peer: &str, call: ActiveCall) {
     });
 }
 
+/// How long a lane waits without work after a message that asked for receipts before it
+/// fetches the partner's delivered receipts through the call (the partner hands a message
+/// on within milliseconds of taking it, when its mailbox or MTA is up).
+const FETCH_AFTER: Duration = Duration::from_millis(200);
+
+/// Fetches delivered receipts through the call, if it can carry them; a call whose stream
+/// failed is hung up and dropped.
+async fn fetch_delivered(ctx: &Arc<Context>, domain: &str, call: &mut Option<(ActiveCall, u64)>) {
+    let Some((active, _)) = call.as_mut() else {
+        return;
+    };
+    if !(active.receipts && active.client.extensions().receipts) {
+        return;
+    }
+    let span = active.span.clone();
+    let r = super::delivered::fetch(ctx, domain, &mut active.client)
+        .instrument(span)
+        .await;
+    if let Err(e) = r
+        && let Some((c, _)) = call.take()
+    {
+        tracing::warn!(call_id = %c.dialog.call_id, peer = %domain, error = %e,
+            "fetching delivered receipts failed; hanging up");
+        bye_in_background(ctx, &c.dialog, "stream failed");
+    }
+}
+
 /// One lane of calls to the peer `domain`: it places a call when a job comes, sends that
 /// job and the following ones through it, and hangs up after `sip.call_idle` without work.
 /// The peer's settings are looked up at each call placed, so a reload applies to the next
@@ -714,10 +745,18 @@ async fn hang_up(shared: &Context, peer: &str, call: ActiveCall) {
 pub(crate) async fn worker(ctx: Arc<Context>, domain: String, lane_no: usize, lane: Lane) {
     // The call in progress and the settings generation it was placed under.
     let mut call: Option<(ActiveCall, u64)> = None;
+    // A message asking for receipts went through this call since the last fetch of
+    // delivered receipts (fetched once the lane has been idle a moment).
+    let mut want_fetch = false;
     loop {
         let call_idle = ctx.settings().call_idle;
         let job = tokio::select! {
             j = lane.next() => j,
+            _ = tokio::time::sleep(FETCH_AFTER), if want_fetch && call.is_some() => {
+                want_fetch = false;
+                fetch_delivered(&ctx, &domain, &mut call).await;
+                continue;
+            }
             _ = tokio::time::sleep(call_idle), if call.is_some() => {
                 if let Some((c, _)) = call.take() {
                     hang_up(&ctx, &domain, c).await;
@@ -757,7 +796,18 @@ pub(crate) async fn worker(ctx: Arc<Context>, domain: String, lane_no: usize, la
                 _ = ctx.shutdown.wait() => break,
             };
             match placed {
-                Ok(c) => call = Some((c, settings.generation)),
+                Ok(c) => {
+                    call = Some((c, settings.generation));
+                    // What the partner delivered since our last call.
+                    fetch_delivered(&ctx, &domain, &mut call).await;
+                    if call.is_none() {
+                        let outcomes = job.all(RcptOutcome::Transient(format!(
+                            "call to {domain}: the stream failed"
+                        )));
+                        lane.report(job, outcomes).await;
+                        continue;
+                    }
+                }
                 Err(e) => {
                     // No INVITE went out when the set-up just before failed.
                     let call_id = (!matches!(e, CallError::PeerJustFailed(_))).then_some(call_id);
@@ -834,6 +884,7 @@ pub(crate) async fn worker(ctx: Arc<Context>, domain: String, lane_no: usize, la
                 .instrument(span.clone())
                 .await;
         }
+        want_fetch |= ask;
         let call_id = Some(active.dialog.call_id.clone());
         lane.report_call(job, outcomes, call_id).await;
         if broken && let Some((c, _)) = call.take() {

@@ -96,6 +96,8 @@ pub struct Hooks {
     /// Rewrites the receipts this relay sends back in a call, so a test can play a partner
     /// that lies about what it received (tampered, wrong key, another message or call).
     pub receipt_reply: Option<ReceiptRewrite>,
+    /// The same for the `delivered` receipts this relay hands out to `XRECEIPT FETCH`.
+    pub delivered_reply: Option<ReceiptRewrite>,
 }
 
 /// See [`Hooks::receipt_reply`].
@@ -108,6 +110,7 @@ impl std::fmt::Debug for Hooks {
         f.debug_struct("Hooks")
             .field("media_connect", &self.media_connect.is_some())
             .field("receipt_reply", &self.receipt_reply.is_some())
+            .field("delivered_reply", &self.delivered_reply.is_some())
             .finish()
     }
 }

@@ -54,6 +54,8 @@ pub(crate) struct SpoolBackend {
     origin: Origin,
     routes: Vec<(String, Route)>,
     current: Option<String>,
+    /// The log offsets after each delivered receipt of the last `XRECEIPT FETCH`.
+    fetched: Vec<u64>,
 }
 
 impl SpoolBackend {
@@ -64,6 +66,7 @@ impl SpoolBackend {
             origin,
             routes: Vec::new(),
             current: None,
+            fetched: Vec::new(),
         }
     }
 
@@ -209,6 +212,62 @@ impl SpoolBackend {
 
 impl Backend for SpoolBackend {
     type Writer = Tap<StripPeerField<crate::queue::bodyio::BodyWriter>>;
+
+    /// The partner fetches the `delivered` receipts we signed for its mail, and
+    /// acknowledges them once stored (docs/PROTOCOL.md §4b).
+    async fn receipts(&mut self, cmd: crate::smtp::ReceiptCommand) -> Reply {
+        let Origin::Peer {
+            domain,
+            receipts: true,
+            ..
+        } = &self.origin
+        else {
+            return Reply::new(502, (5, 5, 1), "no receipts in this session");
+        };
+        let store = &self.shared.receipts;
+        let failed = |e: std::io::Error| {
+            tracing::error!(peer = %domain, error = %e, "cannot read the delivered-receipt log");
+            Reply::temp_failure("Local error: cannot read the receipts, try again later")
+        };
+        match cmd {
+            crate::smtp::ReceiptCommand::Fetch => {
+                let batch = match store
+                    .delivered_batch(domain, crate::receipt::wire::MAX_RECEIPTS)
+                    .await
+                {
+                    Ok(b) => b,
+                    Err(e) => return failed(e),
+                };
+                self.fetched = batch.ends;
+                let mut back = batch.receipts;
+                if let Some(rewrite) = &self.shared.hooks.delivered_reply {
+                    back = rewrite(back);
+                }
+                let first = format!("Ok: {} delivered receipt(s)", back.len());
+                Reply::new(
+                    250,
+                    (2, 0, 0),
+                    crate::receipt::wire::reply_text(&first, &back),
+                )
+            }
+            crate::smtp::ReceiptCommand::Ack(n) => {
+                if n > self.fetched.len() {
+                    return Reply::new(
+                        501,
+                        (5, 5, 4),
+                        format!("the last fetch returned {} receipt(s)", self.fetched.len()),
+                    );
+                }
+                if n > 0
+                    && let Err(e) = store.ack_delivered(domain, self.fetched[n - 1]).await
+                {
+                    return failed(e);
+                }
+                self.fetched.clear();
+                Reply::new(250, (2, 0, 0), format!("Ok: {n} receipt(s) acknowledged"))
+            }
+        }
+    }
 
     async fn mail_from(&mut self, from: &str, _params: &MailParams) -> Result<(), Reply> {
         self.routes.clear();

@@ -4,9 +4,10 @@
 
 use super::context::Context;
 use super::jobs::Lane;
-use super::outcome::{Job, RcptOutcome, outcomes_from_smtp, route_label};
+use super::outcome::{Job, RcptOutcome, one_line, outcomes_from_smtp, route_label};
 use crate::config::Delivery;
 use crate::queue::NextHop;
+use crate::receipt::Handoff;
 use crate::smtp::{ClientError, ClientTimeouts, SmtpClient};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -61,11 +62,13 @@ pub(crate) async fn worker(ctx: Arc<Context>, dest: Destination, lane: Lane) {
         let Some(job) = job else { break };
         ctx.spool.begin_send(&job.id, &job.route).await;
         let sending = tokio::time::Instant::now();
+        // What each recipient's hand-off was, for a partner's delivered receipt.
+        let mut handoffs = Vec::new();
         let outcomes = match to_inbox(&ctx, &job).await {
             Err(failed) => failed,
             Ok(()) => match &dest {
-                Destination::Maildir(dir) => to_maildir(&ctx, dir, &job).await,
-                Destination::Smtp(hop) => to_smtp(&ctx, hop, &job, &mut conn).await,
+                Destination::Maildir(dir) => to_maildir(&ctx, dir, &job, &mut handoffs).await,
+                Destination::Smtp(hop) => to_smtp(&ctx, hop, &job, &mut conn, &mut handoffs).await,
             },
         };
         ctx.metrics
@@ -77,6 +80,11 @@ pub(crate) async fn worker(ctx: Arc<Context>, dest: Destination, lane: Lane) {
         {
             tracing::error!(queue_id = %job.id, error = %e,
                 "cannot make the duplicate record durable; a resend after a crash could be delivered twice");
+        }
+        if let (Some(k), Some(peer)) = (&job.dedup_key_file, &job.from_peer)
+            && !handoffs.is_empty()
+        {
+            super::delivered::issue(&ctx, peer, k, &job.id, handoffs).await;
         }
         lane.report(job, outcomes).await;
     }
@@ -127,7 +135,20 @@ async fn to_inbox(ctx: &Context, job: &Job) -> Result<(), Vec<(String, RcptOutco
     }
 }
 
-async fn to_maildir(ctx: &Context, dir: &std::path::Path, job: &Job) -> Vec<(String, RcptOutcome)> {
+fn handoff(rcpt: &str, to: String) -> Handoff {
+    Handoff {
+        rcpt: rcpt.to_string(),
+        at_unix_ms: crate::queue::now_ms(),
+        to,
+    }
+}
+
+async fn to_maildir(
+    ctx: &Context,
+    dir: &std::path::Path,
+    job: &Job,
+    handoffs: &mut Vec<Handoff>,
+) -> Vec<(String, RcptOutcome)> {
     let mut out = Vec::new();
     for rcpt in &job.recipients {
         // What a local delivery agent adds: the envelope sender and the recipient.
@@ -136,6 +157,7 @@ async fn to_maildir(ctx: &Context, dir: &std::path::Path, job: &Job) -> Vec<(Str
             super::trace::clean(&job.mail_from),
             super::trace::clean(rcpt)
         );
+        let root = dir;
         let dir = dir.to_path_buf();
         let host = ctx.settings().site.hostname.clone();
         let body = ctx.spool.body_path(&job.id);
@@ -146,6 +168,8 @@ async fn to_maildir(ctx: &Context, dir: &std::path::Path, job: &Job) -> Vec<(Str
         let outcome = match r {
             Ok(Ok(path)) => {
                 tracing::debug!(queue_id = %job.id, file = %path.display(), "written to Maildir");
+                let file = path.strip_prefix(root).unwrap_or(&path);
+                handoffs.push(handoff(rcpt, format!("maildir {}", file.display())));
                 RcptOutcome::Delivered
             }
             Ok(Err(e)) => RcptOutcome::Transient(format!("Maildir write failed: {e}")),
@@ -161,6 +185,7 @@ async fn to_smtp(
     hop: &SmtpHop,
     job: &Job,
     conn: &mut Option<SmtpClient<TcpStream>>,
+    handoffs: &mut Vec<Handoff>,
 ) -> Vec<(String, RcptOutcome)> {
     let what = match hop {
         SmtpHop::NextHop(h) => format!("next hop {h}"),
@@ -202,7 +227,18 @@ async fn to_smtp(
                 *conn = None;
                 return outcomes_from_smtp(job, Err(e), &what);
             }
-            Ok(o) => return outcomes_from_smtp(job, Ok(o), &what),
+            Ok(o) => {
+                let data = o.data.as_ref().map(one_line);
+                let outcomes = outcomes_from_smtp(job, Ok(o), &what);
+                if let Some(reply) = data {
+                    for (rcpt, oc) in &outcomes {
+                        if *oc == RcptOutcome::Delivered {
+                            handoffs.push(handoff(rcpt, format!("smtp {reply}")));
+                        }
+                    }
+                }
+                return outcomes;
+            }
         }
     }
     job.all(RcptOutcome::Transient(format!("{what}: no connection")))

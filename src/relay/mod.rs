@@ -28,6 +28,7 @@ mod caller;
 mod context;
 pub mod control;
 mod daemon;
+mod delivered;
 mod dialog;
 mod dispatch;
 pub mod dnskey;

@@ -105,6 +105,6 @@ pub(crate) fn outcomes_from_smtp(
     }
 }
 
-fn one_line(r: &crate::smtp::Reply) -> String {
+pub(crate) fn one_line(r: &crate::smtp::Reply) -> String {
     r.to_string().trim_end().replace("\r\n", " / ")
 }

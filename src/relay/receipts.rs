@@ -8,7 +8,7 @@
 use super::keys::KeyState;
 use crate::queue::{Envelope, ReceiptFacts};
 use crate::receipt::store::{
-    DedupRecord, JournalCall, ReceiptStore, RememberedRcpt, StoredReceipt,
+    DedupRecord, DeliveredBatch, JournalCall, ReceiptStore, RememberedRcpt, StoredReceipt,
 };
 use crate::receipt::wire::Signed;
 use crate::receipt::{
@@ -106,6 +106,46 @@ impl Receipts {
             fingerprint.to_string(),
         );
         blocking(move || store.add_sent(&q, &p, &f, &new)).await
+    }
+}
+
+impl Receipts {
+    /// Receiving side: a `delivered` receipt signed at hand-off, appended to the partner's
+    /// log (fdatasynced) for it to fetch.
+    pub async fn append_delivered(&self, peer: &str, s: Signed) -> io::Result<()> {
+        let (store, peer) = (self.store.clone(), peer.to_string());
+        blocking(move || store.append_delivered(&peer, &s)).await
+    }
+
+    /// Receiving side: the partner's unacknowledged delivered receipts, at most `max`.
+    pub async fn delivered_batch(&self, peer: &str, max: usize) -> io::Result<DeliveredBatch> {
+        let (store, peer) = (self.store.clone(), peer.to_string());
+        blocking(move || store.delivered_batch(&peer, max)).await
+    }
+
+    pub async fn ack_delivered(&self, peer: &str, offset: u64) -> io::Result<()> {
+        let (store, peer) = (self.store.clone(), peer.to_string());
+        blocking(move || store.ack_delivered(&peer, offset)).await
+    }
+
+    /// Sending side: checked delivered receipts stored with our message's record.
+    pub async fn add_delivered(&self, queue_id: &str, new: Vec<Signed>) -> io::Result<usize> {
+        let (store, q) = (self.store.clone(), queue_id.to_string());
+        blocking(move || store.add_delivered(&q, &new)).await
+    }
+
+    /// Sending side: the accepted receipts stored for our message `queue_id`.
+    pub async fn accepted_of(&self, queue_id: &str) -> io::Result<Vec<Receipt>> {
+        let (store, q) = (self.store.clone(), queue_id.to_string());
+        let rec = blocking(move || store.sent(&q)).await?;
+        Ok(rec
+            .map(|r| {
+                r.receipts
+                    .iter()
+                    .filter_map(|s| Receipt::parse(s.text.as_bytes()).ok())
+                    .collect()
+            })
+            .unwrap_or_default())
     }
 }
 

@@ -321,6 +321,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> SmtpClient<S> {
             .await
     }
 
+    /// `XRECEIPT FETCH` (the receipt extension, docs/PROTOCOL.md §4b): the server's
+    /// `delivered` receipts waiting for us, as reply lines for
+    /// [`crate::receipt::wire::parse_reply_lines`].
+    pub async fn receipts_fetch(&mut self) -> Result<Reply, ClientError> {
+        self.command(
+            "XRECEIPT FETCH\r\n",
+            self.timeouts.command,
+            "XRECEIPT FETCH",
+        )
+        .await
+    }
+
+    /// `XRECEIPT ACK n`: the first `n` receipts of the last fetch are stored.
+    pub async fn receipts_ack(&mut self, n: usize) -> Result<Reply, ClientError> {
+        self.command(
+            &format!("XRECEIPT ACK {n}\r\n"),
+            self.timeouts.command,
+            "XRECEIPT ACK",
+        )
+        .await
+    }
+
     /// QUIT, then wait for 221 (EOF instead is tolerated).
     pub async fn quit(mut self) -> Result<(), ClientError> {
         let t = self.timeouts.command;

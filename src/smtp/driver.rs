@@ -40,6 +40,13 @@ pub trait Backend: Send {
 
     /// The message was rejected or the session ended mid-DATA: discard.
     fn data_abort(&mut self, writer: Self::Writer) -> impl Future<Output = ()> + Send;
+
+    /// `XRECEIPT FETCH` / `ACK n` (only where [`ServerConfig::receipts`] offers the
+    /// extension). A backend without receipts to give says so.
+    fn receipts(&mut self, cmd: super::ReceiptCommand) -> impl Future<Output = Reply> + Send {
+        let _ = cmd;
+        async { Reply::new(502, (5, 5, 1), "no receipts here") }
+    }
 }
 
 /// Errors that end a session abnormally.
@@ -204,12 +211,16 @@ where
                         Err(e) => {
                             tracing::warn!(error = %e, "spool flush failed");
                             backend.data_abort(w).await;
-                            Reply::temp_failure("local error in processing")
+                            Reply::spool_write_failed(&e)
                         }
                     },
                     None => Reply::temp_failure("local error in processing"),
                 };
                 session.data_end_result(reply);
+            }
+            Event::Receipts(cmd) => {
+                let reply = backend.receipts(cmd).await;
+                session.receipts_result(reply);
             }
             Event::DataAbort => {
                 if let Some(w) = writer.take() {

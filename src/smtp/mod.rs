@@ -22,5 +22,6 @@ pub use driver::{Backend, SessionSummary, SmtpError, serve};
 pub use dsn::{Notify, RcptParams, Ret};
 pub use reply::{Reply, ReplyLimits, ReplyParseError, parse_reply};
 pub use server::{
-    CloseReason, Envelope, Event, MailParams, ServerConfig, ServerSession, SessionStats,
+    CloseReason, Envelope, Event, MailParams, ReceiptCommand, ServerConfig, ServerSession,
+    SessionStats,
 };

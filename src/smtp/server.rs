@@ -131,10 +131,21 @@ pub enum Event<'a> {
     DataEnd(Envelope),
     /// The message was rejected (reply already queued): discard the spool.
     DataAbort,
+    /// `XRECEIPT FETCH` or `XRECEIPT ACK n` inside a call that offers receipts: ask the
+    /// backend, answer with [`ServerSession::receipts_result`].
+    Receipts(ReceiptCommand),
     /// QUIT: 221 queued. Write output and close.
     Quit,
     /// 421 queued (or the peer went away). Write output and close.
     Close(CloseReason),
+}
+
+/// The receipt extension's own command (docs/PROTOCOL.md §4b): fetch the `delivered`
+/// receipts waiting for this client, or acknowledge the first `n` of the last batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReceiptCommand {
+    Fetch,
+    Ack(usize),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,6 +162,7 @@ enum Phase {
     /// DATA finished, the event (end or abort) is to be delivered.
     DataFinished,
     WaitDataEnd,
+    WaitReceipts(ReceiptCommand),
     Quit,
     Closed(CloseReason),
 }
@@ -293,6 +305,56 @@ impl ServerSession {
         }
     }
 
+    /// Answer to [`Event::Receipts`].
+    pub fn receipts_result(&mut self, reply: Reply) {
+        if matches!(self.phase, Phase::WaitReceipts(_)) {
+            self.phase = Phase::Command;
+            self.push(&reply);
+        }
+    }
+
+    /// `XRECEIPT FETCH` / `XRECEIPT ACK n`, where the extension is offered, outside a
+    /// transaction. `None` if the line is not an XRECEIPT command.
+    fn receipt_command(&mut self, line: &[u8]) -> Option<()> {
+        let text = std::str::from_utf8(line)
+            .ok()?
+            .trim_end_matches(['\r', '\n']);
+        let mut w = text.split(' ');
+        if !w.next()?.eq_ignore_ascii_case(RECEIPT_KEYWORD) || !self.config.receipts {
+            return None;
+        }
+        let cmd = match (w.next(), w.next(), w.next()) {
+            (Some(f), None, None) if f.eq_ignore_ascii_case("FETCH") => ReceiptCommand::Fetch,
+            (Some(a), Some(n), None) if a.eq_ignore_ascii_case("ACK") => match n.parse::<usize>() {
+                Ok(n) if n <= crate::receipt::wire::MAX_RECEIPTS => ReceiptCommand::Ack(n),
+                _ => {
+                    self.error(r(501, (5, 5, 4), "XRECEIPT ACK takes a count of 0 to 16"));
+                    return Some(());
+                }
+            },
+            _ => {
+                self.error(r(
+                    501,
+                    (5, 5, 4),
+                    "syntax: XRECEIPT FETCH | XRECEIPT ACK <n>",
+                ));
+                return Some(());
+            }
+        };
+        if !self.esmtp || self.helo.is_none() {
+            self.error(r(503, (5, 5, 1), "send EHLO first"));
+        } else if self.tx.is_some() {
+            self.error(r(
+                503,
+                (5, 5, 1),
+                "XRECEIPT is not allowed in a mail transaction",
+            ));
+        } else {
+            self.phase = Phase::WaitReceipts(cmd);
+        }
+        Some(())
+    }
+
     /// Answer to [`Event::MailFrom`].
     pub fn mail_from_result(&mut self, result: Result<(), Reply>) {
         if self.phase != Phase::WaitMail {
@@ -420,6 +482,7 @@ impl ServerSession {
                         None => Event::NeedInput,
                     };
                 }
+                Phase::WaitReceipts(c) => return Event::Receipts(c),
                 Phase::WaitDataStart => {
                     if self.tx.is_none() {
                         self.phase = Phase::Command;
@@ -539,6 +602,9 @@ impl ServerSession {
 
     /// Handles one complete command line (ending in LF).
     fn command(&mut self, line: &[u8]) {
+        if self.receipt_command(line).is_some() {
+            return;
+        }
         // `XQID=` is ours (the receipt extension), unknown to the parser: taken out of a
         // MAIL line first, and only where the extension is offered.
         let (stripped, xqid) = match self.config.receipts {

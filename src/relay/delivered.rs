@@ -1,0 +1,179 @@
+//! `delivered` receipts (issue 14), both sides. The receiving relay signs one when it hands
+//! a partner's message on (Maildir file or local MTA reply) and appends it to that
+//! partner's log; the sending relay fetches them through its next call (`XRECEIPT FETCH`,
+//! docs/PROTOCOL.md §4b), checks each against the `accepted` receipt it stored for the
+//! message, stores the good ones beside it, and acknowledges the batch.
+//!
+//! The decision is the pure `crate::receipt::check_delivered`; this file joins it to the
+//! keyring, the store and the call's SMTP client.
+
+use super::context::Context;
+use super::receipts::{blocking, sign};
+use crate::receipt::store::DedupRecord;
+use crate::receipt::wire::{MAX_RECEIPTS, parse_reply_lines};
+use crate::receipt::{Kind, Receipt, ReceiptError, check_delivered};
+use crate::smtp::{ClientError, SmtpClient};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// Batches fetched in one go, at most (16 receipts each).
+const MAX_BATCHES: usize = 8;
+
+/// The `delivered` receipt for the recipients of our message `queue_id` handed on as
+/// `handoffs`: the accepted receipt that covered them (from the duplicate record), with
+/// the kind, the signing key of now and the hand-offs. `None` if no accepted receipt of
+/// that queue entry is on record.
+fn delivered_receipt(
+    rec: &DedupRecord,
+    queue_id: &str,
+    own_fpr: &str,
+    handoffs: Vec<crate::receipt::Handoff>,
+) -> Option<Receipt> {
+    let mut r = rec
+        .receipts
+        .iter()
+        .filter_map(|s| Receipt::parse(s.text.as_bytes()).ok())
+        .find(|r| r.kind == Kind::Accepted && r.queue_id == queue_id)?;
+    r.kind = Kind::Delivered;
+    r.receiver_fingerprint = own_fpr.to_string();
+    r.handoffs = handoffs;
+    Some(r)
+}
+
+/// Receiving side, after a partner's message was handed on: signs a `delivered` receipt
+/// for the recipients in `handoffs` and appends it to the partner's log, for the partner
+/// to fetch. A failure is an error in the log: the message is delivered, only this proof
+/// of it is missing.
+pub(crate) async fn issue(
+    ctx: &Context,
+    peer: &str,
+    key_file: &str,
+    queue_id: &str,
+    handoffs: Vec<crate::receipt::Handoff>,
+) {
+    let fail = |e: &dyn std::fmt::Display| {
+        tracing::error!(%queue_id, %peer, error = %e,
+            "ALERT: no delivered receipt for a partner's message that was handed on");
+    };
+    let store = ctx.receipts.store.clone();
+    let k = key_file.to_string();
+    let rec = match blocking(move || store.dedup_file(&k)).await {
+        Ok(Some(r)) => r,
+        Ok(None) => return fail(&"its duplicate record is gone"),
+        Err(e) => return fail(&e),
+    };
+    let keys = ctx.keys();
+    let n = handoffs.len();
+    let Some(r) = delivered_receipt(&rec, queue_id, &keys.own_fpr_hex, handoffs) else {
+        return fail(&"no accepted receipt of this queue entry in its duplicate record");
+    };
+    let signed = match sign(&keys, &r) {
+        Ok(s) => s,
+        Err(e) => return fail(&e),
+    };
+    match ctx.receipts.append_delivered(peer, signed).await {
+        Ok(()) => {
+            ctx.metrics.delivered_receipt_issued(peer);
+            tracing::info!(%queue_id, %peer, rcpts = n, sender_queue_id = %r.sender_queue_id,
+                "delivered receipt signed, waiting for the partner to fetch it");
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+/// Sending side: fetches the delivered receipts `peer` holds for us through this call's
+/// SMTP session, checks and stores each, and acknowledges every batch it could store. A
+/// receipt that fails a check is an alarm (`ALERT`, `sipmail_delivered_receipts_refused_total`)
+/// and is not stored; it is acknowledged all the same (the partner has nothing better to
+/// send). An I/O error storing one leaves the batch unacknowledged, to be fetched again.
+/// Returns how many were stored; an error is the session's (the call is broken).
+pub(crate) async fn fetch<S>(
+    ctx: &Context,
+    peer: &str,
+    client: &mut SmtpClient<S>,
+) -> Result<usize, ClientError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let mut stored = 0;
+    for _ in 0..MAX_BATCHES {
+        let reply = client.receipts_fetch().await?;
+        if !reply.is_positive() {
+            tracing::debug!(%peer, reply = %super::outcome::one_line(&reply), "the partner has no delivered receipts to give");
+            return Ok(stored);
+        }
+        let batch = match parse_reply_lines(reply.lines()) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(%peer, error = %e, "ALERT: the partner's delivered receipts are malformed; not acknowledged");
+                ctx.metrics.delivered_receipt_checked(peer, false);
+                return Ok(stored);
+            }
+        };
+        let n = batch.len();
+        for s in batch {
+            match check_one(ctx, peer, &s.text, &s.sig).await {
+                Ok(r) => match ctx
+                    .receipts
+                    .add_delivered(&r.sender_queue_id, vec![s])
+                    .await
+                {
+                    Ok(new) => {
+                        ctx.metrics.delivered_receipt_checked(peer, true);
+                        stored += new;
+                        tracing::info!(queue_id = %r.sender_queue_id, %peer,
+                            rcpts = %r.handoffs.iter().map(|h| h.rcpt.as_str()).collect::<Vec<_>>().join(","),
+                            "delivered receipt verified and stored");
+                    }
+                    Err(e) => {
+                        tracing::error!(queue_id = %r.sender_queue_id, error = %e,
+                            "cannot store a delivered receipt; it is fetched again on a later call");
+                        return Ok(stored);
+                    }
+                },
+                Err(e) => {
+                    ctx.metrics.delivered_receipt_checked(peer, false);
+                    tracing::error!(%peer, error = %e,
+                        "ALERT: the partner's delivered receipt is refused and not stored");
+                }
+            }
+        }
+        client.receipts_ack(n).await?;
+        if n < MAX_RECEIPTS {
+            break;
+        }
+    }
+    Ok(stored)
+}
+
+/// Verifies one delivered receipt with a certificate we hold for `peer` (the one it
+/// names: the partner may have rotated its key since the call that carried the message),
+/// then checks it against the accepted receipts stored for the message it names.
+async fn check_one(
+    ctx: &Context,
+    peer: &str,
+    text: &[u8],
+    sig: &[u8],
+) -> Result<Receipt, ReceiptError> {
+    let named = Receipt::parse(text)?;
+    let keys = ctx.keys();
+    let r = crate::receipt::verify(&keys.keyring, peer, &named.receiver_fingerprint, text, sig)?;
+    if !crate::receipt::dedup::valid_queue_id(&r.sender_queue_id) {
+        return Err(ReceiptError::OtherMessage(format!(
+            "{:?} is not one of our queue IDs",
+            r.sender_queue_id
+        )));
+    }
+    let accepted = ctx
+        .receipts
+        .accepted_of(&r.sender_queue_id)
+        .await
+        .map_err(|e| ReceiptError::Malformed(format!("reading our record: {e}")))?;
+    if accepted.is_empty() {
+        return Err(ReceiptError::OtherMessage(format!(
+            "we hold no accepted receipt for our queue ID {}",
+            r.sender_queue_id
+        )));
+    }
+    check_delivered(&r, &accepted)?;
+    Ok(r)
+}
