@@ -163,6 +163,10 @@ expect 'sipmail_tunnel_bytes_total{site="b",peer="site-a.test",direction="in"}' 
 expect 'sipmail_receipts_issued_total{site="b",peer="site-a.test"}' "v == $N"
 expect 'sipmail_receipts_verified_total{site="a",peer="site-b.test"}' "v == $N"
 expect 'sum(sipmail_receipts_refused_total) or vector(0)' 'v == 0'
+# ...and a delivered receipt when B handed it on, fetched by A through its call.
+expect 'sipmail_delivered_receipts_issued_total{site="b",peer="site-a.test"}' "v == $N"
+expect 'sipmail_delivered_receipts_verified_total{site="a",peer="site-b.test"}' "v == $N"
+expect 'sum(sipmail_delivered_receipts_refused_total) or vector(0)' 'v == 0'
 expect 'sipmail_queue_messages{site="a",route="site-b.test"}' 'v == 0'
 expect 'sipmail_queue_oldest_message_age_seconds{site="a",route="site-b.test"}' 'v == 0'
 expect 'sipmail_queue_messages{site="b",route="local"}' 'v == 0'

@@ -21,7 +21,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 /// Base64 characters per line.
 const PIECE: usize = 300;
 /// Receipts in one reply, at most (a resend may be covered by several earlier ones).
-pub const MAX_RECEIPTS: usize = 16;
+pub const MAX_RECEIPTS: usize = crate::smtp::server::MAX_RECEIPTS_PER_REPLY;
 /// Largest receipt text and signature accepted from a peer.
 const MAX_TEXT: usize = 16 * 1024;
 const MAX_SIG: usize = 2 * 1024;

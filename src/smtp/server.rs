@@ -326,7 +326,7 @@ impl ServerSession {
         let cmd = match (w.next(), w.next(), w.next()) {
             (Some(f), None, None) if f.eq_ignore_ascii_case("FETCH") => ReceiptCommand::Fetch,
             (Some(a), Some(n), None) if a.eq_ignore_ascii_case("ACK") => match n.parse::<usize>() {
-                Ok(n) if n <= crate::receipt::wire::MAX_RECEIPTS => ReceiptCommand::Ack(n),
+                Ok(n) if n <= MAX_RECEIPTS_PER_REPLY => ReceiptCommand::Ack(n),
                 _ => {
                     self.error(r(501, (5, 5, 4), "XRECEIPT ACK takes a count of 0 to 16"));
                     return Some(());
@@ -837,6 +837,8 @@ impl ServerSession {
 /// The EHLO keyword of the in-call receipt extension and the receipt format it carries.
 pub const RECEIPT_KEYWORD: &str = "XRECEIPT";
 pub const RECEIPT_VERSION: &str = "sipmail-receipt/1";
+/// Receipts in one reply, at most (so `XRECEIPT ACK` counts to this).
+pub const MAX_RECEIPTS_PER_REPLY: usize = 16;
 
 /// Whether a sender's queue ID is acceptable as `XQID=`: 1 to 64 characters of
 /// `[A-Za-z0-9._-]` (Postfix's and sipmail's IDs are all of this form). It becomes half of
