@@ -141,8 +141,10 @@ pub struct ReceiptStore {
     /// `dedup/`): writers that renamed while an fsync ran share the next one.
     sent_sync: DirGroup,
     dedup_sync: DirGroup,
-    /// Appends to the delivered logs are serialised (one line, then fdatasync).
+    /// Appends to the delivered logs are serialised; their fdatasyncs are group-committed
+    /// per log (a writer whose line an fdatasync started after covered skips its own).
     delivered_lock: std::sync::Mutex<()>,
+    delivered_sync: std::sync::Mutex<std::collections::HashMap<PathBuf, std::sync::Arc<DirGroup>>>,
 }
 
 /// Group commit for one directory's fsync, for writers on blocking threads.
@@ -156,13 +158,19 @@ struct DirGroup {
 
 impl DirGroup {
     fn sync(&self, dir: &Path) -> io::Result<()> {
+        self.sync_with(|| fsync_dir(dir))
+    }
+
+    /// Call after the write this sync must cover: `fsync` runs unless one that started
+    /// after the write already covered it.
+    fn sync_with(&self, fsync: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
         let ticket = self.requested.fetch_add(1, Ordering::SeqCst) + 1;
         let mut synced = self.synced.lock().unwrap_or_else(|p| p.into_inner());
         if *synced >= ticket {
-            return Ok(()); // an fsync that started after our rename covered it
+            return Ok(()); // an fsync that started after our write covered it
         }
         let covers = self.requested.load(Ordering::SeqCst);
-        fsync_dir(dir)?;
+        fsync()?;
         *synced = covers;
         Ok(())
     }
@@ -194,6 +202,7 @@ impl ReceiptStore {
             sent_sync: DirGroup::default(),
             dedup_sync: DirGroup::default(),
             delivered_lock: std::sync::Mutex::new(()),
+            delivered_sync: std::sync::Mutex::default(),
         }
     }
 
@@ -420,7 +429,7 @@ impl ReceiptStore {
         let mut line =
             serde_json::to_vec(&StoredReceipt::from_signed(s)).map_err(io::Error::other)?;
         line.push(b'\n');
-        let _g = self
+        let g = self
             .delivered_lock
             .lock()
             .unwrap_or_else(|p| p.into_inner());
@@ -441,11 +450,20 @@ impl ReceiptStore {
             }
         }
         f.write_all(&line)?;
-        f.sync_data()?;
         if new {
             fsync_dir(&self.root.join("delivered"))?;
         }
-        Ok(())
+        drop(g);
+        let group = self
+            .delivered_sync
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(path)
+            .or_default()
+            .clone();
+        // fdatasync is of the file, whichever descriptor: ours covers every line written
+        // before it started.
+        group.sync_with(|| f.sync_data())
     }
 
     /// The offset up to which `peer` acknowledged its delivered receipts.
