@@ -422,8 +422,9 @@ impl ReceiptStore {
         Ok(self.root.join("delivered").join(format!("{p}.{ext}")))
     }
 
-    /// Appends a signed `delivered` receipt to `peer`'s log and fdatasyncs it. A line torn
-    /// by a crash is closed first (the reader skips it).
+    /// Appends a signed `delivered` receipt to `peer`'s log (written: a killed process
+    /// cannot lose it; [`ReceiptStore::sync_delivered`] makes it survive a power cut). A
+    /// line torn by a crash is closed first (the reader skips it).
     pub fn append_delivered(&self, peer: &str, s: &Signed) -> io::Result<()> {
         let path = self.delivered_path(peer, "log")?;
         let mut line =
@@ -454,16 +455,23 @@ impl ReceiptStore {
             fsync_dir(&self.root.join("delivered"))?;
         }
         drop(g);
+        Ok(())
+    }
+
+    /// fdatasyncs `peer`'s delivered log, group-committed: one fdatasync that started
+    /// after this call covers it.
+    pub fn sync_delivered(&self, peer: &str) -> io::Result<()> {
+        let path = self.delivered_path(peer, "log")?;
         let group = self
             .delivered_sync
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .entry(path)
+            .entry(path.clone())
             .or_default()
             .clone();
-        // fdatasync is of the file, whichever descriptor: ours covers every line written
+        // fdatasync is of the file, whichever descriptor: it covers every line written
         // before it started.
-        group.sync_with(|| f.sync_data())
+        group.sync_with(|| fs::File::open(&path)?.sync_data())
     }
 
     /// The offset up to which `peer` acknowledged its delivered receipts.

@@ -502,6 +502,7 @@ fn the_delivered_log_hands_out_unacknowledged_receipts_in_order() {
     for i in 0..3 {
         st.append_delivered("site-a.test", &s(i)).unwrap();
     }
+    st.sync_delivered("site-a.test").unwrap();
     let b = st.delivered_batch("site-a.test", 2).unwrap();
     assert_eq!(b.receipts, vec![s(0), s(1)]);
     st.ack_delivered("site-a.test", b.ends[1]).unwrap();

@@ -695,9 +695,11 @@ fn bye_in_background(shared: &Arc<Context>, d: &Dialog, reason: &str) {
 async fn hang_up(shared: &Context, peer: &str, mut call: ActiveCall) {
     let span = call.span.clone();
     async {
-        // A last look for delivered receipts before the call ends.
+        // A last look for delivered receipts before the call ends, bounded: a hang-up
+        // (also at shutdown) does not wait on a partner that stopped answering.
         if call.receipts && call.client.extensions().receipts {
-            let _ = super::delivered::fetch(shared, peer, &mut call.client).await;
+            let fetch = super::delivered::fetch(shared, peer, &mut call.client);
+            let _ = tokio::time::timeout(HANG_UP_FETCH, fetch).await;
         }
         let _ = call.client.quit().await;
         dialog::hang_up(&shared.sip.endpoint, &call.dialog, None).await;
@@ -715,6 +717,9 @@ async fn hang_up(shared: &Context, peer: &str, mut call: ActiveCall) {
 /// fetches the partner's delivered receipts through the call (the partner hands a message
 /// on within milliseconds of taking it, when its mailbox or MTA is up).
 const FETCH_AFTER: Duration = Duration::from_millis(200);
+
+/// How long the fetch of delivered receipts before a hang-up may take.
+const HANG_UP_FETCH: Duration = Duration::from_secs(5);
 
 /// Fetches delivered receipts through the call, if it can carry them; a call whose stream
 /// failed is hung up and dropped.

@@ -41,18 +41,20 @@ fn delivered_receipt(
 
 /// Receiving side, after a partner's message was handed on: signs a `delivered` receipt
 /// for the recipients in `handoffs` and appends it to the partner's log, for the partner
-/// to fetch. A failure is an error in the log: the message is delivered, only this proof
-/// of it is missing.
+/// to fetch; not yet fdatasynced (see [`make_durable`]). Returns the partner whose log was
+/// written. A failure is an error in the log: the message is delivered, only this proof of
+/// it is missing.
 pub(crate) async fn issue(
     ctx: &Context,
     peer: &str,
     key_file: &str,
     queue_id: &str,
     handoffs: Vec<crate::receipt::Handoff>,
-) {
+) -> Option<String> {
     let fail = |e: &dyn std::fmt::Display| {
         tracing::error!(%queue_id, %peer, error = %e,
             "ALERT: no delivered receipt for a partner's message that was handed on");
+        None
     };
     let store = ctx.receipts.store.clone();
     let k = key_file.to_string();
@@ -75,8 +77,17 @@ pub(crate) async fn issue(
             ctx.metrics.delivered_receipt_issued(peer);
             tracing::info!(%queue_id, %peer, rcpts = n, sender_queue_id = %r.sender_queue_id,
                 "delivered receipt signed, waiting for the partner to fetch it");
+            Some(peer.to_string())
         }
         Err(e) => fail(&e),
+    }
+}
+
+/// fdatasyncs `peer`'s delivered log (group-committed with the other lanes).
+pub(crate) async fn make_durable(ctx: &Context, peer: &str) {
+    if let Err(e) = ctx.receipts.sync_delivered(peer).await {
+        tracing::error!(%peer, error = %e,
+            "cannot make the delivered-receipt log durable; a power cut could lose receipts");
     }
 }
 
@@ -117,6 +128,8 @@ where
                     .add_delivered(&r.sender_queue_id, vec![s])
                     .await
                 {
+                    // Counted once: another call's fetch may have brought the same one.
+                    Ok(0) => {}
                     Ok(new) => {
                         ctx.metrics.delivered_receipt_checked(peer, true);
                         stored += new;

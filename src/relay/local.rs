@@ -60,6 +60,16 @@ pub(crate) async fn worker(ctx: Arc<Context>, dest: Destination, lane: Lane) {
             }
         };
         let Some(job) = job else { break };
+        // A partner's message may leave the spool after this attempt: its duplicate record
+        // (written without fsync when the message came) is made durable first, before the
+        // hand-off rather than after it, so that nothing slow sits between the MTA's 250
+        // and the report (a crash there is what makes the MTA get the message twice).
+        if let Some(k) = job.dedup_key_file.clone()
+            && let Err(e) = ctx.receipts.sync_dedup(k).await
+        {
+            tracing::error!(queue_id = %job.id, error = %e,
+                "cannot make the duplicate record durable; a resend after a crash could be delivered twice");
+        }
         ctx.spool.begin_send(&job.id, &job.route).await;
         let sending = tokio::time::Instant::now();
         // What each recipient's hand-off was, for a partner's delivered receipt.
@@ -73,20 +83,19 @@ pub(crate) async fn worker(ctx: Arc<Context>, dest: Destination, lane: Lane) {
         };
         ctx.metrics
             .transferred(route_label(&job.route), sending.elapsed());
-        // A partner's message may leave the spool after this report: its duplicate record
-        // must be on disk first (it was written without fsync when the message came).
-        if let Some(k) = job.dedup_key_file.clone()
-            && let Err(e) = ctx.receipts.sync_dedup(k).await
-        {
-            tracing::error!(queue_id = %job.id, error = %e,
-                "cannot make the duplicate record durable; a resend after a crash could be delivered twice");
-        }
-        if let (Some(k), Some(peer)) = (&job.dedup_key_file, &job.from_peer)
-            && !handoffs.is_empty()
-        {
-            super::delivered::issue(&ctx, peer, k, &job.id, handoffs).await;
-        }
+        // The delivered receipt is signed and written (a kill -9 cannot lose a written
+        // line) before the report, and fdatasynced after it (the report is not kept waiting
+        // for the disk; only a power cut in between could lose the receipt, not the mail).
+        let issued = match (&job.dedup_key_file, &job.from_peer) {
+            (Some(k), Some(peer)) if !handoffs.is_empty() => {
+                super::delivered::issue(&ctx, peer, k, &job.id, handoffs).await
+            }
+            _ => None,
+        };
         lane.report(job, outcomes).await;
+        if let Some(peer) = issued {
+            super::delivered::make_durable(&ctx, &peer).await;
+        }
     }
     if let Some(c) = conn.take() {
         let _ = c.quit().await;

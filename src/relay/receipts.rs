@@ -111,10 +111,16 @@ impl Receipts {
 
 impl Receipts {
     /// Receiving side: a `delivered` receipt signed at hand-off, appended to the partner's
-    /// log (fdatasynced) for it to fetch.
+    /// log (written, not yet fdatasynced: [`Receipts::sync_delivered`]) for it to fetch.
     pub async fn append_delivered(&self, peer: &str, s: Signed) -> io::Result<()> {
         let (store, peer) = (self.store.clone(), peer.to_string());
         blocking(move || store.append_delivered(&peer, &s)).await
+    }
+
+    /// Receiving side: the partner's delivered log fdatasynced.
+    pub async fn sync_delivered(&self, peer: &str) -> io::Result<()> {
+        let (store, peer) = (self.store.clone(), peer.to_string());
+        blocking(move || store.sync_delivered(&peer)).await
     }
 
     /// Receiving side: the partner's unacknowledged delivered receipts, at most `max`.
