@@ -65,7 +65,7 @@ pub fn run(cfg: &Config, cmd: ReceiptsCmd) -> Result<ExitCode> {
                     .filter_map(|s| Receipt::parse(s.text.as_bytes()).ok())
                     .flat_map(|d| d.handoffs.into_iter().map(|h| h.rcpt))
                     .collect();
-                for r in parsed(rec) {
+                for r in rec.accepted() {
                     let n = r.rcpts.iter().filter(|a| handed.contains(a)).count();
                     println!(
                         "{:<24} {:<24} {:<20} {:<6} {:<9} {}",
@@ -190,13 +190,6 @@ fn load(store: &ReceiptStore, id: &str) -> Result<SentRecord> {
     }
 }
 
-fn parsed(rec: &SentRecord) -> Vec<Receipt> {
-    rec.receipts
-        .iter()
-        .filter_map(|s| Receipt::parse(s.text.as_bytes()).ok())
-        .collect()
-}
-
 /// Verifies a stored receipt with the partner's certificate it names (the fingerprint of
 /// the record for an accepted one; a delivered one may come after a key rotation), which
 /// must be in the keyring for the partner's domain.
@@ -231,7 +224,7 @@ fn verify_delivered(
     s: &sipmail::receipt::store::StoredReceipt,
 ) -> Result<Receipt> {
     let r = verify_one(kr, rec, s)?;
-    sipmail::receipt::check_delivered(&r, &parsed(rec))?;
+    sipmail::receipt::check_delivered(&r, &rec.accepted())?;
     Ok(r)
 }
 

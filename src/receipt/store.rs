@@ -68,6 +68,16 @@ pub struct SentRecord {
     pub delivered: Vec<StoredReceipt>,
 }
 
+impl SentRecord {
+    /// The accepted receipts, parsed (one that does not parse is left out).
+    pub fn accepted(&self) -> Vec<super::Receipt> {
+        self.receipts
+            .iter()
+            .filter_map(|s| super::Receipt::parse(s.text.as_bytes()).ok())
+            .collect()
+    }
+}
+
 /// A batch of `delivered` receipts read for a partner: the receipts and the log offset
 /// just after the last one (what an acknowledgement of the whole batch records).
 #[derive(Debug, Default)]

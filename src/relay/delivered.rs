@@ -122,7 +122,15 @@ where
         };
         let n = batch.len();
         for s in batch {
-            match check_one(ctx, peer, &s.text, &s.sig).await {
+            let checked = match check_one(ctx, peer, &s.text, &s.sig).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(%peer, error = %e,
+                        "cannot read our receipt record; the batch is fetched again on a later call");
+                    return Ok(stored);
+                }
+            };
+            match checked {
                 Ok(r) => match ctx
                     .receipts
                     .add_delivered(&r.sender_queue_id, vec![s])
@@ -160,33 +168,33 @@ where
 
 /// Verifies one delivered receipt with a certificate we hold for `peer` (the one it
 /// names: the partner may have rotated its key since the call that carried the message),
-/// then checks it against the accepted receipts stored for the message it names.
+/// then checks it against the accepted receipts stored for the message it names. The outer
+/// error is ours (reading our record failed: not the partner's fault, nothing is refused).
 async fn check_one(
     ctx: &Context,
     peer: &str,
     text: &[u8],
     sig: &[u8],
-) -> Result<Receipt, ReceiptError> {
-    let named = Receipt::parse(text)?;
+) -> std::io::Result<Result<Receipt, ReceiptError>> {
     let keys = ctx.keys();
-    let r = crate::receipt::verify(&keys.keyring, peer, &named.receiver_fingerprint, text, sig)?;
+    let r = match Receipt::parse(text).and_then(|named| {
+        crate::receipt::verify(&keys.keyring, peer, &named.receiver_fingerprint, text, sig)
+    }) {
+        Ok(r) => r,
+        Err(e) => return Ok(Err(e)),
+    };
     if !crate::receipt::dedup::valid_queue_id(&r.sender_queue_id) {
-        return Err(ReceiptError::OtherMessage(format!(
+        return Ok(Err(ReceiptError::OtherMessage(format!(
             "{:?} is not one of our queue IDs",
             r.sender_queue_id
-        )));
+        ))));
     }
-    let accepted = ctx
-        .receipts
-        .accepted_of(&r.sender_queue_id)
-        .await
-        .map_err(|e| ReceiptError::Malformed(format!("reading our record: {e}")))?;
+    let accepted = ctx.receipts.accepted_of(&r.sender_queue_id).await?;
     if accepted.is_empty() {
-        return Err(ReceiptError::OtherMessage(format!(
+        return Ok(Err(ReceiptError::OtherMessage(format!(
             "we hold no accepted receipt for our queue ID {}",
             r.sender_queue_id
-        )));
+        ))));
     }
-    check_delivered(&r, &accepted)?;
-    Ok(r)
+    Ok(check_delivered(&r, &accepted).map(|_| r))
 }

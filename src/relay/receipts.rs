@@ -144,14 +144,7 @@ impl Receipts {
     pub async fn accepted_of(&self, queue_id: &str) -> io::Result<Vec<Receipt>> {
         let (store, q) = (self.store.clone(), queue_id.to_string());
         let rec = blocking(move || store.sent(&q)).await?;
-        Ok(rec
-            .map(|r| {
-                r.receipts
-                    .iter()
-                    .filter_map(|s| Receipt::parse(s.text.as_bytes()).ok())
-                    .collect()
-            })
-            .unwrap_or_default())
+        Ok(rec.map(|r| r.accepted()).unwrap_or_default())
     }
 }
 
