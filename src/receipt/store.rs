@@ -155,7 +155,13 @@ pub struct ReceiptStore {
     /// per log (a writer whose line an fdatasync started after covered skips its own).
     delivered_lock: std::sync::Mutex<()>,
     delivered_sync: std::sync::Mutex<std::collections::HashMap<PathBuf, std::sync::Arc<DirGroup>>>,
+    /// A sent record is read, changed and rewritten; two calls may fetch the same receipt
+    /// at once, so each rewrite holds the stripe of its queue ID (striped rather than one
+    /// lock so that different messages still share the directory fsync's group commit).
+    sent_locks: [std::sync::Mutex<()>; SENT_STRIPES],
 }
+
+const SENT_STRIPES: usize = 64;
 
 /// Group commit for one directory's fsync, for writers on blocking threads.
 #[derive(Debug, Default)]
@@ -213,7 +219,18 @@ impl ReceiptStore {
             dedup_sync: DirGroup::default(),
             delivered_lock: std::sync::Mutex::new(()),
             delivered_sync: std::sync::Mutex::default(),
+            sent_locks: std::array::from_fn(|_| std::sync::Mutex::new(())),
         }
+    }
+
+    /// The lock serialising read-change-write of one queue ID's sent record.
+    fn sent_lock(&self, queue_id: &str) -> std::sync::MutexGuard<'_, ()> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        queue_id.hash(&mut h);
+        let m = &self.sent_locks[(h.finish() as usize) % SENT_STRIPES];
+        // A panic while holding it cannot leave the file half-written (rename is atomic).
+        m.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn root(&self) -> &Path {
@@ -352,6 +369,7 @@ impl ReceiptStore {
         fingerprint: &str,
         new: &[Signed],
     ) -> io::Result<()> {
+        let _g = self.sent_lock(queue_id);
         let mut rec = self.sent(queue_id)?.unwrap_or_else(|| SentRecord {
             queue_id: queue_id.to_string(),
             peer: peer.to_string(),
@@ -372,6 +390,7 @@ impl ReceiptStore {
     /// Adds checked `delivered` receipts to the (existing) record of `queue_id`, durably.
     /// Returns how many were new (a receipt fetched twice is stored once).
     pub fn add_delivered(&self, queue_id: &str, new: &[Signed]) -> io::Result<usize> {
+        let _g = self.sent_lock(queue_id);
         let Some(mut rec) = self.sent(queue_id)? else {
             return Err(io::Error::new(
                 io::ErrorKind::NotFound,
