@@ -582,3 +582,119 @@ async fn a_full_disk_at_the_receiver_defers_and_nothing_is_lost_or_delivered_twi
     sites.stop().await;
     drop(disk);
 }
+
+/// What `kill -9` leaves when it strikes B after its local MTA (here the Maildir) took a
+/// partner's message but before B recorded that: the hand-off noted in the `.sending`
+/// marker (written by the spool's own `handed`, as the lane writes it the moment the hand-off
+/// succeeds) and the message still queued. Restarted, B must record it as delivered and
+/// issue its delivered receipt, not hand it over a second time (the duplicate CI's kill -9
+/// run saw at B's hand-off to Postfix B).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hand_off_noted_before_a_kill_is_not_repeated_after_the_restart() {
+    use sipmail::queue::{Handed, HandoffNote, Route, Spool};
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let mut sites = TwoSites::start(dir.path(), Hooks::default()).await.unwrap();
+    let md = sites.maildir(&sites.b_cfg);
+    // B cannot deliver for now: its Maildir is a plain file.
+    std::fs::remove_dir_all(&md).unwrap();
+    std::fs::write(&md, b"not a directory").unwrap();
+    let msg = sample_message(1, "handed");
+    submit(
+        sites.a.smtp_addr,
+        std::slice::from_ref(&msg),
+        "bob@site-b.test",
+        |_| {},
+    )
+    .await
+    .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(20), || counter(
+            &sites.b.metrics_text(),
+            "sipmail_messages_deferred_total"
+        ) >= 1)
+        .await,
+        "B never tried (and failed) to deliver"
+    );
+    sites.shutdown_b.trigger();
+    sites.b.wait().await;
+    // The state the kill leaves: the Maildir took the message (file in new/), and the
+    // marker says so; B's queue still holds it.
+    std::fs::remove_file(&md).unwrap();
+    for d in ["tmp", "new", "cur"] {
+        std::fs::create_dir_all(md.join(d)).unwrap();
+    }
+    let file = md.join("new/1700000000.handed.site-b");
+    std::fs::write(&file, &msg).unwrap();
+    let (spool, envs) = Spool::open(&sites.b_cfg.spool).unwrap();
+    assert_eq!(envs.len(), 1, "B's queue should hold the message");
+    let id = envs[0].id.clone();
+    spool.begin_send(&id, &Route::Local).await;
+    spool
+        .handed(&Handed {
+            id: id.clone(),
+            route: Route::Local,
+            delivered: vec!["bob@site-b.test".into()],
+            handoffs: vec![HandoffNote {
+                rcpt: "bob@site-b.test".into(),
+                at_ms: 1_700_000_000_000,
+                to: format!(
+                    "maildir new/{}",
+                    file.file_name().unwrap().to_str().unwrap()
+                ),
+            }],
+        })
+        .await
+        .unwrap();
+    drop(spool);
+    sites.shutdown_b = sipmail::relay::Shutdown::new();
+    sites.b = sipmail::relay::start(
+        sites.b_cfg.clone(),
+        sites.shutdown_b.clone(),
+        Hooks::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        sites.b.queue_snapshot().messages,
+        0,
+        "the hand-off was not replayed"
+    );
+    // A second message makes A call again and fetch the delivered receipts.
+    let second = sample_message(2, "handed");
+    submit(
+        sites.a.smtp_addr,
+        std::slice::from_ref(&second),
+        "bob@site-b.test",
+        |_| {},
+    )
+    .await
+    .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            let sent = a_store(&sites).list_sent().unwrap();
+            sent.len() == 2 && sent.iter().all(|r| r.delivered.len() == 1)
+        })
+        .await,
+        "A did not get both delivered receipts: {:?}",
+        a_store(&sites).list_sent().unwrap()
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let files = maildir_files(&md);
+    assert_eq!(
+        files.len(),
+        2,
+        "the first message was handed over again: {files:?}"
+    );
+    // The replayed receipt names the hand-off the killed process made.
+    let first = a_store(&sites).list_sent().unwrap().into_iter().find(|r| {
+        r.delivered
+            .iter()
+            .any(|d| d.text.contains("1700000000.handed.site-b"))
+    });
+    assert!(
+        first.is_some(),
+        "no delivered receipt names the noted hand-off"
+    );
+    sites.stop().await;
+}

@@ -6,6 +6,9 @@
 //!   per-recipient state). The `.env` appearing by rename is the commit point.
 //! - `corrupt/` envelopes that could not be read, kept for a human.
 //! - `queue/ID.hold`, `queue/ID.expire`: an operator's marks ([`Mark`]), empty files.
+//! - `queue/ID.ROUTE.sending`: a delivery over ROUTE is under way. Empty until the next
+//!   hop accepted it; then it holds the [`Handed`] recipients, so that a process killed
+//!   before it recorded the outcome does not hand the message over a second time.
 //!
 //! Commit: fsync the body, write and fsync the envelope in tmp/, rename the body, rename
 //! the envelope, fsync `queue/`. Only then does SMTP answer 250.
@@ -105,6 +108,37 @@ pub struct ReceiptFacts {
     /// Our key's fingerprint, and when the commit started (Unix ms).
     pub fingerprint: String,
     pub committed_ms: u64,
+}
+
+/// What a `.sending` marker says once the next hop accepted the message: the recipients
+/// it took and, per recipient, what the hand-off was (for a partner's delivered receipt).
+/// Written the moment the reply is read, before anything else, and replayed at start-up
+/// as the report the process did not live to make.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Handed {
+    pub id: String,
+    pub route: Route,
+    pub delivered: Vec<String>,
+    /// Per recipient, what the hand-off was, kept so that a replayed delivered receipt
+    /// is the same document as the one the killed process may already have written.
+    #[serde(default)]
+    pub handoffs: Vec<HandoffNote>,
+}
+
+/// One recipient's hand-off: `to` is `maildir <file>` or `smtp <the MTA's reply>`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandoffNote {
+    pub rcpt: String,
+    pub at_ms: u64,
+    pub to: String,
+}
+
+/// What [`Spool::recover`] found: the committed messages, and the hand-offs whose
+/// outcome was never recorded.
+pub struct Recovered {
+    pub spool: Spool,
+    pub envelopes: Vec<Envelope>,
+    pub handed: Vec<Handed>,
 }
 
 /// An operator's mark on a queued message: an empty file `queue/ID.hold` or
@@ -259,6 +293,12 @@ impl Spool {
     /// Open (creating if needed) and recover: clear `tmp/`, drop bodies whose envelope
     /// never committed, and return every committed envelope.
     pub fn open(root: &Path) -> io::Result<(Spool, Vec<Envelope>)> {
+        Self::recover(root).map(|r| (r.spool, r.envelopes))
+    }
+
+    /// [`open`](Self::open), also returning the hand-offs to replay. Their markers stay
+    /// until the replayed outcome is committed (a crash during the replay replays again).
+    pub fn recover(root: &Path) -> io::Result<Recovered> {
         let s = Spool::at(root);
         for d in [&s.tmp, &s.queue, &s.corrupt, &s.free] {
             fs::create_dir_all(d)?;
@@ -306,9 +346,15 @@ impl Spool {
         for env in &mut envs {
             s.read_marks(env);
         }
+        let mut handed = Vec::new();
         for m in markers {
-            s.explain_interrupted_send(&m, &envs);
-            fs::remove_file(&m)?;
+            match Self::read_handed(&m, &envs) {
+                Some(h) => handed.push(h),
+                None => {
+                    s.explain_interrupted_send(&m, &envs);
+                    fs::remove_file(&m)?;
+                }
+            }
         }
         for b in bodies {
             if !b.with_extension("env").exists() {
@@ -318,7 +364,43 @@ impl Spool {
         }
         fsync_dir(&s.queue)?;
         envs.sort_by(|a, b| a.id.cmp(&b.id));
-        Ok((s, envs))
+        handed.sort_by(|a: &Handed, b| a.id.cmp(&b.id));
+        Ok(Recovered {
+            spool: s,
+            envelopes: envs,
+            handed,
+        })
+    }
+
+    /// The hand-off a marker records, if it names a queued message that still has one of
+    /// those recipients pending on that route (else there is nothing to replay). An
+    /// unreadable marker is treated as empty: the message is sent again, as before.
+    fn read_handed(marker: &Path, envs: &[Envelope]) -> Option<Handed> {
+        let bytes = fs::read(marker).ok().filter(|b| !b.is_empty())?;
+        let h: Handed = match serde_json::from_slice(&bytes) {
+            Ok(h) => h,
+            Err(err) => {
+                tracing::error!(file = %marker.display(), %err, "spool recovery: unreadable hand-off record, ignored");
+                return None;
+            }
+        };
+        let env = envs.iter().find(|e| e.id == h.id)?;
+        env.pending()
+            .any(|r| r.route == h.route && h.delivered.contains(&r.addr))
+            .then_some(h)
+    }
+
+    /// Record, the moment the next hop said yes, that it took `handed.delivered`. Not
+    /// fsynced: like the marker itself it only has to survive this process (kill -9, a
+    /// panic), which the page cache does; after a power cut the message is sent again, as
+    /// any MTA's would be. What remains is the time between the next hop's commit and
+    /// this write: the SMTP window of RFC 1047, which no SMTP client can close.
+    pub async fn handed(&self, handed: &Handed) -> io::Result<()> {
+        let marker = self.sending_path(&handed.id, &handed.route);
+        let bytes = serde_json::to_vec(handed).map_err(io::Error::other)?;
+        tokio::task::spawn_blocking(move || fs::write(marker, bytes))
+            .await
+            .map_err(io::Error::other)?
     }
 
     /// A `.sending` marker left by a process that stopped mid-delivery: if that route
@@ -729,6 +811,46 @@ pub(crate) mod tests {
         s.remove(&id).await.unwrap();
         let (_s, envs) = Spool::open(dir.path()).unwrap();
         assert!(envs.is_empty());
+    }
+
+    /// A `.sending` marker that records a hand-off is returned for replay and kept (until
+    /// the replayed outcome is committed); an empty one, or one whose recipients are no
+    /// longer pending, is removed as before.
+    #[tokio::test]
+    async fn a_noted_hand_off_is_recovered_for_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = Spool::open(dir.path()).unwrap();
+        let route = Route::Peer("site-b.test".into());
+        let mut ids = Vec::new();
+        for _ in 0..3 {
+            let id = Spool::new_id();
+            let mut f = s.create_body(&id).await.unwrap();
+            f.write_all(b"hello").await.unwrap();
+            s.commit(f, &env(&id)).await.unwrap();
+            s.begin_send(&id, &route).await;
+            ids.push(id);
+        }
+        let note = |id: &str, rcpt: &str| Handed {
+            id: id.to_string(),
+            route: route.clone(),
+            delivered: vec![rcpt.to_string()],
+            handoffs: vec![],
+        };
+        let rcpt = env(&ids[0]).recipients[0].addr.clone();
+        s.handed(&note(&ids[0], &rcpt)).await.unwrap();
+        s.handed(&note(&ids[1], "someone@else.example"))
+            .await
+            .unwrap();
+        // ids[2]: the marker stays empty (stopped before the next hop answered).
+        let r = Spool::recover(dir.path()).unwrap();
+        assert_eq!(r.envelopes.len(), 3);
+        assert_eq!(r.handed, vec![note(&ids[0], &rcpt)]);
+        assert!(r.spool.sending_path(&ids[0], &route).exists());
+        assert!(!r.spool.sending_path(&ids[1], &route).exists());
+        assert!(!r.spool.sending_path(&ids[2], &route).exists());
+        // Committing the replayed outcome retires the marker.
+        r.spool.remove_sent(&ids[0], &route).await.unwrap();
+        assert!(Spool::recover(dir.path()).unwrap().handed.is_empty());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

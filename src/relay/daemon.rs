@@ -77,7 +77,11 @@ pub async fn start(cfg: Config, shutdown: Shutdown, hooks: Hooks) -> Result<Runn
         cfg.spool.display()
     )))?;
     control::write_keyring_pointer(&cfg.keyring, &cfg.spool);
-    let (spool, envelopes) = Spool::open(&cfg.spool)
+    let crate::queue::Recovered {
+        spool,
+        envelopes,
+        handed,
+    } = Spool::recover(&cfg.spool)
         .map_err(io_err(format!("opening spool {}", cfg.spool.display())))?;
     let receipts =
         super::receipts::Receipts::open(&cfg.spool, cfg.queue.dedup_window).map_err(io_err(
@@ -188,6 +192,7 @@ pub async fn start(cfg: Config, shutdown: Shutdown, hooks: Hooks) -> Result<Runn
         listeners: Arc::new(Listeners::default()),
         hooks,
     });
+    replay_handed(&ctx, handed).await;
     tracing::info!(
         domain = %ctx.settings().site.domain,
         smtp = %smtp_addr,
@@ -276,4 +281,28 @@ pub async fn run(cfg: Config, shutdown: Shutdown) -> Result<(), RelayError> {
     running.wait().await;
     hup.abort();
     Ok(())
+}
+
+/// Hand-offs the last process noted (the next hop had said yes) but did not live to
+/// report: their outcome is committed now, and a partner's delivered receipt issued, as
+/// the lane would have; the message is not handed over a second time.
+async fn replay_handed(ctx: &Context, handed: Vec<crate::queue::Handed>) {
+    for h in handed {
+        let Some((job, outcomes)) = ctx.queue.handed_job(&h) else {
+            continue;
+        };
+        tracing::warn!(queue_id = %job.id, route = %job.route, rcpts = ?h.delivered,
+            "spool recovery: the next hop had accepted this message before sipmail stopped; recorded as delivered, not sent again");
+        let handoffs: Vec<_> = h.handoffs.iter().map(local::handoff_of).collect();
+        let issued = match (&job.dedup_key_file, &job.from_peer) {
+            (Some(k), Some(peer)) if !handoffs.is_empty() => {
+                super::delivered::issue(ctx, peer, k, &job.id, handoffs).await
+            }
+            _ => None,
+        };
+        ctx.queue.commit(&job, &outcomes, None).await;
+        if let Some(peer) = issued {
+            super::delivered::make_durable(ctx, &peer).await;
+        }
+    }
 }

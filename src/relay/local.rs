@@ -81,6 +81,25 @@ pub(crate) async fn worker(ctx: Arc<Context>, dest: Destination, lane: Lane) {
                 Destination::Smtp(hop) => to_smtp(&ctx, hop, &job, &mut conn, &mut handoffs).await,
             },
         };
+        // First of all, before signing or reporting: note what the next hop took, so that
+        // a kill from here on replays this outcome instead of handing the message over again.
+        let delivered: Vec<String> = outcomes
+            .iter()
+            .filter(|(_, o)| *o == RcptOutcome::Delivered)
+            .map(|(r, _)| r.clone())
+            .collect();
+        if !delivered.is_empty() {
+            let h = crate::queue::Handed {
+                id: job.id.clone(),
+                route: job.route.clone(),
+                delivered,
+                handoffs: handoffs.iter().map(note_of).collect(),
+            };
+            if let Err(e) = ctx.spool.handed(&h).await {
+                tracing::warn!(queue_id = %job.id, error = %e,
+                    "cannot note the hand-off; if sipmail stops before the outcome is recorded, the message may arrive twice");
+            }
+        }
         ctx.metrics
             .transferred(route_label(&job.route), sending.elapsed());
         // The delivered receipt is signed and written (a kill -9 cannot lose a written
@@ -141,6 +160,23 @@ async fn to_inbox(ctx: &Context, job: &Job) -> Result<(), Vec<(String, RcptOutco
                 dir.display()
             ))))
         }
+    }
+}
+
+/// A hand-off as the spool's `.sending` marker keeps it, and back (for a replay).
+fn note_of(h: &Handoff) -> crate::queue::HandoffNote {
+    crate::queue::HandoffNote {
+        rcpt: h.rcpt.clone(),
+        at_ms: h.at_unix_ms,
+        to: h.to.clone(),
+    }
+}
+
+pub(crate) fn handoff_of(n: &crate::queue::HandoffNote) -> Handoff {
+    Handoff {
+        rcpt: n.rcpt.clone(),
+        at_unix_ms: n.at_ms,
+        to: n.to.clone(),
     }
 }
 

@@ -295,7 +295,8 @@ impl MailQueue {
 
     /// Record what a lane reported, durably (see [`schedule::decide`] for the rules), and
     /// drop the message when nothing is pending any more.
-    async fn commit(
+    /// Apply a lane's report (or a replayed one, see [`handed_job`](Self::handed_job)).
+    pub(crate) async fn commit(
         &self,
         job: &Job,
         outcomes: &[(String, super::outcome::RcptOutcome)],
@@ -357,6 +358,30 @@ impl MailQueue {
             }
         }
         self.notify.notify_one();
+    }
+
+    /// A hand-off the last process recorded (`.sending` marker) but did not live to
+    /// report: the job and outcomes to commit now, as its report would have. `None` when
+    /// the message or those recipients are no longer pending on that route.
+    pub fn handed_job(
+        &self,
+        h: &crate::queue::Handed,
+    ) -> Option<(Job, Vec<(String, super::outcome::RcptOutcome)>)> {
+        let st = self.lock();
+        let env = st.envs.get(&h.id)?;
+        let rcpts: Vec<&crate::queue::Recipient> = env
+            .pending()
+            .filter(|r| r.route == h.route && h.delivered.contains(&r.addr))
+            .collect();
+        if rcpts.is_empty() {
+            return None;
+        }
+        let job = job_for(env, &h.route, &rcpts);
+        let outcomes = rcpts
+            .iter()
+            .map(|r| (r.addr.clone(), super::outcome::RcptOutcome::Delivered))
+            .collect();
+        Some((job, outcomes))
     }
 
     /// The log line and event of one recipient's step: with the queue ID, the recipient,
@@ -448,27 +473,32 @@ fn due_jobs(
         }
     }
     for (route, recipients) in by_route {
-        jobs.push(Job {
-            id: env.id.clone(),
-            route: route.clone(),
-            mail_from: env.mail_from.clone(),
-            rcpt_params: recipients.iter().map(|r| r.dsn.clone()).collect(),
-            recipients: recipients.iter().map(|r| r.addr.clone()).collect(),
-            opts: crate::smtp::MailOptions {
-                size: Some(env.size),
-                smtputf8: env.smtputf8,
-                ret: env.ret,
-                envid: env.envid.clone(),
-                // A partner that offers receipts returns one for this ID (the worker
-                // drops it where receipts cannot be verified).
-                xqid: matches!(route, crate::queue::Route::Peer(_)).then(|| env.id.clone()),
-            },
-            from_peer: env.receipt.as_ref().map(|f| f.peer.clone()),
-            dedup_key_file: env.receipt.as_ref().map(|f| {
-                crate::receipt::DedupKey::new(&f.peer, &f.sender_queue_id, &f.message_sha256)
-                    .file_name()
-            }),
-        });
+        jobs.push(job_for(env, route, &recipients));
+    }
+}
+
+/// The job that delivers `recipients` of `env` over `route`.
+fn job_for(env: &Envelope, route: &Route, recipients: &[&crate::queue::Recipient]) -> Job {
+    Job {
+        id: env.id.clone(),
+        route: route.clone(),
+        mail_from: env.mail_from.clone(),
+        rcpt_params: recipients.iter().map(|r| r.dsn.clone()).collect(),
+        recipients: recipients.iter().map(|r| r.addr.clone()).collect(),
+        opts: crate::smtp::MailOptions {
+            size: Some(env.size),
+            smtputf8: env.smtputf8,
+            ret: env.ret,
+            envid: env.envid.clone(),
+            // A partner that offers receipts returns one for this ID (the worker
+            // drops it where receipts cannot be verified).
+            xqid: matches!(route, crate::queue::Route::Peer(_)).then(|| env.id.clone()),
+        },
+        from_peer: env.receipt.as_ref().map(|f| f.peer.clone()),
+        dedup_key_file: env.receipt.as_ref().map(|f| {
+            crate::receipt::DedupKey::new(&f.peer, &f.sender_queue_id, &f.message_sha256)
+                .file_name()
+        }),
     }
 }
 
