@@ -454,26 +454,72 @@ async fn rotate(base: u8, certify: bool) -> Rotation {
         "the first message (before the rotation) was not delivered"
     );
     b.stop().await;
-    // B's new key, in a new keyring; certified by the old one if asked.
-    let new_dir = dir.join("keyring/site-b-new");
-    Keyring::generate(&new_dir, "site-b.test").unwrap();
-    let mut new_key = Keyring::open(&new_dir)
-        .unwrap()
-        .export_public_binary()
-        .unwrap();
-    if certify {
-        new_key = Keyring::open(&dir.join("keyring/site-b"))
-            .unwrap()
-            .certify_successor(&new_key, "site-b.test")
+    let exe = env!("CARGO_BIN_EXE_sipmail");
+    let (new_key, b_text) = if certify {
+        // The operator's rotation in place: a new key beside the old one, and the
+        // OPENPGPKEY record `sipmail keys publish` prints for it (the old key certifies
+        // the new one there).
+        let out = std::process::Command::new(exe)
+            .args([
+                "keys",
+                "generate",
+                "--rotate",
+                "--domain",
+                "site-b.test",
+                "--keyring",
+            ])
+            .arg(dir.join("keyring/site-b"))
+            .output()
             .unwrap();
-    }
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let b_toml = dir.join("b.toml");
+        std::fs::write(&b_toml, &b_text).unwrap();
+        let out = std::process::Command::new(exe)
+            .args(["keys", "publish", "--config"])
+            .arg(&b_toml)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert!(
+            text.contains("certified by this relay's previous key"),
+            "{text}"
+        );
+        let rdata = text
+            .lines()
+            .find(|l| l.contains(" IN OPENPGPKEY "))
+            .and_then(|l| l.rsplit(' ').next())
+            .unwrap();
+        use base64::Engine;
+        let key = base64::engine::general_purpose::STANDARD
+            .decode(rdata)
+            .unwrap();
+        (key, b_text)
+    } else {
+        // A new key from elsewhere (a new keyring), that the old one never certified.
+        let new_dir = dir.join("keyring/site-b-new");
+        Keyring::generate(&new_dir, "site-b.test").unwrap();
+        let key = Keyring::open(&new_dir)
+            .unwrap()
+            .export_public_binary()
+            .unwrap();
+        let b_text = b_text.replace("keyring/site-b\"", "keyring/site-b-new\"");
+        assert!(b_text.contains("site-b-new"));
+        (key, b_text)
+    };
     let new_fpr = sipmail::keyring::DiscoveredCert::parse(&new_key, "site-b.test")
         .unwrap()
         .fingerprint()
         .to_string();
     dns.serve(&zones(&new_key));
-    let b_text = b_text.replace("keyring/site-b\"", "keyring/site-b-new\"");
-    assert!(b_text.contains("site-b-new"));
     let b = start("b.toml", &b_text).await;
     // A's idle call to the old B is gone (call_idle 2s): the next message places a call.
     tokio::time::sleep(Duration::from_secs(3)).await;

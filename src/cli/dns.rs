@@ -56,6 +56,15 @@ pub fn publish(cfg: &Config, target: Option<String>, ttl: u32) -> Result<ExitCod
         "; The relay's key, mail@{d} (RFC 7929), fingerprint {}:",
         format_fingerprint(&fpr)
     );
+    for old in kr.predecessor_fingerprints()? {
+        println!(
+            "; It is certified by this relay's previous key {} (a rotation): relays that pinned",
+            format_fingerprint(&old)
+        );
+        println!(
+            "; that key from DNS take this one. Keep the old key in the keyring until they have."
+        );
+    }
     println!(
         "{}. {ttl} IN OPENPGPKEY {}",
         dns::openpgpkey_owner(d),

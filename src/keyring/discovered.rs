@@ -104,70 +104,102 @@ impl DiscoveredCert {
 
 impl Keyring {
     /// The own certificate, binary, without secret key material: the RDATA of the
-    /// OPENPGPKEY record `sipmail keys publish` prints.
+    /// OPENPGPKEY record `sipmail keys publish` prints. Every older own key still in the
+    /// keyring (a rotation's predecessor, `keys generate --rotate`) certifies its
+    /// `mail@<domain>` user IDs, so that relays that pinned the old key from DNS take the
+    /// new one (`trust = "dnssec"`). A revoked or unusable old key certifies nothing.
     pub fn export_public_binary(&self) -> Result<Vec<u8>, KeyringError> {
         let own = self.own()?;
-        own.entry
-            .cert
-            .clone()
-            .strip_secret_key_material()
-            .to_vec()
-            .map_err(KeyringError::crypto)
-    }
-
-    /// Certify `mail@<domain>` of `new` (a certificate, armored or binary) with our own
-    /// key, and return the certificate with that certification, binary: what a site
-    /// publishes when it rotates the key in its OPENPGPKEY record, so that relays that
-    /// pinned the old key accept the new one (`trust = "dnssec"`).
-    pub fn certify_successor(&self, new: &[u8], domain: &str) -> Result<Vec<u8>, KeyringError> {
-        let domain = normalize_domain(domain)?;
-        let mut signer = self.own_certifier()?;
-        let cert = Cert::from_bytes(new)
-            .map_err(|e| invalid("the new certificate", e))?
-            .strip_secret_key_material();
-        let want = format!("{LOCAL_PART}{domain}");
-        let uid = cert
-            .userids()
-            .find(|u| u.userid().value().eq_ignore_ascii_case(want.as_bytes()))
-            .map(|u| u.userid().clone())
-            .ok_or_else(|| KeyringError::WrongIdentity {
-                fingerprint: fpr_hex(&cert.fingerprint()),
-                domain: domain.clone(),
-                user_ids: cert
-                    .userids()
-                    .map(|u| printable(u.userid().value()))
-                    .collect(),
-            })?;
-        let sig = uid
-            .certify(
-                &mut signer,
-                &cert,
-                SignatureType::GenericCertification,
-                None,
-                None,
-            )
-            .map_err(KeyringError::crypto)?;
-        let (cert, _) = cert.insert_packets(sig).map_err(KeyringError::crypto)?;
+        let mut cert = own.entry.cert.clone().strip_secret_key_material();
+        for old in self.predecessors(own) {
+            let tsk = self.own_tsk(&old.entry.fpr)?;
+            for d in &own.entry.domains {
+                cert = certify(&tsk, cert, d)?;
+            }
+        }
         cert.to_vec().map_err(KeyringError::crypto)
     }
 
-    /// A key pair of the own primary key (which certifies).
-    fn own_certifier(&self) -> Result<KeyPair, KeyringError> {
+    /// The fingerprints of the own keys that certify the published one (see
+    /// [`export_public_binary`](Self::export_public_binary)).
+    pub fn predecessor_fingerprints(&self) -> Result<Vec<String>, KeyringError> {
         let own = self.own()?;
-        let secret = std::fs::read(self.dir.join(SECRET_FILE))
-            .map_err(|e| KeyringError::io("cannot read", self.dir.join(SECRET_FILE), e))?;
-        let tsk = Cert::from_bytes(&secret).map_err(|e| invalid(SECRET_FILE, e))?;
-        if tsk.fingerprint().to_hex() != own.entry.fpr {
-            return Err(KeyringError::NoSigningKey {
-                fingerprint: own.entry.fpr.clone(),
-                reason: format!("{SECRET_FILE} is not the key that signs"),
-            });
+        Ok(self
+            .predecessors(own)
+            .map(|o| o.entry.fpr.clone())
+            .collect())
+    }
+
+    /// The own key `fpr` with its secret key material, read from its file (the keyring
+    /// keeps only the signing key pair unlocked; a certification needs the primary key).
+    fn own_tsk(&self, fpr: &str) -> Result<Cert, KeyringError> {
+        for path in super::load::own_key_files(&self.dir)? {
+            let cert = super::load::load_cert_file(&path)?;
+            if fpr_hex(&cert.fingerprint()) == fpr {
+                return Ok(cert);
+            }
         }
-        tsk.primary_key()
-            .key()
-            .clone()
-            .parts_into_secret()
-            .and_then(|k| k.into_keypair())
+        Err(KeyringError::NoSigningKey {
+            fingerprint: fpr.to_string(),
+            reason: "its secret key file is gone from the keyring".into(),
+        })
+    }
+
+    fn predecessors<'a>(&'a self, own: &'a OwnKey) -> impl Iterator<Item = &'a OwnKey> {
+        self.own_other.iter().filter(move |o| {
+            o.entry.created < own.entry.created
+                && o.entry.revoked.is_none()
+                && o.entry.invalid.is_none()
+        })
+    }
+
+    /// Certify `mail@<domain>` of `new` (a certificate, armored or binary) with the key
+    /// that signs, and return the certificate with that certification, binary (for a new
+    /// key made in another keyring; `keys publish` does it for a rotation in place).
+    pub fn certify_successor(&self, new: &[u8], domain: &str) -> Result<Vec<u8>, KeyringError> {
+        let domain = normalize_domain(domain)?;
+        let own = self.own()?;
+        let cert = Cert::from_bytes(new)
+            .map_err(|e| invalid("the new certificate", e))?
+            .strip_secret_key_material();
+        certify(&self.own_tsk(&own.entry.fpr)?, cert, &domain)?
+            .to_vec()
             .map_err(KeyringError::crypto)
     }
+}
+
+/// `cert` with its `mail@<domain>` user ID certified by `by`'s primary key (`by` holds
+/// the secret key: an own key).
+fn certify(by: &Cert, cert: Cert, domain: &str) -> Result<Cert, KeyringError> {
+    let mut signer = by
+        .primary_key()
+        .key()
+        .clone()
+        .parts_into_secret()
+        .and_then(|k| k.into_keypair())
+        .map_err(KeyringError::crypto)?;
+    let want = format!("{LOCAL_PART}{domain}");
+    let uid = cert
+        .userids()
+        .find(|u| u.userid().value().eq_ignore_ascii_case(want.as_bytes()))
+        .map(|u| u.userid().clone())
+        .ok_or_else(|| KeyringError::WrongIdentity {
+            fingerprint: fpr_hex(&cert.fingerprint()),
+            domain: domain.to_string(),
+            user_ids: cert
+                .userids()
+                .map(|u| printable(u.userid().value()))
+                .collect(),
+        })?;
+    let sig = uid
+        .certify(
+            &mut signer,
+            &cert,
+            SignatureType::GenericCertification,
+            None,
+            None,
+        )
+        .map_err(KeyringError::crypto)?;
+    let (cert, _) = cert.insert_packets(sig).map_err(KeyringError::crypto)?;
+    Ok(cert)
 }
