@@ -285,7 +285,9 @@ enum KeysCmd {
     /// [[peer]]: SRV _sipmail._udp and _sipmail._tcp (where it takes calls; dedicated
     /// names, so the company's own _sip._udp VoIP service is untouched) and OPENPGPKEY for
     /// mail@DOMAIN (its key, RFC 7929), in zone-file form. Add them to the zone and sign it
-    /// with DNSSEC: the key is trusted only from a DNSSEC-secure answer.
+    /// with DNSSEC: the key is trusted only from a DNSSEC-secure answer. After a rotation
+    /// (`keys generate --rotate`) the key printed is the new one, certified by the older
+    /// own keys in the keyring, so relays that pinned the old key take the new one.
     Publish {
         /// The relay's configuration (domain, keyring, sip.listen / sip.advertise).
         #[arg(long, short)]
