@@ -644,7 +644,6 @@ async fn a_hand_off_noted_before_a_kill_is_not_repeated_after_the_restart() {
                 ),
             }],
         })
-        .await
         .unwrap();
     drop(spool);
     sites.shutdown_b = sipmail::relay::Shutdown::new();

@@ -395,12 +395,13 @@ impl Spool {
     /// panic), which the page cache does; after a power cut the message is sent again, as
     /// any MTA's would be. What remains is the time between the next hop's commit and
     /// this write: the SMTP window of RFC 1047, which no SMTP client can close.
-    pub async fn handed(&self, handed: &Handed) -> io::Result<()> {
-        let marker = self.sending_path(&handed.id, &handed.route);
+    ///
+    /// Written on the calling thread, not through the blocking pool: a few hundred bytes
+    /// into the page cache take microseconds, while a turn in a pool busy with fsyncs
+    /// could take milliseconds, all of them inside the window this note is there to close.
+    pub fn handed(&self, handed: &Handed) -> io::Result<()> {
         let bytes = serde_json::to_vec(handed).map_err(io::Error::other)?;
-        tokio::task::spawn_blocking(move || fs::write(marker, bytes))
-            .await
-            .map_err(io::Error::other)?
+        fs::write(self.sending_path(&handed.id, &handed.route), bytes)
     }
 
     /// A `.sending` marker left by a process that stopped mid-delivery: if that route
@@ -837,10 +838,8 @@ pub(crate) mod tests {
             handoffs: vec![],
         };
         let rcpt = env(&ids[0]).recipients[0].addr.clone();
-        s.handed(&note(&ids[0], &rcpt)).await.unwrap();
-        s.handed(&note(&ids[1], "someone@else.example"))
-            .await
-            .unwrap();
+        s.handed(&note(&ids[0], &rcpt)).unwrap();
+        s.handed(&note(&ids[1], "someone@else.example")).unwrap();
         // ids[2]: the marker stays empty (stopped before the next hop answered).
         let r = Spool::recover(dir.path()).unwrap();
         assert_eq!(r.envelopes.len(), 3);

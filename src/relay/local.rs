@@ -95,7 +95,7 @@ pub(crate) async fn worker(ctx: Arc<Context>, dest: Destination, lane: Lane) {
                 delivered,
                 handoffs: handoffs.iter().map(note_of).collect(),
             };
-            if let Err(e) = ctx.spool.handed(&h).await {
+            if let Err(e) = ctx.spool.handed(&h) {
                 tracing::warn!(queue_id = %job.id, error = %e,
                     "cannot note the hand-off; if sipmail stops before the outcome is recorded, the message may arrive twice");
             }
