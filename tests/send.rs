@@ -285,6 +285,26 @@ async fn outbox_files_leave_only_to_sent_with_their_receipt_or_to_failed_with_th
     )
     .unwrap();
     assert_eq!(r.rcpts, vec!["docs@site-b.test".to_string()]);
+    // Later B's delivered receipt comes (fetched by A's next call, or at its hang-up) and
+    // lands beside the file as well; it verifies and names the same message.
+    let delivered = sent.join("order-4711.txt.delivered-1.txt");
+    assert!(
+        wait_until(Duration::from_secs(30), || delivered.exists()).await,
+        "no delivered receipt beside the file in sent/"
+    );
+    let d_text = std::fs::read(&delivered).unwrap();
+    let d_sig = std::fs::read(sent.join("order-4711.txt.delivered-1.sig")).unwrap();
+    let d = sipmail::receipt::verify(
+        &ka,
+        "site-b.test",
+        &kb.own_fingerprint().unwrap(),
+        &d_text,
+        &d_sig,
+    )
+    .unwrap();
+    assert_eq!(d.kind, sipmail::receipt::Kind::Delivered);
+    assert_eq!(d.message_sha256, r.message_sha256);
+    assert_eq!(d.handoffs[0].rcpt, "docs@site-b.test");
     // The refused one: in failed/ with its reason, never in sent/.
     let failed = outbox.join("failed");
     assert!(
@@ -305,7 +325,7 @@ async fn outbox_files_leave_only_to_sent_with_their_receipt_or_to_failed_with_th
     let left: Vec<String> = std::fs::read_dir(&outbox)
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .filter(|n| !["tmp", ".work", "sent", "failed"].contains(&n.as_str()))
+        .filter(|n| !["tmp", ".work", ".delivered", "sent", "failed"].contains(&n.as_str()))
         .collect();
     assert!(left.is_empty(), "{left:?}");
     assert_eq!(std::fs::read_dir(outbox.join(".work")).unwrap().count(), 0);

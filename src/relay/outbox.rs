@@ -16,6 +16,11 @@
 //! - a stored receipt covering every recipient: to `sent/`;
 //! - `.queued`, not in the spool, no receipt: the queue gave up (a bounce went to the
 //!   sender): to `failed/`.
+//!
+//! A file moved to `sent/` leaves `DIR/.delivered/ID` behind (its path in `sent/`): once
+//! the partner's `delivered` receipts for it have been fetched and checked, they are
+//! written beside it too (`NAME.delivered-1.txt`, `.sig`) and the note is removed. A note
+//! older than [`DELIVERED_WAIT`] is given up with a warning (the partner issues none).
 
 use super::context::Context;
 use super::events::RelayEvent;
@@ -24,6 +29,7 @@ use crate::config::{Outbox, Peer};
 use crate::queue::{Envelope, RcptState, Recipient, Route, Spool};
 use std::fs;
 use std::io;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -32,6 +38,8 @@ use std::time::{Duration, SystemTime};
 pub(crate) const SETTLE: Duration = Duration::from_secs(2);
 /// How often the outboxes are looked at.
 const TICK: Duration = Duration::from_secs(1);
+/// How long a file in `sent/` waits for the partner's delivered receipts.
+const DELIVERED_WAIT: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// The outbox task: every [`TICK`], each partner's outbox in the settings in force.
 pub(crate) async fn run(ctx: Arc<Context>) {
@@ -79,7 +87,7 @@ async fn scan(
 ) -> io::Result<()> {
     let o = ob.clone();
     let (taken, fresh) = blocking(move || {
-        for d in ["tmp", ".work", "sent", "failed"] {
+        for d in ["tmp", ".work", ".delivered", "sent", "failed"] {
             fs::create_dir_all(o.dir.join(d))?;
         }
         Ok((list_work(&o)?, list_new(&o)?))
@@ -89,6 +97,9 @@ async fn scan(
     for name in taken {
         follow(ctx, peer, ob, &name, last_errors).await?;
     }
+    // Files in sent/ still waiting for their delivered receipts.
+    let (store, o) = (ctx.receipts.store.clone(), ob.clone());
+    blocking(move || add_delivered_receipts(&store, &o)).await?;
     // New files: claim (rename into .work), note the queue ID, queue.
     for name in fresh {
         let o = ob.clone();
@@ -274,6 +285,10 @@ async fn follow(
             let (o, n, i) = (ob.clone(), name.to_string(), id.clone());
             let dest = blocking(move || {
                 finish(&o, &n, &i, "sent", |base| {
+                    write_synced(
+                        &o.dir.join(".delivered").join(&i),
+                        base.as_os_str().as_bytes(),
+                    )?;
                     for (k, s) in rec.receipts.iter().enumerate() {
                         let signed = s.to_signed()?;
                         write_synced(
@@ -332,6 +347,59 @@ async fn follow(
     })
     .await?;
     tracing::warn!(queue_id = %id, peer = %peer.domain, file = %dest.display(), reason = %reason.trim_end(), "outbox: failed");
+    Ok(())
+}
+
+/// For each note in `DIR/.delivered/`: when the stored record of that queue ID has
+/// delivered receipts that together cover every `outbox_to` recipient, write them beside
+/// the file in `sent/` and drop the note.
+fn add_delivered_receipts(
+    store: &crate::receipt::store::ReceiptStore,
+    ob: &Outbox,
+) -> io::Result<()> {
+    let notes = ob.dir.join(".delivered");
+    for e in fs::read_dir(&notes)? {
+        let e = e?;
+        let Some(id) = e.file_name().to_str().map(str::to_string) else {
+            continue;
+        };
+        let note = e.path();
+        let Ok(rec) = store.sent(&id) else {
+            let _ = fs::remove_file(&note); // not a queue ID: not ours
+            continue;
+        };
+        let delivered: Vec<_> = rec.map(|r| r.delivered).unwrap_or_default();
+        let handed: Vec<String> = delivered
+            .iter()
+            .filter_map(|s| crate::receipt::Receipt::parse(s.text.as_bytes()).ok())
+            .flat_map(|r| r.handoffs.into_iter().map(|h| h.rcpt))
+            .collect();
+        if !ob
+            .to
+            .iter()
+            .all(|to| handed.iter().any(|h| h.eq_ignore_ascii_case(to)))
+        {
+            let age = e.metadata()?.modified()?.elapsed().unwrap_or_default();
+            if age > DELIVERED_WAIT {
+                tracing::warn!(queue_id = %id, outbox = %ob.dir.display(),
+                    "outbox: no delivered receipt from the partner after 7 days; the file stays in sent/ with its accepted receipt only");
+                fs::remove_file(&note)?;
+            }
+            continue;
+        }
+        let base = PathBuf::from(std::ffi::OsString::from_vec(fs::read(&note)?));
+        for (k, s) in delivered.iter().enumerate() {
+            let signed = s.to_signed()?;
+            for (ext, bytes) in [("txt", &signed.text), ("sig", &signed.sig)] {
+                write_synced(
+                    &base.with_file_name(format!("{}.delivered-{}.{ext}", file_of(&base), k + 1)),
+                    bytes,
+                )?;
+            }
+        }
+        tracing::info!(queue_id = %id, file = %base.display(), "outbox: delivered receipt beside the file in sent/");
+        fs::remove_file(&note)?;
+    }
     Ok(())
 }
 
