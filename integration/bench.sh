@@ -8,6 +8,7 @@
 # Paths measured (all on 127.0.0.1, smtp-source and smtp-sink from Postfix):
 #   sipmail      smtp-source -> sipmail A -> SIP call -> sipmail B -> smtp-sink
 #   postfix      smtp-source -> Postfix A -> Postfix B -> smtp-sink        (plain SMTP)
+#   bare         smtp-source -> smtp-sink directly: the ceiling, no relay at all (issue 16)
 #   postfix-tls  smtp-source -> Postfix A -> Postfix B -> smtp-sink        (TLS, A pins
 #                B's self-signed certificate: smtp_tls_security_level = fingerprint)
 # Rates are end to end: from the start of smtp-source until smtp-sink has counted every
@@ -26,7 +27,7 @@ MESSAGES=${MESSAGES:-2000}        # messages per throughput run
 SIZE=${SIZE:-5120}                # bytes per message (smtp-source -l)
 SESSIONS=${SESSIONS:-10}          # parallel sessions for the headline figure
 ROUNDS=${ROUNDS:-3}               # headline rounds; paths interleaved in each
-SWEEP=${SWEEP:-"1 2 5 10 20 50"}  # parallel sessions for the plot
+SWEEP=${SWEEP:-"1 2 5 10 20 50 200"}  # parallel sessions for the plot
 SWEEP_MESSAGES=${SWEEP_MESSAGES:-1000}
 COLD_CALLS=${COLD_CALLS:-5}       # cold-call first-message measurements
 WARM_MESSAGES=${WARM_MESSAGES:-20}
@@ -81,7 +82,7 @@ start_sink() { # port, counter file
 stop_sink() { kill "$SINK_PID" 2>/dev/null || true; wait "$SINK_PID" 2>/dev/null || true; }
 
 read -r P_SRC_S P_SIP_A P_SIP_B P_SMTP_B P_PFA P_PFB P_PFTA P_PFTB \
-    SINK_S SINK_P SINK_T SINK_X <<<"$(free_ports 12)"
+    SINK_S SINK_P SINK_T SINK_X SINK_BARE <<<"$(free_ports 13)"
 
 # ---------------------------------------------------------------- Postfix instances
 echo "== private Postfix instances"
@@ -113,9 +114,11 @@ wait_port "$P_SRC_S" 20 || die "sipmail A did not start: $(tail -5 "$SM/a.log")"
 wait_port "$P_SMTP_B" 20 || die "sipmail B did not start: $(tail -5 "$SM/b.log")"
 
 # ---------------------------------------------------------------- throughput
-path_in() { case $1 in sipmail) echo "$P_SRC_S" ;; postfix) echo "$P_PFA" ;; postfix-tls) echo "$P_PFTA" ;; esac; }
-path_sink() { case $1 in sipmail) echo "$SINK_S" ;; postfix) echo "$SINK_P" ;; postfix-tls) echo "$SINK_T" ;; esac; }
-PATHS=(sipmail postfix postfix-tls)
+path_in() { case $1 in sipmail) echo "$P_SRC_S" ;; postfix) echo "$P_PFA" ;; postfix-tls) echo "$P_PFTA" ;; bare) echo "$SINK_BARE" ;; esac; }
+path_sink() { case $1 in sipmail) echo "$SINK_S" ;; postfix) echo "$SINK_P" ;; postfix-tls) echo "$SINK_T" ;; bare) echo "$SINK_BARE" ;; esac; }
+# bare: smtp-source straight into smtp-sink, the same mix: what the client, the sink and
+# the loopback do alone, so "sipmail / bare" says how close the relay pair comes to it.
+PATHS=(sipmail postfix postfix-tls bare)
 
 # run_path kind path messages sessions -> appends to runs.tsv, prints rate
 run_path() {
@@ -161,6 +164,30 @@ say "== sweep: $SWEEP_MESSAGES messages x $SIZE B per run, paths interleaved at 
 for s in $SWEEP; do
     for p in "${PATHS[@]}"; do run_path sweep "$p" "$SWEEP_MESSAGES" "$s"; done
 done
+
+# ---------------------------------------------------------------- the spool's disk
+# What the targets of issue 16 are relative to, measured on the disk of the spools in this
+# run: the latency of one small write + fdatasync, and the fsynced sequential write rate.
+say ""
+say "== the spool disk ($(df -P "$SM" | awk 'NR==2 {print $1}'), measured now"
+FSYNC_MS=$(python3 - "$SM" <<'PY'
+import os, statistics, sys, time
+p = os.path.join(sys.argv[1], "fsync-probe")
+fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+lat = []
+for i in range(200):
+    os.pwrite(fd, b"x" * 4096, (i % 16) * 4096)
+    t = time.perf_counter(); os.fdatasync(fd); lat.append((time.perf_counter() - t) * 1000)
+os.close(fd); os.unlink(p)
+print(f"{statistics.median(lat):.3f}")
+PY
+)
+say "   4 KB write + fdatasync: median $FSYNC_MS ms (200 tries)"
+# MB/s of 10^6 bytes, as the big-message figures below.
+DD_RATE=$(dd if=/dev/zero of="$SM/dd-probe" bs=1M count="$BIG_MB" conv=fdatasync 2>&1 \
+    | awk -v n="$BIG_MB" '/copied/ {sub(/.*copied, /, ""); printf "%.0f", n * 1.048576 / ($1 + 0)}')
+rm -f "$SM/dd-probe"
+say "   dd bs=1M count=$BIG_MB conv=fdatasync: $DD_RATE MB/s"
 
 # ---------------------------------------------------------------- latency
 say ""
@@ -208,6 +235,10 @@ print("WARM " + fmt([w for w in warms if w is not None]))
 PY
 stop_sink
 sed 's/^/   /' "$WORK/latency.txt" | tee -a "$OUT/results.txt"
+WARM_P50=$(awk '/^WARM/ {print $3}' "$WORK/latency.txt")
+COLD_P50=$(awk '/^COLD/ {print $3}' "$WORK/latency.txt")
+say "   target (issue 16): warm p50 <= 2 x fsync + 2 ms = $(awk -v f="$FSYNC_MS" 'BEGIN {printf "%.2f", 2*f+2}') ms (is $WARM_P50);" \
+    "cold p50 <= warm + 3 ms = $(awk -v w="$WARM_P50" 'BEGIN {printf "%.2f", w+3}') ms (is $COLD_P50)"
 say "   (smtp-source -> A -> call -> B -> sink; 'cold' includes INVITE/200/ACK, both signatures and"
 say "    both verifications, the media connection, A's and B's fsyncs and B's delivery to the sink)"
 
@@ -250,6 +281,7 @@ HWM_A=$(hwm_kb "$SM_A"); HWM_B=$(hwm_kb "$SM_B")
 mbps() { awk -v b="$BIG" -v a="$1" -v z="$2" 'BEGIN {printf "%.0f MB/s (%.2f s)", b/1e6/((z-a)/1e9), (z-a)/1e9}'; }
 say "   into A (smtp-source -> A, A fsyncs, 250):               $(mbps "$t0" "$t_acc")"
 say "   A -> B leg (A's spool -> call -> B, B fsyncs, 250):     $(mbps "$t_acc" "$t_b")"
+say "   target (issue 16): A -> B leg >= 80% of dd's $DD_RATE MB/s = $(awk -v d="$DD_RATE" 'BEGIN {printf "%.0f", 0.8*d}') MB/s"
 say "   end to end into A through B's fsynced 250:             $(mbps "$t0" "$t_b")"
 say "   ... and on to the sink:                                $(mbps "$t0" "$t_sink")"
 say "   RSS A: idle $((IDLE_A / 1024)) MB, peak $((HWM_A / 1024)) MB (VmHWM; sampled $((PEAK_A / 1024)) MB) -> +$(((HWM_A - IDLE_A) / 1024)) MB"
@@ -289,10 +321,20 @@ if {"sipmail", "postfix", "postfix-tls"} <= med.keys():
             per.setdefault(path, []).append(float(rate))
     for i in range(min(len(v) for v in per.values())):
         print(f"   round {i+1}: sipmail/plain {per['sipmail'][i]/per['postfix'][i]:.2f}x, sipmail/TLS {per['sipmail'][i]/per['postfix-tls'][i]:.2f}x")
+    print(f"   target (issue 16): >= 4x the plain chain, >= 6x the TLS chain")
+if {"sipmail", "bare"} <= med.keys():
+    print(f"   sipmail / bare smtp-source -> smtp-sink: {100*med['sipmail']/med['bare']:.0f}% (target >= 40%)")
 sweep = {}
 for kind, path, s, n, got, secs, src, rate, status in rows:
     if kind == "sweep":
         sweep.setdefault(path, []).append((int(s), float(rate)))
+if "sipmail" in sweep:
+    pts = dict(sweep["sipmail"])
+    peak_s, peak = max(pts.items(), key=lambda kv: kv[1])
+    print(f"   sipmail sweep peak: {peak:.1f} msg/s at {peak_s} sessions")
+    for s in (50, 200):
+        if s in pts:
+            print(f"   sipmail at {s:3d} sessions: {pts[s]:.1f} msg/s = {100*pts[s]/peak:.0f}% of the peak (target >= 90%)")
 try:
     import matplotlib
     matplotlib.use("Agg")
@@ -300,8 +342,9 @@ try:
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     labels = {"sipmail": "sipmail A -> call -> sipmail B",
               "postfix": "Postfix A -> Postfix B (plain)",
-              "postfix-tls": "Postfix A -> Postfix B (TLS, fingerprint)"}
-    for p in ("sipmail", "postfix", "postfix-tls"):
+              "postfix-tls": "Postfix A -> Postfix B (TLS, fingerprint)",
+              "bare": "smtp-source -> smtp-sink directly (no relay)"}
+    for p in ("sipmail", "postfix", "postfix-tls", "bare"):
         if p in sweep:
             xs, ys = zip(*sorted(sweep[p]))
             ax.plot(xs, ys, marker="o", label=labels[p])
