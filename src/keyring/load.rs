@@ -446,6 +446,7 @@ pub(super) fn own_signer(cert: &Cert, t: SystemTime) -> Result<OwnSigner, String
             best = Some((
                 created,
                 OwnSigner {
+                    fast: fastsign::FastEd25519::new(&keypair),
                     keypair,
                     fpr: fpr_hex(&cert.fingerprint()),
                     expires: exp,

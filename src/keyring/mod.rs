@@ -42,6 +42,7 @@
 // One file per job; they share this file's types and imports (`use super::*`).
 mod discovered;
 mod error;
+mod fastsign;
 mod fsutil;
 mod generate;
 mod import;
@@ -172,6 +173,8 @@ struct VerifyKey {
 /// The own signing key pair, unlocked at open time.
 struct OwnSigner {
     keypair: KeyPair,
+    /// The same key imported into OpenSSL once, for Ed25519 keys (see `fastsign`).
+    fast: Option<fastsign::FastEd25519>,
     fpr: String,
     expires: Option<SystemTime>,
 }

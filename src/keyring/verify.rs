@@ -17,13 +17,15 @@ impl Keyring {
                 expired_at: fmt_time(exp),
             });
         }
-        // `Signer::sign` wants `&mut`; a clone of the key pair is cheap
-        // compared to the signature and keeps `&self` usable from many
-        // threads without a lock.
-        let mut keypair = signer.keypair.clone();
-        let sig = SignatureBuilder::new(SignatureType::Binary)
-            .sign_message(&mut keypair, data)
-            .map_err(KeyringError::crypto)?;
+        let builder = SignatureBuilder::new(SignatureType::Binary);
+        let sig = match &signer.fast {
+            // An Ed25519 key imported once (see `fastsign`).
+            Some(fast) => builder.sign_message(&mut fast.signer(), data),
+            // `Signer::sign` wants `&mut`; a clone of the key pair keeps `&self`
+            // usable from many threads without a lock.
+            None => builder.sign_message(&mut signer.keypair.clone(), data),
+        }
+        .map_err(KeyringError::crypto)?;
         Packet::from(sig).to_vec().map_err(KeyringError::crypto)
     }
 

@@ -186,3 +186,38 @@ fn wrong_domain_and_unknown_fingerprint() {
     assert!(b.has_peer("Site-A.test"));
     assert!(!b.has_peer("site-c.test"));
 }
+
+/// The Ed25519 key the relay generates signs through the key imported once (`fastsign`),
+/// and the raw signature it makes is the one the slow path (Sequoia's own key pair) makes:
+/// Ed25519 is deterministic, so over the same digest the two must agree byte for byte.
+#[test]
+fn the_fast_signer_signs_exactly_as_the_key_pair_does() {
+    use openpgp::crypto::Signer;
+    let (_t, a, b) = two_sites();
+    let own = a.own.as_ref().unwrap().signer.as_ref().unwrap();
+    let fast = own
+        .fast
+        .as_ref()
+        .expect("a generated Ed25519 key signs the fast way");
+    for digest in [
+        [0u8; 32].as_slice(),
+        &[0xa5; 64],
+        b"handshake transcript digest",
+    ] {
+        let quick = fast
+            .signer()
+            .sign(openpgp::types::HashAlgorithm::SHA512, digest)
+            .unwrap();
+        let slow = own
+            .keypair
+            .clone()
+            .sign(openpgp::types::HashAlgorithm::SHA512, digest)
+            .unwrap();
+        assert_eq!(quick, slow);
+    }
+    // And what sign_detached makes (through it) verifies at the partner.
+    let fa = a.own_fingerprint().unwrap();
+    let sig = a.sign_detached(b"data").unwrap();
+    b.verify_detached("site-a.test", &fa, b"data", &sig)
+        .unwrap();
+}
