@@ -24,27 +24,28 @@ impl FastEd25519 {
     /// `None` for a key that is not Ed25519 (RSA, ECDSA, Ed448, ...).
     pub(super) fn new(keypair: &KeyPair) -> Option<FastEd25519> {
         let public = keypair.public().clone();
+        // The secret goes straight from Sequoia's protected buffer into OpenSSL: no copy
+        // of it is left in our own heap.
         #[allow(deprecated)]
-        let (raw, legacy_eddsa) =
-            keypair
-                .secret()
-                .map(|secret| match (public.pk_algo(), public.mpis(), secret) {
-                    (
-                        PublicKeyAlgorithm::EdDSA,
-                        mpi::PublicKey::EdDSA {
-                            curve: Curve::Ed25519,
-                            ..
-                        },
-                        mpi::SecretKeyMaterial::EdDSA { scalar },
-                    ) => Some((scalar.value_padded(32).to_vec(), true)),
-                    (
-                        PublicKeyAlgorithm::Ed25519,
-                        mpi::PublicKey::Ed25519 { .. },
-                        mpi::SecretKeyMaterial::Ed25519 { x },
-                    ) => Some((x.to_vec(), false)),
-                    _ => None,
-                })?;
-        let pkey = PKey::private_key_from_raw_bytes(&raw, Id::ED25519).ok()?;
+        let (pkey, legacy_eddsa) = keypair.secret().map(|secret| {
+            let import = |raw: &[u8]| PKey::private_key_from_raw_bytes(raw, Id::ED25519).ok();
+            match (public.pk_algo(), public.mpis(), secret) {
+                (
+                    PublicKeyAlgorithm::EdDSA,
+                    mpi::PublicKey::EdDSA {
+                        curve: Curve::Ed25519,
+                        ..
+                    },
+                    mpi::SecretKeyMaterial::EdDSA { scalar },
+                ) => import(&scalar.value_padded(32)).map(|k| (k, true)),
+                (
+                    PublicKeyAlgorithm::Ed25519,
+                    mpi::PublicKey::Ed25519 { .. },
+                    mpi::SecretKeyMaterial::Ed25519 { x },
+                ) => import(x).map(|k| (k, false)),
+                _ => None,
+            }
+        })?;
         // The imported key must be the certificate's: compare the public halves.
         let ours = pkey.raw_public_key().ok()?;
         let matches = match public.mpis() {
