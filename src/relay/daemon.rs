@@ -294,12 +294,7 @@ async fn replay_handed(ctx: &Context, handed: Vec<crate::queue::Handed>) {
         tracing::warn!(queue_id = %job.id, route = %job.route, rcpts = ?h.delivered,
             "spool recovery: the next hop had accepted this message before sipmail stopped; recorded as delivered, not sent again");
         let handoffs: Vec<_> = h.handoffs.iter().map(local::handoff_of).collect();
-        let issued = match (&job.dedup_key_file, &job.from_peer) {
-            (Some(k), Some(peer)) if !handoffs.is_empty() => {
-                super::delivered::issue(ctx, peer, k, &job.id, handoffs).await
-            }
-            _ => None,
-        };
+        let issued = super::delivered::issue_for(ctx, &job, handoffs).await;
         ctx.queue.commit(&job, &outcomes, None).await;
         if let Some(peer) = issued {
             super::delivered::make_durable(ctx, &peer).await;

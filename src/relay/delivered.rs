@@ -44,7 +44,7 @@ fn delivered_receipt(
 /// to fetch; not yet fdatasynced (see [`make_durable`]). Returns the partner whose log was
 /// written. A failure is an error in the log: the message is delivered, only this proof of
 /// it is missing.
-pub(crate) async fn issue(
+async fn issue(
     ctx: &Context,
     peer: &str,
     key_file: &str,
@@ -80,6 +80,21 @@ pub(crate) async fn issue(
             Some(peer.to_string())
         }
         Err(e) => fail(&e),
+    }
+}
+
+/// [`issue`] for a job of a partner's message (one that came with a receipt) whose
+/// recipients in `handoffs` were handed on; `None` (nothing issued) for any other job.
+pub(crate) async fn issue_for(
+    ctx: &Context,
+    job: &super::outcome::Job,
+    handoffs: Vec<crate::receipt::Handoff>,
+) -> Option<String> {
+    match (&job.dedup_key_file, &job.from_peer) {
+        (Some(k), Some(peer)) if !handoffs.is_empty() => {
+            issue(ctx, peer, k, &job.id, handoffs).await
+        }
+        _ => None,
     }
 }
 
