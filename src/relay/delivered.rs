@@ -155,6 +155,9 @@ where
                     Ok(0) => {}
                     Ok(new) => {
                         ctx.metrics.delivered_receipt_checked(peer, true);
+                        ctx.event(super::events::RelayEvent::DeliveredReceipt {
+                            id: r.sender_queue_id.clone(),
+                        });
                         stored += new;
                         tracing::info!(queue_id = %r.sender_queue_id, %peer,
                             rcpts = %r.handoffs.iter().map(|h| h.rcpt.as_str()).collect::<Vec<_>>().join(","),

@@ -69,6 +69,10 @@ pub enum RelayEvent {
         recipient: String,
         reason: String,
     },
+    /// A partner's delivered receipt for our message `id` was checked and stored.
+    DeliveredReceipt {
+        id: String,
+    },
 }
 
 /// Where the events go: a broadcast channel; nobody listening is fine.

@@ -20,7 +20,11 @@
 //! A file moved to `sent/` leaves `DIR/.delivered/ID` behind (its path in `sent/`): once
 //! the partner's `delivered` receipts for it have been fetched and checked, they are
 //! written beside it too (`NAME.delivered-1.txt`, `.sig`) and the note is removed. A note
-//! older than [`DELIVERED_WAIT`] is given up with a warning (the partner issues none).
+//! is looked at when it is written and when a delivered receipt for its ID is stored (an
+//! event), not every tick: a partner that issues none would otherwise cost a read per
+//! waiting file per second. Every [`NOTES_SWEEP`] all notes are looked at (an event lost
+//! to a lagging channel; the start), and a note older than [`DELIVERED_WAIT`] is given up
+//! with a warning.
 
 use super::context::Context;
 use super::events::RelayEvent;
@@ -40,12 +44,24 @@ pub(crate) const SETTLE: Duration = Duration::from_secs(2);
 const TICK: Duration = Duration::from_secs(1);
 /// How long a file in `sent/` waits for the partner's delivered receipts.
 const DELIVERED_WAIT: Duration = Duration::from_secs(7 * 24 * 3600);
+/// How often every waiting note is looked at, events or not.
+const NOTES_SWEEP: Duration = Duration::from_secs(60);
+
+/// Which notes in `DIR/.delivered/` a tick looks at.
+enum Notes<'a> {
+    All,
+    /// Only those of these queue IDs (delivered receipts just stored, or notes just written).
+    Of(&'a std::collections::HashSet<String>),
+}
 
 /// The outbox task: every [`TICK`], each partner's outbox in the settings in force.
 pub(crate) async fn run(ctx: Arc<Context>) {
     let mut last_errors: std::collections::HashMap<String, String> = Default::default();
     // Why a message failed for good, from the scheduler's events (for `failed/`).
     let mut events = ctx.events.subscribe();
+    // Queue IDs whose delivered-receipt note is worth a look this tick, and when all are.
+    let mut receipted = std::collections::HashSet::new();
+    let mut sweep_at = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(TICK) => {}
@@ -60,18 +76,29 @@ pub(crate) async fn run(ctx: Arc<Context>) {
                 }) => {
                     last_errors.insert(id, format!("{recipient}: {reason}"));
                 }
-                Ok(_) | Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) => {}
+                Ok(RelayEvent::DeliveredReceipt { id }) => {
+                    receipted.insert(id);
+                }
+                Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) => {
+                    sweep_at = tokio::time::Instant::now();
+                }
+                Ok(_) => {}
                 Err(_) => break,
             }
+        }
+        let sweep = tokio::time::Instant::now() >= sweep_at;
+        if sweep {
+            sweep_at += NOTES_SWEEP;
         }
         let settings = ctx.settings();
         for peer in &settings.site.peers {
             let Some(ob) = &peer.outbox else { continue };
-            if let Err(e) = scan(&ctx, peer, ob, &mut last_errors).await {
+            if let Err(e) = scan(&ctx, peer, ob, &mut last_errors, &mut receipted, sweep).await {
                 tracing::warn!(peer = %peer.domain, outbox = %ob.dir.display(), error = %e,
                     "outbox: cannot process; tried again in a second");
             }
         }
+        receipted.clear();
     }
 }
 
@@ -84,6 +111,8 @@ async fn scan(
     peer: &Peer,
     ob: &Outbox,
     last_errors: &mut std::collections::HashMap<String, String>,
+    receipted: &mut std::collections::HashSet<String>,
+    sweep: bool,
 ) -> io::Result<()> {
     let o = ob.clone();
     let (taken, fresh) = blocking(move || {
@@ -95,11 +124,18 @@ async fn scan(
     .await?;
     // Files taken earlier: where are they?
     for name in taken {
-        follow(ctx, peer, ob, &name, last_errors).await?;
+        if let Some(sent) = follow(ctx, peer, ob, &name, last_errors).await? {
+            receipted.insert(sent); // its delivered receipt may be in already
+        }
     }
     // Files in sent/ still waiting for their delivered receipts.
     let (store, o) = (ctx.receipts.store.clone(), ob.clone());
-    blocking(move || add_delivered_receipts(&store, &o)).await?;
+    if sweep {
+        blocking(move || add_delivered_receipts(&store, &o, Notes::All)).await?;
+    } else if !receipted.is_empty() {
+        let ids = receipted.clone();
+        blocking(move || add_delivered_receipts(&store, &o, Notes::Of(&ids))).await?;
+    }
     // New files: claim (rename into .work), note the queue ID, queue.
     for name in fresh {
         let o = ob.clone();
@@ -258,7 +294,7 @@ async fn follow(
     ob: &Outbox,
     name: &str,
     last_errors: &mut std::collections::HashMap<String, String>,
-) -> io::Result<()> {
+) -> io::Result<Option<String>> {
     let w = work(ob);
     let qid_path = w.join(format!("{name}.qid"));
     let id = match fs::read_to_string(&qid_path) {
@@ -268,7 +304,7 @@ async fn follow(
             let id = Spool::new_id();
             let (q, i) = (qid_path.clone(), id.clone());
             blocking(move || write_synced(&q, i.as_bytes())).await?;
-            return queue(ctx, peer, ob, name, &id).await;
+            return queue(ctx, peer, ob, name, &id).await.map(|()| None);
         }
         Err(e) => return Err(e),
     };
@@ -289,32 +325,13 @@ async fn follow(
                         &o.dir.join(".delivered").join(&i),
                         base.as_os_str().as_bytes(),
                     )?;
-                    for (k, s) in rec.receipts.iter().enumerate() {
-                        let signed = s.to_signed()?;
-                        write_synced(
-                            &base.with_file_name(format!(
-                                "{}.receipt-{}.txt",
-                                file_of(base),
-                                k + 1
-                            )),
-                            &signed.text,
-                        )?;
-                        write_synced(
-                            &base.with_file_name(format!(
-                                "{}.receipt-{}.sig",
-                                file_of(base),
-                                k + 1
-                            )),
-                            &signed.sig,
-                        )?;
-                    }
-                    Ok(())
+                    write_receipts(base, "receipt", &rec.receipts)
                 })
             })
             .await?;
             last_errors.remove(&id);
             tracing::info!(queue_id = %id, peer = %peer.domain, file = %dest.display(), "outbox: sent, receipt beside it");
-            return Ok(());
+            return Ok(Some(id));
         }
     }
     if let Some(env) = waiting {
@@ -322,11 +339,11 @@ async fn follow(
         if let Some(err) = env.recipients.iter().find_map(|r| r.last_error.clone()) {
             last_errors.insert(id, err);
         }
-        return Ok(());
+        return Ok(None);
     }
     if !queued {
         // Stopped between noting the ID and the commit: queue it now, same ID.
-        return queue(ctx, peer, ob, name, &id).await;
+        return queue(ctx, peer, ob, name, &id).await.map(|()| None);
     }
     let reason = format!(
         "not delivered to {}: the relay gave up on queue ID {id} (a bounce went to the sender); last error: {}\n",
@@ -347,7 +364,7 @@ async fn follow(
     })
     .await?;
     tracing::warn!(queue_id = %id, peer = %peer.domain, file = %dest.display(), reason = %reason.trim_end(), "outbox: failed");
-    Ok(())
+    Ok(None)
 }
 
 /// For each note in `DIR/.delivered/`: when the stored record of that queue ID has
@@ -356,14 +373,21 @@ async fn follow(
 fn add_delivered_receipts(
     store: &crate::receipt::store::ReceiptStore,
     ob: &Outbox,
+    which: Notes<'_>,
 ) -> io::Result<()> {
-    let notes = ob.dir.join(".delivered");
-    for e in fs::read_dir(&notes)? {
-        let e = e?;
-        let Some(id) = e.file_name().to_str().map(str::to_string) else {
-            continue;
-        };
-        let note = e.path();
+    let dir = ob.dir.join(".delivered");
+    let notes: Vec<String> = match which {
+        Notes::All => fs::read_dir(&dir)?
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .collect(),
+        Notes::Of(ids) => ids
+            .iter()
+            .filter(|id| dir.join(id).is_file())
+            .cloned()
+            .collect(),
+    };
+    for id in notes {
+        let note = dir.join(&id);
         let Ok(rec) = store.sent(&id) else {
             let _ = fs::remove_file(&note); // not a queue ID: not ours
             continue;
@@ -379,7 +403,10 @@ fn add_delivered_receipts(
             .iter()
             .all(|to| handed.iter().any(|h| h.eq_ignore_ascii_case(to)))
         {
-            let age = e.metadata()?.modified()?.elapsed().unwrap_or_default();
+            let age = fs::metadata(&note)?
+                .modified()?
+                .elapsed()
+                .unwrap_or_default();
             if age > DELIVERED_WAIT {
                 tracing::warn!(queue_id = %id, outbox = %ob.dir.display(),
                     "outbox: no delivered receipt from the partner after 7 days; the file stays in sent/ with its accepted receipt only");
@@ -388,17 +415,26 @@ fn add_delivered_receipts(
             continue;
         }
         let base = PathBuf::from(std::ffi::OsString::from_vec(fs::read(&note)?));
-        for (k, s) in delivered.iter().enumerate() {
-            let signed = s.to_signed()?;
-            for (ext, bytes) in [("txt", &signed.text), ("sig", &signed.sig)] {
-                write_synced(
-                    &base.with_file_name(format!("{}.delivered-{}.{ext}", file_of(&base), k + 1)),
-                    bytes,
-                )?;
-            }
-        }
+        write_receipts(&base, "delivered", &delivered)?;
         tracing::info!(queue_id = %id, file = %base.display(), "outbox: delivered receipt beside the file in sent/");
         fs::remove_file(&note)?;
+    }
+    Ok(())
+}
+
+/// Writes `receipts` beside the file `base` as `NAME.<kind>-N.txt` and `.sig` (N from 1),
+/// each fsynced: what `gpg --verify` takes.
+fn write_receipts(
+    base: &Path,
+    kind: &str,
+    receipts: &[crate::receipt::store::StoredReceipt],
+) -> io::Result<()> {
+    for (k, s) in receipts.iter().enumerate() {
+        let signed = s.to_signed()?;
+        for (ext, bytes) in [("txt", &signed.text), ("sig", &signed.sig)] {
+            let name = format!("{}.{kind}-{}.{ext}", file_of(base), k + 1);
+            write_synced(&base.with_file_name(name), bytes)?;
+        }
     }
     Ok(())
 }
