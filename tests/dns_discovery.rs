@@ -454,41 +454,37 @@ async fn rotate(base: u8, certify: bool) -> Rotation {
         "the first message (before the rotation) was not delivered"
     );
     b.stop().await;
-    let exe = env!("CARGO_BIN_EXE_sipmail");
     let (new_key, b_text) = if certify {
         // The operator's rotation in place: a new key beside the old one, and the
         // OPENPGPKEY record `sipmail keys publish` prints for it (the old key certifies
         // the new one there).
-        let out = std::process::Command::new(exe)
-            .args([
-                "keys",
-                "generate",
-                "--rotate",
-                "--domain",
-                "site-b.test",
-                "--keyring",
-            ])
-            .arg(dir.join("keyring/site-b"))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let run = |args: &[&std::ffi::OsStr]| {
+            let out = sipmail_cli(args);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8(out.stdout).unwrap()
+        };
+        let kr = dir.join("keyring/site-b");
+        run(&[
+            "keys".as_ref(),
+            "generate".as_ref(),
+            "--rotate".as_ref(),
+            "--domain".as_ref(),
+            "site-b.test".as_ref(),
+            "--keyring".as_ref(),
+            kr.as_os_str(),
+        ]);
         let b_toml = dir.join("b.toml");
         std::fs::write(&b_toml, &b_text).unwrap();
-        let out = std::process::Command::new(exe)
-            .args(["keys", "publish", "--config"])
-            .arg(&b_toml)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let text = String::from_utf8(out.stdout).unwrap();
+        let text = run(&[
+            "keys".as_ref(),
+            "publish".as_ref(),
+            "--config".as_ref(),
+            b_toml.as_os_str(),
+        ]);
         assert!(
             text.contains("certified by this relay's previous key"),
             "{text}"
