@@ -274,16 +274,14 @@ async fn outbox_files_leave_only_to_sent_with_their_receipt_or_to_failed_with_th
     // The receipt beside it verifies with B's cert (the keyring of A has it).
     let ka = sipmail::keyring::Keyring::open(&dir.path().join("keyring/site-a")).unwrap();
     let kb = sipmail::keyring::Keyring::open(&dir.path().join("keyring/site-b")).unwrap();
-    let text = std::fs::read(sent.join("order-4711.txt.receipt-1.txt")).unwrap();
-    let sig = std::fs::read(sent.join("order-4711.txt.receipt-1.sig")).unwrap();
-    let r = sipmail::receipt::verify(
-        &ka,
-        "site-b.test",
-        &kb.own_fingerprint().unwrap(),
-        &text,
-        &sig,
-    )
-    .unwrap();
+    let b_fpr = kb.own_fingerprint().unwrap();
+    // `NAME.txt`/`NAME.sig` in sent/, verified with B's cert.
+    let verify_beside = |name: &str| {
+        let text = std::fs::read(sent.join(format!("{name}.txt"))).unwrap();
+        let sig = std::fs::read(sent.join(format!("{name}.sig"))).unwrap();
+        sipmail::receipt::verify(&ka, "site-b.test", &b_fpr, &text, &sig).unwrap()
+    };
+    let r = verify_beside("order-4711.txt.receipt-1");
     assert_eq!(r.rcpts, vec!["docs@site-b.test".to_string()]);
     // Later B's delivered receipt comes (fetched by A's next call, or at its hang-up) and
     // lands beside the file as well; it verifies and names the same message.
@@ -292,16 +290,7 @@ async fn outbox_files_leave_only_to_sent_with_their_receipt_or_to_failed_with_th
         wait_until(Duration::from_secs(30), || delivered.exists()).await,
         "no delivered receipt beside the file in sent/"
     );
-    let d_text = std::fs::read(&delivered).unwrap();
-    let d_sig = std::fs::read(sent.join("order-4711.txt.delivered-1.sig")).unwrap();
-    let d = sipmail::receipt::verify(
-        &ka,
-        "site-b.test",
-        &kb.own_fingerprint().unwrap(),
-        &d_text,
-        &d_sig,
-    )
-    .unwrap();
+    let d = verify_beside("order-4711.txt.delivered-1");
     assert_eq!(d.kind, sipmail::receipt::Kind::Delivered);
     assert_eq!(d.message_sha256, r.message_sha256);
     assert_eq!(d.handoffs[0].rcpt, "docs@site-b.test");
