@@ -398,3 +398,146 @@ async fn hold_survives_a_restart_release_delivers_and_expire_bounces() {
         "no delivered line for {held}"
     );
 }
+
+/// A site's MTA that takes each message at its final dot (counted then, as Postfix has it
+/// on disk by then) and says 250 only `delay` later: RFC 1047's window, held open so a
+/// test can kill the relay inside it.
+struct SlowMta {
+    addr: SocketAddr,
+    taken: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl SlowMta {
+    fn start(delay: Duration) -> SlowMta {
+        use std::io::{BufRead, BufReader, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let taken = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let t = taken.clone();
+        std::thread::spawn(move || {
+            for s in l.incoming().take(64) {
+                let Ok(s) = s else { continue };
+                let t = t.clone();
+                std::thread::spawn(move || {
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(60)));
+                    let mut w = s.try_clone().unwrap();
+                    let mut r = BufReader::new(s);
+                    let _ = w.write_all(b"220 mta.site-b.test ESMTP\r\n");
+                    let mut line = String::new();
+                    let mut in_data = false;
+                    for _ in 0..100_000 {
+                        line.clear();
+                        if r.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let reply: &[u8] = if in_data {
+                            if line != ".\r\n" {
+                                continue;
+                            }
+                            in_data = false;
+                            t.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            std::thread::sleep(delay);
+                            b"250 2.0.0 Ok: queued as SLOW\r\n"
+                        } else {
+                            match line.get(..4).map(|v| v.to_ascii_uppercase()).as_deref() {
+                                Some("DATA") => {
+                                    in_data = true;
+                                    b"354 go ahead\r\n"
+                                }
+                                Some("QUIT") => {
+                                    let _ = w.write_all(b"221 bye\r\n");
+                                    return;
+                                }
+                                _ => b"250 ok\r\n",
+                            }
+                        };
+                        if w.write_all(reply).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        SlowMta { addr, taken }
+    }
+
+    fn taken(&self) -> usize {
+        self.taken.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// The hand-off agents (`sipmail handoff-agent --spool DIR`) running for spools under `dir`.
+fn agents_under(dir: &Path) -> Vec<u32> {
+    let needle = dir.to_string_lossy().into_owned();
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains("handoff-agent") && cmd.contains(&needle) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// Issue 14's kill -9 at the hand-off: the daemon is killed after the site's MTA took the
+/// message and before it said so. The hand-off agent is not killed with it: it reads the
+/// reply and notes it in the marker; the restarted daemon waits for it, replays the note
+/// and does not hand the message over a second time. (Without the agent, the restarted
+/// daemon sent the message again: the MTA took it twice.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_between_the_end_of_the_message_and_the_mta_reply_delivers_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, (b_cfg, b_smtp)) = sites(dir.path());
+    let mta = SlowMta::start(Duration::from_secs(3));
+    let text = std::fs::read_to_string(&b_cfg).unwrap();
+    let maildir_line = text
+        .lines()
+        .find(|l| l.starts_with("maildir = "))
+        .expect("the site config delivers to a Maildir")
+        .to_string();
+    std::fs::write(
+        &b_cfg,
+        text.replace(&maildir_line, &format!("smtp = \"{}\"", mta.addr)),
+    )
+    .unwrap();
+    let b = Daemon::start(&b_cfg, dir.path().join("b1.log"), b_smtp);
+    let id = send(b_smtp, "once at the hand-off").await;
+    wait_for("the MTA takes the message", 20, || mta.taken() == 1).await;
+    // Inside the window: the MTA has the message and has not said so yet.
+    let mut b = std::mem::ManuallyDrop::new(b);
+    b.child.kill().unwrap();
+    b.child.wait().unwrap();
+    assert_eq!(
+        agents_under(dir.path()).len(),
+        1,
+        "the hand-off agent outlives the killed daemon"
+    );
+    let log = dir.path().join("b2.log");
+    let b = Daemon::start(&b_cfg, log.clone(), b_smtp);
+    let lines = json_lines(&log);
+    assert_eq!(
+        lines_with(&lines, "spool recovery: the hand-off agent of the stopped process is still handing this message over; waiting for its outcome").len(),
+        1,
+        "the restart waited for the agent: {}",
+        read(&log)
+    );
+    let replayed = lines_with(
+        &lines,
+        "spool recovery: the next hop had accepted this message before sipmail stopped; recorded as delivered, not sent again",
+    );
+    assert_eq!(replayed.len(), 1, "{}", read(&log));
+    assert_eq!(replayed[0]["queue_id"], id.as_str());
+    // Long enough for a resend (the message would be due at once) to reach the MTA.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(mta.taken(), 1, "the MTA got the message once");
+    assert!(listed(&b_cfg).is_empty(), "the queue is empty");
+    b.stop();
+    wait_for("the hand-off agents stop", 20, || {
+        agents_under(dir.path()).is_empty()
+    })
+    .await;
+}

@@ -178,6 +178,16 @@ enum Cmd {
         #[command(subcommand)]
         cmd: TrustCmd,
     },
+    /// The daemon's hand-off agent (started by `sipmail run`, not by hand): makes the SMTP
+    /// hand-offs to the site's MTA and to SMTP next hops in a process of its own, so that
+    /// a killed daemon does not cut one off between the end of the message and the
+    /// reply. Reads requests on standard input; stops when it ends.
+    #[command(hide = true)]
+    HandoffAgent {
+        /// The daemon's spool (relay.spool).
+        #[arg(long)]
+        spool: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -354,7 +364,18 @@ pub fn main() -> ExitCode {
     let level = cli.log.clone().unwrap_or_else(|| default.to_string());
     logging::init(cli.log_format, &level);
     let json = cli.log_format == logging::LogFormat::Json;
-    match dispatch(cli.cmd) {
+    // The daemon's hand-off agent logs as the daemon does.
+    let agent_args = {
+        use clap::ValueEnum;
+        let format = cli
+            .log_format
+            .to_possible_value()
+            .map_or_else(|| "text".to_string(), |v| v.get_name().to_string());
+        ["--log-format", &format, "--log", &level, "handoff-agent"]
+            .map(std::ffi::OsString::from)
+            .to_vec()
+    };
+    match dispatch(cli.cmd, agent_args) {
         Ok(code) => code,
         Err(e) => {
             // A JSON log stays all JSON, to its last line.
@@ -375,10 +396,15 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-fn dispatch(cmd: Cmd) -> Result<ExitCode> {
+fn dispatch(cmd: Cmd, agent_args: Vec<std::ffi::OsString>) -> Result<ExitCode> {
     match cmd {
         Cmd::Run { config } => {
             let cfg = Config::load(&config)?;
+            let agent = sipmail::relay::AgentCommand {
+                program: std::env::current_exe()
+                    .context("finding this program, to start its hand-off agent")?,
+                args: agent_args,
+            };
             runtime()?.block_on(async move {
                 let shutdown = sipmail::relay::Shutdown::new();
                 let s = shutdown.clone();
@@ -387,7 +413,7 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
                     tracing::info!("signal received: stopping (sessions in progress finish, calls end with BYE)");
                     s.trigger();
                 });
-                sipmail::relay::run(cfg, shutdown).await
+                sipmail::relay::run(cfg, shutdown, Some(agent)).await
             })?;
             Ok(ExitCode::SUCCESS)
         }
@@ -461,6 +487,17 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
             trust(&cfg, cmd)
         }
         Cmd::Send(args) => send::run(args),
+        Cmd::HandoffAgent { spool } => {
+            // One thread: it waits on sockets and pipes, and must not compete with the
+            // daemon for the cores.
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?
+                .block_on(sipmail::relay::serve_handoff_agent(spool))
+                .context("hand-off agent")?;
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Receipts { config, cmd } => {
             let config = config
                 .context("sipmail receipts needs --config FILE (the relay's configuration)")?;

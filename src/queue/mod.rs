@@ -253,6 +253,22 @@ const RECYCLE_MAX: usize = 1024;
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
+/// Wait until no hand-off agent of an earlier process holds `marker`'s lock: such an agent
+/// is still handing that message over, and writes the outcome into the marker when it is
+/// done (see `relay::agent`).
+fn wait_for_agent(marker: &Path) {
+    let Ok(f) = fs::File::open(marker) else {
+        return;
+    };
+    if let Err(fs::TryLockError::WouldBlock) = f.try_lock() {
+        tracing::info!(file = %marker.display(),
+            "spool recovery: the hand-off agent of the stopped process is still handing this message over; waiting for its outcome");
+        if let Err(e) = f.lock() {
+            tracing::warn!(file = %marker.display(), error = %e, "spool recovery: cannot wait for the marker's lock");
+        }
+    }
+}
+
 fn fsync_dir(p: &Path) -> io::Result<()> {
     fs::File::open(p)?.sync_all()
 }
@@ -348,6 +364,7 @@ impl Spool {
         }
         let mut handed = Vec::new();
         for m in markers {
+            wait_for_agent(&m);
             match Self::read_handed(&m, &envs) {
                 Some(h) => handed.push(h),
                 None => {
@@ -370,6 +387,15 @@ impl Spool {
             envelopes: envs,
             handed,
         })
+    }
+
+    /// What the marker of `id` on `route` records, if the next hop took anything (the
+    /// hand-off agent wrote it and then stopped before it answered).
+    pub fn noted(&self, id: &str, route: &Route) -> Option<Handed> {
+        let bytes = fs::read(self.sending_path(id, route))
+            .ok()
+            .filter(|b| !b.is_empty())?;
+        serde_json::from_slice(&bytes).ok()
     }
 
     /// The hand-off a marker records, if it names a queued message that still has one of
@@ -428,7 +454,7 @@ impl Spool {
         }
     }
 
-    fn sending_path(&self, id: &str, route: &Route) -> PathBuf {
+    pub(crate) fn sending_path(&self, id: &str, route: &Route) -> PathBuf {
         self.queue
             .join(format!("{id}.{}.sending", route_key(route)))
     }

@@ -21,7 +21,7 @@ pub enum Route {
 
 /// An SMTP next hop: a host (a name resolved through the system's resolver, A/AAAA and
 /// no MX lookup, or an IP address) and a port.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct NextHop {
     /// A host name (lower case) or an IP address, without brackets.
     pub host: String,

@@ -46,6 +46,9 @@ pub(crate) struct Context {
     /// Whether the SMTP and SIP loops still serve their sockets (for `/readyz`).
     pub listeners: Arc<Listeners>,
     pub hooks: Hooks,
+    /// Where SMTP hand-offs are made: the hand-off agent's process (see `agent`), or in
+    /// this process when there is none (a relay started as a library, in tests).
+    pub agent: Option<Arc<super::agent::Agent>>,
 }
 
 /// Whether each listener's loop is running: set when it starts, cleared when it ends

@@ -2,6 +2,7 @@
 //! long-lived tasks (SMTP accept loop, SIP dispatch, scheduler, control socket, key
 //! watch, and the metrics endpoint when configured).
 
+use super::agent::AgentCommand;
 use super::context::{Context, Listeners, PeerTrust, PendingTable, SipState};
 use super::dispatch;
 use super::error::{RelayError, io_err};
@@ -67,6 +68,17 @@ impl Running {
 
 /// Bind everything and start the tasks.
 pub async fn start(cfg: Config, shutdown: Shutdown, hooks: Hooks) -> Result<Running, RelayError> {
+    start_with_agent(cfg, shutdown, hooks, None).await
+}
+
+/// [`start`], with SMTP hand-offs made by a hand-off agent started with `agent` (see
+/// `agent`): what `sipmail run` does.
+pub async fn start_with_agent(
+    cfg: Config,
+    shutdown: Shutdown,
+    hooks: Hooks,
+    agent: Option<AgentCommand>,
+) -> Result<Running, RelayError> {
     let keys = KeyState::load(&cfg, None)?;
     // Claim the spool first: recovery must never run under another daemon's feet.
     std::fs::create_dir_all(&cfg.spool)
@@ -167,6 +179,7 @@ pub async fn start(cfg: Config, shutdown: Shutdown, hooks: Hooks) -> Result<Runn
         keyring: cfg.keyring.clone(),
     };
     let delivery = cfg.delivery.clone();
+    let spool_root = cfg.spool.clone();
     let ctx = Arc::new(Context {
         settings: Arc::new(Live::new(settings)),
         sip: SipState {
@@ -191,6 +204,7 @@ pub async fn start(cfg: Config, shutdown: Shutdown, hooks: Hooks) -> Result<Runn
         metrics,
         listeners: Arc::new(Listeners::default()),
         hooks,
+        agent: agent.map(|a| Arc::new(super::agent::Agent::new(a, spool_root))),
     });
     replay_handed(&ctx, handed).await;
     tracing::info!(
@@ -216,7 +230,7 @@ pub async fn start(cfg: Config, shutdown: Shutdown, hooks: Hooks) -> Result<Runn
             Route::Peer(domain) => Box::pin(caller::worker(ctx, domain.clone(), lane_no, lane)),
             Route::Smtp(hop) => Box::pin(local::worker(
                 ctx,
-                local::Destination::Smtp(local::SmtpHop::NextHop(hop.clone())),
+                local::Destination::Smtp(super::handoff::SmtpHop::NextHop(hop.clone())),
                 lane,
             )),
         }
@@ -256,8 +270,12 @@ pub async fn start(cfg: Config, shutdown: Shutdown, hooks: Hooks) -> Result<Runn
 }
 
 /// Run until shutdown. SIGHUP reloads the config and the keyring (see `reload`).
-pub async fn run(cfg: Config, shutdown: Shutdown) -> Result<(), RelayError> {
-    let running = start(cfg, shutdown.clone(), Hooks::default()).await?;
+pub async fn run(
+    cfg: Config,
+    shutdown: Shutdown,
+    agent: Option<AgentCommand>,
+) -> Result<(), RelayError> {
+    let running = start_with_agent(cfg, shutdown.clone(), Hooks::default(), agent).await?;
     let ctx = running.ctx.clone();
     let hup = tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};

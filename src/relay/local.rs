@@ -3,13 +3,13 @@
 //! next hop. Both SMTP destinations share one client path with connection caching.
 
 use super::context::Context;
+use super::handoff::{SmtpHop, handoff};
 use super::jobs::Lane;
-use super::outcome::{Job, RcptOutcome, one_line, outcomes_from_smtp, route_label};
+use super::outcome::{Job, RcptOutcome, route_label};
 use crate::config::Delivery;
-use crate::queue::NextHop;
+use crate::queue::HandoffNote;
 use crate::receipt::Handoff;
-use crate::smtp::{ClientError, ClientTimeouts, SmtpClient};
-use std::net::SocketAddr;
+use crate::smtp::SmtpClient;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpStream;
@@ -17,23 +17,11 @@ use tokio::net::TcpStream;
 /// How long a connection to the local MTA or a next hop is kept open for the next message.
 const SMTP_IDLE: Duration = Duration::from_secs(5);
 
-/// How long resolving a next hop's host, and then each TCP connect, may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// Where a lane without calls hands its mail.
 #[derive(Clone, Debug)]
 pub(crate) enum Destination {
     Maildir(std::path::PathBuf),
     Smtp(SmtpHop),
-}
-
-/// An SMTP server a lane delivers to.
-#[derive(Clone, Debug)]
-pub(crate) enum SmtpHop {
-    /// The site's MTA (`delivery.smtp`).
-    Mta(SocketAddr),
-    /// An SMTP next hop of the routing table.
-    NextHop(NextHop),
 }
 
 impl From<Delivery> for Destination {
@@ -46,9 +34,11 @@ impl From<Delivery> for Destination {
 }
 
 /// One lane of local delivery or of an SMTP next hop. By SMTP it keeps its connection
-/// open between messages, as Postfix's smtp client does with connection caching.
+/// open between messages, as Postfix's smtp client does with connection caching; with a
+/// hand-off agent (the daemon's normal way) the agent keeps it.
 pub(crate) async fn worker(ctx: Arc<Context>, dest: Destination, lane: Lane) {
     let mut conn: Option<SmtpClient<TcpStream>> = None;
+    let agent = ctx.agent.as_ref().map(|a| (a, a.lane_id()));
     loop {
         let job = tokio::select! {
             j = lane.next() => j,
@@ -74,32 +64,38 @@ pub(crate) async fn worker(ctx: Arc<Context>, dest: Destination, lane: Lane) {
         let sending = tokio::time::Instant::now();
         // What each recipient's hand-off was, for a partner's delivered receipt.
         let mut handoffs = Vec::new();
+        let mut noted = false;
         let outcomes = match to_inbox(&ctx, &job).await {
             Err(failed) => failed,
-            Ok(()) => match &dest {
-                Destination::Maildir(dir) => to_maildir(&ctx, dir, &job, &mut handoffs).await,
-                Destination::Smtp(hop) => to_smtp(&ctx, hop, &job, &mut conn, &mut handoffs).await,
+            Ok(()) => match (&dest, agent) {
+                (Destination::Maildir(dir), _) => to_maildir(&ctx, dir, &job, &mut handoffs).await,
+                (Destination::Smtp(hop), Some((agent, lane_id))) => {
+                    let hostname = ctx.settings().site.hostname.clone();
+                    match agent.hand_off(lane_id, &hostname, hop, &job).await {
+                        Ok(r) => {
+                            (handoffs, noted) = (r.handoffs, r.noted);
+                            r.outcomes
+                        }
+                        Err(e) => after_lost_agent(&ctx, &job, e, &mut handoffs, &mut noted),
+                    }
+                }
+                (Destination::Smtp(hop), None) => {
+                    let hostname = ctx.settings().site.hostname.clone();
+                    let body = ctx.spool.body_path(&job.id);
+                    super::handoff::to_smtp(&hostname, hop, &job, &body, &mut conn, &mut handoffs)
+                        .await
+                }
             },
         };
         // First of all, before signing or reporting: note what the next hop took, so that
         // a kill from here on replays this outcome instead of handing the message over again.
-        let delivered: Vec<String> = outcomes
-            .iter()
-            .filter(|(_, o)| *o == RcptOutcome::Delivered)
-            .map(|(r, _)| r.clone())
-            .collect();
-        if !delivered.is_empty() {
-            let h = crate::queue::Handed {
-                id: job.id.clone(),
-                route: job.route.clone(),
-                delivered,
-                handoffs: handoffs.iter().map(note_of).collect(),
-            };
-            if let Err(e) = ctx.spool.handed(&h) {
-                tracing::warn!(queue_id = %job.id, error = %e,
-                    "cannot note the hand-off; if sipmail stops before the outcome is recorded, the message may arrive twice");
-            }
+        if let Some(h) = super::handoff::handed(&job, &outcomes, &handoffs).filter(|_| !noted)
+            && let Err(e) = ctx.spool.handed(&h)
+        {
+            tracing::warn!(queue_id = %job.id, error = %e,
+                "cannot note the hand-off; if sipmail stops before the outcome is recorded, the message may arrive twice");
         }
+        let handoffs: Vec<Handoff> = handoffs.iter().map(handoff_of).collect();
         ctx.metrics
             .transferred(route_label(&job.route), sending.elapsed());
         // The delivered receipt is signed and written (a kill -9 cannot lose a written
@@ -158,15 +154,38 @@ async fn to_inbox(ctx: &Context, job: &Job) -> Result<(), Vec<(String, RcptOutco
     }
 }
 
-/// A hand-off as the spool's `.sending` marker keeps it, and back (for a replay).
-fn note_of(h: &Handoff) -> crate::queue::HandoffNote {
-    crate::queue::HandoffNote {
-        rcpt: h.rcpt.clone(),
-        at_ms: h.at_unix_ms,
-        to: h.to.clone(),
-    }
+/// The agent stopped before it answered: what its note in the marker says, if it got as
+/// far as writing one, else a transient failure (sent again later: the one case left
+/// where the next hop may get the message twice).
+fn after_lost_agent(
+    ctx: &Context,
+    job: &Job,
+    error: String,
+    handoffs: &mut Vec<HandoffNote>,
+    noted: &mut bool,
+) -> Vec<(String, RcptOutcome)> {
+    let Some(h) = ctx.spool.noted(&job.id, &job.route) else {
+        tracing::warn!(queue_id = %job.id, route = %job.route, %error,
+            "the hand-off agent stopped during this hand-off; it is sent again, and may arrive twice if the next hop had accepted it");
+        return job.all(RcptOutcome::Transient(error));
+    };
+    *handoffs = h.handoffs;
+    *noted = true;
+    job.recipients
+        .iter()
+        .map(|r| {
+            let oc = if h.delivered.contains(r) {
+                RcptOutcome::Delivered
+            } else {
+                RcptOutcome::Transient(error.clone())
+            };
+            (r.clone(), oc)
+        })
+        .collect()
 }
 
+/// A hand-off as the spool's `.sending` marker keeps it, turned into the delivered
+/// receipt's words.
 pub(crate) fn handoff_of(n: &crate::queue::HandoffNote) -> Handoff {
     Handoff {
         rcpt: n.rcpt.clone(),
@@ -175,19 +194,11 @@ pub(crate) fn handoff_of(n: &crate::queue::HandoffNote) -> Handoff {
     }
 }
 
-fn handoff(rcpt: &str, to: String) -> Handoff {
-    Handoff {
-        rcpt: rcpt.to_string(),
-        at_unix_ms: crate::queue::now_ms(),
-        to,
-    }
-}
-
 async fn to_maildir(
     ctx: &Context,
     dir: &std::path::Path,
     job: &Job,
-    handoffs: &mut Vec<Handoff>,
+    handoffs: &mut Vec<HandoffNote>,
 ) -> Vec<(String, RcptOutcome)> {
     let mut out = Vec::new();
     for rcpt in &job.recipients {
@@ -218,121 +229,4 @@ async fn to_maildir(
         out.push((rcpt.clone(), outcome));
     }
     out
-}
-
-async fn to_smtp(
-    ctx: &Context,
-    hop: &SmtpHop,
-    job: &Job,
-    conn: &mut Option<SmtpClient<TcpStream>>,
-    handoffs: &mut Vec<Handoff>,
-) -> Vec<(String, RcptOutcome)> {
-    let what = match hop {
-        SmtpHop::NextHop(h) => format!("next hop {h}"),
-        SmtpHop::Mta(addr) => format!("local MTA {addr}"),
-    };
-    // A cached connection may have been closed by the MTA meanwhile: then one fresh try.
-    for fresh in [conn.is_none(), true] {
-        if fresh {
-            *conn = None;
-            match connect(ctx, hop).await {
-                Ok(c) => *conn = Some(c),
-                Err(e) => return outcomes_from_smtp(job, Err(e), &what),
-            }
-        }
-        let Some(c) = conn.as_mut() else { break };
-        let body = match crate::queue::bodyio::BodyReader::open(ctx.spool.body_path(&job.id)).await
-        {
-            Ok(b) => b,
-            Err(e) => {
-                return job.all(RcptOutcome::Transient(format!(
-                    "cannot open the queued message: {e}"
-                )));
-            }
-        };
-        let res = c
-            .send_tx(
-                &job.mail_from,
-                &job.recipients,
-                &job.rcpt_params,
-                &job.opts,
-                body,
-            )
-            .await;
-        match res {
-            // A cached connection that failed before the message went out: one fresh
-            // try now. Never after the end of the message, which may have been accepted.
-            Err(e) if !fresh && !e.is_unconfirmed() => continue,
-            Err(e) => {
-                *conn = None;
-                return outcomes_from_smtp(job, Err(e), &what);
-            }
-            Ok(o) => {
-                let data = o.data.as_ref().map(one_line);
-                let outcomes = outcomes_from_smtp(job, Ok(o), &what);
-                if let Some(reply) = data {
-                    for (rcpt, oc) in &outcomes {
-                        if *oc == RcptOutcome::Delivered {
-                            handoffs.push(handoff(rcpt, format!("smtp {reply}")));
-                        }
-                    }
-                }
-                return outcomes;
-            }
-        }
-    }
-    job.all(RcptOutcome::Transient(format!("{what}: no connection")))
-}
-
-async fn connect(ctx: &Context, hop: &SmtpHop) -> Result<SmtpClient<TcpStream>, ClientError> {
-    let tcp = match hop {
-        SmtpHop::Mta(addr) => TcpStream::connect(addr).await,
-        SmtpHop::NextHop(h) => connect_next_hop(h).await,
-    }
-    .map_err(ClientError::Io)?;
-    let _ = tcp.set_nodelay(true);
-    SmtpClient::connect(
-        tcp,
-        &ctx.settings().site.hostname,
-        ClientTimeouts::default(),
-    )
-    .await
-}
-
-/// The next hop's addresses (an IP address as it is; a name through the system
-/// resolver: A/AAAA, no MX), each tried in turn until one takes the connection.
-async fn connect_next_hop(h: &NextHop) -> std::io::Result<TcpStream> {
-    let timed_out = |what: String| std::io::Error::new(std::io::ErrorKind::TimedOut, what);
-    let addrs: Vec<SocketAddr> = match tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        tokio::net::lookup_host((h.host.as_str(), h.port)),
-    )
-    .await
-    {
-        Ok(Ok(a)) => a.collect(),
-        Ok(Err(e)) => {
-            return Err(std::io::Error::new(
-                e.kind(),
-                format!("cannot resolve {}: {e}", h.host),
-            ));
-        }
-        Err(_) => {
-            return Err(timed_out(format!(
-                "resolving {} took over {CONNECT_TIMEOUT:?}",
-                h.host
-            )));
-        }
-    };
-    let mut last = std::io::Error::new(
-        std::io::ErrorKind::NotFound,
-        format!("{} has no address", h.host),
-    );
-    for a in addrs {
-        match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(a)).await {
-            Ok(Ok(s)) => return Ok(s),
-            Ok(Err(e)) => last = std::io::Error::new(e.kind(), format!("{a}: {e}")),
-            Err(_) => last = timed_out(format!("{a}: no answer within {CONNECT_TIMEOUT:?}")),
-        }
-    }
-    Err(last)
 }

@@ -17,11 +17,13 @@
 //! - mail: `inbound` (SMTP into the spool), `scheduler` (the queue; commits reports),
 //!   `schedule` (its pure rules), `outcome` (jobs and outcomes, pure), `jobs` (the lanes
 //!   between the scheduler and the workers),
-//!   `local`, `inbox` (a partner's attachments into its inbox directory), `outbox` (files dropped
+//!   `local`, `handoff` (one SMTP hand-off), `agent` (the process that makes them, so
+//!   that a killed daemon does not cut one off), `inbox` (a partner's attachments into its inbox directory), `outbox` (files dropped
 //!   for a partner, sent and moved to `sent/` with their receipt), `bounce`, `sender`, `trace`, `control`, `receipts` (signed receipts: the
 //!   receiver's duplicate suppression and signing, the sender's checks, the call journal).
 
 mod admission;
+mod agent;
 mod bounce;
 mod callee;
 mod caller;
@@ -36,6 +38,7 @@ mod error;
 mod established;
 mod events;
 mod failover;
+mod handoff;
 mod health;
 mod inbound;
 mod inbox;
@@ -58,7 +61,8 @@ mod site;
 mod trace;
 pub mod trust;
 
-pub use daemon::{Running, run, start};
+pub use agent::{AgentCommand, serve as serve_handoff_agent};
+pub use daemon::{Running, run, start, start_with_agent};
 pub use error::RelayError;
 pub use events::{Hooks, RelayEvent, Shutdown};
 pub use keys::{KeyringSigner, PeerVerifier, PresentedKeyVerifier, check_keyring};

@@ -16,7 +16,7 @@ pub(crate) fn route_label(route: &Route) -> RouteLabel<'_> {
 }
 
 /// One delivery attempt for the recipients of one message that share a route.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Job {
     pub id: String,
     pub route: Route,
@@ -45,7 +45,7 @@ impl Job {
 }
 
 /// What one delivery attempt did for one recipient.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) enum RcptOutcome {
     Delivered,
     /// Try again later (4xx, failed call, I/O error).

@@ -126,7 +126,7 @@ impl Extensions {
 }
 
 /// The MAIL parameters of one transaction, beyond BODY (which follows 8BITMIME).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MailOptions {
     /// Declared with `SIZE=` when the server offers SIZE.
     pub size: Option<u64>,
