@@ -46,7 +46,7 @@ for r in $(seq "$REPEAT"); do
         /usr/sbin/smtp-sink -u nobody -c "127.0.0.1:$SINK" 1000 >"$WORK/sink.cnt" 2>&1 & SINK_PID=$!; PIDS+=("$SINK_PID")
         wait_port "$SINK" 10
         sleep 0.5
-        echo 5 >"/proc/$SM_A/clear_refs"; echo 5 >"/proc/$SM_B/clear_refs"
+        reset_hwm "$SM_A"; reset_hwm "$SM_B"
         IDLE_A=$(rss_kb "$SM_A"); IDLE_B=$(rss_kb "$SM_B")
         D0=$(grep -c 'delivered.*route=peer' "$SM/a.log" || true)
         load=$(cut -d' ' -f1 /proc/loadavg)

@@ -39,7 +39,7 @@ echo "bench-send: $SEND_MB MB, $(nproc) vCPU, git $(git -C "$ROOT" rev-parse --s
 echo "   writing the file ($SEND_MB MB of random bytes)"
 head -c $((SEND_MB * 1000000)) /dev/urandom >doc.bin
 sleep 0.5
-echo 5 >"/proc/$SM_A/clear_refs"; echo 5 >"/proc/$SM_B/clear_refs"
+reset_hwm "$SM_A"; reset_hwm "$SM_B"
 IDLE_A=$(rss_kb "$SM_A"); IDLE_B=$(rss_kb "$SM_B")
 t0=$(now_ns)
 "$SIPMAIL" send -c a.toml --to bob@site-b.test --wait 900s doc.bin >send.out 2>send.err || {

@@ -30,8 +30,19 @@ wait_port() { # port [seconds]
 }
 
 now_ns() { date +%s%N; }
-rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
-hwm_kb() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; } # peak RSS (reset: echo 5 >clear_refs)
+# A sipmail's memory counts its hand-off agent (a child process) too: a PID and its children.
+with_children() { echo "$1"; pgrep -P "$1" 2>/dev/null || true; }
+sum_status() { # FIELD PID -> the field summed over PID and its children, in kB
+    local p total=0 v
+    for p in $(with_children "$2"); do
+        v=$(awk -v f="$1:" '$1 == f {print $2}' "/proc/$p/status" 2>/dev/null)
+        total=$((total + ${v:-0}))
+    done
+    echo "$total"
+}
+rss_kb() { sum_status VmRSS "$1"; }
+hwm_kb() { sum_status VmHWM "$1"; } # peak RSS (a sum of each process's peak; reset_hwm resets)
+reset_hwm() { local p; for p in $(with_children "$1"); do echo 5 >"/proc/$p/clear_refs" 2>/dev/null || true; done; }
 
 sink_count() { # messages counted so far in the file of `smtp-sink -c`
     local c
