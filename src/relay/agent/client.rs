@@ -97,8 +97,13 @@ impl Agent {
             }
             rx
         };
-        rx.await
-            .map_err(|_| "the hand-off agent stopped before it answered".to_string())
+        match rx.await {
+            Ok(Response {
+                refused: Some(why), ..
+            }) => Err(why),
+            Ok(r) => Ok(r),
+            Err(_) => Err("the hand-off agent stopped before it answered".to_string()),
+        }
     }
 
     fn start(&self) -> Result<Running, String> {

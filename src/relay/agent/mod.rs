@@ -68,4 +68,7 @@ pub(crate) struct Response {
     pub handoffs: Vec<HandoffNote>,
     /// The outcome is written into the marker (so the daemon need not write it).
     pub noted: bool,
+    /// The agent could not read the request (no hand-off was made).
+    #[serde(default)]
+    pub refused: Option<String>,
 }

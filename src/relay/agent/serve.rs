@@ -44,7 +44,7 @@ pub async fn serve(spool: PathBuf) -> std::io::Result<()> {
                     Ok(req) => {
                         tasks.spawn(handle(shared.clone(), req));
                     }
-                    Err(e) => tracing::error!(error = %e, "hand-off agent: unreadable request, ignored"),
+                    Err(e) => refuse(&shared, &l, e).await,
                 },
                 Ok(None) => break,
                 Err(e) => {
@@ -160,6 +160,25 @@ async fn claim(marker: &Path) -> std::io::Result<std::fs::File> {
     }
 }
 
+/// A request we cannot read (a daemon of another version?): answered as refused when
+/// its number can be read, so the daemon's lane does not wait for ever.
+async fn refuse(shared: &Shared, line: &str, e: serde_json::Error) {
+    tracing::error!(error = %e, "hand-off agent: unreadable request");
+    let n = serde_json::from_str::<serde_json::Value>(line)
+        .ok()
+        .and_then(|v| v.get("n").and_then(serde_json::Value::as_u64));
+    if let Some(n) = n {
+        let r = Response {
+            n,
+            outcomes: Vec::new(),
+            handoffs: Vec::new(),
+            noted: false,
+            refused: Some(format!("the hand-off agent cannot read the request: {e}")),
+        };
+        write_line(shared, &r).await;
+    }
+}
+
 async fn answer(
     shared: &Shared,
     n: u64,
@@ -172,8 +191,13 @@ async fn answer(
         outcomes,
         handoffs,
         noted,
+        refused: None,
     };
-    let Ok(mut line) = serde_json::to_vec(&r) else {
+    write_line(shared, &r).await;
+}
+
+async fn write_line(shared: &Shared, r: &Response) {
+    let Ok(mut line) = serde_json::to_vec(r) else {
         return;
     };
     line.push(b'\n');
