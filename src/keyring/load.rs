@@ -374,6 +374,7 @@ pub(super) fn build_entry(cert: Cert, t: SystemTime) -> Entry {
                     (a, b) => a.or(b),
                 };
                 verifiers.push(VerifyKey {
+                    fast: super::fastverify::FastVerify::new(&key),
                     fpr: key.fingerprint(),
                     keyid: key.keyid(),
                     created: key.creation_time(),

@@ -43,6 +43,7 @@
 mod discovered;
 mod error;
 mod fastsign;
+mod fastverify;
 mod fsutil;
 mod generate;
 mod import;
@@ -168,6 +169,8 @@ struct VerifyKey {
     created: SystemTime,
     /// Earliest of this key's and the primary key's expiry.
     expires: Option<SystemTime>,
+    /// The key decompressed once, for Ed25519 keys (see `fastverify`).
+    fast: Option<fastverify::FastVerify>,
 }
 
 /// The own signing key pair, unlocked at open time.

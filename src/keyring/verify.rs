@@ -231,7 +231,8 @@ pub fn verify_with_key_packet(
     if key.creation_time() > t + CLOCK_SKEW {
         return Err(bad("the presented key was created in the future".into()));
     }
-    verify_with_key(&sig, &key, data).map_err(bad)
+    let fast = super::fastverify::FastVerify::new(&key);
+    verify_with_key(&sig, &key, fast.as_ref(), data).map_err(bad)
 }
 
 /// A detached signature, parsed and checked for what does not depend on the key: a
@@ -264,8 +265,12 @@ pub(super) fn checked_signature(
 pub(super) fn verify_with_key(
     sig: &Signature,
     key: &Key<PublicParts, UnspecifiedRole>,
+    fast: Option<&super::fastverify::FastVerify>,
     data: &[u8],
 ) -> Result<(), String> {
+    if let Some(f) = fast {
+        return f.verify(sig, key, data);
+    }
     match sig.verify_message(key, data) {
         Ok(())
             if sig
@@ -331,7 +336,7 @@ impl Entry {
                 reason = format!("signature predates signing key {}", fpr_hex(&k.fpr));
                 continue;
             }
-            match verify_with_key(&sig, &k.key, data) {
+            match verify_with_key(&sig, &k.key, k.fast.as_ref(), data) {
                 Ok(()) => return Ok(()),
                 Err(why) => reason = why,
             }

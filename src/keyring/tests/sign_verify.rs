@@ -221,3 +221,47 @@ fn the_fast_signer_signs_exactly_as_the_key_pair_does() {
     b.verify_detached("site-a.test", &fa, b"data", &sig)
         .unwrap();
 }
+
+/// A partner's Ed25519 signature is verified by dalek with the key decompressed once
+/// (`fastverify`): for the good signature, every flipped bit of the signature and of the
+/// data, and another site's key, its verdict is Sequoia's own (through OpenSSL).
+#[test]
+fn the_fast_verifier_agrees_with_sequoia_on_every_flipped_bit() {
+    let (_t, a, b) = two_sites();
+    let fa = a.own_fingerprint().unwrap();
+    let entry = &b.peers[b.by_fpr[&fa]];
+    let k = &entry.verifiers[0];
+    let fast = k
+        .fast
+        .as_ref()
+        .expect("a generated Ed25519 key verifies the fast way");
+    let data = b"v=0 o=- transcript".to_vec();
+    let sig = a.sign_detached(&data).unwrap();
+    let verdicts = |sig: &[u8], data: &[u8]| -> Option<(bool, bool)> {
+        let (s, _) = checked_signature(sig, SystemTime::now()).ok()?;
+        Some((
+            verify_with_key(&s, &k.key, Some(fast), data).is_ok(),
+            verify_with_key(&s, &k.key, None, data).is_ok(),
+        ))
+    };
+    assert_eq!(verdicts(&sig, &data), Some((true, true)));
+    let mut checked = 0;
+    for i in 0..sig.len() * 8 {
+        let mut s = sig.clone();
+        s[i / 8] ^= 1 << (i % 8);
+        if let Some((quick, slow)) = verdicts(&s, &data) {
+            assert_eq!(quick, slow, "signature bit {i}");
+            assert!(!quick, "signature bit {i} flipped still verifies");
+            checked += 1;
+        }
+    }
+    assert!(checked > 64, "only {checked} flipped signatures parsed");
+    for i in 0..data.len() * 8 {
+        let mut d = data.clone();
+        d[i / 8] ^= 1 << (i % 8);
+        assert_eq!(verdicts(&sig, &d), Some((false, false)), "data bit {i}");
+    }
+    // Site B's own signature, checked against site A's key.
+    let other = b.sign_detached(&data).unwrap();
+    assert_eq!(verdicts(&other, &data), Some((false, false)));
+}
