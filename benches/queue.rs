@@ -30,6 +30,7 @@ fn envelope(id: &str, size: u64) -> Envelope {
             last_error: None,
             dsn: Default::default(),
             delay_warned: false,
+            pin: None,
         }],
         size,
         body_8bit: false,

@@ -37,6 +37,11 @@ pub struct QueueTimes {
     /// and how long the calls that receipts name are kept (issue 14). At least the
     /// partners' maximum queue age: a resend after that is queued again.
     pub dedup_window: Duration,
+    /// How long a message that a partner's relay may already hold (a transaction with it
+    /// got no reply after the end of the message) keeps going to that relay, which
+    /// recognises the resend, before the site's other relays are tried (where it may then
+    /// arrive twice). Exactly-once across several relays of a site (issue 13).
+    pub resend_hold: Duration,
 }
 
 impl Default for QueueTimes {
@@ -50,6 +55,9 @@ impl Default for QueueTimes {
             delay_warning: None,
             // Postfix's maximal_queue_lifetime is 5 days, ours too: a week covers both.
             dedup_window: Duration::from_secs(7 * 24 * 3600),
+            // Long enough for a relay to be restarted or its machine rebooted; short
+            // enough that a relay that is gone for good holds its partners' mail an hour.
+            resend_hold: Duration::from_secs(3600),
         }
     }
 }
@@ -108,6 +116,13 @@ pub(super) fn parse_queue(raw: &RawQueue, e: Errors<'_>) -> Result<QueueTimes, C
         return Err(bad(
             "queue.dedup_window",
             "must be at least 1h (and at least the partners' maximum queue age)".into(),
+        ));
+    }
+    queue.resend_hold = dur("queue.resend_hold", &raw.resend_hold, queue.resend_hold)?;
+    if queue.resend_hold >= queue.max_age {
+        return Err(bad(
+            "queue.resend_hold",
+            "must be shorter than queue.max_age".into(),
         ));
     }
     if queue.retry_initial.is_zero() || queue.retry_max < queue.retry_initial {

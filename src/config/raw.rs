@@ -136,6 +136,7 @@ pub(super) struct RawQueue {
     pub(super) max_age: Option<String>,
     pub(super) delay_warning: Option<String>,
     pub(super) dedup_window: Option<String>,
+    pub(super) resend_hold: Option<String>,
 }
 
 #[derive(Deserialize, Default)]

@@ -56,6 +56,21 @@ pub struct Recipient {
     /// A "delayed" DSN went out for this recipient (at most one is sent).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub delay_warned: bool,
+    /// The partner relay that may already hold this message (see [`RelayPin`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pin: Option<RelayPin>,
+}
+
+/// A partner relay that may already hold a message: a transaction with it got no reply
+/// after the end of the message. Until `until_ms` the next attempts go to that relay only:
+/// it recognises the resend (our queue ID and the message's hash) and returns its
+/// receipt, where another relay of the site would deliver the message a second time.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayPin {
+    /// The relay, as the call's target names it (`crate::dns::CallTarget::label`).
+    pub relay: String,
+    /// Unix time in milliseconds.
+    pub until_ms: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -795,6 +810,7 @@ pub(crate) mod tests {
                 last_error: None,
                 dsn: Default::default(),
                 delay_warned: false,
+                pin: None,
             }],
             size: 5,
             body_8bit: false,

@@ -236,6 +236,7 @@ pub(crate) async fn queue(
                     orcpt: None,
                 },
                 delay_warned: false,
+                pin: None,
             }],
             size: dsn.len() as u64,
             body_8bit: true,

@@ -135,6 +135,8 @@ struct ActiveCall {
     receipts: bool,
     /// `call{call_id, peer}`: every line logged while the call works carries both.
     span: tracing::Span,
+    /// The partner relay it reached (`CallTarget::label`), for a `RelayPin`.
+    relay: String,
 }
 
 fn random32() -> Result<[u8; 32], CallError> {
@@ -193,6 +195,7 @@ async fn place_call_in_turn(
     shared: &Arc<Context>,
     peer: &Peer,
     call_id: &str,
+    only: Option<&str>,
 ) -> Result<ActiveCall, CallError> {
     let gate = shared
         .sip
@@ -209,22 +212,28 @@ async fn place_call_in_turn(
     {
         return Err(CallError::PeerJustFailed(f.reason.clone()));
     }
-    let placed = place_call_on_targets(shared, peer, call_id).await;
-    *last = placed.as_ref().err().map(|e| SetupFailure {
-        at: tokio::time::Instant::now(),
-        reason: e.to_string(),
-    });
+    let placed = place_call_on_targets(shared, peer, call_id, only).await;
+    // A call to one pinned relay that fails says nothing about the peer's other relays:
+    // the lanes waiting for a call to any of them still try.
+    if only.is_none() || placed.is_ok() {
+        *last = placed.as_ref().err().map(|e| SetupFailure {
+            at: tokio::time::Instant::now(),
+            reason: e.to_string(),
+        });
+    }
     placed
 }
 
 /// Try the peer's relays in turn (see `failover`): the first whose call is set up wins.
 /// Each failed attempt is logged with its target and why, and counted; one that must not
 /// fail over (a refusal, a security check) ends the walk at once. The first attempt uses
-/// `call_id`, each further one a fresh Call-ID.
+/// `call_id`, each further one a fresh Call-ID. With `only`, the one relay of that label
+/// is tried (a `RelayPin`), if the peer still has it.
 async fn place_call_on_targets(
     shared: &Arc<Context>,
     peer: &Peer,
     call_id: &str,
+    only: Option<&str>,
 ) -> Result<ActiveCall, CallError> {
     // The key from DNS (`trust = "dnssec"`) is the domain's, not one relay's: looked up
     // once for all the attempts below, before any INVITE is sent.
@@ -235,6 +244,21 @@ async fn place_call_on_targets(
             locate::Unlocated::Dns(e) => CallError::Locate(e),
             locate::Unlocated::Static(e) => CallError::Resolve(e),
         })?;
+    let pinned = only.is_some_and(|l| targets.iter().any(|t| t.label == l));
+    if let Some(l) = only
+        && !pinned
+    {
+        tracing::warn!(peer = %peer.domain, relay = %l,
+            "the relay that may hold a message is no longer among the peer's relays; trying them all (the message may arrive twice)");
+    }
+    let targets: Vec<CallTarget> = if pinned {
+        targets
+            .into_iter()
+            .filter(|t| Some(t.label.as_str()) == only)
+            .collect()
+    } else {
+        targets
+    };
     let labels: Vec<&str> = targets.iter().map(|t| t.label.as_str()).collect();
     let mut walk = {
         let mut down = shared.sip.down.lock().unwrap_or_else(|p| p.into_inner());
@@ -261,7 +285,9 @@ async fn place_call_on_targets(
             );
         }
         attempt_no += 1;
-        let answer_wait = (!last).then_some(failover::ANSWER_WAIT);
+        // A pinned relay is not waited for as long as a last one: its message can wait
+        // for the next attempt, and the lane has other mail.
+        let answer_wait = (!last || pinned).then_some(failover::ANSWER_WAIT);
         let placed = place_call(
             shared,
             peer,
@@ -597,6 +623,7 @@ async fn place_call(
         peer_fpr,
         receipts,
         span: tracing::Span::current(),
+        relay: call_target.label.clone(),
     })
 }
 
@@ -743,6 +770,18 @@ async fn fetch_delivered(ctx: &Arc<Context>, domain: &str, call: &mut Option<(Ac
     }
 }
 
+/// The relay a pin sends this attempt to, while the pin is in force. Once it is over
+/// (`queue.resend_hold`), the message goes to the peer's relays as any other, which is
+/// where it may arrive twice: logged, with its queue ID.
+fn pin_in_force<'a>(pin: &'a crate::queue::RelayPin, id: &str, domain: &str) -> Option<&'a str> {
+    if pin.until_ms > crate::queue::now_ms() {
+        return Some(&pin.relay);
+    }
+    tracing::warn!(queue_id = %id, peer = %domain, relay = %pin.relay,
+        "the relay that may hold this message did not take it again within queue.resend_hold; it goes to the peer's other relays and may arrive twice");
+    None
+}
+
 /// One lane of calls to the peer `domain`: it places a call when a job comes, sends that
 /// job and the following ones through it, and hangs up after `sip.call_idle` without work.
 /// The peer's settings are looked up at each call placed, so a reload applies to the next
@@ -781,7 +820,14 @@ pub(crate) async fn worker(ctx: Arc<Context>, domain: String, lane_no: usize, la
                 hang_up(&ctx, &domain, c).await;
             }
         }
-        if call.is_none() {
+        // A message another relay of the peer may already hold goes to that relay: a call
+        // to it is placed when the lane's call reaches another one (kept if that fails).
+        let pin = job
+            .pin
+            .as_ref()
+            .and_then(|p| pin_in_force(p, &job.id, &domain));
+        let to_pin = pin.filter(|r| call.as_ref().is_some_and(|(c, _)| c.relay != *r));
+        if call.is_none() || to_pin.is_some() {
             let Some(peer) = settings.site.partner(&domain) else {
                 tracing::warn!(peer = %domain, lane = lane_no, queue_id = %job.id,
                     "no [[peer]] for this domain in the config in force (removed by a reload?); the mail stays queued, is retried on the queue's schedule and bounced after queue.max_age unless the peer is added again");
@@ -797,11 +843,24 @@ pub(crate) async fn worker(ctx: Arc<Context>, domain: String, lane_no: usize, la
             let span =
                 tracing::info_span!("call", %call_id, peer = %domain, direction = "outgoing");
             let placed = tokio::select! {
-                r = place_call_in_turn(&ctx, &peer, &call_id).instrument(span) => r,
+                r = place_call_in_turn(&ctx, &peer, &call_id, pin).instrument(span) => r,
                 _ = ctx.shutdown.wait() => break,
             };
             match placed {
+                Err(e) if to_pin.is_some() => {
+                    tracing::warn!(peer = %domain, relay = pin, queue_id = %job.id, reason = %e,
+                        "call to the relay that may hold this message failed; it stays queued for that relay");
+                    let outcomes = job.all(RcptOutcome::Transient(format!(
+                        "call to {domain} at {}, which may hold this message, failed: {e}",
+                        pin.unwrap_or_default()
+                    )));
+                    lane.report(job, outcomes).await;
+                    continue;
+                }
                 Ok(c) => {
+                    if let Some((old, _)) = call.take() {
+                        hang_up(&ctx, &domain, old).await;
+                    }
                     call = Some((c, settings.generation));
                     // What the partner delivered since our last call.
                     fetch_delivered(&ctx, &domain, &mut call).await;
@@ -877,9 +936,12 @@ pub(crate) async fn worker(ctx: Arc<Context>, domain: String, lane_no: usize, la
         let sent_ok = res.as_ref().ok().cloned();
         let mut outcomes = span.in_scope(|| match res {
             Err(e) if ask && e.is_unconfirmed() => {
-                tracing::warn!(queue_id = %job.id, route = %job.route, error = %e,
-                    "no reply after the end of the message: it is sent again; the relay that took it recognises the resend (our queue ID and its hash) and returns its receipt, but another relay of that site would not: it may arrive twice only if the next call reaches another relay");
-                job.all(RcptOutcome::Transient(format!("{what}: {e}")))
+                tracing::warn!(queue_id = %job.id, route = %job.route, relay = %active.relay, error = %e,
+                    "no reply after the end of the message: it is sent again to the same relay, which recognises the resend (our queue ID and its hash) and returns its receipt; the peer's other relays get it only after queue.resend_hold");
+                job.all(RcptOutcome::Unconfirmed {
+                    reason: format!("{what}: {e}"),
+                    relay: active.relay.clone(),
+                })
             }
             res => outcomes_from_smtp(&job, res, &what),
         });

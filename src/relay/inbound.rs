@@ -399,6 +399,7 @@ impl Backend for SpoolBackend {
                     last_error: None,
                     dsn: dsn.clone(),
                     delay_warned: false,
+                    pin: None,
                 })
             })
             .collect();

@@ -264,6 +264,7 @@ async fn queue(
                 last_error: None,
                 dsn: Default::default(),
                 delay_warned: false,
+                pin: None,
             })
             .collect(),
         size: msg.len() as u64,

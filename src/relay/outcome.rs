@@ -32,6 +32,10 @@ pub(crate) struct Job {
     /// Its duplicate record's file name (see `receipts`), made durable before the
     /// message can leave the spool.
     pub dedup_key_file: Option<String>,
+    /// The partner relay that may already hold the message (see
+    /// [`crate::queue::RelayPin`]): the attempt goes there while the pin is in force.
+    #[serde(default)]
+    pub pin: Option<crate::queue::RelayPin>,
 }
 
 impl Job {
@@ -50,6 +54,12 @@ pub(crate) enum RcptOutcome {
     Delivered,
     /// Try again later (4xx, failed call, I/O error).
     Transient(String),
+    /// Try again later, at `relay`: the connection failed after the end of the message,
+    /// so that partner relay may already hold it (see `crate::queue::RelayPin`).
+    Unconfirmed {
+        reason: String,
+        relay: String,
+    },
     /// Will never work (5xx): RFC 3463 status and the diagnostic for the bounce.
     Permanent {
         status: String,

@@ -120,14 +120,29 @@ pub(crate) fn decide(
         else {
             continue;
         };
+        // The relay that may hold it now (a pin in force on another relay is replaced:
+        // this one got the message's end last).
+        if let RcptOutcome::Unconfirmed { relay, .. } = outcome {
+            let until_ms = match &r.pin {
+                Some(p) if &p.relay == relay => p.until_ms,
+                _ => now_ms + times.resend_hold.as_millis() as u64,
+            };
+            r.pin = Some(crate::queue::RelayPin {
+                relay: relay.clone(),
+                until_ms,
+            });
+        }
         let failure = match outcome {
             RcptOutcome::Delivered => {
                 r.state = RcptState::Delivered;
                 r.last_error = None;
+                r.pin = None;
                 steps.push(Step::Delivered { rcpt: addr.clone() });
                 None
             }
-            RcptOutcome::Transient(why) if age < times.max_age && !expired => {
+            RcptOutcome::Transient(why) | RcptOutcome::Unconfirmed { reason: why, .. }
+                if age < times.max_age && !expired =>
+            {
                 r.attempts += 1;
                 let wait = backoff(times, r.attempts);
                 r.next_attempt_ms = now_ms + wait.as_millis() as u64;
@@ -153,21 +168,23 @@ pub(crate) fn decide(
                 });
                 None
             }
-            RcptOutcome::Transient(why) => Some(Failure {
-                rcpt: addr.clone(),
-                status: "4.4.7".into(),
-                diagnostic: format!(
-                    "X-Sipmail; {} after {} hours: {why}",
-                    if expired {
-                        "expired by the operator"
-                    } else {
-                        "gave up"
-                    },
-                    age.as_secs() / 3600
-                ),
-                remote: None,
-                orcpt: r.dsn.orcpt.clone(),
-            }),
+            RcptOutcome::Transient(why) | RcptOutcome::Unconfirmed { reason: why, .. } => {
+                Some(Failure {
+                    rcpt: addr.clone(),
+                    status: "4.4.7".into(),
+                    diagnostic: format!(
+                        "X-Sipmail; {} after {} hours: {why}",
+                        if expired {
+                            "expired by the operator"
+                        } else {
+                            "gave up"
+                        },
+                        age.as_secs() / 3600
+                    ),
+                    remote: None,
+                    orcpt: r.dsn.orcpt.clone(),
+                })
+            }
             RcptOutcome::Permanent {
                 status,
                 diagnostic,
@@ -182,6 +199,7 @@ pub(crate) fn decide(
         };
         if let Some(f) = failure {
             r.state = RcptState::Failed;
+            r.pin = None;
             r.last_error = Some(f.diagnostic.clone());
             let bounce = r.dsn.wants_failure_dsn();
             if bounce {
@@ -273,6 +291,54 @@ mod tests {
         );
         assert!(d.done() && d.failed_dsn.is_empty() && d.delayed_dsn.is_none());
         assert_eq!(d.disposal(true), Disposal::Remove);
+    }
+
+    /// No reply after the end of the message: the recipient is retried as after any
+    /// transient failure, pinned to the relay that may hold it for `resend_hold` from the
+    /// first such attempt there; a later one at another relay moves the pin, a plain
+    /// failure keeps it, and the delivery (the relay's receipt) ends it.
+    #[test]
+    fn an_unconfirmed_transaction_pins_the_message_to_its_relay() {
+        let (env, route) = message(&["bob@b.test"]);
+        let t = times();
+        let unconfirmed = |relay: &str| {
+            vec![(
+                "bob@b.test".to_string(),
+                RcptOutcome::Unconfirmed {
+                    reason: "connection lost after the end of the message".into(),
+                    relay: relay.into(),
+                },
+            )]
+        };
+        let hold = t.resend_hold.as_millis() as u64;
+        let d1 = decide(&env, &route, &unconfirmed("b1"), at(10), &t);
+        let r = &d1.envelope.recipients[0];
+        assert_eq!(r.state, RcptState::Pending);
+        assert_eq!(r.attempts, 1);
+        let pin = r.pin.clone().expect("pinned");
+        assert_eq!((pin.relay.as_str(), pin.until_ms), ("b1", at(10) + hold));
+        // Again at the same relay: the hold still counts from the first time.
+        let d2 = decide(&d1.envelope, &route, &unconfirmed("b1"), at(70), &t);
+        assert_eq!(d2.envelope.recipients[0].pin, Some(pin.clone()));
+        // A failed call keeps the pin.
+        let d3 = decide(&d2.envelope, &route, &transient("bob@b.test"), at(200), &t);
+        assert_eq!(d3.envelope.recipients[0].pin, Some(pin));
+        // At another relay: that one may hold it now.
+        let d4 = decide(&d3.envelope, &route, &unconfirmed("b2"), at(400), &t);
+        let moved = d4.envelope.recipients[0].pin.clone().unwrap();
+        assert_eq!(
+            (moved.relay.as_str(), moved.until_ms),
+            ("b2", at(400) + hold)
+        );
+        let done = decide(
+            &d4.envelope,
+            &route,
+            &[("bob@b.test".into(), RcptOutcome::Delivered)],
+            at(500),
+            &t,
+        );
+        assert_eq!(done.envelope.recipients[0].pin, None);
+        assert!(done.done());
     }
 
     #[test]

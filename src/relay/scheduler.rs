@@ -495,6 +495,8 @@ fn job_for(env: &Envelope, route: &Route, recipients: &[&crate::queue::Recipient
             xqid: matches!(route, crate::queue::Route::Peer(_)).then(|| env.id.clone()),
         },
         from_peer: env.receipt.as_ref().map(|f| f.peer.clone()),
+        // The attempt goes to the relay that may hold the message (see `caller`).
+        pin: recipients.iter().find_map(|r| r.pin.clone()),
         dedup_key_file: env.receipt.as_ref().map(|f| {
             crate::receipt::DedupKey::new(&f.peer, &f.sender_queue_id, &f.message_sha256)
                 .file_name()
