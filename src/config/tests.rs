@@ -514,3 +514,18 @@ fn dns_discovery_and_sip_dns_parse_and_their_errors_name_the_key() {
     .to_string();
     assert!(e.contains("peer[0]") && e.contains("[dns]"), "{e}");
 }
+
+#[test]
+fn resend_hold_defaults_to_an_hour_and_must_be_shorter_than_max_age() {
+    let c = Config::parse("a.toml", GOOD).unwrap();
+    assert_eq!(c.queue.resend_hold, Duration::from_secs(3600));
+    let text = format!("{GOOD}[queue]\nresend_hold = \"10m\"\n");
+    let c = Config::parse("a.toml", &text).unwrap();
+    assert_eq!(c.queue.resend_hold, Duration::from_secs(600));
+    let text = format!("{GOOD}[queue]\nresend_hold = \"6d\"\n");
+    let e = Config::parse("a.toml", &text).unwrap_err().to_string();
+    assert!(
+        e.contains("queue.resend_hold") && e.contains("max_age"),
+        "{e}"
+    );
+}
