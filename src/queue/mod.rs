@@ -6,9 +6,11 @@
 //!   per-recipient state). The `.env` appearing by rename is the commit point.
 //! - `corrupt/` envelopes that could not be read, kept for a human.
 //! - `queue/ID.hold`, `queue/ID.expire`: an operator's marks ([`Mark`]), empty files.
-//! - `queue/ID.ROUTE.sending`: a delivery over ROUTE is under way. Empty until the next
-//!   hop accepted it; then it holds the [`Handed`] recipients, so that a process killed
-//!   before it recorded the outcome does not hand the message over a second time.
+//! - `queue/ID.ROUTE.sending`: a delivery over ROUTE is under way. For a call, it names
+//!   the partner relay ([`Interrupted`]: a process killed mid-transaction sends the message
+//!   to that relay again). Otherwise empty until the next hop accepted it; then it holds
+//!   the [`Handed`] recipients, so that a process killed before it recorded the outcome
+//!   does not hand the message over a second time.
 //!
 //! Commit: fsync the body, write and fsync the envelope in tmp/, rename the body, rename
 //! the envelope, fsync `queue/`. Only then does SMTP answer 250.
@@ -154,6 +156,23 @@ pub struct Recovered {
     pub spool: Spool,
     pub envelopes: Vec<Envelope>,
     pub handed: Vec<Handed>,
+    pub interrupted: Vec<Interrupted>,
+}
+
+/// A transaction with a partner relay that the last process did not live to finish: the
+/// relay may hold the message, so it is pinned to it (see [`RelayPin`]). Its marker stays
+/// until that outcome is committed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Interrupted {
+    pub id: String,
+    pub route: Route,
+    pub relay: String,
+}
+
+/// A call's `.sending` marker: the relay the message is being sent to.
+#[derive(Serialize, Deserialize)]
+struct SendingTo {
+    relay: String,
 }
 
 /// An operator's mark on a queued message: an empty file `queue/ID.hold` or
@@ -378,14 +397,18 @@ impl Spool {
             s.read_marks(env);
         }
         let mut handed = Vec::new();
+        let mut interrupted = Vec::new();
         for m in markers {
             wait_for_agent(&m);
-            match Self::read_handed(&m, &envs) {
-                Some(h) => handed.push(h),
-                None => {
-                    s.explain_interrupted_send(&m, &envs);
-                    fs::remove_file(&m)?;
-                }
+            if let Some(h) = Self::read_handed(&m, &envs) {
+                handed.push(h);
+            } else if let Some(i) = Self::read_interrupted(&m, &envs) {
+                tracing::warn!(queue_id = %i.id, route = %i.route, relay = %i.relay,
+                    "sipmail stopped while this message was being sent to a partner relay; it goes to that relay again, which recognises it if it had taken it");
+                interrupted.push(i);
+            } else {
+                s.explain_interrupted_send(&m, &envs);
+                fs::remove_file(&m)?;
             }
         }
         for b in bodies {
@@ -401,6 +424,30 @@ impl Spool {
             spool: s,
             envelopes: envs,
             handed,
+            interrupted,
+        })
+    }
+
+    /// The relay a call's marker names, if its message still has recipients pending on
+    /// that route.
+    fn read_interrupted(marker: &Path, envs: &[Envelope]) -> Option<Interrupted> {
+        let bytes = fs::read(marker).ok()?;
+        let to: SendingTo = serde_json::from_slice(&bytes).ok()?;
+        let (id, key) = marker
+            .file_name()?
+            .to_str()?
+            .strip_suffix(".sending")?
+            .split_once('.')?;
+        let env = envs.iter().find(|e| e.id == id)?;
+        let route = env
+            .pending()
+            .find(|r| route_key(&r.route) == key)?
+            .route
+            .clone();
+        Some(Interrupted {
+            id: id.to_string(),
+            route,
+            relay: to.relay,
         })
     }
 
@@ -474,13 +521,26 @@ impl Spool {
             .join(format!("{id}.{}.sending", route_key(route)))
     }
 
-    /// Note that a delivery of `id` over `route` starts. Not fsynced: it only has to
-    /// survive a crash of this process (the page cache does), and it only ever adds a
-    /// log line.
-    pub async fn begin_send(&self, id: &str, route: &Route) {
+    /// Note that a delivery of `id` over `route` starts, to the partner relay `relay` for
+    /// a call. Not fsynced: it only has to survive a crash of this process (the page
+    /// cache does).
+    pub async fn begin_send(&self, id: &str, route: &Route, relay: Option<&str>) {
         let s = self.clone();
         let marker = self.sending_path(id, route);
-        let _ = tokio::task::spawn_blocking(move || s.create_file(&marker)).await;
+        let to = relay.and_then(|relay| {
+            serde_json::to_vec(&SendingTo {
+                relay: relay.to_string(),
+            })
+            .ok()
+        });
+        let _ = tokio::task::spawn_blocking(move || -> io::Result<()> {
+            let mut f = s.create_file(&marker)?;
+            if let Some(to) = to {
+                f.write_all(&to)?;
+            }
+            Ok(())
+        })
+        .await;
     }
 
     /// The outcome of that delivery is recorded.
@@ -870,7 +930,7 @@ pub(crate) mod tests {
             let mut f = s.create_body(&id).await.unwrap();
             f.write_all(b"hello").await.unwrap();
             s.commit(f, &env(&id)).await.unwrap();
-            s.begin_send(&id, &route).await;
+            s.begin_send(&id, &route, None).await;
             ids.push(id);
         }
         let note = |id: &str, rcpt: &str| Handed {
@@ -892,6 +952,40 @@ pub(crate) mod tests {
         // Committing the replayed outcome retires the marker.
         r.spool.remove_sent(&ids[0], &route).await.unwrap();
         assert!(Spool::recover(dir.path()).unwrap().handed.is_empty());
+    }
+
+    /// A call's marker names the partner relay: after a stop mid-transaction it comes back
+    /// as [`Interrupted`] (that relay may hold the message) and stays until committed; a
+    /// marker whose message has nothing pending on that route is removed.
+    #[tokio::test]
+    async fn a_call_interrupted_mid_transaction_names_its_relay_after_recovery() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = Spool::open(dir.path()).unwrap();
+        let route = env("x").recipients[0].route.clone();
+        let other = Route::Peer("elsewhere.example".into());
+        let id = Spool::new_id();
+        let mut f = s.create_body(&id).await.unwrap();
+        f.write_all(b"hello").await.unwrap();
+        s.commit(f, &env(&id)).await.unwrap();
+        s.begin_send(&id, &route, Some("b1.site-b.test:5060 (SRV prio 10)"))
+            .await;
+        s.begin_send(&id, &other, Some("b9.elsewhere.example:5060"))
+            .await;
+        let r = Spool::recover(dir.path()).unwrap();
+        assert_eq!(
+            r.interrupted,
+            vec![Interrupted {
+                id: id.clone(),
+                route: route.clone(),
+                relay: "b1.site-b.test:5060 (SRV prio 10)".into(),
+            }]
+        );
+        assert!(r.handed.is_empty());
+        assert!(r.spool.sending_path(&id, &route).exists());
+        assert!(!r.spool.sending_path(&id, &other).exists());
+        // Committing the outcome retires the marker.
+        r.spool.end_send(&id, &route).await;
+        assert!(Spool::recover(dir.path()).unwrap().interrupted.is_empty());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -935,7 +1029,7 @@ pub(crate) mod tests {
             .await
             .unwrap();
         s.commit(f, &env(&id)).await.unwrap();
-        s.begin_send(&id, &route).await;
+        s.begin_send(&id, &route, None).await;
         s.remove_sent(&id, &route).await.unwrap();
         assert_eq!(s.recycler.files.lock().unwrap().len(), 3);
         assert_eq!(

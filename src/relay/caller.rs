@@ -907,7 +907,9 @@ pub(crate) async fn worker(ctx: Arc<Context>, domain: String, lane_no: usize, la
                 continue;
             }
         };
-        ctx.spool.begin_send(&job.id, &job.route).await;
+        ctx.spool
+            .begin_send(&job.id, &job.route, Some(&active.relay))
+            .await;
         let span = active.span.clone();
         let sending = tokio::time::Instant::now();
         // Ask for a receipt only where one can be verified; hash what we send, to check it.

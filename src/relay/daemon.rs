@@ -93,6 +93,7 @@ pub async fn start_with_agent(
         spool,
         envelopes,
         handed,
+        interrupted,
     } = Spool::recover(&cfg.spool)
         .map_err(io_err(format!("opening spool {}", cfg.spool.display())))?;
     let receipts =
@@ -207,6 +208,12 @@ pub async fn start_with_agent(
         agent: agent.map(|a| Arc::new(super::agent::Agent::new(a, spool_root))),
     });
     replay_handed(&ctx, handed).await;
+    // Calls the last process did not finish: each message goes to the same relay again.
+    for i in interrupted {
+        if let Some((job, outcomes)) = ctx.queue.interrupted_job(&i) {
+            ctx.queue.commit(&job, &outcomes, None).await;
+        }
+    }
     tracing::info!(
         domain = %ctx.settings().site.domain,
         smtp = %smtp_addr,

@@ -60,7 +60,7 @@ pub(crate) async fn worker(ctx: Arc<Context>, dest: Destination, lane: Lane) {
             tracing::error!(queue_id = %job.id, error = %e,
                 "cannot make the duplicate record durable; a resend after a crash could be delivered twice");
         }
-        ctx.spool.begin_send(&job.id, &job.route).await;
+        ctx.spool.begin_send(&job.id, &job.route, None).await;
         let sending = tokio::time::Instant::now();
         // What each recipient's hand-off was, for a partner's delivered receipt.
         let mut handoffs = Vec::new();

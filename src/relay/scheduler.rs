@@ -367,20 +367,52 @@ impl MailQueue {
         &self,
         h: &crate::queue::Handed,
     ) -> Option<(Job, Vec<(String, super::outcome::RcptOutcome)>)> {
+        self.replayed_job(
+            &h.id,
+            &h.route,
+            |r| h.delivered.iter().any(|d| d == r),
+            || super::outcome::RcptOutcome::Delivered,
+        )
+    }
+
+    /// A transaction with a partner relay the last process did not live to finish
+    /// (`.sending` marker naming the relay): its outcome, to commit now, is "unconfirmed at
+    /// that relay", so the message is pinned to it (see `crate::queue::RelayPin`).
+    pub fn interrupted_job(
+        &self,
+        i: &crate::queue::Interrupted,
+    ) -> Option<(Job, Vec<(String, super::outcome::RcptOutcome)>)> {
+        self.replayed_job(
+            &i.id,
+            &i.route,
+            |_| true,
+            || super::outcome::RcptOutcome::Unconfirmed {
+                reason: "sipmail stopped during the transaction".into(),
+                relay: i.relay.clone(),
+            },
+        )
+    }
+
+    /// The job of the recipients of `id` pending on `route` that `pick` takes, each with
+    /// the outcome `outcome` makes; `None` when there are none.
+    fn replayed_job(
+        &self,
+        id: &str,
+        route: &Route,
+        pick: impl Fn(&str) -> bool,
+        outcome: impl Fn() -> super::outcome::RcptOutcome,
+    ) -> Option<(Job, Vec<(String, super::outcome::RcptOutcome)>)> {
         let st = self.lock();
-        let env = st.envs.get(&h.id)?;
+        let env = st.envs.get(id)?;
         let rcpts: Vec<&crate::queue::Recipient> = env
             .pending()
-            .filter(|r| r.route == h.route && h.delivered.contains(&r.addr))
+            .filter(|r| &r.route == route && pick(&r.addr))
             .collect();
         if rcpts.is_empty() {
             return None;
         }
-        let job = job_for(env, &h.route, &rcpts);
-        let outcomes = rcpts
-            .iter()
-            .map(|r| (r.addr.clone(), super::outcome::RcptOutcome::Delivered))
-            .collect();
+        let job = job_for(env, route, &rcpts);
+        let outcomes = rcpts.iter().map(|r| (r.addr.clone(), outcome())).collect();
         Some((job, outcomes))
     }
 
