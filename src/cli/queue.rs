@@ -118,6 +118,16 @@ fn print_one(e: &Envelope) {
         if let Some(err) = &r.last_error {
             println!("        last error: {err}");
         }
+        if let Some(p) = r.pin.as_ref().filter(|_| r.state == RcptState::Pending) {
+            let other = match next(p.until_ms) {
+                n if n == "now" => "the hold (queue.resend_hold) is over".to_string(),
+                n => format!("the peer's other relays are tried {n}"),
+            };
+            println!(
+                "        kept for relay {}, which may hold it (no reply came after the end of the message); {other}",
+                p.relay
+            );
+        }
     }
 }
 
