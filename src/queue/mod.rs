@@ -175,6 +175,33 @@ struct SendingTo {
     relay: String,
 }
 
+/// What a `.sending` marker holds.
+enum MarkerNote {
+    /// Nothing yet (or the file is gone).
+    Empty,
+    /// The next hop took the message ([`Spool::handed`]).
+    Handed(Handed),
+    /// A call to this partner relay was under way ([`Spool::begin_send`]).
+    Relay(String),
+    Unreadable(serde_json::Error),
+}
+
+impl MarkerNote {
+    fn read(marker: &Path) -> MarkerNote {
+        let bytes = match fs::read(marker) {
+            Ok(b) if !b.is_empty() => b,
+            _ => return MarkerNote::Empty,
+        };
+        match serde_json::from_slice::<Handed>(&bytes) {
+            Ok(h) => MarkerNote::Handed(h),
+            Err(err) => match serde_json::from_slice::<SendingTo>(&bytes) {
+                Ok(to) => MarkerNote::Relay(to.relay),
+                Err(_) => MarkerNote::Unreadable(err),
+            },
+        }
+    }
+}
+
 /// An operator's mark on a queued message: an empty file `queue/ID.hold` or
 /// `queue/ID.expire` beside the envelope. A file of its own, not a field in the envelope,
 /// so that setting it never races a delivery's rewrite of the envelope: each is one
@@ -400,13 +427,27 @@ impl Spool {
         let mut interrupted = Vec::new();
         for m in markers {
             wait_for_agent(&m);
-            if let Some(h) = Self::read_handed(&m, &envs) {
-                handed.push(h);
-            } else if let Some(i) = Self::read_interrupted(&m, &envs) {
-                tracing::warn!(queue_id = %i.id, route = %i.route, relay = %i.relay,
-                    "sipmail stopped while this message was being sent to a partner relay; it goes to that relay again, which recognises it if it had taken it");
-                interrupted.push(i);
-            } else {
+            // A marker with something to replay stays until that outcome is committed.
+            let kept = match MarkerNote::read(&m) {
+                MarkerNote::Handed(h) => Self::still_pending(h, &envs)
+                    .map(|h| handed.push(h))
+                    .is_some(),
+                MarkerNote::Relay(relay) => match Self::interrupted(&m, relay, &envs) {
+                    Some(i) => {
+                        tracing::warn!(queue_id = %i.id, route = %i.route, relay = %i.relay,
+                            "sipmail stopped while this message was being sent to a partner relay; it goes to that relay again, which recognises it if it had taken it");
+                        interrupted.push(i);
+                        true
+                    }
+                    None => false,
+                },
+                MarkerNote::Unreadable(err) => {
+                    tracing::error!(file = %m.display(), %err, "spool recovery: unreadable hand-off record, ignored");
+                    false
+                }
+                MarkerNote::Empty => false,
+            };
+            if !kept {
                 s.explain_interrupted_send(&m, &envs);
                 fs::remove_file(&m)?;
             }
@@ -428,11 +469,9 @@ impl Spool {
         })
     }
 
-    /// The relay a call's marker names, if its message still has recipients pending on
-    /// that route.
-    fn read_interrupted(marker: &Path, envs: &[Envelope]) -> Option<Interrupted> {
-        let bytes = fs::read(marker).ok()?;
-        let to: SendingTo = serde_json::from_slice(&bytes).ok()?;
+    /// The call to `relay` that `marker` records, if its message still has recipients
+    /// pending on that route.
+    fn interrupted(marker: &Path, relay: String, envs: &[Envelope]) -> Option<Interrupted> {
         let (id, key) = marker
             .file_name()?
             .to_str()?
@@ -447,31 +486,23 @@ impl Spool {
         Some(Interrupted {
             id: id.to_string(),
             route,
-            relay: to.relay,
+            relay,
         })
     }
 
     /// What the marker of `id` on `route` records, if the next hop took anything (the
     /// hand-off agent wrote it and then stopped before it answered).
     pub fn noted(&self, id: &str, route: &Route) -> Option<Handed> {
-        let bytes = fs::read(self.sending_path(id, route))
-            .ok()
-            .filter(|b| !b.is_empty())?;
-        serde_json::from_slice(&bytes).ok()
+        match MarkerNote::read(&self.sending_path(id, route)) {
+            MarkerNote::Handed(h) => Some(h),
+            _ => None,
+        }
     }
 
     /// The hand-off a marker records, if it names a queued message that still has one of
     /// those recipients pending on that route (else there is nothing to replay). An
     /// unreadable marker is treated as empty: the message is sent again, as before.
-    fn read_handed(marker: &Path, envs: &[Envelope]) -> Option<Handed> {
-        let bytes = fs::read(marker).ok().filter(|b| !b.is_empty())?;
-        let h: Handed = match serde_json::from_slice(&bytes) {
-            Ok(h) => h,
-            Err(err) => {
-                tracing::error!(file = %marker.display(), %err, "spool recovery: unreadable hand-off record, ignored");
-                return None;
-            }
-        };
+    fn still_pending(h: Handed, envs: &[Envelope]) -> Option<Handed> {
         let env = envs.iter().find(|e| e.id == h.id)?;
         env.pending()
             .any(|r| r.route == h.route && h.delivered.contains(&r.addr))
