@@ -1,7 +1,7 @@
 //! The daemon's side of the hand-off agent: starts it when a hand-off first needs it (and
 //! again after it stopped), sends requests, and matches the responses.
 
-use super::{AgentCommand, Request, Response};
+use super::{AgentCommand, Request, Response, lock};
 use crate::relay::handoff::SmtpHop;
 use crate::relay::outcome::Job;
 use std::collections::HashMap;
@@ -131,10 +131,6 @@ impl Agent {
         tokio::spawn(read_responses(stdout, pending.clone(), child));
         Ok(Running { stdin, pending })
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Hand each response to its request; when the agent's output ends, fail the requests

@@ -39,6 +39,11 @@ use serde::{Deserialize, Serialize};
 use std::ffi::OsString;
 use std::path::PathBuf;
 
+/// A lock that a panic elsewhere did not make unusable (both sides keep plain maps).
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// How the daemon starts its agent: this program with these arguments, then
 /// `--spool DIR` (the CLI gives its own executable and `handoff-agent`).
 #[derive(Clone, Debug)]

@@ -2,7 +2,7 @@
 //! requests on standard input, makes each hand-off (several at once, one cached
 //! connection per lane), writes the outcome into the marker, then answers.
 
-use super::{Request, Response};
+use super::{Request, Response, lock};
 use crate::queue::Spool;
 use crate::relay::handoff;
 use crate::smtp::SmtpClient;
@@ -91,10 +91,6 @@ fn ignore_stop_signals() {
             Err(e) => tracing::warn!(error = %e, "hand-off agent: cannot handle a stop signal"),
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 async fn handle(shared: Arc<Shared>, req: Request) {
