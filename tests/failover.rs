@@ -13,8 +13,10 @@
 //! Loopback block 127.0.43.0/24, ports 43500-43599.
 
 mod common;
+mod dns_fixture;
 
 use common::wait_until;
+use dns_fixture::{DNS_PORT, DnsFixture, Zone, ip};
 use sipmail::demo::{maildir_files, sample_message, submit};
 use sipmail::keyring::Keyring;
 use sipmail::relay::{Hooks, RelayEvent, Shutdown};
@@ -33,6 +35,11 @@ struct Net {
     b1_port: u16,
     b2_port: u16,
     tcp: bool,
+    /// Found through DNS instead of a list in `[[peer]] sip`: the DNS fixture's base
+    /// (127.0.42.base+1/2). Site B's signed zone then says where its relays are:
+    /// `_sipmail._udp` SRV priority 10 to B1 and `_sipmail._tcp` SRV priority 20 to B2,
+    /// and A's `[[peer]]` says `sip = "dns"`.
+    srv: Option<u8>,
 }
 const MESSAGES: usize = 200;
 
@@ -123,7 +130,8 @@ fn keys(d: &Path) {
     }
 }
 
-/// Site A's config: B1 and B2 in that order in its `[[peer]] sip`.
+/// Site A's config: B1 and B2 in that order in its `[[peer]] sip`, or (`n.srv`) `sip =
+/// "dns"` with the fixture's validating resolver.
 fn a_config(d: &Path, n: &Net) -> sipmail::config::Config {
     let (a_ip, b1_ip, b2_ip) = (n.a_ip, n.b1_ip, n.b2_ip);
     let (a_port, b1_port, b2_port) = (n.a_port, n.b1_port, n.b2_port);
@@ -143,13 +151,26 @@ media = "{a_ip}"
 call_idle = "2s"
 [[peer]]
 domain = "site-b.test"
-sip = ["sip:mail@{b1_ip}:{b1_port}{transport}", "sip:mail@{b2_ip}:{b2_port}{transport}"]
+sip = {sip}
 [delivery]
 maildir = "{md}"
 [queue]
 retry_initial = "1s"
 retry_max = "5s"
-"#,
+{dns}"#,
+        sip = match n.srv {
+            Some(_) => "\"dns\"".to_string(),
+            None => format!(
+                "[\"sip:mail@{b1_ip}:{b1_port}{transport}\", \"sip:mail@{b2_ip}:{b2_port}{transport}\"]"
+            ),
+        },
+        dns = match n.srv {
+            Some(base) => format!(
+                "[dns]\nresolver = \"{}:{DNS_PORT}\"\ntimeout = \"2s\"\n",
+                ip(base, 2)
+            ),
+            None => String::new(),
+        },
         kr = ka.display(),
         sp = d.join("var/site-a/spool").display(),
         md = d.join("var/site-a/maildir").display(),
@@ -239,6 +260,7 @@ async fn one_of_two_relays_killed_mid_run_every_message_delivered_exactly_once()
         b1_port: 43501,
         b2_port: 43502,
         tcp: false,
+        srv: None,
     })
     .await;
 }
@@ -254,6 +276,27 @@ async fn the_same_over_tcp_where_the_dead_relay_refuses_the_connection() {
         b1_port: 43511,
         b2_port: 43512,
         tcp: true,
+        srv: None,
+    })
+    .await;
+}
+
+/// The same with B's relays found in DNS (RFC 3263): A has `sip = "dns"`, and B's signed
+/// zone gives B1 by `_sipmail._udp` SRV at priority 10 and B2 by `_sipmail._tcp` SRV at
+/// priority 20 (each on its own port, as the SRV records say). A calls B1 while it is up
+/// (priority), goes on through B2 (over TCP: the SRV record's transport) once B1 is dead,
+/// and every message is delivered exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_with_both_relays_found_by_srv_priority() {
+    killed_mid_run(Net {
+        a_ip: "127.0.43.50",
+        b1_ip: "127.0.43.51",
+        b2_ip: "127.0.43.52",
+        a_port: 43530,
+        b1_port: 43531,
+        b2_port: 43532,
+        tcp: false,
+        srv: Some(220),
     })
     .await;
 }
@@ -274,6 +317,21 @@ async fn killed_mid_run(n: Net) {
     std::os::unix::fs::symlink(&sink, &b1_sink).unwrap();
     let c1 = b_config(d, &n, "b1", b1_ip, b1_port, &b1_sink);
     let c2 = b_config(d, &n, "b2", b2_ip, b2_port, &sink);
+    let _dns = n.srv.map(|base| {
+        DnsFixture::start(
+            d,
+            base,
+            &[Zone::signed(
+                "site-b.test",
+                vec![
+                    format!("_sipmail._udp IN SRV 10 10 {b1_port} b1"),
+                    format!("_sipmail._tcp IN SRV 20 10 {b2_port} b2"),
+                    format!("b1 IN A {b1_ip}"),
+                    format!("b2 IN A {b2_ip}"),
+                ],
+            )],
+        )
+    });
     let mut b1 = Daemon::start(&c1, d.join("b1.log"));
     let b2 = Daemon::start(&c2, d.join("b2.log"));
 
@@ -388,7 +446,8 @@ async fn killed_mid_run(n: Net) {
     let mut failed_over = 0;
     while let Ok(e) = events.try_recv() {
         if let RelayEvent::CallFailed { reason, .. } = e
-            && reason.contains(&format!("{b1_ip}:{b1_port}"))
+            && (reason.contains(&format!("{b1_ip}:{b1_port}"))
+                || reason.contains(&format!("b1.site-b.test:{b1_port}")))
         {
             failed_over += 1;
         }
@@ -405,7 +464,11 @@ async fn killed_mid_run(n: Net) {
          spooled messages; {files} files; {} duplicated; {} kept for B1 while it was down \
          (no reply after the end of the message); 20 more through B2 within \
          {failover_took:?}; {failed_over} failed attempts at B1 logged",
-        if n.tcp { "TCP" } else { "UDP" },
+        match (n.srv, n.tcp) {
+            (Some(_), _) => "SRV: B1 over UDP, B2 over TCP",
+            (None, true) => "TCP",
+            (None, false) => "UDP",
+        },
         before_restart.len(),
         ids.len(),
         dups.len(),
@@ -452,6 +515,7 @@ async fn a_message_the_dead_relay_may_hold_waits_for_it_and_is_delivered_once() 
         b1_port: 43521,
         b2_port: 43522,
         tcp: true,
+        srv: None,
     };
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
