@@ -388,6 +388,98 @@ async fn a_resolver_that_never_answers_times_out_and_the_mail_waits() {
     drop(silent);
 }
 
+/// The attack on opportunistic trust through DNS: A's `[[peer]]` for site-b.test says
+/// `sip = "dns"` and `trust = "opportunistic"` (pin the first key seen), and B's zone is
+/// not signed. Mallory, who can forge (or owns) that insecure answer, points B's SRV at
+/// his own relay, which holds its own key for site-b.test. A's first call reaches him and
+/// his signatures verify (with the key he presents): before the fix, A pinned Mallory's
+/// key and handed him the mail. Now an address from an insecure answer cannot vouch for a
+/// first key: nothing is pinned, nothing reaches Mallory, the mail stays queued, and his
+/// key waits as pending for an operator who compares fingerprints. Then B signs its zone
+/// and points the SRV at the real B: the first use pins B's key and the mail goes there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_opportunistic_partner_located_by_insecure_srv_is_not_pinned_on_first_use() {
+    init_logs();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let base = 140;
+    keyring(dir, "site-a");
+    keyring(dir, "site-b");
+    let mallory_kr = dir.join("keyring/mallory");
+    let mallory_fpr = Keyring::generate(&mallory_kr, "site-b.test")
+        .unwrap()
+        .fingerprint;
+    let b_zone = |n: u8, signed: bool| Zone {
+        signed,
+        ..site_zone("site-b.test", base, n, None)
+    };
+    // B's unsigned zone, its SRV pointing at Mallory's relay (at .5).
+    let mut dns = DnsFixture::start(dir, base, &[b_zone(5, false)]);
+    let res = dns.resolver.to_string();
+    let a_peer = "[[peer]]\ndomain = \"site-b.test\"\nsip = \"dns\"\ntrust = \"opportunistic\"";
+    let a_text = relay_config(dir, "site-a", base, 3, &res, a_peer);
+    let b_peer = format!(
+        "[[peer]]\ndomain = \"site-a.test\"\nsip = \"sip:mail@{}:{SIP_PORT}\"\ntrust = \"opportunistic\"",
+        ip(base, 3)
+    );
+    let m_text = relay_config(dir, "site-b", base, 5, &res, &b_peer)
+        .replace("keyring/site-b", "keyring/mallory")
+        .replace("var/site-b", "var/mallory");
+    let mallory = start("m.toml", &m_text).await;
+    let mut a = start("a.toml", &a_text).await;
+    send(&a, 0).await;
+    let why = next_failure(&mut a).await;
+    assert!(
+        why.contains("not DNSSEC-secure")
+            && why.contains("not pinned on first use")
+            && why.contains(&mallory_fpr)
+            && why.contains("sipmail trust accept site-b.test"),
+        "{why}"
+    );
+    assert_deferred(&a, &mallory.maildir()).await;
+    let store = sipmail::relay::trust::TrustStore::new(&dir.join("var/site-a/spool"));
+    let state = store.list().unwrap();
+    assert!(
+        state.iter().all(|p| p.pinned.is_none()),
+        "a key was pinned: {state:?}"
+    );
+    assert!(
+        state
+            .iter()
+            .any(|p| p.pending.iter().any(|k| k.fingerprint == mallory_fpr)),
+        "Mallory's key is not pending for the operator: {state:?}"
+    );
+    mallory.stop().await;
+    a.stop().await;
+
+    // B signs its zone and points the SRV at its real relay (at .4).
+    dns.serve(&[b_zone(4, true)]);
+    let b_text = relay_config(dir, "site-b", base, 4, &res, &b_peer);
+    let b = start("b.toml", &b_text).await;
+    let mut a = start("a.toml", &a_text).await;
+    assert!(
+        wait_until(Duration::from_secs(20), || maildir_files(&b.maildir())
+            .len()
+            == 1)
+        .await,
+        "not delivered to the real B: {:?}",
+        wait_call_outcome(&mut a.events, 1).await
+    );
+    let b_fpr = Keyring::open(&dir.join("keyring/site-b"))
+        .unwrap()
+        .own_fingerprint()
+        .unwrap();
+    let pinned = store.list().unwrap();
+    assert!(
+        pinned
+            .iter()
+            .any(|p| p.pinned.as_deref() == Some(b_fpr.as_str())),
+        "B's key is not pinned: {pinned:?}"
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
 /// The text of A's `/metrics`.
 async fn metrics_text(addr: std::net::SocketAddr) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

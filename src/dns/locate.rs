@@ -29,6 +29,11 @@ pub struct CallTarget {
     pub transport: Transport,
     /// What the log names, e.g. "b1.site-b.test:5062 (SRV prio 10)".
     pub label: String,
+    /// The address is the operator's (a configured URI) or came from DNSSEC-secure
+    /// answers only. False for one an insecure SRV or A/AAAA answer gave: anyone who can
+    /// forge such an answer chose it, so it may not vouch for a key on first use
+    /// (opportunistic trust; see `relay::caller::check_pin`).
+    pub authentic: bool,
 }
 
 /// What [`locate`] found.
@@ -129,6 +134,14 @@ pub async fn locate(
     } else {
         Security::Insecure
     };
+    let (udp_secure, tcp_secure) = (
+        udp.security == Security::Secure,
+        tcp.security == Security::Secure,
+    );
+    let srv_secure = |t: Transport| match t {
+        Transport::Udp => udp_secure,
+        Transport::Tcp => tcp_secure,
+    };
     let mut records = srv_records(udp.records, Transport::Udp);
     records.extend(srv_records(tcp.records, Transport::Tcp));
     records.truncate(MAX_TARGETS);
@@ -163,6 +176,7 @@ pub async fn locate(
                     addr,
                     transport: Transport::Udp,
                     label,
+                    authentic: sec == Security::Secure,
                 });
             }
             Vec::new()
@@ -200,6 +214,7 @@ pub async fn locate(
                             addr,
                             transport: rec.transport,
                             label,
+                            authentic: sec == Security::Secure && srv_secure(rec.transport),
                         });
                     }
                 }

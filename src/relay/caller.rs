@@ -68,6 +68,14 @@ pub(crate) enum CallError {
         presented: String,
     },
     #[error(
+        "first call to mail@{domain} (opportunistic): its relay {target} was located by DNS answers that are not DNSSEC-secure, so the key it presented, {presented}, is not pinned on first use (a forged answer would pin an impostor); compare the fingerprint with the partner and run `sipmail trust accept {domain} {presented}`, or give the peer a literal sip URI"
+    )]
+    FirstUseUnlocated {
+        domain: String,
+        target: String,
+        presented: String,
+    },
+    #[error(
         "key continuity with mail@{domain} broken ({continuity}); refused because continuity = \"require\" (after checking, `sipmail trust reset {domain}`)"
     )]
     Continuity {
@@ -98,7 +106,9 @@ impl CallError {
             CallError::Media { .. } => CallFailure::Media,
             CallError::PeerJustFailed(_) => return None,
             CallError::Smtp(_) => CallFailure::Smtp,
-            CallError::PinChanged { .. } => CallFailure::UnknownKey,
+            CallError::PinChanged { .. } | CallError::FirstUseUnlocated { .. } => {
+                CallFailure::UnknownKey
+            }
             CallError::Continuity { .. } => CallFailure::Continuity,
             CallError::Locate(_) => CallFailure::Dns,
             CallError::Discovery(e) if e.is_key_change() => CallFailure::KeyChanged,
@@ -504,7 +514,7 @@ async fn place_call(
                 caller.on_answer(&ctx, &answer, verifier.as_ref(), signer.as_ref())?
             };
             if mode == AuthMode::Opportunistic {
-                check_pin(shared, peer, &answer.fingerprint)?;
+                check_pin(shared, peer, &answer.fingerprint, call_target)?;
             }
             let continuity = done.keys.continuity;
             match continuity_decision(continuity, peer.continuity) {
@@ -536,7 +546,9 @@ async fn place_call(
                 .send_ack(ack, dialog.target, dialog.transport)
                 .await;
             bye_in_background(shared, &dialog, &e.to_string());
-            if let CallError::PinChanged { presented, .. } = &e {
+            if let CallError::PinChanged { presented, .. }
+            | CallError::FirstUseUnlocated { presented, .. } = &e
+            {
                 shared
                     .record_pending(&peer.domain, presented, target.ip())
                     .await;
@@ -698,14 +710,28 @@ async fn receipts_for(
 }
 
 /// Opportunistic peers: the key the callee presents (already verified) must be the one
-/// pinned on first use. We placed the call, to the peer's configured address, so a first
-/// use may pin. A different key is refused (and the caller keeps it as pending).
-fn check_pin(shared: &Context, peer: &Peer, fingerprint: &[u8]) -> Result<(), CallError> {
+/// pinned on first use. We placed the call, so a first use may pin, but only when the
+/// address we called is one that could vouch for it: the peer's configured address, or
+/// one DNSSEC-secure answers gave (`CallTarget::authentic`). A relay found by insecure
+/// SRV is whoever forged the answer, as far as we know. A different key, and a first key
+/// from such an address, are refused (and kept as pending, for `sipmail trust accept`).
+fn check_pin(
+    shared: &Context,
+    peer: &Peer,
+    fingerprint: &[u8],
+    target: &CallTarget,
+) -> Result<(), CallError> {
     let presented = hex::encode_upper(fingerprint);
     let pin = shared.trust.store.check_pin(&peer.domain, &presented)?;
-    match super::trust::opportunistic_decision(pin, true, false) {
+    match super::trust::opportunistic_decision(pin, target.authentic, false) {
         OpportunisticDecision::Proceed => Ok(()),
-        OpportunisticDecision::Hold(HoldReason::FirstUseFromElsewhere) => Ok(()),
+        OpportunisticDecision::Hold(HoldReason::FirstUseFromElsewhere) => {
+            Err(CallError::FirstUseUnlocated {
+                domain: peer.domain.clone(),
+                target: target.label.clone(),
+                presented,
+            })
+        }
         OpportunisticDecision::Hold(HoldReason::Changed { pinned }) => Err(CallError::PinChanged {
             domain: peer.domain.clone(),
             pinned,

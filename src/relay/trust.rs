@@ -212,8 +212,9 @@ pub enum HoldReason {
 }
 
 /// Pure: the pin check's result and where the call comes from decide. `placed_by_us`: we
-/// called the peer's configured address; `from_peer_address`: an incoming call from one
-/// of the addresses of the peer's `sip` URI.
+/// called the peer's configured address, or one DNSSEC-secure answers located (not an
+/// insecure SRV answer's); `from_peer_address`: an incoming call from one of the
+/// addresses of the peer's `sip` URI.
 pub fn opportunistic_decision(
     pin: PinCheck,
     placed_by_us: bool,
