@@ -480,6 +480,86 @@ async fn an_opportunistic_partner_located_by_insecure_srv_is_not_pinned_on_first
     b.stop().await;
 }
 
+/// The other direction: B, an opportunistic `sip = "dns"` peer of A, calls A first. A
+/// pins a first key from an incoming call only when it comes from one of the peer's
+/// addresses, here the relays B's SRV locates, and only when those answers are
+/// DNSSEC-secure: with B's zone unsigned, A holds B's call (the mail waits at B, nothing
+/// pinned); with it signed, A (restarted: peer addresses are looked up at start and
+/// reload) takes the call, pins B's key and gets the mail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_incoming_first_call_pins_only_from_a_relay_located_by_secure_srv() {
+    init_logs();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let base = 150;
+    keyring(dir, "site-a");
+    keyring(dir, "site-b");
+    let b_zone = |signed: bool| Zone {
+        signed,
+        ..site_zone("site-b.test", base, 4, None)
+    };
+    let mut dns = DnsFixture::start(dir, base, &[b_zone(false)]);
+    let res = dns.resolver.to_string();
+    let a_peer = "[[peer]]\ndomain = \"site-b.test\"\nsip = \"dns\"\ntrust = \"opportunistic\"";
+    let a_text = relay_config(dir, "site-a", base, 3, &res, a_peer);
+    let b_peer = format!(
+        "[[peer]]\ndomain = \"site-a.test\"\nsip = \"sip:mail@{}:{SIP_PORT}\"\ntrust = \"opportunistic\"",
+        ip(base, 3)
+    );
+    let b_text = relay_config(dir, "site-b", base, 4, &res, &b_peer);
+    let a = start("a.toml", &a_text).await;
+    let b = start("b.toml", &b_text).await;
+    submit(
+        b.running.smtp_addr,
+        &[sample_message(0, "incoming")],
+        "alice@site-a.test",
+        |_| {},
+    )
+    .await
+    .unwrap();
+    // B calls (and retries) while A holds its calls.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(
+        maildir_files(&a.maildir()).is_empty(),
+        "A took a first call from a relay located by insecure SRV"
+    );
+    assert_eq!(
+        b.running.queue_snapshot().messages,
+        1,
+        "the mail must wait at B"
+    );
+    let store = sipmail::relay::trust::TrustStore::new(&dir.join("var/site-a/spool"));
+    assert!(
+        store.list().unwrap().iter().all(|p| p.pinned.is_none()),
+        "A pinned a key"
+    );
+    a.stop().await;
+
+    dns.serve(&[b_zone(true)]);
+    let a = start("a.toml", &a_text).await;
+    assert!(
+        wait_until(Duration::from_secs(20), || maildir_files(&a.maildir())
+            .len()
+            == 1)
+        .await,
+        "A did not take B's first call from its DNSSEC-located relay"
+    );
+    let b_fpr = Keyring::open(&dir.join("keyring/site-b"))
+        .unwrap()
+        .own_fingerprint()
+        .unwrap();
+    assert!(
+        store
+            .list()
+            .unwrap()
+            .iter()
+            .any(|p| p.pinned.as_deref() == Some(b_fpr.as_str())),
+        "B's key is not pinned at A"
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
 /// The text of A's `/metrics`.
 async fn metrics_text(addr: std::net::SocketAddr) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

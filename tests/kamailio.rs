@@ -1,16 +1,24 @@
 //! A real SIP proxy between the relays: Kamailio (Debian package `kamailio`) as site B's
 //! proxy, record-routing A's calls to relay B, over UDP and over TCP. The call goes to
 //! `sip:mail@site-b.test` at the proxy; ACK and BYE follow the route set through it to
-//! the other side's Contact (RFC 3261 §12). Then a tampering proxy: Kamailio rewrites the
+//! the other side's Contact (RFC 3261 §12). The same again with site A finding the proxy
+//! in DNS (issue 13): A's `[[peer]]` says `sip = "dns"`, and site B's DNSSEC-signed zone,
+//! served by Knot and validated by unbound (see dns_fixture), publishes `_sipmail._udp`
+//! (or `_sipmail._tcp`) SRV naming its proxy. The call still goes to
+//! `sip:mail@site-b.test`, so a site lets the SIP proxy it already runs route its mail
+//! calls: only the SRV record points there. Then a tampering proxy: Kamailio rewrites the
 //! answer's `c=` line (where A would connect), or the ACK's confirm, with textops'
 //! `subst_body`, and the handshake's signature check refuses the call: nothing delivered,
 //! the mail stays queued, the reason is in the relay's events and log.
 //!
-//! Loopback block 127.0.43.0/24, ports 43000-43999 (each test its own ports).
+//! Loopback block 127.0.43.0/24, ports 43000-43999 (each test its own ports); the SRV
+//! tests' DNS fixtures on 127.0.42.201-202 and .211-212.
 
 mod common;
+mod dns_fixture;
 
 use common::*;
+use dns_fixture::{DnsFixture, Zone, srv_line_for};
 use sipmail::demo::{TwoSites, maildir_files, make_keys, sample_message, site_config, submit};
 use sipmail::relay::{Hooks, RelayEvent};
 use std::io::Read;
@@ -190,33 +198,97 @@ impl Drop for Kamailio {
     }
 }
 
-/// Site A and site B on 127.0.43.2 and .3, A calling B through the proxy at `kam_port`.
-fn configs(dir: &Path, base: u16, tcp: bool) -> (sipmail::config::Config, sipmail::config::Config) {
+/// How site A finds site B's proxy.
+#[derive(Clone, Copy, PartialEq)]
+enum Find {
+    /// `sip = "sip:mail@127.0.43.1:PORT"` on A's `[[peer]]`.
+    Uri,
+    /// `sip = "dns"` on A's `[[peer]]`, and a `[dns]` resolver: the validating resolver of
+    /// a DNS fixture at 127.0.42.(dns_base+1/2), where site-b.test's signed zone has the
+    /// proxy as its `_sipmail._udp` (or, over TCP, `_sipmail._tcp`) SRV target.
+    Srv { dns_base: u8 },
+}
+
+/// Site B's signed zone: one SRV record, `_sipmail._udp` or `_sipmail._tcp`, to the host
+/// `proxy` (Kamailio's address) on the proxy's port.
+fn proxy_zone(kam_port: u16, tcp: bool) -> Zone {
+    Zone::signed(
+        "site-b.test",
+        vec![
+            srv_line_for(if tcp { "tcp" } else { "udp" }, 10, 10, kam_port, "proxy"),
+            format!("proxy IN A {KAM}"),
+        ],
+    )
+}
+
+/// Site A and site B on 127.0.43.2 and .3, A calling B through the proxy at port `base`:
+/// by its URI, or (`resolver`) by site-b.test's SRV records.
+fn configs(
+    dir: &Path,
+    base: u16,
+    tcp: bool,
+    resolver: Option<std::net::SocketAddr>,
+) -> (sipmail::config::Config, sipmail::config::Config) {
     make_keys(dir).unwrap();
     let (kam, pa, pb) = (base, base + 1, base + 2);
     let transport = if tcp { ";transport=tcp" } else { "" };
-    let a = site_config(dir, "site-a", "site-b", pa, kam)
-        .replace(
-            &format!("sip = \"sip:mail@127.0.0.1:{kam}\""),
+    let static_sip = format!("sip = \"sip:mail@127.0.0.1:{kam}\"");
+    let a = site_config(dir, "site-a", "site-b", pa, kam);
+    assert!(a.contains(&static_sip), "{a}");
+    let a = match resolver {
+        None => a.replace(
+            &static_sip,
             &format!("sip = \"sip:mail@{KAM}:{kam}{transport}\""),
-        )
-        .replace("127.0.0.1", A_IP);
+        ),
+        Some(r) => {
+            a.replace(&static_sip, "sip = \"dns\"")
+                + &format!("[dns]\nresolver = \"{r}\"\ntimeout = \"2s\"\n")
+        }
+    }
+    .replace("127.0.0.1", A_IP);
     let b = site_config(dir, "site-b", "site-a", pb, pa).replace("127.0.0.1", B_IP);
-    assert!(
-        a.contains(&format!("sip:mail@{KAM}:{kam}{transport}")),
-        "{a}"
-    );
+    match resolver {
+        None => assert!(
+            a.contains(&format!("sip:mail@{KAM}:{kam}{transport}")),
+            "{a}"
+        ),
+        // Nothing in A's configuration says where the proxy is: only DNS does.
+        Some(_) => assert!(
+            a.contains("sip = \"dns\"") && a.contains("[dns]") && !a.contains(KAM),
+            "{a}"
+        ),
+    }
     (
         sipmail::config::Config::parse("a.toml", &a).unwrap(),
         sipmail::config::Config::parse("b.toml", &b).unwrap(),
     )
 }
 
-async fn mail_crosses_the_proxy(base: u16, tcp: bool) {
+async fn mail_crosses_the_proxy(base: u16, tcp: bool, find: Find) {
     init_logs();
     let dir = tempfile::tempdir().unwrap();
     let kam = Kamailio::start(dir.path(), base, base + 2, tcp, Tamper::None);
-    let (a, b) = configs(dir.path(), base, tcp);
+    // Kept until the end: A asks it at each call.
+    let dns = match find {
+        Find::Uri => None,
+        Find::Srv { dns_base } => {
+            let dns = DnsFixture::start(dir.path(), dns_base, &[proxy_zone(base, tcp)]);
+            // The resolver really validates: AD on B's SRV record.
+            let name = if tcp {
+                "_sipmail._tcp.site-b.test"
+            } else {
+                "_sipmail._udp.site-b.test"
+            };
+            let dig = dns.dig("SRV", name);
+            assert!(
+                (dig.contains(" ad;") || dig.contains(" ad "))
+                    && dig.contains(&format!("10 10 {base} proxy.site-b.test.")),
+                "{dig}"
+            );
+            Some(dns)
+        }
+    };
+    let (a, b) = configs(dir.path(), base, tcp, dns.as_ref().map(|d| d.resolver));
     let sites = TwoSites::start_with(dir.path(), a, b, Hooks::default())
         .await
         .unwrap();
@@ -276,16 +348,30 @@ async fn mail_crosses_the_proxy(base: u16, tcp: bool) {
         "{lines:#?}"
     );
     sites.stop().await;
+    drop(dns);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mail_crosses_a_record_routing_kamailio_over_udp() {
-    mail_crosses_the_proxy(43100, false).await;
+    mail_crosses_the_proxy(43100, false, Find::Uri).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mail_crosses_a_record_routing_kamailio_over_tcp() {
-    mail_crosses_the_proxy(43200, true).await;
+    mail_crosses_the_proxy(43200, true, Find::Uri).await;
+}
+
+/// Site B's `_sipmail._udp` SRV names its proxy: A, with `sip = "dns"`, calls
+/// `sip:mail@site-b.test` there over UDP, and the proxy record-routes it to relay B.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mail_crosses_kamailio_found_by_srv_over_udp() {
+    mail_crosses_the_proxy(43600, false, Find::Srv { dns_base: 200 }).await;
+}
+
+/// The same with `_sipmail._tcp`: A calls the proxy over TCP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mail_crosses_kamailio_found_by_srv_over_tcp() {
+    mail_crosses_the_proxy(43700, true, Find::Srv { dns_base: 210 }).await;
 }
 
 /// Through a tampering proxy: the call fails the signature check, nothing is delivered
@@ -297,7 +383,7 @@ async fn tampered(
     init_logs();
     let dir = tempfile::tempdir().unwrap();
     let kam = Kamailio::start(dir.path(), base, base + 2, false, tamper);
-    let (a, b) = configs(dir.path(), base, false);
+    let (a, b) = configs(dir.path(), base, false, None);
     let sites = TwoSites::start_with(dir.path(), a, b, Hooks::default())
         .await
         .unwrap();

@@ -101,12 +101,10 @@ const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// are exempt from the INVITE rate limit and the totals, so a flood from elsewhere does
 /// not lock them out; and an opportunistic peer's key is pinned on first use only from
 /// one of them (or when we placed the call). Host names are resolved at start and at each
-/// reload, each within 5 s.
+/// reload, each within 5 s; `sip = "dns"` peers by [`located_addresses`].
 pub(crate) async fn peer_addresses(cfg: &Config) -> HashMap<String, Vec<IpAddr>> {
-    let mut out = HashMap::new();
+    let mut out = located_addresses(cfg).await;
     for p in &cfg.peers {
-        // `sip = "dns"`: the addresses come from SRV at each call, not from the system
-        // resolver at start (the peer gets no exemption from the SIP limits).
         if p.dns {
             continue;
         }
@@ -136,6 +134,64 @@ pub(crate) async fn peer_addresses(cfg: &Config) -> HashMap<String, Vec<IpAddr>>
         out.entry(p.domain.clone())
             .or_insert_with(Vec::new)
             .extend(ips);
+    }
+    out
+}
+
+/// `sip = "dns"` peers: the addresses of the relays that DNSSEC-secure answers locate
+/// (SRV, then A/AAAA: `CallTarget::authentic`), looked up side by side through `[dns]`'s
+/// resolver, each peer within 5 s. An address from an insecure answer vouches for
+/// nothing (whoever forged the answer chose it): such a peer gets no exemption from the
+/// SIP limits, and no incoming call pins its first key. Looked up at start and at each
+/// reload, as host names are; a relay the zone adds later counts from the next reload.
+async fn located_addresses(cfg: &Config) -> HashMap<String, Vec<IpAddr>> {
+    let mut out = HashMap::new();
+    if !cfg.peers.iter().any(|p| p.dns) {
+        return out;
+    }
+    let site = Site::from_config(cfg);
+    let Some(resolver) = site.resolver else {
+        return out;
+    };
+    let mut lookups = tokio::task::JoinSet::new();
+    for p in cfg.peers.iter().filter(|p| p.dns) {
+        let (r, domain, own) = (resolver.clone(), p.domain.clone(), site.own_sip.clone());
+        lookups.spawn(async move {
+            let mut random = crate::dns::srv::os_random;
+            let located = crate::dns::locate(&r, &domain, &own, &mut random);
+            let located = tokio::time::timeout(RESOLVE_TIMEOUT, located).await;
+            (domain, located)
+        });
+    }
+    while let Some(done) = lookups.join_next().await {
+        let Ok((domain, located)) = done else {
+            continue;
+        };
+        match located {
+            Ok(Ok(loc)) => {
+                let ips: Vec<IpAddr> = loc
+                    .targets
+                    .iter()
+                    .filter(|t| t.authentic)
+                    .map(|t| canonical_ip(t.addr.ip()))
+                    .collect();
+                if ips.len() < loc.targets.len() {
+                    tracing::warn!(peer = %domain, insecure = loc.targets.len() - ips.len(),
+                        "some of the peer's relays were located by DNS answers that are not DNSSEC-secure: those get no exemption from the SIP limits, and (opportunistic) no call from them pins a first key");
+                }
+                if !ips.is_empty() {
+                    tracing::info!(peer = %domain, addresses = ?ips,
+                        "peer's relays located by DNSSEC-secure SRV: exempt from the SIP limits over TCP");
+                }
+                out.insert(domain, ips);
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(peer = %domain, error = %e, "cannot locate the peer's relays in DNS now; it gets no exemption from the SIP limits until the next reload, and (opportunistic) is pinned only by a call we place")
+            }
+            Err(_) => {
+                tracing::warn!(peer = %domain, "locating the peer's relays in DNS took over 5 s; it gets no exemption from the SIP limits until the next reload, and (opportunistic) is pinned only by a call we place")
+            }
+        }
     }
     out
 }

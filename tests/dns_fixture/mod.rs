@@ -57,7 +57,16 @@ pub fn openpgpkey_line(key: &[u8]) -> String {
 
 /// `_sipmail._udp` SRV to `target` (relative or absolute) and port.
 pub fn srv_line(prio: u16, weight: u16, port: u16, target: &str) -> String {
-    format!("_sipmail._udp IN SRV {prio} {weight} {port} {target}")
+    srv_line_for("udp", prio, weight, port, target)
+}
+
+/// `_sipmail._<transport>` SRV (`transport` "udp" or "tcp") to `target` and port.
+pub fn srv_line_for(transport: &str, prio: u16, weight: u16, port: u16, target: &str) -> String {
+    assert!(
+        matches!(transport, "udp" | "tcp"),
+        "sipmail's SRV services are _sipmail._udp and _sipmail._tcp, not {transport}"
+    );
+    format!("_sipmail._{transport} IN SRV {prio} {weight} {port} {target}")
 }
 
 pub struct DnsFixture {
