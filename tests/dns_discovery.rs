@@ -363,6 +363,33 @@ async fn srv_targets_that_are_ourselves_are_refused() {
     );
 }
 
+/// SRV targets that loop: B's SRV target is an alias (RFC 2782 forbids that) in a circle
+/// of CNAMEs. The lookup ends (the resolver stops the chase) with no address, the mail
+/// waits, and the reason names the looping target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn srv_targets_in_a_cname_loop_defer_with_the_reason() {
+    let why = bad_input(
+        160,
+        |_, kb| {
+            Zone::signed(
+                "site-b.test",
+                vec![
+                    srv_line(10, 10, SIP_PORT, "relay"),
+                    "relay IN CNAME loop".to_string(),
+                    "loop IN CNAME relay".to_string(),
+                    openpgpkey_line(kb),
+                ],
+            )
+        },
+        None,
+    )
+    .await;
+    assert!(
+        why.contains("SERVFAIL for relay.site-b.test") && why.contains("aliases that loop"),
+        "{why}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resolver_that_never_answers_times_out_and_the_mail_waits() {
     // A UDP socket that reads nothing and answers nothing, as the resolver.

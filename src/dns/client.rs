@@ -51,7 +51,9 @@ pub enum DnsError {
         "DNS: the answer for {name} {rtype} is DNSSEC-bogus: the resolver's validation failed (a broken or expired signature, or a key that does not match the parent's DS)"
     )]
     Bogus { name: String, rtype: String },
-    #[error("DNS: the resolver {resolver} answered SERVFAIL for {name} {rtype}")]
+    #[error(
+        "DNS: the resolver {resolver} answered SERVFAIL for {name} {rtype}: it could not resolve the name (the zone's servers failed or disagree, or aliases that loop); the resolver's log says which"
+    )]
     ServFail {
         resolver: SocketAddr,
         name: String,
