@@ -587,6 +587,94 @@ async fn an_incoming_first_call_pins_only_from_a_relay_located_by_secure_srv() {
     b.stop().await;
 }
 
+/// Without DNSSEC, discovery falls back to the operator's policy, never to trusting DNS.
+/// B's zone is unsigned; A discovers site-b.test with `[discovery] insecure = "pending"`.
+/// The first call finds B's key in an insecure answer: refused, the mail waits, the key is
+/// kept as pending (nothing pinned). The operator checks the fingerprint with B and runs
+/// `sipmail trust accept`: from then on the insecure answer holding that key is used,
+/// and the mail goes. (With the default `insecure = "refuse"`, see
+/// `an_insecure_answer_is_never_trusted`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsigned_partner_zone_falls_back_to_pending_keys_the_operator_accepts() {
+    init_logs();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let base = 170;
+    let (ka, kb) = (keyring(dir, "site-a"), keyring(dir, "site-b"));
+    let b_zone = Zone {
+        signed: false,
+        ..site_zone("site-b.test", base, 4, Some(&kb))
+    };
+    let dns = DnsFixture::start(
+        dir,
+        base,
+        &[site_zone("site-a.test", base, 3, Some(&ka)), b_zone],
+    );
+    let res = dns.resolver.to_string();
+    let a_text = relay_config(
+        dir,
+        "site-a",
+        base,
+        3,
+        &res,
+        "[discovery]\ndomains = [\"site-b.test\"]\ninsecure = \"pending\"",
+    );
+    let b_text = relay_config(
+        dir,
+        "site-b",
+        base,
+        4,
+        &res,
+        "[discovery]\ndomains = [\"site-a.test\"]",
+    );
+    let b = start("b.toml", &b_text).await;
+    let mut a = start("a.toml", &a_text).await;
+    send(&a, 0).await;
+    let why = next_failure(&mut a).await;
+    let b_fpr = sipmail::keyring::DiscoveredCert::parse(&kb, "site-b.test")
+        .unwrap()
+        .fingerprint()
+        .to_string();
+    assert!(
+        why.contains("not DNSSEC-secure")
+            && why.contains(&b_fpr)
+            && why.contains("kept as pending"),
+        "{why}"
+    );
+    assert_deferred(&a, &b.maildir()).await;
+    let store = sipmail::relay::trust::TrustStore::new(&dir.join("var/site-a/spool"));
+    let pending = store.pending("site-b.test").unwrap();
+    assert_eq!(pending.len(), 1, "{pending:?}");
+    assert_eq!(pending[0].fingerprint, b_fpr);
+    assert!(store.list().unwrap().iter().all(|p| p.pinned.is_none()));
+    // The operator's command, on A's config.
+    let a_toml = dir.join("a.toml");
+    std::fs::write(&a_toml, &a_text).unwrap();
+    let out = sipmail_cli(&[
+        "trust".as_ref(),
+        "accept".as_ref(),
+        "--config".as_ref(),
+        a_toml.as_os_str(),
+        "site-b.test".as_ref(),
+        b_fpr.as_ref(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || maildir_files(&b.maildir())
+            .len()
+            == 1)
+        .await,
+        "not delivered after trust accept: {:?}",
+        wait_call_outcome(&mut a.events, 1).await
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
 /// The text of A's `/metrics`.
 async fn metrics_text(addr: std::net::SocketAddr) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -134,7 +134,10 @@ pub async fn discover(
             sipmail::relay::trust::TrustStore::new(scratch.path())
         }
     };
-    let key = sipmail::relay::dnskey::discover_key(&r, &store, &domain, false).await;
+    let insecure = cfg
+        .and_then(|c| c.discovery.as_ref())
+        .map_or(dns::InsecureKeys::Refuse, |d| d.insecure);
+    let key = sipmail::relay::dnskey::discover_key(&r, &store, &domain, false, insecure).await;
     match &key {
         Ok(k) => {
             println!(

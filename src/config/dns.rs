@@ -9,6 +9,7 @@
 use super::raw::{RawDiscovery, RawDns};
 use super::values::{parse_duration, valid_domain};
 use super::{ConfigError, Errors, socket};
+use crate::dns::InsecureKeys;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -30,6 +31,9 @@ pub struct DiscoverySection {
     /// Domains that may be discovered: each entry a domain (and its subdomains), or "*"
     /// for any.
     pub domains: Vec<String>,
+    /// What an OPENPGPKEY answer that is not DNSSEC-secure may lead to (`insecure =
+    /// "refuse"`, the default, or `"pending"`: kept for `sipmail trust accept`).
+    pub insecure: InsecureKeys,
 }
 
 impl DiscoverySection {
@@ -98,6 +102,18 @@ pub(super) fn parse_discovery(
             ));
         }
     }
+    let insecure = match raw.insecure.as_deref().unwrap_or("refuse") {
+        "refuse" => InsecureKeys::Refuse,
+        "pending" => InsecureKeys::Pending,
+        other => {
+            return Err(e.bad(
+                "discovery.insecure",
+                format!(
+                    "\"{other}\" is not a policy: \"refuse\" (a key from unsigned DNS is never used, the default) or \"pending\" (it waits for `sipmail trust accept`)"
+                ),
+            ));
+        }
+    };
     let mut domains = Vec::new();
     for d in &raw.domains {
         let n = d.trim().trim_end_matches('.').to_ascii_lowercase();
@@ -121,7 +137,7 @@ pub(super) fn parse_discovery(
             "an empty list discovers nothing: list the domains (or \"*\" for any), or remove [discovery]".into(),
         ));
     }
-    Ok(Some(DiscoverySection { domains }))
+    Ok(Some(DiscoverySection { domains, insecure }))
 }
 
 #[cfg(test)]
@@ -132,6 +148,7 @@ mod tests {
     fn discovery_matches_domains_and_their_subdomains_only() {
         let d = DiscoverySection {
             domains: vec!["partner.test".into()],
+            insecure: InsecureKeys::Refuse,
         };
         assert!(d.allows("partner.test"));
         assert!(d.allows("eu.partner.test"));
@@ -139,6 +156,7 @@ mod tests {
         assert!(!d.allows("other.test"));
         let any = DiscoverySection {
             domains: vec!["*".into()],
+            insecure: InsecureKeys::Refuse,
         };
         assert!(any.allows("whatever.example"));
     }

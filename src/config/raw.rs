@@ -182,4 +182,5 @@ pub(super) struct RawRoute {
 pub(super) struct RawDiscovery {
     pub(super) domains: Vec<String>,
     pub(super) trust: Option<String>,
+    pub(super) insecure: Option<String>,
 }

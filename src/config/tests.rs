@@ -455,6 +455,11 @@ fn dns_discovery_and_sip_dns_parse_and_their_errors_name_the_key() {
     );
     assert_eq!(c.dns.as_ref().unwrap().timeout, Duration::from_secs(3));
     assert!(c.discovery.as_ref().unwrap().allows("x.example"));
+    assert_eq!(
+        c.discovery.as_ref().unwrap().insecure,
+        crate::dns::InsecureKeys::Refuse,
+        "insecure keys are refused unless the operator says otherwise"
+    );
     for (extra, key, says) in [
         (
             "[dns]\nresolver = \"192.0.2.53:53\"",
@@ -490,6 +495,11 @@ fn dns_discovery_and_sip_dns_parse_and_their_errors_name_the_key() {
             "[dns]\nresolver = \"127.0.0.1:53\"\n[discovery]\ndomains = [\"*\"]\ntrust = \"opportunistic\"",
             "discovery.trust",
             "not supported",
+        ),
+        (
+            "[dns]\nresolver = \"127.0.0.1:53\"\n[discovery]\ndomains = [\"*\"]\ninsecure = \"trust\"",
+            "discovery.insecure",
+            "\"refuse\"",
         ),
     ] {
         let e = Config::parse("a.toml", &(GOOD.to_string() + extra + "\n"))

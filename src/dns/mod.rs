@@ -16,7 +16,7 @@ pub mod locate;
 pub mod srv;
 
 pub use client::{DnsError, Resolver, Security};
-pub use keytrust::{KeyRefusal, PinAction, Verdict};
+pub use keytrust::{InsecureKeys, KeyRefusal, PinAction, Verdict};
 pub use locate::{CallTarget, LocateError, Location, locate};
 
 use sha2::{Digest, Sha256};

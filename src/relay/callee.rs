@@ -121,7 +121,15 @@ async fn caller_key_from_dns(
             false,
         ));
     };
-    match super::dnskey::discover_key(r, &shared.trust.store, &partner.domain, true).await {
+    match super::dnskey::discover_key(
+        r,
+        &shared.trust.store,
+        &partner.domain,
+        true,
+        site.insecure_keys(),
+    )
+    .await
+    {
         Ok(k) => {
             if let crate::dns::PinAction::Repin { old } = &k.action {
                 tracing::warn!(peer = %partner.domain, old = %old, new = %k.cert.fingerprint(),

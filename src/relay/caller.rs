@@ -170,7 +170,15 @@ async fn discovered_key(
         .resolver
         .as_ref()
         .ok_or_else(|| CallError::Resolve(format!("{}: no [dns] resolver", peer.domain)))?;
-    match super::dnskey::discover_key(r, &shared.trust.store, &peer.domain, true).await {
+    match super::dnskey::discover_key(
+        r,
+        &shared.trust.store,
+        &peer.domain,
+        true,
+        site.insecure_keys(),
+    )
+    .await
+    {
         Ok(k) => {
             match &k.action {
                 crate::dns::PinAction::Keep => {}

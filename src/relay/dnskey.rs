@@ -2,7 +2,7 @@
 //! `dns::keytrust` against the pin state of [`super::trust`].
 
 use super::trust::{PinCheck, TrustStore};
-use crate::dns::keytrust::{self, KeyRefusal, PinAction, Verdict};
+use crate::dns::keytrust::{self, InsecureKeys, KeyRefusal, PinAction, Verdict};
 use crate::dns::{DnsError, Resolver, Security, openpgpkey_owner};
 use crate::keyring::DiscoveredCert;
 use hickory_proto::rr::{RData, RecordType};
@@ -28,7 +28,16 @@ impl DiscoveryError {
     /// The alert case: a changed key, refused (it gets `key_changed` in the metrics and
     /// an error line in the log).
     pub fn is_key_change(&self) -> bool {
-        matches!(self, DiscoveryError::Refused(KeyRefusal::Changed { .. }))
+        matches!(
+            self,
+            DiscoveryError::Refused(
+                KeyRefusal::Changed { .. }
+                    | KeyRefusal::InsecurePending {
+                        pinned: Some(_),
+                        ..
+                    }
+            )
+        )
     }
 }
 
@@ -44,11 +53,13 @@ pub struct DiscoveredKey {
 /// it (see [`keytrust::decide`]). `commit`: write the outcome to the trust state (pin on
 /// first use, re-pin a certified change, record a refused changed key as pending for
 /// `sipmail trust accept`); `false` for `sipmail discover`, which only shows.
+/// `insecure`: `[discovery] insecure`, the policy for an answer that is not secure.
 pub async fn discover_key(
     r: &Resolver,
     store: &TrustStore,
     domain: &str,
     commit: bool,
+    insecure: InsecureKeys,
 ) -> Result<DiscoveredKey, DiscoveryError> {
     let owner = openpgpkey_owner(domain);
     let answer = r.query(&owner, RecordType::OPENPGPKEY).await?;
@@ -99,7 +110,13 @@ pub async fn discover_key(
             }),
         })
         .collect();
-    match keytrust::decide(domain, answer.security, &candidates, pinned.as_deref()) {
+    match keytrust::decide(
+        domain,
+        answer.security,
+        &candidates,
+        pinned.as_deref(),
+        insecure,
+    ) {
         Verdict::Use { index, action } => {
             let cert = certs.swap_remove(index);
             if commit {
@@ -121,7 +138,10 @@ pub async fn discover_key(
             })
         }
         Verdict::Refuse(refusal) => {
-            if commit && let KeyRefusal::Changed { found, .. } = &refusal {
+            if commit
+                && let KeyRefusal::Changed { found, .. } | KeyRefusal::InsecurePending { found, .. } =
+                    &refusal
+            {
                 let now = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map(|d| d.as_secs())

@@ -78,6 +78,14 @@ impl Site {
         self.discovers(&d).then(|| Peer::discovered(&d))
     }
 
+    /// `[discovery] insecure`: what a key from an insecure answer may lead to (refused
+    /// when there is no `[discovery]`).
+    pub fn insecure_keys(&self) -> crate::dns::InsecureKeys {
+        self.discovery
+            .as_ref()
+            .map_or(crate::dns::InsecureKeys::Refuse, |d| d.insecure)
+    }
+
     /// Does `[discovery]` allow `domain` (lower case), which has no `[[peer]]`?
     pub fn discovers(&self, domain: &str) -> bool {
         domain != self.domain
