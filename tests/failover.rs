@@ -8,7 +8,9 @@
 //! delivered exactly once: the Message-IDs at the sink are counted. That includes the one
 //! window every SMTP relay has (B1 killed after the end of a message, before A read its
 //! reply): A keeps such a message for B1 (a `RelayPin`) instead of sending it to B2, and
-//! B1, back, recognises the resend and returns its receipt.
+//! B1, back, recognises the resend and returns its receipt. The same run with B's relays
+//! found by SRV (priority 10 over UDP, 20 over TCP, in a DNSSEC-signed zone); and a relay
+//! that is up but answers `503` hands the mail to the next in the same attempt.
 //!
 //! Loopback block 127.0.43.0/24, ports 43500-43599.
 
@@ -496,6 +498,87 @@ async fn killed_mid_run(n: Net) {
     a.wait().await;
     drop(b2);
     drop(b1_restarted);
+}
+
+/// A relay that is up but refuses with `503` (here: every port of its `sip.media_ports`
+/// is taken, so it answers "503 no media port"): A moves to the next relay in the same
+/// attempt. A's queue would wait 60 s before a retry, and the mail arrives long before
+/// that, so it was not the queue's schedule that moved it; B1 is named with its 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_answering_503_hands_the_mail_to_the_next_in_the_same_attempt() {
+    let n = Net {
+        a_ip: "127.0.43.60",
+        b1_ip: "127.0.43.61",
+        b2_ip: "127.0.43.62",
+        a_port: 43540,
+        b1_port: 43541,
+        b2_port: 43542,
+        tcp: false,
+        srv: None,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    keys(d);
+    let sink = d.join("sink");
+    std::fs::create_dir_all(&sink).unwrap();
+    // B1's only media port, taken before it starts.
+    let taken = std::net::TcpListener::bind((n.b1_ip, 43549)).unwrap();
+    let c1 = b_config(d, &n, "b1", n.b1_ip, n.b1_port, &sink);
+    let text = std::fs::read_to_string(&c1).unwrap();
+    assert!(text.contains("call_idle = \"2s\"\n"));
+    std::fs::write(
+        &c1,
+        text.replace(
+            "call_idle = \"2s\"\n",
+            "call_idle = \"2s\"\nmedia_ports = \"43549-43549\"\n",
+        ),
+    )
+    .unwrap();
+    let c2 = b_config(d, &n, "b2", n.b2_ip, n.b2_port, &sink);
+    let b1 = Daemon::start(&c1, d.join("b1.log"));
+    let b2 = Daemon::start(&c2, d.join("b2.log"));
+    for (ip, port) in [(n.b1_ip, n.b1_port), (n.b2_ip, n.b2_port)] {
+        let up = wait_until(Duration::from_secs(20), || {
+            std::net::TcpStream::connect((ip, port)).is_ok()
+        })
+        .await;
+        assert!(up, "relay {ip}:{port} did not start:\n{}", b1.log());
+    }
+    let mut a_cfg = a_config(d, &n);
+    a_cfg.queue.retry_initial = Duration::from_secs(60);
+    a_cfg.queue.retry_max = Duration::from_secs(60);
+    let shutdown = Shutdown::new();
+    let a = sipmail::relay::start(a_cfg, shutdown.clone(), Hooks::default())
+        .await
+        .unwrap();
+    let mut events = a.events();
+    let msgs: Vec<Vec<u8>> = (0..5).map(|i| sample_message(i, "refused-503")).collect();
+    submit(a.smtp_addr, &msgs, "bob@site-b.test", |_| {})
+        .await
+        .unwrap();
+    let arrived = wait_until(Duration::from_secs(30), || maildir_files(&sink).len() == 5).await;
+    let mut refused = Vec::new();
+    while let Ok(e) = events.try_recv() {
+        if let RelayEvent::CallFailed { reason, .. } = e {
+            refused.push(reason);
+        }
+    }
+    assert!(
+        arrived,
+        "{} of 5 arrived within 30 s (A's queue retries only after 60 s); failures: {refused:?}\nB2:\n{}",
+        maildir_files(&sink).len(),
+        b2.log()
+    );
+    assert!(
+        refused
+            .iter()
+            .any(|r| r.contains("503") && r.contains(&format!("{}:{}", n.b1_ip, n.b1_port))),
+        "B1's 503 was not what moved the mail on: {refused:?}"
+    );
+    assert_eq!(message_ids(&sink).len(), 5, "each message once");
+    shutdown.trigger();
+    a.wait().await;
+    drop(taken);
 }
 
 /// The one window every SMTP relay has, made on purpose: B1 takes a message (and delivers
