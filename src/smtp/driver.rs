@@ -144,7 +144,11 @@ where
     B: Backend,
 {
     let cfg = session.config().clone();
-    let mut buf = vec![0u8; cfg.read_buffer_size.max(512)];
+    // Starts small and doubles when a read fills it, up to `read_buffer_size`: an idle
+    // session (a call kept up for the next message) holds 4 kB, a message in DATA gets
+    // full-size reads after a few.
+    let max_read = cfg.read_buffer_size.max(512);
+    let mut buf = vec![0u8; max_read.min(4096)];
     let mut write_failed = false;
     loop {
         if session.pending_output().len() >= FLUSH_THRESHOLD {
@@ -161,7 +165,12 @@ where
                 match tokio::time::timeout(limit, stream.read(&mut buf)).await {
                     Err(_) => session.timeout(),
                     Ok(Ok(0)) => session.eof(),
-                    Ok(Ok(n)) => session.feed(&buf[..n]),
+                    Ok(Ok(n)) => {
+                        session.feed(&buf[..n]);
+                        if n == buf.len() && buf.len() < max_read {
+                            buf.resize((buf.len() * 2).min(max_read), 0);
+                        }
+                    }
                     Ok(Err(e)) => return Err(e.into()),
                 }
             }

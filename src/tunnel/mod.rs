@@ -46,6 +46,13 @@ const WRITE_CHUNK: usize = 16 * 1024;
 const WRITE_HIGH_WATER: usize = 64 * 1024;
 /// Read buffer beyond one maximal record, so that one socket read brings several records.
 const READ_EXTRA: usize = 192 * 1024;
+/// The read buffer at most: one maximal record and the extra.
+const READ_MAX: usize = record::HEADER_LEN + record::MAX_CIPHERTEXT + READ_EXTRA;
+/// The read buffer of a new stream. It doubles (up to [`READ_MAX`]) when a record does not
+/// fit or a socket read fills it, so a call that carries little (an idle call, SMTP
+/// commands) holds 8 kB, not 256 kB: 10,000 idle calls on one relay are a design point
+/// (docs/PERFORMANCE.md), and a bulk transfer reaches full-size reads after a few records.
+const READ_INITIAL: usize = 8 * 1024;
 
 pub struct TunnelStream<S> {
     inner: S,
@@ -88,11 +95,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TunnelStream<S> {
             inner,
             sealer: Sealer::with_suite(keys.suite, send, limits),
             opener: Opener::with_suite(keys.suite, recv),
-            rbuf: vec![0; record::HEADER_LEN + record::MAX_CIPHERTEXT + READ_EXTRA],
+            rbuf: vec![0; READ_INITIAL],
             rpos: 0,
             rlen: 0,
             plain: 0..0,
-            wbuf: Vec::with_capacity(WRITE_HIGH_WATER + WRITE_CHUNK + 64),
+            // Grows as records are sealed (at most the high-water mark and one record).
+            wbuf: Vec::new(),
             wpos: 0,
             read_err: None,
             peer_closed: false,
@@ -155,11 +163,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TunnelStream<S> {
                 Some(true) => return Poll::Ready(Ok(true)),
                 Some(false) => continue, // KEY_UPDATE, or CLOSE (checked above)
                 None => {
-                    // Compact, then read more. The buffer holds one maximal record.
+                    // Compact, then read more. A buffer full of one incomplete record is
+                    // too small for it: grow (READ_MAX holds any record).
                     if self.rpos > 0 {
                         self.rbuf.copy_within(self.rpos..self.rlen, 0);
                         self.rlen -= self.rpos;
                         self.rpos = 0;
+                    }
+                    if self.rlen == self.rbuf.len() {
+                        self.grow_read_buffer();
                     }
                     let mut rb = ReadBuf::new(&mut self.rbuf[self.rlen..]);
                     ready!(Pin::new(&mut self.inner).poll_read(cx, &mut rb))?;
@@ -168,9 +180,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TunnelStream<S> {
                         return Poll::Ready(Err(TunnelError::Truncated.into()));
                     }
                     self.rlen += n;
+                    // A read that filled the buffer: more is coming, read more at once.
+                    if self.rlen == self.rbuf.len() {
+                        self.grow_read_buffer();
+                    }
                 }
             }
         }
+    }
+
+    /// Double the read buffer, up to [`READ_MAX`].
+    fn grow_read_buffer(&mut self) {
+        let len = (self.rbuf.len() * 2).min(READ_MAX);
+        self.rbuf.resize(len, 0);
     }
 
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -280,4 +302,69 @@ pub fn is_truncation(e: &io::Error) -> bool {
     e.get_ref()
         .and_then(|i| i.downcast_ref::<TunnelError>())
         .is_some_and(|t| matches!(t, TunnelError::Truncated))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::handshake::{Continuity, DirectionKeys, RetainedSecret, SessionKeys, Suite};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn keys() -> SessionKeys {
+        SessionKeys {
+            suite: Suite::ChaCha20Poly1305,
+            caller_to_callee: DirectionKeys {
+                key: [1; 32],
+                iv: [2; 12],
+            },
+            callee_to_caller: DirectionKeys {
+                key: [3; 32],
+                iv: [4; 12],
+            },
+            sas: String::new(),
+            transcript_hash: [0; 32],
+            retained: RetainedSecret::from_bytes([5; 32]),
+            continuity: Continuity::Matched,
+        }
+    }
+
+    /// The read buffer starts at 8 kB and stays there for small records (an idle call);
+    /// a record of the largest size, and a bulk stream, make it grow, never past
+    /// READ_MAX, and every byte arrives as sent.
+    #[tokio::test]
+    async fn the_read_buffer_grows_only_when_the_records_need_it() {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let k = keys();
+        let mut caller = TunnelStream::new(a, &k, Role::Caller, Limits::default());
+        let mut callee = TunnelStream::new(b, &k, Role::Callee, Limits::default());
+        caller.write_all(b"EHLO a.test\r\n").await.unwrap();
+        caller.flush().await.unwrap();
+        let mut line = [0u8; 13];
+        callee.read_exact(&mut line).await.unwrap();
+        assert_eq!(&line, b"EHLO a.test\r\n");
+        assert_eq!(callee.rbuf.len(), READ_INITIAL, "small records: no growth");
+
+        // One record of the largest payload, sealed directly (our writer seals 16 kB
+        // records; a peer may send 64 kB ones).
+        let big: Vec<u8> = (0..record::MAX_PAYLOAD).map(|i| (i % 251) as u8).collect();
+        caller.sealer.seal_data(&big, &mut caller.wbuf).unwrap();
+        caller.flush().await.unwrap();
+        let mut got = vec![0u8; big.len()];
+        callee.read_exact(&mut got).await.unwrap();
+        assert!(got == big, "the maximal record arrived changed");
+        assert!(callee.rbuf.len() >= record::HEADER_LEN + record::MAX_CIPHERTEXT);
+
+        // A bulk stream through the ordinary writer.
+        let bulk: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
+        let send = bulk.clone();
+        let writer = tokio::spawn(async move {
+            caller.write_all(&send).await.unwrap();
+            caller.shutdown().await.unwrap();
+        });
+        let mut got = Vec::new();
+        callee.read_to_end(&mut got).await.unwrap();
+        writer.await.unwrap();
+        assert!(got == bulk, "the bulk stream arrived changed");
+        assert!(callee.rbuf.len() <= READ_MAX);
+    }
 }
