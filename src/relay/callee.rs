@@ -96,19 +96,20 @@ impl TrustView for View<'_> {
 /// The peers admission may admit, and the caller's key from DNS when its trust is
 /// `dnssec`: a configured `[[peer]]` with that trust, or a domain `[discovery]` allows
 /// (added to the peers for this call). Err: (why, for the log; whether it is a refused key
-/// change, the alert).
-async fn caller_key_from_dns(
+/// change, the alert). The configured peers are borrowed, not copied: a copy per call
+/// was a few hundred bytes per peer for the call's whole life (a hub's idle calls).
+async fn caller_key_from_dns<'s>(
     shared: &Context,
-    site: &super::site::Site,
+    site: &'s super::site::Site,
     claimed: &str,
 ) -> Result<
     (
-        Vec<crate::config::Peer>,
+        std::borrow::Cow<'s, [crate::config::Peer]>,
         Option<super::dnskey::DiscoveredKey>,
     ),
     (String, bool),
 > {
-    let mut peers = site.peers.clone();
+    let mut peers = std::borrow::Cow::Borrowed(site.peers.as_slice());
     let Some(partner) = site.partner(claimed) else {
         return Ok((peers, None));
     };
@@ -136,7 +137,7 @@ async fn caller_key_from_dns(
                     "the caller's key in DNS changed, certified by the pinned key: the new key is pinned");
             }
             if site.peer(claimed).is_none() {
-                peers.push(partner);
+                peers.to_mut().push(partner);
             }
             Ok((peers, Some(k)))
         }
@@ -264,7 +265,9 @@ async fn answer(
         Err(r) => return Err(refuse(shared, peer_domain, &inc, r).await),
     };
     // Register the dialog before answering so the ACK cannot race past us.
-    let (tx, mut rx) = mpsc::channel::<Incoming>(8);
+    // Boxed: the channel allocates its slots in blocks of 32, and an `Incoming` inline is
+    // about 200 bytes, held for the call's whole life.
+    let (tx, mut rx) = mpsc::channel::<Box<Incoming>>(8);
     let registered = match shared.sip.dialogs.lock() {
         Ok(mut d) if !d.contains_key(&call_id) => {
             d.insert(call_id.clone(), tx);
@@ -598,7 +601,7 @@ async fn hold(
 async fn serve(
     shared: &Arc<Context>,
     stream: &mut Media,
-    rx: &mut mpsc::Receiver<Incoming>,
+    rx: &mut mpsc::Receiver<Box<Incoming>>,
     origin: Origin,
     call_id: &str,
     peer_domain: &str,
@@ -621,7 +624,7 @@ async fn serve(
                 }
                 m = rx.recv() => match m {
                     Some(i) => {
-                        if let Some(InDialog::Bye) = dialog::on_request(i, SERVING).await {
+                        if let Some(InDialog::Bye) = dialog::on_request(*i, SERVING).await {
                             bye_seen = true;
                             break;
                         }

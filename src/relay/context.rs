@@ -81,7 +81,7 @@ pub(crate) struct SipState {
     /// Our SIP address for Contact: `sip.advertise` behind a NAT, else the bound one.
     pub addr: SocketAddr,
     /// In-dialog requests go to their call's task through these (by Call-ID).
-    pub dialogs: Mutex<HashMap<String, mpsc::Sender<Incoming>>>,
+    pub dialogs: Mutex<HashMap<String, mpsc::Sender<Box<Incoming>>>>,
     /// Incoming calls not yet ACKed, per source and in total, and how to end each one
     /// if it is evicted to make room.
     pub pending: Mutex<PendingTable>,

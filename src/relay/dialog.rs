@@ -171,11 +171,11 @@ pub(crate) async fn on_request(i: Incoming, others: Others) -> Option<InDialog> 
 
 /// The next ACK or BYE on the call's channel; None once it is closed.
 pub(crate) async fn next_ack_or_bye(
-    rx: &mut mpsc::Receiver<Incoming>,
+    rx: &mut mpsc::Receiver<Box<Incoming>>,
     others: Others,
 ) -> Option<InDialog> {
     while let Some(i) = rx.recv().await {
-        if let Some(e) = on_request(i, others).await {
+        if let Some(e) = on_request(*i, others).await {
             return Some(e);
         }
     }
@@ -184,7 +184,7 @@ pub(crate) async fn next_ack_or_bye(
 
 /// Wait for the BYE (answered `200 OK`), passing over ACKs: true once it came, false if the
 /// channel closed first.
-pub(crate) async fn wait_for_bye(rx: &mut mpsc::Receiver<Incoming>, others: Others) -> bool {
+pub(crate) async fn wait_for_bye(rx: &mut mpsc::Receiver<Box<Incoming>>, others: Others) -> bool {
     loop {
         match next_ack_or_bye(rx, others).await {
             Some(InDialog::Ack(_)) => {}

@@ -134,7 +134,7 @@ pub(crate) async fn sip_loop(shared: Arc<Context>, mut incoming: mpsc::Receiver<
                     .and_then(|d| d.get(&call_id).cloned());
                 match tx {
                     Some(tx) => {
-                        let _ = tx.try_send(inc);
+                        let _ = tx.try_send(Box::new(inc));
                     }
                     None if inc.request.method == Method::Ack => {
                         tracing::debug!(%call_id, "ACK for no known call, absorbed");
