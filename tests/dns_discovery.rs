@@ -415,6 +415,33 @@ async fn a_resolver_that_never_answers_times_out_and_the_mail_waits() {
     drop(silent);
 }
 
+/// The `[[peer]]` blocks of the opportunistic tests: A's for site-b.test (located by
+/// SRV, `trust = "opportunistic"`), and B's for site-a.test at A's address (.3).
+fn opportunistic_peers(base: u8) -> (&'static str, String) {
+    (
+        "[[peer]]\ndomain = \"site-b.test\"\nsip = \"dns\"\ntrust = \"opportunistic\"",
+        format!(
+            "[[peer]]\ndomain = \"site-a.test\"\nsip = \"sip:mail@{}:{SIP_PORT}\"\ntrust = \"opportunistic\"",
+            ip(base, 3)
+        ),
+    )
+}
+
+/// A's trust state pins the real B's key (keyring/site-b) for site-b.test.
+fn assert_b_pinned(dir: &Path, store: &sipmail::relay::trust::TrustStore) {
+    let b_fpr = Keyring::open(&dir.join("keyring/site-b"))
+        .unwrap()
+        .own_fingerprint()
+        .unwrap();
+    let state = store.list().unwrap();
+    assert!(
+        state
+            .iter()
+            .any(|p| p.domain == "site-b.test" && p.pinned.as_deref() == Some(b_fpr.as_str())),
+        "B's key is not pinned at A: {state:?}"
+    );
+}
+
 /// The attack on opportunistic trust through DNS: A's `[[peer]]` for site-b.test says
 /// `sip = "dns"` and `trust = "opportunistic"` (pin the first key seen), and B's zone is
 /// not signed. Mallory, who can forge (or owns) that insecure answer, points B's SRV at
@@ -443,12 +470,8 @@ async fn an_opportunistic_partner_located_by_insecure_srv_is_not_pinned_on_first
     // B's unsigned zone, its SRV pointing at Mallory's relay (at .5).
     let mut dns = DnsFixture::start(dir, base, &[b_zone(5, false)]);
     let res = dns.resolver.to_string();
-    let a_peer = "[[peer]]\ndomain = \"site-b.test\"\nsip = \"dns\"\ntrust = \"opportunistic\"";
+    let (a_peer, b_peer) = opportunistic_peers(base);
     let a_text = relay_config(dir, "site-a", base, 3, &res, a_peer);
-    let b_peer = format!(
-        "[[peer]]\ndomain = \"site-a.test\"\nsip = \"sip:mail@{}:{SIP_PORT}\"\ntrust = \"opportunistic\"",
-        ip(base, 3)
-    );
     let m_text = relay_config(dir, "site-b", base, 5, &res, &b_peer)
         .replace("keyring/site-b", "keyring/mallory")
         .replace("var/site-b", "var/mallory");
@@ -492,17 +515,7 @@ async fn an_opportunistic_partner_located_by_insecure_srv_is_not_pinned_on_first
         "not delivered to the real B: {:?}",
         wait_call_outcome(&mut a.events, 1).await
     );
-    let b_fpr = Keyring::open(&dir.join("keyring/site-b"))
-        .unwrap()
-        .own_fingerprint()
-        .unwrap();
-    let pinned = store.list().unwrap();
-    assert!(
-        pinned
-            .iter()
-            .any(|p| p.pinned.as_deref() == Some(b_fpr.as_str())),
-        "B's key is not pinned: {pinned:?}"
-    );
+    assert_b_pinned(dir, &store);
     a.stop().await;
     b.stop().await;
 }
@@ -527,12 +540,8 @@ async fn an_incoming_first_call_pins_only_from_a_relay_located_by_secure_srv() {
     };
     let mut dns = DnsFixture::start(dir, base, &[b_zone(false)]);
     let res = dns.resolver.to_string();
-    let a_peer = "[[peer]]\ndomain = \"site-b.test\"\nsip = \"dns\"\ntrust = \"opportunistic\"";
+    let (a_peer, b_peer) = opportunistic_peers(base);
     let a_text = relay_config(dir, "site-a", base, 3, &res, a_peer);
-    let b_peer = format!(
-        "[[peer]]\ndomain = \"site-a.test\"\nsip = \"sip:mail@{}:{SIP_PORT}\"\ntrust = \"opportunistic\"",
-        ip(base, 3)
-    );
     let b_text = relay_config(dir, "site-b", base, 4, &res, &b_peer);
     let a = start("a.toml", &a_text).await;
     let b = start("b.toml", &b_text).await;
@@ -571,18 +580,7 @@ async fn an_incoming_first_call_pins_only_from_a_relay_located_by_secure_srv() {
         .await,
         "A did not take B's first call from its DNSSEC-located relay"
     );
-    let b_fpr = Keyring::open(&dir.join("keyring/site-b"))
-        .unwrap()
-        .own_fingerprint()
-        .unwrap();
-    assert!(
-        store
-            .list()
-            .unwrap()
-            .iter()
-            .any(|p| p.pinned.as_deref() == Some(b_fpr.as_str())),
-        "B's key is not pinned at A"
-    );
+    assert_b_pinned(dir, &store);
     a.stop().await;
     b.stop().await;
 }

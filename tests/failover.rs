@@ -132,6 +132,20 @@ fn keys(d: &Path) {
     }
 }
 
+/// Waits (20 s at most) until B1's and B2's SIP ports answer; else fails with their logs.
+async fn wait_up(n: &Net, relays: &[&Daemon]) {
+    for (ip, port) in [(n.b1_ip, n.b1_port), (n.b2_ip, n.b2_port)] {
+        let up = wait_until(Duration::from_secs(20), || {
+            std::net::TcpStream::connect((ip, port)).is_ok()
+        })
+        .await;
+        if !up {
+            let logs: Vec<String> = relays.iter().map(|r| r.log()).collect();
+            panic!("relay {ip}:{port} did not start:\n{}", logs.join("\n"));
+        }
+    }
+}
+
 /// Site A's config: B1 and B2 in that order in its `[[peer]] sip`, or (`n.srv`) `sip =
 /// "dns"` with the fixture's validating resolver.
 fn a_config(d: &Path, n: &Net) -> sipmail::config::Config {
@@ -344,18 +358,7 @@ async fn killed_mid_run(n: Net) {
         .unwrap();
     let mut events = a.events();
     // Both of B's relays are up (their SIP ports answer) before mail goes.
-    for (ip, port) in [(b1_ip, b1_port), (b2_ip, b2_port)] {
-        let up = wait_until(Duration::from_secs(20), || {
-            std::net::TcpStream::connect((ip, port)).is_ok()
-        })
-        .await;
-        assert!(
-            up,
-            "relay {ip}:{port} did not start:\n{}\n{}",
-            b1.log(),
-            b2.log()
-        );
-    }
+    wait_up(&n, &[&b1, &b2]).await;
 
     let run = format!("failover-{}", std::process::id());
     let msgs: Vec<Vec<u8>> = (0..MESSAGES).map(|i| sample_message(i, &run)).collect();
@@ -537,13 +540,7 @@ async fn a_relay_answering_503_hands_the_mail_to_the_next_in_the_same_attempt() 
     let c2 = b_config(d, &n, "b2", n.b2_ip, n.b2_port, &sink);
     let b1 = Daemon::start(&c1, d.join("b1.log"));
     let b2 = Daemon::start(&c2, d.join("b2.log"));
-    for (ip, port) in [(n.b1_ip, n.b1_port), (n.b2_ip, n.b2_port)] {
-        let up = wait_until(Duration::from_secs(20), || {
-            std::net::TcpStream::connect((ip, port)).is_ok()
-        })
-        .await;
-        assert!(up, "relay {ip}:{port} did not start:\n{}", b1.log());
-    }
+    wait_up(&n, &[&b1, &b2]).await;
     let mut a_cfg = a_config(d, &n);
     a_cfg.queue.retry_initial = Duration::from_secs(60);
     a_cfg.queue.retry_max = Duration::from_secs(60);
@@ -609,13 +606,7 @@ async fn a_message_the_dead_relay_may_hold_waits_for_it_and_is_delivered_once() 
     let c2 = b_config(d, &n, "b2", n.b2_ip, n.b2_port, &sink);
     let mut b1 = Daemon::start(&c1, d.join("b1.log"));
     let b2 = Daemon::start(&c2, d.join("b2.log"));
-    for (ip, port) in [(n.b1_ip, n.b1_port), (n.b2_ip, n.b2_port)] {
-        let up = wait_until(Duration::from_secs(20), || {
-            std::net::TcpStream::connect((ip, port)).is_ok()
-        })
-        .await;
-        assert!(up, "relay {ip}:{port} did not start");
-    }
+    wait_up(&n, &[&b1, &b2]).await;
     // The first media connection (A's first call, to B1, first in A's list): once A has
     // sent 150 kB, nothing from B1 gets through, and both sides close a second later.
     let proxy = common::MediaProxy::start_muting((0, 150_000)).await;

@@ -129,15 +129,15 @@ pub async fn locate(
     let tcp = r
         .query(&format!("{SRV_TCP}.{domain}"), RecordType::SRV)
         .await?;
-    let mut security = if udp.security == Security::Secure && tcp.security == Security::Secure {
-        Security::Secure
-    } else {
-        Security::Insecure
-    };
     let (udp_secure, tcp_secure) = (
         udp.security == Security::Secure,
         tcp.security == Security::Secure,
     );
+    let mut security = if udp_secure && tcp_secure {
+        Security::Secure
+    } else {
+        Security::Insecure
+    };
     let srv_secure = |t: Transport| match t {
         Transport::Udp => udp_secure,
         Transport::Tcp => tcp_secure,
