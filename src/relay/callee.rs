@@ -187,11 +187,53 @@ pub(crate) async fn handle_invite(shared: Arc<Context>, inc: Incoming, pending: 
 /// confirm on the ACK, the media connection, then SMTP through it. Every refusal before
 /// the 200 OK is one response, decided by [`admission`]. Returns Err with a reason for
 /// the log on any failure (the SIP answer has been sent).
-async fn answer(
+async fn answer(shared: &Arc<Context>, inc: Incoming, pending: PendingGuard) -> Result<(), String> {
+    // Boxed, and gone once the call is up: the set-up's locals (admission, the handshake,
+    // the SIP exchanges) took 7 kB more than serving needs, and an unboxed future keeps
+    // room for them for the call's whole life, idle or not (docs/PERFORMANCE.md).
+    let live = Box::pin(set_up(shared, inc, pending)).await?;
+    let Live {
+        inc,
+        mut stream,
+        mut rx,
+        origin,
+        call_id,
+        peer_domain,
+        call_dialog,
+        guard,
+    } = live;
+    if !serve(shared, &mut stream, &mut rx, origin, &call_id, &peer_domain).await {
+        dialog::hang_up_in_background(&shared.sip.endpoint, &call_dialog, None);
+    }
+    drop((guard, inc));
+    tracing::info!(%call_id, peer = %peer_domain, "call ended");
+    shared.event(RelayEvent::CallEnded {
+        call_id,
+        peer: peer_domain,
+    });
+    Ok(())
+}
+
+/// A call that is up: what serving it needs, kept as long as it lasts.
+struct Live<'a> {
+    /// The INVITE, kept for the call's life as before the split (its reply path).
+    inc: Incoming,
+    stream: Media,
+    rx: mpsc::Receiver<Box<Incoming>>,
+    origin: Origin,
+    call_id: String,
+    peer_domain: String,
+    call_dialog: Dialog,
+    guard: DialogGuard<'a>,
+}
+
+/// Everything before SMTP: admission, the answer, the ACK and its confirm, the media
+/// connection, the audit record.
+async fn set_up(
     shared: &Arc<Context>,
     inc: Incoming,
     mut pending: PendingGuard,
-) -> Result<(), String> {
+) -> Result<Live<'_>, String> {
     let req = &inc.request;
     let call_id = req.headers.call_id().unwrap_or_default().to_string();
     // One keyring and one set of settings for the whole call, even if a reload swaps
@@ -453,15 +495,17 @@ async fn answer(
         // Receipts need a key the partner holds in its keyring for us: signed calls only.
         receipts: admitted.peer.trust.mode() == crate::handshake::AuthMode::Signed,
     };
-    if !serve(shared, &mut stream, &mut rx, origin, &call_id, peer_domain).await {
-        hang_up("");
-    }
-    tracing::info!(%call_id, peer = %peer_domain, "call ended");
-    shared.event(RelayEvent::CallEnded {
+    let peer_domain = admitted.domain.clone();
+    Ok(Live {
+        inc,
+        stream,
+        rx,
+        origin,
         call_id,
-        peer: admitted.domain,
-    });
-    Ok(())
+        peer_domain,
+        call_dialog,
+        guard: _guard,
+    })
 }
 
 /// Our half of the handshake, ready for the 200 OK.

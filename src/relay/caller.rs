@@ -783,24 +783,33 @@ const FETCH_AFTER: Duration = Duration::from_millis(200);
 const HANG_UP_FETCH: Duration = Duration::from_secs(5);
 
 /// Fetches delivered receipts through the call, if it can carry them; a call whose stream
-/// failed is hung up and dropped.
-async fn fetch_delivered(ctx: &Arc<Context>, domain: &str, call: &mut Option<(ActiveCall, u64)>) {
+/// failed is hung up and dropped. False when another call to the partner was fetching
+/// (this one fetched nothing; try again later if what we sent may not be covered).
+async fn fetch_delivered(
+    ctx: &Arc<Context>,
+    domain: &str,
+    call: &mut Option<(ActiveCall, u64)>,
+) -> bool {
     let Some((active, _)) = call.as_mut() else {
-        return;
+        return true;
     };
     if !(active.receipts && active.client.extensions().receipts) {
-        return;
+        return true;
     }
     let span = active.span.clone();
     let r = super::delivered::fetch(ctx, domain, &mut active.client)
         .instrument(span)
         .await;
-    if let Err(e) = r
-        && let Some((c, _)) = call.take()
-    {
-        tracing::warn!(call_id = %c.dialog.call_id, peer = %domain, error = %e,
-            "fetching delivered receipts failed; hanging up");
-        bye_in_background(ctx, &c.dialog, "stream failed");
+    match r {
+        Ok(done) => done.is_some(),
+        Err(e) => {
+            if let Some((c, _)) = call.take() {
+                tracing::warn!(call_id = %c.dialog.call_id, peer = %domain, error = %e,
+                    "fetching delivered receipts failed; hanging up");
+                bye_in_background(ctx, &c.dialog, "stream failed");
+            }
+            true
+        }
     }
 }
 
@@ -831,8 +840,9 @@ pub(crate) async fn worker(ctx: Arc<Context>, domain: String, lane_no: usize, la
         let job = tokio::select! {
             j = lane.next() => j,
             _ = tokio::time::sleep(FETCH_AFTER), if want_fetch && call.is_some() => {
-                want_fetch = false;
-                fetch_delivered(&ctx, &domain, &mut call).await;
+                // Another call fetching may have started before the partner signed the
+                // receipts of what this one sent: look again after another pause.
+                want_fetch = !fetch_delivered(&ctx, &domain, &mut call).await;
                 continue;
             }
             _ = tokio::time::sleep(call_idle), if call.is_some() => {
@@ -896,7 +906,8 @@ pub(crate) async fn worker(ctx: Arc<Context>, domain: String, lane_no: usize, la
                         hang_up(&ctx, &domain, old).await;
                     }
                     call = Some((c, settings.generation));
-                    // What the partner delivered since our last call.
+                    // What the partner delivered since our last call (unless another
+                    // call is fetching it now).
                     fetch_delivered(&ctx, &domain, &mut call).await;
                     if call.is_none() {
                         let outcomes = job.all(RcptOutcome::Transient(format!(

@@ -111,8 +111,24 @@ pub(crate) async fn make_durable(ctx: &Context, peer: &str) {
 /// receipt that fails a check is an alarm (`ALERT`, `sipmail_delivered_receipts_refused_total`)
 /// and is not stored; it is acknowledged all the same (the partner has nothing better to
 /// send). An I/O error storing one leaves the batch unacknowledged, to be fetched again.
-/// Returns how many were stored; an error is the session's (the call is broken).
+/// Returns how many were stored, or `None` when another of our calls to `peer` is
+/// fetching (one at a time: [`super::receipts::Receipts::claim_fetch`]); an error is the
+/// session's (the call is broken).
 pub(crate) async fn fetch<S>(
+    ctx: &Context,
+    peer: &str,
+    client: &mut SmtpClient<S>,
+) -> Result<Option<usize>, ClientError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let Some(_claim) = ctx.receipts.claim_fetch(peer) else {
+        return Ok(None);
+    };
+    fetch_claimed(ctx, peer, client).await.map(Some)
+}
+
+async fn fetch_claimed<S>(
     ctx: &Context,
     peer: &str,
     client: &mut SmtpClient<S>,

@@ -31,6 +31,20 @@ pub(crate) struct Receipts {
     /// The calls we placed that can carry receipts, from the journal and since the start.
     calls: Mutex<Vec<JournalCall>>,
     stripes: Vec<tokio::sync::Mutex<()>>,
+    /// The partners whose delivered receipts one of our calls is fetching right now.
+    fetching: Mutex<std::collections::HashSet<String>>,
+}
+
+/// One call's claim on fetching a partner's delivered receipts; released when dropped.
+pub(crate) struct FetchClaim<'a> {
+    receipts: &'a Receipts,
+    peer: String,
+}
+
+impl Drop for FetchClaim<'_> {
+    fn drop(&mut self) {
+        lock(&self.receipts.fetching).remove(&self.peer);
+    }
 }
 
 impl Receipts {
@@ -45,6 +59,25 @@ impl Receipts {
             store: Arc::new(store),
             calls: Mutex::new(calls),
             stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+            fetching: Mutex::default(),
+        })
+    }
+
+    /// Claims the fetch of `peer`'s delivered receipts for one call; `None` while another
+    /// of our calls to it holds the claim. The partner hands every call the same oldest
+    /// unacknowledged batch, so two calls fetching at once only carry and verify the same
+    /// receipts twice: with 60 calls to one partner that was 60 copies of each batch, and
+    /// the memory their replies grew (docs/PERFORMANCE.md).
+    pub fn claim_fetch(&self, peer: &str) -> Option<FetchClaim<'_>> {
+        let peer = peer.to_ascii_lowercase();
+        // Not `then_some`: it would build (and drop, releasing the other call's claim)
+        // a claim while the lock is held, which deadlocks.
+        if !lock(&self.fetching).insert(peer.clone()) {
+            return None;
+        }
+        Some(FetchClaim {
+            receipts: self,
+            peer,
         })
     }
 
@@ -429,6 +462,33 @@ impl WireHash {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One call at a time fetches a partner's delivered receipts: a second claim is
+    /// refused (and its refusal does not release the first), the name's case does not
+    /// matter, other partners are independent, and the claim ends when dropped.
+    #[test]
+    fn one_call_at_a_time_fetches_a_partners_delivered_receipts() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Receipts::open(dir.path(), std::time::Duration::from_secs(3600)).unwrap();
+        let first = r.claim_fetch("site-b.test").expect("the first claim");
+        assert!(
+            r.claim_fetch("SITE-B.test").is_none(),
+            "a second claim while held"
+        );
+        assert!(
+            r.claim_fetch("site-b.test").is_none(),
+            "the refusal released the claim"
+        );
+        let other = r
+            .claim_fetch("site-c.test")
+            .expect("another partner's claim");
+        drop(first);
+        assert!(
+            r.claim_fetch("site-b.test").is_some(),
+            "the claim outlived its drop"
+        );
+        drop(other);
+    }
 
     /// The sender's hash is of what the receiver decodes, even for a body with bare LFs,
     /// a lone CR, leading dots and no final line break (which the client normalises).

@@ -216,7 +216,10 @@ where
             Event::DataEnd(envelope) => {
                 let reply = match writer.take() {
                     Some(mut w) => match w.flush().await {
-                        Ok(()) => backend.data_end(envelope, w).await,
+                        // Boxed: the commit (spool, receipt, scheduler) is the largest
+                        // step, and inline it would size every session's future, for the
+                        // session's whole life, idle or not.
+                        Ok(()) => Box::pin(backend.data_end(envelope, w)).await,
                         Err(e) => {
                             tracing::warn!(error = %e, "spool flush failed");
                             backend.data_abort(w).await;

@@ -44,6 +44,8 @@ const WRITE_CHUNK: usize = 16 * 1024;
 /// Sealed bytes we hold before pushing back on the writer; also what one `poll_write`
 /// seals at most (several records, one socket write).
 const WRITE_HIGH_WATER: usize = 64 * 1024;
+/// Write buffer capacity kept across a flush; a larger one is given back.
+const WRITE_KEEP: usize = 4 * 1024;
 /// Read buffer beyond one maximal record, so that one socket read brings several records.
 const READ_EXTRA: usize = 192 * 1024;
 /// The read buffer at most: one maximal record and the extra.
@@ -281,6 +283,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TunnelStream<S> {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         ready!(this.poll_drain(cx))?;
+        // A flush ends a burst (SMTP replies, a message's end). What one large burst grew
+        // (a batch of receipts, a message's DATA) is not kept for a call that may now idle
+        // for minutes: 10,000 idle calls each holding a 16-32 kB write buffer was the
+        // largest part of their memory (docs/PERFORMANCE.md).
+        if this.wbuf.capacity() > WRITE_KEEP {
+            this.wbuf = Vec::new();
+        }
         Pin::new(&mut this.inner).poll_flush(cx)
     }
 
@@ -366,5 +375,33 @@ mod tests {
         writer.await.unwrap();
         assert!(got == bulk, "the bulk stream arrived changed");
         assert!(callee.rbuf.len() <= READ_MAX);
+    }
+
+    /// A large burst (a batch of receipts in one reply) grows the write buffer; the flush
+    /// that ends it gives the memory back, so an idle call does not keep it. Small writes
+    /// keep their small buffer (no allocation per reply).
+    #[tokio::test]
+    async fn a_flush_gives_back_what_a_large_burst_grew() {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let k = keys();
+        let mut callee = TunnelStream::new(b, &k, Role::Callee, Limits::default());
+        let mut caller = TunnelStream::new(a, &k, Role::Caller, Limits::default());
+        callee.write_all(b"250 ok\r\n").await.unwrap();
+        callee.flush().await.unwrap();
+        let small = callee.wbuf.capacity();
+        assert!(small > 0 && small <= WRITE_KEEP, "small reply: {small}");
+
+        let burst: Vec<u8> = (0..40_000u32).map(|i| (i % 241) as u8).collect();
+        callee.write_all(&burst).await.unwrap();
+        callee.flush().await.unwrap();
+        assert!(
+            callee.wbuf.capacity() <= WRITE_KEEP,
+            "after a 40 kB burst the write buffer keeps {} bytes",
+            callee.wbuf.capacity()
+        );
+        let mut got = vec![0u8; 8 + burst.len()];
+        caller.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got[..8], b"250 ok\r\n");
+        assert!(got[8..] == burst[..], "the burst arrived changed");
     }
 }
