@@ -69,6 +69,10 @@ pub struct SessionSummary {
     pub close_reason: CloseReason,
 }
 
+/// The read buffer between messages, and where one in DATA starts.
+const COMMAND_READ: usize = 512;
+const DATA_READ: usize = 4096;
+
 /// Pending output beyond this is written even while commands remain.
 const FLUSH_THRESHOLD: usize = 16 * 1024;
 
@@ -144,11 +148,12 @@ where
     B: Backend,
 {
     let cfg = session.config().clone();
-    // Starts small and doubles when a read fills it, up to `read_buffer_size`: an idle
-    // session (a call kept up for the next message) holds 4 kB, a message in DATA gets
+    // Commands are short: between messages the buffer is small (an idle session, such
+    // as a call kept up for the next message, holds 512 bytes). In DATA it starts at
+    // 4 kB and doubles when a read fills it, up to `read_buffer_size`, so a message gets
     // full-size reads after a few.
-    let max_read = cfg.read_buffer_size.max(512);
-    let mut buf = vec![0u8; max_read.min(4096)];
+    let max_read = cfg.read_buffer_size.max(COMMAND_READ);
+    let mut buf = vec![0u8; COMMAND_READ];
     let mut write_failed = false;
     loop {
         if session.pending_output().len() >= FLUSH_THRESHOLD {
@@ -158,8 +163,14 @@ where
             Event::NeedInput => {
                 flush(stream, session, cfg.command_timeout).await?;
                 let limit = if session.in_data() {
+                    if buf.len() < DATA_READ.min(max_read) {
+                        buf = vec![0u8; DATA_READ.min(max_read)];
+                    }
                     cfg.data_timeout
                 } else {
+                    if buf.len() > COMMAND_READ {
+                        buf = vec![0u8; COMMAND_READ];
+                    }
                     cfg.command_timeout
                 };
                 match tokio::time::timeout(limit, stream.read(&mut buf)).await {
@@ -167,7 +178,7 @@ where
                     Ok(Ok(0)) => session.eof(),
                     Ok(Ok(n)) => {
                         session.feed(&buf[..n]);
-                        if n == buf.len() && buf.len() < max_read {
+                        if session.in_data() && n == buf.len() && buf.len() < max_read {
                             buf.resize((buf.len() * 2).min(max_read), 0);
                         }
                     }

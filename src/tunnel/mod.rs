@@ -55,6 +55,8 @@ const READ_MAX: usize = record::HEADER_LEN + record::MAX_CIPHERTEXT + READ_EXTRA
 /// commands) holds 8 kB, not 256 kB: 10,000 idle calls on one relay are a design point
 /// (docs/PERFORMANCE.md), and a bulk transfer reaches full-size reads after a few records.
 const READ_INITIAL: usize = 8 * 1024;
+/// What an idle stream reads into (on the stack) before it takes a read buffer.
+const READ_PROBE: usize = 2 * 1024;
 
 pub struct TunnelStream<S> {
     inner: S,
@@ -172,6 +174,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TunnelStream<S> {
                         self.rlen -= self.rpos;
                         self.rpos = 0;
                     }
+                    if self.rlen == 0 && self.rbuf.len() <= READ_INITIAL {
+                        ready!(self.poll_read_idle(cx))?;
+                        continue;
+                    }
                     if self.rlen == self.rbuf.len() {
                         self.grow_read_buffer();
                     }
@@ -189,6 +195,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TunnelStream<S> {
                 }
             }
         }
+    }
+
+    /// A read with nothing buffered, on a stream that is not in bulk (its buffer never
+    /// grew): read into the stack first, so that a call waiting for its next command or
+    /// reply holds no read buffer at all (the buffer is given back when the read waits),
+    /// and take a buffer only when bytes come.
+    fn poll_read_idle(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut probe = [0u8; READ_PROBE];
+        let mut rb = ReadBuf::new(&mut probe);
+        if Pin::new(&mut self.inner)
+            .poll_read(cx, &mut rb)?
+            .is_pending()
+        {
+            self.rbuf = Vec::new();
+            return Poll::Pending;
+        }
+        let n = rb.filled().len();
+        if n == 0 {
+            return Poll::Ready(Err(TunnelError::Truncated.into()));
+        }
+        if self.rbuf.len() < READ_INITIAL {
+            self.rbuf = vec![0; READ_INITIAL];
+        }
+        self.rbuf[..n].copy_from_slice(rb.filled());
+        self.rlen = n;
+        Poll::Ready(Ok(()))
     }
 
     /// Double the read buffer, up to [`READ_MAX`].
@@ -375,6 +407,48 @@ mod tests {
         writer.await.unwrap();
         assert!(got == bulk, "the bulk stream arrived changed");
         assert!(callee.rbuf.len() <= READ_MAX);
+    }
+
+    /// A stream waiting with nothing buffered holds no read buffer; the next bytes are
+    /// read whole, also when they are more than the stack's probe holds, and a stream
+    /// whose buffer grew for bulk keeps it.
+    #[tokio::test]
+    async fn an_idle_stream_holds_no_read_buffer() {
+        use std::future::Future;
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let k = keys();
+        let mut caller = TunnelStream::new(a, &k, Role::Caller, Limits::default());
+        let mut callee = TunnelStream::new(b, &k, Role::Callee, Limits::default());
+        let mut line = [0u8; 13];
+        for _ in 0..2 {
+            caller.write_all(b"EHLO a.test\r\n").await.unwrap();
+            caller.flush().await.unwrap();
+            callee.read_exact(&mut line).await.unwrap();
+            assert_eq!(&line, b"EHLO a.test\r\n");
+            // Nothing more was sent: the read waits, and gives the buffer back.
+            let mut one = [0u8; 1];
+            let read = std::pin::pin!(callee.read(&mut one));
+            let waker = std::task::Waker::noop();
+            let pending = read.poll(&mut Context::from_waker(waker));
+            assert!(pending.is_pending());
+            assert_eq!(
+                callee.rbuf.capacity(),
+                0,
+                "an idle stream kept its read buffer"
+            );
+        }
+        // More than the probe at once: several records, read in full.
+        let text: Vec<u8> = (0..READ_PROBE * 3).map(|i| b'a' + (i % 26) as u8).collect();
+        for c in text.chunks(100) {
+            caller.write_all(c).await.unwrap();
+        }
+        caller.flush().await.unwrap();
+        let mut got = vec![0u8; text.len()];
+        callee.read_exact(&mut got).await.unwrap();
+        assert!(
+            got == text,
+            "the records after the idle read arrived changed"
+        );
     }
 
     /// A large burst (a batch of receipts in one reply) grows the write buffer; the flush
