@@ -294,6 +294,37 @@ pub struct TrustStore {
     /// stripe of domains, so that calls with different peers store their state (two fsyncs
     /// each) side by side: one lock for all capped a hub at one fsync pair at a time.
     locks: [Mutex<()>; LOCK_STRIPES],
+    /// Retained secrets waiting to be written, and the group commit that writes them.
+    retain_queue: Mutex<RetainQueue>,
+    retain_commit: Mutex<RetainCommit>,
+}
+
+/// Secrets [`TrustStore::remember`] was asked to keep and no write has taken yet.
+#[derive(Default)]
+struct RetainQueue {
+    /// Tickets handed out so far (one a secret).
+    requested: u64,
+    /// (ticket, domain, remote key, secret), oldest first.
+    waiting: Vec<(u64, String, String, RetainedSecret)>,
+}
+
+/// Counts only: the secrets are never printed.
+impl std::fmt::Debug for RetainQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RetainQueue")
+            .field("requested", &self.requested)
+            .field("waiting", &self.waiting.len())
+            .finish()
+    }
+}
+
+/// What the writes so far covered; its lock is held by the one writer at a time.
+#[derive(Debug, Default)]
+struct RetainCommit {
+    /// Every ticket up to this one was written (or failed, in `failed`).
+    done: u64,
+    /// Tickets whose domain's write failed, with the error, until their caller looks.
+    failed: std::collections::HashMap<u64, String>,
 }
 
 fn check_domain(d: &str) -> Result<String, TrustError> {
@@ -331,6 +362,8 @@ impl TrustStore {
         TrustStore {
             dir: spool.join("state"),
             locks: std::array::from_fn(|_| Mutex::new(())),
+            retain_queue: Mutex::default(),
+            retain_commit: Mutex::default(),
         }
     }
 
@@ -462,24 +495,77 @@ impl TrustStore {
 
     /// Keep `secret`, left by a call with the remote key `fingerprint`, as the newest
     /// retained secret for `domain`. At most [`MAX_RETAINED`] are kept per remote key and
-    /// [`MAX_KEPT`] in all (the oldest go).
+    /// [`MAX_KEPT`] in all (the oldest go). Durable when this returns.
+    ///
+    /// Group-committed: every call set up stores one, and a burst of calls with one peer
+    /// used to queue on its lock for a write and two fsyncs each. Now the secrets asked for
+    /// while a write runs are all taken by the next one: one file write (and its fsyncs)
+    /// per domain for the whole batch, in the order they were asked for.
     pub fn remember(
         &self,
         domain: &str,
         fingerprint: &str,
         secret: &RetainedSecret,
     ) -> Result<(), TrustError> {
-        let _g = self.lock_for(domain);
-        let path = self.path(domain, "retained")?;
-        // A corrupt file is replaced: the secrets in it are unusable anyway.
-        let mut list = self.retained_all(domain).unwrap_or_default();
-        list.retain(|(s, _)| s != secret);
+        let domain = check_domain(domain)?;
         let key: String = fingerprint
             .chars()
             .filter(char::is_ascii_hexdigit)
             .collect::<String>()
             .to_ascii_uppercase();
-        list.insert(0, (secret.clone(), key));
+        let ticket = {
+            let mut q = self.retain_queue.lock().unwrap_or_else(|p| p.into_inner());
+            q.requested += 1;
+            let t = q.requested;
+            q.waiting.push((t, domain.clone(), key, secret.clone()));
+            t
+        };
+        let mut commit = self.retain_commit.lock().unwrap_or_else(|p| p.into_inner());
+        if commit.done < ticket {
+            // Ours is not written yet: write everything waiting, ours included.
+            let (upto, batch) = {
+                let mut q = self.retain_queue.lock().unwrap_or_else(|p| p.into_inner());
+                (q.requested, std::mem::take(&mut q.waiting))
+            };
+            let mut domains: Vec<&str> = Vec::new();
+            for (_, d, _, _) in &batch {
+                if !domains.contains(&d.as_str()) {
+                    domains.push(d);
+                }
+            }
+            for d in domains {
+                let mine = batch.iter().filter(|(_, bd, _, _)| bd == d);
+                if let Err(e) = self.remember_batch(d, mine.clone().map(|(_, _, k, s)| (k, s))) {
+                    for (t, _, _, _) in mine {
+                        commit.failed.insert(*t, e.to_string());
+                    }
+                }
+            }
+            commit.done = upto;
+        }
+        match commit.failed.remove(&ticket) {
+            None => Ok(()),
+            Some(why) => Err(TrustError::Io {
+                path: self.path(&domain, "retained")?,
+                source: std::io::Error::other(why),
+            }),
+        }
+    }
+
+    /// Adds `secrets` (oldest first) to `domain`'s retained secrets and writes the file.
+    fn remember_batch<'a>(
+        &self,
+        domain: &str,
+        secrets: impl Iterator<Item = (&'a String, &'a RetainedSecret)>,
+    ) -> Result<(), TrustError> {
+        let _g = self.lock_for(domain);
+        let path = self.path(domain, "retained")?;
+        // A corrupt file is replaced: the secrets in it are unusable anyway.
+        let mut list = self.retained_all(domain).unwrap_or_default();
+        for (key, secret) in secrets {
+            list.retain(|(s, _)| s != secret);
+            list.insert(0, (secret.clone(), key.clone()));
+        }
         let mut per_key: std::collections::HashMap<String, usize> = Default::default();
         list.retain(|(_, k)| {
             let n = per_key.entry(k.clone()).or_insert(0);
@@ -703,6 +789,51 @@ mod tests {
             Err(TrustError::Corrupt { .. })
         ));
         assert!(s.path("../evil", "pin").is_err());
+    }
+
+    /// Calls set up at once store their secrets in shared writes: every one is kept, for
+    /// several domains at once, each caller returns only once its own is written, and a
+    /// write that fails is reported to each caller whose secret it carried.
+    #[test]
+    fn secrets_stored_at_once_share_writes_and_all_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = std::sync::Arc::new(TrustStore::new(dir.path()));
+        let threads: Vec<_> = (0..16u8)
+            .map(|i| {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    let domain = if i % 2 == 0 { "b.test" } else { "c.test" };
+                    let key = format!("{:02X}", i / 2);
+                    s.remember(domain, &key, &RetainedSecret::from_bytes([i; 32]))
+                        .unwrap();
+                    // Durable when it returns: our own secret is on file.
+                    assert!(s.retained_for_key(domain, &key).unwrap()[0].as_bytes()[0] == i);
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        for (domain, parity) in [("b.test", 0u8), ("c.test", 1)] {
+            let mut got: Vec<u8> = s
+                .retained(domain)
+                .unwrap()
+                .iter()
+                .map(|r| r.as_bytes()[0])
+                .collect();
+            let file = dir.path().join(format!("state/{domain}.retained"));
+            let all = fs::read_to_string(file).unwrap().lines().count();
+            assert_eq!(all, 8, "{domain}: every call's secret is kept");
+            got.sort();
+            assert!(got.iter().all(|b| b % 2 == parity), "{domain}: {got:?}");
+        }
+        // A write that cannot happen: the error reaches the caller, named.
+        fs::remove_dir_all(dir.path().join("state")).unwrap();
+        fs::write(dir.path().join("state"), "a file, not a folder").unwrap();
+        let e = s
+            .remember("b.test", "01", &RetainedSecret::from_bytes([99; 32]))
+            .unwrap_err();
+        assert!(e.to_string().contains("b.test.retained"), "{e}");
     }
 
     #[test]
