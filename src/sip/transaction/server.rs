@@ -200,6 +200,18 @@ impl<P: Clone> Transactions<P> {
             && let Some(txn) = self.servers.get_mut(&k)
         {
             txn.resend = None;
+            // The caller sent this ACK because our 2xx reached it, and a caller that has
+            // a response stops retransmitting its INVITE (Timer A), so the Accepted state
+            // (RFC 6026, Timer L: 64*T1) has nothing left to answer. It ends as Timer I
+            // ends a non-2xx: after T4 over UDP for a stray copy, at once over TCP, and a
+            // copy meanwhile is absorbed. Kept for 32 s, the accepted INVITEs filled the
+            // table at a hub taking over 120 calls a second and it answered new calls 503.
+            txn.last_response = None;
+            let linger = match transport {
+                Transport::Udp => self.cfg.t4,
+                Transport::Tcp => Duration::ZERO,
+            };
+            txn.expires = txn.expires.min(now + linger);
         }
         false
     }

@@ -201,6 +201,36 @@ fn invite_2xx_is_retransmitted_until_the_ack_which_is_delivered() {
     assert!(recv(&mut c, &ack, now).is_empty());
 }
 
+/// Once the ACK for our 2xx is in, the INVITE transaction does not hold a place in the
+/// table for Timer L's 32 s: a stray copy of the INVITE within T4 is absorbed (not a new
+/// call, not a resent 200), and then the transaction is gone. Without an ACK it stays
+/// (the 2xx is retransmitted until Timer H).
+#[test]
+fn the_ack_for_a_2xx_ends_the_invite_transaction_after_t4() {
+    let t0 = Instant::now();
+    let mut c = core(t0);
+    let inv = invite("z9hG4bKinvL", "cL");
+    let key = deliver_one(&mut c, &inv, t0);
+    let ok = respond(&mut c, &key, &inv, 200, t0);
+    let now = t0 + Duration::from_millis(600);
+    let ack = ack_for(&inv, &ok, "z9hG4bKackL");
+    assert_eq!(delivered(&recv(&mut c, &ack, now)).len(), 1);
+    assert!(
+        recv(&mut c, &inv, now + Duration::from_secs(1)).is_empty(),
+        "a copy of the INVITE after the ACK is absorbed"
+    );
+    assert_eq!(c.server_count(), 1);
+    run(&mut c, t0, now, now + T4 + Duration::from_secs(2));
+    assert_eq!(c.server_count(), 0, "the ACKed INVITE still holds a place");
+
+    // No ACK: the transaction stays while the 2xx is retransmitted.
+    let inv2 = invite("z9hG4bKinvM", "cM");
+    let key2 = deliver_one(&mut c, &inv2, now);
+    respond(&mut c, &key2, &inv2, 200, now);
+    run(&mut c, t0, now, now + T4 + Duration::from_secs(2));
+    assert_eq!(c.server_count(), 1, "an unACKed 2xx ended before Timer H");
+}
+
 #[test]
 fn invite_non2xx_timer_g_then_ack_absorbed_and_timer_i() {
     let t0 = Instant::now();
