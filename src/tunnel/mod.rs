@@ -50,13 +50,17 @@ const WRITE_KEEP: usize = 4 * 1024;
 const READ_EXTRA: usize = 192 * 1024;
 /// The read buffer at most: one maximal record and the extra.
 const READ_MAX: usize = record::HEADER_LEN + record::MAX_CIPHERTEXT + READ_EXTRA;
-/// The read buffer of a new stream. It doubles (up to [`READ_MAX`]) when a record does not
-/// fit or a socket read fills it, so a call that carries little (an idle call, SMTP
-/// commands) holds 8 kB, not 256 kB: 10,000 idle calls on one relay are a design point
-/// (docs/PERFORMANCE.md), and a bulk transfer reaches full-size reads after a few records.
-const READ_INITIAL: usize = 8 * 1024;
+/// The read buffer a stream takes when bytes come. It doubles (up to [`READ_MAX`]) when a
+/// record does not fit or a socket read fills it, so a call that carries little (SMTP
+/// commands, small messages) holds 2 kB while it works, and a bulk transfer reaches
+/// full-size reads after a few records.
+const READ_INITIAL: usize = 2 * 1024;
 /// What an idle stream reads into (on the stack) before it takes a read buffer.
 const READ_PROBE: usize = 2 * 1024;
+/// A buffer up to this size is given back whenever the stream waits with nothing
+/// buffered: 10,000 idle calls on one relay are a design point (docs/PERFORMANCE.md).
+/// Only a stream whose buffer grew past it for bulk keeps its buffer between reads.
+const READ_RELEASE: usize = 32 * 1024;
 
 pub struct TunnelStream<S> {
     inner: S,
@@ -99,7 +103,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TunnelStream<S> {
             inner,
             sealer: Sealer::with_suite(keys.suite, send, limits),
             opener: Opener::with_suite(keys.suite, recv),
-            rbuf: vec![0; READ_INITIAL],
+            rbuf: Vec::new(),
             rpos: 0,
             rlen: 0,
             plain: 0..0,
@@ -174,7 +178,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TunnelStream<S> {
                         self.rlen -= self.rpos;
                         self.rpos = 0;
                     }
-                    if self.rlen == 0 && self.rbuf.len() <= READ_INITIAL {
+                    if self.rlen == 0 && self.rbuf.len() <= READ_RELEASE {
                         ready!(self.poll_read_idle(cx))?;
                         continue;
                     }
@@ -197,10 +201,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TunnelStream<S> {
         }
     }
 
-    /// A read with nothing buffered, on a stream that is not in bulk (its buffer never
-    /// grew): read into the stack first, so that a call waiting for its next command or
-    /// reply holds no read buffer at all (the buffer is given back when the read waits),
-    /// and take a buffer only when bytes come.
+    /// A read with nothing buffered, on a stream that is not in bulk (its buffer did not
+    /// grow past [`READ_RELEASE`]): read into the stack first, so that a call waiting for
+    /// its next command or reply holds no read buffer at all (the buffer is given back
+    /// when the read waits), and take a buffer only when bytes come.
     fn poll_read_idle(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let mut probe = [0u8; READ_PROBE];
         let mut rb = ReadBuf::new(&mut probe);
@@ -369,7 +373,7 @@ mod tests {
         }
     }
 
-    /// The read buffer starts at 8 kB and stays there for small records (an idle call);
+    /// The read buffer is taken at 2 kB and stays there for small records (SMTP commands);
     /// a record of the largest size, and a bulk stream, make it grow, never past
     /// READ_MAX, and every byte arrives as sent.
     #[tokio::test]
