@@ -153,6 +153,7 @@ where
     // 4 kB and doubles when a read fills it, up to `read_buffer_size`, so a message gets
     // full-size reads after a few.
     let max_read = cfg.read_buffer_size.max(COMMAND_READ);
+    let data_read = DATA_READ.min(max_read);
     let mut buf = vec![0u8; COMMAND_READ];
     let mut write_failed = false;
     loop {
@@ -163,8 +164,8 @@ where
             Event::NeedInput => {
                 flush(stream, session, cfg.command_timeout).await?;
                 let limit = if session.in_data() {
-                    if buf.len() < DATA_READ.min(max_read) {
-                        buf = vec![0u8; DATA_READ.min(max_read)];
+                    if buf.len() < data_read {
+                        buf = vec![0u8; data_read];
                     }
                     cfg.data_timeout
                 } else {

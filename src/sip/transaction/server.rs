@@ -27,6 +27,15 @@ enum Admission {
     New,
 }
 
+/// How long an ACKed INVITE transaction stays to absorb stray copies (Timer I's length:
+/// T4 over UDP, nothing over TCP, whose transport does not duplicate).
+fn timer_i(cfg: &super::Config, transport: Transport) -> Duration {
+    match transport {
+        Transport::Udp => cfg.t4,
+        Transport::Tcp => Duration::ZERO,
+    }
+}
+
 impl<P: Clone> Transactions<P> {
     /// A request from `source`. `path` is how to answer it, `wire_len` its size on the wire
     /// (for the reply budget of UDP sources), `free` the places left in the TU's queue.
@@ -170,11 +179,7 @@ impl<P: Clone> Transactions<P> {
             txn.resend = None;
             // Confirmed: Timer I (T4 over UDP, zero over TCP) absorbs further
             // retransmitted ACKs, then the transaction ends.
-            let linger = match transport {
-                Transport::Udp => self.cfg.t4,
-                Transport::Tcp => Duration::ZERO,
-            };
-            txn.expires = txn.expires.min(now + linger);
+            txn.expires = txn.expires.min(now + timer_i(&self.cfg, transport));
             trace!("ACK for non-2xx absorbed by its transaction");
             return true;
         }
@@ -207,11 +212,7 @@ impl<P: Clone> Transactions<P> {
             // copy meanwhile is absorbed. Kept for 32 s, the accepted INVITEs filled the
             // table at a hub taking over 120 calls a second and it answered new calls 503.
             txn.last_response = None;
-            let linger = match transport {
-                Transport::Udp => self.cfg.t4,
-                Transport::Tcp => Duration::ZERO,
-            };
-            txn.expires = txn.expires.min(now + linger);
+            txn.expires = txn.expires.min(now + timer_i(&self.cfg, transport));
         }
         false
     }
