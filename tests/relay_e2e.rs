@@ -93,6 +93,47 @@ async fn mail_arrives_byte_for_byte_through_one_reused_call() {
     sites.stop().await;
 }
 
+/// With the default 16 lanes to a peer, messages that come one at a time (each delivered
+/// before the next) all go through one call: the lane idle last takes the next job. Taken
+/// in turn, each of the first 16 messages placed a call of its own (issue 16: the warm
+/// latency was a new call's latency for most of the bench's "warm" messages).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_one_at_a_time_share_one_call_among_many_lanes() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = edited_configs(dir.path(), |s| s, |s| s);
+    assert!(a.calls_per_peer > 1);
+    let sites = TwoSites::start_with(dir.path(), a, b, Hooks::default())
+        .await
+        .unwrap();
+    let mut events = sites.a.events();
+    let md = sites.maildir(&sites.b_cfg);
+    for i in 0..6 {
+        submit(
+            sites.a.smtp_addr,
+            &[sample_message(i, "one at a time")],
+            "bob@site-b.test",
+            |_| {},
+        )
+        .await
+        .unwrap();
+        assert!(
+            wait_until(Duration::from_secs(30), || maildir_files(&md).len()
+                == i + 1)
+            .await,
+            "message {i} did not arrive"
+        );
+    }
+    let mut calls = 0;
+    while let Ok(e) = events.try_recv() {
+        if matches!(e, RelayEvent::CallEstablished { .. }) {
+            calls += 1;
+        }
+    }
+    assert_eq!(calls, 1, "six messages one at a time placed {calls} calls");
+    sites.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_body_never_crosses_between_the_relays_in_clear() {
     init_logs();

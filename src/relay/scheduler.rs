@@ -4,7 +4,7 @@
 
 use super::bounce;
 use super::events::{Events, RelayEvent, Shutdown};
-use super::jobs::{Lane, Report};
+use super::jobs::{Lane, Report, RouteJobs};
 use super::outcome::{Job, route_label};
 use super::schedule::{self, Disposal, DsnKind, Step};
 use super::settings::Live;
@@ -562,7 +562,7 @@ pub(crate) async fn run(
     shutdown: Shutdown,
     spawn_lane: impl Fn(&Route, usize, Lane) -> LaneTask,
 ) {
-    let mut routes: HashMap<Route, mpsc::Sender<Job>> = HashMap::new();
+    let mut routes: HashMap<Route, Arc<RouteJobs>> = HashMap::new();
     let mut workers = tokio::task::JoinSet::new();
     let mut commits = tokio::task::JoinSet::new();
     let (report_tx, mut reports) = mpsc::channel::<Report>(ROUTE_BACKLOG);
@@ -590,23 +590,22 @@ pub(crate) async fn run(
                 );
                 continue;
             }
-            let tx = routes.entry(job.route.clone()).or_insert_with(|| {
-                let (tx, rx) = mpsc::channel(ROUTE_BACKLOG);
-                let rx = Arc::new(tokio::sync::Mutex::new(rx));
+            let route_jobs = routes.entry(job.route.clone()).or_insert_with(|| {
+                let route_jobs = RouteJobs::new(ROUTE_BACKLOG);
                 let n = match &job.route {
                     Route::Local => lanes.local,
                     Route::Peer(_) => lanes.per_peer,
                     Route::Smtp(_) => lanes.per_next_hop,
                 };
                 for lane_no in 0..n {
-                    let lane = Lane::new(rx.clone(), report_tx.clone());
+                    let lane = Lane::new(route_jobs.clone(), report_tx.clone());
                     workers.spawn(spawn_lane(&job.route, lane_no, lane));
                 }
-                tx
+                route_jobs
             });
-            if let Err(e) = tx.try_send(job) {
+            if let Err(job) = route_jobs.push(job) {
                 // Lanes busy with a full backlog: try again on a later round.
-                queue.requeue(&e.into_inner());
+                queue.requeue(&job);
             }
         }
         let wait = next
@@ -628,6 +627,9 @@ pub(crate) async fn run(
     }
     // Closing the routes lets each lane finish its current job, report it and hang up;
     // those last reports are committed too.
+    for route_jobs in routes.values() {
+        route_jobs.close();
+    }
     drop(routes);
     drop(report_tx);
     while let Some(r) = reports.recv().await {
