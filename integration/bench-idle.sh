@@ -8,10 +8,17 @@
 # One callee relay (callee.test) and IDLE_CALLERS caller relays c01.test, c02.test, ...,
 # each with its own OpenPGP key, its own loopback address 127.0.1.N for SIP and media, and
 # sip.calls_per_peer set to its share of IDLE_CALLS (at most 64, the configuration's
-# limit). Each caller gets a burst of 2 x share small messages over `share` parallel SMTP
-# sessions (smtp-source), so every one of its lanes places a call; the calls then stay up,
-# idle, because call_idle is 10 minutes. A caller short of its share gets another burst,
-# at most IDLE_BURSTS in all. Then the callee's RSS is read, with the count of calls up.
+# limit). The calls are placed all at once: first each caller queues `share` small messages
+# (smtp-source, `share` parallel sessions) while the callee is not running yet, so that each
+# of its lanes is busy with an INVITE nobody answers when the next message comes; the
+# callers are stopped (the messages stay in their spools), the callee is started, and the
+# callers are started again: each one's first scheduler round hands one message to every
+# lane, and every lane places its call at once. (A lane takes a job only when it is idle,
+# and the lane idle last first, so mail that trickles in reuses calls instead of placing
+# new ones: bursts of mail alone no longer make every lane call.) The calls then stay up,
+# idle, because call_idle is 10 minutes. A caller short of its share gets a burst of
+# 2 x share messages, at most IDLE_BURSTS in all. Then the callee's RSS is read, with the
+# count of calls up.
 #
 # The callee is configured as a hub would be: up to 64 unanswered INVITEs per source and
 # 1,024 in all (the defaults, 16 and 256, are for a site with a few partners).
@@ -75,10 +82,6 @@ for c in "${CALLERS[@]}"; do CALLER_SIP+=("$(free_ports 1)"); done
     done
     printf '[delivery]\nmaildir = "var/callee/maildir"\n'
 } >"$IC/callee.toml"
-(cd "$IC" && exec "$SIPMAIL" run --config callee.toml >callee.log 2>&1) & PIDS+=($!); CALLEE=$!
-wait_port "$P_CB_SMTP" 30 || die "callee did not start: $(tail -5 "$IC/callee.log")"
-sleep 1
-CALLEE_BEFORE=$(rss_kb "$CALLEE")
 
 CALLER_PIDS=()
 CALLER_SMTP=()
@@ -104,12 +107,7 @@ sip = "sip:mail@127.0.0.1:$P_CB_SIP"
 [delivery]
 maildir = "var/$c/maildir"
 EOF
-    (cd "$IC" && exec "$SIPMAIL" run --config "$c.toml" >"$c.log" 2>&1) & PIDS+=($!); CALLER_PIDS+=($!)
 done
-for i in "${!CALLERS[@]}"; do
-    wait_port "${CALLER_SMTP[$i]}" 30 || die "caller ${CALLERS[$i]} did not start: $(tail -5 "$IC/${CALLERS[$i]}.log")"
-done
-
 up() { # calls up in a log: established minus ended
     local e x
     e=$(grep -c "call established" "$1" || true)
@@ -117,6 +115,47 @@ up() { # calls up in a log: established minus ended
     echo $((e - x))
 }
 total_up() { up "$IC/callee.log"; }
+start_callers() {
+    CALLER_PIDS=()
+    local i c
+    for i in "${!CALLERS[@]}"; do
+        c=${CALLERS[$i]}
+        (cd "$IC" && exec "$SIPMAIL" run --config "$c.toml" >>"$c.log" 2>&1) & PIDS+=($!); CALLER_PIDS+=($!)
+    done
+    for i in "${!CALLERS[@]}"; do
+        wait_port "${CALLER_SMTP[$i]}" 30 || die "caller ${CALLERS[$i]} did not start: $(tail -5 "$IC/${CALLERS[$i]}.log")"
+    done
+}
+start_callers
+# Queue one message per lane while the callee is not running (see the top of this file).
+SOURCES=()
+for i in "${!CALLERS[@]}"; do
+    s=$(share_of "$i")
+    /usr/sbin/smtp-source -s "$s" -m "$s" -l 1000 -f "x@${CALLERS[$i]}.test" -t "y@callee.test" \
+        "127.0.0.1:${CALLER_SMTP[$i]}" >>"$IC/source.log" 2>&1 &
+    SOURCES+=($!)
+done
+wait "${SOURCES[@]}" || true
+sleep 1
+kill "${CALLER_PIDS[@]}" 2>/dev/null || true
+wait "${CALLER_PIDS[@]}" 2>/dev/null || true
+QUEUED=$(find "$IC"/var/c*/spool/queue -name '*.env' 2>/dev/null | wc -l)
+printf '   %d messages queued at the callers, callee not running yet\n' "$QUEUED"
+(cd "$IC" && exec "$SIPMAIL" run --config callee.toml >callee.log 2>&1) & PIDS+=($!); CALLEE=$!
+wait_port "$P_CB_SMTP" 30 || die "callee did not start: $(tail -5 "$IC/callee.log")"
+sleep 1
+CALLEE_BEFORE=$(rss_kb "$CALLEE")
+start_callers
+end=$((SECONDS + 60)) last=-1
+while ((SECONDS < end)); do
+    now=$(total_up)
+    ((now >= IDLE_CALLS)) && break
+    ((now == last && now > 0)) && break
+    last=$now
+    sleep 1
+done
+printf '   %d calls up at the callee once the callers restarted\n' "$(total_up)"
+
 burst() { # caller index: 2 x share messages over share sessions, in the background
     local i=$1 s
     s=$(share_of "$i")
