@@ -51,15 +51,15 @@ pub(crate) async fn worker(ctx: Arc<Context>, dest: Destination, lane: Lane) {
         };
         let Some(job) = job else { break };
         // A partner's message may leave the spool after this attempt: its duplicate record
-        // (written without fsync when the message came) is made durable first, before the
-        // hand-off rather than after it, so that nothing slow sits between the MTA's 250
-        // and the report (a crash there is what makes the MTA get the message twice).
-        if let Some(k) = job.dedup_key_file.clone()
-            && let Err(e) = ctx.receipts.sync_dedup(k).await
-        {
-            tracing::error!(queue_id = %job.id, error = %e,
-                "cannot make the duplicate record durable; a resend after a crash could be delivered twice");
-        }
+        // (written without fsync when the message came) must be durable before the report.
+        // Its fsyncs run while the message is handed over, not before (they were on the
+        // warm latency's path), and are waited for right after the MTA's answer, so that
+        // nothing slow sits between the MTA's 250 and the report (a crash there is what
+        // makes the MTA get the message twice).
+        let dedup = job.dedup_key_file.clone().map(|k| {
+            let ctx = ctx.clone();
+            tokio::spawn(async move { ctx.receipts.sync_dedup(k).await })
+        });
         ctx.spool.begin_send(&job.id, &job.route, None).await;
         let sending = tokio::time::Instant::now();
         // What each recipient's hand-off was, for a partner's delivered receipt.
@@ -94,6 +94,15 @@ pub(crate) async fn worker(ctx: Arc<Context>, dest: Destination, lane: Lane) {
         {
             tracing::warn!(queue_id = %job.id, error = %e,
                 "cannot note the hand-off; if sipmail stops before the outcome is recorded, the message may arrive twice");
+        }
+        if let Some(synced) = dedup {
+            let r = synced
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+            if let Err(e) = r {
+                tracing::error!(queue_id = %job.id, error = %e,
+                    "cannot make the duplicate record durable; a resend after a crash could be delivered twice");
+            }
         }
         let handoffs: Vec<Handoff> = handoffs.iter().map(handoff_of).collect();
         ctx.metrics
