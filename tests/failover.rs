@@ -666,3 +666,108 @@ async fn a_message_the_dead_relay_may_hold_waits_for_it_and_is_delivered_once() 
     drop(b2);
     drop(b1_back);
 }
+
+/// A partner's relay that answers every INVITE `503 Service Unavailable` with
+/// `Retry-After: secs`, as an overloaded sipmail does (its transaction table or pending
+/// calls full). A scripted peer: a real relay cannot be made to shed load on cue. Returns
+/// when each new INVITE (by Call-ID) came.
+fn overloaded_relay(ip: &str, port: u16, secs: u32) -> Arc<Mutex<Vec<(Instant, String)>>> {
+    let seen = Arc::new(Mutex::new(Vec::<(Instant, String)>::new()));
+    let sock = std::net::UdpSocket::bind((ip, port)).unwrap();
+    let log = seen.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 65536];
+        while let Ok((n, from)) = sock.recv_from(&mut buf) {
+            let text = String::from_utf8_lossy(&buf[..n]).to_string();
+            if !text.starts_with("INVITE ") {
+                continue; // the ACK for our 503
+            }
+            let mut resp = String::from("SIP/2.0 503 Service Unavailable\r\n");
+            let mut call_id = String::new();
+            for line in text.split("\r\n").skip(1).take_while(|l| !l.is_empty()) {
+                let name = line
+                    .split(':')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_ascii_lowercase();
+                match name.as_str() {
+                    "via" | "v" | "from" | "f" | "cseq" => resp += &format!("{line}\r\n"),
+                    "call-id" | "i" => {
+                        call_id = line.split_once(':').unwrap().1.trim().to_string();
+                        resp += &format!("{line}\r\n");
+                    }
+                    "to" | "t" => resp += &format!("{line};tag=overloaded\r\n"),
+                    _ => {}
+                }
+            }
+            resp += &format!("Retry-After: {secs}\r\nContent-Length: 0\r\n\r\n");
+            let _ = sock.send_to(resp.as_bytes(), from);
+            let mut log = log.lock().unwrap();
+            if !log.iter().any(|(_, c)| *c == call_id) {
+                log.push((Instant::now(), call_id));
+            }
+        }
+    });
+    seen
+}
+
+/// Both of the partner's relays are overloaded and say `Retry-After: 2`: A tries again
+/// after about 2 s, not after its queue's back-off (60 s here), and not sooner than 2 s.
+/// Before, A ignored Retry-After, and the calls refused at the 10,000-call bench's burst
+/// came back a minute later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_503_with_retry_after_is_tried_again_when_the_partner_said() {
+    let n = Net {
+        a_ip: "127.0.43.70",
+        b1_ip: "127.0.43.71",
+        b2_ip: "127.0.43.72",
+        a_port: 43570,
+        b1_port: 43571,
+        b2_port: 43572,
+        tcp: false,
+        srv: None,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    keys(d);
+    std::fs::create_dir_all(d.join("sink")).unwrap();
+    let b1 = overloaded_relay(n.b1_ip, n.b1_port, 2);
+    let b2 = overloaded_relay(n.b2_ip, n.b2_port, 2);
+    let mut a_cfg = a_config(d, &n);
+    a_cfg.queue.retry_initial = Duration::from_secs(60);
+    a_cfg.queue.retry_max = Duration::from_secs(60);
+    let shutdown = Shutdown::new();
+    let a = sipmail::relay::start(a_cfg, shutdown.clone(), Hooks::default())
+        .await
+        .unwrap();
+    submit(
+        a.smtp_addr,
+        &[sample_message(0, "retry-after")],
+        "bob@site-b.test",
+        |_| {},
+    )
+    .await
+    .unwrap();
+    let calls = || {
+        let mut all: Vec<Instant> = b1.lock().unwrap().iter().map(|(t, _)| *t).collect();
+        all.extend(b2.lock().unwrap().iter().map(|(t, _)| *t));
+        all.sort();
+        all
+    };
+    let again = wait_until(Duration::from_secs(12), || calls().len() >= 3).await;
+    let seen = calls();
+    assert!(
+        again,
+        "A called the overloaded partner {} time(s) in 12 s; with Retry-After: 2 it should have come back",
+        seen.len()
+    );
+    // The first attempt tries both relays at once; the next attempt comes 2 s after it.
+    let gap = seen[2].duration_since(seen[1]);
+    assert!(
+        gap >= Duration::from_millis(1900) && gap < Duration::from_secs(6),
+        "next attempt {gap:?} after the refusal; the partner said 2 s"
+    );
+    shutdown.trigger();
+    a.wait().await;
+}

@@ -42,6 +42,8 @@ pub(crate) enum CallError {
         status: u16,
         reason: String,
         warning: Option<String>,
+        /// Its `Retry-After`, seconds: when the peer wants the next try.
+        retry_after: Option<u32>,
     },
     #[error("the 200 OK is malformed: {0}")]
     BadAnswer(String),
@@ -55,7 +57,7 @@ pub(crate) enum CallError {
         source: std::io::Error,
     },
     #[error("a call set up to the same peer just before failed: {0}")]
-    PeerJustFailed(String),
+    PeerJustFailed(String, Option<u32>),
     #[error("SMTP greeting through the call: {0}")]
     Smtp(#[from] ClientError),
     #[error(
@@ -104,7 +106,7 @@ impl CallError {
             CallError::BadAnswer(_) | CallError::Sdp(_) => CallFailure::Malformed,
             CallError::Handshake(e) => handshake_failure(e),
             CallError::Media { .. } => CallFailure::Media,
-            CallError::PeerJustFailed(_) => return None,
+            CallError::PeerJustFailed(..) => return None,
             CallError::Smtp(_) => CallFailure::Smtp,
             CallError::PinChanged { .. } | CallError::FirstUseUnlocated { .. } => {
                 CallFailure::UnknownKey
@@ -114,6 +116,16 @@ impl CallError {
             CallError::Discovery(e) if e.is_key_change() => CallFailure::KeyChanged,
             CallError::Discovery(_) => CallFailure::Dns,
         })
+    }
+
+    /// When the peer asked to be tried again (`Retry-After` on its refusal), seconds.
+    fn retry_after(&self) -> Option<u32> {
+        match self {
+            CallError::Rejected { retry_after, .. } | CallError::PeerJustFailed(_, retry_after) => {
+                *retry_after
+            }
+            _ => None,
+        }
     }
 
     /// What this failure means for trying the partner's next relay (see `failover`).
@@ -228,7 +240,7 @@ async fn place_call_in_turn(
     if let Some(f) = last.as_ref()
         && f.at >= waiting_since
     {
-        return Err(CallError::PeerJustFailed(f.reason.clone()));
+        return Err(CallError::PeerJustFailed(f.reason.clone(), f.retry_after));
     }
     let placed = place_call_on_targets(shared, peer, call_id, only).await;
     // A call to one pinned relay that fails says nothing about the peer's other relays:
@@ -237,6 +249,7 @@ async fn place_call_in_turn(
         *last = placed.as_ref().err().map(|e| SetupFailure {
             at: tokio::time::Instant::now(),
             reason: e.to_string(),
+            retry_after: e.retry_after(),
         });
     }
     placed
@@ -439,6 +452,7 @@ async fn place_call(
             status: resp.status,
             reason: resp.reason.clone(),
             warning: resp.headers.get("Warning").map(str::to_string),
+            retry_after: resp.headers.get("Retry-After").and_then(retry_after_secs),
         });
     }
     let to = resp
@@ -919,7 +933,7 @@ pub(crate) async fn worker(ctx: Arc<Context>, domain: String, lane_no: usize, la
                 }
                 Err(e) => {
                     // No INVITE went out when the set-up just before failed.
-                    let call_id = (!matches!(e, CallError::PeerJustFailed(_))).then_some(call_id);
+                    let call_id = (!matches!(e, CallError::PeerJustFailed(..))).then_some(call_id);
                     tracing::warn!(peer = %domain, call_id = call_id.as_deref(), lane = lane_no,
                         queue_id = %job.id, reason = %e, "call failed; mail stays queued");
                     if let Some(f) = e.failure() {
@@ -929,9 +943,11 @@ pub(crate) async fn worker(ctx: Arc<Context>, domain: String, lane_no: usize, la
                         peer: domain.clone(),
                         reason: e.to_string(),
                     });
-                    let outcomes = job.all(RcptOutcome::Transient(format!(
-                        "call to {domain} failed: {e}"
-                    )));
+                    let reason = format!("call to {domain} failed: {e}");
+                    let outcomes = job.all(match e.retry_after() {
+                        Some(secs) => RcptOutcome::TransientAfter { reason, secs },
+                        None => RcptOutcome::Transient(reason),
+                    });
                     lane.report_call(job, outcomes, call_id).await;
                     continue;
                 }
@@ -1008,5 +1024,32 @@ pub(crate) async fn worker(ctx: Arc<Context>, domain: String, lane_no: usize, la
     }
     if let Some((c, _)) = call.take() {
         hang_up(&ctx, &domain, c).await;
+    }
+}
+
+/// A `Retry-After` value's seconds (RFC 3261 section 20.33: delta-seconds, then an optional
+/// comment and parameters, as in `120 (busy);duration=60`). Anything else: None.
+fn retry_after_secs(v: &str) -> Option<u32> {
+    let v = v.trim_start();
+    let digits = v.bytes().take_while(u8::is_ascii_digit).count();
+    v[..digits].parse().ok()
+}
+
+#[cfg(test)]
+mod retry_after_tests {
+    use super::retry_after_secs;
+
+    #[test]
+    fn retry_after_takes_the_delta_seconds_and_nothing_else() {
+        assert_eq!(retry_after_secs("5"), Some(5));
+        assert_eq!(
+            retry_after_secs(" 120 (in a meeting);duration=60"),
+            Some(120)
+        );
+        assert_eq!(retry_after_secs("18000;duration=3600"), Some(18000));
+        assert_eq!(retry_after_secs(""), None);
+        assert_eq!(retry_after_secs("soon"), None);
+        assert_eq!(retry_after_secs("-5"), None);
+        assert_eq!(retry_after_secs("99999999999"), None);
     }
 }

@@ -104,6 +104,8 @@ pub(crate) struct PendingTable {
 pub(crate) struct SetupFailure {
     pub at: tokio::time::Instant,
     pub reason: String,
+    /// The failed call's `Retry-After`, for the lanes that did not try (see `caller`).
+    pub retry_after: Option<u32>,
 }
 
 /// Holds one pending-call slot; frees it when dropped.

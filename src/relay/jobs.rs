@@ -101,14 +101,14 @@ impl RouteJobs {
     }
 
     /// Hand `job` to the lane idle last, or queue it. `Err(job)` when no lane is idle and
-    /// the backlog is full: the caller keeps the job for a later round.
-    pub fn push(&self, job: Job) -> Result<(), Job> {
+    /// the backlog is full: the caller keeps the job for a later round (boxed: it is rare).
+    pub fn push(&self, job: Job) -> Result<(), Box<Job>> {
         let mut st = self.lock();
         let Some(job) = hand_to_idle(&mut st, job) else {
             return Ok(());
         };
         if st.backlog.len() >= self.backlog_max {
-            return Err(job);
+            return Err(Box::new(job));
         }
         st.backlog.push_back(job);
         Ok(())

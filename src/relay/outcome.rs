@@ -54,6 +54,13 @@ pub(crate) enum RcptOutcome {
     Delivered,
     /// Try again later (4xx, failed call, I/O error).
     Transient(String),
+    /// Try again later, not before `secs` seconds: the partner refused the call and said
+    /// when to come back (a SIP `Retry-After`, RFC 3261 section 20.33, as on its `503`
+    /// when it is overloaded). The queue's own back-off does not apply to this attempt.
+    TransientAfter {
+        reason: String,
+        secs: u32,
+    },
     /// Try again later, at `relay`: the connection failed after the end of the message,
     /// so that partner relay may already hold it (see `crate::queue::RelayPin`).
     Unconfirmed {
