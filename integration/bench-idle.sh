@@ -70,8 +70,14 @@ share_of() { # caller index (0-based) -> its share of IDLE_CALLS
 ) >"$IC/keys.log" 2>&1 || die "key setup failed: $(tail -3 "$IC/keys.log")"
 
 read -r P_CB_SIP P_CB_SMTP <<<"$(free_ports 2)"
+# Each caller listens on its own loopback address at fixed ports below the ephemeral
+# range: its daemon is started twice (see above), and a port picked free at the start may
+# by then be the local port of one of the 10,000 media connections ("Address already in
+# use" at the restart, seen at 10,000 calls).
+CALLER_SIP_PORT=25260
+CALLER_SMTP_PORT=25250
 CALLER_SIP=()
-for c in "${CALLERS[@]}"; do CALLER_SIP+=("$(free_ports 1)"); done
+for c in "${CALLERS[@]}"; do CALLER_SIP+=("$CALLER_SIP_PORT"); done
 {
     printf '[relay]\ndomain = "callee.test"\nkeyring = "keyring/callee"\nspool = "var/callee/spool"\n'
     printf '[smtp]\nlisten = "127.0.0.1:%s"\n' "$P_CB_SMTP"
@@ -87,15 +93,15 @@ CALLER_PIDS=()
 CALLER_SMTP=()
 for i in "${!CALLERS[@]}"; do
     c=${CALLERS[$i]}
-    ps=$(free_ports 1)
-    CALLER_SMTP+=("$ps")
+    CALLER_SMTP+=("127.0.1.$((i + 1))")
     cat >"$IC/$c.toml" <<EOF
 [relay]
 domain = "$c.test"
 keyring = "keyring/$c"
 spool = "var/$c/spool"
 [smtp]
-listen = "127.0.0.1:$ps"
+listen = "127.0.1.$((i + 1)):$CALLER_SMTP_PORT"
+allow = ["127.0.0.0/8"]
 [sip]
 listen = "127.0.1.$((i + 1)):${CALLER_SIP[$i]}"
 media = "127.0.1.$((i + 1))"
@@ -115,6 +121,14 @@ up() { # calls up in a log: established minus ended
     echo $((e - x))
 }
 total_up() { up "$IC/callee.log"; }
+wait_addr() { # ip port seconds: until a TCP connection to ip:port succeeds
+    local end=$((SECONDS + $3))
+    while ((SECONDS < end)); do
+        (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null && return 0
+        sleep 0.1
+    done
+    return 1
+}
 start_callers() {
     CALLER_PIDS=()
     local i c
@@ -123,7 +137,7 @@ start_callers() {
         (cd "$IC" && exec "$SIPMAIL" run --config "$c.toml" >>"$c.log" 2>&1) & PIDS+=($!); CALLER_PIDS+=($!)
     done
     for i in "${!CALLERS[@]}"; do
-        wait_port "${CALLER_SMTP[$i]}" 30 || die "caller ${CALLERS[$i]} did not start: $(tail -5 "$IC/${CALLERS[$i]}.log")"
+        wait_addr "${CALLER_SMTP[$i]}" "$CALLER_SMTP_PORT" 30 || die "caller ${CALLERS[$i]} did not start: $(tail -5 "$IC/${CALLERS[$i]}.log")"
     done
 }
 start_callers
@@ -132,7 +146,7 @@ SOURCES=()
 for i in "${!CALLERS[@]}"; do
     s=$(share_of "$i")
     /usr/sbin/smtp-source -s "$s" -m "$s" -l 1000 -f "x@${CALLERS[$i]}.test" -t "y@callee.test" \
-        "127.0.0.1:${CALLER_SMTP[$i]}" >>"$IC/source.log" 2>&1 &
+        "${CALLER_SMTP[$i]}:$CALLER_SMTP_PORT" >>"$IC/source.log" 2>&1 &
     SOURCES+=($!)
 done
 wait "${SOURCES[@]}" || true
@@ -160,7 +174,7 @@ burst() { # caller index: 2 x share messages over share sessions, in the backgro
     local i=$1 s
     s=$(share_of "$i")
     /usr/sbin/smtp-source -s "$s" -m $((2 * s)) -l 1000 -f "x@${CALLERS[$i]}.test" -t "y@callee.test" \
-        "127.0.0.1:${CALLER_SMTP[$i]}" >>"$IC/source.log" 2>&1 &
+        "${CALLER_SMTP[$i]}:$CALLER_SMTP_PORT" >>"$IC/source.log" 2>&1 &
     SOURCES+=($!)
 }
 for b in $(seq 1 "$IDLE_BURSTS"); do
