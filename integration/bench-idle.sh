@@ -45,7 +45,7 @@ ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 cargo build --release --quiet --manifest-path "$ROOT/Cargo.toml"
 SIPMAIL="$ROOT/target/release/sipmail"
 # shellcheck source=lib/postfix.sh
-. "$ROOT/integration/lib/postfix.sh" # free_ports, wait_port, rss_kb, now_ns, scratch
+. "$ROOT/integration/lib/postfix.sh" # free_ports, wait_port, wait_addr, rss_kb, now_ns, scratch
 scratch sipmail-idle
 IC=$WORK
 
@@ -121,14 +121,6 @@ up() { # calls up in a log: established minus ended
     echo $((e - x))
 }
 total_up() { up "$IC/callee.log"; }
-wait_addr() { # ip port seconds: until a TCP connection to ip:port succeeds
-    local end=$((SECONDS + $3))
-    while ((SECONDS < end)); do
-        (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    return 1
-}
 start_callers() {
     CALLER_PIDS=()
     local i c

@@ -20,10 +20,11 @@ print(" ".join(map(str, out)))
 PY
 }
 
-wait_port() { # port [seconds]
-    local end=$((SECONDS + ${2:-10}))
+wait_port() { wait_addr 127.0.0.1 "$1" "${2:-10}"; } # port [seconds]
+wait_addr() { # ip port [seconds]: until a TCP connection to ip:port succeeds
+    local end=$((SECONDS + ${3:-10}))
     while ((SECONDS < end)); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null && return 0
         sleep 0.05
     done
     return 1

@@ -150,10 +150,9 @@ pub(crate) fn decide(
                     // The partner's word, within the queue's limits: at least a second
                     // (no tight loop), at most queue.retry_max.
                     RcptOutcome::TransientAfter { secs, .. } => {
-                        Duration::from_secs(u64::from(*secs)).clamp(
-                            Duration::from_secs(1),
-                            times.retry_max.max(Duration::from_secs(1)),
-                        )
+                        Duration::from_secs(u64::from(*secs))
+                            .min(times.retry_max)
+                            .max(Duration::from_secs(1))
                     }
                     _ => backoff(times, r.attempts),
                 };

@@ -355,6 +355,19 @@ mod tests {
     use crate::handshake::{Continuity, DirectionKeys, RetainedSecret, SessionKeys, Suite};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    /// One record of the largest payload, sealed directly by `caller`, read whole by `callee`.
+    async fn a_maximal_record_arrives<S: AsyncRead + AsyncWrite + Unpin>(
+        caller: &mut TunnelStream<S>,
+        callee: &mut TunnelStream<S>,
+    ) {
+        let big: Vec<u8> = (0..record::MAX_PAYLOAD).map(|i| (i % 251) as u8).collect();
+        caller.sealer.seal_data(&big, &mut caller.wbuf).unwrap();
+        caller.flush().await.unwrap();
+        let mut got = vec![0u8; big.len()];
+        callee.read_exact(&mut got).await.unwrap();
+        assert!(got == big, "the maximal record arrived changed");
+    }
+
     fn keys() -> SessionKeys {
         SessionKeys {
             suite: Suite::ChaCha20Poly1305,
@@ -389,14 +402,9 @@ mod tests {
         assert_eq!(&line, b"EHLO a.test\r\n");
         assert_eq!(callee.rbuf.len(), READ_INITIAL, "small records: no growth");
 
-        // One record of the largest payload, sealed directly (our writer seals 16 kB
-        // records; a peer may send 64 kB ones).
-        let big: Vec<u8> = (0..record::MAX_PAYLOAD).map(|i| (i % 251) as u8).collect();
-        caller.sealer.seal_data(&big, &mut caller.wbuf).unwrap();
-        caller.flush().await.unwrap();
-        let mut got = vec![0u8; big.len()];
-        callee.read_exact(&mut got).await.unwrap();
-        assert!(got == big, "the maximal record arrived changed");
+        // One record of the largest payload (our writer seals 16 kB records; a peer may
+        // send 64 kB ones).
+        a_maximal_record_arrives(&mut caller, &mut callee).await;
         assert!(callee.rbuf.len() >= record::HEADER_LEN + record::MAX_CIPHERTEXT);
 
         // A bulk stream through the ordinary writer.
@@ -455,12 +463,7 @@ mod tests {
         );
 
         // A maximal record grows the buffer past READ_RELEASE: a bulk stream keeps it.
-        let big: Vec<u8> = (0..record::MAX_PAYLOAD).map(|i| (i % 251) as u8).collect();
-        caller.sealer.seal_data(&big, &mut caller.wbuf).unwrap();
-        caller.flush().await.unwrap();
-        let mut got = vec![0u8; big.len()];
-        callee.read_exact(&mut got).await.unwrap();
-        assert!(got == big, "the maximal record arrived changed");
+        a_maximal_record_arrives(&mut caller, &mut callee).await;
         let grown = callee.rbuf.len();
         assert!(grown > READ_RELEASE, "the buffer did not grow: {grown}");
         let mut one = [0u8; 1];
