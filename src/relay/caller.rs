@@ -587,6 +587,24 @@ async fn place_call(
         .send_ack(ack, dialog.target, dialog.transport)
         .await?;
 
+    // A receipt names the call it came through; the journal lets us check that, also for
+    // a receipt that comes back on a later call after a restart. So the call is journaled
+    // (fsynced) before any message goes through it: the write runs while the media
+    // connection and the greeting come up, and is waited for below.
+    // Only a partner whose cert is in our keyring (`trust = "signed"`): a receipt must
+    // verify later too (`sipmail receipts verify`), not only with this call's key. A
+    // `dnssec` partner's key is found per call and not kept in the keyring.
+    let journaled = matches!(peer.trust, crate::config::Trust::Signed).then(|| {
+        let receipts = shared.receipts.clone();
+        let entry = crate::receipt::store::JournalCall {
+            at_ms: crate::queue::now_ms(),
+            peer: peer.domain.to_ascii_lowercase(),
+            call_id: call_id.to_string(),
+            transcript_sha256: hex::encode(done.keys.transcript_hash),
+        };
+        tokio::spawn(async move { receipts.record_call(entry).await })
+    });
+
     // Connect where the callee's signed answer says (the address is in T1), nowhere else.
     let media = match &shared.hooks.media_connect {
         Some(f) => f(answer.media),
@@ -633,24 +651,20 @@ async fn place_call(
     shared
         .call_established(&call_id, peer, true, &peer_fpr, &done.keys, sigs)
         .await;
-    // A receipt names the call it came through; the journal lets us check that, also for
-    // a receipt that comes back on a later call after a restart.
-    // Only a partner whose cert is in our keyring (`trust = "signed"`): a receipt must
-    // verify later too (`sipmail receipts verify`), not only with this call's key. A
-    // `dnssec` partner's key is found per call and not kept in the keyring.
-    let mut receipts = matches!(peer.trust, crate::config::Trust::Signed);
-    if receipts {
-        let entry = crate::receipt::store::JournalCall {
-            at_ms: crate::queue::now_ms(),
-            peer: peer.domain.to_ascii_lowercase(),
-            call_id: call_id.to_string(),
-            transcript_sha256: hex::encode(done.keys.transcript_hash),
-        };
-        if let Err(e) = shared.receipts.record_call(entry).await {
-            tracing::warn!(error = %e, "cannot journal the call; no receipts are asked for on it");
-            receipts = false;
-        }
-    }
+    let receipts = match journaled {
+        None => false,
+        Some(j) => match j.await {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot journal the call; no receipts are asked for on it");
+                false
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot journal the call; no receipts are asked for on it");
+                false
+            }
+        },
+    };
     Ok(ActiveCall {
         dialog,
         client,
@@ -920,16 +934,9 @@ pub(crate) async fn worker(ctx: Arc<Context>, domain: String, lane_no: usize, la
                         hang_up(&ctx, &domain, old).await;
                     }
                     call = Some((c, settings.generation));
-                    // What the partner delivered since our last call (unless another
-                    // call is fetching it now).
-                    fetch_delivered(&ctx, &domain, &mut call).await;
-                    if call.is_none() {
-                        let outcomes = job.all(RcptOutcome::Transient(format!(
-                            "call to {domain}: the stream failed"
-                        )));
-                        lane.report(job, outcomes).await;
-                        continue;
-                    }
+                    // What the partner delivered since our last call is fetched once the
+                    // lane is idle, not before this message: a round trip on its path.
+                    want_fetch = true;
                 }
                 Err(e) => {
                     // No INVITE went out when the set-up just before failed.

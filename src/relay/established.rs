@@ -50,44 +50,56 @@ impl Context {
             transcript_sha256 = %hex::encode(keys.transcript_hash),
             "call established"
         );
-        // The trust state is written (and fsynced) on the blocking pool; the call waits for
-        // it, so that the next call to or from this peer finds the new secret.
+        // The retained secret is written (and fsynced) on the blocking pool, group-committed
+        // with other calls' secrets. The call does not wait for it: lookups for the next
+        // call see a secret whose write has not finished (`TrustStore::remember`), and a
+        // crash before it is durable leaves what a crash a moment before this call did
+        // (docs/ARCHITECTURE.md, "Key continuity"). An opportunistic peer's first-use pin
+        // is a trust decision the next call reads from disk: that one is waited for.
         let (trust, domain, retained, remote) = (
             self.trust.store.clone(),
             peer.domain.clone(),
             keys.retained.clone(),
             peer_fpr.to_string(),
         );
-        let pin = (mode == crate::handshake::AuthMode::Opportunistic).then(|| peer_fpr.to_string());
-        let stored = tokio::task::spawn_blocking(move || {
-            (
-                trust.remember(&domain, &remote, &retained),
-                pin.map(|fpr| trust.pin_first_use(&domain, &fpr)),
-            )
-        })
-        .await;
-        let (remembered, pinned) = match stored {
-            Ok(r) => r,
-            Err(e) => (
-                Err(trust::TrustError::Io {
-                    path: self.trust.store.dir().to_path_buf(),
-                    source: std::io::Error::other(e.to_string()),
-                }),
-                None,
-            ),
-        };
-        if let Err(e) = remembered {
-            tracing::warn!(peer = %peer.domain, error = %e, "cannot store the retained secret; the next call has no key continuity");
-        }
-        match pinned {
-            Some(Ok(true)) => tracing::warn!(
-                peer = %peer.domain, peer_fingerprint = %peer_fpr, sas = %keys.sas,
-                "opportunistic peer's key pinned on first use: compare the SAS with the partner to rule out a man in the middle on this call"
-            ),
-            Some(Err(e)) => {
-                tracing::warn!(peer = %peer.domain, error = %e, "cannot pin the peer's key")
+        // Queued here, before the caller sees our side of the stream or the next set-up
+        // with this peer starts: lookups for that call find it.
+        match trust.retain(&domain, &remote, &retained) {
+            Ok(ticket) => {
+                tokio::task::spawn_blocking(move || {
+                    if let Err(e) = trust.write_retained(ticket) {
+                        tracing::warn!(peer = %domain, error = %e, "cannot store the retained secret; the next call has no key continuity");
+                    }
+                });
             }
-            Some(Ok(false)) | None => {}
+            Err(e) => {
+                tracing::warn!(peer = %domain, error = %e, "cannot store the retained secret; the next call has no key continuity")
+            }
+        }
+        if mode == crate::handshake::AuthMode::Opportunistic {
+            let (trust, domain, fpr) = (
+                self.trust.store.clone(),
+                peer.domain.clone(),
+                peer_fpr.to_string(),
+            );
+            let pinned = tokio::task::spawn_blocking(move || trust.pin_first_use(&domain, &fpr))
+                .await
+                .unwrap_or_else(|e| {
+                    Err(trust::TrustError::Io {
+                        path: self.trust.store.dir().to_path_buf(),
+                        source: std::io::Error::other(e.to_string()),
+                    })
+                });
+            match pinned {
+                Ok(true) => tracing::warn!(
+                    peer = %peer.domain, peer_fingerprint = %peer_fpr, sas = %keys.sas,
+                    "opportunistic peer's key pinned on first use: compare the SAS with the partner to rule out a man in the middle on this call"
+                ),
+                Err(e) => {
+                    tracing::warn!(peer = %peer.domain, error = %e, "cannot pin the peer's key")
+                }
+                Ok(false) => {}
+            }
         }
         self.metrics.call_established(
             &peer.domain,

@@ -299,13 +299,27 @@ pub struct TrustStore {
     retain_commit: Mutex<RetainCommit>,
 }
 
-/// Secrets [`TrustStore::remember`] was asked to keep and no write has taken yet.
+/// A secret queued by [`TrustStore::retain`], for [`TrustStore::write_retained`].
+#[derive(Debug)]
+pub struct RetainTicket {
+    ticket: u64,
+    domain: String,
+}
+
+/// One secret to keep: (ticket, domain, remote key, secret).
+type Unwritten = (u64, String, String, RetainedSecret);
+
+/// Secrets [`TrustStore::remember`] was asked to keep and no write has finished yet.
+/// Lookups see them too (the next call must find the last call's secret, even while its
+/// write is still running).
 #[derive(Default)]
 struct RetainQueue {
     /// Tickets handed out so far (one a secret).
     requested: u64,
-    /// (ticket, domain, remote key, secret), oldest first.
-    waiting: Vec<(u64, String, String, RetainedSecret)>,
+    /// Not taken by a write yet, oldest first.
+    waiting: Vec<Unwritten>,
+    /// Taken by the write running now; dropped from here once it has finished.
+    writing: Vec<Unwritten>,
 }
 
 /// Counts only: the secrets are never printed.
@@ -314,6 +328,7 @@ impl std::fmt::Debug for RetainQueue {
         f.debug_struct("RetainQueue")
             .field("requested", &self.requested)
             .field("waiting", &self.waiting.len())
+            .field("writing", &self.writing.len())
             .finish()
     }
 }
@@ -344,6 +359,25 @@ fn check_domain(d: &str) -> Result<String, TrustError> {
 }
 
 const LOCK_STRIPES: usize = 16;
+
+/// Adds `secrets` (oldest first) to a list of retained secrets (newest first): each goes
+/// to the front, at most [`MAX_RETAINED`] are kept per remote key and [`MAX_KEPT`] in all.
+fn merge_retained<'a>(
+    list: &mut Vec<(RetainedSecret, String)>,
+    secrets: impl Iterator<Item = (&'a String, &'a RetainedSecret)>,
+) {
+    for (key, secret) in secrets {
+        list.retain(|(s, _)| s != secret);
+        list.insert(0, (secret.clone(), key.clone()));
+    }
+    let mut per_key: std::collections::HashMap<String, usize> = Default::default();
+    list.retain(|(_, k)| {
+        let n = per_key.entry(k.clone()).or_insert(0);
+        *n += 1;
+        *n <= MAX_RETAINED
+    });
+    list.truncate(MAX_KEPT);
+}
 
 impl TrustStore {
     fn lock_for(&self, domain: &str) -> std::sync::MutexGuard<'_, ()> {
@@ -430,6 +464,28 @@ impl TrustStore {
     /// no fingerprint). A missing file means none (first call, or the cache was lost); a
     /// corrupt one is an error the caller logs.
     fn retained_all(&self, domain: &str) -> Result<Vec<(RetainedSecret, String)>, TrustError> {
+        let domain = check_domain(domain)?;
+        // Taken before the file is read: a write that finishes in between is in the file.
+        let unwritten: Vec<(String, RetainedSecret)> = {
+            let q = self.retain_queue.lock().unwrap_or_else(|p| p.into_inner());
+            let mut mine: Vec<&Unwritten> = q
+                .writing
+                .iter()
+                .chain(&q.waiting)
+                .filter(|(_, d, _, _)| *d == domain)
+                .collect();
+            mine.sort_by_key(|(t, _, _, _)| *t);
+            mine.into_iter()
+                .map(|(_, _, k, s)| (k.clone(), s.clone()))
+                .collect()
+        };
+        let mut list = self.retained_file(&domain)?;
+        merge_retained(&mut list, unwritten.iter().map(|(k, s)| (k, s)));
+        Ok(list)
+    }
+
+    /// The retained secrets in `domain`'s file, newest first.
+    fn retained_file(&self, domain: &str) -> Result<Vec<(RetainedSecret, String)>, TrustError> {
         let path = self.path(domain, "retained")?;
         let text = match fs::read(&path) {
             Ok(b) => Zeroizing::new(b),
@@ -507,6 +563,19 @@ impl TrustStore {
         fingerprint: &str,
         secret: &RetainedSecret,
     ) -> Result<(), TrustError> {
+        let ticket = self.retain(domain, fingerprint, secret)?;
+        self.write_retained(ticket)
+    }
+
+    /// The first half of [`TrustStore::remember`], which does not block: `secret` is
+    /// queued for the next write, and lookups find it from now on. The returned ticket is
+    /// for [`TrustStore::write_retained`], which makes it durable.
+    pub fn retain(
+        &self,
+        domain: &str,
+        fingerprint: &str,
+        secret: &RetainedSecret,
+    ) -> Result<RetainTicket, TrustError> {
         let domain = check_domain(domain)?;
         let key: String = fingerprint
             .chars()
@@ -520,12 +589,21 @@ impl TrustStore {
             q.waiting.push((t, domain.clone(), key, secret.clone()));
             t
         };
+        Ok(RetainTicket { ticket, domain })
+    }
+
+    /// Blocking: writes the secrets queued so far (`ticket`'s among them, unless an earlier
+    /// write took it), with their fsyncs. Durable when this returns.
+    pub fn write_retained(&self, ticket: RetainTicket) -> Result<(), TrustError> {
+        let RetainTicket { ticket, domain } = ticket;
         let mut commit = self.retain_commit.lock().unwrap_or_else(|p| p.into_inner());
         if commit.done < ticket {
             // Ours is not written yet: write everything waiting, ours included.
             let (upto, batch) = {
                 let mut q = self.retain_queue.lock().unwrap_or_else(|p| p.into_inner());
-                (q.requested, std::mem::take(&mut q.waiting))
+                let batch = std::mem::take(&mut q.waiting);
+                q.writing = batch.clone();
+                (q.requested, batch)
             };
             let mut domains: Vec<&str> = Vec::new();
             for (_, d, _, _) in &batch {
@@ -542,6 +620,8 @@ impl TrustStore {
                 }
             }
             commit.done = upto;
+            let mut q = self.retain_queue.lock().unwrap_or_else(|p| p.into_inner());
+            q.writing.clear();
         }
         match commit.failed.remove(&ticket) {
             None => Ok(()),
@@ -561,18 +641,8 @@ impl TrustStore {
         let _g = self.lock_for(domain);
         let path = self.path(domain, "retained")?;
         // A corrupt file is replaced: the secrets in it are unusable anyway.
-        let mut list = self.retained_all(domain).unwrap_or_default();
-        for (key, secret) in secrets {
-            list.retain(|(s, _)| s != secret);
-            list.insert(0, (secret.clone(), key.clone()));
-        }
-        let mut per_key: std::collections::HashMap<String, usize> = Default::default();
-        list.retain(|(_, k)| {
-            let n = per_key.entry(k.clone()).or_insert(0);
-            *n += 1;
-            *n <= MAX_RETAINED
-        });
-        list.truncate(MAX_KEPT);
+        let mut list = self.retained_file(domain).unwrap_or_default();
+        merge_retained(&mut list, secrets);
         let mut text = Zeroizing::new(String::with_capacity(107 * list.len()));
         for (s, k) in &list {
             text.push_str(&hex::encode(s.as_bytes()));
@@ -881,6 +951,37 @@ mod tests {
             s.retained("b.test"),
             Err(TrustError::Corrupt { .. })
         ));
+    }
+
+    /// The next call must find the last call's secret while its write is still running
+    /// (the call does not wait for it): a queued secret is found before it is written, and
+    /// the file gets it once it is.
+    #[test]
+    fn a_queued_secret_is_found_before_its_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = TrustStore::new(dir.path());
+        let r = |b: u8| RetainedSecret::from_bytes([b; 32]);
+        let firsts = |v: Vec<RetainedSecret>| v.iter().map(|x| x.as_bytes()[0]).collect::<Vec<_>>();
+        s.remember("b.test", "AA11", &r(1)).unwrap();
+        let t2 = s.retain("B.test.", "aa11", &r(2)).unwrap();
+        let t3 = s.retain("b.test", "BB22", &r(3)).unwrap();
+        // Found by every lookup, newest first, not yet on disk.
+        assert_eq!(firsts(s.retained("b.test").unwrap()), [3, 2, 1]);
+        assert_eq!(
+            firsts(s.retained_for_key("b.test", "AA11").unwrap()),
+            [2, 1]
+        );
+        assert_eq!(firsts(s.retained_spread("b.test").unwrap()), [3, 2, 1]);
+        assert!(s.retained("c.test").unwrap().is_empty());
+        let on_disk = || TrustStore::new(dir.path()).retained("b.test").unwrap();
+        assert_eq!(firsts(on_disk()), [1]);
+        // One write takes both (group commit); the second finds its ticket done.
+        s.write_retained(t3).unwrap();
+        assert_eq!(firsts(on_disk()), [3, 2, 1]);
+        s.write_retained(t2).unwrap();
+        assert_eq!(firsts(s.retained("b.test").unwrap()), [3, 2, 1]);
+        let q = s.retain_queue.lock().unwrap();
+        assert!(q.waiting.is_empty() && q.writing.is_empty(), "{q:?}");
     }
 
     #[test]
