@@ -1,21 +1,24 @@
-//! Ed25519 signing with a key imported once. Sequoia's `KeyPair` keeps the secret in
+//! Ed25519 signing with a key expanded once. Sequoia's `KeyPair` keeps the secret in
 //! encrypted memory and, for each signature, decrypts it (a SHA-256 over a 16 KiB pre-key)
 //! and imports it into OpenSSL again (which recomputes the public key): together 60% of a
 //! signature's instructions (docs/PERFORMANCE.md, the handshake profile). This signer
-//! imports it once, when the keyring is loaded, and hands Sequoia only the raw signature;
+//! expands it once, when the keyring is loaded (ed25519-dalek's `SigningKey`: the hashed
+//! scalar and the public key precomputed), and hands Sequoia only the raw signature;
 //! Sequoia still builds, hashes and serialises the OpenPGP signature, so what comes out is
-//! the same kind of signature, which gpg verifies. The price: the secret stays in OpenSSL's
-//! heap while the keyring is loaded, instead of in Sequoia's encrypted memory.
+//! the same kind of signature, which gpg verifies. Ed25519 is deterministic: the raw
+//! signature is byte for byte the one Sequoia's key pair makes (tested). The price: the
+//! secret stays in our heap while the keyring is loaded (zeroed when it is dropped),
+//! instead of in Sequoia's encrypted memory.
 
 use super::*;
+use ed25519_dalek::Signer as _;
 use openpgp::crypto::mpi;
 use openpgp::types::HashAlgorithm;
-use openssl::pkey::{Id, PKey, Private};
 
-/// The own signing key, ready in OpenSSL (Ed25519 keys only; others sign the slow way).
+/// The own signing key, expanded (Ed25519 keys only; others sign the slow way).
 pub(super) struct FastEd25519 {
     public: Key<PublicParts, UnspecifiedRole>,
-    pkey: PKey<Private>,
+    key: ed25519_dalek::SigningKey,
     /// Which signature encoding the key's algorithm wants.
     legacy_eddsa: bool,
 }
@@ -24,11 +27,15 @@ impl FastEd25519 {
     /// `None` for a key that is not Ed25519 (RSA, ECDSA, Ed448, ...).
     pub(super) fn new(keypair: &KeyPair) -> Option<FastEd25519> {
         let public = keypair.public().clone();
-        // The secret goes straight from Sequoia's protected buffer into OpenSSL: no copy
-        // of it is left in our own heap.
+        // The secret goes from Sequoia's protected buffer into the signing key (which
+        // zeroes itself when dropped); the seed copy on the stack is zeroed too.
         #[allow(deprecated)]
-        let (pkey, legacy_eddsa) = keypair.secret().map(|secret| {
-            let import = |raw: &[u8]| PKey::private_key_from_raw_bytes(raw, Id::ED25519).ok();
+        let (key, legacy_eddsa) = keypair.secret().map(|secret| {
+            let import = |raw: &[u8]| {
+                let seed: zeroize::Zeroizing<[u8; 32]> =
+                    zeroize::Zeroizing::new(raw.try_into().ok()?);
+                Some(ed25519_dalek::SigningKey::from_bytes(&seed))
+            };
             match (public.pk_algo(), public.mpis(), secret) {
                 (
                     PublicKeyAlgorithm::EdDSA,
@@ -46,8 +53,8 @@ impl FastEd25519 {
                 _ => None,
             }
         })?;
-        // The imported key must be the certificate's: compare the public halves.
-        let ours = pkey.raw_public_key().ok()?;
+        // The expanded key must be the certificate's: compare the public halves.
+        let ours = key.verifying_key().to_bytes();
         let matches = match public.mpis() {
             mpi::PublicKey::EdDSA { q, .. } => q
                 .decode_point(&Curve::Ed25519)
@@ -57,7 +64,7 @@ impl FastEd25519 {
         };
         matches.then_some(FastEd25519 {
             public,
-            pkey,
+            key,
             legacy_eddsa,
         })
     }
@@ -76,24 +83,14 @@ impl openpgp::crypto::Signer for Signing<'_> {
     }
 
     fn sign(&mut self, _hash: HashAlgorithm, digest: &[u8]) -> openpgp::Result<mpi::Signature> {
-        let mut s = openssl::sign::Signer::new_without_digest(&self.0.pkey)?;
-        let sig = s.sign_oneshot_to_vec(digest)?;
-        if sig.len() != 64 {
-            return Err(openpgp::Error::InvalidOperation(format!(
-                "OpenSSL made an Ed25519 signature of {} bytes",
-                sig.len()
-            ))
-            .into());
-        }
+        let sig = self.0.key.sign(digest).to_bytes();
         Ok(if self.0.legacy_eddsa {
             mpi::Signature::EdDSA {
                 r: mpi::MPI::new(&sig[..32]),
                 s: mpi::MPI::new(&sig[32..]),
             }
         } else {
-            let mut a = [0u8; 64];
-            a.copy_from_slice(&sig);
-            mpi::Signature::Ed25519 { s: Box::new(a) }
+            mpi::Signature::Ed25519 { s: Box::new(sig) }
         })
     }
 }

@@ -176,7 +176,7 @@ struct VerifyKey {
 /// The own signing key pair, unlocked at open time.
 struct OwnSigner {
     keypair: KeyPair,
-    /// The same key imported into OpenSSL once, for Ed25519 keys (see `fastsign`).
+    /// The same key expanded once (ed25519-dalek), for Ed25519 keys (see `fastsign`).
     fast: Option<fastsign::FastEd25519>,
     fpr: String,
     expires: Option<SystemTime>,

@@ -19,7 +19,7 @@ impl Keyring {
         }
         let builder = SignatureBuilder::new(SignatureType::Binary);
         let sig = match &signer.fast {
-            // An Ed25519 key imported once (see `fastsign`).
+            // An Ed25519 key expanded once (see `fastsign`).
             Some(fast) => builder.sign_message(&mut fast.signer(), data),
             // `Signer::sign` wants `&mut`; a clone of the key pair keeps `&self`
             // usable from many threads without a lock.
