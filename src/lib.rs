@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod queue;
 pub mod receipt;
 pub mod relay;
+pub mod reuse;
 pub mod sip;
 pub mod smtp;
 pub mod time;

@@ -161,6 +161,8 @@ pub struct ReceiptStore {
     sent_locks: [std::sync::Mutex<()>; SENT_STRIPES],
     /// Group commit of the call journal's fdatasyncs.
     journal_sync: DirGroup,
+    /// Emptied files in `tmp/` whose inodes the next writes take (`crate::reuse`).
+    reuse: crate::reuse::Reuse,
 }
 
 const SENT_STRIPES: usize = 64;
@@ -223,6 +225,7 @@ impl ReceiptStore {
             delivered_sync: std::sync::Mutex::default(),
             sent_locks: std::array::from_fn(|_| std::sync::Mutex::new(())),
             journal_sync: DirGroup::default(),
+            reuse: crate::reuse::Reuse::default(),
         }
     }
 
@@ -246,20 +249,28 @@ impl ReceiptStore {
 
     /// Write to `tmp/`, rename into `dir/name`; with `durable`, fsync the file before the
     /// rename and the directory after it.
+    /// A record rewritten (a sent record gets its delivered receipts) is swapped with the
+    /// new version, whose inode is an emptied old one where there is one (`crate::reuse`).
     fn write_renamed(&self, dir: &str, name: &str, bytes: &[u8], durable: bool) -> io::Result<()> {
-        let tmp = self.root.join("tmp").join(format!(
-            "{name}.{}.{}",
-            std::process::id(),
-            self.seq.fetch_add(1, Ordering::Relaxed)
-        ));
-        let mut f = fs::File::create(&tmp)?;
+        let (tmp, mut f) = match self.reuse.take() {
+            Some(x) => x,
+            None => {
+                let tmp = self.root.join("tmp").join(format!(
+                    "{name}.{}.{}",
+                    std::process::id(),
+                    self.seq.fetch_add(1, Ordering::Relaxed)
+                ));
+                let f = fs::File::create(&tmp)?;
+                (tmp, f)
+            }
+        };
         f.write_all(bytes)?;
         if durable {
             f.sync_all()?;
         }
         drop(f);
         let d = self.root.join(dir);
-        fs::rename(&tmp, d.join(name))?;
+        self.reuse.put(&tmp, &d.join(name))?;
         if durable {
             match dir {
                 "sent" => self.sent_sync.sync(&d)?,

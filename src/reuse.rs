@@ -1,0 +1,115 @@
+//! Files rewritten atomically without creating or unlinking an inode each time.
+//!
+//! The usual atomic rewrite (write a new file, fsync it, rename it over the old one)
+//! creates one inode and unlinks one per write. On ext4 without a journal (this machine's
+//! spool disk), every inode created scans past the inodes unlinked in the last seconds
+//! (`find_inode_bit`, `recently_deleted`): in the call set-up bench that scan took a third
+//! of all samples (docs/PERFORMANCE.md, run 10). Used for the sent receipt records, which
+//! are rewritten once per message when its delivered receipt comes. Here the new file is
+//! swapped with the old
+//! one (`renameat2(RENAME_EXCHANGE)`, as atomic as a rename), and the old inode, now at
+//! the temporary name, is emptied and kept for the next write. Where the target does not
+//! exist yet, or the file system has no `RENAME_EXCHANGE`, it is a plain rename.
+//!
+//! The temporary names live in a directory the owner clears when it opens (a crash may
+//! leave them behind; their content is never read).
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// At most this many emptied inodes are kept; more are unlinked.
+const KEPT: usize = 64;
+
+/// Emptied files (temporary names) whose inodes the next writes take.
+#[derive(Debug, Default)]
+pub struct Reuse(Mutex<Vec<PathBuf>>);
+
+impl Reuse {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<PathBuf>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A kept file to write the next version into, opened for writing (empty), or `None`.
+    pub fn take(&self) -> Option<(PathBuf, fs::File)> {
+        loop {
+            let p = self.lock().pop()?;
+            if let Ok(f) = fs::OpenOptions::new().write(true).truncate(true).open(&p) {
+                return Some((p, f));
+            }
+        }
+    }
+
+    /// Puts the written (and, where it must be, fsynced) file `tmp` in place of
+    /// `target`, atomically; the old version's inode is emptied and kept.
+    pub fn put(&self, tmp: &Path, target: &Path) -> io::Result<()> {
+        let cwd = rustix::fs::CWD;
+        match rustix::fs::renameat_with(cwd, tmp, cwd, target, rustix::fs::RenameFlags::EXCHANGE) {
+            Ok(()) => {
+                // `tmp` names the old version now: emptied at once (it may hold secrets).
+                let emptied = fs::OpenOptions::new()
+                    .write(true)
+                    .truncate(true)
+                    .open(tmp)
+                    .is_ok();
+                let mut kept = self.lock();
+                if emptied && kept.len() < KEPT {
+                    kept.push(tmp.to_path_buf());
+                } else {
+                    drop(kept);
+                    let _ = fs::remove_file(tmp);
+                }
+                Ok(())
+            }
+            // Nothing to swap with (a first version), or no RENAME_EXCHANGE here.
+            Err(_) => fs::rename(tmp, target),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::unix::fs::MetadataExt;
+
+    /// A rewrite swaps in the new bytes and gives its old inode, emptied, to the next
+    /// write: no inode is created or unlinked per rewrite.
+    #[test]
+    fn a_rewrite_swaps_and_its_old_inode_serves_the_next_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Reuse::default();
+        let (tmp, a, b) = (
+            dir.path().join("t1"),
+            dir.path().join("a"),
+            dir.path().join("b"),
+        );
+        let ino = |p: &Path| fs::metadata(p).unwrap().ino();
+        let write = |r: &Reuse, target: &Path, bytes: &[u8], fresh: &Path| {
+            let (p, mut f) = r
+                .take()
+                .unwrap_or_else(|| (fresh.to_path_buf(), fs::File::create(fresh).unwrap()));
+            f.write_all(bytes).unwrap();
+            drop(f);
+            r.put(&p, target).unwrap();
+        };
+        write(&r, &a, b"first", &tmp);
+        let first = ino(&a);
+        assert!(r.take().is_none(), "a first version is a plain rename");
+        write(&r, &a, b"second, longer", &dir.path().join("t2"));
+        assert_eq!(fs::read(&a).unwrap(), b"second, longer");
+        assert_ne!(ino(&a), first);
+        // The old inode is kept, empty, and written by the next file.
+        assert_eq!(r.lock().len(), 1);
+        assert_eq!(fs::metadata(&r.lock()[0]).unwrap().len(), 0);
+        write(&r, &b, b"b", &dir.path().join("t3"));
+        assert_eq!(ino(&b), first);
+        assert_eq!(fs::read(&b).unwrap(), b"b");
+        assert!(r.lock().is_empty());
+        write(&r, &b, b"b2", &dir.path().join("t4"));
+        write(&r, &a, b"a3", &dir.path().join("t5"));
+        assert_eq!(fs::read(&a).unwrap(), b"a3");
+        assert_eq!(fs::read(&b).unwrap(), b"b2");
+    }
+}
