@@ -4,8 +4,9 @@
 //! creates one inode and unlinks one per write. On ext4 without a journal (this machine's
 //! spool disk), every inode created scans past the inodes unlinked in the last seconds
 //! (`find_inode_bit`, `recently_deleted`): in the call set-up bench that scan took a third
-//! of all samples (docs/PERFORMANCE.md, run 10). Used for the sent receipt records, which
-//! are rewritten once per message when its delivered receipt comes. Here the new file is
+//! of all samples (docs/PERFORMANCE.md, run 10). Used for the sent receipt records (rewritten
+//! once per message, when its delivered receipt comes) and the retained secrets of
+//! `relay::trust` (rewritten at each call). Here the new file is
 //! swapped with the old
 //! one (`renameat2(RENAME_EXCHANGE)`, as atomic as a rename), and the old inode, now at
 //! the temporary name, is emptied and kept for the next write. Where the target does not

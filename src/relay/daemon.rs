@@ -192,7 +192,11 @@ pub async fn start_with_agent(
             down: Mutex::new(Default::default()),
         },
         trust: PeerTrust {
-            store: Arc::new(trust::TrustStore::new(&cfg.spool)),
+            store: Arc::new({
+                let store = trust::TrustStore::new(&cfg.spool);
+                store.clear_tmp();
+                store
+            }),
             writes: Mutex::new(trust::WriteLimiter::default()),
         },
         keys: Arc::new(Keys::new(keys)),

@@ -297,6 +297,9 @@ pub struct TrustStore {
     /// Retained secrets waiting to be written, and the group commit that writes them.
     retain_queue: Mutex<RetainQueue>,
     retain_commit: Mutex<RetainCommit>,
+    /// Emptied files in `state-tmp/` whose inodes the next writes take (`crate::reuse`):
+    /// every call rewrites its peer's retained secrets.
+    reuse: crate::reuse::Reuse,
 }
 
 /// A secret queued by [`TrustStore::retain`], for [`TrustStore::write_retained`].
@@ -398,6 +401,23 @@ impl TrustStore {
             locks: std::array::from_fn(|_| Mutex::new(())),
             retain_queue: Mutex::default(),
             retain_commit: Mutex::default(),
+            reuse: crate::reuse::Reuse::default(),
+        }
+    }
+
+    /// Where new versions are written before they are swapped in: beside `state/`, so that
+    /// `state/` holds only the state itself.
+    fn tmp_dir(&self) -> PathBuf {
+        self.dir.with_file_name("state-tmp")
+    }
+
+    /// The daemon, at start: removes what writes left in `state-tmp/` (a crash's half
+    /// written files, the emptied inodes the last run kept).
+    pub fn clear_tmp(&self) {
+        if let Ok(rd) = fs::read_dir(self.tmp_dir()) {
+            for e in rd.flatten() {
+                let _ = fs::remove_file(e.path());
+            }
         }
     }
 
@@ -409,27 +429,39 @@ impl TrustStore {
         Ok(self.dir.join(format!("{}.{ext}", check_domain(domain)?)))
     }
 
+    /// Write a new version, fsync it, swap it in for the old one (whose inode, emptied,
+    /// takes a later write: `crate::reuse`), fsync `state/`.
     fn write_atomic(&self, path: &Path, data: &[u8]) -> Result<(), TrustError> {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&self.dir)
-            .map_err(io(&self.dir))?;
+        let tmp_dir = self.tmp_dir();
+        for d in [&self.dir, &tmp_dir] {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(d)
+                .map_err(io(d))?;
+        }
         let mut rnd = [0u8; 8];
         getrandom::fill(&mut rnd).map_err(|e| TrustError::Io {
             path: path.to_path_buf(),
             source: std::io::Error::other(e.to_string()),
         })?;
-        let tmp = path.with_extension(format!("tmp-{}", hex::encode(rnd)));
+        let fresh = tmp_dir.join(format!("tmp-{}", hex::encode(rnd)));
+        let mut tmp = fresh.clone();
         let res = (|| {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)?;
+            let mut f = match self.reuse.take() {
+                Some((p, f)) => {
+                    tmp = p;
+                    f
+                }
+                None => OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&fresh)?,
+            };
             f.write_all(data)?;
             f.sync_all()?;
-            fs::rename(&tmp, path)?;
+            self.reuse.put(&tmp, path)?;
             File::open(&self.dir)?.sync_all()
         })();
         if res.is_err() {
@@ -853,6 +885,19 @@ mod tests {
         assert_eq!(mode, 0o600);
         // No temporary file left behind.
         assert_eq!(fs::read_dir(dir.path().join("state")).unwrap().count(), 1);
+        // The rewrites reused one inode, kept emptied beside state/: no secret is left
+        // in it, and the daemon's start removes it.
+        let kept: Vec<_> = fs::read_dir(dir.path().join("state-tmp"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(kept.len(), 1, "{kept:?}");
+        assert_eq!(fs::metadata(&kept[0]).unwrap().len(), 0);
+        s.clear_tmp();
+        assert_eq!(
+            fs::read_dir(dir.path().join("state-tmp")).unwrap().count(),
+            0
+        );
         fs::write(&path, "not hex\n").unwrap();
         assert!(matches!(
             s.retained("site-b.test"),
