@@ -76,15 +76,13 @@ read -r P_CB_SIP P_CB_SMTP <<<"$(free_ports 2)"
 # use" at the restart, seen at 10,000 calls).
 CALLER_SIP_PORT=25260
 CALLER_SMTP_PORT=25250
-CALLER_SIP=()
-for c in "${CALLERS[@]}"; do CALLER_SIP+=("$CALLER_SIP_PORT"); done
 {
     printf '[relay]\ndomain = "callee.test"\nkeyring = "keyring/callee"\nspool = "var/callee/spool"\n'
     printf '[smtp]\nlisten = "127.0.0.1:%s"\n' "$P_CB_SMTP"
     printf '[sip]\nlisten = "127.0.0.1:%s"\nmedia = "127.0.0.1"\ncall_idle = "10m"\n' "$P_CB_SIP"
     printf 'max_pending_per_source = 64\nmax_pending_total = 1024\n'
     for i in "${!CALLERS[@]}"; do
-        printf '[[peer]]\ndomain = "%s.test"\nsip = "sip:mail@127.0.1.%d:%s"\n' "${CALLERS[$i]}" $((i + 1)) "${CALLER_SIP[$i]}"
+        printf '[[peer]]\ndomain = "%s.test"\nsip = "sip:mail@127.0.1.%d:%s"\n' "${CALLERS[$i]}" $((i + 1)) "$CALLER_SIP_PORT"
     done
     printf '[delivery]\nmaildir = "var/callee/maildir"\n'
 } >"$IC/callee.toml"
@@ -103,7 +101,7 @@ spool = "var/$c/spool"
 listen = "127.0.1.$((i + 1)):$CALLER_SMTP_PORT"
 allow = ["127.0.0.0/8"]
 [sip]
-listen = "127.0.1.$((i + 1)):${CALLER_SIP[$i]}"
+listen = "127.0.1.$((i + 1)):$CALLER_SIP_PORT"
 media = "127.0.1.$((i + 1))"
 call_idle = "10m"
 calls_per_peer = $(share_of "$i")

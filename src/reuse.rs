@@ -32,8 +32,20 @@ impl Reuse {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// A file to write the next version into, opened for writing and empty: a kept one,
+    /// or else what `create` makes.
+    pub fn take_or(
+        &self,
+        create: impl FnOnce() -> io::Result<(PathBuf, fs::File)>,
+    ) -> io::Result<(PathBuf, fs::File)> {
+        match self.take() {
+            Some(kept) => Ok(kept),
+            None => create(),
+        }
+    }
+
     /// A kept file to write the next version into, opened for writing (empty), or `None`.
-    pub fn take(&self) -> Option<(PathBuf, fs::File)> {
+    fn take(&self) -> Option<(PathBuf, fs::File)> {
         loop {
             let p = self.lock().pop()?;
             if let Ok(f) = fs::OpenOptions::new().write(true).truncate(true).open(&p) {
@@ -89,8 +101,8 @@ mod tests {
         let ino = |p: &Path| fs::metadata(p).unwrap().ino();
         let write = |r: &Reuse, target: &Path, bytes: &[u8], fresh: &Path| {
             let (p, mut f) = r
-                .take()
-                .unwrap_or_else(|| (fresh.to_path_buf(), fs::File::create(fresh).unwrap()));
+                .take_or(|| Ok((fresh.to_path_buf(), fs::File::create(fresh)?)))
+                .unwrap();
             f.write_all(bytes).unwrap();
             drop(f);
             r.put(&p, target).unwrap();

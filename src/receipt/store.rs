@@ -252,18 +252,15 @@ impl ReceiptStore {
     /// A record rewritten (a sent record gets its delivered receipts) is swapped with the
     /// new version, whose inode is an emptied old one where there is one (`crate::reuse`).
     fn write_renamed(&self, dir: &str, name: &str, bytes: &[u8], durable: bool) -> io::Result<()> {
-        let (tmp, mut f) = match self.reuse.take() {
-            Some(x) => x,
-            None => {
-                let tmp = self.root.join("tmp").join(format!(
-                    "{name}.{}.{}",
-                    std::process::id(),
-                    self.seq.fetch_add(1, Ordering::Relaxed)
-                ));
-                let f = fs::File::create(&tmp)?;
-                (tmp, f)
-            }
-        };
+        let (tmp, mut f) = self.reuse.take_or(|| {
+            let tmp = self.root.join("tmp").join(format!(
+                "{name}.{}.{}",
+                std::process::id(),
+                self.seq.fetch_add(1, Ordering::Relaxed)
+            ));
+            let f = fs::File::create(&tmp)?;
+            Ok((tmp, f))
+        })?;
         f.write_all(bytes)?;
         if durable {
             f.sync_all()?;

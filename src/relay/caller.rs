@@ -653,12 +653,8 @@ async fn place_call(
         .await;
     let receipts = match journaled {
         None => false,
-        Some(j) => match j.await {
-            Ok(Ok(())) => true,
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "cannot journal the call; no receipts are asked for on it");
-                false
-            }
+        Some(j) => match j.await.unwrap_or_else(|e| Err(std::io::Error::other(e))) {
+            Ok(()) => true,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot journal the call; no receipts are asked for on it");
                 false

@@ -440,25 +440,21 @@ impl TrustStore {
                 .create(d)
                 .map_err(io(d))?;
         }
-        let mut rnd = [0u8; 8];
-        getrandom::fill(&mut rnd).map_err(|e| TrustError::Io {
-            path: path.to_path_buf(),
-            source: std::io::Error::other(e.to_string()),
-        })?;
-        let fresh = tmp_dir.join(format!("tmp-{}", hex::encode(rnd)));
-        let mut tmp = fresh.clone();
-        let res = (|| {
-            let mut f = match self.reuse.take() {
-                Some((p, f)) => {
-                    tmp = p;
-                    f
-                }
-                None => OpenOptions::new()
+        let (tmp, mut f) = self
+            .reuse
+            .take_or(|| {
+                let mut rnd = [0u8; 8];
+                getrandom::fill(&mut rnd).map_err(|e| std::io::Error::other(e.to_string()))?;
+                let fresh = tmp_dir.join(format!("tmp-{}", hex::encode(rnd)));
+                let f = OpenOptions::new()
                     .write(true)
                     .create_new(true)
                     .mode(0o600)
-                    .open(&fresh)?,
-            };
+                    .open(&fresh)?;
+                Ok((fresh, f))
+            })
+            .map_err(io(path))?;
+        let res = (|| {
             f.write_all(data)?;
             f.sync_all()?;
             self.reuse.put(&tmp, path)?;
