@@ -158,12 +158,22 @@ async fn every_message_comes_back_with_a_verified_receipt_stored_before_it_is_fo
     let o = gpg.verify_files(&exp.join("receipt-1.sig"), &exp.join("receipt-1.txt"));
     assert!(!o.status.success(), "gpg accepted a tampered receipt");
     // And sipmail refuses a tampered stored receipt.
-    let stored = dir.path().join(format!(
-        "var/site-a/spool/receipts/sent/{}.json",
-        sent[0].queue_id
-    ));
-    let j = std::fs::read_to_string(&stored).unwrap();
-    std::fs::write(&stored, j.replacen("bob@site-b.test", "eve@site-b.test", 1)).unwrap();
+    // The record is the newest line of its queue ID in the sent log (one segment here).
+    let stored = dir.path().join("var/site-a/spool/receipts/sent/1.log");
+    let log = std::fs::read_to_string(&stored).unwrap();
+    let key = format!("{{\"key\":\"{}\"", sent[0].queue_id);
+    let mut lines: Vec<String> = log.lines().map(str::to_string).collect();
+    let newest = lines
+        .iter()
+        .rposition(|l| l.starts_with(&key))
+        .expect("the record's line");
+    assert!(
+        lines[newest].contains("bob@site-b.test"),
+        "{}",
+        lines[newest]
+    );
+    lines[newest] = lines[newest].replacen("bob@site-b.test", "eve@site-b.test", 1);
+    std::fs::write(&stored, lines.join("\n") + "\n").unwrap();
     let o = sipmail_cli(&["receipts", "-c", cfg, "verify", &sent[0].queue_id]);
     let out = String::from_utf8_lossy(&o.stdout).to_string();
     assert!(!o.status.success() && out.contains("BAD receipt"), "{out}");

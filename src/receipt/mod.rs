@@ -10,10 +10,12 @@
 //! [`check`] is what the sending relay checks before it believes a receipt, and
 //! [`dedup`] is the receiving relay's key for "already accepted", [`wire`] is how receipts
 //! travel in the reply to DATA. Everything here is sans-IO (bytes and values in, values and
-//! typed errors out) except [`store`], the files that keep receipts on both sides.
+//! typed errors out) except [`store`], the files that keep receipts on both sides, and
+//! `records`, the append-only logs under two of them.
 
 pub mod check;
 pub mod dedup;
+mod records;
 mod sign;
 pub mod store;
 mod text;

@@ -3,10 +3,14 @@
 //! is sans-IO; this file is its only I/O.
 //!
 //! Layout under `<spool>/receipts/`:
-//! - `sent/<our queue ID>.json`: the receipts a partner returned for a message we sent
-//!   ([`SentRecord`]), written and fsynced *before* the message is marked delivered.
-//! - `dedup/<DedupKey::file_name>.json`: what we accepted under one key and the receipts we
-//!   issued for it ([`DedupRecord`]), written and fsynced before we answer 250.
+//! - `sent/<n>.log`: the receipts a partner returned for a message we sent
+//!   ([`SentRecord`], keyed by our queue ID), appended and fdatasynced *before* the message
+//!   is marked delivered; [`super::records`] says how the segments work.
+//! - `dedup/<n>.log`: what we accepted under one key and the receipts we issued for it
+//!   ([`DedupRecord`], keyed by [`DedupKey::file_name`]), appended before we answer 250.
+//! - `sent/<our queue ID>.json`, `dedup/<key>.json`: the same records as written by
+//!   versions before the logs, one file each; still read (a record in a log wins), never
+//!   written.
 //! - `calls.log`: one line per call we placed that can carry receipts (`ms peer call-id
 //!   transcript-sha256`), fsynced when the call is set up. The sender checks a returned
 //!   receipt's call against it, across restarts.
@@ -17,9 +21,11 @@
 //!   the receiver's own record of what it handed on.
 //! - `tmp/`: files being written; renamed into place (the commit point).
 //!
-//! Each write is: write to `tmp/`, fsync the file, rename, fsync the directory.
+//! Each write of a whole file (the acknowledged offset, the pruned journal) is: write to
+//! `tmp/`, fsync the file, rename, fsync the directory.
 
 use super::dedup::{DedupKey, Remembered};
+use super::records::{Group, RecordLog};
 use super::wire::Signed;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -147,54 +153,24 @@ pub struct JournalCall {
 pub struct ReceiptStore {
     root: PathBuf,
     seq: AtomicU64,
-    /// Group commit of the directory fsyncs, one per directory written (`sent/`,
-    /// `dedup/`): writers that renamed while an fsync ran share the next one.
-    sent_sync: DirGroup,
-    dedup_sync: DirGroup,
+    /// The sender's receipt records and the receiver's duplicate records.
+    sent_log: RecordLog,
+    dedup_log: RecordLog,
     /// Appends to the delivered logs are serialised; their fdatasyncs are group-committed
     /// per log (a writer whose line an fdatasync started after covered skips its own).
     delivered_lock: std::sync::Mutex<()>,
-    delivered_sync: std::sync::Mutex<std::collections::HashMap<PathBuf, std::sync::Arc<DirGroup>>>,
+    delivered_sync: std::sync::Mutex<std::collections::HashMap<PathBuf, std::sync::Arc<Group>>>,
     /// A sent record is read, changed and rewritten; two calls may fetch the same receipt
     /// at once, so each rewrite holds the stripe of its queue ID (striped rather than one
     /// lock so that different messages still share the directory fsync's group commit).
     sent_locks: [std::sync::Mutex<()>; SENT_STRIPES],
     /// Group commit of the call journal's fdatasyncs.
-    journal_sync: DirGroup,
+    journal_sync: Group,
     /// Emptied files in `tmp/` whose inodes the next writes take (`crate::reuse`).
     reuse: crate::reuse::Reuse,
 }
 
 const SENT_STRIPES: usize = 64;
-
-/// Group commit of one file's or directory's fsync, for writers on blocking threads.
-#[derive(Debug, Default)]
-struct DirGroup {
-    /// Renames done so far (a ticket each).
-    requested: AtomicU64,
-    /// The highest ticket known durable; the lock serialises the fsyncs.
-    synced: std::sync::Mutex<u64>,
-}
-
-impl DirGroup {
-    fn sync(&self, dir: &Path) -> io::Result<()> {
-        self.sync_with(|| fsync_dir(dir))
-    }
-
-    /// Call after the write this sync must cover: `fsync` runs unless one that started
-    /// after the write already covered it.
-    fn sync_with(&self, fsync: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
-        let ticket = self.requested.fetch_add(1, Ordering::SeqCst) + 1;
-        let mut synced = self.synced.lock().unwrap_or_else(|p| p.into_inner());
-        if *synced >= ticket {
-            return Ok(()); // an fsync that started after our write covered it
-        }
-        let covers = self.requested.load(Ordering::SeqCst);
-        fsync()?;
-        *synced = covers;
-        Ok(())
-    }
-}
 
 fn fsync_dir(p: &Path) -> io::Result<()> {
     fs::File::open(p)?.sync_all()
@@ -204,27 +180,35 @@ impl ReceiptStore {
     /// The store under `<spool>/receipts`, creating its directories. Files left in `tmp/`
     /// by a crash are removed.
     pub fn open(spool: &Path) -> io::Result<ReceiptStore> {
-        let s = ReceiptStore::at(spool);
+        let root = spool.join("receipts");
+        let s = ReceiptStore::with_logs(spool, true);
         for d in ["sent", "dedup", "delivered", "tmp"] {
-            fs::create_dir_all(s.root.join(d))?;
+            fs::create_dir_all(root.join(d))?;
         }
-        for e in fs::read_dir(s.root.join("tmp"))? {
+        for e in fs::read_dir(root.join("tmp"))? {
             let _ = fs::remove_file(e?.path());
         }
+        s.sent_log.open()?;
+        s.dedup_log.open()?;
         Ok(s)
     }
 
     /// The store, read-only use (the CLI): nothing is created.
     pub fn at(spool: &Path) -> ReceiptStore {
+        ReceiptStore::with_logs(spool, false)
+    }
+
+    fn with_logs(spool: &Path, writable: bool) -> ReceiptStore {
+        let root = spool.join("receipts");
         ReceiptStore {
-            root: spool.join("receipts"),
+            sent_log: RecordLog::new(root.join("sent"), writable),
+            dedup_log: RecordLog::new(root.join("dedup"), writable),
+            root,
             seq: AtomicU64::new(0),
-            sent_sync: DirGroup::default(),
-            dedup_sync: DirGroup::default(),
             delivered_lock: std::sync::Mutex::new(()),
             delivered_sync: std::sync::Mutex::default(),
             sent_locks: std::array::from_fn(|_| std::sync::Mutex::new(())),
-            journal_sync: DirGroup::default(),
+            journal_sync: Group::default(),
             reuse: crate::reuse::Reuse::default(),
         }
     }
@@ -235,7 +219,7 @@ impl ReceiptStore {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         queue_id.hash(&mut h);
         let m = &self.sent_locks[(h.finish() as usize) % SENT_STRIPES];
-        // A panic while holding it cannot leave the file half-written (rename is atomic).
+        // A panic while holding it cannot leave a record half-written (one write each).
         m.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -248,9 +232,8 @@ impl ReceiptStore {
     }
 
     /// Write to `tmp/`, rename into `dir/name`; with `durable`, fsync the file before the
-    /// rename and the directory after it.
-    /// A record rewritten (a sent record gets its delivered receipts) is swapped with the
-    /// new version, whose inode is an emptied old one where there is one (`crate::reuse`).
+    /// rename and the directory after it. A file rewritten is swapped with the new version,
+    /// whose inode is an emptied old one where there is one (`crate::reuse`).
     fn write_renamed(&self, dir: &str, name: &str, bytes: &[u8], durable: bool) -> io::Result<()> {
         let (tmp, mut f) = self.reuse.take_or(|| {
             let tmp = self.root.join("tmp").join(format!(
@@ -269,11 +252,7 @@ impl ReceiptStore {
         let d = self.root.join(dir);
         self.reuse.put(&tmp, &d.join(name))?;
         if durable {
-            match dir {
-                "sent" => self.sent_sync.sync(&d)?,
-                "dedup" => self.dedup_sync.sync(&d)?,
-                _ => fsync_dir(&d)?,
-            }
+            fsync_dir(&d)?;
         }
         Ok(())
     }
@@ -294,13 +273,29 @@ impl ReceiptStore {
     // --- receiving side ---
 
     pub fn dedup(&self, key: &DedupKey) -> io::Result<Option<DedupRecord>> {
-        Self::read_json(&self.dedup_path(key))
+        self.dedup_named(&key.file_name())
     }
 
-    fn dedup_path(&self, key: &DedupKey) -> PathBuf {
-        self.root
-            .join("dedup")
-            .join(format!("{}.json", key.file_name()))
+    /// The record under a key's file name: the log's, else an older version's file.
+    fn dedup_named(&self, key_file: &str) -> io::Result<Option<DedupRecord>> {
+        match self.dedup_log.get(key_file)? {
+            Some(r) => Ok(Some(r)),
+            None => Self::read_json(&self.legacy_dedup_path(key_file)),
+        }
+    }
+
+    fn legacy_dedup_path(&self, key_file: &str) -> PathBuf {
+        self.root.join("dedup").join(format!("{key_file}.json"))
+    }
+
+    fn check_key_file(key_file: &str) -> io::Result<()> {
+        if key_file.len() != 64 || !key_file.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a duplicate key",
+            ));
+        }
+        Ok(())
     }
 
     /// Writes the record of `key`. A new record is written without fsync when the
@@ -309,37 +304,31 @@ impl ReceiptStore {
     /// spool; start-up recovery rebuilds a lost or torn one from it). A record that replaces
     /// an older one is always fsynced: the older one may cover messages already gone.
     pub fn put_dedup(&self, key: &DedupKey, rec: &DedupRecord, lazy: bool) -> io::Result<()> {
-        let bytes = serde_json::to_vec_pretty(rec).map_err(io::Error::other)?;
-        let name = format!("{}.json", key.file_name());
-        let durable = !lazy || self.root.join("dedup").join(&name).exists();
-        self.write_renamed("dedup", &name, &bytes, durable)
+        let name = key.file_name();
+        let durable =
+            !lazy || self.dedup_log.contains(&name)? || self.legacy_dedup_path(&name).exists();
+        self.dedup_log.put(&name, rec, now_ms(), durable)
     }
 
     /// The record stored under a key's file name ([`DedupKey::file_name`]).
     pub fn dedup_file(&self, key_file: &str) -> io::Result<Option<DedupRecord>> {
-        if key_file.len() != 64 || !key_file.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "not a duplicate key",
-            ));
-        }
-        Self::read_json(&self.root.join("dedup").join(format!("{key_file}.json")))
+        Self::check_key_file(key_file)?;
+        self.dedup_named(key_file)
     }
 
-    /// Makes the record of `key` durable (file and directory fsync); nothing if absent.
+    /// Makes the record of `key` durable (group-committed); nothing if absent.
     pub fn sync_dedup(&self, key_file: &str) -> io::Result<()> {
-        if key_file.len() != 64 || !key_file.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "not a duplicate key",
-            ));
+        Self::check_key_file(key_file)?;
+        if self.dedup_log.contains(key_file)? {
+            return self.dedup_log.sync_key(key_file);
         }
-        match fs::File::open(self.root.join("dedup").join(format!("{key_file}.json"))) {
+        // A record an older version wrote lazily, one file, for a message still queued.
+        match fs::File::open(self.legacy_dedup_path(key_file)) {
             Ok(f) => f.sync_all()?,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(e),
         }
-        self.dedup_sync.sync(&self.root.join("dedup"))
+        fsync_dir(&self.root.join("dedup"))
     }
 
     /// The record of `key`, or `None` if it is absent *or torn* (not valid JSON: a lazy
@@ -356,7 +345,7 @@ impl ReceiptStore {
 
     // --- sending side ---
 
-    fn sent_path(&self, queue_id: &str) -> PathBuf {
+    fn legacy_sent_path(&self, queue_id: &str) -> PathBuf {
         self.root.join("sent").join(format!("{queue_id}.json"))
     }
 
@@ -369,7 +358,10 @@ impl ReceiptStore {
                 format!("{queue_id:?} is not a queue ID"),
             ));
         }
-        Self::read_json(&self.sent_path(queue_id))
+        match self.sent_log.get(queue_id)? {
+            Some(r) => Ok(Some(r)),
+            None => Self::read_json(&self.legacy_sent_path(queue_id)),
+        }
     }
 
     /// Adds `new` receipts to the record of `queue_id` (durably).
@@ -394,8 +386,7 @@ impl ReceiptStore {
                 rec.receipts.push(st);
             }
         }
-        let bytes = serde_json::to_vec_pretty(&rec).map_err(io::Error::other)?;
-        self.write_atomic("sent", &format!("{queue_id}.json"), &bytes)
+        self.sent_log.put(queue_id, &rec, now_ms(), true)
     }
 
     /// Adds checked `delivered` receipts to the (existing) record of `queue_id`, durably.
@@ -419,13 +410,26 @@ impl ReceiptStore {
         if added == 0 {
             return Ok(0);
         }
-        let bytes = serde_json::to_vec_pretty(&rec).map_err(io::Error::other)?;
-        self.write_atomic("sent", &format!("{queue_id}.json"), &bytes)?;
+        self.sent_log.put(queue_id, &rec, now_ms(), true)?;
         Ok(added)
     }
 
-    /// Every stored sent record, oldest file first (by name: our queue IDs sort by time).
+    /// Every stored sent record, oldest first (by queue ID: ours sort by time); a record
+    /// in the log wins over an older version's file of the same queue ID.
     pub fn list_sent(&self) -> io::Result<Vec<SentRecord>> {
+        let mut all: std::collections::BTreeMap<String, SentRecord> = self
+            .sent_log
+            .scan::<SentRecord>()?
+            .into_iter()
+            .map(|(k, (_, r))| (k, r))
+            .collect();
+        for r in self.list_legacy_sent()? {
+            all.entry(r.queue_id.clone()).or_insert(r);
+        }
+        Ok(all.into_values().collect())
+    }
+
+    fn list_legacy_sent(&self) -> io::Result<Vec<SentRecord>> {
         let mut names: Vec<PathBuf> = match fs::read_dir(self.root.join("sent")) {
             Ok(rd) => rd
                 .filter_map(|e| e.ok().map(|e| e.path()))
@@ -645,7 +649,8 @@ impl ReceiptStore {
     }
 
     /// Rewrites the journal with only the calls since `since_ms`, and removes duplicate
-    /// records not touched since then: run at start-up.
+    /// records not written since then (whole log segments, and older versions' files):
+    /// run at start-up.
     pub fn prune(&self, since_ms: u64) -> io::Result<()> {
         let keep = self.calls(since_ms)?;
         let mut text = String::new();
@@ -658,9 +663,19 @@ impl ReceiptStore {
         if self.journal().exists() {
             self.write_atomic("", "calls.log", text.as_bytes())?;
         }
+        let dropped = self.dedup_log.prune_before(since_ms)?;
+        if dropped > 0 {
+            tracing::info!(
+                segments = dropped,
+                "receipts: dropped duplicate records older than the duplicate window"
+            );
+        }
         let cutoff = std::time::UNIX_EPOCH + std::time::Duration::from_millis(since_ms);
         if let Ok(rd) = fs::read_dir(self.root.join("dedup")) {
-            for e in rd.flatten() {
+            for e in rd
+                .flatten()
+                .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+            {
                 let old = e
                     .metadata()
                     .and_then(|m| m.modified())
@@ -672,4 +687,10 @@ impl ReceiptStore {
         }
         Ok(())
     }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }

@@ -561,3 +561,55 @@ fn a_delivered_receipt_stored_by_racing_calls_counts_once() {
         assert_eq!(rec.receipts.len(), 1);
     }
 }
+
+/// Records an older version wrote, one file each, are still found: a sent record is read,
+/// gets its delivered receipt in the log, and is listed once; a duplicate record is found
+/// by key and pruned by age as before. Nothing new is written as a file.
+#[test]
+fn records_of_the_file_per_record_layout_are_still_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let signed = |t: &str| wire::Signed {
+        text: t.as_bytes().to_vec(),
+        sig: vec![1, 2, 3],
+    };
+    let qid = "1A23BC69D0500001DC035";
+    let old = store::SentRecord {
+        queue_id: qid.into(),
+        peer: "site-b.test".into(),
+        fingerprint: "FPR".into(),
+        receipts: vec![store::StoredReceipt::from_signed(&signed("accepted"))],
+        delivered: vec![],
+    };
+    let key = DedupKey {
+        sender: "site-a.test".into(),
+        sender_queue_id: qid.into(),
+        message_sha256: "ab".repeat(32),
+    };
+    let old_dedup = store::DedupRecord::new(&key);
+    let receipts = dir.path().join("receipts");
+    for d in ["sent", "dedup"] {
+        std::fs::create_dir_all(receipts.join(d)).unwrap();
+    }
+    std::fs::write(
+        receipts.join(format!("sent/{qid}.json")),
+        serde_json::to_vec_pretty(&old).unwrap(),
+    )
+    .unwrap();
+    let dedup_file = receipts.join(format!("dedup/{}.json", key.file_name()));
+    std::fs::write(&dedup_file, serde_json::to_vec_pretty(&old_dedup).unwrap()).unwrap();
+
+    let st = store::ReceiptStore::open(dir.path()).unwrap();
+    assert_eq!(st.sent(qid).unwrap(), Some(old.clone()));
+    assert_eq!(st.dedup(&key).unwrap(), Some(old_dedup.clone()));
+    assert_eq!(st.add_delivered(qid, &[signed("delivered")]).unwrap(), 1);
+    let listed = st.list_sent().unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].delivered.len(), 1, "the log's newer record wins");
+    assert_eq!(st.sent(qid).unwrap().unwrap().receipts, old.receipts);
+    // No new file per record: the sent directory holds the old file and one segment.
+    assert_eq!(std::fs::read_dir(receipts.join("sent")).unwrap().count(), 2);
+    // Pruning by age still removes an old duplicate file.
+    st.prune(u64::MAX / 2).unwrap();
+    assert!(!dedup_file.exists());
+    assert_eq!(st.dedup(&key).unwrap(), None);
+}
