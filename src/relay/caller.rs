@@ -959,8 +959,15 @@ pub(crate) async fn worker(ctx: Arc<Context>, domain: String, lane_no: usize, la
         let Some((active, _)) = call.as_mut() else {
             continue;
         };
-        let body = match crate::queue::bodyio::BodyReader::open(ctx.spool.body_path(&job.id)).await
-        {
+        // The body's open and the `.sending` marker are two blocking-pool tasks: run side by
+        // side (the marker exists before the first byte goes out either way). A marker for a
+        // body that cannot be opened is cleared by the report, as after any failed attempt.
+        let (body, ()) = tokio::join!(
+            crate::queue::bodyio::BodyReader::open(ctx.spool.body_path(&job.id)),
+            ctx.spool
+                .begin_send(&job.id, &job.route, Some(&active.relay)),
+        );
+        let body = match body {
             Ok(b) => b,
             Err(e) => {
                 tracing::error!(queue_id = %job.id, error = %e, "cannot open the queued message");
@@ -971,9 +978,6 @@ pub(crate) async fn worker(ctx: Arc<Context>, domain: String, lane_no: usize, la
                 continue;
             }
         };
-        ctx.spool
-            .begin_send(&job.id, &job.route, Some(&active.relay))
-            .await;
         let span = active.span.clone();
         let sending = tokio::time::Instant::now();
         // Ask for a receipt only where one can be verified; hash what we send, to check it.
