@@ -392,6 +392,26 @@ impl ReceiptStore {
     /// Adds checked `delivered` receipts to the (existing) record of `queue_id`, durably.
     /// Returns how many were new (a receipt fetched twice is stored once).
     pub fn add_delivered(&self, queue_id: &str, new: &[Signed]) -> io::Result<usize> {
+        self.add_delivered_with(queue_id, new, true)
+    }
+
+    /// As [`ReceiptStore::add_delivered`], written but not yet durable: a batch of them is
+    /// made durable by one [`ReceiptStore::sync_sent`].
+    pub fn add_delivered_unsynced(&self, queue_id: &str, new: &[Signed]) -> io::Result<usize> {
+        self.add_delivered_with(queue_id, new, false)
+    }
+
+    /// Makes every sent record written so far durable (one group-committed fdatasync).
+    pub fn sync_sent(&self) -> io::Result<()> {
+        self.sent_log.sync()
+    }
+
+    fn add_delivered_with(
+        &self,
+        queue_id: &str,
+        new: &[Signed],
+        durable: bool,
+    ) -> io::Result<usize> {
         let _g = self.sent_lock(queue_id);
         let Some(mut rec) = self.sent(queue_id)? else {
             return Err(io::Error::new(
@@ -410,7 +430,7 @@ impl ReceiptStore {
         if added == 0 {
             return Ok(0);
         }
-        self.sent_log.put(queue_id, &rec, now_ms(), true)?;
+        self.sent_log.put(queue_id, &rec, now_ms(), durable)?;
         Ok(added)
     }
 

@@ -110,7 +110,9 @@ pub(crate) async fn make_durable(ctx: &Context, peer: &str) {
 /// SMTP session, checks and stores each, and acknowledges every batch it could store. A
 /// receipt that fails a check is an alarm (`ALERT`, `sipmail_delivered_receipts_refused_total`)
 /// and is not stored; it is acknowledged all the same (the partner has nothing better to
-/// send). An I/O error storing one leaves the batch unacknowledged, to be fetched again.
+/// send). A batch's receipts are written one by one and made durable by one fdatasync
+/// before the acknowledgement; an I/O error storing one, or that fdatasync failing, leaves
+/// the batch unacknowledged, to be fetched again.
 /// Returns how many were stored, or `None` when another of our calls to `peer` is
 /// fetching (one at a time: [`super::receipts::Receipts::claim_fetch`]); an error is the
 /// session's (the call is broken).
@@ -191,6 +193,11 @@ where
                         "ALERT: the partner's delivered receipt is refused and not stored");
                 }
             }
+        }
+        if let Err(e) = ctx.receipts.sync_sent().await {
+            tracing::error!(%peer, error = %e,
+                "cannot make the stored delivered receipts durable; the batch is fetched again on a later call");
+            return Ok(stored);
         }
         client.receipts_ack(n).await?;
         if n < MAX_RECEIPTS {

@@ -167,10 +167,17 @@ impl Receipts {
         blocking(move || store.ack_delivered(&peer, offset)).await
     }
 
-    /// Sending side: checked delivered receipts stored with our message's record.
+    /// Sending side: checked delivered receipts written into our message's record, durable
+    /// only after [`Receipts::sync_sent`] (a fetched batch shares one fdatasync).
     pub async fn add_delivered(&self, queue_id: &str, new: Vec<Signed>) -> io::Result<usize> {
         let (store, q) = (self.store.clone(), queue_id.to_string());
-        blocking(move || store.add_delivered(&q, &new)).await
+        blocking(move || store.add_delivered_unsynced(&q, &new)).await
+    }
+
+    /// Sending side: every record written so far is durable when this returns.
+    pub async fn sync_sent(&self) -> io::Result<()> {
+        let store = self.store.clone();
+        blocking(move || store.sync_sent()).await
     }
 
     /// Sending side: the accepted receipts stored for our message `queue_id`.
