@@ -135,20 +135,31 @@ impl BodyWriter {
     }
 
     /// Write everything out and return the file (written, not yet fsynced) and its size.
-    pub async fn finish(mut self) -> io::Result<(File, u64)> {
-        if let Some(mut file) = self.file.take() {
-            // Small body: one write, no writer task.
-            let buf = std::mem::take(&mut self.buf);
-            let file = tokio::task::spawn_blocking(move || file.write_all(&buf).map(|()| file))
-                .await
-                .map_err(io::Error::other)??;
-            return Ok((file, self.size));
+    pub async fn finish(self) -> io::Result<(File, u64)> {
+        let (mut file, tail, size) = self.finish_deferred().await?;
+        if tail.is_empty() {
+            return Ok((file, size));
+        }
+        let file = tokio::task::spawn_blocking(move || file.write_all(&tail).map(|()| file))
+            .await
+            .map_err(io::Error::other)??;
+        Ok((file, size))
+    }
+
+    /// As [`BodyWriter::finish`], except that a small body (one that never left the
+    /// buffer) comes back unwritten, as the tail to write: [`super::Spool::commit_parts`]
+    /// writes it in the task that fsyncs the file, one hand-off to the blocking pool
+    /// instead of two.
+    pub async fn finish_deferred(mut self) -> io::Result<(File, Vec<u8>, u64)> {
+        if let Some(file) = self.file.take() {
+            // Small body: no writer task.
+            return Ok((file, std::mem::take(&mut self.buf), self.size));
         }
         std::future::poll_fn(|cx| self.poll_send(cx)).await?;
         self.tx = None;
         let task = self.task.take().ok_or_else(stopped)?;
         let file = task.await.map_err(io::Error::other)??;
-        Ok((file, self.size))
+        Ok((file, Vec::new(), self.size))
     }
 }
 

@@ -337,33 +337,46 @@ fn fsync_dir(p: &Path) -> io::Result<()> {
 /// Group commit for the `queue/` directory. Every commit renames its files into `queue/`
 /// and then needs one fsync of the directory that starts *after* its renames. Commits
 /// that arrive while an fsync runs share the next one, so N concurrent messages cost one
-/// directory fsync instead of N.
+/// directory fsync instead of N. Blocking: called on the blocking pool, by the task that
+/// did the renames ([`Spool::commit_parts`]) or through [`DirSync::sync`].
 #[derive(Debug, Default)]
 struct DirSync {
     /// Renames done so far (a ticket per commit).
     requested: AtomicU64,
     /// The highest ticket known durable; the lock also serializes the fsyncs.
-    synced: tokio::sync::Mutex<u64>,
+    synced: std::sync::Mutex<u64>,
     /// The same value, readable without the lock (by the recycler).
     durable: AtomicU64,
 }
 
 impl DirSync {
-    async fn sync(&self, dir: &Path) -> io::Result<()> {
+    fn sync_blocking(&self, dir: &Path) -> io::Result<()> {
         let ticket = self.requested.fetch_add(1, Ordering::SeqCst) + 1;
-        let mut synced = self.synced.lock().await;
+        let mut synced = self.synced.lock().unwrap_or_else(|p| p.into_inner());
         if *synced >= ticket {
             return Ok(()); // an fsync that started after our renames already covered us
         }
         let covers = self.requested.load(Ordering::SeqCst);
-        let dir = dir.to_path_buf();
-        tokio::task::spawn_blocking(move || fsync_dir(&dir))
-            .await
-            .map_err(io::Error::other)??;
+        fsync_dir(dir)?;
         *synced = covers;
         self.durable.store(covers, Ordering::SeqCst);
         Ok(())
     }
+
+    async fn sync(self: &Arc<Self>, dir: &Path) -> io::Result<()> {
+        let (me, dir) = (self.clone(), dir.to_path_buf());
+        tokio::task::spawn_blocking(move || me.sync_blocking(&dir))
+            .await
+            .map_err(io::Error::other)?
+    }
+}
+
+/// The two halves of a commit ([`Spool::commit_parts`]): how many are still running, and
+/// whether one failed.
+#[derive(Debug)]
+struct Halves {
+    left: u8,
+    failed: bool,
 }
 
 impl Spool {
@@ -790,24 +803,64 @@ impl Spool {
     pub async fn commit(&self, mut body: tokio::fs::File, env: &Envelope) -> io::Result<()> {
         use tokio::io::AsyncWriteExt;
         body.flush().await?;
-        // The body's fsync and the envelope's write and fsync run side by side.
-        let s = self.clone();
-        let e = env.clone();
-        let env_written = tokio::task::spawn_blocking(move || s.write_env_tmp(&e));
-        let (body_synced, env_written) = tokio::join!(body.sync_all(), env_written);
-        body_synced?;
-        env_written.map_err(io::Error::other)??;
-        drop(body);
-        let s = self.clone();
-        let id = env.id.clone();
-        tokio::task::spawn_blocking(move || {
-            fs::rename(s.tmp.join(format!("{id}.msg")), s.body_path(&id))?;
+        let body = body.into_std().await;
+        self.commit_parts(body, Vec::new(), env).await
+    }
+
+    /// [`Spool::commit`] of a body file in `tmp/` still to be completed by `tail`. Two
+    /// blocking tasks run side by side: the body's tail and fsync, and the envelope's write
+    /// and fsync. The one that ends second, if neither failed, renames both into `queue/`
+    /// (the envelope last: the commit point) and fsyncs `queue/` (group commit). The order
+    /// on disk is the one it always was; the relay's threads hand the work over once, not
+    /// three times in a row.
+    pub async fn commit_parts(
+        &self,
+        mut body: fs::File,
+        tail: Vec<u8>,
+        env: &Envelope,
+    ) -> io::Result<()> {
+        let halves = Arc::new(std::sync::Mutex::new(Halves {
+            left: 2,
+            failed: false,
+        }));
+        let (s, h, id) = (self.clone(), halves.clone(), env.id.clone());
+        let body_half = tokio::task::spawn_blocking(move || {
+            let r = body.write_all(&tail).and_then(|()| body.sync_all());
+            drop(body);
+            s.commit_half(&h, r, &id)
+        });
+        let (s, h, e) = (self.clone(), halves, env.clone());
+        let env_half = tokio::task::spawn_blocking(move || {
+            let r = s.write_env_tmp(&e);
+            s.commit_half(&h, r, &e.id)
+        });
+        let (b, e) = tokio::join!(body_half, env_half);
+        b.map_err(io::Error::other)??;
+        e.map_err(io::Error::other)?
+    }
+
+    /// One half of a commit is written and fsynced (or failed): the second to get here
+    /// finishes the commit.
+    fn commit_half(
+        &self,
+        halves: &std::sync::Mutex<Halves>,
+        r: io::Result<()>,
+        id: &str,
+    ) -> io::Result<()> {
+        let finish = {
+            let mut h = halves.lock().unwrap_or_else(|p| p.into_inner());
+            h.left -= 1;
+            h.failed |= r.is_err();
+            h.left == 0 && !h.failed
+        };
+        r?;
+        if finish {
+            fs::rename(self.tmp.join(format!("{id}.msg")), self.body_path(id))?;
             // The envelope's rename is the commit point.
-            fs::rename(s.tmp.join(format!("{id}.env")), s.env_path(&id))
-        })
-        .await
-        .map_err(io::Error::other)??;
-        self.dir_sync.sync(&self.queue).await
+            fs::rename(self.tmp.join(format!("{id}.env")), self.env_path(id))?;
+            self.dir_sync.sync_blocking(&self.queue)?;
+        }
+        Ok(())
     }
 
     /// Throw away a body that will not be committed.
@@ -1040,7 +1093,7 @@ pub(crate) mod tests {
         for t in tasks {
             ids.push(t.await.unwrap());
         }
-        let fsyncs = *s.dir_sync.synced.lock().await;
+        let fsyncs = *s.dir_sync.synced.lock().unwrap();
         assert_eq!(fsyncs, 50, "every commit is covered");
         let (_s, envs) = Spool::open(dir.path()).unwrap();
         assert_eq!(envs.len(), 50);

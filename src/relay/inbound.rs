@@ -123,7 +123,7 @@ impl SpoolBackend {
     /// the answer is 451, so that a resend cannot be queued twice.
     async fn commit_with_receipt(
         &mut self,
-        file: tokio::fs::File,
+        file: (std::fs::File, Vec<u8>),
         mut qenv: Envelope,
         mut facts: ReceiptFacts,
     ) -> Reply {
@@ -177,7 +177,7 @@ impl SpoolBackend {
         facts.fingerprint = keys.own_fpr_hex.clone();
         facts.committed_ms = crate::queue::now_ms();
         qenv.receipt = Some(Box::new(facts.clone()));
-        if let Err(e) = spool.commit(file, &qenv).await {
+        if let Err(e) = spool.commit_parts(file.0, file.1, &qenv).await {
             spool.discard(&id).await;
             return write_failed("could not commit a message to the spool", &e);
         }
@@ -370,11 +370,12 @@ impl Backend for SpoolBackend {
         };
         let (writer, tapped) = writer.into_parts();
         let finished = match writer.into_inner().await {
-            Ok(w) => w.finish().await,
+            Ok(w) => w.finish_deferred().await,
             Err(e) => Err(e),
         };
+        // A small body's bytes are written by the commit (`Spool::commit_parts`).
         let (file, size) = match finished {
-            Ok((f, size)) => (tokio::fs::File::from_std(f), size),
+            Ok((f, tail, size)) => ((f, tail), size),
             Err(e) => {
                 self.shared.spool.discard(&id).await;
                 return fail(e);
@@ -452,7 +453,7 @@ impl Backend for SpoolBackend {
         if let Some(facts) = asked {
             return self.commit_with_receipt(file, qenv, facts).await;
         }
-        if let Err(e) = self.shared.spool.commit(file, &qenv).await {
+        if let Err(e) = self.shared.spool.commit_parts(file.0, file.1, &qenv).await {
             self.shared.spool.discard(&id).await;
             return fail(e);
         }
