@@ -11,6 +11,7 @@ pub mod document;
 pub mod domain;
 pub mod handshake;
 pub mod keyring;
+pub mod listen;
 pub mod metrics;
 pub mod queue;
 pub mod receipt;

@@ -108,12 +108,10 @@ pub async fn start_with_agent(
         crate::queue::maildir::ensure(m)
             .map_err(io_err(format!("creating Maildir {}", m.display())))?;
     }
-    let smtp = tokio::net::TcpListener::bind(cfg.smtp_listen)
-        .await
-        .map_err(io_err(format!(
-            "{}: smtp.listen {}",
-            cfg.file, cfg.smtp_listen
-        )))?;
+    let smtp = crate::listen::tcp(cfg.smtp_listen).map_err(io_err(format!(
+        "{}: smtp.listen {}",
+        cfg.file, cfg.smtp_listen
+    )))?;
     let smtp_addr = smtp.local_addr().map_err(io_err("smtp socket"))?;
     let peer_addrs = peer_addresses(&cfg).await;
     let mut trusted: Vec<IpAddr> = peer_addrs.values().flatten().copied().collect();

@@ -26,9 +26,7 @@ pub(crate) async fn bind(
 ) -> Result<TcpListener, MediaPortError> {
     let Some(range) = range else {
         let addr = SocketAddr::new(ip, 0);
-        return TcpListener::bind(addr)
-            .await
-            .map_err(|source| MediaPortError::Io { addr, source });
+        return crate::listen::tcp(addr).map_err(|source| MediaPortError::Io { addr, source });
     };
     let count = u32::from(range.last - range.first) + 1;
     let mut r = [0u8; 4];
@@ -38,7 +36,7 @@ pub(crate) async fn bind(
         // first + (start + i) % count <= last <= u16::MAX
         let port = range.first + ((start + i) % count) as u16;
         let addr = SocketAddr::new(ip, port);
-        match TcpListener::bind(addr).await {
+        match crate::listen::tcp(addr) {
             Ok(l) => return Ok(l),
             Err(e) if e.kind() == ErrorKind::AddrInUse => continue,
             Err(source) => return Err(MediaPortError::Io { addr, source }),

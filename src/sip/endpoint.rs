@@ -14,7 +14,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::debug;
@@ -214,7 +214,7 @@ impl Endpoint {
             let mut attempt = 0;
             loop {
                 attempt += 1;
-                let listener = TcpListener::bind(addr).await?;
+                let listener = crate::listen::tcp(addr)?;
                 let port = listener.local_addr()?.port();
                 match UdpSocket::bind(SocketAddr::new(addr.ip(), port)).await {
                     Ok(udp) => break (listener, udp),
@@ -223,7 +223,7 @@ impl Endpoint {
                 }
             }
         } else {
-            let listener = TcpListener::bind(addr).await?;
+            let listener = crate::listen::tcp(addr)?;
             let udp = UdpSocket::bind(addr).await?;
             (listener, udp)
         };
