@@ -114,6 +114,12 @@ impl RouteJobs {
         Ok(())
     }
 
+    /// How many jobs a push can still place now: lanes waiting, and backlog room.
+    pub fn room(&self) -> usize {
+        let st = self.lock();
+        st.idle.len() + self.backlog_max.saturating_sub(st.backlog.len())
+    }
+
     /// No more jobs: waiting lanes get None, the others once the backlog is empty.
     pub fn close(&self) {
         let mut st = self.lock();

@@ -230,10 +230,13 @@ impl MailQueue {
 
     /// Jobs due now, marked in flight, and the time of the next due attempt (`Some(0)`:
     /// more is ready now). A round looks only at the messages in `ready`, unless a timed
-    /// retry may be due or a rescan was asked for: then it scans every envelope.
-    fn take_due(&self, now: u64) -> (Vec<Job>, Option<u64>) {
+    /// retry may be due or a rescan was asked for: then it scans every envelope. A job is
+    /// built only where `room` says its route's lanes can take it; a message whose route
+    /// is full stays in `ready`, unbuilt (see [`Room`]).
+    fn take_due(&self, now: u64, mut room: Room) -> (Vec<Job>, Option<u64>) {
         let mut st = self.lock();
         let mut jobs = Vec::new();
+        let mut blocked = Vec::new();
         let State {
             envs,
             in_flight,
@@ -251,24 +254,51 @@ impl MailQueue {
                     complete = false;
                     break;
                 }
-                due_jobs(env, in_flight.get(&env.id), now, &mut jobs, &mut next);
+                if due_jobs(
+                    env,
+                    in_flight.get(&env.id),
+                    now,
+                    &mut room,
+                    &mut jobs,
+                    &mut next,
+                ) {
+                    blocked.push(env.id.clone());
+                }
             }
             if complete {
-                // Everything was looked at: what was ready is covered.
+                // Everything was looked at: what is ready now is what found its route full.
                 ready.clear();
+                ready.extend(blocked);
                 *timed_next = next;
             }
             *rescan = !complete;
         } else {
-            while jobs.len() < ROUTE_BACKLOG
+            // Each message looked at costs a little even when its route is full: look at
+            // as many as the lanes can take, and a few more (a message for another route,
+            // or one whose route has no lanes yet, is reached as `ready` turns).
+            let mut budget = room.known() + ROUND_SPARE;
+            while budget > 0
+                && jobs.len() < ROUTE_BACKLOG
                 && let Some(id) = ready.pop_front()
             {
+                budget -= 1;
                 if let Some(env) = envs.get(&id) {
                     let mut next = *timed_next;
-                    due_jobs(env, in_flight.get(&env.id), now, &mut jobs, &mut next);
+                    if due_jobs(
+                        env,
+                        in_flight.get(&env.id),
+                        now,
+                        &mut room,
+                        &mut jobs,
+                        &mut next,
+                    ) {
+                        blocked.push(id);
+                    }
                     *timed_next = next;
                 }
             }
+            // To the back: the messages behind them get their turn.
+            ready.extend(blocked);
         }
         jobs.sort_by(|a, b| a.id.cmp(&b.id));
         for j in &jobs {
@@ -479,16 +509,19 @@ impl MailQueue {
 
 /// The jobs of `env` due at `now` on routes not in flight (one per route); `next` is
 /// lowered to the earliest attempt of a pending recipient that is not due yet.
+/// Adds the jobs of `env` that are due and whose route has room (taking it); returns
+/// whether a due route had none (the message must be looked at again).
 fn due_jobs(
     env: &Envelope,
     flying: Option<&HashSet<Route>>,
     now: u64,
+    room: &mut Room,
     jobs: &mut Vec<Job>,
     next: &mut u64,
-) {
+) -> bool {
     if env.held {
         // Not tried, and no timed retry either, until the operator releases it.
-        return;
+        return false;
     }
     let mut by_route: Vec<(&Route, Vec<&crate::queue::Recipient>)> = Vec::new();
     for r in env.pending() {
@@ -504,8 +537,52 @@ fn due_jobs(
             *next = (*next).min(r.next_attempt_ms);
         }
     }
+    let mut blocked = false;
     for (route, recipients) in by_route {
-        jobs.push(job_for(env, route, &recipients));
+        if room.take(route) {
+            jobs.push(job_for(env, route, &recipients));
+        } else {
+            blocked = true;
+        }
+    }
+    blocked
+}
+
+/// How many more jobs each route's lanes can take this round (`RouteJobs::room`, read
+/// before the round). A route not listed has no lanes yet: they start with its first job,
+/// and take up to a backlog's worth.
+///
+/// Why: with a deep queue (a burst from many sessions), the backlog of the busy route is
+/// full. A round used to build a job for every ready message anyway, fail to hand it
+/// over, and put it back; rounds come with every message and every report, so the
+/// scheduler's work grew with the queue's depth for each message (issue 16: the
+/// 200-session point fell to 70-80% of the peak).
+#[derive(Debug, Default)]
+pub(crate) struct Room(HashMap<Route, usize>);
+
+/// Messages a round looks at beyond the room its known routes have.
+const ROUND_SPARE: usize = 8;
+
+impl Room {
+    pub(crate) fn new(routes: impl IntoIterator<Item = (Route, usize)>) -> Room {
+        Room(routes.into_iter().collect())
+    }
+
+    fn take(&mut self, route: &Route) -> bool {
+        let left = match self.0.get_mut(route) {
+            Some(left) => left,
+            None => self.0.entry(route.clone()).or_insert(ROUTE_BACKLOG),
+        };
+        if *left == 0 {
+            return false;
+        }
+        *left -= 1;
+        true
+    }
+
+    /// The room of the routes that have lanes.
+    fn known(&self) -> usize {
+        self.0.values().sum()
     }
 }
 
@@ -574,7 +651,8 @@ pub(crate) async fn run(
         });
     };
     'rounds: loop {
-        let (jobs, next) = queue.take_due(now_ms());
+        let room = Room::new(routes.iter().map(|(r, j)| (r.clone(), j.room())));
+        let (jobs, next) = queue.take_due(now_ms(), room);
         for job in jobs {
             // Expired by the operator: failed here, through the same commit as a report.
             if let Some(outcomes) = queue.expired_outcomes(&job) {
@@ -653,6 +731,58 @@ mod tests {
         jobs.iter().map(|j| j.id.as_str()).collect()
     }
 
+    /// A route whose lanes have no room gets no job built: its messages stay ready, and
+    /// are taken as room opens, in turn; another route's message behind them is reached.
+    #[test]
+    fn a_full_route_gets_no_jobs_built_and_its_messages_wait_their_turn() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(dir.path()).unwrap();
+        let q = MailQueue::new(
+            spool,
+            vec![],
+            QueueTimes::default(),
+            site(),
+            Events::new(),
+            Arc::new(Metrics::new(Vec::new())),
+        );
+        let _ = q.take_due(0, Room::default()); // the start-up scan: nothing yet
+        for i in 0..20 {
+            q.insert(env(&format!("M{i:02}"), 0));
+        }
+        let mut other = env("X", 0);
+        other.recipients[0].route = Route::Smtp(crate::queue::NextHop {
+            host: "relay.example".into(),
+            port: 25,
+        });
+        q.insert(other);
+        let busy = q.lock().envs["M00"].recipients[0].route.clone();
+        let full = || Room::new([(busy.clone(), 0)]);
+        // Full: nothing built; a round looks at a few messages only, and they stay ready.
+        let (jobs, next) = q.take_due(1, full());
+        assert!(jobs.is_empty());
+        assert_eq!(next, Some(0));
+        assert_eq!(q.lock().ready.len(), 21);
+        assert!(q.lock().in_flight.is_empty());
+        // Room for two: the two oldest in `ready` order.
+        let (jobs, _) = q.take_due(2, Room::new([(busy.clone(), 2)]));
+        assert_eq!(jobs.len(), 2);
+        assert!(jobs.iter().all(|j| j.route == busy));
+        // The other route's message, behind the busy one's, is reached as `ready` turns.
+        let mut reached = false;
+        for round in 0..10 {
+            let (jobs, _) = q.take_due(3 + round, full());
+            if jobs.iter().any(|j| j.id == "X") {
+                reached = true;
+                break;
+            }
+        }
+        assert!(
+            reached,
+            "a message for another route waited behind a full one"
+        );
+        assert_eq!(q.lock().ready.len(), 18);
+    }
+
     #[test]
     fn rounds_take_new_messages_timed_retries_and_requeued_jobs() {
         let dir = tempfile::tempdir().unwrap();
@@ -666,34 +796,34 @@ mod tests {
             Events::new(),
             Arc::new(Metrics::new(Vec::new())),
         );
-        let (jobs, next) = q.take_due(500);
+        let (jobs, next) = q.take_due(500, Room::default());
         assert_eq!(ids(&jobs), ["A"]);
         assert_eq!(next, Some(1000));
         // Nothing new: a round finds nothing, and A is in flight.
-        let (jobs, next) = q.take_due(600);
+        let (jobs, next) = q.take_due(600, Room::default());
         assert!(jobs.is_empty());
         assert_eq!(next, Some(1000));
         // A new message is taken without waiting for the timed one.
         q.insert(env("C", 0));
-        let (jobs, _) = q.take_due(700);
+        let (jobs, _) = q.take_due(700, Room::default());
         assert_eq!(ids(&jobs), ["C"]);
         // A job its lanes could not take comes back in the next round.
         q.requeue(&jobs[0]);
-        let (jobs, _) = q.take_due(800);
+        let (jobs, _) = q.take_due(800, Room::default());
         assert_eq!(ids(&jobs), ["C"]);
         // The timed retry is due: a full scan finds it, not the ones in flight.
-        let (jobs, next) = q.take_due(1000);
+        let (jobs, next) = q.take_due(1000, Room::default());
         assert_eq!(ids(&jobs), ["B"]);
         assert_eq!(next, None);
         // retry_now makes everything pending due at once.
-        let _ = q.take_due(1001);
+        let _ = q.take_due(1001, Room::default());
         {
             let mut st = q.lock();
             st.in_flight.clear();
             st.envs.get_mut("B").unwrap().recipients[0].next_attempt_ms = 5000;
         }
         assert_eq!(q.retry_now(None), 3);
-        let (jobs, next) = q.take_due(1002);
+        let (jobs, next) = q.take_due(1002, Room::default());
         assert_eq!(ids(&jobs), ["A", "B", "C"]);
         assert_eq!(next, None);
     }
@@ -715,7 +845,7 @@ mod tests {
         let unknown = q.hold(&["X".into(), "A".into()], false).await;
         assert_eq!(unknown, Err("no message X in the queue".into()));
         assert_eq!(q.hold(&["A".into()], false).await, Ok(1));
-        let (jobs, _) = q.take_due(10);
+        let (jobs, _) = q.take_due(10, Room::default());
         assert_eq!(ids(&jobs), ["B"]);
         assert!(q.get("A").unwrap().held);
         assert_eq!(
@@ -725,7 +855,7 @@ mod tests {
         // Released: due now, even though its next attempt was far off.
         q.lock().envs.get_mut("A").unwrap().recipients[0].next_attempt_ms = u64::MAX;
         assert_eq!(q.release(&[], true).await, Ok(1));
-        let (jobs, _) = q.take_due(20);
+        let (jobs, _) = q.take_due(20, Room::default());
         assert_eq!(ids(&jobs), ["A"]);
         assert!(!dir.path().join("queue/A.hold").exists());
     }
@@ -761,7 +891,7 @@ mod tests {
             events,
             Arc::new(Metrics::new(Vec::new())),
         );
-        let (jobs, _) = q.take_due(0);
+        let (jobs, _) = q.take_due(0, Room::default());
         let outcomes = jobs[0].all(super::super::outcome::RcptOutcome::Permanent {
             status: "5.1.1".into(),
             diagnostic: "smtp; 550 5.1.1 no such user".into(),
@@ -799,7 +929,7 @@ mod tests {
             Events::new(),
             Arc::new(Metrics::new(Vec::new())),
         );
-        let (jobs, _) = q.take_due(0);
+        let (jobs, _) = q.take_due(0, Room::default());
         let outcomes = jobs[0].all(super::super::outcome::RcptOutcome::Transient("busy".into()));
         q.commit(&jobs[0], &outcomes, None).await;
         let a = q.get("A").expect("still queued");
@@ -808,7 +938,7 @@ mod tests {
         assert!(a.recipients[0].next_attempt_ms > 0);
         // Released: not in flight, and not due before its next attempt.
         assert_eq!(q.snapshot().in_flight, 0);
-        let (jobs, next) = q.take_due(1);
+        let (jobs, next) = q.take_due(1, Room::default());
         assert!(jobs.is_empty());
         assert_eq!(next, Some(a.recipients[0].next_attempt_ms));
     }
