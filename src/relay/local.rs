@@ -52,8 +52,8 @@ pub(crate) async fn worker(ctx: Arc<Context>, dest: Destination, lane: Lane) {
         let Some(job) = job else { break };
         // A partner's message may leave the spool after this attempt: its duplicate record
         // (written without fsync when the message came) must be durable before the report.
-        // Its fsyncs run while the message is handed over, not before (they were on the
-        // warm latency's path), and are waited for once the MTA's answer is noted, so that
+        // Its fdatasync runs while the message is handed over, not before (it was on the
+        // warm latency's path), and is waited for once the MTA's answer is noted, so that
         // nothing slow sits between the MTA's 250 and that note (a crash there is what
         // makes the MTA get the message twice).
         let dedup = job.dedup_key_file.clone().map(|k| {
