@@ -9,6 +9,7 @@ pub mod demo;
 pub mod dns;
 pub mod document;
 pub mod domain;
+pub mod group_commit;
 pub mod handshake;
 pub mod keyring;
 pub mod listen;

@@ -20,6 +20,7 @@ pub mod maildir;
 mod probe;
 mod route;
 
+use crate::group_commit::GroupCommit;
 use route::route_key;
 pub use route::{NextHop, Route};
 
@@ -278,7 +279,9 @@ pub struct Spool {
     queue: PathBuf,
     corrupt: PathBuf,
     free: PathBuf,
-    dir_sync: Arc<DirSync>,
+    /// Group commit of `queue/`'s fsyncs: every commit renames its files into `queue/`
+    /// and then needs one fsync of the directory that starts *after* its renames.
+    dir_sync: Arc<GroupCommit>,
     recycler: Arc<Recycler>,
 }
 
@@ -303,7 +306,7 @@ pub struct Spool {
 /// with an unlink that was not fsynced.)
 #[derive(Debug, Default)]
 struct Recycler {
-    /// Free files, oldest first, each with the `DirSync` ticket count seen after its
+    /// Free files, oldest first, each with the `dir_sync` ticket count seen after its
     /// rename out of `queue/`: reusable once `durable` passes it.
     files: std::sync::Mutex<VecDeque<(PathBuf, u64)>>,
     seq: AtomicU64,
@@ -332,43 +335,6 @@ fn wait_for_agent(marker: &Path) {
 
 fn fsync_dir(p: &Path) -> io::Result<()> {
     fs::File::open(p)?.sync_all()
-}
-
-/// Group commit for the `queue/` directory. Every commit renames its files into `queue/`
-/// and then needs one fsync of the directory that starts *after* its renames. Commits
-/// that arrive while an fsync runs share the next one, so N concurrent messages cost one
-/// directory fsync instead of N. Blocking: called on the blocking pool, by the task that
-/// did the renames ([`Spool::commit_parts`]) or through [`DirSync::sync`].
-#[derive(Debug, Default)]
-struct DirSync {
-    /// Renames done so far (a ticket per commit).
-    requested: AtomicU64,
-    /// The highest ticket known durable; the lock also serializes the fsyncs.
-    synced: std::sync::Mutex<u64>,
-    /// The same value, readable without the lock (by the recycler).
-    durable: AtomicU64,
-}
-
-impl DirSync {
-    fn sync_blocking(&self, dir: &Path) -> io::Result<()> {
-        let ticket = self.requested.fetch_add(1, Ordering::SeqCst) + 1;
-        let mut synced = self.synced.lock().unwrap_or_else(|p| p.into_inner());
-        if *synced >= ticket {
-            return Ok(()); // an fsync that started after our renames already covered us
-        }
-        let covers = self.requested.load(Ordering::SeqCst);
-        fsync_dir(dir)?;
-        *synced = covers;
-        self.durable.store(covers, Ordering::SeqCst);
-        Ok(())
-    }
-
-    async fn sync(self: &Arc<Self>, dir: &Path) -> io::Result<()> {
-        let (me, dir) = (self.clone(), dir.to_path_buf());
-        tokio::task::spawn_blocking(move || me.sync_blocking(&dir))
-            .await
-            .map_err(io::Error::other)?
-    }
 }
 
 /// The two halves of a commit ([`Spool::commit_parts`]): how many are still running, and
@@ -598,7 +564,7 @@ impl Spool {
     /// place when there is one, else a new file.
     fn create_file(&self, path: &Path) -> io::Result<fs::File> {
         let reuse = {
-            let durable = self.dir_sync.durable.load(Ordering::SeqCst);
+            let durable = self.dir_sync.durable();
             let mut files = self
                 .recycler
                 .files
@@ -639,7 +605,7 @@ impl Spool {
             match fs::rename(path, &to) {
                 Ok(()) => {
                     // Any fsync of queue/ that takes a later ticket starts after this.
-                    let seen = self.dir_sync.requested.load(Ordering::SeqCst);
+                    let seen = self.dir_sync.requested();
                     self.recycler
                         .files
                         .lock()
@@ -729,7 +695,7 @@ impl Spool {
         })
         .await
         .map_err(io::Error::other)??;
-        self.dir_sync.sync(&self.queue).await
+        self.sync_queue_dir().await
     }
 
     /// Remove both marks of a message that left the queue (after the message: a crash in
@@ -839,6 +805,19 @@ impl Spool {
         e.map_err(io::Error::other)?
     }
 
+    /// fsync `queue/` after this thread's changes to it (group commit: one that started
+    /// after them may have covered them already). Blocking.
+    fn sync_queue_dir_blocking(&self) -> io::Result<()> {
+        self.dir_sync.sync_with(|| fsync_dir(&self.queue))
+    }
+
+    async fn sync_queue_dir(&self) -> io::Result<()> {
+        let s = self.clone();
+        tokio::task::spawn_blocking(move || s.sync_queue_dir_blocking())
+            .await
+            .map_err(io::Error::other)?
+    }
+
     /// One half of a commit is written and fsynced (or failed): the second to get here
     /// finishes the commit.
     fn commit_half(
@@ -858,7 +837,7 @@ impl Spool {
             fs::rename(self.tmp.join(format!("{id}.msg")), self.body_path(id))?;
             // The envelope's rename is the commit point.
             fs::rename(self.tmp.join(format!("{id}.env")), self.env_path(id))?;
-            self.dir_sync.sync_blocking(&self.queue)?;
+            self.sync_queue_dir_blocking()?;
         }
         Ok(())
     }
@@ -887,7 +866,7 @@ impl Spool {
         })
         .await
         .map_err(io::Error::other)??;
-        self.dir_sync.sync(&self.queue).await
+        self.sync_queue_dir().await
     }
 
     /// [`remove`](Self::remove) after a delivery over `route`, and the `.sending` marker
@@ -1093,7 +1072,7 @@ pub(crate) mod tests {
         for t in tasks {
             ids.push(t.await.unwrap());
         }
-        let fsyncs = *s.dir_sync.synced.lock().unwrap();
+        let fsyncs = s.dir_sync.durable();
         assert_eq!(fsyncs, 50, "every commit is covered");
         let (_s, envs) = Spool::open(dir.path()).unwrap();
         assert_eq!(envs.len(), 50);

@@ -26,6 +26,7 @@
 //! key (not the key itself): about 30 bytes per record kept. A read checks the key it
 //! finds; the rare other key under the same hash is found by scanning the segments.
 
+use crate::group_commit::GroupCommit;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
@@ -33,37 +34,10 @@ use std::hash::BuildHasher;
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// A segment is closed once it is larger than this.
 pub(crate) const SEGMENT_MAX: u64 = 32 << 20;
-
-/// Group commit of one file's or directory's fsync, for writers on blocking threads: a
-/// writer whose write an fsync that started after it already covered skips its own.
-#[derive(Debug, Default)]
-pub(crate) struct Group {
-    /// Writes done so far (a ticket each).
-    requested: AtomicU64,
-    /// The highest ticket known durable; the lock serialises the fsyncs.
-    synced: Mutex<u64>,
-}
-
-impl Group {
-    /// Call after the write this sync must cover: `fsync` runs unless one that started
-    /// after the write already covered it.
-    pub(crate) fn sync_with(&self, fsync: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
-        let ticket = self.requested.fetch_add(1, Ordering::SeqCst) + 1;
-        let mut synced = self.synced.lock().unwrap_or_else(|p| p.into_inner());
-        if *synced >= ticket {
-            return Ok(()); // an fsync that started after our write covered it
-        }
-        let covers = self.requested.load(Ordering::SeqCst);
-        fsync()?;
-        *synced = covers;
-        Ok(())
-    }
-}
 
 /// Where a key's newest line is.
 #[derive(Clone, Copy, Debug)]
@@ -122,7 +96,7 @@ pub(crate) struct RecordLog {
     hasher: std::collections::hash_map::RandomState,
     /// Read from the segments on first use (a read-only user pays only if it reads).
     state: Mutex<Option<State>>,
-    sync: Group,
+    sync: GroupCommit,
 }
 
 fn bad(path: &Path, what: impl std::fmt::Display) -> io::Error {
@@ -147,7 +121,7 @@ impl RecordLog {
             segment_max,
             hasher: Default::default(),
             state: Mutex::new(None),
-            sync: Group::default(),
+            sync: GroupCommit::default(),
         }
     }
 
@@ -633,7 +607,7 @@ mod tests {
         for h in hs {
             h.join().unwrap();
         }
-        let fsyncs = *log.sync.synced.lock().unwrap();
+        let fsyncs = log.sync.durable();
         assert_eq!(
             fsyncs, 400,
             "every write is covered by a completed fdatasync"

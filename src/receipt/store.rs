@@ -25,8 +25,9 @@
 //! `tmp/`, fsync the file, rename, fsync the directory.
 
 use super::dedup::{DedupKey, Remembered};
-use super::records::{Group, RecordLog};
+use super::records::RecordLog;
 use super::wire::Signed;
+use crate::group_commit::GroupCommit;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use serde::{Deserialize, Serialize};
@@ -159,13 +160,14 @@ pub struct ReceiptStore {
     /// Appends to the delivered logs are serialised; their fdatasyncs are group-committed
     /// per log (a writer whose line an fdatasync started after covered skips its own).
     delivered_lock: std::sync::Mutex<()>,
-    delivered_sync: std::sync::Mutex<std::collections::HashMap<PathBuf, std::sync::Arc<Group>>>,
+    delivered_sync:
+        std::sync::Mutex<std::collections::HashMap<PathBuf, std::sync::Arc<GroupCommit>>>,
     /// A sent record is read, changed and rewritten; two calls may fetch the same receipt
     /// at once, so each rewrite holds the stripe of its queue ID (striped rather than one
     /// lock so that different messages still share the directory fsync's group commit).
     sent_locks: [std::sync::Mutex<()>; SENT_STRIPES],
     /// Group commit of the call journal's fdatasyncs.
-    journal_sync: Group,
+    journal_sync: GroupCommit,
     /// Emptied files in `tmp/` whose inodes the next writes take (`crate::reuse`).
     reuse: crate::reuse::Reuse,
 }
@@ -208,7 +210,7 @@ impl ReceiptStore {
             delivered_lock: std::sync::Mutex::new(()),
             delivered_sync: std::sync::Mutex::default(),
             sent_locks: std::array::from_fn(|_| std::sync::Mutex::new(())),
-            journal_sync: Group::default(),
+            journal_sync: GroupCommit::default(),
             reuse: crate::reuse::Reuse::default(),
         }
     }
