@@ -134,23 +134,11 @@ impl BodyWriter {
         }))
     }
 
-    /// Write everything out and return the file (written, not yet fsynced) and its size.
-    pub async fn finish(self) -> io::Result<(File, u64)> {
-        let (mut file, tail, size) = self.finish_deferred().await?;
-        if tail.is_empty() {
-            return Ok((file, size));
-        }
-        let file = tokio::task::spawn_blocking(move || file.write_all(&tail).map(|()| file))
-            .await
-            .map_err(io::Error::other)??;
-        Ok((file, size))
-    }
-
-    /// As [`BodyWriter::finish`], except that a small body (one that never left the
-    /// buffer) comes back unwritten, as the tail to write: [`super::Spool::commit_parts`]
-    /// writes it in the task that fsyncs the file, one hand-off to the blocking pool
-    /// instead of two.
-    pub async fn finish_deferred(mut self) -> io::Result<(File, Vec<u8>, u64)> {
+    /// End the body: the file (written, not yet fsynced), the tail still to write after
+    /// what is in it, and the body's size. A small body (one that never left the buffer)
+    /// comes back whole as the tail: [`super::Spool::commit_parts`] writes it in the task
+    /// that fsyncs the file, one hand-off to the blocking pool instead of two.
+    pub async fn finish(mut self) -> io::Result<(File, Vec<u8>, u64)> {
         if let Some(file) = self.file.take() {
             // Small body: no writer task.
             return Ok((file, std::mem::take(&mut self.buf), self.size));
@@ -377,8 +365,9 @@ mod tests {
                 }
             }
             assert_eq!(w.size(), len as u64);
-            let (file, size) = w.finish().await.unwrap();
+            let (mut file, tail, size) = w.finish().await.unwrap();
             assert_eq!(size, len as u64);
+            std::io::Write::write_all(&mut file, &tail).unwrap();
             file.sync_all().unwrap();
             assert_eq!(std::fs::read(&path).unwrap(), body, "len {len}");
             let mut r = BodyReader::new(File::open(&path).unwrap());
@@ -405,8 +394,9 @@ mod tests {
         for part in body.chunks(64 * 1024) {
             w.write_all(part).await.unwrap();
         }
-        let (file, size) = w.finish().await.unwrap();
+        let (file, tail, size) = w.finish().await.unwrap();
         assert_eq!(size, len as u64);
+        assert!(tail.is_empty(), "a big body is all in the file");
         drop(file);
         assert!(std::fs::read(&path).unwrap() == body);
     }

@@ -757,8 +757,8 @@ impl Spool {
     }
 
     /// A new body file in `tmp/`, written through a [`bodyio::BodyWriter`] (large
-    /// buffers, off the async workers). [`bodyio::BodyWriter::finish`] gives the file for
-    /// [`commit`](Self::commit).
+    /// buffers, off the async workers). [`bodyio::BodyWriter::finish`] gives the file and
+    /// its unwritten tail for [`commit_parts`](Self::commit_parts).
     pub async fn create_body_writer(&self, id: &str) -> io::Result<bodyio::BodyWriter> {
         let file = self.create_body(id).await?.into_std().await;
         Ok(bodyio::BodyWriter::new(file))

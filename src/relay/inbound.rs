@@ -370,7 +370,7 @@ impl Backend for SpoolBackend {
         };
         let (writer, tapped) = writer.into_parts();
         let finished = match writer.into_inner().await {
-            Ok(w) => w.finish_deferred().await,
+            Ok(w) => w.finish().await,
             Err(e) => Err(e),
         };
         // A small body's bytes are written by the commit (`Spool::commit_parts`).
