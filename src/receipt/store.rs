@@ -182,12 +182,11 @@ impl ReceiptStore {
     /// The store under `<spool>/receipts`, creating its directories. Files left in `tmp/`
     /// by a crash are removed.
     pub fn open(spool: &Path) -> io::Result<ReceiptStore> {
-        let root = spool.join("receipts");
         let s = ReceiptStore::with_logs(spool, true);
         for d in ["sent", "dedup", "delivered", "tmp"] {
-            fs::create_dir_all(root.join(d))?;
+            fs::create_dir_all(s.root.join(d))?;
         }
-        for e in fs::read_dir(root.join("tmp"))? {
+        for e in fs::read_dir(s.root.join("tmp"))? {
             let _ = fs::remove_file(e?.path());
         }
         s.sent_log.open()?;
@@ -280,9 +279,18 @@ impl ReceiptStore {
 
     /// The record under a key's file name: the log's, else an older version's file.
     fn dedup_named(&self, key_file: &str) -> io::Result<Option<DedupRecord>> {
-        match self.dedup_log.get(key_file)? {
+        Self::logged_or_legacy(&self.dedup_log, key_file, &self.legacy_dedup_path(key_file))
+    }
+
+    /// `key`'s record in `log`, else the file an older version wrote for it.
+    fn logged_or_legacy<T: for<'a> Deserialize<'a>>(
+        log: &RecordLog,
+        key: &str,
+        legacy: &Path,
+    ) -> io::Result<Option<T>> {
+        match log.get(key)? {
             Some(r) => Ok(Some(r)),
-            None => Self::read_json(&self.legacy_dedup_path(key_file)),
+            None => Self::read_json(legacy),
         }
     }
 
@@ -360,10 +368,7 @@ impl ReceiptStore {
                 format!("{queue_id:?} is not a queue ID"),
             ));
         }
-        match self.sent_log.get(queue_id)? {
-            Some(r) => Ok(Some(r)),
-            None => Self::read_json(&self.legacy_sent_path(queue_id)),
-        }
+        Self::logged_or_legacy(&self.sent_log, queue_id, &self.legacy_sent_path(queue_id))
     }
 
     /// Adds `new` receipts to the record of `queue_id` (durably).

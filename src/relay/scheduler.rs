@@ -507,10 +507,10 @@ impl MailQueue {
     }
 }
 
-/// The jobs of `env` due at `now` on routes not in flight (one per route); `next` is
-/// lowered to the earliest attempt of a pending recipient that is not due yet.
-/// Adds the jobs of `env` that are due and whose route has room (taking it); returns
-/// whether a due route had none (the message must be looked at again).
+/// Adds the jobs of `env` due at `now` on routes not in flight (one per route) whose route
+/// has room (taking it); `next` is lowered to the earliest attempt of a pending recipient
+/// that is not due yet. Returns whether a due route had no room (the message must be
+/// looked at again).
 fn due_jobs(
     env: &Envelope,
     flying: Option<&HashSet<Route>>,
