@@ -142,7 +142,7 @@ async fn pipelined_batch_over_tcp_exact_bytes() {
     read_until(&mut sock, &mut got, b"<CR><LF>.<CR><LF>\r\n").await;
     assert_eq!(
         String::from_utf8_lossy(&got),
-        "250-mx.test\r\n250-PIPELINING\r\n250-SIZE 4194304\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250-DSN\r\n250 ENHANCEDSTATUSCODES\r\n\
+        "250-mx.test\r\n250-PIPELINING\r\n250-SIZE 4194304\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250-DSN\r\n250-CHUNKING\r\n250 ENHANCEDSTATUSCODES\r\n\
 250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n550 5.7.1 relay denied\r\n354 End data with <CR><LF>.<CR><LF>\r\n"
     );
     got.clear();

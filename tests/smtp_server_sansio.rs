@@ -163,7 +163,7 @@ fn s(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-const EHLO_REPLY: &str = "250-mx.test\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250-DSN\r\n250 ENHANCEDSTATUSCODES\r\n";
+const EHLO_REPLY: &str = "250-mx.test\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250-DSN\r\n250-CHUNKING\r\n250 ENHANCEDSTATUSCODES\r\n";
 
 #[test]
 fn full_conversation_exact_bytes() {
@@ -417,7 +417,7 @@ MAIL FROM:<a@x>\r\nRCPT TO:<Postmaster>\r\nRCPT TO:<x@y> RRVS=2030-01-01T00:00:0
 250 mx.test\r\n\
 250 2.0.0 Ok\r\n\
 252 2.5.0 cannot VRFY user, but will accept message and attempt delivery\r\n\
-214 2.0.0 commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP\r\n\
+214 2.0.0 commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP\r\n\
 500 5.5.1 command not recognized\r\n\
 502 5.5.1 command not implemented\r\n\
 502 5.5.1 command not implemented\r\n\
@@ -551,6 +551,11 @@ fn random_input_never_panics() {
         b"RCPT TO:<",
         "MAIL FROM:<a@x> SIZE\u{e9}=1 BODY=\u{e9}\r\n".as_bytes(),
         b"RCPT TO:<postmaster>\r\n",
+        b"BDAT 3\r\n",
+        b"BDAT 7 LAST\r\n",
+        b"BDAT 0 LAST\r\n",
+        b"BDAT 99999999999999999999 LAST\r\n",
+        b"BDAT x\r\n",
     ];
     for _ in 0..3000 {
         let mut input = Vec::new();
@@ -669,4 +674,107 @@ fn xreceipt_commands_are_checked_before_the_backend_sees_them() {
         String::from_utf8_lossy(&out)
     );
     assert!(log.calls.is_empty());
+}
+
+/// BDAT (RFC 3030): one chunk with MAIL and RCPT in one flight, as sipmail's client sends
+/// it; several chunks; a chunk of 0; an unterminated last line gets its CRLF. The octets
+/// are counted, not parsed: a "." line and command-like lines inside a chunk are message.
+#[test]
+fn bdat_chunks_make_the_message_whatever_the_reads() {
+    let input = b"EHLO c\r\n\
+MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nBDAT 13 LAST\r\nhi\r\n.\r\nRSET\r\n\
+MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nBDAT 5\r\none\r\nBDAT 0\r\nNOOP\r\nBDAT 9 LAST\r\n.two\r\nend\
+QUIT\r\n";
+    let (out, log) = assert_chunking_invariant(&config(), input);
+    assert_eq!(
+        s(&out),
+        format!(
+            "220 mx.test ESMTP sipmail\r\n{EHLO_REPLY}\
+250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.0.0 Ok: queued as Q1\r\n\
+250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.0.0 Ok: chunk received\r\n250 2.0.0 Ok: chunk received\r\n\
+250 2.0.0 Ok\r\n250 2.0.0 Ok: queued as Q2\r\n\
+221 2.0.0 mx.test closing connection\r\n"
+        )
+    );
+    assert_eq!(log.messages.len(), 2);
+    assert_eq!(log.messages[0].1, b"hi\r\n.\r\nRSET\r\n");
+    assert_eq!(log.messages[1].1, b"one\r\n.two\r\nend\r\n");
+    assert_eq!(
+        log.calls.iter().filter(|c| c.starts_with("DATA")).count(),
+        2
+    );
+    assert_eq!(log.aborted, 0);
+}
+
+/// A refused BDAT still has its octets read and dropped, so they are never taken for
+/// commands (the chunks below hold command lines); a transaction whose chunk was refused
+/// is over. DATA and RCPT after a chunk, and DATA-style content rules: bare LF rejects.
+#[test]
+fn refused_bdat_chunks_are_read_and_dropped_not_taken_for_commands() {
+    let input = b"EHLO c\r\n\
+BDAT 21\r\nRCPT TO:<evil@y>\r\nX\r\n\
+MAIL FROM:<a@x>\r\nRCPT TO:<b@denied.example>\r\nBDAT 17 LAST\r\nMAIL FROM:<e@x>\r\n\
+RSET\r\n\
+MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nBDAT 3\r\nab\n\
+RCPT TO:<c@y>\r\nDATA\r\nBDAT 3 LAST\r\nz\r\n\
+MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nBDAT 4 LAST\r\nok\r\n\
+QUIT\r\n";
+    let (out, log) = assert_chunking_invariant(&config(), input);
+    assert_eq!(
+        s(&out),
+        format!(
+            "220 mx.test ESMTP sipmail\r\n{EHLO_REPLY}\
+503 5.5.1 need MAIL command\r\n\
+250 2.1.0 Ok\r\n550 5.7.1 relay denied\r\n554 5.5.1 no valid recipients; the chunk was discarded\r\n\
+250 2.0.0 Ok\r\n\
+250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.0.0 Ok: chunk received\r\n\
+503 5.5.1 RCPT is not allowed after BDAT\r\n503 5.5.1 DATA is not allowed after BDAT; send RSET\r\n\
+550 5.6.11 message rejected: bare LF/CR in DATA\r\n\
+250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.0.0 Ok: queued as Q1\r\n\
+221 2.0.0 mx.test closing connection\r\n"
+        )
+    );
+    assert_eq!(log.messages.len(), 1);
+    assert_eq!(log.messages[0].1, b"ok\r\n");
+    assert_eq!(log.messages[0].0.rcpt_to, vec!["b@y"]);
+    assert!(
+        !log.calls
+            .iter()
+            .any(|c| c.contains("evil") || c.contains("e@x")),
+        "chunk octets were taken for commands: {:?}",
+        log.calls
+    );
+    assert_eq!(log.aborted, 1, "the rejected message's spool is discarded");
+}
+
+/// RSET or EHLO between the chunks of a transaction discards what was received; the size
+/// limit counts all chunks and is answered at the last.
+#[test]
+fn bdat_between_chunks_rset_discards_and_the_size_limit_spans_chunks() {
+    let mut cfg = config();
+    cfg.max_message_size = 10;
+    let input = b"EHLO c\r\n\
+MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nBDAT 5\r\nabc\r\nRSET\r\n\
+MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nBDAT 5\r\nabc\r\nEHLO d\r\n\
+MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nBDAT 6\r\n1234\r\nBDAT 6 LAST\r\n5678\r\n\
+MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nBDAT 0 LAST\r\n\
+QUIT\r\n";
+    let (out, log) = assert_chunking_invariant(&cfg, input);
+    let out = s(&out);
+    let ehlo = EHLO_REPLY.replace("SIZE 1000", "SIZE 10");
+    assert_eq!(
+        out,
+        format!(
+            "220 mx.test ESMTP sipmail\r\n{ehlo}\
+250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.0.0 Ok: chunk received\r\n250 2.0.0 Ok\r\n\
+250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.0.0 Ok: chunk received\r\n{ehlo}\
+250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.0.0 Ok: chunk received\r\n\
+552 5.3.4 message size exceeds fixed maximum message size\r\n\
+250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.0.0 Ok: queued as Q1\r\n\
+221 2.0.0 mx.test closing connection\r\n"
+        )
+    );
+    assert_eq!(log.aborted, 3);
+    assert_eq!(log.messages.len(), 1);
+    assert_eq!(log.messages[0].1, b"", "BDAT 0 LAST: an empty message");
 }

@@ -38,6 +38,34 @@ fn stopped() -> io::Error {
     io::Error::other("the spool file writer stopped")
 }
 
+/// The file a body goes into: open already, or opened only when bytes must be written.
+/// A body that stays below [`CHUNK`] never needs its file before the commit, which then
+/// creates, writes and fsyncs it in one blocking task: one hand-off to the blocking pool
+/// per small message instead of two.
+pub enum BodyFile {
+    Open(File),
+    Later(Box<dyn FnOnce() -> io::Result<File> + Send>),
+}
+
+impl BodyFile {
+    /// The file, created now if it was not yet. Blocking.
+    pub fn open(self) -> io::Result<File> {
+        match self {
+            BodyFile::Open(f) => Ok(f),
+            BodyFile::Later(create) => create(),
+        }
+    }
+}
+
+impl std::fmt::Debug for BodyFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BodyFile::Open(_) => "BodyFile::Open",
+            BodyFile::Later(_) => "BodyFile::Later",
+        })
+    }
+}
+
 /// An `AsyncWrite` into a spool file. Bytes are buffered up to [`CHUNK`]; a body that
 /// stays below that is written by [`finish`](Self::finish) in one operation, a larger one
 /// by a blocking task fed through a bounded channel. `poll_flush` hands the buffered
@@ -45,7 +73,7 @@ fn stopped() -> io::Error {
 pub struct BodyWriter {
     buf: Vec<u8>,
     /// The file until the first full chunk starts the writer task.
-    file: Option<File>,
+    file: Option<BodyFile>,
     tx: Option<mpsc::Sender<Vec<u8>>>,
     reserving: Option<Reserve>,
     task: Option<JoinHandle<io::Result<File>>>,
@@ -62,7 +90,7 @@ impl std::fmt::Debug for BodyWriter {
 }
 
 impl BodyWriter {
-    pub fn new(file: File) -> Self {
+    pub fn new(file: BodyFile) -> Self {
         BodyWriter {
             buf: Vec::with_capacity(16 * 1024),
             file: Some(file),
@@ -86,7 +114,9 @@ impl BodyWriter {
         if let Some(file) = self.file.take() {
             let (tx, rx) = mpsc::channel(DEPTH);
             self.tx = Some(tx);
-            self.task = Some(tokio::task::spawn_blocking(move || write_loop(file, rx)));
+            self.task = Some(tokio::task::spawn_blocking(move || {
+                write_loop(file.open()?, rx)
+            }));
         }
         let Some(tx) = self.tx.as_ref() else {
             return Poll::Ready(Err(stopped()));
@@ -136,9 +166,9 @@ impl BodyWriter {
 
     /// End the body: the file (written, not yet fsynced), the tail still to write after
     /// what is in it, and the body's size. A small body (one that never left the buffer)
-    /// comes back whole as the tail: [`super::Spool::commit_parts`] writes it in the task
-    /// that fsyncs the file, one hand-off to the blocking pool instead of two.
-    pub async fn finish(mut self) -> io::Result<(File, Vec<u8>, u64)> {
+    /// comes back whole as the tail, with its file perhaps not created yet:
+    /// [`super::Spool::commit_parts`] creates and writes it in the task that fsyncs it.
+    pub async fn finish(mut self) -> io::Result<(BodyFile, Vec<u8>, u64)> {
         if let Some(file) = self.file.take() {
             // Small body: no writer task.
             return Ok((file, std::mem::take(&mut self.buf), self.size));
@@ -147,7 +177,7 @@ impl BodyWriter {
         self.tx = None;
         let task = self.task.take().ok_or_else(stopped)?;
         let file = task.await.map_err(io::Error::other)??;
-        Ok((file, Vec::new(), self.size))
+        Ok((BodyFile::Open(file), Vec::new(), self.size))
     }
 }
 
@@ -356,7 +386,7 @@ mod tests {
         for len in [0, 1, 5000, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 17] {
             let body = pattern(len);
             let path = dir.path().join(format!("{len}.msg"));
-            let mut w = BodyWriter::new(File::create(&path).unwrap());
+            let mut w = BodyWriter::new(BodyFile::Open(File::create(&path).unwrap()));
             // Odd write sizes, with flushes in between, as the SMTP driver does.
             for (k, part) in body.chunks(10_007).enumerate() {
                 w.write_all(part).await.unwrap();
@@ -365,7 +395,8 @@ mod tests {
                 }
             }
             assert_eq!(w.size(), len as u64);
-            let (mut file, tail, size) = w.finish().await.unwrap();
+            let (file, tail, size) = w.finish().await.unwrap();
+            let mut file = file.open().unwrap();
             assert_eq!(size, len as u64);
             std::io::Write::write_all(&mut file, &tail).unwrap();
             file.sync_all().unwrap();
@@ -390,7 +421,7 @@ mod tests {
         let path = dir.path().join("big.msg");
         let len = WRITE_BEHIND as usize * 2 + 12_345;
         let body = pattern(len);
-        let mut w = BodyWriter::new(File::create(&path).unwrap());
+        let mut w = BodyWriter::new(BodyFile::Open(File::create(&path).unwrap()));
         for part in body.chunks(64 * 1024) {
             w.write_all(part).await.unwrap();
         }
@@ -408,7 +439,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ro.msg");
         std::fs::write(&path, b"").unwrap();
-        let mut w = BodyWriter::new(File::open(&path).unwrap());
+        let mut w = BodyWriter::new(BodyFile::Open(File::open(&path).unwrap()));
         let chunk = vec![b'x'; CHUNK];
         let mut failed = false;
         for _ in 0..(DEPTH + 4) {
@@ -418,5 +449,57 @@ mod tests {
             }
         }
         assert!(failed || w.finish().await.is_err());
+    }
+
+    /// A file to be created later is created only when a full chunk must be written: a
+    /// small body comes back from `finish` still uncreated, a big one is in its file.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_later_file_is_created_only_for_a_body_that_outgrows_the_buffer() {
+        let dir = tempfile::tempdir().unwrap();
+        for len in [5000, CHUNK + 1] {
+            let path = dir.path().join(format!("{len}.msg"));
+            let p = path.clone();
+            let mut w = BodyWriter::new(BodyFile::Later(Box::new(move || File::create(&p))));
+            let body = pattern(len);
+            w.write_all(&body).await.unwrap();
+            w.flush().await.unwrap();
+            let (file, tail, size) = w.finish().await.unwrap();
+            assert_eq!(size, len as u64);
+            if len < CHUNK {
+                assert!(matches!(file, BodyFile::Later(_)), "len {len}: {file:?}");
+                assert!(!path.exists(), "len {len}: created before the commit");
+                assert_eq!(tail, body);
+            } else {
+                assert!(matches!(file, BodyFile::Open(_)), "len {len}: {file:?}");
+                assert!(tail.is_empty());
+            }
+            let mut f = file.open().unwrap();
+            std::io::Write::write_all(&mut f, &tail).unwrap();
+            drop(f);
+            assert_eq!(std::fs::read(&path).unwrap(), body, "len {len}");
+        }
+    }
+
+    /// A file that cannot be created fails the body with that error, whether a big body's
+    /// first chunk needed it or a small body's commit.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_later_file_that_cannot_be_created_fails_the_body() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("no-such-dir").join("x.msg");
+        for len in [10, 3 * CHUNK] {
+            let p = path.clone();
+            let mut w = BodyWriter::new(BodyFile::Later(Box::new(move || File::create(&p))));
+            let mut failed = w.write_all(&pattern(len)).await.is_err();
+            if !failed {
+                failed = match w.finish().await {
+                    Err(_) => true,
+                    Ok((file, _, _)) => file.open().is_err(),
+                };
+            }
+            assert!(
+                failed,
+                "len {len}: no error for a file that cannot be created"
+            );
+        }
     }
 }

@@ -756,12 +756,15 @@ impl Spool {
         Ok(tokio::fs::File::from_std(f))
     }
 
-    /// A new body file in `tmp/`, written through a [`bodyio::BodyWriter`] (large
-    /// buffers, off the async workers). [`bodyio::BodyWriter::finish`] gives the file and
-    /// its unwritten tail for [`commit_parts`](Self::commit_parts).
-    pub async fn create_body_writer(&self, id: &str) -> io::Result<bodyio::BodyWriter> {
-        let file = self.create_body(id).await?.into_std().await;
-        Ok(bodyio::BodyWriter::new(file))
+    /// A writer for a new body file in `tmp/` (large buffers, off the async workers).
+    /// The file is created only when the body outgrows the writer's buffer, or else by
+    /// the commit: [`bodyio::BodyWriter::finish`] gives the file (perhaps still to be
+    /// created) and its unwritten tail for [`commit_parts`](Self::commit_parts).
+    pub fn body_writer(&self, id: &str) -> bodyio::BodyWriter {
+        let (s, path) = (self.clone(), self.tmp.join(format!("{id}.msg")));
+        bodyio::BodyWriter::new(bodyio::BodyFile::Later(Box::new(move || {
+            s.create_file(&path)
+        })))
     }
 
     /// Make the message durable. Returns only after the body, the envelope and the
@@ -770,18 +773,19 @@ impl Spool {
         use tokio::io::AsyncWriteExt;
         body.flush().await?;
         let body = body.into_std().await;
-        self.commit_parts(body, Vec::new(), env).await
+        self.commit_parts(bodyio::BodyFile::Open(body), Vec::new(), env)
+            .await
     }
 
-    /// [`Spool::commit`] of a body file in `tmp/` still to be completed by `tail`. Two
-    /// blocking tasks run side by side: the body's tail and fsync, and the envelope's write
-    /// and fsync. The one that ends second, if neither failed, renames both into `queue/`
+    /// [`Spool::commit`] of a body file in `tmp/` (perhaps not created yet) still to be
+    /// completed by `tail`. Two blocking tasks run side by side: the body's creation if
+    /// needed, tail and fsync, and the envelope's write and fsync. The one that ends second, if neither failed, renames both into `queue/`
     /// (the envelope last: the commit point) and fsyncs `queue/` (group commit). The order
     /// on disk is the one it always was; the relay's threads hand the work over once, not
     /// three times in a row.
     pub async fn commit_parts(
         &self,
-        mut body: fs::File,
+        body: bodyio::BodyFile,
         tail: Vec<u8>,
         env: &Envelope,
     ) -> io::Result<()> {
@@ -791,8 +795,9 @@ impl Spool {
         }));
         let (s, h, id) = (self.clone(), halves.clone(), env.id.clone());
         let body_half = tokio::task::spawn_blocking(move || {
-            let r = body.write_all(&tail).and_then(|()| body.sync_all());
-            drop(body);
+            let r = body
+                .open()
+                .and_then(|mut f| f.write_all(&tail).and_then(|()| f.sync_all()));
             s.commit_half(&h, r, &id)
         });
         let (s, h, e) = (self.clone(), halves, env.clone());

@@ -308,6 +308,13 @@ impl ReceiptStore {
         Ok(())
     }
 
+    /// Whether `key` may have a record: in the log's index (in memory), or as a file an
+    /// older version wrote. `false` means certainly none, found without reading a record.
+    pub fn dedup_may_exist(&self, key: &DedupKey) -> io::Result<bool> {
+        let name = key.file_name();
+        Ok(self.dedup_log.contains(&name)? || self.legacy_dedup_path(&name).exists())
+    }
+
     /// Writes the record of `key`. A new record is written without fsync when the
     /// message it covers is committed in the spool with its facts (the envelope is the
     /// durable copy until [`ReceiptStore::sync_dedup`] runs before the message leaves the

@@ -987,7 +987,7 @@ pub(crate) async fn worker(ctx: Arc<Context>, domain: String, lane_no: usize, la
             opts.xqid = None;
         }
         let mut wire = super::receipts::WireHash::new();
-        let mut observe = |b: &[u8]| wire.feed(b);
+        let mut observe = |f: crate::smtp::client::Framing, b: &[u8]| wire.feed(f, b);
         let res = active
             .client
             .send_tx_observed(
@@ -996,7 +996,9 @@ pub(crate) async fn worker(ctx: Arc<Context>, domain: String, lane_no: usize, la
                 &job.rcpt_params,
                 &opts,
                 body,
-                ask.then_some(&mut observe as &mut (dyn FnMut(&[u8]) + Send)),
+                ask.then_some(
+                    &mut observe as &mut (dyn FnMut(crate::smtp::client::Framing, &[u8]) + Send),
+                ),
             )
             .instrument(span.clone())
             .await;

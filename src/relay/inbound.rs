@@ -123,7 +123,7 @@ impl SpoolBackend {
     /// the answer is 451, so that a resend cannot be queued twice.
     async fn commit_with_receipt(
         &mut self,
-        file: (std::fs::File, Vec<u8>),
+        file: (crate::queue::bodyio::BodyFile, Vec<u8>),
         mut qenv: Envelope,
         mut facts: ReceiptFacts,
     ) -> Reply {
@@ -338,15 +338,9 @@ impl Backend for SpoolBackend {
 
     async fn data_start(&mut self, env: &crate::smtp::Envelope) -> Result<Self::Writer, Reply> {
         let id = Spool::new_id();
-        let mut w = self
-            .shared
-            .spool
-            .create_body_writer(&id)
-            .await
-            .map_err(|e| {
-                tracing::error!(error = %e, "cannot create a spool file");
-                Reply::spool_write_failed(&e)
-            })?;
+        // The file itself is created when the body outgrows the writer's buffer, or by the
+        // commit: a spool that cannot create it fails the message there, with the same 451.
+        let mut w = self.shared.spool.body_writer(&id);
         let hdr = self.received_header(&id, env);
         if let Err(e) = w.write_all(hdr.as_bytes()).await {
             tracing::error!(error = %e, "cannot write to a spool file");

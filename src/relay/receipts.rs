@@ -107,14 +107,28 @@ impl Receipts {
             .collect()
     }
 
-    /// Blocking: the dedup record of `key`.
+    /// The dedup record of `key`. A key never seen (every message but a resend) is
+    /// answered from the index in memory on this thread: both this and
+    /// [`put_dedup`](Self::put_dedup) are on the path to the partner's 250, where a turn
+    /// through the blocking pool costs a thread wake-up each way (docs/PERFORMANCE.md,
+    /// run 12). A record to read is read on the blocking pool.
     pub async fn dedup(&self, key: &DedupKey) -> io::Result<Option<DedupRecord>> {
+        if !self.store.dedup_may_exist(key)? {
+            return Ok(None);
+        }
         let (store, key) = (self.store.clone(), key.clone());
         blocking(move || store.dedup(&key)).await
     }
 
-    /// Writes the record (lazily for a new key: see `ReceiptStore::put_dedup`).
+    /// Writes the record (lazily for a new key: see `ReceiptStore::put_dedup`). A new
+    /// key's record is one append into the page cache, made on this thread (see
+    /// [`dedup`](Self::dedup)); one that replaces a record is fsynced, on the blocking
+    /// pool. The caller holds the key's lock ([`lock`](Self::lock)), so the key cannot
+    /// become known in between.
     pub async fn put_dedup(&self, key: &DedupKey, rec: DedupRecord) -> io::Result<()> {
+        if !self.store.dedup_may_exist(key)? {
+            return self.store.put_dedup(key, &rec, true);
+        }
         let (store, key) = (self.store.clone(), key.clone());
         blocking(move || store.put_dedup(&key, &rec, true)).await
     }
@@ -432,9 +446,10 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for Tap<W> {
     }
 }
 
-/// What the receiving side will have: the DATA bytes as they go on the wire, decoded as
-/// a server decodes them (the same `DataReceiver`), hashed. So the sender's hash matches
-/// the receiver's whatever line endings the spooled body had.
+/// What the receiving side will have: the message's bytes as they go on the wire, decoded
+/// as a server decodes them (the same `DataReceiver`: after DATA unstuffed, in BDAT
+/// chunks as they are), hashed. So the sender's hash matches the receiver's whatever line
+/// endings the spooled body had.
 pub(crate) struct WireHash {
     rx: crate::smtp::DataReceiver,
     chunk: Vec<u8>,
@@ -452,12 +467,21 @@ impl WireHash {
         }
     }
 
-    /// Feed the bytes written on the wire.
-    pub fn feed(&mut self, wire: &[u8]) {
-        self.rx.feed(wire, &mut self.chunk);
-        self.hash.update(&self.chunk);
-        self.size += self.chunk.len() as u64;
-        self.chunk.clear();
+    /// Feed the bytes written on the wire. Chunks are sent already normalised (the client's
+    /// encoder ends them with CRLF), so they are the message as they are.
+    pub fn feed(&mut self, framing: crate::smtp::client::Framing, wire: &[u8]) {
+        match framing {
+            crate::smtp::client::Framing::Data => {
+                self.rx.feed(wire, &mut self.chunk);
+                self.hash.update(&self.chunk);
+                self.size += self.chunk.len() as u64;
+                self.chunk.clear();
+            }
+            crate::smtp::client::Framing::Chunks => {
+                self.hash.update(wire);
+                self.size += wire.len() as u64;
+            }
+        }
     }
 
     /// SHA-256 (hex) and size of the decoded message.
@@ -509,18 +533,34 @@ mod tests {
         stuffer.finish(&mut wire);
         let mut h = WireHash::new();
         for piece in wire.chunks(3) {
-            h.feed(piece);
+            h.feed(crate::smtp::client::Framing::Data, piece);
         }
         let mut rx = crate::smtp::DataReceiver::new(u64::MAX);
         let mut decoded = Vec::new();
         rx.feed(&wire, &mut decoded);
         assert_eq!(decoded, b"a\r\nb\r\n.dot\r\nc\r\n..two\r\nend\r\n");
-        assert_eq!(
-            h.digest(),
-            (
-                hex::encode(sha2::Sha256::digest(&decoded)),
-                decoded.len() as u64
-            )
+        let expected = (
+            hex::encode(sha2::Sha256::digest(&decoded)),
+            decoded.len() as u64,
         );
+        assert_eq!(h.digest(), expected);
+
+        // The same body in one BDAT chunk: the same bytes reach the server, so the same
+        // hash, and the server's chunked receiver stores exactly them.
+        let mut enc = crate::smtp::DotStuffer::chunking();
+        let mut chunk = Vec::new();
+        enc.encode(&body[..7], &mut chunk);
+        enc.encode(&body[7..], &mut chunk);
+        enc.finish(&mut chunk);
+        let mut h = WireHash::new();
+        h.feed(crate::smtp::client::Framing::Chunks, &chunk);
+        assert_eq!(h.digest(), expected);
+        let mut rx = crate::smtp::DataReceiver::chunked(u64::MAX);
+        rx.start_chunk(chunk.len() as u64, true);
+        let mut stored = Vec::new();
+        assert_eq!(rx.feed(&chunk, &mut stored), chunk.len());
+        assert!(rx.is_done());
+        assert_eq!(rx.verdict(), crate::smtp::DataVerdict::Ok);
+        assert_eq!(stored, decoded);
     }
 }

@@ -73,8 +73,18 @@ impl ClientError {
     }
 }
 
-/// Sees the DATA bytes as they go on the wire (see [`SmtpClient::send_tx_observed`]).
-pub type Observer<'a> = &'a mut (dyn FnMut(&[u8]) + Send);
+/// Sees the message's bytes as they go on the wire (see [`SmtpClient::send_tx_observed`]),
+/// and how they are framed there.
+pub type Observer<'a> = &'a mut (dyn FnMut(Framing, &[u8]) + Send);
+
+/// How a message's bytes go on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// After DATA: dot-stuffed, ending with `.CRLF`.
+    Data,
+    /// In BDAT chunks (RFC 3030): the bytes as they are, counted.
+    Chunks,
+}
 
 /// What the server offered in its EHLO reply.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -90,6 +100,8 @@ pub struct Extensions {
     pub dsn: bool,
     /// RFC 6531 internationalized addresses are understood.
     pub smtputf8: bool,
+    /// RFC 3030 BDAT is understood.
+    pub chunking: bool,
     /// The in-call receipt extension (`XRECEIPT sipmail-receipt/1`) is offered.
     pub receipts: bool,
     /// All EHLO keyword lines (after the first), as sent.
@@ -112,6 +124,7 @@ impl Extensions {
                 "ENHANCEDSTATUSCODES" => ext.enhanced_status_codes = true,
                 "DSN" => ext.dsn = true,
                 "SMTPUTF8" => ext.smtputf8 = true,
+                "CHUNKING" => ext.chunking = true,
                 super::server::RECEIPT_KEYWORD => {
                     ext.receipts = words.next() == Some(super::server::RECEIPT_VERSION)
                 }
@@ -422,9 +435,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> SmtpClient<S> {
             .await
     }
 
-    /// As [`send_tx`](Self::send_tx); `observe` sees the DATA bytes exactly as they go on
-    /// the wire (CRLF-normalised and dot-stuffed, with the final `.CRLF`), so a caller can
-    /// compute what the server will have received.
+    /// As [`send_tx`](Self::send_tx); `observe` sees the message's bytes exactly as they
+    /// go on the wire (CRLF-normalised; after DATA also dot-stuffed, with the final
+    /// `.CRLF`), so a caller can compute what the server will have received.
+    ///
+    /// With CHUNKING and PIPELINING offered, a body that fits in one chunk goes out as
+    /// `BDAT n LAST` in the same write as MAIL and RCPT: the whole transaction is one
+    /// round trip, where DATA waits for its 354 first. A larger body goes with DATA.
     pub async fn send_tx_observed(
         &mut self,
         from: &str,
@@ -489,6 +506,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> SmtpClient<S> {
             line
         };
 
+        // A body that fits in one chunk, read whole before anything is sent; the bytes
+        // read are the start of the body for DATA otherwise.
+        let mut head = Vec::new();
+        if self.ext.chunking && self.ext.pipelining && !rcpts.is_empty() {
+            head = vec![0u8; BODY_CHUNK];
+            let mut filled = 0;
+            let fits = loop {
+                let n = body.read(&mut head[filled..]).await?;
+                if n == 0 {
+                    break true;
+                }
+                filled += n;
+                if filled == head.len() {
+                    break false;
+                }
+            };
+            head.truncate(filled);
+            if fits {
+                let mut data = Vec::with_capacity(head.len() + 2);
+                let mut enc = DotStuffer::chunking();
+                enc.encode(&head, &mut data);
+                enc.finish(&mut data);
+                return self
+                    .send_one_chunk(mail, rcpts, rcpt_line, &data, observe)
+                    .await;
+            }
+        }
+
         let mut per_rcpt = Vec::with_capacity(rcpts.len());
         let mail_reply;
         let data_reply;
@@ -537,7 +582,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> SmtpClient<S> {
         match data_reply {
             Some(d) if d.code == 354 => {
                 if any_rcpt {
-                    let final_reply = self.send_body(&mut body, observe).await?;
+                    let final_reply = self.send_body(&head, &mut body, observe).await?;
                     Ok(SendOutcome {
                         mail: mail_reply,
                         per_rcpt,
@@ -568,8 +613,62 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> SmtpClient<S> {
         }
     }
 
+    /// MAIL, the RCPTs and `BDAT n LAST` with the whole (normalised) body, in one write;
+    /// then their replies. The last one is the message's. Once the write has started the
+    /// server may hold the message, so a failure from there on is
+    /// [`ClientError::Unconfirmed`]. A refused transaction is reset.
+    async fn send_one_chunk(
+        &mut self,
+        mail: String,
+        rcpts: &[String],
+        rcpt_line: impl Fn(usize, &str) -> String,
+        data: &[u8],
+        mut observe: Option<Observer<'_>>,
+    ) -> Result<SendOutcome, ClientError> {
+        let t = self.timeouts;
+        let mut batch = mail.into_bytes();
+        for (i, r) in rcpts.iter().enumerate() {
+            batch.extend_from_slice(rcpt_line(i, r).as_bytes());
+        }
+        batch.extend_from_slice(format!("BDAT {} LAST\r\n", data.len()).as_bytes());
+        batch.extend_from_slice(data);
+        if let Some(o) = observe.as_mut() {
+            o(Framing::Chunks, data);
+        }
+        let unconfirmed = |e| ClientError::Unconfirmed(Box::new(e));
+        self.write(&batch, t.data_block, "MAIL ... BDAT")
+            .await
+            .map_err(unconfirmed)?;
+        let mail_reply = self.read_reply(t.mail, "MAIL").await.map_err(unconfirmed)?;
+        let mut per_rcpt = Vec::with_capacity(rcpts.len());
+        for r in rcpts {
+            let reply = self.read_reply(t.rcpt, "RCPT").await.map_err(unconfirmed)?;
+            per_rcpt.push((r.clone(), reply));
+        }
+        let last = self
+            .read_reply(t.data_term, "end of data")
+            .await
+            .map_err(unconfirmed)?;
+        if !mail_reply.is_positive() {
+            per_rcpt = rcpts
+                .iter()
+                .map(|r| (r.clone(), mail_reply.clone()))
+                .collect();
+        }
+        let any_rcpt = mail_reply.is_positive() && per_rcpt.iter().any(|(_, r)| r.is_positive());
+        if !last.is_positive() {
+            self.rset().await?;
+        }
+        Ok(SendOutcome {
+            mail: mail_reply,
+            per_rcpt,
+            data: any_rcpt.then_some(last),
+        })
+    }
+
     async fn send_body(
         &mut self,
+        head: &[u8],
         body: &mut (impl AsyncRead + Unpin),
         mut observe: Option<Observer<'_>>,
     ) -> Result<Reply, ClientError> {
@@ -577,6 +676,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> SmtpClient<S> {
         let mut stuffer = DotStuffer::new();
         let mut inbuf = vec![0u8; BODY_CHUNK];
         let mut out = Vec::with_capacity(BODY_CHUNK + BODY_CHUNK / 8);
+        stuffer.encode(head, &mut out);
         loop {
             let n = body.read(&mut inbuf).await?;
             if n == 0 {
@@ -585,7 +685,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> SmtpClient<S> {
             stuffer.encode(&inbuf[..n], &mut out);
             if out.len() >= BODY_CHUNK {
                 if let Some(o) = observe.as_mut() {
-                    o(&out);
+                    o(Framing::Data, &out);
                 }
                 self.write(&out, t.data_block, "data block").await?;
                 out.clear();
@@ -593,7 +693,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> SmtpClient<S> {
         }
         stuffer.finish(&mut out);
         if let Some(o) = observe.as_mut() {
-            o(&out);
+            o(Framing::Data, &out);
         }
         // From here on the server may hold the whole message.
         let unconfirmed = |e| ClientError::Unconfirmed(Box::new(e));

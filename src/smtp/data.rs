@@ -2,8 +2,10 @@
 //!
 //! [`DataReceiver`] (server): dot-unstuffing, end only at `CRLF . CRLF`,
 //! any bare CR or bare LF marks the message as rejected (SMTP smuggling
-//! defence), size limit. [`DotStuffer`] (client): line-ending normalisation
-//! to CRLF, dot-stuffing, and the terminating `.CRLF`.
+//! defence), size limit; or, for BDAT (RFC 3030), chunks of counted octets with
+//! the same checks. [`DotStuffer`] (client): line-ending normalisation
+//! to CRLF, dot-stuffing, and the terminating `.CRLF` (for BDAT: the
+//! normalisation only).
 
 /// Receiver state (position relative to line structure).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +46,8 @@ pub struct DataReceiver {
     size: u64,
     bare: bool,
     too_large: bool,
+    /// BDAT: the current chunk's octets still to come, and whether it is the last.
+    chunk: Option<(u64, bool)>,
 }
 
 impl DataReceiver {
@@ -55,10 +59,32 @@ impl DataReceiver {
             size: 0,
             bare: false,
             too_large: false,
+            chunk: None,
         }
     }
 
-    /// Whether the terminating `CRLF.CRLF` has been consumed.
+    /// A receiver for BDAT chunks (RFC 3030): no dot-stuffing and no end marker, the
+    /// octets of each chunk counted ([`start_chunk`](Self::start_chunk)); the same checks
+    /// for bare CR and LF, across chunk boundaries too, and the same size limit. A
+    /// message whose last line has no line ending gets CRLF, as one sent with DATA does.
+    pub fn chunked(max_size: u64) -> Self {
+        DataReceiver {
+            chunk: Some((0, false)),
+            ..DataReceiver::new(max_size)
+        }
+    }
+
+    /// The next BDAT chunk: `octets` of message, the last chunk if `last`.
+    pub fn start_chunk(&mut self, octets: u64, last: bool) {
+        self.chunk = Some((octets, last));
+    }
+
+    /// Whether the current BDAT chunk has been consumed in full.
+    pub fn chunk_done(&self) -> bool {
+        matches!(self.chunk, Some((0, _)))
+    }
+
+    /// Whether the terminating `CRLF.CRLF` (for BDAT: the last chunk) has been consumed.
     pub fn is_done(&self) -> bool {
         self.state == RxState::Done
     }
@@ -117,10 +143,63 @@ impl DataReceiver {
         end
     }
 
+    /// BDAT: consumes the current chunk's octets from `input`, checking line endings.
+    fn feed_chunk(&mut self, input: &[u8], out: &mut Vec<u8>) -> usize {
+        let Some((left, last)) = self.chunk else {
+            return 0;
+        };
+        let take = usize::try_from(left).map_or(input.len(), |l| l.min(input.len()));
+        let part = &input[..take];
+        let mut j = 0;
+        loop {
+            let p = memchr::memchr2(b'\r', b'\n', &part[j..]).map(|p| j + p);
+            if p.unwrap_or(part.len()) > j {
+                // Ordinary bytes: a CR before them was bare.
+                if self.state == RxState::Cr {
+                    self.bare = true;
+                }
+                self.state = RxState::Mid;
+            }
+            let Some(p) = p else { break };
+            if part[p] == b'\n' {
+                if self.state != RxState::Cr {
+                    self.bare = true;
+                }
+                self.state = RxState::LineStart;
+            } else {
+                if self.state == RxState::Cr {
+                    self.bare = true;
+                }
+                self.state = RxState::Cr;
+            }
+            j = p + 1;
+        }
+        self.emit(out, part);
+        self.chunk = Some((left - take as u64, last));
+        if left == take as u64 && last {
+            self.end_chunks(out);
+        }
+        take
+    }
+
+    /// After the last chunk: a CR at the very end was bare; an unterminated last line
+    /// gets its CRLF.
+    fn end_chunks(&mut self, out: &mut Vec<u8>) {
+        match self.state {
+            RxState::Cr => self.bare = true,
+            RxState::Mid => self.emit(out, b"\r\n"),
+            _ => {}
+        }
+        self.state = RxState::Done;
+    }
+
     /// Consumes input up to and including the end marker. Returns the number
     /// of bytes consumed; bytes after the end marker are left for the caller
-    /// (pipelined commands).
+    /// (pipelined commands). For BDAT: up to the end of the current chunk.
     pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) -> usize {
+        if self.chunk.is_some() {
+            return self.feed_chunk(input, out);
+        }
         let mut i = 0;
         while i < input.len() {
             let b = input[i];
@@ -195,6 +274,8 @@ impl DataReceiver {
 pub struct DotStuffer {
     at_line_start: bool,
     pending_cr: bool,
+    /// false for BDAT: line endings normalised, no dot-stuffing, no `.CRLF`.
+    dots: bool,
 }
 
 impl Default for DotStuffer {
@@ -208,6 +289,16 @@ impl DotStuffer {
         DotStuffer {
             at_line_start: true,
             pending_cr: false,
+            dots: true,
+        }
+    }
+
+    /// For BDAT (RFC 3030): the same line-ending normalisation (so the server stores
+    /// the same bytes as after DATA), without dot-stuffing or the final `.CRLF`.
+    pub fn chunking() -> Self {
+        DotStuffer {
+            dots: false,
+            ..DotStuffer::new()
         }
     }
 
@@ -226,7 +317,7 @@ impl DotStuffer {
             }
         }
         while i < input.len() {
-            if self.at_line_start && input[i] == b'.' {
+            if self.dots && self.at_line_start && input[i] == b'.' {
                 out.push(b'.');
             }
             // Copy verbatim up to the first CR or LF that is not part of a CRLF followed by
@@ -277,14 +368,17 @@ impl DotStuffer {
         }
     }
 
-    /// Ends the message: CRLF if the last line is unterminated, then `.CRLF`.
+    /// Ends the message: CRLF if the last line is unterminated, then `.CRLF` (not for
+    /// BDAT).
     pub fn finish(&mut self, out: &mut Vec<u8>) {
         if self.pending_cr || !self.at_line_start {
             out.extend_from_slice(b"\r\n");
         }
         self.pending_cr = false;
         self.at_line_start = true;
-        out.extend_from_slice(b".\r\n");
+        if self.dots {
+            out.extend_from_slice(b".\r\n");
+        }
     }
 }
 

@@ -159,6 +159,13 @@ enum Phase {
     WaitDataStart,
     /// In DATA.
     Data,
+    /// Reading the octets of a BDAT chunk (RFC 3030).
+    Chunk,
+    /// Discarding the octets of a refused BDAT chunk, to stay in step with the client.
+    Skip,
+    /// A BDAT transaction was ended by RSET or EHLO between its chunks: the open spool
+    /// is to be discarded ([`Event::DataAbort`]).
+    ChunkAbort,
     /// DATA finished, the event (end or abort) is to be delivered.
     DataFinished,
     WaitDataEnd,
@@ -192,6 +199,12 @@ pub struct ServerSession {
     pending_mail: Option<(String, MailParams)>,
     pending_rcpt: Option<(String, super::RcptParams)>,
     data: Option<DataReceiver>,
+    /// BDAT: the chunk whose spool is being opened ([`Event::DataStart`]).
+    pending_chunk: Option<(u64, bool)>,
+    /// BDAT: a transaction's spool is open between its chunks.
+    bdat_open: bool,
+    /// Octets of a refused BDAT chunk still to discard.
+    skip: u64,
     write_failed: bool,
     storage_full: bool,
     stats: SessionStats,
@@ -217,6 +230,9 @@ impl ServerSession {
             pending_mail: None,
             pending_rcpt: None,
             data: None,
+            pending_chunk: None,
+            bdat_open: false,
+            skip: 0,
             write_failed: false,
             storage_full: false,
             stats: SessionStats::default(),
@@ -244,9 +260,13 @@ impl ServerSession {
         &self.stats
     }
 
-    /// True while the DATA phase is running (the driver uses the data timeout).
+    /// True while message octets are being read, DATA or a BDAT chunk (the driver uses
+    /// the data timeout and larger reads).
     pub fn in_data(&self) -> bool {
-        matches!(self.phase, Phase::Data | Phase::DataFinished)
+        matches!(
+            self.phase,
+            Phase::Data | Phase::DataFinished | Phase::Chunk | Phase::Skip
+        )
     }
 
     /// True once QUIT or a close happened.
@@ -405,9 +425,31 @@ impl ServerSession {
         }
     }
 
-    /// Answer to [`Event::DataStart`]: `Ok` sends 354 and enters DATA.
+    /// Answer to [`Event::DataStart`]: `Ok` sends 354 and enters DATA (for BDAT: reads
+    /// the chunk).
     pub fn data_start_result(&mut self, result: Result<(), Reply>) {
         if self.phase != Phase::WaitDataStart {
+            return;
+        }
+        if let Some((octets, last)) = self.pending_chunk.take() {
+            match result {
+                Ok(()) => {
+                    let mut rx = DataReceiver::chunked(self.config.max_message_size);
+                    rx.start_chunk(octets, last);
+                    self.data = Some(rx);
+                    self.write_failed = false;
+                    self.storage_full = false;
+                    self.bdat_open = true;
+                    self.phase = Phase::Chunk;
+                }
+                Err(reply) => {
+                    // The transaction ends here: a later chunk must not start another
+                    // message that lacks this one's octets.
+                    self.tx = None;
+                    self.push(&reply);
+                    self.skip_chunk(octets);
+                }
+            }
             return;
         }
         match result {
@@ -516,7 +558,46 @@ impl ServerSession {
                         return Event::NeedInput;
                     }
                 }
+                Phase::Chunk => {
+                    let Some(rx) = self.data.as_mut() else {
+                        self.phase = Phase::Command;
+                        continue;
+                    };
+                    let n = rx.feed(&self.input[self.pos..], &mut self.chunk);
+                    self.pos += n;
+                    if rx.is_done() {
+                        self.phase = Phase::DataFinished;
+                    } else if rx.chunk_done() {
+                        // RFC 3030: each chunk but the last is answered when it is in;
+                        // the message's fate comes with the last.
+                        self.push(&r(250, (2, 0, 0), "Ok: chunk received"));
+                        self.phase = Phase::Command;
+                    }
+                    if !self.chunk.is_empty() {
+                        return Event::DataChunk(&self.chunk);
+                    }
+                    if self.phase == Phase::Chunk {
+                        return Event::NeedInput;
+                    }
+                }
+                Phase::Skip => {
+                    let avail = (self.input.len() - self.pos) as u64;
+                    let n = avail.min(self.skip);
+                    self.pos += n as usize;
+                    self.skip -= n;
+                    if self.skip > 0 {
+                        return Event::NeedInput;
+                    }
+                    self.phase = Phase::Command;
+                }
+                Phase::ChunkAbort => {
+                    self.bdat_open = false;
+                    self.data = None;
+                    self.phase = Phase::Command;
+                    return Event::DataAbort;
+                }
                 Phase::DataFinished => {
+                    self.bdat_open = false;
                     let verdict = self
                         .data
                         .take()
@@ -726,6 +807,10 @@ impl ServerSession {
                     self.error(r(503, (5, 5, 1), "need MAIL command"));
                     return;
                 };
+                if self.bdat_open {
+                    self.error(r(503, (5, 5, 1), "RCPT is not allowed after BDAT"));
+                    return;
+                }
                 let notify_bits = smtp_proto::RCPT_NOTIFY_SUCCESS
                     | smtp_proto::RCPT_NOTIFY_FAILURE
                     | smtp_proto::RCPT_NOTIFY_DELAY
@@ -768,6 +853,11 @@ impl ServerSession {
                 self.pending_rcpt = Some((address, params));
                 self.phase = Phase::WaitRcpt;
             }
+            Request::Data if self.bdat_open => self.error(r(
+                503,
+                (5, 5, 1),
+                "DATA is not allowed after BDAT; send RSET",
+            )),
             Request::Data => match &self.tx {
                 None => self.error(r(503, (5, 5, 1), "need MAIL command")),
                 Some(tx) if tx.rcpt_to.is_empty() => {
@@ -775,9 +865,16 @@ impl ServerSession {
                 }
                 Some(_) => self.phase = Phase::WaitDataStart,
             },
+            Request::Bdat {
+                chunk_size,
+                is_last,
+            } => self.bdat(chunk_size as u64, is_last),
             Request::Rset => {
                 self.tx = None;
                 self.push(&r(250, (2, 0, 0), "Ok"));
+                if self.bdat_open {
+                    self.phase = Phase::ChunkAbort;
+                }
             }
             Request::Noop { .. } => self.push(&r(250, (2, 0, 0), "Ok")),
             Request::Vrfy { .. } => self.push(&r(
@@ -788,7 +885,7 @@ impl ServerSession {
             Request::Help { .. } => self.push(&r(
                 214,
                 (2, 0, 0),
-                "commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP",
+                "commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP",
             )),
             Request::Quit => {
                 let text = format!("{} closing connection", self.config.hostname);
@@ -796,7 +893,6 @@ impl ServerSession {
                 self.phase = Phase::Quit;
             }
             Request::Lhlo { .. }
-            | Request::Bdat { .. }
             | Request::Auth { .. }
             | Request::Expn { .. }
             | Request::Etrn { .. }
@@ -806,7 +902,50 @@ impl ServerSession {
         }
     }
 
+    /// `BDAT octets [LAST]` (RFC 3030). The chunk's octets follow the command at once,
+    /// so a refused chunk is still read (and dropped) to stay in step with the client.
+    fn bdat(&mut self, octets: u64, last: bool) {
+        if self.bdat_open {
+            if let Some(rx) = self.data.as_mut() {
+                rx.start_chunk(octets, last);
+            }
+            self.phase = Phase::Chunk;
+            return;
+        }
+        let refused = match &self.tx {
+            None => Some(r(503, (5, 5, 1), "need MAIL command")),
+            Some(tx) if tx.rcpt_to.is_empty() => Some(r(
+                554,
+                (5, 5, 1),
+                "no valid recipients; the chunk was discarded",
+            )),
+            Some(_) => None,
+        };
+        match refused {
+            Some(reply) => {
+                self.error(reply);
+                self.skip_chunk(octets);
+            }
+            None => {
+                self.pending_chunk = Some((octets, last));
+                self.phase = Phase::WaitDataStart;
+            }
+        }
+    }
+
+    /// Discard the next `octets` of input (a refused chunk), unless the session closed.
+    fn skip_chunk(&mut self, octets: u64) {
+        if self.is_closed() {
+            return;
+        }
+        self.skip = octets;
+        self.phase = Phase::Skip;
+    }
+
     fn hello(&mut self, host: String, esmtp: bool) {
+        if self.bdat_open {
+            self.phase = Phase::ChunkAbort;
+        }
         self.tx = None;
         self.esmtp = esmtp;
         let hn = &self.config.hostname;
@@ -819,7 +958,7 @@ impl ServerSession {
             Reply::plain(
                 250,
                 format!(
-                    "{hn}\nPIPELINING\nSIZE {}\n8BITMIME\nSMTPUTF8\nDSN\nENHANCEDSTATUSCODES{receipts}",
+                    "{hn}\nPIPELINING\nSIZE {}\n8BITMIME\nSMTPUTF8\nDSN\nCHUNKING\nENHANCEDSTATUSCODES{receipts}",
                     self.config.max_message_size
                 ),
             )
