@@ -12,6 +12,11 @@
 //! the temporary name, is emptied and kept for the next write. Where the target does not
 //! exist yet, or the file system has no `RENAME_EXCHANGE`, it is a plain rename.
 //!
+//! The old inode is emptied only once the caller has fsynced the directory
+//! ([`Reuse::settle`]): until the swap is durable, a power loss can leave the directory on
+//! disk naming the old inode as the file, and that inode must then still hold the old
+//! version whole (an emptied one would read as "no pin" or "no retained secrets").
+//!
 //! The temporary names live in a directory the owner clears when it opens (a crash may
 //! leave them behind; their content is never read).
 
@@ -55,31 +60,44 @@ impl Reuse {
     }
 
     /// Puts the written (and, where it must be, fsynced) file `tmp` in place of
-    /// `target`, atomically; the old version's inode is emptied and kept.
-    pub fn put(&self, tmp: &Path, target: &Path) -> io::Result<()> {
+    /// `target`, atomically. The old version's inode, now at `tmp`, is left whole: give
+    /// the result to [`settle`](Self::settle) after the directory's fsync.
+    pub fn put(&self, tmp: &Path, target: &Path) -> io::Result<Swapped> {
         let cwd = rustix::fs::CWD;
         match rustix::fs::renameat_with(cwd, tmp, cwd, target, rustix::fs::RenameFlags::EXCHANGE) {
-            Ok(()) => {
-                // `tmp` names the old version now: emptied at once (it may hold secrets).
-                let emptied = fs::OpenOptions::new()
-                    .write(true)
-                    .truncate(true)
-                    .open(tmp)
-                    .is_ok();
-                let mut kept = self.lock();
-                if emptied && kept.len() < KEPT {
-                    kept.push(tmp.to_path_buf());
-                } else {
-                    drop(kept);
-                    let _ = fs::remove_file(tmp);
-                }
-                Ok(())
-            }
+            Ok(()) => Ok(Swapped(Some(tmp.to_path_buf()))),
             // Nothing to swap with (a first version), or no RENAME_EXCHANGE here.
-            Err(_) => fs::rename(tmp, target),
+            Err(_) => fs::rename(tmp, target).map(|()| Swapped(None)),
+        }
+    }
+
+    /// The swap is durable (the directory was fsynced), or need not be: the old version's
+    /// inode is emptied at once (it may hold secrets) and kept for the next write.
+    pub fn settle(&self, swapped: Swapped) {
+        let Some(old) = swapped.0 else {
+            return;
+        };
+        let emptied = fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&old)
+            .is_ok();
+        let mut kept = self.lock();
+        if emptied && kept.len() < KEPT {
+            kept.push(old);
+        } else {
+            drop(kept);
+            let _ = fs::remove_file(old);
         }
     }
 }
+
+/// The old version's inode after [`Reuse::put`], still whole at its temporary name until
+/// [`Reuse::settle`]. Dropped unsettled (the directory's fsync failed), it stays there,
+/// unread, until the owner clears its temporary directory.
+#[must_use = "settle it after the directory's fsync"]
+#[derive(Debug)]
+pub struct Swapped(Option<PathBuf>);
 
 #[cfg(test)]
 mod tests {
@@ -105,7 +123,8 @@ mod tests {
                 .unwrap();
             f.write_all(bytes).unwrap();
             drop(f);
-            r.put(&p, target).unwrap();
+            let old = r.put(&p, target).unwrap();
+            r.settle(old);
         };
         write(&r, &a, b"first", &tmp);
         let first = ino(&a);
@@ -124,5 +143,30 @@ mod tests {
         write(&r, &a, b"a3", &dir.path().join("t5"));
         assert_eq!(fs::read(&a).unwrap(), b"a3");
         assert_eq!(fs::read(&b).unwrap(), b"b2");
+    }
+
+    /// Until the caller settles the swap (after fsyncing the directory), the old inode
+    /// keeps the old version whole: a power loss before that fsync may leave the
+    /// directory on disk naming it as the file. (Seen failing when `put` emptied it at
+    /// once: the old version read back empty.)
+    #[test]
+    fn the_old_version_stays_whole_until_the_swap_is_settled() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Reuse::default();
+        let target = dir.path().join("pin");
+        fs::write(&target, b"OLD-FINGERPRINT\n").unwrap();
+        let old_ino = fs::metadata(&target).unwrap().ino();
+        let tmp = dir.path().join("t1");
+        fs::write(&tmp, b"NEW-FINGERPRINT\n").unwrap();
+        let swapped = r.put(&tmp, &target).unwrap();
+        assert_eq!(fs::read(&target).unwrap(), b"NEW-FINGERPRINT\n");
+        // The old inode, at the temporary name: still the whole old version.
+        assert_eq!(fs::metadata(&tmp).unwrap().ino(), old_ino);
+        assert_eq!(fs::read(&tmp).unwrap(), b"OLD-FINGERPRINT\n");
+        assert!(r.take().is_none(), "not reusable before it is settled");
+        r.settle(swapped);
+        assert_eq!(fs::metadata(&tmp).unwrap().len(), 0, "emptied once settled");
+        let (p, _) = r.take().expect("kept for the next write");
+        assert_eq!(p, tmp);
     }
 }

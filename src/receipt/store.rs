@@ -251,10 +251,11 @@ impl ReceiptStore {
         }
         drop(f);
         let d = self.root.join(dir);
-        self.reuse.put(&tmp, &d.join(name))?;
+        let old = self.reuse.put(&tmp, &d.join(name))?;
         if durable {
             fsync_dir(&d)?;
         }
+        self.reuse.settle(old);
         Ok(())
     }
 

@@ -432,6 +432,20 @@ impl TrustStore {
     /// Write a new version, fsync it, swap it in for the old one (whose inode, emptied,
     /// takes a later write: `crate::reuse`), fsync `state/`.
     fn write_atomic(&self, path: &Path, data: &[u8]) -> Result<(), TrustError> {
+        let old = self.write_swapped(path, data)?;
+        self.sync_dir().map_err(io(path))?;
+        self.reuse.settle(old);
+        Ok(())
+    }
+
+    /// fsync `state/`: the swaps made so far are durable.
+    fn sync_dir(&self) -> std::io::Result<()> {
+        File::open(&self.dir)?.sync_all()
+    }
+
+    /// [`write_atomic`](Self::write_atomic) without the directory's fsync: the caller
+    /// fsyncs `state/` once for several files, then settles each swap.
+    fn write_swapped(&self, path: &Path, data: &[u8]) -> Result<crate::reuse::Swapped, TrustError> {
         let tmp_dir = self.tmp_dir();
         for d in [&self.dir, &tmp_dir] {
             fs::DirBuilder::new()
@@ -457,8 +471,7 @@ impl TrustStore {
         let res = (|| {
             f.write_all(data)?;
             f.sync_all()?;
-            self.reuse.put(&tmp, path)?;
-            File::open(&self.dir)?.sync_all()
+            self.reuse.put(&tmp, path)
         })();
         if res.is_err() {
             let _ = fs::remove_file(&tmp);
@@ -639,13 +652,32 @@ impl TrustStore {
                     domains.push(d);
                 }
             }
+            // Each domain's file written, fsynced and swapped in; then one fsync of
+            // `state/` for them all (it used to be one per domain).
+            let mut swapped = Vec::new();
             for d in domains {
                 let mine = batch.iter().filter(|(_, bd, _, _)| bd == d);
-                if let Err(e) = self.remember_batch(d, mine.clone().map(|(_, _, k, s)| (k, s))) {
-                    for (t, _, _, _) in mine {
+                match self.remember_batch(d, mine.clone().map(|(_, _, k, s)| (k, s))) {
+                    Ok(old) => swapped.push((d, old)),
+                    Err(e) => {
+                        for (t, _, _, _) in mine {
+                            commit.failed.insert(*t, e.to_string());
+                        }
+                    }
+                }
+            }
+            if !swapped.is_empty()
+                && let Err(e) = self.sync_dir()
+            {
+                for (t, bd, _, _) in &batch {
+                    if swapped.iter().any(|(d, _)| d == bd) {
                         commit.failed.insert(*t, e.to_string());
                     }
                 }
+                swapped.clear(); // unsettled: the old versions stay whole
+            }
+            for (_, old) in swapped {
+                self.reuse.settle(old);
             }
             commit.done = upto;
             let mut q = self.retain_queue.lock().unwrap_or_else(|p| p.into_inner());
@@ -660,12 +692,13 @@ impl TrustStore {
         }
     }
 
-    /// Adds `secrets` (oldest first) to `domain`'s retained secrets and writes the file.
+    /// Adds `secrets` (oldest first) to `domain`'s retained secrets and writes the file
+    /// (fsynced and swapped in; the caller fsyncs `state/` and settles the swap).
     fn remember_batch<'a>(
         &self,
         domain: &str,
         secrets: impl Iterator<Item = (&'a String, &'a RetainedSecret)>,
-    ) -> Result<(), TrustError> {
+    ) -> Result<crate::reuse::Swapped, TrustError> {
         let _g = self.lock_for(domain);
         let path = self.path(domain, "retained")?;
         // A corrupt file is replaced: the secrets in it are unusable anyway.
@@ -680,7 +713,7 @@ impl TrustStore {
             }
             text.push('\n');
         }
-        self.write_atomic(&path, text.as_bytes())
+        self.write_swapped(&path, text.as_bytes())
     }
 
     /// Compare a presented key fingerprint (hex) with the pin.
