@@ -42,8 +42,11 @@ SHARE=$(((IDLE_CALLS + IDLE_CALLERS - 1) / IDLE_CALLERS))
 # The file descriptors: the callee holds one media connection per call.
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
-cargo build --release --quiet --manifest-path "$ROOT/Cargo.toml"
-SIPMAIL="$ROOT/target/release/sipmail"
+# SIPMAIL=/path/to/binary compares builds (A/B); by default the release build of this tree.
+if [ -z "${SIPMAIL:-}" ]; then
+    cargo build --release --quiet --manifest-path "$ROOT/Cargo.toml"
+    SIPMAIL="$ROOT/target/release/sipmail"
+fi
 # shellcheck source=lib/postfix.sh
 . "$ROOT/integration/lib/postfix.sh" # free_ports, wait_port, wait_addr, rss_kb, now_ns, scratch
 scratch sipmail-idle
