@@ -571,13 +571,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> SmtpClient<S> {
                 None
             };
         }
-        if !mail_reply.is_positive() {
-            per_rcpt = rcpts
-                .iter()
-                .map(|r| (r.clone(), mail_reply.clone()))
-                .collect();
-        }
-        let any_rcpt = mail_reply.is_positive() && per_rcpt.iter().any(|(_, r)| r.is_positive());
+        let any_rcpt = Self::rcpt_outcome(&mail_reply, rcpts, &mut per_rcpt);
 
         match data_reply {
             Some(d) if d.code == 354 => {
@@ -611,6 +605,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> SmtpClient<S> {
                 })
             }
         }
+    }
+
+    /// Each recipient's reply (the MAIL reply for all when MAIL was refused), and whether
+    /// any recipient was accepted.
+    fn rcpt_outcome(mail: &Reply, rcpts: &[String], per_rcpt: &mut Vec<(String, Reply)>) -> bool {
+        if !mail.is_positive() {
+            *per_rcpt = rcpts.iter().map(|r| (r.clone(), mail.clone())).collect();
+        }
+        mail.is_positive() && per_rcpt.iter().any(|(_, r)| r.is_positive())
     }
 
     /// MAIL, the RCPTs and `BDAT n LAST` with the whole (normalised) body, in one write;
@@ -649,13 +652,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> SmtpClient<S> {
             .read_reply(t.data_term, "end of data")
             .await
             .map_err(unconfirmed)?;
-        if !mail_reply.is_positive() {
-            per_rcpt = rcpts
-                .iter()
-                .map(|r| (r.clone(), mail_reply.clone()))
-                .collect();
-        }
-        let any_rcpt = mail_reply.is_positive() && per_rcpt.iter().any(|(_, r)| r.is_positive());
+        let any_rcpt = Self::rcpt_outcome(&mail_reply, rcpts, &mut per_rcpt);
         if !last.is_positive() {
             self.rset().await?;
         }

@@ -541,33 +541,17 @@ impl ServerSession {
                     self.data_end_result(Reply::temp_failure("local error in processing"));
                     continue;
                 }
-                Phase::Data => {
+                Phase::Data | Phase::Chunk => {
                     let Some(rx) = self.data.as_mut() else {
                         self.phase = Phase::Command;
                         continue;
                     };
                     let n = rx.feed(&self.input[self.pos..], &mut self.chunk);
                     self.pos += n;
-                    if rx.is_done() {
+                    let (done, chunk_done) = (rx.is_done(), rx.chunk_done());
+                    if done {
                         self.phase = Phase::DataFinished;
-                    }
-                    if !self.chunk.is_empty() {
-                        return Event::DataChunk(&self.chunk);
-                    }
-                    if !rx.is_done() {
-                        return Event::NeedInput;
-                    }
-                }
-                Phase::Chunk => {
-                    let Some(rx) = self.data.as_mut() else {
-                        self.phase = Phase::Command;
-                        continue;
-                    };
-                    let n = rx.feed(&self.input[self.pos..], &mut self.chunk);
-                    self.pos += n;
-                    if rx.is_done() {
-                        self.phase = Phase::DataFinished;
-                    } else if rx.chunk_done() {
+                    } else if self.phase == Phase::Chunk && chunk_done {
                         // RFC 3030: each chunk but the last is answered when it is in;
                         // the message's fate comes with the last.
                         self.push(&r(250, (2, 0, 0), "Ok: chunk received"));
@@ -576,7 +560,7 @@ impl ServerSession {
                     if !self.chunk.is_empty() {
                         return Event::DataChunk(&self.chunk);
                     }
-                    if self.phase == Phase::Chunk {
+                    if matches!(self.phase, Phase::Data | Phase::Chunk) {
                         return Event::NeedInput;
                     }
                 }
