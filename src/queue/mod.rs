@@ -13,7 +13,9 @@
 //!   does not hand the message over a second time.
 //!
 //! Commit: fsync the body, write and fsync the envelope in tmp/, rename the body, rename
-//! the envelope, fsync `queue/`. Only then does SMTP answer 250.
+//! the envelope, fsync `queue/`. Only then does SMTP answer 250. If that last fsync fails,
+//! both files are taken back out of `queue/` before the 451, so that a restart does not
+//! deliver the copy whose sender was told to send it again.
 
 pub mod bodyio;
 pub mod maildir;
@@ -283,6 +285,9 @@ pub struct Spool {
     /// and then needs one fsync of the directory that starts *after* its renames.
     dir_sync: Arc<GroupCommit>,
     recycler: Arc<Recycler>,
+    /// Tests: the next fsyncs of `queue/` fail (a disk error cannot be made on demand).
+    #[cfg(test)]
+    fail_dir_sync: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Files of finished messages, kept in `free/` and renamed into place for the next
@@ -629,6 +634,8 @@ impl Spool {
             free: root.join("free"),
             dir_sync: Arc::default(),
             recycler: Arc::default(),
+            #[cfg(test)]
+            fail_dir_sync: Arc::default(),
         }
     }
 
@@ -813,7 +820,13 @@ impl Spool {
     /// fsync `queue/` after this thread's changes to it (group commit: one that started
     /// after them may have covered them already). Blocking.
     fn sync_queue_dir_blocking(&self) -> io::Result<()> {
-        self.dir_sync.sync_with(|| fsync_dir(&self.queue))
+        self.dir_sync.sync_with(|| {
+            #[cfg(test)]
+            if self.fail_dir_sync.load(Ordering::Relaxed) {
+                return Err(io::Error::other("injected: fsync of queue/ failed"));
+            }
+            fsync_dir(&self.queue)
+        })
     }
 
     async fn sync_queue_dir(&self) -> io::Result<()> {
@@ -842,16 +855,33 @@ impl Spool {
             fs::rename(self.tmp.join(format!("{id}.msg")), self.body_path(id))?;
             // The envelope's rename is the commit point.
             fs::rename(self.tmp.join(format!("{id}.env")), self.env_path(id))?;
-            self.sync_queue_dir_blocking()?;
+            if let Err(e) = self.sync_queue_dir_blocking() {
+                // The client hears 451 and sends the message again: take it back out of
+                // queue/, so that a restart does not deliver this copy as well. Best
+                // effort (after a failed fsync the disk's state is unknown); the
+                // envelope first, since without it the body is no message.
+                let _ = fs::rename(self.env_path(id), self.tmp.join(format!("{id}.env")));
+                let _ = fs::rename(self.body_path(id), self.tmp.join(format!("{id}.msg")));
+                return Err(e);
+            }
         }
         Ok(())
     }
 
-    /// Throw away a body that will not be committed.
+    /// Throw away a message that will not be committed (its body, and its envelope where
+    /// a failed commit took it back out of queue/).
     pub async fn discard(&self, id: &str) {
-        let path = self.tmp.join(format!("{id}.msg"));
+        let paths = [
+            self.tmp.join(format!("{id}.msg")),
+            self.tmp.join(format!("{id}.env")),
+        ];
         // Unlinked, not recycled: only names leaving queue/ are covered by its fsyncs.
-        let _ = tokio::task::spawn_blocking(move || fs::remove_file(path)).await;
+        let _ = tokio::task::spawn_blocking(move || {
+            for p in paths {
+                let _ = fs::remove_file(p);
+            }
+        })
+        .await;
     }
 
     fn write_env_tmp(&self, env: &Envelope) -> io::Result<()> {
@@ -949,6 +979,39 @@ pub(crate) mod tests {
             expired: false,
             receipt: None,
         }
+    }
+
+    /// The fsync of queue/ fails after a commit's renames: the client is answered 451 and
+    /// will send the message again, so this copy must not be in the queue after a
+    /// restart either. (Seen failing before the commit took the files back out: the
+    /// restart recovered the message, a duplicate of the resend.)
+    #[tokio::test]
+    async fn a_commit_whose_directory_fsync_fails_is_not_in_the_queue_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = Spool::open(dir.path()).unwrap();
+        s.fail_dir_sync.store(true, Ordering::Relaxed);
+        let id = Spool::new_id();
+        let mut w = s.body_writer(&id);
+        w.write_all(b"Subject: x\r\n\r\nbody\r\n").await.unwrap();
+        let (file, tail, _) = w.finish().await.unwrap();
+        let err = s.commit_parts(file, tail, &env(&id)).await.unwrap_err();
+        assert!(err.to_string().contains("injected"), "{err}");
+        s.discard(&id).await;
+        assert!(!s.is_queued(&id), "the envelope stayed in queue/");
+        assert!(!s.body_path(&id).exists(), "the body stayed in queue/");
+        drop(s);
+        let (s, envs) = Spool::open(dir.path()).unwrap();
+        assert!(
+            envs.is_empty(),
+            "a message answered 451 came back: {envs:?}"
+        );
+        // The spool still works once the disk does.
+        let id2 = Spool::new_id();
+        let mut w = s.body_writer(&id2);
+        w.write_all(b"ok\r\n").await.unwrap();
+        let (file, tail, _) = w.finish().await.unwrap();
+        s.commit_parts(file, tail, &env(&id2)).await.unwrap();
+        assert!(s.is_queued(&id2));
     }
 
     #[tokio::test]
