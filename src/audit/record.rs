@@ -125,10 +125,12 @@ impl CallRecord {
     }
 
     /// Write the record into `dir/<YYYY-MM-DD>/`, never replacing an existing file.
-    /// Returns the file's path.
+    /// Returns the file's path once the record is durable: its bytes, and its name (the
+    /// day's folder fsynced, and `dir` too when the day's folder is new).
     pub fn write(&self, dir: &Path) -> Result<PathBuf, AuditError> {
         let day = self.established_at.get(..10).unwrap_or("unknown-date");
         let day_dir = dir.join(day);
+        let new_day = !day_dir.is_dir();
         std::fs::create_dir_all(&day_dir).map_err(io("creating", &day_dir))?;
         let json = serde_json::to_vec_pretty(self).map_err(|e| AuditError::NotARecord {
             path: day_dir.clone(),
@@ -171,7 +173,16 @@ impl CallRecord {
             };
             let path = day_dir.join(name);
             match tmp.persist_noclobber(&path) {
-                Ok(_) => return Ok(path),
+                Ok(_) => {
+                    // The name is a link made after the file's fsync: without an fsync of
+                    // the folder a power loss could still lose the record.
+                    let sync = |d: &Path| std::fs::File::open(d).and_then(|f| f.sync_all());
+                    sync(&day_dir).map_err(io("syncing", &day_dir))?;
+                    if new_day {
+                        sync(dir).map_err(io("syncing", dir))?;
+                    }
+                    return Ok(path);
+                }
                 Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => tmp = e.file,
                 Err(e) => return Err(io("writing", &path)(e.error)),
             }
