@@ -5,8 +5,11 @@
 //! writers that arrive share the next one, so N concurrent writers cost about two fsyncs
 //! instead of N. Used by the spool (the `queue/` directory after a commit's renames) and
 //! by the receipt store (its record logs, the delivered logs and the call journal).
+//! [`fsync_dir`] is the directory fsync itself, for every module that makes a name
+//! durable.
 
 use std::io;
+use std::path::Path;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -46,4 +49,9 @@ impl GroupCommit {
     pub fn durable(&self) -> u64 {
         self.durable.load(Ordering::SeqCst)
     }
+}
+
+/// fsync a directory: the names created, renamed or removed in it so far are durable.
+pub fn fsync_dir(dir: &Path) -> io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
 }

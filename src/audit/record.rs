@@ -1,6 +1,7 @@
 //! Building a call's audit record from the handshake, and writing and reading its file.
 
 use super::{AuditError, ParsedTranscript, RECORD_FORMAT, concat, io};
+use crate::group_commit::fsync_dir;
 use crate::handshake::{ANSWER_SIG_CONTEXT, CONFIRM_SIG_CONTEXT, SessionKeys, Transcript};
 use crate::time::rfc3339;
 use base64::Engine;
@@ -176,10 +177,9 @@ impl CallRecord {
                 Ok(_) => {
                     // The name is a link made after the file's fsync: without an fsync of
                     // the folder a power loss could still lose the record.
-                    let sync = |d: &Path| std::fs::File::open(d).and_then(|f| f.sync_all());
-                    sync(&day_dir).map_err(io("syncing", &day_dir))?;
+                    fsync_dir(&day_dir).map_err(io("syncing", &day_dir))?;
                     if new_day {
-                        sync(dir).map_err(io("syncing", dir))?;
+                        fsync_dir(dir).map_err(io("syncing", dir))?;
                     }
                     return Ok(path);
                 }

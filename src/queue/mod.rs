@@ -22,7 +22,7 @@ pub mod maildir;
 mod probe;
 mod route;
 
-use crate::group_commit::GroupCommit;
+use crate::group_commit::{GroupCommit, fsync_dir};
 use route::route_key;
 pub use route::{NextHop, Route};
 
@@ -336,10 +336,6 @@ fn wait_for_agent(marker: &Path) {
             tracing::warn!(file = %marker.display(), error = %e, "spool recovery: cannot wait for the marker's lock");
         }
     }
-}
-
-fn fsync_dir(p: &Path) -> io::Result<()> {
-    fs::File::open(p)?.sync_all()
 }
 
 /// The two halves of a commit ([`Spool::commit_parts`]): how many are still running, and
@@ -786,10 +782,10 @@ impl Spool {
 
     /// [`Spool::commit`] of a body file in `tmp/` (perhaps not created yet) still to be
     /// completed by `tail`. Two blocking tasks run side by side: the body's creation if
-    /// needed, tail and fsync, and the envelope's write and fsync. The one that ends second, if neither failed, renames both into `queue/`
-    /// (the envelope last: the commit point) and fsyncs `queue/` (group commit). The order
-    /// on disk is the one it always was; the relay's threads hand the work over once, not
-    /// three times in a row.
+    /// needed, tail and fsync, and the envelope's write and fsync. The one that ends
+    /// second, if neither failed, renames both into `queue/` (the envelope last: the commit
+    /// point) and fsyncs `queue/` (group commit). The order on disk is the one it always
+    /// was; the relay's threads hand the work over once, not three times in a row.
     pub async fn commit_parts(
         &self,
         body: bodyio::BodyFile,

@@ -259,7 +259,7 @@ impl RecordLog {
             .create(true)
             .open(&path)?;
         // The new name must survive a crash before any line in it counts as durable.
-        fs::File::open(&self.dir)?.sync_all()?;
+        crate::group_commit::fsync_dir(&self.dir)?;
         st.segments.insert(
             seg,
             Segment {

@@ -27,7 +27,7 @@
 use super::dedup::{DedupKey, Remembered};
 use super::records::RecordLog;
 use super::wire::Signed;
-use crate::group_commit::GroupCommit;
+use crate::group_commit::{GroupCommit, fsync_dir};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use serde::{Deserialize, Serialize};
@@ -173,10 +173,6 @@ pub struct ReceiptStore {
 }
 
 const SENT_STRIPES: usize = 64;
-
-fn fsync_dir(p: &Path) -> io::Result<()> {
-    fs::File::open(p)?.sync_all()
-}
 
 impl ReceiptStore {
     /// The store under `<spool>/receipts`, creating its directories. Files left in `tmp/`

@@ -19,7 +19,7 @@
 
 use crate::config::ContinuityPolicy;
 use crate::handshake::{Continuity, MAX_RETAINED, RetainedSecret};
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -440,7 +440,7 @@ impl TrustStore {
 
     /// fsync `state/`: the swaps made so far are durable.
     fn sync_dir(&self) -> std::io::Result<()> {
-        File::open(&self.dir)?.sync_all()
+        crate::group_commit::fsync_dir(&self.dir)
     }
 
     /// [`write_atomic`](Self::write_atomic) without the directory's fsync: the caller
@@ -482,9 +482,7 @@ impl TrustStore {
     fn remove(&self, path: &Path) -> Result<bool, TrustError> {
         match fs::remove_file(path) {
             Ok(()) => {
-                if let Ok(d) = File::open(&self.dir) {
-                    let _ = d.sync_all();
-                }
+                let _ = self.sync_dir();
                 Ok(true)
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),

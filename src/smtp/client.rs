@@ -510,19 +510,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> SmtpClient<S> {
         // read are the start of the body for DATA otherwise.
         let mut head = Vec::new();
         if self.ext.chunking && self.ext.pipelining && !rcpts.is_empty() {
-            head = vec![0u8; BODY_CHUNK];
-            let mut filled = 0;
+            // Read into spare capacity: no 256 KiB zeroed for a message of a few kB.
+            head.reserve_exact(BODY_CHUNK);
             let fits = loop {
-                let n = body.read(&mut head[filled..]).await?;
-                if n == 0 {
+                if body.read_buf(&mut head).await? == 0 {
                     break true;
                 }
-                filled += n;
-                if filled == head.len() {
+                if head.len() >= BODY_CHUNK {
                     break false;
                 }
             };
-            head.truncate(filled);
             if fits {
                 let mut data = Vec::with_capacity(head.len() + 2);
                 let mut enc = DotStuffer::chunking();
