@@ -22,6 +22,7 @@ use dns_fixture::{DnsFixture, Zone, srv_line_for};
 use sipmail::demo::{TwoSites, maildir_files, make_keys, sample_message, site_config, submit};
 use sipmail::relay::{Hooks, RelayEvent};
 use std::io::Read;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -126,6 +127,10 @@ request_route {{
             .arg("-Y")
             .arg(&run)
             .args(["-DD", "-E", "-m", "32", "-M", "8"])
+            // Its own process group, so that Drop stops its workers too: a worker left
+            // behind keeps the test's address and port and fails a later run's kamailio
+            // ("Address already in use", seen in a CI run).
+            .process_group(0)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -184,15 +189,18 @@ request_route {{
 
 impl Drop for Kamailio {
     fn drop(&mut self) {
-        let pid = self.child.id().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        // The whole group: the main process and every worker it forked.
+        let group = format!("-{}", self.child.id());
+        let _ = Command::new("kill").args(["-TERM", "--", &group]).status();
         let end = Instant::now() + Duration::from_secs(5);
         while Instant::now() < end {
             if let Ok(Some(_)) = self.child.try_wait() {
-                return;
+                break;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+        // Whatever is still in the group (a worker that outlived the main process).
+        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
