@@ -1,7 +1,7 @@
 //! Building a call's audit record from the handshake, and writing and reading its file.
 
 use super::{AuditError, ParsedTranscript, RECORD_FORMAT, concat, io};
-use crate::group_commit::fsync_dir;
+use crate::group_commit::fsync_dir_shared;
 use crate::handshake::{ANSWER_SIG_CONTEXT, CONFIRM_SIG_CONTEXT, SessionKeys, Transcript};
 use crate::time::rfc3339;
 use base64::Engine;
@@ -131,16 +131,23 @@ impl CallRecord {
     pub fn write(&self, dir: &Path) -> Result<PathBuf, AuditError> {
         let day = self.established_at.get(..10).unwrap_or("unknown-date");
         let day_dir = dir.join(day);
-        let new_day = !day_dir.is_dir();
-        std::fs::create_dir_all(&day_dir).map_err(io("creating", &day_dir))?;
         let json = serde_json::to_vec_pretty(self).map_err(|e| AuditError::NotARecord {
             path: day_dir.clone(),
             reason: e.to_string(),
         })?;
-        let mut tmp = tempfile::Builder::new()
-            .prefix(".tmp-")
-            .tempfile_in(&day_dir)
-            .map_err(io("creating a file in", &day_dir))?;
+        let temp = || {
+            tempfile::Builder::new()
+                .prefix(".tmp-")
+                .tempfile_in(&day_dir)
+        };
+        // The day's folder is made by its first record (and again if it was removed).
+        let (mut tmp, new_day) = match temp() {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::create_dir_all(&day_dir).map_err(io("creating", &day_dir))?;
+                (temp().map_err(io("creating a file in", &day_dir))?, true)
+            }
+            r => (r.map_err(io("creating a file in", &day_dir))?, false),
+        };
         use std::io::Write;
         tmp.write_all(&json)
             .and_then(|_| tmp.write_all(b"\n"))
@@ -177,9 +184,13 @@ impl CallRecord {
                 Ok(_) => {
                     // The name is a link made after the file's fsync: without an fsync of
                     // the folder a power loss could still lose the record.
-                    fsync_dir(&day_dir).map_err(io("syncing", &day_dir))?;
-                    if new_day {
-                        fsync_dir(dir).map_err(io("syncing", dir))?;
+                    // Calls set up at once share that fsync.
+                    fsync_dir_shared(&day_dir).map_err(io("syncing", &day_dir))?;
+                    // And the day's folder's own name, once per day and process: whoever
+                    // made the folder may not have fsynced `dir` yet.
+                    if new_day || !day_known_durable(&day_dir) {
+                        fsync_dir_shared(dir).map_err(io("syncing", dir))?;
+                        note_day_durable(&day_dir);
                     }
                     return Ok(path);
                 }
@@ -202,4 +213,20 @@ impl CallRecord {
             .map_err(|e| format!("confirm.data is not base64: {e}"))?;
         Ok((a, c))
     }
+}
+
+/// The day folder whose name this process made durable last (records of a day after the
+/// first skip the fsync of the records folder).
+static DAY_DURABLE: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
+
+fn day_known_durable(day_dir: &Path) -> bool {
+    DAY_DURABLE
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_deref()
+        == Some(day_dir)
+}
+
+fn note_day_durable(day_dir: &Path) {
+    *DAY_DURABLE.lock().unwrap_or_else(|p| p.into_inner()) = Some(day_dir.to_path_buf());
 }
