@@ -1,6 +1,6 @@
 //! Small file system helpers: private directories and atomic writes.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -96,8 +96,7 @@ pub fn write_atomic(path: &Path, data: &[u8], no_clobber: bool) -> Result<(), Ke
     let _ = fs::remove_file(&tmp);
     result?;
 
-    File::open(dir)
-        .and_then(|d| d.sync_all())
+    crate::group_commit::fsync_dir(dir)
         .map_err(|e| KeyringError::io("cannot fsync directory", dir, e))
 }
 

@@ -9,6 +9,7 @@
 //! there with the same bytes and writes nothing twice; another file of the same name is
 //! kept apart as `STEM.<queue ID>.EXT`.
 
+use crate::group_commit::fsync_dir;
 use mail_parser::MimeHeaders;
 use std::fs;
 use std::io::{self, Write};
@@ -102,7 +103,7 @@ pub(crate) fn write_attachments(
         fs::rename(&t, &target)?;
         out.push(Written::File(target));
     }
-    fs::File::open(dir)?.sync_all()?;
+    fsync_dir(dir)?;
     Ok(out)
 }
 

@@ -30,6 +30,7 @@ use super::context::Context;
 use super::events::RelayEvent;
 use super::receipts::blocking;
 use crate::config::{Outbox, Peer};
+use crate::group_commit::fsync_dir;
 use crate::queue::{Envelope, RcptState, Recipient, Route, Spool};
 use std::fs;
 use std::io;
@@ -148,7 +149,7 @@ async fn scan(
             fs::rename(o.dir.join(&n), w.join(&n))?;
             let id = Spool::new_id();
             write_synced(&w.join(format!("{n}.qid")), id.as_bytes())?;
-            fs::File::open(&w)?.sync_all()?;
+            fsync_dir(&w)?;
             Ok(Some(id))
         })
         .await?;
@@ -464,9 +465,9 @@ fn finish(
     extra(&dest)?;
     let w = work(ob);
     fs::rename(w.join(name), &dest)?;
-    fs::File::open(&d)?.sync_all()?;
+    fsync_dir(&d)?;
     let _ = fs::remove_file(w.join(format!("{name}.qid")));
     let _ = fs::remove_file(w.join(format!("{name}.queued")));
-    fs::File::open(&w)?.sync_all()?;
+    fsync_dir(&w)?;
     Ok(dest)
 }
