@@ -216,41 +216,124 @@ impl DnsFixture {
                 .spawn()
                 .expect("knotd (apt-get install knot)"),
         );
+        // The authoritative server first: a resolver that asks before knot listens caches
+        // the failure (a DNSKEY it could not fetch stays "bogus" for val-bogus-ttl).
+        for z in zones {
+            self.wait_for(self.auth, &z.name, "SOA", false, &[]);
+        }
+        // Then the resolver, ready when every zone's DNSKEY (signed zones) or SOA
+        // (unsigned) resolves; a signed one must validate (the AD flag). Under load a
+        // fetch can time out once and be cached as bogus; a fresh resolver (empty cache)
+        // is started then, at most three times, so every test starts from a resolver that
+        // validated each zone's keys.
+        for attempt in 1..=3 {
+            self.start_unbound();
+            let bad: Vec<String> = zones
+                .iter()
+                .filter(|z| {
+                    let rtype = if z.signed { "DNSKEY" } else { "SOA" };
+                    !self.wait_for(self.resolver, &z.name, rtype, z.signed, &["SERVFAIL"])
+                })
+                .map(|z| z.name.clone())
+                .collect();
+            if bad.is_empty() {
+                return;
+            }
+            eprintln!(
+                "dns fixture: attempt {attempt}: the resolver did not validate {bad:?}; unbound's log:\n{}",
+                self.logs()
+            );
+            if let Some(mut c) = self.unbound.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        panic!(
+            "the DNS fixture's resolver did not validate its zones in three tries:\n{}",
+            self.logs()
+        );
+    }
+
+    fn start_unbound(&mut self) {
+        let d = &self.dir;
+        let _ = std::fs::remove_file(d.join("unbound.log"));
         self.unbound = Some(
             Command::new("unbound")
                 .arg("-d")
                 .arg("-c")
                 .arg(d.join("unbound.conf"))
                 .stdout(Stdio::null())
-                .stderr(log("unbound.stderr"))
+                .stderr(std::fs::File::create(d.join("unbound.stderr")).unwrap())
                 .spawn()
                 .expect("unbound (apt-get install unbound)"),
         );
-        // Ready when the resolver answers for the first zone (bounded wait).
-        let first = zones.first().map(|z| z.name.clone()).unwrap_or_default();
+    }
+
+    /// knot's and unbound's logs, for a failure message.
+    pub fn logs(&self) -> String {
+        ["knot.log", "unbound.stderr", "unbound.log"]
+            .iter()
+            .map(|f| {
+                format!(
+                    "--- {f}\n{}",
+                    std::fs::read_to_string(self.dir.join(f)).unwrap_or_default()
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Ask `server` for `rtype name` until it answers NOERROR (with the AD flag when
+    /// `secure`), bounded at 10 s. Returns false early on a status in `give_up`; panics
+    /// with the logs when the server never answers.
+    fn wait_for(
+        &self,
+        server: SocketAddr,
+        name: &str,
+        rtype: &str,
+        secure: bool,
+        give_up: &[&str],
+    ) -> bool {
         let end = Instant::now() + Duration::from_secs(10);
         loop {
             let out = Command::new("kdig")
                 .args([
-                    &format!("@{}", self.resolver.ip()),
+                    &format!("@{}", server.ip()),
                     "-p",
                     &DNS_PORT.to_string(),
                     "+time=1",
                     "+retry=0",
-                    "SOA",
-                    &first,
+                    "+dnssec",
+                    rtype,
+                    name,
                 ])
                 .output()
                 .expect("kdig (apt-get install knot-dnsutils)");
             let text = String::from_utf8_lossy(&out.stdout);
-            if text.contains("status: NOERROR") || text.contains("status: SERVFAIL") {
-                break;
+            if text.contains("status: NOERROR") {
+                let flags = text
+                    .lines()
+                    .find(|l| l.starts_with(";; Flags:"))
+                    .unwrap_or_default();
+                if !secure
+                    || flags
+                        .split(|c: char| c.is_whitespace() || c == ';')
+                        .any(|f| f == "ad")
+                {
+                    return true;
+                }
+                return false;
+            }
+            if give_up
+                .iter()
+                .any(|s| text.contains(&format!("status: {s}")))
+            {
+                return false;
             }
             assert!(
                 Instant::now() < end,
-                "the DNS fixture did not come up: {}",
-                std::fs::read_to_string(d.join("knot.log")).unwrap_or_default()
-                    + &std::fs::read_to_string(d.join("unbound.log")).unwrap_or_default()
+                "the DNS fixture's server at {server} did not answer {rtype} {name}:\n{}",
+                self.logs()
             );
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -286,6 +369,10 @@ impl DnsFixture {
 
 impl Drop for DnsFixture {
     fn drop(&mut self) {
+        // A failing test's temporary folder goes with it: keep the servers' logs.
+        if std::thread::panicking() {
+            eprintln!("dns fixture logs at the failure:\n{}", self.logs());
+        }
         self.stop();
     }
 }
