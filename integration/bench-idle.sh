@@ -133,6 +133,21 @@ start_callers() {
         wait_addr "${CALLER_SMTP[$i]}" "$CALLER_SMTP_PORT" 30 || die "caller ${CALLERS[$i]} did not start: $(tail -5 "$IC/${CALLERS[$i]}.log")"
     done
 }
+# Wait until every call is up, or until no call came up for STALL_S seconds, at most $1
+# seconds. A call the callee refused with 503 (its admission control) is tried again when
+# its Retry-After says (5 s by default): stopping after one quiet second, as this script
+# did, moved on before those retries and left calls down that were on their way.
+STALL_S=${STALL_S:-8}
+wait_calls() {
+    local end=$((SECONDS + $1)) last=-1 since=$SECONDS now
+    while ((SECONDS < end)); do
+        now=$(total_up)
+        ((now >= IDLE_CALLS)) && break
+        if ((now != last)); then last=$now since=$SECONDS; fi
+        ((now > 0 && SECONDS - since >= STALL_S)) && break
+        sleep 1
+    done
+}
 start_callers
 # Queue one message per lane while the callee is not running (see the top of this file).
 SOURCES=()
@@ -153,14 +168,7 @@ wait_port "$P_CB_SMTP" 30 || die "callee did not start: $(tail -5 "$IC/callee.lo
 sleep 1
 CALLEE_BEFORE=$(rss_kb "$CALLEE")
 start_callers
-end=$((SECONDS + 60)) last=-1
-while ((SECONDS < end)); do
-    now=$(total_up)
-    ((now >= IDLE_CALLS)) && break
-    ((now == last && now > 0)) && break
-    last=$now
-    sleep 1
-done
+wait_calls 60
 printf '   %d calls up at the callee once the callers restarted\n' "$(total_up)"
 
 burst() { # caller index: 2 x share messages over share sessions, in the background
@@ -182,14 +190,7 @@ for b in $(seq 1 "$IDLE_BURSTS"); do
     printf '   burst %d: %d caller(s) short of their share; waiting for calls ...\n' "$b" "$short"
     wait "${SOURCES[@]}" || true # the bursts' smtp-source processes
     # Let the last calls come up (a call is placed when a lane takes a message).
-    end=$((SECONDS + 30)) last=-1
-    while ((SECONDS < end)); do
-        now=$(total_up)
-        ((now >= IDLE_CALLS)) && break
-        ((now == last)) && break
-        last=$now
-        sleep 1
-    done
+    wait_calls 30
     printf '   %d calls up at the callee\n' "$(total_up)"
 done
 sleep 2
