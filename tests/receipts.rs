@@ -639,7 +639,7 @@ async fn a_hand_off_noted_before_a_kill_is_not_repeated_after_the_restart() {
     let (spool, envs) = Spool::open(&sites.b_cfg.spool).unwrap();
     assert_eq!(envs.len(), 1, "B's queue should hold the message");
     let id = envs[0].id.clone();
-    spool.begin_send(&id, &Route::Local, None).await;
+    spool.begin_send(&id, &Route::Local, None);
     spool
         .handed(&Handed {
             id: id.clone(),

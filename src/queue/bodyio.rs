@@ -297,10 +297,35 @@ impl BodyReader {
 }
 
 impl BodyReader {
+    /// Open `path` and start reading it. A body of up to [`CHUNK`] whose pages are all in
+    /// the page cache (a message just queued, the usual case) is read here, on the
+    /// calling thread: `preadv2(RWF_NOWAIT)` takes it only if no disk read is needed, and
+    /// the two turns through the blocking pool (there and back) were on every message's
+    /// path to the next hop (docs/PERFORMANCE.md, run 14). Anything else is read ahead by
+    /// a blocking task, as before.
+    pub async fn open(path: std::path::PathBuf) -> io::Result<Self> {
+        match cached(&path) {
+            Ok(Some(body)) => {
+                // No sender: the end of the file comes right after this chunk.
+                let (_, rx) = mpsc::channel(1);
+                return Ok(BodyReader {
+                    rx,
+                    cur: body,
+                    pos: 0,
+                });
+            }
+            Ok(None) => {}
+            // Not found here is not found there; other errors are retried off the runtime.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(e),
+            Err(_) => {}
+        }
+        Self::open_blocking(path).await
+    }
+
     /// Open `path` and start reading it, in one blocking task: the open's error comes
     /// back here, before anything is sent (one hand-off to the blocking pool per body,
     /// where opening with `tokio::fs` first costs another).
-    pub async fn open(path: std::path::PathBuf) -> io::Result<Self> {
+    async fn open_blocking(path: std::path::PathBuf) -> io::Result<Self> {
         let (tx, rx) = mpsc::channel(DEPTH.min(2));
         let (opened_tx, opened_rx) = tokio::sync::oneshot::channel();
         tokio::task::spawn_blocking(move || match File::open(&path) {
@@ -322,6 +347,35 @@ impl BodyReader {
             pos: 0,
         })
     }
+}
+
+/// The whole of a queued body of up to [`CHUNK`] bytes if every page of it is in the page
+/// cache, without waiting for the disk: `None` when it is larger, not all cached, or the
+/// kernel or file system cannot say (`RWF_NOWAIT` unsupported). A queued body no longer
+/// changes, so its size is its end.
+fn cached(path: &std::path::Path) -> io::Result<Option<Vec<u8>>> {
+    let file = File::open(path)?;
+    let len = file.metadata()?.len();
+    if len > CHUNK as u64 {
+        return Ok(None);
+    }
+    let mut buf = vec![0u8; len as usize];
+    let mut at = 0;
+    while at < buf.len() {
+        let mut slices = [io::IoSliceMut::new(&mut buf[at..])];
+        match rustix::io::preadv2(
+            &file,
+            &mut slices,
+            at as u64,
+            rustix::io::ReadWriteFlags::NOWAIT,
+        ) {
+            Ok(0) => return Ok(None), // shorter than its size said: let the reader see
+            Ok(n) => at += n,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(_) => return Ok(None), // EAGAIN (not cached), EOPNOTSUPP, ...
+        }
+    }
+    Ok(Some(buf))
 }
 
 fn read_loop(mut file: File, tx: mpsc::Sender<io::Result<Vec<u8>>>) {
@@ -413,6 +467,32 @@ mod tests {
             }
             assert_eq!(back, body, "read back, len {len}");
         }
+    }
+
+    /// `open` reads a small cached body on the calling thread, anything else through
+    /// the blocking pool; both give back the bytes on disk, and a missing body is an error.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn open_reads_cached_small_bodies_here_and_the_rest_ahead() {
+        let dir = tempfile::tempdir().unwrap();
+        for len in [0, 1, 5000, CHUNK, CHUNK + 1, 2 * CHUNK + 3] {
+            let body = pattern(len);
+            let path = dir.path().join(format!("{len}.msg"));
+            std::fs::write(&path, &body).unwrap();
+            // Just written: in the page cache, so a small one is taken without the pool
+            // (ext4, xfs, btrfs and tmpfs answer RWF_NOWAIT reads).
+            let here = cached(&path).unwrap();
+            if len <= CHUNK {
+                assert_eq!(here.as_deref(), Some(&body[..]), "len {len}");
+            } else {
+                assert!(here.is_none(), "len {len}: larger than a chunk");
+            }
+            let mut r = BodyReader::open(path.clone()).await.unwrap();
+            let mut back = Vec::new();
+            r.read_to_end(&mut back).await.unwrap();
+            assert_eq!(back, body, "read back, len {len}");
+        }
+        let gone = BodyReader::open(dir.path().join("none.msg")).await;
+        assert_eq!(gone.unwrap_err().kind(), io::ErrorKind::NotFound);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -534,24 +534,25 @@ impl Spool {
 
     /// Note that a delivery of `id` over `route` starts, to the partner relay `relay` for
     /// a call. Not fsynced: it only has to survive a crash of this process (the page
-    /// cache does).
-    pub async fn begin_send(&self, id: &str, route: &Route, relay: Option<&str>) {
-        let s = self.clone();
+    /// cache does). Written on the calling thread, as [`Spool::handed`] is: a rename and
+    /// a small write into the page cache, where a turn through the blocking pool (there
+    /// and back) was on every message's path to the next hop (docs/PERFORMANCE.md, run 14).
+    pub fn begin_send(&self, id: &str, route: &Route, relay: Option<&str>) {
         let marker = self.sending_path(id, route);
-        let to = relay.and_then(|relay| {
-            serde_json::to_vec(&SendingTo {
+        let written = self.create_file(&marker).and_then(|mut f| match relay {
+            Some(relay) => serde_json::to_vec(&SendingTo {
                 relay: relay.to_string(),
             })
-            .ok()
+            .map_err(io::Error::other)
+            .and_then(|to| f.write_all(&to)),
+            None => Ok(()),
         });
-        let _ = tokio::task::spawn_blocking(move || -> io::Result<()> {
-            let mut f = s.create_file(&marker)?;
-            if let Some(to) = to {
-                f.write_all(&to)?;
-            }
-            Ok(())
-        })
-        .await;
+        if let Err(e) = written {
+            // As before: the delivery goes ahead; a crash during it is then not explained
+            // by a marker (the hand-off agent refuses to begin without one, see its claim).
+            tracing::warn!(queue_id = %id, marker = %marker.display(), error = %e,
+                "cannot write the delivery's .sending marker");
+        }
     }
 
     /// The outcome of that delivery is recorded.
@@ -1057,7 +1058,7 @@ pub(crate) mod tests {
             let mut f = s.create_body(&id).await.unwrap();
             f.write_all(b"hello").await.unwrap();
             s.commit(f, &env(&id)).await.unwrap();
-            s.begin_send(&id, &route, None).await;
+            s.begin_send(&id, &route, None);
             ids.push(id);
         }
         let note = |id: &str, rcpt: &str| Handed {
@@ -1094,10 +1095,8 @@ pub(crate) mod tests {
         let mut f = s.create_body(&id).await.unwrap();
         f.write_all(b"hello").await.unwrap();
         s.commit(f, &env(&id)).await.unwrap();
-        s.begin_send(&id, &route, Some("b1.site-b.test:5060 (SRV prio 10)"))
-            .await;
-        s.begin_send(&id, &other, Some("b9.elsewhere.example:5060"))
-            .await;
+        s.begin_send(&id, &route, Some("b1.site-b.test:5060 (SRV prio 10)"));
+        s.begin_send(&id, &other, Some("b9.elsewhere.example:5060"));
         let r = Spool::recover(dir.path()).unwrap();
         assert_eq!(
             r.interrupted,
@@ -1156,7 +1155,7 @@ pub(crate) mod tests {
             .await
             .unwrap();
         s.commit(f, &env(&id)).await.unwrap();
-        s.begin_send(&id, &route, None).await;
+        s.begin_send(&id, &route, None);
         s.remove_sent(&id, &route).await.unwrap();
         assert_eq!(s.recycler.files.lock().unwrap().len(), 3);
         assert_eq!(

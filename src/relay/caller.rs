@@ -959,14 +959,11 @@ pub(crate) async fn worker(ctx: Arc<Context>, domain: String, lane_no: usize, la
         let Some((active, _)) = call.as_mut() else {
             continue;
         };
-        // The body's open and the `.sending` marker are two blocking-pool tasks: run side by
-        // side (the marker exists before the first byte goes out either way). A marker for a
-        // body that cannot be opened is cleared by the report, as after any failed attempt.
-        let (body, ()) = tokio::join!(
-            crate::queue::bodyio::BodyReader::open(ctx.spool.body_path(&job.id)),
-            ctx.spool
-                .begin_send(&job.id, &job.route, Some(&active.relay)),
-        );
+        // The `.sending` marker exists before the first byte goes out. A marker for a body
+        // that cannot be opened is cleared by the report, as after any failed attempt.
+        ctx.spool
+            .begin_send(&job.id, &job.route, Some(&active.relay));
+        let body = crate::queue::bodyio::BodyReader::open(ctx.spool.body_path(&job.id)).await;
         let body = match body {
             Ok(b) => b,
             Err(e) => {

@@ -60,7 +60,7 @@ pub(crate) async fn worker(ctx: Arc<Context>, dest: Destination, lane: Lane) {
             let ctx = ctx.clone();
             tokio::spawn(async move { ctx.receipts.sync_dedup(k).await })
         });
-        ctx.spool.begin_send(&job.id, &job.route, None).await;
+        ctx.spool.begin_send(&job.id, &job.route, None);
         let sending = tokio::time::Instant::now();
         // What each recipient's hand-off was, for a partner's delivered receipt.
         let mut handoffs = Vec::new();

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
 /// How long a connection is kept open for the lane's next message.
@@ -21,7 +21,7 @@ struct Shared {
     /// The daemon that started us: a request is only begun while it still lives.
     parent: u32,
     conns: Mutex<HashMap<u64, (SmtpClient<TcpStream>, Instant)>>,
-    out: tokio::sync::Mutex<tokio::io::Stdout>,
+    out: tokio::sync::Mutex<Box<dyn AsyncWrite + Send + Unpin>>,
 }
 
 /// Serve the daemon until its requests end (its end of the pipe closed: it stopped),
@@ -32,9 +32,9 @@ pub async fn serve(spool: PathBuf) -> std::io::Result<()> {
         spool: Spool::at(&spool),
         parent: std::os::unix::process::parent_id(),
         conns: Mutex::new(HashMap::new()),
-        out: tokio::sync::Mutex::new(tokio::io::stdout()),
+        out: tokio::sync::Mutex::new(stdout()),
     });
-    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    let mut lines = BufReader::new(stdin()).lines();
     let mut tasks = tokio::task::JoinSet::new();
     let mut sweep = tokio::time::interval(Duration::from_secs(1));
     loop {
@@ -77,6 +77,37 @@ pub async fn serve(spool: PathBuf) -> std::io::Result<()> {
         let _ = c.quit().await;
     }
     Ok(())
+}
+
+/// Standard input as the daemon gives it, a pipe, read through the runtime's epoll:
+/// tokio's `stdin()` reads on a blocking thread, which put a thread wake-up each way on
+/// every hand-off's path (docs/PERFORMANCE.md, run 14). Anything else (a terminal, a
+/// file: the agent run by hand) is read the portable way.
+fn stdin() -> Box<dyn AsyncRead + Send + Unpin> {
+    use std::os::fd::AsFd;
+    let pipe = std::io::stdin()
+        .as_fd()
+        .try_clone_to_owned()
+        .and_then(tokio::net::unix::pipe::Receiver::from_owned_fd);
+    match pipe {
+        Ok(p) => Box::new(p),
+        Err(_) => Box::new(tokio::io::stdin()),
+    }
+}
+
+/// Standard output likewise (the answers): a pipe written through epoll, else tokio's
+/// `stdout()`. Nothing else in the agent writes to standard output (its log goes to
+/// standard error), so the pipe's non-blocking mode surprises no one.
+fn stdout() -> Box<dyn AsyncWrite + Send + Unpin> {
+    use std::os::fd::AsFd;
+    let pipe = std::io::stdout()
+        .as_fd()
+        .try_clone_to_owned()
+        .and_then(tokio::net::unix::pipe::Sender::from_owned_fd);
+    match pipe {
+        Ok(p) => Box::new(p),
+        Err(_) => Box::new(tokio::io::stdout()),
+    }
 }
 
 /// SIGINT (Ctrl-C in a terminal) and SIGTERM (a service manager) reach the daemon and us
