@@ -7,6 +7,9 @@
 #   integration/bench-big.sh                         # the worktree's release build, 3 runs
 #   SIPMAILS="/tmp/old /tmp/new" REPEAT=3 integration/bench-big.sh   # interleaved A/B
 #   SMALL=2000 integration/bench-big.sh              # small-message msg/s instead
+#   LATENCY=60 integration/bench-big.sh              # warm per-message latency instead
+#                                  (bench.sh's client, integration/lib/latency.py: p50 of
+#                                  60 warm messages of 5120 B, to A's 250 and to the sink)
 #
 # PERF=/path/perf.data: also perf record -g both relays while the message is in flight.
 # Needs smtp-sink (Postfix) and python3. Everything on 127.0.0.1, in a temporary folder.
@@ -17,6 +20,7 @@ REPEAT=${REPEAT:-3}
 SIPMAILS=${SIPMAILS:-$ROOT/target/release/sipmail}
 SMALL=${SMALL:-0}        # instead of the big message: SMALL messages of 5120 B with smtp-source
 SESSIONS=${SESSIONS:-10} # ... over SESSIONS sessions, timed until smtp-sink counted them all
+LATENCY=${LATENCY:-0}    # instead: LATENCY warm messages one at a time (integration/lib/latency.py)
 [ -x /usr/sbin/smtp-sink ] || { echo "bench-big: smtp-sink not found" >&2; exit 1; }
 # shellcheck source=lib/postfix.sh
 . "$ROOT/integration/lib/postfix.sh"
@@ -63,6 +67,17 @@ for r in $(seq "$REPEAT"); do
             printf 'run %s %-28s load %s | %s x 5120 B, %s sessions: %s msg/s (%s at the sink)\n' "$r" "$(basename "$bin")" \
                 "$load" "$SMALL" "$SESSIONS" "$(awk -v n="$(sink_count "$WORK/sink.cnt")" -v a="$t0" -v b="$t1" 'BEGIN {printf "%.1f", n/((b-a)/1e9)}')" \
                 "$(sink_count "$WORK/sink.cnt")"
+            kill "$SM_A" "$SM_B" "$SINK_PID" 2>/dev/null || true
+            wait "$SM_A" "$SM_B" "$SINK_PID" 2>/dev/null || true
+            rm -rf "$SM/var"
+            continue
+        fi
+        if ((LATENCY > 0)); then # bench.sh's warm latency, the call set up first
+            python3 "$ROOT/integration/lib/latency.py" "$P_SRC" "$WORK/sink.cnt" "$SM/a.log" 0 "$LATENCY" 5120 \
+                >"$WORK/latency.txt" 2>&1 || echo "   latency client failed: $(tail -2 "$WORK/latency.txt")"
+            printf 'run %s %-28s load %s | warm p50 at the sink: %s | to A'"'"'s 250: %s\n' "$r" "$(basename "$bin")" "$load" \
+                "$(awk '/^WARM / {print $3 " ms (n=" substr($NF, 4)}' "$WORK/latency.txt")" \
+                "$(awk '/^ACCEPTED_WARM/ {print $5 " ms"}' "$WORK/latency.txt")"
             kill "$SM_A" "$SM_B" "$SINK_PID" 2>/dev/null || true
             wait "$SM_A" "$SM_B" "$SINK_PID" 2>/dev/null || true
             rm -rf "$SM/var"

@@ -193,59 +193,10 @@ say "   dd bs=1M count=$BIG_MB conv=fdatasync: $DD_RATE MB/s"
 say ""
 say "== latency (sipmail), one message of $SIZE B submitted with Python's smtplib"
 start_sink "$SINK_S" "$WORK/sink-lat.cnt"
-python3 - "$P_SRC_S" "$WORK/sink-lat.cnt" "$SM/a.log" "$COLD_CALLS" "$WARM_MESSAGES" "$SIZE" >"$WORK/latency.txt" <<'PY'
-import re, smtplib, statistics, sys, time
-port, cnt, alog, cold, warm, size = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
-def count():
-    with open(cnt, "rb") as f:
-        f.seek(0, 2); n = f.tell(); f.seek(max(0, n - 200))
-        m = re.findall(rb"mesg=(\d+)", f.read())
-    return int(m[-1]) if m else 0
-def calls_ended():
-    with open(alog, "rb") as f:
-        return f.read().count(b"call ended")
-body = ("Subject: latency\r\n\r\n" + "x" * 74 + "\r\n") * max(1, size // 96)
-def one():
-    before = count()
-    t0 = time.perf_counter()
-    with smtplib.SMTP("127.0.0.1", port) as s:
-        s.sendmail("a@site-a.test", ["b@site-b.test"], body)
-        t_acc = time.perf_counter()
-    end = t0 + 30
-    while count() <= before:
-        if time.perf_counter() > end:
-            return None, None
-        time.sleep(0.0002)
-    return (t_acc - t0) * 1000, (time.perf_counter() - t0) * 1000
-colds, warms = [], []
-for i in range(cold):
-    # wait until the previous call has been hung up (call_idle = 2s)
-    ended = calls_ended(); end = time.time() + 15
-    time.sleep(2.2)
-    while calls_ended() <= ended and time.time() < end:
-        time.sleep(0.05)
-    acc, tot = one()
-    colds.append(tot); print(f"cold {i}: accepted by A {acc:.2f} ms, at the sink {tot:.2f} ms")
-    if i == 0:
-        for j in range(warm):
-            acc, tot = one(); warms.append(tot)
-# The same pause before a message on a call that is still up (call_idle = 2s): what the
-# idle machine's wake-ups cost a message after a pause, call set-up aside. Cold minus
-# this is what the new call itself costs.
-paused = []
-one()  # a call up
-for i in range(cold):
-    time.sleep(1.5)
-    acc, tot = one(); paused.append(tot)
-    print(f"warm after a 1.5 s pause {i}: accepted by A {acc:.2f} ms, at the sink {tot:.2f} ms")
-fmt = lambda v: f"median {statistics.median(v):.2f} ms, min {min(v):.2f}, max {max(v):.2f} (n={len(v)})"
-print("COLD " + fmt([c for c in colds if c is not None]))
-print("WARM " + fmt([w for w in warms if w is not None]))
-print("PAUSED " + fmt([p for p in paused if p is not None]))
-PY
+python3 "$ROOT/integration/lib/latency.py" "$P_SRC_S" "$WORK/sink-lat.cnt" "$SM/a.log" "$COLD_CALLS" "$WARM_MESSAGES" "$SIZE" >"$WORK/latency.txt"
 stop_sink
 sed 's/^/   /' "$WORK/latency.txt" | tee -a "$OUT/results.txt"
-WARM_P50=$(awk '/^WARM/ {print $3}' "$WORK/latency.txt")
+WARM_P50=$(awk '/^WARM / {print $3}' "$WORK/latency.txt")
 COLD_P50=$(awk '/^COLD/ {print $3}' "$WORK/latency.txt")
 say "   target (issue 16): warm p50 <= 2 x fsync + 2 ms = $(awk -v f="$FSYNC_MS" 'BEGIN {printf "%.2f", 2*f+2}') ms (is $WARM_P50);" \
     "cold p50 <= warm + 3 ms = $(awk -v w="$WARM_P50" 'BEGIN {printf "%.2f", w+3}') ms (is $COLD_P50)"
