@@ -301,50 +301,23 @@ impl BodyReader {
     /// the page cache (a message just queued, the usual case) is read here, on the
     /// calling thread: `preadv2(RWF_NOWAIT)` takes it only if no disk read is needed, and
     /// the two turns through the blocking pool (there and back) were on every message's
-    /// path to the next hop (docs/PERFORMANCE.md, run 14). Anything else is read ahead by
-    /// a blocking task, as before.
-    pub async fn open(path: std::path::PathBuf) -> io::Result<Self> {
-        match cached(&path) {
-            Ok(Some(body)) => {
+    /// path to the next hop (docs/PERFORMANCE.md, run 14). Anything else is read ahead
+    /// from the file opened here by a blocking task ([`BodyReader::new`]). The open's error
+    /// comes back here, before anything is sent.
+    pub fn open(path: &std::path::Path) -> io::Result<Self> {
+        let file = File::open(path)?;
+        Ok(match cached(&file) {
+            Some(body) => {
                 // No sender: the end of the file comes right after this chunk.
                 let (_, rx) = mpsc::channel(1);
-                return Ok(BodyReader {
+                BodyReader {
                     rx,
                     cur: body,
                     pos: 0,
-                });
-            }
-            Ok(None) => {}
-            // Not found here is not found there; other errors are retried off the runtime.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(e),
-            Err(_) => {}
-        }
-        Self::open_blocking(path).await
-    }
-
-    /// Open `path` and start reading it, in one blocking task: the open's error comes
-    /// back here, before anything is sent (one hand-off to the blocking pool per body,
-    /// where opening with `tokio::fs` first costs another).
-    async fn open_blocking(path: std::path::PathBuf) -> io::Result<Self> {
-        let (tx, rx) = mpsc::channel(DEPTH.min(2));
-        let (opened_tx, opened_rx) = tokio::sync::oneshot::channel();
-        tokio::task::spawn_blocking(move || match File::open(&path) {
-            Ok(file) => {
-                if opened_tx.send(Ok(())).is_ok() {
-                    read_loop(file, tx);
                 }
             }
-            Err(e) => {
-                let _ = opened_tx.send(Err(e));
-            }
-        });
-        opened_rx
-            .await
-            .map_err(|_| io::Error::other("the body reader task ended"))??;
-        Ok(BodyReader {
-            rx,
-            cur: Vec::new(),
-            pos: 0,
+            // `cached` reads with offsets: `file` is still at its start.
+            None => BodyReader::new(file),
         })
     }
 }
@@ -353,29 +326,28 @@ impl BodyReader {
 /// cache, without waiting for the disk: `None` when it is larger, not all cached, or the
 /// kernel or file system cannot say (`RWF_NOWAIT` unsupported). A queued body no longer
 /// changes, so its size is its end.
-fn cached(path: &std::path::Path) -> io::Result<Option<Vec<u8>>> {
-    let file = File::open(path)?;
-    let len = file.metadata()?.len();
+fn cached(file: &File) -> Option<Vec<u8>> {
+    let len = file.metadata().ok()?.len();
     if len > CHUNK as u64 {
-        return Ok(None);
+        return None;
     }
     let mut buf = vec![0u8; len as usize];
     let mut at = 0;
     while at < buf.len() {
         let mut slices = [io::IoSliceMut::new(&mut buf[at..])];
         match rustix::io::preadv2(
-            &file,
+            file,
             &mut slices,
             at as u64,
             rustix::io::ReadWriteFlags::NOWAIT,
         ) {
-            Ok(0) => return Ok(None), // shorter than its size said: let the reader see
+            Ok(0) => return None, // shorter than its size said: let the reader see
             Ok(n) => at += n,
             Err(rustix::io::Errno::INTR) => {}
-            Err(_) => return Ok(None), // EAGAIN (not cached), EOPNOTSUPP, ...
+            Err(_) => return None, // EAGAIN (not cached), EOPNOTSUPP, ...
         }
     }
-    Ok(Some(buf))
+    Some(buf)
 }
 
 fn read_loop(mut file: File, tx: mpsc::Sender<io::Result<Vec<u8>>>) {
@@ -480,18 +452,18 @@ mod tests {
             std::fs::write(&path, &body).unwrap();
             // Just written: in the page cache, so a small one is taken without the pool
             // (ext4, xfs, btrfs and tmpfs answer RWF_NOWAIT reads).
-            let here = cached(&path).unwrap();
+            let here = cached(&File::open(&path).unwrap());
             if len <= CHUNK {
                 assert_eq!(here.as_deref(), Some(&body[..]), "len {len}");
             } else {
                 assert!(here.is_none(), "len {len}: larger than a chunk");
             }
-            let mut r = BodyReader::open(path.clone()).await.unwrap();
+            let mut r = BodyReader::open(&path).unwrap();
             let mut back = Vec::new();
             r.read_to_end(&mut back).await.unwrap();
             assert_eq!(back, body, "read back, len {len}");
         }
-        let gone = BodyReader::open(dir.path().join("none.msg")).await;
+        let gone = BodyReader::open(&dir.path().join("none.msg"));
         assert_eq!(gone.unwrap_err().kind(), io::ErrorKind::NotFound);
     }
 

@@ -963,7 +963,7 @@ pub(crate) async fn worker(ctx: Arc<Context>, domain: String, lane_no: usize, la
         // that cannot be opened is cleared by the report, as after any failed attempt.
         ctx.spool
             .begin_send(&job.id, &job.route, Some(&active.relay));
-        let body = crate::queue::bodyio::BodyReader::open(ctx.spool.body_path(&job.id)).await;
+        let body = crate::queue::bodyio::BodyReader::open(&ctx.spool.body_path(&job.id));
         let body = match body {
             Ok(b) => b,
             Err(e) => {

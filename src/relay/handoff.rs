@@ -83,7 +83,7 @@ pub(crate) async fn to_smtp(
             }
         }
         let Some(c) = conn.as_mut() else { break };
-        let body = match crate::queue::bodyio::BodyReader::open(body.to_path_buf()).await {
+        let body = match crate::queue::bodyio::BodyReader::open(body) {
             Ok(b) => b,
             Err(e) => {
                 return job.all(RcptOutcome::Transient(format!(

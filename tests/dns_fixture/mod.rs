@@ -315,14 +315,10 @@ impl DnsFixture {
                     .lines()
                     .find(|l| l.starts_with(";; Flags:"))
                     .unwrap_or_default();
-                if !secure
+                return !secure
                     || flags
                         .split(|c: char| c.is_whitespace() || c == ';')
-                        .any(|f| f == "ad")
-                {
-                    return true;
-                }
-                return false;
+                        .any(|f| f == "ad");
             }
             if give_up
                 .iter()
