@@ -506,10 +506,13 @@ fn the_delivered_log_hands_out_unacknowledged_receipts_in_order() {
     let b = st.delivered_batch("site-a.test", 2).unwrap();
     assert_eq!(b.receipts, vec![s(0), s(1)]);
     st.ack_delivered("site-a.test", b.ends[1]).unwrap();
-    // A crash mid-append leaves a torn line.
+    // A crash mid-append leaves a torn line; the next process reads the acknowledged
+    // offset back from its file.
+    drop(st);
     let log = dir.path().join("receipts/delivered/site-a.test.log");
     let mut f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
     std::io::Write::write_all(&mut f, b"{\"text\":\"torn").unwrap();
+    let st = store::ReceiptStore::open(dir.path()).unwrap();
     let b = st.delivered_batch("site-a.test", 16).unwrap();
     assert_eq!(b.receipts, vec![s(2)]);
     st.append_delivered("site-a.test", &s(3)).unwrap();
@@ -528,6 +531,50 @@ fn the_delivered_log_hands_out_unacknowledged_receipts_in_order() {
     // Only a domain names a log file.
     assert!(st.append_delivered("../x", &s(9)).is_err());
     assert!(st.delivered_batch("a/b", 1).is_err());
+}
+
+/// An acknowledged offset written by an older version (shorter, no padding) is read; the
+/// next one is written in place and replaces all of it, and a new process reads it back.
+#[test]
+fn an_acknowledged_offset_is_written_in_place_and_read_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = |i: u8| wire::Signed {
+        text: format!("receipt {i}").into_bytes(),
+        sig: vec![i; 3],
+    };
+    let st = store::ReceiptStore::open(dir.path()).unwrap();
+    for i in 0..3 {
+        st.append_delivered("site-a.test", &s(i)).unwrap();
+    }
+    let ends = st.delivered_batch("site-a.test", 16).unwrap().ends;
+    drop(st);
+    let acked = dir.path().join("receipts/delivered/site-a.test.acked");
+    std::fs::write(&acked, ends[0].to_string()).unwrap();
+    let st = store::ReceiptStore::open(dir.path()).unwrap();
+    let b = st.delivered_batch("site-a.test", 16).unwrap();
+    assert_eq!(b.receipts, vec![s(1), s(2)]);
+    st.ack_delivered("site-a.test", ends[1]).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(&acked).unwrap(),
+        format!("{:020}\n", ends[1])
+    );
+    drop(st);
+    let st = store::ReceiptStore::open(dir.path()).unwrap();
+    assert_eq!(
+        st.delivered_batch("site-a.test", 16).unwrap().receipts,
+        vec![s(2)]
+    );
+    // A value that does not parse (torn by a power cut) sends everything again.
+    drop(st);
+    std::fs::write(&acked, b"\0\0\0").unwrap();
+    let st = store::ReceiptStore::open(dir.path()).unwrap();
+    assert_eq!(
+        st.delivered_batch("site-a.test", 16)
+            .unwrap()
+            .receipts
+            .len(),
+        3
+    );
 }
 
 /// Two calls may fetch the same delivered receipt at once (prometheus.sh saw 21 verified
