@@ -59,14 +59,18 @@ for r in $(seq "$REPEAT"); do
             sleep 0.5
         fi
         if ((SMALL > 0)); then # the small-message throughput of bench.sh's sipmail path
+            C0=$(($(cpu_ticks "$SM_A") + $(cpu_ticks "$SM_B")))
             t0=$(now_ns)
             timeout 300 /usr/sbin/smtp-source -s "$SESSIONS" -m "$SMALL" -l 5120 -f a@site-a.test \
                 -t b@site-b.test "127.0.0.1:$P_SRC" >/dev/null 2>&1 || echo "   smtp-source failed"
             while (($(sink_count "$WORK/sink.cnt") < SMALL)) && (($(now_ns) < t0 + 300000000000)); do sleep 0.01; done
             t1=$(now_ns)
-            printf 'run %s %-28s load %s | %s x 5120 B, %s sessions: %s msg/s (%s at the sink)\n' "$r" "$(basename "$bin")" \
+            C1=$(($(cpu_ticks "$SM_A") + $(cpu_ticks "$SM_B")))
+            # CPU per message of both relays together: steadier than msg/s on a busy machine.
+            printf 'run %s %-28s load %s | %s x 5120 B, %s sessions: %s msg/s (%s at the sink) | CPU of A+B %s ms/msg\n' "$r" "$(basename "$bin")" \
                 "$load" "$SMALL" "$SESSIONS" "$(awk -v n="$(sink_count "$WORK/sink.cnt")" -v a="$t0" -v b="$t1" 'BEGIN {printf "%.1f", n/((b-a)/1e9)}')" \
-                "$(sink_count "$WORK/sink.cnt")"
+                "$(sink_count "$WORK/sink.cnt")" \
+                "$(awk -v c=$((C1 - C0)) -v hz="$(getconf CLK_TCK)" -v n="$SMALL" 'BEGIN {printf "%.3f", c * 1000 / hz / n}')"
             kill "$SM_A" "$SM_B" "$SINK_PID" 2>/dev/null || true
             wait "$SM_A" "$SM_B" "$SINK_PID" 2>/dev/null || true
             rm -rf "$SM/var"

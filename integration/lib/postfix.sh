@@ -43,6 +43,16 @@ sum_status() { # FIELD PID -> the field summed over PID and its children, in kB
 }
 rss_kb() { sum_status VmRSS "$1"; }
 hwm_kb() { sum_status VmHWM "$1"; } # peak RSS (a sum of each process's peak; reset_hwm resets)
+# CPU time (user + system, in clock ticks) of a PID and its children so far: the hand-off
+# agent is a child process, and its work is part of the relay's.
+cpu_ticks() {
+    local p total=0 f
+    for p in $(with_children "$1"); do
+        f=$(cut -d')' -f2- "/proc/$p/stat" 2>/dev/null) || continue
+        total=$((total + $(echo "$f" | awk '{print $12 + $13}')))
+    done
+    echo "$total"
+}
 reset_hwm() { local p; for p in $(with_children "$1"); do echo 5 >"/proc/$p/clear_refs" 2>/dev/null || true; done; }
 
 sink_count() { # messages counted so far in the file of `smtp-sink -c`
