@@ -271,6 +271,11 @@ impl Backend for SpoolBackend {
 
     async fn mail_from(&mut self, from: &str, _params: &MailParams) -> Result<(), Reply> {
         self.routes.clear();
+        let waited = self.shared.queue.admit().await;
+        if !waited.is_zero() {
+            tracing::debug!(waited_ms = waited.as_millis() as u64, from = %from,
+                "intake flow control: the transaction waited for the queue to drain");
+        }
         if let Origin::Peer {
             domain, call_id, ..
         } = &self.origin

@@ -45,6 +45,9 @@ struct State {
     timed_next: u64,
     /// The next round scans every envelope (start-up, `retry_now`, a round cut short).
     rescan: bool,
+    /// Messages taken in by this process whose first delivery attempt has not been
+    /// reported yet: what intake flow control counts ([`MailQueue::admit`]).
+    unattempted: HashSet<String>,
 }
 
 impl Default for State {
@@ -55,6 +58,7 @@ impl Default for State {
             ready: VecDeque::new(),
             timed_next: u64::MAX,
             rescan: true,
+            unattempted: HashSet::new(),
         }
     }
 }
@@ -80,6 +84,9 @@ pub(crate) struct MailQueue {
     events: Events,
     /// Serialises the operator's hold, release and expire (each sets marks in turn).
     marking: tokio::sync::Mutex<()>,
+    /// One new transaction waiting in [`MailQueue::admit`] is woken for each message that
+    /// leaves the unattempted set.
+    drained: Notify,
     /// Accepted, delivered, deferred and bounced recipients per route.
     metrics: Arc<Metrics>,
 }
@@ -115,6 +122,7 @@ impl MailQueue {
             site: Live::new(site),
             events,
             marking: tokio::sync::Mutex::new(()),
+            drained: Notify::new(),
             metrics,
         }
     }
@@ -139,9 +147,45 @@ impl MailQueue {
         {
             let mut st = self.lock();
             st.ready.push_back(env.id.clone());
+            st.unattempted.insert(env.id.clone());
             st.envs.insert(env.id.clone(), env);
         }
         self.notify.notify_one();
+    }
+
+    /// Intake flow control, as Postfix's `in_flow_delay`: a new mail transaction waits
+    /// while [`FLOW_LIMIT`] or more messages taken in have not had a first delivery
+    /// attempt yet, for [`FLOW_DELAY`] at most, and then goes ahead all the same (so a
+    /// stalled route slows intake down but never stops it). Without it, many sessions
+    /// (200 in `integration/bench.sh`) took messages in faster than the relay sent them
+    /// on: the queue grew by thousands, every new message cost new spool inodes instead
+    /// of recycled ones, and sending fell behind until intake was over (docs/PERFORMANCE.md,
+    /// run 15). Returns how long the transaction waited.
+    pub async fn admit(&self) -> Duration {
+        if self.lock().unattempted.len() < FLOW_LIMIT {
+            return Duration::ZERO;
+        }
+        let start = tokio::time::Instant::now();
+        let deadline = start + FLOW_DELAY;
+        loop {
+            let drained = self.drained.notified();
+            tokio::pin!(drained);
+            // Registered before the count is read again: a message leaving in between
+            // still wakes this wait.
+            drained.as_mut().enable();
+            if self.lock().unattempted.len() < FLOW_LIMIT
+                || tokio::time::timeout_at(deadline, drained).await.is_err()
+            {
+                return start.elapsed();
+            }
+        }
+    }
+
+    /// `id` had its first attempt (or is gone): one waiting transaction looks again.
+    fn attempted(&self, st: &mut State, id: &str) {
+        if st.unattempted.remove(id) {
+            self.drained.notify_one();
+        }
     }
 
     pub fn snapshot(&self) -> QueueSnapshot {
@@ -219,8 +263,12 @@ impl MailQueue {
 
     /// Remove a message for good. A delivery already under way may still complete.
     pub async fn delete(&self, id: &str) -> Result<(), String> {
-        if self.lock().envs.remove(id).is_none() {
-            return Err(format!("no message {id} in the queue"));
+        {
+            let mut st = self.lock();
+            if st.envs.remove(id).is_none() {
+                return Err(format!("no message {id} in the queue"));
+            }
+            self.attempted(&mut st, id);
         }
         self.spool
             .remove(id)
@@ -243,6 +291,7 @@ impl MailQueue {
             ready,
             timed_next,
             rescan,
+            ..
         } = &mut *st;
         let full = *rescan || now >= *timed_next;
         if full {
@@ -337,6 +386,7 @@ impl MailQueue {
         let decided = {
             let mut st = self.lock();
             st.release(&job.id, &job.route);
+            self.attempted(&mut st, &job.id);
             // None: deleted by an operator meanwhile.
             let decided = st.envs.get_mut(&job.id).map(|env| {
                 let d = schedule::decide(env, &job.route, outcomes, now, &times);
@@ -616,6 +666,15 @@ fn job_for(env: &Envelope, route: &Route, recipients: &[&crate::queue::Recipient
 /// Jobs handed to a route's lanes and not yet taken, at most.
 const ROUTE_BACKLOG: usize = 1024;
 
+/// Messages taken in and not yet attempted beyond which a new transaction waits
+/// ([`MailQueue::admit`]): far more than the lanes work on at once (a few calls per
+/// partner, each one message at a time), so that they never run dry, and few enough that
+/// the spool's files of finished messages (up to 1,024 kept for reuse) cover the queue.
+pub(crate) const FLOW_LIMIT: usize = 256;
+
+/// The longest a transaction waits in [`MailQueue::admit`] (Postfix's `in_flow_delay`).
+pub(crate) const FLOW_DELAY: Duration = Duration::from_secs(1);
+
 /// Lanes per route: the scheduler's share of the config.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct LaneCounts {
@@ -781,6 +840,87 @@ mod tests {
             "a message for another route waited behind a full one"
         );
         assert_eq!(q.lock().ready.len(), 18);
+    }
+
+    fn queue(dir: &std::path::Path) -> Arc<MailQueue> {
+        let (spool, _) = Spool::open(dir).unwrap();
+        Arc::new(MailQueue::new(
+            spool,
+            vec![],
+            QueueTimes::default(),
+            site(),
+            Events::new(),
+            Arc::new(Metrics::new(Vec::new())),
+        ))
+    }
+
+    /// Intake flow control: below FLOW_LIMIT messages without a first attempt a new
+    /// transaction goes straight on; at the limit, with nothing draining, it waits
+    /// FLOW_DELAY and then goes on all the same (virtual time).
+    #[tokio::test(start_paused = true)]
+    async fn intake_waits_at_the_limit_and_never_longer_than_the_delay() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = queue(dir.path());
+        for i in 0..FLOW_LIMIT - 1 {
+            q.insert(env(&format!("M{i:04}"), 0));
+        }
+        assert_eq!(q.admit().await, Duration::ZERO);
+        q.insert(env("LAST", 0));
+        let waited = q.admit().await;
+        assert!(
+            waited >= FLOW_DELAY && waited < FLOW_DELAY + Duration::from_millis(10),
+            "{waited:?}"
+        );
+        // Messages recovered at start-up are not intake: they do not count.
+        let q = Arc::new(MailQueue::new(
+            Spool::open(dir.path()).unwrap().0,
+            (0..FLOW_LIMIT)
+                .map(|i| env(&format!("R{i:04}"), 0))
+                .collect(),
+            QueueTimes::default(),
+            site(),
+            Events::new(),
+            Arc::new(Metrics::new(Vec::new())),
+        ));
+        assert_eq!(q.admit().await, Duration::ZERO);
+    }
+
+    /// A waiting transaction goes on as soon as a message has its first attempt reported
+    /// (the scheduler's commit), or is deleted, and not before.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_waiting_transaction_goes_on_when_a_message_is_attempted() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = queue(dir.path());
+        let _ = q.take_due(0, Room::default()); // the start-up scan
+        for i in 0..FLOW_LIMIT {
+            q.insert(env(&format!("M{i:04}"), 0));
+        }
+        let waiter = tokio::spawn({
+            let q = q.clone();
+            async move { q.admit().await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiter.is_finished(), "it waits at the limit");
+        let (jobs, _) = q.take_due(1, Room::default());
+        let job = &jobs[0];
+        let rcpt = job.recipients[0].clone();
+        q.commit(
+            job,
+            &[(rcpt, super::super::outcome::RcptOutcome::Delivered)],
+            None,
+        )
+        .await;
+        let waited = waiter.await.unwrap();
+        assert!(
+            waited < FLOW_DELAY,
+            "woken by the commit, not by the timeout: {waited:?}"
+        );
+        assert_eq!(q.lock().unattempted.len(), FLOW_LIMIT - 1);
+        // An operator's delete takes a message out of the count too.
+        q.insert(env("NEW", 0));
+        let _ = q.delete("M0001").await;
+        assert_eq!(q.lock().unattempted.len(), FLOW_LIMIT - 1);
+        assert_eq!(q.admit().await, Duration::ZERO);
     }
 
     #[test]
