@@ -795,15 +795,7 @@ mod tests {
     #[test]
     fn a_full_route_gets_no_jobs_built_and_its_messages_wait_their_turn() {
         let dir = tempfile::tempdir().unwrap();
-        let (spool, _) = Spool::open(dir.path()).unwrap();
-        let q = MailQueue::new(
-            spool,
-            vec![],
-            QueueTimes::default(),
-            site(),
-            Events::new(),
-            Arc::new(Metrics::new(Vec::new())),
-        );
+        let q = queue(dir.path(), vec![]);
         let _ = q.take_due(0, Room::default()); // the start-up scan: nothing yet
         for i in 0..20 {
             q.insert(env(&format!("M{i:02}"), 0));
@@ -842,11 +834,12 @@ mod tests {
         assert_eq!(q.lock().ready.len(), 18);
     }
 
-    fn queue(dir: &std::path::Path) -> Arc<MailQueue> {
+    /// A queue on a new spool in `dir`, holding `envs` as if recovered at start-up.
+    fn queue(dir: &std::path::Path, envs: Vec<Envelope>) -> Arc<MailQueue> {
         let (spool, _) = Spool::open(dir).unwrap();
         Arc::new(MailQueue::new(
             spool,
-            vec![],
+            envs,
             QueueTimes::default(),
             site(),
             Events::new(),
@@ -860,7 +853,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn intake_waits_at_the_limit_and_never_longer_than_the_delay() {
         let dir = tempfile::tempdir().unwrap();
-        let q = queue(dir.path());
+        let q = queue(dir.path(), vec![]);
         for i in 0..FLOW_LIMIT - 1 {
             q.insert(env(&format!("M{i:04}"), 0));
         }
@@ -872,16 +865,12 @@ mod tests {
             "{waited:?}"
         );
         // Messages recovered at start-up are not intake: they do not count.
-        let q = Arc::new(MailQueue::new(
-            Spool::open(dir.path()).unwrap().0,
+        let q = queue(
+            dir.path(),
             (0..FLOW_LIMIT)
                 .map(|i| env(&format!("R{i:04}"), 0))
                 .collect(),
-            QueueTimes::default(),
-            site(),
-            Events::new(),
-            Arc::new(Metrics::new(Vec::new())),
-        ));
+        );
         assert_eq!(q.admit().await, Duration::ZERO);
     }
 
@@ -890,7 +879,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_waiting_transaction_goes_on_when_a_message_is_attempted() {
         let dir = tempfile::tempdir().unwrap();
-        let q = queue(dir.path());
+        let q = queue(dir.path(), vec![]);
         let _ = q.take_due(0, Room::default()); // the start-up scan
         for i in 0..FLOW_LIMIT {
             q.insert(env(&format!("M{i:04}"), 0));
@@ -926,16 +915,8 @@ mod tests {
     #[test]
     fn rounds_take_new_messages_timed_retries_and_requeued_jobs() {
         let dir = tempfile::tempdir().unwrap();
-        let (spool, _) = Spool::open(dir.path()).unwrap();
         // Recovered at start-up: one due now, one at t=1000.
-        let q = MailQueue::new(
-            spool,
-            vec![env("A", 0), env("B", 1000)],
-            QueueTimes::default(),
-            site(),
-            Events::new(),
-            Arc::new(Metrics::new(Vec::new())),
-        );
+        let q = queue(dir.path(), vec![env("A", 0), env("B", 1000)]);
         let (jobs, next) = q.take_due(500, Room::default());
         assert_eq!(ids(&jobs), ["A"]);
         assert_eq!(next, Some(1000));
@@ -971,15 +952,7 @@ mod tests {
     #[tokio::test]
     async fn a_held_message_is_not_taken_until_released_and_then_at_once() {
         let dir = tempfile::tempdir().unwrap();
-        let (spool, _) = Spool::open(dir.path()).unwrap();
-        let q = MailQueue::new(
-            spool,
-            vec![env("A", 0), env("B", 0)],
-            QueueTimes::default(),
-            site(),
-            Events::new(),
-            Arc::new(Metrics::new(Vec::new())),
-        );
+        let q = queue(dir.path(), vec![env("A", 0), env("B", 0)]);
         let none: &[String] = &[];
         assert!(q.hold(none, false).await.is_err(), "no ID and no --all");
         let unknown = q.hold(&["X".into(), "A".into()], false).await;
@@ -1057,18 +1030,10 @@ mod tests {
     #[tokio::test]
     async fn a_transient_failure_keeps_the_message_for_a_later_round() {
         let dir = tempfile::tempdir().unwrap();
-        let (spool, _) = Spool::open(dir.path()).unwrap();
         // Received just now (the commit reads the clock): far from expiry.
         let mut fresh = env("A", 0);
         fresh.received = now_ms() / 1000;
-        let q = MailQueue::new(
-            spool,
-            vec![fresh],
-            QueueTimes::default(),
-            site(),
-            Events::new(),
-            Arc::new(Metrics::new(Vec::new())),
-        );
+        let q = queue(dir.path(), vec![fresh]);
         let (jobs, _) = q.take_due(0, Room::default());
         let outcomes = jobs[0].all(super::super::outcome::RcptOutcome::Transient("busy".into()));
         q.commit(&jobs[0], &outcomes, None).await;
