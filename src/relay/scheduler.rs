@@ -905,9 +905,13 @@ mod tests {
             "woken by the commit, not by the timeout: {waited:?}"
         );
         assert_eq!(q.lock().unattempted.len(), FLOW_LIMIT - 1);
-        // An operator's delete takes a message out of the count too.
+        // An operator's delete takes a message out of the count too, and so does a hold
+        // (a held message waits for the operator, not for the relay).
         q.insert(env("NEW", 0));
         let _ = q.delete("M0001").await;
+        assert_eq!(q.lock().unattempted.len(), FLOW_LIMIT - 1);
+        q.insert(env("NEW2", 0));
+        assert_eq!(q.hold(&["M0002".into()], false).await, Ok(1));
         assert_eq!(q.lock().unattempted.len(), FLOW_LIMIT - 1);
         assert_eq!(q.admit().await, Duration::ZERO);
     }

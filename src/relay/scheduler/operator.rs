@@ -30,9 +30,15 @@ impl MailQueue {
             }
         }
         for id in &ids {
-            // In memory first: no attempt starts from now on.
-            if let Some(e) = self.lock().envs.get_mut(id) {
-                e.held = true;
+            // In memory first: no attempt starts from now on. A held message is parked
+            // by the operator, not waiting for the relay: intake flow control stops
+            // counting it (else holding a few hundred new messages would slow all intake).
+            {
+                let mut st = self.lock();
+                if let Some(e) = st.envs.get_mut(id) {
+                    e.held = true;
+                }
+                self.attempted(&mut st, id);
             }
             self.spool
                 .set_mark(id, Mark::Hold, true)
