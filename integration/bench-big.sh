@@ -36,6 +36,12 @@ for bin in $SIPMAILS; do
     mkdir -p "$SM"
     (cd "$SM" && SIPMAIL=$bin exchange_keys) >"$WORK/keys$n.log" 2>&1
 done
+# After each run: both relays and the sink stopped, the spool gone (keys stay).
+end_run() {
+    kill "$SM_A" "$SM_B" "$SINK_PID" 2>/dev/null || true
+    wait "$SM_A" "$SM_B" "$SINK_PID" 2>/dev/null || true
+    rm -rf "$SM/var"
+}
 for r in $(seq "$REPEAT"); do
     n=0
     for bin in $SIPMAILS; do
@@ -71,9 +77,7 @@ for r in $(seq "$REPEAT"); do
                 "$load" "$SMALL" "$SESSIONS" "$(awk -v n="$(sink_count "$WORK/sink.cnt")" -v a="$t0" -v b="$t1" 'BEGIN {printf "%.1f", n/((b-a)/1e9)}')" \
                 "$(sink_count "$WORK/sink.cnt")" \
                 "$(awk -v c=$((C1 - C0)) -v hz="$(getconf CLK_TCK)" -v n="$SMALL" 'BEGIN {printf "%.3f", c * 1000 / hz / n}')"
-            kill "$SM_A" "$SM_B" "$SINK_PID" 2>/dev/null || true
-            wait "$SM_A" "$SM_B" "$SINK_PID" 2>/dev/null || true
-            rm -rf "$SM/var"
+            end_run
             continue
         fi
         if ((LATENCY > 0)); then # bench.sh's warm latency, the call set up first
@@ -82,9 +86,7 @@ for r in $(seq "$REPEAT"); do
             printf 'run %s %-28s load %s | warm p50 at the sink: %s | to A'"'"'s 250: %s\n' "$r" "$(basename "$bin")" "$load" \
                 "$(awk '/^WARM / {print $3 " ms (n=" substr($NF, 4)}' "$WORK/latency.txt")" \
                 "$(awk '/^ACCEPTED_WARM/ {print $5 " ms"}' "$WORK/latency.txt")"
-            kill "$SM_A" "$SM_B" "$SINK_PID" 2>/dev/null || true
-            wait "$SM_A" "$SM_B" "$SINK_PID" 2>/dev/null || true
-            rm -rf "$SM/var"
+            end_run
             continue
         fi
         python3 "$ROOT/integration/lib/bigsend.py" "$P_SRC" "$BIG" "$WORK/big.t0" >"$WORK/big-source.log" 2>&1 \
@@ -102,8 +104,6 @@ for r in $(seq "$REPEAT"); do
             "$r" "$(basename "$bin")" "$load" "$(mbps "$t0" "$t_acc")" "$(mbps "$t_acc" "$t_b")" \
             "$(mbps "$t0" "$t_b")" "$(mbps "$t0" "$t_sink")" \
             $(((HWM_A - IDLE_A) / 1024)) $(((HWM_B - IDLE_B) / 1024))
-        kill "$SM_A" "$SM_B" "$SINK_PID" 2>/dev/null || true
-        wait "$SM_A" "$SM_B" "$SINK_PID" 2>/dev/null || true
-        rm -rf "$SM/var"
+        end_run
     done
 done

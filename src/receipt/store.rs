@@ -240,14 +240,10 @@ impl ReceiptStore {
         &self.root
     }
 
+    /// Write to `tmp/`, fsync, rename into `dir/name`, fsync the directory. A file
+    /// rewritten is swapped with the new version, whose inode is an emptied old one where
+    /// there is one (`crate::reuse`).
     fn write_atomic(&self, dir: &str, name: &str, bytes: &[u8]) -> io::Result<()> {
-        self.write_renamed(dir, name, bytes, true)
-    }
-
-    /// Write to `tmp/`, rename into `dir/name`; with `durable`, fsync the file before the
-    /// rename and the directory after it. A file rewritten is swapped with the new version,
-    /// whose inode is an emptied old one where there is one (`crate::reuse`).
-    fn write_renamed(&self, dir: &str, name: &str, bytes: &[u8], durable: bool) -> io::Result<()> {
         let (tmp, mut f) = self.reuse.take_or(|| {
             let tmp = self.root.join("tmp").join(format!(
                 "{name}.{}.{}",
@@ -258,15 +254,11 @@ impl ReceiptStore {
             Ok((tmp, f))
         })?;
         f.write_all(bytes)?;
-        if durable {
-            f.sync_all()?;
-        }
+        f.sync_all()?;
         drop(f);
         let d = self.root.join(dir);
         let old = self.reuse.put(&tmp, &d.join(name))?;
-        if durable {
-            fsync_dir(&d)?;
-        }
+        fsync_dir(&d)?;
         self.reuse.settle(old);
         Ok(())
     }
@@ -605,7 +597,12 @@ impl ReceiptStore {
         {
             return Ok(*at);
         }
-        match fs::read_to_string(self.delivered_path(peer, "acked")?) {
+        Self::read_acked(&self.delivered_path(peer, "acked")?)
+    }
+
+    /// The offset in an `.acked` file (see [`ReceiptStore::delivered_acked`]).
+    fn read_acked(path: &Path) -> io::Result<u64> {
+        match fs::read_to_string(path) {
             Ok(t) => Ok(t.trim().parse().unwrap_or(0)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
             Err(e) => Err(e),
@@ -651,7 +648,6 @@ impl ReceiptStore {
     /// `peer` has the delivered receipts up to `offset` (never moves back).
     pub fn ack_delivered(&self, peer: &str, offset: u64) -> io::Result<()> {
         use std::os::unix::fs::FileExt;
-        let from = self.delivered_acked(peer)?;
         let path = self.delivered_path(peer, "log")?;
         let acked_path = self.delivered_path(peer, "acked")?;
         let mut open = self.delivered_logs();
@@ -659,6 +655,9 @@ impl ReceiptStore {
         let acked = match &mut log.acked {
             Some(a) => a,
             None => {
+                // First acknowledgement of this process: the file's value, read under
+                // the lock, is where "never moves back" starts.
+                let from = Self::read_acked(&acked_path)?;
                 let f = fs::OpenOptions::new()
                     .write(true)
                     .create(true)
