@@ -246,6 +246,7 @@ pub(crate) async fn queue(
             held: false,
             expired: false,
             receipt: None,
+            body_crc32: None,
         };
         spool.commit(f, &env).await?;
         Ok::<_, std::io::Error>(env)
@@ -287,6 +288,7 @@ mod tests {
             held: false,
             expired: false,
             receipt: None,
+            body_crc32: None,
         };
         let failures = vec![Failure {
             rcpt: "nobody@site-b.test".into(),
@@ -363,6 +365,7 @@ mod tests {
             held: false,
             expired: false,
             receipt: None,
+            body_crc32: None,
         };
         let f = Failure {
             rcpt: "bob@site-b.test".into(),
@@ -416,6 +419,7 @@ mod tests {
             held: false,
             expired: false,
             receipt: None,
+            body_crc32: None,
         };
         let f = Failure {
             rcpt: "x\r\nEvil: 1".into(),

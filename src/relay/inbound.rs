@@ -424,6 +424,7 @@ impl Backend for SpoolBackend {
             held: false,
             expired: false,
             receipt: None,
+            body_crc32: None,
         };
         // A partner's message with a receipt asked for: decided under its duplicate key.
         let asked = match (&self.origin, &env.xqid, tapped) {

@@ -276,6 +276,7 @@ async fn queue(
         held: false,
         expired: false,
         receipt: None,
+        body_crc32: None,
     };
     if let Err(e) = ctx.spool.commit(body, &env).await {
         ctx.spool.discard(id).await;
