@@ -70,19 +70,41 @@ fn cleanup(root: &Path, ids: &[String]) {
     }
 }
 
+/// A spool in a temporary folder, a multi-threaded runtime and a 5 KB body.
+struct Bench {
+    _dir: tempfile::TempDir,
+    root: std::path::PathBuf,
+    spool: Spool,
+    rt: tokio::runtime::Runtime,
+    body: Vec<u8>,
+}
+
+impl Bench {
+    fn new() -> Bench {
+        let base = std::env::var_os("SIPMAIL_BENCH_DIR").map(std::path::PathBuf::from);
+        let dir = match &base {
+            Some(b) => tempfile::tempdir_in(b).unwrap(),
+            None => tempfile::tempdir().unwrap(),
+        };
+        let root = dir.path().join("spool");
+        let (spool, _) = Spool::open(&root).unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        Bench {
+            _dir: dir,
+            root,
+            spool,
+            rt,
+            body: vec![b'x'; 5120],
+        }
+    }
+}
+
 fn bench_queue(c: &mut Criterion) {
-    let base = std::env::var_os("SIPMAIL_BENCH_DIR").map(std::path::PathBuf::from);
-    let dir = match &base {
-        Some(b) => tempfile::tempdir_in(b).unwrap(),
-        None => tempfile::tempdir().unwrap(),
-    };
-    let root = dir.path().join("spool");
-    let (spool, _) = Spool::open(&root).unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let body = vec![b'x'; 5120];
+    let bench = Bench::new();
+    let (root, spool, rt, body) = (&bench.root, &bench.spool, &bench.rt, &bench.body);
 
     let mut g = c.benchmark_group("queue/commit_5KB");
     for n in [1usize, 10, 50] {
@@ -101,7 +123,7 @@ fn bench_queue(c: &mut Criterion) {
                         set.join_all().await
                     });
                     total += t.elapsed();
-                    cleanup(&root, &ids);
+                    cleanup(root, &ids);
                 }
                 total
             });
@@ -115,27 +137,17 @@ fn bench_queue(c: &mut Criterion) {
 /// same messages once tried (an envelope rewrite leaves the checksum out: nothing to read).
 fn bench_recover(c: &mut Criterion) {
     const N: usize = 2000;
-    let base = std::env::var_os("SIPMAIL_BENCH_DIR").map(std::path::PathBuf::from);
-    let dir = match &base {
-        Some(b) => tempfile::tempdir_in(b).unwrap(),
-        None => tempfile::tempdir().unwrap(),
-    };
-    let root = dir.path().join("spool");
-    let (spool, _) = Spool::open(&root).unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let body = vec![b'x'; 5120];
+    let bench = Bench::new();
+    let (root, spool, rt, body) = (&bench.root, &bench.spool, &bench.rt, &bench.body);
     let ids = rt.block_on(async {
         let mut ids = Vec::with_capacity(N);
         for _ in 0..N {
-            ids.push(commit_one(&spool, &body).await);
+            ids.push(commit_one(spool, body).await);
         }
         ids
     });
     let recover = || {
-        let r = Spool::recover(&root).unwrap();
+        let r = Spool::recover(root).unwrap();
         assert_eq!(r.envelopes.len(), N);
     };
     let mut g = c.benchmark_group("queue/recover_5KB");
