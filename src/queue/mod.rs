@@ -394,35 +394,27 @@ impl Spool {
                     Ok(Ok(env)) if p.file_stem() != Some(env.id.as_ref()) => {
                         // A recycled file whose new content never reached the disk.
                         tracing::error!(file = %p.display(), queue_id = %env.id, "spool recovery: envelope names another message (a commit cut short by a power loss, whose sender was not answered 250), moved to corrupt/ with its body");
-                        let _ = fs::rename(&p, s.corrupt.join(p.file_name().unwrap_or_default()));
-                        let body = p.with_extension("msg");
-                        let _ =
-                            fs::rename(&body, s.corrupt.join(body.file_name().unwrap_or_default()));
+                        s.to_corrupt(&p);
+                        s.to_corrupt(&p.with_extension("msg"));
                     }
                     Ok(Ok(mut env)) if s.body_path(&env.id).exists() => {
                         match s.check_body(&mut env) {
                             Ok(true) => envs.push(env),
                             Ok(false) => {
                                 tracing::error!(queue_id = %env.id, "spool recovery: body does not match its envelope's checksum (a commit cut short by a power loss, whose sender was not answered 250, or a damaged disk); both moved to corrupt/");
-                                let _ = fs::rename(
-                                    &p,
-                                    s.corrupt.join(p.file_name().unwrap_or_default()),
-                                );
-                                let _ = fs::rename(
-                                    s.body_path(&env.id),
-                                    s.corrupt.join(format!("{}.msg", env.id)),
-                                );
+                                s.to_corrupt(&p);
+                                s.to_corrupt(&s.body_path(&env.id));
                             }
                             Err(err) => return Err(err),
                         }
                     }
                     Ok(Ok(env)) => {
                         tracing::error!(queue_id = %env.id, "spool recovery: envelope without body, moved to corrupt/");
-                        let _ = fs::rename(&p, s.corrupt.join(p.file_name().unwrap_or_default()));
+                        s.to_corrupt(&p);
                     }
                     Ok(Err(err)) => {
                         tracing::error!(file = %p.display(), %err, "spool recovery: unreadable envelope, moved to corrupt/");
-                        let _ = fs::rename(&p, s.corrupt.join(p.file_name().unwrap_or_default()));
+                        s.to_corrupt(&p);
                     }
                     Err(err) => return Err(err),
                 },
@@ -487,6 +479,14 @@ impl Spool {
             handed,
             interrupted,
         })
+    }
+
+    /// Keep a file of `queue/` that recovery cannot use in `corrupt/`, for a human.
+    fn to_corrupt(&self, path: &Path) {
+        let _ = fs::rename(
+            path,
+            self.corrupt.join(path.file_name().unwrap_or_default()),
+        );
     }
 
     /// Whether the body matches the checksum a small message's commit put in its
@@ -844,11 +844,11 @@ impl Spool {
     }
 
     /// [`Spool::commit`] of a body file in `tmp/` (perhaps not created yet) still to be
-    /// completed by `tail`. Two blocking tasks run side by side: the body's creation if
-    /// needed, tail and fsync, and the envelope's write and fsync. The one that ends
+    /// completed by `tail`. A body never created is all in `tail`: see
+    /// [`commit_small`](Self::commit_small). Otherwise two blocking tasks run side by side:
+    /// the body's tail and fsync, and the envelope's write and fsync. The one that ends
     /// second, if neither failed, renames both into `queue/` (the envelope last: the commit
-    /// point) and fsyncs `queue/` (group commit). The order on disk is the one it always
-    /// was; the relay's threads hand the work over once, not three times in a row.
+    /// point) and fsyncs `queue/` (group commit).
     pub async fn commit_parts(
         &self,
         body: bodyio::BodyFile,
@@ -896,9 +896,7 @@ impl Spool {
         let staged = tokio::task::spawn_blocking(move || {
             let mut b = body.open()?;
             b.write_all(&tail)?;
-            let data = serde_json::to_vec_pretty(&env).map_err(io::Error::other)?;
-            let mut e = s.create_file(&s.tmp.join(format!("{}.env", env.id)))?;
-            e.write_all(&data)?;
+            let e = s.write_env_file(&env)?;
             s.enter_queue(&env.id)?;
             let rt = tokio::runtime::Handle::current();
             let syncs = [
@@ -1004,11 +1002,16 @@ impl Spool {
         .await;
     }
 
-    fn write_env_tmp(&self, env: &Envelope) -> io::Result<()> {
+    /// Write an envelope to `tmp/ID.env`, not yet synced.
+    fn write_env_file(&self, env: &Envelope) -> io::Result<fs::File> {
         let data = serde_json::to_vec_pretty(env).map_err(io::Error::other)?;
         let mut f = self.create_file(&self.tmp.join(format!("{}.env", env.id)))?;
         f.write_all(&data)?;
-        f.sync_all()
+        Ok(f)
+    }
+
+    fn write_env_tmp(&self, env: &Envelope) -> io::Result<()> {
+        self.write_env_file(env)?.sync_all()
     }
 
     /// Replace an envelope atomically (new recipient states).
