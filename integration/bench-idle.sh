@@ -4,6 +4,7 @@
 #
 #   integration/bench-idle.sh                          # 1,000 calls from 16 caller relays
 #   IDLE_CALLS=200 IDLE_CALLERS=4 integration/bench-idle.sh
+#   PERF=/tmp/setup.perf integration/bench-idle.sh     # also perf record -a -g of the set-up
 #
 # One callee relay (callee.test) and IDLE_CALLERS caller relays c01.test, c02.test, ...,
 # each with its own OpenPGP key, its own loopback address 127.0.1.N for SIP and media, and
@@ -167,9 +168,18 @@ printf '   %d messages queued at the callers, callee not running yet\n' "$QUEUED
 wait_port "$P_CB_SMTP" 30 || die "callee did not start: $(tail -5 "$IC/callee.log")"
 sleep 1
 CALLEE_BEFORE=$(rss_kb "$CALLEE")
+if [ -n "${PERF:-}" ]; then # PERF=file: perf record -a -g while the callers set up their calls
+    perf record -a -F 999 -g -o "$PERF" >/dev/null 2>&1 & PERF_PID=$!
+fi
+CPU_CALLEE0=$(cpu_ticks "$CALLEE")
 start_callers
 wait_calls 60
-printf '   %d calls up at the callee once the callers restarted\n' "$(total_up)"
+if [ -n "${PERF:-}" ]; then kill -INT "$PERF_PID"; wait "$PERF_PID" || true; fi
+# CPU spent on the set-up (user + system): the callee's, and the callers' since they
+# restarted (their start-up included), per call up.
+CPU_CALLEE=$(($(cpu_ticks "$CALLEE") - CPU_CALLEE0)) CPU_CALLERS=0 FIRST_UP=$(total_up)
+for p in "${CALLER_PIDS[@]}"; do CPU_CALLERS=$((CPU_CALLERS + $(cpu_ticks "$p"))); done
+printf '   %d calls up at the callee once the callers restarted\n' "$FIRST_UP"
 
 burst() { # caller index: 2 x share messages over share sessions, in the background
     local i=$1 s
@@ -222,4 +232,6 @@ say "   callee RSS: $((CALLEE_BEFORE / 1024)) MB before the calls, $((CALLEE_WIT
     "-> $(awk -v a="$CALLEE_BEFORE" -v b="$CALLEE_WITH" -v n="$UP" 'BEGIN {printf "%.1f", n ? (b-a)/n : 0}') kB per call"
 say "   caller relays: $((CALLER_SUM / ${#CALLER_PIDS[@]} / 1024)) MB RSS on average, each holding up to $SHARE calls"
 say "   call set-up with $IDLE_CALLERS peers at once (both ends on these cores, SMTP in front): $RATE"
+say "   CPU per call set up once the callers restarted ($FIRST_UP calls): $(awk -v a="$CPU_CALLEE" -v b="$CPU_CALLERS" \
+    -v hz="$(getconf CLK_TCK)" -v n="$FIRST_UP" 'BEGIN {if (n) printf "callee %.2f ms, callers %.2f ms (their start-up included)", a * 1000 / hz / n, b * 1000 / hz / n; else printf "none up"}')"
 ((UP >= IDLE_CALLS)) || say "   WARNING: only $UP of $IDLE_CALLS calls came up; see $IC (set KEEP=1 to keep it)"
