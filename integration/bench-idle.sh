@@ -5,6 +5,12 @@
 #   integration/bench-idle.sh                          # 1,000 calls from 16 caller relays
 #   IDLE_CALLS=200 IDLE_CALLERS=4 integration/bench-idle.sh
 #   PERF=/tmp/setup.perf integration/bench-idle.sh     # also perf record -a -g of the set-up
+#                                                      # (PERF_EVENTS="-e ..." adds events)
+#   SETTLE=370 integration/bench-idle.sh               # sync, wait 370 s, then set up
+#
+# SETTLE: on ext4 without a journal every new inode scans past the inodes freed in the last
+# 60 s (360 s while their inode table block is dirty); integration/bench.sh waits before
+# its 16-caller set-up so that what earlier steps freed does not count against the relays.
 #
 # One callee relay (callee.test) and IDLE_CALLERS caller relays c01.test, c02.test, ...,
 # each with its own OpenPGP key, its own loopback address 127.0.1.N for SIP and media, and
@@ -30,6 +36,7 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 IDLE_CALLS=${IDLE_CALLS:-1000}
 IDLE_CALLERS=${IDLE_CALLERS:-16}
 IDLE_BURSTS=${IDLE_BURSTS:-4}
+SETTLE=${SETTLE:-0}
 OUT=${OUT:-$ROOT/target/bench}
 mkdir -p "$OUT"
 
@@ -168,8 +175,13 @@ printf '   %d messages queued at the callers, callee not running yet\n' "$QUEUED
 wait_port "$P_CB_SMTP" 30 || die "callee did not start: $(tail -5 "$IC/callee.log")"
 sleep 1
 CALLEE_BEFORE=$(rss_kb "$CALLEE")
+if ((SETTLE > 0)); then
+    printf '   letting the file system settle for %d s (see SETTLE at the top) ...\n' "$SETTLE"
+    sync
+    sleep "$SETTLE"
+fi
 if [ -n "${PERF:-}" ]; then # PERF=file: perf record -a -g while the callers set up their calls
-    perf record -a -F 999 -g -o "$PERF" >/dev/null 2>&1 & PERF_PID=$!
+    perf record -a -F 999 -g ${PERF_EVENTS:-} -o "$PERF" >/dev/null 2>&1 & PERF_PID=$!
 fi
 CPU_CALLEE0=$(cpu_ticks "$CALLEE")
 start_callers
