@@ -22,6 +22,8 @@ SMALL=${SMALL:-0}        # instead of the big message: SMALL messages of 5120 B 
 SESSIONS=${SESSIONS:-10} # ... over SESSIONS sessions, timed until smtp-sink counted them all
 LATENCY=${LATENCY:-0}    # instead: LATENCY warm messages one at a time (integration/lib/latency.py)
 [ -x /usr/sbin/smtp-sink ] || { echo "bench-big: smtp-sink not found" >&2; exit 1; }
+[ -z "${PERF:-}" ] || command -v perf >/dev/null \
+    || { echo "bench-big: PERF is set but perf is not installed (apt-get install linux-perf)" >&2; exit 1; }
 # shellcheck source=lib/postfix.sh
 . "$ROOT/integration/lib/postfix.sh"
 # shellcheck source=lib/sites.sh
@@ -95,7 +97,7 @@ for r in $(seq "$REPEAT"); do
         end=$((t0 + 600000000000))
         while (($(grep -c 'delivered.*route=peer' "$SM/a.log" || true) <= D0)) && (($(now_ns) < end)); do sleep 0.005; done
         t_b=$(now_ns)
-        if [ -n "${PERF:-}" ]; then kill -INT "$PERF_PID"; wait "$PERF_PID" || true; fi
+        if [ -n "${PERF:-}" ]; then kill -INT "$PERF_PID" 2>/dev/null || true; wait "$PERF_PID" || true; fi
         while (($(sink_count "$WORK/sink.cnt") < 1)) && (($(now_ns) < end)); do sleep 0.01; done
         t_sink=$(now_ns)
         HWM_A=$(hwm_kb "$SM_A"); HWM_B=$(hwm_kb "$SM_B")

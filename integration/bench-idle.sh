@@ -44,6 +44,7 @@ say() { printf '%s\n' "$*" | tee -a "$OUT/results.txt"; }
 die() { echo "bench-idle: $*" >&2; exit 1; }
 
 [ -x /usr/sbin/smtp-source ] || die "/usr/sbin/smtp-source not found (apt-get install postfix)"
+[ -z "${PERF:-}" ] || command -v perf >/dev/null || die "PERF is set but perf is not installed (apt-get install linux-perf)"
 SHARE=$(((IDLE_CALLS + IDLE_CALLERS - 1) / IDLE_CALLERS))
 ((SHARE >= 1 && SHARE <= 64)) || die "IDLE_CALLS/IDLE_CALLERS = $SHARE calls per caller; it must be 1..64 (sip.calls_per_peer)"
 ((IDLE_CALLERS <= 250)) || die "IDLE_CALLERS must be at most 250 (one loopback address each)"
@@ -186,7 +187,7 @@ fi
 CPU_CALLEE0=$(cpu_ticks "$CALLEE")
 start_callers
 wait_calls 60
-if [ -n "${PERF:-}" ]; then kill -INT "$PERF_PID"; wait "$PERF_PID" || true; fi
+if [ -n "${PERF:-}" ]; then kill -INT "$PERF_PID" 2>/dev/null || true; wait "$PERF_PID" || true; fi
 # CPU spent on the set-up (user + system): the callee's, and the callers' since they
 # restarted (their start-up included), per call up.
 CPU_CALLEE=$(($(cpu_ticks "$CALLEE") - CPU_CALLEE0)) CPU_CALLERS=0 FIRST_UP=$(total_up)
