@@ -207,17 +207,41 @@ enum MarkerNote {
 impl MarkerNote {
     fn read(marker: &Path) -> MarkerNote {
         let bytes = match fs::read(marker) {
-            Ok(b) if !b.is_empty() => b,
+            Ok(b) if !b.iter().all(u8::is_ascii_whitespace) => b,
             _ => return MarkerNote::Empty,
         };
-        match serde_json::from_slice::<Handed>(&bytes) {
+        match first_value::<Handed>(&bytes) {
             Ok(h) => MarkerNote::Handed(h),
-            Err(err) => match serde_json::from_slice::<SendingTo>(&bytes) {
+            Err(err) => match first_value::<SendingTo>(&bytes) {
                 Ok(to) => MarkerNote::Relay(to.relay),
                 Err(_) => MarkerNote::Unreadable(err),
             },
         }
     }
+
+    /// Write `note` over a marker in place: from offset 0, then cut the file to its
+    /// length if it was longer. Never truncated to zero first: on ext4 (its
+    /// `auto_da_alloc` heuristic) a file truncated to zero and then written is flushed to
+    /// the disk when it is closed, a synchronous write-out per marker that nothing needs,
+    /// since a marker only has to outlive this process (see [`Spool::handed`]). A stop
+    /// between the write and the cut leaves the new note followed by the old tail, which
+    /// [`MarkerNote::read`] reads as the new note (it takes the first JSON value).
+    fn write(f: &fs::File, note: &[u8]) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(note, 0)?;
+        if f.metadata()?.len() > note.len() as u64 {
+            f.set_len(note.len() as u64)?;
+        }
+        Ok(())
+    }
+}
+
+/// The first JSON value in `bytes`; what follows it is ignored (see [`MarkerNote::write`]).
+fn first_value<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> serde_json::Result<T> {
+    serde_json::Deserializer::from_slice(bytes)
+        .into_iter::<T>()
+        .next()
+        .unwrap_or_else(|| serde_json::from_slice(b""))
 }
 
 /// An operator's mark on a queued message: an empty file `queue/ID.hold` or
@@ -561,7 +585,12 @@ impl Spool {
     /// could take milliseconds, all of them inside the window this note is there to close.
     pub fn handed(&self, handed: &Handed) -> io::Result<()> {
         let bytes = serde_json::to_vec(handed).map_err(io::Error::other)?;
-        fs::write(self.sending_path(&handed.id, &handed.route), bytes)
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(self.sending_path(&handed.id, &handed.route))?;
+        MarkerNote::write(&f, &bytes)
     }
 
     /// A `.sending` marker left by a process that stopped mid-delivery: if that route
@@ -600,13 +629,16 @@ impl Spool {
     /// and back) was on every message's path to the next hop (docs/PERFORMANCE.md, run 14).
     pub fn begin_send(&self, id: &str, route: &Route, relay: Option<&str>) {
         let marker = self.sending_path(id, route);
-        let written = self.create_file(&marker).and_then(|mut f| match relay {
+        let note = match relay {
             Some(relay) => serde_json::to_vec(&SendingTo {
                 relay: relay.to_string(),
             })
-            .map_err(io::Error::other)
-            .and_then(|to| f.write_all(&to)),
-            None => Ok(()),
+            .map_err(io::Error::other),
+            None => Ok(Vec::new()),
+        };
+        let written = note.and_then(|note| {
+            let f = self.take_file(&marker, false)?;
+            MarkerNote::write(&f, &note)
         });
         if let Err(e) = written {
             // As before: the delivery goes ahead; a crash during it is then not explained
@@ -626,6 +658,12 @@ impl Spool {
     /// Create (or truncate) `path` for writing: a recycled file from `free/` renamed into
     /// place when there is one, else a new file.
     fn create_file(&self, path: &Path) -> io::Result<fs::File> {
+        self.take_file(path, true)
+    }
+
+    /// [`create_file`](Self::create_file); with `truncate` false a recycled file keeps its
+    /// old bytes, for a writer that cuts it to length itself ([`MarkerNote::write`]).
+    fn take_file(&self, path: &Path, truncate: bool) -> io::Result<fs::File> {
         let reuse = {
             let durable = self.dir_sync.durable();
             let mut files = self
@@ -641,12 +679,15 @@ impl Spool {
         if let Some((from, _)) = reuse
             && fs::rename(&from, path).is_ok()
         {
-            return fs::OpenOptions::new().write(true).truncate(true).open(path);
+            return fs::OpenOptions::new()
+                .write(true)
+                .truncate(truncate)
+                .open(path);
         }
         fs::OpenOptions::new()
             .write(true)
             .create(true)
-            .truncate(true)
+            .truncate(truncate)
             .open(path)
     }
 
@@ -1258,6 +1299,62 @@ pub(crate) mod tests {
         // Committing the replayed outcome retires the marker.
         r.spool.remove_sent(&ids[0], &route).await.unwrap();
         assert!(Spool::recover(dir.path()).unwrap().handed.is_empty());
+    }
+
+    /// A marker's note is written over the file in place (no truncation to zero, which
+    /// makes ext4 flush the file at close): a recycled file's longer old bytes are cut
+    /// off, and a stop between the write and the cut (new note, then the old tail) still
+    /// reads as the new note.
+    #[tokio::test]
+    async fn a_marker_note_written_over_longer_old_bytes_reads_as_the_new_note() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = Spool::open(dir.path()).unwrap();
+        let route = Route::Peer("site-b.test".into());
+        let note = |rcpt: &str| Handed {
+            id: "Q1".into(),
+            route: route.clone(),
+            delivered: vec![rcpt.to_string()],
+            handoffs: vec![],
+        };
+        let marker = s.sending_path("Q1", &route);
+        // Old bytes, longer than the note: a recycled body's, say.
+        let old = format!("Subject: old\r\n\r\n{}", "x".repeat(5000));
+        fs::write(&marker, &old).unwrap();
+        let new = note("b@site-b.test");
+        s.handed(&new).unwrap();
+        let bytes = fs::read(&marker).unwrap();
+        assert_eq!(
+            bytes,
+            serde_json::to_vec(&new).unwrap(),
+            "cut to the note's length"
+        );
+        assert!(matches!(MarkerNote::read(&marker), MarkerNote::Handed(h) if h == new));
+        // The state a stop between the write and the cut leaves behind.
+        let longer = note(&format!("{}@site-b.test", "c".repeat(300)));
+        fs::write(&marker, serde_json::to_vec(&longer).unwrap()).unwrap();
+        let f = fs::OpenOptions::new().write(true).open(&marker).unwrap();
+        f.write_all_at(&serde_json::to_vec(&new).unwrap(), 0)
+            .unwrap();
+        assert!(fs::metadata(&marker).unwrap().len() > bytes.len() as u64);
+        assert!(matches!(MarkerNote::read(&marker), MarkerNote::Handed(h) if h == new));
+        // A relay's marker the same way, and whitespace alone is an empty marker.
+        s.begin_send("Q1", &route, Some("b1.site-b.test:5060"));
+        assert!(
+            matches!(MarkerNote::read(&marker), MarkerNote::Relay(r) if r == "b1.site-b.test:5060")
+        );
+        assert_eq!(
+            fs::metadata(&marker).unwrap().len(),
+            serde_json::to_vec(&SendingTo {
+                relay: "b1.site-b.test:5060".into()
+            })
+            .unwrap()
+            .len() as u64
+        );
+        fs::write(&marker, b"  \n").unwrap();
+        assert!(matches!(MarkerNote::read(&marker), MarkerNote::Empty));
+        s.begin_send("Q1", &route, None);
+        assert_eq!(fs::metadata(&marker).unwrap().len(), 0);
     }
 
     /// A call's marker names the partner relay: after a stop mid-transaction it comes back
