@@ -219,21 +219,32 @@ impl MarkerNote {
         }
     }
 
-    /// Write `note` over a marker in place: from offset 0, then cut the file to its
-    /// length if it was longer. Never truncated to zero first: on ext4 (its
-    /// `auto_da_alloc` heuristic) a file truncated to zero and then written is flushed to
-    /// the disk when it is closed, a synchronous write-out per marker that nothing needs,
-    /// since a marker only has to outlive this process (see [`Spool::handed`]). A stop
-    /// between the write and the cut leaves the new note followed by the old tail, which
+    /// Write `note` over a marker in place ([`write_over`]). A marker only has to outlive
+    /// this process (see [`Spool::handed`]), so it is never synced. A stop between the
+    /// write and the cut leaves the new note followed by the old tail, which
     /// [`MarkerNote::read`] reads as the new note (it takes the first JSON value).
     fn write(f: &fs::File, note: &[u8]) -> io::Result<()> {
-        use std::os::unix::fs::FileExt;
-        f.write_all_at(note, 0)?;
-        if f.metadata()?.len() > note.len() as u64 {
-            f.set_len(note.len() as u64)?;
-        }
-        Ok(())
+        write_over(f, note)
     }
+}
+
+/// Write `bytes` over a (recycled) file in place: from offset 0, then cut the file to
+/// their length if it was longer. Never truncated to zero first, for two reasons seen on
+/// ext4 (docs/ARCHITECTURE.md, "Spool file reuse"): a file truncated to zero and then
+/// written is flushed to the disk when it is closed (the `auto_da_alloc` heuristic), and
+/// the truncation frees the file's blocks (with the `discard` mount option, a discard
+/// request each) only for the write to allocate them again, which then makes its
+/// fdatasync write the allocation too. Overwritten, a file of about the old size keeps
+/// its blocks. Until the cut, the file holds the new bytes followed by the old tail:
+/// callers either read only a first JSON value ([`MarkerNote::read`]) or publish the file
+/// by a rename only after this returns.
+fn write_over(f: &fs::File, bytes: &[u8]) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(bytes, 0)?;
+    if f.metadata()?.len() > bytes.len() as u64 {
+        f.set_len(bytes.len() as u64)?;
+    }
+    Ok(())
 }
 
 /// The first JSON value in `bytes`; what follows it is ignored (see [`MarkerNote::write`]).
@@ -662,7 +673,7 @@ impl Spool {
     }
 
     /// [`create_file`](Self::create_file); with `truncate` false a recycled file keeps its
-    /// old bytes, for a writer that cuts it to length itself ([`MarkerNote::write`]).
+    /// old bytes, for a writer that cuts it to length itself ([`write_over`]).
     fn take_file(&self, path: &Path, truncate: bool) -> io::Result<fs::File> {
         let reuse = {
             let durable = self.dir_sync.durable();
@@ -689,6 +700,20 @@ impl Spool {
             .create(true)
             .truncate(truncate)
             .open(path)
+    }
+
+    /// A file at `path` (from `free/` if one is ready, else new) holding exactly `bytes`,
+    /// written over in place ([`write_over`]); not synced. For files written whole before
+    /// they are renamed into `queue/`: a small body and every envelope.
+    fn fill_file(&self, path: &Path, bytes: &[u8]) -> io::Result<fs::File> {
+        let f = self.take_file(path, false)?;
+        write_over(&f, bytes)?;
+        Ok(f)
+    }
+
+    /// A body's name in `tmp/`, while it is written.
+    fn tmp_body_path(&self, id: &str) -> PathBuf {
+        self.tmp.join(format!("{id}.msg"))
     }
 
     /// Take a finished file out of `queue/`: moved to `free/` for reuse, or unlinked.
@@ -856,7 +881,7 @@ impl Spool {
     /// Create the file a new message body is streamed into.
     pub async fn create_body(&self, id: &str) -> io::Result<tokio::fs::File> {
         let s = self.clone();
-        let path = self.tmp.join(format!("{id}.msg"));
+        let path = self.tmp_body_path(id);
         let f = tokio::task::spawn_blocking(move || s.create_file(&path))
             .await
             .map_err(io::Error::other)??;
@@ -868,7 +893,7 @@ impl Spool {
     /// the commit: [`bodyio::BodyWriter::finish`] gives the file (perhaps still to be
     /// created) and its unwritten tail for [`commit_parts`](Self::commit_parts).
     pub fn body_writer(&self, id: &str) -> bodyio::BodyWriter {
-        let (s, path) = (self.clone(), self.tmp.join(format!("{id}.msg")));
+        let (s, path) = (self.clone(), self.tmp_body_path(id));
         bodyio::BodyWriter::new(bodyio::BodyFile::Later(Box::new(move || {
             s.create_file(&path)
         })))
@@ -897,8 +922,9 @@ impl Spool {
         env: &Envelope,
     ) -> io::Result<()> {
         if matches!(body, bodyio::BodyFile::Later(_)) {
-            // The body never left the writer's buffer: `tail` is all of it.
-            return self.commit_small(body, tail, env).await;
+            // The body never left the writer's buffer: `tail` is all of it. Its file is
+            // taken by `commit_small` (written over in place, not created empty).
+            return self.commit_small(tail, env).await;
         }
         let halves = Arc::new(std::sync::Mutex::new(Halves {
             left: 2,
@@ -922,21 +948,16 @@ impl Spool {
     }
 
     /// The commit of a body that is all in `tail` (see the module's notes): one blocking
-    /// task writes the body and the envelope, renames both into `queue/` and fsyncs
-    /// `queue/` while two more fdatasync the body and the envelope. Any failure takes
-    /// both back out of `queue/` before the error, as the two-step commit does.
-    async fn commit_small(
-        &self,
-        body: bodyio::BodyFile,
-        tail: Vec<u8>,
-        env: &Envelope,
-    ) -> io::Result<()> {
+    /// task writes the body and the envelope (each over a recycled file in place,
+    /// [`fill_file`](Self::fill_file)), renames both into `queue/` and fsyncs `queue/`
+    /// while two more fdatasync the body and the envelope. Any failure takes both back out
+    /// of `queue/` before the error, as the two-step commit does.
+    async fn commit_small(&self, tail: Vec<u8>, env: &Envelope) -> io::Result<()> {
         let mut env = env.clone();
         env.body_crc32 = Some(crc32fast::hash(&tail));
         let (s, id) = (self.clone(), env.id.clone());
         let staged = tokio::task::spawn_blocking(move || {
-            let mut b = body.open()?;
-            b.write_all(&tail)?;
+            let b = s.fill_file(&s.tmp_body_path(&env.id), &tail)?;
             let e = s.write_env_file(&env)?;
             s.enter_queue(&env.id)?;
             let rt = tokio::runtime::Handle::current();
@@ -965,7 +986,7 @@ impl Spool {
     /// since its rename is the commit point (for a process that is killed; a power loss
     /// also needs the fsyncs). If the envelope cannot go, the body goes back.
     fn enter_queue(&self, id: &str) -> io::Result<()> {
-        let tmp_body = self.tmp.join(format!("{id}.msg"));
+        let tmp_body = self.tmp_body_path(id);
         fs::rename(&tmp_body, self.body_path(id))?;
         if let Err(e) = fs::rename(self.tmp.join(format!("{id}.env")), self.env_path(id)) {
             let _ = fs::rename(self.body_path(id), &tmp_body);
@@ -980,7 +1001,7 @@ impl Spool {
     /// without it the body is no message.
     fn leave_queue(&self, id: &str) {
         let _ = fs::rename(self.env_path(id), self.tmp.join(format!("{id}.env")));
-        let _ = fs::rename(self.body_path(id), self.tmp.join(format!("{id}.msg")));
+        let _ = fs::rename(self.body_path(id), self.tmp_body_path(id));
     }
 
     /// fsync `queue/` after this thread's changes to it (group commit: one that started
@@ -1030,10 +1051,7 @@ impl Spool {
     /// Throw away a message that will not be committed (its body, and its envelope where
     /// a failed commit took it back out of queue/).
     pub async fn discard(&self, id: &str) {
-        let paths = [
-            self.tmp.join(format!("{id}.msg")),
-            self.tmp.join(format!("{id}.env")),
-        ];
+        let paths = [self.tmp_body_path(id), self.tmp.join(format!("{id}.env"))];
         // Unlinked, not recycled: only names leaving queue/ are covered by its fsyncs.
         let _ = tokio::task::spawn_blocking(move || {
             for p in paths {
@@ -1046,9 +1064,7 @@ impl Spool {
     /// Write an envelope to `tmp/ID.env`, not yet synced.
     fn write_env_file(&self, env: &Envelope) -> io::Result<fs::File> {
         let data = serde_json::to_vec_pretty(env).map_err(io::Error::other)?;
-        let mut f = self.create_file(&self.tmp.join(format!("{}.env", env.id)))?;
-        f.write_all(&data)?;
-        Ok(f)
+        self.fill_file(&self.tmp.join(format!("{}.env", env.id)), &data)
     }
 
     fn write_env_tmp(&self, env: &Envelope) -> io::Result<()> {
@@ -1458,6 +1474,62 @@ pub(crate) mod tests {
             0
         );
         assert!(s.recycler.files.lock().unwrap().is_empty());
+    }
+
+    /// A small commit writes its body and envelope over recycled files in place (no
+    /// truncation to zero, `write_over`): the files must end up holding exactly the new
+    /// bytes, though the recycled ones were longer. And a power loss that keeps the new
+    /// bytes but not the cut (new bytes, then the old tail) must not be delivered: the
+    /// envelope no longer parses and the body fails its checksum.
+    #[tokio::test]
+    async fn a_small_commit_over_longer_recycled_files_holds_exactly_its_bytes() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = Spool::open(dir.path()).unwrap();
+        let long_body = [b"Subject: long\r\n\r\n".as_slice(), &[b'x'; 9000]].concat();
+        let long = Spool::new_id();
+        let mut w = s.body_writer(&long);
+        w.write_all(&long_body).await.unwrap();
+        let (file, tail, _) = w.finish().await.unwrap();
+        let mut long_env = env(&long);
+        long_env.helo = "h".repeat(2000); // an envelope longer than the next one
+        s.commit_parts(file, tail, &long_env).await.unwrap();
+        let inodes =
+            [s.body_path(&long), s.env_path(&long)].map(|p| std::fs::metadata(p).unwrap().ino());
+        s.remove_sent(&long, &Route::Peer("site-b.test".into()))
+            .await
+            .unwrap(); // retired to free/, for reuse
+        // An fsync of queue/ after their removal makes them reusable.
+        s.sync_queue_dir().await.unwrap();
+        let short = b"Subject: s\r\n\r\nshort\r\n";
+        let id = commit_small_body(&s, short).await;
+        let reused = |p: PathBuf| inodes.contains(&std::fs::metadata(p).unwrap().ino());
+        assert!(
+            reused(s.body_path(&id)),
+            "the body went into a recycled file"
+        );
+        assert!(
+            reused(s.env_path(&id)),
+            "the envelope went into a recycled file"
+        );
+        assert_eq!(std::fs::read(s.body_path(&id)).unwrap(), short);
+        let on_disk: Envelope =
+            serde_json::from_slice(&std::fs::read(s.env_path(&id)).unwrap()).unwrap();
+        assert_eq!(on_disk.id, id);
+        // The cut lost, the writes kept: new bytes followed by an older file's tail.
+        let torn = commit_small_body(&s, short).await;
+        for p in [s.body_path(&torn), s.env_path(&torn)] {
+            let mut bytes = std::fs::read(&p).unwrap();
+            bytes.extend_from_slice(b"\n  \"old\": \"tail\"\n}\nxxxxxxxx\r\n");
+            std::fs::write(&p, bytes).unwrap();
+        }
+        drop(s);
+        let (_, envs) = Spool::open(dir.path()).unwrap();
+        assert_eq!(
+            envs.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
+            [id.as_str()]
+        );
+        assert!(dir.path().join(format!("corrupt/{torn}.env")).exists());
     }
 
     #[tokio::test]
