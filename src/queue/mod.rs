@@ -341,14 +341,15 @@ pub struct Spool {
 }
 
 /// Files of finished messages, kept in `free/` and renamed into place for the next
-/// files the spool creates (bodies, envelopes, `.sending` markers), truncated. On this
-/// machine's ext4 every new inode costs a scan past the inodes freed in the last few
-/// seconds, so with three files per message created and deleted at hundreds of messages
-/// a second, allocating inodes came to dominate the relay's CPU time (see
-/// docs/PERFORMANCE.md). A rename and a truncate cost no inode.
+/// files the spool creates (bodies, envelopes, `.sending` markers): written over in place
+/// ([`write_over`]), or truncated for a large body. On this machine's ext4 every new
+/// inode costs a scan past the inodes freed in the last few seconds, so with three files
+/// per message created and deleted at hundreds of messages a second, allocating inodes
+/// came to dominate the relay's CPU time (see docs/PERFORMANCE.md). A rename costs no
+/// inode.
 ///
 /// Only files retired by this process are reused: `free/` is emptied at start-up, so a
-/// crash that left a stale name in `free/` can never make the spool reuse (truncate) a
+/// crash that left a stale name in `free/` can never make the spool reuse (overwrite) a
 /// queued message. A retired file is never read again by anyone: it is retired only
 /// when its delivery is over (an operator's `delete` unlinks instead, since a delivery
 /// may still be reading the body).
