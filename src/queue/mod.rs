@@ -218,14 +218,6 @@ impl MarkerNote {
             },
         }
     }
-
-    /// Write `note` over a marker in place ([`write_over`]). A marker only has to outlive
-    /// this process (see [`Spool::handed`]), so it is never synced. A stop between the
-    /// write and the cut leaves the new note followed by the old tail, which
-    /// [`MarkerNote::read`] reads as the new note (it takes the first JSON value).
-    fn write(f: &fs::File, note: &[u8]) -> io::Result<()> {
-        write_over(f, note)
-    }
 }
 
 /// Write `bytes` over a (recycled) file in place: from offset 0, then cut the file to
@@ -247,7 +239,8 @@ fn write_over(f: &fs::File, bytes: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// The first JSON value in `bytes`; what follows it is ignored (see [`MarkerNote::write`]).
+/// The first JSON value in `bytes`; what follows it is ignored: a marker written over in
+/// place ([`write_over`]) by a process that stopped before the cut still reads as its note.
 fn first_value<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> serde_json::Result<T> {
     serde_json::Deserializer::from_slice(bytes)
         .into_iter::<T>()
@@ -649,7 +642,8 @@ impl Spool {
             .create(true)
             .truncate(false)
             .open(self.sending_path(&handed.id, &handed.route))?;
-        MarkerNote::write(&f, &bytes)
+        // Never synced: a marker only has to outlive this process.
+        write_over(&f, &bytes)
     }
 
     /// A `.sending` marker left by a process that stopped mid-delivery: if that route
@@ -697,10 +691,7 @@ impl Spool {
             // recycled marker would give up its block (see `write_over`).
             None => Ok(b"\n".to_vec()),
         };
-        let written = note.and_then(|note| {
-            let f = self.take_file(&marker, false)?;
-            MarkerNote::write(&f, &note)
-        });
+        let written = note.and_then(|note| self.fill_file(&marker, &note).map(drop));
         if let Err(e) = written {
             // As before: the delivery goes ahead; a crash during it is then not explained
             // by a marker (the hand-off agent refuses to begin without one, see its claim).
@@ -742,8 +733,8 @@ impl Spool {
     }
 
     /// A file at `path` (from `free/` if one is ready, else new) holding exactly `bytes`,
-    /// written over in place ([`write_over`]); not synced. For files written whole before
-    /// they are renamed into `queue/`: a small body and every envelope.
+    /// written over in place ([`write_over`]); not synced. For files written whole: a
+    /// small body and every envelope (renamed into `queue/` after), and a marker.
     fn fill_file(&self, path: &Path, bytes: &[u8]) -> io::Result<fs::File> {
         let f = self.take_file(path, false)?;
         write_over(&f, bytes)?;
@@ -753,6 +744,11 @@ impl Spool {
     /// A body's name in `tmp/`, while it is written.
     fn tmp_body_path(&self, id: &str) -> PathBuf {
         self.tmp.join(format!("{id}.msg"))
+    }
+
+    /// An envelope's name in `tmp/`, while it is written.
+    fn tmp_env_path(&self, id: &str) -> PathBuf {
+        self.tmp.join(format!("{id}.env"))
     }
 
     /// Take a finished file out of `queue/`: moved to `free/` for reuse, or unlinked.
@@ -1017,7 +1013,7 @@ impl Spool {
     fn enter_queue(&self, id: &str) -> io::Result<()> {
         let tmp_body = self.tmp_body_path(id);
         fs::rename(&tmp_body, self.body_path(id))?;
-        if let Err(e) = fs::rename(self.tmp.join(format!("{id}.env")), self.env_path(id)) {
+        if let Err(e) = fs::rename(self.tmp_env_path(id), self.env_path(id)) {
             let _ = fs::rename(self.body_path(id), &tmp_body);
             return Err(e);
         }
@@ -1029,7 +1025,7 @@ impl Spool {
     /// (after a failed fsync the disk's state is unknown); the envelope first, since
     /// without it the body is no message.
     fn leave_queue(&self, id: &str) {
-        let _ = fs::rename(self.env_path(id), self.tmp.join(format!("{id}.env")));
+        let _ = fs::rename(self.env_path(id), self.tmp_env_path(id));
         let _ = fs::rename(self.body_path(id), self.tmp_body_path(id));
     }
 
@@ -1080,7 +1076,7 @@ impl Spool {
     /// Throw away a message that will not be committed (its body, and its envelope where
     /// a failed commit took it back out of queue/).
     pub async fn discard(&self, id: &str) {
-        let paths = [self.tmp_body_path(id), self.tmp.join(format!("{id}.env"))];
+        let paths = [self.tmp_body_path(id), self.tmp_env_path(id)];
         // Unlinked, not recycled: only names leaving queue/ are covered by its fsyncs.
         let _ = tokio::task::spawn_blocking(move || {
             for p in paths {
@@ -1093,7 +1089,7 @@ impl Spool {
     /// Write an envelope to `tmp/ID.env`, not yet synced.
     fn write_env_file(&self, env: &Envelope) -> io::Result<fs::File> {
         let data = serde_json::to_vec_pretty(env).map_err(io::Error::other)?;
-        self.fill_file(&self.tmp.join(format!("{}.env", env.id)), &data)
+        self.fill_file(&self.tmp_env_path(&env.id), &data)
     }
 
     fn write_env_tmp(&self, env: &Envelope) -> io::Result<()> {
@@ -1106,7 +1102,7 @@ impl Spool {
         let env = env.clone();
         tokio::task::spawn_blocking(move || {
             s.write_env_tmp(&env)?;
-            fs::rename(s.tmp.join(format!("{}.env", env.id)), s.env_path(&env.id))
+            fs::rename(s.tmp_env_path(&env.id), s.env_path(&env.id))
         })
         .await
         .map_err(io::Error::other)??;
@@ -1510,9 +1506,9 @@ pub(crate) mod tests {
 
     /// A small commit writes its body and envelope over recycled files of their own kind
     /// in place (no truncation to zero, `write_over`): the files must end up holding
-    /// exactly the new bytes, though the recycled ones were longer. And a power loss that keeps the new
-    /// bytes but not the cut (new bytes, then the old tail) must not be delivered: the
-    /// envelope no longer parses and the body fails its checksum.
+    /// exactly the new bytes, though the recycled ones were longer. And a power loss that
+    /// keeps the new bytes but not the cut (new bytes, then the old tail) must not be
+    /// delivered: the envelope no longer parses and goes to corrupt/.
     #[tokio::test]
     async fn a_small_commit_over_longer_recycled_files_holds_exactly_its_bytes() {
         use std::os::unix::fs::MetadataExt;
@@ -1558,6 +1554,8 @@ pub(crate) mod tests {
             [id.as_str()]
         );
         assert!(dir.path().join(format!("corrupt/{torn}.env")).exists());
+        // Its body, with no envelope, is an orphan and goes at the same recovery.
+        assert!(!dir.path().join(format!("queue/{torn}.msg")).exists());
     }
 
     #[tokio::test]
