@@ -2,7 +2,7 @@ use super::*;
 use hmac::{KeyInit, Mac};
 
 /// A keyed-MAC stand-in for the OpenPGP signer, so these pure tests need no keyring.
-/// The OpenPGP path is exercised end to end in tests/relay_e2e.rs.
+/// The OpenPGP path is exercised end to end in tests/relays/relay_e2e.rs.
 struct MacKey(&'static [u8]);
 impl Signer for MacKey {
     fn sign(&self, data: &[u8]) -> Result<Vec<u8>, String> {

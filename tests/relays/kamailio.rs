@@ -14,11 +14,8 @@
 //! Loopback block 127.0.43.0/24, ports 43000-43999 (each test its own ports); the SRV
 //! tests' DNS fixtures on 127.0.42.201-202 and .211-212.
 
-mod common;
-mod dns_fixture;
-
-use common::*;
-use dns_fixture::{DnsFixture, Zone, srv_line_for};
+use crate::common::*;
+use crate::dns_fixture::{DnsFixture, Zone, srv_line_for};
 use sipmail::demo::{TwoSites, maildir_files, make_keys, sample_message, site_config, submit};
 use sipmail::relay::{Hooks, RelayEvent};
 use std::io::Read;

@@ -8,9 +8,7 @@
 //! dictionary must not find it, and the same attack code must find the key once the test
 //! puts the real key into the list (so the attack is shown to work).
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use sipmail::config::Config;
 use sipmail::demo::{TwoSites, free_port, maildir_files, make_keys, site_config};
 use sipmail::handshake::sdp;

@@ -4,9 +4,7 @@
 //! `/readyz` reporting each partner's last call. (The real-Prometheus test is
 //! integration/prometheus.sh.)
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use sipmail::demo::{TwoSites, maildir_files, sample_message, submit};
 use sipmail::relay::RelayEvent;
 use std::net::SocketAddr;

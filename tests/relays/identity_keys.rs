@@ -3,9 +3,7 @@
 //! restricts a peer further), and keyring changes (a revocation) take effect in a running
 //! daemon without a restart: through `sipmail keys import` and on SIGHUP.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use sipmail::config::Config;
 use sipmail::demo::{
     TwoSites, free_port, maildir_files, make_keys, sample_message, site_config, submit,

@@ -3,9 +3,7 @@
 //! verifies, and the files appear in B's inbox byte for byte. A partner's attachment whose
 //! name tries to leave the inbox is not written there, and its message is still delivered.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use sipmail::demo::{TwoSites, free_port, maildir_files, site_config, submit};
 use sipmail::relay::Hooks;
 use std::path::Path;

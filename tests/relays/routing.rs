@@ -3,9 +3,7 @@
 //! in 127.0.41.0/24, ports 41000-41999: relay A on 127.0.41.1, the next hops on
 //! 127.0.41.2, allowed SMTP clients connect from 127.0.41.10, others from 127.0.41.20.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use sipmail::config::Config;
 use sipmail::demo::{TwoSites, make_keys, site_config};
 use sipmail::relay::{self, Hooks, Shutdown};

@@ -2,9 +2,7 @@
 //! that nothing is delivered and, where the mail is the attacker's target, that it stays
 //! queued.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use sipmail::config::Config;
 use sipmail::demo::{
     TwoSites, free_port, maildir_files, make_keys, sample_message, site_config, submit,

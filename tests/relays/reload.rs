@@ -11,9 +11,7 @@
 //! `SIPMAIL_RELOAD_BY_SIGHUP=1` reloads by SIGHUP alone (and reads the outcome from the
 //! log), which is how the checks were run against the keyring-only reload before it.
 
-mod common;
-
-use common::{init_logs, wait_call_outcome, wait_event, wait_until};
+use crate::common::{init_logs, wait_call_outcome, wait_event, wait_until};
 use sipmail::config::Config;
 use sipmail::demo::{free_port, maildir_files, make_keys, sample_message, site_config};
 use sipmail::keyring::Keyring;

@@ -10,9 +10,7 @@
 //! - `sipmail trust accept DOMAIN FINGERPRINT` refuses a fingerprint that is not pending,
 //!   and a bare `trust accept DOMAIN` pins nothing.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use sipmail::config::Config;
 use sipmail::demo::{TwoSites, free_port, maildir_files, make_keys, sample_message, site_config};
 use sipmail::handshake::sdp;

@@ -2,9 +2,7 @@
 //! two real relays on loopback. Every refusal test checks that nothing was delivered and
 //! that the mail is still queued at the sender.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use sipmail::demo::{TwoSites, maildir_files, sample_message, submit};
 use sipmail::keyring::Keyring;
 use sipmail::relay::trust::TrustStore;

@@ -3,9 +3,7 @@
 //! address (127.0.0.1, the host of B's `[[peer]]` for site-a.test), which is what an
 //! off-path attacker spoofing A's address looks like to B.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use sipmail::demo::{TwoSites, maildir_files, sample_message, submit};
 use sipmail::handshake::sdp;
 use sipmail::handshake::{CallerAwaitAnswer, Suite};

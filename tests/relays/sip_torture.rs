@@ -5,9 +5,7 @@
 //! CANCEL), the INVITE rate limit from a flooding address while the real peer gets
 //! through, and the half-open TCP time-out.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use sipmail::config::Config;
 use sipmail::demo::{
     TwoSites, free_port, maildir_files, make_keys, sample_message, site_config, submit,

@@ -2,9 +2,7 @@
 //! loopback: the media address the callee announces is covered by its signature, and
 //! connections to the media port that never authenticate cannot make a call fail.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use sipmail::demo::{TwoSites, maildir_files, sample_message, submit};
 use sipmail::handshake::sdp;
 use sipmail::handshake::{CallerAwaitAnswer, Suite};

@@ -6,9 +6,7 @@
 //! (a tampered byte, another key, another message, a call that never was) is caught on
 //! the wire: the message is not counted as delivered and stays queued.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use sipmail::demo::{TwoSites, maildir_files, sample_message, submit};
 use sipmail::keyring::Keyring;
 use sipmail::receipt::Receipt;

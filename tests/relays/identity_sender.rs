@@ -7,9 +7,7 @@
 //! peer and its fingerprint; a look-alike field that arrives from outside (from a peer or
 //! from the site's own MTA) is removed.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use sipmail::demo::{TwoSites, maildir_files, submit};
 use sipmail::handshake::sdp;
 use sipmail::handshake::{CallContext, CallerAwaitAnswer, Suite};

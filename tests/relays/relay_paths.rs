@@ -1,9 +1,7 @@
 //! The other paths of the first issue: SIP over TCP, delivery by SMTP to the site's MTA,
 //! a peer that is down, an unknown caller, and relay policy.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use sipmail::demo::{TwoSites, delivered_intact, free_port, maildir_files, sample_message, submit};
 use sipmail::keyring::Keyring;
 use sipmail::relay::{self, Hooks, RelayEvent, Shutdown};

@@ -8,11 +8,8 @@
 //!
 //! Each test has its own addresses: 127.0.42.(10*i + 1..4).
 
-mod common;
-mod dns_fixture;
-
-use common::*;
-use dns_fixture::*;
+use crate::common::*;
+use crate::dns_fixture::*;
 use sipmail::config::Config;
 use sipmail::demo::{maildir_files, sample_message, submit};
 use sipmail::keyring::Keyring;

@@ -1,9 +1,7 @@
 //! Two real relays in this process, on loopback: SMTP in, SIP call with OpenPGP-signed
 //! handshake, encrypted stream, Maildir out. Plus proxies that record and tamper.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use sipmail::demo::{TwoSites, delivered_intact, maildir_files, sample_message, submit};
 use sipmail::relay::{Hooks, RelayEvent};
 use std::sync::Arc;

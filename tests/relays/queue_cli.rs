@@ -1,9 +1,7 @@
 //! `sipmail queue` against a running daemon (control socket) and against the spool files
 //! when no daemon runs; and one spool, one daemon.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use sipmail::config::Config;
 use sipmail::demo::{free_port, make_keys, sample_message, site_config, submit};
 use sipmail::relay::{self, Hooks, Shutdown};

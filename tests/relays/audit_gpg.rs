@@ -4,11 +4,9 @@
 //! A tampered record fails both. This test does not skip: without gpg it fails, saying
 //! how to install it.
 
-mod common;
-
+use crate::common::*;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
-use common::*;
 use sipmail::demo::{TwoSites, maildir_files, sample_message, submit};
 use sipmail::keyring::Keyring;
 use sipmail::relay::Hooks;
