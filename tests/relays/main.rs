@@ -1,8 +1,9 @@
 //! The integration tests that run relays in this process (and real peers beside them),
-//! as one test binary with a module per subject.
+//! as one test binary with a module per subject. `tests/failover.rs` is not one of them:
+//! its assertions read the relays' log through the process's one tracing subscriber.
 //!
 //! Why one binary: each of these files instantiates the relay's generic and async code
-//! (tokio tasks, the SIP and SMTP drivers, `common`'s proxies) again, and as 21 separate
+//! (tokio tasks, the SIP and SMTP drivers, `common`'s proxies) again, and as 20 separate
 //! crates they took 44-53 s each to compile in release, about 17 of the 24 CPU minutes
 //! of `cargo test --release --no-run` on a 2-core machine. Together they compile once.
 //!
@@ -18,7 +19,6 @@ mod dns_fixture;
 mod adversary;
 mod audit_gpg;
 mod dns_discovery;
-mod failover;
 mod identity_keys;
 mod identity_lockout;
 mod identity_media;

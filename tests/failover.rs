@@ -14,8 +14,16 @@
 //!
 //! Loopback block 127.0.43.0/24, ports 43500-43599.
 
-use crate::common::wait_until;
-use crate::dns_fixture::{DNS_PORT, DnsFixture, Zone, ip};
+// Its own test binary, not a module of tests/relays/: the assertions read relay A's log
+// through the process's one tracing subscriber (`tee`), which the tests in tests/relays/
+// would take first (and write their own relays' lines into).
+#[path = "relays/common.rs"]
+mod common;
+#[path = "relays/dns_fixture.rs"]
+mod dns_fixture;
+
+use common::wait_until;
+use dns_fixture::{DNS_PORT, DnsFixture, Zone, ip};
 use sipmail::demo::{maildir_files, sample_message, submit};
 use sipmail::keyring::Keyring;
 use sipmail::relay::{Hooks, RelayEvent, Shutdown};
@@ -209,7 +217,7 @@ fn message_ids(sink: &Path) -> HashMap<String, usize> {
     ids
 }
 
-/// Relay A's log, kept for the assertions (this binary's one test owns the subscriber).
+/// Relay A's log, kept for the assertions (this binary owns the process's subscriber).
 #[derive(Clone, Default)]
 struct LogTee(Arc<Mutex<Vec<u8>>>);
 
@@ -606,7 +614,7 @@ async fn a_message_the_dead_relay_may_hold_waits_for_it_and_is_delivered_once() 
     wait_up(&n, &[&b1, &b2]).await;
     // The first media connection (A's first call, to B1, first in A's list): once A has
     // sent 150 kB, nothing from B1 gets through, and both sides close a second later.
-    let proxy = crate::common::MediaProxy::start_muting((0, 150_000)).await;
+    let proxy = common::MediaProxy::start_muting((0, 150_000)).await;
     let shutdown = Shutdown::new();
     let a = sipmail::relay::start(a_config(d, &n), shutdown.clone(), proxy.hook())
         .await
