@@ -7,6 +7,7 @@
 #   integration/bench-big.sh                         # the worktree's release build, 3 runs
 #   SIPMAILS="/tmp/old /tmp/new" REPEAT=3 integration/bench-big.sh   # interleaved A/B
 #   SMALL=2000 integration/bench-big.sh              # small-message msg/s instead
+#   WARMUP=1000 SMALL=1000 SESSIONS=200 integration/bench-big.sh  # ... timed after a warm-up
 #   LATENCY=60 integration/bench-big.sh              # warm per-message latency instead
 #                                  (bench.sh's client, integration/lib/latency.py: p50 of
 #                                  60 warm messages of 5120 B, to A's 250 and to the sink)
@@ -20,6 +21,8 @@ REPEAT=${REPEAT:-3}
 SIPMAILS=${SIPMAILS:-$ROOT/target/release/sipmail}
 SMALL=${SMALL:-0}        # instead of the big message: SMALL messages of 5120 B with smtp-source
 SESSIONS=${SESSIONS:-10} # ... over SESSIONS sessions, timed until smtp-sink counted them all
+WARMUP=${WARMUP:-0}      # ... after WARMUP messages the same way, not timed: the relays'
+                         # free/ then holds files (as in bench.sh's long-lived pair)
 LATENCY=${LATENCY:-0}    # instead: LATENCY warm messages one at a time (integration/lib/latency.py)
 [ -x /usr/sbin/smtp-sink ] || { echo "bench-big: smtp-sink not found" >&2; exit 1; }
 [ -z "${PERF:-}" ] || command -v perf >/dev/null \
@@ -67,17 +70,25 @@ for r in $(seq "$REPEAT"); do
             sleep 0.5
         fi
         if ((SMALL > 0)); then # the small-message throughput of bench.sh's sipmail path
+            if ((WARMUP > 0)); then
+                timeout 300 /usr/sbin/smtp-source -s "$SESSIONS" -m "$WARMUP" -l 5120 -f a@site-a.test \
+                    -t b@site-b.test "127.0.0.1:$P_SRC" >/dev/null 2>&1 || echo "   smtp-source (warm-up) failed"
+                tw=$(now_ns)
+                while (($(sink_count "$WORK/sink.cnt") < WARMUP)) && (($(now_ns) < tw + 300000000000)); do sleep 0.01; done
+                sleep 1 # the last files' fsync of queue/ passes, so they are reusable
+            fi
             C0=$(($(cpu_ticks "$SM_A") + $(cpu_ticks "$SM_B")))
             t0=$(now_ns)
             timeout 300 /usr/sbin/smtp-source -s "$SESSIONS" -m "$SMALL" -l 5120 -f a@site-a.test \
                 -t b@site-b.test "127.0.0.1:$P_SRC" >/dev/null 2>&1 || echo "   smtp-source failed"
-            while (($(sink_count "$WORK/sink.cnt") < SMALL)) && (($(now_ns) < t0 + 300000000000)); do sleep 0.01; done
+            while (($(sink_count "$WORK/sink.cnt") < WARMUP + SMALL)) && (($(now_ns) < t0 + 300000000000)); do sleep 0.01; done
             t1=$(now_ns)
             C1=$(($(cpu_ticks "$SM_A") + $(cpu_ticks "$SM_B")))
+            got=$(($(sink_count "$WORK/sink.cnt") - WARMUP))
             # CPU per message of both relays together: steadier than msg/s on a busy machine.
-            printf 'run %s %-28s load %s | %s x 5120 B, %s sessions: %s msg/s (%s at the sink) | CPU of A+B %s ms/msg\n' "$r" "$(basename "$bin")" \
-                "$load" "$SMALL" "$SESSIONS" "$(awk -v n="$(sink_count "$WORK/sink.cnt")" -v a="$t0" -v b="$t1" 'BEGIN {printf "%.1f", n/((b-a)/1e9)}')" \
-                "$(sink_count "$WORK/sink.cnt")" \
+            printf 'run %s %-28s load %s | %s x 5120 B, %s sessions%s: %s msg/s (%s at the sink) | CPU of A+B %s ms/msg\n' "$r" "$(basename "$bin")" \
+                "$load" "$SMALL" "$SESSIONS" "$( ((WARMUP > 0)) && echo " after $WARMUP warm-up")" "$(awk -v n="$got" -v a="$t0" -v b="$t1" 'BEGIN {printf "%.1f", n/((b-a)/1e9)}')" \
+                "$got" \
                 "$(awk -v c=$((C1 - C0)) -v hz="$(getconf CLK_TCK)" -v n="$SMALL" 'BEGIN {printf "%.3f", c * 1000 / hz / n}')"
             end_run
             continue
