@@ -139,7 +139,7 @@ pf_stop_all() {
 # EXIT trap that stops our Postfix instances and every PID in PIDS, then removes $WORK
 # (kept if KEEP is set).
 scratch() {
-    WORK="$(mktemp -d "/tmp/$1.XXXXXX")"
+    WORK="$(mktemp -d "${TMPDIR:-/tmp}/$1.XXXXXX")"
     PIDS=()
     trap scratch_cleanup EXIT
 }

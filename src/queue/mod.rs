@@ -341,11 +341,14 @@ pub struct Spool {
 /// came to dominate the relay's CPU time (see docs/PERFORMANCE.md). A rename costs no
 /// inode.
 ///
-/// Only files retired by this process are reused: `free/` is emptied at start-up, so a
-/// crash that left a stale name in `free/` can never make the spool reuse (overwrite) a
-/// queued message. A retired file is never read again by anyone: it is retired only
-/// when its delivery is over (an operator's `delete` unlinks instead, since a delivery
-/// may still be reading the body).
+/// `free/` survives a restart ([`Recycler::restock`]): a relay restarted for a reload or an
+/// upgrade does not pay the new inodes of its first burst again. A crash can leave a
+/// name in `free/` for a file still named in `queue/` (on ext4 without a journal a rename's
+/// two directory blocks reach the disk in no particular order), so recovery keeps a free
+/// file only if it has exactly one name and its inode is named nowhere in the spool:
+/// reusing it can never overwrite a queued message. A retired file is never read again
+/// by anyone: it is retired only when its delivery is over (an operator's `delete`
+/// unlinks instead, since a delivery may still be reading the body).
 ///
 /// A file that leaves `queue/` is reused only once an fsync of `queue/` that started
 /// after its rename has completed (the group commit's tickets tell): so even on a file
@@ -359,16 +362,21 @@ pub struct Spool {
 /// ([`write_over`]) without freeing or allocating blocks, where an envelope written over
 /// a body would free a block at its cut and the body written over an envelope allocate
 /// one (on ext4 with `discard`, a freed block costs a discard request).
+/// [`Recycler`]'s files: by [`FileKind`], each with the ticket it waits for.
+type FreeFiles = [VecDeque<(PathBuf, Option<u64>)>; 3];
+
 #[derive(Debug, Default)]
 struct Recycler {
     /// Free files by [`FileKind`], oldest first, each with the `dir_sync` ticket count
-    /// seen after its rename out of `queue/`: reusable once `durable` passes it.
-    files: std::sync::Mutex<[VecDeque<(PathBuf, u64)>; 3]>,
+    /// seen after its rename out of `queue/`: reusable once `durable` passes it. `None`:
+    /// reusable at once (kept from before a restart, whose recovery fsynced `queue/`).
+    files: std::sync::Mutex<FreeFiles>,
+    /// The next name in `free/` (a number, then the file's kind as its extension).
     seq: AtomicU64,
 }
 
 impl Recycler {
-    fn lock(&self) -> std::sync::MutexGuard<'_, [VecDeque<(PathBuf, u64)>; 3]> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, FreeFiles> {
         self.files.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -384,9 +392,75 @@ impl Recycler {
         let mut files = self.lock();
         let order = [kind, (kind + 1) % 3, (kind + 2) % 3];
         order.into_iter().find_map(|k| match files[k].front() {
-            Some((_, seen)) if durable > *seen => files[k].pop_front().map(|(p, _)| p),
+            Some((_, seen)) if seen.is_none_or(|seen| durable > seen) => {
+                files[k].pop_front().map(|(p, _)| p)
+            }
             _ => None,
         })
+    }
+
+    /// At start-up, after recovery has fsynced `queue/`: take up the files a previous
+    /// process left in `free/`, up to [`RECYCLE_MAX`], and unlink the rest. Kept only a
+    /// regular file with one name, whose inode no name in `queue/`, `tmp/` or `corrupt/`
+    /// shares (see the type's notes) and whose name this process could have given it.
+    fn restock(&self, spool: &Spool) -> io::Result<()> {
+        use std::os::unix::fs::{DirEntryExt, MetadataExt};
+        let mut named = std::collections::HashSet::new();
+        for dir in [&spool.queue, &spool.tmp, &spool.corrupt] {
+            for e in fs::read_dir(dir)? {
+                named.insert(e?.ino());
+            }
+        }
+        let mut kept: Vec<(u64, PathBuf)> = Vec::new();
+        for e in fs::read_dir(&spool.free)? {
+            let path = e?.path();
+            let meta = fs::symlink_metadata(&path)?;
+            let seq = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .and_then(|s| s.parse::<u64>().ok());
+            match seq {
+                Some(seq)
+                    if meta.is_file() && meta.nlink() == 1 && !named.contains(&meta.ino()) =>
+                {
+                    kept.push((seq, path))
+                }
+                _ if meta.is_dir() => {
+                    tracing::warn!(dir = %path.display(), "spool recovery: a directory in free/ is not sipmail's; left alone");
+                }
+                _ => fs::remove_file(&path)?,
+            }
+        }
+        kept.sort();
+        for (_, path) in kept.drain(RECYCLE_MAX.min(kept.len())..) {
+            fs::remove_file(path)?;
+        }
+        let next = kept.last().map_or(0, |(seq, _)| seq + 1);
+        self.seq.store(next, Ordering::Relaxed);
+        let mut files = self.lock();
+        for (_, path) in kept {
+            files[FileKind::of(&path) as usize].push_back((path, None));
+        }
+        Ok(())
+    }
+
+    /// Fill `free/` up to [`RECYCLE_MAX`] with new empty files (see
+    /// [`Spool::make_spares`]); returns how many it made. Stops at the first error: spare
+    /// files only save time.
+    fn make_spares(&self, free: &Path) -> io::Result<usize> {
+        let mut made = 0;
+        while self.len() < RECYCLE_MAX {
+            let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+            let path = free.join(format!("{seq}.other"));
+            fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)?;
+            // Never in queue/: reusable at once.
+            self.lock()[FileKind::Other as usize].push_back((path, None));
+            made += 1;
+        }
+        Ok(made)
     }
 }
 
@@ -450,9 +524,6 @@ impl Spool {
         let s = Spool::at(root);
         for d in [&s.tmp, &s.queue, &s.corrupt, &s.free] {
             fs::create_dir_all(d)?;
-        }
-        for e in fs::read_dir(&s.free)? {
-            fs::remove_file(e?.path())?;
         }
         for e in fs::read_dir(&s.tmp)? {
             let e = e?;
@@ -547,6 +618,7 @@ impl Spool {
             }
         }
         fsync_dir(&s.queue)?;
+        s.recycler.restock(&s)?;
         envs.sort_by(|a, b| a.id.cmp(&b.id));
         handed.sort_by(|a: &Handed, b| a.id.cmp(&b.id));
         Ok(Recovered {
@@ -555,6 +627,18 @@ impl Spool {
             handed,
             interrupted,
         })
+    }
+
+    /// Fill `free/` with empty files, up to the number it keeps, before the first message:
+    /// a burst of more messages in flight than `free/` holds would otherwise create a new
+    /// inode per file on the message's path. On ext4 without a journal each new inode is
+    /// checked against every inode of its group freed in the last minutes
+    /// (`recently_deleted`), holding the directory's lock meanwhile: 0.35 ms a file
+    /// measured on this project's test machine, 200 sessions then ran at 77% of 20
+    /// (docs/PERFORMANCE.md, run 21). Since `free/` survives a restart, this costs once in
+    /// a spool's life. Returns how many files it made; an error only ends the filling.
+    pub fn make_spares(&self) -> io::Result<usize> {
+        self.recycler.make_spares(&self.free)
     }
 
     /// Keep a file of `queue/` that recovery cannot use in `corrupt/`, for a human.
@@ -756,15 +840,19 @@ impl Spool {
     fn retire(&self, path: &Path) -> io::Result<()> {
         let room = self.recycler.len() < RECYCLE_MAX;
         if room {
-            let to = self.free.join(format!(
-                "{}",
-                self.recycler.seq.fetch_add(1, Ordering::Relaxed)
-            ));
+            // Named by kind, so that a restart puts it back with its own kind.
+            let seq = self.recycler.seq.fetch_add(1, Ordering::Relaxed);
+            let kind = match FileKind::of(path) {
+                FileKind::Body => "msg",
+                FileKind::Envelope => "env",
+                FileKind::Other => "other",
+            };
+            let to = self.free.join(format!("{seq}.{kind}"));
             match fs::rename(path, &to) {
                 Ok(()) => {
                     // Any fsync of queue/ that takes a later ticket starts after this.
                     let seen = self.dir_sync.requested();
-                    self.recycler.lock()[FileKind::of(path) as usize].push_back((to, seen));
+                    self.recycler.lock()[FileKind::of(path) as usize].push_back((to, Some(seen)));
                     return Ok(());
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(e),
@@ -1464,7 +1552,7 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
-    async fn finished_files_are_recycled_truncated_and_free_is_emptied_at_open() {
+    async fn finished_files_are_recycled_truncated_and_free_is_kept_across_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let (s, _) = Spool::open(dir.path()).unwrap();
         let route = Route::Peer("site-b.test".into());
@@ -1495,13 +1583,92 @@ pub(crate) mod tests {
         s.commit(f, &env(&id3)).await.unwrap();
         assert_eq!(s.recycler.len(), 1);
         assert_eq!(std::fs::read(s.body_path(&id3)).unwrap(), b"third");
+        // A restart keeps free/: the one file left is reusable at once (recovery fsynced
+        // queue/), and the next retired file's name follows the kept ones'.
+        drop(s);
         let (s, envs) = Spool::open(dir.path()).unwrap();
         assert_eq!(envs, vec![env(&id2), env(&id3)]);
+        let free = |d: &Path| {
+            let mut names: Vec<String> = std::fs::read_dir(d.join("free"))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            names.sort();
+            names
+        };
+        assert_eq!(free(dir.path()), ["2.other"]);
+        assert_eq!(s.recycler.len(), 1);
+        let id4 = commit_small_body(&s, b"fourth").await;
+        assert_eq!(s.recycler.len(), 0, "the kept file was reused");
+        assert_eq!(std::fs::read(s.body_path(&id4)).unwrap(), b"fourth");
+        s.begin_send(&id4, &route, None);
+        s.remove_sent(&id4, &route).await.unwrap();
+        assert_eq!(free(dir.path()), ["3.env", "4.msg", "5.other"]);
+    }
+
+    /// `make_spares` fills free/ up to what it keeps, once: a restart finds them there.
+    /// Messages take them (a spare is empty; the file ends up holding exactly its bytes).
+    #[tokio::test]
+    async fn spare_files_are_made_once_and_taken_by_new_messages() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = Spool::open(dir.path()).unwrap();
+        assert_eq!(s.make_spares().unwrap(), RECYCLE_MAX);
+        assert_eq!(s.make_spares().unwrap(), 0);
+        let count = || std::fs::read_dir(dir.path().join("free")).unwrap().count();
+        assert_eq!(count(), RECYCLE_MAX);
+        drop(s);
+        let (s, _) = Spool::open(dir.path()).unwrap();
+        assert_eq!(s.make_spares().unwrap(), 0, "kept across the restart");
+        let id = commit_small_body(&s, b"Subject: x\r\n\r\nbody\r\n").await;
         assert_eq!(
-            std::fs::read_dir(dir.path().join("free")).unwrap().count(),
-            0
+            count(),
+            RECYCLE_MAX - 2,
+            "the body and the envelope were spares"
         );
-        assert_eq!(s.recycler.len(), 0);
+        assert_eq!(
+            std::fs::read(s.body_path(&id)).unwrap(),
+            b"Subject: x\r\n\r\nbody\r\n"
+        );
+        drop(s);
+        let (_, envs) = Spool::open(dir.path()).unwrap();
+        assert_eq!(envs.iter().map(|e| &e.id).collect::<Vec<_>>(), [&id]);
+    }
+
+    /// A crash on ext4 without a journal can leave a retired (or reused) file named both
+    /// in free/ and in queue/. Recovery must not keep such a free/ name: reusing it would
+    /// overwrite a queued message. Here the second name is made as a hard link, and free/
+    /// also holds a name this process would never give and a file of another kind.
+    #[tokio::test]
+    async fn recovery_drops_free_files_that_share_an_inode_with_the_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = Spool::open(dir.path()).unwrap();
+        let id = commit_small_body(&s, b"Subject: kept\r\n\r\nqueued\r\n").await;
+        let free = dir.path().join("free");
+        std::fs::hard_link(s.body_path(&id), free.join("7.msg")).unwrap();
+        std::fs::hard_link(s.env_path(&id), free.join("8.env")).unwrap();
+        std::fs::write(free.join("3.msg"), b"an old body").unwrap();
+        std::fs::write(free.join("stray"), b"not sipmail's name").unwrap();
+        drop(s);
+        let (s, envs) = Spool::open(dir.path()).unwrap();
+        assert_eq!(envs.iter().map(|e| &e.id).collect::<Vec<_>>(), [&id]);
+        let mut left: Vec<String> = std::fs::read_dir(&free)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        // New messages take the one kept file and never touch the queued one.
+        for n in 0..3 {
+            commit_small_body(&s, format!("another {n}").as_bytes()).await;
+        }
+        assert_eq!(
+            std::fs::read(s.body_path(&id)).unwrap(),
+            b"Subject: kept\r\n\r\nqueued\r\n",
+            "a queued message was overwritten through a second name in free/"
+        );
+        assert_eq!(left, ["3.msg"], "shared inodes and stray names dropped");
+        drop(s);
+        let (_, envs) = Spool::open(dir.path()).unwrap();
+        assert_eq!(envs.len(), 4);
     }
 
     /// A small commit writes its body and envelope over recycled files of their own kind

@@ -96,6 +96,17 @@ pub async fn start_with_agent(
         interrupted,
     } = Spool::recover(&cfg.spool)
         .map_err(io_err(format!("opening spool {}", cfg.spool.display())))?;
+    let started = std::time::Instant::now();
+    match spool.make_spares() {
+        Ok(0) => {}
+        Ok(made) => tracing::info!(
+            files = made,
+            ms = started.elapsed().as_millis() as u64,
+            "spool: made spare files in free/ for the first messages (once in a spool's life: free/ is kept across restarts)"
+        ),
+        Err(e) => tracing::warn!(error = %e,
+            "spool: cannot make spare files in free/; new messages create their files instead"),
+    }
     let receipts =
         super::receipts::Receipts::open(&cfg.spool, cfg.queue.dedup_window).map_err(io_err(
             format!("opening the receipt store in {}", cfg.spool.display()),
