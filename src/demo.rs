@@ -98,6 +98,7 @@ maildir = "{md}"
 [queue]
 retry_initial = "1s"
 retry_max = "5s"
+spare_files = 16
 "#,
         kr = dir.join(format!("keyring/{me}")).display(),
         sp = dir.join(format!("var/{me}/spool")).display(),

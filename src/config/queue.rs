@@ -42,6 +42,10 @@ pub struct QueueTimes {
     /// recognises the resend, before the site's other relays are tried (where it may then
     /// arrive twice). Exactly-once across several relays of a site (issue 13).
     pub resend_hold: Duration,
+    /// Empty files `sipmail run` puts in the spool's `free/` before the first message, so
+    /// that a first burst does not create inodes on the message's path (see
+    /// `Spool::make_spares`). At most [`crate::queue::SPARE_FILES_MAX`].
+    pub spare_files: usize,
 }
 
 impl Default for QueueTimes {
@@ -58,6 +62,7 @@ impl Default for QueueTimes {
             // Long enough for a relay to be restarted or its machine rebooted; short
             // enough that a relay that is gone for good holds its partners' mail an hour.
             resend_hold: Duration::from_secs(3600),
+            spare_files: crate::queue::SPARE_FILES_MAX,
         }
     }
 }
@@ -124,6 +129,18 @@ pub(super) fn parse_queue(raw: &RawQueue, e: Errors<'_>) -> Result<QueueTimes, C
             "queue.resend_hold",
             "must be shorter than queue.max_age".into(),
         ));
+    }
+    if let Some(n) = raw.spare_files {
+        if n > crate::queue::SPARE_FILES_MAX {
+            return Err(bad(
+                "queue.spare_files",
+                format!(
+                    "must be at most {} (what the spool's free/ keeps)",
+                    crate::queue::SPARE_FILES_MAX
+                ),
+            ));
+        }
+        queue.spare_files = n;
     }
     if queue.retry_initial.is_zero() || queue.retry_max < queue.retry_initial {
         return Err(bad(

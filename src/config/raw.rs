@@ -137,6 +137,7 @@ pub(super) struct RawQueue {
     pub(super) delay_warning: Option<String>,
     pub(super) dedup_window: Option<String>,
     pub(super) resend_hold: Option<String>,
+    pub(super) spare_files: Option<usize>,
 }
 
 #[derive(Deserialize, Default)]

@@ -539,3 +539,20 @@ fn resend_hold_defaults_to_an_hour_and_must_be_shorter_than_max_age() {
         "{e}"
     );
 }
+
+#[test]
+fn spare_files_default_to_what_free_keeps_and_cannot_exceed_it() {
+    let c = Config::parse("a.toml", GOOD).unwrap();
+    assert_eq!(c.queue.spare_files, 1024);
+    let c = Config::parse("a.toml", &format!("{GOOD}[queue]\nspare_files = 0\n")).unwrap();
+    assert_eq!(c.queue.spare_files, 0);
+    let text = format!("{GOOD}[queue]\nspare_files = 1025\n");
+    let e = Config::parse("a.toml", &text).unwrap_err().to_string();
+    assert!(
+        e.contains("queue.spare_files") && e.contains("at most 1024"),
+        "{e}"
+    );
+    let text = format!("{GOOD}[queue]\nspare_files = -1\n");
+    let e = Config::parse("a.toml", &text).unwrap_err().to_string();
+    assert!(e.contains("spare_files"), "{e}");
+}

@@ -444,12 +444,12 @@ impl Recycler {
         Ok(())
     }
 
-    /// Fill `free/` up to [`RECYCLE_MAX`] with new empty files (see
-    /// [`Spool::make_spares`]); returns how many it made. Stops at the first error: spare
-    /// files only save time.
-    fn make_spares(&self, free: &Path) -> io::Result<usize> {
+    /// Fill `free/` up to `up_to` files (at most [`RECYCLE_MAX`]) with new empty files
+    /// (see [`Spool::make_spares`]); returns how many it made. Stops at the first error:
+    /// spare files only save time.
+    fn make_spares(&self, free: &Path, up_to: usize) -> io::Result<usize> {
         let mut made = 0;
-        while self.len() < RECYCLE_MAX {
+        while self.len() < up_to.min(RECYCLE_MAX) {
             let seq = self.seq.fetch_add(1, Ordering::Relaxed);
             let path = free.join(format!("{seq}.other"));
             fs::OpenOptions::new()
@@ -484,6 +484,10 @@ impl FileKind {
 
 /// At most this many files wait in `free/`; beyond that, finished files are unlinked.
 const RECYCLE_MAX: usize = 1024;
+
+/// The most spare files [`Spool::make_spares`] makes (`queue.spare_files`): what `free/`
+/// keeps.
+pub const SPARE_FILES_MAX: usize = RECYCLE_MAX;
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
@@ -629,7 +633,8 @@ impl Spool {
         })
     }
 
-    /// Fill `free/` with empty files, up to the number it keeps, before the first message:
+    /// Fill `free/` with empty files, up to `up_to` (`queue.spare_files`; at most the
+    /// number it keeps), before the first message:
     /// a burst of more messages in flight than `free/` holds would otherwise create a new
     /// inode per file on the message's path. On ext4 without a journal each new inode is
     /// checked against every inode of its group freed in the last minutes
@@ -637,8 +642,8 @@ impl Spool {
     /// measured on this project's test machine, 200 sessions then ran at 77% of 20
     /// (docs/PERFORMANCE.md, run 21). Since `free/` survives a restart, this costs once in
     /// a spool's life. Returns how many files it made; an error only ends the filling.
-    pub fn make_spares(&self) -> io::Result<usize> {
-        self.recycler.make_spares(&self.free)
+    pub fn make_spares(&self, up_to: usize) -> io::Result<usize> {
+        self.recycler.make_spares(&self.free, up_to)
     }
 
     /// Keep a file of `queue/` that recovery cannot use in `corrupt/`, for a human.
@@ -1612,13 +1617,17 @@ pub(crate) mod tests {
     async fn spare_files_are_made_once_and_taken_by_new_messages() {
         let dir = tempfile::tempdir().unwrap();
         let (s, _) = Spool::open(dir.path()).unwrap();
-        assert_eq!(s.make_spares().unwrap(), RECYCLE_MAX);
-        assert_eq!(s.make_spares().unwrap(), 0);
+        assert_eq!(s.make_spares(SPARE_FILES_MAX).unwrap(), RECYCLE_MAX);
+        assert_eq!(s.make_spares(SPARE_FILES_MAX).unwrap(), 0);
         let count = || std::fs::read_dir(dir.path().join("free")).unwrap().count();
         assert_eq!(count(), RECYCLE_MAX);
         drop(s);
         let (s, _) = Spool::open(dir.path()).unwrap();
-        assert_eq!(s.make_spares().unwrap(), 0, "kept across the restart");
+        assert_eq!(
+            s.make_spares(SPARE_FILES_MAX).unwrap(),
+            0,
+            "kept across the restart"
+        );
         let id = commit_small_body(&s, b"Subject: x\r\n\r\nbody\r\n").await;
         assert_eq!(
             count(),

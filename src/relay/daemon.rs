@@ -97,7 +97,7 @@ pub async fn start_with_agent(
     } = Spool::recover(&cfg.spool)
         .map_err(io_err(format!("opening spool {}", cfg.spool.display())))?;
     let started = std::time::Instant::now();
-    match spool.make_spares() {
+    match spool.make_spares(cfg.queue.spare_files) {
         Ok(0) => {}
         Ok(made) => tracing::info!(
             files = made,
