@@ -41,7 +41,7 @@ use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -373,6 +373,9 @@ struct Recycler {
     files: std::sync::Mutex<FreeFiles>,
     /// The next name in `free/` (a number, then the file's kind as its extension).
     seq: AtomicU64,
+    /// Files in `queue/` at start-up: they come to `free/` as their messages leave, so
+    /// [`Recycler::make_spares`] counts them as spares already.
+    queued_at_start: AtomicUsize,
 }
 
 impl Recycler {
@@ -410,6 +413,9 @@ impl Recycler {
             for e in fs::read_dir(dir)? {
                 named.insert(e?.ino());
             }
+            if dir == &spool.queue {
+                self.queued_at_start.store(named.len(), Ordering::Relaxed);
+            }
         }
         let mut kept: Vec<(u64, PathBuf)> = Vec::new();
         for e in fs::read_dir(&spool.free)? {
@@ -445,11 +451,13 @@ impl Recycler {
     }
 
     /// Fill `free/` up to `up_to` files (at most [`RECYCLE_MAX`]) with new empty files
-    /// (see [`Spool::make_spares`]); returns how many it made. Stops at the first error:
+    /// (see [`Spool::make_spares`]), counting the files of the messages queued at
+    /// start-up as spares already; returns how many it made. Stops at the first error:
     /// spare files only save time.
     fn make_spares(&self, free: &Path, up_to: usize) -> io::Result<usize> {
         let mut made = 0;
-        while self.len() < up_to.min(RECYCLE_MAX) {
+        let queued = self.queued_at_start.load(Ordering::Relaxed);
+        while self.len() + queued < up_to.min(RECYCLE_MAX) {
             let seq = self.seq.fetch_add(1, Ordering::Relaxed);
             let path = free.join(format!("{seq}.other"));
             fs::OpenOptions::new()
@@ -640,8 +648,10 @@ impl Spool {
     /// checked against every inode of its group freed in the last minutes
     /// (`recently_deleted`), holding the directory's lock meanwhile: 0.35 ms a file
     /// measured on this project's test machine, 200 sessions then ran at 77% of 20
-    /// (docs/PERFORMANCE.md, run 21). Since `free/` survives a restart, this costs once in
-    /// a spool's life. Returns how many files it made; an error only ends the filling.
+    /// (docs/PERFORMANCE.md, run 21). `free/` survives a restart and the files of queued
+    /// messages count (they come to `free/` when their messages leave), so this costs
+    /// once in a spool's life, not at every start. Returns how many files it made; an
+    /// error only ends the filling.
     pub fn make_spares(&self, up_to: usize) -> io::Result<usize> {
         self.recycler.make_spares(&self.free, up_to)
     }
@@ -1639,8 +1649,11 @@ pub(crate) mod tests {
             b"Subject: x\r\n\r\nbody\r\n"
         );
         drop(s);
-        let (_, envs) = Spool::open(dir.path()).unwrap();
+        // The queued message's two files count: a restart makes no new spare for them.
+        let (s, envs) = Spool::open(dir.path()).unwrap();
         assert_eq!(envs.iter().map(|e| &e.id).collect::<Vec<_>>(), [&id]);
+        assert_eq!(s.make_spares(SPARE_FILES_MAX).unwrap(), 0);
+        assert_eq!(count(), RECYCLE_MAX - 2);
     }
 
     /// A crash on ext4 without a journal can leave a retired (or reused) file named both
