@@ -101,6 +101,9 @@ CALLER_SMTP_PORT=25250
 
 CALLER_PIDS=()
 CALLER_SMTP=()
+# The callers are load generators, each with at most 64 calls (and as many messages):
+# 256 spare files cover one, where the default 1,024 would have 160 callers make 164,000
+# inodes at their first start (0.35 ms each on this VM's ext4) and free them at the end.
 for i in "${!CALLERS[@]}"; do
     c=${CALLERS[$i]}
     CALLER_SMTP+=("127.0.1.$((i + 1))")
@@ -122,6 +125,8 @@ domain = "callee.test"
 sip = "sip:mail@127.0.0.1:$P_CB_SIP"
 [delivery]
 maildir = "var/$c/maildir"
+[queue]
+spare_files = 256
 EOF
 done
 up() { # calls up in a log: established minus ended
