@@ -274,3 +274,79 @@ async fn a_flipped_bit_in_either_signature_fails_the_call_and_the_mail_stays_que
         sites.stop().await;
     }
 }
+
+/// The spool's spare files through the daemon: `sipmail run` makes `queue.spare_files`
+/// empty files in `free/` at a spool's first start, messages take them, and a restart keeps
+/// `free/` (the files delivered messages gave back) and makes none again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spare_files_are_made_at_the_first_start_and_kept_across_a_restart() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let mut sites = TwoSites::start(dir.path(), Hooks::default()).await.unwrap();
+    let free = sites.a_cfg.spool.join("free");
+    let names = |d: &std::path::Path| -> Vec<(String, u64)> {
+        let mut v: Vec<(String, u64)> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let len = e.metadata().unwrap().len();
+                (e.file_name().into_string().unwrap(), len)
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let spares = names(&free);
+    assert_eq!(
+        spares.len(),
+        16,
+        "the test bed's queue.spare_files: {spares:?}"
+    );
+    assert!(
+        spares
+            .iter()
+            .all(|(n, len)| n.ends_with(".other") && *len == 0)
+    );
+    let msgs: Vec<Vec<u8>> = (0..3).map(|i| sample_message(i, "spares")).collect();
+    submit(sites.a.smtp_addr, &msgs, "bob@site-b.test", |_| {})
+        .await
+        .unwrap();
+    let md = sites.maildir(&sites.b_cfg);
+    assert!(
+        wait_until(Duration::from_secs(30), || maildir_files(&md).len() == 3
+            && sites.a.queue_snapshot().messages == 0)
+        .await,
+        "the messages were not delivered"
+    );
+    let before = names(&free);
+    assert!(
+        before != spares && before.len() >= 16,
+        "the messages took spares and gave their files back: {before:?}"
+    );
+    sites.shutdown_a.trigger();
+    sites.a.wait().await;
+    sites.shutdown_a = sipmail::relay::Shutdown::new();
+    sites.a = sipmail::relay::start(
+        sites.a_cfg.clone(),
+        sites.shutdown_a.clone(),
+        Hooks::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(names(&free), before, "free/ kept as it was, no spare made");
+    // And the restarted relay delivers with them.
+    let more = sample_message(3, "spares");
+    submit(
+        sites.a.smtp_addr,
+        std::slice::from_ref(&more),
+        "bob@site-b.test",
+        |_| {},
+    )
+    .await
+    .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(30), || maildir_files(&md).len() == 4).await,
+        "the message after the restart was not delivered"
+    );
+    sites.stop().await;
+}
