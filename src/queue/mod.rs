@@ -333,6 +333,9 @@ pub struct Spool {
     fail_dir_sync: Arc<std::sync::atomic::AtomicBool>,
 }
 
+/// [`Recycler`]'s files: by [`FileKind`], each with the ticket it waits for.
+type FreeFiles = [VecDeque<(PathBuf, Option<u64>)>; 3];
+
 /// Files of finished messages, kept in `free/` and renamed into place for the next
 /// files the spool creates (bodies, envelopes, `.sending` markers): written over in place
 /// ([`write_over`]), or truncated for a large body. On this machine's ext4 every new
@@ -362,9 +365,6 @@ pub struct Spool {
 /// ([`write_over`]) without freeing or allocating blocks, where an envelope written over
 /// a body would free a block at its cut and the body written over an envelope allocate
 /// one (on ext4 with `discard`, a freed block costs a discard request).
-/// [`Recycler`]'s files: by [`FileKind`], each with the ticket it waits for.
-type FreeFiles = [VecDeque<(PathBuf, Option<u64>)>; 3];
-
 #[derive(Debug, Default)]
 struct Recycler {
     /// Free files by [`FileKind`], oldest first, each with the `dir_sync` ticket count
@@ -402,20 +402,20 @@ impl Recycler {
         })
     }
 
-    /// At start-up, after recovery has fsynced `queue/`: take up the files a previous
-    /// process left in `free/`, up to [`RECYCLE_MAX`], and unlink the rest. Kept only a
-    /// regular file with one name, whose inode no name in `queue/`, `tmp/` or `corrupt/`
-    /// shares (see the type's notes) and whose name this process could have given it.
+    /// At start-up, after recovery has emptied `tmp/` and fsynced `queue/`: take up the
+    /// files a previous process left in `free/`, up to [`RECYCLE_MAX`], and unlink the
+    /// rest. Kept only a regular file with one name, whose inode no name in `queue/` or
+    /// `corrupt/` shares (see the type's notes) and whose name this process could have
+    /// given it.
     fn restock(&self, spool: &Spool) -> io::Result<()> {
         use std::os::unix::fs::{DirEntryExt, MetadataExt};
         let mut named = std::collections::HashSet::new();
-        for dir in [&spool.queue, &spool.tmp, &spool.corrupt] {
-            for e in fs::read_dir(dir)? {
-                named.insert(e?.ino());
-            }
-            if dir == &spool.queue {
-                self.queued_at_start.store(named.len(), Ordering::Relaxed);
-            }
+        for e in fs::read_dir(&spool.queue)? {
+            named.insert(e?.ino());
+        }
+        self.queued_at_start.store(named.len(), Ordering::Relaxed);
+        for e in fs::read_dir(&spool.corrupt)? {
+            named.insert(e?.ino());
         }
         let mut kept: Vec<(u64, PathBuf)> = Vec::new();
         for e in fs::read_dir(&spool.free)? {
@@ -455,20 +455,20 @@ impl Recycler {
     /// start-up as spares already; returns how many it made. Stops at the first error:
     /// spare files only save time.
     fn make_spares(&self, free: &Path, up_to: usize) -> io::Result<usize> {
-        let mut made = 0;
-        let queued = self.queued_at_start.load(Ordering::Relaxed);
-        while self.len() + queued < up_to.min(RECYCLE_MAX) {
+        let held = self.len() + self.queued_at_start.load(Ordering::Relaxed);
+        let want = up_to.min(RECYCLE_MAX).saturating_sub(held);
+        for made in 0..want {
             let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-            let path = free.join(format!("{seq}.other"));
+            let path = free.join(format!("{seq}.{}", FileKind::Other.ext()));
             fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
-                .open(&path)?;
+                .open(&path)
+                .map_err(|e| io::Error::new(e.kind(), format!("after {made} spare files: {e}")))?;
             // Never in queue/: reusable at once.
             self.lock()[FileKind::Other as usize].push_back((path, None));
-            made += 1;
         }
-        Ok(made)
+        Ok(want)
     }
 }
 
@@ -486,6 +486,15 @@ impl FileKind {
             Some("msg") => FileKind::Body,
             Some("env") => FileKind::Envelope,
             _ => FileKind::Other,
+        }
+    }
+
+    /// The extension of a file of this kind in `free/`, which [`FileKind::of`] reads back.
+    fn ext(self) -> &'static str {
+        match self {
+            FileKind::Body => "msg",
+            FileKind::Envelope => "env",
+            FileKind::Other => "other",
         }
     }
 }
@@ -856,18 +865,14 @@ impl Spool {
         let room = self.recycler.len() < RECYCLE_MAX;
         if room {
             // Named by kind, so that a restart puts it back with its own kind.
+            let kind = FileKind::of(path);
             let seq = self.recycler.seq.fetch_add(1, Ordering::Relaxed);
-            let kind = match FileKind::of(path) {
-                FileKind::Body => "msg",
-                FileKind::Envelope => "env",
-                FileKind::Other => "other",
-            };
-            let to = self.free.join(format!("{seq}.{kind}"));
+            let to = self.free.join(format!("{seq}.{}", kind.ext()));
             match fs::rename(path, &to) {
                 Ok(()) => {
                     // Any fsync of queue/ that takes a later ticket starts after this.
                     let seen = self.dir_sync.requested();
-                    self.recycler.lock()[FileKind::of(path) as usize].push_back((to, Some(seen)));
+                    self.recycler.lock()[kind as usize].push_back((to, Some(seen)));
                     return Ok(());
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(e),
@@ -1324,6 +1329,16 @@ pub(crate) mod tests {
     }
 
     /// Commit a small message (the side-by-side commit) with this body.
+    /// The names in a folder, sorted.
+    fn free_names(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    }
+
     async fn commit_small_body(s: &Spool, body: &[u8]) -> String {
         let id = Spool::new_id();
         let mut w = s.body_writer(&id);
@@ -1603,14 +1618,7 @@ pub(crate) mod tests {
         drop(s);
         let (s, envs) = Spool::open(dir.path()).unwrap();
         assert_eq!(envs, vec![env(&id2), env(&id3)]);
-        let free = |d: &Path| {
-            let mut names: Vec<String> = std::fs::read_dir(d.join("free"))
-                .unwrap()
-                .map(|e| e.unwrap().file_name().into_string().unwrap())
-                .collect();
-            names.sort();
-            names
-        };
+        let free = |d: &Path| free_names(&d.join("free"));
         assert_eq!(free(dir.path()), ["2.other"]);
         assert_eq!(s.recycler.len(), 1);
         let id4 = commit_small_body(&s, b"fourth").await;
@@ -1673,11 +1681,7 @@ pub(crate) mod tests {
         drop(s);
         let (s, envs) = Spool::open(dir.path()).unwrap();
         assert_eq!(envs.iter().map(|e| &e.id).collect::<Vec<_>>(), [&id]);
-        let mut left: Vec<String> = std::fs::read_dir(&free)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        left.sort();
+        let left = free_names(&free);
         // New messages take the one kept file and never touch the queued one.
         for n in 0..3 {
             commit_small_body(&s, format!("another {n}").as_bytes()).await;
