@@ -12,7 +12,8 @@
 #                                  (bench.sh's client, integration/lib/latency.py: p50 of
 #                                  60 warm messages of 5120 B, to A's 250 and to the sink)
 #
-# PERF=/path/perf.data: also perf record -g both relays while the message is in flight.
+# PERF=/path/perf.data: also perf record -g both relays while the message is in flight
+#   (PERF_EVENTS replaces "-F 1999 -g", e.g. "-e sched:sched_switch --call-graph dwarf").
 # Needs smtp-sink (Postfix) and python3. Everything on 127.0.0.1, in a temporary folder.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -66,7 +67,7 @@ for r in $(seq "$REPEAT"); do
         D0=$(grep -c 'delivered.*route=peer' "$SM/a.log" || true)
         load=$(cut -d' ' -f1 /proc/loadavg)
         if [ -n "${PERF:-}" ]; then # PERF=file: perf record -g of A and B while the message is in flight
-            perf record -F 1999 -g -o "$PERF.$n" -p "$SM_A,$SM_B" >/dev/null 2>&1 & PERF_PID=$!
+            perf record ${PERF_EVENTS:--F 1999 -g} -o "$PERF.$n" -p "$SM_A,$SM_B" >/dev/null 2>&1 & PERF_PID=$!
             sleep 0.5
         fi
         if ((SMALL > 0)); then # the small-message throughput of bench.sh's sipmail path
@@ -102,9 +103,10 @@ for r in $(seq "$REPEAT"); do
         if ((LATENCY > 0)); then # bench.sh's warm latency, the call set up first
             python3 "$ROOT/integration/lib/latency.py" "$P_SRC" "$WORK/sink.cnt" "$SM/a.log" 0 "$LATENCY" 5120 \
                 >"$WORK/latency.txt" 2>&1 || echo "   latency client failed: $(tail -2 "$WORK/latency.txt")"
-            printf 'run %s %-28s load %s | warm p50 at the sink: %s | to A'"'"'s 250: %s\n' "$r" "$(basename "$bin")" "$load" \
+            printf 'run %s %-28s load %s | warm p50 at the sink: %s | to A'"'"'s 250: %s | A'"'"'s 250 to the sink: %s\n' "$r" "$(basename "$bin")" "$load" \
                 "$(awk '/^WARM / {print $3 " ms (n=" substr($NF, 4)}' "$WORK/latency.txt")" \
-                "$(awk '/^ACCEPTED_WARM/ {print $5 " ms"}' "$WORK/latency.txt")"
+                "$(awk '/^ACCEPTED_WARM/ {print $5 " ms"}' "$WORK/latency.txt")" \
+                "$(awk '/^AFTER_A_WARM/ {print $8 " ms"}' "$WORK/latency.txt")"
             end_run
             continue
         fi

@@ -13,7 +13,8 @@ was hung up: call_idle = 2 s), WARM messages on the call the first one set up, a
 messages on a warm call after the same 1.5 s pause. COLD = 0 (integration/bench-big.sh's
 LATENCY mode, for comparing builds): two messages to set the call up, then WARM messages
 on it, 50 ms apart. Prints one line per cold and paused message, then COLD, WARM, PAUSED
-and ACCEPTED_WARM summary lines (median, min, max).
+and ACCEPTED_WARM summary lines (median, min, max), and AFTER_A_WARM: each warm message's time
+from A's 250 to the sink (the relays' part, without the client's SMTP session with A).
 """
 import re
 import smtplib
@@ -109,3 +110,4 @@ print("WARM " + fmt(warms))
 if cold > 0:
     print("PAUSED " + fmt(paused))
 print("ACCEPTED_WARM (A's 250) " + fmt(accepted))
+print("AFTER_A_WARM (A's 250 to the sink) " + fmt([t - a for t, a in zip(warms, accepted) if t is not None and a is not None]))
