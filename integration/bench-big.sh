@@ -25,6 +25,7 @@ SESSIONS=${SESSIONS:-10} # ... over SESSIONS sessions, timed until smtp-sink cou
 WARMUP=${WARMUP:-0}      # ... after WARMUP messages the same way, not timed: the relays'
                          # free/ then holds files (as in bench.sh's long-lived pair)
 LATENCY=${LATENCY:-0}    # instead: LATENCY warm messages one at a time (integration/lib/latency.py)
+COLD=${COLD:-0}          # ... and, with LATENCY, COLD messages each on a new call, as bench.sh measures them
 [ -x /usr/sbin/smtp-sink ] || { echo "bench-big: smtp-sink not found" >&2; exit 1; }
 [ -z "${PERF:-}" ] || command -v perf >/dev/null \
     || { echo "bench-big: PERF is set but perf is not installed (apt-get install linux-perf)" >&2; exit 1; }
@@ -101,12 +102,16 @@ for r in $(seq "$REPEAT"); do
             continue
         fi
         if ((LATENCY > 0)); then # bench.sh's warm latency, the call set up first
-            python3 "$ROOT/integration/lib/latency.py" "$P_SRC" "$WORK/sink.cnt" "$SM/a.log" 0 "$LATENCY" 5120 \
+            python3 "$ROOT/integration/lib/latency.py" "$P_SRC" "$WORK/sink.cnt" "$SM/a.log" "$COLD" "$LATENCY" 5120 \
                 >"$WORK/latency.txt" 2>&1 || echo "   latency client failed: $(tail -2 "$WORK/latency.txt")"
             printf 'run %s %-28s load %s | warm p50 at the sink: %s | to A'"'"'s 250: %s | A'"'"'s 250 to the sink: %s\n' "$r" "$(basename "$bin")" "$load" \
                 "$(awk '/^WARM / {print $3 " ms (n=" substr($NF, 4)}' "$WORK/latency.txt")" \
                 "$(awk '/^ACCEPTED_WARM/ {print $5 " ms"}' "$WORK/latency.txt")" \
                 "$(awk '/^AFTER_A_WARM/ {print $8 " ms"}' "$WORK/latency.txt")"
+            if ((COLD > 0)); then
+                printf 'run %s %-28s cold p50 at the sink: %s | warm after a 1.5 s pause: %s\n' "$r" "$(basename "$bin")" \
+                    "$(awk '/^COLD / {print $3 " ms"}' "$WORK/latency.txt")" "$(awk '/^PAUSED / {print $3 " ms"}' "$WORK/latency.txt")"
+            fi
             end_run
             continue
         fi
