@@ -157,7 +157,7 @@ impl SpoolBackend {
             Reply::spool_write_failed(e)
         };
         let key = super::receipts::key_of(&facts);
-        let _guard = receipts.lock(&key).await;
+        let guard = receipts.lock(&key).await;
         let mut rec = match receipts.dedup(&key).await {
             Ok(r) => r.unwrap_or_else(|| DedupRecord::new(&key)),
             Err(e) => {
@@ -215,6 +215,10 @@ impl SpoolBackend {
             let _ = spool.remove(&id).await;
             return write_failed("cannot record the receipt; the message is not kept", &e);
         }
+        // The key's decision is recorded: a resend of it from here on finds this record.
+        // Released before `enqueue` yields, so that no other message of the key's stripe
+        // waits on our scheduler's turn.
+        drop(guard);
         tracing::info!(queue_id = %id, from = %qenv.mail_from, rcpts = qenv.recipients.len(),
             size = qenv.size, call_id = %facts.call_id, peer = %facts.peer,
             sender_queue_id = %facts.sender_queue_id, receipt = %r.digest(), "queued");

@@ -591,6 +591,65 @@ async fn a_full_disk_at_the_receiver_defers_and_nothing_is_lost_or_delivered_twi
     drop(disk);
 }
 
+/// B cannot commit a partner's message: its commit fails while B signs the message's
+/// receipt beside it (the two run together since issue 16's run 22). Here B's `queue/` is
+/// another file system, so the commit's rename into it fails (EXDEV) while the rest of
+/// the spool, the receipt logs included, still works: a relay that answered 250 anyway
+/// would hand A a signed receipt for a message it does not hold. B must answer 451 and
+/// keep nothing: no receipt reaches A, A keeps the message and retries, and once the
+/// commit can succeed the message arrives once, with one receipt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_that_fails_beside_its_receipt_signature_sends_no_receipt_and_nothing_twice() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let sites = TwoSites::start(dir.path(), Hooks::default()).await.unwrap();
+    let md = sites.maildir(&sites.b_cfg);
+    let queue_fs = SmallDisk::mount(&dir.path().join("var/site-b/spool/queue"), "1m");
+    submit(
+        sites.a.smtp_addr,
+        &[sample_message(1, "not committed")],
+        "bob@site-b.test",
+        |_| {},
+    )
+    .await
+    .unwrap();
+    // A few attempts (retry_initial = 1s), each failing at B's commit.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(maildir_files(&md).len(), 0, "delivered without a commit?");
+    assert_eq!(
+        sites.a.queue_snapshot().messages,
+        1,
+        "A dropped the message"
+    );
+    assert_eq!(
+        a_store(&sites).list_sent().unwrap().len(),
+        0,
+        "A holds a receipt for a message B never committed"
+    );
+    let ids = sites.a.queue_snapshot_ids();
+    let env = std::fs::read_to_string(
+        dir.path()
+            .join(format!("var/site-a/spool/queue/{}.env", ids[0])),
+    )
+    .unwrap();
+    assert!(env.contains("cannot write to the queue"), "{env}");
+    // B's own queue/ back: the message arrives once, and A has its one receipt.
+    drop(queue_fs);
+    assert!(
+        wait_until(Duration::from_secs(40), || sites
+            .a
+            .queue_snapshot()
+            .messages
+            == 0)
+        .await,
+        "the message never got through once B could commit"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(maildir_files(&md).len(), 1, "lost or delivered twice");
+    assert_eq!(a_store(&sites).list_sent().unwrap().len(), 1);
+    sites.stop().await;
+}
+
 /// What `kill -9` leaves when it strikes B after its local MTA (here the Maildir) took a
 /// partner's message but before B recorded that: the hand-off noted in the `.sending`
 /// marker (written by the spool's own `handed`, as the lane writes it the moment the hand-off
