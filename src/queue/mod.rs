@@ -1328,7 +1328,6 @@ pub(crate) mod tests {
         assert!(s.is_queued(&id2));
     }
 
-    /// Commit a small message (the side-by-side commit) with this body.
     /// The names in a folder, sorted.
     fn free_names(dir: &Path) -> Vec<String> {
         let mut names: Vec<String> = std::fs::read_dir(dir)
@@ -1339,6 +1338,7 @@ pub(crate) mod tests {
         names
     }
 
+    /// Commit a small message (the side-by-side commit) with this body.
     async fn commit_small_body(s: &Spool, body: &[u8]) -> String {
         let id = Spool::new_id();
         let mut w = s.body_writer(&id);

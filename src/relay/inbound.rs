@@ -132,8 +132,9 @@ impl SpoolBackend {
     /// Commits a partner's message that asked for a receipt, exactly once per duplicate key
     /// (crate::receipt::dedup): recipients accepted before under the key are not queued
     /// again and get the earlier receipt; the others are committed with the receipt's facts
-    /// in the envelope, then remembered (fsynced) with their new signed receipt, and only
-    /// then answered 250 with the receipts. If remembering fails, the commit is undone and
+    /// in the envelope (the receipt signed meanwhile), then remembered with their new
+    /// signed receipt (lazily: the envelope is the durable copy until the message leaves,
+    /// `ReceiptStore::put_dedup`), and only then answered 250 with the receipts. If remembering fails, the commit is undone and
     /// the answer is 451, so that a resend cannot be queued twice.
     async fn commit_with_receipt(
         &mut self,

@@ -512,6 +512,45 @@ impl Drop for SmallDisk {
     }
 }
 
+/// A's state while B refuses its one message: nothing in B's Maildir, the message still
+/// queued at A with no receipt for it, and B's reply (`said`) recorded in its envelope.
+fn assert_a_keeps_it_unreceipted(dir: &std::path::Path, sites: &TwoSites, said: &str) {
+    let md = sites.maildir(&sites.b_cfg);
+    assert_eq!(maildir_files(&md).len(), 0, "delivered while B refused it?");
+    assert_eq!(
+        sites.a.queue_snapshot().messages,
+        1,
+        "A dropped the message"
+    );
+    assert_eq!(
+        a_store(sites).list_sent().unwrap().len(),
+        0,
+        "A holds a receipt for a message B never committed"
+    );
+    let ids = sites.a.queue_snapshot_ids();
+    let env = std::fs::read_to_string(dir.join(format!("var/site-a/spool/queue/{}.env", ids[0])))
+        .unwrap();
+    assert!(env.contains(said), "{env}");
+}
+
+/// Once B can take it: A's queue empties, and B's Maildir holds `n` messages and A `n`
+/// sent receipts (none lost, none twice).
+async fn assert_all_arrive_once(sites: &TwoSites, n: usize) {
+    assert!(
+        wait_until(Duration::from_secs(40), || sites
+            .a
+            .queue_snapshot()
+            .messages
+            == 0)
+        .await,
+        "the message never got through once B could take it"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let md = sites.maildir(&sites.b_cfg);
+    assert_eq!(maildir_files(&md).len(), n, "lost or delivered twice");
+    assert_eq!(a_store(sites).list_sent().unwrap().len(), n);
+}
+
 /// B's spool is a 1 MB file system and a 1.5 MB message comes: B answers 451 (it cannot
 /// write it), A keeps it queued and retries, a small message still gets through, and once
 /// the disk has room the big one arrives, once, with its receipt.
@@ -536,26 +575,10 @@ async fn a_full_disk_at_the_receiver_defers_and_nothing_is_lost_or_delivered_twi
     )
     .await
     .unwrap();
-    // A few retries (retry_initial = 1s) against the full disk.
+    // A few retries (retry_initial = 1s) against the full disk. A was told why: the disk
+    // is full (452 4.3.1), a reason to retry, not to bounce.
     tokio::time::sleep(Duration::from_secs(5)).await;
-    assert_eq!(maildir_files(&md).len(), 0, "delivered from a full disk?");
-    assert_eq!(
-        sites.a.queue_snapshot().messages,
-        1,
-        "A dropped the message"
-    );
-    assert_eq!(a_store(&sites).list_sent().unwrap().len(), 0);
-    // A was told why: the disk is full (452 4.3.1), a reason to retry, not to bounce.
-    let ids = sites.a.queue_snapshot_ids();
-    let env = std::fs::read_to_string(
-        dir.path()
-            .join(format!("var/site-a/spool/queue/{}.env", ids[0])),
-    )
-    .unwrap();
-    assert!(
-        env.contains("452 4.3.1 insufficient system storage"),
-        "{env}"
-    );
+    assert_a_keeps_it_unreceipted(dir.path(), &sites, "452 4.3.1 insufficient system storage");
     // Nothing half-written is left in B's spool.
     let tmp = dir.path().join("var/site-b/spool/tmp");
     assert_eq!(
@@ -575,18 +598,7 @@ async fn a_full_disk_at_the_receiver_defers_and_nothing_is_lost_or_delivered_twi
     assert!(wait_until(Duration::from_secs(20), || maildir_files(&md).len() == 1).await);
     // Room again: the big one arrives, once, and A has both receipts.
     disk.grow("16m");
-    assert!(
-        wait_until(Duration::from_secs(40), || sites
-            .a
-            .queue_snapshot()
-            .messages
-            == 0)
-        .await,
-        "the big message never got through after the disk had room"
-    );
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(maildir_files(&md).len(), 2, "lost or delivered twice");
-    assert_eq!(a_store(&sites).list_sent().unwrap().len(), 2);
+    assert_all_arrive_once(&sites, 2).await;
     sites.stop().await;
     drop(disk);
 }
@@ -603,7 +615,6 @@ async fn a_commit_that_fails_beside_its_receipt_signature_sends_no_receipt_and_n
     init_logs();
     let dir = tempfile::tempdir().unwrap();
     let sites = TwoSites::start(dir.path(), Hooks::default()).await.unwrap();
-    let md = sites.maildir(&sites.b_cfg);
     let queue_fs = SmallDisk::mount(&dir.path().join("var/site-b/spool/queue"), "1m");
     submit(
         sites.a.smtp_addr,
@@ -615,38 +626,10 @@ async fn a_commit_that_fails_beside_its_receipt_signature_sends_no_receipt_and_n
     .unwrap();
     // A few attempts (retry_initial = 1s), each failing at B's commit.
     tokio::time::sleep(Duration::from_secs(4)).await;
-    assert_eq!(maildir_files(&md).len(), 0, "delivered without a commit?");
-    assert_eq!(
-        sites.a.queue_snapshot().messages,
-        1,
-        "A dropped the message"
-    );
-    assert_eq!(
-        a_store(&sites).list_sent().unwrap().len(),
-        0,
-        "A holds a receipt for a message B never committed"
-    );
-    let ids = sites.a.queue_snapshot_ids();
-    let env = std::fs::read_to_string(
-        dir.path()
-            .join(format!("var/site-a/spool/queue/{}.env", ids[0])),
-    )
-    .unwrap();
-    assert!(env.contains("cannot write to the queue"), "{env}");
+    assert_a_keeps_it_unreceipted(dir.path(), &sites, "cannot write to the queue");
     // B's own queue/ back: the message arrives once, and A has its one receipt.
     drop(queue_fs);
-    assert!(
-        wait_until(Duration::from_secs(40), || sites
-            .a
-            .queue_snapshot()
-            .messages
-            == 0)
-        .await,
-        "the message never got through once B could commit"
-    );
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(maildir_files(&md).len(), 1, "lost or delivered twice");
-    assert_eq!(a_store(&sites).list_sent().unwrap().len(), 1);
+    assert_all_arrive_once(&sites, 1).await;
     sites.stop().await;
 }
 
