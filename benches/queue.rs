@@ -46,6 +46,7 @@ fn envelope(id: &str, size: u64) -> Envelope {
         expired: false,
         receipt: None,
         body_crc32: None,
+        body_inline: None,
     }
 }
 

@@ -25,6 +25,9 @@
 //! leave names on disk whose data is not (a recycled file's old content, a torn one):
 //! the envelope then carries the body's CRC-32, and recovery moves a message whose
 //! envelope does not parse, names another ID, or whose body does not match to `corrupt/`.
+//! A small body of at most `INLINE_BODY_MAX` is also written into its envelope
+//! (`body_inline`), and then only the envelope is fdatasynced: recovery writes the body
+//! file again from that copy where the body file did not reach the disk.
 
 pub mod bodyio;
 pub mod maildir;
@@ -125,6 +128,12 @@ pub struct Envelope {
     /// loss from a committed message. Cleared once checked; later rewrites leave it out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub body_crc32: Option<u32>,
+    /// A small body's bytes (base64), in the envelope file of its commit: that commit
+    /// fdatasyncs this one file and writes the body's own file without syncing it
+    /// ([`Spool::commit_small`]). Only in the file: recovery restores the body file from
+    /// it where the body file did not reach the disk, and no envelope in memory keeps it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body_inline: Option<Box<str>>,
 }
 
 /// What a receiving relay's `accepted` receipt for a queued message says, beyond the
@@ -238,6 +247,10 @@ fn write_over(f: &fs::File, bytes: &[u8]) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// A small body up to this size is committed inside its envelope file as well
+/// (`Envelope::body_inline`): one fdatasync per commit instead of two.
+const INLINE_BODY_MAX: usize = 64 * 1024;
 
 /// Envelope files are padded to a multiple of this.
 const ENV_FILE_ROUND: usize = 512;
@@ -585,6 +598,17 @@ impl Spool {
                         s.to_corrupt(&p);
                         s.to_corrupt(&p.with_extension("msg"));
                     }
+                    Ok(Ok(mut env)) if env.body_inline.is_some() => {
+                        match s.restore_inline(&mut env) {
+                            Ok(true) => envs.push(env),
+                            Ok(false) => {
+                                tracing::error!(queue_id = %env.id, "spool recovery: the body kept in the envelope does not match its checksum (a commit cut short by a power loss, whose sender was not answered 250, or a damaged disk); moved to corrupt/ with its body");
+                                s.to_corrupt(&p);
+                                s.to_corrupt(&s.body_path(&env.id));
+                            }
+                            Err(err) => return Err(err),
+                        }
+                    }
                     Ok(Ok(mut env)) if s.body_path(&env.id).exists() => {
                         match s.check_body(&mut env) {
                             Ok(true) => envs.push(env),
@@ -712,6 +736,37 @@ impl Spool {
         }
         env.body_crc32 = None;
         Ok(crc.finalize() == want)
+    }
+
+    /// A small message committed with its body in the envelope (`body_inline`): whether
+    /// that copy matches the commit's checksum; if so, and the body file is missing or does
+    /// not match, the body file is written again from it (fdatasynced; recovery fsyncs
+    /// `queue/` before it returns). The copy is dropped from the envelope in memory.
+    fn restore_inline(&self, env: &mut Envelope) -> io::Result<bool> {
+        use base64::Engine;
+        let (Some(b64), Some(want)) = (env.body_inline.take(), env.body_crc32) else {
+            return Ok(false);
+        };
+        let Ok(body) = base64::engine::general_purpose::STANDARD.decode(b64.as_bytes()) else {
+            return Ok(false);
+        };
+        if crc32fast::hash(&body) != want {
+            return Ok(false);
+        }
+        let path = self.body_path(&env.id);
+        if fs::read(&path)
+            .ok()
+            .is_none_or(|b| crc32fast::hash(&b) != want)
+        {
+            tracing::warn!(queue_id = %env.id, "spool recovery: body file restored from the copy in its envelope (it had not reached the disk)");
+            let tmp = self.tmp_body_path(&env.id);
+            let f = fs::File::create(&tmp)?;
+            io::Write::write_all(&mut &f, &body)?;
+            f.sync_data()?;
+            fs::rename(&tmp, &path)?;
+        }
+        env.body_crc32 = None;
+        Ok(true)
     }
 
     /// The call to `relay` that `marker` records, if its message still has recipients
@@ -931,6 +986,7 @@ impl Spool {
                 && let Ok(mut env) = serde_json::from_slice::<Envelope>(&fs::read(&p)?)
             {
                 env.body_crc32 = None;
+                env.body_inline = None;
                 s.read_marks(&mut env);
                 envs.push(env);
             }
@@ -1106,18 +1162,27 @@ impl Spool {
     /// while two more fdatasync the body and the envelope. Any failure takes both back out
     /// of `queue/` before the error, as the two-step commit does.
     async fn commit_small(&self, tail: Vec<u8>, env: &Envelope) -> io::Result<()> {
+        use base64::Engine;
         let mut env = env.clone();
         env.body_crc32 = Some(crc32fast::hash(&tail));
+        let inline = tail.len() <= INLINE_BODY_MAX;
+        if inline {
+            env.body_inline = Some(
+                base64::engine::general_purpose::STANDARD
+                    .encode(&tail)
+                    .into(),
+            );
+        }
         let (s, id) = (self.clone(), env.id.clone());
         let staged = tokio::task::spawn_blocking(move || {
             let b = s.fill_file(&s.tmp_body_path(&env.id), &tail)?;
             let e = s.write_env_file(&env)?;
             s.enter_queue(&env.id)?;
             let rt = tokio::runtime::Handle::current();
-            let syncs = [
-                rt.spawn_blocking(move || b.sync_data()),
-                rt.spawn_blocking(move || e.sync_data()),
-            ];
+            let mut syncs = vec![rt.spawn_blocking(move || e.sync_data())];
+            if !inline {
+                syncs.push(rt.spawn_blocking(move || b.sync_data()));
+            }
             Ok::<_, io::Error>((syncs, s.sync_queue_dir_blocking()))
         })
         .await
@@ -1235,6 +1300,10 @@ impl Spool {
         let s = self.clone();
         let env = env.clone();
         tokio::task::spawn_blocking(move || {
+            // The envelope being replaced may hold the body's only durable copy
+            // (`body_inline`); envelopes in memory never carry it, so the body file is
+            // made durable first. A clean file's fdatasync only flushes the disk's cache.
+            fs::File::open(s.body_path(&env.id))?.sync_data()?;
             s.write_env_tmp(&env)?;
             fs::rename(s.tmp_env_path(&env.id), s.env_path(&env.id))
         })
@@ -1318,6 +1387,7 @@ pub(crate) mod tests {
             expired: false,
             receipt: None,
             body_crc32: None,
+            body_inline: None,
         }
     }
 
@@ -1378,41 +1448,77 @@ pub(crate) mod tests {
     /// A small message's names and data reach the disk side by side, so a power loss
     /// before its 250 can leave its names durable over data that is not: a recycled
     /// body file still holding an older message of the same size, or an envelope file
-    /// still holding another message's envelope. Recovery must not deliver either; both
-    /// go to corrupt/, and a whole commit recovers as it was. (Seen failing with the
-    /// checks in `recover` taken out: the wrong body and the stale envelope came back.)
+    /// still holding another message's envelope. A body kept in its envelope
+    /// (`body_inline`) that matches the commit's checksum is the message: its body file
+    /// is written again from it. Otherwise recovery must not deliver it; both files go to
+    /// corrupt/, and a whole commit recovers as it was. (Seen failing with the checks in
+    /// `recover` taken out: the wrong body and the stale envelope came back; and with the
+    /// restore taken out: the message whose body file was lost went to corrupt/.)
     #[tokio::test]
     async fn a_small_commit_cut_short_by_a_power_loss_is_not_delivered() {
+        use base64::Engine;
         let dir = tempfile::tempdir().unwrap();
         let (s, _) = Spool::open(dir.path()).unwrap();
+        let big = [b"Subject: d\r\n\r\n".as_slice(), &[b'd'; INLINE_BODY_MAX]].concat();
         let whole = commit_small_body(&s, b"Subject: a\r\n\r\nwhole\r\n").await;
-        let torn = commit_small_body(&s, b"Subject: b\r\n\r\nnew!!\r\n").await;
+        let lost = commit_small_body(&s, b"Subject: b\r\n\r\nnew!!\r\n").await;
         let stale = commit_small_body(&s, b"Subject: c\r\n\r\nthird\r\n").await;
-        // What the disk may hold after the power loss: `torn`'s body file kept an older
-        // message's bytes (same size); `stale`'s envelope file kept `whole`'s envelope.
-        std::fs::write(s.body_path(&torn), b"Subject: b\r\n\r\nold!!\r\n").unwrap();
+        let torn = commit_small_body(&s, &big).await;
+        let damaged = commit_small_body(&s, b"Subject: e\r\n\r\nfifth\r\n").await;
+        let queue = dir.path().join("queue");
+        let inline = |id: &str| -> serde_json::Value {
+            serde_json::from_slice(&std::fs::read(queue.join(format!("{id}.env"))).unwrap())
+                .unwrap()
+        };
+        assert!(
+            inline(&lost)["body_inline"].is_string(),
+            "kept in its envelope"
+        );
+        assert!(
+            inline(&torn).get("body_inline").is_none(),
+            "too big to keep there"
+        );
+        // What the disk may hold after the power loss: `lost`'s body file kept an older
+        // message's bytes (same size), and so did `torn`'s, which its envelope does not
+        // hold; `stale`'s envelope file kept `whole`'s envelope; `damaged`'s envelope
+        // holds other bytes than the commit's checksum speaks for.
+        std::fs::write(s.body_path(&lost), b"Subject: b\r\n\r\nold!!\r\n").unwrap();
+        let mut old = big.clone();
+        old[20] = b'x';
+        std::fs::write(s.body_path(&torn), old).unwrap();
         std::fs::copy(s.env_path(&whole), s.env_path(&stale)).unwrap();
+        let mut e = inline(&damaged);
+        e["body_inline"] = base64::engine::general_purpose::STANDARD
+            .encode(b"Subject: e\r\n\r\nfifth!\r\n")
+            .into();
+        std::fs::write(s.env_path(&damaged), serde_json::to_vec(&e).unwrap()).unwrap();
         drop(s);
         let (s, envs) = Spool::open(dir.path()).unwrap();
-        assert_eq!(envs, vec![env(&whole)], "only the whole commit comes back");
+        assert_eq!(
+            envs,
+            vec![env(&whole), env(&lost)],
+            "the whole commits come back"
+        );
         assert_eq!(
             std::fs::read(s.body_path(&whole)).unwrap(),
             b"Subject: a\r\n\r\nwhole\r\n"
         );
+        assert_eq!(
+            std::fs::read(s.body_path(&lost)).unwrap(),
+            b"Subject: b\r\n\r\nnew!!\r\n",
+            "restored from the envelope"
+        );
         let corrupt = dir.path().join("corrupt");
-        for name in [
-            format!("{torn}.env"),
-            format!("{torn}.msg"),
-            format!("{stale}.env"),
-            format!("{stale}.msg"),
-        ] {
-            assert!(corrupt.join(&name).exists(), "{name} kept in corrupt/");
+        for id in [&torn, &stale, &damaged] {
+            for name in [format!("{id}.env"), format!("{id}.msg")] {
+                assert!(corrupt.join(&name).exists(), "{name} kept in corrupt/");
+            }
         }
-        // The checksum speaks for the commit only: a rewrite leaves it out.
-        s.update(&env(&whole)).await.unwrap();
-        let on_disk: Envelope =
-            serde_json::from_slice(&std::fs::read(s.env_path(&whole)).unwrap()).unwrap();
-        assert_eq!(on_disk.body_crc32, None);
+        // The checksum and the copy speak for the commit only: a rewrite leaves them out,
+        // once the body file is durable.
+        s.update(&env(&lost)).await.unwrap();
+        let on_disk = inline(&lost);
+        assert!(on_disk.get("body_crc32").is_none() && on_disk.get("body_inline").is_none());
     }
 
     #[tokio::test]

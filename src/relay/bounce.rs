@@ -247,6 +247,7 @@ pub(crate) async fn queue(
             expired: false,
             receipt: None,
             body_crc32: None,
+            body_inline: None,
         };
         spool.commit(f, &env).await?;
         Ok::<_, std::io::Error>(env)
@@ -289,6 +290,7 @@ mod tests {
             expired: false,
             receipt: None,
             body_crc32: None,
+            body_inline: None,
         };
         let failures = vec![Failure {
             rcpt: "nobody@site-b.test".into(),
@@ -366,6 +368,7 @@ mod tests {
             expired: false,
             receipt: None,
             body_crc32: None,
+            body_inline: None,
         };
         let f = Failure {
             rcpt: "bob@site-b.test".into(),
@@ -420,6 +423,7 @@ mod tests {
             expired: false,
             receipt: None,
             body_crc32: None,
+            body_inline: None,
         };
         let f = Failure {
             rcpt: "x\r\nEvil: 1".into(),

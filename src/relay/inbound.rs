@@ -451,6 +451,7 @@ impl Backend for SpoolBackend {
             expired: false,
             receipt: None,
             body_crc32: None,
+            body_inline: None,
         };
         // A partner's message with a receipt asked for: decided under its duplicate key.
         let asked = match (&self.origin, &env.xqid, tapped) {

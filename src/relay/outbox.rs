@@ -277,6 +277,7 @@ async fn queue(
         expired: false,
         receipt: None,
         body_crc32: None,
+        body_inline: None,
     };
     if let Err(e) = ctx.spool.commit(body, &env).await {
         ctx.spool.discard(id).await;
