@@ -1453,7 +1453,7 @@ pub(crate) mod tests {
     /// is written again from it. Otherwise recovery must not deliver it; both files go to
     /// corrupt/, and a whole commit recovers as it was. (Seen failing with the checks in
     /// `recover` taken out: the wrong body and the stale envelope came back; and with the
-    /// restore taken out: the message whose body file was lost went to corrupt/.)
+    /// restore taken out: the lost body file kept its old bytes.)
     #[tokio::test]
     async fn a_small_commit_cut_short_by_a_power_loss_is_not_delivered() {
         use base64::Engine;

@@ -596,6 +596,91 @@ async fn queued_next_hop_mail_survives_kill_9() {
     assert_eq!(sink.messages().len(), 1, "delivered exactly once");
 }
 
+/// A small message's commit fdatasyncs only its envelope, which holds the body as well
+/// (`body_inline`): the body's own file is not synced. After a crash that kept the
+/// envelope but not the body file's bytes (what a power loss can leave: the blocks read
+/// as zeros), the restart writes the body file again from the envelope and the message
+/// is delivered as it was sent, once. (Seen failing with the body file's restore taken
+/// out of recovery: nothing arrived.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_file_lost_after_the_commit_is_restored_from_its_envelope() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    make_keys(dir.path()).unwrap();
+    let hop = addr("127.0.41.2", 41091);
+    // The next hop takes the connection and says nothing: the first attempt waits for its
+    // greeting, so the envelope on disk is still the commit's when the relay is killed.
+    let stalled = std::net::TcpListener::bind(hop).unwrap();
+    let p = Ports::at(41090);
+    let text = site_a_text(
+        dir.path(),
+        &p,
+        "[routing]\ndefault = \"smtp:[127.0.41.2]:41091\"\n",
+    );
+    let config = dir.path().join("a.toml");
+    std::fs::write(&config, &text).unwrap();
+    let spool = Config::parse("a.toml", &text).unwrap().spool;
+    let smtp = addr("127.0.41.1", p.smtp);
+    let mut daemon = Daemon::start(&config, &dir.path().join("a.log"), smtp);
+    let sent = message("lost-body");
+    let o = send_from(
+        ALLOWED,
+        smtp,
+        "alice@site-a.test",
+        &["carol@elsewhere.example"],
+        &sent,
+    )
+    .await;
+    assert_eq!(o.delivered().len(), 1, "{:?}", replies(&o));
+    stalled.set_nonblocking(true).unwrap();
+    let mut held = None;
+    assert!(
+        eventually(20, || {
+            held = held.take().or_else(|| stalled.accept().ok());
+            held.is_some()
+        })
+        .await,
+        "no attempt reached the next hop"
+    );
+    daemon.0.kill().unwrap();
+    daemon.0.wait().unwrap();
+    drop(daemon);
+    drop((held, stalled));
+    let envs = queued(&spool);
+    assert_eq!(envs.len(), 1, "the message is in the spool");
+    assert!(envs[0]["body_inline"].is_string(), "{}", envs[0]);
+    let id = envs[0]["id"].as_str().unwrap();
+    let body = spool.join("queue").join(format!("{id}.msg"));
+    let len = std::fs::metadata(&body).unwrap().len() as usize;
+    std::fs::write(&body, vec![0u8; len]).unwrap();
+    let sink = Sink::start(&dir.path().join("sink"), hop, &[]);
+    let log = dir.path().join("a2.log");
+    let _daemon = Daemon::start(&config, &log, smtp);
+    assert!(
+        sink.wait_for("lost-body", 30).await,
+        "not delivered after the restart: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert!(eventually(10, || queued(&spool).is_empty()).await);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let got = sink.messages();
+    assert_eq!(got.len(), 1, "delivered exactly once");
+    let text = String::from_utf8(sent).unwrap();
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        assert!(
+            got[0].contains(line),
+            "{line:?} not in what arrived:\n{}",
+            got[0]
+        );
+    }
+    assert!(
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("body file restored from the copy in its envelope"),
+        "the restart says what it did"
+    );
+}
+
 /// The routing table is live: a reload that adds a default route lets the next session
 /// relay to it (mail refused before is accepted and delivered); changing
 /// `routing.lanes` is refused, naming it, and the table in force stays.
