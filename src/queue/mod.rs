@@ -264,7 +264,8 @@ const ENV_FILE_PAD_MAX: usize = 4096;
 /// write to the disk, when the file's size changed (ext4 without a journal; on this
 /// project's VMs 190 against 125 µs, 84 against 46 µs of system CPU, for a recycled file
 /// of 700 bytes, docs/PERFORMANCE.md run 23). Envelopes of one relay differ by a few
-/// bytes (IDs, times, states), so once rounded a recycled file mostly keeps its size.
+/// bytes (IDs, times, states) plus their small bodies' copies (`body_inline`), so once
+/// rounded a recycled file keeps its size when the bodies are of about one size.
 fn env_file_len(old: u64, json: usize) -> usize {
     match usize::try_from(old) {
         Ok(old) if old >= json && old - json <= ENV_FILE_PAD_MAX => old,
@@ -1159,8 +1160,10 @@ impl Spool {
     /// The commit of a body that is all in `tail` (see the module's notes): one blocking
     /// task writes the body and the envelope (each over a recycled file in place,
     /// [`fill_file`](Self::fill_file)), renames both into `queue/` and fsyncs `queue/`
-    /// while two more fdatasync the body and the envelope. Any failure takes both back out
-    /// of `queue/` before the error, as the two-step commit does.
+    /// while another fdatasyncs the envelope, which holds a copy of a body of at most
+    /// [`INLINE_BODY_MAX`] (`body_inline`); a larger body's file gets an fdatasync of its
+    /// own beside them. Any failure takes both back out of `queue/` before the error, as
+    /// the two-step commit does.
     async fn commit_small(&self, tail: Vec<u8>, env: &Envelope) -> io::Result<()> {
         use base64::Engine;
         let mut env = env.clone();
