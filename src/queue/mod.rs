@@ -599,22 +599,18 @@ impl Spool {
                         s.to_corrupt(&p);
                         s.to_corrupt(&p.with_extension("msg"));
                     }
-                    Ok(Ok(mut env)) if env.body_inline.is_some() => {
-                        match s.restore_inline(&mut env) {
+                    Ok(Ok(mut env))
+                        if env.body_inline.is_some() || s.body_path(&env.id).exists() =>
+                    {
+                        let checked = if env.body_inline.is_some() {
+                            s.restore_inline(&mut env)
+                        } else {
+                            s.check_body(&mut env)
+                        };
+                        match checked {
                             Ok(true) => envs.push(env),
                             Ok(false) => {
-                                tracing::error!(queue_id = %env.id, "spool recovery: the body kept in the envelope does not match its checksum (a commit cut short by a power loss, whose sender was not answered 250, or a damaged disk); moved to corrupt/ with its body");
-                                s.to_corrupt(&p);
-                                s.to_corrupt(&s.body_path(&env.id));
-                            }
-                            Err(err) => return Err(err),
-                        }
-                    }
-                    Ok(Ok(mut env)) if s.body_path(&env.id).exists() => {
-                        match s.check_body(&mut env) {
-                            Ok(true) => envs.push(env),
-                            Ok(false) => {
-                                tracing::error!(queue_id = %env.id, "spool recovery: body does not match its envelope's checksum (a commit cut short by a power loss, whose sender was not answered 250, or a damaged disk); both moved to corrupt/");
+                                tracing::error!(queue_id = %env.id, "spool recovery: body (its file, or the copy kept in the envelope) does not match its envelope's checksum (a commit cut short by a power loss, whose sender was not answered 250, or a damaged disk); both moved to corrupt/");
                                 s.to_corrupt(&p);
                                 s.to_corrupt(&s.body_path(&env.id));
                             }
@@ -725,9 +721,15 @@ impl Spool {
         let Some(want) = env.body_crc32 else {
             return Ok(true);
         };
-        // Streamed: only small bodies carry a checksum, but a damaged spool could pair
-        // one with any file.
-        let mut file = fs::File::open(self.body_path(&env.id))?;
+        let got = self.body_crc32(&env.id)?;
+        env.body_crc32 = None;
+        Ok(got == want)
+    }
+
+    /// The CRC-32 of `id`'s body file, streamed: only small bodies carry a checksum, but
+    /// a damaged spool could pair one with any file.
+    fn body_crc32(&self, id: &str) -> io::Result<u32> {
+        let mut file = fs::File::open(self.body_path(id))?;
         let (mut crc, mut buf) = (crc32fast::Hasher::new(), vec![0u8; 64 * 1024]);
         loop {
             match io::Read::read(&mut file, &mut buf)? {
@@ -735,8 +737,7 @@ impl Spool {
                 n => crc.update(&buf[..n]),
             }
         }
-        env.body_crc32 = None;
-        Ok(crc.finalize() == want)
+        Ok(crc.finalize())
     }
 
     /// A small message committed with its body in the envelope (`body_inline`): whether
@@ -754,17 +755,11 @@ impl Spool {
         if crc32fast::hash(&body) != want {
             return Ok(false);
         }
-        let path = self.body_path(&env.id);
-        if fs::read(&path)
-            .ok()
-            .is_none_or(|b| crc32fast::hash(&b) != want)
-        {
+        if self.body_crc32(&env.id).ok() != Some(want) {
             tracing::warn!(queue_id = %env.id, "spool recovery: body file restored from the copy in its envelope (it had not reached the disk)");
             let tmp = self.tmp_body_path(&env.id);
-            let f = fs::File::create(&tmp)?;
-            io::Write::write_all(&mut &f, &body)?;
-            f.sync_data()?;
-            fs::rename(&tmp, &path)?;
+            self.fill_file(&tmp, &body)?.sync_data()?;
+            fs::rename(&tmp, self.body_path(&env.id))?;
         }
         env.body_crc32 = None;
         Ok(true)

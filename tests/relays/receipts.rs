@@ -37,14 +37,7 @@ async fn every_message_comes_back_with_a_verified_receipt_stored_before_it_is_fo
         .unwrap();
     let md = sites.maildir(&sites.b_cfg);
     assert!(wait_until(Duration::from_secs(30), || maildir_files(&md).len() == 3).await);
-    assert!(
-        wait_until(Duration::from_secs(10), || sites
-            .a
-            .queue_snapshot()
-            .messages
-            == 0)
-        .await
-    );
+    assert!(a_queue_empties(&sites, 10).await);
     // B hands each message on and signs a delivered receipt; A fetches it through the
     // call once the lane is idle, checks it and stores it beside the accepted one.
     assert!(
@@ -201,15 +194,7 @@ async fn a_resend_after_a_lost_reply_gets_the_original_receipt_and_is_not_delive
     .await
     .unwrap();
     let md = sites.maildir(&sites.b_cfg);
-    assert!(
-        wait_until(Duration::from_secs(40), || sites
-            .a
-            .queue_snapshot()
-            .messages
-            == 0)
-        .await,
-        "A never got a receipt"
-    );
+    assert!(a_queue_empties(&sites, 40).await, "A never got a receipt");
     assert!(
         proxy.connections.load(Ordering::SeqCst) >= 2,
         "the first reply was not lost"
@@ -311,14 +296,7 @@ async fn a_lying_receipt_is_refused_the_message_stays_queued_and_is_never_delive
         submit(sites.a.smtp_addr, &[first], "bob@site-b.test", |_| {})
             .await
             .unwrap();
-        assert!(
-            wait_until(Duration::from_secs(20), || sites
-                .a
-                .queue_snapshot()
-                .messages
-                == 0)
-            .await
-        );
+        assert!(a_queue_empties(&sites, 20).await);
         on.store(true, Ordering::SeqCst);
         let second = sample_message(1, &format!("{lie:?}"));
         submit(sites.a.smtp_addr, &[second], "bob@site-b.test", |_| {})
@@ -343,12 +321,7 @@ async fn a_lying_receipt_is_refused_the_message_stays_queued_and_is_never_delive
         // B stops lying: the next retry gets the true receipt; still one copy delivered.
         on.store(false, Ordering::SeqCst);
         assert!(
-            wait_until(Duration::from_secs(20), || sites
-                .a
-                .queue_snapshot()
-                .messages
-                == 0)
-            .await,
+            a_queue_empties(&sites, 20).await,
             "{lie:?}: not delivered after B told the truth"
         );
         assert_eq!(maildir_files(&md).len(), 2, "{lie:?}: delivered twice");
@@ -533,16 +506,19 @@ fn assert_a_keeps_it_unreceipted(dir: &std::path::Path, sites: &TwoSites, said: 
     assert!(env.contains(said), "{env}");
 }
 
+/// Whether A's queue empties within `secs` seconds.
+async fn a_queue_empties(sites: &TwoSites, secs: u64) -> bool {
+    wait_until(Duration::from_secs(secs), || {
+        sites.a.queue_snapshot().messages == 0
+    })
+    .await
+}
+
 /// Once B can take it: A's queue empties, and B's Maildir holds `n` messages and A `n`
 /// sent receipts (none lost, none twice).
 async fn assert_all_arrive_once(sites: &TwoSites, n: usize) {
     assert!(
-        wait_until(Duration::from_secs(40), || sites
-            .a
-            .queue_snapshot()
-            .messages
-            == 0)
-        .await,
+        a_queue_empties(sites, 40).await,
         "the message never got through once B could take it"
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
