@@ -389,9 +389,28 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// The most threads tokio's blocking pool may run at once: 8 per core, at least 16.
+///
+/// The pool runs the relay's file work (commits, fsyncs, record logs, Maildir writes),
+/// short tasks that end once the disk has answered. tokio's default bound, 512, let a busy
+/// relay grow a thread for nearly every task in flight: each hand-off then woke a sleeping
+/// thread, and the pool's lock was contended (threads spinning on it with `sched_yield`).
+/// With the bound, a thread that finishes a task takes the next queued one without
+/// sleeping, and a group commit still gathers every writer in flight. On two cores, 16
+/// against 512: +4% to +15% msg/s at 10 sessions and +13% to +20% at 200, with less CPU per
+/// message in every pair (docs/PERFORMANCE.md, run 24). Work that waits on something other
+/// than the disk does not run in the pool: a body's file loop has a thread of its own
+/// (`src/queue/bodyio.rs`), so a bounded pool cannot fill with tasks that wait on each
+/// other.
+fn blocking_threads() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (8 * cores).max(16)
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .max_blocking_threads(blocking_threads())
         .build()
         .context("starting the async runtime")
 }

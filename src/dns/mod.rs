@@ -7,6 +7,7 @@
 //! - [`srv`]: RFC 2782 ordering, sans-IO.
 //! - [`locate`]: SRV (or the RFC 3263 A/AAAA fallback) into ordered call targets.
 //! - [`keytrust`]: the `trust = "dnssec"` pin rules, sans-IO.
+//! - [`system`]: a configured host name through the system resolver, off the blocking pool.
 //! - this file: [`openpgpkey_owner`]. The OPENPGPKEY lookup with those rules and the pin
 //!   state is `relay::dnskey::discover_key` (the pin state belongs to the relay).
 
@@ -14,6 +15,7 @@ pub mod client;
 pub mod keytrust;
 pub mod locate;
 pub mod srv;
+pub mod system;
 
 pub use client::{DnsError, Resolver, Security};
 pub use keytrust::{InsecureKeys, KeyRefusal, PinAction, Verdict};

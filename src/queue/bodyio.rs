@@ -2,9 +2,15 @@
 //!
 //! `tokio::fs::File` runs every read and write as its own blocking-pool task, one at a
 //! time; at 64 KiB per operation a 200 MB body costs thousands of hand-offs on the path of
-//! the transfer. Here one blocking task per body does the file I/O in [`CHUNK`]-sized
-//! pieces and talks to the async side through a bounded channel, so the disk and the
-//! network overlap and memory stays bounded (at most `DEPTH + 2` chunks per body).
+//! the transfer. Here one thread per body does the file I/O in [`CHUNK`]-sized pieces and
+//! talks to the async side through a bounded channel, so the disk and the network overlap
+//! and memory stays bounded (at most `DEPTH + 2` chunks per body).
+//!
+//! That thread is its own, not one of tokio's blocking pool: it waits on its async partner
+//! for as long as the transfer lasts, and the relay bounds the pool (`runtime` in
+//! `src/cli/mod.rs`). A pool full of such loops would leave no thread for the commits and
+//! fsyncs their partners wait on: two relays sending each other big bodies could each fill
+//! theirs with readers waiting on a peer whose writers cannot start.
 //!
 //! [`BodyWriter`] also starts writing the body back to disk while it is still arriving
 //! (an `fdatasync` from a helper thread every [`WRITE_BEHIND`] bytes), so that the fsync
@@ -23,7 +29,7 @@ use std::sync::mpsc as std_mpsc;
 use std::task::{Context, Poll, ready};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc::{self, OwnedPermit, error::SendError, error::TrySendError};
-use tokio::task::JoinHandle;
+use tokio::sync::oneshot;
 
 /// Bytes per file operation and per channel message.
 pub const CHUNK: usize = 256 * 1024;
@@ -36,6 +42,22 @@ type Reserve = Pin<Box<dyn Future<Output = Result<OwnedPermit<Vec<u8>>, SendErro
 
 fn stopped() -> io::Error {
     io::Error::other("the spool file writer stopped")
+}
+
+/// Run a body's file loop on a thread of its own (see the module's notes); its result
+/// comes back through the receiver, which fails if the loop panicked.
+fn spawn_file_loop<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> io::Result<oneshot::Receiver<T>> {
+    let (tx, rx) = oneshot::channel();
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let _ = tx.send(f());
+        })
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot start a spool file thread: {e}")))?;
+    Ok(rx)
 }
 
 /// The file a body goes into: open already, or opened only when bytes must be written.
@@ -68,7 +90,7 @@ impl std::fmt::Debug for BodyFile {
 
 /// An `AsyncWrite` into a spool file. Bytes are buffered up to [`CHUNK`]; a body that
 /// stays below that is written by [`finish`](Self::finish) in one operation, a larger one
-/// by a blocking task fed through a bounded channel. `poll_flush` hands the buffered
+/// by a thread of its own fed through a bounded channel. `poll_flush` hands the buffered
 /// bytes to that task; [`finish`](Self::finish) waits until all are written.
 pub struct BodyWriter {
     buf: Vec<u8>,
@@ -76,7 +98,7 @@ pub struct BodyWriter {
     file: Option<BodyFile>,
     tx: Option<mpsc::Sender<Vec<u8>>>,
     reserving: Option<Reserve>,
-    task: Option<JoinHandle<io::Result<File>>>,
+    task: Option<oneshot::Receiver<io::Result<File>>>,
     size: u64,
 }
 
@@ -114,9 +136,13 @@ impl BodyWriter {
         if let Some(file) = self.file.take() {
             let (tx, rx) = mpsc::channel(DEPTH);
             self.tx = Some(tx);
-            self.task = Some(tokio::task::spawn_blocking(move || {
-                write_loop(file.open()?, rx)
-            }));
+            match spawn_file_loop("spool-write", move || write_loop(file.open()?, rx)) {
+                Ok(task) => self.task = Some(task),
+                Err(e) => {
+                    self.tx = None;
+                    return Poll::Ready(Err(e));
+                }
+            }
         }
         let Some(tx) = self.tx.as_ref() else {
             return Poll::Ready(Err(stopped()));
@@ -159,8 +185,7 @@ impl BodyWriter {
         self.tx = None;
         Poll::Ready(Err(match res {
             Ok(Err(e)) => e,
-            Ok(Ok(_)) => stopped(),
-            Err(e) => io::Error::other(e),
+            Ok(Ok(_)) | Err(_) => stopped(),
         }))
     }
 
@@ -176,7 +201,7 @@ impl BodyWriter {
         std::future::poll_fn(|cx| self.poll_send(cx)).await?;
         self.tx = None;
         let task = self.task.take().ok_or_else(stopped)?;
-        let file = task.await.map_err(io::Error::other)??;
+        let file = task.await.map_err(|_| stopped())??;
         Ok((BodyFile::Open(file), Vec::new(), self.size))
     }
 }
@@ -270,7 +295,7 @@ impl WriteBehind {
     }
 }
 
-/// An `AsyncRead` of a spool file, read ahead in [`CHUNK`]s by a blocking task.
+/// An `AsyncRead` of a spool file, read ahead in [`CHUNK`]s by a thread of its own.
 pub struct BodyReader {
     rx: mpsc::Receiver<io::Result<Vec<u8>>>,
     cur: Vec<u8>,
@@ -287,7 +312,11 @@ impl BodyReader {
     /// Start reading `file` from its current position.
     pub fn new(file: File) -> Self {
         let (tx, rx) = mpsc::channel(DEPTH.min(2));
-        tokio::task::spawn_blocking(move || read_loop(file, tx));
+        let failed = tx.clone();
+        if let Err(e) = spawn_file_loop("spool-read", move || read_loop(file, tx)) {
+            // The channel is empty and has room: the reader sees the error first.
+            let _ = failed.try_send(Err(e));
+        }
         BodyReader {
             rx,
             cur: Vec::new(),
@@ -302,7 +331,7 @@ impl BodyReader {
     /// calling thread: `preadv2(RWF_NOWAIT)` takes it only if no disk read is needed, and
     /// the two turns through the blocking pool (there and back) were on every message's
     /// path to the next hop (docs/PERFORMANCE.md, run 14). Anything else is read ahead
-    /// from the file opened here by a blocking task ([`BodyReader::new`]). The open's error
+    /// from the file opened here by a thread of its own ([`BodyReader::new`]). The open's error
     /// comes back here, before anything is sent.
     pub fn open(path: &std::path::Path) -> io::Result<Self> {
         let file = File::open(path)?;
@@ -404,6 +433,56 @@ mod tests {
 
     fn pattern(len: usize) -> Vec<u8> {
         (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
+    }
+
+    /// A body's file loop waits on its async partner for as long as the transfer lasts, so
+    /// it must not hold a thread of the relay's bounded blocking pool: with more transfers
+    /// stalled than the pool has threads, a commit's blocking task still runs. (Seen
+    /// failing with the loops on `spawn_blocking`: the task never started.)
+    #[test]
+    fn stalled_transfers_leave_the_blocking_pool_free() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .max_blocking_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let big = pattern(4 * CHUNK);
+            let (mut readers, mut writers) = (Vec::new(), Vec::new());
+            for i in 0..3 {
+                let path = dir.path().join(format!("{i}.msg"));
+                std::fs::write(&path, &big).unwrap();
+                // Nobody reads yet: the loop fills its channel and waits.
+                readers.push(BodyReader::new(File::open(&path).unwrap()));
+                // A writer whose loop has its first chunk and waits for the next.
+                let out = File::create(dir.path().join(format!("{i}.out"))).unwrap();
+                let mut w = BodyWriter::new(BodyFile::Open(out));
+                w.write_all(&big[..CHUNK + 1]).await.unwrap();
+                w.flush().await.unwrap();
+                writers.push(w);
+            }
+            let task = tokio::task::spawn_blocking(|| 7);
+            let ran = tokio::time::timeout(std::time::Duration::from_secs(10), task).await;
+            assert!(
+                matches!(ran, Ok(Ok(7))),
+                "a blocking task waited behind six stalled transfers"
+            );
+            for mut r in readers {
+                let mut got = Vec::new();
+                r.read_to_end(&mut got).await.unwrap();
+                assert!(got == big, "a stalled read completes whole");
+            }
+            for (i, w) in writers.into_iter().enumerate() {
+                let (file, tail, size) = w.finish().await.unwrap();
+                let mut file = file.open().unwrap();
+                std::io::Write::write_all(&mut file, &tail).unwrap();
+                assert_eq!(size, CHUNK as u64 + 1);
+                let path = dir.path().join(format!("{i}.out"));
+                assert!(std::fs::read(path).unwrap() == big[..CHUNK + 1]);
+            }
+        });
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

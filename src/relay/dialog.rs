@@ -96,14 +96,13 @@ pub(crate) async fn resolve_hop(
     if let Ok(ip) = hop.host.parse::<IpAddr>() {
         return Ok((SocketAddr::new(ip, port), transport));
     }
-    let lookup = tokio::net::lookup_host((hop.host.as_str(), port));
-    match tokio::time::timeout(HOP_RESOLVE_WAIT, lookup).await {
-        Ok(Ok(mut addrs)) => addrs
+    match crate::dns::system::lookup(&hop.host, port, HOP_RESOLVE_WAIT).await {
+        Ok(addrs) => addrs
+            .into_iter()
             .next()
             .map(|a| (a, transport))
             .ok_or_else(|| format!("route {}: no address", hop.host)),
-        Ok(Err(e)) => Err(format!("route {}: {e}", hop.host)),
-        Err(_) => Err(format!("route {}: no answer within 5 s", hop.host)),
+        Err(e) => Err(format!("route {}: {e}", hop.host)),
     }
 }
 

@@ -139,20 +139,16 @@ async fn connect(hostname: &str, hop: &SmtpHop) -> Result<SmtpClient<TcpStream>,
 /// resolver: A/AAAA, no MX), each tried in turn until one takes the connection.
 async fn connect_next_hop(h: &NextHop) -> std::io::Result<TcpStream> {
     let timed_out = |what: String| std::io::Error::new(std::io::ErrorKind::TimedOut, what);
-    let addrs: Vec<SocketAddr> = match tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        tokio::net::lookup_host((h.host.as_str(), h.port)),
-    )
-    .await
-    {
-        Ok(Ok(a)) => a.collect(),
-        Ok(Err(e)) => {
+    use crate::dns::system::{LookupError, lookup};
+    let addrs: Vec<SocketAddr> = match lookup(&h.host, h.port, CONNECT_TIMEOUT).await {
+        Ok(a) => a,
+        Err(LookupError::Failed(e)) => {
             return Err(std::io::Error::new(
                 e.kind(),
                 format!("cannot resolve {}: {e}", h.host),
             ));
         }
-        Err(_) => {
+        Err(LookupError::Timeout(_)) => {
             return Err(timed_out(format!(
                 "resolving {} took over {CONNECT_TIMEOUT:?}",
                 h.host

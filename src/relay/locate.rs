@@ -97,12 +97,13 @@ pub(crate) fn target_of(t: &SipTarget, addr: SocketAddr) -> CallTarget {
 }
 
 async fn resolve(t: &SipTarget) -> Result<SocketAddr, String> {
-    let lookup = tokio::net::lookup_host((t.host.as_str(), t.port));
-    match tokio::time::timeout(RESOLVE_WAIT, lookup).await {
-        Ok(Ok(mut a)) => a.next().ok_or_else(|| "no address".to_string()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("no answer within 5 s".into()),
-    }
+    let addrs = crate::dns::system::lookup(&t.host, t.port, RESOLVE_WAIT)
+        .await
+        .map_err(|e| e.to_string())?;
+    addrs
+        .into_iter()
+        .next()
+        .ok_or_else(|| "no address".to_string())
 }
 
 #[cfg(test)]

@@ -119,13 +119,13 @@ pub(crate) async fn peer_addresses(cfg: &Config) -> HashMap<String, Vec<IpAddr>>
                 ips.push(ip);
                 continue;
             }
-            let lookup = tokio::net::lookup_host((t.host.as_str(), t.port));
-            match tokio::time::timeout(RESOLVE_TIMEOUT, lookup).await {
-                Ok(Ok(addrs)) => ips.extend(addrs.map(|a| a.ip())),
-                Ok(Err(e)) => {
+            use crate::dns::system::{LookupError, lookup};
+            match lookup(&t.host, t.port, RESOLVE_TIMEOUT).await {
+                Ok(addrs) => ips.extend(addrs.into_iter().map(|a| a.ip())),
+                Err(LookupError::Failed(e)) => {
                     tracing::warn!(peer = %p.domain, host = %t.host, error = %e, "cannot resolve peer; it gets no exemption from the SIP limits, and (opportunistic) is pinned only by a call we place")
                 }
-                Err(_) => {
+                Err(LookupError::Timeout(_)) => {
                     tracing::warn!(peer = %p.domain, host = %t.host, "resolving the peer took over 5 s; it gets no exemption from the SIP limits, and (opportunistic) is pinned only by a call we place")
                 }
             }
