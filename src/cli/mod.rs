@@ -397,8 +397,8 @@ pub fn main() -> ExitCode {
 /// thread, and the pool's lock was contended (threads spinning on it with `sched_yield`).
 /// With the bound, a thread that finishes a task takes the next queued one without
 /// sleeping, and a group commit still gathers every writer in flight. On two cores, 16
-/// against 512: +4% to +15% msg/s at 10 sessions and +13% to +20% at 200, with less CPU per
-/// message in every pair (docs/PERFORMANCE.md, run 24). Work that waits on something other
+/// against 512: more msg/s in 17 of 21 interleaved pairs, a few percent, most with many
+/// sessions in flight (docs/PERFORMANCE.md, run 24). Work that waits on something other
 /// than the disk does not run in the pool: a body's file loop has a thread of its own
 /// (`src/queue/bodyio.rs`), so a bounded pool cannot fill with tasks that wait on each
 /// other.
