@@ -399,9 +399,9 @@ pub fn main() -> ExitCode {
 /// sleeping, and a group commit still gathers every writer in flight. On two cores, 16
 /// against 512: more msg/s in 17 of 21 interleaved pairs, a few percent, most with many
 /// sessions in flight (docs/PERFORMANCE.md, run 24). Work that waits on something other
-/// than the disk does not run in the pool: a body's file loop has a thread of its own
-/// (`src/queue/bodyio.rs`), so a bounded pool cannot fill with tasks that wait on each
-/// other.
+/// than the disk does not run in the pool, so that it cannot fill with tasks that wait on
+/// each other or on the network: a body's file loop (`src/queue/bodyio.rs`) and a host
+/// name's lookup (`src/dns/system.rs`) have threads of their own.
 fn blocking_threads() -> usize {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     (8 * cores).max(16)

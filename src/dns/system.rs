@@ -61,7 +61,9 @@ mod tests {
             "{a:?}"
         );
         assert!(!a.is_empty());
-        let e = lookup("no-such-host.invalid", 25, w).await.unwrap_err();
-        assert!(matches!(e, LookupError::Failed(_)), "{e}");
+        // A name that cannot exist: an error, whether the resolver says so (at once, here)
+        // or does not answer in time (a machine whose DNS server is unreachable).
+        let short = Duration::from_secs(2);
+        assert!(lookup("no-such-host.invalid", 25, short).await.is_err());
     }
 }

@@ -91,7 +91,7 @@ impl std::fmt::Debug for BodyFile {
 /// An `AsyncWrite` into a spool file. Bytes are buffered up to [`CHUNK`]; a body that
 /// stays below that is written by [`finish`](Self::finish) in one operation, a larger one
 /// by a thread of its own fed through a bounded channel. `poll_flush` hands the buffered
-/// bytes to that task; [`finish`](Self::finish) waits until all are written.
+/// bytes to that thread; [`finish`](Self::finish) waits until all are written.
 pub struct BodyWriter {
     buf: Vec<u8>,
     /// The file until the first full chunk starts the writer task.
