@@ -3,7 +3,7 @@
 
 use crate::sip::route::{self, Hop, RouteError, Routed};
 use crate::sip::{Endpoint, Incoming, Method, Request, Response, Transport};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
@@ -93,9 +93,7 @@ pub(crate) async fn resolve_hop(
     let Some(hop) = hop else { return Ok(same) };
     let port = hop.port_or_default();
     let transport = hop.transport.unwrap_or(Transport::Udp);
-    if let Ok(ip) = hop.host.parse::<IpAddr>() {
-        return Ok((SocketAddr::new(ip, port), transport));
-    }
+    // An IP address is taken as it is by the lookup itself.
     match crate::dns::system::lookup(&hop.host, port, HOP_RESOLVE_WAIT).await {
         Ok(addrs) => addrs
             .into_iter()
