@@ -879,11 +879,10 @@ impl Spool {
         }
     }
 
-    /// The outcome of that delivery is recorded.
-    pub async fn end_send(&self, id: &str, route: &Route) {
-        let s = self.clone();
-        let marker = self.sending_path(id, route);
-        let _ = tokio::task::spawn_blocking(move || s.retire(&marker)).await;
+    /// The outcome of that delivery is recorded: the marker is retired, on the calling
+    /// thread (one rename, as [`begin_send`](Self::begin_send) writes it).
+    pub fn end_send(&self, id: &str, route: &Route) {
+        let _ = self.retire(&self.sending_path(id, route));
     }
 
     /// Create (or truncate) `path` for writing: a recycled file from `free/` renamed into
@@ -1311,21 +1310,17 @@ impl Spool {
     }
 
     /// [`remove`](Self::remove) after a delivery over `route`, and the `.sending` marker
-    /// of [`begin_send`](Self::begin_send) with it, in one blocking task. The files are
-    /// retired for reuse rather than unlinked (same order, same lazy durability).
-    pub async fn remove_sent(&self, id: &str, route: &Route) -> io::Result<()> {
-        let s = self.clone();
-        let id = id.to_string();
-        let marker = self.sending_path(&id, route);
-        tokio::task::spawn_blocking(move || {
-            s.retire(&s.env_path(&id))?;
-            s.retire(&s.body_path(&id))?;
-            // Only a log line depends on the marker, and only while the envelope exists.
-            let _ = s.retire(&marker);
-            Ok(())
-        })
-        .await
-        .map_err(io::Error::other)?
+    /// of [`begin_send`](Self::begin_send) with it. The files are retired for reuse rather
+    /// than unlinked (same order, same lazy durability). Three renames with nothing to
+    /// fsync, made on the calling thread as `begin_send` makes its marker: a turn through
+    /// the blocking pool, there and back, cost more than the renames (docs/PERFORMANCE.md,
+    /// run 25).
+    pub fn remove_sent(&self, id: &str, route: &Route) -> io::Result<()> {
+        self.retire(&self.env_path(id))?;
+        self.retire(&self.body_path(id))?;
+        // Only a log line depends on the marker, and only while the envelope exists.
+        let _ = self.retire(&self.sending_path(id, route));
+        Ok(())
     }
 
     /// Remove a finished message: the envelope first, so a crash leaves only an orphan body
@@ -1586,7 +1581,7 @@ pub(crate) mod tests {
         assert!(!r.spool.sending_path(&ids[1], &route).exists());
         assert!(!r.spool.sending_path(&ids[2], &route).exists());
         // Committing the replayed outcome retires the marker.
-        r.spool.remove_sent(&ids[0], &route).await.unwrap();
+        r.spool.remove_sent(&ids[0], &route).unwrap();
         assert!(Spool::recover(dir.path()).unwrap().handed.is_empty());
     }
 
@@ -1677,7 +1672,7 @@ pub(crate) mod tests {
         assert!(r.spool.sending_path(&id, &route).exists());
         assert!(!r.spool.sending_path(&id, &other).exists());
         // Committing the outcome retires the marker.
-        r.spool.end_send(&id, &route).await;
+        r.spool.end_send(&id, &route);
         assert!(Spool::recover(dir.path()).unwrap().interrupted.is_empty());
     }
 
@@ -1723,7 +1718,7 @@ pub(crate) mod tests {
             .unwrap();
         s.commit(f, &env(&id)).await.unwrap();
         s.begin_send(&id, &route, None);
-        s.remove_sent(&id, &route).await.unwrap();
+        s.remove_sent(&id, &route).unwrap();
         assert_eq!(s.recycler.len(), 3);
         assert_eq!(
             std::fs::read_dir(dir.path().join("queue")).unwrap().count(),
@@ -1755,7 +1750,7 @@ pub(crate) mod tests {
         assert_eq!(s.recycler.len(), 0, "the kept file was reused");
         assert_eq!(std::fs::read(s.body_path(&id4)).unwrap(), b"fourth");
         s.begin_send(&id4, &route, None);
-        s.remove_sent(&id4, &route).await.unwrap();
+        s.remove_sent(&id4, &route).unwrap();
         assert_eq!(free(dir.path()), ["3.env", "4.msg", "5.other"]);
     }
 
@@ -1848,7 +1843,6 @@ pub(crate) mod tests {
         let inodes =
             [s.body_path(&long), s.env_path(&long)].map(|p| std::fs::metadata(p).unwrap().ino());
         s.remove_sent(&long, &Route::Peer("site-b.test".into()))
-            .await
             .unwrap(); // retired to free/, for reuse
         // An fsync of queue/ after their removal makes them reusable.
         s.sync_queue_dir().await.unwrap();
@@ -1917,7 +1911,6 @@ pub(crate) mod tests {
                 (id.as_str(), helo.as_str())
             );
             s.remove_sent(&id, &Route::Peer("site-b.test".into()))
-                .await
                 .unwrap();
             s.sync_queue_dir().await.unwrap(); // reusable from here
         }

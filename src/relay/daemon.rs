@@ -332,7 +332,7 @@ async fn replay_handed(ctx: &Context, handed: Vec<crate::queue::Handed>) {
         tracing::warn!(queue_id = %job.id, route = %job.route, rcpts = ?h.delivered,
             "spool recovery: the next hop had accepted this message before sipmail stopped; recorded as delivered, not sent again");
         let handoffs: Vec<_> = h.handoffs.iter().map(local::handoff_of).collect();
-        let issued = super::delivered::issue_for(ctx, &job, handoffs).await;
+        let issued = super::delivered::issue_for(ctx, &job, handoffs);
         ctx.queue.commit(&job, &outcomes, None).await;
         if let Some(peer) = issued {
             super::delivered::make_durable(ctx, &peer).await;

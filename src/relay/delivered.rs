@@ -8,7 +8,7 @@
 //! keyring, the store and the call's SMTP client.
 
 use super::context::Context;
-use super::receipts::{blocking, sign};
+use super::receipts::sign;
 use crate::receipt::store::DedupRecord;
 use crate::receipt::wire::{MAX_RECEIPTS, parse_reply_lines};
 use crate::receipt::{Kind, Receipt, ReceiptError, check_delivered};
@@ -44,7 +44,7 @@ fn delivered_receipt(
 /// to fetch; not yet fdatasynced (see [`make_durable`]). Returns the partner whose log was
 /// written. A failure is an error in the log: the message is delivered, only this proof of
 /// it is missing.
-async fn issue(
+fn issue(
     ctx: &Context,
     peer: &str,
     key_file: &str,
@@ -56,9 +56,10 @@ async fn issue(
             "ALERT: no delivered receipt for a partner's message that was handed on");
         None
     };
-    let store = ctx.receipts.store.clone();
-    let k = key_file.to_string();
-    let rec = match blocking(move || store.dedup_file(&k)).await {
+    // The record was written when the message came (it is in the page cache) and the
+    // receipt is one line appended to the log: both on this thread, where two turns
+    // through the blocking pool cost more than the work (docs/PERFORMANCE.md, run 25).
+    let rec = match ctx.receipts.store.dedup_file(key_file) {
         Ok(Some(r)) => r,
         Ok(None) => return fail(&"its duplicate record is gone"),
         Err(e) => return fail(&e),
@@ -72,7 +73,7 @@ async fn issue(
         Ok(s) => s,
         Err(e) => return fail(&e),
     };
-    match ctx.receipts.append_delivered(peer, signed).await {
+    match ctx.receipts.append_delivered(peer, &signed) {
         Ok(()) => {
             ctx.metrics.delivered_receipt_issued(peer);
             tracing::info!(%queue_id, %peer, rcpts = n, sender_queue_id = %r.sender_queue_id,
@@ -85,15 +86,13 @@ async fn issue(
 
 /// [`issue`] for a job of a partner's message (one that came with a receipt) whose
 /// recipients in `handoffs` were handed on; `None` (nothing issued) for any other job.
-pub(crate) async fn issue_for(
+pub(crate) fn issue_for(
     ctx: &Context,
     job: &super::outcome::Job,
     handoffs: Vec<crate::receipt::Handoff>,
 ) -> Option<String> {
     match (&job.dedup_key_file, &job.from_peer) {
-        (Some(k), Some(peer)) if !handoffs.is_empty() => {
-            issue(ctx, peer, k, &job.id, handoffs).await
-        }
+        (Some(k), Some(peer)) if !handoffs.is_empty() => issue(ctx, peer, k, &job.id, handoffs),
         _ => None,
     }
 }

@@ -110,7 +110,7 @@ pub(crate) async fn worker(ctx: Arc<Context>, dest: Destination, lane: Lane) {
         // The delivered receipt is signed and written (a kill -9 cannot lose a written
         // line) before the report, and fdatasynced after it (the report is not kept waiting
         // for the disk; only a power cut in between could lose the receipt, not the mail).
-        let issued = super::delivered::issue_for(&ctx, &job, handoffs).await;
+        let issued = super::delivered::issue_for(&ctx, &job, handoffs);
         lane.report(job, outcomes).await;
         if let Some(peer) = issued {
             super::delivered::make_durable(&ctx, &peer).await;

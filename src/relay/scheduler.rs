@@ -401,7 +401,7 @@ impl MailQueue {
             decided
         };
         let Some(d) = decided else {
-            self.spool.end_send(&job.id, &job.route).await;
+            self.spool.end_send(&job.id, &job.route);
             return;
         };
         for step in &d.steps {
@@ -417,10 +417,10 @@ impl MailQueue {
         }
         let disposal = d.disposal(bounced);
         let res = match disposal {
-            Disposal::Remove => self.spool.remove_sent(&job.id, &job.route).await,
+            Disposal::Remove => self.spool.remove_sent(&job.id, &job.route),
             Disposal::Keep => {
                 let res = self.spool.update(updated).await;
-                self.spool.end_send(&job.id, &job.route).await;
+                self.spool.end_send(&job.id, &job.route);
                 res
             }
         };
