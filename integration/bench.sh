@@ -64,6 +64,7 @@ python3 -c "import matplotlib" 2>/dev/null || python3 -m pip install -q matplotl
 mkdir -p "$OUT"
 : >"$OUT/results.txt"
 : >"$OUT/runs.tsv"
+say "sipmail benchmark, $(date -u +%FT%TZ), $(nproc) vCPU, $(uname -r), git $(git -C "$ROOT" rev-parse --short HEAD)"
 echo "== building (release)"
 cargo build --release --quiet --manifest-path "$ROOT/Cargo.toml"
 SIPMAIL="$ROOT/target/release/sipmail"
@@ -208,8 +209,7 @@ run_path() {
         "$p" "$s" "$got" "$secs" "$rate" "$src_secs" "$status" | tee -a "$OUT/results.txt"
 }
 
-say "sipmail benchmark, $(date -u +%FT%TZ), $(nproc) vCPU, $(uname -r), git $(git -C "$ROOT" rev-parse --short HEAD)"
-say "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
+say "load average before the throughput runs: $(cut -d' ' -f1-3 /proc/loadavg)"
 say ""
 echo "== warm-up (one small run per path, not counted)"
 for p in "${PATHS[@]}"; do run_path warmup "$p" 200 "$SESSIONS" >/dev/null; done
