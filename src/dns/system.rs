@@ -26,14 +26,11 @@ pub async fn lookup(host: &str, port: u16, wait: Duration) -> Result<Vec<SocketA
     if let Ok(ip) = host.parse::<IpAddr>() {
         return Ok(vec![SocketAddr::new(ip, port)]);
     }
-    let (tx, rx) = tokio::sync::oneshot::channel();
     let name = host.to_string();
-    std::thread::Builder::new()
-        .name("resolve".into())
-        .spawn(move || {
-            let _ = tx.send((name.as_str(), port).to_socket_addrs().map(Vec::from_iter));
-        })
-        .map_err(LookupError::Failed)?;
+    let rx = crate::own_thread::spawn("resolve", move || {
+        (name.as_str(), port).to_socket_addrs().map(Vec::from_iter)
+    })
+    .map_err(LookupError::Failed)?;
     match tokio::time::timeout(wait, rx).await {
         Ok(Ok(r)) => r.map_err(LookupError::Failed),
         Ok(Err(_)) => Err(LookupError::Failed(io::Error::other(

@@ -44,22 +44,6 @@ fn stopped() -> io::Error {
     io::Error::other("the spool file writer stopped")
 }
 
-/// Run a body's file loop on a thread of its own (see the module's notes); its result
-/// comes back through the receiver, which fails if the loop panicked.
-fn spawn_file_loop<T: Send + 'static>(
-    name: &str,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> io::Result<oneshot::Receiver<T>> {
-    let (tx, rx) = oneshot::channel();
-    std::thread::Builder::new()
-        .name(name.into())
-        .spawn(move || {
-            let _ = tx.send(f());
-        })
-        .map_err(|e| io::Error::new(e.kind(), format!("cannot start a spool file thread: {e}")))?;
-    Ok(rx)
-}
-
 /// The file a body goes into: open already, or opened only when bytes must be written.
 /// A body that stays below [`CHUNK`] never needs its file before the commit, which then
 /// creates, writes and fsyncs it in one blocking task: one hand-off to the blocking pool
@@ -136,7 +120,7 @@ impl BodyWriter {
         if let Some(file) = self.file.take() {
             let (tx, rx) = mpsc::channel(DEPTH);
             self.tx = Some(tx);
-            match spawn_file_loop("spool-write", move || write_loop(file.open()?, rx)) {
+            match crate::own_thread::spawn("spool-write", move || write_loop(file.open()?, rx)) {
                 Ok(task) => self.task = Some(task),
                 Err(e) => {
                     self.tx = None;
@@ -313,7 +297,7 @@ impl BodyReader {
     pub fn new(file: File) -> Self {
         let (tx, rx) = mpsc::channel(DEPTH.min(2));
         let failed = tx.clone();
-        if let Err(e) = spawn_file_loop("spool-read", move || read_loop(file, tx)) {
+        if let Err(e) = crate::own_thread::spawn("spool-read", move || read_loop(file, tx)) {
             // The channel is empty and has room: the reader sees the error first.
             let _ = failed.try_send(Err(e));
         }

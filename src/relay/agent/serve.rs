@@ -173,13 +173,14 @@ async fn handle(shared: Arc<Shared>, req: Request) {
 }
 
 /// Open the message's marker and take its lock (waiting, off the runtime, if the spool's
-/// recovery holds it).
+/// recovery holds it: on a thread of its own, since that wait is on another process, not
+/// on the disk).
 async fn claim(marker: &Path) -> std::io::Result<std::fs::File> {
     let f = std::fs::File::open(marker)?;
     match f.try_lock() {
         Ok(()) => Ok(f),
         Err(std::fs::TryLockError::WouldBlock) => {
-            tokio::task::spawn_blocking(move || f.lock().map(|()| f))
+            crate::own_thread::spawn("agent-claim", move || f.lock().map(|()| f))?
                 .await
                 .map_err(std::io::Error::other)?
         }
@@ -232,4 +233,42 @@ async fn write_line(shared: &Shared, r: &Response) {
     // The daemon may be gone: then nobody reads this, and the marker says it instead.
     let _ = out.write_all(&line).await;
     let _ = out.flush().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    /// While another open file holds the marker's lock (the daemon's spool recovery), the
+    /// claim waits off the runtime: the runtime's one thread goes on with other tasks, and
+    /// the claim completes once the lock is released.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_claim_waits_for_the_lock_without_holding_the_runtime() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("ID.local.sending");
+        std::fs::write(&marker, b"\n").unwrap();
+        let held = std::fs::File::open(&marker).unwrap();
+        held.lock().unwrap();
+        let m = marker.clone();
+        let claim = tokio::spawn(async move { super::claim(&m).await });
+        // The runtime still runs timers while the claim waits.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            !claim.is_finished(),
+            "the claim took a lock someone else holds"
+        );
+        drop(held);
+        let f = tokio::time::timeout(Duration::from_secs(10), claim)
+            .await
+            .expect("the claim ends once the lock is released")
+            .unwrap()
+            .unwrap();
+        // The claim holds the lock now: another open file cannot take it.
+        let other = std::fs::File::open(&marker).unwrap();
+        assert!(matches!(
+            other.try_lock(),
+            Err(std::fs::TryLockError::WouldBlock)
+        ));
+        drop(f);
+    }
 }
