@@ -1312,9 +1312,9 @@ impl Spool {
     /// [`remove`](Self::remove) after a delivery over `route`, and the `.sending` marker
     /// of [`begin_send`](Self::begin_send) with it. The files are retired for reuse rather
     /// than unlinked (same order, same lazy durability). Three renames with nothing to
-    /// fsync, made on the calling thread as `begin_send` makes its marker: a turn through
-    /// the blocking pool, there and back, cost more than the renames (docs/PERFORMANCE.md,
-    /// run 25).
+    /// fsync, made on the calling thread as `begin_send` makes its marker, rather than a
+    /// turn through the blocking pool there and back (no difference in throughput either
+    /// way on the bench's VM: docs/PERFORMANCE.md, run 25).
     pub fn remove_sent(&self, id: &str, route: &Route) -> io::Result<()> {
         self.retire(&self.env_path(id))?;
         self.retire(&self.body_path(id))?;

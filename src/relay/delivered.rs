@@ -57,8 +57,9 @@ fn issue(
         None
     };
     // The record was written when the message came (it is in the page cache) and the
-    // receipt is one line appended to the log: both on this thread, where two turns
-    // through the blocking pool cost more than the work (docs/PERFORMANCE.md, run 25).
+    // receipt is one line appended to the log: both on this thread, as the spool's
+    // `.sending` marker is written, rather than two turns through the blocking pool
+    // (docs/PERFORMANCE.md, run 25). The log's fdatasync is `make_durable`'s, on the pool.
     let rec = match ctx.receipts.store.dedup_file(key_file) {
         Ok(Some(r)) => r,
         Ok(None) => return fail(&"its duplicate record is gone"),
