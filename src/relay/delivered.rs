@@ -41,7 +41,7 @@ fn delivered_receipt(
 
 /// Receiving side, after a partner's message was handed on: signs a `delivered` receipt
 /// for the recipients in `handoffs` and appends it to the partner's log, for the partner
-/// to fetch; not yet fdatasynced (see [`make_durable`]). Returns the partner whose log was
+/// to fetch; not yet fdatasynced (see [`make_durable`], `Receipts::sync_delivered`). Returns the partner whose log was
 /// written. A failure is an error in the log: the message is delivered, only this proof of
 /// it is missing.
 fn issue(
@@ -74,7 +74,7 @@ fn issue(
         Ok(s) => s,
         Err(e) => return fail(&e),
     };
-    match ctx.receipts.append_delivered(peer, &signed) {
+    match ctx.receipts.store.append_delivered(peer, &signed) {
         Ok(()) => {
             ctx.metrics.delivered_receipt_issued(peer);
             tracing::info!(%queue_id, %peer, rcpts = n, sender_queue_id = %r.sender_queue_id,

@@ -157,14 +157,6 @@ impl Receipts {
 }
 
 impl Receipts {
-    /// Receiving side: a `delivered` receipt signed at hand-off, appended to the partner's
-    /// log (written, not yet fdatasynced: [`Receipts::sync_delivered`]) for it to fetch.
-    /// One write into the page cache, on the calling thread (as a new key's
-    /// [`put_dedup`](Self::put_dedup)).
-    pub fn append_delivered(&self, peer: &str, s: &Signed) -> io::Result<()> {
-        self.store.append_delivered(peer, s)
-    }
-
     /// Receiving side: the partner's delivered log fdatasynced.
     pub async fn sync_delivered(&self, peer: &str) -> io::Result<()> {
         let (store, peer) = (self.store.clone(), peer.to_string());
