@@ -1,11 +1,13 @@
 //! Record layer throughput on one core: `Sealer::seal_data` + `Opener::open` for record
-//! payloads from 64 B to 64 KiB, and each half on its own.
+//! payloads from 64 B to 64 KiB, and each half on its own, with the default suite
+//! (ChaCha20-Poly1305); and each half of the other suite (AES-256-GCM) for 64 KiB records,
+//! so that `integration/bench.sh` can state a bulk leg's ceiling for either suite.
 //!
 //! Run: `cargo bench --bench record`. Throughput is in payload bytes (criterion prints
 //! GiB/s or MiB/s; docs/PERFORMANCE.md converts to GB/s).
 
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use sipmail::handshake::DirectionKeys;
+use sipmail::handshake::{DirectionKeys, Suite};
 use sipmail::tunnel::record::{Limits, Opened, Opener, Sealer};
 use std::hint::black_box;
 use std::time::Duration;
@@ -88,6 +90,33 @@ fn bench_record(c: &mut Criterion) {
             );
         });
     }
+    g.finish();
+
+    // The other suite, for bulk records only: seal and open each on its own, as above.
+    let size = 65536;
+    let payload = vec![0xa5u8; size];
+    let mut wire = Vec::new();
+    Sealer::with_suite(Suite::Aes256Gcm, &keys(), Limits::default())
+        .seal_data(&payload, &mut wire)
+        .unwrap();
+    let mut g = c.benchmark_group("record/aes-256-gcm");
+    g.throughput(Throughput::Bytes(size as u64));
+    g.bench_function("seal/65536", |b| {
+        let mut sealer = Sealer::with_suite(Suite::Aes256Gcm, &keys(), Limits::default());
+        let mut out = Vec::with_capacity(size + 64);
+        b.iter(|| {
+            out.clear();
+            sealer.seal_data(black_box(&payload), &mut out).unwrap();
+            black_box(&out);
+        });
+    });
+    g.bench_function("open/65536", |b| {
+        b.iter_batched_ref(
+            || (Opener::with_suite(Suite::Aes256Gcm, &keys()), wire.clone()),
+            |(op, buf)| black_box(open_all(op, buf)),
+            BatchSize::SmallInput,
+        );
+    });
     g.finish();
 }
 

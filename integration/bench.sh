@@ -63,6 +63,7 @@ python3 -c "import matplotlib" 2>/dev/null || python3 -m pip install -q matplotl
 
 mkdir -p "$OUT"
 : >"$OUT/results.txt"
+rm -f "$OUT/leg-ceiling"
 : >"$OUT/runs.tsv"
 say "sipmail benchmark, $(date -u +%FT%TZ), $(nproc) vCPU, $(uname -r), git $(git -C "$ROOT" rev-parse --short HEAD)"
 echo "== building (release)"
@@ -98,19 +99,19 @@ cpu_snap() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8 + $9, $5 + $6, $9}' /pro
 if [ "$CRITERION" = 1 ]; then
     echo "== building the criterion benches"
     (cd "$ROOT" && cargo bench --quiet --no-run --bench record --bench handshake --bench smtp_parse \
-        --bench queue >"$OUT/criterion-build.txt" 2>&1) || true
+        --bench queue --bench digest >"$OUT/criterion-build.txt" 2>&1) || true
     end=$((SECONDS + 300))
     while (($(awk '{print int($1 * 100)}' /proc/loadavg) > 50)) && ((SECONDS < end)); do sleep 2; done
     say "== criterion benches (cargo bench), one core each; load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
     read -r busy0 idle0 steal0 <<<"$(cpu_snap)"
     (cd "$ROOT" && cargo bench --quiet --bench record --bench handshake --bench smtp_parse --bench queue \
-        >"$OUT/criterion.txt" 2>&1) || say "   cargo bench failed: see $OUT/criterion.txt"
+        --bench digest >"$OUT/criterion.txt" 2>&1) || say "   cargo bench failed: see $OUT/criterion.txt"
     read -r busy1 idle1 steal1 <<<"$(cpu_snap)"
     say "   during the benches: $(awk -v b=$((busy1 - busy0)) -v i=$((idle1 - idle0)) -v s=$((steal1 - steal0)) \
         -v n="$(nproc)" 'BEGIN { t = b + i; if (t > 0) printf "%.2f of %d cores busy, steal %.1f%%", n * b / t, n, 100 * s / t }')"
-    python3 - "$ROOT/target/criterion" <<'PY' | tee -a "$OUT/results.txt"
+    python3 - "$ROOT/target/criterion" "$(nproc)" "$OUT/leg-ceiling" <<'PY' | tee -a "$OUT/results.txt"
 import json, os, sys
-base = sys.argv[1]
+base, cores, ceiling_file = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 def est(*p):
     f = os.path.join(base, *p, "new", "estimates.json")
     try:
@@ -136,6 +137,29 @@ for size in (5120, 65536, 1048576):
 for n in (1, 10, 50):
     ns = est("queue_commit_5KB", "concurrent", str(n))
     if ns: print(f"   queue commit, {n:2d} at once: {ns/1e6:7.2f} ms per batch -> {n*1e9/ns:6.0f} commits/s")
+# The per-byte work every byte of a call's leg needs, whatever the code around it: sealed
+# by the sender, opened by the receiver, and (for a message that asks for a receipt, as
+# every message on a call authenticated by signatures does) hashed by both, the sender over
+# what it puts on the wire and the receiver over what it takes in. Spread perfectly over all
+# cores, with nothing else (no copies, no system calls, no disk), that is the leg's ceiling
+# on this machine, for each suite.
+sha = est("digest_sha256", "65536")
+if sha: print(f"   SHA-256 65536 B: {65536/sha:6.2f} GB/s")
+suites = {"chacha20-poly1305": (est("record_seal", "65536"), est("record_open", "65536")),
+          "aes-256-gcm": (est("record_aes-256-gcm", "seal_65536"), est("record_aes-256-gcm", "open_65536"))}
+ceilings = []
+for name, (seal, opn) in suites.items():
+    if seal and opn: print(f"   {name} 65536 B: seal {65536/seal:5.2f} GB/s, open {65536/opn:5.2f} GB/s")
+    if seal and opn and sha:
+        crypto = (seal + opn) / 65536  # ns per byte
+        c_crypto = cores * 1e3 / crypto  # MB/s
+        c_receipt = cores * 1e3 / (crypto + 2 * sha / 65536)
+        print(f"   a leg's per-byte work, {name}, on all {cores} cores and nothing else:"
+              f" {c_receipt:,.0f} MB/s with the receipt's SHA-256 at both ends ({c_crypto:,.0f} without)")
+        ceilings.append(f"{name}={c_receipt:.0f}")
+if len(ceilings) == len(suites):
+    with open(ceiling_file, "w") as f:
+        f.write(" ".join(ceilings) + "\n")
 PY
     # The queue bench created and deleted files: on ext4 without a journal a new inode
     # scans past those freed in the last 60 s (see SETTLE below), so wait that out.
@@ -311,6 +335,11 @@ mbps() { awk -v b="$BIG" -v a="$1" -v z="$2" 'BEGIN {printf "%.0f MB/s (%.2f s)"
 say "   into A (smtp-source -> A, A fsyncs, 250):               $(mbps "$t0" "$t_acc")"
 say "   A -> B leg (A's spool -> call -> B, B fsyncs, 250):     $(mbps "$t_acc" "$t_b")"
 say "   target (issue 16): A -> B leg >= 80% of dd's $DD_RATE MB/s = $(awk -v d="$DD_RATE" 'BEGIN {printf "%.0f", 0.8*d}') MB/s"
+if [ -s "$OUT/leg-ceiling" ]; then # written by the criterion step of this run
+    # "chacha20-poly1305=N aes-256-gcm=M": the leg's ceiling with receipts, per suite.
+    say "   ceiling on this machine, with receipts (criterion above: seal, open and SHA-256 at both ends on all $(nproc) cores, nothing else): $(awk -F'[ =]' '{for (i = 1; i < NF; i += 2) printf "%s%s %s MB/s", (i > 1 ? ", " : ""), $i, $(i + 1)}' "$OUT/leg-ceiling")"
+    say "   $(tr ' =' '\n ' <"$OUT/leg-ceiling" | awk -v d="$DD_RATE" '$2 > best {best = $2; s = $1} END {if (0.8 * d > best) printf "the target is above both ceilings (the higher is %s, %d MB/s): out of reach on this machine for any code that seals, opens and hashes every byte", s, best; else printf "the target is below the %s ceiling (%d MB/s): reachable in principle", s, best}')"
+fi
 say "   end to end into A through B's fsynced 250:             $(mbps "$t0" "$t_b")"
 say "   ... and on to the sink:                                $(mbps "$t0" "$t_sink")"
 say "   RSS A: idle $((IDLE_A / 1024)) MB, peak $((HWM_A / 1024)) MB (VmHWM; sampled $((PEAK_A / 1024)) MB) -> +$(((HWM_A - IDLE_A) / 1024)) MB"
