@@ -337,8 +337,11 @@ say "   A -> B leg (A's spool -> call -> B, B fsyncs, 250):     $(mbps "$t_acc" 
 say "   target (issue 16): A -> B leg >= 80% of dd's $DD_RATE MB/s = $(awk -v d="$DD_RATE" 'BEGIN {printf "%.0f", 0.8*d}') MB/s"
 if [ -s "$OUT/leg-ceiling" ]; then # written by the criterion step of this run
     # "chacha20-poly1305=N aes-256-gcm=M": the leg's ceiling with receipts, per suite.
-    say "   ceiling on this machine, with receipts (criterion above: seal, open and SHA-256 at both ends on all $(nproc) cores, nothing else): $(awk -F'[ =]' '{for (i = 1; i < NF; i += 2) printf "%s%s %s MB/s", (i > 1 ? ", " : ""), $i, $(i + 1)}' "$OUT/leg-ceiling")"
-    say "   $(tr ' =' '\n ' <"$OUT/leg-ceiling" | awk -v d="$DD_RATE" '$2 > best {best = $2; s = $1} END {if (0.8 * d > best) printf "the target is above both ceilings (the higher is %s, %d MB/s): out of reach on this machine for any code that seals, opens and hashes every byte", s, best; else printf "the target is below the %s ceiling (%d MB/s): reachable in principle", s, best}')"
+    SUITE_USED=$(grep -o 'suite=[a-z0-9-]*' "$SM/a.log" | tail -1 | cut -d= -f2 || true)
+    say "   the leg's ceiling on this machine with receipts (criterion above: seal, open and SHA-256 at both ends on all $(nproc) cores, nothing else):"
+    tr ' ' '\n' <"$OUT/leg-ceiling" | while IFS='=' read -r suite ceiling; do
+        say "      $suite$([ "$suite" = "$SUITE_USED" ] && echo " (this run's call)"): $ceiling MB/s, $(awk -v d="$DD_RATE" -v c="$ceiling" 'BEGIN {if (0.8 * d > c) printf "below the target: out of reach on this machine for any code that seals, opens and hashes every byte with this suite"; else printf "above the target"}')"
+    done
 fi
 say "   end to end into A through B's fsynced 250:             $(mbps "$t0" "$t_b")"
 say "   ... and on to the sink:                                $(mbps "$t0" "$t_sink")"
