@@ -130,9 +130,11 @@ ids() {
         tr -d '\r' | grep -o "<$P\.$1\.[0-9]*@site-a.test>" || true
 }
 count() { ids "$1" | wc -l; }
-wait_count() { # PHASE N SECONDS: until N messages of PHASE are in B, or the time is up
+wait_count() { # PHASE N SECONDS: until N distinct messages of PHASE are in B, or the time is up
+    # Distinct: a duplicate must not end the wait while another message is still on its way
+    # (a message whose call failed in the kill waits for its retry at A).
     local end=$((SECONDS + $3))
-    while (($(count "$1") < $2 && SECONDS < end)); do sleep 1; done
+    while (($(ids "$1" | sort -u | wc -l) < $2 && SECONDS < end)); do sleep 1; done
 }
 # check_all PHASE N: every one of N there; prints lost and duplicated.
 check_all() {
@@ -142,6 +144,11 @@ check_all() {
     for i in $(seq "$2"); do grep -q "<$P\.$1\.$i@" <<<"$got" || lost=$((lost + 1)); done
     dup=$(awk '$1 > 1' <<<"$got" | wc -l)
     echo "phase $1: sent $2, arrived $(ids "$1" | sort -u | wc -l) distinct, lost $lost, duplicated $dup"
+    if ((lost > 0)); then # what a failure needs to be explained: which ones, and where they are
+        for i in $(seq "$2"); do grep -q "<$P\.$1\.$i@" <<<"$got" || echo "   missing: <$P.$1.$i@site-a.test>"; done
+        echo "   sipmail A's queue:"
+        docker exec "$SA" sipmail queue list --config /var/lib/sipmail/sipmail.toml 2>&1 | sed 's/^/      /' || true
+    fi
     LOST=$lost DUP=$dup
 }
 
