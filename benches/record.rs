@@ -1,12 +1,16 @@
-//! Record layer throughput on one core: `Sealer::seal_data` + `Opener::open` for record
-//! payloads from 64 B to 64 KiB, and each half on its own, with the default suite
-//! (ChaCha20-Poly1305); and each half of the other suite (AES-256-GCM) for 64 KiB records,
-//! so that `integration/bench.sh` can state a bulk leg's ceiling for either suite.
+//! The per-byte work of a call's leg, on one core. The record layer: `Sealer::seal_data` +
+//! `Opener::open` for record payloads from 64 B to 64 KiB, and each half on its own, with
+//! the default suite (ChaCha20-Poly1305); each half of the other suite (AES-256-GCM) for
+//! 64 KiB records. And SHA-256, the receipt's digest, which both relays compute over every
+//! byte of a message that asks for a receipt (the sender over what it puts on the wire, the
+//! receiver over what it takes in). `integration/bench.sh` turns them into a bulk leg's
+//! ceiling on the machine, for either suite.
 //!
 //! Run: `cargo bench --bench record`. Throughput is in payload bytes (criterion prints
 //! GiB/s or MiB/s; docs/PERFORMANCE.md converts to GB/s).
 
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use sha2::Digest;
 use sipmail::handshake::{DirectionKeys, Suite};
 use sipmail::tunnel::record::{Limits, Opened, Opener, Sealer};
 use std::hint::black_box;
@@ -120,11 +124,26 @@ fn bench_record(c: &mut Criterion) {
     g.finish();
 }
 
+fn bench_digest(c: &mut Criterion) {
+    let mut g = c.benchmark_group("digest/sha256");
+    for size in [4096usize, 65536] {
+        let data = vec![0xa5u8; size];
+        g.throughput(Throughput::Bytes(size as u64));
+        g.bench_with_input(BenchmarkId::from_parameter(size), &data, |b, d| {
+            // One hasher fed chunk after chunk, as the tap and the wire hash are.
+            let mut h = sha2::Sha256::new();
+            b.iter(|| h.update(black_box(d)));
+            black_box(h.finalize());
+        });
+    }
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2));
-    targets = bench_record
+    targets = bench_record, bench_digest
 }
 criterion_main!(benches);

@@ -99,13 +99,13 @@ cpu_snap() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8 + $9, $5 + $6, $9}' /pro
 if [ "$CRITERION" = 1 ]; then
     echo "== building the criterion benches"
     (cd "$ROOT" && cargo bench --quiet --no-run --bench record --bench handshake --bench smtp_parse \
-        --bench queue --bench digest >"$OUT/criterion-build.txt" 2>&1) || true
+        --bench queue >"$OUT/criterion-build.txt" 2>&1) || true
     end=$((SECONDS + 300))
     while (($(awk '{print int($1 * 100)}' /proc/loadavg) > 50)) && ((SECONDS < end)); do sleep 2; done
     say "== criterion benches (cargo bench), one core each; load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
     read -r busy0 idle0 steal0 <<<"$(cpu_snap)"
     (cd "$ROOT" && cargo bench --quiet --bench record --bench handshake --bench smtp_parse --bench queue \
-        --bench digest >"$OUT/criterion.txt" 2>&1) || say "   cargo bench failed: see $OUT/criterion.txt"
+        >"$OUT/criterion.txt" 2>&1) || say "   cargo bench failed: see $OUT/criterion.txt"
     read -r busy1 idle1 steal1 <<<"$(cpu_snap)"
     say "   during the benches: $(awk -v b=$((busy1 - busy0)) -v i=$((idle1 - idle0)) -v s=$((steal1 - steal0)) \
         -v n="$(nproc)" 'BEGIN { t = b + i; if (t > 0) printf "%.2f of %d cores busy, steal %.1f%%", n * b / t, n, 100 * s / t }')"

@@ -130,22 +130,23 @@ ids() {
         tr -d '\r' | grep -o "<$P\.$1\.[0-9]*@site-a.test>" || true
 }
 count() { ids "$1" | wc -l; }
+distinct() { ids "$1" | sort -u | wc -l; }
 wait_count() { # PHASE N SECONDS: until N distinct messages of PHASE are in B, or the time is up
     # Distinct: a duplicate must not end the wait while another message is still on its way
     # (a message whose call failed in the kill waits for its retry at A).
     local end=$((SECONDS + $3))
-    while (($(ids "$1" | sort -u | wc -l) < $2 && SECONDS < end)); do sleep 1; done
+    while (($(distinct "$1") < $2 && SECONDS < end)); do sleep 1; done
 }
 # check_all PHASE N: every one of N there; prints lost and duplicated.
 check_all() {
-    local got lost dup
+    local got missing=() lost dup
     got=$(ids "$1" | sort | uniq -c)
-    lost=0
-    for i in $(seq "$2"); do grep -q "<$P\.$1\.$i@" <<<"$got" || lost=$((lost + 1)); done
+    for i in $(seq "$2"); do grep -q "<$P\.$1\.$i@" <<<"$got" || missing+=("<$P.$1.$i@site-a.test>"); done
+    lost=${#missing[@]}
     dup=$(awk '$1 > 1' <<<"$got" | wc -l)
-    echo "phase $1: sent $2, arrived $(ids "$1" | sort -u | wc -l) distinct, lost $lost, duplicated $dup"
+    echo "phase $1: sent $2, arrived $(distinct "$1") distinct, lost $lost, duplicated $dup"
     if ((lost > 0)); then # what a failure needs to be explained: which ones, and where they are
-        for i in $(seq "$2"); do grep -q "<$P\.$1\.$i@" <<<"$got" || echo "   missing: <$P.$1.$i@site-a.test>"; done
+        printf '   missing: %s\n' "${missing[@]}"
         echo "   sipmail A's queue:"
         docker exec "$SA" sipmail queue list --config /var/lib/sipmail/sipmail.toml 2>&1 | sed 's/^/      /' || true
     fi

@@ -41,9 +41,9 @@ fn delivered_receipt(
 
 /// Receiving side, after a partner's message was handed on: signs a `delivered` receipt
 /// for the recipients in `handoffs` and appends it to the partner's log, for the partner
-/// to fetch; not yet fdatasynced (see [`make_durable`], `Receipts::sync_delivered`). Returns the partner whose log was
-/// written. A failure is an error in the log: the message is delivered, only this proof of
-/// it is missing.
+/// to fetch; not yet fdatasynced (see [`make_durable`], `Receipts::sync_delivered`).
+/// Returns the partner whose log was written. A failure is an error in the log: the
+/// message is delivered, only this proof of it is missing.
 fn issue(
     ctx: &Context,
     peer: &str,
