@@ -294,6 +294,17 @@ say "   the new call's own cost: cold p50 - warm-after-the-same-pause p50 = $(aw
     "(the target's 3 ms against the pause-matched warm figure: $(awk -v c="$COLD_P50" -v p="$PAUSED_P50" 'BEGIN {print (c-p <= 3) ? "met" : "not met"}'))"
 say "   (smtp-source -> A -> call -> B -> sink; 'cold' includes INVITE/200/ACK, both signatures and"
 say "    both verifications, the media connection, A's and B's fsyncs and B's delivery to the sink)"
+# The same client and message straight to a sink, no relay, back to back as the warm
+# messages above: the client's own SMTP session and the sink's count, which the warm figure
+# holds too. What is left of the target after it is what the two relays may take.
+start_sink "$SINK_BARE" "$WORK/sink-lat-bare.cnt"
+python3 "$ROOT/integration/lib/latency.py" "$SINK_BARE" "$WORK/sink-lat-bare.cnt" /dev/null 0 "$WARM_MESSAGES" "$SIZE" 0 >"$WORK/latency-bare.txt"
+stop_sink
+BARE_LAT_P50=$(awk '/^WARM / {print $3}' "$WORK/latency-bare.txt")
+say "   the same client straight to smtp-sink, no relay (reference, same run): p50 $BARE_LAT_P50 ms" \
+    "($(awk '/^WARM / {sub(/^WARM /, ""); print}' "$WORK/latency-bare.txt")); the two relays' share of the warm p50:" \
+    "$(awk -v w="$WARM_P50" -v b="$BARE_LAT_P50" 'BEGIN {printf "%.2f", w-b}') ms, of the target's" \
+    "$(awk -v f="$FSYNC_MS" -v b="$BARE_LAT_P50" 'BEGIN {printf "%.2f", 2*f+2-b}') ms left after the client's own session"
 
 # ---------------------------------------------------------------- one big message
 say ""

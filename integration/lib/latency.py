@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Per-message latency through sipmail A -> call -> B -> smtp-sink, with Python's smtplib.
 
-    latency.py PORT SINK_COUNT_FILE A_LOG COLD WARM SIZE
+    latency.py PORT SINK_COUNT_FILE A_LOG COLD WARM SIZE [GAP_MS]
 
 PORT is A's SMTP port, SINK_COUNT_FILE the output of `smtp-sink -c`, A_LOG A's log (its
 "call ended" lines tell when a call was hung up). Each message is timed from before the
@@ -12,7 +12,8 @@ COLD > 0 (integration/bench.sh): COLD messages each on a new call (after the pre
 was hung up: call_idle = 2 s), WARM messages on the call the first one set up, and COLD
 messages on a warm call after the same 1.5 s pause. COLD = 0 (integration/bench-big.sh's
 LATENCY mode, for comparing builds): two messages to set the call up, then WARM messages
-on it, 50 ms apart. Prints one line per cold and paused message, then COLD, WARM, PAUSED
+on it, GAP_MS apart (50 by default). With PORT a sink's own port, A_LOG unused and COLD 0
+(bench.sh's reference line): the same client straight to the sink, no relay. Prints one line per cold and paused message, then COLD, WARM, PAUSED
 and ACCEPTED_WARM summary lines (median, min, max), and AFTER_A_WARM: each warm message's time
 from A's 250 to the sink (the relays' part, without the client's SMTP session with A).
 """
@@ -24,6 +25,7 @@ import time
 
 port, cnt, alog = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 cold, warm, size = int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+gap = float(sys.argv[7]) / 1000 if len(sys.argv) > 7 else 0.05
 
 
 def count():
@@ -66,7 +68,7 @@ def warm_run():
         warms.append(tot)
         accepted.append(acc)
         if cold == 0:
-            time.sleep(0.05)
+            time.sleep(gap)
 
 
 if cold == 0:
