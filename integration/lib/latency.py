@@ -13,9 +13,10 @@ was hung up: call_idle = 2 s), WARM messages on the call the first one set up, a
 messages on a warm call after the same 1.5 s pause. COLD = 0 (integration/bench-big.sh's
 LATENCY mode, for comparing builds): two messages to set the call up, then WARM messages
 on it, GAP_MS apart (50 by default). With PORT a sink's own port, A_LOG unused and COLD 0
-(bench.sh's reference line): the same client straight to the sink, no relay. Prints one line per cold and paused message, then COLD, WARM, PAUSED
-and ACCEPTED_WARM summary lines (median, min, max), and AFTER_A_WARM: each warm message's time
-from A's 250 to the sink (the relays' part, without the client's SMTP session with A).
+(bench.sh's reference line): the same client straight to the sink, no relay. Prints one
+line per cold and paused message, then COLD, WARM, PAUSED and ACCEPTED_WARM summary lines
+(median, min, max), and AFTER_A_WARM: each warm message's time from A's 250 to the sink
+(the relays' part, without the client's SMTP session with A).
 """
 import re
 import smtplib
