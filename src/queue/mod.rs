@@ -130,7 +130,7 @@ pub struct Envelope {
     pub body_crc32: Option<u32>,
     /// A small body's bytes (base64), in the envelope file of its commit: that commit
     /// fdatasyncs this one file and writes the body's own file without syncing it
-    /// ([`Spool::commit_small`]). Only in the file: recovery restores the body file from
+    /// ([`Spool::stage_small`]). Only in the file: recovery restores the body file from
     /// it where the body file did not reach the disk, and no envelope in memory keeps it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub body_inline: Option<Box<str>>,
@@ -564,6 +564,36 @@ fn wait_for_agent(marker: &Path) {
 struct Halves {
     left: u8,
     failed: bool,
+}
+
+/// A commit under way ([`Spool::begin_commit`]): the message's files are named in
+/// `queue/` and their flushes are running.
+#[derive(Debug)]
+#[must_use = "a commit is complete only once `durable` has returned Ok"]
+pub struct Committing {
+    spool: Spool,
+    id: String,
+    flushes: Vec<tokio::task::JoinHandle<io::Result<()>>>,
+}
+
+impl Committing {
+    /// Waits for the flushes. Ok: the message survives a power loss. An error takes the
+    /// files back out of `queue/` first (the client hears 451 and sends the message
+    /// again, so a restart must not deliver this copy as well).
+    pub async fn durable(self) -> io::Result<()> {
+        let mut result = Ok(());
+        for flush in self.flushes {
+            let r = flush.await.map_err(io::Error::other).and_then(|r| r);
+            result = result.and(r);
+        }
+        if let Err(e) = result {
+            let s = self.spool;
+            let id = self.id;
+            let _ = tokio::task::spawn_blocking(move || s.leave_queue(&id)).await;
+            return Err(e);
+        }
+        Ok(())
+    }
 }
 
 impl Spool {
@@ -1114,21 +1144,39 @@ impl Spool {
     }
 
     /// [`Spool::commit`] of a body file in `tmp/` (perhaps not created yet) still to be
-    /// completed by `tail`. A body never created is all in `tail`: see
-    /// [`commit_small`](Self::commit_small). Otherwise two blocking tasks run side by side:
-    /// the body's tail and fsync, and the envelope's write and fsync. The one that ends
-    /// second, if neither failed, renames both into `queue/` (the envelope last: the commit
-    /// point) and fsyncs `queue/` (group commit).
+    /// completed by `tail`: [`begin_commit`](Self::begin_commit), then
+    /// [`Committing::durable`].
     pub async fn commit_parts(
         &self,
         body: bodyio::BodyFile,
         tail: Vec<u8>,
         env: &Envelope,
     ) -> io::Result<()> {
+        self.begin_commit(body, tail, env).await?.durable().await
+    }
+
+    /// The first half of a commit: returns once the message's files are written and
+    /// named in `queue/`, and their flushes are under way. Whoever may act on the message
+    /// before [`Committing::durable`] returns must accept that the commit can still fail
+    /// (then the files leave `queue/` again) and that a killed process finds the message
+    /// queued at restart (the names are its commit point; the flushes make it survive a
+    /// power loss). A body never created is all in `tail`: see
+    /// [`stage_small`](Self::stage_small). Otherwise the commit is made whole here, and
+    /// the result is already durable: two blocking tasks run side by side, the body's tail
+    /// and fsync, and the envelope's write and fsync; the one that ends second, if neither
+    /// failed, renames both into `queue/` (the envelope last: the commit point) and fsyncs
+    /// `queue/` (group commit). A large body is named in `queue/` only once it is on disk,
+    /// so that a restart never meets a committed envelope with a half-written body.
+    pub async fn begin_commit(
+        &self,
+        body: bodyio::BodyFile,
+        tail: Vec<u8>,
+        env: &Envelope,
+    ) -> io::Result<Committing> {
         if matches!(body, bodyio::BodyFile::Later(_)) {
             // The body never left the writer's buffer: `tail` is all of it. Its file is
-            // taken by `commit_small` (written over in place, not created empty).
-            return self.commit_small(tail, env).await;
+            // taken by `stage_small` (written over in place, not created empty).
+            return self.stage_small(tail, env).await;
         }
         let halves = Arc::new(std::sync::Mutex::new(Halves {
             left: 2,
@@ -1148,17 +1196,23 @@ impl Spool {
         });
         let (b, e) = tokio::join!(body_half, env_half);
         b.map_err(io::Error::other)??;
-        e.map_err(io::Error::other)?
+        e.map_err(io::Error::other)??;
+        Ok(Committing {
+            spool: self.clone(),
+            id: env.id.clone(),
+            flushes: Vec::new(),
+        })
     }
 
-    /// The commit of a body that is all in `tail` (see the module's notes): one blocking
-    /// task writes the body and the envelope (each over a recycled file in place,
-    /// [`fill_file`](Self::fill_file)), renames both into `queue/` and fsyncs `queue/`
-    /// while another fdatasyncs the envelope, which holds a copy of a body of at most
+    /// The first half of the commit of a body that is all in `tail` (see the module's
+    /// notes): one blocking task writes the body and the envelope (each over a recycled
+    /// file in place, [`fill_file`](Self::fill_file)) and renames both into `queue/`; the
+    /// caller hears of it then, while that task goes on to fsync `queue/` and another
+    /// fdatasyncs the envelope, which holds a copy of a body of at most
     /// [`INLINE_BODY_MAX`] (`body_inline`); a larger body's file gets an fdatasync of its
-    /// own beside them. Any failure takes both back out of `queue/` before the error, as
-    /// the two-step commit does.
-    async fn commit_small(&self, tail: Vec<u8>, env: &Envelope) -> io::Result<()> {
+    /// own beside them. The dir fsync stays on the staging thread: one thread hand-off
+    /// fewer than a task of its own.
+    async fn stage_small(&self, tail: Vec<u8>, env: &Envelope) -> io::Result<Committing> {
         use base64::Engine;
         let mut env = env.clone();
         env.body_crc32 = Some(crc32fast::hash(&tail));
@@ -1171,30 +1225,51 @@ impl Spool {
             );
         }
         let (s, id) = (self.clone(), env.id.clone());
-        let staged = tokio::task::spawn_blocking(move || {
-            let b = s.fill_file(&s.tmp_body_path(&env.id), &tail)?;
-            let e = s.write_env_file(&env)?;
-            s.enter_queue(&env.id)?;
+        let (staged_tx, staged_rx) = tokio::sync::oneshot::channel();
+        let dir_flush = tokio::task::spawn_blocking(move || {
+            let staged = (|| {
+                let b = s.fill_file(&s.tmp_body_path(&env.id), &tail)?;
+                let e = s.write_env_file(&env)?;
+                s.enter_queue(&env.id)?;
+                Ok::<_, io::Error>((b, e))
+            })();
+            let (b, e) = match staged {
+                Ok(files) => files,
+                Err(e) => {
+                    let _ = staged_tx.send(Err(e));
+                    return Ok(());
+                }
+            };
             let rt = tokio::runtime::Handle::current();
-            let mut syncs = vec![rt.spawn_blocking(move || e.sync_data())];
+            let mut flushes = vec![rt.spawn_blocking(move || e.sync_data())];
             if !inline {
-                syncs.push(rt.spawn_blocking(move || b.sync_data()));
+                flushes.push(rt.spawn_blocking(move || b.sync_data()));
             }
-            Ok::<_, io::Error>((syncs, s.sync_queue_dir_blocking()))
+            if staged_tx.send(Ok(flushes)).is_err() {
+                // The caller is gone (its task was cancelled): nobody will see the
+                // outcome, and the message stays as a kill would leave it.
+                tracing::debug!(queue_id = %env.id, "commit abandoned by its caller");
+            }
+            s.sync_queue_dir_blocking()
+        });
+        let mut flushes = match staged_rx.await {
+            Ok(Ok(flushes)) => flushes,
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                // The staging task ended without a word: it panicked.
+                return Err(dir_flush
+                    .await
+                    .err()
+                    .map(io::Error::other)
+                    .unwrap_or_else(|| io::Error::other("the commit's task ended early")));
+            }
+        };
+        flushes.push(dir_flush);
+        Ok(Committing {
+            spool: self.clone(),
+            id,
+            flushes,
         })
-        .await
-        .map_err(io::Error::other)??;
-        let (syncs, mut result) = staged;
-        for sync in syncs {
-            let r = sync.await.map_err(io::Error::other).and_then(|r| r);
-            result = result.and(r);
-        }
-        if let Err(e) = result {
-            let s = self.clone();
-            let _ = tokio::task::spawn_blocking(move || s.leave_queue(&id)).await;
-            return Err(e);
-        }
-        Ok(())
     }
 
     /// Rename a written body and envelope from `tmp/` into `queue/`: the envelope last,
@@ -1415,6 +1490,44 @@ pub(crate) mod tests {
         let (file, tail, _) = w.finish().await.unwrap();
         s.commit_parts(file, tail, &env(&id2)).await.unwrap();
         assert!(s.is_queued(&id2));
+    }
+
+    /// The first half of a small commit names the message in `queue/` with its bytes
+    /// readable there (a lane may send it from then on), before `durable` returns; a
+    /// flush that fails then takes it back out, and a restart does not find it.
+    #[tokio::test]
+    async fn a_begun_commit_is_readable_in_the_queue_and_leaves_it_when_its_flush_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = Spool::open(dir.path()).unwrap();
+        let begin = |body: &'static [u8]| {
+            let s = s.clone();
+            async move {
+                let id = Spool::new_id();
+                let mut w = s.body_writer(&id);
+                w.write_all(body).await.unwrap();
+                let (file, tail, _) = w.finish().await.unwrap();
+                let c = s.begin_commit(file, tail, &env(&id)).await.unwrap();
+                (id, c)
+            }
+        };
+        let (ok, c) = begin(b"Subject: ok\r\n\r\nkept\r\n").await;
+        assert!(s.is_queued(&ok));
+        assert_eq!(
+            std::fs::read(s.body_path(&ok)).unwrap(),
+            b"Subject: ok\r\n\r\nkept\r\n"
+        );
+        c.durable().await.unwrap();
+        s.fail_dir_sync.store(true, Ordering::Relaxed);
+        let (bad, c) = begin(b"Subject: bad\r\n\r\ngone\r\n").await;
+        assert!(s.is_queued(&bad), "named in queue/ before the flushes end");
+        let err = c.durable().await.unwrap_err();
+        assert!(err.to_string().contains("injected"), "{err}");
+        assert!(!s.is_queued(&bad), "the envelope stayed in queue/");
+        s.discard(&bad).await;
+        drop(s);
+        let (_, envs) = Spool::open(dir.path()).unwrap();
+        let ids: Vec<&str> = envs.iter().map(|e| e.id.as_str()).collect();
+        assert_eq!(ids, vec![ok.as_str()]);
     }
 
     /// The names in a folder, sorted.

@@ -56,9 +56,15 @@ pub(crate) async fn worker(ctx: Arc<Context>, dest: Destination, lane: Lane) {
         // warm latency's path), and is waited for once the MTA's answer is noted, so that
         // nothing slow sits between the MTA's 250 and that note (a crash there is what
         // makes the MTA get the message twice).
+        // The intake hands a partner's message over while it commits it, and writes the
+        // record after that, under the key's lock: waiting for the lock is waiting for the
+        // record (`inbound`'s `commit_with_receipt`). The hand-off does not wait.
         let dedup = job.dedup_key_file.clone().map(|k| {
             let ctx = ctx.clone();
-            tokio::spawn(async move { ctx.receipts.sync_dedup(k).await })
+            tokio::spawn(async move {
+                drop(ctx.receipts.lock_file(&k).await);
+                ctx.receipts.sync_dedup(k).await
+            })
         });
         ctx.spool.begin_send(&job.id, &job.route, None);
         let sending = tokio::time::Instant::now();

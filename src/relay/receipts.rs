@@ -83,8 +83,16 @@ impl Receipts {
 
     /// The lock for `key` (see [`STRIPES`]).
     pub async fn lock(&self, key: &DedupKey) -> tokio::sync::MutexGuard<'_, ()> {
-        let name = key.file_name();
-        let i = usize::from_str_radix(&name[..4], 16).unwrap_or(0) % STRIPES;
+        self.lock_file(&key.file_name()).await
+    }
+
+    /// The lock for the key whose file name ([`DedupKey::file_name`]) is `key_file`.
+    pub async fn lock_file(&self, key_file: &str) -> tokio::sync::MutexGuard<'_, ()> {
+        let i = key_file
+            .get(..4)
+            .and_then(|h| usize::from_str_radix(h, 16).ok())
+            .unwrap_or(0)
+            % STRIPES;
         self.stripes[i].lock().await
     }
 

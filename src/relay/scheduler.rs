@@ -261,6 +261,18 @@ impl MailQueue {
         n
     }
 
+    /// Take back a message whose commit failed after [`insert`](Self::insert) (an
+    /// intake that hands a message over while its flushes run): it is forgotten, and
+    /// whether a lane had taken it (or already finished with it) is returned, since such
+    /// a hand-off may still complete (`true`: a lane was handing it over, or had done so
+    /// already; `false`: nothing of it left the relay).
+    pub fn withdraw(&self, id: &str) -> bool {
+        let mut st = self.lock();
+        let known = st.envs.remove(id).is_some();
+        self.attempted(&mut st, id);
+        !known || st.in_flight.contains_key(id)
+    }
+
     /// Remove a message for good. A delivery already under way may still complete.
     pub async fn delete(&self, id: &str) -> Result<(), String> {
         {
@@ -832,6 +844,34 @@ mod tests {
             "a message for another route waited behind a full one"
         );
         assert_eq!(q.lock().ready.len(), 18);
+    }
+
+    /// A message taken back after its commit failed (`withdraw`): forgotten, and
+    /// reported as handed over when a lane had taken it or was done with it, so that the
+    /// intake can warn that the client's resend may make two.
+    #[test]
+    fn a_withdrawn_message_is_forgotten_and_says_whether_a_lane_had_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = queue(dir.path(), vec![]);
+        let _ = q.take_due(0, Room::default());
+        q.insert(env("WAIT", 0));
+        assert!(!q.withdraw("WAIT"), "no lane had it");
+        assert!(q.get("WAIT").is_none());
+        assert!(
+            q.lock().unattempted.is_empty(),
+            "flow control still counts it"
+        );
+        let (jobs, _) = q.take_due(1, Room::default());
+        assert!(
+            jobs.is_empty(),
+            "a withdrawn message was still handed to a lane"
+        );
+        q.insert(env("TAKEN", 0));
+        let (jobs, _) = q.take_due(2, Room::default());
+        assert_eq!(ids(&jobs), vec!["TAKEN"]);
+        assert!(q.withdraw("TAKEN"), "a lane had it");
+        assert!(q.get("TAKEN").is_none());
+        assert!(q.withdraw("TAKEN"), "gone already: handed over and retired");
     }
 
     /// A queue on a new spool in `dir`, holding `envs` as if recovered at start-up.
