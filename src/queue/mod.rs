@@ -362,10 +362,27 @@ pub struct Spool {
     /// and then needs one fsync of the directory that starts *after* its renames.
     dir_sync: Arc<GroupCommit>,
     recycler: Arc<Recycler>,
-    /// Tests: the next fsyncs of `queue/` fail (a disk error cannot be made on demand).
-    #[cfg(test)]
-    fail_dir_sync: Arc<std::sync::atomic::AtomicBool>,
+    /// Tests: runs before each fsync of `queue/` (a disk error cannot be made on demand).
+    dir_sync_fault: Arc<FaultSlot>,
 }
+
+/// Where [`Spool::set_dir_sync_fault`] keeps its hook.
+#[derive(Default)]
+struct FaultSlot(std::sync::OnceLock<DirSyncFault>);
+
+impl std::fmt::Debug for FaultSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() {
+            "set"
+        } else {
+            "none"
+        })
+    }
+}
+
+/// Runs before each fsync of a spool's `queue/`; an error stands for the fsync's (see
+/// [`Spool::set_dir_sync_fault`]).
+pub type DirSyncFault = Arc<dyn Fn() -> io::Result<()> + Send + Sync>;
 
 /// [`Recycler`]'s files: by [`FileKind`], each with the ticket it waits for.
 type FreeFiles = [VecDeque<(PathBuf, Option<u64>)>; 3];
@@ -991,9 +1008,15 @@ impl Spool {
             free: root.join("free"),
             dir_sync: Arc::default(),
             recycler: Arc::default(),
-            #[cfg(test)]
-            fail_dir_sync: Arc::default(),
+            dir_sync_fault: Arc::default(),
         }
+    }
+
+    /// For tests: `fault` runs before every later fsync of `queue/` by this spool and its
+    /// clones, and an error it returns is taken for the fsync's (a disk that fails a flush
+    /// cannot be had on demand). Set once; a second call changes nothing.
+    pub fn set_dir_sync_fault(&self, fault: DirSyncFault) {
+        let _ = self.dir_sync_fault.0.set(fault);
     }
 
     /// Read every committed envelope without changing anything.
@@ -1298,9 +1321,8 @@ impl Spool {
     /// after them may have covered them already). Blocking.
     fn sync_queue_dir_blocking(&self) -> io::Result<()> {
         self.dir_sync.sync_with(|| {
-            #[cfg(test)]
-            if self.fail_dir_sync.load(Ordering::Relaxed) {
-                return Err(io::Error::other("injected: fsync of queue/ failed"));
+            if let Some(fault) = self.dir_sync_fault.0.get() {
+                fault()?;
             }
             fsync_dir(&self.queue)
         })
@@ -1467,7 +1489,9 @@ pub(crate) mod tests {
     async fn a_commit_whose_directory_fsync_fails_is_not_in_the_queue_after_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let (s, _) = Spool::open(dir.path()).unwrap();
-        s.fail_dir_sync.store(true, Ordering::Relaxed);
+        s.set_dir_sync_fault(Arc::new(|| {
+            Err(io::Error::other("injected: fsync of queue/ failed"))
+        }));
         let id = Spool::new_id();
         let mut w = s.body_writer(&id);
         w.write_all(b"Subject: x\r\n\r\nbody\r\n").await.unwrap();
@@ -1517,7 +1541,9 @@ pub(crate) mod tests {
             b"Subject: ok\r\n\r\nkept\r\n"
         );
         c.durable().await.unwrap();
-        s.fail_dir_sync.store(true, Ordering::Relaxed);
+        s.set_dir_sync_fault(Arc::new(|| {
+            Err(io::Error::other("injected: fsync of queue/ failed"))
+        }));
         let (bad, c) = begin(b"Subject: bad\r\n\r\ngone\r\n").await;
         assert!(s.is_queued(&bad), "named in queue/ before the flushes end");
         let err = c.durable().await.unwrap_err();

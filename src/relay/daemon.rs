@@ -96,6 +96,9 @@ pub async fn start_with_agent(
         interrupted,
     } = Spool::recover(&cfg.spool)
         .map_err(io_err(format!("opening spool {}", cfg.spool.display())))?;
+    if let Some(fault) = &hooks.spool_dir_sync {
+        spool.set_dir_sync_fault(fault.clone());
+    }
     let started = std::time::Instant::now();
     match spool.make_spares(cfg.queue.spare_files) {
         Ok(0) => {}

@@ -59,6 +59,13 @@ pub enum RelayEvent {
     Queued {
         id: String,
     },
+    /// A message handed to the scheduler while its commit ran was taken back because the
+    /// commit failed (its client heard 451). `handed_over`: a lane had taken it, so it
+    /// may arrive twice.
+    Withdrawn {
+        id: String,
+        handed_over: bool,
+    },
     Delivered {
         id: String,
         recipient: String,
@@ -102,6 +109,9 @@ pub struct Hooks {
     pub receipt_reply: Option<ReceiptRewrite>,
     /// The same for the `delivered` receipts this relay hands out to `XRECEIPT FETCH`.
     pub delivered_reply: Option<ReceiptRewrite>,
+    /// Runs before each fsync of the spool's `queue/`; an error stands for the fsync's,
+    /// so a test can play a disk that fails a flush (`Spool::set_dir_sync_fault`).
+    pub spool_dir_sync: Option<crate::queue::DirSyncFault>,
 }
 
 /// See [`Hooks::receipt_reply`].
@@ -115,6 +125,7 @@ impl std::fmt::Debug for Hooks {
             .field("media_connect", &self.media_connect.is_some())
             .field("receipt_reply", &self.receipt_reply.is_some())
             .field("delivered_reply", &self.delivered_reply.is_some())
+            .field("spool_dir_sync", &self.spool_dir_sync.is_some())
             .finish()
     }
 }

@@ -134,10 +134,15 @@ impl SpoolBackend {
     /// over all the same; that copy and the resend are then two, and the log says so.
     /// The caller then takes its files out of the spool.
     fn withdraw(&self, id: &str) {
-        if self.shared.queue.withdraw(id) {
+        let handed_over = self.shared.queue.withdraw(id);
+        if handed_over {
             tracing::warn!(queue_id = %id,
                 "the message was taken back after it was handed over; the client is told to send it again, so it may arrive twice");
         }
+        self.shared.event(RelayEvent::Withdrawn {
+            id: id.to_string(),
+            handed_over,
+        });
     }
 
     /// Commits a partner's message that asked for a receipt, exactly once per duplicate key

@@ -354,3 +354,95 @@ async fn a_permanent_failure_bounces_to_the_sender() {
     );
     sites.stop().await;
 }
+
+/// A site's message goes to the scheduler once its files are in A's `queue/`, while its
+/// flushes run (docs/ARCHITECTURE.md, "Commit and hand-off overlap"). Here the disk
+/// fails the flush after the lane has handed the message to B: the client must hear 451
+/// (it keeps the message and sends it again), A must take the message back out of its
+/// queue and report that it had been handed over (the warning "may arrive twice"), and
+/// the resend goes through. Nothing hangs, nothing is lost; the one duplicate is the
+/// announced one. (A message no lane had taken yet must never be handed over once
+/// withdrawn: the scheduler's unit test `a_withdrawn_message_is_forgotten_and_says_whether_a_lane_had_it`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_that_fails_after_the_hand_off_answers_451_and_announces_the_copy() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let failing = Arc::new(AtomicBool::new(false));
+    let f = failing.clone();
+    let hooks = Hooks {
+        spool_dir_sync: Some(Arc::new(move || {
+            if f.load(Ordering::SeqCst) {
+                // Slow, then failed: the lane has handed the message over meanwhile.
+                std::thread::sleep(Duration::from_millis(1500));
+                return Err(std::io::Error::other("injected: the disk failed the flush"));
+            }
+            Ok(())
+        })),
+        ..Hooks::default()
+    };
+    let sites = TwoSites::start(dir.path(), hooks).await.unwrap();
+    let md = sites.maildir(&sites.b_cfg);
+    // A first message sets the call up.
+    submit(
+        sites.a.smtp_addr,
+        &[sample_message(0, "flush")],
+        "bob@site-b.test",
+        |_| {},
+    )
+    .await
+    .unwrap();
+    assert!(wait_until(Duration::from_secs(30), || maildir_files(&md).len() == 1).await);
+    let mut events = sites.a.events();
+    failing.store(true, Ordering::SeqCst);
+    let second = sample_message(1, "flush");
+    let refused = submit(
+        sites.a.smtp_addr,
+        std::slice::from_ref(&second),
+        "bob@site-b.test",
+        |_| {},
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(refused.contains("451"), "not a 451: {refused}");
+    let withdrawn = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match events.recv().await {
+                Ok(RelayEvent::Withdrawn { handed_over, .. }) => break handed_over,
+                Ok(_) => continue,
+                Err(e) => panic!("events: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("no Withdrawn event");
+    assert!(
+        withdrawn,
+        "the lane had not handed the message over: the test proves nothing"
+    );
+    // What the client does with a 451: it sends the message again, to a disk that works.
+    failing.store(false, Ordering::SeqCst);
+    submit(sites.a.smtp_addr, &[second], "bob@site-b.test", |_| {})
+        .await
+        .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(30), || maildir_files(&md).len() == 3).await,
+        "B's Maildir holds {} messages, not 3 (the first, the one handed over before the flush failed, its resend)",
+        maildir_files(&md).len()
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || sites
+            .a
+            .queue_snapshot()
+            .messages
+            == 0)
+        .await,
+        "A's queue did not empty: {:?}",
+        sites.a.queue_snapshot()
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(maildir_files(&md).len(), 3, "a copy more than announced");
+    sites.stop().await;
+}
