@@ -115,15 +115,19 @@ impl SpoolBackend {
 }
 
 impl SpoolBackend {
-    /// Hands a committed message to the scheduler, before its 250 is written. For a
-    /// partner's message this task then yields: the scheduler, woken into this worker's
-    /// LIFO slot, would otherwise run only after the 250 is built and written, and so
-    /// would the lane that writes the `.sending` marker and asks the hand-off agent. The
-    /// partner's 250 only lets it store our receipt and take its next message; our own
-    /// delivery is what the mail waits for (docs/PERFORMANCE.md, run 22). A site client's
-    /// 250 is written first: the MTA waiting for it holds a connection meanwhile.
+    /// Hands a message whose files are in `queue/` to the scheduler (and says so: the
+    /// `Queued` event), before its 250 is written; for a site's message and a partner's
+    /// with a receipt, before its flushes end (docs/ARCHITECTURE.md, "Commit and hand-off
+    /// overlap"). For a partner's message this task then yields: the scheduler, woken into
+    /// this worker's LIFO slot, would otherwise run only after the 250 is built and
+    /// written, and so would the lane that writes the `.sending` marker and asks the
+    /// hand-off agent. The partner's 250 only lets it store our receipt and take its next
+    /// message; our own delivery is what the mail waits for (docs/PERFORMANCE.md, run 22).
+    /// A site's message needs no yield: its task waits for the flushes next.
     async fn enqueue(&self, qenv: Envelope) {
+        let id = qenv.id.clone();
         self.shared.queue.insert(qenv);
+        self.shared.event(RelayEvent::Queued { id });
         if matches!(self.origin, Origin::Peer { .. }) {
             tokio::task::yield_now().await;
         }
@@ -230,7 +234,6 @@ impl SpoolBackend {
             sender_queue_id = %facts.sender_queue_id, receipt = %r.digest(), "queued");
         // To the scheduler while the flushes run, as a site's message (see `data_end`).
         self.enqueue(qenv).await;
-        self.shared.event(RelayEvent::Queued { id: id.clone() });
         let (committed, signed) = tokio::join!(committing.durable(), async {
             super::receipts::sign(&keys, &r)
         });
@@ -526,7 +529,6 @@ impl Backend for SpoolBackend {
                 tracing::info!(queue_id = %id, from = %qenv.mail_from,
                     rcpts = qenv.recipients.len(), size, client = %addr, "queued");
                 self.enqueue(qenv).await;
-                self.shared.event(RelayEvent::Queued { id: id.clone() });
                 if let Err(e) = committing.durable().await {
                     self.withdraw(&id);
                     self.shared.spool.discard(&id).await;
@@ -543,7 +545,6 @@ impl Backend for SpoolBackend {
                 tracing::info!(queue_id = %id, from = %qenv.mail_from,
                     rcpts = qenv.recipients.len(), size, %call_id, peer = %domain, "queued");
                 self.enqueue(qenv).await;
-                self.shared.event(RelayEvent::Queued { id: id.clone() });
             }
         }
         Reply::new(250, (2, 0, 0), format!("Ok: queued as {id}"))

@@ -407,17 +407,14 @@ async fn a_flush_that_fails_after_the_hand_off_answers_451_and_announces_the_cop
     .unwrap_err()
     .to_string();
     assert!(refused.contains("451"), "not a 451: {refused}");
-    let withdrawn = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match events.recv().await {
-                Ok(RelayEvent::Withdrawn { handed_over, .. }) => break handed_over,
-                Ok(_) => continue,
-                Err(e) => panic!("events: {e}"),
-            }
-        }
+    let withdrawn = match wait_event(&mut events, 10, |e| {
+        matches!(e, RelayEvent::Withdrawn { .. })
     })
     .await
-    .expect("no Withdrawn event");
+    {
+        Some(RelayEvent::Withdrawn { handed_over, .. }) => handed_over,
+        other => panic!("no Withdrawn event: {other:?}"),
+    };
     assert!(
         withdrawn,
         "the lane had not handed the message over: the test proves nothing"
