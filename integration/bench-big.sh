@@ -11,6 +11,10 @@
 #   LATENCY=60 integration/bench-big.sh              # warm per-message latency instead
 #                                  (bench.sh's client, integration/lib/latency.py: p50 of
 #                                  60 warm messages of 5120 B, to A's 250 and to the sink)
+#   SIPMAILS="hops hops-rcpt /tmp/new" SMALL=2000 integration/bench-big.sh
+#                                  # "hops", "hops-rcpt": instead of a sipmail pair, bench.sh's
+#                                  # two durable hops (examples/durable_hop.rs; with SMALL only),
+#                                  # so that their CPU per message sits beside sipmail's
 #
 # PERF=/path/perf.data: also perf record -g both relays while the message is in flight
 #   (PERF_EVENTS replaces "-F 1999 -g", e.g. "-e sched:sched_switch --call-graph dwarf").
@@ -35,12 +39,22 @@ COLD=${COLD:-0}          # ... and, with LATENCY, COLD messages each on a new ca
 . "$ROOT/integration/lib/sites.sh" # exchange_keys, site_config
 scratch sipmail-bigbench
 BIG=$((BIG_MB * 1000000))
+is_hops() { [ "$1" = hops ] || [ "$1" = hops-rcpt ]; }
+HOP="$ROOT/target/release/examples/durable_hop"
+for bin in $SIPMAILS; do
+    if is_hops "$bin"; then
+        ((SMALL > 0)) || { echo "bench-big: $bin is for SMALL runs only" >&2; exit 1; }
+        cargo build --release --quiet --manifest-path "$ROOT/Cargo.toml" --example durable_hop
+        break
+    fi
+done
 echo "bench-big: $BIG_MB MB, $(nproc) vCPU, git $(git -C "$ROOT" rev-parse --short HEAD), load $(cut -d' ' -f1-3 /proc/loadavg)"
 n=0
 for bin in $SIPMAILS; do
     n=$((n + 1))
     SM="$WORK/sm$n"
     mkdir -p "$SM"
+    is_hops "$bin" && continue
     (cd "$SM" && SIPMAIL=$bin exchange_keys) >"$WORK/keys$n.log" 2>&1
 done
 # After each run: both relays and the sink stopped, the spool gone (keys stay).
@@ -55,10 +69,17 @@ for r in $(seq "$REPEAT"); do
         n=$((n + 1))
         SM="$WORK/sm$n"
         read -r P_SRC P_SIP_A P_SIP_B P_SMTP_B SINK <<<"$(free_ports 5)"
-        site_config site-a site-b "$P_SRC" "$P_SIP_A" "$P_SIP_B" "maildir = \"var/site-a/maildir\"" >"$SM/a.toml"
-        site_config site-b site-a "$P_SMTP_B" "$P_SIP_B" "$P_SIP_A" "smtp = \"127.0.0.1:$SINK\"" >"$SM/b.toml"
-        (cd "$SM" && exec "$bin" run --config b.toml >>b.log 2>&1) & SM_B=$!; PIDS+=("$SM_B")
-        (cd "$SM" && exec "$bin" run --config a.toml >>a.log 2>&1) & SM_A=$!; PIDS+=("$SM_A")
+        if is_hops "$bin"; then # A listens where sipmail A would, B where sipmail B's SMTP would
+            mkdir -p "$SM/var"; touch "$SM/a.log"
+            rcpt=""; [ "$bin" = hops-rcpt ] && rcpt=--receipts
+            "$HOP" "127.0.0.1:$P_SMTP_B" "127.0.0.1:$SINK" "$SM/var/b.journal" 10 $rcpt >>"$SM/b.log" 2>&1 & SM_B=$!; PIDS+=("$SM_B")
+            "$HOP" "127.0.0.1:$P_SRC" "127.0.0.1:$P_SMTP_B" "$SM/var/a.journal" 10 $rcpt >>"$SM/a.log" 2>&1 & SM_A=$!; PIDS+=("$SM_A")
+        else
+            site_config site-a site-b "$P_SRC" "$P_SIP_A" "$P_SIP_B" "maildir = \"var/site-a/maildir\"" >"$SM/a.toml"
+            site_config site-b site-a "$P_SMTP_B" "$P_SIP_B" "$P_SIP_A" "smtp = \"127.0.0.1:$SINK\"" >"$SM/b.toml"
+            (cd "$SM" && exec "$bin" run --config b.toml >>b.log 2>&1) & SM_B=$!; PIDS+=("$SM_B")
+            (cd "$SM" && exec "$bin" run --config a.toml >>a.log 2>&1) & SM_A=$!; PIDS+=("$SM_A")
+        fi
         wait_port "$P_SRC" 20 && wait_port "$P_SMTP_B" 20 || { echo "daemons did not start"; exit 1; }
         /usr/sbin/smtp-sink -u nobody -c "127.0.0.1:$SINK" 1000 >"$WORK/sink.cnt" 2>&1 & SINK_PID=$!; PIDS+=("$SINK_PID")
         wait_port "$SINK" 10
@@ -88,16 +109,22 @@ for r in $(seq "$REPEAT"); do
                 sleep 1 # the last files' fsync of queue/ passes, so they are reusable
             fi
             C0=$(($(cpu_ticks "$SM_A") + $(cpu_ticks "$SM_B")))
+            U0=$(($(user_ticks "$SM_A") + $(user_ticks "$SM_B")))
+            X0=$(($(ctx_switches "$SM_A") + $(ctx_switches "$SM_B")))
             t0=$(now_ns)
             send_small "$SMALL"
             t1=$(now_ns)
             C1=$(($(cpu_ticks "$SM_A") + $(cpu_ticks "$SM_B")))
+            U1=$(($(user_ticks "$SM_A") + $(user_ticks "$SM_B")))
+            X1=$(($(ctx_switches "$SM_A") + $(ctx_switches "$SM_B")))
             got=$(($(sink_count "$WORK/sink.cnt") - WARMUP))
             # CPU per message of both relays together: steadier than msg/s on a busy machine.
-            printf 'run %s %-28s load %s | %s x 5120 B, %s sessions%s: %s msg/s (%s at the sink) | CPU of A+B %s ms/msg\n' "$r" "$(basename "$bin")" \
+            printf 'run %s %-28s load %s | %s x 5120 B, %s sessions%s: %s msg/s (%s at the sink) | CPU of A+B %s ms/msg (user %s), %s switches/msg\n' "$r" "$(basename "$bin")" \
                 "$load" "$SMALL" "$SESSIONS" "$( ((WARMUP > 0)) && echo " after $WARMUP warm-up")" "$(awk -v n="$got" -v a="$t0" -v b="$t1" 'BEGIN {printf "%.1f", n/((b-a)/1e9)}')" \
                 "$got" \
-                "$(awk -v c=$((C1 - C0)) -v hz="$(getconf CLK_TCK)" -v n="$SMALL" 'BEGIN {printf "%.3f", c * 1000 / hz / n}')"
+                "$(awk -v c=$((C1 - C0)) -v hz="$(getconf CLK_TCK)" -v n="$SMALL" 'BEGIN {printf "%.3f", c * 1000 / hz / n}')" \
+                "$(awk -v c=$((U1 - U0)) -v hz="$(getconf CLK_TCK)" -v n="$SMALL" 'BEGIN {printf "%.3f", c * 1000 / hz / n}')" \
+                "$(awk -v c=$((X1 - X0)) -v n="$SMALL" 'BEGIN {printf "%.1f", c / n}')"
             end_run
             continue
         fi

@@ -53,6 +53,25 @@ cpu_ticks() {
     done
     echo "$total"
 }
+# User-mode CPU time alone (clock ticks), the same way.
+user_ticks() {
+    local p total=0 f
+    for p in $(with_children "$1"); do
+        f=$(cut -d')' -f2- "/proc/$p/stat" 2>/dev/null) || continue
+        total=$((total + $(echo "$f" | awk '{print $12}')))
+    done
+    echo "$total"
+}
+# Context switches so far (voluntary and not) of the threads of a PID and its children that
+# are alive now (a thread that ended takes its count with it).
+ctx_switches() {
+    local p total=0 v
+    for p in $(with_children "$1"); do
+        v=$(cat /proc/"$p"/task/*/status 2>/dev/null | awk '/ctxt_switches/ {s += $2} END {print s + 0}')
+        total=$((total + v))
+    done
+    echo "$total"
+}
 reset_hwm() { local p; for p in $(with_children "$1"); do echo 5 >"/proc/$p/clear_refs" 2>/dev/null || true; done; }
 
 sink_count() { # messages counted so far in the file of `smtp-sink -c`
