@@ -43,25 +43,19 @@ sum_status() { # FIELD PID -> the field summed over PID and its children, in kB
 }
 rss_kb() { sum_status VmRSS "$1"; }
 hwm_kb() { sum_status VmHWM "$1"; } # peak RSS (a sum of each process's peak; reset_hwm resets)
-# CPU time (user + system, in clock ticks) of a PID and its children so far: the hand-off
-# agent is a child process, and its work is part of the relay's.
-cpu_ticks() {
+# CPU time in clock ticks of a PID and its children so far: the hand-off agent is a child
+# process, and its work is part of the relay's. cpu_ticks: user + system; user_ticks: user
+# mode alone. (Fields 12 and 13 after the command name in /proc/PID/stat.)
+stat_ticks() { # awk expression over the fields, PID
     local p total=0 f
-    for p in $(with_children "$1"); do
+    for p in $(with_children "$2"); do
         f=$(cut -d')' -f2- "/proc/$p/stat" 2>/dev/null) || continue
-        total=$((total + $(echo "$f" | awk '{print $12 + $13}')))
+        total=$((total + $(echo "$f" | awk "{print $1}")))
     done
     echo "$total"
 }
-# User-mode CPU time alone (clock ticks), the same way.
-user_ticks() {
-    local p total=0 f
-    for p in $(with_children "$1"); do
-        f=$(cut -d')' -f2- "/proc/$p/stat" 2>/dev/null) || continue
-        total=$((total + $(echo "$f" | awk '{print $12}')))
-    done
-    echo "$total"
-}
+cpu_ticks() { stat_ticks '$12 + $13' "$1"; }
+user_ticks() { stat_ticks '$12' "$1"; }
 # Context switches so far (voluntary and not) of the threads of a PID and its children that
 # are alive now (a thread that ended takes its count with it).
 ctx_switches() {
