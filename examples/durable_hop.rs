@@ -28,6 +28,11 @@
 //! ```
 //!
 //! The receipt key is a constant both hops know: this is a bench, not a trust model.
+//!
+//! The journal's group commit is its own flusher thread, not sipmail's `GroupCommit`:
+//! that one is for writers on blocking threads (`sync_with` blocks its caller), and each
+//! message's task here is async; a turn through the blocking pool per message would add
+//! the very thread hand-offs this yardstick is meant to leave out.
 #![forbid(unsafe_code)]
 
 use std::fs::{File, OpenOptions};

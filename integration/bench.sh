@@ -224,8 +224,9 @@ path_sink() { case $1 in sipmail) echo "$SINK_S" ;; postfix) echo "$SINK_P" ;; p
 PATHS=(sipmail postfix postfix-tls bare)
 # hops, hops-rcpt: two durable hops and nothing else (examples/durable_hop.rs), in the
 # headline rounds: "hops-rcpt / bare" is the share of the bare path left on this machine to
-# a relay pair that makes each message durable before its 250 at both hops and returns a
-# signed receipt the sender checks, so it bounds what "sipmail / bare" can reach here.
+# a lean relay pair that makes each message durable before its 250 at both hops and
+# returns a signed receipt the sender checks: a yardstick for "sipmail / bare" measured in
+# the same rounds (one lean program's figure, not a bound for any code).
 MAIN_PATHS=("${PATHS[@]}" hops hops-rcpt)
 
 # run_path kind path messages sessions -> appends to runs.tsv, prints rate

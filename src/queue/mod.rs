@@ -1448,6 +1448,13 @@ pub(crate) mod tests {
     use super::*;
     use tokio::io::AsyncWriteExt;
 
+    /// From now on every fsync of `s`'s `queue/` fails (a disk error made on demand).
+    fn fail_every_dir_sync(s: &Spool) {
+        s.set_dir_sync_fault(Arc::new(|| {
+            Err(io::Error::other("injected: fsync of queue/ failed"))
+        }));
+    }
+
     /// One pending recipient at site-b.test, due now: the envelope the spool and
     /// scheduler tests share.
     pub(crate) fn env(id: &str) -> Envelope {
@@ -1489,9 +1496,7 @@ pub(crate) mod tests {
     async fn a_commit_whose_directory_fsync_fails_is_not_in_the_queue_after_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let (s, _) = Spool::open(dir.path()).unwrap();
-        s.set_dir_sync_fault(Arc::new(|| {
-            Err(io::Error::other("injected: fsync of queue/ failed"))
-        }));
+        fail_every_dir_sync(&s);
         let id = Spool::new_id();
         let mut w = s.body_writer(&id);
         w.write_all(b"Subject: x\r\n\r\nbody\r\n").await.unwrap();
@@ -1541,9 +1546,7 @@ pub(crate) mod tests {
             b"Subject: ok\r\n\r\nkept\r\n"
         );
         c.durable().await.unwrap();
-        s.set_dir_sync_fault(Arc::new(|| {
-            Err(io::Error::other("injected: fsync of queue/ failed"))
-        }));
+        fail_every_dir_sync(&s);
         let (bad, c) = begin(b"Subject: bad\r\n\r\ngone\r\n").await;
         assert!(s.is_queued(&bad), "named in queue/ before the flushes end");
         let err = c.durable().await.unwrap_err();
