@@ -7,6 +7,7 @@
 #   PERF=/tmp/setup.perf integration/bench-idle.sh     # also perf record -a -g of the set-up
 #                                                      # (PERF_EVENTS="-e ..." adds events)
 #   SETTLE=370 integration/bench-idle.sh               # sync, wait 370 s, then set up
+#   RATE_OUT=/tmp/rates integration/bench-idle.sh      # also append the calls/s figure to a file
 #
 # SETTLE: on ext4 without a journal every new inode scans past the inodes freed in the last
 # 60 s (360 s while their inode table block is dirty); integration/bench.sh waits before
@@ -250,6 +251,10 @@ say "   callee RSS: $((CALLEE_BEFORE / 1024)) MB before the calls, $((CALLEE_WIT
     "-> $(awk -v a="$CALLEE_BEFORE" -v b="$CALLEE_WITH" -v n="$UP" 'BEGIN {printf "%.1f", n ? (b-a)/n : 0}') kB per call"
 say "   caller relays: $((CALLER_SUM / ${#CALLER_PIDS[@]} / 1024)) MB RSS on average, each holding up to $SHARE calls"
 say "   call set-up with $IDLE_CALLERS peers at once (both ends on these cores, SMTP in front): $RATE"
+# RATE_OUT=file: the calls/s figure alone, one line, for a caller that takes a median.
+if [ -n "${RATE_OUT:-}" ]; then
+    sed -n 's/.*: \([0-9][0-9]*\) calls\/s$/\1/p' <<<"$RATE" >>"$RATE_OUT"
+fi
 say "   CPU per call set up once the callers restarted ($FIRST_UP calls): $(awk -v a="$CPU_CALLEE" -v b="$CPU_CALLERS" \
     -v hz="$(getconf CLK_TCK)" -v n="$FIRST_UP" 'BEGIN {if (n) printf "callee %.2f ms, callers %.2f ms (their start-up included)", a * 1000 / hz / n, b * 1000 / hz / n; else printf "none up"}')"
 ((UP >= IDLE_CALLS)) || say "   WARNING: only $UP of $IDLE_CALLS calls came up; see $IC (set KEEP=1 to keep it)"
