@@ -20,8 +20,9 @@
 //! A small body (one that fits the body writer's buffer) commits in one fsync latency
 //! instead of two: body and envelope are written, both renamed into `queue/` (the
 //! envelope last, so a killed process never leaves an envelope without its whole body),
-//! and then the body's fdatasync, the envelope's and the fsync of `queue/` run side by
-//! side; SMTP answers 250 only when all three are done. A power loss before that can
+//! and then the envelope's fdatasync and the fsync of `queue/` run in turn on the thread
+//! that staged them (a body not copied into the envelope gets its fdatasync beside them);
+//! SMTP answers 250 only when all of them are done. A power loss before that can
 //! leave names on disk whose data is not (a recycled file's old content, a torn one):
 //! the envelope then carries the body's CRC-32, and recovery moves a message whose
 //! envelope does not parse, names another ID, or whose body does not match to `corrupt/`.
@@ -1230,11 +1231,11 @@ impl Spool {
     /// The first half of the commit of a body that is all in `tail` (see the module's
     /// notes): one blocking task writes the body and the envelope (each over a recycled
     /// file in place, [`fill_file`](Self::fill_file)) and renames both into `queue/`; the
-    /// caller hears of it then, while that task goes on to fsync `queue/` and another
-    /// fdatasyncs the envelope, which holds a copy of a body of at most
-    /// [`INLINE_BODY_MAX`] (`body_inline`); a larger body's file gets an fdatasync of its
-    /// own beside them. The dir fsync stays on the staging thread: one thread hand-off
-    /// fewer than a task of its own.
+    /// caller hears of it then, while that task goes on to fdatasync the envelope, which
+    /// holds a copy of a body of at most [`INLINE_BODY_MAX`] (`body_inline`), and then to
+    /// fsync `queue/`; a larger body's file gets an fdatasync of its own beside them. Both
+    /// flushes stay on the staging thread: each task of their own would cost a pass
+    /// through the blocking pool per message.
     async fn stage_small(&self, tail: Vec<u8>, env: &Envelope) -> io::Result<Committing> {
         use base64::Engine;
         let mut env = env.clone();
@@ -1263,9 +1264,9 @@ impl Spool {
                     return Ok(());
                 }
             };
-            let rt = tokio::runtime::Handle::current();
-            let mut flushes = vec![rt.spawn_blocking(move || e.sync_data())];
+            let mut flushes = Vec::new();
             if !inline {
+                let rt = tokio::runtime::Handle::current();
                 flushes.push(rt.spawn_blocking(move || b.sync_data()));
             }
             if staged_tx.send(Ok(flushes)).is_err() {
@@ -1273,6 +1274,11 @@ impl Spool {
                 // outcome, and the message stays as a kill would leave it.
                 tracing::debug!(queue_id = %env.id, "commit abandoned by its caller");
             }
+            // The envelope's flush, then the fsync of `queue/`, here in turn: a task of
+            // their own for the envelope ran them side by side, at the price of one more
+            // pass through the blocking pool (a lock, a wake-up and a thread switch each
+            // way) for every message (docs/PERFORMANCE.md, run 33).
+            e.sync_data()?;
             s.sync_queue_dir_blocking()
         });
         let mut flushes = match staged_rx.await {
