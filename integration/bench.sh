@@ -346,7 +346,9 @@ D0=$(delivered_a)
     while kill -0 "$SM_A" 2>/dev/null; do
         a=$(rss_kb "$SM_A"); b=$(rss_kb "$SM_B")
         ((a > peak_a)) && peak_a=$a; ((b > peak_b)) && peak_b=$b
-        echo "$peak_a $peak_b" >"$WORK/rss-peak"
+        # Renamed into place: a kill between the truncation and the write of a plain
+        # ">" left an empty file, and the read below then ended the run (run 34).
+        echo "$peak_a $peak_b" >"$WORK/rss-peak.new" && mv -f "$WORK/rss-peak.new" "$WORK/rss-peak"
         sleep 0.02
     done
 ) & SAMPLER=$!
@@ -365,7 +367,8 @@ while (($(sink_count "$WORK/sink-big.cnt") < 1)) && (($(now_ns) < end)); do slee
 t_sink=$(now_ns)
 kill "$SAMPLER" 2>/dev/null || true
 stop_sink
-read -r PEAK_A PEAK_B <"$WORK/rss-peak"
+PEAK_A=0 PEAK_B=0
+read -r PEAK_A PEAK_B <"$WORK/rss-peak" || true
 HWM_A=$(hwm_kb "$SM_A"); HWM_B=$(hwm_kb "$SM_B")
 mbps() { awk -v b="$BIG" -v a="$1" -v z="$2" 'BEGIN {printf "%.0f MB/s (%.2f s)", b/1e6/((z-a)/1e9), (z-a)/1e9}'; }
 say "   into A (smtp-source -> A, A fsyncs, 250):               $(mbps "$t0" "$t_acc")"

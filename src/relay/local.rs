@@ -98,7 +98,7 @@ pub(crate) async fn worker(ctx: Arc<Context>, dest: Destination, lane: Lane) {
             // written here (a kill -9 cannot lose a written line); then one pass through
             // the blocking pool fdatasyncs the record and the delivered log, both
             // group-committed with the other lanes, before the report. One pass, not one
-            // for each: docs/PERFORMANCE.md, run 33.
+            // for each: docs/PERFORMANCE.md, run 34.
             drop(ctx.receipts.lock_file(&key_file).await);
             let issued = super::delivered::issue_for(&ctx, &job, handoffs);
             let (dedup, delivered) = ctx
