@@ -41,8 +41,7 @@ fn delivered_receipt(
 
 /// Receiving side, after a partner's message was handed on: signs a `delivered` receipt
 /// for the recipients in `handoffs` and appends it to the partner's log, for the partner
-/// to fetch; not yet fdatasynced (the local lane then syncs it with the duplicate record,
-/// `Receipts::sync_dedup_and_delivered`; a replay at start-up with [`make_durable`]).
+/// to fetch; not yet fdatasynced (see [`make_durable`], `Receipts::sync_delivered`).
 /// Returns the partner whose log was written. A failure is an error in the log: the
 /// message is delivered, only this proof of it is missing.
 fn issue(
@@ -60,7 +59,7 @@ fn issue(
     // The record was written when the message came (it is in the page cache) and the
     // receipt is one line appended to the log: both on this thread, as the spool's
     // `.sending` marker is written, rather than two turns through the blocking pool
-    // (docs/PERFORMANCE.md, run 25). The log's fdatasync is the caller's, on the pool.
+    // (docs/PERFORMANCE.md, run 25). The log's fdatasync is `make_durable`'s, on the pool.
     let rec = match ctx.receipts.store.dedup_file(key_file) {
         Ok(Some(r)) => r,
         Ok(None) => return fail(&"its duplicate record is gone"),

@@ -50,6 +50,22 @@ pub(crate) async fn worker(ctx: Arc<Context>, dest: Destination, lane: Lane) {
             }
         };
         let Some(job) = job else { break };
+        // A partner's message may leave the spool after this attempt: its duplicate record
+        // (written without fsync when the message came) must be durable before the report.
+        // Its fdatasync runs while the message is handed over, not before (it was on the
+        // warm latency's path), and is waited for once the MTA's answer is noted, so that
+        // nothing slow sits between the MTA's 250 and that note (a crash there is what
+        // makes the MTA get the message twice).
+        // The intake hands a partner's message over while it commits it, and writes the
+        // record after that, under the key's lock: waiting for the lock is waiting for the
+        // record (`inbound`'s `commit_with_receipt`). The hand-off does not wait.
+        let dedup = job.dedup_key_file.clone().map(|k| {
+            let ctx = ctx.clone();
+            tokio::spawn(async move {
+                drop(ctx.receipts.lock_file(&k).await);
+                ctx.receipts.sync_dedup(k).await
+            })
+        });
         ctx.spool.begin_send(&job.id, &job.route, None);
         let sending = tokio::time::Instant::now();
         // What each recipient's hand-off was, for a partner's delivered receipt.
@@ -85,36 +101,26 @@ pub(crate) async fn worker(ctx: Arc<Context>, dest: Destination, lane: Lane) {
             tracing::warn!(queue_id = %job.id, error = %e,
                 "cannot note the hand-off; if sipmail stops before the outcome is recorded, the message may arrive twice");
         }
-        let handoffs: Vec<Handoff> = handoffs.iter().map(handoff_of).collect();
-        ctx.metrics
-            .transferred(route_label(&job.route), sending.elapsed());
-        if let Some(key_file) = job.dedup_key_file.clone() {
-            // A partner's message may leave the spool after this attempt: its duplicate
-            // record (written without fsync when the message came) must be durable before
-            // the report. The intake hands a partner's message over while it commits it,
-            // and writes the record after that, under the key's lock: waiting for the lock
-            // is waiting for the record (`inbound`'s `commit_with_receipt`); the hand-off
-            // did not wait for it. The delivered receipt is signed from that record and
-            // written here (a kill -9 cannot lose a written line); then one pass through
-            // the blocking pool fdatasyncs the record and the delivered log, both
-            // group-committed with the other lanes, before the report. One pass, not one
-            // for each: docs/PERFORMANCE.md, run 34.
-            drop(ctx.receipts.lock_file(&key_file).await);
-            let issued = super::delivered::issue_for(&ctx, &job, handoffs);
-            let (dedup, delivered) = ctx
-                .receipts
-                .sync_dedup_and_delivered(key_file, issued.clone())
-                .await;
-            if let Err(e) = dedup {
+        if let Some(synced) = dedup {
+            let r = synced
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+            if let Err(e) = r {
                 tracing::error!(queue_id = %job.id, error = %e,
                     "cannot make the duplicate record durable; a resend after a crash could be delivered twice");
             }
-            if let (Some(peer), Some(Err(e))) = (issued, delivered) {
-                tracing::error!(%peer, error = %e,
-                    "cannot make the delivered-receipt log durable; a power cut could lose receipts");
-            }
         }
+        let handoffs: Vec<Handoff> = handoffs.iter().map(handoff_of).collect();
+        ctx.metrics
+            .transferred(route_label(&job.route), sending.elapsed());
+        // The delivered receipt is signed and written (a kill -9 cannot lose a written
+        // line) before the report, and fdatasynced after it (the report is not kept waiting
+        // for the disk; only a power cut in between could lose the receipt, not the mail).
+        let issued = super::delivered::issue_for(&ctx, &job, handoffs);
         lane.report(job, outcomes).await;
+        if let Some(peer) = issued {
+            super::delivered::make_durable(&ctx, &peer).await;
+        }
     }
     if let Some(c) = conn.take() {
         let _ = c.quit().await;

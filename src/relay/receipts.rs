@@ -141,28 +141,10 @@ impl Receipts {
         blocking(move || store.put_dedup(&key, &rec, true)).await
     }
 
-    /// Before a partner's message leaves the spool: its duplicate record made durable,
-    /// and, where `delivered_peer` is given, then [`sync_delivered`](Self::sync_delivered)
-    /// of that partner's delivered log, in one pass through the blocking pool: the two
-    /// results in that order.
-    pub async fn sync_dedup_and_delivered(
-        &self,
-        key_file: String,
-        delivered_peer: Option<String>,
-    ) -> (io::Result<()>, Option<io::Result<()>>) {
+    /// Before a partner's message leaves the spool: its duplicate record made durable.
+    pub async fn sync_dedup(&self, key_file: String) -> io::Result<()> {
         let store = self.store.clone();
-        let with_delivered = delivered_peer.is_some();
-        let both = blocking(move || {
-            let dedup = store.sync_dedup(&key_file);
-            let delivered = delivered_peer.map(|p| store.sync_delivered(&p));
-            Ok((dedup, delivered))
-        })
-        .await;
-        // Only a task that panicked gets here with an error: neither flush is known done.
-        both.unwrap_or_else(|e| {
-            let again = with_delivered.then(|| Err(io::Error::new(e.kind(), e.to_string())));
-            (Err(e), again)
-        })
+        blocking(move || store.sync_dedup(&key_file)).await
     }
 
     pub async fn add_sent(
