@@ -30,6 +30,8 @@ WARMUP=${WARMUP:-0}      # ... after WARMUP messages the same way, not timed: th
                          # free/ then holds files (as in bench.sh's long-lived pair)
 LATENCY=${LATENCY:-0}    # instead: LATENCY warm messages one at a time (integration/lib/latency.py)
 COLD=${COLD:-0}          # ... and, with LATENCY, COLD messages each on a new call, as bench.sh measures them
+SINK_OUT=${SINK_OUT:-fifo} # ... smtp-sink's count through a FIFO the client sleeps on; "file":
+                         # a file it reads every 0.2 ms, as runs up to 34 did (latency.py)
 [ -x /usr/sbin/smtp-sink ] || { echo "bench-big: smtp-sink not found" >&2; exit 1; }
 [ -z "${PERF:-}" ] || command -v perf >/dev/null \
     || { echo "bench-big: PERF is set but perf is not installed (apt-get install linux-perf)" >&2; exit 1; }
@@ -81,7 +83,14 @@ for r in $(seq "$REPEAT"); do
             (cd "$SM" && exec "$bin" run --config a.toml >>a.log 2>&1) & SM_A=$!; PIDS+=("$SM_A")
         fi
         wait_port "$P_SRC" 20 && wait_port "$P_SMTP_B" 20 || { echo "daemons did not start"; exit 1; }
-        /usr/sbin/smtp-sink -u nobody -c "127.0.0.1:$SINK" 1000 >"$WORK/sink.cnt" 2>&1 & SINK_PID=$!; PIDS+=("$SINK_PID")
+        rm -f "$WORK/sink.cnt"
+        if ((LATENCY > 0)) && [ "$SINK_OUT" = fifo ]; then # latency.py wakes on each count
+            mkfifo "$WORK/sink.cnt"                         # (opened read-write: no wait)
+            /usr/sbin/smtp-sink -u nobody -c "127.0.0.1:$SINK" 1000 1<>"$WORK/sink.cnt" 2>>"$WORK/sink.err" & SINK_PID=$!
+        else
+            /usr/sbin/smtp-sink -u nobody -c "127.0.0.1:$SINK" 1000 >"$WORK/sink.cnt" 2>&1 & SINK_PID=$!
+        fi
+        PIDS+=("$SINK_PID")
         wait_port "$SINK" 10
         sleep 0.5
         reset_hwm "$SM_A"; reset_hwm "$SM_B"

@@ -85,8 +85,13 @@ scratch sipmail-bench # $WORK, PIDS, and the EXIT trap that stops everything
 chmod 755 "$WORK"
 
 SINK_PID=
-start_sink() { # port, counter file
-    /usr/sbin/smtp-sink -u nobody -c "127.0.0.1:$1" 1000 >"$2" 2>&1 &
+start_sink() { # port, counter file [fifo: a FIFO instead, for latency.py to sleep on]
+    if [ "${3:-}" = fifo ]; then
+        rm -f "$2"; mkfifo "$2" # opened read-write, so that the sink need not wait for a reader
+        /usr/sbin/smtp-sink -u nobody -c "127.0.0.1:$1" 1000 1<>"$2" 2>>"$2.err" &
+    else
+        /usr/sbin/smtp-sink -u nobody -c "127.0.0.1:$1" 1000 >"$2" 2>&1 &
+    fi
     SINK_PID=$!
     PIDS+=("$SINK_PID")
     wait_port "$1" 10 || die "smtp-sink did not start on $1"
@@ -306,7 +311,7 @@ say "   dd bs=1M count=$BIG_MB conv=fdatasync: $DD_RATE MB/s"
 # ---------------------------------------------------------------- latency
 say ""
 say "== latency (sipmail), one message of $SIZE B submitted with Python's smtplib"
-start_sink "$SINK_S" "$WORK/sink-lat.cnt"
+start_sink "$SINK_S" "$WORK/sink-lat.cnt" fifo
 python3 "$ROOT/integration/lib/latency.py" "$P_SRC_S" "$WORK/sink-lat.cnt" "$SM/a.log" "$COLD_CALLS" "$WARM_MESSAGES" "$SIZE" >"$WORK/latency.txt"
 stop_sink
 sed 's/^/   /' "$WORK/latency.txt" | tee -a "$OUT/results.txt"
@@ -322,7 +327,7 @@ say "    both verifications, the media connection, A's and B's fsyncs and B's de
 # The same client and message straight to a sink, no relay, back to back as the warm
 # messages above: the client's own SMTP session and the sink's count, which the warm figure
 # holds too. What is left of the target after it is what the two relays may take.
-start_sink "$SINK_BARE" "$WORK/sink-lat-bare.cnt"
+start_sink "$SINK_BARE" "$WORK/sink-lat-bare.cnt" fifo
 python3 "$ROOT/integration/lib/latency.py" "$SINK_BARE" "$WORK/sink-lat-bare.cnt" /dev/null 0 "$WARM_MESSAGES" "$SIZE" 0 >"$WORK/latency-bare.txt"
 stop_sink
 BARE_LAT_P50=$(awk '/^WARM / {print $3}' "$WORK/latency-bare.txt")
