@@ -83,14 +83,9 @@ for r in $(seq "$REPEAT"); do
             (cd "$SM" && exec "$bin" run --config a.toml >>a.log 2>&1) & SM_A=$!; PIDS+=("$SM_A")
         fi
         wait_port "$P_SRC" 20 && wait_port "$P_SMTP_B" 20 || { echo "daemons did not start"; exit 1; }
-        rm -f "$WORK/sink.cnt"
-        if ((LATENCY > 0)) && [ "$SINK_OUT" = fifo ]; then # latency.py wakes on each count
-            mkfifo "$WORK/sink.cnt"                         # (opened read-write: no wait)
-            /usr/sbin/smtp-sink -u nobody -c "127.0.0.1:$SINK" 1000 1<>"$WORK/sink.cnt" 2>>"$WORK/sink.err" & SINK_PID=$!
-        else
-            /usr/sbin/smtp-sink -u nobody -c "127.0.0.1:$SINK" 1000 >"$WORK/sink.cnt" 2>&1 & SINK_PID=$!
-        fi
-        PIDS+=("$SINK_PID")
+        sink_out=file
+        ((LATENCY > 0)) && sink_out=$SINK_OUT # latency.py wakes on each count through a FIFO
+        counting_sink "$SINK" "$WORK/sink.cnt" "$sink_out"; PIDS+=("$SINK_PID")
         wait_port "$SINK" 10
         sleep 0.5
         reset_hwm "$SM_A"; reset_hwm "$SM_B"

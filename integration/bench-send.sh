@@ -33,7 +33,7 @@ site_config site-b site-a "$P_B" "$P_SIP_B" "$P_SIP_A" "smtp = \"127.0.0.1:$SINK
 "$SIPMAIL" run --config b.toml >>b.log 2>&1 & SM_B=$!; PIDS+=("$SM_B")
 "$SIPMAIL" run --config a.toml >>a.log 2>&1 & SM_A=$!; PIDS+=("$SM_A")
 wait_port "$P_A" 20 && wait_port "$P_B" 20 || { echo "daemons did not start"; exit 1; }
-/usr/sbin/smtp-sink -u nobody -c "127.0.0.1:$SINK" 1000 >sink.cnt 2>&1 & SINK_PID=$!; PIDS+=("$SINK_PID")
+counting_sink "$SINK" sink.cnt; PIDS+=("$SINK_PID")
 wait_port "$SINK" 10
 echo "bench-send: $SEND_MB MB, $(nproc) vCPU, git $(git -C "$ROOT" rev-parse --short HEAD), load $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "   writing the file ($SEND_MB MB of random bytes)"

@@ -86,13 +86,7 @@ chmod 755 "$WORK"
 
 SINK_PID=
 start_sink() { # port, counter file [fifo: a FIFO instead, for latency.py to sleep on]
-    if [ "${3:-}" = fifo ]; then
-        rm -f "$2"; mkfifo "$2" # opened read-write, so that the sink need not wait for a reader
-        /usr/sbin/smtp-sink -u nobody -c "127.0.0.1:$1" 1000 1<>"$2" 2>>"$2.err" &
-    else
-        /usr/sbin/smtp-sink -u nobody -c "127.0.0.1:$1" 1000 >"$2" 2>&1 &
-    fi
-    SINK_PID=$!
+    counting_sink "$@"
     PIDS+=("$SINK_PID")
     wait_port "$1" 10 || die "smtp-sink did not start on $1"
 }

@@ -68,6 +68,21 @@ ctx_switches() {
 }
 reset_hwm() { local p; for p in $(with_children "$1"); do echo 5 >"/proc/$p/clear_refs" 2>/dev/null || true; done; }
 
+# counting_sink PORT OUT [fifo]: smtp-sink on 127.0.0.1:PORT in the background (SINK_PID),
+# its running count (-c) into the file OUT, read with sink_count; with "fifo", into a FIFO
+# made at OUT for integration/lib/latency.py to sleep on, opened read-write so that the
+# sink never waits for a reader (its errors then go to OUT.err).
+counting_sink() {
+    rm -f "$2"
+    if [ "${3:-}" = fifo ]; then
+        mkfifo "$2"
+        /usr/sbin/smtp-sink -u nobody -c "127.0.0.1:$1" 1000 1<>"$2" 2>>"$2.err" &
+    else
+        /usr/sbin/smtp-sink -u nobody -c "127.0.0.1:$1" 1000 >"$2" 2>&1 &
+    fi
+    SINK_PID=$!
+}
+
 sink_count() { # messages counted so far in the file of `smtp-sink -c`
     local c
     c=$(tail -c 200 "$1" 2>/dev/null | tr '\r' '\n' | grep -o 'mesg=[0-9]*' | tail -1)
