@@ -45,6 +45,8 @@ COPY ${SIPMAIL_BINARY} /usr/local/bin/sipmail
 FROM ${RUST_IMAGE} AS builder
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
+# curve25519-dalek's backend choice (docs/ARCHITECTURE.md, "Choices").
+COPY .cargo .cargo
 COPY src src
 COPY benches benches
 RUN cargo build --release --locked --no-default-features \

@@ -6,7 +6,8 @@
 //! - `handshake/caller_side`, `handshake/callee_side`: the same full handshake, but only
 //!   the named side's work is timed (`iter_custom`), so 1 / time = handshakes per second
 //!   per side per core.
-//! - `handshake/parts/*`: one OpenPGP signature, one verification, one X25519.
+//! - `handshake/parts/*`: one OpenPGP signature, one verification, one X25519 key pair
+//!   and shared secret (as the handshake computes it, and with x25519-dalek's ladder).
 //!
 //! Run: `cargo bench --bench handshake`.
 
@@ -145,9 +146,22 @@ fn bench_handshake(c: &mut Criterion) {
             criterion::BatchSize::SmallInput,
         );
     });
+    // What a handshake side does: its key pair (x25519-dalek's fixed-base table), then the
+    // shared secret (`sipmail::handshake::x25519`, the Edwards form on the vector backends).
+    use x25519_dalek::{PublicKey, StaticSecret};
+    let peer = PublicKey::from(&StaticSecret::from([7u8; 32]));
     g.bench_function("x25519_keypair_and_dh", |b| {
-        use x25519_dalek::{PublicKey, StaticSecret};
-        let peer = PublicKey::from(&StaticSecret::from([7u8; 32]));
+        b.iter(|| {
+            let s = StaticSecret::from(black_box([9u8; 32]));
+            let p = PublicKey::from(&s);
+            black_box((
+                p,
+                sipmail::handshake::x25519(&s.to_bytes(), peer.as_bytes()),
+            ))
+        });
+    });
+    // The same with x25519-dalek's Montgomery ladder, as before run 36, for comparison.
+    g.bench_function("x25519_keypair_and_ladder_dh", |b| {
         b.iter(|| {
             let s = StaticSecret::from(black_box([9u8; 32]));
             let p = PublicKey::from(&s);

@@ -17,8 +17,10 @@
 
 pub mod sdp;
 mod transcript;
+mod x25519;
 
 pub use transcript::{Tag, Transcript};
+pub use x25519::x25519;
 
 use hkdf::Hkdf;
 use sha2::{Digest, Sha256};
@@ -506,11 +508,12 @@ fn expander(salt: &[u8], ikm: &[u8]) -> Hkdf<Sha256> {
 }
 
 fn dh(secret: &StaticSecret, public: &[u8; 32]) -> Result<[u8; 32], HandshakeError> {
-    let ss = secret.diffie_hellman(&PublicKey::from(*public));
-    if !ss.was_contributory() {
+    let shared = x25519(&zeroize::Zeroizing::new(secret.to_bytes()), public);
+    // All zeros: the peer's key has small order, so the secret would not depend on ours.
+    if shared.iter().fold(0u8, |acc, b| acc | b) == 0 {
         return Err(HandshakeError::NonContributory);
     }
-    Ok(*ss.as_bytes())
+    Ok(shared)
 }
 
 /// The PSK to mix into the keys: the signer's, with trust policy psk (required), none
