@@ -5,8 +5,8 @@
 //! curve25519-dalek's serial field arithmetic, whatever the CPU. curve25519-dalek's
 //! constant-time variable-base Edwards multiplication runs on its AVX2 or AVX-512 IFMA
 //! backend where the CPU has one (chosen at run time; `.cargo/config.toml` builds the
-//! IFMA one too). The same product costs about half the ladder's time there
-//! (docs/PERFORMANCE.md, run 36), and a handshake does one per side.
+//! IFMA one too). The same product costs about half the ladder's time with IFMA and a
+//! quarter less with AVX2 (docs/PERFORMANCE.md, run 36), and a handshake does one per side.
 //!
 //! The result is RFC 7748's, byte for byte: for the peer's u, take the Edwards point P the
 //! birational map gives, compute [c]P for the clamped scalar c, and map back to u. Since
@@ -122,8 +122,10 @@ mod tests {
             "{on_curve} of 600 on the curve"
         );
 
-        // The small-order u of Curve25519 (0, 1, the two of order 8, p - 1), each also
-        // plus p (non-canonical) and with the ignored top bit set; and p itself, p + 1.
+        // u a hostile peer might send (libsodium's blocklist): the small-order points 0, 1
+        // and the two of order 8; p - 1 (u = -1, on the twist); p and p + 1 (0 and 1, not
+        // reduced); the two of order 8 plus p, which sets bit 255; 2^256 - 39, -38, -37.
+        // RFC 7748 ignores bit 255, so each is also tried with it set.
         let small = [
             "0000000000000000000000000000000000000000000000000000000000000000",
             "0100000000000000000000000000000000000000000000000000000000000000",
@@ -149,8 +151,14 @@ mod tests {
             let a = random32();
             assert_eq!(x25519(&a, &high), ladder(&a, &high));
         }
-        // A small-order u gives all zeros, which the handshake rejects.
-        assert_eq!(x25519(&random32(), &le(small[0])), [0u8; 32]);
-        assert_eq!(x25519(&random32(), &le(small[2])), [0u8; 32]);
+        // A small-order u, in any encoding, gives all zeros, which the handshake rejects.
+        for i in [0, 1, 2, 3, 5, 6] {
+            assert_eq!(
+                x25519(&random32(), &le(small[i])),
+                [0u8; 32],
+                "{}",
+                small[i]
+            );
+        }
     }
 }
