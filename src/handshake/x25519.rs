@@ -27,7 +27,7 @@ use zeroize::{Zeroize, Zeroizing};
 /// X25519(`secret`, `public`): the u-coordinate of [clamp(secret)]·u, as RFC 7748 defines
 /// it (all zeros for a small-order `public`; the caller rejects that).
 pub fn x25519(secret: &[u8; 32], public: &[u8; 32]) -> [u8; 32] {
-    let Some(mut point) = MontgomeryPoint(*public).to_edwards(0) else {
+    let Some(point) = MontgomeryPoint(*public).to_edwards(0) else {
         return MontgomeryPoint(*public).mul_clamped(*secret).to_bytes();
     };
     let clamped = Zeroizing::new(clamp_integer(*secret));
@@ -41,9 +41,9 @@ pub fn x25519(secret: &[u8; 32], public: &[u8; 32]) -> [u8; 32] {
     let mut scalar = Scalar::from_bytes_mod_order(*eighth);
     let mut product = (point * scalar).mul_by_cofactor();
     let shared = product.to_montgomery().to_bytes();
+    // What depends on the secret is wiped; the peer's point is public.
     scalar.zeroize();
     product.zeroize();
-    point.zeroize();
     shared
 }
 
