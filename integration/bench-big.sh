@@ -90,7 +90,7 @@ for r in $(seq "$REPEAT"); do
         sleep 0.5
         reset_hwm "$SM_A"; reset_hwm "$SM_B"
         IDLE_A=$(rss_kb "$SM_A"); IDLE_B=$(rss_kb "$SM_B")
-        D0=$(grep -c 'delivered.*route=peer' "$SM/a.log" || true)
+        A_OFF=$(log_size "$SM/a.log")
         load=$(cut -d' ' -f1 /proc/loadavg)
         if [ -n "${PERF:-}" ]; then # PERF=file: perf record -g of A and B while the message is in flight
             perf record ${PERF_EVENTS:--F 1999 -g} -o "$PERF.$n" -p "$SM_A,$SM_B" >/dev/null 2>&1 & PERF_PID=$!
@@ -150,7 +150,7 @@ for r in $(seq "$REPEAT"); do
             || echo "   refused: $(tail -2 "$WORK/big-source.log")"
         t0=$(cat "$WORK/big.t0"); t_acc=$(now_ns)
         end=$((t0 + 600000000000))
-        while (($(grep -c 'delivered.*route=peer' "$SM/a.log" || true) <= D0)) && (($(now_ns) < end)); do sleep 0.005; done
+        while (($(delivered_since "$SM/a.log" "$A_OFF") < 1)) && (($(now_ns) < end)); do sleep 0.005; done
         t_b=$(now_ns)
         if [ -n "${PERF:-}" ]; then kill -INT "$PERF_PID" 2>/dev/null || true; wait "$PERF_PID" || true; fi
         while (($(sink_count "$WORK/sink.cnt") < 1)) && (($(now_ns) < end)); do sleep 0.01; done

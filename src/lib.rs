@@ -14,6 +14,7 @@ pub mod handshake;
 pub mod keyring;
 pub mod listen;
 pub mod metrics;
+pub mod offload;
 pub mod own_thread;
 pub mod queue;
 pub mod receipt;

@@ -1015,10 +1015,27 @@ pub(crate) async fn worker(ctx: Arc<Context>, domain: String, lane_no: usize, la
             res => outcomes_from_smtp(&job, res, &what),
         });
         if ask && let Some(o) = &sent_ok {
-            let (sha256, size) = wire.digest();
-            receipts_for(&ctx, &domain, active, &job, o, &sha256, size, &mut outcomes)
-                .instrument(span.clone())
-                .await;
+            match wire.digest().await {
+                Ok((sha256, size)) => {
+                    receipts_for(&ctx, &domain, active, &job, o, &sha256, size, &mut outcomes)
+                        .instrument(span.clone())
+                        .await
+                }
+                // Without the hash, no receipt can be checked: the message is not counted
+                // as delivered, and its resend is recognised by the partner (queue ID and
+                // its own hash), which returns the receipt then.
+                Err(e) => {
+                    span.in_scope(|| {
+                        tracing::error!(queue_id = %job.id, error = %e,
+                        "cannot hash the sent message to check its receipt; it stays queued")
+                    });
+                    for (_, o) in outcomes.iter_mut() {
+                        if *o == RcptOutcome::Delivered {
+                            *o = RcptOutcome::Transient(format!("cannot check the receipt: {e}"));
+                        }
+                    }
+                }
+            }
         }
         want_fetch |= ask;
         let call_id = Some(active.dialog.call_id.clone());

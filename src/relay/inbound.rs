@@ -426,7 +426,22 @@ impl Backend for SpoolBackend {
             tracing::error!(queue_id = %id, error = %e, "could not commit a message to the spool");
             Reply::spool_write_failed(&e)
         };
-        let (writer, tapped) = writer.into_parts();
+        let (writer, tapped) = writer.into_parts().await;
+        let tapped = match tapped.transpose() {
+            Ok(t) => t,
+            Err(e) => {
+                drop(writer);
+                tracing::error!(queue_id = %id, error = %e, "cannot hash the message for its receipt");
+                self.shared.spool.discard(&id).await;
+                return Reply::new(
+                    451,
+                    (4, 3, 0),
+                    format!(
+                        "Local error: cannot hash the message for its receipt ({e}); try again"
+                    ),
+                );
+            }
+        };
         let finished = match writer.into_inner().await {
             Ok(w) => w.finish().await,
             Err(e) => Err(e),
@@ -551,7 +566,7 @@ impl Backend for SpoolBackend {
     }
 
     async fn data_abort(&mut self, writer: Self::Writer) {
-        let (writer, _) = writer.into_parts();
+        // Dropping the tap ends its hashing thread, if it has one, without waiting for it.
         drop(writer);
         if let Some(id) = self.current.take() {
             self.shared.spool.discard(&id).await;

@@ -6,6 +6,7 @@
 //! joins them to the keyring, the store and the clock.
 
 use super::keys::KeyState;
+use crate::offload::{Consume, Offload};
 use crate::queue::{Envelope, ReceiptFacts};
 use crate::receipt::store::{
     DedupRecord, DeliveredBatch, JournalCall, ReceiptStore, RememberedRcpt, StoredReceipt,
@@ -371,8 +372,8 @@ pub(crate) struct Tap<W> {
 }
 
 struct TapState {
-    hash: sha2::Sha256,
-    size: u64,
+    /// On a thread of its own for a big message (`crate::offload`).
+    hash: Offload<sha2::Sha256>,
     head: Vec<u8>,
     head_done: bool,
 }
@@ -392,26 +393,37 @@ impl<W> Tap<W> {
         Tap {
             inner,
             on: on.then(|| TapState {
-                hash: sha2::Sha256::new(),
-                size: 0,
+                hash: Offload::new(sha2::Sha256::new(), "receipt-hash"),
                 head: Vec::new(),
                 head_done: false,
             }),
         }
     }
 
-    pub fn into_parts(self) -> (W, Option<Tapped>) {
-        let tapped = self.on.map(|t| Tapped {
-            sha256: hex::encode(t.hash.finalize()),
-            size: t.size,
+    /// The writer, and what was tapped; an error only if the hashing thread failed.
+    pub async fn into_parts(self) -> (W, Option<io::Result<Tapped>>) {
+        let tapped = match self.on {
+            None => None,
+            Some(t) => Some(t.finish().await),
+        };
+        (self.inner, tapped)
+    }
+}
+
+impl TapState {
+    async fn finish(self) -> io::Result<Tapped> {
+        let size = self.hash.seen();
+        let hash = self.hash.finish().await?;
+        Ok(Tapped {
+            sha256: hex::encode(hash.finalize()),
+            size,
             message_id: mail_parser::MessageParser::default()
-                .parse_headers(&t.head[..])
+                .parse_headers(&self.head[..])
                 .and_then(|m| m.message_id().map(|s| s.trim().to_string()))
                 .filter(|s| !s.is_empty())
                 // The field body as written: mail-parser gives the ID without its <>.
                 .map(|s| format!("<{s}>")),
-        });
-        (self.inner, tapped)
+        })
     }
 }
 
@@ -426,7 +438,6 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for Tap<W> {
         if let Some(t) = &mut this.on {
             let done = &buf[..n];
             t.hash.update(done);
-            t.size += n as u64;
             if !t.head_done {
                 let room = HEAD_MAX.saturating_sub(t.head.len());
                 // Only the new bytes (and the 3 before them) can complete the blank line.
@@ -450,28 +461,37 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for Tap<W> {
 /// What the receiving side will have: the message's bytes as they go on the wire, decoded
 /// as a server decodes them (the same `DataReceiver`: after DATA unstuffed, in BDAT
 /// chunks as they are), hashed. So the sender's hash matches the receiver's whatever line
-/// endings the spooled body had.
+/// endings the spooled body had. The decoding and hashing of a big message run on a
+/// thread of their own (`crate::offload`); the sending task only copies the bytes.
 pub(crate) struct WireHash {
+    framing: Option<crate::smtp::client::Framing>,
+    work: Option<Offload<WireDecode>>,
+}
+
+/// The decoding and hashing, wherever they run.
+struct WireDecode {
+    framing: crate::smtp::client::Framing,
     rx: crate::smtp::DataReceiver,
     chunk: Vec<u8>,
     hash: sha2::Sha256,
     size: u64,
 }
 
-impl WireHash {
-    pub fn new() -> Self {
-        WireHash {
+impl WireDecode {
+    fn new(framing: crate::smtp::client::Framing) -> Self {
+        WireDecode {
+            framing,
             rx: crate::smtp::DataReceiver::new(u64::MAX),
             chunk: Vec::new(),
             hash: sha2::Sha256::new(),
             size: 0,
         }
     }
+}
 
-    /// Feed the bytes written on the wire. Chunks are sent already normalised (the client's
-    /// encoder ends them with CRLF), so they are the message as they are.
-    pub fn feed(&mut self, framing: crate::smtp::client::Framing, wire: &[u8]) {
-        match framing {
+impl Consume for WireDecode {
+    fn consume(&mut self, wire: &[u8]) {
+        match self.framing {
             crate::smtp::client::Framing::Data => {
                 self.rx.feed(wire, &mut self.chunk);
                 self.hash.update(&self.chunk);
@@ -484,10 +504,36 @@ impl WireHash {
             }
         }
     }
+}
 
-    /// SHA-256 (hex) and size of the decoded message.
-    pub fn digest(&self) -> (String, u64) {
-        (hex::encode(self.hash.clone().finalize()), self.size)
+impl WireHash {
+    pub fn new() -> Self {
+        WireHash {
+            framing: None,
+            work: None,
+        }
+    }
+
+    /// Feed the bytes written on the wire. Chunks are sent already normalised (the client's
+    /// encoder ends them with CRLF), so they are the message as they are. One message has
+    /// one framing: the client sends it either in one BDAT chunk or after DATA.
+    pub fn feed(&mut self, framing: crate::smtp::client::Framing, wire: &[u8]) {
+        let work = self.work.get_or_insert_with(|| {
+            self.framing = Some(framing);
+            Offload::new(WireDecode::new(framing), "receipt-hash")
+        });
+        debug_assert_eq!(self.framing, Some(framing), "one framing per message");
+        work.update(wire);
+    }
+
+    /// SHA-256 (hex) and size of the decoded message; an error only if the hashing
+    /// thread failed.
+    pub async fn digest(self) -> io::Result<(String, u64)> {
+        let d = match self.work {
+            Some(w) => w.finish().await?,
+            None => WireDecode::new(crate::smtp::client::Framing::Chunks),
+        };
+        Ok((hex::encode(d.hash.finalize()), d.size))
     }
 }
 
@@ -524,8 +570,8 @@ mod tests {
 
     /// The sender's hash is of what the receiver decodes, even for a body with bare LFs,
     /// a lone CR, leading dots and no final line break (which the client normalises).
-    #[test]
-    fn wire_hash_is_the_hash_of_what_the_server_decodes() {
+    #[tokio::test]
+    async fn wire_hash_is_the_hash_of_what_the_server_decodes() {
         let body = b"a\nb\r\n.dot\rc\r\n..two\nend";
         let mut stuffer = crate::smtp::DotStuffer::new();
         let mut wire = Vec::new();
@@ -544,7 +590,7 @@ mod tests {
             hex::encode(sha2::Sha256::digest(&decoded)),
             decoded.len() as u64,
         );
-        assert_eq!(h.digest(), expected);
+        assert_eq!(h.digest().await.unwrap(), expected);
 
         // The same body in one BDAT chunk: the same bytes reach the server, so the same
         // hash, and the server's chunked receiver stores exactly them.
@@ -555,7 +601,7 @@ mod tests {
         enc.finish(&mut chunk);
         let mut h = WireHash::new();
         h.feed(crate::smtp::client::Framing::Chunks, &chunk);
-        assert_eq!(h.digest(), expected);
+        assert_eq!(h.digest().await.unwrap(), expected);
         let mut rx = crate::smtp::DataReceiver::chunked(u64::MAX);
         rx.start_chunk(chunk.len() as u64, true);
         let mut stored = Vec::new();
@@ -563,5 +609,54 @@ mod tests {
         assert!(rx.is_done());
         assert_eq!(rx.verdict(), crate::smtp::DataVerdict::Ok);
         assert_eq!(stored, decoded);
+    }
+
+    /// A body of several offload chunks, whose decoding and hashing move to a thread of
+    /// their own part-way: the digest is still that of what the server decodes, with
+    /// dot-stuffed lines and CRLFs split across the pieces and across the chunks.
+    #[tokio::test]
+    async fn wire_hash_of_a_big_message_is_the_same_off_thread() {
+        let mut body = b"Subject: big\r\n\r\n".to_vec();
+        let mut i = 0u32;
+        while body.len() < 3 * crate::offload::CHUNK + 12_345 {
+            // Every 7th line starts with a dot; lines of varying length.
+            let dot = if i.is_multiple_of(7) { "." } else { "" };
+            body.extend_from_slice(
+                format!("{dot}line {i} {}\r\n", "y".repeat((i % 97) as usize)).as_bytes(),
+            );
+            i += 1;
+        }
+        let mut stuffer = crate::smtp::DotStuffer::new();
+        let mut wire = Vec::new();
+        stuffer.encode(&body, &mut wire);
+        stuffer.finish(&mut wire);
+        let mut h = WireHash::new();
+        for piece in wire.chunks(40_961) {
+            h.feed(crate::smtp::client::Framing::Data, piece);
+        }
+        let expected = (hex::encode(sha2::Sha256::digest(&body)), body.len() as u64);
+        assert_eq!(h.digest().await.unwrap(), expected);
+    }
+
+    /// The receiving side's tap over a big message: what passes through is unchanged, the
+    /// hash and size are those of the whole message, and the Message-ID comes from its
+    /// header section.
+    #[tokio::test]
+    async fn the_tap_hashes_a_big_message_off_thread() {
+        use tokio::io::AsyncWriteExt;
+        let mut msg = b"Message-ID: <big@site-a.test>\r\nSubject: big\r\n\r\n".to_vec();
+        while msg.len() < 2 * crate::offload::CHUNK + 777 {
+            msg.extend_from_slice(b"0123456789abcdef0123456789abcdef0123456789abcdef\r\n");
+        }
+        let mut tap = Tap::new(Vec::new(), true);
+        for piece in msg.chunks(65_537) {
+            tap.write_all(piece).await.unwrap();
+        }
+        let (out, tapped) = tap.into_parts().await;
+        assert_eq!(out, msg);
+        let t = tapped.expect("tap on").expect("hashed");
+        assert_eq!(t.sha256, hex::encode(sha2::Sha256::digest(&msg)));
+        assert_eq!(t.size, msg.len() as u64);
+        assert_eq!(t.message_id.as_deref(), Some("<big@site-a.test>"));
     }
 }
