@@ -45,6 +45,7 @@ fn envelope(id: &str, size: u64) -> Envelope {
         held: false,
         expired: false,
         receipt: None,
+        decoded: None,
         body_crc32: None,
         body_inline: None,
     }
@@ -56,7 +57,7 @@ async fn commit_one(spool: &Spool, body: &[u8]) -> String {
     let id = Spool::new_id();
     let mut w = spool.body_writer(&id);
     w.write_all(body).await.unwrap();
-    let (file, tail, _) = w.finish().await.unwrap();
+    let sipmail::queue::bodyio::Finished { file, tail, .. } = w.finish().await.unwrap();
     spool
         .commit_parts(file, tail, &envelope(&id, body.len() as u64))
         .await

@@ -31,6 +31,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc::{self, OwnedPermit, error::SendError, error::TrySendError};
 use tokio::sync::oneshot;
 
+use crate::smtp::DecodedDigest;
+
 /// Bytes per file operation and per channel message.
 pub const CHUNK: usize = 256 * 1024;
 /// Chunks queued between the async side and the file task.
@@ -78,12 +80,29 @@ impl std::fmt::Debug for BodyFile {
 /// bytes to that thread; [`finish`](Self::finish) waits until all are written.
 pub struct BodyWriter {
     buf: Vec<u8>,
+    /// The body as a partner will decode it, hashed as it is written: here for a small
+    /// body, on the writer thread once there is one (see [`with_digest`](Self::with_digest)).
+    digest: Option<DecodedDigest>,
     /// The file until the first full chunk starts the writer task.
     file: Option<BodyFile>,
     tx: Option<mpsc::Sender<Vec<u8>>>,
     reserving: Option<Reserve>,
-    task: Option<oneshot::Receiver<io::Result<File>>>,
+    task: Option<oneshot::Receiver<Written>>,
     size: u64,
+}
+
+/// What the writer thread gives back: the file, and the digest if one was kept.
+type Written = io::Result<(File, Option<DecodedDigest>)>;
+
+/// A body written: see [`BodyWriter::finish`].
+#[derive(Debug)]
+pub struct Finished {
+    pub file: BodyFile,
+    /// What is still to be written after what is in the file: a small body whole.
+    pub tail: Vec<u8>,
+    pub size: u64,
+    /// SHA-256 and size of the body as a partner decodes it, if asked for.
+    pub decoded: Option<(String, u64)>,
 }
 
 impl std::fmt::Debug for BodyWriter {
@@ -99,12 +118,21 @@ impl BodyWriter {
     pub fn new(file: BodyFile) -> Self {
         BodyWriter {
             buf: Vec::with_capacity(16 * 1024),
+            digest: None,
             file: Some(file),
             tx: None,
             reserving: None,
             task: None,
             size: 0,
         }
+    }
+
+    /// Also hash the body as a partner will decode it (`smtp::DecodedDigest`), for a
+    /// message that may go to one that returns receipts: computed once, as the body is
+    /// spooled (for a big body on the thread that writes it), not on every attempt.
+    pub fn with_digest(mut self) -> Self {
+        self.digest = Some(DecodedDigest::new());
+        self
     }
 
     /// Bytes accepted so far.
@@ -120,7 +148,10 @@ impl BodyWriter {
         if let Some(file) = self.file.take() {
             let (tx, rx) = mpsc::channel(DEPTH);
             self.tx = Some(tx);
-            match crate::own_thread::spawn("spool-write", move || write_loop(file.open()?, rx)) {
+            let digest = self.digest.take();
+            match crate::own_thread::spawn("spool-write", move || {
+                write_loop(file.open()?, rx, digest)
+            }) {
                 Ok(task) => self.task = Some(task),
                 Err(e) => {
                     self.tx = None;
@@ -177,16 +208,31 @@ impl BodyWriter {
     /// what is in it, and the body's size. A small body (one that never left the buffer)
     /// comes back whole as the tail, with its file perhaps not created yet:
     /// [`super::Spool::commit_parts`] creates and writes it in the task that fsyncs it.
-    pub async fn finish(mut self) -> io::Result<(BodyFile, Vec<u8>, u64)> {
+    pub async fn finish(mut self) -> io::Result<Finished> {
         if let Some(file) = self.file.take() {
             // Small body: no writer task.
-            return Ok((file, std::mem::take(&mut self.buf), self.size));
+            let tail = std::mem::take(&mut self.buf);
+            let decoded = self.digest.take().map(|mut d| {
+                d.update(&tail);
+                d.finish()
+            });
+            return Ok(Finished {
+                file,
+                tail,
+                size: self.size,
+                decoded,
+            });
         }
         std::future::poll_fn(|cx| self.poll_send(cx)).await?;
         self.tx = None;
         let task = self.task.take().ok_or_else(stopped)?;
-        let file = task.await.map_err(|_| stopped())??;
-        Ok((BodyFile::Open(file), Vec::new(), self.size))
+        let (file, digest) = task.await.map_err(|_| stopped())??;
+        Ok(Finished {
+            file: BodyFile::Open(file),
+            tail: Vec::new(),
+            size: self.size,
+            decoded: digest.map(DecodedDigest::finish),
+        })
     }
 }
 
@@ -220,12 +266,20 @@ impl AsyncWrite for BodyWriter {
     }
 }
 
-/// The writer task: chunks to the file, with write-behind syncs for big bodies.
-fn write_loop(mut file: File, mut rx: mpsc::Receiver<Vec<u8>>) -> io::Result<File> {
+/// The writer task: chunks to the file, with write-behind syncs for big bodies, and the
+/// body's digest if one is kept (the hashing overlaps the next chunk's arrival).
+fn write_loop(
+    mut file: File,
+    mut rx: mpsc::Receiver<Vec<u8>>,
+    mut digest: Option<DecodedDigest>,
+) -> Written {
     let mut behind: Option<WriteBehind> = None;
     let mut unsynced = 0u64;
     while let Some(chunk) = rx.blocking_recv() {
         file.write_all(&chunk)?;
+        if let Some(d) = digest.as_mut() {
+            d.update(&chunk);
+        }
         unsynced += chunk.len() as u64;
         if unsynced >= WRITE_BEHIND {
             unsynced = 0;
@@ -240,7 +294,7 @@ fn write_loop(mut file: File, mut rx: mpsc::Receiver<Vec<u8>>) -> io::Result<Fil
     if let Some(b) = behind {
         b.finish()?;
     }
-    Ok(file)
+    Ok((file, digest))
 }
 
 /// A helper thread that runs `fdatasync` on the body while it is being written, so that
@@ -459,7 +513,9 @@ mod tests {
                 assert!(got == big, "a stalled read completes whole");
             }
             for (i, w) in writers.into_iter().enumerate() {
-                let (file, tail, size) = w.finish().await.unwrap();
+                let Finished {
+                    file, tail, size, ..
+                } = w.finish().await.unwrap();
                 let mut file = file.open().unwrap();
                 std::io::Write::write_all(&mut file, &tail).unwrap();
                 assert_eq!(size, CHUNK as u64 + 1);
@@ -476,6 +532,12 @@ mod tests {
             let body = pattern(len);
             let path = dir.path().join(format!("{len}.msg"));
             let mut w = BodyWriter::new(BodyFile::Open(File::create(&path).unwrap()));
+            // Every other length keeps the digest: on this thread for a small body, on the
+            // writer's for a big one, over every byte once and in order.
+            let digest = len % 2 == 1;
+            if digest {
+                w = w.with_digest();
+            }
             // Odd write sizes, with flushes in between, as the SMTP driver does.
             for (k, part) in body.chunks(10_007).enumerate() {
                 w.write_all(part).await.unwrap();
@@ -484,7 +546,18 @@ mod tests {
                 }
             }
             assert_eq!(w.size(), len as u64);
-            let (file, tail, size) = w.finish().await.unwrap();
+            let Finished {
+                file,
+                tail,
+                size,
+                decoded,
+            } = w.finish().await.unwrap();
+            let want = digest.then(|| {
+                let mut d = DecodedDigest::new();
+                d.update(&body);
+                d.finish()
+            });
+            assert_eq!(decoded, want, "the digest of {len} bytes");
             let mut file = file.open().unwrap();
             assert_eq!(size, len as u64);
             std::io::Write::write_all(&mut file, &tail).unwrap();
@@ -540,7 +613,9 @@ mod tests {
         for part in body.chunks(64 * 1024) {
             w.write_all(part).await.unwrap();
         }
-        let (file, tail, size) = w.finish().await.unwrap();
+        let Finished {
+            file, tail, size, ..
+        } = w.finish().await.unwrap();
         assert_eq!(size, len as u64);
         assert!(tail.is_empty(), "a big body is all in the file");
         drop(file);
@@ -578,7 +653,9 @@ mod tests {
             let body = pattern(len);
             w.write_all(&body).await.unwrap();
             w.flush().await.unwrap();
-            let (file, tail, size) = w.finish().await.unwrap();
+            let Finished {
+                file, tail, size, ..
+            } = w.finish().await.unwrap();
             assert_eq!(size, len as u64);
             if len < CHUNK {
                 assert!(matches!(file, BodyFile::Later(_)), "len {len}: {file:?}");
@@ -608,7 +685,7 @@ mod tests {
             if !failed {
                 failed = match w.finish().await {
                     Err(_) => true,
-                    Ok((file, _, _)) => file.open().is_err(),
+                    Ok(f) => f.file.open().is_err(),
                 };
             }
             assert!(

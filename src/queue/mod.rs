@@ -123,6 +123,11 @@ pub struct Envelope {
     /// message so that a receipt lost in a crash can be issued again at the next start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub receipt: Option<Box<ReceiptFacts>>,
+    /// The body as a partner decodes it once sent (`smtp::DecodedDigest`), hashed while it
+    /// was spooled; kept for a message routed to a partner, so that checking the receipt
+    /// of each attempt needs no second pass over the body. Absent: hashed as it is sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decoded: Option<Box<DecodedBody>>,
     /// CRC-32 of the body file, written only by a small message's commit
     /// ([`Spool::commit_parts`]), whose body, envelope and names reach the disk side by
     /// side: recovery reads the body against it to tell a commit cut short by a power
@@ -135,6 +140,23 @@ pub struct Envelope {
     /// it where the body file did not reach the disk, and no envelope in memory keeps it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub body_inline: Option<Box<str>>,
+}
+
+/// SHA-256 (hex) and size of a body as a partner decodes it: see [`Envelope::decoded`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DecodedBody {
+    pub sha256: String,
+    pub size: u64,
+}
+
+impl DecodedBody {
+    /// Of a body that is in memory whole.
+    pub fn of(body: &[u8]) -> Self {
+        let mut d = crate::smtp::DecodedDigest::new();
+        d.update(body);
+        let (sha256, size) = d.finish();
+        DecodedBody { sha256, size }
+    }
 }
 
 /// What a receiving relay's `accepted` receipt for a queued message says, beyond the
@@ -1489,6 +1511,7 @@ pub(crate) mod tests {
             held: false,
             expired: false,
             receipt: None,
+            decoded: None,
             body_crc32: None,
             body_inline: None,
         }
@@ -1506,7 +1529,7 @@ pub(crate) mod tests {
         let id = Spool::new_id();
         let mut w = s.body_writer(&id);
         w.write_all(b"Subject: x\r\n\r\nbody\r\n").await.unwrap();
-        let (file, tail, _) = w.finish().await.unwrap();
+        let bodyio::Finished { file, tail, .. } = w.finish().await.unwrap();
         let err = s.commit_parts(file, tail, &env(&id)).await.unwrap_err();
         assert!(err.to_string().contains("injected"), "{err}");
         s.discard(&id).await;
@@ -1522,7 +1545,7 @@ pub(crate) mod tests {
         let id2 = Spool::new_id();
         let mut w = s.body_writer(&id2);
         w.write_all(b"ok\r\n").await.unwrap();
-        let (file, tail, _) = w.finish().await.unwrap();
+        let bodyio::Finished { file, tail, .. } = w.finish().await.unwrap();
         s.commit_parts(file, tail, &env(&id2)).await.unwrap();
         assert!(s.is_queued(&id2));
     }
@@ -1540,7 +1563,7 @@ pub(crate) mod tests {
                 let id = Spool::new_id();
                 let mut w = s.body_writer(&id);
                 w.write_all(body).await.unwrap();
-                let (file, tail, _) = w.finish().await.unwrap();
+                let bodyio::Finished { file, tail, .. } = w.finish().await.unwrap();
                 let c = s.begin_commit(file, tail, &env(&id)).await.unwrap();
                 (id, c)
             }
@@ -1580,7 +1603,7 @@ pub(crate) mod tests {
         let id = Spool::new_id();
         let mut w = s.body_writer(&id);
         w.write_all(body).await.unwrap();
-        let (file, tail, _) = w.finish().await.unwrap();
+        let bodyio::Finished { file, tail, .. } = w.finish().await.unwrap();
         assert!(matches!(file, bodyio::BodyFile::Later(_)), "a small body");
         s.commit_parts(file, tail, &env(&id)).await.unwrap();
         id
@@ -1984,7 +2007,7 @@ pub(crate) mod tests {
         let long = Spool::new_id();
         let mut w = s.body_writer(&long);
         w.write_all(&long_body).await.unwrap();
-        let (file, tail, _) = w.finish().await.unwrap();
+        let bodyio::Finished { file, tail, .. } = w.finish().await.unwrap();
         let mut long_env = env(&long);
         long_env.helo = "h".repeat(2000); // an envelope longer than the next one
         s.commit_parts(file, tail, &long_env).await.unwrap();
@@ -2048,7 +2071,7 @@ pub(crate) mod tests {
             e.helo = helo.clone();
             let mut w = s.body_writer(&id);
             w.write_all(b"Subject: s\r\n\r\nbody\r\n").await.unwrap();
-            let (file, tail, _) = w.finish().await.unwrap();
+            let bodyio::Finished { file, tail, .. } = w.finish().await.unwrap();
             s.commit_parts(file, tail, &e).await.unwrap();
             let m = meta(s.env_path(&id));
             sizes.push(m.len());

@@ -154,7 +154,7 @@ pub(crate) fn build(
 #[derive(Debug)]
 pub(crate) enum Queued {
     /// In the spool; the caller puts this envelope in the queue.
-    Yes(Envelope),
+    Yes(Box<Envelope>),
     /// None is sent (null sender, or no route back): nothing to keep the original for.
     NotNeeded,
     /// Could not be written: the caller keeps the original message.
@@ -246,6 +246,7 @@ pub(crate) async fn queue(
             held: false,
             expired: false,
             receipt: None,
+            decoded: Some(Box::new(crate::queue::DecodedBody::of(&dsn))),
             body_crc32: None,
             body_inline: None,
         };
@@ -257,7 +258,7 @@ pub(crate) async fn queue(
         Ok(env) => {
             tracing::info!(queue_id = %id, original = %original.id, to = %original.mail_from,
                 recipients = failures.len(), kind = ?kind, "bounce queued");
-            Queued::Yes(env)
+            Queued::Yes(Box::new(env))
         }
         Err(e) => {
             spool.discard(&id).await;
@@ -289,6 +290,7 @@ mod tests {
             held: false,
             expired: false,
             receipt: None,
+            decoded: None,
             body_crc32: None,
             body_inline: None,
         };
@@ -367,6 +369,7 @@ mod tests {
             held: false,
             expired: false,
             receipt: None,
+            decoded: None,
             body_crc32: None,
             body_inline: None,
         };
@@ -422,6 +425,7 @@ mod tests {
             held: false,
             expired: false,
             receipt: None,
+            decoded: None,
             body_crc32: None,
             body_inline: None,
         };

@@ -983,6 +983,9 @@ pub(crate) async fn worker(ctx: Arc<Context>, domain: String, lane_no: usize, la
         if !ask {
             opts.xqid = None;
         }
+        // The hash to check the receipt against: kept since the message was spooled, or
+        // else taken of the bytes as they go on the wire.
+        let hash_wire = ask && job.decoded.is_none();
         let mut wire = super::receipts::WireHash::new();
         let mut observe = |f: crate::smtp::client::Framing, b: &[u8]| wire.feed(f, b);
         let res = active
@@ -993,7 +996,7 @@ pub(crate) async fn worker(ctx: Arc<Context>, domain: String, lane_no: usize, la
                 &job.rcpt_params,
                 &opts,
                 body,
-                ask.then_some(
+                hash_wire.then_some(
                     &mut observe as &mut (dyn FnMut(crate::smtp::client::Framing, &[u8]) + Send),
                 ),
             )
@@ -1015,7 +1018,11 @@ pub(crate) async fn worker(ctx: Arc<Context>, domain: String, lane_no: usize, la
             res => outcomes_from_smtp(&job, res, &what),
         });
         if ask && let Some(o) = &sent_ok {
-            match wire.digest().await {
+            let digest = match &job.decoded {
+                Some(d) => Ok((d.sha256.clone(), d.size)),
+                None => wire.digest().await,
+            };
+            match digest {
                 Ok((sha256, size)) => {
                     receipts_for(&ctx, &domain, active, &job, o, &sha256, size, &mut outcomes)
                         .instrument(span.clone())

@@ -63,7 +63,7 @@ pub enum ControlReply {
         messages: Vec<Envelope>,
     },
     Message {
-        envelope: Envelope,
+        envelope: Box<Envelope>,
         headers: String,
     },
     Done {
@@ -207,7 +207,7 @@ async fn handle(shared: &Context, req: ControlRequest) -> ControlReply {
         ControlRequest::Show { id } => match shared.queue.get(&id) {
             Some(envelope) => ControlReply::Message {
                 headers: headers_text(&shared.spool, &id).await,
-                envelope,
+                envelope: Box::new(envelope),
             },
             None => ControlReply::Error {
                 message: format!("no message {id} in the queue"),
@@ -282,7 +282,7 @@ pub async fn offline(spool_dir: &Path, req: &ControlRequest) -> std::io::Result<
         ControlRequest::Show { id } => match envs.into_iter().find(|e| &e.id == id) {
             Some(envelope) => ControlReply::Message {
                 headers: headers_text(&spool, id).await,
-                envelope,
+                envelope: Box::new(envelope),
             },
             None => ControlReply::Error {
                 message: format!("no message {id} in the queue"),

@@ -405,6 +405,11 @@ impl Backend for SpoolBackend {
         // The file itself is created when the body outgrows the writer's buffer, or by the
         // commit: a spool that cannot create it fails the message there, with the same 451.
         let mut w = self.shared.spool.body_writer(&id);
+        // A message for a partner: its digest as the partner will decode it is kept with
+        // it, for the receipt check of every attempt (see `caller`).
+        if self.routes.iter().any(|(_, r)| matches!(r, Route::Peer(_))) {
+            w = w.with_digest();
+        }
         let hdr = self.received_header(&id, env);
         if let Err(e) = w.write_all(hdr.as_bytes()).await {
             tracing::error!(error = %e, "cannot write to a spool file");
@@ -447,8 +452,8 @@ impl Backend for SpoolBackend {
             Err(e) => Err(e),
         };
         // A small body's bytes are written by the commit (`Spool::commit_parts`).
-        let (file, size) = match finished {
-            Ok((f, tail, size)) => ((f, tail), size),
+        let (file, size, decoded) = match finished {
+            Ok(f) => ((f.file, f.tail), f.size, f.decoded),
             Err(e) => {
                 self.shared.spool.discard(&id).await;
                 return fail(e);
@@ -498,6 +503,8 @@ impl Backend for SpoolBackend {
             held: false,
             expired: false,
             receipt: None,
+            decoded: decoded
+                .map(|(sha256, size)| Box::new(crate::queue::DecodedBody { sha256, size })),
             body_crc32: None,
             body_inline: None,
         };

@@ -210,6 +210,7 @@ mod tests {
             from_peer: None,
             dedup_key_file: None,
             pin: None,
+            decoded: None,
         }
     }
 

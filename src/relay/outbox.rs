@@ -276,6 +276,7 @@ async fn queue(
         held: false,
         expired: false,
         receipt: None,
+        decoded: Some(Box::new(crate::queue::DecodedBody::of(&msg))),
         body_crc32: None,
         body_inline: None,
     };

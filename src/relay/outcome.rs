@@ -36,6 +36,10 @@ pub(crate) struct Job {
     /// [`crate::queue::RelayPin`]): the attempt goes there while the pin is in force.
     #[serde(default)]
     pub pin: Option<crate::queue::RelayPin>,
+    /// The body as the partner will decode it, if hashed when it was spooled (see
+    /// [`crate::queue::Envelope::decoded`]); otherwise the attempt hashes what it sends.
+    #[serde(default)]
+    pub decoded: Option<Box<crate::queue::DecodedBody>>,
 }
 
 impl Job {

@@ -560,7 +560,7 @@ impl MailQueue {
         let site = self.site.get();
         match bounce::queue(&self.spool, &site, original, failures, kind).await {
             bounce::Queued::Yes(env) => {
-                self.insert(env);
+                self.insert(*env);
                 true
             }
             bounce::Queued::NotNeeded => true,
@@ -668,6 +668,7 @@ fn job_for(env: &Envelope, route: &Route, recipients: &[&crate::queue::Recipient
         from_peer: env.receipt.as_ref().map(|f| f.peer.clone()),
         // The attempt goes to the relay that may hold the message (see `caller`).
         pin: recipients.iter().find_map(|r| r.pin.clone()),
+        decoded: env.decoded.clone(),
         dedup_key_file: env.receipt.as_ref().map(|f| {
             crate::receipt::DedupKey::new(&f.peer, &f.sender_queue_id, &f.message_sha256)
                 .file_name()

@@ -304,13 +304,13 @@ impl DotStuffer {
 
     /// Encodes `input`, appending to `out`. Runs of input that need no change (lines
     /// already ending in CRLF and not starting with `.`) are copied in one go.
-    pub fn encode(&mut self, input: &[u8], out: &mut Vec<u8>) {
-        out.reserve(input.len() + input.len() / 64 + 4);
+    pub fn encode<O: Emit + ?Sized>(&mut self, input: &[u8], out: &mut O) {
+        out.reserve_for(input.len() + input.len() / 64 + 4);
         let mut i = 0;
         if self.pending_cr && !input.is_empty() {
             // A CR at the end of the previous input: CRLF either way, LF consumed.
             self.pending_cr = false;
-            out.extend_from_slice(b"\r\n");
+            out.emit(b"\r\n");
             self.at_line_start = true;
             if input[0] == b'\n' {
                 i = 1;
@@ -318,7 +318,7 @@ impl DotStuffer {
         }
         while i < input.len() {
             if self.dots && self.at_line_start && input[i] == b'.' {
-                out.push(b'.');
+                out.emit(b".");
             }
             // Copy verbatim up to the first CR or LF that is not part of a CRLF followed by
             // a line that does not start with `.`.
@@ -326,14 +326,14 @@ impl DotStuffer {
             let mut j = i;
             loop {
                 let Some(p) = memchr::memchr2(b'\r', b'\n', &input[j..]).map(|p| j + p) else {
-                    out.extend_from_slice(&input[start..]);
+                    out.emit(&input[start..]);
                     self.at_line_start = false;
                     return;
                 };
                 if input[p] == b'\n' {
                     // Bare LF.
-                    out.extend_from_slice(&input[start..p]);
-                    out.extend_from_slice(b"\r\n");
+                    out.emit(&input[start..p]);
+                    out.emit(b"\r\n");
                     self.at_line_start = true;
                     i = p + 1;
                     break;
@@ -341,7 +341,7 @@ impl DotStuffer {
                 match input.get(p + 1) {
                     None => {
                         // CR at the end: wait for the next input.
-                        out.extend_from_slice(&input[start..p]);
+                        out.emit(&input[start..p]);
                         self.pending_cr = true;
                         return;
                     }
@@ -350,15 +350,15 @@ impl DotStuffer {
                             j = p + 2;
                             continue;
                         }
-                        out.extend_from_slice(&input[start..p + 2]);
+                        out.emit(&input[start..p + 2]);
                         self.at_line_start = true;
                         i = p + 2;
                         break;
                     }
                     Some(_) => {
                         // Bare CR.
-                        out.extend_from_slice(&input[start..p]);
-                        out.extend_from_slice(b"\r\n");
+                        out.emit(&input[start..p]);
+                        out.emit(b"\r\n");
                         self.at_line_start = true;
                         i = p + 1;
                         break;
@@ -370,15 +370,86 @@ impl DotStuffer {
 
     /// Ends the message: CRLF if the last line is unterminated, then `.CRLF` (not for
     /// BDAT).
-    pub fn finish(&mut self, out: &mut Vec<u8>) {
+    pub fn finish<O: Emit + ?Sized>(&mut self, out: &mut O) {
         if self.pending_cr || !self.at_line_start {
-            out.extend_from_slice(b"\r\n");
+            out.emit(b"\r\n");
         }
         self.pending_cr = false;
         self.at_line_start = true;
         if self.dots {
-            out.extend_from_slice(b".\r\n");
+            out.emit(b".\r\n");
         }
+    }
+}
+
+/// Where [`DotStuffer`] puts its output: the bytes for the wire, or a digest of them.
+pub trait Emit {
+    fn emit(&mut self, bytes: &[u8]);
+    /// About this many bytes are coming.
+    fn reserve_for(&mut self, _n: usize) {}
+}
+
+impl Emit for Vec<u8> {
+    fn emit(&mut self, bytes: &[u8]) {
+        self.extend_from_slice(bytes);
+    }
+    fn reserve_for(&mut self, n: usize) {
+        self.reserve(n);
+    }
+}
+
+/// SHA-256 and size of a message as a server decodes it once our client has sent it, in
+/// either framing: the line-ending normalisation of [`DotStuffer`] (bare CR and bare LF
+/// become CRLF, a last line gets its CRLF), hashed as it goes, with no copy. Fed the
+/// bytes of a spool file as they are written, it gives what a partner's receipt will
+/// attest for that file, before the message is ever sent.
+#[derive(Clone)]
+pub struct DecodedDigest {
+    norm: DotStuffer,
+    out: HashOut,
+}
+
+#[derive(Clone)]
+struct HashOut {
+    hash: sha2::Sha256,
+    size: u64,
+}
+
+impl Emit for HashOut {
+    fn emit(&mut self, bytes: &[u8]) {
+        sha2::Digest::update(&mut self.hash, bytes);
+        self.size += bytes.len() as u64;
+    }
+}
+
+impl Default for DecodedDigest {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl DecodedDigest {
+    pub fn new() -> Self {
+        DecodedDigest {
+            norm: DotStuffer::chunking(),
+            out: HashOut {
+                hash: sha2::Digest::new(),
+                size: 0,
+            },
+        }
+    }
+
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.norm.encode(bytes, &mut self.out);
+    }
+
+    /// SHA-256 (lowercase hex) and size of the decoded message.
+    pub fn finish(mut self) -> (String, u64) {
+        self.norm.finish(&mut self.out);
+        (
+            hex::encode(sha2::Digest::finalize(self.out.hash)),
+            self.out.size,
+        )
     }
 }
 
@@ -629,6 +700,43 @@ mod tests {
             assert_eq!(j, wire.len(), "{body:?}");
             assert_eq!(rx.verdict(), DataVerdict::Ok, "{body:?}");
             assert_eq!(out, norm, "{body:?}");
+        }
+    }
+
+    /// The digest kept at spooling time is what the receiver decodes after either framing,
+    /// for bodies with bare CR and LF, leading dots, CRLF split across writes, a last line
+    /// without its CRLF, and nothing at all; and whatever the pieces it was fed in.
+    #[test]
+    fn the_decoded_digest_is_what_the_server_decodes() {
+        use sha2::Digest;
+        let bodies: [&[u8]; 6] = [
+            b"",
+            b"a\r\nb\r\n",
+            b"a\nb\r\n.dot\rc\r\n..two\nend",
+            b".\r\n.\r\n\r\r\n\n\n",
+            b"\r",
+            b"no line break at all",
+        ];
+        for body in bodies {
+            let mut wire = Vec::new();
+            let mut st = DotStuffer::new();
+            st.encode(body, &mut wire);
+            st.finish(&mut wire);
+            let mut rx = DataReceiver::new(u64::MAX);
+            let mut decoded = Vec::new();
+            assert_eq!(rx.feed(&wire, &mut decoded), wire.len());
+            assert!(rx.is_done());
+            let want = (
+                hex::encode(sha2::Sha256::digest(&decoded)),
+                decoded.len() as u64,
+            );
+            for piece in [1, 2, 3, 7, usize::MAX] {
+                let mut d = DecodedDigest::new();
+                for p in body.chunks(piece.min(body.len().max(1))) {
+                    d.update(p);
+                }
+                assert_eq!(d.finish(), want, "body {body:?} in pieces of {piece}");
+            }
         }
     }
 }

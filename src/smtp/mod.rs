@@ -17,7 +17,7 @@ pub mod reply;
 pub mod server;
 
 pub use client::{ClientError, ClientTimeouts, Extensions, MailOptions, SendOutcome, SmtpClient};
-pub use data::{DataReceiver, DataVerdict, DotStuffer};
+pub use data::{DataReceiver, DataVerdict, DecodedDigest, DotStuffer};
 pub use driver::{Backend, SessionSummary, SmtpError, serve};
 pub use dsn::{Notify, RcptParams, Ret};
 pub use reply::{Reply, ReplyLimits, ReplyParseError, parse_reply};

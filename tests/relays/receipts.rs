@@ -171,6 +171,56 @@ async fn every_message_comes_back_with_a_verified_receipt_stored_before_it_is_fo
     sites.stop().await;
 }
 
+/// A big message (several chunks, so A hashes it on its spool writer's thread and B on a
+/// thread of its own) with dot-stuffed lines: A checks B's receipt against the digest it
+/// kept when it spooled the message, and that digest is of the bytes B delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_big_message_is_checked_against_the_digest_kept_at_spooling() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let sites = TwoSites::start(dir.path(), Hooks::default()).await.unwrap();
+    let mut big =
+        b"From: alice@site-a.test\r\nTo: bob@site-b.test\r\nSubject: big\r\n\r\n".to_vec();
+    let mut i = 0usize;
+    while big.len() < 1_200_000 {
+        let dot = if i.is_multiple_of(5) { "." } else { "" };
+        big.extend_from_slice(format!("{dot}{i:08} {}\r\n", "z".repeat(i % 90)).as_bytes());
+        i += 1;
+    }
+    submit(
+        sites.a.smtp_addr,
+        std::slice::from_ref(&big),
+        "bob@site-b.test",
+        |_| {},
+    )
+    .await
+    .unwrap();
+    let md = sites.maildir(&sites.b_cfg);
+    assert!(wait_until(Duration::from_secs(30), || maildir_files(&md).len() == 1).await);
+    assert!(
+        a_queue_empties(&sites, 10).await,
+        "A did not take B's receipt"
+    );
+    let sent = a_store(&sites).list_sent().unwrap();
+    assert_eq!(sent.len(), 1);
+    let signed = sent[0].receipts[0].to_signed().unwrap();
+    let r = Receipt::parse(signed.text.as_ref()).unwrap();
+    // B's own trace lines come first; the receipt attests what B received, from A's on.
+    let delivered = std::fs::read(&maildir_files(&md)[0]).unwrap();
+    let at = (0..delivered.len()).find(|&i| {
+        (i == 0 || delivered[..i].ends_with(b"\r\n"))
+            && delivered[i..].starts_with(b"Received: from ")
+            && sha256_hex(&delivered[i..]) == r.message_sha256
+    });
+    let at = at.expect("the receipt attests the delivered bytes from a Received line on");
+    assert_eq!(r.message_size, (delivered.len() - at) as u64);
+    assert!(
+        delivered.ends_with(&big[big.len() - 200..]),
+        "the body arrived whole"
+    );
+    sites.stop().await;
+}
+
 /// A's reply to the end of the data is lost (the proxy swallows it and closes): A sends
 /// again on a new call, B recognises the message and returns the receipt it signed on the
 /// first call, and the message is delivered once.
