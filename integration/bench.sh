@@ -147,10 +147,11 @@ for n in (1, 10, 50):
     if ns: print(f"   queue commit, {n:2d} at once: {ns/1e6:7.2f} ms per batch -> {n*1e9/ns:6.0f} commits/s")
 # The per-byte work every byte of a call's leg needs, whatever the code around it: sealed
 # by the sender, opened by the receiver, and (for a message that asks for a receipt, as
-# every message on a call authenticated by signatures does) hashed by both, the sender over
-# what it puts on the wire and the receiver over what it takes in. Spread perfectly over all
-# cores, with nothing else (no copies, no system calls, no disk), that is the leg's ceiling
-# on this machine, for each suite.
+# every message on a call authenticated by signatures does) hashed by the receiver as it
+# takes it in. The sender's hash of the same message is taken as the message is spooled,
+# before the leg (since run 37; an envelope from before that is hashed as it is sent, the
+# second figure). Spread perfectly over all cores, with nothing else (no copies, no system
+# calls, no disk), that is the leg's ceiling on this machine, for each suite.
 sha = est("digest_sha256", "65536")
 if sha: print(f"   SHA-256 65536 B: {65536/sha:6.2f} GB/s")
 suites = {"chacha20-poly1305": (est("record_seal", "65536"), est("record_open", "65536")),
@@ -161,9 +162,11 @@ for name, (seal, opn) in suites.items():
     if seal and opn and sha:
         crypto = (seal + opn) / 65536  # ns per byte
         c_crypto = cores * 1e3 / crypto  # MB/s
-        c_receipt = cores * 1e3 / (crypto + 2 * sha / 65536)
+        c_receipt = cores * 1e3 / (crypto + sha / 65536)
+        c_both = cores * 1e3 / (crypto + 2 * sha / 65536)
         print(f"   a leg's per-byte work, {name}, on all {cores} cores and nothing else:"
-              f" {c_receipt:,.0f} MB/s with the receipt's SHA-256 at both ends ({c_crypto:,.0f} without)")
+              f" {c_receipt:,.0f} MB/s with the receiver's SHA-256 ({c_both:,.0f} with one at both ends"
+              f" as up to run 36, {c_crypto:,.0f} with none)")
         ceilings.append(f"{name}={c_receipt:.0f}")
 if len(ceilings) == len(suites):
     with open(ceiling_file, "w") as f:
@@ -376,9 +379,9 @@ say "   target (issue 16): A -> B leg >= 80% of dd's $DD_RATE MB/s = $(awk -v d=
 if [ -s "$OUT/leg-ceiling" ]; then # written by the criterion step of this run
     # "chacha20-poly1305=N aes-256-gcm=M": the leg's ceiling with receipts, per suite.
     SUITE_USED=$(grep -o 'suite=[a-z0-9-]*' "$SM/a.log" | tail -1 | cut -d= -f2 || true)
-    say "   the leg's ceiling on this machine with receipts (criterion above: seal, open and SHA-256 at both ends on all $(nproc) cores, nothing else):"
+    say "   the leg's ceiling on this machine with receipts (criterion above: seal, open and the receiver's SHA-256 on all $(nproc) cores, nothing else):"
     tr ' ' '\n' <"$OUT/leg-ceiling" | while IFS='=' read -r suite ceiling; do
-        say "      $suite$([ "$suite" = "$SUITE_USED" ] && echo " (this run's call)"): $ceiling MB/s, $(awk -v d="$DD_RATE" -v c="$ceiling" 'BEGIN {if (0.8 * d > c) printf "below the target: out of reach on this machine for any code that seals, opens and hashes every byte with this suite"; else printf "above the target"}')"
+        say "      $suite$([ "$suite" = "$SUITE_USED" ] && echo " (this run's call)"): $ceiling MB/s, $(awk -v d="$DD_RATE" -v c="$ceiling" 'BEGIN {if (0.8 * d > c) printf "below the target: out of reach on this machine for any code that seals, opens and hashes every byte once with this suite"; else printf "above the target"}')"
     done
 fi
 say "   end to end into A through B's fsynced 250:             $(mbps "$t0" "$t_b")"
@@ -502,7 +505,10 @@ if "sipmail" in sweep:
         print(f"      {s:3d} sessions: median {pts[s]:7.1f}   rounds: {', '.join(f'{x:.1f}' for x in runs[s])}")
     for s in (50, 200):
         if s in pts:
-            print(f"   sipmail at {s:3d} sessions: {pts[s]:.1f} msg/s = {100*pts[s]/peak:.0f}% of the peak (target >= 90%)")
+            # One decimal: run 37's 917.4 of 1,022.5 printed as "90%" and is 89.7%, not met.
+            share = 100 * pts[s] / peak
+            print(f"   sipmail at {s:3d} sessions: {pts[s]:.1f} msg/s = {share:.1f}% of the peak"
+                  f" (target >= 90%: {'met' if share >= 90 else 'not met'})")
 try:
     import matplotlib
     matplotlib.use("Agg")
