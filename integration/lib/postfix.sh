@@ -89,9 +89,9 @@ sink_count() { # messages counted so far in the file of `smtp-sink -c`
     echo "${c#mesg=}" | sed 's/^$/0/'
 }
 # A relay's "delivered to the peer" lines after byte OFFSET of its log. Only the new
-# part is read: after bench.sh's throughput steps A's log holds some 24 MB, and a grep of
-# all of it every 10 ms took 17 ms of CPU a time, most of a core taken from the relays
-# while the 200 MB leg was timed (run 37, docs/PERFORMANCE.md).
+# part is read: after bench.sh's throughput steps A's log holds about 31 MB, and a grep of
+# the whole log every 10 ms (17 ms of CPU each for 24.5 MB, measured) took most of a core
+# from the relays while the 200 MB leg was timed (run 37, docs/PERFORMANCE.md).
 delivered_since() { # LOG OFFSET
     tail -c +$(($2 + 1)) "$1" | grep -c 'delivered.*route=peer' || true
 }
