@@ -8,18 +8,25 @@
 //! a probe, the leg went from 459-481 MB/s to 649-795 (docs/PERFORMANCE.md, run 37).
 //! Moved here, the same work runs beside those tasks on the second core.
 //!
-//! Back-pressure is a bounded channel whose `send` blocks the producer when [`DEPTH`]
-//! chunks wait. The producer is an async task, and it blocks only while the consumer
-//! thread, which waits on nothing but the CPU, catches up: never longer than doing the
-//! same work inline took, which is what the producer did before. Memory is bounded: at
-//! most `DEPTH + 2` chunks per stream (queued, being consumed, being filled).
+//! Back-pressure: at most [`DEPTH`] chunks wait for the consumer thread. An async producer
+//! asks [`Offload::poll_room`] first, and is woken by the thread when a chunk is done, so
+//! it never blocks its worker (the receiver's tap). A producer that cannot wait
+//! asynchronously (the sender's fallback hash of what it sends, called from inside the
+//! SMTP client) blocks in `update` when the queue is full, until the thread, which waits on
+//! nothing but the CPU, has taken a chunk. Memory is bounded: at most `DEPTH + 3` chunks
+//! per stream (queued, one past the mark, being consumed, being filled).
+//!
+//! Where no thread can be started, the consumer stays on the calling thread for the rest
+//! of the stream: slower, never a byte left out.
 
 use std::io;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::task::{Context, Poll, Waker};
 
 /// Bytes handed over at a time; a stream up to this size never leaves the calling thread.
 pub const CHUNK: usize = 256 * 1024;
-/// Chunks queued to the consumer thread before the producer waits.
+/// Chunks queued to the consumer thread before a producer waits.
 const DEPTH: usize = 2;
 
 /// What consumes the bytes, in order.
@@ -39,6 +46,10 @@ pub struct Offload<C: Consume> {
     /// Bytes given to [`update`](Self::update) so far.
     seen: u64,
     name: &'static str,
+    /// No thread could be started: everything is consumed here.
+    inline_only: bool,
+    #[cfg(test)]
+    fail_spawn: bool,
 }
 
 enum State<C: Consume> {
@@ -46,12 +57,20 @@ enum State<C: Consume> {
     Thread {
         tx: mpsc::SyncSender<Vec<u8>>,
         fill: Vec<u8>,
+        queue: Arc<Queue>,
         /// The consumer back when the thread ends (None only if it never had it).
         done: tokio::sync::oneshot::Receiver<Option<C>>,
     },
     /// Only after the consumer thread died (it cannot, short of a panic in the consumer):
     /// the result is an error.
     Broken,
+}
+
+/// Chunks sent and not yet consumed, and the async producer to wake when one is.
+#[derive(Default)]
+struct Queue {
+    waiting: AtomicUsize,
+    waker: Mutex<Option<Waker>>,
 }
 
 impl<C: Consume> Offload<C> {
@@ -61,20 +80,47 @@ impl<C: Consume> Offload<C> {
             state: State::Inline(consumer),
             seen: 0,
             name,
+            inline_only: false,
+            #[cfg(test)]
+            fail_spawn: false,
         }
+    }
+
+    /// Ready when the next [`update`](Self::update) of at most [`CHUNK`] bytes will not
+    /// block: fewer than [`DEPTH`] chunks wait for the thread, or there is none.
+    pub fn poll_room(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let State::Thread { queue, .. } = &self.state else {
+            return Poll::Ready(());
+        };
+        if queue.waiting.load(Ordering::Acquire) < DEPTH {
+            return Poll::Ready(());
+        }
+        *queue.waker.lock().unwrap_or_else(|p| p.into_inner()) = Some(cx.waker().clone());
+        // Checked again after the waker is in place: a chunk consumed in between woke
+        // nobody.
+        if queue.waiting.load(Ordering::Acquire) < DEPTH {
+            return Poll::Ready(());
+        }
+        Poll::Pending
     }
 
     pub fn update(&mut self, mut bytes: &[u8]) {
         self.seen += bytes.len() as u64;
-        if let State::Inline(c) = &mut self.state {
-            if self.seen <= CHUNK as u64 {
-                c.consume(bytes);
-                return;
-            }
+        if let State::Inline(_) = &self.state
+            && !self.inline_only
+            && self.seen > CHUNK as u64
+        {
             self.start_thread();
         }
+        if let State::Inline(c) = &mut self.state {
+            c.consume(bytes);
+            return;
+        }
         while !bytes.is_empty() {
-            let State::Thread { tx, fill, .. } = &mut self.state else {
+            let State::Thread {
+                tx, fill, queue, ..
+            } = &mut self.state
+            else {
                 return;
             };
             let take = bytes.len().min(CHUNK - fill.len());
@@ -82,6 +128,7 @@ impl<C: Consume> Offload<C> {
             bytes = &bytes[take..];
             if fill.len() == CHUNK {
                 let full = std::mem::replace(fill, Vec::with_capacity(CHUNK));
+                queue.waiting.fetch_add(1, Ordering::AcqRel);
                 if tx.send(full).is_err() {
                     self.state = State::Broken;
                 }
@@ -90,37 +137,57 @@ impl<C: Consume> Offload<C> {
     }
 
     /// Moves the consumer to a thread of its own; where no thread can be started, it stays
-    /// here (slower, not wrong).
+    /// here for the rest of the stream.
     fn start_thread(&mut self) {
         let State::Inline(_) = &self.state else {
             return;
         };
-        let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(DEPTH);
+        // One past the mark fits without blocking: an async producer checks for room
+        // before an update that completes at most one chunk.
+        let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(DEPTH + 1);
+        let queue = Arc::new(Queue::default());
         // The consumer goes to the thread inside a slot it takes from, so that it can
         // stay here if the spawn fails.
-        let slot = std::sync::Arc::new(std::sync::Mutex::new(None::<C>));
+        let slot = Arc::new(Mutex::new(None::<C>));
         let State::Inline(c) = std::mem::replace(&mut self.state, State::Broken) else {
             return;
         };
         *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(c);
         let theirs = slot.clone();
-        let spawned = crate::own_thread::spawn(self.name, move || {
+        let q = queue.clone();
+        let work = move || {
             let mut c = theirs.lock().unwrap_or_else(|p| p.into_inner()).take();
             if let Some(c) = c.as_mut() {
                 while let Ok(chunk) = rx.recv() {
                     c.consume(&chunk);
+                    drop(chunk);
+                    q.waiting.fetch_sub(1, Ordering::AcqRel);
+                    if let Some(w) = q.waker.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                        w.wake();
+                    }
                 }
             }
             c
-        });
+        };
+        #[cfg(test)]
+        let spawned = if self.fail_spawn {
+            drop(work);
+            Err(io::Error::other("no thread, on purpose"))
+        } else {
+            crate::own_thread::spawn(self.name, work)
+        };
+        #[cfg(not(test))]
+        let spawned = crate::own_thread::spawn(self.name, work);
         self.state = match spawned {
             Ok(done) => State::Thread {
                 tx,
                 fill: Vec::with_capacity(CHUNK),
+                queue,
                 done,
             },
             Err(e) => {
-                tracing::debug!(error = %e, "{} stays on the calling thread", self.name);
+                tracing::warn!(error = %e, "{} stays on the calling thread", self.name);
+                self.inline_only = true;
                 match slot.lock().unwrap_or_else(|p| p.into_inner()).take() {
                     Some(c) => State::Inline(c),
                     None => State::Broken,
@@ -135,12 +202,21 @@ impl<C: Consume> Offload<C> {
     }
 
     /// The consumer, after every byte given to [`update`](Self::update).
-    pub async fn finish(self) -> io::Result<C> {
+    pub async fn finish(mut self) -> io::Result<C> {
+        std::future::poll_fn(|cx| self.poll_room(cx)).await;
         match self.state {
             State::Inline(c) => Ok(c),
-            State::Thread { tx, fill, done } => {
-                if !fill.is_empty() && tx.send(fill).is_err() {
-                    return Err(broken(self.name));
+            State::Thread {
+                tx,
+                fill,
+                done,
+                queue,
+            } => {
+                if !fill.is_empty() {
+                    queue.waiting.fetch_add(1, Ordering::AcqRel);
+                    if tx.send(fill).is_err() {
+                        return Err(broken(self.name));
+                    }
                 }
                 drop(tx);
                 match done.await {
@@ -160,6 +236,7 @@ fn broken(name: &str) -> io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicUsize;
 
     /// Records the bytes and the threads that consumed them.
     #[derive(Default)]
@@ -167,10 +244,15 @@ mod tests {
         bytes: Vec<u8>,
         threads: Vec<Option<String>>,
         panic_after: Option<usize>,
+        /// Each consume waits for a token from here, if set.
+        gate: Option<std::sync::mpsc::Receiver<()>>,
     }
 
     impl Consume for Record {
         fn consume(&mut self, bytes: &[u8]) {
+            if let Some(g) = &self.gate {
+                let _ = g.recv();
+            }
             self.bytes.extend_from_slice(bytes);
             let name = std::thread::current().name().map(str::to_string);
             if self.threads.last() != Some(&name) {
@@ -234,5 +316,73 @@ mod tests {
         }
         let e = o.finish().await.err().expect("the thread died");
         assert!(e.to_string().contains("t-offload-dies"), "{e}");
+    }
+
+    /// No thread can be started: every byte is still consumed, in order, here; the
+    /// stream does not try again for each update.
+    #[tokio::test(flavor = "current_thread")]
+    async fn without_a_thread_everything_is_consumed_here() {
+        let data = pattern(4 * CHUNK + 99);
+        let mut o = Offload::new(Record::default(), "t-offload-nothread");
+        o.fail_spawn = true;
+        for piece in data.chunks(CHUNK / 3 + 1) {
+            o.update(piece);
+        }
+        assert!(o.inline_only);
+        let r = o.finish().await.unwrap();
+        assert!(r.bytes == data, "bytes lost or out of order");
+        let here = std::thread::current().name().map(str::to_string);
+        assert_eq!(r.threads, vec![here]);
+    }
+
+    struct Count(std::sync::atomic::AtomicUsize);
+    impl std::task::Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// An async producer is told to wait once DEPTH chunks wait for a slow consumer, and
+    /// is woken when one is consumed: it never has to block.
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_async_producer_waits_for_room_and_is_woken() {
+        let (open, gate) = std::sync::mpsc::channel();
+        let rec = Record {
+            gate: Some(gate),
+            ..Record::default()
+        };
+        let mut o = Offload::new(rec, "t-offload-room");
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        let data = pattern(4 * CHUNK);
+        // The first chunk is consumed here (inline): let it through.
+        open.send(()).unwrap();
+        let mut at = 0;
+        let mut pending = 0;
+        while at < data.len() {
+            if o.poll_room(&mut cx).is_pending() {
+                pending += 1;
+                let woken = count.0.load(Ordering::SeqCst);
+                open.send(()).unwrap(); // one chunk may be consumed now
+                let t0 = std::time::Instant::now();
+                while count.0.load(Ordering::SeqCst) == woken {
+                    assert!(
+                        t0.elapsed() < std::time::Duration::from_secs(10),
+                        "never woken"
+                    );
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                continue;
+            }
+            o.update(&data[at..at + CHUNK]);
+            at += CHUNK;
+        }
+        assert!(pending > 0, "the producer was never asked to wait");
+        for _ in 0..8 {
+            let _ = open.send(());
+        }
+        let r = o.finish().await.unwrap();
+        assert!(r.bytes == data);
     }
 }

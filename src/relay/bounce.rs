@@ -182,6 +182,8 @@ pub(crate) async fn queue(
             return Queued::NotNeeded;
         }
     };
+    // Only a bounce that goes to a partner needs its digest, for the receipt check.
+    let to_partner = matches!(route, crate::queue::Route::Peer(_));
     // A delay warning returns the headers only, whatever RET says (RFC 3461 §4.3).
     let want_full = kind == Kind::Failed
         && original.ret == Some(crate::smtp::Ret::Full)
@@ -246,7 +248,7 @@ pub(crate) async fn queue(
             held: false,
             expired: false,
             receipt: None,
-            decoded: Some(Box::new(crate::queue::DecodedBody::of(&dsn))),
+            decoded: to_partner.then(|| Box::new(crate::queue::DecodedBody::of(&dsn))),
             body_crc32: None,
             body_inline: None,
         };

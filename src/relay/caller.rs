@@ -714,7 +714,15 @@ async fn receipts_for(
     let (covered, signed) = match checked {
         Ok(x) => x,
         Err(e) => {
+            // Which hash the receipt was held against: one taken when the message was
+            // spooled also catches a spool file that changed since (a local fault).
+            let ours = if job.decoded.is_some() {
+                "when spooled"
+            } else {
+                "as sent"
+            };
             tracing::error!(queue_id = %job.id, peer = %domain, call_id = %active.dialog.call_id, error = %e,
+                hashed = ours,
                 "ALERT: the partner's receipt is refused; the message is not counted as delivered and stays queued");
             ctx.metrics.receipt_checked(domain, false);
             refuse(outcomes, format!("peer {domain}: receipt refused: {e}"));

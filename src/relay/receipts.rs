@@ -434,6 +434,11 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for Tap<W> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        // Room for what this write may hand to the hashing thread, before the bytes are
+        // taken: a worker never waits on that thread (`crate::offload`).
+        if let Some(t) = &mut this.on {
+            ready!(t.hash.poll_room(cx));
+        }
         let n = ready!(Pin::new(&mut this.inner).poll_write(cx, buf))?;
         if let Some(t) = &mut this.on {
             let done = &buf[..n];

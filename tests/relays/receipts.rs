@@ -605,6 +605,26 @@ async fn a_full_disk_at_the_receiver_defers_and_nothing_is_lost_or_delivered_twi
     // is full (452 4.3.1), a reason to retry, not to bounce.
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_a_keeps_it_unreceipted(dir.path(), &sites, "452 4.3.1 insufficient system storage");
+    // A took the digest it will check B's receipt against as it spooled the message: the
+    // SHA-256 of its body file (lines already CRLF, so as B will decode it), in the
+    // envelope, with no attempt in between able to change it.
+    let id = &sites.a.queue_snapshot_ids()[0];
+    let spooled = dir.path().join(format!("var/site-a/spool/queue/{id}"));
+    let env_bytes = std::fs::read(spooled.with_extension("env")).unwrap();
+    // The first JSON value: an envelope file may be longer than its value (rewritten in
+    // place, see the spool).
+    let env: serde_json::Value = serde_json::Deserializer::from_slice(&env_bytes)
+        .into_iter()
+        .next()
+        .unwrap()
+        .unwrap();
+    let body = std::fs::read(spooled.with_extension("msg")).unwrap();
+    assert_eq!(
+        env["decoded"]["sha256"],
+        sha256_hex(&body).as_str(),
+        "{env}"
+    );
+    assert_eq!(env["decoded"]["size"], body.len() as u64);
     // Nothing half-written is left in B's spool.
     let tmp = dir.path().join("var/site-b/spool/tmp");
     assert_eq!(
