@@ -102,7 +102,7 @@ pub struct Finished {
     pub tail: Vec<u8>,
     pub size: u64,
     /// SHA-256 and size of the body as a partner decodes it, if asked for.
-    pub decoded: Option<(String, u64)>,
+    pub decoded: Option<super::DecodedBody>,
 }
 
 impl std::fmt::Debug for BodyWriter {
@@ -214,7 +214,7 @@ impl BodyWriter {
             let tail = std::mem::take(&mut self.buf);
             let decoded = self.digest.take().map(|mut d| {
                 d.update(&tail);
-                d.finish()
+                super::DecodedBody::from_digest(d)
             });
             return Ok(Finished {
                 file,
@@ -231,7 +231,7 @@ impl BodyWriter {
             file: BodyFile::Open(file),
             tail: Vec::new(),
             size: self.size,
-            decoded: digest.map(DecodedDigest::finish),
+            decoded: digest.map(super::DecodedBody::from_digest),
         })
     }
 }
@@ -555,7 +555,8 @@ mod tests {
             let want = digest.then(|| {
                 let mut d = DecodedDigest::new();
                 d.update(&body);
-                d.finish()
+                let (sha256, size) = d.finish();
+                super::super::DecodedBody { sha256, size }
             });
             assert_eq!(decoded, want, "the digest of {len} bytes");
             let mut file = file.open().unwrap();

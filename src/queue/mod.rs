@@ -154,6 +154,11 @@ impl DecodedBody {
     pub fn of(body: &[u8]) -> Self {
         let mut d = crate::smtp::DecodedDigest::new();
         d.update(body);
+        Self::from_digest(d)
+    }
+
+    /// Once every byte of the body went through `d`.
+    pub fn from_digest(d: crate::smtp::DecodedDigest) -> Self {
         let (sha256, size) = d.finish();
         DecodedBody { sha256, size }
     }

@@ -671,6 +671,16 @@ async fn place_call(
     })
 }
 
+/// Recipients the partner took, but whose receipt could not be checked or kept: not
+/// delivered yet, tried again (the partner recognises the resend).
+fn not_delivered(outcomes: &mut [(String, RcptOutcome)], why: String) {
+    for (_, o) in outcomes.iter_mut() {
+        if *o == RcptOutcome::Delivered {
+            *o = RcptOutcome::Transient(why.clone());
+        }
+    }
+}
+
 /// The receipts a partner returned for `job`: verified with the key this call
 /// authenticated, checked against the message sent (its hash, size, sender, our queue ID)
 /// and the calls we placed, and stored durably *before* any recipient is reported
@@ -704,13 +714,6 @@ async fn receipts_for(
         rcpts: &accepted,
     };
     let checked = super::receipts::check_returned(&keys, &ctx.receipts, &m, data.lines());
-    let refuse = |outcomes: &mut [(String, RcptOutcome)], why: String| {
-        for (_, o) in outcomes.iter_mut() {
-            if *o == RcptOutcome::Delivered {
-                *o = RcptOutcome::Transient(why.clone());
-            }
-        }
-    };
     let (covered, signed) = match checked {
         Ok(x) => x,
         Err(e) => {
@@ -725,7 +728,7 @@ async fn receipts_for(
                 hashed = ours,
                 "ALERT: the partner's receipt is refused; the message is not counted as delivered and stays queued");
             ctx.metrics.receipt_checked(domain, false);
-            refuse(outcomes, format!("peer {domain}: receipt refused: {e}"));
+            not_delivered(outcomes, format!("peer {domain}: receipt refused: {e}"));
             return;
         }
     };
@@ -735,7 +738,7 @@ async fn receipts_for(
         .await
     {
         tracing::error!(queue_id = %job.id, error = %e, "cannot store the receipt; the message stays queued and is sent again");
-        refuse(outcomes, format!("cannot store the receipt: {e}"));
+        not_delivered(outcomes, format!("cannot store the receipt: {e}"));
         return;
     }
     ctx.metrics.receipt_checked(domain, true);
@@ -1044,11 +1047,7 @@ pub(crate) async fn worker(ctx: Arc<Context>, domain: String, lane_no: usize, la
                         tracing::error!(queue_id = %job.id, error = %e,
                         "cannot hash the sent message to check its receipt; it stays queued")
                     });
-                    for (_, o) in outcomes.iter_mut() {
-                        if *o == RcptOutcome::Delivered {
-                            *o = RcptOutcome::Transient(format!("cannot check the receipt: {e}"));
-                        }
-                    }
+                    not_delivered(&mut outcomes, format!("cannot check the receipt: {e}"));
                 }
             }
         }

@@ -503,8 +503,7 @@ impl Backend for SpoolBackend {
             held: false,
             expired: false,
             receipt: None,
-            decoded: decoded
-                .map(|(sha256, size)| Box::new(crate::queue::DecodedBody { sha256, size })),
+            decoded: decoded.map(Box::new),
             body_crc32: None,
             body_inline: None,
         };

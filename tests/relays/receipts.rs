@@ -26,6 +26,16 @@ fn sha256_hex(b: &[u8]) -> String {
     hex::encode(sha2::Sha256::digest(b))
 }
 
+/// Where, in a file B delivered, the bytes a receipt's `message-sha256` attests begin: at
+/// a line starting "Received: from " (A's trace line; B's own come before it).
+fn attested_from(delivered: &[u8], sha256: &str) -> Option<usize> {
+    (0..delivered.len()).find(|&i| {
+        (i == 0 || delivered[..i].ends_with(b"\r\n"))
+            && delivered[i..].starts_with(b"Received: from ")
+            && sha256_hex(&delivered[i..]) == sha256
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_message_comes_back_with_a_verified_receipt_stored_before_it_is_forgotten() {
     init_logs();
@@ -88,13 +98,9 @@ async fn every_message_comes_back_with_a_verified_receipt_stored_before_it_is_fo
     // what B delivered is that after B's own trace lines.
     for f in maildir_files(&md) {
         let delivered = std::fs::read(&f).unwrap();
-        let found = hashes.iter().any(|h| {
-            (0..delivered.len()).any(|i| {
-                (i == 0 || delivered[..i].ends_with(b"\r\n"))
-                    && delivered[i..].starts_with(b"Received: from ")
-                    && &sha256_hex(&delivered[i..]) == h
-            })
-        });
+        let found = hashes
+            .iter()
+            .any(|h| attested_from(&delivered, h).is_some());
         assert!(found, "no receipt attests the bytes delivered in {f:?}");
     }
     // The operator's and the auditor's view: `sipmail receipts verify`, then GnuPG alone
@@ -207,12 +213,8 @@ async fn a_big_message_is_checked_against_the_digest_kept_at_spooling() {
     let r = Receipt::parse(signed.text.as_ref()).unwrap();
     // B's own trace lines come first; the receipt attests what B received, from A's on.
     let delivered = std::fs::read(&maildir_files(&md)[0]).unwrap();
-    let at = (0..delivered.len()).find(|&i| {
-        (i == 0 || delivered[..i].ends_with(b"\r\n"))
-            && delivered[i..].starts_with(b"Received: from ")
-            && sha256_hex(&delivered[i..]) == r.message_sha256
-    });
-    let at = at.expect("the receipt attests the delivered bytes from a Received line on");
+    let at = attested_from(&delivered, &r.message_sha256)
+        .expect("the receipt attests the delivered bytes from a Received line on");
     assert_eq!(r.message_size, (delivered.len() - at) as u64);
     assert!(
         delivered.ends_with(&big[big.len() - 200..]),
