@@ -7,7 +7,8 @@
 //!   the named side's work is timed (`iter_custom`), so 1 / time = handshakes per second
 //!   per side per core.
 //! - `handshake/parts/*`: one OpenPGP signature, one verification, one X25519 key pair
-//!   and shared secret (as the handshake computes it, and with x25519-dalek's ladder).
+//!   and shared secret (as the handshake computes it, and with x25519-dalek's ladder);
+//!   and the floor under a side: a raw Ed25519 signature and strict verification.
 //!
 //! Run: `cargo bench --bench handshake`.
 
@@ -167,6 +168,33 @@ fn bench_handshake(c: &mut Criterion) {
             let p = PublicKey::from(&s);
             black_box((p, s.diffie_hellman(&peer)))
         });
+    });
+    // The floor under a side: the same X25519 as above plus one raw Ed25519 signature and
+    // one strict verification (ed25519-dalek, as the handshake's fast paths use it) over
+    // a 32-byte digest, the input an OpenPGP EdDSA signature signs, with no OpenPGP
+    // packet around them. A side's time above the sum of these three is the handshake's
+    // own work (the packets, the transcript, the key schedule); below it no code on
+    // these libraries can go on this CPU.
+    use ed25519_dalek::{Signer, SigningKey};
+    let key = SigningKey::from_bytes(&[3u8; 32]);
+    let public = key.verifying_key();
+    let digest = [0x5au8; 32];
+    g.bench_function("ed25519_sign_raw", |b| {
+        b.iter(|| key.sign(black_box(&digest)));
+    });
+    let mut n = 0u8;
+    g.bench_function("ed25519_verify_strict_raw", |b| {
+        b.iter_batched(
+            || {
+                // A fresh signature each time (made outside the clock), as for the
+                // OpenPGP verification above.
+                n = n.wrapping_add(1);
+                let d = [n; 32];
+                (d, key.sign(&d))
+            },
+            |(d, sig)| public.verify_strict(black_box(&d), &sig).unwrap(),
+            criterion::BatchSize::SmallInput,
+        );
     });
     g.finish();
 }

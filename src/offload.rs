@@ -10,9 +10,10 @@
 //!
 //! Back-pressure: at most [`DEPTH`] chunks wait for the consumer thread. An async producer
 //! asks [`Offload::poll_room`] first, and is woken by the thread when a chunk is done, so
-//! it never blocks its worker (the receiver's tap). A producer that cannot wait
-//! asynchronously (the sender's fallback hash of what it sends, called from inside the
-//! SMTP client) blocks in `update` when the queue is full, until the thread, which waits on
+//! it never blocks its worker: the receiver's tap, and the sender's fallback hash of what
+//! it sends, which the SMTP client feeds in pieces of at most one chunk, each after its
+//! observer said it was ready (`smtp::client::Observe`). A producer that ignores
+//! `poll_room` blocks in `update` when the queue is full, until the thread, which waits on
 //! nothing but the CPU, has taken a chunk. Memory is bounded: at most `DEPTH + 3` chunks
 //! per stream (queued, one past the mark, being consumed, being filled).
 //!

@@ -482,3 +482,103 @@ async fn client_to_python_smtpd() {
         "Subject: t\n\n.starts with dot\n..two\n\u{fc}ber\nlast"
     );
 }
+
+/// An observer that is not ready the first time it is asked for each piece (and wakes its
+/// task at once, as a hashing thread does when it catches up), and checks that it is
+/// shown nothing it did not say it was ready for, in pieces of at most `OBSERVE_MAX`.
+#[derive(Default)]
+struct Hesitant {
+    /// `poll_ready` said Ready, and no piece was shown since.
+    ready: bool,
+    /// Pending was returned for the piece to come.
+    hesitated: bool,
+    waits: usize,
+    pieces: Vec<(sipmail::smtp::client::Framing, usize)>,
+    bytes: Vec<u8>,
+}
+
+impl sipmail::smtp::client::Observe for Hesitant {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if !self.hesitated {
+            self.hesitated = true;
+            self.waits += 1;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        self.ready = true;
+        Poll::Ready(())
+    }
+    fn see(&mut self, framing: sipmail::smtp::client::Framing, bytes: &[u8]) {
+        assert!(self.ready, "shown a piece before it said it was ready");
+        assert!(bytes.len() <= sipmail::smtp::client::OBSERVE_MAX);
+        self.ready = false;
+        self.hesitated = false;
+        self.pieces.push((framing, bytes.len()));
+        self.bytes.extend_from_slice(bytes);
+    }
+}
+
+/// What the server decodes from `wire`, sent with `framing`.
+fn decoded(framing: sipmail::smtp::client::Framing, wire: &[u8]) -> Vec<u8> {
+    use sipmail::smtp::client::Framing;
+    match framing {
+        Framing::Chunks => wire.to_vec(),
+        Framing::Data => {
+            let mut rx = sipmail::smtp::DataReceiver::new(u64::MAX);
+            let mut out = Vec::new();
+            assert_eq!(rx.feed(wire, &mut out), wire.len());
+            assert!(rx.is_done(), "the observed bytes end the message");
+            out
+        }
+    }
+}
+
+/// The client shows its observer every byte it puts on the wire (BDAT for a small
+/// message, DATA for one of 1 MB, in several pieces), each piece only once the observer
+/// said it was ready: an observer whose consumer is behind holds the sending task back
+/// without blocking its thread (the receipt's hash of a big message, `WireHash`).
+#[tokio::test(flavor = "current_thread")]
+async fn the_client_waits_for_its_observer_before_each_piece() {
+    use sipmail::smtp::MailOptions;
+    use sipmail::smtp::client::Framing;
+    let (addr, store, _dir) = start_server(test_config()).await;
+    let sock = TcpStream::connect(addr).await.unwrap();
+    let mut c = SmtpClient::connect(sock, "relay.example", ClientTimeouts::default())
+        .await
+        .unwrap();
+    assert!(c.extensions().chunking && c.extensions().pipelining);
+    let big = one_mb_body();
+    let small = b"Subject: s\r\n\r\n.dot\r\nbare\nend".to_vec();
+    for (body, framing) in [(&small, Framing::Chunks), (&big, Framing::Data)] {
+        let mut o = Hesitant::default();
+        let rcpts = vec!["r@b.example".to_string()];
+        let out = c
+            .send_tx_observed(
+                "s@a.example",
+                &rcpts,
+                &[],
+                &MailOptions::default(),
+                &body[..],
+                Some(&mut o),
+            )
+            .await
+            .unwrap();
+        assert_eq!(out.data.expect("a reply to the message").code, 250);
+        assert!(
+            o.pieces.iter().all(|(f, _)| *f == framing),
+            "{:?}",
+            o.pieces
+        );
+        assert_eq!(o.waits, o.pieces.len(), "one wait before each piece");
+        if framing == Framing::Data {
+            assert!(o.pieces.len() >= 4, "1 MB in pieces: {:?}", o.pieces);
+        }
+        let st = store.lock().unwrap();
+        let (_, got) = st.messages.last().expect("the server has the message");
+        assert!(
+            decoded(framing, &o.bytes) == *got,
+            "the observer saw other bytes than the server took"
+        );
+    }
+    c.quit().await.unwrap();
+}

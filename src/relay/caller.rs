@@ -998,7 +998,6 @@ pub(crate) async fn worker(ctx: Arc<Context>, domain: String, lane_no: usize, la
         // else taken of the bytes as they go on the wire.
         let hash_wire = ask && job.decoded.is_none();
         let mut wire = super::receipts::WireHash::new();
-        let mut observe = |f: crate::smtp::client::Framing, b: &[u8]| wire.feed(f, b);
         let res = active
             .client
             .send_tx_observed(
@@ -1007,9 +1006,7 @@ pub(crate) async fn worker(ctx: Arc<Context>, domain: String, lane_no: usize, la
                 &job.rcpt_params,
                 &opts,
                 body,
-                hash_wire.then_some(
-                    &mut observe as &mut (dyn FnMut(crate::smtp::client::Framing, &[u8]) + Send),
-                ),
+                hash_wire.then_some(&mut wire as crate::smtp::client::Observer<'_>),
             )
             .instrument(span.clone())
             .await;

@@ -112,6 +112,10 @@ pub struct Hooks {
     /// Runs before each fsync of the spool's `queue/`; an error stands for the fsync's,
     /// so a test can play a disk that fails a flush (`Spool::set_dir_sync_fault`).
     pub spool_dir_sync: Option<crate::queue::DirSyncFault>,
+    /// Spools messages for a partner without their digest, as a relay before run 37 did,
+    /// so a test can send one through the fallback that hashes the bytes as they are sent
+    /// (`receipts::WireHash`).
+    pub spool_without_digest: bool,
 }
 
 /// See [`Hooks::receipt_reply`].
@@ -126,6 +130,7 @@ impl std::fmt::Debug for Hooks {
             .field("receipt_reply", &self.receipt_reply.is_some())
             .field("delivered_reply", &self.delivered_reply.is_some())
             .field("spool_dir_sync", &self.spool_dir_sync.is_some())
+            .field("spool_without_digest", &self.spool_without_digest)
             .finish()
     }
 }

@@ -407,7 +407,9 @@ impl Backend for SpoolBackend {
         let mut w = self.shared.spool.body_writer(&id);
         // A message for a partner: its digest as the partner will decode it is kept with
         // it, for the receipt check of every attempt (see `caller`).
-        if self.routes.iter().any(|(_, r)| matches!(r, Route::Peer(_))) {
+        if self.routes.iter().any(|(_, r)| matches!(r, Route::Peer(_)))
+            && !self.shared.hooks.spool_without_digest
+        {
             w = w.with_digest();
         }
         let hdr = self.received_header(&id, env);

@@ -75,7 +75,39 @@ impl ClientError {
 
 /// Sees the message's bytes as they go on the wire (see [`SmtpClient::send_tx_observed`]),
 /// and how they are framed there.
-pub type Observer<'a> = &'a mut (dyn FnMut(Framing, &[u8]) + Send);
+///
+/// The client hands [`see`](Observe::see) at most [`OBSERVE_MAX`] bytes at a time, and
+/// before each piece waits, without blocking its thread, until
+/// [`poll_ready`](Observe::poll_ready) says the observer can take it. So an observer that
+/// passes the bytes to a thread of its own (the receipt's hash of a big message) holds
+/// the sending task back while that thread is behind, instead of blocking a worker of the
+/// async runtime.
+pub trait Observe: Send {
+    /// Ready when the next [`see`](Self::see) will not block. The default: always.
+    fn poll_ready(&mut self, _cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        std::task::Poll::Ready(())
+    }
+    /// The next bytes of the message as they go on the wire (at most [`OBSERVE_MAX`]).
+    fn see(&mut self, framing: Framing, bytes: &[u8]);
+}
+
+/// The most bytes one [`Observe::see`] is given.
+pub const OBSERVE_MAX: usize = 256 * 1024;
+
+/// See [`SmtpClient::send_tx_observed`].
+pub type Observer<'a> = &'a mut dyn Observe;
+
+/// Shows `bytes` to the observer, if any: in pieces of at most [`OBSERVE_MAX`], each
+/// once the observer is ready for it.
+async fn show(observe: &mut Option<Observer<'_>>, framing: Framing, bytes: &[u8]) {
+    let Some(o) = observe.as_mut() else {
+        return;
+    };
+    for piece in bytes.chunks(OBSERVE_MAX) {
+        std::future::poll_fn(|cx| o.poll_ready(cx)).await;
+        o.see(framing, piece);
+    }
+}
 
 /// How a message's bytes go on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -632,9 +664,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> SmtpClient<S> {
         }
         batch.extend_from_slice(format!("BDAT {} LAST\r\n", data.len()).as_bytes());
         batch.extend_from_slice(data);
-        if let Some(o) = observe.as_mut() {
-            o(Framing::Chunks, data);
-        }
+        show(&mut observe, Framing::Chunks, data).await;
         let unconfirmed = |e| ClientError::Unconfirmed(Box::new(e));
         self.write(&batch, t.data_block, "MAIL ... BDAT")
             .await
@@ -678,17 +708,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> SmtpClient<S> {
             }
             stuffer.encode(&inbuf[..n], &mut out);
             if out.len() >= BODY_CHUNK {
-                if let Some(o) = observe.as_mut() {
-                    o(Framing::Data, &out);
-                }
+                show(&mut observe, Framing::Data, &out).await;
                 self.write(&out, t.data_block, "data block").await?;
                 out.clear();
             }
         }
         stuffer.finish(&mut out);
-        if let Some(o) = observe.as_mut() {
-            o(Framing::Data, &out);
-        }
+        show(&mut observe, Framing::Data, &out).await;
         // From here on the server may hold the whole message.
         let unconfirmed = |e| ClientError::Unconfirmed(Box::new(e));
         self.write(&out, t.data_block, "data block")
