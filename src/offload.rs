@@ -21,7 +21,7 @@
 //! of the stream: slower, never a byte left out.
 
 use std::io;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::task::{Context, Poll, Waker};
 
@@ -72,6 +72,33 @@ enum State<C: Consume> {
 struct Queue {
     waiting: AtomicUsize,
     waker: Mutex<Option<Waker>>,
+    /// The consumer thread has ended (the stream's end, or a panic in the consumer):
+    /// nothing will make room any more, so a producer must not wait for it.
+    closed: AtomicBool,
+}
+
+impl Queue {
+    fn wake(&self) {
+        if let Some(w) = self.waker.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            w.wake();
+        }
+    }
+
+    fn has_room(&self) -> bool {
+        self.closed.load(Ordering::Acquire) || self.waiting.load(Ordering::Acquire) < DEPTH
+    }
+}
+
+/// Held by the consumer thread: however it ends, even by a panic in the consumer, a
+/// producer waiting in [`Offload::poll_room`] is woken and finds the queue closed (its next
+/// send fails, and the stream ends in an error, not a hang).
+struct CloseOnExit(Arc<Queue>);
+
+impl Drop for CloseOnExit {
+    fn drop(&mut self) {
+        self.0.closed.store(true, Ordering::Release);
+        self.0.wake();
+    }
 }
 
 impl<C: Consume> Offload<C> {
@@ -93,13 +120,13 @@ impl<C: Consume> Offload<C> {
         let State::Thread { queue, .. } = &self.state else {
             return Poll::Ready(());
         };
-        if queue.waiting.load(Ordering::Acquire) < DEPTH {
+        if queue.has_room() {
             return Poll::Ready(());
         }
         *queue.waker.lock().unwrap_or_else(|p| p.into_inner()) = Some(cx.waker().clone());
-        // Checked again after the waker is in place: a chunk consumed in between woke
-        // nobody.
-        if queue.waiting.load(Ordering::Acquire) < DEPTH {
+        // Checked again after the waker is in place: a chunk consumed (or the thread's end)
+        // in between woke nobody.
+        if queue.has_room() {
             return Poll::Ready(());
         }
         Poll::Pending
@@ -157,15 +184,14 @@ impl<C: Consume> Offload<C> {
         let theirs = slot.clone();
         let q = queue.clone();
         let work = move || {
+            let _closed = CloseOnExit(q.clone());
             let mut c = theirs.lock().unwrap_or_else(|p| p.into_inner()).take();
             if let Some(c) = c.as_mut() {
                 while let Ok(chunk) = rx.recv() {
                     c.consume(&chunk);
                     drop(chunk);
                     q.waiting.fetch_sub(1, Ordering::AcqRel);
-                    if let Some(w) = q.waker.lock().unwrap_or_else(|p| p.into_inner()).take() {
-                        w.wake();
-                    }
+                    q.wake();
                 }
             }
             c
@@ -317,6 +343,43 @@ mod tests {
         }
         let e = o.finish().await.err().expect("the thread died");
         assert!(e.to_string().contains("t-offload-dies"), "{e}");
+    }
+
+    /// A consumer thread that dies while an async producer waits for room wakes it: the
+    /// producer is not left waiting for a chunk that will never be consumed, and the
+    /// stream ends in an error.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_consumer_that_dies_wakes_a_waiting_producer() {
+        let (open, gate) = std::sync::mpsc::channel();
+        let rec = Record {
+            panic_after: Some(CHUNK),
+            gate: Some(gate),
+            ..Record::default()
+        };
+        let mut o = Offload::new(rec, "t-offload-dies-waiting");
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        open.send(()).unwrap(); // the first chunk, consumed here
+        let data = pattern(3 * CHUNK);
+        o.update(&data[..CHUNK]);
+        o.update(&data[CHUNK..]); // the thread starts; two chunks wait for it
+        assert!(
+            o.poll_room(&mut cx).is_pending(),
+            "no room with DEPTH waiting"
+        );
+        open.send(()).unwrap(); // the thread takes a chunk and its consumer panics
+        let t0 = std::time::Instant::now();
+        while o.poll_room(&mut cx).is_pending() {
+            assert!(
+                t0.elapsed() < std::time::Duration::from_secs(10),
+                "the producer was left waiting"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert!(count.0.load(Ordering::SeqCst) > 0, "never woken");
+        let e = o.finish().await.err().expect("the thread died");
+        assert!(e.to_string().contains("t-offload-dies-waiting"), "{e}");
     }
 
     /// No thread can be started: every byte is still consumed, in order, here; the
