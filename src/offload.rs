@@ -357,8 +357,7 @@ mod tests {
             ..Record::default()
         };
         let mut o = Offload::new(rec, "t-offload-dies-waiting");
-        let count = Arc::new(Count(AtomicUsize::new(0)));
-        let waker = Waker::from(count.clone());
+        let (count, waker) = counting_waker();
         let mut cx = Context::from_waker(&waker);
         open.send(()).unwrap(); // the first chunk, consumed here
         let data = pattern(3 * CHUNK);
@@ -406,6 +405,13 @@ mod tests {
         }
     }
 
+    /// A waker that counts its wakes, and the count.
+    fn counting_waker() -> (Arc<Count>, Waker) {
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = Waker::from(count.clone());
+        (count, waker)
+    }
+
     /// An async producer is told to wait once DEPTH chunks wait for a slow consumer, and
     /// is woken when one is consumed: it never has to block.
     #[tokio::test(flavor = "current_thread")]
@@ -416,8 +422,7 @@ mod tests {
             ..Record::default()
         };
         let mut o = Offload::new(rec, "t-offload-room");
-        let count = Arc::new(Count(AtomicUsize::new(0)));
-        let waker = Waker::from(count.clone());
+        let (count, waker) = counting_waker();
         let mut cx = Context::from_waker(&waker);
         let data = pattern(4 * CHUNK);
         // The first chunk is consumed here (inline): let it through.

@@ -531,15 +531,6 @@ impl WireHash {
         work.update(wire);
     }
 
-    /// Ready when the next [`feed`](Self::feed) of at most [`offload::CHUNK`] bytes will
-    /// not block: the hashing thread, once there is one, is not behind.
-    pub fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<()> {
-        match &mut self.work {
-            Some(w) => w.poll_room(cx),
-            None => Poll::Ready(()),
-        }
-    }
-
     /// SHA-256 (hex) and size of the decoded message; an error only if the hashing
     /// thread failed.
     pub async fn digest(self) -> io::Result<(String, u64)> {
@@ -552,12 +543,17 @@ impl WireHash {
 }
 
 /// The SMTP client shows a message to its observer in pieces no larger than what
-/// [`WireHash::poll_ready`] promises to take without blocking.
+/// `WireHash`'s `poll_ready` promises to take without blocking.
 const _: () = assert!(crate::smtp::client::OBSERVE_MAX <= crate::offload::CHUNK);
 
 impl crate::smtp::client::Observe for WireHash {
+    /// Ready when the next [`feed`](WireHash::feed) of at most [`crate::offload::CHUNK`] bytes
+    /// will not block: the hashing thread, once there is one, is not behind.
     fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<()> {
-        WireHash::poll_ready(self, cx)
+        match &mut self.work {
+            Some(w) => w.poll_room(cx),
+            None => Poll::Ready(()),
+        }
     }
     fn see(&mut self, framing: crate::smtp::client::Framing, bytes: &[u8]) {
         self.feed(framing, bytes);
