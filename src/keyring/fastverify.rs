@@ -1,11 +1,12 @@
-//! Ed25519 verification with ed25519-dalek and the key decompressed once. Through Sequoia,
+//! Ed25519 verification with the key decompressed once. Through Sequoia,
 //! each verification imports the partner's key into OpenSSL again (a point decompression)
 //! and runs OpenSSL's Ed25519, whose scalar multiplication takes about four times the
 //! instructions of curve25519-dalek's (docs/PERFORMANCE.md, the handshake profile).
 //! Sequoia still parses the signature and hashes the data and the signature's trailer, as
-//! its own `verify_message` does; only the last step, the Ed25519 equation, is dalek's,
-//! in its strict form (canonical S, no small-order R or A), which every signature RFC 8032
-//! signers make passes.
+//! its own `verify_message` does; only the last step, the Ed25519 equation, is ours on
+//! curve25519-dalek ([`super::ed25519::StrictKey`]), exactly ed25519-dalek's strict form
+//! (canonical S, no small-order R or A), which every signature RFC 8032 signers make
+//! passes, without the field inversion that form spends on each call.
 
 use super::*;
 use openpgp::crypto::hash::Hash;
@@ -14,7 +15,7 @@ use openpgp::types::SignatureType;
 
 /// A partner's Ed25519 signing key, decompressed (Ed25519 keys only; others verify
 /// through Sequoia).
-pub(super) struct FastVerify(ed25519_dalek::VerifyingKey);
+pub(super) struct FastVerify(super::ed25519::StrictKey);
 
 impl FastVerify {
     /// `None` for a key that is not Ed25519 (or whose point is invalid: then Sequoia's
@@ -28,9 +29,7 @@ impl FastVerify {
             mpi::PublicKey::Ed25519 { a } => *a,
             _ => return None,
         };
-        ed25519_dalek::VerifyingKey::from_bytes(&raw)
-            .ok()
-            .map(FastVerify)
+        super::ed25519::StrictKey::from_bytes(&raw).map(FastVerify)
     }
 
     /// `sig` over `data` verifies with `key` (which this was made from): the checks of
@@ -84,8 +83,10 @@ impl FastVerify {
             mpi::Signature::Ed25519 { s } => raw.copy_from_slice(&s[..]),
             _ => return Err("does not verify: not an Ed25519 signature".into()),
         }
-        self.0
-            .verify_strict(&digest, &ed25519_dalek::Signature::from_bytes(&raw))
-            .map_err(|_| "does not verify: bad signature".to_string())
+        if self.0.verify_strict(&digest, &raw) {
+            Ok(())
+        } else {
+            Err("does not verify: bad signature".to_string())
+        }
     }
 }

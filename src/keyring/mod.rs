@@ -41,6 +41,7 @@
 
 // One file per job; they share this file's types and imports (`use super::*`).
 mod discovered;
+pub mod ed25519;
 mod error;
 mod fastsign;
 mod fastverify;
