@@ -49,9 +49,8 @@ impl StrictKey {
 
     /// `sig` (R || s) is a strict Ed25519 signature of `msg` by this key.
     pub fn verify_strict(&self, msg: &[u8], sig: &[u8; 64]) -> bool {
-        let (r_bytes, s_bytes) = sig.split_at(32);
-        let r_bytes: [u8; 32] = r_bytes.try_into().unwrap_or([0; 32]);
-        let s_bytes: [u8; 32] = s_bytes.try_into().unwrap_or([0; 32]);
+        let r_bytes: [u8; 32] = std::array::from_fn(|i| sig[i]);
+        let s_bytes: [u8; 32] = std::array::from_fn(|i| sig[32 + i]);
         let Some(s) = Option::<Scalar>::from(Scalar::from_canonical_bytes(s_bytes)) else {
             return false;
         };
@@ -230,11 +229,11 @@ mod tests {
                 let mut s2 = sig;
                 s2[..32].copy_from_slice(&enc);
                 assert!(!agree(&key, &msg, &s2));
-                // A small-order key, with R = [s]B - [k]T made to satisfy the equation
-                // would be accepted by the cofactorless check: both still refuse it.
+                // A small-order key T, with R = [s]B: the cofactorless equation
+                // [s]B - [k]T = R holds whenever 8 divides k; both still refuse it.
                 if CompressedEdwardsY(enc).decompress().is_some() {
                     let s = Scalar::from_bytes_mod_order(random());
-                    let r = ED25519_BASEPOINT_POINT * s; // k·T is zero when 8 | k
+                    let r = ED25519_BASEPOINT_POINT * s;
                     let forged = signature(&r.compress().to_bytes(), &s);
                     assert!(
                         !agree(&enc, &msg, &forged),
